@@ -1,0 +1,207 @@
+"""ensir-flow command line: options, scheduler, progress; the work itself is in `pipelines`."""
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+import click
+import dask
+import yaml
+from dask.diagnostics import ProgressBar
+
+import ensir_flow
+from ensir_flow import schema
+from ensir_flow.errors import InputError
+
+
+@contextlib.contextmanager
+def _client(scheduler: str | None):
+    """None/'threads': dask's local threads; 'local': a LocalCluster; else an address or scheduler file."""
+    if scheduler in (None, "threads"):
+        yield None
+        return
+    from distributed import Client, LocalCluster
+
+    if scheduler == "local":
+        with LocalCluster() as cluster, Client(cluster) as client:
+            yield client
+    elif "://" in scheduler:
+        with Client(scheduler) as client:
+            yield client
+    elif Path(scheduler).is_file():
+        with Client(scheduler_file=scheduler) as client:
+            yield client
+    else:
+        raise InputError(f"{scheduler}: not 'threads', 'local', a scheduler address (tcp://host:port) or a scheduler file")
+
+
+def _compute_function(client, progress: bool):
+    """The `Compute` pipelines call: on the chosen scheduler, with a progress bar on stderr."""
+
+    def compute(*collections, label: str = ""):
+        if progress and label:
+            click.echo(f"{label} ...", err=True)
+        if client is None:
+            bar = ProgressBar(minimum=1.0, out=sys.stderr) if progress else contextlib.nullcontext()
+            with bar:
+                return dask.compute(*collections, scheduler="threads")
+        futures = client.compute(list(collections))
+        if progress:
+            from distributed import progress as distributed_progress
+
+            distributed_progress(futures)
+        return tuple(client.gather(futures))
+
+    return compute
+
+
+def _run(plan_factory, *, scheduler, progress, dry_run):
+    """Build the plan (validating inputs), show it or run it; bad input becomes a one-line error."""
+    try:
+        plan = plan_factory()
+        if dry_run:
+            click.echo(plan.describe())
+            return None
+        with _client(scheduler) as client:
+            return plan.run(_compute_function(client, progress))
+    except InputError as error:
+        raise click.ClickException(str(error)) from None
+
+
+def run_options(writes: bool = True):
+    """Options every command shares."""
+
+    def decorate(command):
+        command = click.option("--scheduler", default=None, metavar="ADDRESS",
+                               help="'threads' (default: local threads), 'local' (a local distributed cluster), "
+                                    "tcp://host:port of a running dask scheduler, or a scheduler file.")(command)
+        command = click.option("--no-progress", "no_progress", is_flag=True, help="No progress bars (cron jobs, logs).")(command)
+        command = click.option("--dry-run", is_flag=True, help="Show what would be read, computed and written; do nothing.")(command)
+        if writes:
+            command = click.option("--overwrite", is_flag=True, help="Replace existing outputs (atomically, once the new one is complete).")(command)
+        return command
+
+    return decorate
+
+
+def _load_config(ctx, _param, path):
+    """Turn a YAML task config into per-command option defaults."""
+    if path is None:
+        return None
+    try:
+        config = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise click.BadParameter(f"{path}: {error}") from None
+    metrics_config = config.get("metrics", {})
+    defaults = {
+        "ingest": {"models": ",".join(config["models"])} if "models" in config else {},
+        "fit": {k: config[k] for k in ("bin_width", "solver") if k in config},
+        "evaluate": {k: metrics_config[k] for k in ("y_channel", "crop_border") if k in metrics_config},
+    }
+    ctx.default_map = {name: values for name, values in defaults.items() if values}
+    return path
+
+
+@click.group()
+@click.version_option(ensir_flow.__version__, prog_name="ensir-flow")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False), callback=_load_config, is_eager=True,
+              expose_value=False, help="YAML task config (models, bin_width, solver, metrics); options override it.")
+def main():
+    """EnsIR ensembles of image-restoration models, from image folders to ensembled datasets."""
+
+
+@main.command()
+@click.argument("source_dir", type=click.Path(file_okay=False))
+@click.argument("store")
+@click.option("--models", default=None, help="Comma-separated model folders in LUT order (default: sorted folder names).")
+@click.option("--chunk-pixels", type=click.IntRange(1), default=schema.DEFAULT_CHUNK_PIXELS, show_default=True,
+              help="Pixels per Zarr chunk.")
+@run_options()
+def ingest(source_dir, store, models, chunk_pixels, scheduler, no_progress, dry_run, overwrite):
+    """Read SOURCE_DIR (gt/, lq/, one folder per model) into the Zarr store STORE."""
+    from pipelines.ingest import plan_ingest
+
+    model_list = [m.strip() for m in models.split(",") if m.strip()] if models else None
+    ds = _run(lambda: plan_ingest(source_dir, store, model_list, chunk_pixels, overwrite),
+              scheduler=scheduler, progress=not no_progress, dry_run=dry_run)
+    if ds is not None:
+        click.echo(f"wrote {store}: {ds.sizes['image']} images, {ds.sizes['pixel']:,} pixels, models {', '.join(ds.attrs['models'])}")
+
+
+@main.command()
+@click.argument("store")
+@click.argument("lut")
+@click.option("--bin-width", type=click.IntRange(1, 256), default=32, show_default=True, help="Width of each model's value ranges.")
+@click.option("--solver", type=click.Choice(["em"]), default="em", show_default=True, help="em: the paper's Gaussian-mixture EM.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where EM runs; auto picks cuda when present.")
+@run_options()
+def fit(store, lut, bin_width, solver, device, scheduler, no_progress, dry_run, overwrite):
+    """Fit an EnsIR LUT on the reference STORE (with ground truth) and write it to LUT."""
+    from pipelines.fit import plan_fit
+
+    table = _run(lambda: plan_fit(store, lut, bin_width, solver, _device(device), overwrite),
+                 scheduler=scheduler, progress=not no_progress, dry_run=dry_run)
+    if table is not None:
+        filled = int((table.count > 0).sum())
+        click.echo(f"wrote {lut}: {table.weights.shape[0]:,} bins x {table.n_channels} channels, {filled:,} cells with reference pixels")
+
+
+def _device(choice: str) -> str:
+    import torch
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter("cuda requested but torch sees no GPU", param_hint="--device")
+    return choice
+
+
+@main.command()
+@click.argument("store")
+@click.argument("lut")
+@click.argument("output")
+@click.option("--export-dir", default=None, help="Also write one lossless PNG per image here, named by stem.")
+@run_options()
+def apply(store, lut, output, export_dir, scheduler, no_progress, dry_run, overwrite):
+    """Blend every image of STORE with LUT into the new store OUTPUT."""
+    from pipelines.apply import plan_apply
+
+    ds = _run(lambda: plan_apply(store, lut, output, export_dir, overwrite),
+              scheduler=scheduler, progress=not no_progress, dry_run=dry_run)
+    if ds is not None:
+        click.echo(f"wrote {output}: {ds.sizes['image']} images" + (f"; PNGs in {export_dir}" if export_dir else ""))
+
+
+@main.command()
+@click.argument("store")
+@click.option("--ensemble", "ensemble_store", default=None, help="Output store of `apply` to score as well.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (means and per-image scores) to stdout.")
+@click.option("--y-channel", is_flag=True, help="Score the BT.601 luma (as MATLAB's rgb2ycbcr) instead of RGB.")
+@click.option("--crop-border", type=click.IntRange(0), default=0, show_default=True, help="Pixels cropped from each side.")
+@run_options(writes=False)
+def evaluate(store, ensemble_store, as_json, y_channel, crop_border, scheduler, no_progress, dry_run):
+    """PSNR/SSIM of every model, the average and the ensemble against STORE's ground truth."""
+    from pipelines.evaluate import plan_evaluate
+
+    result = _run(lambda: plan_evaluate(store, ensemble_store, y_channel, crop_border),
+                  scheduler=scheduler, progress=not no_progress, dry_run=dry_run)
+    if result is not None:
+        click.echo(json.dumps(result.to_json()) if as_json else result.table())
+
+
+@main.command()
+@click.argument("directory", default="demo-run")
+@run_options()
+def demo(directory, scheduler, no_progress, dry_run, overwrite):
+    """Build the embedded demo corpus in DIRECTORY and run ingest, fit, apply, evaluate on it."""
+    from pipelines.demo import plan_demo
+
+    result = _run(lambda: plan_demo(directory, overwrite), scheduler=scheduler, progress=not no_progress, dry_run=dry_run)
+    if result is not None:
+        click.echo(result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Range-wise binning of K predictions, as EnsIR defines it.
+
+A pixel-channel whose K predictions are x_1..x_K (0..255) falls into the bin tuple
+(floor(x_1/w), ..., floor(x_K/w)); its flat index puts the first model in the most significant
+place: b = sum_k floor(x_k/w) * nb^(K-1-k), with nb = ceil(256/w) ranges per model. Cells are
+(bin, channel) pairs, flattened as cell = b * C + c so that a (bin, channel) table is row-major.
+"""
+
+import math
+
+import numba
+import numpy as np
+
+LEVELS = 256
+
+
+def ranges_per_model(bin_width: int) -> int:
+    """Number of ranges nb = ceil(256 / w) each model's values are split into."""
+    if not 1 <= bin_width <= LEVELS:
+        raise ValueError(f"bin width must be between 1 and {LEVELS}, got {bin_width}")
+    return math.ceil(LEVELS / bin_width)
+
+
+def bin_count(n_models: int, bin_width: int) -> int:
+    """Number of flat bins nb^K of a LUT for K models."""
+    return ranges_per_model(bin_width) ** n_models
+
+
+def bin_lower_edges(flat_bins: np.ndarray, n_models: int, bin_width: int) -> np.ndarray:
+    """Lower edges (n, K) of each flat bin's ranges, first model first: the keys of a paper LUT."""
+    nb = ranges_per_model(bin_width)
+    digits = np.empty((len(flat_bins), n_models), dtype=np.int64)
+    rest = np.asarray(flat_bins, dtype=np.int64)
+    for k in range(n_models - 1, -1, -1):
+        digits[:, k] = rest % nb
+        rest = rest // nb
+    return digits * bin_width
+
+
+def flat_bins_of_edges(edges: np.ndarray, bin_width: int) -> np.ndarray:
+    """Flat bin index of each row of lower edges (n, K); the inverse of `bin_lower_edges`."""
+    nb = ranges_per_model(bin_width)
+    flat = np.zeros(len(edges), dtype=np.int64)
+    for k in range(edges.shape[1]):
+        flat = flat * nb + np.asarray(edges[:, k], dtype=np.int64) // bin_width
+    return flat
+
+
+@numba.njit(inline="always")
+def flat_bin(predictions, pixel, channel, bin_width, nb):
+    """Flat bin index of one pixel-channel of `predictions` (K, P, C)."""
+    b = 0
+    for k in range(predictions.shape[0]):
+        b = b * nb + predictions[k, pixel, channel] // bin_width
+    return b
+
+
+@numba.njit(nogil=True, cache=True)
+def cell_indices(predictions, bin_width, nb):
+    """Cell index b * C + c of every pixel-channel of `predictions` (K, P, C), pixel-major."""
+    n_pixels, n_channels = predictions.shape[1], predictions.shape[2]
+    cells = np.empty(n_pixels * n_channels, dtype=np.int64)
+    for p in range(n_pixels):
+        for c in range(n_channels):
+            cells[p * n_channels + c] = flat_bin(predictions, p, c, bin_width, nb) * n_channels + c
+    return cells

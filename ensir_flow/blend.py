@@ -1,0 +1,41 @@
+"""Applying a LUT: each pixel-channel's output is the LUT-weighted sum of the K predictions.
+
+out = floor(sum_k w_k[b, c] * x_k + 0.5), clipped to 0..255, with the sum taken in float32 in
+model order, as the paper's code does, so that outputs match it to the last bit wherever the
+weights do.
+"""
+
+import numba
+import numpy as np
+
+from .binning import flat_bin, ranges_per_model
+
+
+@numba.njit(nogil=True, cache=True)
+def _blend(predictions, weights, bin_width, nb, out):
+    n_models, n_pixels, n_channels = predictions.shape
+    for p in range(n_pixels):
+        for c in range(n_channels):
+            b = flat_bin(predictions, p, c, bin_width, nb)
+            acc = np.float32(0.0)
+            for k in range(n_models):
+                acc += weights[b, c, k] * np.float32(predictions[k, p, c])
+            value = np.floor(acc + np.float32(0.5))
+            out[p, c] = 0 if value < 0 else (255 if value > 255 else np.uint8(value))
+
+
+def blend(predictions: np.ndarray, weights: np.ndarray, bin_width: int) -> np.ndarray:
+    """Ensemble of predictions uint8 (K, P, C) with LUT weights (bins, C, K): uint8 (P, C)."""
+    predictions = np.ascontiguousarray(predictions, dtype=np.uint8)
+    weights = np.ascontiguousarray(weights, dtype=np.float32)
+    n_models, n_pixels, n_channels = predictions.shape
+    if weights.shape[1:] != (n_channels, n_models):
+        raise ValueError(f"weights of shape {weights.shape} do not fit predictions of shape {predictions.shape}")
+    out = np.empty((n_pixels, n_channels), dtype=np.uint8)
+    _blend(predictions, weights, bin_width, ranges_per_model(bin_width), out)
+    return out
+
+
+def average(predictions: np.ndarray) -> np.ndarray:
+    """Plain average of the K predictions (K, ...) rounded half up to uint8: the baseline."""
+    return np.floor(predictions.astype(np.float32).mean(axis=0) + np.float32(0.5)).astype(np.uint8)

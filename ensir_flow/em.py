@@ -1,0 +1,134 @@
+"""EnsIR weight estimation on reduced statistics, batched over cells (torch, cpu or cuda).
+
+Each cell is a 1-D mixture of K Gaussians over its ground-truth values y, one component per
+model, with the means held at the mean of that model's predictions in the cell; EM estimates the
+mixing weights, which are the ensemble weights. Because y is 8-bit, the cell's data enter only
+through their 256-level histogram, so one EM step costs O(K * 256) per cell whatever its size.
+
+This follows the paper's published code step by step (see DESIGN.md section 1), including:
+- at most 1001 EM iterations, stopping when the mean log-likelihood improves by less than 1e-5;
+- cells with fewer than 100 pixels keep their initial weights;
+- the reference runs in float32 and gives up on a cell (keeping its initial weights) when a
+  component's total responsibility underflows to exactly zero, when a variance is not finite, or
+  when a starting variance is zero (a singular covariance): the same outcomes are reproduced here
+  by testing the float32 image of each responsibility.
+"""
+
+import math
+
+import numpy as np
+import torch
+
+from .stats import CellStatistics
+
+MIN_PIXELS_FOR_EM = 100
+MAX_ITERATIONS = 1001
+TOLERANCE = 1e-5
+EPS = 1e-6
+BATCH_CELLS = 4096
+
+#: How each cell's weights were obtained (the LUT's `fit_status` variable).
+STATUS_EMPTY, STATUS_INITIAL, STATUS_EM, STATUS_EM_FAILED = 0, 1, 2, 3
+STATUS_MEANINGS = "empty_fallback initial_weights em em_failed_initial_weights"
+
+
+def initial_weights(moments: np.ndarray, n_models: int) -> np.ndarray:
+    """Softmax of 1 / (1e-10 + r_k), r_k the RMS distance of model k to the per-pixel mean."""
+    n = moments[:, 0:1].astype(np.float64)
+    dev2 = moments[:, 1 + 2 * n_models: 1 + 3 * n_models].astype(np.float64)
+    rms = np.sqrt(dev2 / (n_models * n_models) / n)
+    logits = 1.0 / (1e-10 + rms)
+    logits -= logits.max(axis=1, keepdims=True)
+    weights = np.exp(logits)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def _moments_of(moments: np.ndarray, n_models: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-cell mean and variance of each model's predictions, and whether a variance is zero."""
+    n = moments[:, 0:1].astype(np.float64)
+    sx = moments[:, 1: 1 + n_models]
+    sxx = moments[:, 1 + n_models: 1 + 2 * n_models]
+    mean = sx / n
+    var = np.maximum(sxx / n - mean * mean, 0.0)
+    # Exact test in Python integers where float cancellation could hide a tiny non-zero variance.
+    zero_var = np.zeros(var.shape, dtype=bool)
+    for i, k in zip(*np.nonzero(var < 1.0)):
+        zero_var[i, k] = int(moments[i, 0]) * int(sxx[i, k]) == int(sx[i, k]) ** 2
+    var[zero_var] = 0.0
+    return mean, var, zero_var
+
+
+def _em_batch(hist: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, pi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run EM on a batch of cells; returns the final weights and whether each cell failed."""
+    levels = torch.arange(256, dtype=hist.dtype, device=hist.device)
+    n = hist.sum(dim=1)
+    present = hist > 0
+    batch = hist.shape[0]
+    final_pi = pi.clone()
+    failed = torch.zeros(batch, dtype=torch.bool, device=hist.device)
+    active = torch.arange(batch, device=hist.device)
+    prev_ll = None
+    log_2pi = math.log(2 * math.pi)
+    for iteration in range(MAX_ITERATIONS):
+        h, mu, v, p, nn, pres = hist[active], mean[active], var[active], pi, n[active], present[active]
+        diff = levels[None, None, :] - mu[:, :, None]
+        log_prob = -0.5 * (log_2pi + torch.log(v)[:, :, None] + diff * diff / v[:, :, None]) + torch.log(p)[:, :, None]
+        log_norm = torch.logsumexp(log_prob, dim=1)
+        ll = (h * log_norm).sum(dim=1) / nn
+        if prev_ll is not None:
+            done = (ll - prev_ll) < TOLERANCE
+            if bool(done.any()):
+                final_pi[active[done]] = p[done]
+                keep = ~done
+                active, h, mu, p, nn, pres = active[keep], h[keep], mu[keep], p[keep], nn[keep], pres[keep]
+                log_prob, log_norm, ll, diff = log_prob[keep], log_norm[keep], ll[keep], diff[keep]
+                if len(active) == 0:
+                    break
+        resp = torch.exp(log_prob - log_norm[:, None, :])
+        underflow = ((resp.to(torch.float32) == 0) | ~pres[:, None, :]).all(dim=2).any(dim=1)
+        weighted = h[:, None, :] * resp
+        s = weighted.sum(dim=2)
+        centre = (weighted * levels).sum(dim=2) / (s + EPS)
+        spread = levels[None, None, :] - centre[:, :, None]
+        new_var = (weighted * spread * spread).sum(dim=2) / s + EPS
+        bad = underflow | ~torch.isfinite(new_var).all(dim=1)
+        if bool(bad.any()):
+            failed[active[bad]] = True
+            keep = ~bad
+            active, s, new_var, nn = active[keep], s[keep], new_var[keep], nn[keep]
+            ll = ll[keep]
+            if len(active) == 0:
+                break
+        var[active] = new_var
+        pi = (s + EPS) / nn[:, None]
+        prev_ll = ll
+    else:
+        final_pi[active] = pi
+    return final_pi, failed
+
+
+def fit_em(statistics: CellStatistics, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """EnsIR weights and fit status for every non-empty cell of `statistics`.
+
+    Returns weights float64 (m, K) in the order of `statistics.cells`, and a status per cell
+    (STATUS_INITIAL, STATUS_EM or STATUS_EM_FAILED).
+    """
+    n_models = statistics.n_models
+    moments = statistics.moments
+    weights = initial_weights(moments, n_models)
+    status = np.full(len(moments), STATUS_INITIAL, dtype=np.int8)
+    mean, var, zero_var = _moments_of(moments, n_models)
+    eligible = moments[:, 0] >= MIN_PIXELS_FOR_EM
+    status[eligible & zero_var.any(axis=1)] = STATUS_EM_FAILED
+    rows = np.flatnonzero(eligible & ~zero_var.any(axis=1))
+    for start in range(0, len(rows), BATCH_CELLS):
+        batch = rows[start: start + BATCH_CELLS]
+        as_tensor = lambda a: torch.as_tensor(a, dtype=torch.float64, device=device)  # noqa: E731
+        pi, failed = _em_batch(
+            as_tensor(statistics.dense_histograms(batch)), as_tensor(mean[batch]),
+            as_tensor(var[batch]), as_tensor(weights[batch]),
+        )
+        failed = failed.cpu().numpy()
+        weights[batch[~failed]] = pi.cpu().numpy()[~failed]
+        status[batch] = np.where(failed, STATUS_EM_FAILED, STATUS_EM)
+    return weights, status

@@ -1,0 +1,143 @@
+"""Image files: finding a corpus on disk, pairing files by stem, reading and validating pixels.
+
+A corpus folder holds `gt/` (optional), `lq/` (optional) and one folder per model. Files pair by
+stem whatever their extension. Pixels are 8-bit; what ensir-flow converts and what it refuses:
+- RGBA whose alpha is fully opaque: alpha dropped; with any transparency: refused.
+- grayscale: kept as one channel when the whole corpus is grayscale; a corpus that mixes
+  grayscale and colour is refused (replicating gray would invent colour statistics).
+- 16-bit, float or other non-8-bit data: refused (EnsIR bins 8-bit values; rescaling would
+  silently change the data).
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+import imageio.v3 as iio
+import numpy as np
+
+from .errors import InputError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+GROUND_TRUTH_DIR = "gt"
+INPUT_DIR = "lq"
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """The files of a corpus: per stem, one path per model and optionally ground truth."""
+
+    root: Path
+    models: list[str]
+    stems: list[str]
+    predictions: dict[str, list[Path]]  # model -> paths in stem order
+    ground_truth: list[Path] | None
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """Shape of one image as its header declares it: height, width and channels after conversion."""
+
+    height: int
+    width: int
+    channels: int
+
+
+def _images_by_stem(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise InputError(f"{folder}: folder not found")
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+            if path.stem in found:
+                raise InputError(f"{path}: stem '{path.stem}' also used by {found[path.stem].name}")
+            found[path.stem] = path
+    if not found:
+        raise InputError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return found
+
+
+def discover_corpus(root, models: list[str] | None = None, require_ground_truth: bool = False) -> Corpus:
+    """Pair the images of `root` by stem; model order is `models`, else the sorted folder names."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: source folder not found")
+    reserved = {GROUND_TRUTH_DIR, INPUT_DIR}
+    if models is None:
+        models = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in reserved and not p.name.startswith("."))
+    if not models:
+        raise InputError(f"{root}: no model folders (expected one folder per model beside gt/ and lq/)")
+    if len(set(models)) != len(models):
+        raise InputError(f"{root}: model list {models} names a model twice")
+    for model in models:
+        if model in reserved:
+            raise InputError(f"{root}: '{model}' is reserved for {'ground truth' if model == GROUND_TRUTH_DIR else 'inputs'}, not a model")
+    by_model = {model: _images_by_stem(root / model) for model in models}
+    gt_dir = root / GROUND_TRUTH_DIR
+    ground_truth = _images_by_stem(gt_dir) if gt_dir.is_dir() or require_ground_truth else None
+    reference_name, reference = (GROUND_TRUTH_DIR, ground_truth) if ground_truth is not None else (models[0], by_model[models[0]])
+    stems = sorted(reference)
+    for name, files in [(GROUND_TRUTH_DIR, ground_truth), *by_model.items()]:
+        if files is None:
+            continue
+        missing = sorted(set(stems) - set(files))
+        extra = sorted(set(files) - set(stems))
+        if missing:
+            raise InputError(f"{root / name}: missing {len(missing)} image(s) present in {reference_name}/: {', '.join(missing[:5])}")
+        if extra:
+            raise InputError(f"{root / name}: {len(extra)} image(s) absent from {reference_name}/: {', '.join(extra[:5])}")
+    return Corpus(root, list(models), stems, {m: [by_model[m][s] for s in stems] for m in models},
+                  [ground_truth[s] for s in stems] if ground_truth is not None else None)
+
+
+def _check_dtype(path, dtype) -> None:
+    if dtype != np.uint8:
+        raise InputError(f"{path}: {np.dtype(dtype).name} pixels are not supported; convert to 8-bit first (EnsIR bins 8-bit values)")
+
+
+def probe_image(path) -> ImageInfo:
+    """Header-level shape check of one image, without decoding all its pixels where possible."""
+    try:
+        props = iio.improps(path)
+    except Exception as error:
+        raise InputError(f"{path}: not a readable image ({_first_line(error)})") from None
+    _check_dtype(path, props.dtype)
+    return _info_of_shape(path, props.shape)
+
+
+def _info_of_shape(path, shape) -> ImageInfo:
+    if len(shape) == 2:
+        return ImageInfo(shape[0], shape[1], 1)
+    if len(shape) == 3 and shape[2] in (1, 3, 4):
+        return ImageInfo(shape[0], shape[1], 1 if shape[2] == 1 else 3)
+    raise InputError(f"{path}: unsupported image shape {tuple(shape)} (expected H x W, H x W x 3 or RGBA)")
+
+
+def read_image(path, expected: ImageInfo) -> np.ndarray:
+    """Decode one image to uint8 (H, W, C), converting or refusing as the module docstring says."""
+    try:
+        pixels = iio.imread(path)
+    except Exception as error:
+        raise InputError(f"{path}: cannot decode image ({_first_line(error)})") from None
+    _check_dtype(path, pixels.dtype)
+    info = _info_of_shape(path, pixels.shape)
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    if pixels.shape[2] == 4:
+        if (pixels[:, :, 3] != 255).any():
+            raise InputError(f"{path}: RGBA image with transparency; refusing to guess a background (flatten it first)")
+        pixels = pixels[:, :, :3]
+    if info != expected:
+        raise InputError(f"{path}: decoded as {info.height}x{info.width}x{info.channels}, expected {expected.height}x{expected.width}x{expected.channels}")
+    return np.ascontiguousarray(pixels)
+
+
+def write_png(path, pixels: np.ndarray) -> None:
+    """Write uint8 (H, W, C) as lossless PNG (C == 1 as grayscale) to a local path or fsspec URL."""
+    with fsspec.open(str(path), "wb") as file:
+        iio.imwrite(file, pixels[:, :, 0] if pixels.shape[2] == 1 else pixels, extension=".png")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,0 +1,145 @@
+"""The lookup table: ensemble weights per (bin, channel), its fitting and its interchange forms.
+
+A LUT is an `xarray.Dataset` once written (see `to_dataset`): `weights` (bin, channel, model)
+float32, `count` (bin, channel) int64 reference pixels, `fit_status` (bin, channel) int8, and
+attributes `models`, `bin_width`, `solver`, `empty_policy`. Nothing here reads or writes files
+except `read_paper_lut`, which imports a LUT published with the paper's code through torch's
+safe (weights-only) loader.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import xarray as xr
+
+from . import em
+from .binning import bin_count, flat_bins_of_edges
+from .errors import InputError
+from .stats import CellStatistics
+
+EMPTY_POLICY = "channel"
+EMPTY_POLICY_DESCRIPTION = (
+    "cells without reference pixels take the EM weights fitted on all reference pixels of their "
+    "channel; uniform 1/K where a channel has no reference pixels"
+)
+
+
+@dataclass
+class Lut:
+    """Ensemble weights (bins, channels, K) for models in a fixed order at one bin width."""
+
+    models: list[str]
+    bin_width: int
+    weights: np.ndarray
+    count: np.ndarray
+    fit_status: np.ndarray
+    solver: str = "em"
+    empty_policy: str = EMPTY_POLICY
+    attrs: dict = field(default_factory=dict)
+
+    @property
+    def n_channels(self) -> int:
+        return self.weights.shape[1]
+
+    def to_dataset(self) -> xr.Dataset:
+        """The LUT as a Dataset in the documented layout."""
+        n_bins = self.weights.shape[0]
+        ds = xr.Dataset(
+            {
+                "weights": (("bin", "channel", "model"), self.weights.astype(np.float32)),
+                "count": (("bin", "channel"), self.count.astype(np.int64)),
+                "fit_status": (("bin", "channel"), self.fit_status.astype(np.int8), {
+                    "flag_values": list(range(4)), "flag_meanings": em.STATUS_MEANINGS,
+                }),
+            },
+            coords={"bin": np.arange(n_bins), "model": np.array(self.models, dtype=object)},
+        )
+        ds.attrs.update(self.attrs)
+        ds.attrs.update({
+            "models": list(self.models), "bin_width": int(self.bin_width), "solver": self.solver,
+            "empty_policy": self.empty_policy, "empty_policy_description": EMPTY_POLICY_DESCRIPTION,
+            "bin_index": "b = sum_k floor(x_k / bin_width) * nb^(K-1-k), first model most significant",
+        })
+        return ds
+
+    @classmethod
+    def from_dataset(cls, ds: xr.Dataset, source: str = "LUT") -> "Lut":
+        """Read a LUT Dataset back, checking that its shape agrees with its attributes."""
+        try:
+            models = [str(m) for m in ds.attrs["models"]]
+            bin_width = int(ds.attrs["bin_width"])
+            weights = ds["weights"].transpose("bin", "channel", "model").values
+        except KeyError as missing:
+            raise InputError(f"{source}: not an ensir-flow LUT (missing {missing})") from None
+        if weights.shape[0] != bin_count(len(models), bin_width) or weights.shape[2] != len(models):
+            raise InputError(f"{source}: weights shape {weights.shape} does not match {len(models)} models at bin width {bin_width}")
+        count = ds["count"].values if "count" in ds else np.zeros(weights.shape[:2], np.int64)
+        status = ds["fit_status"].values if "fit_status" in ds else np.full(weights.shape[:2], em.STATUS_INITIAL, np.int8)
+        known = {"models", "bin_width", "solver", "empty_policy"}
+        return cls(models, bin_width, weights.astype(np.float32), count, status,
+                   str(ds.attrs.get("solver", "em")), str(ds.attrs.get("empty_policy", EMPTY_POLICY)),
+                   {k: v for k, v in ds.attrs.items() if k not in known})
+
+    def check_matches(self, models: list[str], n_channels: int, source: str) -> None:
+        """Refuse to apply this LUT to a store whose models or channels differ."""
+        if list(models) != list(self.models):
+            raise InputError(f"{source}: LUT models {self.models} do not match the store's models {list(models)}")
+        if n_channels != self.n_channels:
+            raise InputError(f"{source}: LUT has {self.n_channels} channels, the store has {n_channels}")
+
+
+def fit_lut(statistics: CellStatistics, models: list[str], device: str = "cpu") -> Lut:
+    """Fit the EnsIR LUT from merged statistics; empty cells follow `EMPTY_POLICY`."""
+    n_models, n_channels = statistics.n_models, statistics.n_channels
+    if len(models) != n_models:
+        raise ValueError(f"{len(models)} model names for statistics of {n_models} models")
+    n_bins = bin_count(n_models, statistics.bin_width)
+    weights = np.full((n_bins * n_channels, n_models), 1.0 / n_models)
+    channel_stats = statistics.per_channel()
+    if len(channel_stats.cells):
+        channel_weights, _ = em.fit_em(channel_stats, device)
+        weights.reshape(n_bins, n_channels, n_models)[:, channel_stats.cells] = channel_weights
+    count = np.zeros(n_bins * n_channels, dtype=np.int64)
+    status = np.full(n_bins * n_channels, em.STATUS_EMPTY, dtype=np.int8)
+    cell_weights, cell_status = em.fit_em(statistics, device)
+    weights[statistics.cells] = cell_weights
+    count[statistics.cells] = statistics.moments[:, 0]
+    status[statistics.cells] = cell_status
+    return Lut(list(models), statistics.bin_width, weights.reshape(n_bins, n_channels, n_models).astype(np.float32),
+               count.reshape(n_bins, n_channels), status.reshape(n_bins, n_channels))
+
+
+def read_paper_lut(path, models: list[str], bin_width: int) -> Lut:
+    """Import a LUT saved by the paper's code: {(lower edges per model): [weights per channel]}.
+
+    Only torch's weights-only unpickler is used: a file that would need arbitrary objects (and so
+    could run code) is refused.
+    """
+    import torch
+
+    try:
+        table = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, ... for unsafe or broken files
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"{path}: not a loadable weights-only EnsIR LUT ({first_line})") from None
+    if not isinstance(table, dict) or not table:
+        raise InputError(f"{path}: expected a non-empty dict of bin edges to weights")
+    n_models = len(models)
+    keys = list(table)
+    if any(not isinstance(k, tuple) or len(k) != n_models for k in keys):
+        raise InputError(f"{path}: keys are not tuples of {n_models} bin edges (one per model {models})")
+    n_channels = len(table[keys[0]])
+    flat = flat_bins_of_edges(np.array(keys, dtype=np.int64), bin_width)
+    n_bins = bin_count(n_models, bin_width)
+    if flat.min() < 0 or flat.max() >= n_bins or len(set(flat.tolist())) != len(flat):
+        raise InputError(f"{path}: bin edges do not fit bin width {bin_width}")
+    weights = np.full((n_bins, n_channels, n_models), 1.0 / n_models, dtype=np.float32)
+    for index, key in zip(flat, keys):
+        per_channel = np.stack([np.asarray(w, dtype=np.float32).reshape(-1) for w in table[key]])
+        if per_channel.shape != (n_channels, n_models):
+            raise InputError(f"{path}: entry {key} holds weights of shape {per_channel.shape}, expected {(n_channels, n_models)}")
+        weights[index] = per_channel
+    return Lut(list(models), bin_width, weights, np.zeros((n_bins, n_channels), np.int64),
+               np.full((n_bins, n_channels), em.STATUS_INITIAL, np.int8), solver="imported",
+               empty_policy="as published", attrs={"imported_from": str(path)})
+

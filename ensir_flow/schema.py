@@ -1,0 +1,86 @@
+"""The layout of ensir-flow's Zarr stores (DESIGN.md section 2), in one place.
+
+Images of different sizes live back to back on dimension `pixel` (CF contiguous ragged array):
+per-image variables on dimension `image` (coordinate = file stem) give `height`, `width`,
+`pixel_offset` and `pixel_count`. Pixel variables are uint8 and chunked along `pixel` only:
+`prediction` (model, pixel, channel), optional `ground_truth` (pixel, channel), and `ensemble`
+(pixel, channel) in the output of `apply`.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import xarray as xr
+
+from .errors import InputError
+
+SCHEMA_VERSION = 1
+PREDICTION = "prediction"
+GROUND_TRUTH = "ground_truth"
+ENSEMBLE = "ensemble"
+IMAGE_VARIABLES = ("height", "width", "pixel_offset", "pixel_count")
+DEFAULT_CHUNK_PIXELS = 1 << 20
+
+
+@dataclass(frozen=True)
+class ImageIndex:
+    """Where each image lives on the pixel dimension."""
+
+    stems: list[str]
+    heights: np.ndarray
+    widths: np.ndarray
+
+    @property
+    def counts(self) -> np.ndarray:
+        return self.heights.astype(np.int64) * self.widths
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.concatenate(([0], np.cumsum(self.counts)[:-1])).astype(np.int64)
+
+    @property
+    def n_pixels(self) -> int:
+        return int(self.counts.sum())
+
+    def to_dataset(self) -> xr.Dataset:
+        """The per-image variables, with the CF attribute that marks the ragged layout."""
+        return xr.Dataset(
+            {
+                "height": ("image", self.heights.astype(np.int64)),
+                "width": ("image", self.widths.astype(np.int64)),
+                "pixel_offset": ("image", self.offsets),
+                "pixel_count": ("image", self.counts, {"sample_dimension": "pixel"}),
+            },
+            coords={"image": np.array(self.stems, dtype=object)},
+        )
+
+    @classmethod
+    def from_dataset(cls, ds: xr.Dataset) -> "ImageIndex":
+        return cls([str(s) for s in ds["image"].values], ds["height"].values.astype(np.int64), ds["width"].values.astype(np.int64))
+
+
+def pixel_chunks(n_pixels: int, chunk_pixels: int) -> tuple[int, ...]:
+    """Chunk lengths along `pixel`: equal chunks of `chunk_pixels`, the last one shorter."""
+    if chunk_pixels < 1:
+        raise ValueError("chunk size must be at least one pixel")
+    full, rest = divmod(n_pixels, chunk_pixels)
+    return (chunk_pixels,) * full + ((rest,) if rest else ())
+
+
+def store_attributes(models: list[str], channels: int, **provenance) -> dict:
+    """Attributes every ensir-flow pixel store carries."""
+    return {"schema_version": SCHEMA_VERSION, "models": list(models), "channels": channels, **provenance}
+
+
+def check_store(ds: xr.Dataset, source: str, require: tuple[str, ...] = (PREDICTION,)) -> list[str]:
+    """Validate a pixel store's schema; return its model list."""
+    version = ds.attrs.get("schema_version")
+    if version is None:
+        raise InputError(f"{source}: not an ensir-flow store (no schema_version attribute)")
+    if int(version) > SCHEMA_VERSION:
+        raise InputError(f"{source}: written by a newer ensir-flow (schema {version}, this one reads up to {SCHEMA_VERSION}); upgrade ensir-flow")
+    for name in (*require, *IMAGE_VARIABLES):
+        if name not in ds.variables:
+            what = "ground truth (fit and evaluate need a reference set with gt/)" if name == GROUND_TRUTH else f"variable '{name}'"
+            raise InputError(f"{source}: store has no {what}")
+    return [str(m) for m in ds.attrs["models"]]

@@ -1,0 +1,172 @@
+"""Additive sufficient statistics of a reference set, per LUT cell (bin, channel).
+
+Ground truth y is an 8-bit integer, so a cell's data are fully described by its 256-level
+histogram of y, and everything the EnsIR EM needs is a sum over pixels: n, sum x_k, sum x_k^2,
+sum (K x_k - sum_j x_j)^2 (K^2 times the squared distance to the per-pixel mean, kept exact in
+integers) and the histogram. Statistics of a chunk are computed once; statistics of many chunks
+are merged by adding. All of it is int64, so the result is identical whatever the chunking and
+the order of merging.
+
+The table is sparse: only cells (and histogram levels) that hold pixels are stored, so it stays
+small when K and the bin count are large (K = 5 at bin width 16 has 3 million cells per
+channel triple, almost all empty).
+"""
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from .binning import LEVELS, bin_count, cell_indices, flat_bin, ranges_per_model
+
+#: Largest dense scratch table (cells x 256 levels) a chunk may use; above it, sort instead.
+DENSE_HISTOGRAM_LIMIT = 1 << 22
+
+
+def moment_columns(n_models: int) -> int:
+    """Columns of the moments table: n, then sum x_k, sum x_k^2, sum dev_k^2 for each model."""
+    return 1 + 3 * n_models
+
+
+@dataclass(frozen=True)
+class CellStatistics:
+    """Sparse additive statistics of pixels grouped by cell (flat bin * n_channels + channel).
+
+    cells: sorted unique cell ids (m,); moments: int64 (m, 1 + 3K) with columns
+    [n, sum x_1..x_K, sum x_1^2..x_K^2, sum (K x_k - S)^2 for k=1..K];
+    hist_keys: sorted unique cell * 256 + y; hist_counts: how many pixels have that (cell, y).
+    """
+
+    n_models: int
+    n_channels: int
+    bin_width: int
+    cells: np.ndarray
+    moments: np.ndarray
+    hist_keys: np.ndarray
+    hist_counts: np.ndarray
+
+    @property
+    def n_cells(self) -> int:
+        """Number of possible cells (bins x channels), empty ones included."""
+        return bin_count(self.n_models, self.bin_width) * self.n_channels
+
+    @property
+    def n_pixels(self) -> int:
+        """Number of pixel-channels the statistics describe."""
+        return int(self.moments[:, 0].sum())
+
+    def dense_histograms(self, rows: np.ndarray) -> np.ndarray:
+        """Histograms (len(rows), 256) of y for the given rows of `cells`."""
+        wanted = self.cells[rows]
+        hist_cells = self.hist_keys // LEVELS
+        lo = np.searchsorted(hist_cells, wanted, side="left")
+        hi = np.searchsorted(hist_cells, wanted, side="right")
+        out = np.zeros((len(rows), LEVELS), dtype=np.int64)
+        lengths = hi - lo
+        row_of_entry = np.repeat(np.arange(len(rows)), lengths)
+        entries = np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)]) if len(rows) else np.empty(0, np.int64)
+        out[row_of_entry, self.hist_keys[entries] % LEVELS] = self.hist_counts[entries]
+        return out
+
+    def per_channel(self) -> "CellStatistics":
+        """Statistics of each whole channel, as if every bin were one (used for empty cells)."""
+        channel_of_cell = self.cells % self.n_channels
+        channels, moments = sum_by_key(channel_of_cell, self.moments)
+        hist_channel = (self.hist_keys // LEVELS) % self.n_channels
+        keys, counts = sum_by_key(hist_channel * LEVELS + self.hist_keys % LEVELS, self.hist_counts)
+        return CellStatistics(self.n_models, self.n_channels, LEVELS, channels, moments, keys, counts)
+
+
+def sum_by_key(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique keys and the sum of `values` rows sharing each key (exact in integers)."""
+    order = np.argsort(keys, kind="stable")
+    keys, values = keys[order], values[order]
+    if len(keys) == 0:
+        return keys, values
+    starts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
+    return keys[starts], np.add.reduceat(values, starts, axis=0)
+
+
+def empty_statistics(n_models: int, n_channels: int, bin_width: int) -> CellStatistics:
+    """Statistics of no pixels: the identity of `merge`."""
+    return CellStatistics(
+        n_models, n_channels, bin_width,
+        np.empty(0, np.int64), np.empty((0, moment_columns(n_models)), np.int64),
+        np.empty(0, np.int64), np.empty(0, np.int64),
+    )
+
+
+def merge(*parts: CellStatistics) -> CellStatistics:
+    """Statistics of the union of the pixels of `parts` (they must share K, C and bin width)."""
+    first = parts[0]
+    for part in parts[1:]:
+        if (part.n_models, part.n_channels, part.bin_width) != (first.n_models, first.n_channels, first.bin_width):
+            raise ValueError("cannot merge statistics of different models, channels or bin widths")
+    cells, moments = sum_by_key(np.concatenate([p.cells for p in parts]), np.concatenate([p.moments for p in parts]))
+    keys, counts = sum_by_key(np.concatenate([p.hist_keys for p in parts]), np.concatenate([p.hist_counts for p in parts]))
+    return CellStatistics(first.n_models, first.n_channels, first.bin_width, cells, moments, keys, counts)
+
+
+@numba.njit(inline="always")
+def _add_moments(predictions, pixel, channel, moments, row):
+    """Add one pixel-channel's n, x_k, x_k^2 and (K x_k - S)^2 to `moments[row]`."""
+    n_models = predictions.shape[0]
+    total = 0
+    for k in range(n_models):
+        total += predictions[k, pixel, channel]
+    moments[row, 0] += 1
+    for k in range(n_models):
+        x = np.int64(predictions[k, pixel, channel])
+        dev = n_models * x - total
+        moments[row, 1 + k] += x
+        moments[row, 1 + n_models + k] += x * x
+        moments[row, 1 + 2 * n_models + k] += dev * dev
+
+
+@numba.njit(nogil=True, cache=True)
+def _accumulate_moments(predictions, slots, moments):
+    """Add each pixel-channel's moments to row slots[p * C + c] of `moments` (in place)."""
+    n_pixels, n_channels = predictions.shape[1], predictions.shape[2]
+    for p in range(n_pixels):
+        for c in range(n_channels):
+            _add_moments(predictions, p, c, moments, slots[p * n_channels + c])
+
+
+@numba.njit(nogil=True, cache=True)
+def _accumulate_dense(predictions, ground_truth, bin_width, nb, moments, histogram):
+    """One fused pass: moments per cell and the y histogram per cell, into dense tables."""
+    n_pixels, n_channels = predictions.shape[1], predictions.shape[2]
+    for p in range(n_pixels):
+        for c in range(n_channels):
+            cell = flat_bin(predictions, p, c, bin_width, nb) * n_channels + c
+            histogram[cell * 256 + ground_truth[p, c]] += 1
+            _add_moments(predictions, p, c, moments, cell)
+
+
+def chunk_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bin_width: int) -> CellStatistics:
+    """Statistics of one chunk: predictions uint8 (K, P, C), ground truth uint8 (P, C).
+
+    Uses a dense scratch table when the cell count is small enough (the common case: one fused
+    pass), else sorts the chunk's cell ids, so memory stays bounded by the chunk size either way.
+    """
+    predictions = np.ascontiguousarray(predictions, dtype=np.uint8)
+    ground_truth = np.ascontiguousarray(ground_truth, dtype=np.uint8)
+    n_models, n_pixels, n_channels = predictions.shape
+    if ground_truth.shape != (n_pixels, n_channels):
+        raise ValueError(f"ground truth shape {ground_truth.shape} does not match predictions {predictions.shape}")
+    nb = ranges_per_model(bin_width)
+    n_cells = bin_count(n_models, bin_width) * n_channels
+    if n_cells * LEVELS <= DENSE_HISTOGRAM_LIMIT:
+        moments = np.zeros((n_cells, moment_columns(n_models)), dtype=np.int64)
+        histogram = np.zeros(n_cells * LEVELS, dtype=np.int64)
+        _accumulate_dense(predictions, ground_truth, bin_width, nb, moments, histogram)
+        cells = np.flatnonzero(moments[:, 0])
+        hist_keys = np.flatnonzero(histogram)
+        return CellStatistics(n_models, n_channels, bin_width, cells, moments[cells],
+                              hist_keys, histogram[hist_keys])
+    cell_ids = cell_indices(predictions, bin_width, nb)
+    cells, slots = np.unique(cell_ids, return_inverse=True)
+    moments = np.zeros((len(cells), moment_columns(n_models)), dtype=np.int64)
+    _accumulate_moments(predictions, slots.astype(np.int64), moments)
+    hist_keys, hist_counts = np.unique(cell_ids * LEVELS + ground_truth.reshape(-1), return_counts=True)
+    return CellStatistics(n_models, n_channels, bin_width, cells, moments, hist_keys, hist_counts.astype(np.int64))

@@ -1,0 +1,114 @@
+"""Ingest: image folders -> one Zarr store in the ragged pixel layout.
+
+Every image is probed first (headers only), so mismatched sizes, unsupported formats and missing
+files are reported before anything is written. Pixels are then read by one task per Zarr chunk:
+a task reads the images that overlap its chunk and writes that chunk only, so no two tasks ever
+write the same chunk. The store is staged and moved into place only when complete.
+"""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import dask
+import dask.array as da
+import numpy as np
+
+import ensir_flow
+from ensir_flow import schema
+from ensir_flow.errors import InputError
+from ensir_flow.images import GROUND_TRUTH_DIR, Corpus, ImageInfo, discover_corpus, probe_image, read_image
+
+from .plan import Plan
+from .storage import refuse_existing, staged_output, write_dataset
+
+
+def probe_corpus(corpus: Corpus) -> list[ImageInfo]:
+    """One ImageInfo per stem, after checking every role of the stem agrees on it."""
+    roles = [(m, corpus.predictions[m]) for m in corpus.models]
+    if corpus.ground_truth is not None:
+        roles.insert(0, (GROUND_TRUTH_DIR, corpus.ground_truth))
+    paths = [path for _, files in roles for path in files]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        infos = dict(zip(paths, pool.map(probe_image, paths)))
+    per_stem = []
+    for i, stem in enumerate(corpus.stems):
+        _, first_files = roles[0]
+        expected = infos[first_files[i]]
+        for role, files in roles[1:]:
+            got = infos[files[i]]
+            if got != expected:
+                raise InputError(
+                    f"{files[i]}: {got.height}x{got.width}x{got.channels} differs from "
+                    f"{first_files[i]} ({expected.height}x{expected.width}x{expected.channels})"
+                )
+        per_stem.append(expected)
+    channels = {info.channels for info in per_stem}
+    if len(channels) > 1:
+        gray = next(corpus.stems[i] for i, info in enumerate(per_stem) if info.channels == 1)
+        raise InputError(f"{corpus.root}: corpus mixes grayscale (e.g. '{gray}') and colour images; convert them to one kind first")
+    return per_stem
+
+
+def _read_chunk(sources: list[tuple[list, ImageInfo, int, int, int]], n_roles: int, length: int, channels: int) -> np.ndarray:
+    """Pixels (roles, length, C) of one chunk from (paths per role, info, image start, chunk start, count)."""
+    out = np.empty((n_roles, length, channels), dtype=np.uint8)
+    for paths, info, image_start, chunk_start, count in sources:
+        for role, path in enumerate(paths):
+            pixels = read_image(path, info).reshape(-1, channels)
+            out[role, chunk_start: chunk_start + count] = pixels[image_start: image_start + count]
+    return out
+
+
+def _pixel_planes(corpus: Corpus, infos: list[ImageInfo], index: schema.ImageIndex, chunk_pixels: int) -> da.Array:
+    """Lazy (roles, pixel, channel) array: models in order, then ground truth if any."""
+    role_files = [corpus.predictions[m] for m in corpus.models]
+    if corpus.ground_truth is not None:
+        role_files.append(corpus.ground_truth)
+    channels = infos[0].channels
+    offsets, counts = index.offsets, index.counts
+    blocks = []
+    start = 0
+    for length in schema.pixel_chunks(index.n_pixels, chunk_pixels):
+        stop = start + length
+        overlapping = np.flatnonzero((offsets < stop) & (offsets + counts > start))
+        sources = []
+        for i in overlapping:
+            lo, hi = max(start, offsets[i]), min(stop, offsets[i] + counts[i])
+            sources.append(([files[i] for files in role_files], infos[i], int(lo - offsets[i]), int(lo - start), int(hi - lo)))
+        block = dask.delayed(_read_chunk, pure=True)(sources, len(role_files), length, channels)
+        blocks.append(da.from_delayed(block, shape=(len(role_files), length, channels), dtype=np.uint8))
+        start = stop
+    return da.concatenate(blocks, axis=1)
+
+
+def plan_ingest(source, store: str, models: list[str] | None = None,
+                chunk_pixels: int = schema.DEFAULT_CHUNK_PIXELS, overwrite: bool = False) -> Plan:
+    """Plan the ingest of the corpus folder `source` into the Zarr store `store`."""
+    refuse_existing(store, overwrite)
+    corpus = discover_corpus(source, models)
+    infos = probe_corpus(corpus)
+    index = schema.ImageIndex(corpus.stems, np.array([i.height for i in infos]), np.array([i.width for i in infos]))
+    planes = _pixel_planes(corpus, infos, index, chunk_pixels)
+    n_models, channels = len(corpus.models), infos[0].channels
+    ds = index.to_dataset()
+    ds[schema.PREDICTION] = (("model", "pixel", "channel"), planes[:n_models])
+    encoding = {schema.PREDICTION: {"chunks": (n_models, chunk_pixels, channels)}}
+    if corpus.ground_truth is not None:
+        ds[schema.GROUND_TRUTH] = (("pixel", "channel"), planes[n_models])
+        encoding[schema.GROUND_TRUTH] = {"chunks": (chunk_pixels, channels)}
+    ds = ds.assign_coords(model=np.array(corpus.models, dtype=object))
+    ds.attrs = schema.store_attributes(corpus.models, channels, created_by=f"ensir-flow {ensir_flow.__version__} ingest",
+                                       source=str(source))
+
+    def execute(compute):
+        with staged_output(store, overwrite) as staging:
+            compute(write_dataset(ds, staging, encoding), label="ingest")
+        return ds
+
+    details = {
+        "source": str(source), "store": str(store), "models": ", ".join(corpus.models),
+        "ground truth": "yes" if corpus.ground_truth is not None else "no",
+        "images": len(corpus.stems), "pixels": f"{index.n_pixels:,} x {channels} channels",
+        "chunks": f"{planes.numblocks[1]} of {chunk_pixels:,} pixels (one write task each)",
+    }
+    return Plan(f"ingest {len(corpus.stems)} images of {n_models} models", details, execute)
+

@@ -1,0 +1,53 @@
+"""Shared fixtures: small synthetic corpora on disk and the CLI runner."""
+
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "ensir-reference"
+
+
+def make_corpus(root: Path, n_models: int = 3, sizes=((24, 32), (17, 29), (40, 21)), seed: int = 0,
+                with_gt: bool = True, channels: int = 3) -> list[str]:
+    """Write a corpus: smooth ground truth, each model = truth + its own bias and noise level."""
+    rng = np.random.default_rng(seed)
+    models = [f"model{k}" for k in range(n_models)]
+    for folder in (["gt"] if with_gt else []) + models:
+        (root / folder).mkdir(parents=True)
+    for i, (h, w) in enumerate(sizes):
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = (127 + 100 * np.sin(xx / 5.0 + i)[..., None] * np.cos(yy / 7.0)[..., None]
+                + rng.normal(0, 10, (h, w, channels)))
+        truth = np.clip(base, 0, 255)
+        if with_gt:
+            iio.imwrite(root / "gt" / f"img{i}.png", _squeeze(truth.astype(np.uint8)))
+        for k, model in enumerate(models):
+            pred = truth + 3 * (k - 1) + rng.normal(0, 4 + 3 * k, truth.shape)
+            iio.imwrite(root / model / f"img{i}.png", _squeeze(np.clip(np.rint(pred), 0, 255).astype(np.uint8)))
+    return models
+
+
+def _squeeze(image):
+    return image[:, :, 0] if image.shape[2] == 1 else image
+
+
+@pytest.fixture
+def corpus(tmp_path) -> tuple[Path, list[str]]:
+    root = tmp_path / "corpus"
+    return root, make_corpus(root)
+
+
+@pytest.fixture
+def invoke():
+    """Run the CLI in-process; returns click's Result (exit_code, stdout, stderr)."""
+    from cli import main
+
+    runner = CliRunner()
+
+    def run(*args):
+        return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    return run

@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ensir_flow import stats
+
+
+def test_tiny_case_by_hand():
+    # K=2, C=1, w=128: two bins per model. Pixels (x1, x2, y): (10, 20, 15), (30, 40, 35), (200, 20, 100)
+    predictions = np.array([[[10], [30], [200]], [[20], [40], [20]]], dtype=np.uint8)
+    truth = np.array([[15], [35], [100]], dtype=np.uint8)
+    s = stats.chunk_statistics(predictions, truth, 128)
+    # bins: (0,0) -> 0 twice, (1,0) -> 2 once; cell = bin * C + c
+    assert s.cells.tolist() == [0, 2]
+    n, sx1, sx2, sxx1, sxx2, dev1, dev2 = s.moments[0]
+    assert (n, sx1, sx2, sxx1, sxx2) == (2, 40, 60, 100 + 900, 400 + 1600)
+    # K x_k - S: (20 - 30)^2 + (60 - 70)^2 = 200 for model 1; (40 - 30)^2 + (80 - 70)^2 = 200 for model 2
+    assert (dev1, dev2) == (200, 200)
+    # (200, 20): S = 220, 2*200 - 220 = 180 and 2*20 - 220 = -180
+    assert s.moments[1].tolist() == [1, 200, 20, 40000, 400, 180 ** 2, 180 ** 2]
+    assert s.hist_keys.tolist() == [0 * 256 + 15, 0 * 256 + 35, 2 * 256 + 100]
+    assert s.hist_counts.tolist() == [1, 1, 1]
+    assert s.dense_histograms(np.array([1]))[0, 100] == 1
+
+
+def _random_data(seed, n_models, n_pixels, n_channels):
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, 256, (n_pixels, n_channels), dtype=np.uint8)
+    noise = rng.integers(-20, 21, (n_models, n_pixels, n_channels))
+    return np.clip(truth[None].astype(int) + noise, 0, 255).astype(np.uint8), truth
+
+
+def _assert_equal(a: stats.CellStatistics, b: stats.CellStatistics):
+    for name in ("cells", "moments", "hist_keys", "hist_counts"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), n_models=st.integers(1, 5), bin_width=st.sampled_from([16, 32, 64, 100]),
+       cuts=st.lists(st.integers(0, 300), max_size=6))
+def test_merge_of_any_chunking_equals_whole(seed, n_models, bin_width, cuts):
+    predictions, truth = _random_data(seed, n_models, 300, 3)
+    whole = stats.chunk_statistics(predictions, truth, bin_width)
+    edges = [0, *sorted(cuts), 300]
+    parts = [stats.chunk_statistics(predictions[:, a:b], truth[a:b], bin_width) for a, b in zip(edges, edges[1:])]
+    rng = np.random.default_rng(seed)
+    rng.shuffle(parts)
+    _assert_equal(stats.merge(*parts), whole)
+    _assert_equal(stats.merge(stats.empty_statistics(n_models, 3, bin_width), whole), whole)
+    assert whole.n_pixels == 900
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), n_models=st.integers(1, 4), bin_width=st.sampled_from([16, 32, 64]))
+def test_sparse_path_equals_dense_path(seed, n_models, bin_width):
+    predictions, truth = _random_data(seed, n_models, 500, 3)
+    dense = stats.chunk_statistics(predictions, truth, bin_width)
+    original = stats.DENSE_HISTOGRAM_LIMIT
+    stats.DENSE_HISTOGRAM_LIMIT = 0
+    try:
+        sparse = stats.chunk_statistics(predictions, truth, bin_width)
+    finally:
+        stats.DENSE_HISTOGRAM_LIMIT = original
+    _assert_equal(sparse, dense)
+
+
+def test_per_channel_sums_all_bins():
+    predictions, truth = _random_data(1, 3, 1000, 3)
+    s = stats.chunk_statistics(predictions, truth, 32)
+    channel = s.per_channel()
+    assert channel.cells.tolist() == [0, 1, 2]
+    np.testing.assert_array_equal(channel.moments[:, 0], [1000, 1000, 1000])
+    np.testing.assert_array_equal(channel.moments[1, 1:4], predictions[:, :, 1].astype(np.int64).sum(axis=1))
+    np.testing.assert_array_equal(channel.dense_histograms(np.array([2]))[0], np.bincount(truth[:, 2], minlength=256))
+
+
+def test_merge_refuses_different_layouts():
+    predictions, truth = _random_data(1, 3, 10, 3)
+    with pytest.raises(ValueError, match="cannot merge"):
+        stats.merge(stats.chunk_statistics(predictions, truth, 32), stats.chunk_statistics(predictions, truth, 16))

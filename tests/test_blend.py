@@ -1,0 +1,32 @@
+import numpy as np
+import pytest
+
+from ensir_flow.blend import average, blend
+
+
+def test_blend_by_hand_with_rounding_half_up_and_bin_lookup():
+    # K=2, w=128 -> 4 bins; C=1. Pixel 1: x = (10, 20) bin 0; pixel 2: x = (200, 100) bin 2 (digits 1, 0)
+    predictions = np.array([[[10], [200]], [[20], [100]]], dtype=np.uint8)
+    weights = np.zeros((4, 1, 2), np.float32)
+    weights[0, 0] = [0.25, 0.75]  # 2.5 + 15 = 17.5 -> 18 (half up)
+    weights[2, 0] = [0.5, 0.5]    # 150
+    np.testing.assert_array_equal(blend(predictions, weights, 128), [[18], [150]])
+
+
+def test_blend_clips_to_uint8():
+    predictions = np.array([[[250]], [[250]]], dtype=np.uint8)
+    weights = np.full((4, 1, 2), 0.6, np.float32)  # 300 before clipping
+    assert blend(predictions, weights, 128)[0, 0] == 255
+
+
+def test_uniform_lut_equals_average():
+    rng = np.random.default_rng(0)
+    predictions = rng.integers(0, 256, (3, 1000, 3), dtype=np.uint8)
+    weights = np.full((512, 3, 3), np.float32(1 / 3), np.float32)
+    got = blend(predictions, weights, 32).astype(int)
+    assert np.abs(got - average(predictions).astype(int)).max() <= 1
+
+
+def test_blend_refuses_mismatched_weights():
+    with pytest.raises(ValueError, match="do not fit"):
+        blend(np.zeros((3, 4, 3), np.uint8), np.zeros((512, 3, 2), np.float32), 32)

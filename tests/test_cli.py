@@ -1,0 +1,104 @@
+"""End-to-end runs of the command line on small synthetic corpora."""
+
+import json
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import xarray as xr
+
+from conftest import make_corpus
+from ensir_flow.blend import blend
+from ensir_flow.lut import Lut
+
+
+def _run_all(invoke, root, tmp_path, models, bin_width, *extra):
+    for args in (["ingest", root, tmp_path / "s.zarr", "--models", ",".join(models), *extra],
+                 ["fit", tmp_path / "s.zarr", tmp_path / "lut.zarr", "--bin-width", bin_width, *extra],
+                 ["apply", tmp_path / "s.zarr", tmp_path / "lut.zarr", tmp_path / "out.zarr", "--export-dir", tmp_path / "png", *extra]):
+        result = invoke(*args, "--no-progress")
+        assert result.exit_code == 0, result.output
+    return invoke("evaluate", tmp_path / "s.zarr", "--ensemble", tmp_path / "out.zarr", "--json", "--no-progress")
+
+
+@pytest.mark.parametrize("n_models,bin_width", [(2, 16), (3, 32), (4, 64), (5, 16)])
+def test_workflow_for_k_models_and_bin_widths(tmp_path, invoke, n_models, bin_width):
+    root = tmp_path / "corpus"
+    models = make_corpus(root, n_models=n_models)
+    result = _run_all(invoke, root, tmp_path, models, bin_width)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["images"] == 3
+    assert set(report["psnr"]) == {*models, "average", "ensemble"} == set(report["ssim"])
+    store = xr.open_zarr(tmp_path / "s.zarr")
+    assert store["prediction"].dims == ("model", "pixel", "channel")
+    assert store.attrs["models"] == models and list(store["model"].values) == models
+    lut_ds = xr.open_zarr(tmp_path / "lut.zarr")
+    assert lut_ds["weights"].dims == ("bin", "channel", "model")
+    assert lut_ds.sizes["bin"] == -(-256 // bin_width) ** n_models
+    assert int(lut_ds["count"].sum()) == store.sizes["pixel"] * 3
+    lut = Lut.from_dataset(lut_ds.load())
+    ensemble = xr.open_zarr(tmp_path / "out.zarr")["ensemble"].values
+    np.testing.assert_array_equal(ensemble, blend(store["prediction"].values, lut.weights, bin_width))
+    for stem, h, w, offset in zip(store["image"].values, store["height"].values, store["width"].values, store["pixel_offset"].values):
+        exported = iio.imread(tmp_path / "png" / f"{stem}.png")
+        np.testing.assert_array_equal(exported, ensemble[offset: offset + h * w].reshape(h, w, 3))
+    # the models' errors are independent, so the in-sample ensemble beats every single model
+    assert report["psnr"]["ensemble"] > max(report["psnr"][m] for m in models)
+
+
+def test_lut_is_identical_for_any_chunking_and_scheduler(tmp_path, invoke):
+    root = tmp_path / "corpus"
+    models = make_corpus(root, sizes=((60, 50), (33, 71), (45, 45)))
+    luts = []
+    for name, chunk, scheduler in [("a", 1000, "threads"), ("b", 97, "threads"), ("c", 4096, "threads"), ("d", 97, "local")]:
+        store, lut = tmp_path / f"{name}.zarr", tmp_path / f"{name}-lut.zarr"
+        assert invoke("ingest", root, store, "--chunk-pixels", chunk, "--no-progress").exit_code == 0
+        result = invoke("fit", store, lut, "--scheduler", scheduler, "--no-progress")
+        assert result.exit_code == 0, result.output
+        luts.append(xr.open_zarr(lut).load())
+    for other in luts[1:]:
+        assert luts[0]["weights"].values.tobytes() == other["weights"].values.tobytes()
+        np.testing.assert_array_equal(luts[0]["count"].values, other["count"].values)
+
+
+def test_production_store_without_ground_truth(tmp_path, invoke):
+    reference, models = tmp_path / "ref", make_corpus(tmp_path / "ref")
+    make_corpus(tmp_path / "prod", with_gt=False, seed=5, sizes=((30, 30), (20, 50)))
+    assert invoke("ingest", reference, tmp_path / "ref.zarr", "--no-progress").exit_code == 0
+    assert invoke("fit", tmp_path / "ref.zarr", tmp_path / "lut.zarr", "--no-progress").exit_code == 0
+    assert invoke("ingest", tmp_path / "prod", tmp_path / "prod.zarr", "--no-progress").exit_code == 0
+    assert "ground_truth" not in xr.open_zarr(tmp_path / "prod.zarr")
+    result = invoke("apply", tmp_path / "prod.zarr", tmp_path / "lut.zarr", tmp_path / "out.zarr", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert xr.open_zarr(tmp_path / "out.zarr").sizes["pixel"] == 900 + 1000
+    refused = invoke("fit", tmp_path / "prod.zarr", tmp_path / "lut2.zarr", "--no-progress")
+    assert refused.exit_code != 0 and "has no ground truth" in refused.stderr
+    assert not (tmp_path / "lut2.zarr").exists()
+
+
+def test_grayscale_corpus_is_one_channel(tmp_path, invoke):
+    root = tmp_path / "gray"
+    make_corpus(root, channels=1)
+    assert invoke("ingest", root, tmp_path / "g.zarr", "--no-progress").exit_code == 0
+    assert xr.open_zarr(tmp_path / "g.zarr").sizes["channel"] == 1
+    assert invoke("fit", tmp_path / "g.zarr", tmp_path / "lut.zarr", "--no-progress").exit_code == 0
+    result = invoke("apply", tmp_path / "g.zarr", tmp_path / "lut.zarr", tmp_path / "o.zarr", "--export-dir", tmp_path / "png", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert iio.imread(tmp_path / "png" / "img0.png").shape == (24, 32)
+
+
+def test_dry_run_writes_nothing_and_config_sets_defaults(tmp_path, invoke, corpus):
+    root, models = corpus
+    result = invoke("ingest", root, tmp_path / "s.zarr", "--dry-run")
+    assert result.exit_code == 0 and "3 images" in result.stdout and not (tmp_path / "s.zarr").exists()
+    config = tmp_path / "task.yaml"
+    config.write_text("models: [model2, model0, model1]\nbin_width: 64\n")
+    assert invoke("--config", config, "ingest", root, tmp_path / "s.zarr", "--no-progress").exit_code == 0
+    assert xr.open_zarr(tmp_path / "s.zarr").attrs["models"] == ["model2", "model0", "model1"]
+    assert invoke("--config", config, "fit", tmp_path / "s.zarr", tmp_path / "l.zarr", "--no-progress").exit_code == 0
+    assert xr.open_zarr(tmp_path / "l.zarr").attrs["bin_width"] == 64
+    again = invoke("fit", tmp_path / "s.zarr", tmp_path / "l.zarr", "--no-progress")
+    assert again.exit_code != 0 and "already exists (pass --overwrite" in again.stderr
+    assert invoke("fit", tmp_path / "s.zarr", tmp_path / "l.zarr", "--overwrite", "--no-progress").exit_code == 0
+    assert xr.open_zarr(tmp_path / "l.zarr").attrs["bin_width"] == 32

@@ -1,0 +1,65 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from ensir_flow import stats
+from ensir_flow.errors import InputError
+from ensir_flow.lut import Lut, fit_lut, read_paper_lut
+
+
+def _small_lut():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 256, (2000, 3))
+    x = np.stack([np.clip(y + rng.integers(-5, 6, y.shape), 0, 255) for _ in range(3)]).astype(np.uint8)
+    return fit_lut(stats.chunk_statistics(x, y.astype(np.uint8), 64), ["a", "b", "c"])
+
+
+def test_dataset_round_trip_keeps_everything():
+    lut = _small_lut()
+    ds = lut.to_dataset()
+    assert ds["weights"].dims == ("bin", "channel", "model")
+    assert ds.attrs["models"] == ["a", "b", "c"] and ds.attrs["bin_width"] == 64
+    assert ds.attrs["solver"] == "em" and ds.attrs["empty_policy"] == "channel"
+    back = Lut.from_dataset(ds)
+    np.testing.assert_array_equal(back.weights, lut.weights)
+    np.testing.assert_array_equal(back.count, lut.count)
+    np.testing.assert_array_equal(back.fit_status, lut.fit_status)
+    assert back.count.sum() == 2000 * 3
+
+
+def test_check_matches_names_the_difference():
+    lut = _small_lut()
+    with pytest.raises(InputError, match=r"LUT models \['a', 'b', 'c'\] do not match the store's models \['a', 'c', 'b'\]"):
+        lut.check_matches(["a", "c", "b"], 3, "lut.zarr")
+    with pytest.raises(InputError, match="3 channels, the store has 1"):
+        lut.check_matches(["a", "b", "c"], 1, "lut.zarr")
+
+
+def test_paper_lut_import_round_trip(tmp_path):
+    table = {(0, 0): [torch.tensor([0.2, 0.8]), torch.tensor([0.5, 0.5])], (128, 0): [torch.tensor([1.0, 0.0]), torch.tensor([0.3, 0.7])]}
+    path = tmp_path / "w.pth"
+    torch.save(table, path)
+    lut = read_paper_lut(path, ["m1", "m2"], 128)
+    assert lut.weights.shape == (4, 2, 2)
+    np.testing.assert_allclose(lut.weights[0], [[0.2, 0.8], [0.5, 0.5]])
+    np.testing.assert_allclose(lut.weights[2], [[1.0, 0.0], [0.3, 0.7]])  # (128, 0) -> digits (1, 0) -> bin 2
+    with pytest.raises(InputError, match="keys are not tuples of 3 bin edges"):
+        read_paper_lut(path, ["m1", "m2", "m3"], 128)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_paper_lut_import_refuses_code(tmp_path):
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as file:
+        pickle.dump({(0, 0): _RunsCode()}, file)
+    with pytest.raises(InputError, match="not a loadable weights-only EnsIR LUT"):
+        read_paper_lut(path, ["m1", "m2"], 128)
+

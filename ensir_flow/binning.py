@@ -26,15 +26,14 @@ def bin_count(n_models: int, bin_width: int) -> int:
     return ranges_per_model(bin_width) ** n_models
 
 
-def bin_lower_edges(flat_bins: np.ndarray, n_models: int, bin_width: int) -> np.ndarray:
-    """Lower edges (n, K) of each flat bin's ranges, first model first: the keys of a paper LUT."""
+def place_values(n_models: int, bin_width: int) -> np.ndarray:
+    """Table (K, 256): model k's contribution floor(x / w) * nb^(K-1-k) to the flat bin of value x.
+
+    Kernels add K table entries instead of dividing, which is several times faster.
+    """
     nb = ranges_per_model(bin_width)
-    digits = np.empty((len(flat_bins), n_models), dtype=np.int64)
-    rest = np.asarray(flat_bins, dtype=np.int64)
-    for k in range(n_models - 1, -1, -1):
-        digits[:, k] = rest % nb
-        rest = rest // nb
-    return digits * bin_width
+    digits = np.arange(LEVELS, dtype=np.int64) // bin_width
+    return np.stack([digits * nb ** (n_models - 1 - k) for k in range(n_models)])
 
 
 def flat_bins_of_edges(edges: np.ndarray, bin_width: int) -> np.ndarray:
@@ -47,20 +46,20 @@ def flat_bins_of_edges(edges: np.ndarray, bin_width: int) -> np.ndarray:
 
 
 @numba.njit(inline="always")
-def flat_bin(predictions, pixel, channel, bin_width, nb):
-    """Flat bin index of one pixel-channel of `predictions` (K, P, C)."""
+def flat_bin(predictions, pixel, channel, places):
+    """Flat bin index of one pixel-channel of `predictions` (K, P, C); `places` from `place_values`."""
     b = 0
     for k in range(predictions.shape[0]):
-        b = b * nb + predictions[k, pixel, channel] // bin_width
+        b += places[k, predictions[k, pixel, channel]]
     return b
 
 
 @numba.njit(nogil=True, cache=True)
-def cell_indices(predictions, bin_width, nb):
+def cell_indices(predictions, places):
     """Cell index b * C + c of every pixel-channel of `predictions` (K, P, C), pixel-major."""
     n_pixels, n_channels = predictions.shape[1], predictions.shape[2]
     cells = np.empty(n_pixels * n_channels, dtype=np.int64)
     for p in range(n_pixels):
         for c in range(n_channels):
-            cells[p * n_channels + c] = flat_bin(predictions, p, c, bin_width, nb) * n_channels + c
+            cells[p * n_channels + c] = flat_bin(predictions, p, c, places) * n_channels + c
     return cells

@@ -8,15 +8,15 @@ weights do.
 import numba
 import numpy as np
 
-from .binning import flat_bin, ranges_per_model
+from .binning import flat_bin, place_values
 
 
 @numba.njit(nogil=True, cache=True)
-def _blend(predictions, weights, bin_width, nb, out):
+def _blend(predictions, weights, places, out):
     n_models, n_pixels, n_channels = predictions.shape
     for p in range(n_pixels):
         for c in range(n_channels):
-            b = flat_bin(predictions, p, c, bin_width, nb)
+            b = flat_bin(predictions, p, c, places)
             acc = np.float32(0.0)
             for k in range(n_models):
                 acc += weights[b, c, k] * np.float32(predictions[k, p, c])
@@ -32,7 +32,7 @@ def blend(predictions: np.ndarray, weights: np.ndarray, bin_width: int) -> np.nd
     if weights.shape[1:] != (n_channels, n_models):
         raise ValueError(f"weights of shape {weights.shape} do not fit predictions of shape {predictions.shape}")
     out = np.empty((n_pixels, n_channels), dtype=np.uint8)
-    _blend(predictions, weights, bin_width, ranges_per_model(bin_width), out)
+    _blend(predictions, weights, place_values(n_models, bin_width), out)
     return out
 
 

@@ -32,28 +32,29 @@ STATUS_EMPTY, STATUS_INITIAL, STATUS_EM, STATUS_EM_FAILED = 0, 1, 2, 3
 STATUS_MEANINGS = "empty_fallback initial_weights em em_failed_initial_weights"
 
 
-def initial_weights(moments: np.ndarray, n_models: int) -> np.ndarray:
+def initial_weights(statistics: CellStatistics) -> np.ndarray:
     """Softmax of 1 / (1e-10 + r_k), r_k the RMS distance of model k to the per-pixel mean."""
-    n = moments[:, 0:1].astype(np.float64)
-    dev2 = moments[:, 1 + 2 * n_models: 1 + 3 * n_models].astype(np.float64)
-    rms = np.sqrt(dev2 / (n_models * n_models) / n)
+    n_models = statistics.n_models
+    n = statistics.counts[:, None].astype(np.float64)
+    rms = np.sqrt(statistics.squared_deviations().astype(np.float64) / (n_models * n_models) / n)
     logits = 1.0 / (1e-10 + rms)
     logits -= logits.max(axis=1, keepdims=True)
     weights = np.exp(logits)
     return weights / weights.sum(axis=1, keepdims=True)
 
 
-def _moments_of(moments: np.ndarray, n_models: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _moments_of(statistics: CellStatistics) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-cell mean and variance of each model's predictions, and whether a variance is zero."""
-    n = moments[:, 0:1].astype(np.float64)
-    sx = moments[:, 1: 1 + n_models]
-    sxx = moments[:, 1 + n_models: 1 + 2 * n_models]
+    counts = statistics.counts
+    n = counts[:, None].astype(np.float64)
+    sx = statistics.sums
+    sxx = np.diagonal(statistics.cross_products(), axis1=1, axis2=2)
     mean = sx / n
     var = np.maximum(sxx / n - mean * mean, 0.0)
     # Exact test in Python integers where float cancellation could hide a tiny non-zero variance.
     zero_var = np.zeros(var.shape, dtype=bool)
     for i, k in zip(*np.nonzero(var < 1.0)):
-        zero_var[i, k] = int(moments[i, 0]) * int(sxx[i, k]) == int(sx[i, k]) ** 2
+        zero_var[i, k] = int(counts[i]) * int(sxx[i, k]) == int(sx[i, k]) ** 2
     var[zero_var] = 0.0
     return mean, var, zero_var
 
@@ -113,12 +114,10 @@ def fit_em(statistics: CellStatistics, device: str = "cpu") -> tuple[np.ndarray,
     Returns weights float64 (m, K) in the order of `statistics.cells`, and a status per cell
     (STATUS_INITIAL, STATUS_EM or STATUS_EM_FAILED).
     """
-    n_models = statistics.n_models
-    moments = statistics.moments
-    weights = initial_weights(moments, n_models)
-    status = np.full(len(moments), STATUS_INITIAL, dtype=np.int8)
-    mean, var, zero_var = _moments_of(moments, n_models)
-    eligible = moments[:, 0] >= MIN_PIXELS_FOR_EM
+    weights = initial_weights(statistics)
+    status = np.full(len(statistics.cells), STATUS_INITIAL, dtype=np.int8)
+    mean, var, zero_var = _moments_of(statistics)
+    eligible = statistics.counts >= MIN_PIXELS_FOR_EM
     status[eligible & zero_var.any(axis=1)] = STATUS_EM_FAILED
     rows = np.flatnonzero(eligible & ~zero_var.any(axis=1))
     for start in range(0, len(rows), BATCH_CELLS):

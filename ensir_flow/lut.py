@@ -103,7 +103,7 @@ def fit_lut(statistics: CellStatistics, models: list[str], device: str = "cpu") 
     status = np.full(n_bins * n_channels, em.STATUS_EMPTY, dtype=np.int8)
     cell_weights, cell_status = em.fit_em(statistics, device)
     weights[statistics.cells] = cell_weights
-    count[statistics.cells] = statistics.moments[:, 0]
+    count[statistics.cells] = statistics.counts
     status[statistics.cells] = cell_status
     return Lut(list(models), statistics.bin_width, weights.reshape(n_bins, n_channels, n_models).astype(np.float32),
                count.reshape(n_bins, n_channels), status.reshape(n_bins, n_channels))

@@ -1,11 +1,12 @@
 """Additive sufficient statistics of a reference set, per LUT cell (bin, channel).
 
-Ground truth y is an 8-bit integer, so a cell's data are fully described by its 256-level
-histogram of y, and everything the EnsIR EM needs is a sum over pixels: n, sum x_k, sum x_k^2,
-sum (K x_k - sum_j x_j)^2 (K^2 times the squared distance to the per-pixel mean, kept exact in
-integers) and the histogram. Statistics of a chunk are computed once; statistics of many chunks
-are merged by adding. All of it is int64, so the result is identical whatever the chunking and
-the order of merging.
+Ground truth y is an 8-bit integer, so a cell's y values are fully described by their 256-level
+histogram, and everything the solvers need is a sum over pixels: n, sum x_k, the cross products
+sum x_i x_j (i <= j) and sum x_k y, plus the histogram. EnsIR's EM uses n, sum x_k, sum x_k^2 and
+sum (K x_k - sum_j x_j)^2 (derived exactly from the cross products) and the histogram; least
+squares uses the cross products and sum x_k y. Statistics of a chunk are computed once;
+statistics of many chunks are merged by adding. All of it is int64, so the result is identical
+whatever the chunking and the order of merging.
 
 The table is sparse: only cells (and histogram levels) that hold pixels are stored, so it stays
 small when K and the bin count are large (K = 5 at bin width 16 has 3 million cells per
@@ -17,23 +18,23 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from .binning import LEVELS, bin_count, cell_indices, flat_bin, ranges_per_model
+from .binning import LEVELS, bin_count, cell_indices, flat_bin, place_values
 
 #: Largest dense scratch table (cells x 256 levels) a chunk may use; above it, sort instead.
 DENSE_HISTOGRAM_LIMIT = 1 << 22
 
 
 def moment_columns(n_models: int) -> int:
-    """Columns of the moments table: n, then sum x_k, sum x_k^2, sum dev_k^2 for each model."""
-    return 1 + 3 * n_models
+    """Columns of the moments table: n, sum x_k, sum x_i x_j (i <= j, row-major), sum x_k y."""
+    return 1 + n_models + n_models * (n_models + 1) // 2 + n_models
 
 
 @dataclass(frozen=True)
 class CellStatistics:
     """Sparse additive statistics of pixels grouped by cell (flat bin * n_channels + channel).
 
-    cells: sorted unique cell ids (m,); moments: int64 (m, 1 + 3K) with columns
-    [n, sum x_1..x_K, sum x_1^2..x_K^2, sum (K x_k - S)^2 for k=1..K];
+    cells: sorted unique cell ids (m,); moments: int64 (m, `moment_columns(K)`) with columns
+    [n, sum x_1..x_K, sum x_i x_j for i <= j (row-major), sum x_1 y..x_K y];
     hist_keys: sorted unique cell * 256 + y; hist_counts: how many pixels have that (cell, y).
     """
 
@@ -54,6 +55,39 @@ class CellStatistics:
     def n_pixels(self) -> int:
         """Number of pixel-channels the statistics describe."""
         return int(self.moments[:, 0].sum())
+
+    @property
+    def counts(self) -> np.ndarray:
+        """Pixels per cell (m,)."""
+        return self.moments[:, 0]
+
+    @property
+    def sums(self) -> np.ndarray:
+        """sum x_k per cell (m, K)."""
+        return self.moments[:, 1: 1 + self.n_models]
+
+    def cross_products(self) -> np.ndarray:
+        """Symmetric sum x_i x_j per cell (m, K, K), int64."""
+        k = self.n_models
+        upper = self.moments[:, 1 + k: 1 + k + k * (k + 1) // 2]
+        rows, cols = np.triu_indices(k)
+        out = np.empty((len(upper), k, k), dtype=np.int64)
+        out[:, rows, cols] = upper
+        out[:, cols, rows] = upper
+        return out
+
+    @property
+    def sums_xy(self) -> np.ndarray:
+        """sum x_k y per cell (m, K)."""
+        return self.moments[:, -self.n_models:]
+
+    def squared_deviations(self) -> np.ndarray:
+        """sum over pixels of (K x_k - sum_j x_j)^2 per cell (m, K): K^2 times the squared
+        distance of model k to the per-pixel mean, exact in integers."""
+        k = self.n_models
+        cross = self.cross_products()
+        diagonal = np.diagonal(cross, axis1=1, axis2=2)
+        return k * k * diagonal - 2 * k * cross.sum(axis=2) + cross.sum(axis=(1, 2))[:, None]
 
     def dense_histograms(self, rows: np.ndarray) -> np.ndarray:
         """Histograms (len(rows), 256) of y for the given rows of `cells`."""
@@ -108,39 +142,40 @@ def merge(*parts: CellStatistics) -> CellStatistics:
 
 
 @numba.njit(inline="always")
-def _add_moments(predictions, pixel, channel, moments, row):
-    """Add one pixel-channel's n, x_k, x_k^2 and (K x_k - S)^2 to `moments[row]`."""
+def _add_moments(predictions, truth, pixel, channel, row):
+    """Add one pixel-channel's n, x_k, x_i x_j (i <= j) and x_k y to the moments `row`."""
     n_models = predictions.shape[0]
-    total = 0
-    for k in range(n_models):
-        total += predictions[k, pixel, channel]
-    moments[row, 0] += 1
-    for k in range(n_models):
-        x = np.int64(predictions[k, pixel, channel])
-        dev = n_models * x - total
-        moments[row, 1 + k] += x
-        moments[row, 1 + n_models + k] += x * x
-        moments[row, 1 + 2 * n_models + k] += dev * dev
+    y = np.int64(truth[pixel, channel])
+    row[0] += 1
+    col = 1 + n_models
+    col_xy = 1 + n_models + n_models * (n_models + 1) // 2
+    for i in range(n_models):
+        xi = np.int64(predictions[i, pixel, channel])
+        row[1 + i] += xi
+        row[col_xy + i] += xi * y
+        for j in range(i, n_models):
+            row[col] += xi * predictions[j, pixel, channel]
+            col += 1
 
 
 @numba.njit(nogil=True, cache=True)
-def _accumulate_moments(predictions, slots, moments):
+def _accumulate_moments(predictions, truth, slots, moments):
     """Add each pixel-channel's moments to row slots[p * C + c] of `moments` (in place)."""
     n_pixels, n_channels = predictions.shape[1], predictions.shape[2]
     for p in range(n_pixels):
         for c in range(n_channels):
-            _add_moments(predictions, p, c, moments, slots[p * n_channels + c])
+            _add_moments(predictions, truth, p, c, moments[slots[p * n_channels + c]])
 
 
 @numba.njit(nogil=True, cache=True)
-def _accumulate_dense(predictions, ground_truth, bin_width, nb, moments, histogram):
+def _accumulate_dense(predictions, ground_truth, places, moments, histogram):
     """One fused pass: moments per cell and the y histogram per cell, into dense tables."""
     n_pixels, n_channels = predictions.shape[1], predictions.shape[2]
     for p in range(n_pixels):
         for c in range(n_channels):
-            cell = flat_bin(predictions, p, c, bin_width, nb) * n_channels + c
+            cell = flat_bin(predictions, p, c, places) * n_channels + c
             histogram[cell * 256 + ground_truth[p, c]] += 1
-            _add_moments(predictions, p, c, moments, cell)
+            _add_moments(predictions, ground_truth, p, c, moments[cell])
 
 
 def chunk_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bin_width: int) -> CellStatistics:
@@ -154,19 +189,19 @@ def chunk_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bin_widt
     n_models, n_pixels, n_channels = predictions.shape
     if ground_truth.shape != (n_pixels, n_channels):
         raise ValueError(f"ground truth shape {ground_truth.shape} does not match predictions {predictions.shape}")
-    nb = ranges_per_model(bin_width)
+    places = place_values(n_models, bin_width)
     n_cells = bin_count(n_models, bin_width) * n_channels
     if n_cells * LEVELS <= DENSE_HISTOGRAM_LIMIT:
         moments = np.zeros((n_cells, moment_columns(n_models)), dtype=np.int64)
         histogram = np.zeros(n_cells * LEVELS, dtype=np.int64)
-        _accumulate_dense(predictions, ground_truth, bin_width, nb, moments, histogram)
+        _accumulate_dense(predictions, ground_truth, places, moments, histogram)
         cells = np.flatnonzero(moments[:, 0])
         hist_keys = np.flatnonzero(histogram)
         return CellStatistics(n_models, n_channels, bin_width, cells, moments[cells],
                               hist_keys, histogram[hist_keys])
-    cell_ids = cell_indices(predictions, bin_width, nb)
+    cell_ids = cell_indices(predictions, places)
     cells, slots = np.unique(cell_ids, return_inverse=True)
     moments = np.zeros((len(cells), moment_columns(n_models)), dtype=np.int64)
-    _accumulate_moments(predictions, slots.astype(np.int64), moments)
+    _accumulate_moments(predictions, ground_truth, slots.astype(np.int64), moments)
     hist_keys, hist_counts = np.unique(cell_ids * LEVELS + ground_truth.reshape(-1), return_counts=True)
     return CellStatistics(n_models, n_channels, bin_width, cells, moments, hist_keys, hist_counts.astype(np.int64))

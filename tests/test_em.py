@@ -50,18 +50,16 @@ def test_histogram_em_matches_per_sample_em():
 
 def test_initial_weights_by_hand():
     # two models, one pixel-pair each: x = (10, 20), mean 15, r = (5, 5) -> equal weights
-    moments = _one_cell(np.array([[10], [20]]), np.array([12])).moments
-    np.testing.assert_allclose(em.initial_weights(moments, 2), [[0.5, 0.5]])
+    np.testing.assert_allclose(em.initial_weights(_one_cell(np.array([[10], [20]]), np.array([12]))), [[0.5, 0.5]])
     # x2 = (13, 7, 10) against x0 = x1 = (10, 10, 10): per-pixel means (11, 9, 10), so
     # r0 = r1 = sqrt(2/3), r2 = sqrt(8/3); weights = softmax(1/r)
     x = np.array([[10, 10, 10], [10, 10, 10], [13, 7, 10]])
-    moments = _one_cell(x, np.array([10, 10, 10])).moments
+    cell = _one_cell(x, np.array([10, 10, 10]))
     logits = np.array([1 / np.sqrt(2 / 3), 1 / np.sqrt(2 / 3), 1 / np.sqrt(8 / 3)])
-    np.testing.assert_allclose(em.initial_weights(moments, 3)[0], np.exp(logits) / np.exp(logits).sum(), rtol=1e-9)
+    np.testing.assert_allclose(em.initial_weights(cell)[0], np.exp(logits) / np.exp(logits).sum(), rtol=1e-9)
     # a model equal to the per-pixel mean everywhere (r = 0) takes all the weight
     x = np.array([[10, 20], [9, 19], [11, 21]])
-    moments = _one_cell(x, np.array([10, 20])).moments
-    np.testing.assert_allclose(em.initial_weights(moments, 3), [[1.0, 0.0, 0.0]], atol=1e-12)
+    np.testing.assert_allclose(em.initial_weights(_one_cell(x, np.array([10, 20]))), [[1.0, 0.0, 0.0]], atol=1e-12)
 
 
 def test_small_cells_keep_initial_weights():
@@ -71,7 +69,7 @@ def test_small_cells_keep_initial_weights():
     s = _one_cell(x, y)
     weights, status = em.fit_em(s)
     assert status.tolist() == [em.STATUS_INITIAL]
-    np.testing.assert_allclose(weights, em.initial_weights(s.moments, 2))
+    np.testing.assert_allclose(weights, em.initial_weights(s))
 
 
 def test_zero_variance_and_underflow_abandon_em():
@@ -86,7 +84,7 @@ def test_zero_variance_and_underflow_abandon_em():
     s = _one_cell(far, y_far)
     weights, status = em.fit_em(s)
     assert status.tolist() == [em.STATUS_EM_FAILED]
-    np.testing.assert_allclose(weights, em.initial_weights(s.moments, 2))
+    np.testing.assert_allclose(weights, em.initial_weights(s))
 
 
 def test_empty_cells_take_channel_weights_and_no_data_is_uniform():

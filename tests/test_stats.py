@@ -13,12 +13,13 @@ def test_tiny_case_by_hand():
     s = stats.chunk_statistics(predictions, truth, 128)
     # bins: (0,0) -> 0 twice, (1,0) -> 2 once; cell = bin * C + c
     assert s.cells.tolist() == [0, 2]
-    n, sx1, sx2, sxx1, sxx2, dev1, dev2 = s.moments[0]
-    assert (n, sx1, sx2, sxx1, sxx2) == (2, 40, 60, 100 + 900, 400 + 1600)
-    # K x_k - S: (20 - 30)^2 + (60 - 70)^2 = 200 for model 1; (40 - 30)^2 + (80 - 70)^2 = 200 for model 2
-    assert (dev1, dev2) == (200, 200)
+    # columns: n, x1, x2, x1x1, x1x2, x2x2, x1y, x2y
+    assert s.moments[0].tolist() == [2, 40, 60, 100 + 900, 200 + 1200, 400 + 1600, 150 + 1050, 300 + 1400]
+    assert s.moments[1].tolist() == [1, 200, 20, 40000, 4000, 400, 20000, 2000]
+    # K x_k - S: (20 - 30)^2 + (60 - 70)^2 = 200 for model 1; (40 - 30)^2 + (80 - 70)^2 = 200 for model 2;
     # (200, 20): S = 220, 2*200 - 220 = 180 and 2*20 - 220 = -180
-    assert s.moments[1].tolist() == [1, 200, 20, 40000, 400, 180 ** 2, 180 ** 2]
+    assert s.squared_deviations().tolist() == [[200, 200], [180 ** 2, 180 ** 2]]
+    np.testing.assert_array_equal(s.cross_products()[0], [[1000, 1400], [1400, 2000]])
     assert s.hist_keys.tolist() == [0 * 256 + 15, 0 * 256 + 35, 2 * 256 + 100]
     assert s.hist_counts.tolist() == [1, 1, 1]
     assert s.dense_histograms(np.array([1]))[0, 100] == 1
@@ -70,8 +71,9 @@ def test_per_channel_sums_all_bins():
     s = stats.chunk_statistics(predictions, truth, 32)
     channel = s.per_channel()
     assert channel.cells.tolist() == [0, 1, 2]
-    np.testing.assert_array_equal(channel.moments[:, 0], [1000, 1000, 1000])
-    np.testing.assert_array_equal(channel.moments[1, 1:4], predictions[:, :, 1].astype(np.int64).sum(axis=1))
+    np.testing.assert_array_equal(channel.counts, [1000, 1000, 1000])
+    np.testing.assert_array_equal(channel.sums[1], predictions[:, :, 1].astype(np.int64).sum(axis=1))
+    np.testing.assert_array_equal(channel.sums_xy[2], (predictions[:, :, 2].astype(np.int64) * truth[:, 2]).sum(axis=1))
     np.testing.assert_array_equal(channel.dense_histograms(np.array([2]))[0], np.bincount(truth[:, 2], minlength=256))
 
 

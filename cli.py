@@ -12,6 +12,7 @@ from dask.diagnostics import ProgressBar
 
 import ensir_flow
 from ensir_flow import schema
+from ensir_flow.devices import DEVICES
 from ensir_flow.errors import InputError
 
 
@@ -85,6 +86,11 @@ def run_options(writes: bool = True):
     return decorate
 
 
+device_option = click.option(
+    "--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+    help="Where kernels run: cpu (numba), cuda (torch), auto (each worker's GPU if it has one). Same bits either way.")
+
+
 def _load_config(ctx, _param, path):
     """Turn a YAML task config into per-command option defaults."""
     if path is None:
@@ -134,28 +140,17 @@ def ingest(source_dir, store, models, chunk_pixels, scheduler, no_progress, dry_
 @click.argument("lut")
 @click.option("--bin-width", type=click.IntRange(1, 256), default=32, show_default=True, help="Width of each model's value ranges.")
 @click.option("--solver", type=click.Choice(["em"]), default="em", show_default=True, help="em: the paper's Gaussian-mixture EM.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="Where EM runs; auto picks cuda when present.")
+@device_option
 @run_options()
 def fit(store, lut, bin_width, solver, device, scheduler, no_progress, dry_run, overwrite):
     """Fit an EnsIR LUT on the reference STORE (with ground truth) and write it to LUT."""
     from pipelines.fit import plan_fit
 
-    table = _run(lambda: plan_fit(store, lut, bin_width, solver, _device(device), overwrite),
+    table = _run(lambda: plan_fit(store, lut, bin_width, solver, device, overwrite),
                  scheduler=scheduler, progress=not no_progress, dry_run=dry_run)
     if table is not None:
         filled = int((table.count > 0).sum())
         click.echo(f"wrote {lut}: {table.weights.shape[0]:,} bins x {table.n_channels} channels, {filled:,} cells with reference pixels")
-
-
-def _device(choice: str) -> str:
-    import torch
-
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise click.BadParameter("cuda requested but torch sees no GPU", param_hint="--device")
-    return choice
 
 
 @main.command()
@@ -163,12 +158,13 @@ def _device(choice: str) -> str:
 @click.argument("lut")
 @click.argument("output")
 @click.option("--export-dir", default=None, help="Also write one lossless PNG per image here, named by stem.")
+@device_option
 @run_options()
-def apply(store, lut, output, export_dir, scheduler, no_progress, dry_run, overwrite):
+def apply(store, lut, output, export_dir, device, scheduler, no_progress, dry_run, overwrite):
     """Blend every image of STORE with LUT into the new store OUTPUT."""
     from pipelines.apply import plan_apply
 
-    ds = _run(lambda: plan_apply(store, lut, output, export_dir, overwrite),
+    ds = _run(lambda: plan_apply(store, lut, output, export_dir, overwrite, device),
               scheduler=scheduler, progress=not no_progress, dry_run=dry_run)
     if ds is not None:
         click.echo(f"wrote {output}: {ds.sizes['image']} images" + (f"; PNGs in {export_dir}" if export_dir else ""))

@@ -9,6 +9,7 @@ import numba
 import numpy as np
 
 from .binning import flat_bin, place_values
+from .devices import resolve_device
 
 
 @numba.njit(nogil=True, cache=True)
@@ -24,16 +25,38 @@ def _blend(predictions, weights, places, out):
             out[p, c] = 0 if value < 0 else (255 if value > 255 else np.uint8(value))
 
 
-def blend(predictions: np.ndarray, weights: np.ndarray, bin_width: int) -> np.ndarray:
-    """Ensemble of predictions uint8 (K, P, C) with LUT weights (bins, C, K): uint8 (P, C)."""
+def blend(predictions: np.ndarray, weights: np.ndarray, bin_width: int, device: str = "cpu") -> np.ndarray:
+    """Ensemble of predictions uint8 (K, P, C) with LUT weights (bins, C, K): uint8 (P, C).
+
+    numba on the CPU; torch on other devices ('auto' resolved where it runs), same bytes.
+    """
     predictions = np.ascontiguousarray(predictions, dtype=np.uint8)
     weights = np.ascontiguousarray(weights, dtype=np.float32)
     n_models, n_pixels, n_channels = predictions.shape
     if weights.shape[1:] != (n_channels, n_models):
         raise ValueError(f"weights of shape {weights.shape} do not fit predictions of shape {predictions.shape}")
+    device = resolve_device(device)
+    if device != "cpu":
+        return blend_torch(predictions, weights, bin_width, device)
     out = np.empty((n_pixels, n_channels), dtype=np.uint8)
     _blend(predictions, weights, place_values(n_models, bin_width), out)
     return out
+
+
+def blend_torch(predictions: np.ndarray, weights: np.ndarray, bin_width: int, device: str) -> np.ndarray:
+    """`blend` in torch on `device`: the same float32 products and sums in model order."""
+    import torch
+
+    n_models, _, n_channels = predictions.shape
+    x = torch.as_tensor(predictions).to(device)
+    table = torch.as_tensor(weights).to(device)
+    places = torch.as_tensor(place_values(n_models, bin_width), device=device)
+    bins = sum(places[k][x[k].long()] for k in range(n_models))
+    selected = table[bins, torch.arange(n_channels, device=device)]  # (P, C, K)
+    acc = torch.zeros(bins.shape, dtype=torch.float32, device=device)
+    for k in range(n_models):
+        acc = acc + selected[:, :, k] * x[k].float()
+    return torch.floor(acc + 0.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
 
 
 def average(predictions: np.ndarray) -> np.ndarray:

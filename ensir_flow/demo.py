@@ -31,6 +31,7 @@ PAD = 12
 
 
 def _gaussian_psf(sigma: float) -> np.ndarray:
+    """Normalised 2-D Gaussian point-spread function, 3 sigma each side: the blur, known to the deconvolvers."""
     radius = int(np.ceil(3 * sigma))
     grid = np.arange(-radius, radius + 1)
     kernel = np.exp(-(grid[:, None] ** 2 + grid[None, :] ** 2) / (2 * sigma ** 2))
@@ -38,6 +39,7 @@ def _gaussian_psf(sigma: float) -> np.ndarray:
 
 
 def _per_channel(function, image: np.ndarray) -> np.ndarray:
+    """Apply a 2-D `function` to each channel of an (H, W, C) image (the deconvolvers are 2-D only)."""
     return np.stack([function(image[:, :, c]) for c in range(image.shape[2])], axis=2)
 
 
@@ -74,7 +76,9 @@ def restorations(lq: np.ndarray, psf: np.ndarray) -> dict[str, np.ndarray]:
 def build_demo_corpus(directory, seed: int = 0) -> list[str]:
     """Write gt/, lq/ and one folder per base model into `directory`; returns the model names.
 
-    Deterministic for a given seed. Refuses a directory that already holds files.
+    Every folder holds one PNG per photo, named by its stem (`astronaut.png`, ...), uint8 RGB.
+    Deterministic for a given seed (the seed draws the noise). `directory` may exist if empty;
+    one that already holds anything is refused, so nobody's files are overwritten.
     """
     root = Path(directory)
     if root.exists() and any(root.iterdir()):

@@ -19,6 +19,7 @@ import numba
 import numpy as np
 
 from .binning import LEVELS, bin_count, cell_indices, flat_bin, place_values
+from .devices import resolve_device
 
 #: Largest dense scratch table (cells x 256 levels) a chunk may use; above it, sort instead.
 DENSE_HISTOGRAM_LIMIT = 1 << 22
@@ -178,12 +179,17 @@ def _accumulate_dense(predictions, ground_truth, places, moments, histogram):
             _add_moments(predictions, ground_truth, p, c, moments[cell])
 
 
-def chunk_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bin_width: int) -> CellStatistics:
+def chunk_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bin_width: int, device: str = "cpu") -> CellStatistics:
     """Statistics of one chunk: predictions uint8 (K, P, C), ground truth uint8 (P, C).
 
-    Uses a dense scratch table when the cell count is small enough (the common case: one fused
-    pass), else sorts the chunk's cell ids, so memory stays bounded by the chunk size either way.
+    On the CPU (numba) it uses a dense scratch table when the cell count is small enough (the
+    common case: one fused pass), else sorts the chunk's cell ids, so memory stays bounded by the
+    chunk size either way. Other devices ('auto' resolved per worker, 'cuda') use torch; the
+    integer results are identical.
     """
+    device = resolve_device(device)
+    if device != "cpu":
+        return chunk_statistics_torch(predictions, ground_truth, bin_width, device)
     predictions = np.ascontiguousarray(predictions, dtype=np.uint8)
     ground_truth = np.ascontiguousarray(ground_truth, dtype=np.uint8)
     n_models, n_pixels, n_channels = predictions.shape
@@ -205,3 +211,26 @@ def chunk_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bin_widt
     _accumulate_moments(predictions, ground_truth, slots.astype(np.int64), moments)
     hist_keys, hist_counts = np.unique(cell_ids * LEVELS + ground_truth.reshape(-1), return_counts=True)
     return CellStatistics(n_models, n_channels, bin_width, cells, moments, hist_keys, hist_counts.astype(np.int64))
+
+
+def chunk_statistics_torch(predictions: np.ndarray, ground_truth: np.ndarray, bin_width: int, device: str) -> CellStatistics:
+    """`chunk_statistics` in torch on `device` (GPU workers): sort-based, exact int64 sums."""
+    import torch
+
+    n_models, n_pixels, n_channels = predictions.shape
+    x = torch.as_tensor(np.ascontiguousarray(predictions)).to(device).long().reshape(n_models, -1)
+    y = torch.as_tensor(np.ascontiguousarray(ground_truth)).to(device).long().reshape(-1)
+    places = torch.as_tensor(place_values(n_models, bin_width), device=device)
+    channel = torch.arange(n_channels, device=device).repeat(n_pixels)
+    cell_ids = sum(places[k][x[k]] for k in range(n_models)) * n_channels + channel
+    cells, slots = torch.unique(cell_ids, return_inverse=True)
+    columns = [torch.ones_like(y), *x]
+    columns += [x[i] * x[j] for i in range(n_models) for j in range(i, n_models)]
+    columns += [x[k] * y for k in range(n_models)]
+    moments = torch.zeros((len(columns), len(cells)), dtype=torch.int64, device=device)
+    for row, values in zip(moments, columns):
+        row.index_add_(0, slots, values)
+    hist_keys, hist_counts = torch.unique(cell_ids * LEVELS + y, return_counts=True)
+    as_numpy = lambda t: t.cpu().numpy().astype(np.int64)  # noqa: E731
+    return CellStatistics(n_models, n_channels, bin_width, as_numpy(cells), as_numpy(moments.T),
+                          as_numpy(hist_keys), as_numpy(hist_counts))

@@ -45,8 +45,12 @@ def export_graph(ds: xr.Dataset, variable: str, directory) -> list:
     ]
 
 
-def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = None, overwrite: bool = False) -> Plan:
-    """Plan blending every image of `store` with the LUT into the new store `output`."""
+def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = None, overwrite: bool = False,
+               device: str = "auto") -> Plan:
+    """Plan blending every image of `store` with the LUT into the new store `output`.
+
+    `device` is where the blend tasks run ('auto': each worker's GPU if it has one).
+    """
     refuse_existing(output, overwrite)
     if export_dir is not None:
         refuse_existing(export_dir, overwrite)
@@ -56,7 +60,7 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
     lut.check_matches(models, ds.sizes["channel"], str(lut_path))
     predictions = ds[schema.PREDICTION].data
     weights = dask.delayed(lut.weights, pure=True)
-    ensemble = da.map_blocks(blend, predictions, weights, lut.bin_width, drop_axis=0, dtype=np.uint8,
+    ensemble = da.map_blocks(blend, predictions, weights, lut.bin_width, device, drop_axis=0, dtype=np.uint8,
                              chunks=predictions.chunks[1:])
     out = ds[list(schema.IMAGE_VARIABLES)].copy()
     out[schema.ENSEMBLE] = (("pixel", "channel"), ensemble)
@@ -75,7 +79,7 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
     details = {
         "store": str(store), "LUT": f"{lut_path} ({lut.solver}, bin width {lut.bin_width})", "output": str(output),
         "images": ds.sizes["image"], "pixels": f"{ds.sizes['pixel']:,}",
-        "tasks": f"{predictions.numblocks[1]} chunks, one blend + write each",
+        "tasks": f"{predictions.numblocks[1]} chunks, one blend + write each, on {device}",
     }
     if export_dir is not None:
         details["export"] = f"{export_dir} (one PNG per image)"

@@ -1,15 +1,23 @@
+"""PSNR, SSIM and BT.601 luma against hand-computed values and an independent SSIM."""
+
 import numpy as np
 import pytest
-from scipy.signal import convolve2d
 
 from ensir_flow.metrics import psnr, rgb_to_y, ssim
 
 
 def test_psnr_by_hand_and_identical():
     a = np.full((8, 8, 3), 100, np.uint8)
-    b = a + np.uint8(5)
-    assert psnr(a, b) == pytest.approx(10 * np.log10(255 ** 2 / 25))
+    for d in (1, 5, 40):
+        assert psnr(a, a + np.uint8(d)) == pytest.approx(10 * np.log10(255 ** 2 / d ** 2), abs=1e-12)
     assert psnr(a, a) == float("inf")
+
+
+def test_psnr_mse_is_over_all_pixels_and_channels():
+    a = np.zeros((4, 5, 3), np.uint8)
+    b = a.copy()
+    b[1, 2, 0] = 60  # one value of 60 among 4 * 5 * 3
+    assert psnr(a, b) == pytest.approx(10 * np.log10(255 ** 2 / (60 ** 2 / 60)), abs=1e-12)
 
 
 def test_crop_border_removes_the_border():
@@ -17,40 +25,86 @@ def test_crop_border_removes_the_border():
     b = a.copy()
     b[0, :] = 0
     b[:, -1] = 0
-    assert psnr(a, b, crop_border=1) == float("inf")
-    assert psnr(a, b) < 30
+    b[-2, 3] = 56  # inside the 1-pixel frame: the only difference left after cropping
+    uncropped_mse = (19 * 3 * 50 ** 2 + 3 * 6 ** 2) / (10 * 10 * 3)  # 19 frame pixels, one inner pixel
+    assert psnr(a, b) == pytest.approx(10 * np.log10(255 ** 2 / uncropped_mse), abs=1e-12)
+    assert psnr(a, b, crop_border=1) == pytest.approx(10 * np.log10(255 ** 2 / (3 * 6 ** 2 / (8 * 8 * 3))), abs=1e-12)
+    assert psnr(a, b, crop_border=2) == float("inf")
 
 
-def test_y_channel_of_pure_colours():
-    pixels = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255], [0, 0, 0]]], np.uint8)
-    np.testing.assert_allclose(rgb_to_y(pixels)[0], [81.481, 144.553, 40.966, 16.0])
+def test_y_of_pure_colours():
+    pixels = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255], [0, 0, 0], [255, 255, 255]]], np.uint8)
+    y = rgb_to_y(pixels)
+    assert y.dtype == np.float64 and y.shape == (1, 5)
+    np.testing.assert_allclose(y[0], [81.481, 144.553, 40.966, 16.0, 235.0], atol=1e-12)
+
+
+def test_psnr_on_y_by_hand():
+    black = np.zeros((6, 6, 3), np.uint8)
+    for channel, weight in enumerate((65.481, 128.553, 24.966)):
+        pure = black.copy()
+        pure[..., channel] = 255
+        assert psnr(pure, black, y_channel=True) == pytest.approx(20 * np.log10(255 / weight), abs=1e-12)
+    # the same difference on all of R, G and B: Y moves by 219/255 of it
+    grey = np.full((6, 6, 3), 100, np.uint8)
+    assert psnr(grey, grey + np.uint8(10), y_channel=True) == pytest.approx(20 * np.log10(255 / (10 * 219 / 255)), abs=1e-12)
+
+
+def test_single_channel_images_use_their_channel_for_y():
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 256, (20, 23), dtype=np.uint8)
+    b = rng.integers(0, 256, (20, 23), dtype=np.uint8)
+    expected = 10 * np.log10(255 ** 2 / np.mean((a.astype(float) - b) ** 2))
+    for x, y in ((a, b), (a[:, :, None], b[:, :, None])):
+        assert psnr(x, y) == pytest.approx(expected, abs=1e-12)
+        assert psnr(x, y, y_channel=True) == pytest.approx(expected, abs=1e-12)
+    assert ssim(a, b, y_channel=True) == pytest.approx(ssim(a[:, :, None], b[:, :, None]), abs=1e-15)
 
 
 def _ssim_oracle(a, b):
-    """SSIM with an 11x11 Gaussian (sigma 1.5) over the 'valid' region, per channel, averaged."""
-    g = np.exp(-(np.arange(11) - 5) ** 2 / (2 * 1.5 ** 2))
+    """SSIM written out: 11x11 Gaussian (sigma 1.5) correlated over the 'valid' region, channels averaged."""
+    g = np.exp(-(np.arange(11) - 5.0) ** 2 / (2 * 1.5 ** 2))
     window = np.outer(g, g) / np.outer(g, g).sum()
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    a = a.astype(np.float64).reshape(*a.shape[:2], -1)
+    b = b.astype(np.float64).reshape(*b.shape[:2], -1)
+
+    def local_mean(z):  # every full 11x11 patch, weighted: the 'valid' region only
+        return np.einsum("ijkl,kl->ij", np.lib.stride_tricks.sliding_window_view(z, (11, 11)), window)
+
     scores = []
     for c in range(a.shape[2]):
-        x, y = a[:, :, c].astype(np.float64), b[:, :, c].astype(np.float64)
-        f = lambda z: convolve2d(z, window, mode="valid")  # noqa: E731
-        mx, my = f(x), f(y)
-        sxx, syy, sxy = f(x * x) - mx ** 2, f(y * y) - my ** 2, f(x * y) - mx * my
-        scores.append((((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))).mean())
-    return np.mean(scores)
+        x, y = a[:, :, c], b[:, :, c]
+        mx, my = local_mean(x), local_mean(y)
+        sxx, syy, sxy = local_mean(x * x) - mx ** 2, local_mean(y * y) - my ** 2, local_mean(x * y) - mx * my
+        scores.append(np.mean((2 * mx * my + c1) * (2 * sxy + c2) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))))
+    return float(np.mean(scores))
 
 
 def test_ssim_matches_an_independent_implementation():
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (40, 37, 3), dtype=np.uint8)
-    b = np.clip(a.astype(int) + rng.integers(-30, 31, a.shape), 0, 255).astype(np.uint8)
-    assert ssim(a, b) == pytest.approx(_ssim_oracle(a, b), abs=1e-6)
-    assert ssim(a, a) == pytest.approx(1.0)
+    b = np.clip(a.astype(int) + rng.integers(-60, 61, a.shape), 0, 255).astype(np.uint8)
+    reference = _ssim_oracle(a, b)
+    assert 0.3 < reference < 0.95  # a case where the score is informative
+    assert ssim(a, b) == pytest.approx(reference, abs=1e-9)
+    assert ssim(a, a) == pytest.approx(1.0, abs=1e-12)
     y = lambda im: rgb_to_y(im)[:, :, None]  # noqa: E731
-    assert ssim(a, b, y_channel=True) == pytest.approx(_ssim_oracle(y(a), y(b)), abs=1e-6)
+    assert ssim(a, b, y_channel=True) == pytest.approx(_ssim_oracle(y(a), y(b)), abs=1e-9)
+    assert ssim(a, b, crop_border=4) == pytest.approx(_ssim_oracle(a[4:-4, 4:-4], b[4:-4, 4:-4]), abs=1e-9)
+    assert ssim(a[:, :, 1], b[:, :, 1]) == pytest.approx(_ssim_oracle(a[:, :, 1:2], b[:, :, 1:2]), abs=1e-9)
 
 
-def test_shape_mismatch_is_refused():
+@pytest.mark.parametrize("metric", [psnr, ssim])
+def test_bad_pairs_are_refused(metric):
+    rgb = np.zeros((16, 16, 3), np.uint8)
     with pytest.raises(ValueError, match="differs"):
-        psnr(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 5, 3), np.uint8))
+        metric(rgb, np.zeros((16, 17, 3), np.uint8))
+    with pytest.raises(ValueError, match="differs"):
+        metric(rgb, np.zeros((16, 16, 1), np.uint8))
+    with pytest.raises(ValueError, match="shape"):
+        metric(np.zeros((16, 16, 4), np.uint8), np.zeros((16, 16, 4), np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        metric(rgb.astype(np.float64), rgb.astype(np.float64))
+    with pytest.raises(ValueError, match="crop_border"):
+        metric(rgb, rgb, crop_border=8)

@@ -1,0 +1,31 @@
+"""Choosing where kernels run: numba on the CPU, or torch on a GPU.
+
+`auto` is resolved where the work runs (on each Dask worker), so a cluster that mixes CPU and GPU
+workers uses each one's GPU when it has one. Torch is only imported when a GPU may be present,
+which keeps CPU workers small.
+"""
+
+import os
+
+from .errors import InputError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str) -> str:
+    """'cpu' or a torch CUDA device name for `device` in ('auto', 'cpu', 'cuda', 'cuda:N')."""
+    if device == "cpu":
+        return "cpu"
+    if device == "auto":
+        if not os.path.exists("/dev/nvidiactl"):
+            return "cpu"
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: requested, but torch sees no GPU on this machine")
+        return device
+    raise ValueError(f"unknown device {device!r} (choose from {', '.join(DEVICES)})")

@@ -17,9 +17,9 @@ from ensir_flow.errors import InputError
 
 
 @contextlib.contextmanager
-def _client(scheduler: str | None):
-    """None/'threads': dask's local threads; 'local': a LocalCluster; else an address or scheduler file."""
-    if scheduler in (None, "threads"):
+def _client(scheduler: str):
+    """'threads': dask's local threads; 'local': a LocalCluster; else an address or scheduler file."""
+    if scheduler == "threads":
         yield None
         return
     from distributed import Client, LocalCluster
@@ -37,6 +37,9 @@ def _client(scheduler: str | None):
         raise InputError(f"{scheduler}: not 'threads', 'local', a scheduler address (tcp://host:port) or a scheduler file")
 
 
+SCHEDULER_ENV = "ENSIR_FLOW_SCHEDULER"
+
+
 def _compute_function(client, progress: bool):
     """The `Compute` pipelines call: on the chosen scheduler, with a progress bar on stderr."""
 
@@ -51,7 +54,8 @@ def _compute_function(client, progress: bool):
         if progress:
             from distributed import progress as distributed_progress
 
-            distributed_progress(futures)
+            with contextlib.redirect_stdout(sys.stderr):  # stdout stays clean for --json
+                distributed_progress(futures)
         return tuple(client.gather(futures))
 
     return compute
@@ -74,9 +78,10 @@ def run_options(writes: bool = True):
     """Options every command shares."""
 
     def decorate(command):
-        command = click.option("--scheduler", default=None, metavar="ADDRESS",
-                               help="'threads' (default: local threads), 'local' (a local distributed cluster), "
-                                    "tcp://host:port of a running dask scheduler, or a scheduler file.")(command)
+        command = click.option("--scheduler", default="local", show_default=True, metavar="ADDRESS", envvar=SCHEDULER_ENV,
+                               help="'local': a distributed cluster sized to this machine; 'threads': dask's threads in "
+                                    "this process (no cluster start-up, for small jobs); tcp://host:port of a running "
+                                    f"dask scheduler; or a scheduler file. Default from ${SCHEDULER_ENV}.")(command)
         command = click.option("--no-progress", "no_progress", is_flag=True, help="No progress bars (cron jobs, logs).")(command)
         command = click.option("--dry-run", is_flag=True, help="Show what would be read, computed and written; do nothing.")(command)
         if writes:

@@ -112,9 +112,25 @@ class CellStatistics:
         return CellStatistics(self.n_models, self.n_channels, LEVELS, channels, moments, keys, counts)
 
 
-def sum_by_key(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted unique keys and the sum of `values` rows sharing each key (exact in integers)."""
-    order = np.argsort(keys, kind="stable")
+@numba.njit(nogil=True, cache=True)
+def _scatter_add(keys, values, out):
+    for i in range(len(keys)):
+        out[keys[i]] += values[i]
+
+
+def sum_by_key(keys: np.ndarray, values: np.ndarray, key_space: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique keys and the sum of `values` rows sharing each key (exact in integers).
+
+    Keys below a known `key_space` small enough for a dense table are summed in place; otherwise
+    they are sorted. Rows that sum to all zeros are dropped in the dense case (statistics never
+    hold such rows: every stored cell and level has a non-zero count).
+    """
+    if key_space is not None and key_space * (values[0].size if len(values) else 1) <= DENSE_HISTOGRAM_LIMIT:
+        dense = np.zeros((key_space, *values.shape[1:]), dtype=values.dtype)
+        _scatter_add(keys, values, dense)
+        present = np.flatnonzero(dense.reshape(key_space, -1).any(axis=1))
+        return present.astype(np.int64), dense[present]
+    order = np.argsort(keys)
     keys, values = keys[order], values[order]
     if len(keys) == 0:
         return keys, values
@@ -137,8 +153,10 @@ def merge(*parts: CellStatistics) -> CellStatistics:
     for part in parts[1:]:
         if (part.n_models, part.n_channels, part.bin_width) != (first.n_models, first.n_channels, first.bin_width):
             raise ValueError("cannot merge statistics of different models, channels or bin widths")
-    cells, moments = sum_by_key(np.concatenate([p.cells for p in parts]), np.concatenate([p.moments for p in parts]))
-    keys, counts = sum_by_key(np.concatenate([p.hist_keys for p in parts]), np.concatenate([p.hist_counts for p in parts]))
+    n_cells = first.n_cells
+    cells, moments = sum_by_key(np.concatenate([p.cells for p in parts]), np.concatenate([p.moments for p in parts]), n_cells)
+    keys, counts = sum_by_key(np.concatenate([p.hist_keys for p in parts]), np.concatenate([p.hist_counts for p in parts]),
+                              n_cells * LEVELS)
     return CellStatistics(first.n_models, first.n_channels, first.bin_width, cells, moments, keys, counts)
 
 

@@ -34,6 +34,12 @@ def _squeeze(image):
     return image[:, :, 0] if image.shape[2] == 1 else image
 
 
+@pytest.fixture(autouse=True)
+def threaded_scheduler(monkeypatch):
+    """CLI runs in tests use dask's threads unless a test asks for a cluster with --scheduler."""
+    monkeypatch.setenv("ENSIR_FLOW_SCHEDULER", "threads")
+
+
 @pytest.fixture
 def corpus(tmp_path) -> tuple[Path, list[str]]:
     root = tmp_path / "corpus"

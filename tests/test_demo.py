@@ -11,29 +11,48 @@ from ensir_flow.metrics import psnr
 
 
 def _digest(root):
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*.png"))}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file()}
 
 
 def test_corpus_is_ragged_paired_deterministic_and_restores(tmp_path):
-    models = build_demo_corpus(tmp_path / "a")
-    assert models == list(DEMO_MODELS)
-    stems = sorted(p.stem for p in (tmp_path / "a" / "gt").iterdir())
-    assert len(stems) >= 6
-    for folder in ("lq", *models):
-        assert sorted(p.stem for p in (tmp_path / "a" / folder).iterdir()) == stems
-    shapes = {iio.imread(tmp_path / "a" / "gt" / f"{s}.png").shape for s in stems}
-    assert len(shapes) == len(stems) and all(len(s) == 3 and s[2] == 3 for s in shapes)
-    build_demo_corpus(tmp_path / "b")
-    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    root = tmp_path / "a"
+    root.mkdir()  # an existing empty folder is fine
+    models = build_demo_corpus(root)
+    assert models == list(DEMO_MODELS) and len(models) == 3
+    assert sorted(p.name for p in root.iterdir()) == sorted(["gt", "lq", *models])
+    stems = sorted(p.stem for p in (root / "gt").iterdir())
+    assert 6 <= len(stems) <= 8
+    for folder in ("gt", "lq", *models):
+        assert sorted(p.name for p in (root / folder).iterdir()) == [f"{s}.png" for s in stems], folder
+
+    images = {(folder, s): iio.imread(root / folder / f"{s}.png") for folder in ("gt", "lq", *models) for s in stems}
+    for (folder, stem), image in images.items():
+        assert image.dtype == np.uint8 and image.shape == images["gt", stem].shape, (folder, stem)
+    shapes = [images["gt", s].shape for s in stems]
+    assert all(len(s) == 3 and s[2] == 3 for s in shapes)
+    assert len({s[:2] for s in shapes}) == len(stems)  # ragged: every image has its own size
+    assert all(0.05e6 <= h * w <= 0.15e6 for h, w, _ in shapes)
+
+    build_demo_corpus(tmp_path / "b", seed=0)
+    assert _digest(root) == _digest(tmp_path / "b")
 
     def mean_psnr(folder):
-        return np.mean([psnr(iio.imread(tmp_path / "a" / folder / f"{s}.png"), iio.imread(tmp_path / "a" / "gt" / f"{s}.png")) for s in stems])
+        return np.mean([psnr(images[folder, s], images["gt", s]) for s in stems])
 
     degraded = mean_psnr("lq")
-    for model in models:
-        assert mean_psnr(model) > degraded + 0.5, model
-    with pytest.raises(FileExistsError, match="not empty"):
-        build_demo_corpus(tmp_path / "a")
+    restored = {model: mean_psnr(model) for model in models}
+    for model, score in restored.items():
+        assert score > degraded + 0.5, (model, score, degraded)
+    assert max(restored.values()) - min(restored.values()) < 2.0  # close: an ensemble has something to gain
+
+
+def test_refuses_a_non_empty_directory(tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not empty") as refused:
+        build_demo_corpus(tmp_path)
+    assert str(tmp_path) in str(refused.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
 def test_demo_command_runs_the_whole_workflow(tmp_path, invoke):

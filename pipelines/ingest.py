@@ -1,9 +1,9 @@
 """Ingest: image folders -> one Zarr store in the ragged pixel layout.
 
 Every image is probed first (headers only), so mismatched sizes, unsupported formats and missing
-files are reported before anything is written. Pixels are then read by one task per Zarr chunk:
-a task reads the images that overlap its chunk and writes that chunk only, so no two tasks ever
-write the same chunk. The store is staged and moved into place only when complete.
+files are reported before anything is written. Pixels are then decoded by one task per image and
+assembled into Zarr chunks; each chunk is written by exactly one task, so no two tasks ever write
+the same chunk. The store is staged and moved into place only when complete.
 """
 
 from concurrent.futures import ThreadPoolExecutor
@@ -48,36 +48,26 @@ def probe_corpus(corpus: Corpus) -> list[ImageInfo]:
     return per_stem
 
 
-def _read_chunk(sources: list[tuple[list, ImageInfo, int, int, int]], n_roles: int, length: int, channels: int) -> np.ndarray:
-    """Pixels (roles, length, C) of one chunk from (paths per role, info, image start, chunk start, count)."""
-    out = np.empty((n_roles, length, channels), dtype=np.uint8)
-    for paths, info, image_start, chunk_start, count in sources:
-        for role, path in enumerate(paths):
-            pixels = read_image(path, info).reshape(-1, channels)
-            out[role, chunk_start: chunk_start + count] = pixels[image_start: image_start + count]
-    return out
+def _read_image_planes(paths: list, info: ImageInfo) -> np.ndarray:
+    """Pixels (roles, H*W, C) of one image: each role's file decoded once."""
+    return np.stack([read_image(path, info).reshape(-1, info.channels) for path in paths])
 
 
-def _pixel_planes(corpus: Corpus, infos: list[ImageInfo], index: schema.ImageIndex, chunk_pixels: int) -> da.Array:
-    """Lazy (roles, pixel, channel) array: models in order, then ground truth if any."""
+def _pixel_planes(corpus: Corpus, infos: list[ImageInfo], chunk_pixels: int) -> da.Array:
+    """Lazy (roles, pixel, channel) array in Zarr chunks: models in order, then ground truth if any.
+
+    One task decodes one image (all roles); dask's rechunk then assembles the pixel chunks from
+    the image blocks, so each file is decoded once and each chunk written by exactly one task.
+    """
     role_files = [corpus.predictions[m] for m in corpus.models]
     if corpus.ground_truth is not None:
         role_files.append(corpus.ground_truth)
-    channels = infos[0].channels
-    offsets, counts = index.offsets, index.counts
-    blocks = []
-    start = 0
-    for length in schema.pixel_chunks(index.n_pixels, chunk_pixels):
-        stop = start + length
-        overlapping = np.flatnonzero((offsets < stop) & (offsets + counts > start))
-        sources = []
-        for i in overlapping:
-            lo, hi = max(start, offsets[i]), min(stop, offsets[i] + counts[i])
-            sources.append(([files[i] for files in role_files], infos[i], int(lo - offsets[i]), int(lo - start), int(hi - lo)))
-        block = dask.delayed(_read_chunk, pure=True)(sources, len(role_files), length, channels)
-        blocks.append(da.from_delayed(block, shape=(len(role_files), length, channels), dtype=np.uint8))
-        start = stop
-    return da.concatenate(blocks, axis=1)
+    blocks = [
+        da.from_delayed(dask.delayed(_read_image_planes, pure=True)([files[i] for files in role_files], info),
+                        shape=(len(role_files), info.height * info.width, info.channels), dtype=np.uint8)
+        for i, info in enumerate(infos)
+    ]
+    return da.concatenate(blocks, axis=1).rechunk({0: -1, 1: chunk_pixels, 2: -1})
 
 
 def plan_ingest(source, store: str, models: list[str] | None = None,
@@ -87,7 +77,7 @@ def plan_ingest(source, store: str, models: list[str] | None = None,
     corpus = discover_corpus(source, models)
     infos = probe_corpus(corpus)
     index = schema.ImageIndex(corpus.stems, np.array([i.height for i in infos]), np.array([i.width for i in infos]))
-    planes = _pixel_planes(corpus, infos, index, chunk_pixels)
+    planes = _pixel_planes(corpus, infos, chunk_pixels)
     n_models, channels = len(corpus.models), infos[0].channels
     ds = index.to_dataset()
     ds[schema.PREDICTION] = (("model", "pixel", "channel"), planes[:n_models])
@@ -108,7 +98,7 @@ def plan_ingest(source, store: str, models: list[str] | None = None,
         "source": str(source), "store": str(store), "models": ", ".join(corpus.models),
         "ground truth": "yes" if corpus.ground_truth is not None else "no",
         "images": len(corpus.stems), "pixels": f"{index.n_pixels:,} x {channels} channels",
-        "chunks": f"{planes.numblocks[1]} of {chunk_pixels:,} pixels (one write task each)",
+        "tasks": f"{len(corpus.stems)} image reads, {planes.numblocks[1]} chunks of {chunk_pixels:,} pixels (one write each)",
     }
     return Plan(f"ingest {len(corpus.stems)} images of {n_models} models", details, execute)
 

@@ -13,6 +13,7 @@ from dask.diagnostics import ProgressBar
 import ensir_flow
 from ensir_flow import schema
 from ensir_flow.devices import DEVICES
+from ensir_flow.lut import SOLVERS
 from ensir_flow.errors import InputError
 
 
@@ -106,6 +107,18 @@ def run_options(writes: bool = True):
     return decorate
 
 
+def _shrinkage(value: str) -> float | None:
+    if value == "auto":
+        return None
+    try:
+        strength = float(value)
+    except ValueError:
+        strength = -1.0
+    if not strength >= 0:
+        raise click.BadParameter(f"{value!r} is neither 'auto' nor a non-negative number", param_hint="--shrinkage")
+    return strength
+
+
 device_option = click.option(
     "--device", type=click.Choice(DEVICES), default="auto", show_default=True,
     help="Where kernels run: cpu (numba), cuda (torch), auto (each worker's GPU if it has one). Same bits either way.")
@@ -122,7 +135,7 @@ def _load_config(ctx, _param, path):
     metrics_config = config.get("metrics", {})
     defaults = {
         "ingest": {"models": ",".join(config["models"])} if "models" in config else {},
-        "fit": {k: config[k] for k in ("bin_width", "solver") if k in config},
+        "fit": {k: config[k] for k in ("bin_width", "solver", "shrinkage") if k in config},
         "evaluate": {k: metrics_config[k] for k in ("y_channel", "crop_border") if k in metrics_config},
     }
     ctx.default_map = {name: values for name, values in defaults.items() if values}
@@ -159,14 +172,20 @@ def ingest(source_dir, store, models, chunk_pixels, scheduler, no_progress, dry_
 @click.argument("store")
 @click.argument("lut")
 @click.option("--bin-width", type=click.IntRange(1, 256), default=32, show_default=True, help="Width of each model's value ranges.")
-@click.option("--solver", type=click.Choice(["em"]), default="em", show_default=True, help="em: the paper's Gaussian-mixture EM.")
+@click.option("--solver", type=click.Choice(SOLVERS), default="em", show_default=True,
+              help="em: the paper's Gaussian-mixture EM; lsq: least squares on the simplex (PSNR-optimal per cell); "
+                   "average: uniform weights (the baseline).")
+@click.option("--shrinkage", default="auto", show_default=True, metavar="auto|STRENGTH",
+              help="lsq only: pseudo-pixels pulling sparse cells towards the channel-wide solution; "
+                   "auto chooses it by cross-validation over the reference images.")
 @device_option
 @run_options()
-def fit(store, lut, bin_width, solver, device, scheduler, no_progress, dry_run, overwrite):
+def fit(store, lut, bin_width, solver, shrinkage, device, scheduler, no_progress, dry_run, overwrite):
     """Fit an EnsIR LUT on the reference STORE (with ground truth) and write it to LUT."""
     from pipelines.fit import plan_fit
 
-    table = _run(lambda: plan_fit(store, lut, bin_width, solver, device, overwrite),
+    strength = _shrinkage(shrinkage)
+    table = _run(lambda: plan_fit(store, lut, bin_width, solver, device, overwrite, strength),
                  scheduler=scheduler, progress=not no_progress, dry_run=dry_run)
     if table is not None:
         filled = int((table.count > 0).sum())

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import xarray as xr
 
-from . import em
+from . import em, lsq
 from .binning import bin_count, flat_bins_of_edges
 from .errors import InputError
 from .stats import CellStatistics
@@ -88,25 +88,44 @@ class Lut:
             raise InputError(f"{source}: LUT has {self.n_channels} channels, the store has {n_channels}")
 
 
-def fit_lut(statistics: CellStatistics, models: list[str], device: str = "cpu") -> Lut:
-    """Fit the EnsIR LUT from merged statistics; empty cells follow `EMPTY_POLICY`."""
+SOLVERS = ("em", "lsq", "average")
+
+
+def fit_lut(statistics: CellStatistics, models: list[str], device: str = "cpu", solver: str = "em",
+            shrinkage: float = 0.0) -> Lut:
+    """Fit a LUT from merged statistics with `solver`; empty cells follow `EMPTY_POLICY`.
+
+    em: the paper's EM (weights per cell; `device` is where it runs). lsq: least squares on the
+    simplex with `shrinkage` towards the channel-wide solution. average: uniform 1/K everywhere.
+    """
     n_models, n_channels = statistics.n_models, statistics.n_channels
     if len(models) != n_models:
         raise ValueError(f"{len(models)} model names for statistics of {n_models} models")
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r} (choose from {', '.join(SOLVERS)})")
     n_bins = bin_count(n_models, statistics.bin_width)
     weights = np.full((n_bins * n_channels, n_models), 1.0 / n_models)
-    channel_stats = statistics.per_channel()
-    if len(channel_stats.cells):
-        channel_weights, _ = em.fit_em(channel_stats, device)
-        weights.reshape(n_bins, n_channels, n_models)[:, channel_stats.cells] = channel_weights
     count = np.zeros(n_bins * n_channels, dtype=np.int64)
     status = np.full(n_bins * n_channels, em.STATUS_EMPTY, dtype=np.int8)
-    cell_weights, cell_status = em.fit_em(statistics, device)
-    weights[statistics.cells] = cell_weights
     count[statistics.cells] = statistics.counts
-    status[statistics.cells] = cell_status
-    return Lut(list(models), statistics.bin_width, weights.reshape(n_bins, n_channels, n_models).astype(np.float32),
-               count.reshape(n_bins, n_channels), status.reshape(n_bins, n_channels))
+    if solver == "average":
+        status[:] = em.STATUS_UNIFORM
+    elif solver == "lsq":
+        cell_weights, channel_ids, channel_weights = lsq.fit_lsq(statistics, shrinkage)
+        weights.reshape(n_bins, n_channels, n_models)[:, channel_ids] = channel_weights
+        weights[statistics.cells] = cell_weights
+        status[statistics.cells] = em.STATUS_LEAST_SQUARES
+    else:
+        channel_stats = statistics.per_channel()
+        if len(channel_stats.cells):
+            channel_weights, _ = em.fit_em(channel_stats, device)
+            weights.reshape(n_bins, n_channels, n_models)[:, channel_stats.cells] = channel_weights
+        weights[statistics.cells], status[statistics.cells] = em.fit_em(statistics, device)
+    lut = Lut(list(models), statistics.bin_width, weights.reshape(n_bins, n_channels, n_models).astype(np.float32),
+              count.reshape(n_bins, n_channels), status.reshape(n_bins, n_channels), solver=solver)
+    if solver == "lsq":
+        lut.attrs["shrinkage"] = float(shrinkage)
+    return lut
 
 
 def read_paper_lut(path, models: list[str], bin_width: int) -> Lut:

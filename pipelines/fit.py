@@ -1,19 +1,23 @@
-"""Fit: one pass of per-chunk statistics, a tree reduction, then EM on the reduced table."""
+"""Fit: one pass of per-chunk statistics, a tree reduction, then a solver on the reduced table."""
 
 import dask
+import numpy as np
 
 import ensir_flow
 from ensir_flow import schema
 from ensir_flow.binning import bin_count
 from ensir_flow.devices import resolve_device
-from ensir_flow.lut import fit_lut
-from ensir_flow.stats import chunk_statistics, merge
+from ensir_flow.lsq import SHRINKAGE_GRID, choose_shrinkage
+from ensir_flow.lut import SOLVERS, fit_lut
+from ensir_flow.stats import merge, merge_groups, segment_statistics
 
 from .plan import Plan
 from .storage import open_store, refuse_existing, staged_output, write_dataset
 
-SOLVERS = ("em",)
 MERGE_FAN_IN = 8
+SHRINKAGE_FOLDS = 5
+#: Used by lsq when there is a single reference image, so nothing to hold out.
+DEFAULT_SHRINKAGE = 1e3
 
 
 def tree_reduce(parts: list, combine, fan_in: int = MERGE_FAN_IN):
@@ -23,37 +27,77 @@ def tree_reduce(parts: list, combine, fan_in: int = MERGE_FAN_IN):
     return parts[0]
 
 
-def statistics_graph(ds, bin_width: int, device: str = "cpu"):
-    """Delayed merged CellStatistics of a store's prediction/ground-truth pairs."""
+def image_folds(n_images: int, n_folds: int) -> np.ndarray:
+    """Fold of each image for cross-validation by image: image i (in store order) is in fold i % n_folds."""
+    return np.arange(n_images) % n_folds
+
+
+def _chunk_segments(ds, fold_of_image: np.ndarray, chunks: tuple[int, ...]) -> list[list[tuple[int, int, int]]]:
+    """Per pixel chunk, its (start, stop, fold) runs in chunk coordinates (images never mix folds)."""
+    index = schema.ImageIndex.from_dataset(ds)
+    starts, stops = index.offsets, index.offsets + index.counts
+    segments, chunk_start = [], 0
+    for length in chunks:
+        chunk_stop = chunk_start + length
+        inside = np.flatnonzero((starts < chunk_stop) & (stops > chunk_start))
+        runs: list[tuple[int, int, int]] = []
+        for i in inside:
+            lo, hi, fold = max(starts[i], chunk_start) - chunk_start, min(stops[i], chunk_stop) - chunk_start, int(fold_of_image[i])
+            if runs and runs[-1][2] == fold and runs[-1][1] == lo:
+                runs[-1] = (runs[-1][0], int(hi), fold)
+            else:
+                runs.append((int(lo), int(hi), fold))
+        segments.append(runs)
+        chunk_start = chunk_stop
+    return segments
+
+
+def statistics_graph(ds, bin_width: int, device: str = "cpu", n_folds: int = 1):
+    """Delayed list of merged CellStatistics, one per fold of images, of a store with ground truth."""
     predictions = ds[schema.PREDICTION].data
     truth = ds[schema.GROUND_TRUTH].data.rechunk({0: predictions.chunks[1]})
+    segments = _chunk_segments(ds, image_folds(ds.sizes["image"], n_folds), predictions.chunks[1])
     parts = [
-        dask.delayed(chunk_statistics, pure=True)(p, g, bin_width, device)
-        for p, g in zip(predictions.to_delayed().reshape(-1), truth.to_delayed().reshape(-1))
+        dask.delayed(segment_statistics, pure=True)(p, g, bin_width, runs, n_folds, device)
+        for p, g, runs in zip(predictions.to_delayed().reshape(-1), truth.to_delayed().reshape(-1), segments)
     ]
-    return tree_reduce(parts, merge)
+    return tree_reduce(parts, merge_groups)
 
 
 def plan_fit(store: str, lut_path: str, bin_width: int = 32, solver: str = "em",
-             device: str = "auto", overwrite: bool = False) -> Plan:
+             device: str = "auto", overwrite: bool = False, shrinkage: float | None = None) -> Plan:
     """Plan fitting a LUT on the reference store `store` (which must hold ground truth).
 
     `device` is where the statistics tasks run ('auto' resolved on each worker) and where EM runs
-    (resolved here); the LUT is the same bits on any device.
+    (resolved here); the LUT is the same bits on any device. For `lsq`, `shrinkage=None` picks the
+    strength by cross-validation over images (folds gathered in the same single pass).
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r} (choose from {', '.join(SOLVERS)})")
     refuse_existing(lut_path, overwrite)
     ds = open_store(store)
     models = schema.check_store(ds, store, require=(schema.PREDICTION, schema.GROUND_TRUTH))
-    total = statistics_graph(ds, bin_width, device)
+    n_images = ds.sizes["image"]
+    n_folds = min(SHRINKAGE_FOLDS, n_images) if solver == "lsq" and shrinkage is None and n_images > 1 else 1
+    folds = statistics_graph(ds, bin_width, device, n_folds)
     em_device = resolve_device(device)
 
     def execute(compute):
-        (statistics,) = compute(total, label="statistics")
-        lut = fit_lut(statistics, models, em_device)
-        lut.attrs.update({"created_by": f"ensir-flow {ensir_flow.__version__} fit", "reference_store": str(store),
-                          "reference_images": int(ds.sizes["image"])})
+        (fold_statistics,) = compute(folds, label="statistics")
+        provenance = {"created_by": f"ensir-flow {ensir_flow.__version__} fit", "reference_store": str(store),
+                      "reference_images": int(n_images)}
+        strength = shrinkage
+        if solver == "lsq" and strength is None:
+            if n_folds > 1:
+                strength, errors = choose_shrinkage(fold_statistics)
+                provenance["shrinkage_choice"] = f"{n_folds}-fold cross-validation by image over {list(SHRINKAGE_GRID)}"
+                pixel_channels = sum(f.n_pixels for f in fold_statistics)
+                provenance["shrinkage_held_out_mse"] = {str(k): v / pixel_channels for k, v in errors.items()}
+            else:
+                strength = DEFAULT_SHRINKAGE
+                provenance["shrinkage_choice"] = "default: one reference image, nothing to hold out"
+        lut = fit_lut(merge(*fold_statistics), models, em_device, solver, 0.0 if strength is None else strength)
+        lut.attrs.update(provenance)
         with staged_output(lut_path, overwrite) as staging:
             compute(write_dataset(lut.to_dataset(), staging), label="write LUT")
         return lut
@@ -62,7 +106,10 @@ def plan_fit(store: str, lut_path: str, bin_width: int = 32, solver: str = "em",
     details = {
         "store": str(store), "LUT": str(lut_path), "models": ", ".join(models), "solver": solver,
         "bin width": f"{bin_width} ({n_bins:,} bins x {ds.sizes['channel']} channels)",
-        "statistics tasks": f"{ds[schema.PREDICTION].data.numblocks[1]} chunks, merged {MERGE_FAN_IN} at a time",
+        "statistics tasks": f"{ds[schema.PREDICTION].data.numblocks[1]} chunks, merged {MERGE_FAN_IN} at a time"
+                            + (f", kept in {n_folds} folds of images" if n_folds > 1 else ""),
         "devices": f"statistics on {device}, EM batched on {em_device}",
     }
-    return Plan(f"fit an EnsIR LUT on {ds.sizes['image']} reference images", details, execute)
+    if solver == "lsq":
+        details["shrinkage"] = f"{shrinkage}" if shrinkage is not None else f"chosen by {n_folds}-fold cross-validation"
+    return Plan(f"fit a {solver} LUT on {n_images} reference images", details, execute)

@@ -212,16 +212,35 @@ def apply(store, lut, output, export_dir, device, scheduler, no_progress, dry_ru
 @main.command()
 @click.argument("store")
 @click.option("--ensemble", "ensemble_store", default=None, help="Output store of `apply` to score as well.")
+@click.option("--cv", "folds", type=click.IntRange(2), default=None,
+              help="N-fold cross-validation by image: LUTs fitted on N-1 folds, scored on the held-out one.")
+@click.option("--solvers", default="em,lsq", show_default=True, help="With --cv: comma-separated solvers to compare.")
+@click.option("--bin-widths", default="32", show_default=True, help="With --cv: comma-separated bin widths to compare.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (means and per-image scores) to stdout.")
 @click.option("--y-channel", is_flag=True, help="Score the BT.601 luma (as MATLAB's rgb2ycbcr) instead of RGB.")
 @click.option("--crop-border", type=click.IntRange(0), default=0, show_default=True, help="Pixels cropped from each side.")
+@device_option
 @run_options(writes=False)
-def evaluate(store, ensemble_store, as_json, y_channel, crop_border, scheduler, no_progress, dry_run):
-    """PSNR/SSIM of every model, the average and the ensemble against STORE's ground truth."""
-    from pipelines.evaluate import plan_evaluate
+def evaluate(store, ensemble_store, folds, solvers, bin_widths, as_json, y_channel, crop_border, device, scheduler,
+             no_progress, dry_run):
+    """PSNR/SSIM of every model, the average, ZZPM and the ensemble against STORE's ground truth."""
+    from pipelines.evaluate import plan_cross_validation, plan_evaluate
 
-    result = _run(lambda: plan_evaluate(store, ensemble_store, y_channel, crop_border),
-                  scheduler=scheduler, progress=not no_progress, dry_run=dry_run)
+    if folds is None:
+        factory = lambda: plan_evaluate(store, ensemble_store, y_channel, crop_border)  # noqa: E731
+    else:
+        if ensemble_store is not None:
+            raise click.UsageError("--ensemble scores a fixed output; --cv fits its own LUTs: use one or the other")
+        names = [s.strip() for s in solvers.split(",") if s.strip() and s.strip() != "average"]  # always reported
+        unknown = sorted(set(names) - set(SOLVERS))
+        if unknown or not names:
+            raise click.BadParameter(f"unknown solver(s) {unknown} (choose from {', '.join(SOLVERS)})", param_hint="--solvers")
+        try:
+            widths = [int(w) for w in bin_widths.split(",")]
+        except ValueError:
+            raise click.BadParameter(f"{bin_widths!r} is not a comma-separated list of integers", param_hint="--bin-widths") from None
+        factory = lambda: plan_cross_validation(store, folds, names, widths, y_channel, crop_border, device)  # noqa: E731
+    result = _run(factory, scheduler=scheduler, progress=not no_progress, dry_run=dry_run)
     if result is not None:
         click.echo(json.dumps(result.to_json()) if as_json else result.table())
 

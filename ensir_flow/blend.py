@@ -71,3 +71,14 @@ def blend_torch(predictions: np.ndarray, weights: np.ndarray, bin_width: int, de
 def average(predictions: np.ndarray) -> np.ndarray:
     """Plain average of the K predictions (K, ...) rounded half up to uint8: the baseline."""
     return np.floor(predictions.astype(np.float32).mean(axis=0) + np.float32(0.5)).astype(np.uint8)
+
+
+def zzpm(predictions: np.ndarray) -> np.ndarray:
+    """ZZPM baseline on one image (K, ...): image-wide weights softmax_k(1 / (1e-3 + MSE_k)),
+    MSE_k = mean squared distance of model k to the per-pixel mean; rounded half up to uint8."""
+    x = predictions.astype(np.float64)
+    distance = ((x - x.mean(axis=0)) ** 2).reshape(len(x), -1).mean(axis=1)
+    logits = 1.0 / (1e-3 + distance)
+    weights = np.exp(logits - logits.max())
+    weights /= weights.sum()
+    return np.floor(np.tensordot(weights, x, axes=1) + 0.5).clip(0, 255).astype(np.uint8)

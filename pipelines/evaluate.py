@@ -7,25 +7,33 @@ import dask
 import numpy as np
 
 from ensir_flow import metrics, schema
-from ensir_flow.blend import average
+from ensir_flow.blend import average, blend, zzpm
+from ensir_flow.devices import resolve_device
 from ensir_flow.errors import InputError
 
+from .fit import image_folds, lut_from_folds, statistics_graph
 from .plan import Plan
 from .storage import open_store
 
 AVERAGE = "average"
+ZZPM = "zzpm"
 ENSEMBLE = "ensemble"
 
 
 def image_scores(predictions, truth, ensemble, height: int, width: int, names: list[str],
-                 crop_border: int, y_channel: bool) -> dict:
-    """PSNR and SSIM of each model, the average (and the ensemble if given) for one image."""
+                 crop_border: int, y_channel: bool, luts: dict | None = None) -> dict:
+    """PSNR and SSIM for one image of each model, the average, ZZPM, the ensemble if given, and
+    each LUT of `luts` ({method: (weights, bin_width)}) applied to the image here."""
+    predictions = np.asarray(predictions)
     shape = (height, width, -1)
     truth = np.asarray(truth).reshape(shape)
-    candidates = {name: np.asarray(p).reshape(shape) for name, p in zip(names, predictions)}
-    candidates[AVERAGE] = average(np.asarray(predictions)).reshape(shape)
+    candidates = {name: p.reshape(shape) for name, p in zip(names, predictions)}
+    candidates[AVERAGE] = average(predictions).reshape(shape)
+    candidates[ZZPM] = zzpm(predictions).reshape(shape)
     if ensemble is not None:
         candidates[ENSEMBLE] = np.asarray(ensemble).reshape(shape)
+    for method, (weights, bin_width) in (luts or {}).items():
+        candidates[method] = blend(predictions, weights, bin_width).reshape(shape)
     options = {"crop_border": crop_border, "y_channel": y_channel}
     return {
         "psnr": {name: metrics.psnr(image, truth, **options) for name, image in candidates.items()},
@@ -33,39 +41,58 @@ def image_scores(predictions, truth, ensemble, height: int, width: int, names: l
     }
 
 
+def _means(scores: list[dict], metric: str) -> dict[str, float]:
+    return {name: float(np.mean([s[metric][name] for s in scores])) for name in scores[0][metric]}
+
+
 @dataclass
 class Evaluation:
-    """Per-image scores and their means over images."""
+    """Per-image scores, their means over images and, for cross-validation, per-fold means."""
 
     images: list[str]
+    models: list[str]
     per_image: list[dict]
     options: dict
+    fold_of_image: list[int] | None = None
 
     def means(self, metric: str) -> dict[str, float]:
-        names = self.per_image[0][metric].keys()
-        return {name: float(np.mean([scores[metric][name] for scores in self.per_image])) for name in names}
+        return _means(self.per_image, metric)
+
+    def fold_means(self) -> list[dict]:
+        """Mean PSNR/SSIM of the held-out images of each fold."""
+        folds = sorted(set(self.fold_of_image or []))
+        return [{"fold": f, **{m: _means([s for s, g in zip(self.per_image, self.fold_of_image) if g == f], m)
+                               for m in ("psnr", "ssim")}} for f in folds]
 
     def to_json(self) -> dict:
-        return {
-            "images": len(self.images),
-            "psnr": self.means("psnr"),
-            "ssim": self.means("ssim"),
-            "options": self.options,
-            "per_image": [{"image": stem, **scores} for stem, scores in zip(self.images, self.per_image)],
-        }
+        result = {"images": len(self.images), "psnr": self.means("psnr"), "ssim": self.means("ssim"), "options": self.options,
+                  "per_image": [{"image": stem, **scores} for stem, scores in zip(self.images, self.per_image)]}
+        if self.fold_of_image is not None:
+            result["cv"] = {"folds": len(set(self.fold_of_image)), "per_fold": self.fold_means(),
+                            "psnr": result["psnr"], "ssim": result["ssim"]}
+            for entry, fold in zip(result["per_image"], self.fold_of_image):
+                entry["fold"] = fold
+        return result
 
     def table(self) -> str:
-        """Mean PSNR/SSIM per method, best single model and ensemble gains underneath."""
+        """Mean PSNR/SSIM per method (and per fold under cross-validation), gains underneath."""
         psnr, ssim = self.means("psnr"), self.means("ssim")
         width = max(len(name) for name in psnr)
-        lines = [f"{len(self.images)} images, {'Y channel' if self.options['y_channel'] else 'RGB'}, crop border {self.options['crop_border']}",
-                 f"{'method'.ljust(width)}  {'PSNR (dB)':>9}  {'SSIM':>6}"]
-        lines += [f"{name.ljust(width)}  {psnr[name]:9.3f}  {ssim[name]:6.4f}" for name in psnr]
-        singles = {k: v for k, v in psnr.items() if k not in (AVERAGE, ENSEMBLE)}
-        best = max(singles, key=singles.get)
-        if ENSEMBLE in psnr and math.isfinite(psnr[ENSEMBLE]):
-            lines.append(f"ensemble vs best single model ({best}): {psnr[ENSEMBLE] - singles[best]:+.3f} dB; "
-                         f"vs average: {psnr[ENSEMBLE] - psnr[AVERAGE]:+.3f} dB")
+        setting = f"{'Y channel' if self.options['y_channel'] else 'RGB'}, crop border {self.options['crop_border']}"
+        if self.fold_of_image is not None:
+            folds = self.fold_means()
+            lines = [f"{len(self.images)} images, {len(folds)}-fold cross-validation by image (held-out scores), {setting}",
+                     f"{'method'.ljust(width)}  {'PSNR (dB)':>9}  {'SSIM':>6}  " + "  ".join(f"{'fold ' + str(f['fold']):>8}" for f in folds)]
+            lines += [f"{name.ljust(width)}  {psnr[name]:9.3f}  {ssim[name]:6.4f}  " + "  ".join(f"{f['psnr'][name]:8.3f}" for f in folds)
+                      for name in psnr]
+        else:
+            lines = [f"{len(self.images)} images, {setting}", f"{'method'.ljust(width)}  {'PSNR (dB)':>9}  {'SSIM':>6}"]
+            lines += [f"{name.ljust(width)}  {psnr[name]:9.3f}  {ssim[name]:6.4f}" for name in psnr]
+        best = max(self.models, key=psnr.get)
+        for method in psnr:
+            if method not in self.models and method not in (AVERAGE, ZZPM) and math.isfinite(psnr[method]):
+                lines.append(f"{method} vs best single model ({best}): {psnr[method] - psnr[best]:+.3f} dB; "
+                             f"vs average: {psnr[method] - psnr[AVERAGE]:+.3f} dB")
         return "\n".join(lines)
 
 
@@ -92,8 +119,47 @@ def plan_evaluate(store: str, ensemble_store: str | None = None, y_channel: bool
     options = {"y_channel": y_channel, "crop_border": crop_border}
 
     def execute(compute):
-        return Evaluation(index.stems, list(compute(*tasks, label="evaluate")), options)
+        return Evaluation(index.stems, models, list(compute(*tasks, label="evaluate")), options)
 
     details = {"store": str(store), "ensemble": str(ensemble_store) if ensemble_store else "none (models and average only)",
                "images": len(index.stems), "metrics": f"PSNR, SSIM on {'Y' if y_channel else 'RGB'}, crop border {crop_border}"}
     return Plan(f"evaluate {len(index.stems)} images", details, execute)
+
+
+def plan_cross_validation(store: str, n_folds: int, solvers=("em", "lsq"), bin_widths=(32,), y_channel: bool = False,
+                          crop_border: int = 0, device: str = "auto") -> Plan:
+    """Plan N-fold cross-validation by image: for each fold, LUTs fitted on the other folds (one
+    statistics pass per bin width keeps the folds apart), scored on the fold's held-out images."""
+    ds = open_store(store)
+    models = schema.check_store(ds, store, require=(schema.PREDICTION, schema.GROUND_TRUTH))
+    index = schema.ImageIndex.from_dataset(ds)
+    if not 2 <= n_folds <= len(index.stems):
+        raise InputError(f"{store}: --cv {n_folds} needs between 2 and {len(index.stems)} folds (one image at least per fold)")
+    folds = image_folds(len(index.stems), n_folds)
+    graphs = [statistics_graph(ds, width, device, n_folds) for width in bin_widths]
+    em_device = resolve_device(device)
+    name = (lambda solver, width: solver) if len(bin_widths) == 1 else (lambda solver, width: f"{solver}@{width}")
+    predictions, truth = ds[schema.PREDICTION].data, ds[schema.GROUND_TRUTH].data
+    options = {"y_channel": y_channel, "crop_border": crop_border, "solvers": list(solvers), "bin_widths": list(bin_widths)}
+
+    def execute(compute):
+        per_width = compute(*graphs, label="statistics")
+        luts = {fold: {} for fold in range(n_folds)}
+        for width, fold_statistics in zip(bin_widths, per_width):
+            for fold in range(n_folds):
+                training = [s for f, s in enumerate(fold_statistics) if f != fold]
+                for solver in solvers:
+                    lut = lut_from_folds(training, models, em_device, solver)
+                    luts[fold][name(solver, width)] = (dask.delayed(lut.weights, pure=True), width)
+        tasks = [
+            dask.delayed(image_scores, pure=True)(predictions[:, off: off + n], truth[off: off + n], None, int(h), int(w),
+                                                  models, crop_border, y_channel, luts[int(fold)])
+            for h, w, off, n, fold in zip(index.heights, index.widths, index.offsets, index.counts, folds)
+        ]
+        return Evaluation(index.stems, models, list(compute(*tasks, label="held-out scores")), options, folds.tolist())
+
+    details = {"store": str(store), "images": len(index.stems), "folds": f"{n_folds} (image i in fold i % {n_folds})",
+               "solvers": ", ".join(solvers), "bin widths": ", ".join(map(str, bin_widths)),
+               "metrics": f"PSNR, SSIM on {'Y' if y_channel else 'RGB'}, crop border {crop_border}",
+               "lsq shrinkage": "chosen by nested cross-validation on the training folds (default 1e3 with one training fold)"}
+    return Plan(f"{n_folds}-fold cross-validation of {', '.join(solvers)}", details, execute)

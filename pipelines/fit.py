@@ -32,7 +32,7 @@ def image_folds(n_images: int, n_folds: int) -> np.ndarray:
     return np.arange(n_images) % n_folds
 
 
-def _chunk_segments(ds, fold_of_image: np.ndarray, chunks: tuple[int, ...]) -> list[list[tuple[int, int, int]]]:
+def chunk_segments(ds, fold_of_image: np.ndarray, chunks: tuple[int, ...]) -> list[list[tuple[int, int, int]]]:
     """Per pixel chunk, its (start, stop, fold) runs in chunk coordinates (images never mix folds)."""
     index = schema.ImageIndex.from_dataset(ds)
     starts, stops = index.offsets, index.offsets + index.counts
@@ -56,12 +56,31 @@ def statistics_graph(ds, bin_width: int, device: str = "cpu", n_folds: int = 1):
     """Delayed list of merged CellStatistics, one per fold of images, of a store with ground truth."""
     predictions = ds[schema.PREDICTION].data
     truth = ds[schema.GROUND_TRUTH].data.rechunk({0: predictions.chunks[1]})
-    segments = _chunk_segments(ds, image_folds(ds.sizes["image"], n_folds), predictions.chunks[1])
+    segments = chunk_segments(ds, image_folds(ds.sizes["image"], n_folds), predictions.chunks[1])
     parts = [
         dask.delayed(segment_statistics, pure=True)(p, g, bin_width, runs, n_folds, device)
         for p, g, runs in zip(predictions.to_delayed().reshape(-1), truth.to_delayed().reshape(-1), segments)
     ]
     return tree_reduce(parts, merge_groups)
+
+
+def lut_from_folds(fold_statistics: list, models: list[str], device: str, solver: str, shrinkage: float | None = None):
+    """Fit on the union of the folds. For lsq with `shrinkage=None`, the strength with the lowest
+    held-out error over the folds is used (with a single fold there is nothing to hold out:
+    DEFAULT_SHRINKAGE); the choice is recorded in the LUT's attributes."""
+    provenance = {}
+    if solver == "lsq" and shrinkage is None:
+        if len(fold_statistics) > 1:
+            shrinkage, errors = choose_shrinkage(fold_statistics)
+            pixel_channels = sum(f.n_pixels for f in fold_statistics)
+            provenance["shrinkage_choice"] = f"{len(fold_statistics)}-fold cross-validation by image over {list(SHRINKAGE_GRID)}"
+            provenance["shrinkage_held_out_mse"] = {str(k): v / pixel_channels for k, v in errors.items()}
+        else:
+            shrinkage = DEFAULT_SHRINKAGE
+            provenance["shrinkage_choice"] = "default: a single fold of reference images, nothing to hold out"
+    lut = fit_lut(merge(*fold_statistics), models, device, solver, 0.0 if shrinkage is None else shrinkage)
+    lut.attrs.update(provenance)
+    return lut
 
 
 def plan_fit(store: str, lut_path: str, bin_width: int = 32, solver: str = "em",
@@ -84,20 +103,9 @@ def plan_fit(store: str, lut_path: str, bin_width: int = 32, solver: str = "em",
 
     def execute(compute):
         (fold_statistics,) = compute(folds, label="statistics")
-        provenance = {"created_by": f"ensir-flow {ensir_flow.__version__} fit", "reference_store": str(store),
-                      "reference_images": int(n_images)}
-        strength = shrinkage
-        if solver == "lsq" and strength is None:
-            if n_folds > 1:
-                strength, errors = choose_shrinkage(fold_statistics)
-                provenance["shrinkage_choice"] = f"{n_folds}-fold cross-validation by image over {list(SHRINKAGE_GRID)}"
-                pixel_channels = sum(f.n_pixels for f in fold_statistics)
-                provenance["shrinkage_held_out_mse"] = {str(k): v / pixel_channels for k, v in errors.items()}
-            else:
-                strength = DEFAULT_SHRINKAGE
-                provenance["shrinkage_choice"] = "default: one reference image, nothing to hold out"
-        lut = fit_lut(merge(*fold_statistics), models, em_device, solver, 0.0 if strength is None else strength)
-        lut.attrs.update(provenance)
+        lut = lut_from_folds(fold_statistics, models, em_device, solver, shrinkage)
+        lut.attrs.update({"created_by": f"ensir-flow {ensir_flow.__version__} fit", "reference_store": str(store),
+                          "reference_images": int(n_images)})
         with staged_output(lut_path, overwrite) as staging:
             compute(write_dataset(lut.to_dataset(), staging), label="write LUT")
         return lut

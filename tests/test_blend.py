@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from ensir_flow.blend import average, blend
+from ensir_flow.blend import average, blend, zzpm
 
 
 def test_blend_by_hand_with_rounding_half_up_and_bin_lookup():
@@ -30,3 +30,12 @@ def test_uniform_lut_equals_average():
 def test_blend_refuses_mismatched_weights():
     with pytest.raises(ValueError, match="do not fit"):
         blend(np.zeros((3, 4, 3), np.uint8), np.zeros((512, 3, 2), np.float32), 32)
+
+
+def test_zzpm_by_hand():
+    # three models on 2 pixels; the per-pixel mean is (11, 20); distances (1, 1, 4) / 2 over pixels
+    predictions = np.array([[10, 19], [10, 19], [13, 22]], dtype=np.uint8)[:, :, None]
+    distance = np.array([(1 + 1) / 2, (1 + 1) / 2, (4 + 4) / 2])
+    weights = np.exp(1 / (1e-3 + distance)) / np.exp(1 / (1e-3 + distance)).sum()
+    expected = np.floor(weights @ predictions[:, :, 0].astype(float) + 0.5)
+    np.testing.assert_array_equal(zzpm(predictions)[:, 0], expected)

@@ -29,7 +29,7 @@ def test_workflow_for_k_models_and_bin_widths(tmp_path, invoke, n_models, bin_wi
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["images"] == 3
-    assert set(report["psnr"]) == {*models, "average", "ensemble"} == set(report["ssim"])
+    assert set(report["psnr"]) == {*models, "average", "zzpm", "ensemble"} == set(report["ssim"])
     store = xr.open_zarr(tmp_path / "s.zarr")
     assert store["prediction"].dims == ("model", "pixel", "channel")
     assert store.attrs["models"] == models and list(store["model"].values) == models
@@ -102,3 +102,29 @@ def test_dry_run_writes_nothing_and_config_sets_defaults(tmp_path, invoke, corpu
     assert again.exit_code != 0 and "already exists (pass --overwrite" in again.stderr
     assert invoke("fit", tmp_path / "s.zarr", tmp_path / "l.zarr", "--overwrite", "--no-progress").exit_code == 0
     assert xr.open_zarr(tmp_path / "l.zarr").attrs["bin_width"] == 32
+
+
+def test_cross_validation_reports_held_out_folds(tmp_path, invoke, corpus):
+    root, models = corpus
+    assert invoke("ingest", root, tmp_path / "s.zarr", "--chunk-pixels", 500, "--no-progress").exit_code == 0
+    result = invoke("evaluate", tmp_path / "s.zarr", "--cv", 3, "--solvers", "em,lsq", "--bin-widths", "32,64", "--json", "--no-progress")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["cv"]["folds"] == 3 and [f["fold"] for f in report["cv"]["per_fold"]] == [0, 1, 2]
+    assert [entry["fold"] for entry in report["per_image"]] == [0, 1, 2]
+    assert {"em@32", "lsq@32", "em@64", "lsq@64", "average", "zzpm", *models} == set(report["psnr"])
+    too_many = invoke("evaluate", tmp_path / "s.zarr", "--cv", 4, "--no-progress")
+    assert too_many.exit_code != 0 and "needs between 2 and 3 folds" in too_many.stderr
+
+
+def test_fit_lsq_records_its_shrinkage_choice(tmp_path, invoke, corpus):
+    root, _ = corpus
+    assert invoke("ingest", root, tmp_path / "s.zarr", "--no-progress").exit_code == 0
+    assert invoke("fit", tmp_path / "s.zarr", tmp_path / "l.zarr", "--solver", "lsq", "--no-progress").exit_code == 0
+    attrs = xr.open_zarr(tmp_path / "l.zarr").attrs
+    assert attrs["solver"] == "lsq" and "3-fold cross-validation" in attrs["shrinkage_choice"]
+    assert float(attrs["shrinkage"]) == float(min(attrs["shrinkage_held_out_mse"], key=attrs["shrinkage_held_out_mse"].get))
+    fixed = invoke("fit", tmp_path / "s.zarr", tmp_path / "f.zarr", "--solver", "lsq", "--shrinkage", "25", "--no-progress")
+    assert fixed.exit_code == 0 and xr.open_zarr(tmp_path / "f.zarr").attrs["shrinkage"] == 25.0
+    bad = invoke("fit", tmp_path / "s.zarr", tmp_path / "g.zarr", "--solver", "lsq", "--shrinkage", "-1", "--no-progress")
+    assert bad.exit_code != 0 and "non-negative" in bad.stderr

@@ -73,3 +73,22 @@ def test_evaluation_ranks_ensemble_first(run):
     published = [metrics.psnr(iio.imread(path), iio.imread(REFERENCE / "deblurring" / "gt" / path.name))
                  for path in sorted((REFERENCE / "expected" / "deblurring-b32").iterdir())]
     assert psnr["ensemble"] == pytest.approx(np.mean(published), abs=2e-3)
+
+
+
+def test_cross_validation_ranks_lsq_above_em_above_average(run):
+    """Targets on the reference set, 2-fold cross-validation by image, held-out RGB PSNR."""
+    from click.testing import CliRunner
+
+    from cli import main
+
+    out, _ = run
+    result = CliRunner().invoke(main, ["evaluate", str(out / "ref.zarr"), "--cv", "2", "--solvers", "em,lsq", "--json", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    psnr = report["cv"]["psnr"]
+    assert report["cv"]["folds"] == 2 and len(report["cv"]["per_fold"]) == 2
+    best_single = max(psnr[m] for m in MODELS)
+    assert psnr["lsq"] >= psnr["em"] + 0.05
+    assert psnr["lsq"] >= best_single + 0.05
+    assert psnr["em"] > psnr["average"]

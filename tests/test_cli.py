@@ -128,3 +128,21 @@ def test_fit_lsq_records_its_shrinkage_choice(tmp_path, invoke, corpus):
     assert fixed.exit_code == 0 and xr.open_zarr(tmp_path / "f.zarr").attrs["shrinkage"] == 25.0
     bad = invoke("fit", tmp_path / "s.zarr", tmp_path / "g.zarr", "--solver", "lsq", "--shrinkage", "-1", "--no-progress")
     assert bad.exit_code != 0 and "non-negative" in bad.stderr
+
+
+def test_stores_on_an_fsspec_filesystem(invoke, corpus):
+    """memory:// stands in for object storage: every command reads and writes through fsspec."""
+    import fsspec
+
+    root, models = corpus
+    base = "memory://ensir-test-run"
+    for args in (["ingest", root, f"{base}/s.zarr"], ["fit", f"{base}/s.zarr", f"{base}/lut.zarr"],
+                 ["apply", f"{base}/s.zarr", f"{base}/lut.zarr", f"{base}/out.zarr", "--export-dir", f"{base}/png"]):
+        result = invoke(*args, "--no-progress")
+        assert result.exit_code == 0, result.output
+    report = invoke("evaluate", f"{base}/s.zarr", "--ensemble", f"{base}/out.zarr", "--json", "--no-progress")
+    assert report.exit_code == 0 and json.loads(report.stdout)["images"] == 3
+    fs = fsspec.filesystem("memory")
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("/ensir-test-run/png", detail=False)) == ["img0.png", "img1.png", "img2.png"]
+    assert not [p for p in fs.ls("/ensir-test-run", detail=False) if ".partial-" in p]
+    fs.rm("/ensir-test-run", recursive=True)

@@ -94,3 +94,13 @@ def test_fold_segments_partition_the_chunk(seed, cuts):
     first_fold = [(a, b) for a, b, g in segments if g == 0]
     expected = stats.merge(*[stats.chunk_statistics(predictions[:, a:b], truth[a:b], 32) for a, b in first_fold])
     _assert_equal(folds[0], expected)
+
+
+def test_many_models_small_bins_stay_sparse():
+    """K = 4 at bin width 16: 65,536 bins per channel; a chunk's statistics hold only what occurs."""
+    predictions, truth = _random_data(7, 4, 1 << 16, 3)
+    table = stats.chunk_statistics(predictions, truth, 16)
+    assert table.n_cells == 16 ** 4 * 3
+    size = sum(getattr(table, name).nbytes for name in ("cells", "moments", "hist_keys", "hist_counts"))
+    assert size < 30 * (1 << 20)  # a dense 256-level histogram per cell would be 400 MB
+    assert table.n_pixels == (1 << 16) * 3

@@ -246,6 +246,57 @@ def evaluate(store, ensemble_store, folds, solvers, bin_widths, as_json, y_chann
 
 
 @main.command()
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object, with every source file's SHA-256.")
+def info(path, as_json):
+    """What the store or LUT at PATH holds and what made it (provenance)."""
+    from pipelines.interchange import describe, format_description
+
+    try:
+        summary = describe(path)
+    except InputError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(json.dumps(summary, default=str) if as_json else format_description(summary))
+
+
+@main.group()
+def lut():
+    """Move LUTs in and out: import the paper's .pth files, export NPZ or JSON."""
+
+
+@lut.command("import")
+@click.argument("source", type=click.Path(exists=True, dir_okay=False))
+@click.argument("output")
+@click.option("--models", required=True, help="Comma-separated model names in the LUT's key order.")
+@click.option("--bin-width", type=click.IntRange(1, 256), required=True, help="The bin width the LUT was fitted with.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+def lut_import(source, output, models, bin_width, overwrite):
+    """Convert a LUT published with the paper's code (SOURCE .pth) to a LUT store; code in the file is never run."""
+    from pipelines.interchange import import_paper_lut
+
+    try:
+        table = import_paper_lut(source, output, [m.strip() for m in models.split(",")], bin_width, overwrite)
+    except InputError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"wrote {output}: {table.weights.shape[0]:,} bins x {table.n_channels} channels for {', '.join(table.models)}")
+
+
+@lut.command("export")
+@click.argument("lut_path", metavar="LUT")
+@click.argument("output")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+def lut_export(lut_path, output, overwrite):
+    """Write LUT as OUTPUT.npz or OUTPUT.json (weights, counts, models, bin width, bin-index rule)."""
+    from pipelines.interchange import export_lut
+
+    try:
+        export_lut(lut_path, output, overwrite)
+    except InputError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"wrote {output}")
+
+
+@main.command()
 @click.argument("directory", default="demo-run")
 @run_options()
 def demo(directory, scheduler, no_progress, dry_run, overwrite):

@@ -28,8 +28,8 @@ EPS = 1e-6
 BATCH_CELLS = 4096
 
 #: How each cell's weights were obtained (the LUT's `fit_status` variable).
-STATUS_EMPTY, STATUS_INITIAL, STATUS_EM, STATUS_EM_FAILED, STATUS_LEAST_SQUARES, STATUS_UNIFORM = range(6)
-STATUS_MEANINGS = "empty_fallback initial_weights em em_failed_initial_weights least_squares uniform"
+STATUS_EMPTY, STATUS_INITIAL, STATUS_EM, STATUS_EM_FAILED, STATUS_LEAST_SQUARES, STATUS_UNIFORM, STATUS_IMPORTED = range(7)
+STATUS_MEANINGS = "empty_fallback initial_weights em em_failed_initial_weights least_squares uniform imported"
 
 
 def initial_weights(statistics: CellStatistics) -> np.ndarray:

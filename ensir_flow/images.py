@@ -9,6 +9,7 @@ stem whatever their extension. Pixels are 8-bit; what ensir-flow converts and wh
   silently change the data).
 """
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,6 +137,15 @@ def write_png(path, pixels: np.ndarray) -> None:
     """Write uint8 (H, W, C) as lossless PNG (C == 1 as grayscale) to a local path or fsspec URL."""
     with fsspec.open(str(path), "wb") as file:
         iio.imwrite(file, pixels[:, :, 0] if pixels.shape[2] == 1 else pixels, extension=".png")
+
+
+def file_sha256(path) -> str:
+    """SHA-256 of a file's bytes: the provenance of every ingested image."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _first_line(error: Exception) -> str:

@@ -49,15 +49,17 @@ class Lut:
                 "weights": (("bin", "channel", "model"), self.weights.astype(np.float32)),
                 "count": (("bin", "channel"), self.count.astype(np.int64)),
                 "fit_status": (("bin", "channel"), self.fit_status.astype(np.int8), {
-                    "flag_values": list(range(4)), "flag_meanings": em.STATUS_MEANINGS,
+                    "flag_values": list(range(len(em.STATUS_MEANINGS.split()))), "flag_meanings": em.STATUS_MEANINGS,
                 }),
             },
             coords={"bin": np.arange(n_bins), "model": np.array(self.models, dtype=object)},
         )
         ds.attrs.update(self.attrs)
+        if self.empty_policy == EMPTY_POLICY:
+            ds.attrs["empty_policy_description"] = EMPTY_POLICY_DESCRIPTION
         ds.attrs.update({
             "models": list(self.models), "bin_width": int(self.bin_width), "solver": self.solver,
-            "empty_policy": self.empty_policy, "empty_policy_description": EMPTY_POLICY_DESCRIPTION,
+            "empty_policy": self.empty_policy,
             "bin_index": "b = sum_k floor(x_k / bin_width) * nb^(K-1-k), first model most significant",
         })
         return ds
@@ -159,6 +161,6 @@ def read_paper_lut(path, models: list[str], bin_width: int) -> Lut:
             raise InputError(f"{path}: entry {key} holds weights of shape {per_channel.shape}, expected {(n_channels, n_models)}")
         weights[index] = per_channel
     return Lut(list(models), bin_width, weights, np.zeros((n_bins, n_channels), np.int64),
-               np.full((n_bins, n_channels), em.STATUS_INITIAL, np.int8), solver="imported",
+               np.full((n_bins, n_channels), em.STATUS_IMPORTED, np.int8), solver="imported",
                empty_policy="as published", attrs={"imported_from": str(path)})
 

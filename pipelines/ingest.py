@@ -11,21 +11,28 @@ from concurrent.futures import ThreadPoolExecutor
 import dask
 import dask.array as da
 import numpy as np
+import xarray as xr
 
 import ensir_flow
 from ensir_flow import schema
 from ensir_flow.errors import InputError
-from ensir_flow.images import GROUND_TRUTH_DIR, Corpus, ImageInfo, discover_corpus, probe_image, read_image
+from ensir_flow.images import GROUND_TRUTH_DIR, Corpus, ImageInfo, discover_corpus, file_sha256, probe_image, read_image
 
 from .plan import Plan
 from .storage import refuse_existing, staged_output, write_dataset
 
 
-def probe_corpus(corpus: Corpus) -> list[ImageInfo]:
-    """One ImageInfo per stem, after checking every role of the stem agrees on it."""
+def _roles(corpus: Corpus) -> list[tuple[str, list]]:
+    """(folder name, files in stem order) of the ground truth (if any), then each model."""
     roles = [(m, corpus.predictions[m]) for m in corpus.models]
     if corpus.ground_truth is not None:
         roles.insert(0, (GROUND_TRUTH_DIR, corpus.ground_truth))
+    return roles
+
+
+def probe_corpus(corpus: Corpus) -> list[ImageInfo]:
+    """One ImageInfo per stem, after checking every role of the stem agrees on it."""
+    roles = _roles(corpus)
     paths = [path for _, files in roles for path in files]
     with ThreadPoolExecutor(max_workers=8) as pool:
         infos = dict(zip(paths, pool.map(probe_image, paths)))
@@ -46,6 +53,19 @@ def probe_corpus(corpus: Corpus) -> list[ImageInfo]:
         gray = next(corpus.stems[i] for i, info in enumerate(per_stem) if info.channels == 1)
         raise InputError(f"{corpus.root}: corpus mixes grayscale (e.g. '{gray}') and colour images; convert them to one kind first")
     return per_stem
+
+
+def source_provenance(corpus: Corpus) -> xr.Dataset:
+    """Per image and source folder: the file name and the SHA-256 of its bytes."""
+    roles = _roles(corpus)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        digests = [list(pool.map(file_sha256, files)) for _, files in roles]
+    names = [[path.name for path in files] for _, files in roles]
+    dims = ("source", "image")
+    return xr.Dataset(
+        {"source_file": (dims, np.array(names, dtype=object)), "source_sha256": (dims, np.array(digests, dtype=object))},
+        coords={"source": np.array([name for name, _ in roles], dtype=object), "image": np.array(corpus.stems, dtype=object)},
+    )
 
 
 def _read_image_planes(paths: list, info: ImageInfo) -> np.ndarray:
@@ -87,7 +107,8 @@ def plan_ingest(source, store: str, models: list[str] | None = None,
         encoding[schema.GROUND_TRUTH] = {"chunks": (chunk_pixels, channels)}
     ds = ds.assign_coords(model=np.array(corpus.models, dtype=object))
     ds.attrs = schema.store_attributes(corpus.models, channels, created_by=f"ensir-flow {ensir_flow.__version__} ingest",
-                                       source=str(source))
+                                       source=str(source), chunk_pixels=int(chunk_pixels))
+    ds = ds.merge(source_provenance(corpus))
 
     def execute(compute):
         with staged_output(store, overwrite) as staging:

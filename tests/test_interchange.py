@@ -1,0 +1,56 @@
+"""Provenance (`info`), and LUT import from the paper's format and export to NPZ/JSON."""
+
+import hashlib
+import json
+
+import numpy as np
+import torch
+import xarray as xr
+
+
+def _reference_run(tmp_path, invoke, corpus):
+    root, models = corpus
+    for args in (["ingest", root, tmp_path / "s.zarr"], ["fit", tmp_path / "s.zarr", tmp_path / "lut.zarr"],
+                 ["apply", tmp_path / "s.zarr", tmp_path / "lut.zarr", tmp_path / "out.zarr"]):
+        assert invoke(*args, "--no-progress").exit_code == 0
+    return root, models
+
+
+def test_info_tells_what_made_each_output(tmp_path, invoke, corpus):
+    root, models = _reference_run(tmp_path, invoke, corpus)
+    store = json.loads(invoke("info", tmp_path / "s.zarr", "--json").stdout)
+    assert store["kind"] == "corpus" and store["models"] == models and store["images"] == 3 and store["ground_truth"]
+    path = root / "model1" / "img2.png"
+    assert store["sources"]["model1"]["img2"] == {"file": "img2.png", "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    assert store["attributes"]["created_by"].startswith("ensir-flow") and store["attributes"]["source"] == str(root)
+    lut = json.loads(invoke("info", tmp_path / "lut.zarr", "--json").stdout)
+    assert lut["kind"] == "lut" and lut["bin_width"] == 32 and lut["reference_pixels"] == store["pixels"] * 3
+    output = json.loads(invoke("info", tmp_path / "out.zarr", "--json").stdout)
+    assert output["kind"] == "ensemble" and output["attributes"]["lut_sha256"] == lut["sha256"]
+    human = invoke("info", tmp_path / "s.zarr")
+    assert human.exit_code == 0 and "sources: 12 files with SHA-256" in human.stdout
+    missing = invoke("info", tmp_path / "nothing.zarr")
+    assert missing.exit_code != 0 and "store not found" in missing.stderr
+
+
+def test_paper_lut_import_then_apply_and_export(tmp_path, invoke, corpus):
+    root, models = corpus
+    assert invoke("ingest", root, tmp_path / "s.zarr", "--no-progress").exit_code == 0
+    table = {(a, b, c): [torch.tensor([0.2, 0.3, 0.5])] * 3 for a in (0, 128) for b in (0, 128) for c in (0, 128)}
+    torch.save(table, tmp_path / "paper.pth")
+    result = invoke("lut", "import", tmp_path / "paper.pth", tmp_path / "imported.zarr", "--models", ",".join(models), "--bin-width", 128)
+    assert result.exit_code == 0, result.output
+    assert invoke("apply", tmp_path / "s.zarr", tmp_path / "imported.zarr", tmp_path / "o.zarr", "--no-progress").exit_code == 0
+    predictions = xr.open_zarr(tmp_path / "s.zarr")["prediction"].values.astype(np.float32)
+    expected = np.floor(np.float32(0.2) * predictions[0] + np.float32(0.3) * predictions[1] + np.float32(0.5) * predictions[2] + np.float32(0.5))
+    np.testing.assert_array_equal(xr.open_zarr(tmp_path / "o.zarr")["ensemble"].values, expected)
+
+    for name in ("lut.npz", "lut.json"):
+        assert invoke("lut", "export", tmp_path / "imported.zarr", tmp_path / name).exit_code == 0
+    npz = np.load(tmp_path / "lut.npz")
+    exported = json.loads((tmp_path / "lut.json").read_text())
+    np.testing.assert_array_equal(npz["weights"], np.array(exported["weights"], np.float32))
+    assert exported["models"] == models and exported["bin_width"] == 128 and "first model most significant" in exported["bin_index"]
+    assert json.loads(str(npz["metadata"]))["models"] == models
+    refused = invoke("lut", "export", tmp_path / "imported.zarr", tmp_path / "lut.csv")
+    assert refused.exit_code != 0 and "name it *.npz or *.json" in refused.stderr

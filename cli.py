@@ -203,10 +203,12 @@ def apply(store, lut, output, export_dir, device, scheduler, no_progress, dry_ru
     """Blend every image of STORE with LUT into the new store OUTPUT."""
     from pipelines.apply import plan_apply
 
-    ds = _run(lambda: plan_apply(store, lut, output, export_dir, overwrite, device),
-              scheduler=scheduler, progress=not no_progress, dry_run=dry_run)
-    if ds is not None:
-        click.echo(f"wrote {output}: {ds.sizes['image']} images" + (f"; PNGs in {export_dir}" if export_dir else ""))
+    result = _run(lambda: plan_apply(store, lut, output, export_dir, overwrite, device),
+                  scheduler=scheduler, progress=not no_progress, dry_run=dry_run)
+    if result is not None:
+        done = {"written": f"wrote {output}", "unchanged": f"{output} is already complete: nothing to do",
+                "resumed": f"resumed {output}: {result.chunks_computed} of {result.chunks_total} chunks were missing"}
+        click.echo(done[result.status] + f" ({result.output.sizes['image']} images)" + (f"; PNGs in {export_dir}" if export_dir else ""))
 
 
 @main.command()

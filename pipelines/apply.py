@@ -1,12 +1,14 @@
 """Apply: blend a store's predictions with a LUT chunk by chunk, and export images."""
 
 import hashlib
+from dataclasses import dataclass
 
 import dask
 import dask.array as da
 import fsspec
 import numpy as np
 import xarray as xr
+import zarr
 
 import ensir_flow
 from ensir_flow import schema
@@ -16,7 +18,7 @@ from ensir_flow.images import write_png
 from ensir_flow.lut import Lut
 
 from .plan import Plan
-from .storage import open_store, refuse_existing, staged_output, write_dataset
+from .storage import commit, exclusive_lock, exists, open_store, refuse_existing, resumable_location, staged_output, write_dataset
 
 
 def load_lut(path: str) -> Lut:
@@ -45,45 +47,105 @@ def export_graph(ds: xr.Dataset, variable: str, directory) -> list:
     ]
 
 
+COMPLETE = "chunk_complete"
+
+
+@dataclass
+class ApplyResult:
+    """What an apply run did: `written` (from scratch), `resumed` or `unchanged` (already complete)."""
+
+    output: xr.Dataset
+    status: str
+    chunks_total: int
+    chunks_computed: int
+
+
+def store_fingerprint(ds: xr.Dataset) -> str:
+    """SHA-256 identifying a pixel store's content: models, images, sizes, chunking, source hashes."""
+    digest = hashlib.sha256(repr((ds.attrs.get("models"), [str(s) for s in ds["image"].values],
+                                  ds["pixel_count"].values.tolist(), ds[schema.PREDICTION].data.chunks)).encode())
+    if "source_sha256" in ds:
+        digest.update(" ".join(map(str, ds["source_sha256"].values.ravel())).encode())
+    return digest.hexdigest()
+
+
+def _blend_chunk_into(predictions, weights, bin_width: int, device: str, staging: str, index: int, start: int) -> None:
+    """Blend one chunk, write it to its own Zarr chunk, then record that chunk as complete."""
+    group = zarr.open_group(staging, mode="r+")
+    values = blend(predictions, weights, bin_width, device)
+    group[schema.ENSEMBLE][start: start + len(values)] = values
+    group[COMPLETE][index] = 1
+
+
 def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = None, overwrite: bool = False,
                device: str = "auto") -> Plan:
-    """Plan blending every image of `store` with the LUT into the new store `output`.
+    """Plan blending every image of `store` with the LUT into the store `output`.
 
-    `device` is where the blend tasks run ('auto': each worker's GPU if it has one).
+    The run is resumable: chunks are written into a fixed staging location beside `output`, each
+    followed by its mark in the `chunk_complete` array, so a run that was killed is finished by
+    running the same command again (only unmarked chunks are computed). The finished store is moved
+    into place; re-running a finished job is a no-op. A lock beside `output` keeps a second run
+    away. `device` is where the blend tasks run ('auto': each worker's GPU if it has one).
     """
-    refuse_existing(output, overwrite)
-    if export_dir is not None:
-        refuse_existing(export_dir, overwrite)
     ds = open_store(store)
     models = schema.check_store(ds, store)
     lut = load_lut(lut_path)
     lut.check_matches(models, ds.sizes["channel"], str(lut_path))
+    provenance = {"source": str(store), "source_fingerprint": store_fingerprint(ds), "lut": str(lut_path),
+                  "lut_sha256": lut_digest(lut)}
+    finished = exists(output) and _matches(open_store(output).attrs, provenance)
+    if not finished:
+        refuse_existing(output, overwrite)
+    if export_dir is not None and not (finished and exists(export_dir)):
+        refuse_existing(export_dir, overwrite)
     predictions = ds[schema.PREDICTION].data
-    weights = dask.delayed(lut.weights, pure=True)
-    ensemble = da.map_blocks(blend, predictions, weights, lut.bin_width, device, drop_axis=0, dtype=np.uint8,
-                             chunks=predictions.chunks[1:])
-    out = ds[list(schema.IMAGE_VARIABLES)].copy()
-    out[schema.ENSEMBLE] = (("pixel", "channel"), ensemble)
+    chunk_lengths = predictions.chunks[1]
+    starts = np.concatenate(([0], np.cumsum(chunk_lengths)[:-1])).astype(int)
+    out = ds[list(schema.IMAGE_VARIABLES)].load()  # written with the template; `ensemble` by the tasks
+    out[schema.ENSEMBLE] = (("pixel", "channel"), da.zeros((ds.sizes["pixel"], ds.sizes["channel"]), dtype=np.uint8,
+                                                           chunks=(chunk_lengths, -1)))
+    out[COMPLETE] = ("chunk", np.zeros(len(chunk_lengths), dtype=np.uint8),
+                     {"description": "1 once the chunk of `ensemble` with this index is written"})
     out.attrs = schema.store_attributes(models, ds.sizes["channel"], created_by=f"ensir-flow {ensir_flow.__version__} apply",
-                                        source=str(store), lut=str(lut_path), lut_sha256=lut_digest(lut),
-                                        bin_width=lut.bin_width, solver=lut.solver)
-    encoding = {schema.ENSEMBLE: {"chunks": (predictions.chunks[1][0], ds.sizes["channel"])}}
+                                        bin_width=lut.bin_width, solver=lut.solver, **provenance)
+    staging = resumable_location(output)
 
     def execute(compute):
-        with staged_output(output, overwrite) as staging:
-            compute(write_dataset(out, staging, encoding), label="apply")
+        if finished:
+            if export_dir is not None and not exists(export_dir):
+                export(output, export_dir, compute, overwrite)
+            return ApplyResult(open_store(output), "unchanged", len(chunk_lengths), 0)
+        with exclusive_lock(output):
+            resuming = exists(staging) and _matches(open_store(staging).attrs, provenance)
+            if not resuming:
+                if exists(staging):
+                    fsspec.core.url_to_fs(staging)[0].rm(fsspec.core.url_to_fs(staging)[1], recursive=True)
+                write_dataset(out, staging, {COMPLETE: {"chunks": (1,)}})  # all but `ensemble`, written below
+            done = zarr.open_group(staging, mode="r")[COMPLETE][:].astype(bool)
+            weights = dask.delayed(lut.weights, pure=True)
+            blocks = predictions.to_delayed().reshape(-1)
+            tasks = [dask.delayed(_blend_chunk_into)(blocks[i], weights, lut.bin_width, device, staging, i, int(starts[i]))
+                     for i in np.flatnonzero(~done)]
+            compute(*tasks, label=f"apply ({len(tasks)} of {len(done)} chunks)" if resuming else "apply")
+            commit(staging, output)
         if export_dir is not None:
             export(output, export_dir, compute, overwrite)
-        return out
+        return ApplyResult(open_store(output), "resumed" if resuming else "written", len(done), len(tasks))
 
     details = {
         "store": str(store), "LUT": f"{lut_path} ({lut.solver}, bin width {lut.bin_width})", "output": str(output),
         "images": ds.sizes["image"], "pixels": f"{ds.sizes['pixel']:,}",
-        "tasks": f"{predictions.numblocks[1]} chunks, one blend + write each, on {device}",
+        "tasks": "none: the output is already complete" if finished else
+                 f"{len(chunk_lengths)} chunks, one blend + write each, on {device} (resumable from {staging})",
     }
     if export_dir is not None:
         details["export"] = f"{export_dir} (one PNG per image)"
     return Plan(f"apply a LUT to {ds.sizes['image']} images", details, execute)
+
+
+def _matches(attrs: dict, provenance: dict) -> bool:
+    """Whether a store was (or is being) made from the same inputs as this run."""
+    return all(attrs.get(key) == value for key, value in provenance.items())
 
 
 def export(store: str, directory: str, compute, overwrite: bool = False, variable: str = schema.ENSEMBLE) -> None:

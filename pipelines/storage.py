@@ -6,6 +6,10 @@ store on object storage offers an atomic directory rename).
 """
 
 import contextlib
+import json
+import os
+import socket
+import time
 import uuid
 import warnings
 
@@ -26,9 +30,26 @@ def refuse_existing(path: str, overwrite: bool) -> None:
         raise InputError(f"{path}: already exists (pass --overwrite to replace it)")
 
 
-def _sibling(fs, root: str, tag: str) -> str:
+def _sibling(fs, root: str, tag: str, unique: bool = True) -> str:
     parent, _, name = root.rstrip("/").rpartition("/")
-    return f"{parent}/.{name}.{tag}-{uuid.uuid4().hex[:8]}" if parent else f".{name}.{tag}-{uuid.uuid4().hex[:8]}"
+    suffix = f"{tag}-{uuid.uuid4().hex[:8]}" if unique else tag
+    return f"{parent}/.{name}.{suffix}" if parent else f".{name}.{suffix}"
+
+
+def _as_location(fs, path: str, like: str) -> str:
+    """`path` (as fsspec strips it) in the form of `like`: a URL if `like` is one."""
+    return fs.unstrip_protocol(path) if "://" in str(like) else path
+
+
+def _move_into_place(fs, staging: str, root: str) -> None:
+    """Replace `root` by `staging` (an atomic rename on local disks)."""
+    if fs.exists(root):
+        retired = _sibling(fs, root, "replaced")
+        fs.mv(root, retired, recursive=True)
+        fs.mv(staging, root, recursive=True)
+        fs.rm(retired, recursive=True)
+    else:
+        fs.mv(staging, root, recursive=True)
 
 
 @contextlib.contextmanager
@@ -38,18 +59,71 @@ def staged_output(path: str, overwrite: bool = False):
     fs, root = fsspec.core.url_to_fs(str(path))
     staging = _sibling(fs, root, "partial")
     try:
-        yield fs.unstrip_protocol(staging) if "://" in str(path) else staging
+        yield _as_location(fs, staging, path)
     except BaseException:
         if fs.exists(staging):
             fs.rm(staging, recursive=True)
         raise
-    if fs.exists(root):
-        retired = _sibling(fs, root, "replaced")
-        fs.mv(root, retired, recursive=True)
-        fs.mv(staging, root, recursive=True)
-        fs.rm(retired, recursive=True)
-    else:
-        fs.mv(staging, root, recursive=True)
+    _move_into_place(fs, staging, root)
+
+
+def resumable_location(path: str) -> str:
+    """The fixed staging location of `path` that an interrupted run leaves for the next one."""
+    fs, root = fsspec.core.url_to_fs(str(path))
+    return _as_location(fs, _sibling(fs, root, "partial", unique=False), path)
+
+
+def commit(staging: str, path: str) -> None:
+    """Move a completed resumable staging location into place."""
+    fs, root = fsspec.core.url_to_fs(str(path))
+    _move_into_place(fs, fsspec.core.url_to_fs(str(staging))[1], root)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str):
+    """Hold `.NAME.lock` beside `path` for the duration of a run, or refuse with a clear message.
+
+    The lock file is created with exclusive-create semantics ('xb'): O_EXCL on local disks, a
+    conditional put (If-None-Match) on object stores whose fsspec driver supports it. A lock left
+    by a killed process on this host is taken over when that process is gone.
+    """
+    fs, root = fsspec.core.url_to_fs(str(path))
+    lock = _sibling(fs, root, "lock", unique=False)
+    owner = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    for attempt in range(2):
+        try:
+            with fs.open(lock, "xb") as file:
+                file.write(json.dumps(owner).encode())
+            break
+        except FileExistsError:
+            holder = _read_lock(fs, lock)
+            if attempt == 0 and holder.get("host") == owner["host"] and not _alive(holder.get("pid")):
+                fs.rm(lock)
+                continue
+            raise InputError(f"{path}: in use by another run ({holder.get('host')} pid {holder.get('pid')} since "
+                             f"{holder.get('since')}); if that run is dead, remove {_as_location(fs, lock, path)}") from None
+    try:
+        yield
+    finally:
+        fs.rm(lock)
+
+
+def _read_lock(fs, lock: str) -> dict:
+    try:
+        with fs.open(lock, "rb") as file:
+            return json.loads(file.read() or b"{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def open_store(path: str) -> xr.Dataset:

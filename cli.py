@@ -156,12 +156,19 @@ def main():
 @click.option("--models", default=None, help="Comma-separated model folders in LUT order (default: sorted folder names).")
 @click.option("--chunk-pixels", type=click.IntRange(1), default=schema.DEFAULT_CHUNK_PIXELS, show_default=True,
               help="Pixels per Zarr chunk.")
+@click.option("--append", is_flag=True, help="Add the images of SOURCE_DIR that STORE lacks (same models).")
 @run_options()
-def ingest(source_dir, store, models, chunk_pixels, scheduler, no_progress, dry_run, overwrite):
+def ingest(source_dir, store, models, chunk_pixels, append, scheduler, no_progress, dry_run, overwrite):
     """Read SOURCE_DIR (gt/, lq/, one folder per model) into the Zarr store STORE."""
-    from pipelines.ingest import plan_ingest
+    from pipelines.ingest import plan_append, plan_ingest
 
     model_list = [m.strip() for m in models.split(",") if m.strip()] if models else None
+    if append:
+        added = _run(lambda: plan_append(source_dir, store, model_list),
+                     scheduler=scheduler, progress=not no_progress, dry_run=dry_run)
+        if added is not None:
+            click.echo(f"appended {added} new image(s) to {store}" if added else f"{store}: no new images in {source_dir}: nothing to do")
+        return
     ds = _run(lambda: plan_ingest(source_dir, store, model_list, chunk_pixels, overwrite),
               scheduler=scheduler, progress=not no_progress, dry_run=dry_run)
     if ds is not None:

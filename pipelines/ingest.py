@@ -12,6 +12,7 @@ import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
+import zarr
 
 import ensir_flow
 from ensir_flow import schema
@@ -19,7 +20,7 @@ from ensir_flow.errors import InputError
 from ensir_flow.images import GROUND_TRUTH_DIR, Corpus, ImageInfo, discover_corpus, file_sha256, probe_image, read_image
 
 from .plan import Plan
-from .storage import refuse_existing, staged_output, write_dataset
+from .storage import exclusive_lock, open_store, refuse_existing, staged_output, write_dataset
 
 
 def _roles(corpus: Corpus) -> list[tuple[str, list]]:
@@ -73,11 +74,12 @@ def _read_image_planes(paths: list, info: ImageInfo) -> np.ndarray:
     return np.stack([read_image(path, info).reshape(-1, info.channels) for path in paths])
 
 
-def _pixel_planes(corpus: Corpus, infos: list[ImageInfo], chunk_pixels: int) -> da.Array:
+def _pixel_planes(corpus: Corpus, infos: list[ImageInfo], chunk_pixels: int, first_chunk: int | None = None) -> da.Array:
     """Lazy (roles, pixel, channel) array in Zarr chunks: models in order, then ground truth if any.
 
     One task decodes one image (all roles); dask's rechunk then assembles the pixel chunks from
     the image blocks, so each file is decoded once and each chunk written by exactly one task.
+    `first_chunk` shortens the first chunk so that an append fills the store's last partial chunk.
     """
     role_files = [corpus.predictions[m] for m in corpus.models]
     if corpus.ground_truth is not None:
@@ -87,7 +89,11 @@ def _pixel_planes(corpus: Corpus, infos: list[ImageInfo], chunk_pixels: int) -> 
                         shape=(len(role_files), info.height * info.width, info.channels), dtype=np.uint8)
         for i, info in enumerate(infos)
     ]
-    return da.concatenate(blocks, axis=1).rechunk({0: -1, 1: chunk_pixels, 2: -1})
+    planes = da.concatenate(blocks, axis=1)
+    total = planes.shape[1]
+    head = min(first_chunk or chunk_pixels, total)
+    lengths = (head, *schema.pixel_chunks(total - head, chunk_pixels)) if head else schema.pixel_chunks(total, chunk_pixels)
+    return planes.rechunk({0: -1, 1: lengths, 2: -1})
 
 
 def plan_ingest(source, store: str, models: list[str] | None = None,
@@ -123,3 +129,79 @@ def plan_ingest(source, store: str, models: list[str] | None = None,
     }
     return Plan(f"ingest {len(corpus.stems)} images of {n_models} models", details, execute)
 
+
+
+def plan_append(source, store: str, models: list[str] | None = None) -> Plan:
+    """Plan adding the images of `source` whose stems `store` lacks (same models, channels, ground truth).
+
+    The store is locked during the append; if it fails, its arrays are cut back to their previous
+    lengths, so the store is as it was (the old part of its last chunk is rewritten unchanged).
+    """
+    existing = open_store(store)
+    store_models = schema.check_store(existing, store)
+    if models is not None and list(models) != store_models:
+        raise InputError(f"{store}: models {list(models)} differ from the store's {store_models} (order matters)")
+    folders = discover_corpus(source).models
+    if sorted(folders) != sorted(store_models):
+        extra, missing = sorted(set(folders) - set(store_models)), sorted(set(store_models) - set(folders))
+        raise InputError(f"{source}: model folders differ from the store's models"
+                         + (f"; not in the store: {', '.join(extra)}" if extra else "")
+                         + (f"; missing here: {', '.join(missing)}" if missing else ""))
+    corpus = discover_corpus(source, store_models)
+    has_truth = schema.GROUND_TRUTH in existing
+    if (corpus.ground_truth is not None) != has_truth:
+        raise InputError(f"{source}: {'has' if corpus.ground_truth is not None else 'lacks'} gt/ but the store "
+                         f"{'has' if has_truth else 'has no'} ground truth")
+    known = {str(stem) for stem in existing["image"].values}
+    keep = [i for i, stem in enumerate(corpus.stems) if stem not in known]
+    skipped = len(corpus.stems) - len(keep)
+    corpus = Corpus(corpus.root, corpus.models, [corpus.stems[i] for i in keep],
+                    {m: [files[i] for i in keep] for m, files in corpus.predictions.items()},
+                    None if corpus.ground_truth is None else [corpus.ground_truth[i] for i in keep])
+    details = {"source": str(source), "store": str(store), "new images": len(keep), "already in the store (skipped)": skipped}
+    if not keep:
+        return Plan("append: nothing new", details, lambda compute: 0)
+    infos = probe_corpus(corpus)
+    if infos[0].channels != existing.sizes["channel"]:
+        raise InputError(f"{source}: images have {infos[0].channels} channel(s), the store {existing.sizes['channel']}")
+    chunk_pixels = existing[schema.PREDICTION].encoding["chunks"][1]
+    n_existing = existing.sizes["pixel"]
+    planes = _pixel_planes(corpus, infos, chunk_pixels, first_chunk=chunk_pixels - n_existing % chunk_pixels)
+    n_models = len(store_models)
+    pixels = xr.Dataset({schema.PREDICTION: (("model", "pixel", "channel"), planes[:n_models])})
+    if has_truth:
+        pixels[schema.GROUND_TRUTH] = (("pixel", "channel"), planes[n_models])
+    index = schema.ImageIndex(corpus.stems, np.array([i.height for i in infos]), np.array([i.width for i in infos]))
+    images = index.to_dataset().merge(source_provenance(corpus)).drop_vars("source")
+    images["pixel_offset"] = images["pixel_offset"] + n_existing
+    attrs = dict(existing.attrs)
+    attrs["appended"] = [*attrs.get("appended", []), {"source": str(source), "images": len(keep),
+                                                       "by": f"ensir-flow {ensir_flow.__version__} ingest --append"}]
+    pixels.attrs = images.attrs = attrs  # appending writes the group attributes too
+    details["pixels"] = f"{index.n_pixels:,} appended to {n_existing:,}"
+
+    def execute(compute):
+        with exclusive_lock(store):
+            try:
+                compute(pixels.to_zarr(str(store), append_dim="pixel", compute=False), label="append")
+                images.to_zarr(str(store), append_dim="image")
+            except BaseException:
+                _cut_back(str(store), {"pixel": n_existing, "image": len(known)}, existing.attrs)
+                raise
+        return len(keep)
+
+    return Plan(f"append {len(keep)} images to {store}", details, execute)
+
+
+def _cut_back(store: str, lengths: dict[str, int], attrs: dict) -> None:
+    """Resize every array of `store` along the given dimensions back to the given lengths and
+    restore the group's attributes: undoes a failed append."""
+    group = zarr.open_group(store, mode="r+")
+    group.attrs.clear()
+    group.attrs.update(attrs)
+    for _, array in group.arrays():
+        dims = array.attrs.get("_ARRAY_DIMENSIONS") or list(array.metadata.dimension_names or ())
+        shape = tuple(lengths.get(dim, size) for dim, size in zip(dims, array.shape))
+        if shape != array.shape:
+            array.resize(shape)
+    zarr.consolidate_metadata(store)

@@ -14,6 +14,7 @@ import uuid
 import warnings
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 import xarray as xr
 
 from ensir_flow.errors import InputError
@@ -41,15 +42,25 @@ def _as_location(fs, path: str, like: str) -> str:
     return fs.unstrip_protocol(path) if "://" in str(like) else path
 
 
+def _move_tree(fs, source: str, destination: str) -> None:
+    """Move a directory tree: a rename where the file system has one, else copy every file, then delete."""
+    if isinstance(fs, LocalFileSystem):
+        fs.mv(source, destination, recursive=True)
+        return
+    files = fs.find(source)
+    fs.copy(files, [destination + path[len(source):] for path in files])
+    fs.rm(source, recursive=True)
+
+
 def _move_into_place(fs, staging: str, root: str) -> None:
     """Replace `root` by `staging` (an atomic rename on local disks)."""
     if fs.exists(root):
         retired = _sibling(fs, root, "replaced")
-        fs.mv(root, retired, recursive=True)
-        fs.mv(staging, root, recursive=True)
+        _move_tree(fs, root, retired)
+        _move_tree(fs, staging, root)
         fs.rm(retired, recursive=True)
     else:
-        fs.mv(staging, root, recursive=True)
+        _move_tree(fs, staging, root)
 
 
 @contextlib.contextmanager

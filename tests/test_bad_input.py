@@ -108,3 +108,15 @@ def test_not_a_store(tmp_path, invoke):
     (tmp_path / "x.zarr").mkdir()
     result = invoke("fit", tmp_path / "x.zarr", tmp_path / "lut.zarr", "--no-progress")
     assert result.exit_code != 0 and "x.zarr" in result.stderr and "\n" not in result.stderr.strip()
+
+
+def test_store_from_a_newer_schema_is_refused(tmp_path, invoke, root):
+    import zarr
+
+    assert invoke("ingest", root, tmp_path / "s.zarr", "--no-progress").exit_code == 0
+    group = zarr.open_group(tmp_path / "s.zarr", mode="r+")
+    group.attrs["schema_version"] = 99
+    zarr.consolidate_metadata(tmp_path / "s.zarr")
+    result = invoke("fit", tmp_path / "s.zarr", tmp_path / "lut.zarr", "--no-progress")
+    assert result.exit_code != 0 and "written by a newer ensir-flow (schema 99" in result.stderr
+    assert not (tmp_path / "lut.zarr").exists()

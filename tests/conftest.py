@@ -1,5 +1,6 @@
 """Shared fixtures: small synthetic corpora on disk and the CLI runner."""
 
+import json
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -57,3 +58,15 @@ def invoke():
         return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
 
     return run
+
+
+def run_workflow(invoke, root, base, bin_width: int = 32) -> dict:
+    """ingest, fit, apply (with PNG export) and evaluate under `base` (a folder or URL); returns the
+    evaluation JSON. Every step must succeed."""
+    base = str(base)
+    for args in (["ingest", root, f"{base}/s.zarr"], ["fit", f"{base}/s.zarr", f"{base}/lut.zarr", "--bin-width", bin_width],
+                 ["apply", f"{base}/s.zarr", f"{base}/lut.zarr", f"{base}/out.zarr", "--export-dir", f"{base}/png"],
+                 ["evaluate", f"{base}/s.zarr", "--ensemble", f"{base}/out.zarr", "--json"]):
+        result = invoke(*args, "--no-progress")
+        assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)

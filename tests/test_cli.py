@@ -7,27 +7,16 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from conftest import make_corpus
+from conftest import make_corpus, run_workflow
 from ensir_flow.blend import blend
 from ensir_flow.lut import Lut
-
-
-def _run_all(invoke, root, tmp_path, models, bin_width, *extra):
-    for args in (["ingest", root, tmp_path / "s.zarr", "--models", ",".join(models), *extra],
-                 ["fit", tmp_path / "s.zarr", tmp_path / "lut.zarr", "--bin-width", bin_width, *extra],
-                 ["apply", tmp_path / "s.zarr", tmp_path / "lut.zarr", tmp_path / "out.zarr", "--export-dir", tmp_path / "png", *extra]):
-        result = invoke(*args, "--no-progress")
-        assert result.exit_code == 0, result.output
-    return invoke("evaluate", tmp_path / "s.zarr", "--ensemble", tmp_path / "out.zarr", "--json", "--no-progress")
 
 
 @pytest.mark.parametrize("n_models,bin_width", [(2, 16), (3, 32), (4, 64), (5, 16)])
 def test_workflow_for_k_models_and_bin_widths(tmp_path, invoke, n_models, bin_width):
     root = tmp_path / "corpus"
     models = make_corpus(root, n_models=n_models)
-    result = _run_all(invoke, root, tmp_path, models, bin_width)
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+    report = run_workflow(invoke, root, tmp_path, bin_width)
     assert report["images"] == 3
     assert set(report["psnr"]) == {*models, "average", "zzpm", "ensemble"} == set(report["ssim"])
     store = xr.open_zarr(tmp_path / "s.zarr")
@@ -135,13 +124,7 @@ def test_stores_on_an_fsspec_filesystem(invoke, corpus):
     import fsspec
 
     root, models = corpus
-    base = "memory://ensir-test-run"
-    for args in (["ingest", root, f"{base}/s.zarr"], ["fit", f"{base}/s.zarr", f"{base}/lut.zarr"],
-                 ["apply", f"{base}/s.zarr", f"{base}/lut.zarr", f"{base}/out.zarr", "--export-dir", f"{base}/png"]):
-        result = invoke(*args, "--no-progress")
-        assert result.exit_code == 0, result.output
-    report = invoke("evaluate", f"{base}/s.zarr", "--ensemble", f"{base}/out.zarr", "--json", "--no-progress")
-    assert report.exit_code == 0 and json.loads(report.stdout)["images"] == 3
+    assert run_workflow(invoke, root, "memory://ensir-test-run")["images"] == 3
     fs = fsspec.filesystem("memory")
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("/ensir-test-run/png", detail=False)) == ["img0.png", "img1.png", "img2.png"]
     assert not [p for p in fs.ls("/ensir-test-run", detail=False) if ".partial-" in p]

@@ -1,9 +1,9 @@
 """Object storage for real: ingest, fit, apply and evaluate through s3:// URLs against an
 S3-compatible server (moto) that the test starts on 127.0.0.1."""
 
-import json
-
 import pytest
+
+from conftest import run_workflow
 
 moto_server = pytest.importorskip("moto.server", reason="moto[server] is a test dependency (pip install -e '.[test]')")
 s3fs = pytest.importorskip("s3fs", reason="s3fs is a test dependency (pip install -e '.[test]')")
@@ -28,13 +28,7 @@ def s3_bucket(monkeypatch):
 def test_workflow_through_s3(s3_bucket, invoke, corpus):
     root, models = corpus
     base = "s3://ensir-test/run"
-    for args in (["ingest", root, f"{base}/s.zarr"], ["fit", f"{base}/s.zarr", f"{base}/lut.zarr"],
-                 ["apply", f"{base}/s.zarr", f"{base}/lut.zarr", f"{base}/out.zarr", "--export-dir", f"{base}/png"]):
-        result = invoke(*args, "--no-progress")
-        assert result.exit_code == 0, result.output
-    report = invoke("evaluate", f"{base}/s.zarr", "--ensemble", f"{base}/out.zarr", "--json", "--no-progress")
-    assert report.exit_code == 0, report.output
-    assert json.loads(report.stdout)["images"] == 3
+    assert run_workflow(invoke, root, base)["images"] == 3
     listing = s3_bucket.ls("ensir-test/run")
     assert sorted(p.rsplit("/", 1)[-1] for p in listing) == ["lut.zarr", "out.zarr", "png", "s.zarr"]
     assert len(s3_bucket.ls("ensir-test/run/png")) == 3

@@ -1,0 +1,157 @@
+"""The HTML report: its content, its figures, and how a real headless browser renders it."""
+
+import json
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import xarray as xr
+from click.testing import CliRunner
+
+from conftest import make_corpus
+from ensir_flow.errors import InputError
+from pipelines.report import write_report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SIZES = ((48, 64), (40, 56), (36, 60), (52, 44))
+
+
+class Tables(HTMLParser):
+    """The text of every cell of every table with an id: {id: [[cell, ...] per row]}."""
+
+    def __init__(self, page: str):
+        super().__init__()
+        self.tables: dict[str, list[list[str]]] = {}
+        self._table = self._cell = None
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table" and dict(attrs).get("id"):
+            self._table = self.tables.setdefault(dict(attrs)["id"], [])
+        elif tag == "tr" and self._table is not None:
+            self._table.append([])
+        elif tag in ("td", "th") and self._table is not None:
+            self._cell = []
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self._table = None
+        elif tag in ("td", "th") and self._cell is not None:
+            self._table[-1].append("".join(self._cell).strip())
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def _cli(*args) -> str:
+    """Run the CLI in-process with dask's threads; return its stdout."""
+    from cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args] + ["--no-progress"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def rgb_report(tmp_path_factory):
+    """An RGB reference store of 3 models, its LUT and `apply` output, and the report of its evaluation."""
+    root = tmp_path_factory.mktemp("rgb")
+    models = make_corpus(root / "corpus", sizes=SIZES)
+    store, lut, output = root / "store.zarr", root / "lut.zarr", root / "out.zarr"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ENSIR_FLOW_SCHEDULER", "threads")
+        _cli("ingest", root / "corpus", store)
+        _cli("fit", store, lut)
+        _cli("apply", store, lut, output)
+        summary = json.loads(_cli("evaluate", store, "--ensemble", output, "--json"))
+    report = root / "report"
+    report.mkdir()
+    (report / "stale.txt").write_text("left by an earlier run")
+    with pytest.raises(InputError, match="already exists"):
+        write_report(report, summary, str(store), str(output), str(lut))
+    assert (report / "stale.txt").exists()
+    page = write_report(report, summary, str(store), str(output), str(lut), overwrite=True)
+    return page, summary, models
+
+
+def _check_figures(page: Path) -> list[str]:
+    """Every PNG the page references exists, is a valid, non-trivial PNG, and none is left unreferenced."""
+    referenced = re.findall(r'src="([^"]+)"', page.read_text(encoding="utf-8"))
+    assert referenced and all(name.endswith(".png") and "/" not in name for name in referenced)
+    for name in referenced:
+        data = (page.parent / name).read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 500, name
+        image = iio.imread(page.parent / name)
+        assert min(image.shape[:2]) >= 16 and np.ptp(image) > 0, name
+    assert sorted(p.name for p in page.parent.glob("*.png")) == sorted(referenced)
+    return referenced
+
+
+def test_report_shows_every_method_image_and_figure(rgb_report):
+    page, summary, models = rgb_report
+    assert page.name == "index.html" and not (page.parent / "stale.txt").exists()
+    text = page.read_text(encoding="utf-8")
+    assert "<script" not in text and "http://" not in text and "https://" not in text
+    tables = Tables(text).tables
+    methods = list(summary["psnr"])
+    assert {"ensemble", "average", "zzpm", *models} == set(methods)
+    assert [row[0] for row in tables["means"][1:]] == methods
+    assert sorted(row[0] for row in tables["per-image"][1:]) == sorted(e["image"] for e in summary["per_image"])
+    assert "in-sample" in text and "cross-validation" not in tables
+    figures = _check_figures(page)
+    assert {"gain.png", "lut-weights.png"} <= set(figures)
+    assert any(name.startswith("worst-") for name in figures) and any(name.startswith("best-") for name in figures)
+    best_psnr = max(float(row[1]) for row in tables["means"][1:])
+    assert re.search(rf'<td class="best">{best_psnr:.3f}</td>', text)
+
+
+@pytest.fixture
+def chromium(tmp_path):
+    """A command prefix running Debian's chromium headless, or a skip when it is not installed."""
+    executable = shutil.which("chromium")
+    if executable is None:
+        pytest.skip("chromium not on PATH (apt-get install chromium): the report is not rendered in a browser")
+    return [executable, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1280,2000"]
+
+
+def test_report_renders_in_headless_browser(rgb_report, chromium, tmp_path):
+    page, summary, _ = rgb_report
+    screenshot = tmp_path / "report.png"
+    subprocess.run([*chromium, f"--screenshot={screenshot}", page.as_uri()], check=True, capture_output=True, timeout=60)
+    pixels = iio.imread(screenshot)
+    assert pixels.shape[:2] == (2000, 1280) and pixels.astype(np.float64).var() > 0
+    dom = subprocess.run([*chromium, "--dump-dom", page.as_uri()], check=True, capture_output=True, text=True,
+                         timeout=60).stdout
+    tables = Tables(dom).tables
+    assert [row[0] for row in tables["means"][1:]] == list(summary["psnr"])
+    assert len(tables["per-image"]) == 1 + summary["images"]
+
+
+def test_report_of_cross_validation_on_grayscale_with_inputs(tmp_path):
+    models = make_corpus(tmp_path / "corpus", n_models=2, sizes=SIZES, channels=1)
+    store, lut = tmp_path / "store.zarr", tmp_path / "lut.zarr"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ENSIR_FLOW_SCHEDULER", "threads")
+        _cli("ingest", tmp_path / "corpus", store)
+        _cli("fit", store, lut, "--bin-width", "16")
+        summary = json.loads(_cli("evaluate", store, "--cv", "2", "--solvers", "em,lsq", "--json"))
+    ds = xr.open_zarr(store)
+    inputs = xr.Dataset({"input": (("pixel", "channel"), ds["ground_truth"].values // 2)}, attrs=ds.attrs)
+    inputs.to_zarr(store, mode="a")
+    page = write_report(tmp_path / "report", summary, str(store), lut_path=str(lut))
+    text = page.read_text(encoding="utf-8")
+    tables = Tables(text).tables
+    assert [row[0] for row in tables["cross-validation"][2:]] == list(summary["psnr"]) == [*models, "average", "zzpm", "em", "lsq"]
+    assert len(tables["cross-validation"][1]) == 2 * (summary["cv"]["folds"] + 1)
+    assert "held out" in text and "grayscale" in text
+    assert re.search(r"<figcaption>input<", text) and "ensemble" not in summary["psnr"]
+    _check_figures(page)

@@ -26,6 +26,7 @@ MAX_ITERATIONS = 1001
 TOLERANCE = 1e-5
 EPS = 1e-6
 BATCH_CELLS = 4096
+COMPACT_EVERY = 16
 
 #: How each cell's weights were obtained (the LUT's `fit_status` variable).
 STATUS_EMPTY, STATUS_INITIAL, STATUS_EM, STATUS_EM_FAILED, STATUS_LEAST_SQUARES, STATUS_UNIFORM, STATUS_IMPORTED = range(7)
@@ -60,51 +61,52 @@ def _moments_of(statistics: CellStatistics) -> tuple[np.ndarray, np.ndarray, np.
 
 
 def _em_batch(hist: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, pi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run EM on a batch of cells; returns the final weights and whether each cell failed."""
+    """Run EM on a batch of cells; returns the final weights and whether each cell failed.
+
+    Cells that stop (converged or failed) are frozen by masks and dropped from the working set
+    every COMPACT_EVERY iterations, so the loop synchronises rarely (cheap on a GPU, and few
+    Python-level operations per iteration on the CPU).
+    """
     levels = torch.arange(256, dtype=hist.dtype, device=hist.device)
-    n = hist.sum(dim=1)
-    present = hist > 0
-    batch = hist.shape[0]
-    final_pi = pi.clone()
-    failed = torch.zeros(batch, dtype=torch.bool, device=hist.device)
-    active = torch.arange(batch, device=hist.device)
-    prev_ll = None
     log_2pi = math.log(2 * math.pi)
+    final_pi = pi.clone()
+    failed = torch.zeros(hist.shape[0], dtype=torch.bool, device=hist.device)
+    rows = torch.arange(hist.shape[0], device=hist.device)
+    h, mu, v, p, n, present = hist, mean, var.clone(), pi.clone(), hist.sum(dim=1), hist > 0
+    result, stopped_bad = p.clone(), torch.zeros_like(failed)
+    running = torch.ones_like(failed)
+    prev_ll = torch.zeros_like(n)
     for iteration in range(MAX_ITERATIONS):
-        h, mu, v, p, nn, pres = hist[active], mean[active], var[active], pi, n[active], present[active]
+        if iteration and iteration % COMPACT_EVERY == 0:
+            if not bool(running.any()):
+                break
+            gone = ~running
+            final_pi[rows[gone]], failed[rows[gone]] = result[gone], stopped_bad[gone]
+            rows, h, mu, v, p, n, present, result, stopped_bad, prev_ll, running = (
+                t[running] for t in (rows, h, mu, v, p, n, present, result, stopped_bad, prev_ll, running))
         diff = levels[None, None, :] - mu[:, :, None]
         log_prob = -0.5 * (log_2pi + torch.log(v)[:, :, None] + diff * diff / v[:, :, None]) + torch.log(p)[:, :, None]
         log_norm = torch.logsumexp(log_prob, dim=1)
-        ll = (h * log_norm).sum(dim=1) / nn
-        if prev_ll is not None:
-            done = (ll - prev_ll) < TOLERANCE
-            if bool(done.any()):
-                final_pi[active[done]] = p[done]
-                keep = ~done
-                active, h, mu, p, nn, pres = active[keep], h[keep], mu[keep], p[keep], nn[keep], pres[keep]
-                log_prob, log_norm, ll, diff = log_prob[keep], log_norm[keep], ll[keep], diff[keep]
-                if len(active) == 0:
-                    break
+        ll = (h * log_norm).sum(dim=1) / n
+        if iteration:
+            converged = running & ((ll - prev_ll) < TOLERANCE)
+            result = torch.where(converged[:, None], p, result)
+            running = running & ~converged
         resp = torch.exp(log_prob - log_norm[:, None, :])
-        underflow = ((resp.to(torch.float32) == 0) | ~pres[:, None, :]).all(dim=2).any(dim=1)
+        underflow = ((resp.to(torch.float32) == 0) | ~present[:, None, :]).all(dim=2).any(dim=1)
         weighted = h[:, None, :] * resp
         s = weighted.sum(dim=2)
         centre = (weighted * levels).sum(dim=2) / (s + EPS)
         spread = levels[None, None, :] - centre[:, :, None]
         new_var = (weighted * spread * spread).sum(dim=2) / s + EPS
-        bad = underflow | ~torch.isfinite(new_var).all(dim=1)
-        if bool(bad.any()):
-            failed[active[bad]] = True
-            keep = ~bad
-            active, s, new_var, nn = active[keep], s[keep], new_var[keep], nn[keep]
-            ll = ll[keep]
-            if len(active) == 0:
-                break
-        var[active] = new_var
-        pi = (s + EPS) / nn[:, None]
+        bad = running & (underflow | ~torch.isfinite(new_var).all(dim=1))
+        stopped_bad = stopped_bad | bad
+        running = running & ~bad
+        v = torch.where(running[:, None], new_var, v)
+        p = torch.where(running[:, None], (s + EPS) / n[:, None], p)
         prev_ll = ll
-    else:
-        final_pi[active] = pi
+    result = torch.where(running[:, None], p, result)  # cells still running took every iteration
+    final_pi[rows], failed[rows] = result, stopped_bad
     return final_pi, failed
 
 

@@ -11,7 +11,7 @@ from ensir_flow.demo import build_demo_corpus
 from ensir_flow.images import GROUND_TRUTH_DIR, INPUT_DIR
 
 from .apply import plan_apply
-from .evaluate import plan_evaluate
+from .evaluate import plan_cross_validation, plan_evaluate
 from .fit import plan_fit
 from .ingest import plan_ingest
 from .plan import Plan
@@ -34,7 +34,7 @@ def plan_demo(directory, overwrite: bool = False) -> Plan:
     """Plan the demo run in `directory` (created; replaced with --overwrite)."""
     root = Path(directory)
     refuse_existing(str(root), overwrite)
-    paths = {name: root / name for name in ("corpus", "reference", "heldout", "reference.zarr", "heldout.zarr",
+    paths = {name: root / name for name in ("corpus", "reference", "heldout", "corpus.zarr", "reference.zarr", "heldout.zarr",
                                             "lut.zarr", "ensemble.zarr", "ensemble-png")}
 
     def execute(compute):
@@ -49,8 +49,13 @@ def plan_demo(directory, overwrite: bool = False) -> Plan:
         plan_apply(str(paths["heldout.zarr"]), str(paths["lut.zarr"]), str(paths["ensemble.zarr"]),
                    str(paths["ensemble-png"])).run(compute)
         evaluation = plan_evaluate(str(paths["heldout.zarr"]), str(paths["ensemble.zarr"])).run(compute)
-        return f"held-out images ({root}):\n{evaluation.table()}\nensembled PNGs: {paths['ensemble-png']}"
+        plan_ingest(paths["corpus"], str(paths["corpus.zarr"]), models).run(compute)
+        comparison = plan_cross_validation(str(paths["corpus.zarr"]), 3, ["em", "lsq"], [BIN_WIDTH]).run(compute)
+        return (f"EnsIR (em) LUT fitted on {paths['reference']}, applied to the held-out images of {paths['heldout']}:\n"
+                f"{evaluation.table()}\nensembled PNGs: {paths['ensemble-png']}\n\n"
+                f"choosing a solver: all images, 3-fold cross-validation\n{comparison.table()}")
 
     details = {"directory": str(root), "corpus": "scikit-image sample photos, blurred + noise, 3 classical restorers",
-               "steps": "ingest reference + held-out halves, fit (em, bin width 32), apply + export, evaluate"}
+               "steps": "ingest reference + held-out halves, fit (em, bin width 32), apply + export, evaluate; "
+                        "then 3-fold cross-validation of em and lsq on all images"}
     return Plan("demo: the whole workflow on an embedded corpus", details, execute)

@@ -13,8 +13,8 @@ from dask.diagnostics import ProgressBar
 import ensir_flow
 from ensir_flow import schema
 from ensir_flow.devices import DEVICES
-from ensir_flow.lut import SOLVERS
 from ensir_flow.errors import InputError
+from ensir_flow.lut import SOLVERS
 
 
 @contextlib.contextmanager
@@ -105,6 +105,10 @@ def run_options(writes: bool = True):
         return command
 
     return decorate
+
+
+quiet_option = click.option("--no-progress", "no_progress", is_flag=True,
+                            help="Accepted for scripts that pass it to every command; this one shows no progress bar.")
 
 
 def _shrinkage(value: str) -> float | None:
@@ -257,7 +261,8 @@ def evaluate(store, ensemble_store, folds, solvers, bin_widths, as_json, y_chann
 @main.command()
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, with every source file's SHA-256.")
-def info(path, as_json):
+@quiet_option
+def info(path, as_json, no_progress):
     """What the store or LUT at PATH holds and what made it (provenance)."""
     from pipelines.interchange import describe, format_description
 
@@ -279,7 +284,8 @@ def lut():
 @click.option("--models", required=True, help="Comma-separated model names in the LUT's key order.")
 @click.option("--bin-width", type=click.IntRange(1, 256), required=True, help="The bin width the LUT was fitted with.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-def lut_import(source, output, models, bin_width, overwrite):
+@quiet_option
+def lut_import(source, output, models, bin_width, overwrite, no_progress):
     """Convert a LUT published with the paper's code (SOURCE .pth) to a LUT store; code in the file is never run."""
     from pipelines.interchange import import_paper_lut
 
@@ -294,7 +300,8 @@ def lut_import(source, output, models, bin_width, overwrite):
 @click.argument("lut_path", metavar="LUT")
 @click.argument("output")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-def lut_export(lut_path, output, overwrite):
+@quiet_option
+def lut_export(lut_path, output, overwrite, no_progress):
     """Write LUT as OUTPUT.npz or OUTPUT.json (weights, counts, models, bin width, bin-index rule)."""
     from pipelines.interchange import export_lut
 

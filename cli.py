@@ -232,10 +232,13 @@ def apply(store, lut, output, export_dir, device, scheduler, no_progress, dry_ru
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (means and per-image scores) to stdout.")
 @click.option("--y-channel", is_flag=True, help="Score the BT.601 luma (as MATLAB's rgb2ycbcr) instead of RGB.")
 @click.option("--crop-border", type=click.IntRange(0), default=0, show_default=True, help="Pixels cropped from each side.")
+@click.option("--report", "report_dir", default=None, metavar="DIR",
+              help="Also write an HTML report (tables, per-image gains, worst/best crops, LUT heat maps) into DIR.")
+@click.option("--lut", "lut_path", default=None, help="LUT to draw in the report (default: the one --ensemble was made with).")
 @device_option
 @run_options(writes=False)
-def evaluate(store, ensemble_store, folds, solvers, bin_widths, as_json, y_channel, crop_border, device, scheduler,
-             no_progress, dry_run):
+def evaluate(store, ensemble_store, folds, solvers, bin_widths, as_json, y_channel, crop_border, report_dir, lut_path,
+             device, scheduler, no_progress, dry_run):
     """PSNR/SSIM of every model, the average, ZZPM and the ensemble against STORE's ground truth."""
     from pipelines.evaluate import plan_cross_validation, plan_evaluate
 
@@ -254,8 +257,17 @@ def evaluate(store, ensemble_store, folds, solvers, bin_widths, as_json, y_chann
             raise click.BadParameter(f"{bin_widths!r} is not a comma-separated list of integers", param_hint="--bin-widths") from None
         factory = lambda: plan_cross_validation(store, folds, names, widths, y_channel, crop_border, device)  # noqa: E731
     result = _run(factory, scheduler=scheduler, progress=not no_progress, dry_run=dry_run)
-    if result is not None:
-        click.echo(json.dumps(result.to_json()) if as_json else result.table())
+    if result is None:
+        return
+    click.echo(json.dumps(result.to_json()) if as_json else result.table())
+    if report_dir is not None:
+        from pipelines.report import write_report
+
+        try:
+            page = write_report(report_dir, result.to_json(), store, ensemble_store, lut_path)
+        except InputError as error:
+            raise click.ClickException(str(error)) from None
+        click.echo(f"report: {page}", err=as_json)
 
 
 @main.command()

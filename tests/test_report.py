@@ -13,12 +13,15 @@ import pytest
 import xarray as xr
 from click.testing import CliRunner
 
-from conftest import make_corpus
+from conftest import make_corpus, run_workflow
 from ensir_flow.errors import InputError
-from pipelines.report import write_report
+from ensir_flow.lut import Lut
+from pipelines.report import lut_weight_maps, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SIZES = ((48, 64), (40, 56), (36, 60), (52, 44))
+ODD_MODEL = "m<b>$x$&amp;"
+ODD_STEM = 'img <i>"1" $&'
 
 
 class Tables(HTMLParser):
@@ -50,13 +53,11 @@ class Tables(HTMLParser):
             self._cell.append(data)
 
 
-def _cli(*args) -> str:
-    """Run the CLI in-process with dask's threads; return its stdout."""
+def _invoke(*args):
+    """conftest's `invoke` for module-scoped fixtures: the CLI in-process, returning click's Result."""
     from cli import main
 
-    result = CliRunner().invoke(main, [str(a) for a in args] + ["--no-progress"], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.stdout
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +65,14 @@ def rgb_report(tmp_path_factory):
     """An RGB reference store of 3 models, its LUT and `apply` output, and the report of its evaluation."""
     root = tmp_path_factory.mktemp("rgb")
     models = make_corpus(root / "corpus", sizes=SIZES)
-    store, lut, output = root / "store.zarr", root / "lut.zarr", root / "out.zarr"
+    for folder in ["gt", *models]:  # names that HTML and matplotlib must show as written
+        (root / "corpus" / folder / "img1.png").rename(root / "corpus" / folder / f"{ODD_STEM}.png")
+    (root / "corpus" / models[1]).rename(root / "corpus" / ODD_MODEL)
+    models[1] = ODD_MODEL
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ENSIR_FLOW_SCHEDULER", "threads")
-        _cli("ingest", root / "corpus", store)
-        _cli("fit", store, lut)
-        _cli("apply", store, lut, output)
-        summary = json.loads(_cli("evaluate", store, "--ensemble", output, "--json"))
+        summary = run_workflow(_invoke, root / "corpus", root)
+    store, lut, output = root / "s.zarr", root / "lut.zarr", root / "out.zarr"
     report = root / "report"
     report.mkdir()
     (report / "stale.txt").write_text("left by an earlier run")
@@ -104,6 +106,7 @@ def test_report_shows_every_method_image_and_figure(rgb_report):
     assert {"ensemble", "average", "zzpm", *models} == set(methods)
     assert [row[0] for row in tables["means"][1:]] == methods
     assert sorted(row[0] for row in tables["per-image"][1:]) == sorted(e["image"] for e in summary["per_image"])
+    assert ODD_STEM in {e["image"] for e in summary["per_image"]} and "<b>" not in text and "<i>" not in text
     assert "in-sample" in text and "cross-validation" not in tables
     figures = _check_figures(page)
     assert {"gain.png", "lut-weights.png"} <= set(figures)
@@ -136,14 +139,14 @@ def test_report_renders_in_headless_browser(rgb_report, chromium, tmp_path):
     assert len(tables["per-image"]) == 1 + summary["images"]
 
 
-def test_report_of_cross_validation_on_grayscale_with_inputs(tmp_path):
+def test_report_of_cross_validation_on_grayscale_with_inputs(tmp_path, invoke):
     models = make_corpus(tmp_path / "corpus", n_models=2, sizes=SIZES, channels=1)
     store, lut = tmp_path / "store.zarr", tmp_path / "lut.zarr"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("ENSIR_FLOW_SCHEDULER", "threads")
-        _cli("ingest", tmp_path / "corpus", store)
-        _cli("fit", store, lut, "--bin-width", "16")
-        summary = json.loads(_cli("evaluate", store, "--cv", "2", "--solvers", "em,lsq", "--json"))
+    for args in (["ingest", tmp_path / "corpus", store], ["fit", store, lut, "--bin-width", 16],
+                 ["evaluate", store, "--cv", 2, "--solvers", "em,lsq", "--json"]):
+        result = invoke(*args, "--no-progress")
+        assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
     ds = xr.open_zarr(store)
     inputs = xr.Dataset({"input": (("pixel", "channel"), ds["ground_truth"].values // 2)}, attrs=ds.attrs)
     inputs.to_zarr(store, mode="a")
@@ -155,3 +158,27 @@ def test_report_of_cross_validation_on_grayscale_with_inputs(tmp_path):
     assert "held out" in text and "grayscale" in text
     assert re.search(r"<figcaption>input<", text) and "ensemble" not in summary["psnr"]
     _check_figures(page)
+
+
+def test_lut_weight_maps_average_the_other_models_bins_by_count():
+    # 3 models at bin width 128: 2 ranges each, bin b = 4 * r0 + 2 * r1 + r2; one channel
+    weights = np.zeros((8, 1, 3), np.float32)
+    count = np.zeros((8, 1), np.int64)
+    weights[4 * 1 + 2 * 0 + 0, 0], count[4, 0] = (1, 0, 0), 30  # r0=1, r1=0, r2=0
+    weights[4 * 1 + 2 * 0 + 1, 0], count[5, 0] = (0, 0, 1), 10  # r0=1, r1=0, r2=1
+    weights[0, 0] = (0, 1, 0)  # r0=r1=r2=0 without reference pixels
+    lut = Lut(["a", "b", "c"], 128, weights, count, np.zeros((8, 1), np.int8))
+    maps = lut_weight_maps(lut)
+    assert maps.shape == (2, 2, 1, 3)
+    np.testing.assert_allclose(maps[1, 0, 0], (0.75, 0, 0.25))
+    assert np.isnan(maps[0, 0]).all() and np.isnan(maps[0, 1]).all() and np.isnan(maps[1, 1]).all()
+    lut.count[:] = 0  # an imported LUT has no counts: its maps average uniformly
+    np.testing.assert_allclose(lut_weight_maps(lut)[0, 0, 0], (0, 0.5, 0))
+
+
+def test_evaluate_report_option_draws_the_lut_of_the_scored_output(tmp_path, invoke, corpus):
+    root, _ = corpus
+    run_workflow(invoke, root, tmp_path)
+    result = invoke("evaluate", tmp_path / "s.zarr", "--ensemble", tmp_path / "out.zarr", "--report", tmp_path / "report", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "report" / "index.html").is_file() and (tmp_path / "report" / "lut-weights.png").is_file()

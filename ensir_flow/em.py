@@ -17,7 +17,6 @@ This follows the paper's published code step by step (see DESIGN.md section 1), 
 import math
 
 import numpy as np
-import torch
 
 from .stats import CellStatistics
 
@@ -60,13 +59,15 @@ def _moments_of(statistics: CellStatistics) -> tuple[np.ndarray, np.ndarray, np.
     return mean, var, zero_var
 
 
-def _em_batch(hist: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, pi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _em_batch(hist: "torch.Tensor", mean: "torch.Tensor", var: "torch.Tensor", pi: "torch.Tensor") -> tuple:
     """Run EM on a batch of cells; returns the final weights and whether each cell failed.
 
     Cells that stop (converged or failed) are frozen by masks and dropped from the working set
     every COMPACT_EVERY iterations, so the loop synchronises rarely (cheap on a GPU, and few
     Python-level operations per iteration on the CPU).
     """
+    import torch
+
     levels = torch.arange(256, dtype=hist.dtype, device=hist.device)
     log_2pi = math.log(2 * math.pi)
     final_pi = pi.clone()
@@ -116,6 +117,8 @@ def fit_em(statistics: CellStatistics, device: str = "cpu") -> tuple[np.ndarray,
     Returns weights float64 (m, K) in the order of `statistics.cells`, and a status per cell
     (STATUS_INITIAL, STATUS_EM or STATUS_EM_FAILED).
     """
+    import torch  # imported here: modules that only use the status codes stay light on Dask workers
+
     weights = initial_weights(statistics)
     status = np.full(len(statistics.cells), STATUS_INITIAL, dtype=np.int8)
     mean, var, zero_var = _moments_of(statistics)

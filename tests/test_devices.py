@@ -61,3 +61,13 @@ def test_device_resolution():
             resolve_device("cuda")
     with pytest.raises(ValueError, match="unknown device"):
         resolve_device("tpu")
+
+
+def test_cpu_workers_never_import_torch():
+    """Task functions live in these modules; importing torch would cost each worker ~300 MB."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pipelines.apply, pipelines.fit, pipelines.ingest, pipelines.evaluate, ensir_flow.stats, "
+            "ensir_flow.blend; print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

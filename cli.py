@@ -185,7 +185,7 @@ def ingest(source_dir, store, models, chunk_pixels, append, scheduler, no_progre
 @click.option("--bin-width", type=click.IntRange(1, 256), default=32, show_default=True, help="Width of each model's value ranges.")
 @click.option("--solver", type=click.Choice(SOLVERS), default="em", show_default=True,
               help="em: the paper's Gaussian-mixture EM; lsq: least squares on the simplex (PSNR-optimal per cell); "
-                   "average: uniform weights (the baseline).")
+                   "average: uniform weights; zzpm: per-image weights computed at apply (the paper's baselines).")
 @click.option("--shrinkage", default="auto", show_default=True, metavar="auto|STRENGTH",
               help="lsq only: pseudo-pixels pulling sparse cells towards the channel-wide solution; "
                    "auto chooses it by cross-validation over the reference images.")
@@ -247,7 +247,7 @@ def evaluate(store, ensemble_store, folds, solvers, bin_widths, as_json, y_chann
     else:
         if ensemble_store is not None:
             raise click.UsageError("--ensemble scores a fixed output; --cv fits its own LUTs: use one or the other")
-        names = [s.strip() for s in solvers.split(",") if s.strip() and s.strip() != "average"]  # always reported
+        names = [s.strip() for s in solvers.split(",") if s.strip() not in ("", "average", "zzpm")]  # always reported
         unknown = sorted(set(names) - set(SOLVERS))
         if unknown or not names:
             raise click.BadParameter(f"unknown solver(s) {unknown} (choose from {', '.join(SOLVERS)})", param_hint="--solvers")

@@ -73,12 +73,31 @@ def average(predictions: np.ndarray) -> np.ndarray:
     return np.floor(predictions.astype(np.float32).mean(axis=0) + np.float32(0.5)).astype(np.uint8)
 
 
-def zzpm(predictions: np.ndarray) -> np.ndarray:
-    """ZZPM baseline on one image (K, ...): image-wide weights softmax_k(1 / (1e-3 + MSE_k)),
-    MSE_k = mean squared distance of model k to the per-pixel mean; rounded half up to uint8."""
+def squared_distance_sums(predictions: np.ndarray) -> np.ndarray:
+    """sum over pixels and channels of (x_k - per-pixel mean)^2, per model (K,): additive over
+    pieces of an image, so ZZPM's image-wide weights can be gathered chunk by chunk."""
     x = predictions.astype(np.float64)
-    distance = ((x - x.mean(axis=0)) ** 2).reshape(len(x), -1).mean(axis=1)
-    logits = 1.0 / (1e-3 + distance)
-    weights = np.exp(logits - logits.max())
-    weights /= weights.sum()
-    return np.floor(np.tensordot(weights, x, axes=1) + 0.5).clip(0, 255).astype(np.uint8)
+    return ((x - x.mean(axis=0)) ** 2).reshape(len(x), -1).sum(axis=1)
+
+
+def zzpm_weights(mean_squared_distance: np.ndarray) -> np.ndarray:
+    """ZZPM's image-wide weights softmax_k(1 / (1e-3 + MSE_k)) (the paper's other baseline)."""
+    logits = 1.0 / (1e-3 + np.asarray(mean_squared_distance, dtype=np.float64))
+    weights = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return weights / weights.sum(axis=-1, keepdims=True)
+
+
+def blend_segments(predictions: np.ndarray, weights: np.ndarray, segments) -> np.ndarray:
+    """Weighted sum with one weight vector per pixel segment: weights (n, K), segments [(start, stop)]."""
+    out = np.empty(predictions.shape[1:], dtype=np.uint8)
+    for (start, stop), w in zip(segments, weights):
+        part = np.tensordot(w, predictions[:, start:stop].astype(np.float64), axes=1)
+        out[start:stop] = np.floor(part + 0.5).clip(0, 255)
+    return out
+
+
+def zzpm(predictions: np.ndarray) -> np.ndarray:
+    """ZZPM on one whole image (K, ...), rounded half up to uint8."""
+    size = predictions[0].size
+    weights = zzpm_weights(squared_distance_sums(predictions) / size)
+    return blend_segments(predictions, weights[None], [(0, predictions.shape[1])])

@@ -90,7 +90,7 @@ class Lut:
             raise InputError(f"{source}: LUT has {self.n_channels} channels, the store has {n_channels}")
 
 
-SOLVERS = ("em", "lsq", "average")
+SOLVERS = ("em", "lsq", "average", "zzpm")
 
 
 def fit_lut(statistics: CellStatistics, models: list[str], device: str = "cpu", solver: str = "em",
@@ -99,6 +99,8 @@ def fit_lut(statistics: CellStatistics, models: list[str], device: str = "cpu", 
 
     em: the paper's EM (weights per cell; `device` is where it runs). lsq: least squares on the
     simplex with `shrinkage` towards the channel-wide solution. average: uniform 1/K everywhere.
+    zzpm: the paper's per-image baseline; it has nothing to fit, so the table stays uniform and
+    `apply` computes each image's weights from its own predictions.
     """
     n_models, n_channels = statistics.n_models, statistics.n_channels
     if len(models) != n_models:
@@ -110,7 +112,7 @@ def fit_lut(statistics: CellStatistics, models: list[str], device: str = "cpu", 
     count = np.zeros(n_bins * n_channels, dtype=np.int64)
     status = np.full(n_bins * n_channels, em.STATUS_EMPTY, dtype=np.int8)
     count[statistics.cells] = statistics.counts
-    if solver == "average":
+    if solver in ("average", "zzpm"):
         status[:] = em.STATUS_UNIFORM
     elif solver == "lsq":
         cell_weights, channel_ids, channel_weights = lsq.fit_lsq(statistics, shrinkage)

@@ -12,11 +12,12 @@ import zarr
 
 import ensir_flow
 from ensir_flow import schema
-from ensir_flow.blend import blend
+from ensir_flow.blend import blend, blend_segments, squared_distance_sums, zzpm_weights
 from ensir_flow.errors import InputError
 from ensir_flow.images import write_png
 from ensir_flow.lut import Lut
 
+from .fit import chunk_segments
 from .plan import Plan
 from .storage import commit, exclusive_lock, exists, open_store, refuse_existing, resumable_location, staged_output, write_dataset
 
@@ -69,10 +70,10 @@ def store_fingerprint(ds: xr.Dataset) -> str:
     return digest.hexdigest()
 
 
-def _blend_chunk_into(predictions, weights, bin_width: int, device: str, staging: str, index: int, start: int) -> None:
-    """Blend one chunk, write it to its own Zarr chunk, then record that chunk as complete."""
+def _blend_chunk_into(combine, predictions, arguments: tuple, staging: str, index: int, start: int) -> None:
+    """Combine one chunk's predictions, write it to its own Zarr chunk, then mark that chunk complete."""
     group = zarr.open_group(staging, mode="r+")
-    values = blend(predictions, weights, bin_width, device)
+    values = combine(predictions, *arguments)
     group[schema.ENSEMBLE][start: start + len(values)] = values
     group[COMPLETE][index] = 1
 
@@ -109,6 +110,7 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
     out.attrs = schema.store_attributes(models, ds.sizes["channel"], created_by=f"ensir-flow {ensir_flow.__version__} apply",
                                         bin_width=lut.bin_width, solver=lut.solver, **provenance)
     staging = resumable_location(output)
+    segments = chunk_segments(ds, np.arange(ds.sizes["image"]), chunk_lengths)  # (start, stop, image) per chunk
 
     def execute(compute):
         if finished:
@@ -122,10 +124,17 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
                     fsspec.core.url_to_fs(staging)[0].rm(fsspec.core.url_to_fs(staging)[1], recursive=True)
                 write_dataset(out, staging, {COMPLETE: {"chunks": (1,)}})  # all but `ensemble`, written below
             done = zarr.open_group(staging, mode="r")[COMPLETE][:].astype(bool)
-            weights = dask.delayed(lut.weights, pure=True)
             blocks = predictions.to_delayed().reshape(-1)
-            tasks = [dask.delayed(_blend_chunk_into)(blocks[i], weights, lut.bin_width, device, staging, i, int(starts[i]))
-                     for i in np.flatnonzero(~done)]
+            todo = np.flatnonzero(~done)
+            if lut.solver == "zzpm":
+                image_weights = _zzpm_image_weights(ds, blocks, segments, compute)
+                jobs = [(blend_segments, (image_weights[[g for _, _, g in segments[i]]], [(a, b) for a, b, _ in segments[i]]))
+                        for i in todo]
+            else:
+                weights = dask.delayed(lut.weights, pure=True)
+                jobs = [(blend, (weights, lut.bin_width, device)) for _ in todo]
+            tasks = [dask.delayed(_blend_chunk_into)(combine, blocks[i], arguments, staging, int(i), int(starts[i]))
+                     for i, (combine, arguments) in zip(todo, jobs)]
             compute(*tasks, label=f"apply ({len(tasks)} of {len(done)} chunks)" if resuming else "apply")
             commit(staging, output)
         if export_dir is not None:
@@ -141,6 +150,21 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
     if export_dir is not None:
         details["export"] = f"{export_dir} (one PNG per image)"
     return Plan(f"apply a LUT to {ds.sizes['image']} images", details, execute)
+
+
+def _zzpm_image_weights(ds: xr.Dataset, blocks, segments, compute) -> np.ndarray:
+    """ZZPM's weights (images, K): one pass of per-chunk, per-image squared distances to the mean."""
+    parts = [dask.delayed(_segment_distance_sums, pure=True)(block, runs) for block, runs in zip(blocks, segments)]
+    sums = np.zeros((ds.sizes["image"], ds.sizes["model"]))
+    for chunk_sums in compute(*parts, label="ZZPM weights"):
+        for image, values in chunk_sums:
+            sums[image] += values
+    values_per_image = ds["pixel_count"].values[:, None] * ds.sizes["channel"]
+    return zzpm_weights(sums / values_per_image)
+
+
+def _segment_distance_sums(predictions, runs) -> list[tuple[int, np.ndarray]]:
+    return [(image, squared_distance_sums(predictions[:, start:stop])) for start, stop, image in runs]
 
 
 def _matches(attrs: dict, provenance: dict) -> bool:

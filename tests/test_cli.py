@@ -129,3 +129,20 @@ def test_stores_on_an_fsspec_filesystem(invoke, corpus):
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("/ensir-test-run/png", detail=False)) == ["img0.png", "img1.png", "img2.png"]
     assert not [p for p in fs.ls("/ensir-test-run", detail=False) if ".partial-" in p]
     fs.rm("/ensir-test-run", recursive=True)
+
+
+def test_zzpm_baseline_through_fit_and_apply(tmp_path, invoke, corpus):
+    """fit --solver zzpm records the method; apply computes each image's weights across chunks."""
+    from ensir_flow.blend import zzpm
+
+    root, _ = corpus
+    assert invoke("ingest", root, tmp_path / "s.zarr", "--chunk-pixels", 300, "--no-progress").exit_code == 0
+    assert invoke("fit", tmp_path / "s.zarr", tmp_path / "z.zarr", "--solver", "zzpm", "--no-progress").exit_code == 0
+    result = invoke("apply", tmp_path / "s.zarr", tmp_path / "z.zarr", tmp_path / "out.zarr", "--no-progress")
+    assert result.exit_code == 0, result.output
+    store, ensemble = xr.open_zarr(tmp_path / "s.zarr"), xr.open_zarr(tmp_path / "out.zarr")["ensemble"].values
+    predictions = store["prediction"].values
+    for offset, count in zip(store["pixel_offset"].values, store["pixel_count"].values):
+        np.testing.assert_array_equal(ensemble[offset: offset + count], zzpm(predictions[:, offset: offset + count]))
+    report = json.loads(invoke("evaluate", tmp_path / "s.zarr", "--ensemble", tmp_path / "out.zarr", "--json", "--no-progress").stdout)
+    assert report["psnr"]["ensemble"] == report["psnr"]["zzpm"]

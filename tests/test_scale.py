@@ -16,7 +16,10 @@ from ensir_flow.stats import chunk_statistics, merge
 from pipelines.apply import plan_apply
 from pipelines.fit import plan_fit
 
-MEMORY_LIMIT = 400_000_000
+MEMORY_LIMIT = 500_000_000
+#: Workers idle at ~270-310 MB (libraries and compiled kernels): pausing them at distributed's
+#: default 80% would stall them, so they pause at 90%; the nanny still restarts one at 95%.
+WORKER_MEMORY = {"distributed.worker.memory.pause": 0.90, "distributed.worker.memory.terminate": 0.95}
 N_MODELS = 3
 CHUNK = 1 << 19
 
@@ -53,8 +56,8 @@ def test_fit_and_apply_out_of_core_equal_an_in_memory_run(tmp_path):
         _write_store(store, n_chunks)
     print(f"wrote {n_chunks} chunks in {time.perf_counter() - started:.1f} s")
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, memory_limit=MEMORY_LIMIT, processes=True,
-                      dashboard_address=None) as cluster, Client(cluster) as client:
+    with dask.config.set(WORKER_MEMORY), LocalCluster(n_workers=2, threads_per_worker=1, memory_limit=MEMORY_LIMIT,
+                                                      processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
         workers_before = set(client.scheduler_info()["workers"])
 
         def compute(*collections, label=""):

@@ -33,6 +33,7 @@ class Corpus:
     stems: list[str]
     predictions: dict[str, list[Path]]  # model -> paths in stem order
     ground_truth: list[Path] | None
+    inputs: list[Path] | None = None  # the degraded inputs (lq/), if any
 
 
 @dataclass(frozen=True)
@@ -76,9 +77,10 @@ def discover_corpus(root, models: list[str] | None = None, require_ground_truth:
     by_model = {model: _images_by_stem(root / model) for model in models}
     gt_dir = root / GROUND_TRUTH_DIR
     ground_truth = _images_by_stem(gt_dir) if gt_dir.is_dir() or require_ground_truth else None
+    inputs = _images_by_stem(root / INPUT_DIR) if (root / INPUT_DIR).is_dir() else None
     reference_name, reference = (GROUND_TRUTH_DIR, ground_truth) if ground_truth is not None else (models[0], by_model[models[0]])
     stems = sorted(reference)
-    for name, files in [(GROUND_TRUTH_DIR, ground_truth), *by_model.items()]:
+    for name, files in [(GROUND_TRUTH_DIR, ground_truth), *by_model.items(), (INPUT_DIR, inputs)]:
         if files is None:
             continue
         missing = sorted(set(stems) - set(files))
@@ -88,7 +90,8 @@ def discover_corpus(root, models: list[str] | None = None, require_ground_truth:
         if extra:
             raise InputError(f"{root / name}: {len(extra)} image(s) absent from {reference_name}/: {', '.join(extra[:5])}")
     return Corpus(root, list(models), stems, {m: [by_model[m][s] for s in stems] for m in models},
-                  [ground_truth[s] for s in stems] if ground_truth is not None else None)
+                  [ground_truth[s] for s in stems] if ground_truth is not None else None,
+                  [inputs[s] for s in stems] if inputs is not None else None)
 
 
 def _check_dtype(path, dtype) -> None:

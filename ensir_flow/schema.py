@@ -3,8 +3,9 @@
 Images of different sizes live back to back on dimension `pixel` (CF contiguous ragged array):
 per-image variables on dimension `image` (coordinate = file stem) give `height`, `width`,
 `pixel_offset` and `pixel_count`. Pixel variables are uint8 and chunked along `pixel` only:
-`prediction` (model, pixel, channel), optional `ground_truth` (pixel, channel), and `ensemble`
-(pixel, channel) in the output of `apply`.
+`prediction` (model, pixel, channel), optional `ground_truth` and `input` (the degraded input,
+when it has the outputs' size) (pixel, channel), and `ensemble` (pixel, channel) in the output of
+`apply`.
 """
 
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from .errors import InputError
 SCHEMA_VERSION = 1
 PREDICTION = "prediction"
 GROUND_TRUTH = "ground_truth"
+INPUT = "input"
 ENSEMBLE = "ensemble"
 IMAGE_VARIABLES = ("height", "width", "pixel_offset", "pixel_count")
 DEFAULT_CHUNK_PIXELS = 1 << 20

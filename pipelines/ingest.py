@@ -7,6 +7,7 @@ the same chunk. The store is staged and moved into place only when complete.
 """
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import dask
 import dask.array as da
@@ -17,23 +18,23 @@ import zarr
 import ensir_flow
 from ensir_flow import schema
 from ensir_flow.errors import InputError
-from ensir_flow.images import GROUND_TRUTH_DIR, Corpus, ImageInfo, discover_corpus, file_sha256, probe_image, read_image
+from ensir_flow.images import GROUND_TRUTH_DIR, INPUT_DIR, Corpus, ImageInfo, discover_corpus, file_sha256, probe_image, read_image
 
 from .plan import Plan
 from .storage import exclusive_lock, open_store, refuse_existing, staged_output, write_dataset
 
 
 def _roles(corpus: Corpus) -> list[tuple[str, list]]:
-    """(folder name, files in stem order) of the ground truth (if any), then each model."""
+    """(folder name, files in stem order) in pixel-plane order: each model, ground truth, inputs."""
     roles = [(m, corpus.predictions[m]) for m in corpus.models]
-    if corpus.ground_truth is not None:
-        roles.insert(0, (GROUND_TRUTH_DIR, corpus.ground_truth))
+    roles += [(name, files) for name, files in ((GROUND_TRUTH_DIR, corpus.ground_truth), (INPUT_DIR, corpus.inputs))
+              if files is not None]
     return roles
 
 
 def probe_corpus(corpus: Corpus) -> list[ImageInfo]:
-    """One ImageInfo per stem, after checking every role of the stem agrees on it."""
-    roles = _roles(corpus)
+    """One ImageInfo per stem, after checking that the models and ground truth agree on it."""
+    roles = _roles(replace(corpus, inputs=None))
     paths = [path for _, files in roles for path in files]
     with ThreadPoolExecutor(max_workers=8) as pool:
         infos = dict(zip(paths, pool.map(probe_image, paths)))
@@ -56,6 +57,20 @@ def probe_corpus(corpus: Corpus) -> list[ImageInfo]:
     return per_stem
 
 
+def inputs_match(corpus: Corpus, infos: list[ImageInfo]) -> bool:
+    """Whether every input (lq/) has its outputs' size and channels, so it fits the pixel layout
+    (super-resolution inputs do not)."""
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(probe_image, corpus.inputs)) == infos
+
+
+def _storable_inputs(corpus: Corpus, infos: list[ImageInfo]) -> tuple[Corpus, dict]:
+    """The corpus with its inputs kept only if they fit, and an attribute saying why not."""
+    if corpus.inputs is None or inputs_match(corpus, infos):
+        return corpus, {}
+    return replace(corpus, inputs=None), {"input": "lq/ not stored: its images differ in size or channels from the outputs"}
+
+
 def source_provenance(corpus: Corpus) -> xr.Dataset:
     """Per image and source folder: the file name and the SHA-256 of its bytes."""
     roles = _roles(corpus)
@@ -75,15 +90,14 @@ def _read_image_planes(paths: list, info: ImageInfo) -> np.ndarray:
 
 
 def _pixel_planes(corpus: Corpus, infos: list[ImageInfo], chunk_pixels: int, first_chunk: int | None = None) -> da.Array:
-    """Lazy (roles, pixel, channel) array in Zarr chunks: models in order, then ground truth if any.
+    """Lazy (roles, pixel, channel) array in Zarr chunks: models in order, then ground truth and
+    inputs if any.
 
     One task decodes one image (all roles); dask's rechunk then assembles the pixel chunks from
     the image blocks, so each file is decoded once and each chunk written by exactly one task.
     `first_chunk` shortens the first chunk so that an append fills the store's last partial chunk.
     """
-    role_files = [corpus.predictions[m] for m in corpus.models]
-    if corpus.ground_truth is not None:
-        role_files.append(corpus.ground_truth)
+    role_files = [files for _, files in _roles(corpus)]
     blocks = [
         da.from_delayed(dask.delayed(_read_image_planes, pure=True)([files[i] for files in role_files], info),
                         shape=(len(role_files), info.height * info.width, info.channels), dtype=np.uint8)
@@ -96,24 +110,31 @@ def _pixel_planes(corpus: Corpus, infos: list[ImageInfo], chunk_pixels: int, fir
     return planes.rechunk({0: -1, 1: lengths, 2: -1})
 
 
+def _extra_planes(corpus: Corpus, planes: da.Array) -> list[tuple[str, da.Array]]:
+    """(variable, plane) of the ground truth and inputs, in the order `_roles` stacks them."""
+    names = [name for name, files in ((schema.GROUND_TRUTH, corpus.ground_truth), (schema.INPUT, corpus.inputs)) if files is not None]
+    return [(name, planes[len(corpus.models) + i]) for i, name in enumerate(names)]
+
+
 def plan_ingest(source, store: str, models: list[str] | None = None,
                 chunk_pixels: int = schema.DEFAULT_CHUNK_PIXELS, overwrite: bool = False) -> Plan:
     """Plan the ingest of the corpus folder `source` into the Zarr store `store`."""
     refuse_existing(store, overwrite)
     corpus = discover_corpus(source, models)
     infos = probe_corpus(corpus)
+    corpus, input_note = _storable_inputs(corpus, infos)
     index = schema.ImageIndex(corpus.stems, np.array([i.height for i in infos]), np.array([i.width for i in infos]))
     planes = _pixel_planes(corpus, infos, chunk_pixels)
     n_models, channels = len(corpus.models), infos[0].channels
     ds = index.to_dataset()
     ds[schema.PREDICTION] = (("model", "pixel", "channel"), planes[:n_models])
     encoding = {schema.PREDICTION: {"chunks": (n_models, chunk_pixels, channels)}}
-    if corpus.ground_truth is not None:
-        ds[schema.GROUND_TRUTH] = (("pixel", "channel"), planes[n_models])
-        encoding[schema.GROUND_TRUTH] = {"chunks": (chunk_pixels, channels)}
+    for name, plane in _extra_planes(corpus, planes):
+        ds[name] = (("pixel", "channel"), plane)
+        encoding[name] = {"chunks": (chunk_pixels, channels)}
     ds = ds.assign_coords(model=np.array(corpus.models, dtype=object))
     ds.attrs = schema.store_attributes(corpus.models, channels, created_by=f"ensir-flow {ensir_flow.__version__} ingest",
-                                       source=str(source), chunk_pixels=int(chunk_pixels))
+                                       source=str(source), chunk_pixels=int(chunk_pixels), **input_note)
     ds = ds.merge(source_provenance(corpus))
 
     def execute(compute):
@@ -124,6 +145,7 @@ def plan_ingest(source, store: str, models: list[str] | None = None,
     details = {
         "source": str(source), "store": str(store), "models": ", ".join(corpus.models),
         "ground truth": "yes" if corpus.ground_truth is not None else "no",
+        "inputs (lq/)": "stored" if corpus.inputs is not None else input_note.get("input", "none"),
         "images": len(corpus.stems), "pixels": f"{index.n_pixels:,} x {channels} channels",
         "tasks": f"{len(corpus.stems)} image reads, {planes.numblocks[1]} chunks of {chunk_pixels:,} pixels (one write each)",
     }
@@ -155,13 +177,17 @@ def plan_append(source, store: str, models: list[str] | None = None) -> Plan:
     known = {str(stem) for stem in existing["image"].values}
     keep = [i for i, stem in enumerate(corpus.stems) if stem not in known]
     skipped = len(corpus.stems) - len(keep)
-    corpus = Corpus(corpus.root, corpus.models, [corpus.stems[i] for i in keep],
-                    {m: [files[i] for i in keep] for m, files in corpus.predictions.items()},
-                    None if corpus.ground_truth is None else [corpus.ground_truth[i] for i in keep])
+    pick = lambda files: None if files is None else [files[i] for i in keep]  # noqa: E731
+    corpus = Corpus(corpus.root, corpus.models, pick(corpus.stems), {m: pick(f) for m, f in corpus.predictions.items()},
+                    pick(corpus.ground_truth), pick(corpus.inputs))
     details = {"source": str(source), "store": str(store), "new images": len(keep), "already in the store (skipped)": skipped}
     if not keep:
         return Plan("append: nothing new", details, lambda compute: 0)
     infos = probe_corpus(corpus)
+    if schema.INPUT not in existing:
+        corpus = replace(corpus, inputs=None)
+    elif corpus.inputs is None or not inputs_match(corpus, infos):
+        raise InputError(f"{source}: the store holds inputs, so lq/ must hold every new image at its outputs' size")
     if infos[0].channels != existing.sizes["channel"]:
         raise InputError(f"{source}: images have {infos[0].channels} channel(s), the store {existing.sizes['channel']}")
     chunk_pixels = existing[schema.PREDICTION].encoding["chunks"][1]
@@ -169,8 +195,8 @@ def plan_append(source, store: str, models: list[str] | None = None) -> Plan:
     planes = _pixel_planes(corpus, infos, chunk_pixels, first_chunk=chunk_pixels - n_existing % chunk_pixels)
     n_models = len(store_models)
     pixels = xr.Dataset({schema.PREDICTION: (("model", "pixel", "channel"), planes[:n_models])})
-    if has_truth:
-        pixels[schema.GROUND_TRUTH] = (("pixel", "channel"), planes[n_models])
+    for name, plane in _extra_planes(corpus, planes):
+        pixels[name] = (("pixel", "channel"), plane)
     index = schema.ImageIndex(corpus.stems, np.array([i.height for i in infos]), np.array([i.width for i in infos]))
     images = index.to_dataset().merge(source_provenance(corpus)).drop_vars("source")
     images["pixel_offset"] = images["pixel_offset"] + n_existing

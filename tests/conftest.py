@@ -12,8 +12,9 @@ REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "ensir-ref
 
 
 def make_corpus(root: Path, n_models: int = 3, sizes=((24, 32), (17, 29), (40, 21)), seed: int = 0,
-                with_gt: bool = True, channels: int = 3) -> list[str]:
-    """Write a corpus: smooth ground truth, each model = truth + its own bias and noise level."""
+                with_gt: bool = True, channels: int = 3, inputs_scale: int | None = None) -> list[str]:
+    """Write a corpus: smooth ground truth, each model = truth + its own bias and noise level;
+    with `inputs_scale`, also lq/ inputs (truth plus strong noise), downscaled by that factor."""
     rng = np.random.default_rng(seed)
     models = [f"model{k}" for k in range(n_models)]
     for folder in (["gt"] if with_gt else []) + models:
@@ -25,6 +26,10 @@ def make_corpus(root: Path, n_models: int = 3, sizes=((24, 32), (17, 29), (40, 2
         truth = np.clip(base, 0, 255)
         if with_gt:
             iio.imwrite(root / "gt" / f"img{i}.png", _squeeze(truth.astype(np.uint8)))
+        if inputs_scale is not None:
+            (root / "lq").mkdir(exist_ok=True)
+            degraded = np.clip(truth + rng.normal(0, 25, truth.shape), 0, 255)[::inputs_scale, ::inputs_scale]
+            iio.imwrite(root / "lq" / f"img{i}.png", _squeeze(np.rint(degraded).astype(np.uint8)))
         for k, model in enumerate(models):
             pred = truth + 3 * (k - 1) + rng.normal(0, 4 + 3 * k, truth.shape)
             iio.imwrite(root / model / f"img{i}.png", _squeeze(np.clip(np.rint(pred), 0, 255).astype(np.uint8)))

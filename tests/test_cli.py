@@ -146,3 +146,17 @@ def test_zzpm_baseline_through_fit_and_apply(tmp_path, invoke, corpus):
         np.testing.assert_array_equal(ensemble[offset: offset + count], zzpm(predictions[:, offset: offset + count]))
     report = json.loads(invoke("evaluate", tmp_path / "s.zarr", "--ensemble", tmp_path / "out.zarr", "--json", "--no-progress").stdout)
     assert report["psnr"]["ensemble"] == report["psnr"]["zzpm"]
+
+
+def test_inputs_are_stored_when_they_fit_the_layout(tmp_path, invoke):
+    make_corpus(tmp_path / "restore", inputs_scale=1)
+    assert invoke("ingest", tmp_path / "restore", tmp_path / "r.zarr", "--no-progress").exit_code == 0
+    store = xr.open_zarr(tmp_path / "r.zarr")
+    lq = iio.imread(tmp_path / "restore" / "lq" / "img1.png")
+    offset, count = int(store["pixel_offset"][1]), int(store["pixel_count"][1])
+    np.testing.assert_array_equal(store["input"].values[offset: offset + count].reshape(lq.shape), lq)
+    assert "lq" in list(store["source"].values)
+    make_corpus(tmp_path / "sr", inputs_scale=2)  # super-resolution: inputs are smaller than outputs
+    assert invoke("ingest", tmp_path / "sr", tmp_path / "s.zarr", "--no-progress").exit_code == 0
+    store = xr.open_zarr(tmp_path / "s.zarr")
+    assert "input" not in store and "differ in size" in store.attrs["input"]

@@ -120,8 +120,9 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
         with exclusive_lock(output):
             resuming = exists(staging) and _matches(open_store(staging).attrs, provenance)
             if not resuming:
-                if exists(staging):
-                    fsspec.core.url_to_fs(staging)[0].rm(fsspec.core.url_to_fs(staging)[1], recursive=True)
+                if exists(staging):  # left by a run with other inputs
+                    fs, path = fsspec.core.url_to_fs(staging)
+                    fs.rm(path, recursive=True)
                 write_dataset(out, staging, {COMPLETE: {"chunks": (1,)}})  # all but `ensemble`, written below
             done = zarr.open_group(staging, mode="r")[COMPLETE][:].astype(bool)
             blocks = predictions.to_delayed().reshape(-1)
@@ -136,6 +137,8 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
             tasks = [dask.delayed(_blend_chunk_into)(combine, blocks[i], arguments, staging, int(i), int(starts[i]))
                      for i, (combine, arguments) in zip(todo, jobs)]
             compute(*tasks, label=f"apply ({len(tasks)} of {len(done)} chunks)" if resuming else "apply")
+            if not zarr.open_group(staging, mode="r")[COMPLETE][:].all():
+                raise RuntimeError(f"{staging}: chunks left unmarked after every task succeeded; not committing")
             commit(staging, output)
         if export_dir is not None:
             export(output, export_dir, compute, overwrite)

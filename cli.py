@@ -128,6 +128,11 @@ device_option = click.option(
     help="Where kernels run: cpu (numba), cuda (torch), auto (each worker's GPU if it has one). Same bits either way.")
 
 
+compression_option = click.option(
+    "--compression", type=click.Choice(list(schema.COMPRESSORS)), default=schema.DEFAULT_COMPRESSION, show_default=True,
+    help="Compressor of the pixel arrays written: lz4 is fast to read and write, zstd smaller (archives), none neither.")
+
+
 def _load_config(ctx, _param, path):
     """Turn a YAML task config into per-command option defaults."""
     if path is None:
@@ -160,9 +165,10 @@ def main():
 @click.option("--models", default=None, help="Comma-separated model folders in LUT order (default: sorted folder names).")
 @click.option("--chunk-pixels", type=click.IntRange(1), default=schema.DEFAULT_CHUNK_PIXELS, show_default=True,
               help="Pixels per Zarr chunk.")
-@click.option("--append", is_flag=True, help="Add the images of SOURCE_DIR that STORE lacks (same models).")
+@click.option("--append", is_flag=True, help="Add the images of SOURCE_DIR that STORE lacks (same models, same compression).")
+@compression_option
 @run_options()
-def ingest(source_dir, store, models, chunk_pixels, append, scheduler, no_progress, dry_run, overwrite):
+def ingest(source_dir, store, models, chunk_pixels, append, compression, scheduler, no_progress, dry_run, overwrite):
     """Read SOURCE_DIR (gt/, lq/, one folder per model) into the Zarr store STORE."""
     from pipelines.ingest import plan_append, plan_ingest
 
@@ -173,7 +179,7 @@ def ingest(source_dir, store, models, chunk_pixels, append, scheduler, no_progre
         if added is not None:
             click.echo(f"appended {added} new image(s) to {store}" if added else f"{store}: no new images in {source_dir}: nothing to do")
         return
-    ds = _run(lambda: plan_ingest(source_dir, store, model_list, chunk_pixels, overwrite),
+    ds = _run(lambda: plan_ingest(source_dir, store, model_list, chunk_pixels, overwrite, compression),
               scheduler=scheduler, progress=not no_progress, dry_run=dry_run)
     if ds is not None:
         click.echo(f"wrote {store}: {ds.sizes['image']} images, {ds.sizes['pixel']:,} pixels, models {', '.join(ds.attrs['models'])}")
@@ -209,12 +215,13 @@ def fit(store, lut, bin_width, solver, shrinkage, device, scheduler, no_progress
 @click.argument("output")
 @click.option("--export-dir", default=None, help="Also write one lossless PNG per image here, named by stem.")
 @device_option
+@compression_option
 @run_options()
-def apply(store, lut, output, export_dir, device, scheduler, no_progress, dry_run, overwrite):
+def apply(store, lut, output, export_dir, device, compression, scheduler, no_progress, dry_run, overwrite):
     """Blend every image of STORE with LUT into the new store OUTPUT."""
     from pipelines.apply import plan_apply
 
-    result = _run(lambda: plan_apply(store, lut, output, export_dir, overwrite, device),
+    result = _run(lambda: plan_apply(store, lut, output, export_dir, overwrite, device, compression),
                   scheduler=scheduler, progress=not no_progress, dry_run=dry_run)
     if result is not None:
         done = {"written": f"wrote {output}", "unchanged": f"{output} is already complete: nothing to do",

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import xarray as xr
+from zarr.codecs import BloscCodec, ZstdCodec
 
 from .errors import InputError
 
@@ -22,6 +23,18 @@ INPUT = "input"
 ENSEMBLE = "ensemble"
 IMAGE_VARIABLES = ("height", "width", "pixel_offset", "pixel_count")
 DEFAULT_CHUNK_PIXELS = 1 << 20
+
+#: Compressors of pixel arrays, by the names `--compression` takes. Both are codecs of the Zarr v3
+#: spec, so any Zarr reader opens the stores. On the GoPro reference predictions, lz4 (through
+#: Blosc, no shuffle: uint8 has no bytes to shuffle) keeps 79% of the bytes and decodes a 9 MB
+#: chunk in ~3 ms, encodes it in ~13 ms; zstd (level 3) keeps 61% but takes ~12 ms and ~60 ms.
+#: Reading and writing chunks bound every pipeline, so lz4 is the default; zstd is for archives.
+COMPRESSORS = {
+    "lz4": (BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle"),),
+    "zstd": (ZstdCodec(level=3),),
+    "none": None,
+}
+DEFAULT_COMPRESSION = "lz4"
 
 
 @dataclass(frozen=True)
@@ -67,6 +80,13 @@ def pixel_chunks(n_pixels: int, chunk_pixels: int) -> tuple[int, ...]:
         raise ValueError("chunk size must be at least one pixel")
     full, rest = divmod(n_pixels, chunk_pixels)
     return (chunk_pixels,) * full + ((rest,) if rest else ())
+
+
+def pixel_encoding(chunks: tuple[int, ...], compression: str = DEFAULT_COMPRESSION) -> dict:
+    """xarray's Zarr encoding of a pixel variable: its chunk shape and compressor."""
+    if compression not in COMPRESSORS:
+        raise ValueError(f"unknown compression {compression!r} (choose from {', '.join(COMPRESSORS)})")
+    return {"chunks": chunks, "compressors": COMPRESSORS[compression]}
 
 
 def store_attributes(models: list[str], channels: int, **provenance) -> dict:

@@ -17,9 +17,11 @@ from ensir_flow.errors import InputError
 from ensir_flow.images import write_png
 from ensir_flow.lut import Lut
 
+from .chunks import chunk_ranges, read_pixels
 from .fit import chunk_segments
 from .plan import Plan
-from .storage import commit, exclusive_lock, exists, open_store, refuse_existing, resumable_location, staged_output, write_dataset
+from .storage import (commit, exclusive_lock, exists, open_array_for_writing, open_store, refuse_existing, resumable_location,
+                      staged_output, write_dataset)
 
 
 def load_lut(path: str) -> Lut:
@@ -70,23 +72,24 @@ def store_fingerprint(ds: xr.Dataset) -> str:
     return digest.hexdigest()
 
 
-def _blend_chunk_into(combine, predictions, arguments: tuple, staging: str, index: int, start: int) -> None:
-    """Combine one chunk's predictions, write it to its own Zarr chunk, then mark that chunk complete."""
-    group = zarr.open_group(staging, mode="r+")
-    values = combine(predictions, *arguments)
-    group[schema.ENSEMBLE][start: start + len(values)] = values
-    group[COMPLETE][index] = 1
+def _blend_chunk_into(combine, arguments: tuple, store: str, start: int, stop: int, staging: str, index: int) -> None:
+    """One task: read a chunk's predictions, combine them, write the result to its own Zarr chunk
+    of `staging`, then mark that chunk complete."""
+    values = combine(read_pixels(store, schema.PREDICTION, start, stop), *arguments)
+    open_array_for_writing(staging, schema.ENSEMBLE)[start:stop] = values
+    open_array_for_writing(staging, COMPLETE)[index] = 1
 
 
 def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = None, overwrite: bool = False,
-               device: str = "auto") -> Plan:
+               device: str = "auto", compression: str = schema.DEFAULT_COMPRESSION) -> Plan:
     """Plan blending every image of `store` with the LUT into the store `output`.
 
     The run is resumable: chunks are written into a fixed staging location beside `output`, each
     followed by its mark in the `chunk_complete` array, so a run that was killed is finished by
     running the same command again (only unmarked chunks are computed). The finished store is moved
     into place; re-running a finished job is a no-op. A lock beside `output` keeps a second run
-    away. `device` is where the blend tasks run ('auto': each worker's GPU if it has one).
+    away. `device` is where the blend tasks run ('auto': each worker's GPU if it has one);
+    `compression` names the compressor of `ensemble` (`schema.COMPRESSORS`).
     """
     ds = open_store(store)
     models = schema.check_store(ds, store)
@@ -99,9 +102,8 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
         refuse_existing(output, overwrite)
     if export_dir is not None and not (finished and exists(export_dir)):
         refuse_existing(export_dir, overwrite)
-    predictions = ds[schema.PREDICTION].data
-    chunk_lengths = predictions.chunks[1]
-    starts = np.concatenate(([0], np.cumsum(chunk_lengths)[:-1])).astype(int)
+    chunk_lengths = ds[schema.PREDICTION].data.chunks[1]
+    ranges = chunk_ranges(ds)
     out = ds[list(schema.IMAGE_VARIABLES)].load()  # written with the template; `ensemble` by the tasks
     out[schema.ENSEMBLE] = (("pixel", "channel"), da.zeros((ds.sizes["pixel"], ds.sizes["channel"]), dtype=np.uint8,
                                                            chunks=(chunk_lengths, -1)))
@@ -109,6 +111,8 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
                      {"description": "1 once the chunk of `ensemble` with this index is written"})
     out.attrs = schema.store_attributes(models, ds.sizes["channel"], created_by=f"ensir-flow {ensir_flow.__version__} apply",
                                         bin_width=lut.bin_width, solver=lut.solver, **provenance)
+    encoding = {COMPLETE: {"chunks": (1,)},
+                schema.ENSEMBLE: schema.pixel_encoding((chunk_lengths[0], ds.sizes["channel"]), compression)}
     staging = resumable_location(output)
     segments = chunk_segments(ds, np.arange(ds.sizes["image"]), chunk_lengths)  # (start, stop, image) per chunk
 
@@ -123,18 +127,17 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
                 if exists(staging):  # left by a run with other inputs
                     fs, path = fsspec.core.url_to_fs(staging)
                     fs.rm(path, recursive=True)
-                write_dataset(out, staging, {COMPLETE: {"chunks": (1,)}})  # all but `ensemble`, written below
+                write_dataset(out, staging, encoding)  # all but `ensemble`, written below
             done = zarr.open_group(staging, mode="r")[COMPLETE][:].astype(bool)
-            blocks = predictions.to_delayed().reshape(-1)
             todo = np.flatnonzero(~done)
             if lut.solver == "zzpm":
-                image_weights = _zzpm_image_weights(ds, blocks, segments, compute)
+                image_weights = _zzpm_image_weights(store, ds, segments, compute)
                 jobs = [(blend_segments, (image_weights[[g for _, _, g in segments[i]]], [(a, b) for a, b, _ in segments[i]]))
                         for i in todo]
             else:
                 weights = dask.delayed(lut.weights, pure=True)
                 jobs = [(blend, (weights, lut.bin_width, device)) for _ in todo]
-            tasks = [dask.delayed(_blend_chunk_into)(combine, blocks[i], arguments, staging, int(i), int(starts[i]))
+            tasks = [dask.delayed(_blend_chunk_into)(combine, arguments, store, *ranges[i], staging, int(i))
                      for i, (combine, arguments) in zip(todo, jobs)]
             compute(*tasks, label=f"apply ({len(tasks)} of {len(done)} chunks)" if resuming else "apply")
             if not zarr.open_group(staging, mode="r")[COMPLETE][:].all():
@@ -150,14 +153,16 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
         "tasks": "none: the output is already complete" if finished else
                  f"{len(chunk_lengths)} chunks, one blend + write each, on {device} (resumable from {staging})",
     }
+    details["compression"] = compression
     if export_dir is not None:
         details["export"] = f"{export_dir} (one PNG per image)"
     return Plan(f"apply a LUT to {ds.sizes['image']} images", details, execute)
 
 
-def _zzpm_image_weights(ds: xr.Dataset, blocks, segments, compute) -> np.ndarray:
+def _zzpm_image_weights(store: str, ds: xr.Dataset, segments, compute) -> np.ndarray:
     """ZZPM's weights (images, K): one pass of per-chunk, per-image squared distances to the mean."""
-    parts = [dask.delayed(_segment_distance_sums, pure=True)(block, runs) for block, runs in zip(blocks, segments)]
+    parts = [dask.delayed(_segment_distance_sums, pure=True)(store, start, stop, runs)
+             for (start, stop), runs in zip(chunk_ranges(ds), segments)]
     sums = np.zeros((ds.sizes["image"], ds.sizes["model"]))
     for chunk_sums in compute(*parts, label="ZZPM weights"):
         for image, values in chunk_sums:
@@ -166,8 +171,10 @@ def _zzpm_image_weights(ds: xr.Dataset, blocks, segments, compute) -> np.ndarray
     return zzpm_weights(sums / values_per_image)
 
 
-def _segment_distance_sums(predictions, runs) -> list[tuple[int, np.ndarray]]:
-    return [(image, squared_distance_sums(predictions[:, start:stop])) for start, stop, image in runs]
+def _segment_distance_sums(store: str, start: int, stop: int, runs) -> list[tuple[int, np.ndarray]]:
+    """One task: per image in the chunk start:stop, its `squared_distance_sums`."""
+    predictions = read_pixels(store, schema.PREDICTION, start, stop)
+    return [(image, squared_distance_sums(predictions[:, lo:hi])) for lo, hi, image in runs]
 
 
 def _matches(attrs: dict, provenance: dict) -> bool:

@@ -136,7 +136,7 @@ def plan_cross_validation(store: str, n_folds: int, solvers=("em", "lsq"), bin_w
     if not 2 <= n_folds <= len(index.stems):
         raise InputError(f"{store}: --cv {n_folds} needs between 2 and {len(index.stems)} folds (one image at least per fold)")
     folds = image_folds(len(index.stems), n_folds)
-    graphs = [statistics_graph(ds, width, device, n_folds) for width in bin_widths]
+    graphs = [statistics_graph(store, ds, width, device, n_folds) for width in bin_widths]
     em_device = resolve_device(device)
     name = (lambda solver, width: solver) if len(bin_widths) == 1 else (lambda solver, width: f"{solver}@{width}")
     predictions, truth = ds[schema.PREDICTION].data, ds[schema.GROUND_TRUTH].data

@@ -11,6 +11,7 @@ from ensir_flow.lsq import SHRINKAGE_GRID, choose_shrinkage
 from ensir_flow.lut import SOLVERS, fit_lut
 from ensir_flow.stats import merge, merge_groups, segment_statistics
 
+from .chunks import chunk_ranges, read_pixels
 from .plan import Plan
 from .storage import open_store, refuse_existing, staged_output, write_dataset
 
@@ -52,15 +53,18 @@ def chunk_segments(ds, fold_of_image: np.ndarray, chunks: tuple[int, ...]) -> li
     return segments
 
 
-def statistics_graph(ds, bin_width: int, device: str = "cpu", n_folds: int = 1):
-    """Delayed list of merged CellStatistics, one per fold of images, of a store with ground truth."""
-    predictions = ds[schema.PREDICTION].data
-    truth = ds[schema.GROUND_TRUTH].data.rechunk({0: predictions.chunks[1]})
-    segments = chunk_segments(ds, image_folds(ds.sizes["image"], n_folds), predictions.chunks[1])
-    parts = [
-        dask.delayed(segment_statistics, pure=True)(p, g, bin_width, runs, n_folds, device)
-        for p, g, runs in zip(predictions.to_delayed().reshape(-1), truth.to_delayed().reshape(-1), segments)
-    ]
+def _chunk_statistics(store: str, start: int, stop: int, bin_width: int, runs: list, n_folds: int, device: str) -> list:
+    """One task: read a chunk's predictions and ground truth, return their statistics per fold."""
+    return segment_statistics(read_pixels(store, schema.PREDICTION, start, stop),
+                              read_pixels(store, schema.GROUND_TRUTH, start, stop), bin_width, runs, n_folds, device)
+
+
+def statistics_graph(store: str, ds, bin_width: int, device: str = "cpu", n_folds: int = 1):
+    """Delayed list of merged CellStatistics, one per fold of images, of the store `store` (opened
+    as `ds`, with ground truth): one task per chunk, then a tree of merges."""
+    segments = chunk_segments(ds, image_folds(ds.sizes["image"], n_folds), ds[schema.PREDICTION].data.chunks[1])
+    parts = [dask.delayed(_chunk_statistics, pure=True)(store, start, stop, bin_width, runs, n_folds, device)
+             for (start, stop), runs in zip(chunk_ranges(ds), segments)]
     return tree_reduce(parts, merge_groups)
 
 
@@ -98,7 +102,7 @@ def plan_fit(store: str, lut_path: str, bin_width: int = 32, solver: str = "em",
     models = schema.check_store(ds, store, require=(schema.PREDICTION, schema.GROUND_TRUTH))
     n_images = ds.sizes["image"]
     n_folds = min(SHRINKAGE_FOLDS, n_images) if solver == "lsq" and shrinkage is None and n_images > 1 else 1
-    folds = statistics_graph(ds, bin_width, device, n_folds)
+    folds = statistics_graph(store, ds, bin_width, device, n_folds)
     em_device = resolve_device(device)
 
     def execute(compute):

@@ -21,7 +21,7 @@ from ensir_flow.errors import InputError
 from ensir_flow.images import GROUND_TRUTH_DIR, INPUT_DIR, Corpus, ImageInfo, discover_corpus, file_sha256, probe_image, read_image
 
 from .plan import Plan
-from .storage import exclusive_lock, open_store, refuse_existing, staged_output, write_dataset
+from .storage import WRITE_CONFIG, exclusive_lock, open_store, refuse_existing, staged_output, write_dataset
 
 
 def _roles(corpus: Corpus) -> list[tuple[str, list]]:
@@ -117,8 +117,10 @@ def _extra_planes(corpus: Corpus, planes: da.Array) -> list[tuple[str, da.Array]
 
 
 def plan_ingest(source, store: str, models: list[str] | None = None,
-                chunk_pixels: int = schema.DEFAULT_CHUNK_PIXELS, overwrite: bool = False) -> Plan:
-    """Plan the ingest of the corpus folder `source` into the Zarr store `store`."""
+                chunk_pixels: int = schema.DEFAULT_CHUNK_PIXELS, overwrite: bool = False,
+                compression: str = schema.DEFAULT_COMPRESSION) -> Plan:
+    """Plan the ingest of the corpus folder `source` into the Zarr store `store`, its pixel arrays
+    compressed with `compression` (a name of `schema.COMPRESSORS`)."""
     refuse_existing(store, overwrite)
     corpus = discover_corpus(source, models)
     infos = probe_corpus(corpus)
@@ -128,10 +130,10 @@ def plan_ingest(source, store: str, models: list[str] | None = None,
     n_models, channels = len(corpus.models), infos[0].channels
     ds = index.to_dataset()
     ds[schema.PREDICTION] = (("model", "pixel", "channel"), planes[:n_models])
-    encoding = {schema.PREDICTION: {"chunks": (n_models, chunk_pixels, channels)}}
+    encoding = {schema.PREDICTION: schema.pixel_encoding((n_models, chunk_pixels, channels), compression)}
     for name, plane in _extra_planes(corpus, planes):
         ds[name] = (("pixel", "channel"), plane)
-        encoding[name] = {"chunks": (chunk_pixels, channels)}
+        encoding[name] = schema.pixel_encoding((chunk_pixels, channels), compression)
     ds = ds.assign_coords(model=np.array(corpus.models, dtype=object))
     ds.attrs = schema.store_attributes(corpus.models, channels, created_by=f"ensir-flow {ensir_flow.__version__} ingest",
                                        source=str(source), chunk_pixels=int(chunk_pixels), **input_note)
@@ -148,6 +150,7 @@ def plan_ingest(source, store: str, models: list[str] | None = None,
         "inputs (lq/)": "stored" if corpus.inputs is not None else input_note.get("input", "none"),
         "images": len(corpus.stems), "pixels": f"{index.n_pixels:,} x {channels} channels",
         "tasks": f"{len(corpus.stems)} image reads, {planes.numblocks[1]} chunks of {chunk_pixels:,} pixels (one write each)",
+        "compression": compression,
     }
     return Plan(f"ingest {len(corpus.stems)} images of {n_models} models", details, execute)
 
@@ -209,7 +212,8 @@ def plan_append(source, store: str, models: list[str] | None = None) -> Plan:
     def execute(compute):
         with exclusive_lock(store):
             try:
-                compute(pixels.to_zarr(str(store), append_dim="pixel", compute=False), label="append")
+                compute(pixels.to_zarr(str(store), append_dim="pixel", compute=False,
+                                       write_empty_chunks=WRITE_CONFIG["write_empty_chunks"]), label="append")
                 images.to_zarr(str(store), append_dim="image")
             except BaseException:
                 _cut_back(str(store), {"pixel": n_existing, "image": len(known)}, existing.attrs)

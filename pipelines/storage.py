@@ -16,6 +16,7 @@ import warnings
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 import xarray as xr
+import zarr
 
 from ensir_flow.errors import InputError
 
@@ -147,9 +148,21 @@ def open_store(path: str) -> xr.Dataset:
         raise InputError(f"{path}: not a readable Zarr store ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
 
 
+#: Zarr's array configuration for our writes. By default Zarr compares every chunk with the fill
+#: value before writing it, to skip "empty" ones: that costs as much as encoding it with lz4, and our
+#: chunks are never empty in that sense (a zero pixel is data).
+WRITE_CONFIG = {"write_empty_chunks": True}
+
+
 def write_dataset(ds: xr.Dataset, path: str, encoding: dict | None = None):
     """Lazy write of `ds` as a new Zarr v3 store; returns the delayed object to compute."""
     with warnings.catch_warnings():
         # Consolidated metadata is not in the v3 spec yet, but xarray reads it to open stores quickly.
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        return ds.to_zarr(str(path), mode="w-", zarr_format=3, encoding=encoding or {}, compute=False)
+        return ds.to_zarr(str(path), mode="w-", zarr_format=3, encoding=encoding or {}, compute=False,
+                          write_empty_chunks=WRITE_CONFIG["write_empty_chunks"])
+
+
+def open_array_for_writing(store: str, name: str):
+    """Array `name` of the Zarr group at `store`, opened to write whole chunks (see WRITE_CONFIG)."""
+    return zarr.open_array(store=str(store), path=name, mode="r+").with_config(WRITE_CONFIG)

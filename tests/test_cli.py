@@ -160,3 +160,27 @@ def test_inputs_are_stored_when_they_fit_the_layout(tmp_path, invoke):
     assert invoke("ingest", tmp_path / "sr", tmp_path / "s.zarr", "--no-progress").exit_code == 0
     store = xr.open_zarr(tmp_path / "s.zarr")
     assert "input" not in store and "differ in size" in store.attrs["input"]
+
+
+def test_compression_changes_bytes_on_disk_not_data(tmp_path, invoke):
+    root = tmp_path / "corpus"
+    make_corpus(root, sizes=((60, 50), (33, 71)))
+    assert invoke("ingest", root, tmp_path / "ref.zarr", "--no-progress").exit_code == 0
+    assert invoke("fit", tmp_path / "ref.zarr", tmp_path / "lut.zarr", "--no-progress", "--scheduler", "threads").exit_code == 0
+    codecs, values = {}, {}
+    for compression in ("lz4", "zstd", "none"):
+        store, out = tmp_path / f"{compression}.zarr", tmp_path / f"{compression}-out.zarr"
+        assert invoke("ingest", root, store, "--compression", compression, "--no-progress").exit_code == 0
+        result = invoke("apply", store, tmp_path / "lut.zarr", out, "--compression", compression, "--no-progress",
+                        "--scheduler", "threads")
+        assert result.exit_code == 0, result.output
+        codecs[compression] = [json.loads((path / variable / "zarr.json").read_text())["codecs"]
+                               for path, variable in ((store, "prediction"), (store, "ground_truth"), (out, "ensemble"))]
+        values[compression] = [xr.open_zarr(store)["prediction"].values, xr.open_zarr(out)["ensemble"].values]
+    names = {c: [[codec["name"] for codec in chain] for chain in chains] for c, chains in codecs.items()}
+    assert names == {"lz4": [["bytes", "blosc"]] * 3, "zstd": [["bytes", "zstd"]] * 3, "none": [["bytes"]] * 3}
+    assert all(chain[1]["configuration"]["cname"] == "lz4" for chain in codecs["lz4"])
+    for compression in ("zstd", "none"):
+        for a, b in zip(values["lz4"], values[compression]):
+            np.testing.assert_array_equal(a, b)
+    assert invoke("ingest", root, tmp_path / "x.zarr", "--compression", "gzip").exit_code != 0

@@ -49,7 +49,7 @@ from ensir_flow.blend import blend
 from ensir_flow.images import write_png
 from ensir_flow.stats import chunk_statistics
 from pipelines.apply import load_lut, plan_apply
-from pipelines.chunks import chunk_ranges, read_pixels
+from pipelines.chunks import chunk_ranges, pixel_array, read_pixels
 from pipelines.fit import plan_fit
 from pipelines.ingest import plan_ingest
 from pipelines.storage import write_dataset
@@ -344,15 +344,16 @@ def cluster_session(n_workers: int, n_models: int, bin_width: int):
             yield session
 
 
-def _read_chunk(store: str, start: int, stop: int) -> int:
+def _read_chunk(predictions, truth, start: int, stop: int) -> int:
     """Read one chunk's predictions and ground truth as the pipelines' tasks do; keep only the size."""
-    return read_pixels(store, schema.PREDICTION, start, stop).nbytes + read_pixels(store, schema.GROUND_TRUTH, start, stop).nbytes
+    return read_pixels(predictions, start, stop).nbytes + read_pixels(truth, start, stop).nbytes
 
 
 def read_bound(session: Session, store: Path, megapixels: float, what: str) -> Step:
     """The lower bound: read every prediction and ground-truth chunk of `store` once, one task per
     chunk, through the same reader as the pipelines."""
-    tasks = [dask.delayed(_read_chunk)(str(store), start, stop) for start, stop in chunk_ranges(xr.open_zarr(str(store)))]
+    arrays = pixel_array(store, schema.PREDICTION), pixel_array(store, schema.GROUND_TRUTH)
+    tasks = [dask.delayed(_read_chunk)(*arrays, start, stop) for start, stop in chunk_ranges(xr.open_zarr(str(store)))]
     start = time.perf_counter()
     session.compute(*tasks, label="read bound")
     end = time.perf_counter()

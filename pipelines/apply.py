@@ -17,7 +17,7 @@ from ensir_flow.errors import InputError
 from ensir_flow.images import write_png
 from ensir_flow.lut import Lut
 
-from .chunks import chunk_ranges, read_pixels
+from .chunks import chunk_ranges, pixel_array, read_pixels
 from .fit import chunk_segments
 from .plan import Plan
 from .storage import (commit, exclusive_lock, exists, open_array_for_writing, open_store, refuse_existing, resumable_location,
@@ -72,12 +72,11 @@ def store_fingerprint(ds: xr.Dataset) -> str:
     return digest.hexdigest()
 
 
-def _blend_chunk_into(combine, arguments: tuple, store: str, start: int, stop: int, staging: str, index: int) -> None:
-    """One task: read a chunk's predictions, combine them, write the result to its own Zarr chunk
-    of `staging`, then mark that chunk complete."""
-    values = combine(read_pixels(store, schema.PREDICTION, start, stop), *arguments)
-    open_array_for_writing(staging, schema.ENSEMBLE)[start:stop] = values
-    open_array_for_writing(staging, COMPLETE)[index] = 1
+def _blend_chunk_into(combine, arguments: tuple, predictions, start: int, stop: int, ensemble, complete, index: int) -> None:
+    """One task: read chunk start:stop of the array of predictions, combine it, write the result
+    to its own chunk of the array `ensemble`, then mark it in `complete` (chunk `index`)."""
+    ensemble[start:stop] = combine(read_pixels(predictions, start, stop), *arguments)
+    complete[index] = 1
 
 
 def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = None, overwrite: bool = False,
@@ -137,7 +136,9 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
             else:
                 weights = dask.delayed(lut.weights, pure=True)
                 jobs = [(blend, (weights, lut.bin_width, device)) for _ in todo]
-            tasks = [dask.delayed(_blend_chunk_into)(combine, arguments, store, *ranges[i], staging, int(i))
+            predictions = pixel_array(store, schema.PREDICTION)
+            ensemble, complete = (open_array_for_writing(staging, name) for name in (schema.ENSEMBLE, COMPLETE))
+            tasks = [dask.delayed(_blend_chunk_into)(combine, arguments, predictions, *ranges[i], ensemble, complete, int(i))
                      for i, (combine, arguments) in zip(todo, jobs)]
             compute(*tasks, label=f"apply ({len(tasks)} of {len(done)} chunks)" if resuming else "apply")
             if not zarr.open_group(staging, mode="r")[COMPLETE][:].all():
@@ -161,7 +162,8 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
 
 def _zzpm_image_weights(store: str, ds: xr.Dataset, segments, compute) -> np.ndarray:
     """ZZPM's weights (images, K): one pass of per-chunk, per-image squared distances to the mean."""
-    parts = [dask.delayed(_segment_distance_sums, pure=True)(store, start, stop, runs)
+    predictions = pixel_array(store, schema.PREDICTION)
+    parts = [dask.delayed(_segment_distance_sums, pure=True)(predictions, start, stop, runs)
              for (start, stop), runs in zip(chunk_ranges(ds), segments)]
     sums = np.zeros((ds.sizes["image"], ds.sizes["model"]))
     for chunk_sums in compute(*parts, label="ZZPM weights"):
@@ -171,10 +173,10 @@ def _zzpm_image_weights(store: str, ds: xr.Dataset, segments, compute) -> np.nda
     return zzpm_weights(sums / values_per_image)
 
 
-def _segment_distance_sums(store: str, start: int, stop: int, runs) -> list[tuple[int, np.ndarray]]:
-    """One task: per image in the chunk start:stop, its `squared_distance_sums`."""
-    predictions = read_pixels(store, schema.PREDICTION, start, stop)
-    return [(image, squared_distance_sums(predictions[:, lo:hi])) for lo, hi, image in runs]
+def _segment_distance_sums(predictions, start: int, stop: int, runs) -> list[tuple[int, np.ndarray]]:
+    """One task: per image in chunk start:stop of the array of predictions, its `squared_distance_sums`."""
+    chunk = read_pixels(predictions, start, stop)
+    return [(image, squared_distance_sums(chunk[:, lo:hi])) for lo, hi, image in runs]
 
 
 def _matches(attrs: dict, provenance: dict) -> bool:

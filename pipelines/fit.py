@@ -11,7 +11,7 @@ from ensir_flow.lsq import SHRINKAGE_GRID, choose_shrinkage
 from ensir_flow.lut import SOLVERS, fit_lut
 from ensir_flow.stats import merge, merge_groups, segment_statistics
 
-from .chunks import chunk_ranges, read_pixels
+from .chunks import chunk_ranges, pixel_array, read_pixels
 from .plan import Plan
 from .storage import open_store, refuse_existing, staged_output, write_dataset
 
@@ -53,17 +53,19 @@ def chunk_segments(ds, fold_of_image: np.ndarray, chunks: tuple[int, ...]) -> li
     return segments
 
 
-def _chunk_statistics(store: str, start: int, stop: int, bin_width: int, runs: list, n_folds: int, device: str) -> list:
-    """One task: read a chunk's predictions and ground truth, return their statistics per fold."""
-    return segment_statistics(read_pixels(store, schema.PREDICTION, start, stop),
-                              read_pixels(store, schema.GROUND_TRUTH, start, stop), bin_width, runs, n_folds, device)
+def _chunk_statistics(predictions, truth, start: int, stop: int, bin_width: int, runs: list, n_folds: int,
+                      device: str) -> list:
+    """One task: read a chunk of the arrays of predictions and ground truth, return its statistics per fold."""
+    return segment_statistics(read_pixels(predictions, start, stop), read_pixels(truth, start, stop), bin_width, runs,
+                              n_folds, device)
 
 
 def statistics_graph(store: str, ds, bin_width: int, device: str = "cpu", n_folds: int = 1):
     """Delayed list of merged CellStatistics, one per fold of images, of the store `store` (opened
     as `ds`, with ground truth): one task per chunk, then a tree of merges."""
     segments = chunk_segments(ds, image_folds(ds.sizes["image"], n_folds), ds[schema.PREDICTION].data.chunks[1])
-    parts = [dask.delayed(_chunk_statistics, pure=True)(store, start, stop, bin_width, runs, n_folds, device)
+    predictions, truth = pixel_array(store, schema.PREDICTION), pixel_array(store, schema.GROUND_TRUTH)
+    parts = [dask.delayed(_chunk_statistics, pure=True)(predictions, truth, start, stop, bin_width, runs, n_folds, device)
              for (start, stop), runs in zip(chunk_ranges(ds), segments)]
     return tree_reduce(parts, merge_groups)
 

@@ -49,7 +49,7 @@ from ensir_flow.blend import blend
 from ensir_flow.images import write_png
 from ensir_flow.stats import chunk_statistics
 from pipelines.apply import load_lut, plan_apply
-from pipelines.chunks import chunk_ranges, pixel_array, read_pixels
+from pipelines.chunks import chunk_ranges, pixel_array, read_pixels, task_argument
 from pipelines.fit import plan_fit
 from pipelines.ingest import plan_ingest
 from pipelines.storage import write_dataset
@@ -352,7 +352,7 @@ def _read_chunk(predictions, truth, start: int, stop: int) -> int:
 def read_bound(session: Session, store: Path, megapixels: float, what: str) -> Step:
     """The lower bound: read every prediction and ground-truth chunk of `store` once, one task per
     chunk, through the same reader as the pipelines."""
-    arrays = pixel_array(store, schema.PREDICTION), pixel_array(store, schema.GROUND_TRUTH)
+    arrays = [task_argument(pixel_array(store, name)) for name in (schema.PREDICTION, schema.GROUND_TRUTH)]
     tasks = [dask.delayed(_read_chunk)(*arrays, start, stop) for start, stop in chunk_ranges(xr.open_zarr(str(store)))]
     start = time.perf_counter()
     session.compute(*tasks, label="read bound")

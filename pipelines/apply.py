@@ -17,7 +17,7 @@ from ensir_flow.errors import InputError
 from ensir_flow.images import write_png
 from ensir_flow.lut import Lut
 
-from .chunks import chunk_ranges, pixel_array, read_pixels
+from .chunks import chunk_ranges, pixel_array, read_pixels, task_argument
 from .fit import chunk_segments
 from .plan import Plan
 from .storage import (commit, exclusive_lock, exists, open_array_for_writing, open_store, refuse_existing, resumable_location,
@@ -106,7 +106,8 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
     out = ds[list(schema.IMAGE_VARIABLES)].load()  # written with the template; `ensemble` by the tasks
     out[schema.ENSEMBLE] = (("pixel", "channel"), da.zeros((ds.sizes["pixel"], ds.sizes["channel"]), dtype=np.uint8,
                                                            chunks=(chunk_lengths, -1)))
-    out[COMPLETE] = ("chunk", np.zeros(len(chunk_lengths), dtype=np.uint8),
+    # Marks are written by the tasks only: an unwritten one reads as 0, not complete.
+    out[COMPLETE] = ("chunk", da.zeros(len(chunk_lengths), dtype=np.uint8, chunks=1),
                      {"description": "1 once the chunk of `ensemble` with this index is written"})
     out.attrs = schema.store_attributes(models, ds.sizes["channel"], created_by=f"ensir-flow {ensir_flow.__version__} apply",
                                         bin_width=lut.bin_width, solver=lut.solver, **provenance)
@@ -126,7 +127,7 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
                 if exists(staging):  # left by a run with other inputs
                     fs, path = fsspec.core.url_to_fs(staging)
                     fs.rm(path, recursive=True)
-                write_dataset(out, staging, encoding)  # all but `ensemble`, written below
+                write_dataset(out, staging, encoding)  # all but `ensemble` and its marks, written below
             done = zarr.open_group(staging, mode="r")[COMPLETE][:].astype(bool)
             todo = np.flatnonzero(~done)
             if lut.solver == "zzpm":
@@ -136,8 +137,8 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
             else:
                 weights = dask.delayed(lut.weights, pure=True)
                 jobs = [(blend, (weights, lut.bin_width, device)) for _ in todo]
-            predictions = pixel_array(store, schema.PREDICTION)
-            ensemble, complete = (open_array_for_writing(staging, name) for name in (schema.ENSEMBLE, COMPLETE))
+            predictions = task_argument(pixel_array(store, schema.PREDICTION))
+            ensemble, complete = (task_argument(open_array_for_writing(staging, name)) for name in (schema.ENSEMBLE, COMPLETE))
             tasks = [dask.delayed(_blend_chunk_into)(combine, arguments, predictions, *ranges[i], ensemble, complete, int(i))
                      for i, (combine, arguments) in zip(todo, jobs)]
             compute(*tasks, label=f"apply ({len(tasks)} of {len(done)} chunks)" if resuming else "apply")
@@ -162,7 +163,7 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
 
 def _zzpm_image_weights(store: str, ds: xr.Dataset, segments, compute) -> np.ndarray:
     """ZZPM's weights (images, K): one pass of per-chunk, per-image squared distances to the mean."""
-    predictions = pixel_array(store, schema.PREDICTION)
+    predictions = task_argument(pixel_array(store, schema.PREDICTION))
     parts = [dask.delayed(_segment_distance_sums, pure=True)(predictions, start, stop, runs)
              for (start, stop), runs in zip(chunk_ranges(ds), segments)]
     sums = np.zeros((ds.sizes["image"], ds.sizes["model"]))

@@ -11,7 +11,7 @@ from ensir_flow.lsq import SHRINKAGE_GRID, choose_shrinkage
 from ensir_flow.lut import SOLVERS, fit_lut
 from ensir_flow.stats import merge, merge_groups, segment_statistics
 
-from .chunks import chunk_ranges, pixel_array, read_pixels
+from .chunks import chunk_ranges, pixel_array, read_pixels, task_argument
 from .plan import Plan
 from .storage import open_store, refuse_existing, staged_output, write_dataset
 
@@ -64,7 +64,7 @@ def statistics_graph(store: str, ds, bin_width: int, device: str = "cpu", n_fold
     """Delayed list of merged CellStatistics, one per fold of images, of the store `store` (opened
     as `ds`, with ground truth): one task per chunk, then a tree of merges."""
     segments = chunk_segments(ds, image_folds(ds.sizes["image"], n_folds), ds[schema.PREDICTION].data.chunks[1])
-    predictions, truth = pixel_array(store, schema.PREDICTION), pixel_array(store, schema.GROUND_TRUTH)
+    predictions, truth = (task_argument(pixel_array(store, name)) for name in (schema.PREDICTION, schema.GROUND_TRUTH))
     parts = [dask.delayed(_chunk_statistics, pure=True)(predictions, truth, start, stop, bin_width, runs, n_folds, device)
              for (start, stop), runs in zip(chunk_ranges(ds), segments)]
     return tree_reduce(parts, merge_groups)

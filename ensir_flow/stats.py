@@ -154,6 +154,8 @@ def merge(*parts: CellStatistics) -> CellStatistics:
     for part in parts[1:]:
         if (part.n_models, part.n_channels, part.bin_width) != (first.n_models, first.n_channels, first.bin_width):
             raise ValueError("cannot merge statistics of different models, channels or bin widths")
+    if len(parts) == 1:
+        return first
     n_cells = first.n_cells
     cells, moments = sum_by_key(np.concatenate([p.cells for p in parts]), np.concatenate([p.moments for p in parts]), n_cells)
     keys, counts = sum_by_key(np.concatenate([p.hist_keys for p in parts]), np.concatenate([p.hist_counts for p in parts]),

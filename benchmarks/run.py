@@ -387,8 +387,14 @@ def apply_step(session: Session, store: Path, lut: Path, output: Path, megapixel
 
 def best_of(runs: int, measure) -> list[Step]:
     """Call `measure` (which returns a list of steps) `runs` times; keep each step's fastest run.
-    Other jobs on the host slow some runs down: the fastest is the one they disturbed least."""
-    results = [measure() for _ in range(runs)]
+
+    Other jobs on the host slow some runs down: the fastest is the one they disturbed least. Before
+    each run the page cache's dirty pages are flushed (`os.sync`), so that a run does not pay for
+    writing back what earlier steps wrote (over a gigabyte here)."""
+    results = []
+    for _ in range(runs):
+        os.sync()
+        results.append(measure())
     return [min(column, key=lambda step: step.seconds) for column in zip(*results)]
 
 

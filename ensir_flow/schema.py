@@ -89,6 +89,17 @@ def pixel_encoding(chunks: tuple[int, ...], compression: str = DEFAULT_COMPRESSI
     return {"chunks": chunks, "compressors": COMPRESSORS[compression]}
 
 
+def compression_of(encoding: dict) -> str:
+    """How an array opened by xarray is compressed, in words (e.g. 'blosc lz4 level 5', 'none')."""
+    labels = []
+    for codec in encoding.get("compressors") or ():
+        spec = codec.to_dict()
+        settings = spec.get("configuration", {})
+        labels.append(" ".join(str(part) for part in (spec["name"], settings.get("cname"),
+                                                      f"level {settings.get('clevel', settings.get('level'))}") if part))
+    return ", ".join(labels) or "none"
+
+
 def store_attributes(models: list[str], channels: int, **provenance) -> dict:
     """Attributes every ensir-flow pixel store carries."""
     return {"schema_version": SCHEMA_VERSION, "models": list(models), "channels": channels, **provenance}

@@ -154,8 +154,8 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
         "images": ds.sizes["image"], "pixels": f"{ds.sizes['pixel']:,}",
         "tasks": "none: the output is already complete" if finished else
                  f"{len(chunk_lengths)} chunks, one blend + write each, on {device} (resumable from {staging})",
+        "compression": compression,
     }
-    details["compression"] = compression
     if export_dir is not None:
         details["export"] = f"{export_dir} (one PNG per image)"
     return Plan(f"apply a LUT to {ds.sizes['image']} images", details, execute)

@@ -31,7 +31,9 @@ def describe(path: str) -> dict:
     kind = "ensemble" if schema.ENSEMBLE in ds else "corpus"
     summary = {"path": str(path), "kind": kind, "models": models, "images": int(ds.sizes["image"]),
                "pixels": int(ds.sizes["pixel"]), "channels": int(ds.sizes["channel"]),
-               "ground_truth": schema.GROUND_TRUTH in ds, "attributes": attrs}
+               "ground_truth": schema.GROUND_TRUTH in ds,
+               "compression": schema.compression_of(ds[schema.ENSEMBLE if kind == "ensemble" else schema.PREDICTION].encoding),
+               "attributes": attrs}
     if "source_sha256" in ds:
         summary["sources"] = {
             str(source): {str(stem): {"file": str(name), "sha256": str(digest)}

@@ -177,6 +177,8 @@ def test_compression_changes_bytes_on_disk_not_data(tmp_path, invoke):
         codecs[compression] = [json.loads((path / variable / "zarr.json").read_text())["codecs"]
                                for path, variable in ((store, "prediction"), (store, "ground_truth"), (out, "ensemble"))]
         values[compression] = [xr.open_zarr(store)["prediction"].values, xr.open_zarr(out)["ensemble"].values]
+        info = json.loads(invoke("info", out, "--json").output)
+        assert info["compression"] == {"lz4": "blosc lz4 level 5", "zstd": "zstd level 3", "none": "none"}[compression]
     names = {c: [[codec["name"] for codec in chain] for chain in chains] for c, chains in codecs.items()}
     assert names == {"lz4": [["bytes", "blosc"]] * 3, "zstd": [["bytes", "zstd"]] * 3, "none": [["bytes"]] * 3}
     assert all(chain[1]["configuration"]["cname"] == "lz4" for chain in codecs["lz4"])

@@ -15,8 +15,12 @@ This follows the paper's published code step by step (see DESIGN.md section 1), 
 """
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 from .stats import CellStatistics
 

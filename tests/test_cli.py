@@ -38,7 +38,7 @@ def test_workflow_for_k_models_and_bin_widths(tmp_path, invoke, n_models, bin_wi
 
 def test_lut_is_identical_for_any_chunking_and_scheduler(tmp_path, invoke):
     root = tmp_path / "corpus"
-    models = make_corpus(root, sizes=((60, 50), (33, 71), (45, 45)))
+    make_corpus(root, sizes=((60, 50), (33, 71), (45, 45)))
     luts = []
     for name, chunk, scheduler in [("a", 1000, "threads"), ("b", 97, "threads"), ("c", 4096, "threads"), ("d", 97, "local")]:
         store, lut = tmp_path / f"{name}.zarr", tmp_path / f"{name}-lut.zarr"
@@ -52,7 +52,8 @@ def test_lut_is_identical_for_any_chunking_and_scheduler(tmp_path, invoke):
 
 
 def test_production_store_without_ground_truth(tmp_path, invoke):
-    reference, models = tmp_path / "ref", make_corpus(tmp_path / "ref")
+    reference = tmp_path / "ref"
+    make_corpus(reference)
     make_corpus(tmp_path / "prod", with_gt=False, seed=5, sizes=((30, 30), (20, 50)))
     assert invoke("ingest", reference, tmp_path / "ref.zarr", "--no-progress").exit_code == 0
     assert invoke("fit", tmp_path / "ref.zarr", tmp_path / "lut.zarr", "--no-progress").exit_code == 0

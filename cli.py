@@ -174,6 +174,11 @@ def ingest(source_dir, store, models, chunk_pixels, append, compression, schedul
 
     model_list = [m.strip() for m in models.split(",") if m.strip()] if models else None
     if append:
+        context = click.get_current_context()
+        fixed = [f"--{name.replace('_', '-')}" for name in ("chunk_pixels", "compression")
+                 if context.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+        if fixed:
+            raise click.UsageError(f"{' and '.join(fixed)}: not with --append, which keeps the store's chunks and compression")
         added = _run(lambda: plan_append(source_dir, store, model_list),
                      scheduler=scheduler, progress=not no_progress, dry_run=dry_run)
         if added is not None:

@@ -187,3 +187,5 @@ def test_compression_changes_bytes_on_disk_not_data(tmp_path, invoke):
         for a, b in zip(values["lz4"], values[compression]):
             np.testing.assert_array_equal(a, b)
     assert invoke("ingest", root, tmp_path / "x.zarr", "--compression", "gzip").exit_code != 0
+    refused = invoke("ingest", root, tmp_path / "zstd.zarr", "--append", "--compression", "lz4")
+    assert refused.exit_code == 2 and "--compression: not with --append" in refused.output

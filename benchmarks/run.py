@@ -281,6 +281,7 @@ class Session:
         self.name, self.n_workers, self._run = name, n_workers, run
         self.worker_pids, self.client_pid = worker_pids, os.getpid()
         self.calls: list[tuple[str, float, float]] = []
+        self.startup_seconds = 0.0  # of a cluster: set by `cluster_session`
         self.sampler = RssSampler(sorted({*worker_pids, self.client_pid}))
 
     def compute(self, *collections, label: str = "") -> tuple:

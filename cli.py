@@ -77,8 +77,15 @@ def _compute_function(client, progress: bool):
     return compute
 
 
-def _run(plan_factory, *, scheduler, progress, dry_run):
-    """Build the plan (validating inputs), show it or run it; bad input becomes a one-line error."""
+def _run(plan_factory, *, scheduler, progress, dry_run, locations=()):
+    """Build the plan (validating inputs), show it or run it; bad input becomes a one-line error.
+
+    `locations` are the stores and folders the command reads or writes: a memory:// one exists in
+    one process only, so workers of a cluster would write it where nobody reads it back.
+    """
+    in_memory = [str(path) for path in locations if str(path).startswith("memory://")]
+    if in_memory and scheduler != "threads":
+        raise click.UsageError(f"{in_memory[0]}: memory:// exists in this process only; use --scheduler threads with it")
     try:
         plan = plan_factory()
         if dry_run:
@@ -180,12 +187,12 @@ def ingest(source_dir, store, models, chunk_pixels, append, compression, schedul
         if fixed:
             raise click.UsageError(f"{' and '.join(fixed)}: not with --append, which keeps the store's chunks and compression")
         added = _run(lambda: plan_append(source_dir, store, model_list),
-                     scheduler=scheduler, progress=not no_progress, dry_run=dry_run)
+                     scheduler=scheduler, progress=not no_progress, dry_run=dry_run, locations=(store,))
         if added is not None:
             click.echo(f"appended {added} new image(s) to {store}" if added else f"{store}: no new images in {source_dir}: nothing to do")
         return
     ds = _run(lambda: plan_ingest(source_dir, store, model_list, chunk_pixels, overwrite, compression),
-              scheduler=scheduler, progress=not no_progress, dry_run=dry_run)
+              scheduler=scheduler, progress=not no_progress, dry_run=dry_run, locations=(store,))
     if ds is not None:
         click.echo(f"wrote {store}: {ds.sizes['image']} images, {ds.sizes['pixel']:,} pixels, models {', '.join(ds.attrs['models'])}")
 
@@ -208,7 +215,7 @@ def fit(store, lut, bin_width, solver, shrinkage, device, scheduler, no_progress
 
     strength = _shrinkage(shrinkage)
     table = _run(lambda: plan_fit(store, lut, bin_width, solver, device, overwrite, strength),
-                 scheduler=scheduler, progress=not no_progress, dry_run=dry_run)
+                 scheduler=scheduler, progress=not no_progress, dry_run=dry_run, locations=(store, lut))
     if table is not None:
         filled = int((table.count > 0).sum())
         click.echo(f"wrote {lut}: {table.weights.shape[0]:,} bins x {table.n_channels} channels, {filled:,} cells with reference pixels")
@@ -227,7 +234,8 @@ def apply(store, lut, output, export_dir, device, compression, scheduler, no_pro
     from pipelines.apply import plan_apply
 
     result = _run(lambda: plan_apply(store, lut, output, export_dir, overwrite, device, compression),
-                  scheduler=scheduler, progress=not no_progress, dry_run=dry_run)
+                  scheduler=scheduler, progress=not no_progress, dry_run=dry_run,
+                  locations=(store, lut, output, export_dir or ""))
     if result is not None:
         done = {"written": f"wrote {output}", "unchanged": f"{output} is already complete: nothing to do",
                 "resumed": f"resumed {output}: {result.chunks_computed} of {result.chunks_total} chunks were missing"}
@@ -268,7 +276,8 @@ def evaluate(store, ensemble_store, folds, solvers, bin_widths, as_json, y_chann
         except ValueError:
             raise click.BadParameter(f"{bin_widths!r} is not a comma-separated list of integers", param_hint="--bin-widths") from None
         factory = lambda: plan_cross_validation(store, folds, names, widths, y_channel, crop_border, device)  # noqa: E731
-    result = _run(factory, scheduler=scheduler, progress=not no_progress, dry_run=dry_run)
+    result = _run(factory, scheduler=scheduler, progress=not no_progress, dry_run=dry_run,
+                  locations=(store, ensemble_store or ""))
     if result is None:
         return
     click.echo(json.dumps(result.to_json()) if as_json else result.table())
@@ -343,7 +352,8 @@ def demo(directory, scheduler, no_progress, dry_run, overwrite):
     """Build the embedded demo corpus in DIRECTORY and run ingest, fit, apply, evaluate on it."""
     from pipelines.demo import plan_demo
 
-    result = _run(lambda: plan_demo(directory, overwrite), scheduler=scheduler, progress=not no_progress, dry_run=dry_run)
+    result = _run(lambda: plan_demo(directory, overwrite), scheduler=scheduler, progress=not no_progress, dry_run=dry_run,
+                  locations=(directory,))
     if result is not None:
         click.echo(result)
 

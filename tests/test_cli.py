@@ -130,6 +130,10 @@ def test_stores_on_an_fsspec_filesystem(invoke, corpus):
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("/ensir-test-run/png", detail=False)) == ["img0.png", "img1.png", "img2.png"]
     assert not [p for p in fs.ls("/ensir-test-run", detail=False) if ".partial-" in p]
     fs.rm("/ensir-test-run", recursive=True)
+    # workers of a cluster would write memory:// in their own processes: refused, nothing written
+    refused = invoke("ingest", root, "memory://ensir-test-run/c.zarr", "--scheduler", "local", "--no-progress")
+    assert refused.exit_code == 2 and "use --scheduler threads" in refused.output
+    assert not fs.exists("/ensir-test-run")
 
 
 def test_zzpm_baseline_through_fit_and_apply(tmp_path, invoke, corpus):

@@ -80,10 +80,11 @@ def _compute_function(client, progress: bool):
 def _run(plan_factory, *, scheduler, progress, dry_run, locations=()):
     """Build the plan (validating inputs), show it or run it; bad input becomes a one-line error.
 
-    `locations` are the stores and folders the command reads or writes: a memory:// one exists in
-    one process only, so workers of a cluster would write it where nobody reads it back.
+    `locations` are the stores and folders the command reads or writes (None: an option not given):
+    a memory:// one exists in one process only, so workers of a cluster would write it where nobody
+    reads it back.
     """
-    in_memory = [str(path) for path in locations if str(path).startswith("memory://")]
+    in_memory = [str(path) for path in locations if path is not None and str(path).startswith("memory://")]
     if in_memory and scheduler != "threads":
         raise click.UsageError(f"{in_memory[0]}: memory:// exists in this process only; use --scheduler threads with it")
     try:
@@ -235,7 +236,7 @@ def apply(store, lut, output, export_dir, device, compression, scheduler, no_pro
 
     result = _run(lambda: plan_apply(store, lut, output, export_dir, overwrite, device, compression),
                   scheduler=scheduler, progress=not no_progress, dry_run=dry_run,
-                  locations=(store, lut, output, export_dir or ""))
+                  locations=(store, lut, output, export_dir))
     if result is not None:
         done = {"written": f"wrote {output}", "unchanged": f"{output} is already complete: nothing to do",
                 "resumed": f"resumed {output}: {result.chunks_computed} of {result.chunks_total} chunks were missing"}
@@ -277,7 +278,7 @@ def evaluate(store, ensemble_store, folds, solvers, bin_widths, as_json, y_chann
             raise click.BadParameter(f"{bin_widths!r} is not a comma-separated list of integers", param_hint="--bin-widths") from None
         factory = lambda: plan_cross_validation(store, folds, names, widths, y_channel, crop_border, device)  # noqa: E731
     result = _run(factory, scheduler=scheduler, progress=not no_progress, dry_run=dry_run,
-                  locations=(store, ensemble_store or ""))
+                  locations=(store, ensemble_store))
     if result is None:
         return
     click.echo(json.dumps(result.to_json()) if as_json else result.table())

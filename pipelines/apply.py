@@ -128,7 +128,9 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
                     fs, path = fsspec.core.url_to_fs(staging)
                     fs.rm(path, recursive=True)
                 write_dataset(out, staging, encoding)  # all but `ensemble` and its marks, written below
-            done = zarr.open_group(staging, mode="r")[COMPLETE][:].astype(bool)
+                done = np.zeros(len(chunk_lengths), dtype=bool)
+            else:
+                done = zarr.open_group(staging, mode="r")[COMPLETE][:].astype(bool)
             todo = np.flatnonzero(~done)
             if lut.solver == "zzpm":
                 image_weights = _zzpm_image_weights(store, ds, segments, compute)

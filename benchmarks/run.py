@@ -20,6 +20,7 @@ stderr, tables to stdout, the same figures as JSON to --out.
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -376,27 +377,42 @@ def fit_steps(session: Session, store: Path, lut: Path, bin_width: int, megapixe
             session.step("fit: EM on reduced table", stats_end, write_start, megapixels, bound, client=True)]
 
 
-def apply_step(session: Session, store: Path, lut: Path, output: Path, megapixels: float, bound: float,
-               compression: str) -> Step:
-    """Run `apply` (blend every chunk, write the ensemble store) into a fresh `output`."""
+def apply_steps(session: Session, store: Path, lut: Path, output: Path, megapixels: float, bound: float,
+                compression: str) -> list[Step]:
+    """Run `apply` (blend every chunk, write the ensemble store) into a fresh `output`: the whole
+    run, and its chunk tasks alone (the run less its fixed client work: output template, graph,
+    completion check, move into place)."""
     shutil.rmtree(output, ignore_errors=True)
     plan = plan_apply(str(store), str(lut), str(output), device=DEVICE, overwrite=True, compression=compression)
+    session.calls.clear()
     start = time.perf_counter()
     plan.run(session.compute)
-    return session.step("apply: blend + Zarr write", start, time.perf_counter(), megapixels, bound)
+    end = time.perf_counter()
+    (_, tasks_start, tasks_end), = [call for call in session.calls if call[0] == "apply"]
+    return [session.step("apply: blend + Zarr write", start, end, megapixels, bound),
+            session.step("apply: of which chunk tasks", tasks_start, tasks_end, megapixels, bound)]
+
+
+def best_of_interleaved(runs: int, measures: list) -> list[list[Step]]:
+    """Call each of `measures` (functions returning a list of steps) in turn, `runs` times over
+    (A, B, A, B, ...); keep each step's fastest run, per measure.
+
+    Other jobs on the host slow some runs down: the fastest is the one they disturbed least, and
+    taking the measures in turn spreads a slow spell over all of them alike (figures compared
+    with each other, such as one worker against two, are not skewed by when they ran). Before
+    each run the page cache's dirty pages are flushed (`os.sync`), so that a run does not pay for
+    writing back what earlier steps wrote (over a gigabyte here)."""
+    results = [[] for _ in measures]
+    for _ in range(runs):
+        for result, measure in zip(results, measures):
+            os.sync()
+            result.append(measure())
+    return [[min(column, key=lambda step: step.seconds) for column in zip(*result)] for result in results]
 
 
 def best_of(runs: int, measure) -> list[Step]:
-    """Call `measure` (which returns a list of steps) `runs` times; keep each step's fastest run.
-
-    Other jobs on the host slow some runs down: the fastest is the one they disturbed least. Before
-    each run the page cache's dirty pages are flushed (`os.sync`), so that a run does not pay for
-    writing back what earlier steps wrote (over a gigabyte here)."""
-    results = []
-    for _ in range(runs):
-        os.sync()
-        results.append(measure())
-    return [min(column, key=lambda step: step.seconds) for column in zip(*results)]
+    """`best_of_interleaved` of a single measure."""
+    return best_of_interleaved(runs, [measure])[0]
 
 
 def ingest_steps(session: Session, corpus: SyntheticCorpus, root: Path, chunk_pixels: int, compression: str,
@@ -634,8 +650,8 @@ def main(argv=None) -> None:
             status("threaded scheduler: read bound, fit, apply")
             (bound,) = best_of(args.runs, lambda: [read_bound(session, store, mp, f"reference store ({mp:.0f} MP)")])
             steps = [bound, *best_of(args.runs, lambda: fit_steps(session, store, lut, args.bin_width, mp, bound.seconds)),
-                     *best_of(args.runs, lambda: [apply_step(session, store, lut, workdir / "ensemble.zarr", mp,
-                                                             bound.seconds, args.compression)])]
+                     *best_of(args.runs, lambda: apply_steps(session, store, lut, workdir / "ensemble.zarr", mp,
+                                                             bound.seconds, args.compression))]
             if args.ingest_megapixels > 0:
                 status(f"threaded scheduler: ingest of a {args.ingest_megapixels:g} MP PNG corpus")
                 small = SyntheticCorpus.of_size(args.ingest_megapixels, args.models, args.seed)
@@ -646,19 +662,29 @@ def main(argv=None) -> None:
                     ["step", "wall s", "Mpx/s", "peak RSS MiB", "x bound"], step_rows(steps))
 
         reference_weights = load_lut(str(lut)).weights
-        scaling, identical, startup = [], [], {}
-        for n in args.workers:
-            status(f"LocalCluster of {n} worker(s): read bound, fit, apply")
-            with cluster_session(n, args.models, args.bin_width) as session:
-                startup[n] = session.startup_seconds
-                (bound,) = best_of(args.runs, lambda: [read_bound(session, store, mp, "reference store")])
-                lut_n = workdir / f"lut-{n}.zarr"
-                scaling += [bound, *best_of(args.runs, lambda: fit_steps(session, store, lut_n, args.bin_width, mp,
-                                                                          bound.seconds)),
-                            *best_of(args.runs, lambda: [apply_step(session, store, lut_n, workdir / f"ensemble-{n}.zarr",
-                                                                    mp, bound.seconds, args.compression)])]
-            identical.append(bool(np.array_equal(load_lut(str(lut_n)).weights, reference_weights)))
-            shutil.rmtree(workdir / f"ensemble-{n}.zarr")
+        startups: dict[int, list[float]] = {n: [] for n in args.workers}
+
+        def on_cluster(n_workers: int) -> list[Step]:
+            """Every step once, on a fresh LocalCluster of `n_workers`."""
+            with cluster_session(n_workers, args.models, args.bin_width) as session:
+                startups[n_workers].append(session.startup_seconds)
+                bound = read_bound(session, store, mp, "reference store")
+                lut_n = workdir / f"lut-{n_workers}.zarr"
+                return [bound, *fit_steps(session, store, lut_n, args.bin_width, mp, bound.seconds),
+                        *apply_steps(session, store, lut_n, workdir / "ensemble.zarr", mp, bound.seconds, args.compression)]
+
+        scaling, identical = [], []
+        if args.workers:
+            status(f"LocalClusters of {', '.join(map(str, args.workers))} worker(s) in turn, {args.runs} runs each: "
+                   "read bound, fit, apply")
+            for n, steps in zip(args.workers, best_of_interleaved(args.runs, [functools.partial(on_cluster, n)
+                                                                              for n in args.workers])):
+                for step in steps[1:]:
+                    step.bound_seconds = steps[0].seconds  # the fastest read bound
+                scaling += steps
+                identical.append(bool(np.array_equal(load_lut(str(workdir / f"lut-{n}.zarr")).weights, reference_weights)))
+            shutil.rmtree(workdir / "ensemble.zarr")
+        startup = {n: min(seconds) for n, seconds in startups.items() if seconds}
         if scaling:
             speedups = scaling_speedups(scaling)
             results["scaling"] = [{**s.as_dict(), "speedup": float(speedups[(s.name, s.workers)])} for s in scaling]

@@ -312,9 +312,9 @@ def threaded_session():
 
 
 def warm_up(n_models: int, bin_width: int) -> None:
-    """Import what the pipelines' tasks run and compile the numba kernels for K models, writable and
-    read-only inputs: one-time costs of a process (every CLI run pays them once per worker),
-    measured apart from the throughput figures."""
+    """Import what the pipelines' tasks run and load (or compile, the first time) the numba kernels
+    for K models, writable and read-only inputs: one-time costs of a process (every CLI run pays
+    them once per worker), measured apart from the throughput figures."""
     import pipelines.apply  # noqa: F401
     import pipelines.fit  # noqa: F401
 

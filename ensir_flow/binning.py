@@ -6,10 +6,8 @@ place: b = sum_k floor(x_k/w) * nb^(K-1-k), with nb = ceil(256/w) ranges per mod
 (bin, channel) pairs, flattened as cell = b * C + c so that a (bin, channel) table is row-major.
 """
 
-import functools
 import math
 
-import numba
 import numpy as np
 
 LEVELS = 256
@@ -46,36 +44,7 @@ def flat_bins_of_edges(edges: np.ndarray, bin_width: int) -> np.ndarray:
     return flat
 
 
-@functools.cache
-def flat_bin_kernel(n_models: int):
-    """Numba function flat_bin(predictions, pixel, channel, places) for exactly K models.
-
-    Kernels are compiled per K (once per process) so that loops over models unroll: about 2.5x
-    faster than a loop bound read at run time.
-    """
-
-    @numba.njit(inline="always")
-    def flat_bin(predictions, pixel, channel, places):
-        b = 0
-        for k in range(n_models):
-            b += places[k, predictions[k, pixel, channel]]
-        return b
-
-    return flat_bin
-
-
-@functools.cache
-def cell_index_kernel(n_models: int):
-    """Numba function giving the cell b * C + c of every pixel-channel of predictions (K, P, C), pixel-major."""
-    flat_bin = flat_bin_kernel(n_models)
-
-    @numba.njit(nogil=True)
-    def cell_indices(predictions, places):
-        n_pixels, n_channels = predictions.shape[1], predictions.shape[2]
-        cells = np.empty(n_pixels * n_channels, dtype=np.int64)
-        for p in range(n_pixels):
-            for c in range(n_channels):
-                cells[p * n_channels + c] = flat_bin(predictions, p, c, places) * n_channels + c
-        return cells
-
-    return cell_indices
+def place_tables(n_models: int, bin_width: int) -> tuple[np.ndarray, ...]:
+    """`place_values` as a tuple of K tables, the form the kernels of `ensir_flow.kernels` take
+    (the tuple's length tells numba K when it compiles them)."""
+    return tuple(place_values(n_models, bin_width))

@@ -5,33 +5,11 @@ model order, as the paper's code does, so that outputs match it to the last bit 
 weights do.
 """
 
-import functools
-
-import numba
 import numpy as np
 
-from .binning import flat_bin_kernel, place_values
+from .binning import place_tables, place_values
 from .devices import resolve_device
-
-
-@functools.cache
-def _blend_kernel(n_models: int):
-    """Numba blend for exactly K models (loops unroll)."""
-    flat_bin = flat_bin_kernel(n_models)
-
-    @numba.njit(nogil=True)
-    def blend_into(predictions, weights, places, out):
-        n_pixels, n_channels = predictions.shape[1], predictions.shape[2]
-        for p in range(n_pixels):
-            for c in range(n_channels):
-                b = flat_bin(predictions, p, c, places)
-                acc = np.float32(0.0)
-                for k in range(n_models):
-                    acc += weights[b, c, k] * np.float32(predictions[k, p, c])
-                value = np.floor(acc + np.float32(0.5))
-                out[p, c] = 0 if value < 0 else (255 if value > 255 else np.uint8(value))
-
-    return blend_into
+from .kernels import blend_into
 
 
 def blend(predictions: np.ndarray, weights: np.ndarray, bin_width: int, device: str = "cpu") -> np.ndarray:
@@ -48,7 +26,7 @@ def blend(predictions: np.ndarray, weights: np.ndarray, bin_width: int, device: 
     if device != "cpu":
         return blend_torch(predictions, weights, bin_width, device)
     out = np.empty((n_pixels, n_channels), dtype=np.uint8)
-    _blend_kernel(n_models)(predictions, weights, place_values(n_models, bin_width), out)
+    blend_into(predictions, weights, place_tables(n_models, bin_width), out)
     return out
 
 

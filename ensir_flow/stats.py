@@ -13,14 +13,14 @@ small when K and the bin count are large (K = 5 at bin width 16 has 3 million ce
 channel triple, almost all empty).
 """
 
-import functools
 from dataclasses import dataclass
 
 import numba
 import numpy as np
 
-from .binning import LEVELS, bin_count, cell_index_kernel, flat_bin_kernel, place_values
+from .binning import LEVELS, bin_count, place_tables, place_values
 from .devices import resolve_device
+from .kernels import accumulate_dense, accumulate_moments, cell_indices
 
 #: Largest dense scratch table (cells x 256 levels) a chunk may use; above it, sort instead.
 DENSE_HISTOGRAM_LIMIT = 1 << 22
@@ -179,47 +179,6 @@ def merge_groups(*grouped: list[CellStatistics]) -> list[CellStatistics]:
     return [merge(*group) for group in zip(*grouped)]
 
 
-@functools.cache
-def _moment_kernels(n_models: int):
-    """Numba kernels for exactly K models (loops unroll): (accumulate_dense, accumulate_moments)."""
-    flat_bin = flat_bin_kernel(n_models)
-    col_xy = 1 + n_models + n_models * (n_models + 1) // 2
-
-    @numba.njit(inline="always")
-    def add_moments(predictions, truth, pixel, channel, row):
-        """Add one pixel-channel's n, x_k, x_i x_j (i <= j) and x_k y to the moments `row`."""
-        y = np.int64(truth[pixel, channel])
-        row[0] += 1
-        col = 1 + n_models
-        for i in range(n_models):
-            xi = np.int64(predictions[i, pixel, channel])
-            row[1 + i] += xi
-            row[col_xy + i] += xi * y
-            for j in range(i, n_models):
-                row[col] += xi * predictions[j, pixel, channel]
-                col += 1
-
-    @numba.njit(nogil=True)
-    def accumulate_dense(predictions, truth, places, moments, histogram):
-        """One fused pass: moments per cell and the y histogram per cell, into dense tables."""
-        n_pixels, n_channels = predictions.shape[1], predictions.shape[2]
-        for p in range(n_pixels):
-            for c in range(n_channels):
-                cell = flat_bin(predictions, p, c, places) * n_channels + c
-                histogram[cell * 256 + truth[p, c]] += 1
-                add_moments(predictions, truth, p, c, moments[cell])
-
-    @numba.njit(nogil=True)
-    def accumulate_moments(predictions, truth, slots, moments):
-        """Add each pixel-channel's moments to row slots[p * C + c] of `moments`."""
-        n_pixels, n_channels = predictions.shape[1], predictions.shape[2]
-        for p in range(n_pixels):
-            for c in range(n_channels):
-                add_moments(predictions, truth, p, c, moments[slots[p * n_channels + c]])
-
-    return accumulate_dense, accumulate_moments
-
-
 def chunk_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bin_width: int, device: str = "cpu") -> CellStatistics:
     """Statistics of one chunk: predictions uint8 (K, P, C), ground truth uint8 (P, C).
 
@@ -236,8 +195,7 @@ def chunk_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bin_widt
     n_models, n_pixels, n_channels = predictions.shape
     if ground_truth.shape != (n_pixels, n_channels):
         raise ValueError(f"ground truth shape {ground_truth.shape} does not match predictions {predictions.shape}")
-    places = place_values(n_models, bin_width)
-    accumulate_dense, accumulate_moments = _moment_kernels(n_models)
+    places = place_tables(n_models, bin_width)
     n_cells = bin_count(n_models, bin_width) * n_channels
     if n_cells * LEVELS <= DENSE_HISTOGRAM_LIMIT:
         moments = np.zeros((n_cells, moment_columns(n_models)), dtype=np.int64)
@@ -247,10 +205,10 @@ def chunk_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bin_widt
         hist_keys = np.flatnonzero(histogram)
         return CellStatistics(n_models, n_channels, bin_width, cells, moments[cells],
                               hist_keys, histogram[hist_keys])
-    cell_ids = cell_index_kernel(n_models)(predictions, places)
+    cell_ids = cell_indices(predictions, places)
     cells, slots = np.unique(cell_ids, return_inverse=True)
     moments = np.zeros((len(cells), moment_columns(n_models)), dtype=np.int64)
-    accumulate_moments(predictions, ground_truth, slots.astype(np.int64), moments)
+    accumulate_moments(predictions, ground_truth, slots.astype(np.int64), moments, places)
     hist_keys, hist_counts = np.unique(cell_ids * LEVELS + ground_truth.reshape(-1), return_counts=True)
     return CellStatistics(n_models, n_channels, bin_width, cells, moments, hist_keys, hist_counts.astype(np.int64))
 

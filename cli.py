@@ -28,14 +28,43 @@ def _client(scheduler: str):
     if scheduler == "local":
         with local_cluster() as cluster, Client(cluster) as client:
             yield client
-    elif "://" in scheduler:
-        with Client(scheduler) as client:
-            yield client
-    elif Path(scheduler).is_file():
-        with Client(scheduler_file=scheduler) as client:
-            yield client
-    else:
-        raise InputError(f"{scheduler}: not 'threads', 'local', a scheduler address (tcp://host:port) or a scheduler file")
+        return
+    address = scheduler if "://" in scheduler else _address_in_scheduler_file(scheduler)
+    try:
+        client = Client(address)
+    except OSError as error:
+        raise InputError(f"{scheduler}: cannot reach the dask scheduler ({error})") from None
+    with client:
+        _check_workers(client, scheduler)
+        yield client
+
+
+def _address_in_scheduler_file(path: str) -> str:
+    """The scheduler address a `dask scheduler --scheduler-file` wrote into `path`."""
+    if not Path(path).is_file():
+        raise InputError(f"{path}: not 'threads', 'local', a scheduler address (tcp://host:port) or a scheduler file")
+    try:
+        return json.loads(Path(path).read_text())["address"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InputError(f"{path}: not a dask scheduler file (JSON with the scheduler's 'address')") from None
+
+
+def _check_workers(client, scheduler: str) -> None:
+    """Refuse a cluster with a worker that lacks this client's ensir-flow: its tasks would fail to
+    import our code or, worse, compute with other code than this run planned with. (Workers that
+    join after this check are not checked.)"""
+
+    def installed_version():  # nested, so sent by value: workers need not import this module
+        try:
+            import ensir_flow
+        except ImportError:
+            return "none"
+        return ensir_flow.__version__
+
+    for worker, version in sorted(client.run(installed_version).items()):
+        if version != ensir_flow.__version__:
+            raise InputError(f"{scheduler}: worker {worker} has ensir-flow {version}, this client "
+                             f"{ensir_flow.__version__}; install the same version on every worker")
 
 
 SCHEDULER_ENV = "ENSIR_FLOW_SCHEDULER"

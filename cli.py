@@ -29,7 +29,15 @@ def _client(scheduler: str):
         with local_cluster() as cluster, Client(cluster) as client:
             yield client
         return
+    from distributed.comm.addressing import resolve_address
+
     address = scheduler if "://" in scheduler else _address_in_scheduler_file(scheduler)
+    try:
+        resolve_address(address)  # before Client: one that fails on a malformed address is never closed
+    except ValueError as error:
+        raise InputError(f"{scheduler}: not a dask scheduler address ({error})") from None
+    except OSError as error:
+        raise InputError(f"{scheduler}: cannot reach the dask scheduler ({error})") from None
     try:
         client = Client(address)
     except OSError as error:
@@ -50,17 +58,21 @@ def _address_in_scheduler_file(path: str) -> str:
 
 
 def _check_workers(client, scheduler: str) -> None:
-    """Refuse a cluster with a worker that lacks this client's ensir-flow: its tasks would fail to
-    import our code or, worse, compute with other code than this run planned with. (Workers that
-    join after this check are not checked.)"""
+    """Refuse a cluster with a worker that cannot import ensir-flow or has another version of it:
+    its tasks would fail, or run other code than this run planned with. It compares version
+    strings, so two checkouts of one version pass. With no worker yet (batch jobs still queued)
+    it waits for the first one, saying so; workers that join after this check are not checked."""
 
     def installed_version():  # nested, so sent by value: workers need not import this module
         try:
             import ensir_flow
-        except ImportError:
-            return "none"
+        except Exception as error:
+            return f"none importable ({type(error).__name__}: {error})"
         return ensir_flow.__version__
 
+    if not client.nthreads():
+        click.echo(f"{scheduler}: no workers yet; waiting for the first one to join", err=True)
+        client.wait_for_workers(1)
     for worker, version in sorted(client.run(installed_version).items()):
         if version != ensir_flow.__version__:
             raise InputError(f"{scheduler}: worker {worker} has ensir-flow {version}, this client "

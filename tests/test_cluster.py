@@ -1,12 +1,15 @@
 """Running on an existing Dask cluster: by address or scheduler file, and refusing what cannot work."""
 
+import threading
+
 import dask
 import numpy as np
 import pytest
 import xarray as xr
-from distributed import LocalCluster
+from distributed import Client, LocalCluster
 
 import ensir_flow
+from cli import _check_workers
 from conftest import run_workflow
 
 
@@ -44,13 +47,24 @@ def test_workers_with_another_ensir_flow_are_refused_before_anything_is_written(
     assert not (tmp_path / "s.zarr").exists()
 
 
-def test_an_unreachable_scheduler_or_a_bad_scheduler_file_is_a_one_line_error(corpus, tmp_path, invoke):
+def test_an_unreachable_scheduler_a_malformed_address_or_a_bad_scheduler_file_is_a_one_line_error(corpus, tmp_path,
+                                                                                                  invoke):
     root, _ = corpus
     not_json = tmp_path / "scheduler.json"
     not_json.write_text("scheduler: somewhere")
     with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
         unreachable = invoke("ingest", root, tmp_path / "a.zarr", "--scheduler", "tcp://127.0.0.1:9", "--no-progress")
-    bad_file = invoke("ingest", root, tmp_path / "b.zarr", "--scheduler", not_json, "--no-progress")
+    no_port = invoke("ingest", root, tmp_path / "b.zarr", "--scheduler", "tcp://127.0.0.1", "--no-progress")
+    bad_file = invoke("ingest", root, tmp_path / "c.zarr", "--scheduler", not_json, "--no-progress")
     assert unreachable.exit_code == 1 and "tcp://127.0.0.1:9: cannot reach the dask scheduler" in unreachable.output
+    assert no_port.exit_code == 1 and "tcp://127.0.0.1: not a dask scheduler address (missing port" in no_port.output
     assert bad_file.exit_code == 1 and f"{not_json}: not a dask scheduler file" in bad_file.output
     assert not any(tmp_path.glob("*.zarr"))
+
+
+def test_a_cluster_without_workers_is_waited_for_and_said_so(capsys):
+    with LocalCluster(n_workers=0, processes=True, dashboard_address=":0") as empty, Client(empty) as client:
+        threading.Timer(0.5, empty.scale, args=(1,)).start()
+        _check_workers(client, empty.scheduler_address)
+        assert len(client.nthreads()) == 1
+    assert "no workers yet; waiting for the first one to join" in capsys.readouterr().err

@@ -388,7 +388,10 @@ def apply_steps(session: Session, store: Path, lut: Path, output: Path, megapixe
     start = time.perf_counter()
     plan.run(session.compute)
     end = time.perf_counter()
-    (_, tasks_start, tasks_end), = [call for call in session.calls if call[0] == "apply"]
+    blends = [call for call in session.calls if call[0] == "apply"]
+    if len(blends) != 1:
+        raise RuntimeError(f"plan_apply's compute calls were {[label for label, _, _ in session.calls]}: expected one 'apply'")
+    (_, tasks_start, tasks_end), = blends
     return [session.step("apply: blend + Zarr write", start, end, megapixels, bound),
             session.step("apply: of which chunk tasks", tasks_start, tasks_end, megapixels, bound)]
 
@@ -693,7 +696,7 @@ def main(argv=None) -> None:
             print_table(f"scaling, LocalCluster of single-threaded processes; peak RSS of the busiest worker "
                         f"(EM: of the client); speedup over {args.workers[0]} worker(s); "
                         f"LUTs bit-identical to the threaded one: {'yes' if all(identical) else 'NO'}; start-up "
-                        "(cluster, imports, kernel compilation; not in the figures): "
+                        "(cluster, imports, numba kernels; not in the figures): "
                         + ", ".join(f"{s:.1f} s for {n} worker(s)" for n, s in startup.items()),
                         ["step", "workers", "wall s", "Mpx/s", "peak RSS MiB", "x bound", "speedup"],
                         step_rows(scaling, speedups))

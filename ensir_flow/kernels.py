@@ -1,4 +1,4 @@
-"""The numba kernels: fused loops over the pixel-channels of a chunk, for binning, statistics and blending.
+"""The chunk kernels (numba): fused loops over the pixel-channels of a chunk, for binning, statistics and blending.
 
 Each takes `places`, the `binning.place_tables` tuple of K tables. A tuple's length is part of
 its numba type, so a kernel is compiled once per K with its loops over models unrolled (about

@@ -132,14 +132,14 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
             else:
                 done = zarr.open_group(staging, mode="r")[COMPLETE][:].astype(bool)
             todo = np.flatnonzero(~done)
+            predictions = task_argument(pixel_array(store, schema.PREDICTION))
             if lut.solver == "zzpm":
-                image_weights = _zzpm_image_weights(store, ds, segments, compute)
+                image_weights = _zzpm_image_weights(predictions, ranges, ds, segments, compute)
                 jobs = [(blend_segments, (image_weights[[g for _, _, g in segments[i]]], [(a, b) for a, b, _ in segments[i]]))
                         for i in todo]
             else:
                 weights = dask.delayed(lut.weights, pure=True)
                 jobs = [(blend, (weights, lut.bin_width, device)) for _ in todo]
-            predictions = task_argument(pixel_array(store, schema.PREDICTION))
             ensemble, complete = (task_argument(open_array_for_writing(staging, name)) for name in (schema.ENSEMBLE, COMPLETE))
             tasks = [dask.delayed(_blend_chunk_into)(combine, arguments, predictions, *ranges[i], ensemble, complete, int(i))
                      for i, (combine, arguments) in zip(todo, jobs)]
@@ -163,11 +163,11 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
     return Plan(f"apply a LUT to {ds.sizes['image']} images", details, execute)
 
 
-def _zzpm_image_weights(store: str, ds: xr.Dataset, segments, compute) -> np.ndarray:
-    """ZZPM's weights (images, K): one pass of per-chunk, per-image squared distances to the mean."""
-    predictions = task_argument(pixel_array(store, schema.PREDICTION))
+def _zzpm_image_weights(predictions, ranges, ds: xr.Dataset, segments, compute) -> np.ndarray:
+    """ZZPM's weights (images, K): one pass of per-chunk, per-image squared distances to the mean
+    (`predictions`: the store's opened array as a graph key; `ranges`: its chunks' (start, stop))."""
     parts = [dask.delayed(_segment_distance_sums, pure=True)(predictions, start, stop, runs)
-             for (start, stop), runs in zip(chunk_ranges(ds), segments)]
+             for (start, stop), runs in zip(ranges, segments)]
     sums = np.zeros((ds.sizes["image"], ds.sizes["model"]))
     for chunk_sums in compute(*parts, label="ZZPM weights"):
         for image, values in chunk_sums:

@@ -33,13 +33,10 @@ def _client(scheduler: str):
 
     address = scheduler if "://" in scheduler else _address_in_scheduler_file(scheduler)
     try:
-        resolve_address(address)  # before Client: one that fails on a malformed address is never closed
+        resolve_address(address)  # first: a Client that fails on a malformed address is never closed
+        client = Client(address)
     except ValueError as error:
         raise InputError(f"{scheduler}: not a dask scheduler address ({error})") from None
-    except OSError as error:
-        raise InputError(f"{scheduler}: cannot reach the dask scheduler ({error})") from None
-    try:
-        client = Client(address)
     except OSError as error:
         raise InputError(f"{scheduler}: cannot reach the dask scheduler ({error})") from None
     with client:

@@ -93,7 +93,7 @@ def _em_batch(hist: "torch.Tensor", mean: "torch.Tensor", var: "torch.Tensor", p
         log_prob = -0.5 * (log_2pi + torch.log(v)[:, :, None] + diff * diff / v[:, :, None]) + torch.log(p)[:, :, None]
         log_norm = torch.logsumexp(log_prob, dim=1)
         ll = (h * log_norm).sum(dim=1) / n
-        if iteration:
+        if iteration >= 2:  # the reference's stored score starts at -inf: steps 1 and 2 are compared first
             converged = running & ((ll - prev_ll) < TOLERANCE)
             result = torch.where(converged[:, None], p, result)
             running = running & ~converged

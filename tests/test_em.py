@@ -16,12 +16,12 @@ def _reference_em(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     pi = np.exp(logits - logits.max())
     pi /= pi.sum()
     prev = None
-    for _ in range(1001):
+    for step in range(1001):
         log_p = -0.5 * (np.log(2 * np.pi) + np.log(var)[:, None] + (y[None] - mu[:, None]) ** 2 / var[:, None]) + np.log(pi)[:, None]
         top = log_p.max(axis=0)
         log_norm = top + np.log(np.exp(log_p - top).sum(axis=0))
         ll = log_norm.mean()
-        if prev is not None and ll - prev < 1e-5:
+        if step >= 2 and ll - prev < 1e-5:  # the score before any step is never compared
             return pi
         resp = np.exp(log_p - log_norm)
         s = resp.sum(axis=1)

@@ -1,118 +1,17 @@
 """ensir-flow command line: options, scheduler, progress; the work itself is in `pipelines`."""
 
-import contextlib
 import json
-import sys
 from pathlib import Path
 
 import click
-import dask
 import yaml
-from dask.diagnostics import ProgressBar
 
 import ensir_flow
 from ensir_flow import schema
 from ensir_flow.devices import DEVICES
 from ensir_flow.errors import InputError
 from ensir_flow.lut import SOLVERS
-
-
-@contextlib.contextmanager
-def _client(scheduler: str):
-    """'threads': dask's local threads; 'local': a LocalCluster; else an address or scheduler file."""
-    if scheduler == "threads":
-        yield None
-        return
-    from distributed import Client
-
-    if scheduler == "local":
-        with local_cluster() as cluster, Client(cluster) as client:
-            yield client
-        return
-    from distributed.comm.addressing import resolve_address
-
-    address = scheduler if "://" in scheduler else _address_in_scheduler_file(scheduler)
-    try:
-        resolve_address(address)  # first: a Client that fails on a malformed address is never closed
-        client = Client(address)
-    except ValueError as error:
-        raise InputError(f"{scheduler}: not a dask scheduler address ({error})") from None
-    except OSError as error:
-        raise InputError(f"{scheduler}: cannot reach the dask scheduler ({error})") from None
-    with client:
-        _check_workers(client, scheduler)
-        yield client
-
-
-def _address_in_scheduler_file(path: str) -> str:
-    """The scheduler address a `dask scheduler --scheduler-file` wrote into `path`."""
-    if not Path(path).is_file():
-        raise InputError(f"{path}: not 'threads', 'local', a scheduler address (tcp://host:port) or a scheduler file")
-    try:
-        return json.loads(Path(path).read_text())["address"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise InputError(f"{path}: not a dask scheduler file (JSON with the scheduler's 'address')") from None
-
-
-def _check_workers(client, scheduler: str) -> None:
-    """Refuse a cluster with a worker that cannot import ensir-flow or has another version of it:
-    its tasks would fail, or run other code than this run planned with. It compares version
-    strings, so two checkouts of one version pass. With no worker yet (batch jobs still queued)
-    it waits for the first one, saying so; workers that join after this check are not checked."""
-
-    def installed_version():  # nested, so sent by value: workers need not import this module
-        try:
-            import ensir_flow
-        except Exception as error:
-            return f"none importable ({type(error).__name__}: {error})"
-        return ensir_flow.__version__
-
-    if not client.nthreads():
-        click.echo(f"{scheduler}: no workers yet; waiting for the first one to join", err=True)
-        client.wait_for_workers(1)
-    for worker, version in sorted(client.run(installed_version).items()):
-        if version != ensir_flow.__version__:
-            raise InputError(f"{scheduler}: worker {worker} has ensir-flow {version}, this client "
-                             f"{ensir_flow.__version__}; install the same version on every worker")
-
-
-SCHEDULER_ENV = "ENSIR_FLOW_SCHEDULER"
-
-
-def local_cluster(**options):
-    """A distributed LocalCluster sized to this machine, tuned for chunk-at-a-time work.
-
-    Distributed sets MALLOC_TRIM_THRESHOLD_ in its workers, which also freezes glibc's mmap
-    threshold: every chunk buffer is then mapped and unmapped afresh, and workers read Zarr 2-3x
-    slower. Our tasks hold one chunk at a time, so we leave glibc's adaptive default instead.
-    """
-    from distributed import LocalCluster
-
-    environment = dict(dask.config.get("distributed.nanny.pre-spawn-environ"))
-    environment.pop("MALLOC_TRIM_THRESHOLD_", None)
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environment}):
-        return LocalCluster(**options)
-
-
-def _compute_function(client, progress: bool):
-    """The `Compute` pipelines call: on the chosen scheduler, with a progress bar on stderr."""
-
-    def compute(*collections, label: str = ""):
-        if progress and label:
-            click.echo(f"{label} ...", err=True)
-        if client is None:
-            bar = ProgressBar(minimum=1.0, out=sys.stderr) if progress else contextlib.nullcontext()
-            with bar:
-                return dask.compute(*collections, scheduler="threads")
-        futures = client.compute(list(collections))
-        if progress:
-            from distributed import progress as distributed_progress
-
-            with contextlib.redirect_stdout(sys.stderr):  # stdout stays clean for --json
-                distributed_progress(futures)
-        return tuple(client.gather(futures))
-
-    return compute
+from ensir_flow.pipelines.executor import SCHEDULER_ENV, session
 
 
 def _run(plan_factory, *, scheduler, progress, dry_run, locations=()):
@@ -130,8 +29,8 @@ def _run(plan_factory, *, scheduler, progress, dry_run, locations=()):
         if dry_run:
             click.echo(plan.describe())
             return None
-        with _client(scheduler) as client:
-            return plan.run(_compute_function(client, progress))
+        with session(scheduler, progress) as compute:
+            return plan.run(compute)
     except InputError as error:
         raise click.ClickException(str(error)) from None
 
@@ -216,7 +115,7 @@ def main():
 @run_options()
 def ingest(source_dir, store, models, chunk_pixels, append, compression, scheduler, no_progress, dry_run, overwrite):
     """Read SOURCE_DIR (gt/, lq/, one folder per model) into the Zarr store STORE."""
-    from pipelines.ingest import plan_append, plan_ingest
+    from ensir_flow.pipelines.ingest import plan_append, plan_ingest
 
     model_list = [m.strip() for m in models.split(",") if m.strip()] if models else None
     if append:
@@ -250,7 +149,7 @@ def ingest(source_dir, store, models, chunk_pixels, append, compression, schedul
 @run_options()
 def fit(store, lut, bin_width, solver, shrinkage, device, scheduler, no_progress, dry_run, overwrite):
     """Fit an EnsIR LUT on the reference STORE (with ground truth) and write it to LUT."""
-    from pipelines.fit import plan_fit
+    from ensir_flow.pipelines.fit import plan_fit
 
     strength = _shrinkage(shrinkage)
     table = _run(lambda: plan_fit(store, lut, bin_width, solver, device, overwrite, strength),
@@ -270,7 +169,7 @@ def fit(store, lut, bin_width, solver, shrinkage, device, scheduler, no_progress
 @run_options()
 def apply(store, lut, output, export_dir, device, compression, scheduler, no_progress, dry_run, overwrite):
     """Blend every image of STORE with LUT into the new store OUTPUT."""
-    from pipelines.apply import plan_apply
+    from ensir_flow.pipelines.apply import plan_apply
 
     result = _run(lambda: plan_apply(store, lut, output, export_dir, overwrite, device, compression),
                   scheduler=scheduler, progress=not no_progress, dry_run=dry_run,
@@ -299,7 +198,7 @@ def apply(store, lut, output, export_dir, device, compression, scheduler, no_pro
 def evaluate(store, ensemble_store, folds, solvers, bin_widths, as_json, y_channel, crop_border, report_dir, lut_path,
              device, scheduler, no_progress, dry_run):
     """PSNR/SSIM of every model, the average, ZZPM and the ensemble against STORE's ground truth."""
-    from pipelines.evaluate import plan_cross_validation, plan_evaluate
+    from ensir_flow.pipelines.evaluate import plan_cross_validation, plan_evaluate
 
     if folds is None:
         factory = lambda: plan_evaluate(store, ensemble_store, y_channel, crop_border)  # noqa: E731
@@ -321,7 +220,7 @@ def evaluate(store, ensemble_store, folds, solvers, bin_widths, as_json, y_chann
         return
     click.echo(json.dumps(result.to_json()) if as_json else result.table())
     if report_dir is not None:
-        from pipelines.report import write_report
+        from ensir_flow.pipelines.report import write_report
 
         try:
             page = write_report(report_dir, result.to_json(), store, ensemble_store, lut_path)
@@ -336,7 +235,7 @@ def evaluate(store, ensemble_store, folds, solvers, bin_widths, as_json, y_chann
 @quiet_option
 def info(path, as_json, no_progress):
     """What the store or LUT at PATH holds and what made it (provenance)."""
-    from pipelines.interchange import describe, format_description
+    from ensir_flow.pipelines.interchange import describe, format_description
 
     try:
         summary = describe(path)
@@ -359,7 +258,7 @@ def lut():
 @quiet_option
 def lut_import(source, output, models, bin_width, overwrite, no_progress):
     """Convert a LUT published with the paper's code (SOURCE .pth) to a LUT store; code in the file is never run."""
-    from pipelines.interchange import import_paper_lut
+    from ensir_flow.pipelines.interchange import import_paper_lut
 
     try:
         table = import_paper_lut(source, output, [m.strip() for m in models.split(",")], bin_width, overwrite)
@@ -375,7 +274,7 @@ def lut_import(source, output, models, bin_width, overwrite, no_progress):
 @quiet_option
 def lut_export(lut_path, output, overwrite, no_progress):
     """Write LUT as OUTPUT.npz or OUTPUT.json (weights, counts, models, bin width, bin-index rule)."""
-    from pipelines.interchange import export_lut
+    from ensir_flow.pipelines.interchange import export_lut
 
     try:
         export_lut(lut_path, output, overwrite)
@@ -389,7 +288,7 @@ def lut_export(lut_path, output, overwrite, no_progress):
 @run_options()
 def demo(directory, scheduler, no_progress, dry_run, overwrite):
     """Build the embedded demo corpus in DIRECTORY and run ingest, fit, apply, evaluate on it."""
-    from pipelines.demo import plan_demo
+    from ensir_flow.pipelines.demo import plan_demo
 
     result = _run(lambda: plan_demo(directory, overwrite), scheduler=scheduler, progress=not no_progress, dry_run=dry_run,
                   locations=(directory,))

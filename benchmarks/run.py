@@ -49,11 +49,12 @@ from ensir_flow.binning import LEVELS, bin_count, place_values
 from ensir_flow.blend import blend
 from ensir_flow.images import write_png
 from ensir_flow.stats import chunk_statistics
-from pipelines.apply import load_lut, plan_apply
-from pipelines.chunks import chunk_ranges, pixel_array, read_pixels, task_argument
-from pipelines.fit import plan_fit
-from pipelines.ingest import plan_ingest
-from pipelines.storage import write_dataset
+from ensir_flow.pipelines.apply import plan_apply
+from ensir_flow.pipelines.chunks import chunk_ranges, pixel_array, read_pixels, task_argument
+from ensir_flow.pipelines.executor import threaded_compute
+from ensir_flow.pipelines.fit import plan_fit
+from ensir_flow.pipelines.ingest import plan_ingest
+from ensir_flow.pipelines.storage import read_lut, write_dataset
 
 #: Kernels and pipelines run on the CPU (numba); the kernel figures are per core.
 DEVICE = "cpu"
@@ -304,9 +305,8 @@ class Session:
 
 @contextlib.contextmanager
 def threaded_session():
-    """Dask's local threaded scheduler (the CLI default), one thread per core."""
-    session = Session(f"{os.cpu_count()} threads", os.cpu_count(), lambda *c: dask.compute(*c, scheduler="threads"),
-                      [os.getpid()])
+    """Dask's local threaded scheduler (the CLI's `--scheduler threads`), one thread per core."""
+    session = Session(f"{os.cpu_count()} threads", os.cpu_count(), threaded_compute, [os.getpid()])
     with session.sampler:
         yield session
 
@@ -315,8 +315,8 @@ def warm_up(n_models: int, bin_width: int) -> None:
     """Import what the pipelines' tasks run and load (or compile, the first time) the numba kernels
     for K models, writable and read-only inputs: one-time costs of a process (every CLI run pays
     them once per worker), measured apart from the throughput figures."""
-    import pipelines.apply  # noqa: F401
-    import pipelines.fit  # noqa: F401
+    import ensir_flow.pipelines.apply  # noqa: F401
+    import ensir_flow.pipelines.fit  # noqa: F401
 
     for writable in (True, False):
         predictions, truth = np.zeros((n_models, 4, CHANNELS), np.uint8), np.zeros((4, CHANNELS), np.uint8)
@@ -332,15 +332,14 @@ def cluster_session(n_workers: int, n_models: int, bin_width: int):
     single-threaded processes, warmed up; `session.startup_seconds` is what that took."""
     from distributed import Client
 
-    from cli import local_cluster
+    from ensir_flow.pipelines.executor import compute_function, local_cluster
 
     start = time.perf_counter()
     with local_cluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                        silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
         client.run(warm_up, n_models, bin_width)
         pids = list(client.run(os.getpid).values())
-        session = Session("LocalCluster", n_workers,
-                          lambda *c: tuple(client.gather(client.compute(list(c)))), pids)
+        session = Session("LocalCluster", n_workers, compute_function(client, progress=False), pids)
         session.startup_seconds = time.perf_counter() - start
         with session.sampler:
             yield session
@@ -664,7 +663,7 @@ def main(argv=None) -> None:
                     "x bound = time / read bound of the same store",
                     ["step", "wall s", "Mpx/s", "peak RSS MiB", "x bound"], step_rows(steps))
 
-        reference_weights = load_lut(str(lut)).weights
+        reference_weights = read_lut(str(lut)).weights
         startups: dict[int, list[float]] = {n: [] for n in args.workers}
 
         def on_cluster(n_workers: int) -> list[Step]:
@@ -685,7 +684,7 @@ def main(argv=None) -> None:
                 for step in steps[1:]:
                     step.bound_seconds = steps[0].seconds  # the fastest read bound
                 scaling += steps
-                identical.append(bool(np.array_equal(load_lut(str(workdir / f"lut-{n}.zarr")).weights, reference_weights)))
+                identical.append(bool(np.array_equal(read_lut(str(workdir / f"lut-{n}.zarr")).weights, reference_weights)))
             shutil.rmtree(workdir / "ensemble.zarr")
         startup = {n: min(seconds) for n, seconds in startups.items() if seconds}
         if scaling:

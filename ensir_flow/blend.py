@@ -65,10 +65,10 @@ def zzpm_weights(mean_squared_distance: np.ndarray) -> np.ndarray:
     return weights / weights.sum(axis=-1, keepdims=True)
 
 
-def blend_segments(predictions: np.ndarray, weights: np.ndarray, segments) -> np.ndarray:
-    """Weighted sum with one weight vector per pixel segment: weights (n, K), segments [(start, stop)]."""
+def blend_spans(predictions: np.ndarray, weights: np.ndarray, spans) -> np.ndarray:
+    """Weighted sum with one weight vector per span of pixels: weights (n, K), spans [(start, stop, ...)]."""
     out = np.empty(predictions.shape[1:], dtype=np.uint8)
-    for (start, stop), w in zip(segments, weights):
+    for (start, stop, *_), w in zip(spans, weights):
         part = np.tensordot(w, predictions[:, start:stop].astype(np.float64), axes=1)
         out[start:stop] = np.floor(part + 0.5).clip(0, 255)
     return out
@@ -78,4 +78,4 @@ def zzpm(predictions: np.ndarray) -> np.ndarray:
     """ZZPM on one whole image (K, ...), rounded half up to uint8."""
     size = predictions[0].size
     weights = zzpm_weights(squared_distance_sums(predictions) / size)
-    return blend_segments(predictions, weights[None], [(0, predictions.shape[1])])
+    return blend_spans(predictions, weights[None], [(0, predictions.shape[1])])

@@ -22,6 +22,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
+from .fit_status import FitStatus
 from .stats import CellStatistics
 
 MIN_PIXELS_FOR_EM = 100
@@ -31,9 +32,6 @@ EPS = 1e-6
 BATCH_CELLS = 4096
 COMPACT_EVERY = 16
 
-#: How each cell's weights were obtained (the LUT's `fit_status` variable).
-STATUS_EMPTY, STATUS_INITIAL, STATUS_EM, STATUS_EM_FAILED, STATUS_LEAST_SQUARES, STATUS_UNIFORM, STATUS_IMPORTED = range(7)
-STATUS_MEANINGS = "empty_fallback initial_weights em em_failed_initial_weights least_squares uniform imported"
 
 
 def initial_weights(statistics: CellStatistics) -> np.ndarray:
@@ -119,15 +117,15 @@ def fit_em(statistics: CellStatistics, device: str = "cpu") -> tuple[np.ndarray,
     """EnsIR weights and fit status for every non-empty cell of `statistics`.
 
     Returns weights float64 (m, K) in the order of `statistics.cells`, and a status per cell
-    (STATUS_INITIAL, STATUS_EM or STATUS_EM_FAILED).
+    (FitStatus.INITIAL_WEIGHTS, FitStatus.EM or FitStatus.EM_FAILED_INITIAL_WEIGHTS).
     """
     import torch  # imported here: modules that only use the status codes stay light on Dask workers
 
     weights = initial_weights(statistics)
-    status = np.full(len(statistics.cells), STATUS_INITIAL, dtype=np.int8)
+    status = np.full(len(statistics.cells), FitStatus.INITIAL_WEIGHTS, dtype=np.int8)
     mean, var, zero_var = _moments_of(statistics)
     eligible = statistics.counts >= MIN_PIXELS_FOR_EM
-    status[eligible & zero_var.any(axis=1)] = STATUS_EM_FAILED
+    status[eligible & zero_var.any(axis=1)] = FitStatus.EM_FAILED_INITIAL_WEIGHTS
     rows = np.flatnonzero(eligible & ~zero_var.any(axis=1))
     for start in range(0, len(rows), BATCH_CELLS):
         batch = rows[start: start + BATCH_CELLS]
@@ -138,5 +136,5 @@ def fit_em(statistics: CellStatistics, device: str = "cpu") -> tuple[np.ndarray,
         )
         failed = failed.cpu().numpy()
         weights[batch[~failed]] = pi.cpu().numpy()[~failed]
-        status[batch] = np.where(failed, STATUS_EM_FAILED, STATUS_EM)
+        status[batch] = np.where(failed, FitStatus.EM_FAILED_INITIAL_WEIGHTS, FitStatus.EM)
     return weights, status

@@ -7,6 +7,7 @@ except `read_paper_lut`, which imports a LUT published with the paper's code thr
 safe (weights-only) loader.
 """
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,6 +16,7 @@ import xarray as xr
 from . import em, lsq
 from .binning import bin_count, flat_bins_of_edges
 from .errors import InputError
+from .fit_status import FLAG_MEANINGS, FitStatus
 from .stats import CellStatistics
 
 EMPTY_POLICY = "channel"
@@ -49,7 +51,7 @@ class Lut:
                 "weights": (("bin", "channel", "model"), self.weights.astype(np.float32)),
                 "count": (("bin", "channel"), self.count.astype(np.int64)),
                 "fit_status": (("bin", "channel"), self.fit_status.astype(np.int8), {
-                    "flag_values": list(range(len(em.STATUS_MEANINGS.split()))), "flag_meanings": em.STATUS_MEANINGS,
+                    "flag_values": list(range(len(FitStatus))), "flag_meanings": FLAG_MEANINGS,
                 }),
             },
             coords={"bin": np.arange(n_bins), "model": np.array(self.models, dtype=object)},
@@ -76,11 +78,17 @@ class Lut:
         if weights.shape[0] != bin_count(len(models), bin_width) or weights.shape[2] != len(models):
             raise InputError(f"{source}: weights shape {weights.shape} does not match {len(models)} models at bin width {bin_width}")
         count = ds["count"].values if "count" in ds else np.zeros(weights.shape[:2], np.int64)
-        status = ds["fit_status"].values if "fit_status" in ds else np.full(weights.shape[:2], em.STATUS_INITIAL, np.int8)
+        status = ds["fit_status"].values if "fit_status" in ds else np.full(weights.shape[:2], FitStatus.INITIAL_WEIGHTS, np.int8)
         known = {"models", "bin_width", "solver", "empty_policy"}
         return cls(models, bin_width, weights.astype(np.float32), count, status,
                    str(ds.attrs.get("solver", "em")), str(ds.attrs.get("empty_policy", EMPTY_POLICY)),
                    {k: v for k, v in ds.attrs.items() if k not in known})
+
+    def digest(self) -> str:
+        """SHA-256 of the weights and their meaning, recorded in every output made with the LUT."""
+        digest = hashlib.sha256(np.ascontiguousarray(self.weights, dtype="<f4").tobytes())
+        digest.update(repr((self.models, self.bin_width)).encode())
+        return digest.hexdigest()
 
     def check_matches(self, models: list[str], n_channels: int, source: str) -> None:
         """Refuse to apply this LUT to a store whose models or channels differ."""
@@ -110,15 +118,15 @@ def fit_lut(statistics: CellStatistics, models: list[str], device: str = "cpu", 
     n_bins = bin_count(n_models, statistics.bin_width)
     weights = np.full((n_bins * n_channels, n_models), 1.0 / n_models)
     count = np.zeros(n_bins * n_channels, dtype=np.int64)
-    status = np.full(n_bins * n_channels, em.STATUS_EMPTY, dtype=np.int8)
+    status = np.full(n_bins * n_channels, FitStatus.EMPTY_FALLBACK, dtype=np.int8)
     count[statistics.cells] = statistics.counts
     if solver in ("average", "zzpm"):
-        status[:] = em.STATUS_UNIFORM
+        status[:] = FitStatus.UNIFORM
     elif solver == "lsq":
         cell_weights, channel_ids, channel_weights = lsq.fit_lsq(statistics, shrinkage)
         weights.reshape(n_bins, n_channels, n_models)[:, channel_ids] = channel_weights
         weights[statistics.cells] = cell_weights
-        status[statistics.cells] = em.STATUS_LEAST_SQUARES
+        status[statistics.cells] = FitStatus.LEAST_SQUARES
     else:
         channel_stats = statistics.per_channel()
         if len(channel_stats.cells):
@@ -163,6 +171,6 @@ def read_paper_lut(path, models: list[str], bin_width: int) -> Lut:
             raise InputError(f"{path}: entry {key} holds weights of shape {per_channel.shape}, expected {(n_channels, n_models)}")
         weights[index] = per_channel
     return Lut(list(models), bin_width, weights, np.zeros((n_bins, n_channels), np.int64),
-               np.full((n_bins, n_channels), em.STATUS_IMPORTED, np.int8), solver="imported",
+               np.full((n_bins, n_channels), FitStatus.IMPORTED, np.int8), solver="imported",
                empty_policy="as published", attrs={"imported_from": str(path)})
 

@@ -163,20 +163,20 @@ def merge(*parts: CellStatistics) -> CellStatistics:
     return CellStatistics(first.n_models, first.n_channels, first.bin_width, cells, moments, keys, counts)
 
 
-def segment_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bin_width: int,
-                       segments: list[tuple[int, int, int]], n_groups: int, device: str = "cpu") -> list[CellStatistics]:
-    """Statistics per group of one chunk whose pixels are split into (start, stop, group) segments
+def fold_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bin_width: int,
+                    spans: list[tuple[int, int, int]], n_folds: int, device: str = "cpu") -> list[CellStatistics]:
+    """Statistics per fold of one chunk whose pixels are split into (start, stop, fold) spans
     (used to keep cross-validation folds of images apart in the same single pass)."""
     n_models, _, n_channels = predictions.shape
-    parts: list[list[CellStatistics]] = [[] for _ in range(n_groups)]
-    for start, stop, group in segments:
-        parts[group].append(chunk_statistics(predictions[:, start:stop], ground_truth[start:stop], bin_width, device))
+    parts: list[list[CellStatistics]] = [[] for _ in range(n_folds)]
+    for start, stop, fold in spans:
+        parts[fold].append(chunk_statistics(predictions[:, start:stop], ground_truth[start:stop], bin_width, device))
     return [merge(*p) if p else empty_statistics(n_models, n_channels, bin_width) for p in parts]
 
 
-def merge_groups(*grouped: list[CellStatistics]) -> list[CellStatistics]:
-    """Group-wise `merge` of several `segment_statistics` results."""
-    return [merge(*group) for group in zip(*grouped)]
+def merge_folds(*per_fold: list[CellStatistics]) -> list[CellStatistics]:
+    """Fold-wise `merge` of several `fold_statistics` results."""
+    return [merge(*fold) for fold in zip(*per_fold)]
 
 
 def chunk_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bin_width: int, device: str = "cpu") -> CellStatistics:

@@ -1,4 +1,4 @@
-"""Apply: blend a store's predictions with a LUT chunk by chunk, and export images."""
+"""Apply: blend a store's predictions with a LUT chunk by chunk into a new store (and export it)."""
 
 import hashlib
 from dataclasses import dataclass
@@ -12,42 +12,14 @@ import zarr
 
 import ensir_flow
 from ensir_flow import schema
-from ensir_flow.blend import blend, blend_segments, squared_distance_sums, zzpm_weights
-from ensir_flow.errors import InputError
-from ensir_flow.images import write_png
-from ensir_flow.lut import Lut
+from ensir_flow.blend import blend
 
-from .chunks import chunk_ranges, pixel_array, read_pixels, task_argument
-from .fit import chunk_segments
+from .chunks import chunk_ranges, chunk_spans, pixel_array, read_pixels, task_argument
+from .export import export
 from .plan import Plan
-from .storage import (commit, exclusive_lock, exists, open_array_for_writing, open_store, refuse_existing, resumable_location,
-                      staged_output, write_dataset)
-
-
-def load_lut(path: str) -> Lut:
-    """Read a LUT store fully (it is small) and check it."""
-    return Lut.from_dataset(open_store(path).load(), source=str(path))
-
-
-def lut_digest(lut: Lut) -> str:
-    """SHA-256 of the weights and their meaning, recorded in every output made with the LUT."""
-    digest = hashlib.sha256(np.ascontiguousarray(lut.weights, dtype="<f4").tobytes())
-    digest.update(repr((lut.models, lut.bin_width)).encode())
-    return digest.hexdigest()
-
-
-def _export_image(pixels: np.ndarray, height: int, width: int, path) -> None:
-    write_png(path, np.asarray(pixels).reshape(height, width, -1))
-
-
-def export_graph(ds: xr.Dataset, variable: str, directory) -> list:
-    """Delayed writes of one lossless PNG per image of `ds[variable]`, named by stem."""
-    index = schema.ImageIndex.from_dataset(ds)
-    data = ds[variable].data
-    return [
-        dask.delayed(_export_image, pure=True)(data[offset: offset + count], h, w, f"{directory}/{stem}.png")
-        for stem, h, w, offset, count in zip(index.stems, index.heights, index.widths, index.offsets, index.counts)
-    ]
+from .storage import (commit, exclusive_lock, exists, open_array_for_writing, open_store, read_lut, refuse_existing,
+                      resumable_location, write_dataset)
+from .zzpm import zzpm_blend_jobs
 
 
 COMPLETE = "chunk_complete"
@@ -92,10 +64,10 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
     """
     ds = open_store(store)
     models = schema.check_store(ds, store)
-    lut = load_lut(lut_path)
+    lut = read_lut(lut_path)
     lut.check_matches(models, ds.sizes["channel"], str(lut_path))
     provenance = {"source": str(store), "source_fingerprint": store_fingerprint(ds), "lut": str(lut_path),
-                  "lut_sha256": lut_digest(lut)}
+                  "lut_sha256": lut.digest()}
     finished = exists(output) and _matches(open_store(output).attrs, provenance)
     if not finished:
         refuse_existing(output, overwrite)
@@ -114,7 +86,7 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
     encoding = {COMPLETE: {"chunks": (1,)},
                 schema.ENSEMBLE: schema.pixel_encoding((chunk_lengths[0], ds.sizes["channel"]), compression)}
     staging = resumable_location(output)
-    segments = chunk_segments(ds, np.arange(ds.sizes["image"]), chunk_lengths)  # (start, stop, image) per chunk
+    spans = chunk_spans(schema.ImageIndex.from_dataset(ds), np.arange(ds.sizes["image"]), chunk_lengths)
 
     def execute(compute):
         if finished:
@@ -133,10 +105,8 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
                 done = zarr.open_group(staging, mode="r")[COMPLETE][:].astype(bool)
             todo = np.flatnonzero(~done)
             predictions = task_argument(pixel_array(store, schema.PREDICTION))
-            if lut.solver == "zzpm":
-                image_weights = _zzpm_image_weights(predictions, ranges, ds, segments, compute)
-                jobs = [(blend_segments, (image_weights[[g for _, _, g in segments[i]]], [(a, b) for a, b, _ in segments[i]]))
-                        for i in todo]
+            if lut.solver == "zzpm":  # per-image weights, gathered from the store first
+                jobs = zzpm_blend_jobs(predictions, ranges, spans, ds, todo, compute)
             else:
                 weights = dask.delayed(lut.weights, pure=True)
                 jobs = [(blend, (weights, lut.bin_width, device)) for _ in todo]
@@ -163,36 +133,6 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
     return Plan(f"apply a LUT to {ds.sizes['image']} images", details, execute)
 
 
-def _zzpm_image_weights(predictions, ranges, ds: xr.Dataset, segments, compute) -> np.ndarray:
-    """ZZPM's weights (images, K): one pass of per-chunk, per-image squared distances to the mean
-    (`predictions`: the store's opened array as a graph key; `ranges`: its chunks' (start, stop))."""
-    parts = [dask.delayed(_segment_distance_sums, pure=True)(predictions, start, stop, runs)
-             for (start, stop), runs in zip(ranges, segments)]
-    sums = np.zeros((ds.sizes["image"], ds.sizes["model"]))
-    for chunk_sums in compute(*parts, label="ZZPM weights"):
-        for image, values in chunk_sums:
-            sums[image] += values
-    values_per_image = ds["pixel_count"].values[:, None] * ds.sizes["channel"]
-    return zzpm_weights(sums / values_per_image)
-
-
-def _segment_distance_sums(predictions, start: int, stop: int, runs) -> list[tuple[int, np.ndarray]]:
-    """One task: per image in chunk start:stop of the array of predictions, its `squared_distance_sums`."""
-    chunk = read_pixels(predictions, start, stop)
-    return [(image, squared_distance_sums(chunk[:, lo:hi])) for lo, hi, image in runs]
-
-
 def _matches(attrs: dict, provenance: dict) -> bool:
     """Whether a store was (or is being) made from the same inputs as this run."""
     return all(attrs.get(key) == value for key, value in provenance.items())
-
-
-def export(store: str, directory: str, compute, overwrite: bool = False, variable: str = schema.ENSEMBLE) -> None:
-    """Write every image of `store` as PNG into `directory`, staged so it appears complete or not at all."""
-    ds = open_store(store)
-    if variable not in ds:
-        raise InputError(f"{store}: no '{variable}' variable to export")
-    with staged_output(directory, overwrite) as staging:
-        fs, root = fsspec.core.url_to_fs(staging)
-        fs.makedirs(root, exist_ok=True)
-        compute(*export_graph(ds, variable, staging), label="export")

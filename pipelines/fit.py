@@ -1,7 +1,6 @@
 """Fit: one pass of per-chunk statistics, a tree reduction, then a solver on the reduced table."""
 
 import dask
-import numpy as np
 
 import ensir_flow
 from ensir_flow import schema
@@ -9,65 +8,33 @@ from ensir_flow.binning import bin_count
 from ensir_flow.devices import resolve_device
 from ensir_flow.lsq import SHRINKAGE_GRID, choose_shrinkage
 from ensir_flow.lut import SOLVERS, fit_lut
-from ensir_flow.stats import merge, merge_groups, segment_statistics
+from ensir_flow.stats import fold_statistics, merge, merge_folds
 
-from .chunks import chunk_ranges, pixel_array, read_pixels, task_argument
+from .chunks import MERGE_FAN_IN, Span, chunk_ranges, chunk_spans, image_folds, pixel_array, read_pixels, task_argument, tree_reduce
 from .plan import Plan
 from .storage import open_store, refuse_existing, staged_output, write_dataset
 
-MERGE_FAN_IN = 8
 SHRINKAGE_FOLDS = 5
 #: Used by lsq when there is a single reference image, so nothing to hold out.
 DEFAULT_SHRINKAGE = 1e3
 
 
-def tree_reduce(parts: list, combine, fan_in: int = MERGE_FAN_IN):
-    """Combine delayed parts in a tree of `fan_in`-way merges (bounded memory per merge task)."""
-    while len(parts) > 1:
-        parts = [dask.delayed(combine, pure=True)(*parts[i: i + fan_in]) for i in range(0, len(parts), fan_in)]
-    return parts[0]
-
-
-def image_folds(n_images: int, n_folds: int) -> np.ndarray:
-    """Fold of each image for cross-validation by image: image i (in store order) is in fold i % n_folds."""
-    return np.arange(n_images) % n_folds
-
-
-def chunk_segments(ds, fold_of_image: np.ndarray, chunks: tuple[int, ...]) -> list[list[tuple[int, int, int]]]:
-    """Per pixel chunk, its (start, stop, fold) runs in chunk coordinates (images never mix folds)."""
-    index = schema.ImageIndex.from_dataset(ds)
-    starts, stops = index.offsets, index.offsets + index.counts
-    segments, chunk_start = [], 0
-    for length in chunks:
-        chunk_stop = chunk_start + length
-        inside = np.flatnonzero((starts < chunk_stop) & (stops > chunk_start))
-        runs: list[tuple[int, int, int]] = []
-        for i in inside:
-            lo, hi, fold = max(starts[i], chunk_start) - chunk_start, min(stops[i], chunk_stop) - chunk_start, int(fold_of_image[i])
-            if runs and runs[-1][2] == fold and runs[-1][1] == lo:
-                runs[-1] = (runs[-1][0], int(hi), fold)
-            else:
-                runs.append((int(lo), int(hi), fold))
-        segments.append(runs)
-        chunk_start = chunk_stop
-    return segments
-
-
-def _chunk_statistics(predictions, truth, start: int, stop: int, bin_width: int, runs: list, n_folds: int,
+def _chunk_statistics(predictions, truth, start: int, stop: int, bin_width: int, spans: list[Span], n_folds: int,
                       device: str) -> list:
     """One task: read a chunk of the arrays of predictions and ground truth, return its statistics per fold."""
-    return segment_statistics(read_pixels(predictions, start, stop), read_pixels(truth, start, stop), bin_width, runs,
-                              n_folds, device)
+    return fold_statistics(read_pixels(predictions, start, stop), read_pixels(truth, start, stop), bin_width, spans,
+                           n_folds, device)
 
 
 def statistics_graph(store: str, ds, bin_width: int, device: str = "cpu", n_folds: int = 1):
     """Delayed list of merged CellStatistics, one per fold of images, of the store `store` (opened
     as `ds`, with ground truth): one task per chunk, then a tree of merges."""
-    segments = chunk_segments(ds, image_folds(ds.sizes["image"], n_folds), ds[schema.PREDICTION].data.chunks[1])
+    spans = chunk_spans(schema.ImageIndex.from_dataset(ds), image_folds(ds.sizes["image"], n_folds),
+                        ds[schema.PREDICTION].data.chunks[1])
     predictions, truth = (task_argument(pixel_array(store, name)) for name in (schema.PREDICTION, schema.GROUND_TRUTH))
-    parts = [dask.delayed(_chunk_statistics, pure=True)(predictions, truth, start, stop, bin_width, runs, n_folds, device)
-             for (start, stop), runs in zip(chunk_ranges(ds), segments)]
-    return tree_reduce(parts, merge_groups)
+    parts = [dask.delayed(_chunk_statistics, pure=True)(predictions, truth, start, stop, bin_width, chunk, n_folds, device)
+             for (start, stop), chunk in zip(chunk_ranges(ds), spans)]
+    return tree_reduce(parts, merge_folds)
 
 
 def lut_from_folds(fold_statistics: list, models: list[str], device: str, solver: str, shrinkage: float | None = None):

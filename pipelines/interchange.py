@@ -5,12 +5,12 @@ import json
 import fsspec
 import numpy as np
 
-from ensir_flow import em, schema
+from ensir_flow import schema
 from ensir_flow.errors import InputError
+from ensir_flow.fit_status import FLAG_MEANINGS, FitStatus
 from ensir_flow.lut import Lut, read_paper_lut
 
-from .apply import load_lut, lut_digest
-from .storage import open_store, refuse_existing, staged_output, write_dataset
+from .storage import open_store, read_lut, refuse_existing, staged_output, write_dataset
 
 EXPORT_FORMATS = (".npz", ".json")
 
@@ -21,12 +21,12 @@ def describe(path: str) -> dict:
     attrs = {key: value for key, value in ds.attrs.items()}
     if "weights" in ds:
         lut = Lut.from_dataset(ds.load(), source=str(path))
-        status = np.bincount(lut.fit_status.reshape(-1).astype(np.int64), minlength=len(em.STATUS_MEANINGS.split()))
+        status = np.bincount(lut.fit_status.reshape(-1).astype(np.int64), minlength=len(FitStatus))
         return {"path": str(path), "kind": "lut", "models": lut.models, "bin_width": lut.bin_width, "solver": lut.solver,
                 "bins": int(lut.weights.shape[0]), "channels": lut.n_channels,
                 "cells_with_reference_pixels": int((lut.count > 0).sum()), "reference_pixels": int(lut.count.sum()),
-                "fit_status": {name: int(n) for name, n in zip(em.STATUS_MEANINGS.split(), status) if n},
-                "sha256": lut_digest(lut), "attributes": attrs}
+                "fit_status": {name: int(n) for name, n in zip(FLAG_MEANINGS.split(), status) if n},
+                "sha256": lut.digest(), "attributes": attrs}
     models = schema.check_store(ds, str(path), require=())
     kind = "ensemble" if schema.ENSEMBLE in ds else "corpus"
     summary = {"path": str(path), "kind": kind, "models": models, "images": int(ds.sizes["image"]),
@@ -75,10 +75,10 @@ def export_lut(lut_path: str, output: str, overwrite: bool = False) -> None:
     if extension is None:
         raise InputError(f"{output}: export format unknown; name it *.npz or *.json")
     refuse_existing(output, overwrite)
-    lut = load_lut(lut_path)
+    lut = read_lut(lut_path)
     ds = lut.to_dataset()
     metadata = {"models": lut.models, "bin_width": lut.bin_width, "solver": lut.solver, "bin_index": ds.attrs["bin_index"],
-                "fit_status_meanings": em.STATUS_MEANINGS.split(), "sha256": lut_digest(lut)}
+                "fit_status_meanings": FLAG_MEANINGS.split(), "sha256": lut.digest()}
     with fsspec.open(str(output), "wb") as file:
         if extension == ".npz":
             np.savez_compressed(file, weights=lut.weights, count=lut.count, fit_status=lut.fit_status,

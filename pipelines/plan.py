@@ -4,15 +4,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import dask
-
-#: compute(*collections, label=...) -> tuple of results; supplied by the caller (scheduler, progress).
-Compute = Callable[..., tuple]
-
-
-def threaded_compute(*collections, label: str = "") -> tuple:
-    """The simplest `Compute`: dask's local threaded scheduler, no progress display."""
-    return dask.compute(*collections, scheduler="threads")
+from .executor import Compute, threaded_compute
 
 
 @dataclass

@@ -31,9 +31,8 @@ from ensir_flow.binning import ranges_per_model
 from ensir_flow.blend import average
 from ensir_flow.lut import Lut
 
-from .apply import load_lut
 from .evaluate import AVERAGE, ENSEMBLE, ZZPM
-from .storage import exists, open_store, staged_output
+from .storage import exists, open_store, read_lut, staged_output
 
 INPUT = "input"
 CROP_SIZE = 128
@@ -126,7 +125,7 @@ def write_report(directory, summary: dict, store: str, ensemble_store: str | Non
         schema.check_store(ensemble, ensemble_store, require=(schema.ENSEMBLE,))
     if lut_path is None and ensemble is not None:
         lut_path = ensemble.attrs.get("lut")  # the LUT the scored output was made with
-    lut = None if lut_path is None or not exists(lut_path) else load_lut(lut_path)
+    lut = None if lut_path is None or not exists(lut_path) else read_lut(lut_path)
     with staged_output(str(directory), overwrite) as staging:
         folder = Path(staging)
         folder.mkdir(parents=True)

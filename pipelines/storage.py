@@ -19,6 +19,7 @@ import xarray as xr
 import zarr
 
 from ensir_flow.errors import InputError
+from ensir_flow.lut import Lut
 
 
 def exists(path: str) -> bool:
@@ -146,6 +147,11 @@ def open_store(path: str) -> xr.Dataset:
         return xr.open_zarr(str(path))
     except Exception as error:
         raise InputError(f"{path}: not a readable Zarr store ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+
+
+def read_lut(path: str) -> Lut:
+    """Read a LUT store fully (it is small) and check it."""
+    return Lut.from_dataset(open_store(path).load(), source=str(path))
 
 
 #: Zarr's array configuration for our writes. By default Zarr compares every chunk with the fill

@@ -55,7 +55,7 @@ def corpus(tmp_path) -> tuple[Path, list[str]]:
 @pytest.fixture
 def invoke():
     """Run the CLI in-process; returns click's Result (exit_code, stdout, stderr)."""
-    from cli import main
+    from ensir_flow.cli import main
 
     runner = CliRunner()
 

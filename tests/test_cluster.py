@@ -9,7 +9,7 @@ import xarray as xr
 from distributed import Client, LocalCluster
 
 import ensir_flow
-from cli import _check_workers
+from ensir_flow.pipelines.executor import check_workers
 from conftest import run_workflow
 
 
@@ -65,6 +65,6 @@ def test_an_unreachable_scheduler_a_malformed_address_or_a_bad_scheduler_file_is
 def test_a_cluster_without_workers_is_waited_for_and_said_so(capsys):
     with LocalCluster(n_workers=0, processes=True, dashboard_address=":0") as empty, Client(empty) as client:
         threading.Timer(0.5, empty.scale, args=(1,)).start()
-        _check_workers(client, empty.scheduler_address)
+        check_workers(client, empty.scheduler_address)
         assert len(client.nthreads()) == 1
     assert "no workers yet; waiting for the first one to join" in capsys.readouterr().err

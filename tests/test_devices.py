@@ -12,6 +12,7 @@ from ensir_flow import em, stats
 from ensir_flow.blend import blend, blend_torch
 from ensir_flow.devices import resolve_device
 from ensir_flow.errors import InputError
+from ensir_flow.fit_status import FitStatus
 
 
 def _data(seed, n_models, n_pixels):
@@ -45,7 +46,7 @@ def test_em_is_the_same_on_any_torch_device():
     predictions, truth = _data(0, 3, 5000)
     table = stats.chunk_statistics(predictions, truth, 64)
     weights, status = em.fit_em(table, "cpu")
-    assert (status == em.STATUS_EM).any()
+    assert (status == FitStatus.EM).any()
     if torch.cuda.is_available():
         gpu_weights, gpu_status = em.fit_em(table, "cuda")
         np.testing.assert_array_equal(gpu_status, status)
@@ -68,6 +69,6 @@ def test_cpu_workers_never_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys, pipelines.apply, pipelines.fit, pipelines.ingest, pipelines.evaluate, ensir_flow.stats, "
+    code = ("import sys, ensir_flow.pipelines.apply, ensir_flow.pipelines.fit, ensir_flow.pipelines.ingest, ensir_flow.pipelines.evaluate, ensir_flow.stats, "
             "ensir_flow.blend; print('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

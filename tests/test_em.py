@@ -1,6 +1,7 @@
 import numpy as np
 
 from ensir_flow import em, stats
+from ensir_flow.fit_status import FitStatus
 from ensir_flow.lut import fit_lut
 
 
@@ -44,7 +45,7 @@ def test_histogram_em_matches_per_sample_em():
         y = rng.integers(40, 200, 800)
         x = np.stack([np.clip(y + rng.normal(b, s, 800), 0, 255).round() for b, s in [(0, 3), (4, 8), (-2, 15)]])
         weights, status = em.fit_em(_one_cell(x, y))
-        assert status.tolist() == [em.STATUS_EM]
+        assert status.tolist() == [FitStatus.EM]
         np.testing.assert_allclose(weights[0], _reference_em(x, y), rtol=0, atol=1e-9)
 
 
@@ -68,7 +69,7 @@ def test_small_cells_keep_initial_weights():
     x = np.stack([y, np.clip(y + 5, 0, 255)])
     s = _one_cell(x, y)
     weights, status = em.fit_em(s)
-    assert status.tolist() == [em.STATUS_INITIAL]
+    assert status.tolist() == [FitStatus.INITIAL_WEIGHTS]
     np.testing.assert_allclose(weights, em.initial_weights(s))
 
 
@@ -77,13 +78,13 @@ def test_zero_variance_and_underflow_abandon_em():
     y = rng.integers(100, 110, 500)
     constant = np.stack([np.full(500, 50), y])  # model 0 constant: singular starting covariance
     weights, status = em.fit_em(_one_cell(constant, y))
-    assert status.tolist() == [em.STATUS_EM_FAILED]
+    assert status.tolist() == [FitStatus.EM_FAILED_INITIAL_WEIGHTS]
     # model 0 alternates 0/1 (variance 0.25) while y sits near 200: its responsibilities underflow
     far = np.stack([np.arange(500) % 2, np.full(500, 200)])
     y_far = rng.integers(195, 206, 500)
     s = _one_cell(far, y_far)
     weights, status = em.fit_em(s)
-    assert status.tolist() == [em.STATUS_EM_FAILED]
+    assert status.tolist() == [FitStatus.EM_FAILED_INITIAL_WEIGHTS]
     np.testing.assert_allclose(weights, em.initial_weights(s))
 
 
@@ -97,6 +98,6 @@ def test_empty_cells_take_channel_weights_and_no_data_is_uniform():
     empty = lut.count == 0
     assert empty[3].all()  # bin (1, 1): values >= 128 never occur
     np.testing.assert_allclose(lut.weights[3], channel_weights.astype(np.float32))
-    assert (lut.fit_status[empty] == em.STATUS_EMPTY).all()
+    assert (lut.fit_status[empty] == FitStatus.EMPTY_FALLBACK).all()
     nothing = fit_lut(stats.empty_statistics(2, 3, 128), ["a", "b"])
     np.testing.assert_array_equal(nothing.weights, np.full((4, 3, 2), 0.5, np.float32))

@@ -21,7 +21,7 @@ MODELS = ["MPRNet", "Restormer", "DGUNet"]
 def run(tmp_path_factory):
     from click.testing import CliRunner
 
-    from cli import main
+    from ensir_flow.cli import main
 
     out = tmp_path_factory.mktemp("reference")
     runner = CliRunner()
@@ -80,7 +80,7 @@ def test_cross_validation_ranks_lsq_above_em_above_average(run):
     """Targets on the reference set, 2-fold cross-validation by image, held-out RGB PSNR."""
     from click.testing import CliRunner
 
-    from cli import main
+    from ensir_flow.cli import main
 
     out, _ = run
     result = CliRunner().invoke(main, ["evaluate", str(out / "ref.zarr"), "--cv", "2", "--solvers", "em,lsq", "--json", "--no-progress"])

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from conftest import make_corpus, run_workflow
 from ensir_flow.errors import InputError
 from ensir_flow.lut import Lut
-from pipelines.report import lut_weight_maps, write_report
+from ensir_flow.pipelines.report import lut_weight_maps, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SIZES = ((48, 64), (40, 56), (36, 60), (52, 44))
@@ -55,7 +55,7 @@ class Tables(HTMLParser):
 
 def _invoke(*args):
     """conftest's `invoke` for module-scoped fixtures: the CLI in-process, returning click's Result."""
-    from cli import main
+    from ensir_flow.cli import main
 
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 

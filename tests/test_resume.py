@@ -12,7 +12,7 @@ import xarray as xr
 import zarr
 
 from conftest import make_corpus
-from pipelines.storage import exclusive_lock, resumable_location
+from ensir_flow.pipelines.storage import exclusive_lock, resumable_location
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def fitted(tmp_path, invoke, request):
 def test_killed_apply_resumes_to_the_same_bytes(fitted, invoke):
     output = fitted / "out.zarr"
     staging = resumable_location(str(output))
-    command = [sys.executable, "-m", "cli", "apply", str(fitted / "s.zarr"), str(fitted / "lut.zarr"), str(output),
+    command = [sys.executable, "-m", "ensir_flow.cli", "apply", str(fitted / "s.zarr"), str(fitted / "lut.zarr"), str(output),
                "--scheduler", "threads", "--no-progress", "--device", "cpu"]
     process = subprocess.Popen(command, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     deadline = time.monotonic() + 120

@@ -13,8 +13,9 @@ from ensir_flow import schema
 from ensir_flow.blend import blend
 from ensir_flow.lut import Lut, fit_lut
 from ensir_flow.stats import chunk_statistics, merge
-from pipelines.apply import plan_apply
-from pipelines.fit import plan_fit
+from ensir_flow.pipelines.apply import plan_apply
+from ensir_flow.pipelines.executor import compute_function
+from ensir_flow.pipelines.fit import plan_fit
 
 MEMORY_LIMIT = 500_000_000
 #: Workers idle at ~270-310 MB (libraries and compiled kernels): pausing them at distributed's
@@ -60,9 +61,7 @@ def test_fit_and_apply_out_of_core_equal_an_in_memory_run(tmp_path):
                                                       processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
         workers_before = set(client.scheduler_info()["workers"])
 
-        def compute(*collections, label=""):
-            return tuple(client.gather(client.compute(list(collections))))
-
+        compute = compute_function(client, progress=False)
         started = time.perf_counter()
         plan_fit(store, lut_path, 32, device="cpu").run(compute)
         print(f"fit in {time.perf_counter() - started:.1f} s")

@@ -85,13 +85,13 @@ def test_merge_refuses_different_layouts():
 
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 1000), cuts=st.lists(st.integers(1, 299), min_size=1, max_size=5, unique=True))
-def test_fold_segments_partition_the_chunk(seed, cuts):
+def test_fold_spans_partition_the_chunk(seed, cuts):
     predictions, truth = _random_data(seed, 3, 300, 3)
     edges = [0, *sorted(cuts), 300]
-    segments = [(a, b, i % 2) for i, (a, b) in enumerate(zip(edges, edges[1:]))]
-    folds = stats.segment_statistics(predictions, truth, 32, segments, 2)
+    spans = [(a, b, i % 2) for i, (a, b) in enumerate(zip(edges, edges[1:]))]
+    folds = stats.fold_statistics(predictions, truth, 32, spans, 2)
     _assert_equal(stats.merge(*folds), stats.chunk_statistics(predictions, truth, 32))
-    first_fold = [(a, b) for a, b, g in segments if g == 0]
+    first_fold = [(a, b) for a, b, g in spans if g == 0]
     expected = stats.merge(*[stats.chunk_statistics(predictions[:, a:b], truth[a:b], 32) for a, b in first_fold])
     _assert_equal(folds[0], expected)
 

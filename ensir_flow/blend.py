@@ -7,6 +7,9 @@ weights do.
 
 import numpy as np
 
+#: Names of the combinations in evaluation results, next to the models' own names.
+AVERAGE, ZZPM, ENSEMBLE = "average", "zzpm", "ensemble"
+
 from .binning import place_tables, place_values
 from .devices import resolve_device
 from .kernels import blend_into

@@ -7,7 +7,7 @@ import dask
 import numpy as np
 
 from ensir_flow import metrics, schema
-from ensir_flow.blend import average, blend, zzpm
+from ensir_flow.blend import AVERAGE, ENSEMBLE, ZZPM, average, blend, zzpm
 from ensir_flow.devices import resolve_device
 from ensir_flow.errors import InputError
 
@@ -15,9 +15,6 @@ from .fit import image_folds, lut_from_folds, statistics_graph
 from .plan import Plan
 from .storage import open_store
 
-AVERAGE = "average"
-ZZPM = "zzpm"
-ENSEMBLE = "ensemble"
 
 
 def image_scores(predictions, truth, ensemble, height: int, width: int, names: list[str],

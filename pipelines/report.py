@@ -28,10 +28,9 @@ from matplotlib.figure import Figure
 import ensir_flow
 from ensir_flow import schema
 from ensir_flow.binning import ranges_per_model
-from ensir_flow.blend import average
+from ensir_flow.blend import AVERAGE, ENSEMBLE, ZZPM, average
 from ensir_flow.lut import Lut
 
-from .evaluate import AVERAGE, ENSEMBLE, ZZPM
 from .storage import exists, open_store, read_lut, staged_output
 
 INPUT = "input"

@@ -1,16 +1,16 @@
 """ensir-flow command line: options, scheduler, progress; the work itself is in `pipelines`."""
 
 import json
-from pathlib import Path
 
 import click
-import yaml
 
 import ensir_flow
 from ensir_flow import schema
+from ensir_flow.binning import DEFAULT_BIN_WIDTH
+from ensir_flow.config import command_defaults, load_config
 from ensir_flow.devices import DEVICES
 from ensir_flow.errors import InputError
-from ensir_flow.lut import SOLVERS
+from ensir_flow.lut import DEFAULT_SOLVER, SOLVERS, check_solver
 from ensir_flow.pipelines.executor import SCHEDULER_ENV, session
 
 
@@ -83,16 +83,9 @@ def _load_config(ctx, _param, path):
     if path is None:
         return None
     try:
-        config = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as error:
-        raise click.BadParameter(f"{path}: {error}") from None
-    metrics_config = config.get("metrics", {})
-    defaults = {
-        "ingest": {"models": ",".join(config["models"])} if "models" in config else {},
-        "fit": {k: config[k] for k in ("bin_width", "solver", "shrinkage") if k in config},
-        "evaluate": {k: metrics_config[k] for k in ("y_channel", "crop_border") if k in metrics_config},
-    }
-    ctx.default_map = {name: values for name, values in defaults.items() if values}
+        ctx.default_map = command_defaults(load_config(path))
+    except InputError as error:
+        raise click.BadParameter(str(error)) from None
     return path
 
 
@@ -138,8 +131,9 @@ def ingest(source_dir, store, models, chunk_pixels, append, compression, schedul
 @main.command()
 @click.argument("store")
 @click.argument("lut")
-@click.option("--bin-width", type=click.IntRange(1, 256), default=32, show_default=True, help="Width of each model's value ranges.")
-@click.option("--solver", type=click.Choice(SOLVERS), default="em", show_default=True,
+@click.option("--bin-width", type=click.IntRange(1, 256), default=DEFAULT_BIN_WIDTH, show_default=True,
+              help="Width of each model's value ranges.")
+@click.option("--solver", type=click.Choice(SOLVERS), default=DEFAULT_SOLVER, show_default=True,
               help="em: the paper's Gaussian-mixture EM; lsq: least squares on the simplex (PSNR-optimal per cell); "
                    "average: uniform weights; zzpm: per-image weights computed at apply (the paper's baselines).")
 @click.option("--shrinkage", default="auto", show_default=True, metavar="auto|STRENGTH",
@@ -185,8 +179,10 @@ def apply(store, lut, output, export_dir, device, compression, scheduler, no_pro
 @click.option("--ensemble", "ensemble_store", default=None, help="Output store of `apply` to score as well.")
 @click.option("--cv", "folds", type=click.IntRange(2), default=None,
               help="N-fold cross-validation by image: LUTs fitted on N-1 folds, scored on the held-out one.")
-@click.option("--solvers", default="em,lsq", show_default=True, help="With --cv: comma-separated solvers to compare.")
-@click.option("--bin-widths", default="32", show_default=True, help="With --cv: comma-separated bin widths to compare.")
+@click.option("--solvers", default="em,lsq", show_default=True,
+              help="With --cv: comma-separated solvers to compare (default: the config's solver, else em,lsq).")
+@click.option("--bin-widths", default=str(DEFAULT_BIN_WIDTH), show_default=True,
+              help="With --cv: comma-separated bin widths to compare (default: the config's bin_width).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (means and per-image scores) to stdout.")
 @click.option("--y-channel", is_flag=True, help="Score the BT.601 luma (as MATLAB's rgb2ycbcr) instead of RGB.")
 @click.option("--crop-border", type=click.IntRange(0), default=0, show_default=True, help="Pixels cropped from each side.")
@@ -206,9 +202,13 @@ def evaluate(store, ensemble_store, folds, solvers, bin_widths, as_json, y_chann
         if ensemble_store is not None:
             raise click.UsageError("--ensemble scores a fixed output; --cv fits its own LUTs: use one or the other")
         names = [s.strip() for s in solvers.split(",") if s.strip() not in ("", "average", "zzpm")]  # always reported
-        unknown = sorted(set(names) - set(SOLVERS))
-        if unknown or not names:
-            raise click.BadParameter(f"unknown solver(s) {unknown} (choose from {', '.join(SOLVERS)})", param_hint="--solvers")
+        try:
+            for name in names:
+                check_solver(name)
+        except InputError as error:
+            raise click.BadParameter(str(error), param_hint="--solvers") from None
+        if not names:
+            raise click.BadParameter("name a solver to fit (average and zzpm are always reported)", param_hint="--solvers")
         try:
             widths = [int(w) for w in bin_widths.split(",")]
         except ValueError:

@@ -11,6 +11,8 @@ import math
 import numpy as np
 
 LEVELS = 256
+#: The paper's bin width, and every command's default.
+DEFAULT_BIN_WIDTH = 32
 
 
 def ranges_per_model(bin_width: int) -> int:

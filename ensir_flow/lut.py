@@ -19,11 +19,25 @@ from .errors import InputError
 from .fit_status import FLAG_MEANINGS, FitStatus
 from .stats import CellStatistics
 
+SOLVERS = ("em", "lsq", "average", "zzpm")
+DEFAULT_SOLVER = "em"
 EMPTY_POLICY = "channel"
-EMPTY_POLICY_DESCRIPTION = (
-    "cells without reference pixels take the EM weights fitted on all reference pixels of their "
-    "channel; uniform 1/K where a channel has no reference pixels"
-)
+#: What `EMPTY_POLICY` gives the cells without reference pixels, per solver (a LUT attribute).
+EMPTY_POLICY_DESCRIPTIONS = {
+    "em": "cells without reference pixels take the EM weights fitted on all reference pixels of their channel; "
+          "uniform 1/K where a channel has no reference pixels",
+    "lsq": "cells without reference pixels take the least-squares weights of all reference pixels of their channel; "
+           "uniform 1/K where a channel has no reference pixels",
+    "average": "every cell holds uniform 1/K weights: nothing is fitted per cell",
+    "zzpm": "every cell holds uniform 1/K weights: apply computes each image's own weights",
+}
+
+
+def check_solver(solver: str) -> str:
+    """`solver` if it is one of SOLVERS, else an InputError listing them."""
+    if solver not in SOLVERS:
+        raise InputError(f"unknown solver {solver!r} (choose from {', '.join(SOLVERS)})")
+    return solver
 
 
 @dataclass
@@ -57,8 +71,8 @@ class Lut:
             coords={"bin": np.arange(n_bins), "model": np.array(self.models, dtype=object)},
         )
         ds.attrs.update(self.attrs)
-        if self.empty_policy == EMPTY_POLICY:
-            ds.attrs["empty_policy_description"] = EMPTY_POLICY_DESCRIPTION
+        if self.empty_policy == EMPTY_POLICY and self.solver in EMPTY_POLICY_DESCRIPTIONS:
+            ds.attrs["empty_policy_description"] = EMPTY_POLICY_DESCRIPTIONS[self.solver]
         ds.attrs.update({
             "models": list(self.models), "bin_width": int(self.bin_width), "solver": self.solver,
             "empty_policy": self.empty_policy,
@@ -98,10 +112,7 @@ class Lut:
             raise InputError(f"{source}: LUT has {self.n_channels} channels, the store has {n_channels}")
 
 
-SOLVERS = ("em", "lsq", "average", "zzpm")
-
-
-def fit_lut(statistics: CellStatistics, models: list[str], device: str = "cpu", solver: str = "em",
+def fit_lut(statistics: CellStatistics, models: list[str], device: str = "cpu", solver: str = DEFAULT_SOLVER,
             shrinkage: float = 0.0) -> Lut:
     """Fit a LUT from merged statistics with `solver`; empty cells follow `EMPTY_POLICY`.
 
@@ -113,8 +124,7 @@ def fit_lut(statistics: CellStatistics, models: list[str], device: str = "cpu", 
     n_models, n_channels = statistics.n_models, statistics.n_channels
     if len(models) != n_models:
         raise ValueError(f"{len(models)} model names for statistics of {n_models} models")
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r} (choose from {', '.join(SOLVERS)})")
+    check_solver(solver)
     n_bins = bin_count(n_models, statistics.bin_width)
     weights = np.full((n_bins * n_channels, n_models), 1.0 / n_models)
     count = np.zeros(n_bins * n_channels, dtype=np.int64)

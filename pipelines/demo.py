@@ -7,6 +7,7 @@ figures it prints are out-of-sample, as a user's would be.
 import shutil
 from pathlib import Path
 
+from ensir_flow.binning import DEFAULT_BIN_WIDTH
 from ensir_flow.demo import build_demo_corpus
 from ensir_flow.images import GROUND_TRUTH_DIR, INPUT_DIR
 
@@ -17,7 +18,6 @@ from .ingest import plan_ingest
 from .plan import Plan
 from .storage import refuse_existing
 
-BIN_WIDTH = 32
 
 
 def _split(corpus: Path, models: list[str], destination: Path, parity: int) -> None:
@@ -45,17 +45,17 @@ def plan_demo(directory, overwrite: bool = False) -> Plan:
         _split(paths["corpus"], models, paths["heldout"], 1)
         plan_ingest(paths["reference"], str(paths["reference.zarr"]), models).run(compute)
         plan_ingest(paths["heldout"], str(paths["heldout.zarr"]), models).run(compute)
-        plan_fit(str(paths["reference.zarr"]), str(paths["lut.zarr"]), BIN_WIDTH).run(compute)
+        plan_fit(str(paths["reference.zarr"]), str(paths["lut.zarr"]), DEFAULT_BIN_WIDTH).run(compute)
         plan_apply(str(paths["heldout.zarr"]), str(paths["lut.zarr"]), str(paths["ensemble.zarr"]),
                    str(paths["ensemble-png"])).run(compute)
         evaluation = plan_evaluate(str(paths["heldout.zarr"]), str(paths["ensemble.zarr"])).run(compute)
         plan_ingest(paths["corpus"], str(paths["corpus.zarr"]), models).run(compute)
-        comparison = plan_cross_validation(str(paths["corpus.zarr"]), 3, ["em", "lsq"], [BIN_WIDTH]).run(compute)
+        comparison = plan_cross_validation(str(paths["corpus.zarr"]), 3, ["em", "lsq"], [DEFAULT_BIN_WIDTH]).run(compute)
         return (f"EnsIR (em) LUT fitted on {paths['reference']}, applied to the held-out images of {paths['heldout']}:\n"
                 f"{evaluation.table()}\nensembled PNGs: {paths['ensemble-png']}\n\n"
                 f"choosing a solver: all images, 3-fold cross-validation\n{comparison.table()}")
 
     details = {"directory": str(root), "corpus": "scikit-image sample photos, blurred + noise, 3 classical restorers",
-               "steps": "ingest reference + held-out halves, fit (em, bin width 32), apply + export, evaluate; "
+               "steps": f"ingest reference + held-out halves, fit (em, bin width {DEFAULT_BIN_WIDTH}), apply + export, evaluate; "
                         "then 3-fold cross-validation of em and lsq on all images"}
     return Plan("demo: the whole workflow on an embedded corpus", details, execute)

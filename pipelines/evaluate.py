@@ -7,6 +7,7 @@ import dask
 import numpy as np
 
 from ensir_flow import metrics, schema
+from ensir_flow.binning import DEFAULT_BIN_WIDTH
 from ensir_flow.blend import AVERAGE, ENSEMBLE, ZZPM, average, blend, zzpm
 from ensir_flow.devices import resolve_device
 from ensir_flow.errors import InputError
@@ -123,7 +124,7 @@ def plan_evaluate(store: str, ensemble_store: str | None = None, y_channel: bool
     return Plan(f"evaluate {len(index.stems)} images", details, execute)
 
 
-def plan_cross_validation(store: str, n_folds: int, solvers=("em", "lsq"), bin_widths=(32,), y_channel: bool = False,
+def plan_cross_validation(store: str, n_folds: int, solvers=("em", "lsq"), bin_widths=(DEFAULT_BIN_WIDTH,), y_channel: bool = False,
                           crop_border: int = 0, device: str = "auto") -> Plan:
     """Plan N-fold cross-validation by image: for each fold, LUTs fitted on the other folds (one
     statistics pass per bin width keeps the folds apart), scored on the fold's held-out images."""

@@ -4,10 +4,10 @@ import dask
 
 import ensir_flow
 from ensir_flow import schema
-from ensir_flow.binning import bin_count
+from ensir_flow.binning import DEFAULT_BIN_WIDTH, bin_count
 from ensir_flow.devices import resolve_device
 from ensir_flow.lsq import SHRINKAGE_GRID, choose_shrinkage
-from ensir_flow.lut import SOLVERS, fit_lut
+from ensir_flow.lut import DEFAULT_SOLVER, check_solver, fit_lut
 from ensir_flow.stats import fold_statistics, merge, merge_folds
 
 from .chunks import MERGE_FAN_IN, Span, chunk_ranges, chunk_spans, image_folds, pixel_array, read_pixels, task_argument, tree_reduce
@@ -56,7 +56,7 @@ def lut_from_folds(fold_statistics: list, models: list[str], device: str, solver
     return lut
 
 
-def plan_fit(store: str, lut_path: str, bin_width: int = 32, solver: str = "em",
+def plan_fit(store: str, lut_path: str, bin_width: int = DEFAULT_BIN_WIDTH, solver: str = DEFAULT_SOLVER,
              device: str = "auto", overwrite: bool = False, shrinkage: float | None = None) -> Plan:
     """Plan fitting a LUT on the reference store `store` (which must hold ground truth).
 
@@ -64,8 +64,7 @@ def plan_fit(store: str, lut_path: str, bin_width: int = 32, solver: str = "em",
     (resolved here); the LUT is the same bits on any device. For `lsq`, `shrinkage=None` picks the
     strength by cross-validation over images (folds gathered in the same single pass).
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r} (choose from {', '.join(SOLVERS)})")
+    check_solver(solver)
     refuse_existing(lut_path, overwrite)
     ds = open_store(store)
     models = schema.check_store(ds, store, require=(schema.PREDICTION, schema.GROUND_TRUTH))

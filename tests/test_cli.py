@@ -193,3 +193,32 @@ def test_compression_changes_bytes_on_disk_not_data(tmp_path, invoke):
     assert invoke("ingest", root, tmp_path / "x.zarr", "--compression", "gzip").exit_code != 0
     refused = invoke("ingest", root, tmp_path / "zstd.zarr", "--append", "--compression", "lz4")
     assert refused.exit_code == 2 and "--compression: not with --append" in refused.output
+
+
+@pytest.mark.parametrize("text, message", [
+    ("bin_widht: 16\n", "unknown key 'bin_widht'"),
+    ("metrics:\n  crop_boarder: 4\n", "unknown key 'metrics.crop_boarder'"),
+    ("bin_width: 300\n", "'bin_width' must be an integer from 1 to 256"),
+    ("solver: eem\n", "'solver' must be one of em, lsq, average, zzpm"),
+    ("models: MPRNet\n", "'models' must be a list of model names"),
+    ("- just\n- a list\n", "the config must be a mapping"),
+])
+def test_config_refuses_unknown_keys_and_bad_values(tmp_path, invoke, corpus, text, message):
+    root, _ = corpus
+    config = tmp_path / "task.yaml"
+    config.write_text(text)
+    result = invoke("--config", config, "ingest", root, tmp_path / "s.zarr", "--no-progress")
+    assert result.exit_code == 2 and message in result.stderr and str(config) in result.stderr
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_config_bin_width_and_solver_reach_cross_validation(tmp_path, invoke, corpus):
+    root, _ = corpus
+    assert invoke("ingest", root, tmp_path / "s.zarr", "--no-progress").exit_code == 0
+    config = tmp_path / "task.yaml"
+    config.write_text("bin_width: 64\nsolver: lsq\n")
+    result = invoke("--config", config, "evaluate", tmp_path / "s.zarr", "--cv", 3, "--json", "--no-progress")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["options"]["solvers"] == ["lsq"] and report["options"]["bin_widths"] == [64]
+    assert set(report["psnr"]) == {"model0", "model1", "model2", "average", "zzpm", "lsq"}

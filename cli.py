@@ -235,7 +235,7 @@ def evaluate(store, ensemble_store, folds, solvers, bin_widths, as_json, y_chann
 @quiet_option
 def info(path, as_json, no_progress):
     """What the store or LUT at PATH holds and what made it (provenance)."""
-    from ensir_flow.pipelines.interchange import describe, format_description
+    from ensir_flow.pipelines.info import describe, format_description
 
     try:
         summary = describe(path)

@@ -1,59 +1,17 @@
-"""Reading what a store or LUT is (`info`), and moving LUTs in and out of ensir-flow."""
+"""Moving LUTs in and out of ensir-flow: import the paper's .pth files, export NPZ or JSON."""
 
 import json
 
 import fsspec
 import numpy as np
 
-from ensir_flow import schema
 from ensir_flow.errors import InputError
-from ensir_flow.fit_status import FLAG_MEANINGS, FitStatus
+from ensir_flow.fit_status import FLAG_MEANINGS
 from ensir_flow.lut import Lut, read_paper_lut
 
-from .storage import open_store, read_lut, refuse_existing, staged_output, write_dataset
+from .storage import read_lut, refuse_existing, staged_output, write_dataset
 
 EXPORT_FORMATS = (".npz", ".json")
-
-
-def describe(path: str) -> dict:
-    """What `path` holds and what made it: kind, sizes, models and every provenance attribute."""
-    ds = open_store(path)
-    attrs = {key: value for key, value in ds.attrs.items()}
-    if "weights" in ds:
-        lut = Lut.from_dataset(ds.load(), source=str(path))
-        status = np.bincount(lut.fit_status.reshape(-1).astype(np.int64), minlength=len(FitStatus))
-        return {"path": str(path), "kind": "lut", "models": lut.models, "bin_width": lut.bin_width, "solver": lut.solver,
-                "bins": int(lut.weights.shape[0]), "channels": lut.n_channels,
-                "cells_with_reference_pixels": int((lut.count > 0).sum()), "reference_pixels": int(lut.count.sum()),
-                "fit_status": {name: int(n) for name, n in zip(FLAG_MEANINGS.split(), status) if n},
-                "sha256": lut.digest(), "attributes": attrs}
-    models = schema.check_store(ds, str(path), require=())
-    kind = "ensemble" if schema.ENSEMBLE in ds else "corpus"
-    summary = {"path": str(path), "kind": kind, "models": models, "images": int(ds.sizes["image"]),
-               "pixels": int(ds.sizes["pixel"]), "channels": int(ds.sizes["channel"]),
-               "ground_truth": schema.GROUND_TRUTH in ds,
-               "compression": schema.compression_of(ds[schema.ENSEMBLE if kind == "ensemble" else schema.PREDICTION].encoding),
-               "attributes": attrs}
-    if "source_sha256" in ds:
-        summary["sources"] = {
-            str(source): {str(stem): {"file": str(name), "sha256": str(digest)}
-                          for stem, name, digest in zip(ds["image"].values, ds["source_file"].sel(source=source).values,
-                                                        ds["source_sha256"].sel(source=source).values)}
-            for source in ds["source"].values
-        }
-    return summary
-
-
-def format_description(summary: dict) -> str:
-    """The human form of `describe`."""
-    skip = {"attributes", "sources", "path", "kind"}
-    lines = [f"{summary['path']}: {summary['kind']}"]
-    lines += [f"  {key}: {value}" for key, value in summary.items() if key not in skip]
-    lines += [f"  {key}: {value}" for key, value in summary["attributes"].items() if key not in summary]
-    if "sources" in summary:
-        files = sum(len(per_stem) for per_stem in summary["sources"].values())
-        lines.append(f"  sources: {files} files with SHA-256 ({', '.join(summary['sources'])}; --json lists them)")
-    return "\n".join(lines)
 
 
 def import_paper_lut(source: str, output: str, models: list[str], bin_width: int, overwrite: bool = False) -> Lut:

@@ -13,10 +13,11 @@ import pytest
 import xarray as xr
 from click.testing import CliRunner
 
-from conftest import make_corpus, run_workflow
+from helpers import make_corpus, run_workflow
 from ensir_flow.errors import InputError
 from ensir_flow.lut import Lut
-from ensir_flow.pipelines.report import lut_weight_maps, write_report
+from ensir_flow.pipelines.report import write_report
+from ensir_flow.report.figures import lut_weight_maps
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SIZES = ((48, 64), (40, 56), (36, 60), (52, 44))

@@ -1,43 +1,11 @@
-"""Shared fixtures: small synthetic corpora on disk and the CLI runner."""
+"""Fixtures: the threaded scheduler for CLI runs, a small corpus on disk and the in-process CLI."""
 
-import json
 from pathlib import Path
 
-import imageio.v3 as iio
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "ensir-reference"
-
-
-def make_corpus(root: Path, n_models: int = 3, sizes=((24, 32), (17, 29), (40, 21)), seed: int = 0,
-                with_gt: bool = True, channels: int = 3, inputs_scale: int | None = None) -> list[str]:
-    """Write a corpus: smooth ground truth, each model = truth + its own bias and noise level;
-    with `inputs_scale`, also lq/ inputs (truth plus strong noise), downscaled by that factor."""
-    rng = np.random.default_rng(seed)
-    models = [f"model{k}" for k in range(n_models)]
-    for folder in (["gt"] if with_gt else []) + models:
-        (root / folder).mkdir(parents=True)
-    for i, (h, w) in enumerate(sizes):
-        yy, xx = np.mgrid[0:h, 0:w]
-        base = (127 + 100 * np.sin(xx / 5.0 + i)[..., None] * np.cos(yy / 7.0)[..., None]
-                + rng.normal(0, 10, (h, w, channels)))
-        truth = np.clip(base, 0, 255)
-        if with_gt:
-            iio.imwrite(root / "gt" / f"img{i}.png", _squeeze(truth.astype(np.uint8)))
-        if inputs_scale is not None:
-            (root / "lq").mkdir(exist_ok=True)
-            degraded = np.clip(truth + rng.normal(0, 25, truth.shape), 0, 255)[::inputs_scale, ::inputs_scale]
-            iio.imwrite(root / "lq" / f"img{i}.png", _squeeze(np.rint(degraded).astype(np.uint8)))
-        for k, model in enumerate(models):
-            pred = truth + 3 * (k - 1) + rng.normal(0, 4 + 3 * k, truth.shape)
-            iio.imwrite(root / model / f"img{i}.png", _squeeze(np.clip(np.rint(pred), 0, 255).astype(np.uint8)))
-    return models
-
-
-def _squeeze(image):
-    return image[:, :, 0] if image.shape[2] == 1 else image
+from helpers import make_corpus
 
 
 @pytest.fixture(autouse=True)
@@ -63,15 +31,3 @@ def invoke():
         return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
 
     return run
-
-
-def run_workflow(invoke, root, base, bin_width: int = 32) -> dict:
-    """ingest, fit, apply (with PNG export) and evaluate under `base` (a folder or URL); returns the
-    evaluation JSON. Every step must succeed."""
-    base = str(base)
-    for args in (["ingest", root, f"{base}/s.zarr"], ["fit", f"{base}/s.zarr", f"{base}/lut.zarr", "--bin-width", bin_width],
-                 ["apply", f"{base}/s.zarr", f"{base}/lut.zarr", f"{base}/out.zarr", "--export-dir", f"{base}/png"],
-                 ["evaluate", f"{base}/s.zarr", "--ensemble", f"{base}/out.zarr", "--json"]):
-        result = invoke(*args, "--no-progress")
-        assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)

@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import xarray as xr
 
-from conftest import make_corpus
+from helpers import make_corpus
 
 
 def _split_corpus(tmp_path):

@@ -6,7 +6,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
-from conftest import make_corpus
+from helpers import make_corpus
 
 
 def _refused(invoke, tmp_path, *args, match: str):

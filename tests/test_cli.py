@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from conftest import make_corpus, run_workflow
+from helpers import make_corpus, run_workflow
 from ensir_flow.blend import blend
 from ensir_flow.lut import Lut
 

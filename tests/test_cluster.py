@@ -10,7 +10,7 @@ from distributed import Client, LocalCluster
 
 import ensir_flow
 from ensir_flow.pipelines.executor import check_workers
-from conftest import run_workflow
+from helpers import run_workflow
 
 
 @pytest.fixture(scope="module")

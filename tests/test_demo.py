@@ -1,10 +1,12 @@
 """The embedded demo corpus and the quick-start command that runs the whole workflow on it."""
 
 import hashlib
+import json
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
+import xarray as xr
 
 from ensir_flow.demo import DEMO_MODELS, build_demo_corpus
 from ensir_flow.metrics import psnr
@@ -56,9 +58,25 @@ def test_refuses_a_non_empty_directory(tmp_path):
 
 
 def test_demo_command_runs_the_whole_workflow(tmp_path, invoke):
-    result = invoke("demo", tmp_path / "run", "--no-progress")
+    run = tmp_path / "run"
+    result = invoke("demo", run, "--no-progress")
     assert result.exit_code == 0, result.output
-    assert "ensemble" in result.stdout and "average" in result.stdout
-    assert len(list((tmp_path / "run" / "ensemble-png").glob("*.png"))) == 3
+    lut = xr.open_zarr(run / "lut.zarr")
+    assert lut.attrs["solver"] == "em" and lut.attrs["bin_width"] == 32 and lut.attrs["reference_images"] == 3
+    # the held-out half was applied and exported: every PNG is its image of the output store
+    output = xr.open_zarr(run / "ensemble.zarr")
+    stems = [str(s) for s in output["image"].values]
+    assert sorted(p.stem for p in (run / "ensemble-png").glob("*.png")) == sorted(stems) and len(stems) == 3
+    for stem, h, w, offset in zip(stems, output["height"].values, output["width"].values, output["pixel_offset"].values):
+        pixels = output["ensemble"].values[offset: offset + h * w].reshape(h, w, 3)
+        np.testing.assert_array_equal(iio.imread(run / "ensemble-png" / f"{stem}.png"), pixels)
+    # the printed scores are those of the stores it wrote, held out, and the cross-validation table follows
+    scores = invoke("evaluate", run / "heldout.zarr", "--ensemble", run / "ensemble.zarr", "--json", "--no-progress")
+    psnr = json.loads(scores.stdout)["psnr"]
+    printed = result.stdout.split("choosing a solver")
+    assert len(printed) == 2
+    for method in ("ensemble", "average", *DEMO_MODELS):
+        assert f"{method.ljust(15)}  {psnr[method]:9.3f}" in printed[0], method
+    assert "3-fold cross-validation" in printed[1] and "\nem " in printed[1] and "\nlsq " in printed[1]
     again = invoke("demo", tmp_path / "run", "--no-progress")
     assert again.exit_code != 0 and "already exists" in again.stderr

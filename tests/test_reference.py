@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from conftest import REFERENCE
+from helpers import REFERENCE
 from ensir_flow import metrics
 from ensir_flow.lut import Lut, read_paper_lut
 

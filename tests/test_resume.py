@@ -11,7 +11,7 @@ import pytest
 import xarray as xr
 import zarr
 
-from conftest import make_corpus
+from helpers import make_corpus
 from ensir_flow.pipelines.storage import exclusive_lock, resumable_location
 
 

@@ -3,7 +3,7 @@ S3-compatible server (moto) that the test starts on 127.0.0.1."""
 
 import pytest
 
-from conftest import run_workflow
+from helpers import run_workflow
 
 moto_server = pytest.importorskip("moto.server", reason="moto[server] is a test dependency (pip install -e '.[test]')")
 s3fs = pytest.importorskip("s3fs", reason="s3fs is a test dependency (pip install -e '.[test]')")

@@ -109,7 +109,15 @@ def store_attributes(models: list[str], channels: int, **provenance) -> dict:
 
 
 def check_store(ds: xr.Dataset, source: str, require: tuple[str, ...] = (PREDICTION,)) -> list[str]:
-    """Validate a pixel store's schema; return its model list."""
+    """Validate a pixel store's schema and structural invariants; return its model list.
+
+    Stores can be written by anyone (or left by a crash), so every reader checks, before using
+    the image index: required attributes and variables; one `model` entry per model; the pixel
+    axis holding exactly the images' pixels (sum of height x width); `pixel_count` = height x
+    width and `pixel_offset` = the cumulative counts (the contiguous ragged layout: offsets are
+    authoritative only because they must equal the cumulative counts). A store that fails is
+    refused, naming what is wrong.
+    """
     version = ds.attrs.get("schema_version")
     if version is None:
         raise InputError(f"{source}: not an ensir-flow store (no schema_version attribute)")
@@ -119,4 +127,24 @@ def check_store(ds: xr.Dataset, source: str, require: tuple[str, ...] = (PREDICT
         if name not in ds.variables:
             what = "ground truth (fit and evaluate need a reference set with gt/)" if name == GROUND_TRUTH else f"variable '{name}'"
             raise InputError(f"{source}: store has no {what}")
-    return [str(m) for m in ds.attrs["models"]]
+    models = ds.attrs.get("models")
+    if not isinstance(models, list) or not models:
+        raise InputError(f"{source}: inconsistent store: attribute 'models' is not a list of model names")
+    if PREDICTION in ds and ds[PREDICTION].sizes.get("model") != len(models):
+        raise InputError(f"{source}: inconsistent store: {ds[PREDICTION].sizes.get('model')} prediction planes for "
+                         f"{len(models)} models {models}")
+    index = ImageIndex.from_dataset(ds)
+    if (index.heights < 1).any() or (index.widths < 1).any():
+        raise InputError(f"{source}: inconsistent store: image '{index.stems[int(np.argmin(index.heights * index.widths))]}' "
+                         "has no pixels")
+    n_pixels = ds.sizes.get("pixel", 0)
+    if n_pixels != index.n_pixels:
+        raise InputError(f"{source}: inconsistent store: the pixel axis holds {n_pixels:,} pixels, its images "
+                         f"{index.n_pixels:,} (an interrupted write? re-run the command that wrote it)")
+    for name, expected in (("pixel_count", index.counts), ("pixel_offset", index.offsets)):
+        stored = ds[name].values.astype(np.int64)
+        wrong = np.flatnonzero(stored != expected)
+        if len(wrong):
+            raise InputError(f"{source}: inconsistent store: {name} of image '{index.stems[wrong[0]]}' is {stored[wrong[0]]:,}, "
+                             f"expected {expected[wrong[0]]:,}")
+    return [str(m) for m in models]

@@ -5,24 +5,20 @@ from dataclasses import dataclass
 
 import dask
 import dask.array as da
-import fsspec
 import numpy as np
 import xarray as xr
-import zarr
 
 import ensir_flow
 from ensir_flow import schema
 from ensir_flow.blend import blend
+from ensir_flow.errors import InputError
 
 from .chunks import chunk_ranges, chunk_spans, pixel_array, read_pixels, task_argument
 from .export import export
 from .plan import Plan
-from .storage import (commit, exclusive_lock, exists, open_array_for_writing, open_store, read_lut, refuse_existing,
-                      resumable_location, write_dataset)
+from .storage import (COMPLETE, commit_resumable, exclusive_lock, exists, open_array_for_writing, open_store, read_lut,
+                      refuse_existing, resumable_location, resumable_marks, start_resumable, write_chunk_then_mark)
 from .zzpm import zzpm_blend_jobs
-
-
-COMPLETE = "chunk_complete"
 
 
 @dataclass
@@ -44,11 +40,10 @@ def store_fingerprint(ds: xr.Dataset) -> str:
     return digest.hexdigest()
 
 
-def _blend_chunk_into(combine, arguments: tuple, predictions, start: int, stop: int, ensemble, complete, index: int) -> None:
+def _blend_chunk_into(combine, arguments: tuple, predictions, start: int, stop: int, ensemble, marks, index: int) -> None:
     """One task: read chunk start:stop of the array of predictions, combine it, write the result
-    to its own chunk of the array `ensemble`, then mark it in `complete` (chunk `index`)."""
-    ensemble[start:stop] = combine(read_pixels(predictions, start, stop), *arguments)
-    complete[index] = 1
+    to its own chunk of the array `ensemble` and mark it complete."""
+    write_chunk_then_mark(combine(read_pixels(predictions, start, stop), *arguments), ensemble, marks, index, start, stop)
 
 
 def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = None, overwrite: bool = False,
@@ -68,7 +63,7 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
     lut.check_matches(models, ds.sizes["channel"], str(lut_path))
     provenance = {"source": str(store), "source_fingerprint": store_fingerprint(ds), "lut": str(lut_path),
                   "lut_sha256": lut.digest()}
-    finished = exists(output) and _matches(open_store(output).attrs, provenance)
+    finished = exists(output) and _matches(_attributes(output), provenance)
     if not finished:
         refuse_existing(output, overwrite)
     if export_dir is not None and not (finished and exists(export_dir)):
@@ -78,14 +73,9 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
     out = ds[list(schema.IMAGE_VARIABLES)].load()  # written with the template; `ensemble` by the tasks
     out[schema.ENSEMBLE] = (("pixel", "channel"), da.zeros((ds.sizes["pixel"], ds.sizes["channel"]), dtype=np.uint8,
                                                            chunks=(chunk_lengths, -1)))
-    # Marks are written by the tasks only: an unwritten one reads as 0, not complete.
-    out[COMPLETE] = ("chunk", da.zeros(len(chunk_lengths), dtype=np.uint8, chunks=1),
-                     {"description": "1 once the chunk of `ensemble` with this index is written"})
     out.attrs = schema.store_attributes(models, ds.sizes["channel"], created_by=f"ensir-flow {ensir_flow.__version__} apply",
                                         bin_width=lut.bin_width, solver=lut.solver, **provenance)
-    encoding = {COMPLETE: {"chunks": (1,)},
-                schema.ENSEMBLE: schema.pixel_encoding((chunk_lengths[0], ds.sizes["channel"]), compression)}
-    staging = resumable_location(output)
+    encoding = {schema.ENSEMBLE: schema.pixel_encoding((chunk_lengths[0], ds.sizes["channel"]), compression)}
     spans = chunk_spans(schema.ImageIndex.from_dataset(ds), np.arange(ds.sizes["image"]), chunk_lengths)
 
     def execute(compute):
@@ -94,15 +84,13 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
                 export(output, export_dir, compute, overwrite)
             return ApplyResult(open_store(output), "unchanged", len(chunk_lengths), 0)
         with exclusive_lock(output):
-            resuming = exists(staging) and _matches(open_store(staging).attrs, provenance)
-            if not resuming:
-                if exists(staging):  # left by a run with other inputs
-                    fs, path = fsspec.core.url_to_fs(staging)
-                    fs.rm(path, recursive=True)
-                write_dataset(out, staging, encoding)  # all but `ensemble` and its marks, written below
-                done = np.zeros(len(chunk_lengths), dtype=bool)
+            done = resumable_marks(output, provenance)
+            resuming = done is not None
+            if resuming:
+                staging = resumable_location(output)
             else:
-                done = zarr.open_group(staging, mode="r")[COMPLETE][:].astype(bool)
+                staging = start_resumable(output, out, encoding, len(chunk_lengths))  # `ensemble` is written below
+                done = np.zeros(len(chunk_lengths), dtype=bool)
             todo = np.flatnonzero(~done)
             predictions = task_argument(pixel_array(store, schema.PREDICTION))
             if lut.solver == "zzpm":  # per-image weights, gathered from the store first
@@ -110,13 +98,11 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
             else:
                 weights = dask.delayed(lut.weights, pure=True)
                 jobs = [(blend, (weights, lut.bin_width, device)) for _ in todo]
-            ensemble, complete = (task_argument(open_array_for_writing(staging, name)) for name in (schema.ENSEMBLE, COMPLETE))
-            tasks = [dask.delayed(_blend_chunk_into)(combine, arguments, predictions, *ranges[i], ensemble, complete, int(i))
+            ensemble, marks = (task_argument(open_array_for_writing(staging, name)) for name in (schema.ENSEMBLE, COMPLETE))
+            tasks = [dask.delayed(_blend_chunk_into)(combine, arguments, predictions, *ranges[i], ensemble, marks, int(i))
                      for i, (combine, arguments) in zip(todo, jobs)]
             compute(*tasks, label=f"apply ({len(tasks)} of {len(done)} chunks)" if resuming else "apply")
-            if not zarr.open_group(staging, mode="r")[COMPLETE][:].all():
-                raise RuntimeError(f"{staging}: chunks left unmarked after every task succeeded; not committing")
-            commit(staging, output)
+            commit_resumable(output)
         if export_dir is not None:
             export(output, export_dir, compute, overwrite)
         return ApplyResult(open_store(output), "resumed" if resuming else "written", len(done), len(tasks))
@@ -125,12 +111,20 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
         "store": str(store), "LUT": f"{lut_path} ({lut.solver}, bin width {lut.bin_width})", "output": str(output),
         "images": ds.sizes["image"], "pixels": f"{ds.sizes['pixel']:,}",
         "tasks": "none: the output is already complete" if finished else
-                 f"{len(chunk_lengths)} chunks, one blend + write each, on {device} (resumable from {staging})",
+                 f"{len(chunk_lengths)} chunks, one blend + write each, on {device} (resumable from {resumable_location(output)})",
         "compression": compression,
     }
     if export_dir is not None:
         details["export"] = f"{export_dir} (one PNG per image)"
     return Plan(f"apply a LUT to {ds.sizes['image']} images", details, execute)
+
+
+def _attributes(path: str) -> dict:
+    """A store's attributes; none for one that cannot be read (so it is treated as another run's output)."""
+    try:
+        return dict(open_store(path).attrs)
+    except InputError:
+        return {}
 
 
 def _matches(attrs: dict, provenance: dict) -> bool:

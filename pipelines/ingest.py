@@ -13,15 +13,14 @@ import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
-import zarr
 
 import ensir_flow
 from ensir_flow import schema
-from ensir_flow.errors import InputError
+from ensir_flow.errors import InputError, TransientError
 from ensir_flow.images import GROUND_TRUTH_DIR, INPUT_DIR, Corpus, ImageInfo, discover_corpus, file_sha256, probe_image, read_image
 
 from .plan import Plan
-from .storage import WRITE_CONFIG, exclusive_lock, open_store, refuse_existing, staged_output, write_dataset
+from .storage import committed_append, exclusive_lock, open_store, refuse_existing, staged_output, write_dataset
 
 
 def _roles(corpus: Corpus) -> list[tuple[str, list]]:
@@ -159,8 +158,8 @@ def plan_ingest(source, store: str, models: list[str] | None = None,
 def plan_append(source, store: str, models: list[str] | None = None) -> Plan:
     """Plan adding the images of `source` whose stems `store` lacks (same models, channels, ground truth).
 
-    The store is locked during the append; if it fails, its arrays are cut back to their previous
-    lengths, so the store is as it was (the old part of its last chunk is rewritten unchanged).
+    The store is locked during the append, which follows `storage.committed_append`: until its
+    single final metadata write, every reader sees the store as it was.
     """
     existing = open_store(store)
     store_models = schema.check_store(existing, store)
@@ -197,41 +196,33 @@ def plan_append(source, store: str, models: list[str] | None = None) -> Plan:
     n_existing = existing.sizes["pixel"]
     planes = _pixel_planes(corpus, infos, chunk_pixels, first_chunk=chunk_pixels - n_existing % chunk_pixels)
     n_models = len(store_models)
-    pixels = xr.Dataset({schema.PREDICTION: (("model", "pixel", "channel"), planes[:n_models])})
-    for name, plane in _extra_planes(corpus, planes):
-        pixels[name] = (("pixel", "channel"), plane)
+    new_planes = {schema.PREDICTION: planes[:n_models], **dict(_extra_planes(corpus, planes))}
     index = schema.ImageIndex(corpus.stems, np.array([i.height for i in infos]), np.array([i.width for i in infos]))
-    images = index.to_dataset().merge(source_provenance(corpus)).drop_vars("source")
+    images = index.to_dataset().merge(source_provenance(corpus))
+    if images["source"].values.tolist() != existing["source"].values.tolist():
+        raise InputError(f"{source}: source folders {images['source'].values.tolist()} differ from the store's "
+                         f"{existing['source'].values.tolist()}")
     images["pixel_offset"] = images["pixel_offset"] + n_existing
+    image_values = {name: images[name].values for name in (*schema.IMAGE_VARIABLES, "image", "source_file", "source_sha256")}
     attrs = dict(existing.attrs)
     attrs["appended"] = [*attrs.get("appended", []), {"source": str(source), "images": len(keep),
                                                        "by": f"ensir-flow {ensir_flow.__version__} ingest --append"}]
-    pixels.attrs = images.attrs = attrs  # appending writes the group attributes too
+    committed = {"pixel": n_existing, "image": len(known)}
+    grown = {"pixel": n_existing + index.n_pixels, "image": len(known) + len(keep)}
     details["pixels"] = f"{index.n_pixels:,} appended to {n_existing:,}"
 
     def execute(compute):
+        def write_pixels(arrays):
+            region = slice(n_existing, grown["pixel"])
+            names = list(new_planes)
+            compute(da.store([new_planes[name] for name in names], [arrays[name] for name in names],
+                             regions=[(slice(None),) * (arrays[name].ndim - 2) + (region, slice(None)) for name in names],
+                             lock=False, compute=False), label="append")
+
         with exclusive_lock(store):
-            try:
-                compute(pixels.to_zarr(str(store), append_dim="pixel", compute=False,
-                                       write_empty_chunks=WRITE_CONFIG["write_empty_chunks"]), label="append")
-                images.to_zarr(str(store), append_dim="image")
-            except BaseException:
-                _cut_back(str(store), {"pixel": n_existing, "image": len(known)}, existing.attrs)
-                raise
+            if open_store(store).sizes != existing.sizes:
+                raise TransientError(f"{store}: changed by another run while this one was planned; run it again")
+            committed_append(store, committed, grown, write_pixels, image_values, attrs)
         return len(keep)
 
     return Plan(f"append {len(keep)} images to {store}", details, execute)
-
-
-def _cut_back(store: str, lengths: dict[str, int], attrs: dict) -> None:
-    """Resize every array of `store` along the given dimensions back to the given lengths and
-    restore the group's attributes: undoes a failed append."""
-    group = zarr.open_group(store, mode="r+")
-    group.attrs.clear()
-    group.attrs.update(attrs)
-    for _, array in group.arrays():
-        dims = array.attrs.get("_ARRAY_DIMENSIONS") or list(array.metadata.dimension_names or ())
-        shape = tuple(lengths.get(dim, size) for dim, size in zip(dims, array.shape))
-        if shape != array.shape:
-            array.resize(shape)
-    zarr.consolidate_metadata(store)

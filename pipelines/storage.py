@@ -1,25 +1,43 @@
-"""Writing outputs so that nothing is half-written: stage beside the target, then move into place.
+"""How ensir-flow writes: the protocols that keep every store and folder either as it was before a
+command or as it is after it, whatever instant the command is killed at.
 
-Works through fsspec for any location. On a local disk the final move is an atomic rename; on
-object storage it is a copy, so a crash during the move itself can leave a partial target (no
-store on object storage offers an atomic directory rename).
+- New outputs (ingest, fit, lut import, export, report) are written into a fixed staging location
+  beside the target (`.NAME.partial`) and moved into place when complete. On a local disk the move
+  is a rename. Replacing an existing target (`--overwrite`) is two renames (target aside to
+  `.NAME.replaced`, staging into place); a run killed between them is finished by the next writer
+  of that target, and readers meanwhile refuse with a message saying so. On object storage (no
+  rename) the move copies every object with the root `zarr.json` last, so the target's root
+  metadata appears only once everything else is there.
+- Every writer holds `.NAME.lock` (exclusive create) while it works: a second run to the same
+  target is refused (TransientError: retry later); a lock left by a dead process on this host is
+  taken over, and with it the stale staging that run left, which is removed.
+- Appends (`ingest --append`) write past the store's committed extent and commit with a single
+  write of the root `zarr.json` (attributes and the consolidated metadata every reader uses): see
+  `committed_append`.
+- Apply's output is resumable: its staging location stays across runs (see `resumable_location`).
 """
 
 import contextlib
+import dataclasses
 import json
 import os
 import socket
 import time
-import uuid
 import warnings
 
+import dask.array
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
+import numpy as np
 import xarray as xr
+from fsspec.implementations.local import LocalFileSystem
 import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.group import ConsolidatedMetadata
 
-from ensir_flow.errors import InputError
+from ensir_flow.errors import InputError, TransientError
 from ensir_flow.lut import Lut
+
+ROOT_METADATA = "zarr.json"
 
 
 def exists(path: str) -> bool:
@@ -33,10 +51,10 @@ def refuse_existing(path: str, overwrite: bool) -> None:
         raise InputError(f"{path}: already exists (pass --overwrite to replace it)")
 
 
-def _sibling(fs, root: str, tag: str, unique: bool = True) -> str:
+def _sibling(root: str, tag: str) -> str:
+    """`.NAME.tag` beside `root`: where a writer of `root` keeps its staging, lock or retired copy."""
     parent, _, name = root.rstrip("/").rpartition("/")
-    suffix = f"{tag}-{uuid.uuid4().hex[:8]}" if unique else tag
-    return f"{parent}/.{name}.{suffix}" if parent else f".{name}.{suffix}"
+    return f"{parent}/.{name}.{tag}" if parent else f".{name}.{tag}"
 
 
 def _as_location(fs, path: str, like: str) -> str:
@@ -45,51 +63,87 @@ def _as_location(fs, path: str, like: str) -> str:
 
 
 def _move_tree(fs, source: str, destination: str) -> None:
-    """Move a directory tree: a rename where the file system has one, else copy every file, then delete."""
+    """Move a directory tree: a rename where the file system has one; else copy every file, the
+    root `zarr.json` last (a Zarr store is complete once it is there), then delete the source."""
     if isinstance(fs, LocalFileSystem):
         fs.mv(source, destination, recursive=True)
         return
-    files = fs.find(source)
-    fs.copy(files, [destination + path[len(source):] for path in files])
+    files = sorted(fs.find(source), key=lambda path: path == f"{source}/{ROOT_METADATA}")
+    for path in files:
+        fs.copy(path, destination + path[len(source):])
     fs.rm(source, recursive=True)
 
 
+def _remove_tree(fs, root: str) -> None:
+    """Delete a directory tree, its root `zarr.json` first, so a half-deleted store is never read as one."""
+    if fs.exists(f"{root}/{ROOT_METADATA}"):
+        fs.rm(f"{root}/{ROOT_METADATA}")
+    fs.rm(root, recursive=True)
+
+
+def _finish_interrupted_replacement(fs, root: str) -> None:
+    """A run killed between moving the old target aside and moving the new one into place left
+    `.NAME.replaced` and no target: put the old one back (the command that was replacing it never
+    completed). With both present, the retired copy is stale: remove it."""
+    retired = _sibling(root, "replaced")
+    if fs.exists(retired):
+        if fs.exists(root):
+            _remove_tree(fs, retired)
+        else:
+            _move_tree(fs, retired, root)
+
+
 def _move_into_place(fs, staging: str, root: str) -> None:
-    """Replace `root` by `staging` (an atomic rename on local disks)."""
+    """Replace `root` by `staging` (renames on local disks; see `_finish_interrupted_replacement`)."""
     if fs.exists(root):
-        retired = _sibling(fs, root, "replaced")
+        retired = _sibling(root, "replaced")
         _move_tree(fs, root, retired)
         _move_tree(fs, staging, root)
-        fs.rm(retired, recursive=True)
+        _remove_tree(fs, retired)
     else:
         _move_tree(fs, staging, root)
 
 
 @contextlib.contextmanager
 def staged_output(path: str, overwrite: bool = False):
-    """Yield a temporary location beside `path`; move it to `path` only if the block succeeds."""
-    refuse_existing(path, overwrite)
-    fs, root = fsspec.core.url_to_fs(str(path))
-    staging = _sibling(fs, root, "partial")
-    try:
-        yield _as_location(fs, staging, path)
-    except BaseException:
+    """Yield the staging location of `path`; move it to `path` only if the block succeeds.
+
+    Holds the writer's lock throughout (`exclusive_lock`); staging left by a killed run is removed.
+    """
+    with exclusive_lock(path):
+        fs, root = fsspec.core.url_to_fs(str(path))
+        _finish_interrupted_replacement(fs, root)
+        refuse_existing(path, overwrite)
+        staging = _sibling(root, "partial")
         if fs.exists(staging):
             fs.rm(staging, recursive=True)
-        raise
-    _move_into_place(fs, staging, root)
+        try:
+            yield _as_location(fs, staging, path)
+        except BaseException:
+            if fs.exists(staging):
+                fs.rm(staging, recursive=True)
+            raise
+        _move_into_place(fs, staging, root)
 
 
 def resumable_location(path: str) -> str:
     """The fixed staging location of `path` that an interrupted run leaves for the next one."""
     fs, root = fsspec.core.url_to_fs(str(path))
-    return _as_location(fs, _sibling(fs, root, "partial", unique=False), path)
+    return _as_location(fs, _sibling(root, "partial"), path)
 
 
 def commit(staging: str, path: str) -> None:
-    """Move a completed resumable staging location into place."""
+    """Move a completed resumable staging location into place (the caller holds the lock)."""
     fs, root = fsspec.core.url_to_fs(str(path))
+    _finish_interrupted_replacement(fs, root)
     _move_into_place(fs, fsspec.core.url_to_fs(str(staging))[1], root)
+
+
+def remove(path: str) -> None:
+    """Delete the store or folder at `path` if it exists (the caller holds its lock)."""
+    fs, root = fsspec.core.url_to_fs(str(path))
+    if fs.exists(root):
+        _remove_tree(fs, root)
 
 
 @contextlib.contextmanager
@@ -101,7 +155,7 @@ def exclusive_lock(path: str):
     by a killed process on this host is taken over when that process is gone.
     """
     fs, root = fsspec.core.url_to_fs(str(path))
-    lock = _sibling(fs, root, "lock", unique=False)
+    lock = _sibling(root, "lock")
     owner = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     for attempt in range(2):
         try:
@@ -113,7 +167,7 @@ def exclusive_lock(path: str):
             if attempt == 0 and holder.get("host") == owner["host"] and not _alive(holder.get("pid")):
                 fs.rm(lock)
                 continue
-            raise InputError(f"{path}: in use by another run ({holder.get('host')} pid {holder.get('pid')} since "
+            raise TransientError(f"{path}: in use by another run ({holder.get('host')} pid {holder.get('pid')} since "
                              f"{holder.get('since')}); if that run is dead, remove {_as_location(fs, lock, path)}") from None
     try:
         yield
@@ -140,13 +194,33 @@ def _alive(pid) -> bool:
 
 
 def open_store(path: str) -> xr.Dataset:
-    """Open an ensir-flow Zarr store lazily, with a clear message when it is not one."""
-    if not exists(path):
+    """Open an ensir-flow Zarr store lazily, as last committed, with a clear message when it is not one.
+
+    The consolidated metadata in the root `zarr.json` is the committed state: an append in
+    progress (or killed) has grown the arrays' own metadata but not it (see `committed_append`).
+    """
+    fs, root = fsspec.core.url_to_fs(str(path))
+    if not fs.exists(root):
+        if fs.exists(_sibling(root, "replaced")):
+            raise InputError(f"{path}: missing: a run replacing it was interrupted; re-run that command (or "
+                             f"rename {_as_location(fs, _sibling(root, 'replaced'), path)} back)")
         raise InputError(f"{path}: store not found")
+    if not fs.exists(f"{root}/{ROOT_METADATA}"):
+        raise InputError(f"{path}: not a Zarr store (no {ROOT_METADATA}; an interrupted write? re-run the command "
+                         "that writes it with --overwrite)")
     try:
-        return xr.open_zarr(str(path))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+            return xr.open_zarr(str(path), consolidated=_has_consolidated_metadata(fs, root))
     except Exception as error:
         raise InputError(f"{path}: not a readable Zarr store ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+
+
+def _has_consolidated_metadata(fs, root: str) -> bool:
+    try:
+        return json.loads(fs.cat_file(f"{root}/{ROOT_METADATA}")).get("consolidated_metadata") is not None
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def read_lut(path: str) -> Lut:
@@ -169,6 +243,116 @@ def write_dataset(ds: xr.Dataset, path: str, encoding: dict | None = None):
                           write_empty_chunks=WRITE_CONFIG["write_empty_chunks"])
 
 
+def commit_metadata(path: str, attrs: dict) -> None:
+    """Commit a store's current arrays: ONE write of the root `zarr.json` holding `attrs` and the
+    consolidated metadata of every array as their own metadata now says (zarr's own
+    `consolidate_metadata` would need a second write for the attributes)."""
+
+    async def commit():
+        group = await zarr.api.asynchronous.open_group(str(path), mode="r+", use_consolidated=False)
+        members = {name: member.metadata async for name, member in group.members(use_consolidated_for_children=False)}
+        metadata = dataclasses.replace(group.metadata, attributes=attrs,
+                                       consolidated_metadata=ConsolidatedMetadata(metadata=members))
+        (document,) = metadata.to_buffer_dict(default_buffer_prototype()).values()
+        await group.store_path.store.set(f"{group.store_path.path}/{ROOT_METADATA}".lstrip("/"), document)
+
+    zarr.core.sync.sync(commit())
+
+
+def array_lengths(path: str) -> dict[str, tuple[int, ...]]:
+    """Each array's shape as its own metadata says (past the committed extent during an append)."""
+    group = zarr.open_group(str(path), mode="r", use_consolidated=False)
+    return {name: array.shape for name, array in group.arrays()}
+
+
+def resize_arrays(path: str, lengths: dict[str, int]) -> None:
+    """Resize every array of the store along the named dimensions (zarr deletes whole chunks past a
+    shrunk end; readers never look past the committed extent, so what remains there is unread)."""
+    group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    for _, array in group.arrays():
+        dims = array.metadata.dimension_names or array.attrs.get("_ARRAY_DIMENSIONS") or ()
+        shape = tuple(lengths.get(dim, size) for dim, size in zip(dims, array.shape))
+        if shape != array.shape:
+            array.resize(shape)
+
+
 def open_array_for_writing(store: str, name: str):
     """Array `name` of the Zarr group at `store`, opened to write whole chunks (see WRITE_CONFIG)."""
     return zarr.open_array(store=str(store), path=name, mode="r+").with_config(WRITE_CONFIG)
+
+
+def committed_append(path: str, committed: dict[str, int], grown: dict[str, int], write_pixels,
+                     image_values: dict, attrs: dict) -> None:
+    """Append to the store at `path` so that every reader sees it as before or as after, never between.
+
+    1. Cut every array back to the `committed` lengths (what a killed append left past them).
+    2. Grow the arrays to the `grown` lengths: their own metadata only; the root `zarr.json`,
+       which readers open the store by (`open_store`), still holds the committed shapes.
+    3. `write_pixels(arrays)` (arrays: name -> zarr array opened for writing) writes the new pixels,
+       all past the committed extent except the store's last partial chunk, which is rewritten whole
+       (one atomic object write) with its committed part unchanged.
+    4. Write the tail of each image variable (`image_values`: name -> the new values along `image`).
+    5. Commit: one write of the root `zarr.json` with `attrs` and the arrays' new shapes.
+    A failure before 5 cuts the arrays back again; a kill before 5 leaves the committed store as
+    it was, and the next append cuts back first.
+    """
+    resize_arrays(path, committed)
+    try:
+        resize_arrays(path, grown)
+        group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+        write_pixels({name: array.with_config(WRITE_CONFIG) for name, array in group.arrays()
+                      if "pixel" in (array.metadata.dimension_names or ())})
+        start, stop = committed["image"], grown["image"]
+        for name, values in image_values.items():
+            group[name][..., start:stop] = values
+    except BaseException:
+        resize_arrays(path, committed)
+        raise
+    commit_metadata(path, attrs)
+
+
+#: The array of completion marks of a resumable output: one per chunk, written after the chunk.
+COMPLETE = "chunk_complete"
+
+
+def resumable_marks(path: str, provenance: dict) -> np.ndarray | None:
+    """Which chunks the staging of `path` holds complete, if it holds a run with the same inputs
+    (`provenance`, among its attributes); else None, after removing whatever staging is there (a
+    run of other inputs, or anything unreadable). The caller holds the lock of `path`."""
+    staging = resumable_location(path)
+    if not exists(staging):
+        return None
+    try:
+        group = zarr.open_group(staging, mode="r", use_consolidated=False)
+        if all(group.attrs.get(key) == value for key, value in provenance.items()):
+            return group[COMPLETE][:].astype(bool)
+    except Exception:  # noqa: BLE001 - anything unreadable is stale staging, removed below
+        pass
+    remove(staging)
+    return None
+
+
+def start_resumable(path: str, template: xr.Dataset, encoding: dict, n_chunks: int) -> str:
+    """Write the template of a resumable output (every variable but the chunk-written ones, left
+    lazy in `template`) into the staging of `path`, with one unwritten completion mark per chunk
+    (an unwritten mark reads 0: completion is never inferred from data, since Zarr reads an
+    unwritten chunk as zeros). Returns the staging location."""
+    staging = resumable_location(path)
+    template = template.assign({COMPLETE: ("chunk", dask.array.zeros(n_chunks, dtype=np.uint8, chunks=1),
+                                           {"description": "1 once the chunk of pixels with this index is written"})})
+    write_dataset(template, staging, {**encoding, COMPLETE: {"chunks": (1,)}})
+    return staging
+
+
+def write_chunk_then_mark(values: np.ndarray, array, marks, index: int, start: int, stop: int) -> None:
+    """In a task: write pixels start:stop (one whole chunk) of `array`, then mark chunk `index` complete."""
+    array[start:stop] = values
+    marks[index] = 1
+
+
+def commit_resumable(path: str) -> None:
+    """Move the staging of `path` into place once every chunk is marked complete (caller holds the lock)."""
+    staging = resumable_location(path)
+    if not zarr.open_array(store=staging, path=COMPLETE, mode="r")[:].all():
+        raise RuntimeError(f"{staging}: chunks left unmarked after every task succeeded; not committing")
+    commit(staging, path)

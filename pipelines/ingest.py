@@ -155,6 +155,26 @@ def plan_ingest(source, store: str, models: list[str] | None = None,
 
 
 
+def _refuse_changed_sources(corpus: Corpus, existing: xr.Dataset, store: str) -> None:
+    """Refuse an append whose source folder holds an image the store already has with other
+    content (SHA-256 of the file's bytes): skipping it would leave the store silently stale."""
+    if "source_sha256" not in existing:
+        return
+    recorded = existing["source_sha256"].to_pandas()  # (source, image)
+    changed = []
+    for role, files in _roles(corpus):
+        if role not in recorded.index:
+            continue
+        known = [(stem, path) for stem, path in zip(corpus.stems, files) if stem in recorded.columns]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            digests = list(pool.map(file_sha256, [path for _, path in known]))
+        changed += [f"{role}/{path.name}" for (stem, path), digest in zip(known, digests) if digest != recorded.at[role, stem]]
+    if changed:
+        raise InputError(f"{corpus.root}: {len(changed)} image(s) already in {store} have changed ({', '.join(changed[:5])}"
+                         f"{', ...' if len(changed) > 5 else ''}); --append adds new images only: re-ingest the corpus with "
+                         "--overwrite to rebuild the store")
+
+
 def plan_append(source, store: str, models: list[str] | None = None) -> Plan:
     """Plan adding the images of `source` whose stems `store` lacks (same models, channels, ground truth).
 
@@ -177,6 +197,7 @@ def plan_append(source, store: str, models: list[str] | None = None) -> Plan:
         raise InputError(f"{source}: {'has' if corpus.ground_truth is not None else 'lacks'} gt/ but the store "
                          f"{'has' if has_truth else 'has no'} ground truth")
     known = {str(stem) for stem in existing["image"].values}
+    _refuse_changed_sources(corpus, existing, store)
     keep = [i for i, stem in enumerate(corpus.stems) if stem not in known]
     skipped = len(corpus.stems) - len(keep)
     pick = lambda files: None if files is None else [files[i] for i in keep]  # noqa: E731

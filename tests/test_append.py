@@ -51,3 +51,15 @@ def test_append_refuses_other_models_and_fails_without_changing_the_store(tmp_pa
     assert failed.exit_code != 0 and "img3.png" in failed.stderr
     after = xr.open_zarr(tmp_path / "s.zarr").load()
     xr.testing.assert_identical(after, before)
+
+
+def test_append_refuses_an_image_whose_source_changed(tmp_path, invoke):
+    full, first, second, models = _split_corpus(tmp_path)
+    assert invoke("ingest", first, tmp_path / "s.zarr", "--no-progress").exit_code == 0
+    before = xr.open_zarr(tmp_path / "s.zarr").load()
+    changed = second / "model1" / "img1.png"  # img1 is in the store already
+    shutil.copy(second / "model1" / "img2.png", changed)  # other content, same stem (sizes differ: any bytes do)
+    refused = invoke("ingest", second, tmp_path / "s.zarr", "--append", "--no-progress")
+    assert refused.exit_code == 1, refused.output
+    assert "1 image(s) already in" in refused.stderr and "model1/img1.png" in refused.stderr and "--overwrite" in refused.stderr
+    xr.testing.assert_identical(xr.open_zarr(tmp_path / "s.zarr").load(), before)

@@ -13,6 +13,9 @@ from ensir_flow.pipelines.executor import check_workers
 from helpers import run_workflow
 
 
+pytestmark = pytest.mark.slow  # starts clusters of worker processes
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """(address, scheduler file) of a running scheduler with one worker process."""

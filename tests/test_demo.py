@@ -57,6 +57,7 @@ def test_refuses_a_non_empty_directory(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
+@pytest.mark.slow
 def test_demo_command_runs_the_whole_workflow(tmp_path, invoke):
     run = tmp_path / "run"
     result = invoke("demo", run, "--no-progress")

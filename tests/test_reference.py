@@ -12,7 +12,8 @@ from helpers import REFERENCE
 from ensir_flow import metrics
 from ensir_flow.lut import Lut, read_paper_lut
 
-pytestmark = pytest.mark.skipif(not REFERENCE.is_dir(), reason=f"reference data not found at {REFERENCE} (../shared is absent)")
+pytestmark = [pytest.mark.skipif(not REFERENCE.is_dir(), reason=f"reference data not found at {REFERENCE} (../shared is absent)"),
+              pytest.mark.slow]
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "deblurring-gopro.yaml"
 MODELS = ["MPRNet", "Restormer", "DGUNet"]
 

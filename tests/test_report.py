@@ -127,6 +127,7 @@ def chromium(tmp_path):
             f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1280,2000"]
 
 
+@pytest.mark.slow
 def test_report_renders_in_headless_browser(rgb_report, chromium, tmp_path):
     page, summary, _ = rgb_report
     screenshot = tmp_path / "report.png"

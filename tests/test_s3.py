@@ -9,6 +9,9 @@ moto_server = pytest.importorskip("moto.server", reason="moto[server] is a test 
 s3fs = pytest.importorskip("s3fs", reason="s3fs is a test dependency (pip install -e '.[test]')")
 
 
+pytestmark = pytest.mark.slow  # starts an S3 server (moto)
+
+
 @pytest.fixture
 def s3_bucket(monkeypatch):
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)

@@ -6,6 +6,7 @@ from dataclasses import replace
 import dask
 import dask.array as da
 import numpy as np
+import pytest
 import xarray as xr
 from distributed import Client, LocalCluster
 
@@ -47,6 +48,7 @@ def _write_store(path, n_chunks: int) -> None:
                                                          "ground_truth": {"chunks": (CHUNK, 3)}})
 
 
+@pytest.mark.slow
 def test_fit_and_apply_out_of_core_equal_an_in_memory_run(tmp_path):
     bytes_per_pixel = (N_MODELS + 1) * 3
     n_chunks = 2 * -(-8 * MEMORY_LIMIT // (bytes_per_pixel * CHUNK * 2))  # even, so images of 2 chunks fit

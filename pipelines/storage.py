@@ -18,6 +18,7 @@ command or as it is after it, whatever instant the command is killed at.
 """
 
 import contextlib
+import ctypes
 import dataclasses
 import json
 import os
@@ -93,8 +94,26 @@ def _finish_interrupted_replacement(fs, root: str) -> None:
             _move_tree(fs, retired, root)
 
 
+def _exchange(first: str, second: str) -> bool:
+    """Swap two local paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the
+    system or file system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0
+    except (AttributeError, OSError):
+        return False
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
 def _move_into_place(fs, staging: str, root: str) -> None:
-    """Replace `root` by `staging` (renames on local disks; see `_finish_interrupted_replacement`)."""
+    """Replace `root` by `staging`: on a local disk one atomic exchange where the system has it (the
+    old target, left at the staging location, is then deleted), else two renames (see
+    `_finish_interrupted_replacement`); on object storage copies (see `_move_tree`)."""
+    if isinstance(fs, LocalFileSystem) and fs.exists(root) and _exchange(staging, root):
+        _remove_tree(fs, staging)
+        return
     if fs.exists(root):
         retired = _sibling(root, "replaced")
         _move_tree(fs, root, retired)

@@ -1,0 +1,187 @@
+"""Every writer killed at its n-th write leaves each target as before or as after, and a re-run ends
+as an uninterrupted run does.
+
+Each command runs in a subprocess under tests/kill_after_writes.py, which ends it with os._exit at
+its n-th file-system write (no cleanup runs, as with SIGKILL). A target's state is what readers
+get from it: a store as `open_store` reads and checks it, a LUT as `read_lut` does, a folder as
+its files' bytes. After the kill that state must equal the one before the command or the one an
+uninterrupted run leaves; re-running the same command must then succeed and leave the latter.
+Also killed at random times with SIGKILL, and at every write for the append (the issue that made
+this test: a killed append once left a hole that fit read as data).
+"""
+
+import functools
+import hashlib
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ensir_flow.errors import InputError
+from ensir_flow.pipelines.storage import open_store, read_lut
+from ensir_flow.schema import check_store
+from helpers import make_corpus
+
+HOOK = Path(__file__).with_name("kill_after_writes.py")
+KILLED = 137
+THREADS = {**os.environ, "ENSIR_FLOW_SCHEDULER": "threads"}
+
+
+def _digest_tree(path: Path) -> dict:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def state(path: Path):
+    """What a reader gets from `path`: 'absent', a digest of the store or LUT as read and checked,
+    of a folder's files, or the error a reader meets (which never equals a valid state)."""
+    if not path.exists():
+        return "absent"
+    if path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    if path.suffix != ".zarr":
+        return _digest_tree(path)
+    try:
+        if path.name.startswith("lut"):
+            lut = read_lut(str(path))
+            return hashlib.sha256(lut.weights.tobytes() + lut.count.tobytes() + repr(lut.attrs).encode()).hexdigest()
+        ds = open_store(str(path))
+        check_store(ds, str(path), require=())
+        digest = hashlib.sha256(repr(sorted(ds.attrs.items())).encode())
+        for name in sorted(ds.variables):
+            values = ds[name].values
+            digest.update(name.encode() + np.ascontiguousarray(values.astype(str) if values.dtype == object else values).tobytes())
+        return digest.hexdigest()
+    except InputError as error:
+        return f"unreadable: {error}"
+
+
+def run(work: Path, arguments: list, kill_at: int = 0) -> tuple[subprocess.CompletedProcess, int]:
+    """Run the CLI under the hook in `work`; returns the process and how many writes it made."""
+    count = work / "writes.count"
+    process = subprocess.run([sys.executable, str(HOOK), str(kill_at), str(count), "--", *map(str, arguments),
+                              "--no-progress"], cwd=work, capture_output=True, text=True, timeout=300, env=THREADS)
+    return process, int(count.read_text())
+
+
+def _paper_style_lut(path: Path) -> None:
+    """A LUT in the form the paper's code saves (bin width 128, K = 3: 8 bins), for `lut import`."""
+    table = {(a, b, c): [torch.tensor([0.2, 0.3, 0.5])] * 3 for a in (0, 128) for b in (0, 128) for c in (0, 128)}
+    torch.save(table, path)
+
+
+def _prepare(work: Path, before: list[list]) -> None:
+    corpus = work / "corpus"
+    models = make_corpus(corpus, sizes=((24, 32), (17, 29), (40, 21), (30, 30)))
+    for part, stems in (("first", ("img0", "img1")), ("second", ("img2", "img3"))):
+        for folder in ("gt", *models):
+            (work / part / folder).mkdir(parents=True)
+            for stem in stems:
+                shutil.copy(corpus / folder / f"{stem}.png", work / part / folder)
+    _paper_style_lut(work / "paper.pth")
+    for arguments in before:
+        process, _ = run(work, arguments)
+        assert process.returncode == 0, process.stderr
+
+
+WRITERS = {
+    # name: (commands run before, the command, its targets)
+    "ingest": ([], ["ingest", "corpus", "s.zarr", "--chunk-pixels", 500], ["s.zarr"]),
+    "ingest --append": ([["ingest", "first", "s.zarr", "--chunk-pixels", 500]],
+                        ["ingest", "second", "s.zarr", "--append"], ["s.zarr"]),
+    "fit --overwrite": ([["ingest", "corpus", "s.zarr", "--chunk-pixels", 500], ["fit", "s.zarr", "lut.zarr"]],
+                        ["fit", "s.zarr", "lut.zarr", "--bin-width", 64, "--overwrite"], ["lut.zarr"]),
+    "apply --export-dir": ([["ingest", "corpus", "s.zarr", "--chunk-pixels", 500], ["fit", "s.zarr", "lut.zarr"]],
+                           ["apply", "s.zarr", "lut.zarr", "out.zarr", "--export-dir", "png"], ["out.zarr", "png"]),
+    "apply --overwrite": ([["ingest", "corpus", "s.zarr", "--chunk-pixels", 500], ["fit", "s.zarr", "lut.zarr"],
+                           ["apply", "s.zarr", "lut.zarr", "out.zarr"], ["fit", "s.zarr", "lut.zarr", "--overwrite",
+                                                                         "--bin-width", 64]],
+                          ["apply", "s.zarr", "lut.zarr", "out.zarr", "--overwrite"], ["out.zarr"]),
+    "evaluate --report": ([["ingest", "corpus", "s.zarr", "--chunk-pixels", 500], ["fit", "s.zarr", "lut.zarr"],
+                           ["apply", "s.zarr", "lut.zarr", "out.zarr"]],
+                          ["evaluate", "s.zarr", "--ensemble", "out.zarr", "--report", "report"], ["report"]),
+    "lut import": ([], ["lut", "import", "paper.pth", "lut.zarr", "--models", "model0,model1,model2", "--bin-width", 128],
+                   ["lut.zarr"]),
+    "lut export": ([["ingest", "corpus", "s.zarr", "--chunk-pixels", 500], ["fit", "s.zarr", "lut.zarr"]],
+                   ["lut", "export", "lut.zarr", "lut.json"], ["lut.json"]),
+}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """Per writer, prepared when first asked: a pristine copy of its working folder (before the
+    command), the targets' states before and after an uninterrupted run, and how many writes that
+    run made."""
+    return functools.partial(_prepared_case, {}, tmp_path_factory)
+
+
+def _prepared_case(cases: dict, tmp_path_factory, name: str):
+    if name not in cases:
+        before, command, targets = WRITERS[name]
+        pristine = tmp_path_factory.mktemp("pristine")
+        _prepare(pristine, before)
+        work = tmp_path_factory.mktemp("work")
+        shutil.rmtree(work)
+        shutil.copytree(pristine, work)
+        states_before = [state(work / t) for t in targets]
+        process, writes = run(work, command)
+        assert process.returncode == 0, (name, process.stderr)
+        after = [state(work / t) for t in targets]
+        assert after != states_before and not any(str(s).startswith("unreadable") for s in after), name
+        cases[name] = (pristine, command, targets, states_before, after, writes)
+    return cases[name]
+
+
+def _kill_and_rerun(case, work: Path, kill: int | float) -> None:
+    """Kill the command at write `kill` (int) or after `kill` seconds (float, SIGKILL); check the
+    targets, re-run it, check again."""
+    pristine, command, targets, before, after, _ = case
+    if work.exists():
+        shutil.rmtree(work)
+    shutil.copytree(pristine, work)
+    if isinstance(kill, int):
+        process, _ = run(work, command, kill_at=kill)
+        assert process.returncode == KILLED, (kill, process.returncode, process.stderr)
+    else:
+        child = subprocess.Popen([sys.executable, "-m", "ensir_flow.cli", *map(str, command), "--no-progress"], cwd=work,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=THREADS)
+        time.sleep(kill)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    states = [state(work / t) for t in targets]
+    for target, got, was, will in zip(targets, states, before, after):
+        assert got in (was, will), (command, kill, target, got)
+    rerun, _ = run(work, command)
+    assert rerun.returncode == 0, (command, kill, rerun.stderr)
+    assert [state(work / t) for t in targets] == after, (command, kill)
+
+
+def _kill_points(writes: int, how_many: int) -> list[int]:
+    return sorted({1, writes, *np.linspace(1, writes, how_many).round().astype(int).tolist()})
+
+
+@pytest.mark.parametrize("writer", ["ingest --append", "fit --overwrite", "apply --export-dir"])
+def test_killed_at_first_middle_and_last_write(prepared, writer, tmp_path):
+    case = prepared(writer)
+    for kill in _kill_points(case[-1], 3):
+        _kill_and_rerun(case, tmp_path / "work", kill)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("writer", list(WRITERS))
+def test_killed_at_many_writes_and_random_times(prepared, writer, tmp_path):
+    case = prepared(writer)
+    every = writer == "ingest --append"
+    points = range(1, case[-1] + 1) if every else _kill_points(case[-1], 8)
+    for kill in points:
+        _kill_and_rerun(case, tmp_path / "work", kill)
+    rng = random.Random(writer)
+    for _ in range(2):
+        _kill_and_rerun(case, tmp_path / "work", rng.uniform(0.5, 4.0))

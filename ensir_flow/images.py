@@ -7,11 +7,13 @@ stem whatever their extension. Pixels are 8-bit; what ensir-flow converts and wh
   grayscale and colour is refused (replicating gray would invent colour statistics).
 - 16-bit, float or other non-8-bit data: refused (EnsIR bins 8-bit values; rescaling would
   silently change the data).
+- a file whose stem cannot name an exported PNG (`check_stem`: `..`, control characters, ...):
+  refused, since the stem becomes the image's name in the store and `<stem>.png` on export.
 """
 
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import fsspec
 import imageio.v3 as iio
@@ -45,12 +47,51 @@ class ImageInfo:
     channels: int
 
 
+def stem_problem(stem) -> str | None:
+    """Why `stem` cannot name an image (its file is `<stem>.png` in an export folder), or None.
+
+    A stem is one plain file name: not empty, not `.` or `..` nor starting with `..`, with no path
+    separator (`/` or `\\`), not absolute or drive-qualified (`C:`), and without control
+    characters (below 0x20, NUL included, or 0x7f).
+    """
+    if not isinstance(stem, str):
+        return f"is a {type(stem).__name__}, not a string"
+    if not stem:
+        return "is empty"
+    if stem in (".", ".."):
+        return "is a relative folder reference"
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in stem):
+        return "contains a control character"
+    if "/" in stem or "\\" in stem:
+        return "contains a path separator"
+    if stem.startswith(".."):
+        return "starts with '..' (a path traversal)"
+    if PurePosixPath(stem).is_absolute() or PureWindowsPath(stem).is_absolute() or PureWindowsPath(stem).drive:
+        return "is an absolute or drive-qualified path"
+    return None
+
+
+def check_stem(stem, where) -> str:
+    """`stem` if it can name an image file, else an InputError naming `where` (a file, a store)."""
+    problem = stem_problem(stem)
+    if problem is not None:
+        raise InputError(f"{printable(where)}: image name {stem!r} {problem}; refusing it as a file name")
+    return stem
+
+
+def printable(name) -> str:
+    """`name` as text that stays on one line: quoted with escapes when it holds unprintable characters."""
+    text = str(name)
+    return text if text.isprintable() else repr(text)
+
+
 def _images_by_stem(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
         raise InputError(f"{folder}: folder not found")
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+            check_stem(path.stem, path)
             if path.stem in found:
                 raise InputError(f"{path}: stem '{path.stem}' also used by {found[path.stem].name}")
             found[path.stem] = path
@@ -136,10 +177,38 @@ def read_image(path, expected: ImageInfo) -> np.ndarray:
     return np.ascontiguousarray(pixels)
 
 
-def write_png(path, pixels: np.ndarray) -> None:
-    """Write uint8 (H, W, C) as lossless PNG (C == 1 as grayscale) to a local path or fsspec URL."""
+def write_png(path, pixels: np.ndarray, text: dict[str, str] | None = None) -> None:
+    """Write uint8 (H, W, C) as lossless PNG (C == 1 as grayscale) to a local path or fsspec URL;
+    `text` becomes tEXt chunks (Latin-1 keywords and values), written before the pixel data."""
+    options = {}
+    if text:
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_text(key, value)
+        options["pnginfo"] = info
     with fsspec.open(str(path), "wb") as file:
-        iio.imwrite(file, pixels[:, :, 0] if pixels.shape[2] == 1 else pixels, extension=".png")
+        iio.imwrite(file, pixels[:, :, 0] if pixels.shape[2] == 1 else pixels, extension=".png", **options)
+
+
+def png_text(data: bytes) -> dict[str, str]:
+    """The tEXt chunks found in the leading `data` of a PNG file (up to its first IDAT), by keyword;
+    empty when `data` does not start like a PNG."""
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return {}
+    found, position = {}, 8
+    while position + 8 <= len(data):
+        length = int.from_bytes(data[position: position + 4], "big")
+        kind = data[position + 4: position + 8]
+        body = data[position + 8: position + 8 + length]
+        if kind == b"IDAT" or len(body) < length:
+            break
+        if kind == b"tEXt" and b"\0" in body:
+            key, _, value = body.partition(b"\0")
+            found[key.decode("latin-1")] = value.decode("latin-1")
+        position += 12 + length
+    return found
 
 
 def file_sha256(path) -> str:

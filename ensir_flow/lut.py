@@ -14,7 +14,7 @@ import numpy as np
 import xarray as xr
 
 from . import em, lsq
-from .binning import bin_count, flat_bins_of_edges
+from .binning import bin_count, flat_bins_of_edges, ranges_per_model
 from .errors import InputError
 from .fit_status import FLAG_MEANINGS, FitStatus
 from .stats import CellStatistics
@@ -22,6 +22,13 @@ from .stats import CellStatistics
 SOLVERS = ("em", "lsq", "average", "zzpm")
 DEFAULT_SOLVER = "em"
 EMPTY_POLICY = "channel"
+#: How far a cell's weights may sum from 1 in a valid LUT (`check_weights`). Every LUT ensir-flow
+#: makes or imports is far inside it: EM's weights are (s_k + 1e-6) / n with n >= 100, so they sum
+#: to 1 + K * 1e-8 at most; least squares and uniform weights are normalised; float32 storage
+#: rounds a sum by about K * 6e-8; the paper's published GoPro LUT sums to 1 within 1.5e-7. A
+#: table whose sums are off by more than 1e-3 (a quarter of an 8-bit level at 255) was not made
+#: as a convex combination, and blending with it would bias the ensemble.
+SUM_TOLERANCE = 1e-3
 #: What `EMPTY_POLICY` gives the cells without reference pixels, per solver (a LUT attribute).
 EMPTY_POLICY_DESCRIPTIONS = {
     "em": "cells without reference pixels take the EM weights fitted on all reference pixels of their channel; "
@@ -89,10 +96,19 @@ class Lut:
             weights = ds["weights"].transpose("bin", "channel", "model").values
         except KeyError as missing:
             raise InputError(f"{source}: not an ensir-flow LUT (missing {missing})") from None
-        if weights.shape[0] != bin_count(len(models), bin_width) or weights.shape[2] != len(models):
+        try:
+            n_bins = bin_count(len(models), bin_width)
+        except ValueError as error:
+            raise InputError(f"{source}: {error}") from None
+        if weights.ndim != 3 or weights.shape[0] != n_bins or weights.shape[2] != len(models):
             raise InputError(f"{source}: weights shape {weights.shape} does not match {len(models)} models at bin width {bin_width}")
-        count = ds["count"].values if "count" in ds else np.zeros(weights.shape[:2], np.int64)
-        status = ds["fit_status"].values if "fit_status" in ds else np.full(weights.shape[:2], FitStatus.INITIAL_WEIGHTS, np.int8)
+        check_weights(weights, bin_width, source)
+        count = ds["count"].transpose("bin", "channel").values if "count" in ds else np.zeros(weights.shape[:2], np.int64)
+        status = (ds["fit_status"].transpose("bin", "channel").values if "fit_status" in ds
+                  else np.full(weights.shape[:2], FitStatus.INITIAL_WEIGHTS, np.int8))
+        for name, array in (("count", count), ("fit_status", status)):
+            if array.shape != weights.shape[:2]:
+                raise InputError(f"{source}: {name} shape {array.shape} does not match the weights' (bin, channel) {weights.shape[:2]}")
         known = {"models", "bin_width", "solver", "empty_policy"}
         return cls(models, bin_width, weights.astype(np.float32), count, status,
                    str(ds.attrs.get("solver", "em")), str(ds.attrs.get("empty_policy", EMPTY_POLICY)),
@@ -110,6 +126,39 @@ class Lut:
             raise InputError(f"{source}: LUT models {self.models} do not match the store's models {list(models)}")
         if n_channels != self.n_channels:
             raise InputError(f"{source}: LUT has {self.n_channels} channels, the store has {n_channels}")
+
+
+def check_weights(weights: np.ndarray, bin_width: int, source: str = "LUT", tolerance: float = SUM_TOLERANCE) -> None:
+    """Refuse weights (bin, channel, K) that are not a convex combination in every cell: a weight
+    that is not finite or is negative, or weights summing to 1 +- more than `tolerance`. The
+    message names `source`, the first bad cell (bin, with its lower edges, and channel) and why."""
+    weights = np.asarray(weights)
+    with np.errstate(invalid="ignore"):
+        finite = np.isfinite(weights).all(axis=2)
+        negative = (weights < 0).any(axis=2)
+        sums = weights.astype(np.float64).sum(axis=2)
+        bad = ~finite | negative | ~(np.abs(sums - 1.0) <= tolerance)
+    if not bad.any():
+        return
+    b, c = (int(i) for i in np.argwhere(bad)[0])
+    if not finite[b, c]:
+        problem = "a weight that is not finite"
+    elif negative[b, c]:
+        problem = "a negative weight"
+    else:
+        problem = f"weights summing to {sums[b, c]:.6g}, not 1 (tolerance {tolerance:g})"
+    raise InputError(f"{source}: bin {b} (lower edges {_edges_of(b, weights.shape[2], bin_width)}), channel {c} has {problem} "
+                     f"({np.array2string(weights[b, c], separator=', ', precision=6)}); "
+                     f"{int(bad.sum())} bad cell(s) in all; not a usable LUT")
+
+
+def _edges_of(flat_bin: int, n_models: int, bin_width: int) -> tuple:
+    """Lower edges (one per model) of a flat bin: the key the paper's code uses for it."""
+    nb, edges = ranges_per_model(bin_width), []
+    for _ in range(n_models):
+        flat_bin, digit = divmod(flat_bin, nb)
+        edges.append(digit * bin_width)
+    return tuple(reversed(edges))
 
 
 def fit_lut(statistics: CellStatistics, models: list[str], device: str = "cpu", solver: str = DEFAULT_SOLVER,
@@ -154,7 +203,10 @@ def read_paper_lut(path, models: list[str], bin_width: int) -> Lut:
     """Import a LUT saved by the paper's code: {(lower edges per model): [weights per channel]}.
 
     Only torch's weights-only unpickler is used: a file that would need arbitrary objects (and so
-    could run code) is refused.
+    could run code) is refused. The paper's code writes every bin, so the table must hold exactly
+    ceil(256 / w)^K entries for `bin_width` w and the K `models`, each keyed by K lower edges that are
+    multiples of w in 0..255, with finite, non-negative weights summing to 1 per channel
+    (`check_weights`): a table read at another bin width than its own is refused.
     """
     import torch
 
@@ -169,18 +221,43 @@ def read_paper_lut(path, models: list[str], bin_width: int) -> Lut:
     keys = list(table)
     if any(not isinstance(k, tuple) or len(k) != n_models for k in keys):
         raise InputError(f"{path}: keys are not tuples of {n_models} bin edges (one per model {models})")
+    try:
+        n_bins = bin_count(n_models, bin_width)
+    except ValueError as error:
+        raise InputError(f"{path}: {error}") from None
+    if len(keys) != n_bins:
+        raise InputError(f"{path}: holds {len(keys)} bins, but {n_models} models at bin width {bin_width} make "
+                         f"{ranges_per_model(bin_width)}^{n_models} = {n_bins} (the paper's code writes every bin): "
+                         f"is the bin width right?")
+    for key in keys:
+        if not all(_is_edge(edge, bin_width) for edge in key):
+            raise InputError(f"{path}: key {key} is not a tuple of bin lower edges at bin width {bin_width} "
+                             f"(multiples of {bin_width} in 0..255): is the bin width right?")
+    flat = flat_bins_of_edges(np.array([[int(edge) for edge in key] for key in keys], dtype=np.int64), bin_width)
+    if len(set(flat.tolist())) != len(flat):
+        raise InputError(f"{path}: bin edges do not fit bin width {bin_width} (two keys name one bin)")
     n_channels = len(table[keys[0]])
-    flat = flat_bins_of_edges(np.array(keys, dtype=np.int64), bin_width)
-    n_bins = bin_count(n_models, bin_width)
-    if flat.min() < 0 or flat.max() >= n_bins or len(set(flat.tolist())) != len(flat):
-        raise InputError(f"{path}: bin edges do not fit bin width {bin_width}")
     weights = np.full((n_bins, n_channels, n_models), 1.0 / n_models, dtype=np.float32)
     for index, key in zip(flat, keys):
-        per_channel = np.stack([np.asarray(w, dtype=np.float32).reshape(-1) for w in table[key]])
+        try:
+            per_channel = np.stack([np.asarray(w, dtype=np.float32).reshape(-1) for w in table[key]])
+        except (TypeError, ValueError) as error:
+            raise InputError(f"{path}: entry {key} does not hold weights per channel ({error})") from None
         if per_channel.shape != (n_channels, n_models):
             raise InputError(f"{path}: entry {key} holds weights of shape {per_channel.shape}, expected {(n_channels, n_models)}")
         weights[index] = per_channel
+    check_weights(weights, bin_width, str(path))
     return Lut(list(models), bin_width, weights, np.zeros((n_bins, n_channels), np.int64),
                np.full((n_bins, n_channels), FitStatus.IMPORTED, np.int8), solver="imported",
                empty_policy="as published", attrs={"imported_from": str(path)})
 
+
+def _is_edge(edge, bin_width: int) -> bool:
+    """Whether `edge` (an int, or a number holding one) is a bin's lower edge at `bin_width`."""
+    if isinstance(edge, bool):
+        return False
+    try:
+        value = float(edge)
+    except (TypeError, ValueError):
+        return False
+    return value.is_integer() and 0 <= value <= 255 and int(value) % bin_width == 0

@@ -6,11 +6,15 @@ for super-resolution and deraining benchmarks). Papers' tables are computed this
 from here compare with published figures.
 
 Inputs are 8-bit images, (H, W), (H, W, 1) or (H, W, 3) RGB; anything else is refused rather than
-scored on a wrong scale.
+scored on a wrong scale. SSIM is NaN for images smaller than its 11x11 window (after cropping), as
+in BasicSR; PSNR is defined for every size.
 """
 
 import numpy as np
 from skimage.metrics import structural_similarity
+
+#: Side of SSIM's Gaussian window (sigma 1.5, truncated at 3.5 sigma): 2 * 5 + 1 pixels.
+SSIM_WINDOW = 11
 
 
 def rgb_to_y(image: np.ndarray) -> np.ndarray:
@@ -65,10 +69,15 @@ def ssim(image, reference, crop_border: int = 0, y_channel: bool = False) -> flo
 
     scikit-image with these settings is BasicSR's `_ssim` (cv2.filter2D, then the 5-pixel frame
     dropped): its Gaussian filter truncated at 3.5 sigma is the same 11-tap kernel, and it discards
-    the same frame, so the reflect padding it uses never enters the mean. Each cropped side must be
-    at least 11 pixels.
+    the same frame, so the reflect padding it uses never enters the mean.
+
+    An image with a (cropped) side under 11 pixels has no valid region: its SSIM is NaN, which is
+    what BasicSR returns for it (the mean of the empty map left by dropping the frame), where
+    scikit-image would raise. Means over images should skip NaN and say how many images lack SSIM.
     """
     a, b = _prepare(image, reference, crop_border, y_channel)
+    if min(a.shape[:2]) < SSIM_WINDOW:
+        return float("nan")
     return float(np.mean([
         structural_similarity(a[:, :, c], b[:, :, c], gaussian_weights=True, sigma=1.5,
                               use_sample_covariance=False, data_range=255.0)

@@ -1,38 +1,149 @@
-"""Export: one lossless PNG per image of a pixel store, one task per image."""
+"""Export: one lossless PNG per image of a pixel store, one task per image.
+
+The export folder is written as a whole: staged beside it, then moved into place. Two things are
+never done, whatever the store holds or the options say:
+- writing outside the folder: every stem of the store is checked (`ensir_flow.images.check_stem`)
+  before anything is written, since a store can be crafted (a stem `../../x` is refused);
+- deleting what ensir-flow did not write: `--overwrite` replaces an existing folder only when it
+  holds nothing but files an export writes, i.e. `<stem>.png` for this store's stems, or PNGs that
+  carry ensir-flow's export mark (the tEXt chunk `Software: ensir-flow ... export` every exported
+  PNG has, so an export of another store is recognised too). Any other entry (a file, a folder, a
+  link) refuses the run, naming it; nothing is deleted.
+
+`check_export_target` makes every check that needs no computation, so that `apply` can run it
+before computing anything.
+"""
+
+import os
 
 import dask
 import fsspec
 import numpy as np
 import xarray as xr
+from fsspec.implementations.local import LocalFileSystem
 
+import ensir_flow
 from ensir_flow import schema
 from ensir_flow.errors import InputError
-from ensir_flow.images import write_png
+from ensir_flow.images import check_stem, png_text, printable, write_png
 
 from .executor import Compute
 from .storage import open_store, staged_output
 
+#: tEXt keyword of the mark every exported PNG carries, and the prefix of its value.
+MARK_KEY, MARK_PREFIX = "Software", "ensir-flow"
+#: How much of a PNG is read to find the mark (ours is written right after the header).
+MARK_BYTES = 4096
 
-def _export_image(pixels: np.ndarray, height: int, width: int, path) -> None:
-    write_png(path, np.asarray(pixels).reshape(height, width, -1))
+
+def export_text(store, variable: str) -> dict[str, str]:
+    """The tEXt chunks of an exported PNG: ensir-flow's mark, the store and the variable it shows."""
+    return {MARK_KEY: f"{MARK_PREFIX} {ensir_flow.__version__} export", "Source": str(store), "Variable": variable}
 
 
-def export_graph(ds: xr.Dataset, variable: str, directory) -> list:
-    """Delayed writes of one lossless PNG per image of `ds[variable]`, named by stem."""
+def _export_image(pixels: np.ndarray, height: int, width: int, path, text: dict | None = None) -> None:
+    write_png(path, np.asarray(pixels).reshape(height, width, -1), text)
+
+
+def export_graph(ds: xr.Dataset, variable: str, directory, text: dict | None = None) -> list:
+    """Delayed writes of one lossless PNG per image of `ds[variable]`, named by stem (each checked)."""
     index = schema.ImageIndex.from_dataset(ds)
     data = ds[variable].data
     return [
-        dask.delayed(_export_image, pure=True)(data[offset: offset + count], h, w, f"{directory}/{stem}.png")
+        dask.delayed(_export_image, pure=True)(data[offset: offset + count], h, w, f"{directory}/{check_stem(stem, directory)}.png", text)
         for stem, h, w, offset, count in zip(index.stems, index.heights, index.widths, index.offsets, index.counts)
     ]
 
 
+def check_export_target(directory, stems, overwrite: bool, source=None) -> None:
+    """Refuse, before any work, an export of images named `stems` into `directory` that could not
+    complete or would do harm: a stem that is not a plain file name (or is used twice); a
+    `directory` that is a file, that exists without `overwrite`, or that holds anything an export
+    does not write (named); a folder that cannot be created because a file stands in its path (or,
+    on a local disk, because its parent cannot be written). `source` (the store) names the stems'
+    origin in messages."""
+    where = directory if source is None else source
+    seen = set()
+    for stem in stems:
+        check_stem(stem, where)
+        if stem in seen:
+            raise InputError(f"{printable(where)}: image name {stem!r} is used by two images; their PNGs would overwrite each other")
+        seen.add(stem)
+    fs, root = fsspec.core.url_to_fs(str(directory))
+    root = root.rstrip("/") or root
+    if fs.exists(root):
+        if not fs.isdir(root):
+            raise InputError(f"{directory}: is a file, not a folder; refusing to export into it or to replace it")
+        if not overwrite:
+            raise InputError(f"{directory}: already exists (pass --overwrite to replace it)")
+        foreign = first_foreign_entry(fs, root, stems)
+        if foreign is not None:
+            raise InputError(f"{directory}: holds {foreign!r}, which ensir-flow's export did not write; "
+                             f"refusing to replace the folder (move that away, or export elsewhere)")
+    ancestor = _nearest_existing(fs, _parent(root))
+    if ancestor is not None:
+        if not fs.isdir(ancestor):
+            raise InputError(f"{directory}: cannot be created: {_location(fs, ancestor, directory)} is a file, not a folder")
+        if isinstance(fs, LocalFileSystem) and not os.access(ancestor, os.W_OK | os.X_OK):
+            raise InputError(f"{directory}: cannot be written: no permission to write in {ancestor}")
+
+
+def first_foreign_entry(fs, root: str, stems) -> str | None:
+    """The first entry (by name) of the folder `root` that an export did not write, or None."""
+    ours = {f"{stem}.png" for stem in stems}
+    for entry in sorted(fs.ls(root, detail=True), key=lambda e: e["name"]):
+        name = entry["name"].rstrip("/").rpartition("/")[2]
+        if entry.get("type") != "file" or entry.get("islink"):
+            return name + ("/" if entry.get("type") == "directory" else "")
+        if name in ours or (name.lower().endswith(".png") and _carries_mark(fs, entry["name"])):
+            continue
+        return name
+    return None
+
+
+def _carries_mark(fs, path: str) -> bool:
+    try:
+        with fs.open(path, "rb") as file:
+            head = file.read(MARK_BYTES)
+    except OSError:
+        return False
+    return png_text(head).get(MARK_KEY, "").startswith(f"{MARK_PREFIX} ")
+
+
+def _parent(path: str) -> str | None:
+    parent = path.rstrip("/").rpartition("/")[0]
+    return parent or None
+
+
+def _nearest_existing(fs, path: str | None) -> str | None:
+    """`path` or its nearest ancestor that exists (None when none of those named exists)."""
+    while path is not None and not fs.exists(path):
+        path = _parent(path)
+    return path
+
+
+def _location(fs, path: str, like) -> str:
+    """`path` (an ancestor of `like` as fsspec strips it) spelt as the user spelt `like`."""
+    text, root = str(like).rstrip("/"), fsspec.core.url_to_fs(str(like))[1].rstrip("/")
+    suffix = root[len(path):] if root.startswith(path) else None
+    if suffix and text.endswith(suffix):
+        return text[: -len(suffix)]
+    return fs.unstrip_protocol(path) if "://" in str(like) else path
+
+
 def export(store: str, directory: str, compute: Compute, overwrite: bool = False, variable: str = schema.ENSEMBLE) -> None:
-    """Write every image of `store` as PNG into `directory`, staged so it appears complete or not at all."""
+    """Write every image of `store` as PNG into `directory`, staged so it appears complete or not at all.
+
+    Refused before anything is written when `check_export_target` refuses; checked again just
+    before the folder is moved into place, so that nothing that appeared meanwhile is deleted.
+    """
     ds = open_store(store)
     if variable not in ds:
         raise InputError(f"{store}: no '{variable}' variable to export")
-    with staged_output(directory, overwrite) as staging:
+    stems = schema.ImageIndex.from_dataset(ds).stems
+    check_export_target(directory, stems, overwrite, source=store)
+    with staged_output(str(directory), overwrite) as staging:
         fs, root = fsspec.core.url_to_fs(staging)
         fs.makedirs(root, exist_ok=True)
-        compute(*export_graph(ds, variable, staging), label="export")
+        compute(*export_graph(ds, variable, staging, export_text(store, variable)), label="export")
+        check_export_target(directory, stems, overwrite, source=store)

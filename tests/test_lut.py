@@ -41,10 +41,15 @@ def test_paper_lut_import_round_trip(tmp_path):
     table = {(0, 0): [torch.tensor([0.2, 0.8]), torch.tensor([0.5, 0.5])], (128, 0): [torch.tensor([1.0, 0.0]), torch.tensor([0.3, 0.7])]}
     path = tmp_path / "w.pth"
     torch.save(table, path)
+    with pytest.raises(InputError, match=r"holds 2 bins, but 2 models at bin width 128 make 2\^2 = 4"):
+        read_paper_lut(path, ["m1", "m2"], 128)  # the paper's code writes every bin
+    table.update({(0, 128): [torch.tensor([0.6, 0.4])] * 2, (128, 128): [torch.tensor([0.1, 0.9])] * 2})
+    torch.save(table, path)
     lut = read_paper_lut(path, ["m1", "m2"], 128)
     assert lut.weights.shape == (4, 2, 2)
     np.testing.assert_allclose(lut.weights[0], [[0.2, 0.8], [0.5, 0.5]])
     np.testing.assert_allclose(lut.weights[2], [[1.0, 0.0], [0.3, 0.7]])  # (128, 0) -> digits (1, 0) -> bin 2
+    np.testing.assert_allclose(lut.weights[1], [[0.6, 0.4], [0.6, 0.4]])  # (0, 128) -> digits (0, 1) -> bin 1
     with pytest.raises(InputError, match="keys are not tuples of 3 bin edges"):
         read_paper_lut(path, ["m1", "m2", "m3"], 128)
 

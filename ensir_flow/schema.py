@@ -15,6 +15,7 @@ import xarray as xr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from .errors import InputError
+from .images import stem_problem
 
 SCHEMA_VERSION = 1
 PREDICTION = "prediction"
@@ -134,6 +135,9 @@ def check_store(ds: xr.Dataset, source: str, require: tuple[str, ...] = (PREDICT
         raise InputError(f"{source}: inconsistent store: {ds[PREDICTION].sizes.get('model')} prediction planes for "
                          f"{len(models)} models {models}")
     index = ImageIndex.from_dataset(ds)
+    unsafe = next(((stem, problem) for stem in index.stems if (problem := stem_problem(stem))), None)
+    if unsafe:
+        raise InputError(f"{source}: inconsistent store: image name {unsafe[0]!r} {unsafe[1]}")
     if (index.heights < 1).any() or (index.widths < 1).any():
         raise InputError(f"{source}: inconsistent store: image '{index.stems[int(np.argmin(index.heights * index.widths))]}' "
                          "has no pixels")

@@ -14,7 +14,7 @@ from ensir_flow.blend import blend
 from ensir_flow.errors import InputError
 
 from .chunks import chunk_ranges, chunk_spans, pixel_array, read_pixels, task_argument
-from .export import export
+from .export import check_export_target, export
 from .plan import Plan
 from .storage import (COMPLETE, commit_resumable, exclusive_lock, exists, open_array_for_writing, open_store, read_lut,
                       refuse_existing, resumable_location, resumable_marks, start_resumable, write_chunk_then_mark)
@@ -67,7 +67,7 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
     if not finished:
         refuse_existing(output, overwrite)
     if export_dir is not None and not (finished and exists(export_dir)):
-        refuse_existing(export_dir, overwrite)
+        check_export_target(export_dir, schema.ImageIndex.from_dataset(ds).stems, overwrite, source=store)
     chunk_lengths = ds[schema.PREDICTION].data.chunks[1]
     ranges = chunk_ranges(ds)
     out = ds[list(schema.IMAGE_VARIABLES)].load()  # written with the template; `ensemble` by the tasks

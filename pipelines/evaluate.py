@@ -40,7 +40,18 @@ def image_scores(predictions, truth, ensemble, height: int, width: int, names: l
 
 
 def _means(scores: list[dict], metric: str) -> dict[str, float]:
-    return {name: float(np.mean([s[metric][name] for s in scores])) for name in scores[0][metric]}
+    """Mean per method over the images that have the metric (SSIM is NaN for images smaller than
+    its 11x11 window); NaN when none has it."""
+    means = {}
+    for name in scores[0][metric]:
+        values = np.array([s[metric][name] for s in scores], dtype=np.float64)
+        scored = values[~np.isnan(values)]
+        means[name] = float(scored.mean()) if len(scored) else float("nan")
+    return means
+
+
+def _ssim_cell(value: float) -> str:
+    return f"{value:6.4f}" if math.isfinite(value) else f"{'n/a':>6}"
 
 
 @dataclass
@@ -81,11 +92,15 @@ class Evaluation:
             folds = self.fold_means()
             lines = [f"{len(self.images)} images, {len(folds)}-fold cross-validation by image (held-out scores), {setting}",
                      f"{'method'.ljust(width)}  {'PSNR (dB)':>9}  {'SSIM':>6}  " + "  ".join(f"{'fold ' + str(f['fold']):>8}" for f in folds)]
-            lines += [f"{name.ljust(width)}  {psnr[name]:9.3f}  {ssim[name]:6.4f}  " + "  ".join(f"{f['psnr'][name]:8.3f}" for f in folds)
+            lines += [f"{name.ljust(width)}  {psnr[name]:9.3f}  {_ssim_cell(ssim[name])}  " + "  ".join(f"{f['psnr'][name]:8.3f}" for f in folds)
                       for name in psnr]
         else:
             lines = [f"{len(self.images)} images, {setting}", f"{'method'.ljust(width)}  {'PSNR (dB)':>9}  {'SSIM':>6}"]
-            lines += [f"{name.ljust(width)}  {psnr[name]:9.3f}  {ssim[name]:6.4f}" for name in psnr]
+            lines += [f"{name.ljust(width)}  {psnr[name]:9.3f}  {_ssim_cell(ssim[name])}" for name in psnr]
+        unscored = sum(any(math.isnan(value) for value in s["ssim"].values()) for s in self.per_image)
+        if unscored:
+            lines.append(f"SSIM over {len(self.images) - unscored} of {len(self.images)} images "
+                         f"({unscored} smaller than the 11x11 SSIM window after the crop border)")
         best = max(self.models, key=psnr.get)
         for method in psnr:
             if method not in self.models and method not in (AVERAGE, ZZPM) and math.isfinite(psnr[method]):

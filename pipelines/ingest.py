@@ -7,7 +7,7 @@ the same chunk. The store is staged and moved into place only when complete.
 """
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import dask
 import dask.array as da
@@ -20,7 +20,7 @@ from ensir_flow.errors import InputError, TransientError
 from ensir_flow.images import GROUND_TRUTH_DIR, INPUT_DIR, Corpus, ImageInfo, discover_corpus, file_sha256, probe_image, read_image
 
 from .plan import Plan
-from .storage import committed_append, exclusive_lock, open_store, refuse_existing, staged_output, write_dataset
+from .storage import committed_append, exclusive_lock, exists, open_store, refuse_existing, staged_output, write_dataset
 
 
 def _roles(corpus: Corpus) -> list[tuple[str, list]]:
@@ -115,12 +115,37 @@ def _extra_planes(corpus: Corpus, planes: da.Array) -> list[tuple[str, da.Array]
     return [(name, planes[len(corpus.models) + i]) for i, name in enumerate(names)]
 
 
+@dataclass
+class IngestResult:
+    """What an ingest did: `written`, or `unchanged` (the store already held exactly this ingest)."""
+
+    dataset: xr.Dataset
+    status: str
+
+
+def _holds(store: str, planned: xr.Dataset) -> bool:
+    """Whether the existing `store` is what ingesting `planned` would write (by provenance)."""
+    try:
+        existing = open_store(store)
+    except InputError:
+        return False
+    keys = ("models", "source", "chunk_pixels", "compression", "channels")
+    return (all(existing.attrs.get(key) == planned.attrs.get(key) for key in keys)
+            and "source_sha256" in existing and "appended" not in existing.attrs
+            and existing["image"].values.tolist() == planned["image"].values.tolist()
+            and existing["source_sha256"].values.tolist() == planned["source_sha256"].values.tolist())
+
+
 def plan_ingest(source, store: str, models: list[str] | None = None,
                 chunk_pixels: int = schema.DEFAULT_CHUNK_PIXELS, overwrite: bool = False,
                 compression: str = schema.DEFAULT_COMPRESSION) -> Plan:
     """Plan the ingest of the corpus folder `source` into the Zarr store `store`, its pixel arrays
-    compressed with `compression` (a name of `schema.COMPRESSORS`)."""
-    refuse_existing(store, overwrite)
+    compressed with `compression` (a name of `schema.COMPRESSORS`).
+
+    Without `overwrite`, a store that already holds exactly this ingest (same source files by
+    SHA-256, models, chunking and compression: e.g. a run killed after its commit) is left as it
+    is (status 'unchanged'); any other existing store is refused.
+    """
     corpus = discover_corpus(source, models)
     infos = probe_corpus(corpus)
     corpus, input_note = _storable_inputs(corpus, infos)
@@ -135,13 +160,19 @@ def plan_ingest(source, store: str, models: list[str] | None = None,
         encoding[name] = schema.pixel_encoding((chunk_pixels, channels), compression)
     ds = ds.assign_coords(model=np.array(corpus.models, dtype=object))
     ds.attrs = schema.store_attributes(corpus.models, channels, created_by=f"ensir-flow {ensir_flow.__version__} ingest",
-                                       source=str(source), chunk_pixels=int(chunk_pixels), **input_note)
+                                       source=str(source), chunk_pixels=int(chunk_pixels), compression=compression,
+                                       **input_note)
     ds = ds.merge(source_provenance(corpus))
+    unchanged = not overwrite and exists(store) and _holds(store, ds)
+    if not unchanged:
+        refuse_existing(store, overwrite)
 
     def execute(compute):
+        if unchanged:
+            return IngestResult(ds, "unchanged")
         with staged_output(store, overwrite) as staging:
             compute(write_dataset(ds, staging, encoding), label="ingest")
-        return ds
+        return IngestResult(ds, "written")
 
     details = {
         "source": str(source), "store": str(store), "models": ", ".join(corpus.models),

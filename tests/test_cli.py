@@ -222,3 +222,14 @@ def test_config_bin_width_and_solver_reach_cross_validation(tmp_path, invoke, co
     report = json.loads(result.stdout)
     assert report["options"]["solvers"] == ["lsq"] and report["options"]["bin_widths"] == [64]
     assert set(report["psnr"]) == {"model0", "model1", "model2", "average", "zzpm", "lsq"}
+
+
+def test_ingest_again_of_the_same_corpus_is_a_no_op_and_a_changed_one_is_refused(tmp_path, invoke, corpus):
+    root, _ = corpus
+    assert invoke("ingest", root, tmp_path / "s.zarr", "--no-progress").exit_code == 0
+    store_files = {p: p.read_bytes() for p in (tmp_path / "s.zarr").rglob("*") if p.is_file()}
+    again = invoke("ingest", root, tmp_path / "s.zarr", "--no-progress")
+    assert again.exit_code == 0 and "already holds these images: nothing to do" in again.stdout, again.output
+    assert {p: p.read_bytes() for p in (tmp_path / "s.zarr").rglob("*") if p.is_file()} == store_files
+    other_chunks = invoke("ingest", root, tmp_path / "s.zarr", "--chunk-pixels", 100, "--no-progress")
+    assert other_chunks.exit_code == 1 and "already exists (pass --overwrite" in other_chunks.stderr

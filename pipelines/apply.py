@@ -11,32 +11,38 @@ import xarray as xr
 import ensir_flow
 from ensir_flow import schema
 from ensir_flow.blend import blend
-from ensir_flow.errors import InputError
+from ensir_flow.errors import InputError, TransientError
 
 from .chunks import chunk_ranges, chunk_spans, pixel_array, read_pixels, task_argument
 from .export import check_export_target, export
 from .plan import Plan
-from .storage import (COMPLETE, commit_resumable, exclusive_lock, exists, open_array_for_writing, open_store, read_lut,
-                      refuse_existing, resumable_location, resumable_marks, start_resumable, write_chunk_then_mark)
+from .storage import (COMPLETE, commit_resumable, committed_append, exclusive_lock, exists, open_array_for_writing,
+                      open_store, read_lut, refuse_existing, resumable_location, resumable_marks, start_resumable,
+                      write_chunk_then_mark)
 from .zzpm import zzpm_blend_jobs
 
 
 @dataclass
 class ApplyResult:
-    """What an apply run did: `written` (from scratch), `resumed` or `unchanged` (already complete)."""
+    """What an apply run did: `written` (from scratch), `resumed`, `updated` (new images of a grown
+    store added) or `unchanged` (already complete)."""
 
     output: xr.Dataset
     status: str
     chunks_total: int
     chunks_computed: int
+    images_added: int = 0
 
 
-def store_fingerprint(ds: xr.Dataset) -> str:
-    """SHA-256 identifying a pixel store's content: models, images, sizes, chunking, source hashes."""
-    digest = hashlib.sha256(repr((ds.attrs.get("models"), [str(s) for s in ds["image"].values],
-                                  ds["pixel_count"].values.tolist(), ds[schema.PREDICTION].data.chunks)).encode())
+def store_fingerprint(ds: xr.Dataset, n_images: int | None = None) -> str:
+    """SHA-256 identifying the first `n_images` images of a pixel store (all by default): models,
+    stems, sizes, chunk size and source hashes. A store grown by `ingest --append` keeps the
+    fingerprint of its first images, which is how apply recognises an output it can update."""
+    n = ds.sizes["image"] if n_images is None else n_images
+    digest = hashlib.sha256(repr((ds.attrs.get("models"), [str(s) for s in ds["image"].values[:n]],
+                                  ds["pixel_count"].values[:n].tolist(), ds[schema.PREDICTION].data.chunks[1][0])).encode())
     if "source_sha256" in ds:
-        digest.update(" ".join(map(str, ds["source_sha256"].values.ravel())).encode())
+        digest.update(" ".join(map(str, ds["source_sha256"].values[:, :n].ravel())).encode())
     return digest.hexdigest()
 
 
@@ -56,18 +62,30 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
     into place; re-running a finished job is a no-op. A lock beside `output` keeps a second run
     away. `device` is where the blend tasks run ('auto': each worker's GPU if it has one);
     `compression` names the compressor of `ensemble` (`schema.COMPRESSORS`).
+
+    When `output` was made with the same LUT from an earlier state of `store` that `ingest
+    --append` has since grown, it is updated in place instead (no `overwrite` needed): only the
+    chunks from the output's last one on are computed and appended by `storage.committed_append`
+    (a killed update leaves the output as it was; re-running redoes it), and `export_dir`, if it
+    exists, gets the new images only. The result is the same bytes as a fresh apply.
     """
     ds = open_store(store)
     models = schema.check_store(ds, store)
     lut = read_lut(lut_path)
     lut.check_matches(models, ds.sizes["channel"], str(lut_path))
-    provenance = {"source": str(store), "source_fingerprint": store_fingerprint(ds), "lut": str(lut_path),
-                  "lut_sha256": lut.digest()}
-    finished = exists(output) and _matches(_attributes(output), provenance)
-    if not finished:
+    provenance = {"source": str(store), "source_fingerprint": store_fingerprint(ds), "source_images": ds.sizes["image"],
+                  "lut": str(lut_path), "lut_sha256": lut.digest()}
+    previous = _attributes(output) if exists(output) else {}
+    finished = _matches(previous, provenance)
+    grown_from = None if finished or overwrite else _grown_from(previous, provenance, ds)
+    if not finished and grown_from is None:
         refuse_existing(output, overwrite)
-    if export_dir is not None and not (finished and exists(export_dir)):
-        check_export_target(export_dir, schema.ImageIndex.from_dataset(ds).stems, overwrite, source=store)
+    stems = schema.ImageIndex.from_dataset(ds).stems
+    update_export = export_dir is not None and grown_from is not None and exists(export_dir)
+    if update_export:
+        check_export_target(export_dir, stems[:grown_from], overwrite=True, source=store)
+    elif export_dir is not None and not (finished and exists(export_dir)):
+        check_export_target(export_dir, stems, overwrite, source=store)
     chunk_lengths = ds[schema.PREDICTION].data.chunks[1]
     ranges = chunk_ranges(ds)
     out = ds[list(schema.IMAGE_VARIABLES)].load()  # written with the template; `ensemble` by the tasks
@@ -78,7 +96,44 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
     encoding = {schema.ENSEMBLE: schema.pixel_encoding((chunk_lengths[0], ds.sizes["channel"]), compression)}
     spans = chunk_spans(schema.ImageIndex.from_dataset(ds), np.arange(ds.sizes["image"]), chunk_lengths)
 
+    def blend_tasks(todo, ensemble, marks, compute) -> list:
+        predictions = task_argument(pixel_array(store, schema.PREDICTION))
+        if lut.solver == "zzpm":  # per-image weights, gathered from the store first
+            jobs = zzpm_blend_jobs(predictions, ranges, spans, ds, todo, compute)
+        else:
+            weights = dask.delayed(lut.weights, pure=True)
+            jobs = [(blend, (weights, lut.bin_width, device)) for _ in todo]
+        ensemble, marks = task_argument(ensemble), task_argument(marks)
+        return [dask.delayed(_blend_chunk_into)(combine, arguments, predictions, *ranges[i], ensemble, marks, int(i))
+                for i, (combine, arguments) in zip(todo, jobs)]
+
+    def update(compute) -> ApplyResult:
+        with exclusive_lock(output):
+            old = open_store(output)
+            if _matches(dict(old.attrs), provenance):  # another run updated it meanwhile
+                return ApplyResult(old, "unchanged", len(chunk_lengths), 0)
+            if old.sizes["image"] != grown_from:
+                raise TransientError(f"{output}: changed by another run while this one was planned; run it again")
+            first = old.sizes["pixel"] // chunk_lengths[0]  # the output's last chunk, if partial, is redone whole
+            todo = np.arange(first, len(chunk_lengths))
+
+            def write_arrays(arrays):
+                tasks = blend_tasks(todo, arrays[schema.ENSEMBLE], arrays[COMPLETE], compute)
+                compute(*tasks, label=f"apply ({len(todo)} of {len(chunk_lengths)} chunks: new images)")
+
+            committed_append(output, {"pixel": old.sizes["pixel"], "image": grown_from, "chunk": old.sizes["chunk"]},
+                             {"pixel": ds.sizes["pixel"], "image": ds.sizes["image"], "chunk": len(chunk_lengths)},
+                             write_arrays, {name: out[name].values[grown_from:] for name in (*schema.IMAGE_VARIABLES, "image")},
+                             out.attrs)
+        if update_export:
+            export(output, export_dir, compute, first_image=grown_from)
+        elif export_dir is not None:
+            export(output, export_dir, compute, overwrite)
+        return ApplyResult(open_store(output), "updated", len(chunk_lengths), len(todo), ds.sizes["image"] - grown_from)
+
     def execute(compute):
+        if grown_from is not None:
+            return update(compute)
         if finished:
             if export_dir is not None and not exists(export_dir):
                 export(output, export_dir, compute, overwrite)
@@ -92,15 +147,7 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
                 staging = start_resumable(output, out, encoding, len(chunk_lengths))  # `ensemble` is written below
                 done = np.zeros(len(chunk_lengths), dtype=bool)
             todo = np.flatnonzero(~done)
-            predictions = task_argument(pixel_array(store, schema.PREDICTION))
-            if lut.solver == "zzpm":  # per-image weights, gathered from the store first
-                jobs = zzpm_blend_jobs(predictions, ranges, spans, ds, todo, compute)
-            else:
-                weights = dask.delayed(lut.weights, pure=True)
-                jobs = [(blend, (weights, lut.bin_width, device)) for _ in todo]
-            ensemble, marks = (task_argument(open_array_for_writing(staging, name)) for name in (schema.ENSEMBLE, COMPLETE))
-            tasks = [dask.delayed(_blend_chunk_into)(combine, arguments, predictions, *ranges[i], ensemble, marks, int(i))
-                     for i, (combine, arguments) in zip(todo, jobs)]
+            tasks = blend_tasks(todo, *(open_array_for_writing(staging, name) for name in (schema.ENSEMBLE, COMPLETE)), compute)
             compute(*tasks, label=f"apply ({len(tasks)} of {len(done)} chunks)" if resuming else "apply")
             commit_resumable(output)
         if export_dir is not None:
@@ -111,6 +158,8 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
         "store": str(store), "LUT": f"{lut_path} ({lut.solver}, bin width {lut.bin_width})", "output": str(output),
         "images": ds.sizes["image"], "pixels": f"{ds.sizes['pixel']:,}",
         "tasks": "none: the output is already complete" if finished else
+                 f"an update: the chunks of {ds.sizes['image'] - grown_from} new image(s), appended to {output}"
+                 if grown_from is not None else
                  f"{len(chunk_lengths)} chunks, one blend + write each, on {device} (resumable from {resumable_location(output)})",
         "compression": compression,
     }
@@ -125,6 +174,16 @@ def _attributes(path: str) -> dict:
         return dict(open_store(path).attrs)
     except InputError:
         return {}
+
+
+def _grown_from(previous: dict, provenance: dict, ds: xr.Dataset) -> int | None:
+    """How many images the output with attributes `previous` holds, if it was made by this LUT from
+    the first images of this store (which has since grown by appends); else None."""
+    n_images = previous.get("source_images")
+    same = all(previous.get(key) == provenance[key] for key in ("source", "lut", "lut_sha256"))
+    if not same or not isinstance(n_images, int) or not 0 < n_images < ds.sizes["image"]:
+        return None
+    return n_images if previous.get("source_fingerprint") == store_fingerprint(ds, n_images) else None
 
 
 def _matches(attrs: dict, provenance: dict) -> bool:

@@ -28,7 +28,7 @@ from ensir_flow.errors import InputError
 from ensir_flow.images import check_stem, png_text, printable, write_png
 
 from .executor import Compute
-from .storage import open_store, staged_output
+from .storage import open_store, staged_output, staged_update
 
 #: tEXt keyword of the mark every exported PNG carries, and the prefix of its value.
 MARK_KEY, MARK_PREFIX = "Software", "ensir-flow"
@@ -45,13 +45,14 @@ def _export_image(pixels: np.ndarray, height: int, width: int, path, text: dict 
     write_png(path, np.asarray(pixels).reshape(height, width, -1), text)
 
 
-def export_graph(ds: xr.Dataset, variable: str, directory, text: dict | None = None) -> list:
-    """Delayed writes of one lossless PNG per image of `ds[variable]`, named by stem (each checked)."""
+def export_graph(ds: xr.Dataset, variable: str, directory, text: dict | None = None, first_image: int = 0) -> list:
+    """Delayed writes of one lossless PNG per image of `ds[variable]` from `first_image` on, named by
+    stem (each checked)."""
     index = schema.ImageIndex.from_dataset(ds)
     data = ds[variable].data
     return [
         dask.delayed(_export_image, pure=True)(data[offset: offset + count], h, w, f"{directory}/{check_stem(stem, directory)}.png", text)
-        for stem, h, w, offset, count in zip(index.stems, index.heights, index.widths, index.offsets, index.counts)
+        for stem, h, w, offset, count in list(zip(index.stems, index.heights, index.widths, index.offsets, index.counts))[first_image:]
     ]
 
 
@@ -131,16 +132,25 @@ def _location(fs, path: str, like) -> str:
     return fs.unstrip_protocol(path) if "://" in str(like) else path
 
 
-def export(store: str, directory: str, compute: Compute, overwrite: bool = False, variable: str = schema.ENSEMBLE) -> None:
+def export(store: str, directory: str, compute: Compute, overwrite: bool = False, variable: str = schema.ENSEMBLE,
+           first_image: int = 0) -> None:
     """Write every image of `store` as PNG into `directory`, staged so it appears complete or not at all.
 
     Refused before anything is written when `check_export_target` refuses; checked again just
     before the folder is moved into place, so that nothing that appeared meanwhile is deleted.
+    With `first_image` > 0, `directory` already holds the export of the images before it (an
+    update after the store grew): only the images from `first_image` on are written, added to the
+    folder in one step (`storage.staged_update`); the files already there are not rewritten.
     """
     ds = open_store(store)
     if variable not in ds:
         raise InputError(f"{store}: no '{variable}' variable to export")
     stems = schema.ImageIndex.from_dataset(ds).stems
+    if first_image:
+        check_export_target(directory, stems[:first_image], overwrite=True, source=store)
+        with staged_update(str(directory)) as staging:
+            compute(*export_graph(ds, variable, staging, export_text(store, variable), first_image), label="export")
+        return
     check_export_target(directory, stems, overwrite, source=store)
     with staged_output(str(directory), overwrite) as staging:
         fs, root = fsspec.core.url_to_fs(staging)

@@ -264,7 +264,7 @@ def plan_append(source, store: str, models: list[str] | None = None) -> Plan:
     details["pixels"] = f"{index.n_pixels:,} appended to {n_existing:,}"
 
     def execute(compute):
-        def write_pixels(arrays):
+        def write_pixels(arrays):  # each new plane into its array, past the committed pixels
             region = slice(n_existing, grown["pixel"])
             names = list(new_planes)
             compute(da.store([new_planes[name] for name in names], [arrays[name] for name in names],

@@ -145,6 +145,33 @@ def staged_output(path: str, overwrite: bool = False):
         _move_into_place(fs, staging, root)
 
 
+@contextlib.contextmanager
+def staged_update(path: str):
+    """Yield a location where files are added to the existing folder `path`, which then changes in
+    one step. On a local disk: a staging folder holding hard links to every file of `path` (existing
+    files are neither copied nor rewritten), exchanged with `path` atomically when the block
+    succeeds (two renames where the system has no exchange). Elsewhere (object storage, where each
+    object write is atomic but a set of them is not) `path` itself: a run killed half-way leaves
+    some of the new files there, which the re-run writes again. Holds the lock of `path`."""
+    with exclusive_lock(path):
+        fs, root = fsspec.core.url_to_fs(str(path))
+        if not isinstance(fs, LocalFileSystem):
+            yield path
+            return
+        staging = _sibling(root, "partial")
+        if fs.exists(staging):
+            fs.rm(staging, recursive=True)
+        os.makedirs(staging)
+        try:
+            for entry in os.scandir(root):
+                os.link(entry.path, os.path.join(staging, entry.name))
+            yield staging
+        except BaseException:
+            fs.rm(staging, recursive=True)
+            raise
+        _move_into_place(fs, staging, root)
+
+
 def resumable_location(path: str) -> str:
     """The fixed staging location of `path` that an interrupted run leaves for the next one."""
     fs, root = fsspec.core.url_to_fs(str(path))
@@ -300,14 +327,14 @@ def open_array_for_writing(store: str, name: str):
     return zarr.open_array(store=str(store), path=name, mode="r+").with_config(WRITE_CONFIG)
 
 
-def committed_append(path: str, committed: dict[str, int], grown: dict[str, int], write_pixels,
+def committed_append(path: str, committed: dict[str, int], grown: dict[str, int], write_arrays,
                      image_values: dict, attrs: dict) -> None:
     """Append to the store at `path` so that every reader sees it as before or as after, never between.
 
     1. Cut every array back to the `committed` lengths (what a killed append left past them).
     2. Grow the arrays to the `grown` lengths: their own metadata only; the root `zarr.json`,
        which readers open the store by (`open_store`), still holds the committed shapes.
-    3. `write_pixels(arrays)` (arrays: name -> zarr array opened for writing) writes the new pixels,
+    3. `write_arrays(arrays)` (arrays: name -> zarr array opened for writing) writes the new chunks,
        all past the committed extent except the store's last partial chunk, which is rewritten whole
        (one atomic object write) with its committed part unchanged.
     4. Write the tail of each image variable (`image_values`: name -> the new values along `image`).
@@ -319,8 +346,7 @@ def committed_append(path: str, committed: dict[str, int], grown: dict[str, int]
     try:
         resize_arrays(path, grown)
         group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
-        write_pixels({name: array.with_config(WRITE_CONFIG) for name, array in group.arrays()
-                      if "pixel" in (array.metadata.dimension_names or ())})
+        write_arrays({name: array.with_config(WRITE_CONFIG) for name, array in group.arrays()})
         start, stop = committed["image"], grown["image"]
         for name, values in image_values.items():
             group[name][..., start:stop] = values

@@ -122,10 +122,12 @@ def ingest(source_dir, store, models, chunk_pixels, append, compression, schedul
         if added is not None:
             click.echo(f"appended {added} new image(s) to {store}" if added else f"{store}: no new images in {source_dir}: nothing to do")
         return
-    ds = _run(lambda: plan_ingest(source_dir, store, model_list, chunk_pixels, overwrite, compression),
-              scheduler=scheduler, progress=not no_progress, dry_run=dry_run, locations=(store,))
-    if ds is not None:
-        click.echo(f"wrote {store}: {ds.sizes['image']} images, {ds.sizes['pixel']:,} pixels, models {', '.join(ds.attrs['models'])}")
+    result = _run(lambda: plan_ingest(source_dir, store, model_list, chunk_pixels, overwrite, compression),
+                  scheduler=scheduler, progress=not no_progress, dry_run=dry_run, locations=(store,))
+    if result is not None:
+        ds = result.dataset
+        done = f"wrote {store}" if result.status == "written" else f"{store} already holds these images: nothing to do"
+        click.echo(f"{done} ({ds.sizes['image']} images, {ds.sizes['pixel']:,} pixels, models {', '.join(ds.attrs['models'])})")
 
 
 @main.command()
@@ -170,7 +172,9 @@ def apply(store, lut, output, export_dir, device, compression, scheduler, no_pro
                   locations=(store, lut, output, export_dir))
     if result is not None:
         done = {"written": f"wrote {output}", "unchanged": f"{output} is already complete: nothing to do",
-                "resumed": f"resumed {output}: {result.chunks_computed} of {result.chunks_total} chunks were missing"}
+                "resumed": f"resumed {output}: {result.chunks_computed} of {result.chunks_total} chunks were missing",
+                "updated": f"updated {output}: {result.images_added} new image(s), {result.chunks_computed} of "
+                           f"{result.chunks_total} chunks computed"}
         click.echo(done[result.status] + f" ({result.output.sizes['image']} images)" + (f"; PNGs in {export_dir}" if export_dir else ""))
 
 

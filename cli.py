@@ -1,5 +1,7 @@
 """ensir-flow command line: options, scheduler, progress; the work itself is in `pipelines`."""
 
+import contextlib
+import errno
 import json
 
 import click
@@ -9,13 +11,85 @@ from ensir_flow import schema
 from ensir_flow.binning import DEFAULT_BIN_WIDTH
 from ensir_flow.config import command_defaults, load_config
 from ensir_flow.devices import DEVICES
-from ensir_flow.errors import InputError
+from ensir_flow.errors import InputError, TransientError
 from ensir_flow.lut import DEFAULT_SOLVER, SOLVERS, check_solver
-from ensir_flow.pipelines.executor import SCHEDULER_ENV, session
+from ensir_flow.pipelines.executor import (DEFAULT_WORKER_TIMEOUT, SCHEDULER_ENV, WORKER_TIMEOUT_ENV, quiet_libraries,
+                                           session)
+
+#: Exit status of a failure worth retrying as it is (sysexits.h's EX_TEMPFAIL).
+EX_TEMPFAIL = 75
+
+#: errno values of failures that a later retry may not meet (the others: bad input, exit 1).
+TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ECONNREFUSED, errno.ECONNRESET,
+                    errno.EHOSTUNREACH, errno.ENETUNREACH}
+
+#: Per command, the parameters naming what it writes (else reads), first given first: an OSError
+#: that names no file (a write that found the disk full) is reported against it.
+OUTPUT_PARAMETERS = {"ingest": ("store",), "fit": ("lut",), "apply": ("output",), "evaluate": ("report_dir", "store"),
+                     "import": ("output",), "export": ("output",), "demo": ("directory",), "info": ("path",)}
 
 
-def _run(plan_factory, *, scheduler, progress, dry_run, locations=()):
-    """Build the plan (validating inputs), show it or run it; bad input becomes a one-line error.
+class TransientFailure(click.ClickException):
+    """A one-line error that exits 75 (EX_TEMPFAIL): running the same command later may succeed."""
+
+    exit_code = EX_TEMPFAIL
+
+
+def _one_line(error: BaseException) -> str:
+    """The message of `error` on one line (the lines of a longer one joined by '; ')."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines) or type(error).__name__
+
+
+def _os_failure(error: OSError, location) -> click.ClickException:
+    """`PATH: reason` for an OSError (PATH: the file it names, else `location`), exit 1, or 75 when
+    the reason is transient (a connection refused or timed out, a resource busy)."""
+    where = error.filename if error.filename is not None else location
+    if error.filename is not None and error.filename2 is not None:
+        where = f"{error.filename} -> {error.filename2}"
+    reason = error.strerror or _one_line(error)
+    message = f"{where}: {reason}" if where is not None else reason
+    if error.errno == errno.ENOSPC:
+        return click.ClickException(f"{message}; retrying will not help until space is freed: "
+                                    "free space and re-run the same command")
+    if isinstance(error, (ConnectionError, TimeoutError)) or error.errno in TRANSIENT_ERRNOS:
+        return TransientFailure(message)
+    return click.ClickException(message)
+
+
+@contextlib.contextmanager
+def one_line_errors(location=None):
+    """Turn the failures a run can meet into one line on stderr and an exit code (see `main`):
+    InputError 1, TransientError 75, OSError `PATH: reason` (1, or 75 when transient)."""
+    try:
+        yield
+    except InputError as error:
+        raise click.ClickException(_one_line(error)) from None
+    except TransientError as error:
+        raise TransientFailure(_one_line(error)) from None
+    except OSError as error:
+        raise _os_failure(error, location) from None
+
+
+class _Command(click.Command):
+    """A command whose failures are one line and an exit code (`one_line_errors`)."""
+
+    def invoke(self, ctx):
+        given = [ctx.params.get(name) for name in OUTPUT_PARAMETERS.get(self.name, ())]
+        with one_line_errors(next((str(value) for value in given if value is not None), None)):
+            return super().invoke(ctx)
+
+
+class _Group(click.Group):
+    """A group whose commands (and subgroups' commands) are `_Command`s."""
+
+    command_class = _Command
+    group_class = type
+
+
+def _run(plan_factory, *, scheduler, progress, dry_run, worker_timeout=DEFAULT_WORKER_TIMEOUT, locations=()):
+    """Build the plan (validating inputs), show it or run it; failures become one-line errors
+    (`one_line_errors`, through `_Command`).
 
     `locations` are the stores and folders the command reads or writes (None: an option not given):
     a memory:// one exists in one process only, so workers of a cluster would write it where nobody
@@ -24,15 +98,12 @@ def _run(plan_factory, *, scheduler, progress, dry_run, locations=()):
     in_memory = [str(path) for path in locations if path is not None and str(path).startswith("memory://")]
     if in_memory and scheduler != "threads":
         raise click.UsageError(f"{in_memory[0]}: memory:// exists in this process only; use --scheduler threads with it")
-    try:
-        plan = plan_factory()
-        if dry_run:
-            click.echo(plan.describe())
-            return None
-        with session(scheduler, progress) as compute:
-            return plan.run(compute)
-    except InputError as error:
-        raise click.ClickException(str(error)) from None
+    plan = plan_factory()
+    if dry_run:
+        click.echo(plan.describe())
+        return None
+    with session(scheduler, progress, worker_timeout=worker_timeout or None) as compute:
+        return plan.run(compute)
 
 
 def run_options(writes: bool = True):
@@ -43,6 +114,10 @@ def run_options(writes: bool = True):
                                help="'local': a distributed cluster sized to this machine; 'threads': dask's threads in "
                                     "this process (no cluster start-up, for small jobs); tcp://host:port of a running "
                                     f"dask scheduler; or a scheduler file. Default from ${SCHEDULER_ENV}.")(command)
+        command = click.option("--worker-timeout", type=click.FloatRange(0), default=DEFAULT_WORKER_TIMEOUT, show_default=True,
+                               metavar="SECONDS", envvar=WORKER_TIMEOUT_ENV,
+                               help="On a cluster: stop (exit 75) when no worker has been connected for this long while "
+                                    f"work waits for one; 0: wait for ever. Default from ${WORKER_TIMEOUT_ENV}.")(command)
         command = click.option("--no-progress", "no_progress", is_flag=True, help="No progress bars (cron jobs, logs).")(command)
         command = click.option("--dry-run", is_flag=True, help="Show what would be read, computed and written; do nothing.")(command)
         if writes:
@@ -89,12 +164,22 @@ def _load_config(ctx, _param, path):
     return path
 
 
-@click.group()
+@click.group(cls=_Group)
 @click.version_option(ensir_flow.__version__, prog_name="ensir-flow")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), callback=_load_config, is_eager=True,
               expose_value=False, help="YAML task config (models, bin_width, solver, metrics); options override it.")
 def main():
-    """EnsIR ensembles of image-restoration models, from image folders to ensembled datasets."""
+    """EnsIR ensembles of image-restoration models, from image folders to ensembled datasets.
+
+    \b
+    Exit codes (a failure prints one line on stderr):
+      0   done, or nothing to do
+      1   bad input or data, disk full, permission denied: retrying will not help
+      2   usage: a wrong command, option or argument
+      75  transient (EX_TEMPFAIL): output locked by another live run, dask scheduler
+          unreachable, no worker for --worker-timeout seconds, workers lost: retry later
+    """
+    quiet_libraries()
 
 
 @main.command()
@@ -106,7 +191,8 @@ def main():
 @click.option("--append", is_flag=True, help="Add the images of SOURCE_DIR that STORE lacks (same models, same compression).")
 @compression_option
 @run_options()
-def ingest(source_dir, store, models, chunk_pixels, append, compression, scheduler, no_progress, dry_run, overwrite):
+def ingest(source_dir, store, models, chunk_pixels, append, compression, scheduler, worker_timeout, no_progress, dry_run,
+           overwrite):
     """Read SOURCE_DIR (gt/, lq/, one folder per model) into the Zarr store STORE."""
     from ensir_flow.pipelines.ingest import plan_append, plan_ingest
 
@@ -117,16 +203,18 @@ def ingest(source_dir, store, models, chunk_pixels, append, compression, schedul
                  if context.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
         if fixed:
             raise click.UsageError(f"{' and '.join(fixed)}: not with --append, which keeps the store's chunks and compression")
-        added = _run(lambda: plan_append(source_dir, store, model_list),
-                     scheduler=scheduler, progress=not no_progress, dry_run=dry_run, locations=(store,))
+        added = _run(lambda: plan_append(source_dir, store, model_list), scheduler=scheduler, progress=not no_progress,
+                     dry_run=dry_run, worker_timeout=worker_timeout, locations=(store,))
         if added is not None:
             click.echo(f"appended {added} new image(s) to {store}" if added else f"{store}: no new images in {source_dir}: nothing to do")
         return
     result = _run(lambda: plan_ingest(source_dir, store, model_list, chunk_pixels, overwrite, compression),
-                  scheduler=scheduler, progress=not no_progress, dry_run=dry_run, locations=(store,))
+                  scheduler=scheduler, progress=not no_progress, dry_run=dry_run, worker_timeout=worker_timeout,
+                  locations=(store,))
     if result is not None:
         ds = result.dataset
-        done = f"wrote {store}" if result.status == "written" else f"{store} already holds these images: nothing to do"
+        done = {"written": f"wrote {store}", "unchanged": f"{store} already holds these images: nothing to do",
+                "resumed": f"resumed {store}: {result.chunks_written} of {result.chunks_total} chunks were missing"}[result.status]
         click.echo(f"{done} ({ds.sizes['image']} images, {ds.sizes['pixel']:,} pixels, models {', '.join(ds.attrs['models'])})")
 
 
@@ -143,13 +231,14 @@ def ingest(source_dir, store, models, chunk_pixels, append, compression, schedul
                    "auto chooses it by cross-validation over the reference images.")
 @device_option
 @run_options()
-def fit(store, lut, bin_width, solver, shrinkage, device, scheduler, no_progress, dry_run, overwrite):
+def fit(store, lut, bin_width, solver, shrinkage, device, scheduler, worker_timeout, no_progress, dry_run, overwrite):
     """Fit an EnsIR LUT on the reference STORE (with ground truth) and write it to LUT."""
     from ensir_flow.pipelines.fit import plan_fit
 
     strength = _shrinkage(shrinkage)
     table = _run(lambda: plan_fit(store, lut, bin_width, solver, device, overwrite, strength),
-                 scheduler=scheduler, progress=not no_progress, dry_run=dry_run, locations=(store, lut))
+                 scheduler=scheduler, progress=not no_progress, dry_run=dry_run, worker_timeout=worker_timeout,
+                 locations=(store, lut))
     if table is not None:
         filled = int((table.count > 0).sum())
         click.echo(f"wrote {lut}: {table.weights.shape[0]:,} bins x {table.n_channels} channels, {filled:,} cells with reference pixels")
@@ -163,12 +252,12 @@ def fit(store, lut, bin_width, solver, shrinkage, device, scheduler, no_progress
 @device_option
 @compression_option
 @run_options()
-def apply(store, lut, output, export_dir, device, compression, scheduler, no_progress, dry_run, overwrite):
+def apply(store, lut, output, export_dir, device, compression, scheduler, worker_timeout, no_progress, dry_run, overwrite):
     """Blend every image of STORE with LUT into the new store OUTPUT."""
     from ensir_flow.pipelines.apply import plan_apply
 
     result = _run(lambda: plan_apply(store, lut, output, export_dir, overwrite, device, compression),
-                  scheduler=scheduler, progress=not no_progress, dry_run=dry_run,
+                  scheduler=scheduler, progress=not no_progress, dry_run=dry_run, worker_timeout=worker_timeout,
                   locations=(store, lut, output, export_dir))
     if result is not None:
         done = {"written": f"wrote {output}", "unchanged": f"{output} is already complete: nothing to do",
@@ -196,7 +285,7 @@ def apply(store, lut, output, export_dir, device, compression, scheduler, no_pro
 @device_option
 @run_options(writes=False)
 def evaluate(store, ensemble_store, folds, solvers, bin_widths, as_json, y_channel, crop_border, report_dir, lut_path,
-             device, scheduler, no_progress, dry_run):
+             device, scheduler, worker_timeout, no_progress, dry_run):
     """PSNR/SSIM of every model, the average, ZZPM and the ensemble against STORE's ground truth."""
     from ensir_flow.pipelines.evaluate import plan_cross_validation, plan_evaluate
 
@@ -218,7 +307,11 @@ def evaluate(store, ensemble_store, folds, solvers, bin_widths, as_json, y_chann
         except ValueError:
             raise click.BadParameter(f"{bin_widths!r} is not a comma-separated list of integers", param_hint="--bin-widths") from None
         factory = lambda: plan_cross_validation(store, folds, names, widths, y_channel, crop_border, device)  # noqa: E731
-    result = _run(factory, scheduler=scheduler, progress=not no_progress, dry_run=dry_run,
+    if report_dir is not None:  # before any work
+        from ensir_flow.pipelines.report import check_report_target
+
+        check_report_target(report_dir)
+    result = _run(factory, scheduler=scheduler, progress=not no_progress, dry_run=dry_run, worker_timeout=worker_timeout,
                   locations=(store, ensemble_store))
     if result is None:
         return
@@ -226,10 +319,7 @@ def evaluate(store, ensemble_store, folds, solvers, bin_widths, as_json, y_chann
     if report_dir is not None:
         from ensir_flow.pipelines.report import write_report
 
-        try:
-            page = write_report(report_dir, result.to_json(), store, ensemble_store, lut_path)
-        except InputError as error:
-            raise click.ClickException(str(error)) from None
+        page = write_report(report_dir, result.to_json(), store, ensemble_store, lut_path)
         click.echo(f"report: {page}", err=as_json)
 
 
@@ -241,10 +331,7 @@ def info(path, as_json, no_progress):
     """What the store or LUT at PATH holds and what made it (provenance)."""
     from ensir_flow.pipelines.info import describe, format_description
 
-    try:
-        summary = describe(path)
-    except InputError as error:
-        raise click.ClickException(str(error)) from None
+    summary = describe(path)
     click.echo(json.dumps(summary, default=str) if as_json else format_description(summary))
 
 
@@ -264,10 +351,7 @@ def lut_import(source, output, models, bin_width, overwrite, no_progress):
     """Convert a LUT published with the paper's code (SOURCE .pth) to a LUT store; code in the file is never run."""
     from ensir_flow.pipelines.interchange import import_paper_lut
 
-    try:
-        table = import_paper_lut(source, output, [m.strip() for m in models.split(",")], bin_width, overwrite)
-    except InputError as error:
-        raise click.ClickException(str(error)) from None
+    table = import_paper_lut(source, output, [m.strip() for m in models.split(",")], bin_width, overwrite)
     click.echo(f"wrote {output}: {table.weights.shape[0]:,} bins x {table.n_channels} channels for {', '.join(table.models)}")
 
 
@@ -280,22 +364,19 @@ def lut_export(lut_path, output, overwrite, no_progress):
     """Write LUT as OUTPUT.npz or OUTPUT.json (weights, counts, models, bin width, bin-index rule)."""
     from ensir_flow.pipelines.interchange import export_lut
 
-    try:
-        export_lut(lut_path, output, overwrite)
-    except InputError as error:
-        raise click.ClickException(str(error)) from None
+    export_lut(lut_path, output, overwrite)
     click.echo(f"wrote {output}")
 
 
 @main.command()
 @click.argument("directory", default="demo-run")
 @run_options()
-def demo(directory, scheduler, no_progress, dry_run, overwrite):
+def demo(directory, scheduler, worker_timeout, no_progress, dry_run, overwrite):
     """Build the embedded demo corpus in DIRECTORY and run ingest, fit, apply, evaluate on it."""
     from ensir_flow.pipelines.demo import plan_demo
 
     result = _run(lambda: plan_demo(directory, overwrite), scheduler=scheduler, progress=not no_progress, dry_run=dry_run,
-                  locations=(directory,))
+                  worker_timeout=worker_timeout, locations=(directory,))
     if result is not None:
         click.echo(result)
 

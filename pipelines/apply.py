@@ -49,7 +49,7 @@ def store_fingerprint(ds: xr.Dataset, n_images: int | None = None) -> str:
 def _blend_chunk_into(combine, arguments: tuple, predictions, start: int, stop: int, ensemble, marks, index: int) -> None:
     """One task: read chunk start:stop of the array of predictions, combine it, write the result
     to its own chunk of the array `ensemble` and mark it complete."""
-    write_chunk_then_mark(combine(read_pixels(predictions, start, stop), *arguments), ensemble, marks, index, start, stop)
+    write_chunk_then_mark([(ensemble, combine(read_pixels(predictions, start, stop), *arguments))], marks, index, start, stop)
 
 
 def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = None, overwrite: bool = False,

@@ -6,6 +6,7 @@ assembled into Zarr chunks; each chunk is written by exactly one task, so no two
 the same chunk. The store is staged and moved into place only when complete.
 """
 
+import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -20,7 +21,10 @@ from ensir_flow.errors import InputError, TransientError
 from ensir_flow.images import GROUND_TRUTH_DIR, INPUT_DIR, Corpus, ImageInfo, discover_corpus, file_sha256, probe_image, read_image
 
 from .plan import Plan
-from .storage import committed_append, exclusive_lock, exists, open_store, refuse_existing, staged_output, write_dataset
+from .chunks import task_argument
+from .storage import (COMPLETE, commit_resumable, committed_append, exclusive_lock, exists, open_array_for_writing, open_store,
+                      refuse_existing, refuse_or_recover, resumable_location, resumable_marks, start_resumable,
+                      write_chunk_then_mark)
 
 
 def _roles(corpus: Corpus) -> list[tuple[str, list]]:
@@ -109,6 +113,13 @@ def _pixel_planes(corpus: Corpus, infos: list[ImageInfo], chunk_pixels: int, fir
     return planes.rechunk({0: -1, 1: lengths, 2: -1})
 
 
+def _write_chunk(block: np.ndarray, n_models: int, arrays: list, marks, index: int, start: int, stop: int) -> None:
+    """One task: the decoded planes of chunk `index` (roles, pixels, channels) into the prediction
+    array and the ground truth and input arrays there are, then the chunk's mark."""
+    planes = [block[:n_models], *block[n_models:]]
+    write_chunk_then_mark(list(zip(arrays, planes)), marks, index, start, stop)
+
+
 def _extra_planes(corpus: Corpus, planes: da.Array) -> list[tuple[str, da.Array]]:
     """(variable, plane) of the ground truth and inputs, in the order `_roles` stacks them."""
     names = [name for name, files in ((schema.GROUND_TRUTH, corpus.ground_truth), (schema.INPUT, corpus.inputs)) if files is not None]
@@ -117,10 +128,13 @@ def _extra_planes(corpus: Corpus, planes: da.Array) -> list[tuple[str, da.Array]
 
 @dataclass
 class IngestResult:
-    """What an ingest did: `written`, or `unchanged` (the store already held exactly this ingest)."""
+    """What an ingest did: `written`, `resumed` (a killed run finished) or `unchanged` (the store
+    already held exactly this ingest)."""
 
     dataset: xr.Dataset
     status: str
+    chunks_total: int = 0
+    chunks_written: int = 0
 
 
 def _holds(store: str, planned: xr.Dataset) -> bool:
@@ -145,6 +159,11 @@ def plan_ingest(source, store: str, models: list[str] | None = None,
     Without `overwrite`, a store that already holds exactly this ingest (same source files by
     SHA-256, models, chunking and compression: e.g. a run killed after its commit) is left as it
     is (status 'unchanged'); any other existing store is refused.
+
+    The run is resumable: chunks go to a fixed staging location beside `store`, each followed by
+    its completion mark (`storage.start_resumable`), so the same command after a kill decodes and
+    writes only the missing chunks (status 'resumed'); the marks are dropped when the complete
+    store is moved into place.
     """
     corpus = discover_corpus(source, models)
     infos = probe_corpus(corpus)
@@ -163,16 +182,33 @@ def plan_ingest(source, store: str, models: list[str] | None = None,
                                        source=str(source), chunk_pixels=int(chunk_pixels), compression=compression,
                                        **input_note)
     ds = ds.merge(source_provenance(corpus))
+    ds.attrs["source_digest"] = hashlib.sha256(" ".join(ds["source_sha256"].values.ravel()).encode()).hexdigest()
     unchanged = not overwrite and exists(store) and _holds(store, ds)
     if not unchanged:
         refuse_existing(store, overwrite)
+    ranges = [(int(stop - length), int(stop)) for stop, length in zip(np.cumsum(planes.chunks[1]), planes.chunks[1])]
+    blocks = planes.to_delayed().ravel()
 
     def execute(compute):
         if unchanged:
             return IngestResult(ds, "unchanged")
-        with staged_output(store, overwrite) as staging:
-            compute(write_dataset(ds, staging, encoding), label="ingest")
-        return IngestResult(ds, "written")
+        with exclusive_lock(store):
+            refuse_or_recover(store, overwrite)
+            done = resumable_marks(store, ds.attrs)
+            resuming = done is not None
+            if resuming:
+                staging = resumable_location(store)
+            else:
+                staging = start_resumable(store, ds, encoding, len(ranges))  # pixels written below
+                done = np.zeros(len(ranges), dtype=bool)
+            arrays = [task_argument(open_array_for_writing(staging, name))
+                      for name in (schema.PREDICTION, *(name for name, _ in _extra_planes(corpus, planes)))]
+            marks = task_argument(open_array_for_writing(staging, COMPLETE))
+            todo = np.flatnonzero(~done)
+            compute(*[dask.delayed(_write_chunk)(blocks[i], n_models, arrays, marks, int(i), *ranges[i]) for i in todo],
+                    label=f"ingest ({len(todo)} of {len(ranges)} chunks)" if resuming else "ingest")
+            commit_resumable(store, keep_marks=False)
+        return IngestResult(ds, "resumed" if resuming else "written", len(ranges), len(todo))
 
     details = {
         "source": str(source), "store": str(store), "models": ", ".join(corpus.models),

@@ -389,15 +389,30 @@ def start_resumable(path: str, template: xr.Dataset, encoding: dict, n_chunks: i
     return staging
 
 
-def write_chunk_then_mark(values: np.ndarray, array, marks, index: int, start: int, stop: int) -> None:
-    """In a task: write pixels start:stop (one whole chunk) of `array`, then mark chunk `index` complete."""
-    array[start:stop] = values
+def write_chunk_then_mark(writes: list[tuple], marks, index: int, start: int, stop: int) -> None:
+    """In a task: write pixels start:stop (one whole chunk along `pixel`, the second-last axis) of
+    each array of `writes` [(array, values)], then mark chunk `index` complete."""
+    for array, values in writes:
+        array[(slice(None),) * (array.ndim - 2) + (slice(start, stop),)] = values
     marks[index] = 1
 
 
-def commit_resumable(path: str) -> None:
-    """Move the staging of `path` into place once every chunk is marked complete (caller holds the lock)."""
+def commit_resumable(path: str, keep_marks: bool = True) -> None:
+    """Move the staging of `path` into place once every chunk is marked complete (caller holds the
+    lock); without `keep_marks` the marks are deleted first (the store's layout has none)."""
     staging = resumable_location(path)
     if not zarr.open_array(store=staging, path=COMPLETE, mode="r")[:].all():
         raise RuntimeError(f"{staging}: chunks left unmarked after every task succeeded; not committing")
+    if not keep_marks:
+        group = zarr.open_group(staging, mode="r+", use_consolidated=False)
+        del group[COMPLETE]
+        commit_metadata(staging, dict(group.attrs))
     commit(staging, path)
+
+
+def refuse_or_recover(path: str, overwrite: bool) -> None:
+    """Under the lock of `path`, before a resumable run: finish an interrupted replacement, then
+    refuse an existing target without `overwrite` (as `staged_output` does)."""
+    fs, root = fsspec.core.url_to_fs(str(path))
+    _finish_interrupted_replacement(fs, root)
+    refuse_existing(path, overwrite)

@@ -1,10 +1,11 @@
-"""Production runs: a killed apply resumes where it stopped; a finished one is a no-op; one at a time."""
+"""Production runs: a killed apply or ingest resumes where it stopped; a finished one is a no-op; one at a time."""
 
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +24,29 @@ def fitted(tmp_path, invoke, request):
     assert invoke("ingest", tmp_path / "corpus", tmp_path / "s.zarr", "--chunk-pixels", chunk_pixels, "--no-progress").exit_code == 0
     assert invoke("fit", tmp_path / "s.zarr", tmp_path / "lut.zarr", "--no-progress").exit_code == 0
     return tmp_path
+
+
+def test_killed_ingest_resumes_from_the_chunks_written(tmp_path, invoke):
+    make_corpus(tmp_path / "corpus", sizes=((120, 100), (90, 110), (100, 100)))
+    command = ["ingest", "corpus", "s.zarr", "--chunk-pixels", 1000, "--no-progress"]
+    hook = Path(__file__).with_name("kill_after_writes.py")
+    count = tmp_path / "writes.count"
+    env = {**os.environ, "ENSIR_FLOW_SCHEDULER": "threads"}
+    total = subprocess.run([sys.executable, hook, "0", count, "--", *map(str, command)], cwd=tmp_path, env=env, check=True)
+    assert total.returncode == 0
+    writes = int(count.read_text())
+    os.rename(tmp_path / "s.zarr", tmp_path / "clean.zarr")
+    killed = subprocess.run([sys.executable, hook, str(writes * 2 // 3), count, "--", *map(str, command)], cwd=tmp_path, env=env)
+    assert killed.returncode == 137 and not (tmp_path / "s.zarr").exists()
+    marks = zarr.open_array(store=resumable_location(str(tmp_path / "s.zarr")), path="chunk_complete", mode="r")[:]
+    assert 0 < marks.sum() < len(marks) == 32  # 31,900 pixels in chunks of 1,000
+
+    resumed = subprocess.run([sys.executable, "-m", "ensir_flow.cli", *map(str, command)], cwd=tmp_path, env=env,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed s.zarr: {len(marks) - marks.sum()} of {len(marks)} chunks were missing" in resumed.stdout
+    xr.testing.assert_identical(xr.open_zarr(tmp_path / "s.zarr").load(), xr.open_zarr(tmp_path / "clean.zarr").load())
+    assert "chunk_complete" not in xr.open_zarr(tmp_path / "s.zarr")
 
 
 @pytest.mark.parametrize("fitted", [100], indirect=True)

@@ -5,7 +5,7 @@ model, with the means held at the mean of that model's predictions in the cell; 
 mixing weights, which are the ensemble weights. Because y is 8-bit, the cell's data enter only
 through their 256-level histogram, so one EM step costs O(K * 256) per cell whatever its size.
 
-This follows the paper's published code step by step (see DESIGN.md section 1), including:
+This follows the paper's published code step by step (docs/method.md states every rule), including:
 - at most 1001 EM iterations, stopping when the mean log-likelihood improves by less than 1e-5;
 - cells with fewer than 100 pixels keep their initial weights;
 - the reference runs in float32 and gives up on a cell (keeping its initial weights) when a

@@ -1,4 +1,4 @@
-"""The layout of ensir-flow's Zarr stores (DESIGN.md section 2), in one place.
+"""The layout of ensir-flow's Zarr stores (README, "Data layout"), in one place.
 
 Images of different sizes live back to back on dimension `pixel` (CF contiguous ragged array):
 per-image variables on dimension `image` (coordinate = file stem) give `height`, `width`,

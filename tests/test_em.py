@@ -6,7 +6,7 @@ from ensir_flow.lut import fit_lut
 
 
 def _reference_em(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Oracle: EnsIR EM written per sample, straight from DESIGN.md section 1 (float64)."""
+    """Oracle: EnsIR EM written per sample, straight from docs/method.md (float64)."""
     n_models = x.shape[0]
     y = y.astype(np.float64)
     x = x.astype(np.float64)

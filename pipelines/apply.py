@@ -40,7 +40,7 @@ def store_fingerprint(ds: xr.Dataset, n_images: int | None = None) -> str:
     fingerprint of its first images, which is how apply recognises an output it can update."""
     n = ds.sizes["image"] if n_images is None else n_images
     digest = hashlib.sha256(repr((ds.attrs.get("models"), [str(s) for s in ds["image"].values[:n]],
-                                  ds["pixel_count"].values[:n].tolist(), ds[schema.PREDICTION].data.chunks[1][0])).encode())
+                                  ds["pixel_count"].values[:n].tolist(), ds[schema.PREDICTION].encoding["chunks"][1])).encode())
     if "source_sha256" in ds:
         digest.update(" ".join(map(str, ds["source_sha256"].values[:, :n].ravel())).encode())
     return digest.hexdigest()
@@ -86,6 +86,7 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
         check_export_target(export_dir, stems[:grown_from], overwrite=True, source=store)
     elif export_dir is not None and not (finished and exists(export_dir)):
         check_export_target(export_dir, stems, overwrite, source=store)
+    chunk_pixels = ds[schema.PREDICTION].encoding["chunks"][1]  # the store's; the output's ensemble is chunked alike
     chunk_lengths = ds[schema.PREDICTION].data.chunks[1]
     ranges = chunk_ranges(ds)
     out = ds[list(schema.IMAGE_VARIABLES)].load()  # written with the template; `ensemble` by the tasks
@@ -93,7 +94,7 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
                                                            chunks=(chunk_lengths, -1)))
     out.attrs = schema.store_attributes(models, ds.sizes["channel"], created_by=f"ensir-flow {ensir_flow.__version__} apply",
                                         bin_width=lut.bin_width, solver=lut.solver, **provenance)
-    encoding = {schema.ENSEMBLE: schema.pixel_encoding((chunk_lengths[0], ds.sizes["channel"]), compression)}
+    encoding = {schema.ENSEMBLE: schema.pixel_encoding((chunk_pixels, ds.sizes["channel"]), compression)}
     spans = chunk_spans(schema.ImageIndex.from_dataset(ds), np.arange(ds.sizes["image"]), chunk_lengths)
 
     def blend_tasks(todo, ensemble, marks, compute) -> list:
@@ -114,7 +115,7 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
                 return ApplyResult(old, "unchanged", len(chunk_lengths), 0)
             if old.sizes["image"] != grown_from:
                 raise TransientError(f"{output}: changed by another run while this one was planned; run it again")
-            first = old.sizes["pixel"] // chunk_lengths[0]  # the output's last chunk, if partial, is redone whole
+            first = old.sizes["pixel"] // chunk_pixels  # the output's last chunk, if partial, is redone whole
             todo = np.arange(first, len(chunk_lengths))
 
             def write_arrays(arrays):

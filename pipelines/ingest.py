@@ -246,8 +246,14 @@ def plan_append(source, store: str, models: list[str] | None = None) -> Plan:
     """Plan adding the images of `source` whose stems `store` lacks (same models, channels, ground truth).
 
     The store is locked during the append, which follows `storage.committed_append`: until its
-    single final metadata write, every reader sees the store as it was.
+    single final metadata write, every reader sees the store as it was. A store that does not exist
+    yet is created by a plain ingest (default chunks and compression), so a scheduled job runs the
+    same command from its first night on.
     """
+    if not exists(store):
+        first = plan_ingest(source, store, models)
+        return Plan(f"append to a new store: {first.title}", first.details,
+                    lambda compute: first.run(compute).dataset.sizes["image"])
     existing = open_store(store)
     store_models = schema.check_store(existing, store)
     if models is not None and list(models) != store_models:

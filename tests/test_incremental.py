@@ -79,3 +79,31 @@ def test_apply_refuses_an_update_with_another_lut_or_a_store_changed_otherwise(t
     elsewhere = invoke("apply", rebuilt, tmp_path / "a.zarr", out, "--no-progress")
     assert elsewhere.exit_code == 1 and "already exists (pass --overwrite" in elsewhere.stderr
     assert np.array_equal(xr.open_zarr(out)["image"].values, ["img0", "img1"])
+
+
+def test_three_nights_of_append_apply_export_equal_one_run_over_everything(tmp_path, invoke):
+    """The cron line run on three nights, each with new frames (the first creates the store), then
+    a night with nothing new: the output and the export folder equal one run over everything."""
+    nights = _nights(tmp_path / "full", tmp_path, [("img0", "img1"), ("img2",), ("img3", "img4")])
+    reference = tmp_path / "reference.zarr"
+    assert invoke("ingest", nights[0], reference, "--no-progress").exit_code == 0
+    lut = tmp_path / "lut.zarr"
+    assert invoke("fit", reference, lut, "--no-progress").exit_code == 0
+    store, out, png = tmp_path / "s.zarr", tmp_path / "out.zarr", tmp_path / "png"
+    for night in [*nights, nights[-1]]:
+        appended = invoke("ingest", night, store, "--append", "--no-progress")
+        assert appended.exit_code == 0, appended.output
+        applied = invoke("apply", store, lut, out, "--export-dir", png, "--no-progress")
+        assert applied.exit_code == 0, applied.output
+    assert "nothing to do" in appended.stdout and "already complete: nothing to do" in applied.stdout
+
+    assert invoke("ingest", tmp_path / "full", tmp_path / "once.zarr", "--no-progress").exit_code == 0
+    assert invoke("apply", tmp_path / "once.zarr", lut, tmp_path / "once-out.zarr", "--export-dir", tmp_path / "once-png",
+                  "--no-progress").exit_code == 0
+    grown, once = xr.open_zarr(out).load(), xr.open_zarr(tmp_path / "once-out.zarr").load()
+    for name in ("ensemble", "height", "width", "pixel_offset", "pixel_count", "image"):
+        np.testing.assert_array_equal(grown[name].values, once[name].values, err_msg=name)
+    assert _chunk_bytes(out) == _chunk_bytes(tmp_path / "once-out.zarr")
+    assert sorted(p.name for p in png.iterdir()) == sorted(p.name for p in (tmp_path / "once-png").iterdir())
+    for path in png.iterdir():
+        np.testing.assert_array_equal(iio.imread(path), iio.imread(tmp_path / "once-png" / path.name))

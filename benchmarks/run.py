@@ -395,6 +395,50 @@ def apply_steps(session: Session, store: Path, lut: Path, output: Path, megapixe
             session.step("apply: of which chunk tasks", tasks_start, tasks_end, megapixels, bound)]
 
 
+def update_steps(session: Session, store: Path, lut: Path, workdir: Path, new_frames: int, bound: float) -> list[Step]:
+    """The scheduled-job case: `apply` on an output made before the store's last `new_frames`
+    frames were appended (the append done by the storage layer's committed-append protocol, copying
+    the frames' chunks from `store`), against a fresh apply of the grown store."""
+    from ensir_flow.pipelines.storage import commit_metadata, committed_append, resize_arrays
+
+    ds = xr.open_zarr(str(store))
+    n_images, n_pixels = ds.sizes["image"], ds.sizes["pixel"]
+    kept = n_images - new_frames
+    kept_pixels = int(ds["pixel_offset"].values[kept])
+    grown, updated, fresh = workdir / "grown.zarr", workdir / "updated.zarr", workdir / "fresh.zarr"
+    for path in (grown, updated, fresh):
+        shutil.rmtree(path, ignore_errors=True)
+    shutil.copytree(store, grown)
+    resize_arrays(str(grown), {"pixel": kept_pixels, "image": kept})  # the store as it was before the new frames
+    commit_metadata(str(grown), dict(ds.attrs))
+    plan_apply(str(grown), str(lut), str(updated), device=DEVICE).run(session.compute)
+
+    def copy_new_pixels(arrays):
+        source = zarr.open_group(str(store), mode="r")
+        for name in (schema.PREDICTION, schema.GROUND_TRUTH):
+            region = (slice(None),) * (arrays[name].ndim - 2) + (slice(kept_pixels, n_pixels),)
+            arrays[name][region] = source[name][region]
+
+    committed_append(str(grown), {"pixel": kept_pixels, "image": kept}, {"pixel": n_pixels, "image": n_images},
+                     copy_new_pixels, {name: ds[name].values[kept:] for name in (*schema.IMAGE_VARIABLES, "image")},
+                     dict(ds.attrs))
+    new_megapixels = (n_pixels - kept_pixels) / 1e6
+    start = time.perf_counter()
+    result = plan_apply(str(grown), str(lut), str(updated), device=DEVICE).run(session.compute)
+    end = time.perf_counter()
+    if result.status != "updated":
+        raise RuntimeError(f"apply after the append did {result.status!r}, not an update")
+    fresh_start = time.perf_counter()
+    plan_apply(str(grown), str(lut), str(fresh), device=DEVICE).run(session.compute)
+    fresh_end = time.perf_counter()
+    if not np.array_equal(xr.open_zarr(str(updated))["ensemble"].values, xr.open_zarr(str(fresh))["ensemble"].values):
+        raise RuntimeError("the updated output differs from a fresh apply")
+    for path in (grown, updated, fresh):
+        shutil.rmtree(path)
+    return [session.step(f"apply update: {new_frames} new of {n_images} frames", start, end, new_megapixels, bound),
+            session.step(f"apply fresh: all {n_images} frames", fresh_start, fresh_end, n_pixels / 1e6, bound)]
+
+
 def best_of_interleaved(runs: int, measures: list) -> list[list[Step]]:
     """Call each of `measures` (functions returning a list of steps) in turn, `runs` times over
     (A, B, A, B, ...); keep each step's fastest run, per measure.
@@ -593,6 +637,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="kernel timings: best of this many calls")
     parser.add_argument("--runs", type=int, default=3, help="pipeline timings: best of this many runs of each step")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    parser.add_argument("--update-frames", type=int, default=4,
+                        help="frames appended before the incremental apply is measured (0 to skip)")
     parser.add_argument("--out", type=Path, help="also write the figures as JSON to this file")
     parser.add_argument("--workdir", type=Path, help="where the temporary stores go (a fresh subdirectory, removed at "
                                                      "the end); default: the system temporary directory")
@@ -654,6 +700,9 @@ def main(argv=None) -> None:
             steps = [bound, *best_of(args.runs, lambda: fit_steps(session, store, lut, args.bin_width, mp, bound.seconds)),
                      *best_of(args.runs, lambda: apply_steps(session, store, lut, workdir / "ensemble.zarr", mp,
                                                              bound.seconds, args.compression))]
+            if args.update_frames:
+                status(f"threaded scheduler: apply updating an output after {args.update_frames} frames were appended")
+                steps += best_of(args.runs, lambda: update_steps(session, store, lut, workdir, args.update_frames, bound.seconds))
             if args.ingest_megapixels > 0:
                 status(f"threaded scheduler: ingest of a {args.ingest_megapixels:g} MP PNG corpus")
                 small = SyntheticCorpus.of_size(args.ingest_megapixels, args.models, args.seed)

@@ -381,11 +381,16 @@ def start_resumable(path: str, template: xr.Dataset, encoding: dict, n_chunks: i
     """Write the template of a resumable output (every variable but the chunk-written ones, left
     lazy in `template`) into the staging of `path`, with one unwritten completion mark per chunk
     (an unwritten mark reads 0: completion is never inferred from data, since Zarr reads an
-    unwritten chunk as zeros). Returns the staging location."""
+    unwritten chunk as zeros). The attributes (which `resumable_marks` recognises a run by) are
+    written last, with the consolidated metadata, so a template cut short is never resumed.
+    Returns the staging location."""
     staging = resumable_location(path)
+    attrs = dict(template.attrs)
     template = template.assign({COMPLETE: ("chunk", dask.array.zeros(n_chunks, dtype=np.uint8, chunks=1),
                                            {"description": "1 once the chunk of pixels with this index is written"})})
+    template.attrs = {}
     write_dataset(template, staging, {**encoding, COMPLETE: {"chunks": (1,)}})
+    commit_metadata(staging, attrs)
     return staging
 
 

@@ -147,8 +147,10 @@ def _kill_and_rerun(case, work: Path, kill: int | float) -> None:
         shutil.rmtree(work)
     shutil.copytree(pristine, work)
     if isinstance(kill, int):
-        process, _ = run(work, command, kill_at=kill)
-        assert process.returncode == KILLED, (kill, process.returncode, process.stderr)
+        process, writes = run(work, command, kill_at=kill)
+        # killed there, or (the count of writes can vary by a few between runs) done before reaching it
+        assert process.returncode == KILLED or (process.returncode == 0 and writes < kill), (kill, process.returncode,
+                                                                                             process.stderr)
     else:
         child = subprocess.Popen([sys.executable, "-m", "ensir_flow.cli", *map(str, command), "--no-progress"], cwd=work,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=THREADS)

@@ -28,6 +28,7 @@ def export_lut(lut_path: str, output: str, overwrite: bool = False) -> None:
 
     Both carry: models (LUT order), bin_width, bin_index (the flat-index rule), weights
     [bin][channel][model], count [bin][channel], fit_status [bin][channel] and its meanings.
+    The file is written beside `output` and moved into place when complete (`staged_output`).
     """
     extension = next((e for e in EXPORT_FORMATS if str(output).endswith(e)), None)
     if extension is None:
@@ -37,7 +38,7 @@ def export_lut(lut_path: str, output: str, overwrite: bool = False) -> None:
     ds = lut.to_dataset()
     metadata = {"models": lut.models, "bin_width": lut.bin_width, "solver": lut.solver, "bin_index": ds.attrs["bin_index"],
                 "fit_status_meanings": FLAG_MEANINGS.split(), "sha256": lut.digest()}
-    with fsspec.open(str(output), "wb") as file:
+    with staged_output(output, overwrite) as staging, fsspec.open(staging, "wb") as file:
         if extension == ".npz":
             np.savez_compressed(file, weights=lut.weights, count=lut.count, fit_status=lut.fit_status,
                                 metadata=np.array(json.dumps(metadata)))

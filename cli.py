@@ -3,6 +3,7 @@
 import contextlib
 import errno
 import json
+import re
 
 import click
 
@@ -27,6 +28,11 @@ TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ECONNREFUS
 #: that names no file (a write that found the disk full) is reported against it.
 OUTPUT_PARAMETERS = {"ingest": ("store",), "fit": ("lut",), "apply": ("output",), "evaluate": ("report_dir", "store"),
                      "import": ("output",), "export": ("output",), "demo": ("directory",), "info": ("path",)}
+
+
+#: What the compression codecs say of a chunk they cannot decode (pixel reads through
+#: `pipelines.chunks.read_pixels` name the chunk themselves; other reads end up here).
+CODEC_FAILURE = re.compile(r"decompress|blosc|zstd|lz4", re.IGNORECASE)
 
 
 class TransientFailure(click.ClickException):
@@ -69,6 +75,11 @@ def one_line_errors(location=None):
         raise TransientFailure(_one_line(error)) from None
     except OSError as error:
         raise _os_failure(error, location) from None
+    except RuntimeError as error:
+        if not CODEC_FAILURE.search(str(error)):
+            raise
+        raise click.ClickException(f"{location}: a chunk of a store it reads is unreadable (corrupt or truncated: "
+                                   f"{_one_line(error)})") from None
 
 
 class _Command(click.Command):

@@ -20,6 +20,7 @@ import zarr
 from dask.delayed import Delayed
 
 from ensir_flow import schema
+from ensir_flow.errors import InputError
 
 #: How many partial results one merge task of `tree_reduce` combines.
 MERGE_FAN_IN = 8
@@ -56,8 +57,49 @@ def task_argument(array: zarr.Array) -> Delayed:
 
 
 def read_pixels(array: zarr.Array, start: int, stop: int) -> np.ndarray:
-    """Pixels start:stop of a `pixel_array`."""
-    return array[(slice(None),) * (array.ndim - 2) + (slice(start, stop),)]
+    """Pixels start:stop of a `pixel_array`.
+
+    A chunk that its codec cannot decode (corrupt or truncated: blosc and zstd raise RuntimeError,
+    a chunk of the wrong size ValueError) is an InputError naming the store, the array and the
+    chunk. A chunk that is missing reads as the fill value (Zarr's rule); that is not detected here.
+    """
+    try:
+        return array[_pixel_slice(array, start, stop)]
+    except (RuntimeError, ValueError) as error:
+        raise _unreadable(array, start, stop, error) from None
+
+
+def _pixel_slice(array: zarr.Array, start: int, stop: int) -> tuple:
+    return (slice(None),) * (array.ndim - 2) + (slice(start, stop),)
+
+
+def _unreadable(array: zarr.Array, start: int, stop: int, error: Exception) -> InputError:
+    """The InputError for a failed read of pixels start:stop: the first chunk among them that
+    cannot be read alone is named (the one read first, if each reads alone)."""
+    length, n_pixels = array.chunks[-2], array.shape[-2]
+    culprit, reason = start // length, error
+    for index in range(start // length, -(-stop // length)):
+        try:
+            array[_pixel_slice(array, index * length, min((index + 1) * length, n_pixels))]
+        except (RuntimeError, ValueError) as chunk_error:
+            culprit, reason = index, chunk_error
+            break
+    text = str(reason).strip()
+    first_line = text.splitlines()[0] if text else type(reason).__name__
+    return InputError(f"{store_location(array)}/{array.path}: chunk {culprit} (pixels {culprit * length}:"
+                      f"{min((culprit + 1) * length, n_pixels)}) is unreadable ({first_line})")
+
+
+def store_location(array: zarr.Array) -> str:
+    """Where the store of an opened zarr Array lies, as a path or URL (for messages)."""
+    store = array.store
+    root = getattr(store, "root", None)  # a LocalStore
+    if root is not None:
+        return str(root)
+    fs, path = getattr(store, "fs", None), getattr(store, "path", None)  # an FsspecStore
+    if fs is not None and path is not None:
+        return fs.unstrip_protocol(path)
+    return str(store)
 
 
 def chunk_spans(index: schema.ImageIndex, label_of_image: np.ndarray, chunk_lengths: tuple[int, ...]) -> list[list[Span]]:

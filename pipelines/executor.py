@@ -9,18 +9,28 @@ the benchmark and the tests all get their schedulers here:
 `scheduler` is 'threads' (dask's threads in this process), 'local' (a LocalCluster sized to this
 machine), a scheduler address (tcp://host:port) or a scheduler file written by
 `dask scheduler --scheduler-file`.
+
+Failures that a retry may not meet are `TransientError`s: a scheduler that cannot be reached, a
+cluster that has had no worker for `worker_timeout` seconds while a computation waits for one,
+workers that died running a task. A computation that fails has no task of its own still running
+when the exception leaves `compute` (so the caller can remove what the tasks were writing).
 """
 
 import contextlib
 import json
+import logging
 import sys
+import threading
+import time
+import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import dask
 
-from ensir_flow import __version__
-from ensir_flow.errors import InputError
+import ensir_flow
+from ensir_flow.errors import InputError, TransientError
 
 #: compute(*collections, label=...) -> tuple of results, on the session's scheduler.
 Compute = Callable[..., tuple]
@@ -28,10 +38,85 @@ Compute = Callable[..., tuple]
 #: The environment variable that sets the CLI's default scheduler.
 SCHEDULER_ENV = "ENSIR_FLOW_SCHEDULER"
 
+#: How long a computation on a cluster waits with no worker connected before it gives up (seconds),
+#: and the environment variable that sets the CLI's default.
+DEFAULT_WORKER_TIMEOUT = 600.0
+WORKER_TIMEOUT_ENV = "ENSIR_FLOW_WORKER_TIMEOUT"
+
+#: How often (seconds, at most) a computation on a cluster checks that the cluster still has workers.
+WORKER_POLL = 1.0
+
+#: Library warnings that a normal run raises and that tell a user nothing they can act on:
+#: (start of the message, a regular expression; category). Silenced by `quiet_libraries`.
+LIBRARY_WARNINGS = (
+    # zarr, whenever consolidated metadata is written: xarray reads it to open stores quickly.
+    (r"Consolidated metadata is currently not part in the Zarr format 3 specification", UserWarning),
+    # torch.load(weights_only=True) on the paper's LUT files, saved with pickle protocol 4.
+    (r"Detected pickle protocol \d+ in the checkpoint", UserWarning),
+    # distributed, when another cluster holds the dashboard's port: ours takes another one.
+    (r"Port \d+ is already in use", UserWarning),
+)
+
+#: Log records of libraries that tell a user nothing more than ensir-flow's own message: logger ->
+#: starts of messages. A local cluster's nanny says the first when a worker process takes over 4 s
+#: to exit at the end of a run (a loaded host; the process is then killed, as it should be); a
+#: worker logs a task's exception with its traceback, which the client reports in one line anyway.
+LIBRARY_LOG_NOISE = {"distributed.nanny": ("Worker process still alive after",),
+                     "distributed.worker": ("Compute Failed",)}
+
+
+class _DropMessages(logging.Filter):
+    """Drops the log records whose message starts with one of `starts`."""
+
+    def __init__(self, starts: tuple[str, ...]):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
+def quiet_libraries() -> None:
+    """Silence, in this process, exactly the library warnings and log records listed in
+    `LIBRARY_WARNINGS` and `LIBRARY_LOG_NOISE`. The CLI calls it at start-up; the workers of a
+    local cluster get it through a worker plugin (`client_for`). Calling it again adds nothing."""
+    for message, category in LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    for name, starts in LIBRARY_LOG_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) and f.starts == starts for f in logger.filters):
+            logger.addFilter(_DropMessages(starts))
+
+
+def _quiet_libraries_plugin():
+    """A worker plugin that runs `quiet_libraries` on every worker, present and future. For local
+    clusters only: their worker processes print warnings and logs on our stderr (the workers of
+    an existing cluster print them in their own logs, which are left as they are)."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class QuietLibraries(WorkerPlugin):
+        name = "ensir-flow-quiet-libraries"
+        idempotent = True
+
+        def setup(self, worker):
+            quiet_libraries()
+
+    return QuietLibraries()
+
 
 def threaded_compute(*collections, label: str = "") -> tuple:
-    """The simplest `Compute`: dask's local threaded scheduler, no progress display."""
-    return dask.compute(*collections, scheduler="threads")
+    """The simplest `Compute`: dask's local threaded scheduler, no progress display.
+
+    Its threads are this call's own: when a task fails, the tasks already running finish and the
+    queued ones are dropped before the exception is raised, so no task writes after it."""
+    pool = ThreadPoolExecutor(dask.system.CPU_COUNT)
+    try:
+        result = dask.compute(*collections, scheduler="threads", pool=pool)
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    return result
 
 
 def local_cluster(**options):
@@ -50,11 +135,12 @@ def local_cluster(**options):
 
 
 @contextlib.contextmanager
-def client_for(scheduler: str):
+def client_for(scheduler: str, worker_timeout: float | None = None):
     """A distributed Client for `scheduler` (None for 'threads'), closed (with its cluster) on exit.
 
-    On an existing cluster the workers are checked first (`check_workers`). A malformed address,
-    an unreachable scheduler or a bad scheduler file is an InputError.
+    On an existing cluster the workers are checked first (`check_workers`, which waits up to
+    `worker_timeout` seconds for a first worker). A malformed address or a bad scheduler file is an
+    InputError; an unreachable scheduler a TransientError.
     """
     if scheduler == "threads":
         yield None
@@ -63,6 +149,7 @@ def client_for(scheduler: str):
 
     if scheduler == "local":
         with local_cluster() as cluster, Client(cluster) as client:
+            client.register_plugin(_quiet_libraries_plugin())
             yield client
         return
     from distributed.comm.addressing import resolve_address
@@ -74,9 +161,9 @@ def client_for(scheduler: str):
     except ValueError as error:
         raise InputError(f"{scheduler}: not a dask scheduler address ({error})") from None
     except OSError as error:
-        raise InputError(f"{scheduler}: cannot reach the dask scheduler ({error})") from None
+        raise TransientError(f"{scheduler}: cannot reach the dask scheduler ({_first_line(error)})") from None
     with client:
-        check_workers(client, scheduler)
+        check_workers(client, scheduler, worker_timeout)
         yield client
 
 
@@ -90,12 +177,12 @@ def _address_in_scheduler_file(path: str) -> str:
         raise InputError(f"{path}: not a dask scheduler file (JSON with the scheduler's 'address')") from None
 
 
-def check_workers(client, scheduler: str) -> None:
+def check_workers(client, scheduler: str, worker_timeout: float | None = None) -> None:
     """Refuse a cluster with a worker that cannot import ensir-flow or has another version of it:
     its tasks would fail, or run other code than this run planned with. It compares version
     strings, so two checkouts of one version pass. With no worker yet (batch jobs still queued)
-    it waits for the first one, saying so on stderr; workers that join after this check are not
-    checked."""
+    it waits for the first one, saying so on stderr, for `worker_timeout` seconds at most (None or
+    0: for ever; then a TransientError); workers that join after this check are not checked."""
 
     def installed_version():  # nested, so sent by value: workers need not import this module
         try:
@@ -106,15 +193,24 @@ def check_workers(client, scheduler: str) -> None:
 
     if not client.nthreads():
         print(f"{scheduler}: no workers yet; waiting for the first one to join", file=sys.stderr)
-        client.wait_for_workers(1)
+        try:
+            client.wait_for_workers(1, timeout=worker_timeout or None)
+        except TimeoutError:
+            raise TransientError(f"{scheduler}: no worker has been connected for {worker_timeout:g} s "
+                                 "(--worker-timeout); start workers and run the same command again") from None
     for worker, version in sorted(client.run(installed_version).items()):
-        if version != __version__:
+        if version != ensir_flow.__version__:
             raise InputError(f"{scheduler}: worker {worker} has ensir-flow {version}, this client "
-                             f"{__version__}; install the same version on every worker")
+                             f"{ensir_flow.__version__}; install the same version on every worker")
 
 
-def compute_function(client, progress: bool) -> Compute:
-    """The `Compute` of a session: on `client` (dask's threads when None), with progress on stderr."""
+def compute_function(client, progress: bool, worker_timeout: float | None = DEFAULT_WORKER_TIMEOUT,
+                     scheduler: str = "the cluster") -> Compute:
+    """The `Compute` of a session: on `client` (dask's threads when None), with progress on stderr.
+
+    On a cluster, a computation that has had no worker connected for `worker_timeout` seconds
+    (None or 0: no limit) is cancelled with a TransientError naming `scheduler`.
+    """
 
     def compute(*collections, label: str = ""):
         if progress and label:
@@ -126,19 +222,148 @@ def compute_function(client, progress: bool) -> Compute:
 
             with ProgressBar(minimum=1.0, out=sys.stderr):
                 return threaded_compute(*collections)
-        futures = client.compute(list(collections))
-        if progress:
-            from distributed import progress as distributed_progress
-
-            with contextlib.redirect_stdout(sys.stderr):  # stdout stays clean for --json
-                distributed_progress(futures)
-        return tuple(client.gather(futures))
+        return _cluster_compute(client, collections, progress, worker_timeout, scheduler)
 
     return compute
 
 
+def _cluster_compute(client, collections, progress: bool, worker_timeout: float | None, scheduler: str) -> tuple:
+    """Compute `collections` on `client`'s cluster (see `compute_function`)."""
+    from distributed import CancelledError, KilledWorker
+
+    futures = client.compute(list(collections))
+    bar = _ProgressLine.start(client, futures) if progress else None
+    succeeded = False
+    try:
+        _wait_while_workers(client, futures, worker_timeout, scheduler)
+        result = tuple(client.gather(futures))
+        succeeded = True
+        return result
+    except KilledWorker as error:
+        task = error.args[0] if error.args else "a task"
+        raise TransientError(f"{scheduler}: workers died while running task {task!r} (lost, killed or out of "
+                             "memory); run the same command again, with more memory per worker if it repeats") from None
+    except CancelledError:
+        raise TransientError(f"{scheduler}: the computation was cancelled by the cluster (scheduler restarted or "
+                             "connection lost); run the same command again") from None
+    finally:
+        if bar is not None:
+            bar.stop()
+        if not succeeded:
+            _cancel_and_settle(client, futures, collections)
+
+
+def _wait_while_workers(client, futures, worker_timeout: float | None, scheduler: str) -> None:
+    """Wait until every future is done or one has failed, giving up with a TransientError when the
+    cluster has had no worker for `worker_timeout` seconds."""
+    from distributed import CancelledError, wait
+    from distributed.client import FIRST_COMPLETED
+
+    poll = min(WORKER_POLL, worker_timeout / 4) if worker_timeout else WORKER_POLL
+    last_seen = time.monotonic()
+    while True:
+        pending = [f for f in futures if f.status == "pending"]
+        if not pending or any(f.status not in ("pending", "finished") for f in futures):
+            return  # all done, or one failed: gather raises its exception
+        try:
+            wait(pending, timeout=poll, return_when=FIRST_COMPLETED)
+            continue
+        except TimeoutError:
+            pass
+        except CancelledError:
+            return
+        if not worker_timeout:
+            continue
+        try:
+            has_workers = bool(client.nthreads())
+        except OSError as error:
+            raise TransientError(f"{scheduler}: lost the connection to the dask scheduler ({_first_line(error)}); "
+                                 "run the same command again") from None
+        if has_workers:
+            last_seen = time.monotonic()
+        elif time.monotonic() - last_seen >= worker_timeout:
+            raise TransientError(f"{scheduler}: no worker has been connected for {worker_timeout:g} s "
+                                 "(--worker-timeout); computation cancelled: start workers and run the same command again")
+
+
+def _cancel_and_settle(client, futures, collections, timeout: float = 30.0) -> None:
+    """Cancel a failed computation and wait (up to `timeout` s) until no task of it still runs on a
+    worker: a cancelled task that is running finishes, and what it writes must not land after the
+    caller has cleaned up. Best effort: a cluster that cannot answer is not waited for."""
+    try:
+        client.cancel(futures)
+        keys = {key for collection in collections for key in dict(collection.__dask_graph__())}
+    except Exception:
+        return
+
+    def executing(dask_worker):  # nested, so sent by value
+        state = getattr(dask_worker, "state", None)
+        return [ts.key for ts in getattr(state, "executing", ())]
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            running = client.run(executing, on_error="return")
+        except Exception:
+            return
+        if not any(key in keys for found in running.values() if isinstance(found, list) for key in found):
+            return
+        time.sleep(0.1)
+
+
+class _ProgressLine:
+    """distributed's text progress bar, on stderr, drawn from the client's event loop while the
+    caller waits (distributed's `progress` blocks, and the wait must be able to give up)."""
+
+    def __init__(self, client, futures):
+        from distributed.diagnostics.progress import format_time
+        from distributed.diagnostics.progressbar import TextProgressBar
+
+        lock, line = threading.Lock(), self
+
+        class StderrBar(TextProgressBar):
+            def _draw_bar(self, remaining, all, **kwargs):
+                fraction = (1 - remaining / all) if all else 1.0
+                with lock:
+                    if line.active:
+                        line.drawn = True
+                        sys.stderr.write(f"\r[{'#' * int(40 * fraction):<40}] | {int(100 * fraction)}% Completed | "
+                                         f"{format_time(self.elapsed)}")
+                        sys.stderr.flush()
+
+            def _draw_stop(self, **kwargs):
+                line.stop(disconnect=False)  # it disconnects itself
+
+        self.lock, self.active, self.drawn, self.loop = lock, True, False, client.loop
+        self.bar = StderrBar(futures, scheduler=client.scheduler.address, start=False, loop=client.loop)
+
+    @classmethod
+    def start(cls, client, futures) -> "_ProgressLine":
+        line = cls(client, futures)
+        client.loop.add_callback(line.bar.listen)
+        return line
+
+    def stop(self, disconnect: bool = True) -> None:
+        """Stop drawing, clear the line if something was drawn and, unless the bar got to its end,
+        disconnect it from the scheduler (whose feed then ends quietly)."""
+        with self.lock:
+            if self.active and self.drawn:
+                sys.stderr.write("\33[2K\r")
+                sys.stderr.flush()
+            self.active = False
+        comm = getattr(self.bar, "comm", None)
+        if disconnect and comm is not None and not comm.closed():
+            self.loop.add_callback(comm.close)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 @contextlib.contextmanager
-def session(scheduler: str = "threads", progress: bool = False) -> Iterator[Compute]:
+def session(scheduler: str = "threads", progress: bool = False,
+            worker_timeout: float | None = DEFAULT_WORKER_TIMEOUT) -> Iterator[Compute]:
     """A `Compute` on `scheduler` for the duration of the block (see the module docstring)."""
-    with client_for(scheduler) as client:
-        yield compute_function(client, progress)
+    with client_for(scheduler, worker_timeout) as client:
+        yield compute_function(client, progress, worker_timeout, scheduler)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ensir_flow import schema
 from ensir_flow.blend import AVERAGE, ENSEMBLE, average
+from ensir_flow.errors import InputError
 from ensir_flow.report import figures, page
 from ensir_flow.report.summary import Methods, per_image_gains, worst_and_best
 
@@ -24,6 +25,22 @@ from .storage import exists, open_store, read_lut, staged_output
 INPUT = "input"
 GAIN_CHART = "gain.png"
 LUT_MAPS = "lut-weights.png"
+
+
+def check_report_target(directory, overwrite: bool = False) -> None:
+    """Refuse, before any work, a report folder that `write_report` could not write: one that
+    exists (unless `overwrite`), one under a regular file, or one whose nearest existing folder
+    cannot be written to (staging is created beside it)."""
+    target = Path(directory)
+    if target.exists() and not overwrite:
+        raise InputError(f"{directory}: already exists; name a new folder for the report (or remove this one)")
+    ancestor = target.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"{directory}: cannot be created: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InputError(f"{directory}: cannot be created: {ancestor}: permission denied")
 
 
 def write_report(directory, summary: dict, store: str, ensemble_store: str | None = None, lut_path: str | None = None,

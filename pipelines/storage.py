@@ -139,8 +139,7 @@ def staged_output(path: str, overwrite: bool = False):
         try:
             yield _as_location(fs, staging, path)
         except BaseException:
-            if fs.exists(staging):
-                fs.rm(staging, recursive=True)
+            _remove_staging(fs, staging)
             raise
         _move_into_place(fs, staging, root)
 
@@ -167,9 +166,24 @@ def staged_update(path: str):
                 os.link(entry.path, os.path.join(staging, entry.name))
             yield staging
         except BaseException:
-            fs.rm(staging, recursive=True)
+            _remove_staging(fs, staging)
             raise
         _move_into_place(fs, staging, root)
+
+
+def _remove_staging(fs, staging: str, attempts: int = 5) -> None:
+    """Remove staging after a failure. Writes of the failed run may still be settling (Zarr writes
+    a store's metadata concurrently, each to a temporary file then renamed), so files can vanish
+    under the removal: retry until nothing is left."""
+    for attempt in range(attempts):
+        try:
+            if fs.exists(staging):
+                fs.rm(staging, recursive=True)
+            return
+        except FileNotFoundError:
+            time.sleep(0.1 * (attempt + 1))
+    if fs.exists(staging):
+        fs.rm(staging, recursive=True)
 
 
 def resumable_location(path: str) -> str:
@@ -202,6 +216,9 @@ def exclusive_lock(path: str):
     """
     fs, root = fsspec.core.url_to_fs(str(path))
     lock = _sibling(root, "lock")
+    parent = root.rstrip("/").rpartition("/")[0]
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
     owner = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     for attempt in range(2):
         try:

@@ -59,7 +59,7 @@ def test_an_unreachable_scheduler_a_malformed_address_or_a_bad_scheduler_file_is
         unreachable = invoke("ingest", root, tmp_path / "a.zarr", "--scheduler", "tcp://127.0.0.1:9", "--no-progress")
     no_port = invoke("ingest", root, tmp_path / "b.zarr", "--scheduler", "tcp://127.0.0.1", "--no-progress")
     bad_file = invoke("ingest", root, tmp_path / "c.zarr", "--scheduler", not_json, "--no-progress")
-    assert unreachable.exit_code == 1 and "tcp://127.0.0.1:9: cannot reach the dask scheduler" in unreachable.output
+    assert unreachable.exit_code == 75 and "tcp://127.0.0.1:9: cannot reach the dask scheduler" in unreachable.output  # EX_TEMPFAIL: retry
     assert no_port.exit_code == 1 and "tcp://127.0.0.1: not a dask scheduler address (missing port" in no_port.output
     assert bad_file.exit_code == 1 and f"{not_json}: not a dask scheduler file" in bad_file.output
     assert not any(tmp_path.glob("*.zarr"))

@@ -86,12 +86,20 @@ def test_killed_apply_resumes_to_the_same_bytes(fitted, invoke):
     assert again.exit_code == 0 and "already complete: nothing to do" in again.stdout
 
 
-def test_second_run_on_a_locked_output_is_refused(fitted, invoke):
-    with exclusive_lock(str(fitted / "out.zarr")):
-        result = invoke("apply", fitted / "s.zarr", fitted / "lut.zarr", fitted / "out.zarr", "--no-progress")
-    assert result.exit_code != 0 and "in use by another run" in result.stderr
-    assert not (fitted / "out.zarr").exists()
-    assert invoke("apply", fitted / "s.zarr", fitted / "lut.zarr", fitted / "out.zarr", "--no-progress").exit_code == 0
+@pytest.mark.parametrize("command", [
+    ["apply", "s.zarr", "lut.zarr", "out.zarr"],
+    ["fit", "s.zarr", "out.zarr", "--overwrite"],  # two fits to one LUT: the second is refused
+    ["ingest", "corpus", "out.zarr"],
+    ["lut", "export", "lut.zarr", "out.json"],
+])
+def test_second_run_on_a_locked_output_is_refused(fitted, invoke, command):
+    arguments = [fitted / word if word.endswith((".zarr", ".json", "corpus")) else word for word in command]
+    target = arguments[-1] if command[-1] != "--overwrite" else arguments[-2]
+    with exclusive_lock(str(target)):
+        result = invoke(*arguments, "--no-progress")
+    assert result.exit_code == 75 and "in use by another run" in result.stderr, result.output
+    assert not target.exists()
+    assert invoke(*arguments, "--no-progress").exit_code == 0
 
 
 def test_output_of_other_inputs_is_not_overwritten_silently(fitted, invoke):

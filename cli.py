@@ -4,6 +4,7 @@ import contextlib
 import errno
 import json
 import re
+import sys
 
 import click
 
@@ -113,8 +114,19 @@ def _run(plan_factory, *, scheduler, progress, dry_run, worker_timeout=DEFAULT_W
     if dry_run:
         click.echo(plan.describe())
         return None
+    if progress and not sys.stderr.isatty():  # a log file or a scheduler's capture: plain lines
+        progress = click.get_current_context().meta.get(PROGRESS_INTERVAL, DEFAULT_PROGRESS_INTERVAL)
     with session(scheduler, progress, worker_timeout=worker_timeout or None) as compute:
         return plan.run(compute)
+
+
+PROGRESS_INTERVAL = "ensir_flow.progress_interval"
+DEFAULT_PROGRESS_INTERVAL = 30.0
+
+
+def _keep_progress_interval(ctx, _param, value):
+    ctx.meta[PROGRESS_INTERVAL] = value
+    return value
 
 
 def run_options(writes: bool = True):
@@ -130,6 +142,10 @@ def run_options(writes: bool = True):
                                help="On a cluster: stop (exit 75) when no worker has been connected for this long while "
                                     f"work waits for one; 0: wait for ever. Default from ${WORKER_TIMEOUT_ENV}.")(command)
         command = click.option("--no-progress", "no_progress", is_flag=True, help="No progress bars (cron jobs, logs).")(command)
+        command = click.option("--progress-interval", type=click.FloatRange(0), default=DEFAULT_PROGRESS_INTERVAL,
+                               show_default=True, metavar="SECONDS", expose_value=False, callback=_keep_progress_interval,
+                               help="When stderr is not a terminal (logs), progress is plain timestamped lines, at most "
+                                    "one per stage this often, plus each stage's start and end.")(command)
         command = click.option("--dry-run", is_flag=True, help="Show what would be read, computed and written; do nothing.")(command)
         if writes:
             command = click.option("--overwrite", is_flag=True, help="Replace existing outputs (atomically, once the new one is complete).")(command)

@@ -204,15 +204,64 @@ def check_workers(client, scheduler: str, worker_timeout: float | None = None) -
                              f"{ensir_flow.__version__}; install the same version on every worker")
 
 
-def compute_function(client, progress: bool, worker_timeout: float | None = DEFAULT_WORKER_TIMEOUT,
+class ProgressLog:
+    """Progress for logs (stderr not a terminal): plain lines, each with a timestamp and the stage,
+    at most one every `interval` seconds while a stage runs, plus its start and its end."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self.label, self.started, self.last = "", 0.0, 0.0
+
+    @staticmethod
+    def _say(text: str) -> None:
+        print(f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} {text}", file=sys.stderr, flush=True)
+
+    def start(self, label: str) -> None:
+        self.label, self.started = label or "compute", time.monotonic()
+        self.last = self.started
+        self._say(f"{self.label}: started")
+
+    def update(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if total and now - self.last >= self.interval:
+            self.last = now
+            self._say(f"{self.label}: {100 * done // total}% ({done}/{total} tasks), {now - self.started:.0f} s")
+
+    def finish(self) -> None:
+        self._say(f"{self.label}: done in {time.monotonic() - self.started:.1f} s")
+
+
+def _task_counter(log: ProgressLog):
+    """A dask callback (threaded scheduler) that reports finished tasks to `log`."""
+    from dask.callbacks import Callback
+
+    class TaskCounter(Callback):
+        def _posttask(self, key, result, dsk, state, worker_id):
+            total = sum(len(state[name]) for name in ("ready", "waiting", "running", "finished"))
+            log.update(len(state["finished"]), total)
+
+    return TaskCounter()
+
+
+def compute_function(client, progress: bool | float, worker_timeout: float | None = DEFAULT_WORKER_TIMEOUT,
                      scheduler: str = "the cluster") -> Compute:
-    """The `Compute` of a session: on `client` (dask's threads when None), with progress on stderr.
+    """The `Compute` of a session: on `client` (dask's threads when None), with progress on stderr:
+    `True` a progress bar (for a terminal), a number of seconds plain timestamped lines at most
+    that often (`ProgressLog`, for logs), `False` none.
 
     On a cluster, a computation that has had no worker connected for `worker_timeout` seconds
     (None or 0: no limit) is cancelled with a TransientError naming `scheduler`.
     """
+    log = None if isinstance(progress, bool) else ProgressLog(float(progress))
 
     def compute(*collections, label: str = ""):
+        if log is not None:
+            log.start(label)
+            with _task_counter(log) if client is None else contextlib.nullcontext():
+                result = (threaded_compute(*collections) if client is None
+                          else _cluster_compute(client, collections, log, worker_timeout, scheduler))
+            log.finish()
+            return result
         if progress and label:
             print(f"{label} ...", file=sys.stderr)
         if client is None:
@@ -227,12 +276,13 @@ def compute_function(client, progress: bool, worker_timeout: float | None = DEFA
     return compute
 
 
-def _cluster_compute(client, collections, progress: bool, worker_timeout: float | None, scheduler: str) -> tuple:
-    """Compute `collections` on `client`'s cluster (see `compute_function`)."""
+def _cluster_compute(client, collections, progress, worker_timeout: float | None, scheduler: str) -> tuple:
+    """Compute `collections` on `client`'s cluster (see `compute_function`; `progress`: a bool or
+    a `ProgressLog`)."""
     from distributed import CancelledError, KilledWorker
 
     futures = client.compute(list(collections))
-    bar = _ProgressLine.start(client, futures) if progress else None
+    bar = _ProgressLine.start(client, futures, progress if isinstance(progress, ProgressLog) else None) if progress else None
     succeeded = False
     try:
         _wait_while_workers(client, futures, worker_timeout, scheduler)
@@ -315,7 +365,7 @@ class _ProgressLine:
     """distributed's text progress bar, on stderr, drawn from the client's event loop while the
     caller waits (distributed's `progress` blocks, and the wait must be able to give up)."""
 
-    def __init__(self, client, futures):
+    def __init__(self, client, futures, log: ProgressLog | None = None):
         from distributed.diagnostics.progress import format_time
         from distributed.diagnostics.progressbar import TextProgressBar
 
@@ -323,6 +373,9 @@ class _ProgressLine:
 
         class StderrBar(TextProgressBar):
             def _draw_bar(self, remaining, all, **kwargs):
+                if log is not None:
+                    log.update(all - remaining, all)
+                    return
                 fraction = (1 - remaining / all) if all else 1.0
                 with lock:
                     if line.active:
@@ -338,8 +391,8 @@ class _ProgressLine:
         self.bar = StderrBar(futures, scheduler=client.scheduler.address, start=False, loop=client.loop)
 
     @classmethod
-    def start(cls, client, futures) -> "_ProgressLine":
-        line = cls(client, futures)
+    def start(cls, client, futures, log: ProgressLog | None = None) -> "_ProgressLine":
+        line = cls(client, futures, log)
         client.loop.add_callback(line.bar.listen)
         return line
 
@@ -362,7 +415,7 @@ def _first_line(error: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def session(scheduler: str = "threads", progress: bool = False,
+def session(scheduler: str = "threads", progress: bool | float = False,
             worker_timeout: float | None = DEFAULT_WORKER_TIMEOUT) -> Iterator[Compute]:
     """A `Compute` on `scheduler` for the duration of the block (see the module docstring)."""
     with client_for(scheduler, worker_timeout) as client:

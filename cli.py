@@ -5,6 +5,7 @@ import errno
 import json
 import re
 import sys
+import time
 
 import click
 
@@ -117,7 +118,44 @@ def _run(plan_factory, *, scheduler, progress, dry_run, worker_timeout=DEFAULT_W
     if progress and not sys.stderr.isatty():  # a log file or a scheduler's capture: plain lines
         progress = click.get_current_context().meta.get(PROGRESS_INTERVAL, DEFAULT_PROGRESS_INTERVAL)
     with session(scheduler, progress, worker_timeout=worker_timeout or None) as compute:
-        return plan.run(compute)
+        return plan.run(_timed(compute, click.get_current_context().meta.setdefault(STAGE_SECONDS, {})))
+
+
+def _timed(compute, seconds: dict):
+    """`compute`, adding each labelled call's wall time to `seconds` (by label: the stages of --json)."""
+
+    def timed(*collections, label: str = ""):
+        start = time.perf_counter()
+        try:
+            return compute(*collections, label=label)
+        finally:
+            seconds[label or "compute"] = round(seconds.get(label or "compute", 0.0) + time.perf_counter() - start, 3)
+
+    return timed
+
+
+def _done(message: str, command: str, status: str, outputs: list, **counts) -> None:
+    """What a command did: the human line, or with --json one JSON object on stdout (command,
+    status, outputs, counts and seconds per stage)."""
+    context = click.get_current_context()
+    if not context.meta.get(AS_JSON):
+        click.echo(message)
+        return
+    click.echo(json.dumps({"command": command, "status": status, "outputs": [str(path) for path in outputs if path],
+                           **counts, "seconds": context.meta.get(STAGE_SECONDS, {})}))
+
+
+STAGE_SECONDS, AS_JSON = "ensir_flow.stage_seconds", "ensir_flow.json"
+
+
+def _keep_json(ctx, _param, value):
+    ctx.meta[AS_JSON] = value
+    return value
+
+
+json_option = click.option("--json", is_flag=True, expose_value=False, callback=_keep_json,
+                           help="Print one JSON object at the end (command, status, outputs, counts, seconds per "
+                                "stage) instead of the summary line.")
 
 
 PROGRESS_INTERVAL = "ensir_flow.progress_interval"
@@ -149,6 +187,7 @@ def run_options(writes: bool = True):
         command = click.option("--dry-run", is_flag=True, help="Show what would be read, computed and written; do nothing.")(command)
         if writes:
             command = click.option("--overwrite", is_flag=True, help="Replace existing outputs (atomically, once the new one is complete).")(command)
+            command = json_option(command)
         return command
 
     return decorate
@@ -233,7 +272,8 @@ def ingest(source_dir, store, models, chunk_pixels, append, compression, schedul
         added = _run(lambda: plan_append(source_dir, store, model_list), scheduler=scheduler, progress=not no_progress,
                      dry_run=dry_run, worker_timeout=worker_timeout, locations=(store,))
         if added is not None:
-            click.echo(f"appended {added} new image(s) to {store}" if added else f"{store}: no new images in {source_dir}: nothing to do")
+            _done(f"appended {added} new image(s) to {store}" if added else f"{store}: no new images in {source_dir}: nothing to do",
+                  "ingest", "updated" if added else "unchanged", [store], images_added=added)
         return
     result = _run(lambda: plan_ingest(source_dir, store, model_list, chunk_pixels, overwrite, compression),
                   scheduler=scheduler, progress=not no_progress, dry_run=dry_run, worker_timeout=worker_timeout,
@@ -242,7 +282,9 @@ def ingest(source_dir, store, models, chunk_pixels, append, compression, schedul
         ds = result.dataset
         done = {"written": f"wrote {store}", "unchanged": f"{store} already holds these images: nothing to do",
                 "resumed": f"resumed {store}: {result.chunks_written} of {result.chunks_total} chunks were missing"}[result.status]
-        click.echo(f"{done} ({ds.sizes['image']} images, {ds.sizes['pixel']:,} pixels, models {', '.join(ds.attrs['models'])})")
+        _done(f"{done} ({ds.sizes['image']} images, {ds.sizes['pixel']:,} pixels, models {', '.join(ds.attrs['models'])})",
+              "ingest", result.status, [store], images=ds.sizes["image"], pixels=ds.sizes["pixel"],
+              chunks_total=result.chunks_total, chunks_written=result.chunks_written)
 
 
 @main.command()
@@ -268,7 +310,8 @@ def fit(store, lut, bin_width, solver, shrinkage, device, scheduler, worker_time
                  locations=(store, lut))
     if table is not None:
         filled = int((table.count > 0).sum())
-        click.echo(f"wrote {lut}: {table.weights.shape[0]:,} bins x {table.n_channels} channels, {filled:,} cells with reference pixels")
+        _done(f"wrote {lut}: {table.weights.shape[0]:,} bins x {table.n_channels} channels, {filled:,} cells with reference pixels",
+              "fit", "written", [lut], bins=table.weights.shape[0], channels=table.n_channels, filled_cells=filled)
 
 
 @main.command()
@@ -291,7 +334,9 @@ def apply(store, lut, output, export_dir, device, compression, scheduler, worker
                 "resumed": f"resumed {output}: {result.chunks_computed} of {result.chunks_total} chunks were missing",
                 "updated": f"updated {output}: {result.images_added} new image(s), {result.chunks_computed} of "
                            f"{result.chunks_total} chunks computed"}
-        click.echo(done[result.status] + f" ({result.output.sizes['image']} images)" + (f"; PNGs in {export_dir}" if export_dir else ""))
+        _done(done[result.status] + f" ({result.output.sizes['image']} images)" + (f"; PNGs in {export_dir}" if export_dir else ""),
+              "apply", result.status, [output, export_dir], images=result.output.sizes["image"],
+              images_added=result.images_added, chunks_total=result.chunks_total, chunks_computed=result.chunks_computed)
 
 
 @main.command()
@@ -342,7 +387,9 @@ def evaluate(store, ensemble_store, folds, solvers, bin_widths, as_json, y_chann
                   locations=(store, ensemble_store))
     if result is None:
         return
-    click.echo(json.dumps(result.to_json()) if as_json else result.table())
+    seconds = click.get_current_context().meta.get(STAGE_SECONDS, {})
+    click.echo(json.dumps({"command": "evaluate", "status": "scored", **result.to_json(), "seconds": seconds}) if as_json
+               else result.table())
     if report_dir is not None:
         from ensir_flow.pipelines.report import write_report
 
@@ -373,26 +420,29 @@ def lut():
 @click.option("--models", required=True, help="Comma-separated model names in the LUT's key order.")
 @click.option("--bin-width", type=click.IntRange(1, 256), required=True, help="The bin width the LUT was fitted with.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@json_option
 @quiet_option
 def lut_import(source, output, models, bin_width, overwrite, no_progress):
     """Convert a LUT published with the paper's code (SOURCE .pth) to a LUT store; code in the file is never run."""
     from ensir_flow.pipelines.interchange import import_paper_lut
 
     table = import_paper_lut(source, output, [m.strip() for m in models.split(",")], bin_width, overwrite)
-    click.echo(f"wrote {output}: {table.weights.shape[0]:,} bins x {table.n_channels} channels for {', '.join(table.models)}")
+    _done(f"wrote {output}: {table.weights.shape[0]:,} bins x {table.n_channels} channels for {', '.join(table.models)}",
+          "lut import", "written", [output], bins=table.weights.shape[0], channels=table.n_channels)
 
 
 @lut.command("export")
 @click.argument("lut_path", metavar="LUT")
 @click.argument("output")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@json_option
 @quiet_option
 def lut_export(lut_path, output, overwrite, no_progress):
     """Write LUT as OUTPUT.npz or OUTPUT.json (weights, counts, models, bin width, bin-index rule)."""
     from ensir_flow.pipelines.interchange import export_lut
 
     export_lut(lut_path, output, overwrite)
-    click.echo(f"wrote {output}")
+    _done(f"wrote {output}", "lut export", "written", [output])
 
 
 @main.command()
@@ -405,7 +455,7 @@ def demo(directory, scheduler, worker_timeout, no_progress, dry_run, overwrite):
     result = _run(lambda: plan_demo(directory, overwrite), scheduler=scheduler, progress=not no_progress, dry_run=dry_run,
                   worker_timeout=worker_timeout, locations=(directory,))
     if result is not None:
-        click.echo(result)
+        _done(result, "demo", "written", [directory])
 
 
 if __name__ == "__main__":

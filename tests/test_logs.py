@@ -1,5 +1,6 @@
 """Logs for machines: when stderr is not a terminal, progress is plain timestamped lines per stage."""
 
+import json
 import os
 import re
 import subprocess
@@ -28,3 +29,32 @@ def test_progress_in_a_log_is_plain_timestamped_lines(tmp_path):
     quiet = subprocess.run([sys.executable, "-m", "ensir_flow.cli", "ingest", "corpus", "u.zarr", "--no-progress"],
                            cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
     assert quiet.stderr == ""
+
+
+def test_every_command_can_end_with_one_json_object(tmp_path, invoke, corpus):
+    root, _ = corpus
+    s, lut, out = tmp_path / "s.zarr", tmp_path / "lut.zarr", tmp_path / "out.zarr"
+    runs = {
+        "ingest": ["ingest", root, s],
+        "fit": ["fit", s, lut],
+        "apply": ["apply", s, lut, out, "--export-dir", tmp_path / "png"],
+        "apply again": ["apply", s, lut, out],
+        "evaluate": ["evaluate", s, "--ensemble", out],
+        "lut export": ["lut", "export", lut, tmp_path / "lut.json"],
+        "append, nothing new": ["ingest", root, s, "--append"],
+    }
+    results = {}
+    for name, command in runs.items():
+        result = invoke(*command, "--json", "--no-progress")
+        assert result.exit_code == 0, result.output
+        results[name] = json.loads(result.stdout)
+    assert results["ingest"]["status"] == "written" and results["ingest"]["images"] == 3
+    assert results["ingest"]["outputs"] == [str(s)] and set(results["ingest"]["seconds"]) == {"ingest"}
+    assert results["fit"]["status"] == "written" and set(results["fit"]["seconds"]) == {"statistics", "write LUT"}
+    assert results["apply"]["status"] == "written" and results["apply"]["outputs"] == [str(out), str(tmp_path / "png")]
+    assert results["apply again"]["status"] == "unchanged" and results["apply again"]["chunks_computed"] == 0
+    assert results["evaluate"]["command"] == "evaluate" and "ensemble" in results["evaluate"]["psnr"]
+    assert results["lut export"] == {"command": "lut export", "status": "written", "outputs": [str(tmp_path / "lut.json")],
+                                     "seconds": {}}
+    assert results["append, nothing new"]["status"] == "unchanged" and results["append, nothing new"]["images_added"] == 0
+    assert all(value >= 0 for result in results.values() for value in result["seconds"].values())

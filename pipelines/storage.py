@@ -212,7 +212,9 @@ def exclusive_lock(path: str):
 
     The lock file is created with exclusive-create semantics ('xb'): O_EXCL on local disks, a
     conditional put (If-None-Match) on object stores whose fsspec driver supports it. A lock left
-    by a killed process on this host is taken over when that process is gone.
+    by a killed process on this host is taken over when that process is gone, and so is a lock
+    file with no owner in it older than UNWRITTEN_LOCK_SECONDS (its writer was killed between
+    creating it and writing it: a live one writes at once).
     """
     fs, root = fsspec.core.url_to_fs(str(path))
     lock = _sibling(root, "lock")
@@ -227,7 +229,8 @@ def exclusive_lock(path: str):
             break
         except FileExistsError:
             holder = _read_lock(fs, lock)
-            if attempt == 0 and holder.get("host") == owner["host"] and not _alive(holder.get("pid")):
+            dead_here = holder.get("host") == owner["host"] and not _alive(holder.get("pid"))
+            if attempt == 0 and (dead_here or (not holder and _age(fs, lock) > UNWRITTEN_LOCK_SECONDS)):
                 fs.rm(lock)
                 continue
             raise TransientError(f"{path}: in use by another run ({holder.get('host')} pid {holder.get('pid')} since "
@@ -236,6 +239,18 @@ def exclusive_lock(path: str):
         yield
     finally:
         fs.rm(lock)
+
+
+UNWRITTEN_LOCK_SECONDS = 10.0
+
+
+def _age(fs, path: str) -> float:
+    """Seconds since `path` was last modified (0 when the file system does not say)."""
+    try:
+        modified = fs.modified(path)
+    except (NotImplementedError, OSError, AttributeError):
+        return 0.0
+    return time.time() - modified.timestamp()
 
 
 def _read_lock(fs, lock: str) -> dict:

@@ -109,3 +109,14 @@ def test_output_of_other_inputs_is_not_overwritten_silently(fitted, invoke):
     assert other.exit_code != 0 and "already exists (pass --overwrite" in other.stderr
     assert invoke("apply", fitted / "s.zarr", fitted / "lut2.zarr", fitted / "out.zarr", "--overwrite", "--no-progress").exit_code == 0
     assert xr.open_zarr(fitted / "out.zarr").attrs["solver"] == "average"
+
+
+def test_an_empty_lock_left_by_a_killed_run_is_taken_over_once_old(fitted, invoke):
+    lock = fitted / ".out.zarr.lock"
+    lock.write_bytes(b"")  # a run killed between creating its lock and writing its owner into it
+    fresh = invoke("apply", fitted / "s.zarr", fitted / "lut.zarr", fitted / "out.zarr", "--no-progress")
+    assert fresh.exit_code == 75 and "in use by another run" in fresh.stderr  # it might be a live run's
+    old = time.time() - 60
+    os.utime(lock, (old, old))
+    assert invoke("apply", fitted / "s.zarr", fitted / "lut.zarr", fitted / "out.zarr", "--no-progress").exit_code == 0
+    assert not lock.exists()

@@ -13,6 +13,7 @@ writes. N = 0 runs to the end; every run writes how many writes it made to COUNT
 import functools
 import os
 import sys
+import threading
 
 KILLED = 137  # the exit status of a process killed by SIGKILL
 
@@ -22,15 +23,18 @@ def main() -> None:
     arguments = sys.argv[sys.argv.index("--") + 1:]
     writes = 0
 
+    counting = threading.Lock()  # tasks write from several threads: no two may take the same number
+
     def counted(function):
         @functools.wraps(function)
         def wrapper(*args, **kwargs):
             nonlocal writes
-            writes += 1
-            with open(count_file, "w") as file:  # written through the builtin: not counted
-                file.write(str(writes))
-            if writes == kill_at:
-                os._exit(KILLED)
+            with counting:
+                writes += 1
+                with open(count_file, "w") as file:  # written through the builtin: not counted
+                    file.write(str(writes))
+                if writes == kill_at:
+                    os._exit(KILLED)
             return function(*args, **kwargs)
         return wrapper
 
@@ -67,7 +71,7 @@ def main() -> None:
     try:
         cli(arguments, prog_name="ensir-flow", standalone_mode=True)
     finally:
-        with open(count_file, "w") as file:
+        with counting, open(count_file, "w") as file:
             file.write(str(writes))
 
 

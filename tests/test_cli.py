@@ -36,6 +36,7 @@ def test_workflow_for_k_models_and_bin_widths(tmp_path, invoke, n_models, bin_wi
     np.testing.assert_allclose(lut.weights.sum(axis=2), 1.0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_lut_is_identical_for_any_chunking_and_scheduler(tmp_path, invoke):
     root = tmp_path / "corpus"
     make_corpus(root, sizes=((60, 50), (33, 71), (45, 45)))

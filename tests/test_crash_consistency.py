@@ -172,6 +172,7 @@ def _kill_points(writes: int, how_many: int) -> list[int]:
     return sorted({1, writes, *np.linspace(1, writes, how_many).round().astype(int).tolist()})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("writer", ["ingest --append"])
 def test_killed_at_first_middle_and_last_write(prepared, writer, tmp_path):
     case = prepared(writer)

@@ -312,6 +312,7 @@ def run_commands(commands: list[tuple[list, int]], cwd: Path, scheduler: str) ->
     return run.stderr
 
 
+@pytest.mark.slow
 def test_no_library_warning_reaches_the_user_on_a_normal_run(tmp_path):
     make_corpus(tmp_path / "corpus")
     paper_lut_with_protocol_4(tmp_path / "protocol4.pth")

@@ -6,12 +6,15 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from helpers import make_corpus
 
 LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} (ingest|statistics|write LUT): (started|done in [\d.]+ s|"
                   r"\d+% \(\d+/\d+ tasks\), \d+ s)$")
 
 
+@pytest.mark.slow
 def test_progress_in_a_log_is_plain_timestamped_lines(tmp_path):
     make_corpus(tmp_path / "corpus")
     env = {**os.environ, "ENSIR_FLOW_SCHEDULER": "threads"}

@@ -26,6 +26,7 @@ def fitted(tmp_path, invoke, request):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_killed_ingest_resumes_from_the_chunks_written(tmp_path, invoke):
     make_corpus(tmp_path / "corpus", sizes=((120, 100), (90, 110), (100, 100)))
     command = ["ingest", "corpus", "s.zarr", "--chunk-pixels", 1000, "--no-progress"]
@@ -49,6 +50,7 @@ def test_killed_ingest_resumes_from_the_chunks_written(tmp_path, invoke):
     assert "chunk_complete" not in xr.open_zarr(tmp_path / "s.zarr")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fitted", [100], indirect=True)
 def test_killed_apply_resumes_to_the_same_bytes(fitted, invoke):
     output = fitted / "out.zarr"

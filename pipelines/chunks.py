@@ -36,7 +36,11 @@ class Span(NamedTuple):
 
 def chunk_ranges(ds: xr.Dataset) -> list[tuple[int, int]]:
     """(start, stop) along `pixel` of each chunk of the store's predictions."""
-    lengths = ds[schema.PREDICTION].data.chunks[1]
+    return ranges_of(ds[schema.PREDICTION].data.chunks[1])
+
+
+def ranges_of(lengths) -> list[tuple[int, int]]:
+    """(start, stop) of consecutive chunks of the given lengths."""
     stops = np.cumsum(lengths)
     return [(int(stop - length), int(stop)) for stop, length in zip(stops, lengths)]
 

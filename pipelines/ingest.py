@@ -21,7 +21,7 @@ from ensir_flow.errors import InputError, TransientError
 from ensir_flow.images import GROUND_TRUTH_DIR, INPUT_DIR, Corpus, ImageInfo, discover_corpus, file_sha256, probe_image, read_image
 
 from .plan import Plan
-from .chunks import task_argument
+from .chunks import ranges_of, task_argument
 from .storage import (COMPLETE, commit_resumable, committed_append, exclusive_lock, exists, open_array_for_writing, open_store,
                       refuse_existing, refuse_or_recover, resumable_location, resumable_marks, start_resumable,
                       write_chunk_then_mark)
@@ -186,7 +186,7 @@ def plan_ingest(source, store: str, models: list[str] | None = None,
     unchanged = not overwrite and exists(store) and _holds(store, ds)
     if not unchanged:
         refuse_existing(store, overwrite)
-    ranges = [(int(stop - length), int(stop)) for stop, length in zip(np.cumsum(planes.chunks[1]), planes.chunks[1])]
+    ranges = ranges_of(planes.chunks[1])
     blocks = planes.to_delayed().ravel()
 
     def execute(compute):

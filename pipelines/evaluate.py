@@ -21,7 +21,8 @@ from .storage import open_store
 def image_scores(predictions, truth, ensemble, height: int, width: int, names: list[str],
                  crop_border: int, y_channel: bool, luts: dict | None = None) -> dict:
     """PSNR and SSIM for one image of each model, the average, ZZPM, the ensemble if given, and
-    each LUT of `luts` ({method: (weights, bin_width)}) applied to the image here."""
+    each LUT of `luts` ({method: (weights, bin_width)}) applied to the image here; all scored in
+    one pass against the ground truth (`metrics.scores`)."""
     predictions = np.asarray(predictions)
     shape = (height, width, -1)
     truth = np.asarray(truth).reshape(shape)
@@ -32,11 +33,8 @@ def image_scores(predictions, truth, ensemble, height: int, width: int, names: l
         candidates[ENSEMBLE] = np.asarray(ensemble).reshape(shape)
     for method, (weights, bin_width) in (luts or {}).items():
         candidates[method] = blend(predictions, weights, bin_width).reshape(shape)
-    options = {"crop_border": crop_border, "y_channel": y_channel}
-    return {
-        "psnr": {name: metrics.psnr(image, truth, **options) for name, image in candidates.items()},
-        "ssim": {name: metrics.ssim(image, truth, **options) for name, image in candidates.items()},
-    }
+    psnrs, ssims = metrics.scores(list(candidates.values()), truth, crop_border=crop_border, y_channel=y_channel)
+    return {"psnr": dict(zip(candidates, psnrs)), "ssim": dict(zip(candidates, ssims))}
 
 
 def _means(scores: list[dict], metric: str) -> dict[str, float]:

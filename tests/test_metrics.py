@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ensir_flow.metrics import psnr, rgb_to_y, ssim
+from ensir_flow.metrics import psnr, rgb_to_y, scores, ssim
 
 
 def test_psnr_by_hand_and_identical():
@@ -108,3 +108,76 @@ def test_bad_pairs_are_refused(metric):
         metric(rgb.astype(np.float64), rgb.astype(np.float64))
     with pytest.raises(ValueError, match="crop_border"):
         metric(rgb, rgb, crop_border=8)
+
+
+def _skimage_ssim(image, reference, crop_border=0, y_channel=False):
+    """scikit-image's SSIM with BasicSR's settings, per channel then averaged: what metrics.ssim
+    computed before its own fused filter (the two must agree)."""
+    from skimage.metrics import structural_similarity
+
+    a, b = (np.asarray(im)[:, :, None] if np.asarray(im).ndim == 2 else np.asarray(im) for im in (image, reference))
+    if crop_border:
+        a, b = a[crop_border:-crop_border, crop_border:-crop_border], b[crop_border:-crop_border, crop_border:-crop_border]
+    if y_channel and a.shape[2] == 3:
+        a, b = rgb_to_y(a)[:, :, None], rgb_to_y(b)[:, :, None]
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return float(np.mean([structural_similarity(a[:, :, c], b[:, :, c], gaussian_weights=True, sigma=1.5,
+                                                use_sample_covariance=False, data_range=255.0) for c in range(a.shape[2])]))
+
+
+def _noisy_pair(rng, shape):
+    a = rng.integers(0, 256, shape, dtype=np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-40, 41, shape), 0, 255).astype(np.uint8)
+    return a, b
+
+
+def _photo_pair():
+    """A real photo (scikit-image's astronaut, 512x512 RGB) and a blurred, quantised copy of it."""
+    from scipy.ndimage import uniform_filter
+    from skimage import data
+
+    photo = data.astronaut()
+    return np.clip(uniform_filter(photo.astype(np.float64), size=(3, 5, 1)) + 0.5, 0, 255).astype(np.uint8), photo
+
+
+@pytest.mark.parametrize("shape", [(11, 11, 3), (40, 37, 3), (37, 53), (29, 31, 1), (64, 12, 3)])
+@pytest.mark.parametrize("options", [{}, {"y_channel": True}, {"crop_border": 3}, {"crop_border": 4, "y_channel": True}])
+def test_ssim_equals_scikit_image_with_basicsr_settings(shape, options):
+    rng = np.random.default_rng(sum(shape) + len(options))
+    a, b = _noisy_pair(rng, shape)
+    cropped = min(shape[:2]) - 2 * options.get("crop_border", 0)
+    if cropped < 11:
+        assert np.isnan(ssim(a, b, **options))  # BasicSR's NaN where scikit-image would raise
+    else:
+        assert ssim(a, b, **options) == pytest.approx(_skimage_ssim(a, b, **options), abs=1e-6)
+
+
+@pytest.mark.parametrize("options", [{}, {"y_channel": True}, {"crop_border": 4}])
+def test_ssim_equals_scikit_image_on_a_photo(options):
+    image, reference = _photo_pair()
+    expected = _skimage_ssim(image, reference, **options)
+    assert 0.5 < expected < 0.99
+    assert ssim(image, reference, **options) == pytest.approx(expected, abs=1e-6)
+    grey = (image[:, :, 1], reference[:, :, 1])
+    assert ssim(*grey, **options) == pytest.approx(_skimage_ssim(*grey, **options), abs=1e-6)
+
+
+def test_scores_in_one_pass_equal_each_metric():
+    rng = np.random.default_rng(7)
+    reference = rng.integers(0, 256, (33, 45, 3), dtype=np.uint8)
+    images = [_noisy_pair(rng, reference.shape)[1], reference.copy(), 255 - reference]
+    for options in ({}, {"y_channel": True, "crop_border": 2}):
+        psnrs, ssims = scores(images, reference, **options)
+        assert psnrs == [psnr(image, reference, **options) for image in images]
+        assert ssims == [ssim(image, reference, **options) for image in images]
+    assert psnrs[1] == float("inf") and ssims[1] == pytest.approx(1.0, abs=1e-12)
+    assert scores([], reference) == ([], [])
+
+
+def test_psnr_equals_the_float64_mean_bit_for_bit():
+    """uint8 squared errors are summed exactly, which is what numpy's float64 mean of them gives."""
+    rng = np.random.default_rng(3)
+    for shape in ((720, 1280, 3), (17, 19), (5, 300, 1)):
+        a, b = _noisy_pair(rng, shape)
+        mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+        assert psnr(a, b) == float(10.0 * np.log10(255.0 ** 2 / mse))

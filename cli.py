@@ -28,7 +28,7 @@ TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ECONNREFUS
 
 #: Per command, the parameters naming what it writes (else reads), first given first: an OSError
 #: that names no file (a write that found the disk full) is reported against it.
-OUTPUT_PARAMETERS = {"ingest": ("store",), "fit": ("lut",), "apply": ("output",), "evaluate": ("report_dir", "store"),
+OUTPUT_PARAMETERS = {"ingest": ("store",), "predict": ("store",), "fit": ("lut",), "apply": ("output",), "evaluate": ("report_dir", "store"),
                      "import": ("output",), "export": ("output",), "demo": ("directory",), "info": ("path",)}
 
 
@@ -284,6 +284,93 @@ def ingest(source_dir, store, models, chunk_pixels, append, compression, schedul
                 "resumed": f"resumed {store}: {result.chunks_written} of {result.chunks_total} chunks were missing"}[result.status]
         _done(f"{done} ({ds.sizes['image']} images, {ds.sizes['pixel']:,} pixels, models {', '.join(ds.attrs['models'])})",
               "ingest", result.status, [store], images=ds.sizes["image"], pixels=ds.sizes["pixel"],
+              chunks_total=result.chunks_total, chunks_written=result.chunks_written)
+
+
+def _model_files(values: tuple[str, ...]):
+    """`--model NAME=FILE` values as checked ModelFiles (safe kind, hashed), in order."""
+    from ensir_flow.models import model_file
+
+    names, models = set(), []
+    for value in values:
+        name, equals, path = value.partition("=")
+        name = name.strip()
+        if not equals or not name or not path:
+            raise click.BadParameter(f"{value!r} is not NAME=FILE", param_hint="--model")
+        if "#" in name or name in names:
+            raise click.BadParameter(f"{name!r}: a model name must be unique and without '#' (it marks samples)",
+                                     param_hint="--model")
+        names.add(name)
+        models.append(model_file(name, path))
+    return models
+
+
+def _value_range(value: str):
+    from ensir_flow.models import VALUE_RANGES
+
+    if value not in VALUE_RANGES:
+        raise click.BadParameter(f"{value!r}: choose from {', '.join(VALUE_RANGES)}", param_hint="--range")
+    return value
+
+
+@main.command()
+@click.argument("source_dir", type=click.Path(file_okay=False))
+@click.argument("store")
+@click.option("--model", "model_specs", multiple=True, required=True, metavar="NAME=FILE",
+              help="A base model: its name in the ensemble and its TorchScript (.pt) or torch.export (.pt2) file; "
+                   "repeat for each model, in LUT order.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+              help="Where models run: cpu, cuda, auto (each worker's GPU if it has one).")
+@click.option("--tile", type=click.IntRange(1), default=None, metavar="PIXELS",
+              help="Run models on tiles of this many input pixels a side, overlapping by --overlap (bounded memory); "
+                   "whole images when absent.")
+@click.option("--overlap", type=click.IntRange(0), default=0, show_default=True, metavar="PIXELS",
+              help="With --tile: input pixels each tile reaches beyond the centre it keeps (at least the model's "
+                   "receptive radius for outputs equal to whole-image ones).")
+@click.option("--batch", type=click.IntRange(1), default=1, show_default=True, help="Tiles of one shape per model call.")
+@click.option("--scale", type=click.IntRange(1), default=1, show_default=True,
+              help="Super-resolution factor: outputs must be this many times the input's size (checked).")
+@click.option("--range", "value_range", default="0-1", show_default=True, callback=lambda _c, _p, v: _value_range(v),
+              metavar="0-1|0-255", help="The scale of the models' input and output pixel values.")
+@click.option("--samples", type=click.IntRange(1), default=1, show_default=True,
+              help="Runs per model and image, seeded by (image, sample): members NAME#0 ... NAME#N-1 (stochastic models).")
+@click.option("--chunk-pixels", type=click.IntRange(1), default=schema.DEFAULT_CHUNK_PIXELS, show_default=True,
+              help="Pixels per Zarr chunk.")
+@click.option("--append", is_flag=True, help="Predict the inputs of SOURCE_DIR whose stems STORE lacks (same models and options).")
+@compression_option
+@run_options()
+def predict(source_dir, store, model_specs, device, tile, overlap, batch, scale, value_range, samples, chunk_pixels, append,
+            compression, scheduler, worker_timeout, no_progress, dry_run, overwrite):
+    """Run base models on SOURCE_DIR/lq (gt/ kept when present) into the store STORE, as ingest writes one."""
+    from ensir_flow.models import Inference
+    from ensir_flow.pipelines.predict import plan_predict, plan_predict_append
+
+    if tile is not None and tile <= 2 * overlap:
+        raise click.BadParameter(f"--tile {tile} leaves no centre with --overlap {overlap} (tile > 2 x overlap)", param_hint="--tile")
+    if tile is None and click.get_current_context().get_parameter_source("overlap") == click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("--overlap: only with --tile")
+    models = _model_files(model_specs)
+    how = Inference(device, value_range, scale, tile, overlap if tile is not None else 0, batch)
+    if append:
+        fixed = [f"--{name.replace('_', '-')}" for name in ("chunk_pixels", "compression")
+                 if click.get_current_context().get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+        if fixed:
+            raise click.UsageError(f"{' and '.join(fixed)}: not with --append, which keeps the store's chunks and compression")
+        added = _run(lambda: plan_predict_append(source_dir, store, models, how, samples), scheduler=scheduler,
+                     progress=not no_progress, dry_run=dry_run, worker_timeout=worker_timeout, locations=(store,))
+        if added is not None:
+            _done(f"predicted {added} new image(s) into {store}" if added else f"{store}: no new images in {source_dir}: nothing to do",
+                  "predict", "updated" if added else "unchanged", [store], images_added=added)
+        return
+    result = _run(lambda: plan_predict(source_dir, store, models, how, samples, chunk_pixels, compression, overwrite),
+                  scheduler=scheduler, progress=not no_progress, dry_run=dry_run, worker_timeout=worker_timeout,
+                  locations=(store,))
+    if result is not None:
+        ds = result.dataset
+        done = {"written": f"wrote {store}", "unchanged": f"{store} already holds these predictions: nothing to do",
+                "resumed": f"resumed {store}: {result.chunks_written} of {result.chunks_total} chunks were missing"}[result.status]
+        _done(f"{done} ({ds.sizes['image']} images, {ds.sizes['pixel']:,} pixels, models {', '.join(ds.attrs['models'])})",
+              "predict", result.status, [store], images=ds.sizes["image"], pixels=ds.sizes["pixel"],
               chunks_total=result.chunks_total, chunks_written=result.chunks_written)
 
 

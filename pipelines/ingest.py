@@ -67,7 +67,7 @@ def inputs_match(corpus: Corpus, infos: list[ImageInfo]) -> bool:
         return list(pool.map(probe_image, corpus.inputs)) == infos
 
 
-def _storable_inputs(corpus: Corpus, infos: list[ImageInfo]) -> tuple[Corpus, dict]:
+def storable_inputs(corpus: Corpus, infos: list[ImageInfo]) -> tuple[Corpus, dict]:
     """The corpus with its inputs kept only if they fit, and an attribute saying why not."""
     if corpus.inputs is None or inputs_match(corpus, infos):
         return corpus, {}
@@ -94,18 +94,23 @@ def _read_image_planes(paths: list, info: ImageInfo) -> np.ndarray:
 
 def _pixel_planes(corpus: Corpus, infos: list[ImageInfo], chunk_pixels: int, first_chunk: int | None = None) -> da.Array:
     """Lazy (roles, pixel, channel) array in Zarr chunks: models in order, then ground truth and
-    inputs if any.
-
-    One task decodes one image (all roles); dask's rechunk then assembles the pixel chunks from
-    the image blocks, so each file is decoded once and each chunk written by exactly one task.
-    `first_chunk` shortens the first chunk so that an append fills the store's last partial chunk.
-    """
+    inputs if any. One task decodes one image (all roles); see `chunked_planes`."""
     role_files = [files for _, files in _roles(corpus)]
     blocks = [
         da.from_delayed(dask.delayed(_read_image_planes, pure=True)([files[i] for files in role_files], info),
                         shape=(len(role_files), info.height * info.width, info.channels), dtype=np.uint8)
         for i, info in enumerate(infos)
     ]
+    return chunked_planes(blocks, chunk_pixels, first_chunk)
+
+
+def chunked_planes(blocks: list[da.Array], chunk_pixels: int, first_chunk: int | None = None) -> da.Array:
+    """Per-image blocks (roles, H*W, C) back to back on the pixel axis, in the store's chunks.
+
+    Dask's rechunk assembles each pixel chunk from the blocks it spans, so each image is computed
+    (decoded, predicted) once and each chunk written by exactly one task. `first_chunk` shortens
+    the first chunk so that an append fills the store's last partial chunk.
+    """
     planes = da.concatenate(blocks, axis=1)
     total = planes.shape[1]
     head = min(first_chunk or chunk_pixels, total)
@@ -137,13 +142,16 @@ class IngestResult:
     chunks_written: int = 0
 
 
-def _holds(store: str, planned: xr.Dataset) -> bool:
-    """Whether the existing `store` is what ingesting `planned` would write (by provenance)."""
+#: The attributes that say what a store was written from and how (with its sources' SHA-256s).
+WRITE_KEYS = ("models", "source", "chunk_pixels", "compression", "channels")
+
+
+def holds(store: str, planned: xr.Dataset, keys: tuple[str, ...] = WRITE_KEYS) -> bool:
+    """Whether the existing `store` is what writing `planned` would write (by the provenance `keys`)."""
     try:
         existing = open_store(store)
     except InputError:
         return False
-    keys = ("models", "source", "chunk_pixels", "compression", "channels")
     return (all(existing.attrs.get(key) == planned.attrs.get(key) for key in keys)
             and "source_sha256" in existing and "appended" not in existing.attrs
             and existing["image"].values.tolist() == planned["image"].values.tolist()
@@ -167,25 +175,56 @@ def plan_ingest(source, store: str, models: list[str] | None = None,
     """
     corpus = discover_corpus(source, models)
     infos = probe_corpus(corpus)
-    corpus, input_note = _storable_inputs(corpus, infos)
+    corpus, input_note = storable_inputs(corpus, infos)
     index = schema.ImageIndex(corpus.stems, np.array([i.height for i in infos]), np.array([i.width for i in infos]))
     planes = _pixel_planes(corpus, infos, chunk_pixels)
     n_models, channels = len(corpus.models), infos[0].channels
+    attrs = schema.store_attributes(corpus.models, channels, created_by=f"ensir-flow {ensir_flow.__version__} ingest",
+                                    source=str(source), chunk_pixels=int(chunk_pixels), compression=compression, **input_note)
+    extra_names = [name for name, _ in _extra_planes(corpus, planes)]
+    ds, encoding = pixel_store(index, corpus.models, planes, extra_names, chunk_pixels, compression, attrs,
+                               source_provenance(corpus))
+    unchanged = not overwrite and exists(store) and holds(store, ds)
+    if not unchanged:
+        refuse_existing(store, overwrite)
+    details = {
+        "source": str(source), "store": str(store), "models": ", ".join(corpus.models),
+        "ground truth": "yes" if corpus.ground_truth is not None else "no",
+        "inputs (lq/)": "stored" if corpus.inputs is not None else input_note.get("input", "none"),
+        "images": len(corpus.stems), "pixels": f"{index.n_pixels:,} x {channels} channels",
+        "tasks": f"{len(corpus.stems)} image reads, {planes.numblocks[1]} chunks of {chunk_pixels:,} pixels (one write each)",
+        "compression": compression,
+    }
+    return Plan(f"ingest {len(corpus.stems)} images of {n_models} models", details,
+                store_writer(store, ds, encoding, planes, extra_names, overwrite, unchanged, "ingest"))
+
+
+def pixel_store(index: schema.ImageIndex, models: list[str], planes: da.Array, extra_names: list[str], chunk_pixels: int,
+                compression: str, attrs: dict, provenance: xr.Dataset) -> tuple[xr.Dataset, dict]:
+    """The dataset and Zarr encoding of a new pixel store: the image index, `planes` (roles, pixel,
+    channel: one per model, then one per name of `extra_names`), `attrs`, the per-source
+    `provenance` and the digest of its SHA-256s."""
+    n_models, channels = len(models), planes.shape[2]
     ds = index.to_dataset()
     ds[schema.PREDICTION] = (("model", "pixel", "channel"), planes[:n_models])
     encoding = {schema.PREDICTION: schema.pixel_encoding((n_models, chunk_pixels, channels), compression)}
-    for name, plane in _extra_planes(corpus, planes):
-        ds[name] = (("pixel", "channel"), plane)
+    for i, name in enumerate(extra_names):
+        ds[name] = (("pixel", "channel"), planes[n_models + i])
         encoding[name] = schema.pixel_encoding((chunk_pixels, channels), compression)
-    ds = ds.assign_coords(model=np.array(corpus.models, dtype=object))
-    ds.attrs = schema.store_attributes(corpus.models, channels, created_by=f"ensir-flow {ensir_flow.__version__} ingest",
-                                       source=str(source), chunk_pixels=int(chunk_pixels), compression=compression,
-                                       **input_note)
-    ds = ds.merge(source_provenance(corpus))
+    ds = ds.assign_coords(model=np.array(models, dtype=object))
+    ds.attrs = attrs
+    ds = ds.merge(provenance)
     ds.attrs["source_digest"] = hashlib.sha256(" ".join(ds["source_sha256"].values.ravel()).encode()).hexdigest()
-    unchanged = not overwrite and exists(store) and _holds(store, ds)
-    if not unchanged:
-        refuse_existing(store, overwrite)
+    return ds, encoding
+
+
+def store_writer(store: str, ds: xr.Dataset, encoding: dict, planes: da.Array, extra_names: list[str], overwrite: bool,
+                 unchanged: bool, label: str):
+    """execute(compute) writing the store `ds` (from `pixel_store`) resumably: chunks go to a fixed
+    staging location beside `store`, each followed by its completion mark, and the store is moved
+    into place when complete; a run killed half-way is resumed by the same command. Returns an
+    IngestResult (`unchanged` when told so)."""
+    n_models = ds.sizes["model"]
     ranges = ranges_of(planes.chunks[1])
     blocks = planes.to_delayed().ravel()
 
@@ -201,24 +240,15 @@ def plan_ingest(source, store: str, models: list[str] | None = None,
             else:
                 staging = start_resumable(store, ds, encoding, len(ranges))  # pixels written below
                 done = np.zeros(len(ranges), dtype=bool)
-            arrays = [task_argument(open_array_for_writing(staging, name))
-                      for name in (schema.PREDICTION, *(name for name, _ in _extra_planes(corpus, planes)))]
+            arrays = [task_argument(open_array_for_writing(staging, name)) for name in (schema.PREDICTION, *extra_names)]
             marks = task_argument(open_array_for_writing(staging, COMPLETE))
             todo = np.flatnonzero(~done)
             compute(*[dask.delayed(_write_chunk)(blocks[i], n_models, arrays, marks, int(i), *ranges[i]) for i in todo],
-                    label=f"ingest ({len(todo)} of {len(ranges)} chunks)" if resuming else "ingest")
+                    label=f"{label} ({len(todo)} of {len(ranges)} chunks)" if resuming else label)
             commit_resumable(store, keep_marks=False)
         return IngestResult(ds, "resumed" if resuming else "written", len(ranges), len(todo))
 
-    details = {
-        "source": str(source), "store": str(store), "models": ", ".join(corpus.models),
-        "ground truth": "yes" if corpus.ground_truth is not None else "no",
-        "inputs (lq/)": "stored" if corpus.inputs is not None else input_note.get("input", "none"),
-        "images": len(corpus.stems), "pixels": f"{index.n_pixels:,} x {channels} channels",
-        "tasks": f"{len(corpus.stems)} image reads, {planes.numblocks[1]} chunks of {chunk_pixels:,} pixels (one write each)",
-        "compression": compression,
-    }
-    return Plan(f"ingest {len(corpus.stems)} images of {n_models} models", details, execute)
+    return execute
 
 
 
@@ -292,6 +322,19 @@ def plan_append(source, store: str, models: list[str] | None = None) -> Plan:
     n_models = len(store_models)
     new_planes = {schema.PREDICTION: planes[:n_models], **dict(_extra_planes(corpus, planes))}
     index = schema.ImageIndex(corpus.stems, np.array([i.height for i in infos]), np.array([i.width for i in infos]))
+    return append_plan(f"append {len(keep)} images to {store}", source, store, existing, corpus, index, new_planes, details,
+                       "ingest --append")
+
+
+def append_plan(title: str, source, store: str, existing: xr.Dataset, corpus: Corpus, index: schema.ImageIndex,
+                new_planes: dict[str, da.Array], details: dict, by: str) -> Plan:
+    """The plan appending the images of `corpus` (their `index`, and `new_planes`: variable -> lazy
+    planes in the store's chunks, the first one filling its last partial chunk) to the `existing`
+    store, with their sources' provenance, recorded in the `appended` attribute as made `by`.
+
+    The store is locked during the append, which follows `storage.committed_append`: until its
+    single final metadata write, every reader sees the store as it was."""
+    n_existing, n_known = existing.sizes["pixel"], existing.sizes["image"]
     images = index.to_dataset().merge(source_provenance(corpus))
     if images["source"].values.tolist() != existing["source"].values.tolist():
         raise InputError(f"{source}: source folders {images['source'].values.tolist()} differ from the store's "
@@ -299,10 +342,10 @@ def plan_append(source, store: str, models: list[str] | None = None) -> Plan:
     images["pixel_offset"] = images["pixel_offset"] + n_existing
     image_values = {name: images[name].values for name in (*schema.IMAGE_VARIABLES, "image", "source_file", "source_sha256")}
     attrs = dict(existing.attrs)
-    attrs["appended"] = [*attrs.get("appended", []), {"source": str(source), "images": len(keep),
-                                                       "by": f"ensir-flow {ensir_flow.__version__} ingest --append"}]
-    committed = {"pixel": n_existing, "image": len(known)}
-    grown = {"pixel": n_existing + index.n_pixels, "image": len(known) + len(keep)}
+    attrs["appended"] = [*attrs.get("appended", []), {"source": str(source), "images": len(index.stems),
+                                                       "by": f"ensir-flow {ensir_flow.__version__} {by}"}]
+    committed = {"pixel": n_existing, "image": n_known}
+    grown = {"pixel": n_existing + index.n_pixels, "image": n_known + len(index.stems)}
     details["pixels"] = f"{index.n_pixels:,} appended to {n_existing:,}"
 
     def execute(compute):
@@ -317,6 +360,6 @@ def plan_append(source, store: str, models: list[str] | None = None) -> Plan:
             if open_store(store).sizes != existing.sizes:
                 raise TransientError(f"{store}: changed by another run while this one was planned; run it again")
             committed_append(store, committed, grown, write_pixels, image_values, attrs)
-        return len(keep)
+        return len(index.stems)
 
-    return Plan(f"append {len(keep)} images to {store}", details, execute)
+    return Plan(title, details, execute)

@@ -1,0 +1,330 @@
+"""`predict`: base models run on the degraded inputs, straight into a store that fit, apply and
+evaluate take as they take an ingested one. The models are small ones the tests build and save."""
+
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+import zarr
+
+from ensir_flow.errors import InputError
+from ensir_flow.models import Inference, check_model_file, model_file, models_loaded, predict_image, tile_spans
+from ensir_flow.pipelines.predict import plan_predict
+from ensir_flow.pipelines.storage import resumable_location
+from helpers import make_corpus
+
+#: Receptive radius of `ConvNet`: two 3x3 convolutions.
+RADIUS = 2
+
+
+class ConvNet(torch.nn.Module):
+    """A small restorer: the input plus a correction from two 3x3 convolutions (radius 2)."""
+
+    def __init__(self, seed: int, channels: int = 3):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(channels, 8, 3, padding=1), torch.nn.ReLU(),
+                                        torch.nn.Conv2d(8, channels, 3, padding=1))
+
+    def forward(self, x):
+        return x + 0.1 * self.body(x)
+
+
+class Noisy(torch.nn.Module):
+    """A stochastic restorer: the input plus noise from torch's global generator."""
+
+    def forward(self, x):
+        return x + 0.05 * torch.randn_like(x)
+
+
+class Upscale(torch.nn.Module):
+    def forward(self, x):
+        return torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
+
+
+class Broken(torch.nn.Module):
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+
+    def forward(self, x):
+        if self.how == "raises":
+            raise RuntimeError("boom")
+        if self.how == "shape":
+            return x[:, :, 1:, :]
+        if self.how == "nan":
+            return x * float("nan")
+        return x[:, :1]  # "channels"
+
+
+def save_script(module, path) -> Path:
+    torch.jit.save(torch.jit.script(module.eval()), str(path))
+    return Path(path)
+
+
+def save_export(module, path) -> Path:
+    side = {2: torch.export.Dim("h", min=2, max=4096), 3: torch.export.Dim("w", min=2, max=4096)}
+    program = torch.export.export(module.eval(), (torch.rand(1, 3, 24, 24),), dynamic_shapes=(side,))
+    torch.export.save(program, str(path))
+    return Path(path)
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    """A corpus of degraded inputs (lq/) and ground truth (gt/), three images of different sizes."""
+    root = tmp_path / "corpus"
+    make_corpus(root, n_models=1, inputs_scale=1)
+    shutil.rmtree(root / "model0")
+    return root
+
+
+@pytest.fixture
+def models(tmp_path):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    return {"a": save_script(ConvNet(1), folder / "a.pt"), "b": save_export(ConvNet(2), folder / "b.pt2"),
+            "c": save_script(ConvNet(3), folder / "c.pt")}
+
+
+def _model_args(models):
+    return [arg for name, path in models.items() for arg in ("--model", f"{name}={path}")]
+
+
+def _plain_output(module, lq: np.ndarray) -> np.ndarray:
+    """What a user's own loop would save as PNG: the model on the whole image, 0..1, rounded."""
+    with torch.no_grad():
+        y = module(torch.from_numpy(lq).permute(2, 0, 1)[None].float() / 255.0)[0].permute(1, 2, 0).numpy()
+    return np.clip(np.floor(y * 255.0 + 0.5), 0, 255).astype(np.uint8)
+
+
+def test_predict_then_fit_equals_png_then_ingest_then_fit(tmp_path, inputs, models, invoke):
+    predicted = invoke("predict", inputs, tmp_path / "p.zarr", *_model_args(models), "--chunk-pixels", 500, "--no-progress")
+    assert predicted.exit_code == 0, predicted.output
+    # the same models in a plain loop, saved as PNGs, then ingested
+    by_hand = tmp_path / "by-hand"
+    shutil.copytree(inputs, by_hand)
+    loaded = {"a": torch.jit.load(str(models["a"])), "b": torch.export.load(str(models["b"])).module(),
+              "c": torch.jit.load(str(models["c"]))}
+    for name, module in loaded.items():
+        (by_hand / name).mkdir()
+        for path in sorted((inputs / "lq").iterdir()):
+            iio.imwrite(by_hand / name / path.name, _plain_output(module, iio.imread(path)))
+    assert invoke("ingest", by_hand, tmp_path / "i.zarr", "--models", "a,b,c", "--chunk-pixels", 500,
+                  "--no-progress").exit_code == 0
+    p, i = xr.open_zarr(tmp_path / "p.zarr"), xr.open_zarr(tmp_path / "i.zarr")
+    assert p.attrs["models"] == ["a", "b", "c"] and p[ "prediction"].encoding["chunks"] == i["prediction"].encoding["chunks"]
+    for name in ("prediction", "ground_truth", "input", "height", "width", "pixel_offset", "pixel_count", "image"):
+        np.testing.assert_array_equal(p[name].values, i[name].values, err_msg=name)
+    assert (p["prediction"].values[0] != p["prediction"].values[1]).any()  # the models differ
+    for name, path in models.items():
+        assert p.attrs["model_files"][name] == {"file": str(path), "sha256": model_file(name, path).sha256}
+    assert list(p["source"].values) == ["gt", "lq"]
+    for store in ("p", "i"):
+        assert invoke("fit", tmp_path / f"{store}.zarr", tmp_path / f"{store}-lut.zarr", "--no-progress").exit_code == 0
+    lut_p, lut_i = xr.open_zarr(tmp_path / "p-lut.zarr"), xr.open_zarr(tmp_path / "i-lut.zarr")
+    assert lut_p["weights"].values.tobytes() == lut_i["weights"].values.tobytes()
+    # apply and evaluate take the predicted store as it is
+    assert invoke("apply", tmp_path / "p.zarr", tmp_path / "p-lut.zarr", tmp_path / "out.zarr", "--no-progress").exit_code == 0
+    scored = invoke("evaluate", tmp_path / "p.zarr", "--ensemble", tmp_path / "out.zarr", "--no-progress")
+    assert scored.exit_code == 0 and "ensemble" in scored.stdout
+    # the same command again: nothing to do
+    again = invoke("predict", inputs, tmp_path / "p.zarr", *_model_args(models), "--chunk-pixels", 500, "--no-progress")
+    assert again.exit_code == 0 and "nothing to do" in again.stdout
+
+
+def test_tiles_equal_whole_images_when_the_overlap_covers_the_receptive_field():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    module = torch.jit.script(ConvNet(4).eval())
+    whole = predict_image(module, image, Inference(), 0, "whole")
+    for tile, batch in ((2 * RADIUS + 1, 1), (16, 1), (16, 4), (30, 3)):
+        tiled = predict_image(module, image, Inference(tile=tile, overlap=RADIUS, batch=batch), 0, "tiled")
+        np.testing.assert_array_equal(tiled, whole, err_msg=f"tile {tile} batch {batch}")
+    short = predict_image(module, image, Inference(tile=16, overlap=RADIUS - 1), 0, "short")
+    assert (short != whole).any()  # an overlap below the receptive radius shows at the seams
+
+
+def test_tile_spans_cover_each_pixel_once():
+    for length, tile, overlap in ((37, 16, 2), (5, 16, 2), (100, 9, 4)):
+        spans = tile_spans(length, tile, overlap)
+        kept = np.concatenate([np.arange(keep0, keep1) for _, _, keep0, keep1 in spans])
+        np.testing.assert_array_equal(kept, np.arange(length))
+        assert all(stop - start <= tile and start <= keep0 and keep1 <= stop for start, stop, keep0, keep1 in spans)
+    with pytest.raises(ValueError, match="no centre"):
+        tile_spans(10, 4, 2)
+
+
+def test_tiled_predict_equals_whole_predict_through_the_store(tmp_path, inputs, models, invoke):
+    args = _model_args({"a": models["a"]})
+    assert invoke("predict", inputs, tmp_path / "whole.zarr", *args, "--no-progress").exit_code == 0
+    result = invoke("predict", inputs, tmp_path / "tiled.zarr", *args, "--tile", 12, "--overlap", RADIUS, "--batch", 2,
+                    "--no-progress")
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(xr.open_zarr(tmp_path / "tiled.zarr")["prediction"].values,
+                                  xr.open_zarr(tmp_path / "whole.zarr")["prediction"].values)
+
+
+class Evil:
+    """A pickle that creates a file when it is loaded."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.target),))
+
+
+def _crafted_files(tmp_path, models) -> dict[str, Path]:
+    """Model files that would create tmp_path/pwned if torch loaded them."""
+    import zipfile
+
+    target = tmp_path / "pwned"
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    files = {"plain pickle .pt": evil / "plain.pt", "plain pickle .pt2": evil / "plain.pt2",
+             "torch.save .pt": evil / "saved.pt"}
+    for name in ("plain pickle .pt", "plain pickle .pt2"):
+        files[name].write_bytes(pickle.dumps(Evil(target)))
+    torch.save({"weights": Evil(target)}, files["torch.save .pt"])
+
+    def rewrite(source, destination, member, data):
+        with zipfile.ZipFile(source) as zin, zipfile.ZipFile(destination, "w") as zout:
+            for info in zin.infolist():
+                zout.writestr(info.filename, data if info.filename.endswith(member) else zin.read(info.filename))
+        return destination
+
+    files["TorchScript with a foreign data.pkl"] = rewrite(models["a"], evil / "script.pt", "/data.pkl",
+                                                            pickle.dumps(Evil(target), protocol=2))
+    files["torch.export with a foreign sample input"] = rewrite(models["b"], evil / "export.pt2", "sample_inputs/model.pt",
+                                                                files["torch.save .pt"].read_bytes())
+    return files
+
+
+def test_model_files_that_would_run_code_are_refused_without_running_it(tmp_path, inputs, models, invoke):
+    crafted = _crafted_files(tmp_path, models)
+    # the crafted export really runs code when torch loads it unchecked: the check is what stops it
+    with pytest.raises(Exception):
+        torch.export.load(str(crafted["torch.export with a foreign sample input"]))
+    assert (tmp_path / "pwned").exists()
+    (tmp_path / "pwned").unlink()
+    for what, path in crafted.items():
+        with pytest.raises(InputError, match="refused") as refused:
+            check_model_file(path)
+        assert str(path) in str(refused.value), what
+        result = invoke("predict", inputs, tmp_path / "s.zarr", "--model", f"evil={path}", "--no-progress")
+        assert result.exit_code == 1 and str(path) in result.stderr and len(result.stderr.strip().splitlines()) == 1, what
+        assert not (tmp_path / "pwned").exists(), what
+        assert not (tmp_path / "s.zarr").exists()
+    assert check_model_file(models["a"]) == "torchscript" and check_model_file(models["b"]) == "export"
+
+
+def test_samples_are_seeded_by_image_and_sample(tmp_path, inputs, invoke):
+    noisy = save_script(Noisy(), tmp_path / "noisy.pt")
+    args = ["--model", f"n={noisy}", "--samples", 3, "--no-progress"]
+    assert invoke("predict", inputs, tmp_path / "one.zarr", *args).exit_code == 0
+    assert invoke("predict", inputs, tmp_path / "two.zarr", *args, "--scheduler", "threads").exit_code == 0
+    one, two = xr.open_zarr(tmp_path / "one.zarr"), xr.open_zarr(tmp_path / "two.zarr")
+    assert one.attrs["models"] == ["n#0", "n#1", "n#2"]
+    assert one["prediction"].values.tobytes() == two["prediction"].values.tobytes()
+    planes = one["prediction"].values
+    assert (planes[0] != planes[1]).any() and (planes[1] != planes[2]).any()
+    # a seed belongs to (image, sample): the same image predicted alone gets the same bytes
+    alone = tmp_path / "alone"
+    for folder in ("lq", "gt"):
+        (alone / folder).mkdir(parents=True)
+        shutil.copy(inputs / folder / "img1.png", alone / folder)
+    assert invoke("predict", alone, tmp_path / "alone.zarr", *args).exit_code == 0
+    offset, count = int(one["pixel_offset"].values[1]), int(one["pixel_count"].values[1])
+    np.testing.assert_array_equal(xr.open_zarr(tmp_path / "alone.zarr")["prediction"].values,
+                                  planes[:, offset: offset + count])
+
+
+def test_super_resolution_is_checked_against_scale(tmp_path, invoke):
+    root = tmp_path / "sr"
+    make_corpus(root, n_models=1, inputs_scale=2, sizes=((24, 32), (18, 30)))
+    shutil.rmtree(root / "model0")
+    up = save_script(Upscale(), tmp_path / "up.pt")
+    result = invoke("predict", root, tmp_path / "s.zarr", "--model", f"up={up}", "--scale", 2, "--no-progress")
+    assert result.exit_code == 0, result.output
+    ds = xr.open_zarr(tmp_path / "s.zarr")
+    assert "input" not in ds and "lq/ not stored" in ds.attrs["input"]
+    assert ds["height"].values.tolist() == [24, 18] and ds["width"].values.tolist() == [32, 30]
+    wrong = invoke("predict", root, tmp_path / "t.zarr", "--model", f"up={up}", "--no-progress")
+    assert wrong.exit_code == 1 and "gt" in wrong.stderr and "--scale 1" in wrong.stderr  # gt is twice lq's size
+
+
+@pytest.mark.parametrize("how, says", [("raises", "the model failed (builtins.RuntimeError: boom)"), ("shape", "returned (1, 3,"),
+                                       ("nan", "NaN"), ("channels", "wrong channel count")])
+def test_a_failing_model_is_named_with_the_image_and_nothing_is_written(tmp_path, inputs, models, invoke, how, says):
+    broken = save_script(Broken(how), tmp_path / f"{how}.pt")
+    result = invoke("predict", inputs, tmp_path / "s.zarr", "--model", f"a={models['a']}", "--model", f"bad={broken}",
+                    "--no-progress")
+    assert result.exit_code == 1, result.output
+    line = result.stderr.strip()
+    assert len(line.splitlines()) == 1 and "model 'bad'" in line and "/lq/img" in line and says in line, line
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_each_model_is_loaded_once_per_process(tmp_path, inputs):
+    folder = tmp_path / "fresh"
+    folder.mkdir()
+    fresh = [model_file("x", save_script(ConvNet(5), folder / "x.pt")), model_file("y", save_export(ConvNet(6), folder / "y.pt2"))]
+    before = models_loaded()
+    plan_predict(inputs, str(tmp_path / "s.zarr"), fresh, chunk_pixels=300).run()  # 3 images, dask's threads
+    assert models_loaded() - before == 2
+
+
+def test_append_predicts_new_stems_only_and_equals_one_run(tmp_path, inputs, models, invoke):
+    args = [*_model_args({"a": models["a"]}), "--chunk-pixels", 700, "--no-progress"]
+    assert invoke("predict", inputs, tmp_path / "all.zarr", *args).exit_code == 0
+    part = tmp_path / "part"
+    shutil.copytree(inputs, part)
+    for folder in ("lq", "gt"):
+        (part / folder / "img2.png").unlink()
+    assert invoke("predict", part, tmp_path / "grown.zarr", *args).exit_code == 0
+    args = [arg for arg in args if arg not in ("--chunk-pixels", 700)]
+    appended = invoke("predict", inputs, tmp_path / "grown.zarr", *args, "--append")
+    assert appended.exit_code == 0 and "1 new image" in appended.stdout, appended.output
+    grown, whole = xr.open_zarr(tmp_path / "grown.zarr"), xr.open_zarr(tmp_path / "all.zarr")
+    for name in ("prediction", "ground_truth", "input", "pixel_offset", "image"):
+        np.testing.assert_array_equal(grown[name].values, whole[name].values, err_msg=name)
+    other = invoke("predict", inputs, tmp_path / "grown.zarr", "--model", f"a={models['c']}", "--append", "--no-progress")
+    assert other.exit_code == 1 and "other model files" in other.stderr
+
+
+def test_dry_run_writes_nothing_and_usage_errors(tmp_path, inputs, models, invoke):
+    dry = invoke("predict", inputs, tmp_path / "s.zarr", *_model_args(models), "--dry-run", "--tile", 64, "--overlap", 4)
+    assert dry.exit_code == 0 and "predict 3 images with 3 model(s)" in dry.stdout and "64 px, overlap 4" in dry.stdout
+    assert not (tmp_path / "s.zarr").exists()
+    for bad in (["--model", "nameonly"], ["--model", f"a={models['a']}", "--model", f"a={models['c']}"],
+                ["--model", f"a={models['a']}", "--tile", 8, "--overlap", 4], ["--model", f"a={models['a']}", "--range", "0-2"]):
+        assert invoke("predict", inputs, tmp_path / "s.zarr", *bad).exit_code == 2, bad
+    missing = invoke("predict", tmp_path / "nowhere", tmp_path / "s.zarr", "--model", f"a={models['a']}")
+    assert missing.exit_code == 1 and "nowhere" in missing.stderr
+
+
+@pytest.mark.slow
+def test_killed_predict_resumes_to_the_same_bytes(tmp_path, inputs, models):
+    command = ["predict", str(inputs), "s.zarr", "--model", f"a={models['a']}", "--chunk-pixels", 300, "--no-progress"]
+    hook = Path(__file__).with_name("kill_after_writes.py")
+    count = tmp_path / "writes.count"
+    env = {**os.environ, "ENSIR_FLOW_SCHEDULER": "threads"}
+    subprocess.run([sys.executable, hook, "0", count, "--", *command], cwd=tmp_path, env=env, check=True)
+    writes = int(count.read_text())
+    os.rename(tmp_path / "s.zarr", tmp_path / "clean.zarr")
+    killed = subprocess.run([sys.executable, hook, str(writes * 2 // 3), count, "--", *command], cwd=tmp_path, env=env)
+    assert killed.returncode == 137 and not (tmp_path / "s.zarr").exists()
+    marks = zarr.open_array(store=resumable_location(str(tmp_path / "s.zarr")), path="chunk_complete", mode="r")[:]
+    assert 0 < marks.sum() < len(marks)
+    resumed = subprocess.run([sys.executable, "-m", "ensir_flow.cli", *command], cwd=tmp_path, env=env,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0 and "resumed s.zarr" in resumed.stdout, resumed.stderr
+    xr.testing.assert_identical(xr.open_zarr(tmp_path / "s.zarr").load(), xr.open_zarr(tmp_path / "clean.zarr").load())

@@ -104,9 +104,100 @@ def compression_of(encoding: dict) -> str:
     return ", ".join(labels) or "none"
 
 
+#: The CF version whose attribute conventions the stores follow where they fit (long_name, units,
+#: flag_values/flag_meanings, the contiguous ragged array's sample_dimension).
+CONVENTIONS = "CF-1.11"
+
+
 def store_attributes(models: list[str], channels: int, **provenance) -> dict:
     """Attributes every ensir-flow pixel store carries."""
-    return {"schema_version": SCHEMA_VERSION, "models": list(models), "channels": channels, **provenance}
+    return {"Conventions": CONVENTIONS, "schema_version": SCHEMA_VERSION, "models": list(models), "channels": channels,
+            **provenance}
+
+
+#: Names of the `channel` coordinate by number of channels: colour corpora are RGB, grayscale ones
+#: (kept as one channel, see `images`) a single luminance channel.
+CHANNEL_NAMES = {3: ("R", "G", "B"), 1: ("Y",)}
+
+#: The 8-bit range of every pixel variable (CF `valid_range`).
+PIXEL_RANGE = [0, 255]
+
+#: CF attributes of every variable and coordinate a store can hold, so that `xarray.open_zarr`
+#: (or any CF-aware reader) shows what each one is. `annotate` adds them to what a writer writes.
+VARIABLE_ATTRIBUTES = {
+    PREDICTION: {"long_name": "restored image of each base model", "valid_range": PIXEL_RANGE},
+    GROUND_TRUTH: {"long_name": "ground truth image", "valid_range": PIXEL_RANGE},
+    INPUT: {"long_name": "degraded input image (lq/)", "valid_range": PIXEL_RANGE},
+    ENSEMBLE: {"long_name": "EnsIR ensemble of the base models' images", "valid_range": PIXEL_RANGE},
+    "height": {"long_name": "image height", "units": "1"},
+    "width": {"long_name": "image width", "units": "1"},
+    "pixel_offset": {"long_name": "index on dimension pixel of the image's first pixel", "units": "1"},
+    "pixel_count": {"long_name": "number of pixels of the image (height x width)", "units": "1",
+                    "sample_dimension": "pixel"},
+    "source_file": {"long_name": "name of the source image file"},
+    "source_sha256": {"long_name": "SHA-256 of the source image file's bytes"},
+    "image": {"long_name": "image name (source file stem)"},
+    "model": {"long_name": "base restoration model"},
+    "channel": {"long_name": "colour channel"},
+    "source": {"long_name": "source folder (a model, gt or lq)"},
+}
+
+
+def channel_names(n_channels: int) -> tuple[str, ...]:
+    """The `channel` coordinate of a store of `n_channels`-channel images."""
+    if n_channels not in CHANNEL_NAMES:
+        raise ValueError(f"no channel names for {n_channels} channels (stores hold 1 or 3)")
+    return CHANNEL_NAMES[n_channels]
+
+
+def annotate(ds: xr.Dataset) -> xr.Dataset:
+    """`ds` with a `channel` coordinate (R, G, B or Y) and the CF attributes of `VARIABLE_ATTRIBUTES`
+    on every variable it has (existing attributes kept). Writers call it on what they write; it
+    changes no data, so stores written before it hold the same pixels and still open."""
+    if "channel" in ds.dims and "channel" not in ds.coords:
+        ds = ds.assign_coords(channel=np.array(channel_names(ds.sizes["channel"]), dtype=object))
+    for name, attributes in VARIABLE_ATTRIBUTES.items():
+        if name in ds.variables:
+            ds[name].attrs = {**attributes, **ds[name].attrs}
+    return ds
+
+
+def image(ds: xr.Dataset, which: str | int, variable: str = ENSEMBLE, model: str | int | None = None) -> np.ndarray:
+    """Image `which` (its name, or its position in the store) of `variable` as an (H, W, C) uint8
+    array, read from the ragged `pixel` axis at the offset the image index gives.
+
+    For `prediction` (one plane per model) `model` names the model (or its position); it may be
+    left out when the store has a single model. A name or position the store lacks is an InputError.
+    """
+    index = ImageIndex.from_dataset(ds)
+    if isinstance(which, (int, np.integer)) and not isinstance(which, bool):
+        if not -len(index.stems) <= which < len(index.stems):
+            raise InputError(f"image {which}: the store holds {len(index.stems)} images")
+        position = int(which) % len(index.stems)
+    elif which in index.stems:
+        position = index.stems.index(which)
+    else:
+        raise InputError(f"image {which!r}: not in the store (images: {', '.join(index.stems[:5])}"
+                         f"{', ...' if len(index.stems) > 5 else ''})")
+    if variable not in ds:
+        raise InputError(f"no variable '{variable}' in the store (it has {', '.join(map(str, ds.data_vars))})")
+    pixels = ds[variable]
+    if "model" in pixels.dims:
+        models = [str(m) for m in ds.attrs.get("models", [])]
+        if model is None and pixels.sizes["model"] != 1:
+            raise InputError(f"'{variable}' holds {pixels.sizes['model']} models ({', '.join(models)}): say which with model=")
+        if isinstance(model, str):
+            if model not in models:
+                raise InputError(f"model {model!r}: not in the store (models: {', '.join(models)})")
+            model = models.index(model)
+        elif model is not None and not -pixels.sizes["model"] <= model < pixels.sizes["model"]:
+            raise InputError(f"model {model}: '{variable}' holds {pixels.sizes['model']} models")
+        pixels = pixels.isel(model=model or 0)
+    elif model is not None:
+        raise InputError(f"'{variable}' has no model dimension: model= applies to '{PREDICTION}' only")
+    start = int(index.offsets[position])
+    values = pixels.isel(pixel=slice(start, start + int(index.counts[position]))).transpose("pixel", "channel").values
+    return np.asarray(values, dtype=np.uint8).reshape(int(index.heights[position]), int(index.widths[position]), -1)
 
 
 def check_store(ds: xr.Dataset, source: str, require: tuple[str, ...] = (PREDICTION,)) -> list[str]:

@@ -94,6 +94,7 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
                                                            chunks=(chunk_lengths, -1)))
     out.attrs = schema.store_attributes(models, ds.sizes["channel"], created_by=f"ensir-flow {ensir_flow.__version__} apply",
                                         bin_width=lut.bin_width, solver=lut.solver, **provenance)
+    out = schema.annotate(out)
     encoding = {schema.ENSEMBLE: schema.pixel_encoding((chunk_pixels, ds.sizes["channel"]), compression)}
     spans = chunk_spans(schema.ImageIndex.from_dataset(ds), np.arange(ds.sizes["image"]), chunk_lengths)
 

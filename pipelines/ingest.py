@@ -213,7 +213,7 @@ def pixel_store(index: schema.ImageIndex, models: list[str], planes: da.Array, e
         encoding[name] = schema.pixel_encoding((chunk_pixels, channels), compression)
     ds = ds.assign_coords(model=np.array(models, dtype=object))
     ds.attrs = attrs
-    ds = ds.merge(provenance)
+    ds = schema.annotate(ds.merge(provenance))
     ds.attrs["source_digest"] = hashlib.sha256(" ".join(ds["source_sha256"].values.ravel()).encode()).hexdigest()
     return ds, encoding
 

@@ -419,7 +419,9 @@ def start_resumable(path: str, template: xr.Dataset, encoding: dict, n_chunks: i
     staging = resumable_location(path)
     attrs = dict(template.attrs)
     template = template.assign({COMPLETE: ("chunk", dask.array.zeros(n_chunks, dtype=np.uint8, chunks=1),
-                                           {"description": "1 once the chunk of pixels with this index is written"})})
+                                           {"long_name": "chunk of pixels written", "flag_values": [0, 1],
+                                            "flag_meanings": "not_written written",
+                                            "description": "1 once the chunk of pixels with this index is written"})})
     template.attrs = {}
     write_dataset(template, staging, {**encoding, COMPLETE: {"chunks": (1,)}})
     commit_metadata(staging, attrs)

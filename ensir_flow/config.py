@@ -3,8 +3,12 @@
 A config only sets defaults; command-line options override it. Every key is checked: an unknown
 key or a value of the wrong kind is refused with the file and the key named, because a misspelt
 key that is silently ignored changes a run without anyone noticing.
+
+The configs of the repository's `configs/` folder are installed with the package (as
+`ensir_flow.configs`) and can be named without a path: `--config deblurring-gopro`.
 """
 
+from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -38,8 +42,45 @@ def _checked(mapping, checks: dict, path, prefix: str = "") -> dict:
     return mapping
 
 
+#: The package that holds the installed configs (the repository's `configs/` folder).
+INSTALLED_CONFIGS = "ensir_flow.configs"
+CONFIG_SUFFIX = ".yaml"
+
+
+def installed_configs() -> dict[str, Path]:
+    """The configs installed with ensir-flow, by name (file name without `.yaml`), sorted."""
+    folder = resources.files(INSTALLED_CONFIGS)
+    return {entry.name.removesuffix(CONFIG_SUFFIX): Path(str(entry))
+            for entry in sorted(folder.iterdir(), key=lambda e: e.name) if entry.name.endswith(CONFIG_SUFFIX)}
+
+
+def config_summary(path) -> str:
+    """The first line of a config's leading comment: what task it is for."""
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+        if line.strip():
+            break
+    return ""
+
+
+def resolve_config(name_or_path) -> Path:
+    """The config file `name_or_path` designates: an existing file, else the installed config of
+    that name (`installed_configs`); neither is an InputError listing the installed names."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    installed = installed_configs()
+    if str(name_or_path) in installed:
+        return installed[str(name_or_path)]
+    raise InputError(f"{name_or_path}: neither a config file nor an installed config "
+                     f"({', '.join(installed) or 'none installed'}; `ensir-flow configs` lists them)")
+
+
 def load_config(path) -> dict:
-    """The checked contents of the YAML config at `path`."""
+    """The checked contents of the YAML config at `path` (or installed under that name, see
+    `resolve_config`)."""
+    path = resolve_config(path)
     try:
         config = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as error:

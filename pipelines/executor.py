@@ -46,6 +46,14 @@ WORKER_TIMEOUT_ENV = "ENSIR_FLOW_WORKER_TIMEOUT"
 #: How often (seconds, at most) a computation on a cluster checks that the cluster still has workers.
 WORKER_POLL = 1.0
 
+#: Where a local cluster serves its Dask dashboard, and the environment variable that sets the CLI's
+#: default. Dask's usual port, on this host's loopback only: on a shared machine the dashboard is
+#: not offered to the network (reach it through an SSH tunnel, or pass ':8787' for every
+#: interface). A port already taken (another user's cluster) is not an error: distributed serves the
+#: dashboard on a free port instead, and the address printed is the one it got.
+DEFAULT_DASHBOARD_ADDRESS = "127.0.0.1:8787"
+DASHBOARD_ADDRESS_ENV = "ENSIR_FLOW_DASHBOARD_ADDRESS"
+
 #: Library warnings that a normal run raises and that tell a user nothing they can act on:
 #: (start of the message, a regular expression; category). Silenced by `quiet_libraries`.
 LIBRARY_WARNINGS = (
@@ -134,11 +142,26 @@ def local_cluster(**options):
         return LocalCluster(**options)
 
 
+def announce_dashboard(client) -> None:
+    """Say on stderr where the dashboard of a cluster this run started is (the first thing a Dask
+    user looks for on a long job), or how to get one when distributed could not start it."""
+    if "dashboard" in client.scheduler_info().get("services", {}):
+        print(f"dask dashboard: {client.dashboard_link}", file=sys.stderr, flush=True)
+        return
+    import importlib.util
+
+    reason = ("bokeh is not installed: pip install 'bokeh>=3.1'" if importlib.util.find_spec("bokeh") is None
+              else "distributed did not start it")
+    print(f"dask dashboard: none ({reason})", file=sys.stderr, flush=True)
+
+
 @contextlib.contextmanager
-def client_for(scheduler: str, worker_timeout: float | None = None):
+def client_for(scheduler: str, worker_timeout: float | None = None,
+               dashboard_address: str | None = DEFAULT_DASHBOARD_ADDRESS):
     """A distributed Client for `scheduler` (None for 'threads'), closed (with its cluster) on exit.
 
-    On an existing cluster the workers are checked first (`check_workers`, which waits up to
+    A local cluster serves its dashboard at `dashboard_address` (None: no dashboard), whose link
+    is printed on stderr (`announce_dashboard`). On an existing cluster the workers are checked first (`check_workers`, which waits up to
     `worker_timeout` seconds for a first worker). A malformed address or a bad scheduler file is an
     InputError; an unreachable scheduler a TransientError.
     """
@@ -148,8 +171,10 @@ def client_for(scheduler: str, worker_timeout: float | None = None):
     from distributed import Client
 
     if scheduler == "local":
-        with local_cluster() as cluster, Client(cluster) as client:
+        with local_cluster(dashboard_address=dashboard_address) as cluster, Client(cluster) as client:
             client.register_plugin(_quiet_libraries_plugin())
+            if dashboard_address is not None:
+                announce_dashboard(client)
             yield client
         return
     from distributed.comm.addressing import resolve_address
@@ -416,7 +441,9 @@ def _first_line(error: BaseException) -> str:
 
 @contextlib.contextmanager
 def session(scheduler: str = "threads", progress: bool | float = False,
-            worker_timeout: float | None = DEFAULT_WORKER_TIMEOUT) -> Iterator[Compute]:
-    """A `Compute` on `scheduler` for the duration of the block (see the module docstring)."""
-    with client_for(scheduler, worker_timeout) as client:
+            worker_timeout: float | None = DEFAULT_WORKER_TIMEOUT,
+            dashboard_address: str | None = DEFAULT_DASHBOARD_ADDRESS) -> Iterator[Compute]:
+    """A `Compute` on `scheduler` for the duration of the block (see the module docstring); a local
+    cluster serves its dashboard at `dashboard_address` (`client_for`)."""
+    with client_for(scheduler, worker_timeout, dashboard_address) as client:
         yield compute_function(client, progress, worker_timeout, scheduler)

@@ -5,19 +5,19 @@ import errno
 import json
 import re
 import sys
-import time
+from dataclasses import dataclass, field
 
 import click
 
 import ensir_flow
-from ensir_flow import schema
+from ensir_flow import api, schema
 from ensir_flow.binning import DEFAULT_BIN_WIDTH
-from ensir_flow.config import command_defaults, load_config
+from ensir_flow.config import command_defaults, config_summary, installed_configs, load_config
 from ensir_flow.devices import DEVICES
 from ensir_flow.errors import InputError, TransientError
-from ensir_flow.lut import DEFAULT_SOLVER, SOLVERS, check_solver
-from ensir_flow.pipelines.executor import (DEFAULT_WORKER_TIMEOUT, SCHEDULER_ENV, WORKER_TIMEOUT_ENV, quiet_libraries,
-                                           session)
+from ensir_flow.lut import DEFAULT_SOLVER, SOLVERS
+from ensir_flow.pipelines.executor import (DASHBOARD_ADDRESS_ENV, DEFAULT_DASHBOARD_ADDRESS, DEFAULT_WORKER_TIMEOUT,
+                                           SCHEDULER_ENV, WORKER_TIMEOUT_ENV, quiet_libraries)
 
 #: Exit status of a failure worth retrying as it is (sysexits.h's EX_TEMPFAIL).
 EX_TEMPFAIL = 75
@@ -68,9 +68,15 @@ def _os_failure(error: OSError, location) -> click.ClickException:
 @contextlib.contextmanager
 def one_line_errors(location=None):
     """Turn the failures a run can meet into one line on stderr and an exit code (see `main`):
-    InputError 1, TransientError 75, OSError `PATH: reason` (1, or 75 when transient)."""
+    InputError 1, TransientError 75, OSError `PATH: reason` (1, or 75 when transient); the API's
+    UsageError 2, as click's own usage errors (naming the option at fault)."""
     try:
         yield
+    except api.UsageError as error:
+        context = click.get_current_context(silent=True)
+        if error.option is not None:
+            raise click.BadParameter(str(error), ctx=context, param_hint=error.option) from None
+        raise click.UsageError(str(error), ctx=context) from None
     except InputError as error:
         raise click.ClickException(_one_line(error)) from None
     except TransientError as error:
@@ -100,49 +106,54 @@ class _Group(click.Group):
     group_class = type
 
 
+def _run_options(scheduler, worker_timeout, no_progress, dry_run) -> api.RunOptions:
+    """The API's `RunOptions` from the shared options: progress is a bar on a terminal and plain
+    timestamped lines every --progress-interval seconds in a log or a scheduler's capture."""
+    meta = click.get_current_context().meta
+    progress = not no_progress
+    if progress and not sys.stderr.isatty():
+        progress = meta.get(PROGRESS_INTERVAL, DEFAULT_PROGRESS_INTERVAL)
+    return {"scheduler": scheduler, "worker_timeout": worker_timeout, "progress": progress, "dry_run": dry_run,
+            "dashboard_address": meta.get(DASHBOARD_ADDRESS, DEFAULT_DASHBOARD_ADDRESS)}
+
+
+def _finish(result: api.Result, message) -> None:
+    """End a command: the plan of a dry run; else `message(result)`, the human summary, or with
+    --json the result's one JSON object (command, status, outputs, counts, seconds per stage)."""
+    if result.plan is not None:
+        click.echo(result.plan)
+    elif click.get_current_context().meta.get(AS_JSON):
+        click.echo(json.dumps(result.to_json()))
+    else:
+        click.echo(message(result))
+
+
 def _run(plan_factory, *, scheduler, progress, dry_run, worker_timeout=DEFAULT_WORKER_TIMEOUT, locations=()):
-    """Build the plan (validating inputs), show it or run it; failures become one-line errors
-    (`one_line_errors`, through `_Command`).
-
-    `locations` are the stores and folders the command reads or writes (None: an option not given):
-    a memory:// one exists in one process only, so workers of a cluster would write it where nobody
-    reads it back.
-    """
-    in_memory = [str(path) for path in locations if path is not None and str(path).startswith("memory://")]
-    if in_memory and scheduler != "threads":
-        raise click.UsageError(f"{in_memory[0]}: memory:// exists in this process only; use --scheduler threads with it")
-    plan = plan_factory()
-    if dry_run:
-        click.echo(plan.describe())
+    """For a command not yet behind an API function: run its plan with the API's runner
+    (`api.run_plan`), print the plan of a dry run (returning None), keep the seconds for `_done`."""
+    outcome = api.run_plan(plan_factory, locations, _run_options(scheduler, worker_timeout, not progress, dry_run))
+    if outcome.plan is not None:
+        click.echo(outcome.plan)
         return None
-    if progress and not sys.stderr.isatty():  # a log file or a scheduler's capture: plain lines
-        progress = click.get_current_context().meta.get(PROGRESS_INTERVAL, DEFAULT_PROGRESS_INTERVAL)
-    with session(scheduler, progress, worker_timeout=worker_timeout or None) as compute:
-        return plan.run(_timed(compute, click.get_current_context().meta.setdefault(STAGE_SECONDS, {})))
-
-
-def _timed(compute, seconds: dict):
-    """`compute`, adding each labelled call's wall time to `seconds` (by label: the stages of --json)."""
-
-    def timed(*collections, label: str = ""):
-        start = time.perf_counter()
-        try:
-            return compute(*collections, label=label)
-        finally:
-            seconds[label or "compute"] = round(seconds.get(label or "compute", 0.0) + time.perf_counter() - start, 3)
-
-    return timed
+    click.get_current_context().meta.setdefault(STAGE_SECONDS, {}).update(outcome.seconds)
+    return outcome.value
 
 
 def _done(message: str, command: str, status: str, outputs: list, **counts) -> None:
-    """What a command did: the human line, or with --json one JSON object on stdout (command,
-    status, outputs, counts and seconds per stage)."""
-    context = click.get_current_context()
-    if not context.meta.get(AS_JSON):
-        click.echo(message)
-        return
-    click.echo(json.dumps({"command": command, "status": status, "outputs": [str(path) for path in outputs if path],
-                           **counts, "seconds": context.meta.get(STAGE_SECONDS, {})}))
+    """`_finish` for a command run with `_run`."""
+    seconds = click.get_current_context().meta.get(STAGE_SECONDS, {})
+    _finish(_Counted(command=command, status=status, outputs=[str(path) for path in outputs if path], seconds=seconds,
+                     counted=counts), lambda _: message)
+
+
+@dataclass(kw_only=True)
+class _Counted(api.Result):
+    """An `api.Result` with the counts a `_run` command reports."""
+
+    counted: dict = field(default_factory=dict)
+
+    def counts(self) -> dict:
+        return self.counted
 
 
 STAGE_SECONDS, AS_JSON = "ensir_flow.stage_seconds", "ensir_flow.json"
@@ -167,6 +178,14 @@ def _keep_progress_interval(ctx, _param, value):
     return value
 
 
+DASHBOARD_ADDRESS = "ensir_flow.dashboard_address"
+
+
+def _keep_dashboard_address(ctx, _param, value):
+    ctx.meta[DASHBOARD_ADDRESS] = None if value.lower() == "none" else value
+    return value
+
+
 def run_options(writes: bool = True):
     """Options every command shares."""
 
@@ -185,6 +204,11 @@ def run_options(writes: bool = True):
                                help="When stderr is not a terminal (logs), progress is plain timestamped lines, at most "
                                     "one per stage this often, plus each stage's start and end.")(command)
         command = click.option("--dry-run", is_flag=True, help="Show what would be read, computed and written; do nothing.")(command)
+        command = click.option("--dashboard-address", default=DEFAULT_DASHBOARD_ADDRESS, show_default=True, metavar="[HOST]:PORT",
+                               envvar=DASHBOARD_ADDRESS_ENV, expose_value=False, callback=_keep_dashboard_address,
+                               help="With --scheduler local: where the cluster serves its Dask dashboard, whose link is "
+                                    "printed on stderr; a port already taken falls back to a free one; ':0' any free "
+                                    f"port, 'none' no dashboard. Default from ${DASHBOARD_ADDRESS_ENV}.")(command)
         if writes:
             command = click.option("--overwrite", is_flag=True, help="Replace existing outputs (atomically, once the new one is complete).")(command)
             command = json_option(command)
@@ -197,18 +221,6 @@ quiet_option = click.option("--no-progress", "no_progress", is_flag=True,
                             help="Accepted for scripts that pass it to every command; this one shows no progress bar.")
 
 
-def _shrinkage(value: str) -> float | None:
-    if value == "auto":
-        return None
-    try:
-        strength = float(value)
-    except ValueError:
-        strength = -1.0
-    if not strength >= 0:
-        raise click.BadParameter(f"{value!r} is neither 'auto' nor a non-negative number", param_hint="--shrinkage")
-    return strength
-
-
 device_option = click.option(
     "--device", type=click.Choice(DEVICES), default="auto", show_default=True,
     help="Where kernels run: cpu (numba), cuda (torch), auto (each worker's GPU if it has one). Same bits either way.")
@@ -219,21 +231,22 @@ compression_option = click.option(
     help="Compressor of the pixel arrays written: lz4 is fast to read and write, zstd smaller (archives), none neither.")
 
 
-def _load_config(ctx, _param, path):
-    """Turn a YAML task config into per-command option defaults."""
-    if path is None:
+def _load_config(ctx, _param, name_or_path):
+    """Turn a YAML task config (a file, or the name of an installed one) into per-command option defaults."""
+    if name_or_path is None:
         return None
     try:
-        ctx.default_map = command_defaults(load_config(path))
+        ctx.default_map = command_defaults(load_config(name_or_path))
     except InputError as error:
         raise click.BadParameter(str(error)) from None
-    return path
+    return name_or_path
 
 
 @click.group(cls=_Group)
 @click.version_option(ensir_flow.__version__, prog_name="ensir-flow")
-@click.option("--config", type=click.Path(exists=True, dir_okay=False), callback=_load_config, is_eager=True,
-              expose_value=False, help="YAML task config (models, bin_width, solver, metrics); options override it.")
+@click.option("--config", metavar="NAME|PATH", callback=_load_config, is_eager=True, expose_value=False,
+              help="Task config (models, bin_width, solver, metrics): the name of an installed one (`ensir-flow "
+                   "configs` lists them) or a YAML file; options override it.")
 def main():
     """EnsIR ensembles of image-restoration models, from image folders to ensembled datasets.
 
@@ -260,31 +273,22 @@ def main():
 def ingest(source_dir, store, models, chunk_pixels, append, compression, scheduler, worker_timeout, no_progress, dry_run,
            overwrite):
     """Read SOURCE_DIR (gt/, lq/, one folder per model) into the Zarr store STORE."""
-    from ensir_flow.pipelines.ingest import plan_append, plan_ingest
+    context = click.get_current_context()
+    # with --append, only what the command line gives reaches the API (which refuses it there)
+    given = {name: value for name, value in (("chunk_pixels", chunk_pixels), ("compression", compression))
+             if not append or context.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    result = api.ingest(source_dir, store, models=models or None, append=append, overwrite=overwrite, **given,
+                        **_run_options(scheduler, worker_timeout, no_progress, dry_run))
 
-    model_list = [m.strip() for m in models.split(",") if m.strip()] if models else None
-    if append:
-        context = click.get_current_context()
-        fixed = [f"--{name.replace('_', '-')}" for name in ("chunk_pixels", "compression")
-                 if context.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
-        if fixed:
-            raise click.UsageError(f"{' and '.join(fixed)}: not with --append, which keeps the store's chunks and compression")
-        added = _run(lambda: plan_append(source_dir, store, model_list), scheduler=scheduler, progress=not no_progress,
-                     dry_run=dry_run, worker_timeout=worker_timeout, locations=(store,))
-        if added is not None:
-            _done(f"appended {added} new image(s) to {store}" if added else f"{store}: no new images in {source_dir}: nothing to do",
-                  "ingest", "updated" if added else "unchanged", [store], images_added=added)
-        return
-    result = _run(lambda: plan_ingest(source_dir, store, model_list, chunk_pixels, overwrite, compression),
-                  scheduler=scheduler, progress=not no_progress, dry_run=dry_run, worker_timeout=worker_timeout,
-                  locations=(store,))
-    if result is not None:
-        ds = result.dataset
+    def message(result: api.Ingested) -> str:
+        if append:
+            return (f"appended {result.images_added} new image(s) to {store}" if result.images_added
+                    else f"{store}: no new images in {source_dir}: nothing to do")
         done = {"written": f"wrote {store}", "unchanged": f"{store} already holds these images: nothing to do",
                 "resumed": f"resumed {store}: {result.chunks_written} of {result.chunks_total} chunks were missing"}[result.status]
-        _done(f"{done} ({ds.sizes['image']} images, {ds.sizes['pixel']:,} pixels, models {', '.join(ds.attrs['models'])})",
-              "ingest", result.status, [store], images=ds.sizes["image"], pixels=ds.sizes["pixel"],
-              chunks_total=result.chunks_total, chunks_written=result.chunks_written)
+        return f"{done} ({result.images} images, {result.pixels:,} pixels, models {', '.join(result.models)})"
+
+    _finish(result, message)
 
 
 def _model_files(values: tuple[str, ...]):
@@ -389,16 +393,9 @@ def predict(source_dir, store, model_specs, device, tile, overlap, batch, scale,
 @run_options()
 def fit(store, lut, bin_width, solver, shrinkage, device, scheduler, worker_timeout, no_progress, dry_run, overwrite):
     """Fit an EnsIR LUT on the reference STORE (with ground truth) and write it to LUT."""
-    from ensir_flow.pipelines.fit import plan_fit
-
-    strength = _shrinkage(shrinkage)
-    table = _run(lambda: plan_fit(store, lut, bin_width, solver, device, overwrite, strength),
-                 scheduler=scheduler, progress=not no_progress, dry_run=dry_run, worker_timeout=worker_timeout,
-                 locations=(store, lut))
-    if table is not None:
-        filled = int((table.count > 0).sum())
-        _done(f"wrote {lut}: {table.weights.shape[0]:,} bins x {table.n_channels} channels, {filled:,} cells with reference pixels",
-              "fit", "written", [lut], bins=table.weights.shape[0], channels=table.n_channels, filled_cells=filled)
+    result = api.fit(store, lut, bin_width=bin_width, solver=solver, shrinkage=shrinkage, device=device, overwrite=overwrite,
+                     **_run_options(scheduler, worker_timeout, no_progress, dry_run))
+    _finish(result, lambda r: f"wrote {lut}: {r.bins:,} bins x {r.channels} channels, {r.filled_cells:,} cells with reference pixels")
 
 
 @main.command()
@@ -411,19 +408,17 @@ def fit(store, lut, bin_width, solver, shrinkage, device, scheduler, worker_time
 @run_options()
 def apply(store, lut, output, export_dir, device, compression, scheduler, worker_timeout, no_progress, dry_run, overwrite):
     """Blend every image of STORE with LUT into the new store OUTPUT."""
-    from ensir_flow.pipelines.apply import plan_apply
+    result = api.apply(store, lut, output, export_dir=export_dir, device=device, compression=compression, overwrite=overwrite,
+                       **_run_options(scheduler, worker_timeout, no_progress, dry_run))
 
-    result = _run(lambda: plan_apply(store, lut, output, export_dir, overwrite, device, compression),
-                  scheduler=scheduler, progress=not no_progress, dry_run=dry_run, worker_timeout=worker_timeout,
-                  locations=(store, lut, output, export_dir))
-    if result is not None:
+    def message(result: api.Applied) -> str:
         done = {"written": f"wrote {output}", "unchanged": f"{output} is already complete: nothing to do",
                 "resumed": f"resumed {output}: {result.chunks_computed} of {result.chunks_total} chunks were missing",
                 "updated": f"updated {output}: {result.images_added} new image(s), {result.chunks_computed} of "
                            f"{result.chunks_total} chunks computed"}
-        _done(done[result.status] + f" ({result.output.sizes['image']} images)" + (f"; PNGs in {export_dir}" if export_dir else ""),
-              "apply", result.status, [output, export_dir], images=result.output.sizes["image"],
-              images_added=result.images_added, chunks_total=result.chunks_total, chunks_computed=result.chunks_computed)
+        return done[result.status] + f" ({result.images} images)" + (f"; PNGs in {export_dir}" if export_dir else "")
+
+    _finish(result, message)
 
 
 @main.command()
@@ -446,42 +441,15 @@ def apply(store, lut, output, export_dir, device, compression, scheduler, worker
 def evaluate(store, ensemble_store, folds, solvers, bin_widths, as_json, y_channel, crop_border, report_dir, lut_path,
              device, scheduler, worker_timeout, no_progress, dry_run):
     """PSNR/SSIM of every model, the average, ZZPM and the ensemble against STORE's ground truth."""
-    from ensir_flow.pipelines.evaluate import plan_cross_validation, plan_evaluate
-
-    if folds is None:
-        factory = lambda: plan_evaluate(store, ensemble_store, y_channel, crop_border)  # noqa: E731
-    else:
-        if ensemble_store is not None:
-            raise click.UsageError("--ensemble scores a fixed output; --cv fits its own LUTs: use one or the other")
-        names = [s.strip() for s in solvers.split(",") if s.strip() not in ("", "average", "zzpm")]  # always reported
-        try:
-            for name in names:
-                check_solver(name)
-        except InputError as error:
-            raise click.BadParameter(str(error), param_hint="--solvers") from None
-        if not names:
-            raise click.BadParameter("name a solver to fit (average and zzpm are always reported)", param_hint="--solvers")
-        try:
-            widths = [int(w) for w in bin_widths.split(",")]
-        except ValueError:
-            raise click.BadParameter(f"{bin_widths!r} is not a comma-separated list of integers", param_hint="--bin-widths") from None
-        factory = lambda: plan_cross_validation(store, folds, names, widths, y_channel, crop_border, device)  # noqa: E731
-    if report_dir is not None:  # before any work
-        from ensir_flow.pipelines.report import check_report_target
-
-        check_report_target(report_dir)
-    result = _run(factory, scheduler=scheduler, progress=not no_progress, dry_run=dry_run, worker_timeout=worker_timeout,
-                  locations=(store, ensemble_store))
-    if result is None:
+    result = api.evaluate(store, ensemble=ensemble_store, cv=folds, solvers=solvers, bin_widths=bin_widths, y_channel=y_channel,
+                          crop_border=crop_border, report=report_dir, lut=lut_path, device=device,
+                          **_run_options(scheduler, worker_timeout, no_progress, dry_run))
+    if result.plan is not None:
+        click.echo(result.plan)
         return
-    seconds = click.get_current_context().meta.get(STAGE_SECONDS, {})
-    click.echo(json.dumps({"command": "evaluate", "status": "scored", **result.to_json(), "seconds": seconds}) if as_json
-               else result.table())
-    if report_dir is not None:
-        from ensir_flow.pipelines.report import write_report
-
-        page = write_report(report_dir, result.to_json(), store, ensemble_store, lut_path)
-        click.echo(f"report: {page}", err=as_json)
+    click.echo(json.dumps(result.to_json()) if as_json else result.text)
+    if result.report is not None:
+        click.echo(f"report: {result.report}", err=as_json)
 
 
 @main.command()
@@ -490,9 +458,9 @@ def evaluate(store, ensemble_store, folds, solvers, bin_widths, as_json, y_chann
 @quiet_option
 def info(path, as_json, no_progress):
     """What the store or LUT at PATH holds and what made it (provenance)."""
-    from ensir_flow.pipelines.info import describe, format_description
+    from ensir_flow.pipelines.info import format_description
 
-    summary = describe(path)
+    summary = api.info(path)
     click.echo(json.dumps(summary, default=str) if as_json else format_description(summary))
 
 
@@ -511,11 +479,10 @@ def lut():
 @quiet_option
 def lut_import(source, output, models, bin_width, overwrite, no_progress):
     """Convert a LUT published with the paper's code (SOURCE .pth) to a LUT store; code in the file is never run."""
-    from ensir_flow.pipelines.interchange import import_paper_lut
-
-    table = import_paper_lut(source, output, [m.strip() for m in models.split(",")], bin_width, overwrite)
-    _done(f"wrote {output}: {table.weights.shape[0]:,} bins x {table.n_channels} channels for {', '.join(table.models)}",
-          "lut import", "written", [output], bins=table.weights.shape[0], channels=table.n_channels)
+    result = api.import_lut(source, output, models=models, bin_width=bin_width, overwrite=overwrite)
+    table = result.lut
+    _finish(result, lambda _: f"wrote {output}: {table.n_bins:,} bins x {table.n_channels} channels for "
+                              f"{', '.join(table.models)}")
 
 
 @lut.command("export")
@@ -526,10 +493,7 @@ def lut_import(source, output, models, bin_width, overwrite, no_progress):
 @quiet_option
 def lut_export(lut_path, output, overwrite, no_progress):
     """Write LUT as OUTPUT.npz or OUTPUT.json (weights, counts, models, bin width, bin-index rule)."""
-    from ensir_flow.pipelines.interchange import export_lut
-
-    export_lut(lut_path, output, overwrite)
-    _done(f"wrote {output}", "lut export", "written", [output])
+    _finish(api.export_lut(lut_path, output, overwrite=overwrite), lambda _: f"wrote {output}")
 
 
 @main.command()
@@ -537,12 +501,16 @@ def lut_export(lut_path, output, overwrite, no_progress):
 @run_options()
 def demo(directory, scheduler, worker_timeout, no_progress, dry_run, overwrite):
     """Build the embedded demo corpus in DIRECTORY and run ingest, fit, apply, evaluate on it."""
-    from ensir_flow.pipelines.demo import plan_demo
+    result = api.demo(directory, overwrite=overwrite, **_run_options(scheduler, worker_timeout, no_progress, dry_run))
+    _finish(result, lambda r: r.summary)
 
-    result = _run(lambda: plan_demo(directory, overwrite), scheduler=scheduler, progress=not no_progress, dry_run=dry_run,
-                  worker_timeout=worker_timeout, locations=(directory,))
-    if result is not None:
-        _done(result, "demo", "written", [directory])
+
+@main.command()
+@quiet_option
+def configs(no_progress):
+    """List the task configs installed with ensir-flow, for `--config NAME`."""
+    for name, path in installed_configs().items():
+        click.echo(f"{name}: {config_summary(path)}\n  {path}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,549 @@
+"""ensir-flow's Python API: the functions the command line itself calls, for notebooks and scripts.
+
+    import ensir_flow
+
+    ensir_flow.ingest("corpus/", "ref.zarr")
+    ensir_flow.fit("ref.zarr", "lut.zarr", bin_width=32)
+    ensir_flow.apply("ref.zarr", "lut.zarr", "out.zarr")
+    scores = ensir_flow.evaluate("ref.zarr", ensemble="out.zarr").table   # a pandas DataFrame
+    ds = ensir_flow.open_store("out.zarr")                                # an xarray Dataset
+    first = ensir_flow.image(ds, 0)                                       # (H, W, C) uint8
+
+Each command takes the options of its CLI command as keyword arguments, with the same defaults
+and the same refusals (`--bin-width` is `bin_width=`), and returns a small result object: its
+status (`written`, `updated`, `resumed`, `unchanged`, `scored`, or `planned` for `dry_run=True`),
+what it wrote, its counts and the seconds per stage; `to_json()` is the CLI's `--json` object.
+
+Where the work runs (`RunOptions`): on `client=` when given; else on the active
+`dask.distributed.Client` when there is one (as other Dask code in a notebook does); else on
+`scheduler=` ('threads', 'local', tcp://host:port or a scheduler file), by default
+$ENSIR_FLOW_SCHEDULER or 'local', a cluster sized to this machine, started for the call (its
+dashboard link is printed on stderr).
+
+Bad input raises `errors.InputError` (one line naming the file and the problem), a retryable
+failure `errors.TransientError`, conflicting options `UsageError`; nothing is then half-written.
+"""
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypedDict, Unpack
+
+import numpy as np
+import xarray as xr
+
+from . import schema
+from .binning import DEFAULT_BIN_WIDTH
+from .errors import InputError
+from .lut import DEFAULT_SOLVER, Lut, check_solver
+
+#: Solvers `evaluate` always reports without fitting them (so `solvers=` need not name them).
+ALWAYS_REPORTED = ("average", "zzpm")
+
+
+class UsageError(ValueError):
+    """Options that cannot go together or a malformed value (the CLI's exit 2); `option` names
+    the CLI option at fault, when one is."""
+
+    def __init__(self, message: str, option: str | None = None):
+        super().__init__(message)
+        self.option = option
+
+
+class RunOptions(TypedDict, total=False):
+    """Where and how a command runs: the CLI's shared options.
+
+    scheduler: 'threads', 'local', tcp://host:port or a scheduler file (`--scheduler`); default:
+        the active distributed Client, else $ENSIR_FLOW_SCHEDULER, else 'local'.
+    client: a `distributed.Client` to run on (wins over `scheduler`).
+    progress: True a progress bar on stderr, a number of seconds plain timestamped lines at most
+        that often (for logs), False none (`--no-progress`). Default True.
+    worker_timeout: on a cluster, give up (TransientError) when no worker has been connected for
+        this many seconds; 0 or None: wait for ever (`--worker-timeout`, default 600).
+    dashboard_address: where a local cluster serves its Dask dashboard (`--dashboard-address`,
+        default 127.0.0.1:8787, another free port when taken; None: no dashboard).
+    dry_run: describe what would be read, computed and written, and do nothing (`--dry-run`).
+    """
+
+    scheduler: str | None
+    client: Any
+    progress: bool | float
+    worker_timeout: float | None
+    dashboard_address: str | None
+    dry_run: bool
+
+
+@dataclass(kw_only=True)
+class Result:
+    """What a command did: `status`, the paths it wrote (`outputs`), seconds per stage, and for
+    `dry_run=True` the description of what it would do (`plan`, status 'planned')."""
+
+    command: str
+    status: str
+    outputs: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    plan: str | None = None
+
+    def counts(self) -> dict[str, Any]:
+        """The command's counts, as `--json` reports them."""
+        return {}
+
+    def to_json(self) -> dict[str, Any]:
+        """The CLI's `--json` object: command, status, outputs, counts, seconds per stage."""
+        if self.plan is not None:
+            return {"command": self.command, "status": self.status, "outputs": self.outputs, "plan": self.plan}
+        return {"command": self.command, "status": self.status, "outputs": self.outputs, **self.counts(),
+                "seconds": self.seconds}
+
+
+@dataclass(kw_only=True)
+class Ingested(Result):
+    """`ingest`: the store (`dataset`, lazy), its images, pixels and models; the chunks written
+    (fewer than `chunks_total` when a killed run was resumed); for `append=True`, `images_added`."""
+
+    dataset: xr.Dataset | None = field(default=None, repr=False)
+    images: int = 0
+    pixels: int = 0
+    models: list[str] = field(default_factory=list)
+    chunks_total: int = 0
+    chunks_written: int = 0
+    images_added: int | None = None
+
+    def counts(self) -> dict[str, Any]:
+        if self.images_added is not None:
+            return {"images_added": self.images_added}
+        return {"images": self.images, "pixels": self.pixels, "chunks_total": self.chunks_total,
+                "chunks_written": self.chunks_written}
+
+
+@dataclass(kw_only=True)
+class Fitted(Result):
+    """`fit`: the LUT written (`lut`), its bins, channels and cells that had reference pixels."""
+
+    lut: Lut | None = field(default=None, repr=False)
+    bins: int = 0
+    channels: int = 0
+    filled_cells: int = 0
+
+    def counts(self) -> dict[str, Any]:
+        return {"bins": self.bins, "channels": self.channels, "filled_cells": self.filled_cells}
+
+
+@dataclass(kw_only=True)
+class Applied(Result):
+    """`apply`: the output store (`dataset`, lazy), its images, the new ones of an update, and the
+    chunks computed of the total."""
+
+    dataset: xr.Dataset | None = field(default=None, repr=False)
+    images: int = 0
+    images_added: int = 0
+    chunks_total: int = 0
+    chunks_computed: int = 0
+
+    def counts(self) -> dict[str, Any]:
+        return {"images": self.images, "images_added": self.images_added, "chunks_total": self.chunks_total,
+                "chunks_computed": self.chunks_computed}
+
+
+@dataclass(kw_only=True)
+class Evaluated(Result):
+    """`evaluate`: the scores (`evaluation`), as tables (`table`: mean PSNR/SSIM per method;
+    `per_image`: one row per image and method), as the CLI's text (`text`), and the report page
+    written, if any (`report`)."""
+
+    evaluation: Any = field(default=None, repr=False)
+    report: str | None = None
+
+    @property
+    def table(self):
+        """Mean PSNR (dB) and SSIM per method (models, average, zzpm, ensemble or fitted solvers):
+        a pandas DataFrame indexed by method."""
+        import pandas as pd
+
+        psnr, ssim = self.evaluation.means("psnr"), self.evaluation.means("ssim")
+        return pd.DataFrame({"psnr": psnr, "ssim": ssim}).rename_axis("method")
+
+    @property
+    def per_image(self):
+        """PSNR and SSIM per image and method (and the held-out fold under cross-validation): a
+        pandas DataFrame with an (image, method) index."""
+        import pandas as pd
+
+        folds = self.evaluation.fold_of_image or [None] * len(self.evaluation.images)
+        rows = [{"image": stem, "method": method, "psnr": scores["psnr"][method], "ssim": scores["ssim"][method],
+                 **({"fold": fold} if fold is not None else {})}
+                for stem, scores, fold in zip(self.evaluation.images, self.evaluation.per_image, folds)
+                for method in scores["psnr"]]
+        return pd.DataFrame(rows).set_index(["image", "method"])
+
+    @property
+    def text(self) -> str:
+        """The table the CLI prints."""
+        return self.evaluation.table()
+
+    def to_json(self) -> dict[str, Any]:
+        if self.plan is not None:
+            return super().to_json()
+        return {"command": self.command, "status": self.status, **self.evaluation.to_json(), "seconds": self.seconds}
+
+
+@dataclass(kw_only=True)
+class Exported(Result):
+    """`export`: one PNG per image written to `directory`."""
+
+    directory: str = ""
+    images: int = 0
+
+    def counts(self) -> dict[str, Any]:
+        return {"images": self.images}
+
+
+@dataclass(kw_only=True)
+class LutWritten(Result):
+    """`import_lut`, `export_lut`: the LUT converted (`lut`), with its bins and channels."""
+
+    lut: Lut | None = field(default=None, repr=False)
+
+    def counts(self) -> dict[str, Any]:
+        if self.command == "lut export":
+            return {}
+        return {"bins": self.lut.n_bins, "channels": self.lut.n_channels}
+
+
+@dataclass(kw_only=True)
+class Demo(Result):
+    """`demo`: the summary the demo prints (the held-out table and the cross-validation)."""
+
+    summary: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Where plans run
+
+
+def _active_client():
+    """The distributed Client this process made current (`Client()` in a notebook), if any."""
+    try:
+        from distributed import default_client
+    except ImportError:
+        return None
+    try:
+        return default_client()
+    except ValueError:
+        return None
+
+
+def _where(run: RunOptions) -> tuple[Any, str | None]:
+    """(client, None) to run on a Client (`client=`, else with no `scheduler=` the active one),
+    else (None, scheduler): `scheduler=`, $ENSIR_FLOW_SCHEDULER or 'local'."""
+    from .pipelines.executor import SCHEDULER_ENV
+
+    client = run.get("client")
+    if client is None and run.get("scheduler") is None:
+        client = _active_client()
+    if client is not None:
+        return client, None
+    return None, run.get("scheduler") or os.environ.get(SCHEDULER_ENV, "local")
+
+
+@contextlib.contextmanager
+def _compute(run: RunOptions) -> Iterator:
+    """The `Compute` a command runs its plan with (see `RunOptions` for the choice)."""
+    from .pipelines.executor import DEFAULT_DASHBOARD_ADDRESS, DEFAULT_WORKER_TIMEOUT, check_workers, compute_function, session
+
+    progress = run.get("progress", True)
+    worker_timeout = run.get("worker_timeout", DEFAULT_WORKER_TIMEOUT) or None
+    client, scheduler = _where(run)
+    if client is not None:
+        address = client.scheduler.address
+        check_workers(client, address, worker_timeout)
+        yield compute_function(client, progress, worker_timeout, address)
+        return
+    with session(scheduler, progress, worker_timeout, run.get("dashboard_address", DEFAULT_DASHBOARD_ADDRESS)) as compute:
+        yield compute
+
+
+def _timed(compute, seconds: dict):
+    """`compute`, adding each labelled call's wall time to `seconds` (by label: the stages of --json)."""
+
+    def timed(*collections, label: str = ""):
+        start = time.perf_counter()
+        try:
+            return compute(*collections, label=label)
+        finally:
+            seconds[label or "compute"] = round(seconds.get(label or "compute", 0.0) + time.perf_counter() - start, 3)
+
+    return timed
+
+
+def _refuse_memory_on_a_cluster(locations, run: RunOptions) -> None:
+    """A memory:// store exists in one process only: workers of a cluster would write it where
+    nobody reads it back, so it is refused unless the run is on this process's threads."""
+    in_memory = [str(path) for path in locations if path is not None and str(path).startswith("memory://")]
+    if in_memory and _where(run)[1] != "threads":
+        raise UsageError(f"{in_memory[0]}: memory:// exists in this process only; use --scheduler threads with it "
+                         "(scheduler='threads' in Python)")
+
+
+@dataclass
+class Outcome:
+    """A plan's return value, its seconds per stage, and its description when it was only planned."""
+
+    value: Any
+    seconds: dict
+    plan: str | None
+
+
+def run_plan(plan_factory, locations: Sequence, run: RunOptions) -> Outcome:
+    """Build the plan (which validates the inputs), then describe it (`dry_run`) or run it where
+    `run` says. Every command runs its pipeline through here. `locations`: the stores and folders
+    it reads or writes (None for an option not given)."""
+    _refuse_memory_on_a_cluster(locations, run)
+    plan = plan_factory()
+    if run.get("dry_run"):
+        return Outcome(None, {}, plan.describe())
+    seconds: dict[str, float] = {}
+    with _compute(run) as compute:
+        return Outcome(plan.run(_timed(compute, seconds)), seconds, None)
+
+
+def _names(value: str | Sequence[str] | None) -> list[str] | None:
+    """A list of names from a comma-separated string (the CLI's form) or a sequence."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else value
+    return [str(item).strip() for item in items if str(item).strip()]
+
+
+def _written(paths) -> list[str]:
+    return [str(path) for path in paths if path is not None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+def ingest(source_dir, store, *, models: str | Sequence[str] | None = None, chunk_pixels: int | None = None,
+           append: bool = False, compression: str | None = None, overwrite: bool = False,
+           **run: Unpack[RunOptions]) -> Ingested:
+    """Read the corpus folder `source_dir` (gt/, lq/, one folder per model) into the Zarr store
+    `store` (`ensir-flow ingest`).
+
+    `models`: the model folders in LUT order (default: sorted folder names); `chunk_pixels`
+    (default 2 Mpx) and `compression` ('lz4' default, 'zstd', 'none'); `append=True` adds the
+    images the store lacks, keeping its chunks and compression (so neither may be given).
+    """
+    from .pipelines.ingest import plan_append, plan_ingest
+
+    model_list = _names(models)
+    if append:
+        fixed = [f"--{name.replace('_', '-')}" for name, value in (("chunk_pixels", chunk_pixels), ("compression", compression))
+                 if value is not None]
+        if fixed:
+            raise UsageError(f"{' and '.join(fixed)}: not with --append, which keeps the store's chunks and compression")
+        outcome = run_plan(lambda: plan_append(source_dir, str(store), model_list), (store,), run)
+        added = outcome.value
+        status = "planned" if outcome.plan else "updated" if added else "unchanged"
+        return Ingested(command="ingest", status=status, outputs=_written([store]), seconds=outcome.seconds,
+                        plan=outcome.plan, images_added=added)
+    outcome = run_plan(lambda: plan_ingest(source_dir, str(store), model_list, chunk_pixels or schema.DEFAULT_CHUNK_PIXELS,
+                                       overwrite, compression or schema.DEFAULT_COMPRESSION), (store,), run)
+    if outcome.plan is not None:
+        return Ingested(command="ingest", status="planned", outputs=_written([store]), plan=outcome.plan)
+    result, ds = outcome.value, outcome.value.dataset
+    return Ingested(command="ingest", status=result.status, outputs=_written([store]), seconds=outcome.seconds,
+                    dataset=ds, images=ds.sizes["image"], pixels=ds.sizes["pixel"], models=list(ds.attrs["models"]),
+                    chunks_total=result.chunks_total, chunks_written=result.chunks_written)
+
+
+def _shrinkage_strength(shrinkage) -> float | None:
+    """None for 'auto' (chosen by cross-validation), else the non-negative strength."""
+    if shrinkage is None or shrinkage == "auto":
+        return None
+    try:
+        strength = float(shrinkage)
+    except (TypeError, ValueError):
+        strength = -1.0
+    if not strength >= 0:
+        raise UsageError(f"{shrinkage!r} is neither 'auto' nor a non-negative number", option="--shrinkage")
+    return strength
+
+
+def fit(store, lut, *, bin_width: int = DEFAULT_BIN_WIDTH, solver: str = DEFAULT_SOLVER, shrinkage: str | float = "auto",
+        device: str = "auto", overwrite: bool = False, **run: Unpack[RunOptions]) -> Fitted:
+    """Fit an EnsIR LUT on the reference store `store` (with ground truth) and write it to `lut`
+    (`ensir-flow fit`): `solver` 'em' (the paper's), 'lsq', 'average' or 'zzpm'; `shrinkage` for
+    lsq ('auto': by cross-validation); `device` 'auto', 'cpu' or 'cuda'."""
+    from .pipelines.fit import plan_fit
+
+    strength = _shrinkage_strength(shrinkage)
+    outcome = run_plan(lambda: plan_fit(str(store), str(lut), bin_width, solver, device, overwrite, strength), (store, lut), run)
+    if outcome.plan is not None:
+        return Fitted(command="fit", status="planned", outputs=_written([lut]), plan=outcome.plan)
+    table = outcome.value
+    return Fitted(command="fit", status="written", outputs=_written([lut]), seconds=outcome.seconds, lut=table,
+                  bins=table.n_bins, channels=table.n_channels, filled_cells=table.filled_cells)
+
+
+def apply(store, lut, output, *, export_dir=None, device: str = "auto", compression: str = schema.DEFAULT_COMPRESSION,
+          overwrite: bool = False, **run: Unpack[RunOptions]) -> Applied:
+    """Blend every image of `store` with `lut` into the new store `output` (`ensir-flow apply`),
+    and with `export_dir` also write one lossless PNG per image there. An `output` made with the
+    same LUT before `store` grew (`ingest(append=True)`) is updated in place."""
+    from .pipelines.apply import plan_apply
+
+    outputs = _written([output, export_dir])
+    outcome = run_plan(lambda: plan_apply(str(store), str(lut), str(output), None if export_dir is None else str(export_dir),
+                                      overwrite, device, compression), (store, lut, output, export_dir), run)
+    if outcome.plan is not None:
+        return Applied(command="apply", status="planned", outputs=outputs, plan=outcome.plan)
+    result = outcome.value
+    return Applied(command="apply", status=result.status, outputs=outputs, seconds=outcome.seconds, dataset=result.output,
+                   images=result.output.sizes["image"], images_added=result.images_added,
+                   chunks_total=result.chunks_total, chunks_computed=result.chunks_computed)
+
+
+def _bin_widths(value) -> list[int]:
+    """Bin widths from '16,32' (the CLI's form), an integer or a sequence of integers."""
+    try:
+        if isinstance(value, str):
+            return [int(width) for width in value.split(",")]
+        return [int(width) for width in ([value] if isinstance(value, (int, np.integer)) else value)]
+    except (TypeError, ValueError):
+        raise UsageError(f"{value!r} is not a comma-separated list of integers", option="--bin-widths") from None
+
+
+def _fitted_solvers(solvers) -> list[str]:
+    """The solvers cross-validation fits (average and zzpm are always reported, never fitted)."""
+    names = [name for name in _names(solvers) or [] if name not in ALWAYS_REPORTED]
+    try:
+        for name in names:
+            check_solver(name)
+    except InputError as error:
+        raise UsageError(str(error), option="--solvers") from None
+    if not names:
+        raise UsageError("name a solver to fit (average and zzpm are always reported)", option="--solvers")
+    return names
+
+
+def evaluate(store, *, ensemble=None, cv: int | None = None, solvers: str | Sequence[str] = "em,lsq",
+             bin_widths: str | int | Sequence[int] = DEFAULT_BIN_WIDTH, y_channel: bool = False, crop_border: int = 0,
+             report=None, lut=None, device: str = "auto", **run: Unpack[RunOptions]) -> Evaluated:
+    """PSNR/SSIM of every model, the average, ZZPM and the `ensemble` store (an `apply` output)
+    against `store`'s ground truth (`ensir-flow evaluate`).
+
+    `cv=N`: N-fold cross-validation by image of the `solvers` at the `bin_widths` instead (not
+    with `ensemble`). `y_channel`: score the BT.601 luma; `crop_border`: pixels cropped per side.
+    `report`: also write the HTML report into that folder (`lut`: the LUT drawn there).
+    """
+    from .pipelines.evaluate import plan_cross_validation, plan_evaluate
+
+    if cv is None:
+        factory = lambda: plan_evaluate(str(store), None if ensemble is None else str(ensemble), y_channel, crop_border)  # noqa: E731
+    else:
+        if ensemble is not None:
+            raise UsageError("--ensemble scores a fixed output; --cv fits its own LUTs: use one or the other")
+        if cv < 2:
+            raise UsageError(f"{cv} is not a number of folds (at least 2)", option="--cv")
+        names, widths = _fitted_solvers(solvers), _bin_widths(bin_widths)
+        factory = lambda: plan_cross_validation(str(store), cv, names, widths, y_channel, crop_border, device)  # noqa: E731
+    if report is not None:  # before any work
+        from .pipelines.report import check_report_target
+
+        check_report_target(report)
+    outcome = run_plan(factory, (store, ensemble), run)
+    if outcome.plan is not None:
+        return Evaluated(command="evaluate", status="planned", plan=outcome.plan)
+    page = None
+    if report is not None:
+        from .pipelines.report import write_report
+
+        page = str(write_report(report, outcome.value.to_json(), str(store), None if ensemble is None else str(ensemble),
+                                None if lut is None else str(lut)))
+    return Evaluated(command="evaluate", status="scored", outputs=_written([report]), seconds=outcome.seconds,
+                     evaluation=outcome.value, report=page)
+
+
+def export(store, directory, *, variable: str = schema.ENSEMBLE, overwrite: bool = False,
+           **run: Unpack[RunOptions]) -> Exported:
+    """Write every image of `variable` ('ensemble' of an `apply` output by default, or
+    'ground_truth', 'input') in `store` as a lossless PNG named by its stem into `directory`
+    (what `apply(export_dir=...)` does), staged so that the folder appears complete or not at all."""
+    from .pipelines.export import export as export_pngs
+    from .pipelines.plan import Plan
+    from .pipelines.storage import open_store as open_checked
+
+    def plan():
+        ds = open_checked(str(store))
+        schema.check_store(ds, str(store), require=(variable,))
+        n_images = ds.sizes["image"]
+
+        def execute(compute) -> int:
+            export_pngs(str(store), str(directory), compute, overwrite, variable)
+            return n_images
+
+        return Plan(f"export {n_images} images", {"store": str(store), "variable": variable, "directory": str(directory)},
+                    execute)
+
+    outcome = run_plan(plan, (store, directory), run)
+    if outcome.plan is not None:
+        return Exported(command="export", status="planned", outputs=_written([directory]), plan=outcome.plan)
+    return Exported(command="export", status="written", outputs=_written([directory]), seconds=outcome.seconds,
+                    directory=str(directory), images=outcome.value)
+
+
+def import_lut(source, output, *, models: str | Sequence[str], bin_width: int, overwrite: bool = False) -> LutWritten:
+    """Convert a LUT published with the paper's code (`source`, a .pth; code in it is never run)
+    into the LUT store `output` (`ensir-flow lut import`)."""
+    from .pipelines.interchange import import_paper_lut
+
+    table = import_paper_lut(str(source), str(output), _names(models), bin_width, overwrite)
+    return LutWritten(command="lut import", status="written", outputs=_written([output]), lut=table)
+
+
+def export_lut(lut, output, *, overwrite: bool = False) -> LutWritten:
+    """Write the LUT store `lut` as `output` (.npz or .json: weights, counts, models, bin width,
+    bin-index rule) (`ensir-flow lut export`)."""
+    from .pipelines.interchange import export_lut as write_lut_file
+
+    write_lut_file(str(lut), str(output), overwrite)
+    return LutWritten(command="lut export", status="written", outputs=_written([output]))
+
+
+def demo(directory="demo-run", *, overwrite: bool = False, **run: Unpack[RunOptions]) -> Demo:
+    """Build the embedded demo corpus in `directory` and run ingest, fit, apply and evaluate on it
+    (`ensir-flow demo`)."""
+    from .pipelines.demo import plan_demo
+
+    outcome = run_plan(lambda: plan_demo(directory, overwrite), (directory,), run)
+    status = "planned" if outcome.plan is not None else "written"
+    return Demo(command="demo", status=status, outputs=_written([directory]), seconds=outcome.seconds, plan=outcome.plan,
+                summary=outcome.value or "")
+
+
+def info(path) -> dict:
+    """What the store or LUT at `path` holds and what made it (`ensir-flow info --json`)."""
+    from .pipelines.info import describe
+
+    return describe(str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading stores
+
+
+def open_store(path) -> xr.Dataset:
+    """The store (or LUT) at `path` as a lazy xarray Dataset, checked as every command checks it
+    (`schema.check_store`: a store left inconsistent by anyone is refused, naming what is wrong).
+    Read images from it with `image`."""
+    from .pipelines.storage import open_store as open_zarr_store
+
+    ds = open_zarr_store(str(path))
+    if "weights" not in ds:  # a LUT is checked when it is loaded (`Lut.from_dataset`)
+        schema.check_store(ds, str(path), require=())
+    return ds
+
+
+image = schema.image

@@ -5,22 +5,56 @@ model order, as the paper's code does, so that outputs match it to the last bit 
 weights do.
 """
 
+from typing import NamedTuple
+
 import numpy as np
 
 #: Names of the combinations in evaluation results, next to the models' own names.
 AVERAGE, ZZPM, ENSEMBLE = "average", "zzpm", "ensemble"
 
-from .binning import place_tables, place_values
+from .binning import group_place_tables, place_tables, place_values
 from .devices import resolve_device
-from .kernels import blend_into
+from .kernels import blend_hashed_into, blend_into, fill_hash_slots
 
 
-def blend(predictions: np.ndarray, weights: np.ndarray, bin_width: int, device: str = "cpu") -> np.ndarray:
-    """Ensemble of predictions uint8 (K, P, C) with LUT weights (bins, C, K): uint8 (P, C).
+class HashedWeights(NamedTuple):
+    """A sparse LUT as blend tasks take it: the stored bins' key words `keys` (m, W)
+    (`binning.words_of_digits`), an open-addressing hash table `slots` of their rows (-1: free; a
+    power of two at least twice m, so a lookup probes about 1.5 slots), their `weights` (m, C, K)
+    float32, and the `fallback` (C, K) of every other cell. Built once per LUT by `of`; pickles
+    as a few arrays."""
 
-    numba on the CPU; torch on other devices ('auto' resolved where it runs), same bytes.
+    keys: np.ndarray
+    slots: np.ndarray
+    weights: np.ndarray
+    fallback: np.ndarray
+    bin_width: int
+
+    @classmethod
+    def of(cls, keys: np.ndarray, weights: np.ndarray, fallback: np.ndarray, n_models: int, bin_width: int) -> "HashedWeights":
+        """Hash the stored bins' unique key words (m, W) of a LUT of `n_models` at `bin_width`."""
+        slots = np.full(max(8, 1 << (2 * len(keys) - 1).bit_length()), -1, dtype=np.int64)
+        keys = np.ascontiguousarray(keys, dtype=np.int64)
+        fill_hash_slots(keys, slots)
+        return cls(keys, slots, np.ascontiguousarray(weights, dtype=np.float32), np.ascontiguousarray(fallback, dtype=np.float32),
+                   bin_width)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(stored bins, C, K), as a dense table's shape reads."""
+        return self.weights.shape
+
+
+def blend(predictions: np.ndarray, weights, bin_width: int, device: str = "cpu") -> np.ndarray:
+    """Ensemble of predictions uint8 (K, P, C) with LUT weights, dense (bins, C, K) or
+    `HashedWeights` (`lut.Lut.lookup_table` gives one or the other): uint8 (P, C).
+
+    numba on the CPU; dense tables in torch on other devices ('auto' resolved where it runs), same
+    bytes. Hashed tables are always looked up on the CPU.
     """
     predictions = np.ascontiguousarray(predictions, dtype=np.uint8)
+    if isinstance(weights, HashedWeights):
+        return _blend_hashed(predictions, weights)
     weights = np.ascontiguousarray(weights, dtype=np.float32)
     n_models, n_pixels, n_channels = predictions.shape
     if weights.shape[1:] != (n_channels, n_models):
@@ -30,6 +64,17 @@ def blend(predictions: np.ndarray, weights: np.ndarray, bin_width: int, device: 
         return blend_torch(predictions, weights, bin_width, device)
     out = np.empty((n_pixels, n_channels), dtype=np.uint8)
     blend_into(predictions, weights, place_tables(n_models, bin_width), out)
+    return out
+
+
+def _blend_hashed(predictions: np.ndarray, table: HashedWeights) -> np.ndarray:
+    """`blend` with a sparse LUT's `HashedWeights`, on the CPU."""
+    n_models, n_pixels, n_channels = predictions.shape
+    if table.weights.shape[1:] != (n_channels, n_models):
+        raise ValueError(f"weights of shape {table.weights.shape} do not fit predictions of shape {predictions.shape}")
+    places, word_of_model = group_place_tables(n_models, table.bin_width)
+    out = np.empty((n_pixels, n_channels), dtype=np.uint8)
+    blend_hashed_into(predictions, places, word_of_model, table.keys, table.slots, table.weights, table.fallback, out)
     return out
 
 

@@ -34,6 +34,17 @@ def cell_indices(predictions, places):
     return cells
 
 
+@numba.njit(inline="always")
+def store_blend(predictions, table, pixel, channel, out):
+    """out[pixel, channel] = floor(sum_k table[channel, k] * x_k + 0.5) clipped to 0..255, the sum
+    in float32 in model order (the paper's operations); `table` (C, K) is one bin's weights."""
+    acc = np.float32(0.0)
+    for k in range(predictions.shape[0]):
+        acc += table[channel, k] * np.float32(predictions[k, pixel, channel])
+    value = np.floor(acc + np.float32(0.5))
+    out[pixel, channel] = 0 if value < 0 else (255 if value > 255 else np.uint8(value))
+
+
 @numba.njit(nogil=True, cache=True)
 def blend_into(predictions, weights, places, out):
     """out (P, C) = the weighted sum of predictions (K, P, C) with weights (bins, C, K) of each
@@ -41,12 +52,64 @@ def blend_into(predictions, weights, places, out):
     n_pixels, n_channels = predictions.shape[1], predictions.shape[2]
     for p in range(n_pixels):
         for c in range(n_channels):
-            b = flat_bin(predictions, p, c, places)
-            acc = np.float32(0.0)
+            store_blend(predictions, weights[flat_bin(predictions, p, c, places)], p, c, out)
+
+
+@numba.njit(inline="always")
+def hash_slot(words, mask):
+    """First slot (0..mask) of a bin's key words in an open-addressing table (Fibonacci hashing)."""
+    h = np.uint64(0)
+    for i in range(len(words)):
+        h = (h ^ np.uint64(words[i])) * np.uint64(0x9E3779B97F4A7C15)
+    return np.int64(h >> np.uint64(32)) & mask
+
+
+@numba.njit(nogil=True, cache=True)
+def fill_hash_slots(keys, slots):
+    """Put row r of unique key words `keys` (m, W) into `slots` (a power of two, all -1, > m):
+    linear probing from `hash_slot`."""
+    mask = len(slots) - 1
+    for r in range(len(keys)):
+        slot = hash_slot(keys[r], mask)
+        while slots[slot] >= 0:
+            slot = (slot + 1) & mask
+        slots[slot] = r
+
+
+@numba.njit(inline="always")
+def find_row(words, keys, slots, mask):
+    """Row of `keys` equal to `words` through the hash `slots`, or -1."""
+    slot = hash_slot(words, mask)
+    while True:
+        row = slots[slot]
+        if row < 0:
+            return -1
+        same = True
+        for i in range(len(words)):
+            if keys[row, i] != words[i]:
+                same = False
+                break
+        if same:
+            return row
+        slot = (slot + 1) & mask
+
+
+@numba.njit(nogil=True, cache=True)
+def blend_hashed_into(predictions, places, word_of_model, keys, slots, weights, fallback, out):
+    """`blend_into` for a sparse LUT: each pixel-channel's bin key words (model k adds
+    places[k][x_k] to word word_of_model[k], `binning.group_place_tables`) are looked up in the hash
+    `slots` of the stored bins' `keys` (m, W); found, the bin's weights (m, C, K) are used, else the
+    channel's `fallback` (C, K). The sum is `store_blend`'s, so a bin gives the bytes it gives dense."""
+    n_pixels, n_channels = predictions.shape[1], predictions.shape[2]
+    mask = len(slots) - 1
+    words = np.zeros(keys.shape[1], np.int64)
+    for p in range(n_pixels):
+        for c in range(n_channels):
+            words[:] = 0
             for k in range(len(places)):
-                acc += weights[b, c, k] * np.float32(predictions[k, p, c])
-            value = np.floor(acc + np.float32(0.5))
-            out[p, c] = 0 if value < 0 else (255 if value > 255 else np.uint8(value))
+                words[word_of_model[k]] += places[k][predictions[k, p, c]]
+            row = find_row(words, keys, slots, mask)
+            store_blend(predictions, weights[row] if row >= 0 else fallback, p, c, out)
 
 
 @numba.njit(inline="always")

@@ -14,19 +14,32 @@ squared error of a held-out fold is itself computed exactly from that fold's sta
 
 import itertools
 
+import numba
 import numpy as np
 
-from .stats import CellStatistics, merge
+from .stats import CellStatistics, find_rows, merge
 
 SHRINKAGE_GRID = (0.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6)
+#: Up to this K every support is enumerated (2^K - 1 KKT systems, batched: fast for small K, and
+#: the method every LUT of K <= 5 was fitted with); above it, the active-set method.
+ENUMERATION_MAX_MODELS = 5
 
 
 def simplex_least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """argmin over the simplex of w'Aw - 2b'w, for a batch: a (m, K, K), b (m, K) -> (m, K).
 
-    Exact for small K: the optimum is the equality-constrained optimum on its support, so every
-    support (2^K - 1 of them) is solved through its KKT system and the best feasible one kept.
+    Both methods are exact: support enumeration for K <= `ENUMERATION_MAX_MODELS`, else an
+    active-set method (`active_set_simplex_least_squares`).
     """
+    if b.shape[1] > ENUMERATION_MAX_MODELS:
+        return active_set_simplex_least_squares(a, b)
+    return enumerated_simplex_least_squares(a, b)
+
+
+def enumerated_simplex_least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """`simplex_least_squares` by enumeration: the optimum is the equality-constrained optimum on
+    its support, so every support (2^K - 1 of them) is solved through its KKT system and the best
+    feasible one kept."""
     m, k = b.shape
     best = np.full((m, k), 1.0 / k)
     best_objective = np.full(m, np.inf)
@@ -48,6 +61,78 @@ def simplex_least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return best / best.sum(axis=1, keepdims=True)
 
 
+def active_set_simplex_least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """`simplex_least_squares` by a primal active-set method (Lawson-Hanson on the simplex), one
+    cell at a time in numba: cost polynomial in K (about K iterations of a KKT solve), so K = 16
+    is cheap where enumeration would solve 65,535 systems per cell."""
+    a = np.ascontiguousarray(a, dtype=np.float64)
+    b = np.ascontiguousarray(b, dtype=np.float64)
+    out = np.empty(b.shape)
+    _active_set_batch(a, b, out)
+    return out / out.sum(axis=1, keepdims=True)
+
+
+@numba.njit(cache=True)
+def _support_optimum(a, b, support):
+    """Minimiser of w'Aw - 2b'w with sum w = 1 and w = 0 off `support` (its KKT system; pinv for
+    singular cells, as enumeration does)."""
+    index = np.flatnonzero(support)
+    size = len(index)
+    kkt = np.zeros((size + 1, size + 1))
+    rhs = np.zeros(size + 1)
+    for i in range(size):
+        for j in range(size):
+            kkt[i, j] = a[index[i], index[j]]
+        kkt[i, size] = kkt[size, i] = 1.0
+        rhs[i] = b[index[i]]
+    rhs[size] = 1.0
+    solution = np.linalg.pinv(kkt) @ rhs
+    w = np.zeros(len(b))
+    for i in range(size):
+        w[index[i]] = solution[i]
+    return w
+
+
+@numba.njit(cache=True)
+def _active_set_batch(a, b, out):
+    """Each row of out (m, K): the simplex least-squares weights of cell (a[i], b[i])."""
+    m, k = b.shape
+    for cell in range(m):
+        A, rhs = a[cell], b[cell]
+        scale = max(np.abs(np.diag(A)).max(), np.abs(rhs).max(), 1e-300)
+        tolerance = 1e-12 * scale
+        vertex = np.argmin(np.diag(A) - 2 * rhs)  # the best single model: optimal on its own support
+        w = np.zeros(k)
+        w[vertex] = 1.0
+        support = np.zeros(k, np.bool_)
+        support[vertex] = True
+        for _ in range(10 * k):
+            gradient = A @ w - rhs  # half the objective's gradient
+            level = gradient[support].mean()  # equal on the support at its optimum (the multiplier)
+            entering, most = -1, -tolerance
+            for q in range(k):
+                if not support[q] and gradient[q] - level < most:
+                    entering, most = q, gradient[q] - level
+            if entering < 0:
+                break  # KKT holds: no model off the support would lower the objective
+            support[entering] = True
+            for _ in range(10 * k):
+                z = _support_optimum(A, rhs, support)
+                if (z[support] > 0).all():
+                    w = z
+                    break
+                step = 1.0  # move towards z until a weight reaches 0, and drop it from the support
+                for q in range(k):
+                    if support[q] and z[q] <= 0:
+                        step = min(step, w[q] / (w[q] - z[q]))
+                w = w + step * (z - w)
+                for q in range(k):
+                    if support[q] and w[q] <= 1e-15:
+                        support[q] = False
+                        w[q] = 0.0
+        out[cell] = np.maximum(w, 0.0)
+
+
 def fit_lsq(statistics: CellStatistics, shrinkage: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Weights (m, K) of every non-empty cell, plus per-channel weights (C, K) for empty cells.
 
@@ -58,7 +143,7 @@ def fit_lsq(statistics: CellStatistics, shrinkage: float) -> tuple[np.ndarray, n
     channel_weights = simplex_least_squares(channels.cross_products().astype(np.float64), channels.sums_xy.astype(np.float64))
     row_of_channel = np.full(statistics.n_channels, -1)
     row_of_channel[channel_ids] = np.arange(len(channel_ids))
-    rows = row_of_channel[statistics.cells % statistics.n_channels]
+    rows = row_of_channel[statistics.channels]
     mean_second_moments = channels.cross_products() / channels.counts[:, None, None]
     prior_a = shrinkage * mean_second_moments[rows]
     a = statistics.cross_products() + prior_a
@@ -70,8 +155,7 @@ def squared_error(statistics: CellStatistics, weights_of_cell: np.ndarray) -> fl
     """Sum over the pixels of `statistics` of (y - w.x)^2, with w given per cell (m, K), exactly
     from the sufficient statistics (no pixel pass)."""
     a = statistics.cross_products().astype(np.float64)
-    sum_y2 = np.bincount(np.searchsorted(statistics.cells, statistics.hist_keys // 256),
-                         weights=statistics.hist_counts * (statistics.hist_keys % 256).astype(np.float64) ** 2,
+    sum_y2 = np.bincount(statistics.hist_rows(), weights=statistics.hist_counts * statistics.levels.astype(np.float64) ** 2,
                          minlength=len(statistics.cells))
     w = weights_of_cell
     return float((np.einsum("mi,mij,mj->m", w, a, w) - 2 * (w * statistics.sums_xy).sum(axis=1) + sum_y2).sum())
@@ -79,11 +163,9 @@ def squared_error(statistics: CellStatistics, weights_of_cell: np.ndarray) -> fl
 
 def lookup(cells_with_weights: np.ndarray, weights: np.ndarray, wanted: np.ndarray, fallback: np.ndarray, n_channels: int) -> np.ndarray:
     """Weights of the `wanted` cells: from (cells_with_weights, weights), else the channel's fallback (C, K)."""
-    out = fallback[wanted % n_channels].copy()
-    if len(cells_with_weights):
-        position = np.searchsorted(cells_with_weights, wanted).clip(0, len(cells_with_weights) - 1)
-        found = cells_with_weights[position] == wanted
-        out[found] = weights[position[found]]
+    out = fallback[(wanted if wanted.ndim == 1 else wanted[:, 0]) % n_channels].copy()
+    row = find_rows(cells_with_weights, wanted)
+    out[row >= 0] = weights[row[row >= 0]]
     return out
 
 

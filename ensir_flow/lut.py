@@ -1,23 +1,27 @@
 """The lookup table: ensemble weights per (bin, channel), its fitting and its interchange forms.
 
-A LUT is an `xarray.Dataset` once written (see `to_dataset`): `weights` (bin, channel, model)
-float32, `count` (bin, channel) int64 reference pixels, `fit_status` (bin, channel) int8, and
-attributes `models`, `bin_width`, `solver`, `empty_policy`. Nothing here reads or writes files
+A LUT is an `xarray.Dataset` once written (see `to_dataset`): for the bins that hold a cell with
+its own weights only, `weights` (bin, channel, model) float32, `count` (bin, channel) int64
+reference pixels, `fit_status` (bin, channel) int8, the bins' digits `bin_digits` (bin, model)
+(and flat index `bin` where it fits 64 bits); `fallback_weights` (channel, model) for every other
+cell; and attributes `format_version`, `models`, `bin_width`, `solver`, `empty_policy`. The table
+ceil(256/w)^K is never built for many models (K = 16 at w = 16 has 2^64 bins). Nothing here reads or writes files
 except `read_paper_lut`, which imports a LUT published with the paper's code through torch's
 safe (weights-only) loader.
 """
 
 import hashlib
-from dataclasses import dataclass, field
 
 import numpy as np
 import xarray as xr
 
 from . import em, lsq
-from .binning import bin_count, flat_bins_of_edges, ranges_per_model
+from .binning import (all_digits, bin_count, digits_of_words, flat_bins_of_digits, flat_bins_of_edges, flat_index_fits,
+                      ranges_per_model, words_of_digits)
+from .blend import HashedWeights
 from .errors import InputError
 from .fit_status import FLAG_MEANINGS, FitStatus
-from .stats import CellStatistics
+from .stats import CellStatistics, group_starts, key_order, run_ids
 
 SOLVERS = ("em", "lsq", "average", "zzpm")
 DEFAULT_SOLVER = "em"
@@ -47,76 +51,200 @@ def check_solver(solver: str) -> str:
     return solver
 
 
-@dataclass
-class Lut:
-    """Ensemble weights (bins, channels, K) for models in a fixed order at one bin width."""
+#: Layout of LUT stores written now (the `format_version` attribute). 1 (no attribute): every bin
+#: of the dense table on dimension `bin`. 2: only the bins holding a cell with its own weights, with
+#: their digits (and flat index where it fits 64 bits) as coordinates, plus per-channel fallback
+#: weights for every other cell.
+FORMAT_VERSION = 2
+#: Largest dense (nb^K, C, K) float32 table kept in memory or shipped to blend tasks; above it, the
+#: stored bins are looked up in a hash table (`blend.HashedWeights`). K = 3 is far below at any width.
+DENSE_TABLE_LIMIT_BYTES = 64 << 20
+CHANNEL_NAMES = {1: ("Y",), 3: ("R", "G", "B")}
 
-    models: list[str]
-    bin_width: int
-    weights: np.ndarray
-    count: np.ndarray
-    fit_status: np.ndarray
-    solver: str = "em"
-    empty_policy: str = EMPTY_POLICY
-    attrs: dict = field(default_factory=dict)
+
+class Lut:
+    """Ensemble weights for models in a fixed order at one bin width, stored sparsely.
+
+    `bin_digits` (m, K) uint8: the bins stored, by their digits floor(x_k / w), sorted (so by flat
+    index); `bin_weights` (m, C, K) float32, `bin_count` (m, C) int64 and `bin_status` (m, C) int8
+    their cells' weights, reference pixels and `FitStatus`. Every cell of a bin not stored takes
+    `fallback` (C, K) with status `fallback_status`. A table given dense (the positional
+    `weights`, `count`, `fit_status` over all nb^K bins, without `bin_digits`) stores every bin.
+    `weights`, `count` and `fit_status` read back the dense table (for tables small enough).
+    """
+
+    def __init__(self, models: list[str], bin_width: int, weights: np.ndarray, count: np.ndarray, fit_status: np.ndarray,
+                 solver: str = "em", empty_policy: str = EMPTY_POLICY, attrs: dict | None = None, *,
+                 bin_digits: np.ndarray | None = None, fallback: np.ndarray | None = None,
+                 fallback_status: int = FitStatus.EMPTY_FALLBACK):
+        self.models, self.bin_width, self.solver, self.empty_policy = list(models), int(bin_width), solver, empty_policy
+        self.attrs = dict(attrs or {})
+        weights = np.asarray(weights, dtype=np.float32)
+        if bin_digits is None:
+            bin_digits = all_digits(len(self.models), self.bin_width)
+            if len(bin_digits) != len(weights):
+                raise ValueError(f"a dense table of {len(self.models)} models at bin width {bin_width} has {len(bin_digits)} bins, "
+                                 f"not {len(weights)}")
+        self.bin_digits = np.asarray(bin_digits, dtype=np.uint8)
+        self.bin_weights, self.bin_count, self.bin_status = weights, np.asarray(count), np.asarray(fit_status)
+        n_channels, n_models = weights.shape[1:]
+        self.fallback = (np.full((n_channels, n_models), 1.0 / n_models, np.float32) if fallback is None
+                         else np.asarray(fallback, dtype=np.float32))
+        self.fallback_status = int(fallback_status)
+        self._dense: dict[str, np.ndarray] = {}
 
     @property
     def n_channels(self) -> int:
-        return self.weights.shape[1]
+        return self.bin_weights.shape[1]
+
+    @property
+    def n_bins(self) -> int:
+        """Bins of the whole table, nb^K (a Python int: it may exceed 64 bits)."""
+        return bin_count(len(self.models), self.bin_width)
+
+    @property
+    def filled_cells(self) -> int:
+        """Cells (bin, channel) with reference pixels."""
+        return int((self.bin_count > 0).sum())
+
+    @property
+    def is_small(self) -> bool:
+        """Whether the dense table fits `DENSE_TABLE_LIMIT_BYTES`."""
+        return self.n_bins * self.n_channels * len(self.models) * 4 <= DENSE_TABLE_LIMIT_BYTES
+
+    @property
+    def weights(self) -> np.ndarray:
+        """Dense weights (nb^K, C, K) float32."""
+        return self._dense_of("weights", self.bin_weights, self.fallback)
+
+    @property
+    def count(self) -> np.ndarray:
+        """Dense reference pixels per cell (nb^K, C)."""
+        return self._dense_of("count", self.bin_count, np.zeros(self.n_channels, self.bin_count.dtype))
+
+    @property
+    def fit_status(self) -> np.ndarray:
+        """Dense `FitStatus` per cell (nb^K, C)."""
+        return self._dense_of("fit_status", self.bin_status, np.full(self.n_channels, self.fallback_status, np.int8))
+
+    def _dense_of(self, name: str, stored: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+        """The dense table of a stored variable (cached, so it reads back as one array)."""
+        if name not in self._dense:
+            if not self.is_small:
+                raise ValueError(f"a LUT of {len(self.models)} models at bin width {self.bin_width} has {self.n_bins} bins: "
+                                 f"too many for a dense table; use its stored bins (bin_digits, bin_{name.split('_')[-1]})")
+            if len(stored) == self.n_bins:
+                self._dense[name] = stored
+            else:
+                dense = np.empty((self.n_bins, *stored.shape[1:]), dtype=stored.dtype)
+                dense[:] = fallback
+                dense[flat_bins_of_digits(self.bin_digits, self.bin_width)] = stored
+                self._dense[name] = dense
+        return self._dense[name]
+
+    def lookup_table(self):
+        """What blend tasks take: the dense weights when small (the same table, so the same bytes, as
+        LUTs have always been applied with), else `blend.HashedWeights` of the stored bins."""
+        if self.is_small:
+            return self.weights
+        return HashedWeights.of(words_of_digits(self.bin_digits, self.bin_width), self.bin_weights, self.fallback,
+                                len(self.models), self.bin_width)
+
+    def channel_names(self) -> list[str]:
+        """'R', 'G', 'B' for 3 channels, 'Y' for 1, else their numbers."""
+        return list(CHANNEL_NAMES.get(self.n_channels, [str(c) for c in range(self.n_channels)]))
 
     def to_dataset(self) -> xr.Dataset:
-        """The LUT as a Dataset in the documented layout."""
-        n_bins = self.weights.shape[0]
+        """The LUT as a Dataset in the documented layout (format `FORMAT_VERSION`, CF-1.10 attributes)."""
+        n_models = len(self.models)
+        coords = {
+            "model": ("model", np.array(self.models, dtype=object), {"long_name": "base model, in the order of the bin digits"}),
+            "channel": ("channel", np.array(self.channel_names(), dtype=object), {"long_name": "colour channel"}),
+            "bin_digits": (("bin", "model"), self.bin_digits, {
+                "long_name": "range of each model's prediction in the bin: floor(x_k / bin_width)", "units": "1"}),
+        }
+        if flat_index_fits(n_models, self.bin_width):
+            coords["bin"] = ("bin", flat_bins_of_digits(self.bin_digits, self.bin_width), {
+                "long_name": "flat bin index sum_k floor(x_k / bin_width) * nb^(K-1-k), first model most significant"})
         ds = xr.Dataset(
             {
-                "weights": (("bin", "channel", "model"), self.weights.astype(np.float32)),
-                "count": (("bin", "channel"), self.count.astype(np.int64)),
-                "fit_status": (("bin", "channel"), self.fit_status.astype(np.int8), {
-                    "flag_values": list(range(len(FitStatus))), "flag_meanings": FLAG_MEANINGS,
+                "weights": (("bin", "channel", "model"), self.bin_weights, {
+                    "long_name": "ensemble weight of each model in the cell", "units": "1"}),
+                "count": (("bin", "channel"), self.bin_count.astype(np.int64), {
+                    "long_name": "reference pixels in the cell", "units": "1"}),
+                "fit_status": (("bin", "channel"), self.bin_status.astype(np.int8), {
+                    "long_name": "how the cell's weights were obtained",
+                    "flag_values": np.arange(len(FitStatus), dtype=np.int8), "flag_meanings": FLAG_MEANINGS,
                 }),
+                "fallback_weights": (("channel", "model"), self.fallback, {
+                    "long_name": "ensemble weights of every cell of a bin not stored", "units": "1"}),
             },
-            coords={"bin": np.arange(n_bins), "model": np.array(self.models, dtype=object)},
+            coords=coords,
         )
         ds.attrs.update(self.attrs)
         if self.empty_policy == EMPTY_POLICY and self.solver in EMPTY_POLICY_DESCRIPTIONS:
             ds.attrs["empty_policy_description"] = EMPTY_POLICY_DESCRIPTIONS[self.solver]
         ds.attrs.update({
+            "Conventions": "CF-1.10", "format_version": FORMAT_VERSION,
             "models": list(self.models), "bin_width": int(self.bin_width), "solver": self.solver,
-            "empty_policy": self.empty_policy,
+            "empty_policy": self.empty_policy, "fallback_fit_status": self.fallback_status,
             "bin_index": "b = sum_k floor(x_k / bin_width) * nb^(K-1-k), first model most significant",
+            "bins_stored": "only bins holding a cell with its own weights; every other cell takes fallback_weights "
+                           "of its channel (fit_status fallback_fit_status)",
         })
         return ds
 
     @classmethod
     def from_dataset(cls, ds: xr.Dataset, source: str = "LUT") -> "Lut":
-        """Read a LUT Dataset back, checking that its shape agrees with its attributes."""
+        """Read a LUT Dataset back (either format version), checking that it agrees with its attributes."""
         try:
             models = [str(m) for m in ds.attrs["models"]]
             bin_width = int(ds.attrs["bin_width"])
             weights = ds["weights"].transpose("bin", "channel", "model").values
         except KeyError as missing:
             raise InputError(f"{source}: not an ensir-flow LUT (missing {missing})") from None
+        version = ds.attrs.get("format_version", 1)
+        if version not in (1, FORMAT_VERSION):
+            raise InputError(f"{source}: LUT format version {version} is not one this version reads (1, {FORMAT_VERSION})")
         try:
             n_bins = bin_count(len(models), bin_width)
         except ValueError as error:
             raise InputError(f"{source}: {error}") from None
-        if weights.ndim != 3 or weights.shape[0] != n_bins or weights.shape[2] != len(models):
+        if weights.ndim != 3 or weights.shape[2] != len(models) or (version == 1 and weights.shape[0] != n_bins):
             raise InputError(f"{source}: weights shape {weights.shape} does not match {len(models)} models at bin width {bin_width}")
-        check_weights(weights, bin_width, source)
+        sparse = {}
+        if version != 1:
+            digits = ds["bin_digits"].transpose("bin", "model").values if "bin_digits" in ds.coords else None
+            fallback = ds["fallback_weights"].transpose("channel", "model").values if "fallback_weights" in ds else None
+            if digits is None or fallback is None:
+                raise InputError(f"{source}: a format {version} LUT without {'bin_digits' if digits is None else 'fallback_weights'}")
+            check_digits(digits, len(weights), len(models), bin_width, source)
+            check_weights(fallback[None], bin_width, f"{source} (fallback_weights)")
+            sparse = {"bin_digits": digits, "fallback": fallback,
+                      "fallback_status": int(ds.attrs.get("fallback_fit_status", FitStatus.EMPTY_FALLBACK))}
+        check_weights(weights, bin_width, source, digits=sparse.get("bin_digits"))
         count = ds["count"].transpose("bin", "channel").values if "count" in ds else np.zeros(weights.shape[:2], np.int64)
         status = (ds["fit_status"].transpose("bin", "channel").values if "fit_status" in ds
                   else np.full(weights.shape[:2], FitStatus.INITIAL_WEIGHTS, np.int8))
         for name, array in (("count", count), ("fit_status", status)):
             if array.shape != weights.shape[:2]:
                 raise InputError(f"{source}: {name} shape {array.shape} does not match the weights' (bin, channel) {weights.shape[:2]}")
-        known = {"models", "bin_width", "solver", "empty_policy"}
+        known = {"models", "bin_width", "solver", "empty_policy", "format_version", "fallback_fit_status", "bins_stored",
+                 "Conventions", "bin_index"}
         return cls(models, bin_width, weights.astype(np.float32), count, status,
                    str(ds.attrs.get("solver", "em")), str(ds.attrs.get("empty_policy", EMPTY_POLICY)),
-                   {k: v for k, v in ds.attrs.items() if k not in known})
+                   {k: v for k, v in ds.attrs.items() if k not in known}, **sparse)
 
     def digest(self) -> str:
-        """SHA-256 of the weights and their meaning, recorded in every output made with the LUT."""
-        digest = hashlib.sha256(np.ascontiguousarray(self.weights, dtype="<f4").tobytes())
+        """SHA-256 of the weights and their meaning, recorded in every output made with the LUT: of
+        the dense table where it is small (as LUTs have always been identified), else of the stored
+        bins and the fallback."""
+        if self.is_small:
+            digest = hashlib.sha256(np.ascontiguousarray(self.weights, dtype="<f4").tobytes())
+        else:
+            digest = hashlib.sha256(np.ascontiguousarray(self.bin_digits).tobytes())
+            for array in (self.bin_weights, self.fallback):
+                digest.update(np.ascontiguousarray(array, dtype="<f4").tobytes())
         digest.update(repr((self.models, self.bin_width)).encode())
         return digest.hexdigest()
 
@@ -128,10 +256,24 @@ class Lut:
             raise InputError(f"{source}: LUT has {self.n_channels} channels, the store has {n_channels}")
 
 
-def check_weights(weights: np.ndarray, bin_width: int, source: str = "LUT", tolerance: float = SUM_TOLERANCE) -> None:
+def check_digits(digits: np.ndarray, n_stored: int, n_models: int, bin_width: int, source: str) -> None:
+    """Refuse bin digits that are not (n_stored, K) ranges below nb in strictly increasing bin order."""
+    if digits.shape != (n_stored, n_models):
+        raise InputError(f"{source}: bin_digits shape {digits.shape}, expected {(n_stored, n_models)}")
+    if len(digits) and int(digits.max()) >= ranges_per_model(bin_width):
+        raise InputError(f"{source}: a bin digit of {int(digits.max())} at bin width {bin_width} "
+                         f"(at most {ranges_per_model(bin_width) - 1})")
+    words = words_of_digits(digits, bin_width)
+    if len(group_starts(words)) != len(words) or (key_order(words) != np.arange(len(words))).any():
+        raise InputError(f"{source}: bins are not stored once each in increasing order")
+
+
+def check_weights(weights: np.ndarray, bin_width: int, source: str = "LUT", tolerance: float = SUM_TOLERANCE,
+                  digits: np.ndarray | None = None) -> None:
     """Refuse weights (bin, channel, K) that are not a convex combination in every cell: a weight
     that is not finite or is negative, or weights summing to 1 +- more than `tolerance`. The
-    message names `source`, the first bad cell (bin, with its lower edges, and channel) and why."""
+    message names `source`, the first bad cell (bin, with its lower edges, and channel) and why.
+    `digits` (bin, K) names the bins of a sparse table; without them, row b is flat bin b."""
     weights = np.asarray(weights)
     with np.errstate(invalid="ignore"):
         finite = np.isfinite(weights).all(axis=2)
@@ -147,7 +289,14 @@ def check_weights(weights: np.ndarray, bin_width: int, source: str = "LUT", tole
         problem = "a negative weight"
     else:
         problem = f"weights summing to {sums[b, c]:.6g}, not 1 (tolerance {tolerance:g})"
-    raise InputError(f"{source}: bin {b} (lower edges {_edges_of(b, weights.shape[2], bin_width)}), channel {c} has {problem} "
+    n_models = weights.shape[2]
+    if digits is None:
+        where = f"bin {b} (lower edges {_edges_of(b, n_models, bin_width)})"
+    else:
+        edges = tuple(int(d) * bin_width for d in digits[b])
+        flat = f"bin {int(flat_bins_of_digits(digits[b:b + 1], bin_width)[0])}" if flat_index_fits(n_models, bin_width) else "bin"
+        where = f"{flat} (lower edges {edges}; stored row {b})"
+    raise InputError(f"{source}: {where}, channel {c} has {problem} "
                      f"({np.array2string(weights[b, c], separator=', ', precision=6)}); "
                      f"{int(bad.sum())} bad cell(s) in all; not a usable LUT")
 
@@ -168,32 +317,42 @@ def fit_lut(statistics: CellStatistics, models: list[str], device: str = "cpu", 
     em: the paper's EM (weights per cell; `device` is where it runs). lsq: least squares on the
     simplex with `shrinkage` towards the channel-wide solution. average: uniform 1/K everywhere.
     zzpm: the paper's per-image baseline; it has nothing to fit, so the table stays uniform and
-    `apply` computes each image's weights from its own predictions.
+    `apply` computes each image's weights from its own predictions. Only the bins holding
+    reference pixels are stored; every other cell takes its channel's fallback weights.
     """
     n_models, n_channels = statistics.n_models, statistics.n_channels
     if len(models) != n_models:
         raise ValueError(f"{len(models)} model names for statistics of {n_models} models")
     check_solver(solver)
-    n_bins = bin_count(n_models, statistics.bin_width)
-    weights = np.full((n_bins * n_channels, n_models), 1.0 / n_models)
-    count = np.zeros(n_bins * n_channels, dtype=np.int64)
-    status = np.full(n_bins * n_channels, FitStatus.EMPTY_FALLBACK, dtype=np.int8)
-    count[statistics.cells] = statistics.counts
+    words = statistics.cells // n_channels
+    words = words[:, None] if words.ndim == 1 else words
+    order = key_order(words)
+    row = np.empty(len(words), np.int64)
+    row[order] = run_ids(words[order])
+    bin_words = words[order[group_starts(words[order])]]
+    channel = statistics.channels
+    fallback = np.full((n_channels, n_models), 1.0 / n_models)
+    fallback_status, cell_status = FitStatus.EMPTY_FALLBACK, np.full(len(words), FitStatus.UNIFORM, np.int8)
     if solver in ("average", "zzpm"):
-        status[:] = FitStatus.UNIFORM
+        fallback_status, cell_weights = FitStatus.UNIFORM, np.full((len(words), n_models), 1.0 / n_models)
     elif solver == "lsq":
         cell_weights, channel_ids, channel_weights = lsq.fit_lsq(statistics, shrinkage)
-        weights.reshape(n_bins, n_channels, n_models)[:, channel_ids] = channel_weights
-        weights[statistics.cells] = cell_weights
-        status[statistics.cells] = FitStatus.LEAST_SQUARES
+        fallback[channel_ids] = channel_weights
+        cell_status[:] = FitStatus.LEAST_SQUARES
     else:
         channel_stats = statistics.per_channel()
         if len(channel_stats.cells):
-            channel_weights, _ = em.fit_em(channel_stats, device)
-            weights.reshape(n_bins, n_channels, n_models)[:, channel_stats.cells] = channel_weights
-        weights[statistics.cells], status[statistics.cells] = em.fit_em(statistics, device)
-    lut = Lut(list(models), statistics.bin_width, weights.reshape(n_bins, n_channels, n_models).astype(np.float32),
-              count.reshape(n_bins, n_channels), status.reshape(n_bins, n_channels), solver=solver)
+            fallback[channel_stats.cells] = em.fit_em(channel_stats, device)[0]
+        cell_weights, cell_status = em.fit_em(statistics, device)
+    weights = np.repeat(fallback[None], len(bin_words), axis=0)
+    weights[row, channel] = cell_weights
+    count = np.zeros((len(bin_words), n_channels), np.int64)
+    count[row, channel] = statistics.counts
+    status = np.full((len(bin_words), n_channels), fallback_status, np.int8)
+    status[row, channel] = cell_status
+    lut = Lut(list(models), statistics.bin_width, weights.astype(np.float32), count, status, solver=solver,
+              bin_digits=digits_of_words(bin_words, n_models, statistics.bin_width), fallback=fallback.astype(np.float32),
+              fallback_status=fallback_status)
     if solver == "lsq":
         lut.attrs["shrinkage"] = float(shrinkage)
     return lut

@@ -11,6 +11,13 @@ whatever the chunking and the order of merging.
 The table is sparse: only cells (and histogram levels) that hold pixels are stored, so it stays
 small when K and the bin count are large (K = 5 at bin width 16 has 3 million cells per
 channel triple, almost all empty).
+
+Cell keys are int64 words (`binning.model_groups`): where the flat bin fits one word with room
+for the channel and the level (K = 3 at any width), `cells` is the 1-D array of b * C + c and
+`hist_keys` of cell * 256 + y, as always. Beyond (K = 16 at bin width 16 or 8), both are 2-D,
+one column per group of models: column g holds b_g * C + c for the group's own flat bin b_g (the
+channel is repeated in every word), and the last column of `hist_keys` is that word * 256 + y.
+Rows are sorted lexicographically; every operation below handles both forms.
 """
 
 from dataclasses import dataclass
@@ -18,7 +25,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from .binning import LEVELS, bin_count, place_tables, place_values
+from .binning import LEVELS, bin_count, group_place_tables, model_groups, place_tables, place_values
 from .devices import resolve_device
 from .kernels import accumulate_dense, accumulate_moments, cell_indices
 
@@ -35,9 +42,10 @@ def moment_columns(n_models: int) -> int:
 class CellStatistics:
     """Sparse additive statistics of pixels grouped by cell (flat bin * n_channels + channel).
 
-    cells: sorted unique cell ids (m,); moments: int64 (m, `moment_columns(K)`) with columns
+    cells: sorted unique cell keys (m,), or (m, W) words when the flat bin needs W > 1 words
+    (module docstring); moments: int64 (m, `moment_columns(K)`) with columns
     [n, sum x_1..x_K, sum x_i x_j for i <= j (row-major), sum x_1 y..x_K y];
-    hist_keys: sorted unique cell * 256 + y; hist_counts: how many pixels have that (cell, y).
+    hist_keys: sorted unique cell * 256 + y (the last word of a 2-D cell key so extended); hist_counts: how many pixels have that (cell, y).
     """
 
     n_models: int
@@ -91,25 +99,45 @@ class CellStatistics:
         diagonal = np.diagonal(cross, axis1=1, axis2=2)
         return k * k * diagonal - 2 * k * cross.sum(axis=2) + cross.sum(axis=(1, 2))[:, None]
 
+    @property
+    def channels(self) -> np.ndarray:
+        """Channel of each cell (m,)."""
+        return (self.cells if self.cells.ndim == 1 else self.cells[:, 0]) % self.n_channels
+
+    @property
+    def levels(self) -> np.ndarray:
+        """Ground-truth level y of each histogram entry."""
+        return (self.hist_keys if self.hist_keys.ndim == 1 else self.hist_keys[:, -1]) % LEVELS
+
+    def hist_starts(self) -> np.ndarray:
+        """Index of the first histogram entry of each cell, plus the total (m + 1,): entries are
+        sorted by cell and every stored cell has at least one."""
+        cell_part = self.hist_keys // LEVELS if self.hist_keys.ndim == 1 else np.column_stack(
+            [self.hist_keys[:, :-1], self.hist_keys[:, -1] // LEVELS])
+        starts = np.append(group_starts(cell_part), len(cell_part))
+        if len(starts) != len(self.cells) + 1:
+            raise ValueError(f"{len(starts) - 1} cells in the histogram, {len(self.cells)} in the moments")
+        return starts
+
+    def hist_rows(self) -> np.ndarray:
+        """Row of `cells` of each histogram entry."""
+        return np.repeat(np.arange(len(self.cells)), np.diff(self.hist_starts()))
+
     def dense_histograms(self, rows: np.ndarray) -> np.ndarray:
         """Histograms (len(rows), 256) of y for the given rows of `cells`."""
-        wanted = self.cells[rows]
-        hist_cells = self.hist_keys // LEVELS
-        lo = np.searchsorted(hist_cells, wanted, side="left")
-        hi = np.searchsorted(hist_cells, wanted, side="right")
+        starts = self.hist_starts()
+        lo, hi = starts[rows], starts[np.asarray(rows) + 1]
         out = np.zeros((len(rows), LEVELS), dtype=np.int64)
-        lengths = hi - lo
-        row_of_entry = np.repeat(np.arange(len(rows)), lengths)
+        row_of_entry = np.repeat(np.arange(len(rows)), hi - lo)
         entries = np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)]) if len(rows) else np.empty(0, np.int64)
-        out[row_of_entry, self.hist_keys[entries] % LEVELS] = self.hist_counts[entries]
+        out[row_of_entry, self.levels[entries]] = self.hist_counts[entries]
         return out
 
     def per_channel(self) -> "CellStatistics":
         """Statistics of each whole channel, as if every bin were one (used for empty cells)."""
-        channel_of_cell = self.cells % self.n_channels
-        channels, moments = sum_by_key(channel_of_cell, self.moments)
-        hist_channel = (self.hist_keys // LEVELS) % self.n_channels
-        keys, counts = sum_by_key(hist_channel * LEVELS + self.hist_keys % LEVELS, self.hist_counts)
+        channels, moments = sum_by_key(self.channels, self.moments)
+        hist_channel = self.channels[self.hist_rows()]
+        keys, counts = sum_by_key(hist_channel * LEVELS + self.levels, self.hist_counts)
         return CellStatistics(self.n_models, self.n_channels, LEVELS, channels, moments, keys, counts)
 
 
@@ -119,32 +147,71 @@ def _scatter_add(keys, values, out):
         out[keys[i]] += values[i]
 
 
-def sum_by_key(keys: np.ndarray, values: np.ndarray, key_space: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted unique keys and the sum of `values` rows sharing each key (exact in integers).
+def key_order(keys: np.ndarray) -> np.ndarray:
+    """Permutation sorting keys (n,) or key words (n, W) lexicographically (stable)."""
+    return np.argsort(keys, kind="stable") if keys.ndim == 1 else np.lexsort(keys.T[::-1])
 
-    Keys below a known `key_space` small enough for a dense table are summed in place; otherwise
-    they are sorted. Rows that sum to all zeros are dropped in the dense case (statistics never
-    hold such rows: every stored cell and level has a non-zero count).
+
+def group_starts(sorted_keys: np.ndarray) -> np.ndarray:
+    """Index of the first of each run of equal keys (rows, for 2-D keys) in sorted keys."""
+    if len(sorted_keys) == 0:
+        return np.empty(0, np.int64)
+    differs = sorted_keys[1:] != sorted_keys[:-1]
+    return np.flatnonzero(np.concatenate(([True], differs if differs.ndim == 1 else differs.any(axis=1))))
+
+
+def run_ids(sorted_keys: np.ndarray) -> np.ndarray:
+    """Index of the run of equal keys each row of sorted keys belongs to (0, 0, 1, 2, 2, ...)."""
+    first = np.zeros(len(sorted_keys), bool)
+    first[group_starts(sorted_keys)] = True
+    return np.cumsum(first) - 1
+
+
+def find_rows(sorted_keys: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Row of each `wanted` key in unique `sorted_keys` (1-D or 2-D like them), -1 where absent."""
+    if len(sorted_keys) == 0:
+        return np.full(len(wanted), -1)
+    if sorted_keys.ndim == 1:
+        position = np.searchsorted(sorted_keys, wanted).clip(0, len(sorted_keys) - 1)
+        return np.where(sorted_keys[position] == wanted, position, -1)
+    both = np.concatenate([sorted_keys, wanted])
+    order = key_order(both)
+    run = run_ids(both[order])
+    run_of = np.empty(len(both), np.int64)
+    run_of[order] = run
+    row_of_run = np.full(run[-1] + 1, -1)
+    row_of_run[run_of[:len(sorted_keys)]] = np.arange(len(sorted_keys))
+    return row_of_run[run_of[len(sorted_keys):]]
+
+
+def sum_by_key(keys: np.ndarray, values: np.ndarray, key_space: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique keys (1-D, or rows of 2-D key words) and the sum of `values` rows sharing each
+    key (exact in integers).
+
+    1-D keys below a known `key_space` small enough for a dense table are summed in place;
+    otherwise they are sorted. Rows that sum to all zeros are dropped in the dense case
+    (statistics never hold such rows: every stored cell and level has a non-zero count).
     """
-    if key_space is not None and key_space * (values[0].size if len(values) else 1) <= DENSE_HISTOGRAM_LIMIT:
+    if keys.ndim == 1 and key_space is not None and key_space * (values[0].size if len(values) else 1) <= DENSE_HISTOGRAM_LIMIT:
         dense = np.zeros((key_space, *values.shape[1:]), dtype=values.dtype)
         _scatter_add(keys, values, dense)
         present = np.flatnonzero(dense.reshape(key_space, -1).any(axis=1))
         return present.astype(np.int64), dense[present]
-    order = np.argsort(keys)
+    order = key_order(keys) if keys.ndim == 2 else np.argsort(keys)
     keys, values = keys[order], values[order]
     if len(keys) == 0:
         return keys, values
-    starts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
+    starts = group_starts(keys)
     return keys[starts], np.add.reduceat(values, starts, axis=0)
 
 
 def empty_statistics(n_models: int, n_channels: int, bin_width: int) -> CellStatistics:
     """Statistics of no pixels: the identity of `merge`."""
+    n_words = len(model_groups(n_models, bin_width))
+    no_keys = np.empty(0, np.int64) if n_words == 1 else np.empty((0, n_words), np.int64)
     return CellStatistics(
         n_models, n_channels, bin_width,
-        np.empty(0, np.int64), np.empty((0, moment_columns(n_models)), np.int64),
-        np.empty(0, np.int64), np.empty(0, np.int64),
+        no_keys, np.empty((0, moment_columns(n_models)), np.int64), no_keys.copy(), np.empty(0, np.int64),
     )
 
 
@@ -185,16 +252,18 @@ def chunk_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bin_widt
     On the CPU (numba) it uses a dense scratch table when the cell count is small enough (the
     common case: one fused pass), else sorts the chunk's cell ids, so memory stays bounded by the
     chunk size either way. Other devices ('auto' resolved per worker, 'cuda') use torch; the
-    integer results are identical.
+    integer results are identical. Keys of several words (many models) are gathered on the CPU.
     """
     device = resolve_device(device)
-    if device != "cpu":
+    if device != "cpu" and len(model_groups(predictions.shape[0], bin_width)) == 1:
         return chunk_statistics_torch(predictions, ground_truth, bin_width, device)
     predictions = np.ascontiguousarray(predictions, dtype=np.uint8)
     ground_truth = np.ascontiguousarray(ground_truth, dtype=np.uint8)
     n_models, n_pixels, n_channels = predictions.shape
     if ground_truth.shape != (n_pixels, n_channels):
         raise ValueError(f"ground truth shape {ground_truth.shape} does not match predictions {predictions.shape}")
+    if len(model_groups(n_models, bin_width)) > 1:
+        return _wide_chunk_statistics(predictions, ground_truth, bin_width)
     places = place_tables(n_models, bin_width)
     n_cells = bin_count(n_models, bin_width) * n_channels
     if n_cells * LEVELS <= DENSE_HISTOGRAM_LIMIT:
@@ -211,6 +280,23 @@ def chunk_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bin_widt
     accumulate_moments(predictions, ground_truth, slots.astype(np.int64), moments, places)
     hist_keys, hist_counts = np.unique(cell_ids * LEVELS + ground_truth.reshape(-1), return_counts=True)
     return CellStatistics(n_models, n_channels, bin_width, cells, moments, hist_keys, hist_counts.astype(np.int64))
+
+
+def _wide_chunk_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bin_width: int) -> CellStatistics:
+    """`chunk_statistics` where the flat bin needs several key words (many models): each word is the
+    cell index of its group of models alone, and cells are the chunk's unique rows of words."""
+    n_models, _, n_channels = predictions.shape
+    words = np.column_stack([cell_indices(predictions[start:stop], place_tables(stop - start, bin_width))
+                             for start, stop in model_groups(n_models, bin_width)])
+    order = key_order(words)
+    slots = np.empty(len(words), np.int64)
+    slots[order] = run_ids(words[order])
+    cells = words[order[group_starts(words[order])]]
+    moments = np.zeros((len(cells), moment_columns(n_models)), dtype=np.int64)
+    accumulate_moments(predictions, ground_truth, slots, moments, group_place_tables(n_models, bin_width)[0])
+    words[:, -1] = words[:, -1] * LEVELS + ground_truth.reshape(-1)
+    hist_keys, hist_counts = sum_by_key(words, np.ones(len(words), np.int64))
+    return CellStatistics(n_models, n_channels, bin_width, cells, moments, hist_keys, hist_counts)
 
 
 def chunk_statistics_torch(predictions: np.ndarray, ground_truth: np.ndarray, bin_width: int, device: str) -> CellStatistics:

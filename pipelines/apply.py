@@ -103,7 +103,7 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
         if lut.solver == "zzpm":  # per-image weights, gathered from the store first
             jobs = zzpm_blend_jobs(predictions, ranges, spans, ds, todo, compute)
         else:
-            weights = dask.delayed(lut.weights, pure=True)
+            weights = dask.delayed(lut.lookup_table(), pure=True)  # one graph key: sent once to each worker
             jobs = [(blend, (weights, lut.bin_width, device)) for _ in todo]
         ensemble, marks = task_argument(ensemble), task_argument(marks)
         return [dask.delayed(_blend_chunk_into)(combine, arguments, predictions, *ranges[i], ensemble, marks, int(i))

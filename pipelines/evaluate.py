@@ -161,7 +161,7 @@ def plan_cross_validation(store: str, n_folds: int, solvers=("em", "lsq"), bin_w
                 training = [s for f, s in enumerate(fold_statistics) if f != fold]
                 for solver in solvers:
                     lut = lut_from_folds(training, models, em_device, solver)
-                    luts[fold][name(solver, width)] = (dask.delayed(lut.weights, pure=True), width)
+                    luts[fold][name(solver, width)] = (dask.delayed(lut.lookup_table(), pure=True), width)
         tasks = [
             dask.delayed(image_scores, pure=True)(predictions[:, off: off + n], truth[off: off + n], None, int(h), int(w),
                                                   models, crop_border, y_channel, luts[int(fold)])

@@ -15,10 +15,11 @@ def describe(path: str) -> dict:
     attrs = {key: value for key, value in ds.attrs.items()}
     if "weights" in ds:
         lut = Lut.from_dataset(ds.load(), source=str(path))
-        status = np.bincount(lut.fit_status.reshape(-1).astype(np.int64), minlength=len(FitStatus))
+        status = [int(n) for n in np.bincount(lut.bin_status.reshape(-1).astype(np.int64), minlength=len(FitStatus))]
+        status[lut.fallback_status] += (lut.n_bins - len(lut.bin_digits)) * lut.n_channels  # cells of bins not stored
         return {"path": str(path), "kind": "lut", "models": lut.models, "bin_width": lut.bin_width, "solver": lut.solver,
-                "bins": int(lut.weights.shape[0]), "channels": lut.n_channels,
-                "cells_with_reference_pixels": int((lut.count > 0).sum()), "reference_pixels": int(lut.count.sum()),
+                "bins": lut.n_bins, "bins_stored": len(lut.bin_digits), "channels": lut.n_channels,
+                "cells_with_reference_pixels": lut.filled_cells, "reference_pixels": int(lut.bin_count.sum()),
                 "fit_status": {name: int(n) for name, n in zip(FLAG_MEANINGS.split(), status) if n},
                 "sha256": lut.digest(), "attributes": attrs}
     models = schema.check_store(ds, str(path), require=())

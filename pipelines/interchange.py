@@ -26,9 +26,11 @@ def import_paper_lut(source: str, output: str, models: list[str], bin_width: int
 def export_lut(lut_path: str, output: str, overwrite: bool = False) -> None:
     """Write a LUT as NPZ (arrays + metadata) or JSON (nested lists), by `output`'s extension.
 
-    Both carry: models (LUT order), bin_width, bin_index (the flat-index rule), weights
-    [bin][channel][model], count [bin][channel], fit_status [bin][channel] and its meanings.
-    The file is written beside `output` and moved into place when complete (`staged_output`).
+    Both carry the store's layout (format version 2): models (LUT order), bin_width, bin_index (the
+    flat-index rule), the stored bins' bin_digits [bin][model] (and flat index bin where it fits 64
+    bits), weights [bin][channel][model], count [bin][channel], fit_status [bin][channel] and its
+    meanings, and fallback_weights [channel][model] for every cell of a bin not stored. The file is
+    written beside `output` and moved into place when complete (`staged_output`).
     """
     extension = next((e for e in EXPORT_FORMATS if str(output).endswith(e)), None)
     if extension is None:
@@ -36,12 +38,15 @@ def export_lut(lut_path: str, output: str, overwrite: bool = False) -> None:
     refuse_existing(output, overwrite)
     lut = read_lut(lut_path)
     ds = lut.to_dataset()
-    metadata = {"models": lut.models, "bin_width": lut.bin_width, "solver": lut.solver, "bin_index": ds.attrs["bin_index"],
-                "fit_status_meanings": FLAG_MEANINGS.split(), "sha256": lut.digest()}
+    metadata = {"format_version": ds.attrs["format_version"], "models": lut.models, "bin_width": lut.bin_width,
+                "solver": lut.solver, "bin_index": ds.attrs["bin_index"], "fit_status_meanings": FLAG_MEANINGS.split(),
+                "fallback_fit_status": lut.fallback_status, "sha256": lut.digest()}
+    arrays = {"bin_digits": lut.bin_digits, "weights": lut.bin_weights, "count": lut.bin_count, "fit_status": lut.bin_status,
+              "fallback_weights": lut.fallback}
+    if "bin" in ds.coords:
+        arrays["bin"] = ds["bin"].values
     with staged_output(output, overwrite) as staging, fsspec.open(staging, "wb") as file:
         if extension == ".npz":
-            np.savez_compressed(file, weights=lut.weights, count=lut.count, fit_status=lut.fit_status,
-                                metadata=np.array(json.dumps(metadata)))
+            np.savez_compressed(file, **arrays, metadata=np.array(json.dumps(metadata)))
         else:
-            file.write(json.dumps({**metadata, "weights": lut.weights.tolist(), "count": lut.count.tolist(),
-                                   "fit_status": lut.fit_status.tolist()}).encode())
+            file.write(json.dumps({**metadata, **{name: array.tolist() for name, array in arrays.items()}}).encode())

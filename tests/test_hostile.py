@@ -253,9 +253,11 @@ def test_apply_refuses_a_broken_lut(tmp_path, invoke, corpus, values, problem):
     root, _ = corpus
     _ingest(invoke, root, tmp_path / "s.zarr")
     assert invoke("fit", tmp_path / "s.zarr", tmp_path / "lut.zarr", "--no-progress").exit_code == 0
-    _damage_lut(tmp_path / "lut.zarr", 5, 1, values)
+    _damage_lut(tmp_path / "lut.zarr", 5, 1, values)  # the 6th bin stored (a LUT stores the bins with data only)
+    stored = zarr.open_group(str(tmp_path / "lut.zarr"), mode="r")
+    flat, edges = int(stored["bin"][5]), tuple(int(d) * 32 for d in stored["bin_digits"][5])
     result = invoke("apply", tmp_path / "s.zarr", tmp_path / "lut.zarr", tmp_path / "out.zarr", "--export-dir", tmp_path / "png", "--no-progress")
-    _one_line_refusal(result, str(tmp_path / "lut.zarr"), "bin 5 (lower edges (0, 0, 160)), channel 1", problem)
+    _one_line_refusal(result, str(tmp_path / "lut.zarr"), f"bin {flat} (lower edges {edges}; stored row 5), channel 1", problem)
     assert not (tmp_path / "out.zarr").exists() and not (tmp_path / "png").exists()
     assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
 

@@ -12,6 +12,7 @@ import ensir_flow
 from ensir_flow import schema
 from ensir_flow.blend import blend
 from ensir_flow.errors import InputError, TransientError
+from ensir_flow.images import DEFAULT_PNG_COMPRESSION
 
 from .chunks import chunk_ranges, chunk_spans, pixel_array, read_pixels, task_argument
 from .export import check_export_target, export
@@ -53,7 +54,8 @@ def _blend_chunk_into(combine, arguments: tuple, predictions, start: int, stop: 
 
 
 def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = None, overwrite: bool = False,
-               device: str = "auto", compression: str = schema.DEFAULT_COMPRESSION) -> Plan:
+               device: str = "auto", compression: str = schema.DEFAULT_COMPRESSION,
+               png_compression: int = DEFAULT_PNG_COMPRESSION) -> Plan:
     """Plan blending every image of `store` with the LUT into the store `output`.
 
     The run is resumable: chunks are written into a fixed staging location beside `output`, each
@@ -61,7 +63,8 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
     running the same command again (only unmarked chunks are computed). The finished store is moved
     into place; re-running a finished job is a no-op. A lock beside `output` keeps a second run
     away. `device` is where the blend tasks run ('auto': each worker's GPU if it has one);
-    `compression` names the compressor of `ensemble` (`schema.COMPRESSORS`).
+    `compression` names the compressor of `ensemble` (`schema.COMPRESSORS`); `png_compression` is
+    the zlib level (0-9) of the exported PNGs.
 
     When `output` was made with the same LUT from an earlier state of `store` that `ingest
     --append` has since grown, it is updated in place instead (no `overwrite` needed): only the
@@ -128,9 +131,9 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
                              write_arrays, {name: out[name].values[grown_from:] for name in (*schema.IMAGE_VARIABLES, "image")},
                              out.attrs)
         if update_export:
-            export(output, export_dir, compute, first_image=grown_from)
+            export(output, export_dir, compute, first_image=grown_from, compression=png_compression)
         elif export_dir is not None:
-            export(output, export_dir, compute, overwrite)
+            export(output, export_dir, compute, overwrite, compression=png_compression)
         return ApplyResult(open_store(output), "updated", len(chunk_lengths), len(todo), ds.sizes["image"] - grown_from)
 
     def execute(compute):
@@ -138,7 +141,7 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
             return update(compute)
         if finished:
             if export_dir is not None and not exists(export_dir):
-                export(output, export_dir, compute, overwrite)
+                export(output, export_dir, compute, overwrite, compression=png_compression)
             return ApplyResult(open_store(output), "unchanged", len(chunk_lengths), 0)
         with exclusive_lock(output):
             done = resumable_marks(output, provenance)
@@ -153,7 +156,7 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
             compute(*tasks, label=f"apply ({len(tasks)} of {len(done)} chunks)" if resuming else "apply")
             commit_resumable(output)
         if export_dir is not None:
-            export(output, export_dir, compute, overwrite)
+            export(output, export_dir, compute, overwrite, compression=png_compression)
         return ApplyResult(open_store(output), "resumed" if resuming else "written", len(done), len(tasks))
 
     details = {

@@ -37,6 +37,7 @@ import xarray as xr
 from . import schema
 from .binning import DEFAULT_BIN_WIDTH
 from .errors import InputError
+from .images import DEFAULT_PNG_COMPRESSION
 from .lut import DEFAULT_SOLVER, Lut, check_solver
 
 #: Solvers `evaluate` always reports without fitting them (so `solvers=` need not name them).
@@ -387,16 +388,17 @@ def fit(store, lut, *, bin_width: int = DEFAULT_BIN_WIDTH, solver: str = DEFAULT
                   bins=table.n_bins, channels=table.n_channels, filled_cells=table.filled_cells)
 
 
-def apply(store, lut, output, *, export_dir=None, device: str = "auto", compression: str = schema.DEFAULT_COMPRESSION,
-          overwrite: bool = False, **run: Unpack[RunOptions]) -> Applied:
+def apply(store, lut, output, *, export_dir=None, png_compression: int = DEFAULT_PNG_COMPRESSION, device: str = "auto",
+          compression: str = schema.DEFAULT_COMPRESSION, overwrite: bool = False, **run: Unpack[RunOptions]) -> Applied:
     """Blend every image of `store` with `lut` into the new store `output` (`ensir-flow apply`),
-    and with `export_dir` also write one lossless PNG per image there. An `output` made with the
-    same LUT before `store` grew (`ingest(append=True)`) is updated in place."""
+    and with `export_dir` also write one lossless PNG per image there (zlib level `png_compression`,
+    0-9). An `output` made with the same LUT before `store` grew (`ingest(append=True)`) is updated
+    in place."""
     from .pipelines.apply import plan_apply
 
     outputs = _written([output, export_dir])
     outcome = run_plan(lambda: plan_apply(str(store), str(lut), str(output), None if export_dir is None else str(export_dir),
-                                      overwrite, device, compression), (store, lut, output, export_dir), run)
+                                      overwrite, device, compression, png_compression), (store, lut, output, export_dir), run)
     if outcome.plan is not None:
         return Applied(command="apply", status="planned", outputs=outputs, plan=outcome.plan)
     result = outcome.value
@@ -466,11 +468,12 @@ def evaluate(store, *, ensemble=None, cv: int | None = None, solvers: str | Sequ
                      evaluation=outcome.value, report=page)
 
 
-def export(store, directory, *, variable: str = schema.ENSEMBLE, overwrite: bool = False,
+def export(store, directory, *, variable: str = schema.ENSEMBLE, overwrite: bool = False, png_compression: int = DEFAULT_PNG_COMPRESSION,
            **run: Unpack[RunOptions]) -> Exported:
     """Write every image of `variable` ('ensemble' of an `apply` output by default, or
     'ground_truth', 'input') in `store` as a lossless PNG named by its stem into `directory`
-    (what `apply(export_dir=...)` does), staged so that the folder appears complete or not at all."""
+    (what `apply(export_dir=...)` does) at zlib level `png_compression` (0-9), staged so that the
+    folder appears complete or not at all."""
     from .pipelines.export import export as export_pngs
     from .pipelines.plan import Plan
     from .pipelines.storage import open_store as open_checked
@@ -481,7 +484,7 @@ def export(store, directory, *, variable: str = schema.ENSEMBLE, overwrite: bool
         n_images = ds.sizes["image"]
 
         def execute(compute) -> int:
-            export_pngs(str(store), str(directory), compute, overwrite, variable)
+            export_pngs(str(store), str(directory), compute, overwrite, variable, compression=png_compression)
             return n_images
 
         return Plan(f"export {n_images} images", {"store": str(store), "variable": variable, "directory": str(directory)},

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from ensir_flow.demo import DEMO_MODELS, build_demo_corpus
+from ensir_flow.demo import DEMO_MODELS, build_demo_corpus, save_demo_models
 from ensir_flow.metrics import psnr
+from ensir_flow.models import Inference, check_model_file, model_file, loaded_model, predict_image
 
 
 def _digest(root):
@@ -20,15 +21,20 @@ def _digest(root):
 def test_corpus_is_ragged_paired_deterministic_and_restores(tmp_path):
     root = tmp_path / "a"
     root.mkdir()  # an existing empty folder is fine
-    models = build_demo_corpus(root)
-    assert models == list(DEMO_MODELS) and len(models) == 3
-    assert sorted(p.name for p in root.iterdir()) == sorted(["gt", "lq", *models])
-    stems = sorted(p.stem for p in (root / "gt").iterdir())
+    stems = sorted(build_demo_corpus(root))
+    assert sorted(p.name for p in root.iterdir()) == ["gt", "lq"]
     assert 6 <= len(stems) <= 8
-    for folder in ("gt", "lq", *models):
+    for folder in ("gt", "lq"):
         assert sorted(p.name for p in (root / folder).iterdir()) == [f"{s}.png" for s in stems], folder
-
-    images = {(folder, s): iio.imread(root / folder / f"{s}.png") for folder in ("gt", "lq", *models) for s in stems}
+    # the base models are TorchScript files that predict accepts; their outputs as predict computes them
+    paths = save_demo_models(tmp_path / "models")
+    models = list(paths)
+    assert models == list(DEMO_MODELS) and all(check_model_file(path) == "torchscript" for path in paths.values())
+    images = {(folder, s): iio.imread(root / folder / f"{s}.png") for folder in ("gt", "lq") for s in stems}
+    for name, path in paths.items():
+        module = loaded_model(model_file(name, path), "cpu")
+        for s in stems:
+            images[name, s] = predict_image(module, images["lq", s], Inference(), 0, name)
     for (folder, stem), image in images.items():
         assert image.dtype == np.uint8 and image.shape == images["gt", stem].shape, (folder, stem)
     shapes = [images["gt", s].shape for s in stems]

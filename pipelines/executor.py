@@ -310,7 +310,8 @@ def _cluster_compute(client, collections, progress, worker_timeout: float | None
     bar = _ProgressLine.start(client, futures, progress if isinstance(progress, ProgressLog) else None) if progress else None
     succeeded = False
     try:
-        _wait_while_workers(client, futures, worker_timeout, scheduler)
+        with client.as_current():  # distributed's `wait` waits through the current client, which `client` may not be
+            _wait_while_workers(client, futures, worker_timeout, scheduler)
         result = tuple(client.gather(futures))
         succeeded = True
         return result

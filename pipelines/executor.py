@@ -144,15 +144,13 @@ def local_cluster(**options):
 
 def announce_dashboard(client) -> None:
     """Say on stderr where the dashboard of a cluster this run started is (the first thing a Dask
-    user looks for on a long job), or how to get one when distributed could not start it."""
-    if "dashboard" in client.scheduler_info().get("services", {}):
-        print(f"dask dashboard: {client.dashboard_link}", file=sys.stderr, flush=True)
-        return
+    user looks for on a long job), or how to get one: distributed serves it only with bokeh."""
     import importlib.util
 
-    reason = ("bokeh is not installed: pip install 'bokeh>=3.1'" if importlib.util.find_spec("bokeh") is None
-              else "distributed did not start it")
-    print(f"dask dashboard: none ({reason})", file=sys.stderr, flush=True)
+    if importlib.util.find_spec("bokeh") is None:
+        print("dask dashboard: none (bokeh is not installed: pip install 'bokeh>=3.1')", file=sys.stderr, flush=True)
+        return
+    print(f"dask dashboard: {client.dashboard_link}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager

@@ -20,6 +20,13 @@ def test_wheel_holds_everything_under_ensir_flow(tmp_path):
         assert module in names, module
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "ensir-flow = ensir_flow.cli:main" in entry_points
+    configs = sorted(n.removeprefix("ensir_flow/configs/") for n in names if n.startswith("ensir_flow/configs/") and n.endswith(".yaml"))
+    assert configs == sorted(path.name for path in (ROOT / "configs").glob("*.yaml")) and configs
+    assert "ensir_flow/__main__.py" in names and any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert "License-Expression: MIT" in metadata and "Project-URL: Paper, https://arxiv.org/abs/2410.22959" in metadata
+    assert "Classifier: Topic :: Scientific/Engineering :: Image Processing" in metadata
+    assert "Requires-Dist: bokeh" in metadata  # the Dask dashboard
 
 
 def test_installed_console_script_works_and_no_top_level_modules_leak(tmp_path):
@@ -29,3 +36,29 @@ def test_installed_console_script_works_and_no_top_level_modules_leak(tmp_path):
     script = Path(sys.executable).with_name("ensir-flow")
     version = subprocess.run([str(script), "--version"], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert version.stdout.startswith("ensir-flow, version ")
+
+
+def test_python_dash_m_is_the_command_line(tmp_path):
+    version = subprocess.run([sys.executable, "-m", "ensir_flow", "--version"], cwd=tmp_path, capture_output=True, text=True,
+                             check=True)
+    assert version.stdout.startswith("ensir-flow, version ")
+    usage = subprocess.run([sys.executable, "-m", "ensir_flow", "no-such-command"], cwd=tmp_path, capture_output=True, text=True)
+    assert usage.returncode == 2 and "Usage: ensir-flow" in usage.stderr
+
+
+def test_installed_configs_are_listed_and_selected_by_name(tmp_path, invoke, corpus):
+    from ensir_flow.config import installed_configs
+
+    names = sorted(path.stem for path in (ROOT / "configs").glob("*.yaml"))
+    assert list(installed_configs()) == names
+    listed = invoke("configs")
+    assert listed.exit_code == 0 and all(f"{name}: " in listed.stdout for name in names)
+    root, _ = corpus
+    assert invoke("ingest", root, tmp_path / "s.zarr", "--no-progress").exit_code == 0
+    by_name = invoke("--config", "deraining-rain100h", "evaluate", tmp_path / "s.zarr", "--dry-run")
+    assert by_name.exit_code == 0 and "PSNR, SSIM on Y" in by_name.stdout  # the config's y_channel: true
+    by_path = invoke("--config", ROOT / "configs" / "deraining-rain100h.yaml", "evaluate", tmp_path / "s.zarr", "--dry-run")
+    assert by_path.exit_code == 0 and by_path.stdout == by_name.stdout
+    unknown = invoke("--config", "deblurring", "evaluate", tmp_path / "s.zarr", "--dry-run")
+    assert unknown.exit_code == 2 and "deblurring: neither a config file nor an installed config" in unknown.stderr
+    assert ", ".join(names) in unknown.stderr

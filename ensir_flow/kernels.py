@@ -35,12 +35,13 @@ def cell_indices(predictions, places):
 
 
 @numba.njit(inline="always")
-def store_blend(predictions, table, pixel, channel, out):
-    """out[pixel, channel] = floor(sum_k table[channel, k] * x_k + 0.5) clipped to 0..255, the sum
-    in float32 in model order (the paper's operations); `table` (C, K) is one bin's weights."""
+def store_blend(predictions, weights, row, pixel, channel, places, out):
+    """out[pixel, channel] = floor(sum_k weights[row, channel, k] * x_k + 0.5) clipped to 0..255, the
+    sum in float32 in model order (the paper's operations); `places` only gives K, known when
+    compiling, so the loop unrolls (and no view of `weights` is made: indexing stays scalar)."""
     acc = np.float32(0.0)
-    for k in range(predictions.shape[0]):
-        acc += table[channel, k] * np.float32(predictions[k, pixel, channel])
+    for k in range(len(places)):
+        acc += weights[row, channel, k] * np.float32(predictions[k, pixel, channel])
     value = np.floor(acc + np.float32(0.5))
     out[pixel, channel] = 0 if value < 0 else (255 if value > 255 else np.uint8(value))
 
@@ -52,7 +53,7 @@ def blend_into(predictions, weights, places, out):
     n_pixels, n_channels = predictions.shape[1], predictions.shape[2]
     for p in range(n_pixels):
         for c in range(n_channels):
-            store_blend(predictions, weights[flat_bin(predictions, p, c, places)], p, c, out)
+            store_blend(predictions, weights, flat_bin(predictions, p, c, places), p, c, places, out)
 
 
 @numba.njit(inline="always")
@@ -99,17 +100,33 @@ def blend_hashed_into(predictions, places, word_of_model, keys, slots, weights, 
     """`blend_into` for a sparse LUT: each pixel-channel's bin key words (model k adds
     places[k][x_k] to word word_of_model[k], `binning.group_place_tables`) are looked up in the hash
     `slots` of the stored bins' `keys` (m, W); found, the bin's weights (m, C, K) are used, else the
-    channel's `fallback` (C, K). The sum is `store_blend`'s, so a bin gives the bytes it gives dense."""
+    channel's `fallback` (1, C, K). The sum is `store_blend`'s, so a bin gives the bytes it gives
+    dense. The last bin found in each channel is remembered: neighbouring pixels often share it."""
     n_pixels, n_channels = predictions.shape[1], predictions.shape[2]
+    n_words = keys.shape[1]
     mask = len(slots) - 1
-    words = np.zeros(keys.shape[1], np.int64)
+    words = np.zeros(n_words, np.int64)
+    last_words = np.full((n_channels, n_words), -1, np.int64)
+    last_row = np.full(n_channels, -1, np.int64)
     for p in range(n_pixels):
         for c in range(n_channels):
-            words[:] = 0
+            for i in range(n_words):
+                words[i] = 0
             for k in range(len(places)):
                 words[word_of_model[k]] += places[k][predictions[k, p, c]]
-            row = find_row(words, keys, slots, mask)
-            store_blend(predictions, weights[row] if row >= 0 else fallback, p, c, out)
+            same = True
+            for i in range(n_words):
+                if words[i] != last_words[c, i]:
+                    same = False
+            if not same:
+                last_row[c] = find_row(words, keys, slots, mask)
+                for i in range(n_words):
+                    last_words[c, i] = words[i]
+            row = last_row[c]
+            if row >= 0:
+                store_blend(predictions, weights, row, p, c, places, out)
+            else:
+                store_blend(predictions, fallback, 0, p, c, places, out)
 
 
 @numba.njit(inline="always")

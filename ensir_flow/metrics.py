@@ -33,6 +33,10 @@ def _gaussian_taps() -> np.ndarray:
 
 
 GAUSSIAN_TAPS = _gaussian_taps()
+#: The numba kernels below: run without the GIL (one evaluate task per image, in parallel), cached
+#: on disk, and with numpy's error model (no division-by-zero branch in the loops: SSIM's
+#: denominators are at least C1 * C2 > 0), which lets their loops vectorise.
+KERNEL_OPTIONS = {"nogil": True, "cache": True, "error_model": "numpy"}
 
 
 def rgb_to_y(image: np.ndarray) -> np.ndarray:
@@ -78,7 +82,7 @@ def _psnr_of(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else float(10.0 * np.log10(255.0 ** 2 / mse))
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(**KERNEL_OPTIONS)
 def _squared_error_sum(x, y):
     """Sum of (x - y)^2 over two uint8 arrays of one shape: exact (below 2^53 for any image that fits in memory)."""
     total = 0.0
@@ -88,7 +92,7 @@ def _squared_error_sum(x, y):
             total += d * d
     return total
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(**KERNEL_OPTIONS)
 def _local_moments(y, taps, channels):
     """Gaussian-weighted local means of y and y^2 over the 'valid' region: y is rows (H, W * C)
     of C interleaved channels; returns two (H - 10, (W - 10) * C) arrays (vertical pass, then horizontal)."""
@@ -124,7 +128,7 @@ def _local_moments(y, taps, channels):
                 s[j] += w * col_yy[j + shift]
     return mean, square
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(**KERNEL_OPTIONS)
 def _ssim_sums(x, y, mean_y, square_y, taps, channels, c1, c2):
     """Per channel, the sum of the SSIM map of x against y (rows (H, W * C)) over the 'valid'
     region, given y's `_local_moments`: x's local moments are filtered one output row at a time,

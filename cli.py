@@ -405,7 +405,7 @@ def fit(store, lut, bin_width, solver, shrinkage, device, scheduler, worker_time
 @click.argument("output")
 @click.option("--export-dir", default=None, help="Also write one lossless PNG per image here, named by stem.")
 @click.option("--png-compression", type=click.IntRange(0, 9), default=DEFAULT_PNG_COMPRESSION, show_default=True, metavar="0-9",
-              help="zlib level of the exported PNGs: 1 encodes several times faster than 6 or 9 for files ~10-20% "
+              help="zlib level of the exported PNGs: 1 encodes several times faster than 6 or 9 for files ~15-25% "
                    "larger; the pixels are the same at every level.")
 @device_option
 @compression_option

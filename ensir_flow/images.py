@@ -183,7 +183,7 @@ def read_image(path, expected: ImageInfo) -> np.ndarray:
 
 
 #: zlib level of the PNGs ensir-flow writes unless told otherwise: level 1 encodes several times
-#: faster than zlib's default 6 for files ~10% larger; every level is lossless (the same pixels).
+#: faster than 6 or 9 for files ~15-25% larger; every level is lossless (the same pixels).
 DEFAULT_PNG_COMPRESSION = 1
 PNG_COMPRESSION_LEVELS = range(10)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -1,8 +1,8 @@
 """Export: one lossless PNG per image of a pixel store, one task per image.
 
 Each task reads its image's pixels and encodes them with Pillow at the zlib level asked
-(`--png-compression`, level 1 by default: the same pixels as any other level, encoded ~4x faster
-than level 6) straight into its file, so images are encoded in parallel on the scheduler in use.
+(`--png-compression`, level 1 by default: the same pixels as any other level, encoded several
+times faster than level 6) straight into its file, so images are encoded in parallel on the scheduler in use.
 
 The export folder is written as a whole: staged beside it, then moved into place. Two things are
 never done, whatever the store holds or the options say:

@@ -15,6 +15,7 @@ from ensir_flow.binning import DEFAULT_BIN_WIDTH
 from ensir_flow.config import command_defaults, config_summary, installed_configs, load_config
 from ensir_flow.devices import DEVICES
 from ensir_flow.errors import InputError, TransientError
+from ensir_flow.models import VALUE_RANGES
 from ensir_flow.images import DEFAULT_PNG_COMPRESSION
 from ensir_flow.lut import DEFAULT_SOLVER, SOLVERS
 from ensir_flow.pipelines.executor import (DASHBOARD_ADDRESS_ENV, DEFAULT_DASHBOARD_ADDRESS, DEFAULT_WORKER_TIMEOUT,
@@ -310,14 +311,6 @@ def _model_files(values: tuple[str, ...]):
     return models
 
 
-def _value_range(value: str):
-    from ensir_flow.models import VALUE_RANGES
-
-    if value not in VALUE_RANGES:
-        raise click.BadParameter(f"{value!r}: choose from {', '.join(VALUE_RANGES)}", param_hint="--range")
-    return value
-
-
 @main.command()
 @click.argument("source_dir", type=click.Path(file_okay=False))
 @click.argument("store")
@@ -335,8 +328,8 @@ def _value_range(value: str):
 @click.option("--batch", type=click.IntRange(1), default=1, show_default=True, help="Tiles of one shape per model call.")
 @click.option("--scale", type=click.IntRange(1), default=1, show_default=True,
               help="Super-resolution factor: outputs must be this many times the input's size (checked).")
-@click.option("--range", "value_range", default="0-1", show_default=True, callback=lambda _c, _p, v: _value_range(v),
-              metavar="0-1|0-255", help="The scale of the models' input and output pixel values.")
+@click.option("--range", "value_range", type=click.Choice(list(VALUE_RANGES)), default="0-1", show_default=True,
+              help="The scale of the models' input and output pixel values.")
 @click.option("--samples", type=click.IntRange(1), default=1, show_default=True,
               help="Runs per model and image, seeded by (image, sample): members NAME#0 ... NAME#N-1 (stochastic models).")
 @click.option("--chunk-pixels", type=click.IntRange(1), default=schema.DEFAULT_CHUNK_PIXELS, show_default=True,

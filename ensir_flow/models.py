@@ -25,6 +25,7 @@ import threading
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -115,12 +116,17 @@ def _pop(stack: list, opcode) -> None:
 
 
 def _looks_like_pickle(data: bytes) -> bool:
-    return len(data) > 2 and data[0] == 0x80 and 2 <= data[1] <= 5
+    return len(data) >= 2 and data[0] == 0x80 and 2 <= data[1] <= 5
 
 
 def _archive_problem(archive: zipfile.ZipFile, allowed: set[str], depth: int = 0) -> str | None:
-    """The first member of `archive` (nested archives included) that could run code, and why."""
+    """The first member of `archive` (nested archives included) that could run code, and why.
+    Only members that are pickles or archives are read whole (not the tensors' bytes)."""
     for member in archive.namelist():
+        with archive.open(member) as file:
+            head = file.read(4)
+        if not (head.startswith(b"PK\x03\x04") or member.endswith("pkl") or _looks_like_pickle(head)):
+            continue
         data = archive.read(member)
         if data.startswith(b"PK\x03\x04") and depth < 2:
             with zipfile.ZipFile(io.BytesIO(data)) as nested:
@@ -145,14 +151,16 @@ def model_kind(names: list[str]) -> str | None:
     return None
 
 
-def check_model_file(path) -> str:
+def check_model_file(path, content: io.BytesIO | None = None) -> str:
     """Refuse, with an InputError naming `path`, a file that is not a TorchScript archive or a
     torch.export program, or that holds a pickle naming a global outside what torch's safe loaders
-    build; return its kind ('torchscript' or 'export'). Nothing in the file is run or unpickled."""
-    if not zipfile.is_zipfile(path):
+    build; return its kind ('torchscript' or 'export'). Nothing in the file is run or unpickled.
+    `content`: the file's bytes already read (checked instead of reading `path`)."""
+    source = path if content is None else content
+    if not zipfile.is_zipfile(source):
         raise InputError(f"{path}: not a TorchScript archive or torch.export program (a plain pickle? refused: loading "
                          "it could run code); save the model with torch.jit.save or torch.export.save")
-    with zipfile.ZipFile(path) as archive:
+    with zipfile.ZipFile(source) as archive:
         kind = model_kind(archive.namelist())
         if kind is None:
             raise InputError(f"{path}: a zip archive but neither TorchScript nor a torch.export program (a torch.save "
@@ -165,15 +173,20 @@ def check_model_file(path) -> str:
 
 
 def _load(model: ModelFile, device: str):
-    """Load a checked model file onto `device`, in evaluation mode."""
+    """Load `model` onto `device`, in evaluation mode. The file is read once: its bytes are hashed
+    (a file changed since the run was planned is refused), checked and handed to torch, so what
+    torch loads is what was checked."""
     import torch
 
-    kind = check_model_file(model.path)
+    content = Path(model.path).read_bytes()
+    if hashlib.sha256(content).hexdigest() != model.sha256:
+        raise InputError(f"{model.path}: model '{model.name}' changed while the run was under way; run it again")
+    kind = check_model_file(model.path, io.BytesIO(content))
     try:
         if kind == "torchscript":
-            module = torch.jit.load(model.path, map_location=device)
+            module = torch.jit.load(io.BytesIO(content), map_location=device)
         else:
-            module = torch.export.load(model.path).module().to(device)
+            module = torch.export.load(io.BytesIO(content)).module().to(device)
     except Exception as error:  # noqa: BLE001 - whatever torch raises on a file it cannot load
         raise InputError(f"{model.path}: model '{model.name}' cannot be loaded ({_first_line(error)})") from None
     if hasattr(module, "eval") and kind == "torchscript":
@@ -212,8 +225,6 @@ class _ModelCache:
             if key in self.models:
                 self.models.move_to_end(key)
                 return self.models[key][0]
-            if file_sha256(model.path) != model.sha256:
-                raise InputError(f"{model.path}: model '{model.name}' changed while the run was under way; run it again")
             module = _load(model, device)
             size, budget = _module_bytes(module), _memory_budget(device)
             while self.models and sum(s for _, s in self.models.values()) + size > budget:
@@ -290,13 +301,15 @@ def predict_image(module, image: np.ndarray, how: Inference, seed: int, label: s
     s = how.scale
     x = torch.from_numpy(np.ascontiguousarray(image)).to(how.device).permute(2, 0, 1)[None].float()
     x = x / VALUE_RANGES[how.value_range]
-    out = torch.empty((1, channels, height * s, width * s), dtype=torch.float32, device=how.device)
+    out = torch.empty((channels, height * s, width * s), dtype=torch.uint8, device=how.device)
     if how.tile is None:
         jobs = [((0, height, 0, height), (0, width, 0, width))]
     else:
         jobs = [(rows, cols) for rows in tile_spans(height, how.tile, how.overlap) for cols in tile_spans(width, how.tile, how.overlap)]
+    if how.device.startswith("cuda"):  # the same bytes on every run: no algorithm chosen by timing
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     with _RNG_LOCK, torch.inference_mode():
-        torch.manual_seed(seed)
+        torch.manual_seed(seed)  # every device's generators
         for group in _batches(jobs, how.batch):
             (r0, r1, _, _), (c0, c1, _, _) = group[0]
             tiles = torch.cat([x[..., rows[0]: rows[1], cols[0]: cols[1]] for rows, cols in group])
@@ -315,9 +328,15 @@ def predict_image(module, image: np.ndarray, how: Inference, seed: int, label: s
                 raise InputError(f"{label}: the model returned NaN or infinite values")
             for k, (rows, cols) in enumerate(group):
                 keep = result[k, :, (rows[2] - rows[0]) * s: (rows[3] - rows[0]) * s, (cols[2] - cols[0]) * s: (cols[3] - cols[0]) * s]
-                out[0, :, rows[2] * s: rows[3] * s, cols[2] * s: cols[3] * s] = keep
-    values = torch.floor(out.float() * VALUE_RANGES[how.value_range] + 0.5).clamp_(0, 255)
-    return values.to(torch.uint8)[0].permute(1, 2, 0).contiguous().cpu().numpy()
+                out[:, rows[2] * s: rows[3] * s, cols[2] * s: cols[3] * s] = _to_uint8(keep, how.value_range)
+    return out.permute(1, 2, 0).contiguous().cpu().numpy()
+
+
+def _to_uint8(values, value_range: str):
+    """A model's float output as the uint8 a PNG of it holds: scaled to 0..255, rounded half up, clipped."""
+    import torch
+
+    return torch.floor(values.float() * VALUE_RANGES[value_range] + 0.5).clamp_(0, 255).to(torch.uint8)
 
 
 def _batches(jobs: list, size: int) -> list[list]:

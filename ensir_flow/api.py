@@ -202,14 +202,12 @@ class Exported(Result):
 
 
 @dataclass(kw_only=True)
-class LutWritten(Result):
-    """`import_lut`, `export_lut`: the LUT converted (`lut`), with its bins and channels."""
+class LutImported(Result):
+    """`import_lut`: the LUT converted (`lut`), with its bins and channels."""
 
     lut: Lut | None = field(default=None, repr=False)
 
     def counts(self) -> dict[str, Any]:
-        if self.command == "lut export":
-            return {}
         return {"bins": self.lut.n_bins, "channels": self.lut.n_channels}
 
 
@@ -481,6 +479,9 @@ def export(store, directory, *, variable: str = schema.ENSEMBLE, overwrite: bool
     def plan():
         ds = open_checked(str(store))
         schema.check_store(ds, str(store), require=(variable,))
+        if "model" in ds[variable].dims:
+            raise InputError(f"{store}: '{variable}' holds one image per model; export writes '{schema.ENSEMBLE}', "
+                             f"'{schema.GROUND_TRUTH}' or '{schema.INPUT}'")
         n_images = ds.sizes["image"]
 
         def execute(compute) -> int:
@@ -497,22 +498,22 @@ def export(store, directory, *, variable: str = schema.ENSEMBLE, overwrite: bool
                     directory=str(directory), images=outcome.value)
 
 
-def import_lut(source, output, *, models: str | Sequence[str], bin_width: int, overwrite: bool = False) -> LutWritten:
+def import_lut(source, output, *, models: str | Sequence[str], bin_width: int, overwrite: bool = False) -> LutImported:
     """Convert a LUT published with the paper's code (`source`, a .pth; code in it is never run)
     into the LUT store `output` (`ensir-flow lut import`)."""
     from .pipelines.interchange import import_paper_lut
 
     table = import_paper_lut(str(source), str(output), _names(models), bin_width, overwrite)
-    return LutWritten(command="lut import", status="written", outputs=_written([output]), lut=table)
+    return LutImported(command="lut import", status="written", outputs=_written([output]), lut=table)
 
 
-def export_lut(lut, output, *, overwrite: bool = False) -> LutWritten:
+def export_lut(lut, output, *, overwrite: bool = False) -> Result:
     """Write the LUT store `lut` as `output` (.npz or .json: weights, counts, models, bin width,
     bin-index rule) (`ensir-flow lut export`)."""
     from .pipelines.interchange import export_lut as write_lut_file
 
     write_lut_file(str(lut), str(output), overwrite)
-    return LutWritten(command="lut export", status="written", outputs=_written([output]))
+    return Result(command="lut export", status="written", outputs=_written([output]))
 
 
 def demo(directory="demo-run", *, overwrite: bool = False, **run: Unpack[RunOptions]) -> Demo:

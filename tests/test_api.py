@@ -225,3 +225,16 @@ def test_package_exports_the_api_lazily():
     assert loaded == ["False", "False"]  # workers import the package: it stays cheap
     with pytest.raises(AttributeError):
         ensir_flow.not_a_function  # noqa: B018
+
+
+def test_export_writes_any_single_image_variable_as_pngs(tmp_path, workflow):
+    import imageio.v3 as iio
+
+    root, _, paths = workflow
+    exported = ensir_flow.export(paths["s.zarr"], tmp_path / "gt-png", variable="ground_truth", progress=False)
+    assert (exported.status, exported.images) == ("written", 3)
+    for stem in ("img0", "img1", "img2"):
+        np.testing.assert_array_equal(iio.imread(tmp_path / "gt-png" / f"{stem}.png"), iio.imread(root / "gt" / f"{stem}.png"))
+    with pytest.raises(InputError, match="'prediction' holds one image per model"):
+        ensir_flow.export(paths["s.zarr"], tmp_path / "p-png", variable="prediction", progress=False)
+    assert not (tmp_path / "p-png").exists()

@@ -106,7 +106,7 @@ def compression_of(encoding: dict) -> str:
 
 #: The CF version whose attribute conventions the stores follow where they fit (long_name, units,
 #: flag_values/flag_meanings, the contiguous ragged array's sample_dimension).
-CONVENTIONS = "CF-1.11"
+CONVENTIONS = "CF-1.10"  # as the LUTs (lut.py)
 
 
 def store_attributes(models: list[str], channels: int, **provenance) -> dict:

@@ -1,0 +1,61 @@
+"""EM's numpy path (the CPU's, no torch import) against its torch path: the same LUT bits."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ensir_flow import em, stats
+from ensir_flow.fit_status import FitStatus
+
+
+def _torch_fit(statistics):
+    """fit_em's batches run through torch on the CPU (what fit_em did on the CPU before numpy)."""
+    import torch
+
+    weights = em.initial_weights(statistics)
+    mean, var, zero_var = em._moments_of(statistics)
+    rows = np.flatnonzero((statistics.counts >= em.MIN_PIXELS_FOR_EM) & ~zero_var.any(axis=1))
+    as_tensor = lambda a: torch.as_tensor(a, dtype=torch.float64)  # noqa: E731
+    pi, failed = em._em_batch(as_tensor(statistics.dense_histograms(rows)), as_tensor(mean[rows]), as_tensor(var[rows]),
+                              as_tensor(weights[rows]), em._torch_ops())
+    failed = failed.numpy()
+    weights[rows[~failed]] = pi.numpy()[~failed]
+    return weights, rows, failed
+
+
+def _corpus(seed: int, n_models: int, n_pixels: int):
+    """Predictions = truth + per-model bias, gain and noise, clipped (as the models' outputs are):
+    cells of every kind, including clipped ones where EM's steps lower the likelihood."""
+    rng = np.random.default_rng(seed)
+    truth = np.clip(rng.normal(128, 70, (n_pixels, 3)), 0, 255)
+    predictions = np.stack([
+        np.clip(truth * rng.uniform(0.9, 1.1) + rng.uniform(-12, 12) + rng.normal(0, rng.uniform(1, 12), truth.shape), 0, 255)
+        for _ in range(n_models)])
+    return predictions.round().astype(np.uint8), truth.round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("seed,n_models,bin_width", [(0, 3, 32), (1, 3, 16), (2, 2, 64), (3, 4, 32), (4, 3, 128)])
+def test_numpy_em_gives_the_torch_weights_bit_for_bit(seed, n_models, bin_width):
+    pytest.importorskip("torch")
+    table = stats.chunk_statistics(*_corpus(seed, n_models, 60_000), bin_width)
+    weights, status = em.fit_em(table, "cpu")
+    torch_weights, rows, failed = _torch_fit(table)
+    assert (status == FitStatus.EM).sum() >= 10  # EM ran on cells
+    np.testing.assert_array_equal(status[rows] == FitStatus.EM_FAILED_INITIAL_WEIGHTS, failed)
+    np.testing.assert_array_equal(weights.astype(np.float32), torch_weights.astype(np.float32))  # the LUT's bits
+    np.testing.assert_allclose(weights, torch_weights, rtol=0, atol=1e-12)
+
+
+def test_fit_on_the_cpu_does_not_import_torch(tmp_path):
+    """EM on the CPU is numpy's: a fit never pays for importing torch."""
+    code = ("import sys, numpy as np\n"
+            "from ensir_flow import em, stats\n"
+            "rng = np.random.default_rng(0)\n"
+            "y = rng.integers(0, 256, (5000, 3)).astype(np.uint8)\n"
+            "x = np.clip(y[None].astype(int) + rng.integers(-9, 10, (3, 5000, 3)), 0, 255).astype(np.uint8)\n"
+            "em.fit_em(stats.chunk_statistics(x, y, 64), 'cpu')\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -129,50 +129,56 @@ def _local_moments(y, taps, channels):
     return mean, square
 
 @numba.njit(**KERNEL_OPTIONS)
-def _ssim_sums(x, y, mean_y, square_y, taps, channels, c1, c2):
+def _ssim_sums(x, y, mean_y, square_y, taps, channels, c1, c2, zero):
     """Per channel, the sum of the SSIM map of x against y (rows (H, W * C)) over the 'valid'
     region, given y's `_local_moments`: x's local moments are filtered one output row at a time,
-    so no full-size map is ever held; the formula is scikit-image's term for term."""
+    so no full-size map is ever held; the formula is scikit-image's term for term.
+
+    The taps are symmetric, so each pass adds the two rows (or columns) a tap weighs alike before
+    multiplying, in `zero`'s type: exact integers for uint8 images (np.int32(0)), float64 for luma.
+    """
     n_taps = len(taps)
-    height, row_len = x.shape
+    half = n_taps // 2
     out_h, out_len = mean_y.shape
+    row_len = x.shape[1]
     col_x, col_xx, col_xy = np.empty(row_len), np.empty(row_len), np.empty(row_len)
-    mx, sx, cxy = np.empty(out_len), np.empty(out_len), np.empty(out_len)
+    mean_x, square_x, cross = np.empty(out_len), np.empty(out_len), np.empty(out_len)
     ssim_row = np.empty(out_len)
     totals = np.zeros(channels)
     for i in range(out_h):
-        w = taps[0]
-        rx, ry = x[i], y[i]
+        w = taps[half]
+        rx, ry = x[i + half], y[i + half]
         for j in range(row_len):
             v = np.float64(rx[j])
             col_x[j] = w * v
             col_xx[j] = w * (v * v)
             col_xy[j] = w * (v * np.float64(ry[j]))
-        for k in range(1, n_taps):
+        for k in range(half):
             w = taps[k]
-            rx, ry = x[i + k], y[i + k]
+            top_x, bottom_x, top_y, bottom_y = x[i + k], x[i + n_taps - 1 - k], y[i + k], y[i + n_taps - 1 - k]
             for j in range(row_len):
-                v = np.float64(rx[j])
-                col_x[j] += w * v
-                col_xx[j] += w * (v * v)
-                col_xy[j] += w * (v * np.float64(ry[j]))
-        w = taps[0]
+                a, b = zero + top_x[j], zero + bottom_x[j]
+                col_x[j] += w * np.float64(a + b)
+                col_xx[j] += w * np.float64(a * a + b * b)
+                col_xy[j] += w * np.float64(a * (zero + top_y[j]) + b * (zero + bottom_y[j]))
+        w = taps[half]
+        shift = half * channels
         for j in range(out_len):
-            mx[j] = w * col_x[j]
-            sx[j] = w * col_xx[j]
-            cxy[j] = w * col_xy[j]
-        for k in range(1, n_taps):
+            mean_x[j] = w * col_x[j + shift]
+            square_x[j] = w * col_xx[j + shift]
+            cross[j] = w * col_xy[j + shift]
+        for k in range(half):
             w = taps[k]
-            shift = k * channels
+            left, right = k * channels, (n_taps - 1 - k) * channels
             for j in range(out_len):
-                mx[j] += w * col_x[j + shift]
-                sx[j] += w * col_xx[j + shift]
-                cxy[j] += w * col_xy[j + shift]
+                mean_x[j] += w * (col_x[j + left] + col_x[j + right])
+                square_x[j] += w * (col_xx[j + left] + col_xx[j + right])
+                cross[j] += w * (col_xy[j + left] + col_xy[j + right])
         my, sy = mean_y[i], square_y[i]
         for j in range(out_len):
-            ux, uy = mx[j], my[j]
-            ssim_row[j] = ((2.0 * ux * uy + c1) * (2.0 * (cxy[j] - ux * uy) + c2)) / (
-                (ux * ux + uy * uy + c1) * ((sx[j] - ux * ux) + (sy[j] - uy * uy) + c2))
+            ux, uy = mean_x[j], my[j]
+            ssim_row[j] = ((2.0 * ux * uy + c1) * (2.0 * (cross[j] - ux * uy) + c2)) / (
+                (ux * ux + uy * uy + c1) * ((square_x[j] - ux * ux) + (sy[j] - uy * uy) + c2))
         for j in range(out_len):
             totals[j % channels] += ssim_row[j]
     return totals
@@ -199,7 +205,8 @@ def scores(images, reference, crop_border: int = 0, y_channel: bool = False) -> 
         candidate = _prepare(image, crop_border, y_channel)
         psnrs.append(_psnr_of(candidate, truth))
         if scorable:
-            per_channel = _ssim_sums(candidate, truth, mean, square, GAUSSIAN_TAPS, channels, SSIM_C1, SSIM_C2) / n_valid
+            zero = np.int32(0) if candidate.dtype == np.uint8 else 0.0
+            per_channel = _ssim_sums(candidate, truth, mean, square, GAUSSIAN_TAPS, channels, SSIM_C1, SSIM_C2, zero) / n_valid
             ssims.append(float(np.mean(per_channel)))
         else:
             ssims.append(float("nan"))

@@ -48,11 +48,26 @@ def _photo(name: str) -> np.ndarray:
     return np.ascontiguousarray(image[top: top + height, left: left + width, :3])
 
 
+def _fast_length(n: int) -> int:
+    """The smallest length >= n with no prime factor above 5: FFTs of such lengths are fast (a
+    length like 2 x 53 takes several times longer)."""
+    rest = 0
+    while rest != 1:
+        rest = n
+        for factor in (2, 3, 5):
+            while rest % factor == 0:
+                rest = rest // factor
+        n += 1
+    return n - 1
+
+
 def _planes(x: torch.Tensor, pad: int) -> torch.Tensor:
-    """(N, C, H, W) as (N*C, 1, H+2p, W+2p), reflect-padded: the restorers work per channel, and the
-    padding keeps a dark frame (zero padding) out of the deconvolutions."""
+    """(N, C, H, W) as (N*C, 1, H', W'), reflect-padded by `pad` pixels and more at the bottom and
+    right up to FFT-friendly sizes: the restorers work per channel, and the padding keeps a dark
+    frame (zero padding) out of the deconvolutions."""
     n, c, h, w = x.shape
-    return torch.nn.functional.pad(x.reshape(n * c, 1, h, w), [pad, pad, pad, pad], mode="reflect")
+    bottom, right = _fast_length(h + 2 * pad) - h - pad, _fast_length(w + 2 * pad) - w - pad
+    return torch.nn.functional.pad(x.reshape(n * c, 1, h, w), [pad, right, pad, bottom], mode="reflect")
 
 
 def _unplanes(y: torch.Tensor, like: torch.Tensor, pad: int) -> torch.Tensor:

@@ -331,3 +331,17 @@ def test_killed_predict_resumes_to_the_same_bytes(tmp_path, inputs, models):
                              capture_output=True, text=True)
     assert resumed.returncode == 0 and "resumed s.zarr" in resumed.stdout, resumed.stderr
     xr.testing.assert_identical(xr.open_zarr(tmp_path / "s.zarr").load(), xr.open_zarr(tmp_path / "clean.zarr").load())
+
+
+def test_grayscale_inputs_run_as_one_channel(tmp_path, invoke):
+    root = tmp_path / "gray"
+    make_corpus(root, n_models=1, inputs_scale=1, channels=1)
+    shutil.rmtree(root / "model0")
+    identity = save_script(torch.nn.Identity(), tmp_path / "identity.pt")
+    for value_range in ("0-1", "0-255"):
+        store = tmp_path / f"{value_range}.zarr"
+        result = invoke("predict", root, store, "--model", f"same={identity}", "--range", value_range, "--no-progress")
+        assert result.exit_code == 0, result.output
+        ds = xr.open_zarr(store)
+        assert ds.sizes["channel"] == 1
+        np.testing.assert_array_equal(ds["prediction"].values[0], ds["input"].values)  # 0..1 and back, exactly

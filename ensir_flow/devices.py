@@ -2,7 +2,9 @@
 
 `auto` is resolved where the work runs (on each Dask worker), so a cluster that mixes CPU and GPU
 workers uses each one's GPU when it has one. Torch is only imported when a GPU may be present,
-which keeps CPU workers small.
+which keeps CPU workers small and their start-up short: a GPU that torch can use shows one of
+`GPU_DEVICE_FILES` (NVIDIA's driver, WSL2's GPU bridge, AMD's ROCm driver, which torch also
+drives through its `cuda` device); without any of them the answer is 'cpu' without importing torch.
 """
 
 import os
@@ -10,6 +12,12 @@ import os
 from .errors import InputError
 
 DEVICES = ("auto", "cpu", "cuda")
+GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
+
+
+def gpu_may_be_present() -> bool:
+    """Whether this machine shows a GPU driver's device file, i.e. whether asking torch is worth its import."""
+    return any(os.path.exists(path) for path in GPU_DEVICE_FILES)
 
 
 def resolve_device(device: str) -> str:
@@ -17,7 +25,7 @@ def resolve_device(device: str) -> str:
     if device == "cpu":
         return "cpu"
     if device == "auto":
-        if not os.path.exists("/dev/nvidiactl"):
+        if not gpu_may_be_present():
             return "cpu"
         import torch
 

@@ -74,7 +74,7 @@ def _blend_hashed(predictions: np.ndarray, table: HashedWeights) -> np.ndarray:
         raise ValueError(f"weights of shape {table.weights.shape} do not fit predictions of shape {predictions.shape}")
     places, word_of_model = group_place_tables(n_models, table.bin_width)
     out = np.empty((n_pixels, n_channels), dtype=np.uint8)
-    blend_hashed_into(predictions, places, word_of_model, table.keys, table.slots, table.weights, table.fallback[None], out)
+    blend_hashed_into(predictions, np.stack(places), word_of_model, table.keys, table.slots, table.weights, table.fallback[None], out)
     return out
 
 

@@ -98,7 +98,8 @@ def find_row(words, keys, slots, mask):
 @numba.njit(nogil=True, cache=True)
 def blend_hashed_into(predictions, places, word_of_model, keys, slots, weights, fallback, out):
     """`blend_into` for a sparse LUT: each pixel-channel's bin key words (model k adds
-    places[k][x_k] to word word_of_model[k], `binning.group_place_tables`) are looked up in the hash
+    places[k, x_k] to word word_of_model[k]; `places` (K, 256) from `binning.group_place_tables`,
+    an array: indexing a tuple of 16 tables by a loop variable is 300x slower) are looked up in the hash
     `slots` of the stored bins' `keys` (m, W); found, the bin's weights (m, C, K) are used, else the
     channel's `fallback` (1, C, K). The sum is `store_blend`'s, so a bin gives the bytes it gives
     dense. The last bin found in each channel is remembered: neighbouring pixels often share it."""
@@ -113,7 +114,7 @@ def blend_hashed_into(predictions, places, word_of_model, keys, slots, weights, 
             for i in range(n_words):
                 words[i] = 0
             for k in range(len(places)):
-                words[word_of_model[k]] += places[k][predictions[k, p, c]]
+                words[word_of_model[k]] += places[k, predictions[k, p, c]]
             same = True
             for i in range(n_words):
                 if words[i] != last_words[c, i]:

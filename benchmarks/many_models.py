@@ -1,0 +1,190 @@
+"""Many-model ensembles (issue 13): fit and apply as K grows, on the same synthetic pixels.
+
+    python benchmarks/many_models.py [--megapixels 4] [--memory-megapixels 1,2] [--out results.json]
+    python benchmarks/many_models.py --write-corpus DIR [--kind samples|models] [--members 8] [--images 6] [--size 256]
+
+Three groups of figures, on `benchmarks/run.py`'s synthetic corpus (full-HD frames of smooth
+waves and edges; each model = truth + its own bias, gain error and noise, plus noise shared by
+all models):
+
+- fit at K = 3 and K = 8 (bin width 32) on the same frames, dask's threaded scheduler, best of
+  --runs: seconds and their ratio (issue 13's target: K = 8 at most 3x K = 3).
+- the blend kernel alone, one call on one in-memory chunk (numba runs it on one core): K = 3
+  dense, K = 5 at w = 16 both dense and hashed (what `lut.DENSE_TABLE_LIMIT_BYTES` chooses
+  between), K = 8 at w = 32 hashed, K = 16 at w = 16 hashed (target: K = 8 >= 40 Mpx/s per core).
+- peak resident memory (VmHWM) of `fit` and of `apply` at K = 16, w = 16, each in a fresh
+  process on the threaded scheduler (one process = one worker), for each --memory-megapixels
+  (target: under 1.5 GB at 10 Mpx), with the number of cells and stored bins.
+
+On a shared machine every figure is inflated by the other processes: compare the ratios of one run.
+
+`--write-corpus` writes a PNG corpus for `ingest` instead (gt/ and one folder per member): `models`
+as above, or `samples`, N samples of one stochastic restorer: truth plus independent noise of one
+level (--sigma) per sample, no bias, nothing shared (the README's worked example).
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ensir_flow import schema, stats
+from ensir_flow.binning import words_of_digits
+from ensir_flow.blend import HashedWeights, blend
+from ensir_flow.lut import fit_lut
+from ensir_flow.pipelines.apply import plan_apply
+from ensir_flow.pipelines.executor import threaded_compute
+from ensir_flow.pipelines.fit import plan_fit
+from ensir_flow.pipelines.storage import read_lut
+
+sys.path.insert(0, str(Path(__file__).parent))
+from run import SyntheticCorpus, best_time  # noqa: E402  (benchmarks/ is not a package)
+
+CHUNK_PIXELS = schema.DEFAULT_CHUNK_PIXELS
+
+
+def write_corpus(path: Path, megapixels: float, n_models: int, seed: int) -> SyntheticCorpus:
+    """A reference store of `megapixels` with K models (the same ground truth for every K)."""
+    corpus = SyntheticCorpus.of_size(megapixels, n_models, seed)
+    corpus.write_store(path, CHUNK_PIXELS, schema.DEFAULT_COMPRESSION)
+    return corpus
+
+
+def write_png_corpus(root: Path, kind: str, n_members: int, n_images: int, size: int, sigma: float, seed: int) -> None:
+    """`n_images` square frames of `size` px as PNG folders: distinct `models`, or `samples` of one
+    stochastic model (independent noise of level `sigma` per sample, members named s01..)."""
+    corpus = SyntheticCorpus.of_size(n_images * size * size / 1e6, n_members, seed)
+    index = schema.ImageIndex([f"img{i:03d}" for i in range(n_images)], np.full(n_images, size), np.full(n_images, size))
+    corpus = dataclasses.replace(corpus, index=index)
+    if kind == "samples":
+        corpus = dataclasses.replace(corpus, models=[f"s{k + 1:02d}" for k in range(n_members)], shared_sigma=0.0,
+                                     bias=np.zeros(n_members, np.float32), slope=np.zeros(n_members, np.float32),
+                                     sigma=np.full(n_members, sigma, np.float32))
+    corpus.write_png_folders(root)
+
+
+def fit_seconds(store: Path, lut: Path, bin_width: int, runs: int) -> float:
+    """Best wall time of `fit` (statistics pass, solver, LUT write) on the threaded scheduler."""
+    times = []
+    for _ in range(runs):
+        plan = plan_fit(str(store), str(lut), bin_width, device="cpu", overwrite=True)
+        start = time.perf_counter()
+        plan.run(threaded_compute)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def kernel_rows(corpus_by_k: dict, repeats: int) -> list[dict]:
+    """Blend-kernel throughput (Mpx/s, one core) of one chunk, dense and hashed where both exist."""
+    rows = []
+    for n_models, bin_width in ((3, 32), (5, 16), (8, 32), (16, 16)):
+        pixels = corpus_by_k[n_models].pixels(0, min(CHUNK_PIXELS, corpus_by_k[n_models].index.n_pixels))
+        predictions, truth = np.ascontiguousarray(pixels[:-1]), pixels[-1]
+        lut = fit_lut(stats.chunk_statistics(predictions, truth, bin_width), corpus_by_k[n_models].models, solver="average")
+        tables = {"hashed": HashedWeights.of(words_of_digits(lut.bin_digits, bin_width), lut.bin_weights, lut.fallback,
+                                             n_models, bin_width)}
+        if lut.is_small:
+            tables["dense"] = lut.weights
+        outputs = {}
+        for kind, table in tables.items():
+            blend(predictions[:, :100], table, bin_width)  # compile or load the kernel first
+            seconds = best_time(lambda: outputs.__setitem__(kind, blend(predictions, table, bin_width)), repeats)
+            rows.append({"K": n_models, "bin_width": bin_width, "table": kind, "stored_bins": len(lut.bin_digits),
+                         "chosen": kind == ("dense" if lut.is_small else "hashed"),
+                         "mpx_per_s": predictions.shape[1] / seconds / 1e6})
+        if len(outputs) == 2 and not (outputs["dense"] == outputs["hashed"]).all():
+            raise RuntimeError(f"K = {n_models}: hashed and dense tables give different bytes")
+    return rows
+
+
+def child(argv: list[str]) -> None:
+    """In a fresh process: run `fit` or `apply` once, print JSON with seconds and VmHWM."""
+    what, store, lut, out, bin_width = argv[0], argv[1], argv[2], argv[3], int(argv[4])
+    start = time.perf_counter()
+    if what == "fit":
+        table = plan_fit(store, lut, bin_width, device="cpu", overwrite=True).run(threaded_compute)
+        extra = {"cells_with_data": table.filled_cells, "stored_bins": len(table.bin_digits)}
+    else:
+        plan_apply(store, lut, out, device="cpu", overwrite=True).run(threaded_compute)
+        extra = {}
+    seconds = time.perf_counter() - start
+    status = Path("/proc/self/status").read_text()
+    peak_kib = int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1])
+    print(json.dumps({"step": what, "seconds": seconds, "peak_mib": peak_kib / 1024, **extra}))
+
+
+def memory_rows(workdir: Path, sizes: list[float], seed: int) -> list[dict]:
+    """Peak RSS of fit and apply at K = 16, w = 16, each size in its own processes."""
+    rows = []
+    for megapixels in sizes:
+        store, lut, out = workdir / f"k16-{megapixels}.zarr", workdir / "k16-lut.zarr", workdir / "k16-out.zarr"
+        write_corpus(store, megapixels, 16, seed)
+        for what in ("fit", "apply"):
+            shutil.rmtree(out, ignore_errors=True)
+            result = subprocess.run([sys.executable, __file__, "--child", what, str(store), str(lut), str(out), "16"],
+                                    capture_output=True, text=True, check=True)
+            rows.append({"megapixels": megapixels, **json.loads(result.stdout.strip().splitlines()[-1])})
+            print(f"  K = 16, w = 16, {megapixels} Mpx, {what}: {rows[-1]}", file=sys.stderr)
+        shutil.rmtree(store)
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--megapixels", type=float, default=4.0, help="corpus size for the fit ratio and the kernels")
+    parser.add_argument("--memory-megapixels", default="1,2", help="corpus sizes for the K = 16 memory figures")
+    parser.add_argument("--runs", type=int, default=2, help="fit timings: best of this many runs")
+    parser.add_argument("--repeats", type=int, default=3, help="kernel timings: best of this many calls")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="also write the figures as JSON to this file")
+    parser.add_argument("--write-corpus", type=Path, metavar="DIR", help="write a PNG corpus to DIR and stop")
+    parser.add_argument("--kind", choices=("samples", "models"), default="samples", help="--write-corpus: what the members are")
+    parser.add_argument("--members", type=int, default=8, help="--write-corpus: number of members K")
+    parser.add_argument("--images", type=int, default=6, help="--write-corpus: number of images")
+    parser.add_argument("--size", type=int, default=256, help="--write-corpus: image side in pixels")
+    parser.add_argument("--sigma", type=float, default=10.0, help="--write-corpus: noise level of each sample")
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return child(args.child)
+    if args.write_corpus:
+        return write_png_corpus(args.write_corpus, args.kind, args.members, args.images, args.size, args.sigma, args.seed)
+    workdir = Path(tempfile.mkdtemp(prefix="ensir-many-models-"))
+    try:
+        corpora, fits = {}, {}
+        for n_models in (3, 5, 8, 16):
+            store = workdir / f"k{n_models}.zarr"
+            corpora[n_models] = write_corpus(store, args.megapixels, n_models, args.seed)
+            if n_models in (3, 8):
+                fits[n_models] = fit_seconds(store, workdir / f"lut{n_models}.zarr", 32, args.runs)
+                lut = read_lut(str(workdir / f"lut{n_models}.zarr"))
+                print(f"fit K = {n_models}, w = 32, {args.megapixels} Mpx: {fits[n_models]:.2f} s, "
+                      f"{lut.filled_cells:,} cells with data in {len(lut.bin_digits):,} stored bins", file=sys.stderr)
+        print(f"fit K = 8 / K = 3: {fits[8] / fits[3]:.2f}x (target <= 3)")
+        kernels = kernel_rows(corpora, args.repeats)
+        for row in kernels:
+            print(f"blend kernel K = {row['K']:2d}, w = {row['bin_width']:3d}, {row['table']:6s} "
+                  f"({row['stored_bins']:,} stored bins{', chosen' if row['chosen'] else ''}): {row['mpx_per_s']:.1f} Mpx/s")
+        memory = memory_rows(workdir, [float(s) for s in args.memory_megapixels.split(",")], args.seed)
+        for row in memory:
+            print(f"K = 16, w = 16, {row['megapixels']} Mpx, {row['step']}: {row['seconds']:.1f} s, peak {row['peak_mib']:.0f} MiB"
+                  + (f", {row['cells_with_data']:,} cells in {row['stored_bins']:,} stored bins" if "stored_bins" in row else ""))
+        figures = {"machine": {"cpus": os.cpu_count()}, "megapixels": args.megapixels,
+                   "fit_seconds": {str(k): v for k, v in fits.items()}, "fit_ratio_k8_k3": fits[8] / fits[3],
+                   "kernels": kernels, "memory": memory}
+        if args.out:
+            args.out.write_text(json.dumps(figures, indent=2))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

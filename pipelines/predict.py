@@ -108,9 +108,8 @@ def _extra_names(corpus: Corpus, keep_input: bool) -> list[str]:
 
 def _provenance(models: list[ModelFile], samples: int, how: Inference) -> dict:
     """The attributes recording each model file and the inference options."""
-    options = {key: value for key, value in asdict(how).items()}
     return {"model_files": {model.name: {"file": model.path, "sha256": model.sha256} for model in models},
-            "inference": {**options, "samples": samples}}
+            "inference": {**asdict(how), "samples": samples}}
 
 
 def plan_predict(source, store: str, models: list[ModelFile], how: Inference = Inference(), samples: int = 1,

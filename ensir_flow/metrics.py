@@ -12,7 +12,8 @@ in BasicSR; PSNR is defined for every size.
 `scores` rates several candidates against one reference in one pass: the reference's local
 moments are filtered once, and each candidate's SSIM comes from one fused numba loop over the
 image rows (separable Gaussian, 'valid' region only, no full-size intermediate maps). It equals
-scikit-image's `structural_similarity` with BasicSR's settings to rounding (tested to 1e-9).
+scikit-image's `structural_similarity` with BasicSR's settings to rounding (~1e-14 on the GoPro
+frames; tested to 1e-6 against scikit-image and to 1e-9 against a direct implementation).
 """
 
 import numba
@@ -34,8 +35,8 @@ def _gaussian_taps() -> np.ndarray:
 
 GAUSSIAN_TAPS = _gaussian_taps()
 #: The numba kernels below: run without the GIL (one evaluate task per image, in parallel), cached
-#: on disk, and with numpy's error model (no division-by-zero branch in the loops: SSIM's
-#: denominators are at least C1 * C2 > 0), which lets their loops vectorise.
+#: on disk, and with numpy's error model, so their loops carry no division-by-zero branch (SSIM's
+#: denominators are at least C1 * C2 > 0).
 KERNEL_OPTIONS = {"nogil": True, "cache": True, "error_model": "numpy"}
 
 
@@ -92,6 +93,7 @@ def _squared_error_sum(x, y):
             total += d * d
     return total
 
+
 @numba.njit(**KERNEL_OPTIONS)
 def _local_moments(y, taps, channels):
     """Gaussian-weighted local means of y and y^2 over the 'valid' region: y is rows (H, W * C)
@@ -127,6 +129,7 @@ def _local_moments(y, taps, channels):
                 m[j] += w * col_y[j + shift]
                 s[j] += w * col_yy[j + shift]
     return mean, square
+
 
 @numba.njit(**KERNEL_OPTIONS)
 def _ssim_sums(x, y, mean_y, square_y, taps, channels, c1, c2, zero):

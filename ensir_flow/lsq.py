@@ -98,9 +98,9 @@ def _active_set_batch(a, b, out):
     """Each row of out (m, K): the simplex least-squares weights of cell (a[i], b[i])."""
     m, k = b.shape
     for cell in range(m):
-        A, rhs = a[cell], b[cell]
-        scale = max(np.abs(np.diag(A)).max(), np.abs(rhs).max(), 1e-300)
-        tolerance = 1e-12 * scale
+        scale = max(np.abs(np.diag(a[cell])).max(), np.abs(b[cell]).max(), 1e-300)
+        A, rhs = a[cell] / scale, b[cell] / scale  # same optimum; a KKT system of entries ~1 solves accurately
+        tolerance = 1e-12
         vertex = np.argmin(np.diag(A) - 2 * rhs)  # the best single model: optimal on its own support
         w = np.zeros(k)
         w[vertex] = 1.0
@@ -124,12 +124,14 @@ def _active_set_batch(a, b, out):
                 step = 1.0  # move towards z until a weight reaches 0, and drop it from the support
                 for q in range(k):
                     if support[q] and z[q] <= 0:
-                        step = min(step, w[q] / (w[q] - z[q]))
+                        step = min(step, w[q] / (w[q] - z[q])) if w[q] > z[q] else 0.0
                 w = w + step * (z - w)
                 for q in range(k):
                     if support[q] and w[q] <= 1e-15:
                         support[q] = False
                         w[q] = 0.0
+            if not support[entering]:
+                break  # degenerate (singular A): the model that should enter cannot; w is optimal to rounding
         out[cell] = np.maximum(w, 0.0)
 
 

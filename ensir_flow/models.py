@@ -273,15 +273,21 @@ class Inference:
 
 def tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
     """Along one axis of `length` pixels: (start, stop) of each tile read and (start, stop) of the
-    centre it keeps. Centres of `tile - 2 * overlap` pixels cover the axis once; each tile reaches
-    `overlap` pixels beyond its centre where the image goes on, so the centre's outputs see all the
-    context a model whose receptive field reaches `overlap` pixels needs, and equal its
-    whole-image outputs."""
-    core = tile - 2 * overlap
-    if core < 1:
+    part of its output kept. The kept parts cover the axis once, and each lies at least `overlap`
+    pixels inside its tile except where the tile reaches the image's edge, so it sees all the
+    context a model whose receptive field reaches `overlap` pixels needs: it equals the model's
+    whole-image output there. Every tile is `tile` long (the last one is widened inwards) unless
+    the axis is shorter: one shape to batch, and none smaller than a model exported for sizes from
+    `tile` accepts."""
+    if tile <= 2 * overlap:
         raise ValueError(f"tile {tile} leaves no centre with overlap {overlap} on each side (tile > 2 x overlap)")
-    return [(max(0, start - overlap), min(length, start + core + overlap), start, min(length, start + core))
-            for start in range(0, length, core)]
+    spans, start = [], 0
+    while start < length:
+        read_stop = min(length, max(0, start - overlap) + tile)
+        keep_stop = length if read_stop == length else read_stop - overlap
+        spans.append((max(0, min(start - overlap, read_stop - tile)), read_stop, start, keep_stop))
+        start = keep_stop
+    return spans
 
 
 _RNG_LOCK = threading.Lock()

@@ -157,7 +157,9 @@ def test_tile_spans_cover_each_pixel_once():
         spans = tile_spans(length, tile, overlap)
         kept = np.concatenate([np.arange(keep0, keep1) for _, _, keep0, keep1 in spans])
         np.testing.assert_array_equal(kept, np.arange(length))
-        assert all(stop - start <= tile and start <= keep0 and keep1 <= stop for start, stop, keep0, keep1 in spans)
+        for start, stop, keep0, keep1 in spans:
+            assert stop - start == min(tile, length) and start <= keep0 < keep1 <= stop
+            assert (keep0 - start >= overlap or start == 0) and (stop - keep1 >= overlap or stop == length)
     with pytest.raises(ValueError, match="no centre"):
         tile_spans(10, 4, 2)
 

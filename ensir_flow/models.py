@@ -248,9 +248,10 @@ def models_loaded() -> int:
 
 
 def model_file(name: str, path) -> ModelFile:
-    """A ModelFile for `path`, checked (`check_model_file`) and hashed."""
+    """A ModelFile for `path`, checked (`check_model_file`) and hashed. The path is made absolute:
+    workers elsewhere read it there (a shared file system), whatever their working folder."""
     check_model_file(path)
-    return ModelFile(name, str(path), file_sha256(path))
+    return ModelFile(name, str(Path(path).resolve()), file_sha256(path))
 
 
 def sample_seed(stem: str, sample: int) -> int:

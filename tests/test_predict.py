@@ -125,7 +125,7 @@ def test_predict_then_fit_equals_png_then_ingest_then_fit(tmp_path, inputs, mode
         np.testing.assert_array_equal(p[name].values, i[name].values, err_msg=name)
     assert (p["prediction"].values[0] != p["prediction"].values[1]).any()  # the models differ
     for name, path in models.items():
-        assert p.attrs["model_files"][name] == {"file": str(path), "sha256": model_file(name, path).sha256}
+        assert p.attrs["model_files"][name] == {"file": str(path.resolve()), "sha256": model_file(name, path).sha256}
     assert list(p["source"].values) == ["gt", "lq"]
     for store in ("p", "i"):
         assert invoke("fit", tmp_path / f"{store}.zarr", tmp_path / f"{store}-lut.zarr", "--no-progress").exit_code == 0
@@ -347,3 +347,30 @@ def test_grayscale_inputs_run_as_one_channel(tmp_path, invoke):
         ds = xr.open_zarr(store)
         assert ds.sizes["channel"] == 1
         np.testing.assert_array_equal(ds["prediction"].values[0], ds["input"].values)  # 0..1 and back, exactly
+
+
+def test_models_beyond_the_memory_budget_are_dropped_least_recently_used_first(tmp_path, monkeypatch):
+    from ensir_flow import models as model_files
+
+    x, y = (model_file(name, save_script(ConvNet(seed), tmp_path / f"{name}.pt")) for name, seed in (("x", 7), ("y", 8)))
+    size = sum(p.numel() * p.element_size() for p in ConvNet(7).parameters())
+    monkeypatch.setattr(model_files, "_memory_budget", lambda device: size)  # room for one model
+    before = models_loaded()
+    for model in (x, x, y, y, x):
+        model_files.loaded_model(model, "cpu")
+    assert models_loaded() - before == 3  # x, then y in its place, then x again
+    monkeypatch.setattr(model_files, "_memory_budget", lambda device: 2 * size)
+    for model in (y, x, y, x):
+        model_files.loaded_model(model, "cpu")
+    assert models_loaded() - before == 4  # y loaded once more, then both kept
+
+
+@pytest.mark.slow
+def test_a_cluster_of_processes_gives_the_bytes_of_threads(tmp_path, inputs, models, invoke):
+    noisy = save_script(Noisy(), tmp_path / "noisy.pt")
+    args = ["--model", f"a={models['b']}", "--model", f"n={noisy}", "--samples", 2, "--chunk-pixels", 400, "--no-progress"]
+    assert invoke("predict", inputs, tmp_path / "threads.zarr", *args, "--scheduler", "threads").exit_code == 0
+    result = invoke("predict", inputs, tmp_path / "local.zarr", *args, "--scheduler", "local", "--json")
+    assert result.exit_code == 0, result.output
+    assert xr.open_zarr(tmp_path / "local.zarr")["prediction"].values.tobytes() == \
+        xr.open_zarr(tmp_path / "threads.zarr")["prediction"].values.tobytes()

@@ -24,7 +24,8 @@ def test_workflow_for_k_models_and_bin_widths(tmp_path, invoke, n_models, bin_wi
     assert store.attrs["models"] == models and list(store["model"].values) == models
     lut_ds = xr.open_zarr(tmp_path / "lut.zarr")
     assert lut_ds["weights"].dims == ("bin", "channel", "model")
-    assert lut_ds.sizes["bin"] == (-(-256 // bin_width)) ** n_models
+    bins = lut_ds["bin"].values  # format 2: only the bins with reference pixels, by flat index
+    assert lut_ds.attrs["format_version"] == 2 and (np.diff(bins) > 0).all() and bins[-1] < (-(-256 // bin_width)) ** n_models
     assert int(lut_ds["count"].sum()) == store.sizes["pixel"] * 3
     lut = Lut.from_dataset(lut_ds.load())
     ensemble = xr.open_zarr(tmp_path / "out.zarr")["ensemble"].values

@@ -210,7 +210,7 @@ def run_options(writes: bool = True):
                                envvar=DASHBOARD_ADDRESS_ENV, expose_value=False, callback=_keep_dashboard_address,
                                help="With --scheduler local: where the cluster serves its Dask dashboard, whose link is "
                                     "printed on stderr; a port already taken falls back to a free one; ':0' any free "
-                                    f"port, 'none' no dashboard. Default from ${DASHBOARD_ADDRESS_ENV}.")(command)
+                                    f"port, 'none' no dashboard pages. Default from ${DASHBOARD_ADDRESS_ENV}.")(command)
         if writes:
             command = click.option("--overwrite", is_flag=True, help="Replace existing outputs (atomically, once the new one is complete).")(command)
             command = json_option(command)

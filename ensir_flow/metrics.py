@@ -97,48 +97,51 @@ def _squared_error_sum(x, y):
 @numba.njit(**KERNEL_OPTIONS)
 def _local_moments(y, taps, channels):
     """Gaussian-weighted local means of y and y^2 over the 'valid' region: y is rows (H, W * C)
-    of C interleaved channels; returns two (H - 10, (W - 10) * C) arrays (vertical pass, then horizontal)."""
+    of C interleaved channels; returns two (H - 10, (W - 10) * C) arrays (vertical pass, then
+    horizontal, each adding the two rows or columns a symmetric tap weighs alike first)."""
     n_taps = len(taps)
+    half = n_taps // 2
     height, row_len = y.shape
     out_h, out_len = height - n_taps + 1, row_len - (n_taps - 1) * channels
     mean, square = np.empty((out_h, out_len)), np.empty((out_h, out_len))
     col_y, col_yy = np.empty(row_len), np.empty(row_len)
     for i in range(out_h):
-        w = taps[0]
-        row = y[i]
+        w = taps[half]
+        row = y[i + half]
         for j in range(row_len):
             v = np.float64(row[j])
             col_y[j] = w * v
             col_yy[j] = w * (v * v)
-        for k in range(1, n_taps):
+        for k in range(half):
             w = taps[k]
-            row = y[i + k]
+            top, bottom = y[i + k], y[i + n_taps - 1 - k]
             for j in range(row_len):
-                v = np.float64(row[j])
-                col_y[j] += w * v
-                col_yy[j] += w * (v * v)
+                a, b = np.float64(top[j]), np.float64(bottom[j])
+                col_y[j] += w * (a + b)
+                col_yy[j] += w * (a * a + b * b)
         m, s = mean[i], square[i]
-        w = taps[0]
+        w = taps[half]
+        shift = half * channels
         for j in range(out_len):
-            m[j] = w * col_y[j]
-            s[j] = w * col_yy[j]
-        for k in range(1, n_taps):
+            m[j] = w * col_y[j + shift]
+            s[j] = w * col_yy[j + shift]
+        for k in range(half):
             w = taps[k]
-            shift = k * channels
+            left, right = k * channels, (n_taps - 1 - k) * channels
             for j in range(out_len):
-                m[j] += w * col_y[j + shift]
-                s[j] += w * col_yy[j + shift]
+                m[j] += w * (col_y[j + left] + col_y[j + right])
+                s[j] += w * (col_yy[j + left] + col_yy[j + right])
     return mean, square
 
 
 @numba.njit(**KERNEL_OPTIONS)
-def _ssim_sums(x, y, mean_y, square_y, taps, channels, c1, c2, zero):
+def _ssim_sums(x, y, mean_y, square_y, taps, channels, c1, c2):
     """Per channel, the sum of the SSIM map of x against y (rows (H, W * C)) over the 'valid'
     region, given y's `_local_moments`: x's local moments are filtered one output row at a time,
     so no full-size map is ever held; the formula is scikit-image's term for term.
 
     The taps are symmetric, so each pass adds the two rows (or columns) a tap weighs alike before
-    multiplying, in `zero`'s type: exact integers for uint8 images (np.int32(0)), float64 for luma.
+    multiplying (for uint8 images these sums of integers are exact).
     """
     n_taps = len(taps)
     half = n_taps // 2
@@ -160,10 +163,10 @@ def _ssim_sums(x, y, mean_y, square_y, taps, channels, c1, c2, zero):
             w = taps[k]
             top_x, bottom_x, top_y, bottom_y = x[i + k], x[i + n_taps - 1 - k], y[i + k], y[i + n_taps - 1 - k]
             for j in range(row_len):
-                a, b = zero + top_x[j], zero + bottom_x[j]
-                col_x[j] += w * np.float64(a + b)
-                col_xx[j] += w * np.float64(a * a + b * b)
-                col_xy[j] += w * np.float64(a * (zero + top_y[j]) + b * (zero + bottom_y[j]))
+                a, b = np.float64(top_x[j]), np.float64(bottom_x[j])
+                col_x[j] += w * (a + b)
+                col_xx[j] += w * (a * a + b * b)
+                col_xy[j] += w * (a * np.float64(top_y[j]) + b * np.float64(bottom_y[j]))
         w = taps[half]
         shift = half * channels
         for j in range(out_len):
@@ -208,8 +211,7 @@ def scores(images, reference, crop_border: int = 0, y_channel: bool = False) -> 
         candidate = _prepare(image, crop_border, y_channel)
         psnrs.append(_psnr_of(candidate, truth))
         if scorable:
-            zero = np.int32(0) if candidate.dtype == np.uint8 else 0.0
-            per_channel = _ssim_sums(candidate, truth, mean, square, GAUSSIAN_TAPS, channels, SSIM_C1, SSIM_C2, zero) / n_valid
+            per_channel = _ssim_sums(candidate, truth, mean, square, GAUSSIAN_TAPS, channels, SSIM_C1, SSIM_C2) / n_valid
             ssims.append(float(np.mean(per_channel)))
         else:
             ssims.append(float("nan"))

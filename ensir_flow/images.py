@@ -199,9 +199,9 @@ def encode_png(pixels: np.ndarray, text: dict[str, str] | None = None, compressi
     """uint8 (H, W, C) as a PNG file's bytes (C == 1 grayscale, C == 3 RGB): every row filtered with
     PNG's 'Up' filter (the difference to the row above, one vectorised subtraction), then deflated
     by zlib at level `compression` (0-9). zlib releases the GIL while it compresses, so images
-    encode in parallel on threads (Pillow's PNG encoder holds it when writing to a Python file
-    object, as fsspec's are). `text` becomes tEXt chunks
-    (Latin-1 keywords and values) before the pixel data, where `png_text` finds them."""
+    encode in parallel on threads (Pillow holds it when it encodes into an in-memory or other
+    Python file object). `text` becomes tEXt chunks (Latin-1 keywords and values) before the
+    pixel data, where `png_text` finds them."""
     if compression not in PNG_COMPRESSION_LEVELS:
         raise ValueError(f"PNG compression level {compression!r} is not one of 0..9")
     height, width, channels = pixels.shape

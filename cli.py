@@ -5,7 +5,6 @@ import errno
 import json
 import re
 import sys
-from dataclasses import dataclass, field
 
 import click
 
@@ -130,35 +129,26 @@ def _finish(result: api.Result, message) -> None:
         click.echo(message(result))
 
 
-def _run(plan_factory, *, scheduler, progress, dry_run, worker_timeout=DEFAULT_WORKER_TIMEOUT, locations=()):
-    """For a command not yet behind an API function: run its plan with the API's runner
-    (`api.run_plan`), print the plan of a dry run (returning None), keep the seconds for `_done`."""
-    outcome = api.run_plan(plan_factory, locations, _run_options(scheduler, worker_timeout, not progress, dry_run))
-    if outcome.plan is not None:
-        click.echo(outcome.plan)
-        return None
-    click.get_current_context().meta.setdefault(STAGE_SECONDS, {}).update(outcome.seconds)
-    return outcome.value
+def _typed_only(values: dict, only_typed: bool) -> dict:
+    """`values` by option name, or with `only_typed` those typed on the command line (defaults and
+    a config's values left out): what the API then refuses where it cannot go with another option."""
+    context = click.get_current_context()
+    return {name: value for name, value in values.items()
+            if not only_typed or context.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
 
 
-def _done(message: str, command: str, status: str, outputs: list, **counts) -> None:
-    """`_finish` for a command run with `_run`."""
-    seconds = click.get_current_context().meta.get(STAGE_SECONDS, {})
-    _finish(_Counted(command=command, status=status, outputs=[str(path) for path in outputs if path], seconds=seconds,
-                     counted=counts), lambda _: message)
+def _store_summary(result: api.Ingested, store, source_dir, verb: str, preposition: str, holds: str) -> str:
+    """The summary line of `ingest` and `predict`: for an append, 'VERB N new image(s) PREPOSITION
+    STORE' (or nothing to do); else what was written, with the images, pixels and members."""
+    if result.images_added is not None:
+        return (f"{verb} {result.images_added} new image(s) {preposition} {store}" if result.images_added
+                else f"{store}: no new images in {source_dir}: nothing to do")
+    done = {"written": f"wrote {store}", "unchanged": f"{store} already holds these {holds}: nothing to do",
+            "resumed": f"resumed {store}: {result.chunks_written} of {result.chunks_total} chunks were missing"}[result.status]
+    return f"{done} ({result.images} images, {result.pixels:,} pixels, models {', '.join(result.models)})"
 
 
-@dataclass(kw_only=True)
-class _Counted(api.Result):
-    """An `api.Result` with the counts a `_run` command reports."""
-
-    counted: dict = field(default_factory=dict)
-
-    def counts(self) -> dict:
-        return self.counted
-
-
-STAGE_SECONDS, AS_JSON = "ensir_flow.stage_seconds", "ensir_flow.json"
+AS_JSON = "ensir_flow.json"
 
 
 def _keep_json(ctx, _param, value):
@@ -275,40 +265,11 @@ def main():
 def ingest(source_dir, store, models, chunk_pixels, append, compression, scheduler, worker_timeout, no_progress, dry_run,
            overwrite):
     """Read SOURCE_DIR (gt/, lq/, one folder per model) into the Zarr store STORE."""
-    context = click.get_current_context()
     # with --append, only what the command line gives reaches the API (which refuses it there)
-    given = {name: value for name, value in (("chunk_pixels", chunk_pixels), ("compression", compression))
-             if not append or context.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    given = _typed_only({"chunk_pixels": chunk_pixels, "compression": compression}, append)
     result = api.ingest(source_dir, store, models=models or None, append=append, overwrite=overwrite, **given,
                         **_run_options(scheduler, worker_timeout, no_progress, dry_run))
-
-    def message(result: api.Ingested) -> str:
-        if append:
-            return (f"appended {result.images_added} new image(s) to {store}" if result.images_added
-                    else f"{store}: no new images in {source_dir}: nothing to do")
-        done = {"written": f"wrote {store}", "unchanged": f"{store} already holds these images: nothing to do",
-                "resumed": f"resumed {store}: {result.chunks_written} of {result.chunks_total} chunks were missing"}[result.status]
-        return f"{done} ({result.images} images, {result.pixels:,} pixels, models {', '.join(result.models)})"
-
-    _finish(result, message)
-
-
-def _model_files(values: tuple[str, ...]):
-    """`--model NAME=FILE` values as checked ModelFiles (safe kind, hashed), in order."""
-    from ensir_flow.models import model_file
-
-    names, models = set(), []
-    for value in values:
-        name, equals, path = value.partition("=")
-        name = name.strip()
-        if not equals or not name or not path:
-            raise click.BadParameter(f"{value!r} is not NAME=FILE", param_hint="--model")
-        if "#" in name or name in names:
-            raise click.BadParameter(f"{name!r}: a model name must be unique and without '#' (it marks samples)",
-                                     param_hint="--model")
-        names.add(name)
-        models.append(model_file(name, path))
-    return models
+    _finish(result, lambda r: _store_summary(r, store, source_dir, "appended", "to", "images"))
 
 
 @main.command()
@@ -340,36 +301,14 @@ def _model_files(values: tuple[str, ...]):
 def predict(source_dir, store, model_specs, device, tile, overlap, batch, scale, value_range, samples, chunk_pixels, append,
             compression, scheduler, worker_timeout, no_progress, dry_run, overwrite):
     """Run base models on SOURCE_DIR/lq (gt/ kept when present) into the store STORE, as ingest writes one."""
-    from ensir_flow.models import Inference
-    from ensir_flow.pipelines.predict import plan_predict, plan_predict_append
-
-    if tile is not None and tile <= 2 * overlap:
-        raise click.BadParameter(f"--tile {tile} leaves no centre with --overlap {overlap} (tile > 2 x overlap)", param_hint="--tile")
-    if tile is None and click.get_current_context().get_parameter_source("overlap") == click.core.ParameterSource.COMMANDLINE:
-        raise click.UsageError("--overlap: only with --tile")
-    models = _model_files(model_specs)
-    how = Inference(device, value_range, scale, tile, overlap if tile is not None else 0, batch)
-    if append:
-        fixed = [f"--{name.replace('_', '-')}" for name in ("chunk_pixels", "compression")
-                 if click.get_current_context().get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
-        if fixed:
-            raise click.UsageError(f"{' and '.join(fixed)}: not with --append, which keeps the store's chunks and compression")
-        added = _run(lambda: plan_predict_append(source_dir, store, models, how, samples), scheduler=scheduler,
-                     progress=not no_progress, dry_run=dry_run, worker_timeout=worker_timeout, locations=(store,))
-        if added is not None:
-            _done(f"predicted {added} new image(s) into {store}" if added else f"{store}: no new images in {source_dir}: nothing to do",
-                  "predict", "updated" if added else "unchanged", [store], images_added=added)
-        return
-    result = _run(lambda: plan_predict(source_dir, store, models, how, samples, chunk_pixels, compression, overwrite),
-                  scheduler=scheduler, progress=not no_progress, dry_run=dry_run, worker_timeout=worker_timeout,
-                  locations=(store,))
-    if result is not None:
-        ds = result.dataset
-        done = {"written": f"wrote {store}", "unchanged": f"{store} already holds these predictions: nothing to do",
-                "resumed": f"resumed {store}: {result.chunks_written} of {result.chunks_total} chunks were missing"}[result.status]
-        _done(f"{done} ({ds.sizes['image']} images, {ds.sizes['pixel']:,} pixels, models {', '.join(ds.attrs['models'])})",
-              "predict", result.status, [store], images=ds.sizes["image"], pixels=ds.sizes["pixel"],
-              chunks_total=result.chunks_total, chunks_written=result.chunks_written)
+    # only what the command line gives reaches the API where it refuses it: --chunk-pixels and
+    # --compression with --append, --overlap without --tile
+    given = {**_typed_only({"chunk_pixels": chunk_pixels, "compression": compression}, append),
+             **_typed_only({"overlap": overlap}, tile is None)}
+    result = api.predict(source_dir, store, models=model_specs, device=device, tile=tile, batch=batch, scale=scale,
+                         value_range=value_range, samples=samples, append=append, overwrite=overwrite, **given,
+                         **_run_options(scheduler, worker_timeout, no_progress, dry_run))
+    _finish(result, lambda r: _store_summary(r, store, source_dir, "predicted", "into", "predictions"))
 
 
 @main.command()

@@ -1,8 +1,8 @@
 """ensir-flow: EnsIR ensembles of image-restoration models, at dataset scale.
 
 The Python API (`ensir_flow.api`, the functions the command line calls) is importable from here:
-`ingest`, `fit`, `apply`, `evaluate`, `export`, `import_lut`, `export_lut`, `demo`, `info`, and
-`open_store` / `image` to read stores. They are loaded on first use, so that importing the
+`ingest`, `predict`, `fit`, `apply`, `evaluate`, `export`, `import_lut`, `export_lut`, `demo`,
+`info`, and `open_store` / `image` to read stores. They are loaded on first use, so that importing the
 package (as every Dask worker does) stays cheap.
 
 `ensir_flow` holds the pure pieces (kernels, the LUT object, metrics, the store schema and image
@@ -12,8 +12,8 @@ I/O); `pipelines` wires them into Dask graphs; `cli` is the command line.
 __version__ = "0.1.0"
 
 #: The names of `ensir_flow.api` this package exports.
-API = ("ingest", "fit", "apply", "evaluate", "export", "import_lut", "export_lut", "demo", "info", "open_store", "image",
-       "RunOptions", "UsageError")
+API = ("ingest", "predict", "fit", "apply", "evaluate", "export", "import_lut", "export_lut", "demo", "info", "open_store",
+       "image", "RunOptions", "UsageError")
 
 __all__ = ["__version__", *API]
 

@@ -27,7 +27,7 @@ failure `errors.TransientError`, conflicting options `UsageError`; nothing is th
 import contextlib
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypedDict, Unpack
 
@@ -117,6 +117,12 @@ class Ingested(Result):
             return {"images_added": self.images_added}
         return {"images": self.images, "pixels": self.pixels, "chunks_total": self.chunks_total,
                 "chunks_written": self.chunks_written}
+
+
+@dataclass(kw_only=True)
+class Predicted(Ingested):
+    """`predict`: as `Ingested`, the store written as ingest writes one; `models` are the
+    ensemble's members (each model's name, or NAME#0 ... NAME#N-1 with `samples=N`)."""
 
 
 @dataclass(kw_only=True)
@@ -338,23 +344,103 @@ def ingest(source_dir, store, *, models: str | Sequence[str] | None = None, chun
 
     model_list = _names(models)
     if append:
-        fixed = [f"--{name.replace('_', '-')}" for name, value in (("chunk_pixels", chunk_pixels), ("compression", compression))
-                 if value is not None]
-        if fixed:
-            raise UsageError(f"{' and '.join(fixed)}: not with --append, which keeps the store's chunks and compression")
+        _refuse_layout_with_append(chunk_pixels, compression)
         outcome = run_plan(lambda: plan_append(source_dir, str(store), model_list), (store,), run)
-        added = outcome.value
-        status = "planned" if outcome.plan else "updated" if added else "unchanged"
-        return Ingested(command="ingest", status=status, outputs=_written([store]), seconds=outcome.seconds,
-                        plan=outcome.plan, images_added=added)
-    outcome = run_plan(lambda: plan_ingest(source_dir, str(store), model_list, chunk_pixels or schema.DEFAULT_CHUNK_PIXELS,
-                                       overwrite, compression or schema.DEFAULT_COMPRESSION), (store,), run)
+    else:
+        outcome = run_plan(lambda: plan_ingest(source_dir, str(store), model_list, chunk_pixels or schema.DEFAULT_CHUNK_PIXELS,
+                                               overwrite, compression or schema.DEFAULT_COMPRESSION), (store,), run)
+    return _store_result(Ingested, "ingest", store, outcome, append)
+
+
+def _refuse_layout_with_append(chunk_pixels: int | None, compression: str | None) -> None:
+    """An append keeps the store's chunks and compression: giving either is a UsageError."""
+    fixed = [f"--{name.replace('_', '-')}" for name, value in (("chunk_pixels", chunk_pixels), ("compression", compression))
+             if value is not None]
+    if fixed:
+        raise UsageError(f"{' and '.join(fixed)}: not with --append, which keeps the store's chunks and compression")
+
+
+def _store_result(result_class: type[Ingested], command: str, store, outcome: Outcome, append: bool) -> Ingested:
+    """The result of `ingest` or `predict` from its plan's outcome: the store written (or resumed,
+    or left unchanged), or for `append` how many images were added ('updated', else 'unchanged')."""
+    outputs = _written([store])
     if outcome.plan is not None:
-        return Ingested(command="ingest", status="planned", outputs=_written([store]), plan=outcome.plan)
+        return result_class(command=command, status="planned", outputs=outputs, plan=outcome.plan)
+    if append:
+        added = outcome.value
+        return result_class(command=command, status="updated" if added else "unchanged", outputs=outputs,
+                            seconds=outcome.seconds, images_added=added)
     result, ds = outcome.value, outcome.value.dataset
-    return Ingested(command="ingest", status=result.status, outputs=_written([store]), seconds=outcome.seconds,
-                    dataset=ds, images=ds.sizes["image"], pixels=ds.sizes["pixel"], models=list(ds.attrs["models"]),
-                    chunks_total=result.chunks_total, chunks_written=result.chunks_written)
+    return result_class(command=command, status=result.status, outputs=outputs, seconds=outcome.seconds, dataset=ds,
+                        images=ds.sizes["image"], pixels=ds.sizes["pixel"], models=list(ds.attrs["models"]),
+                        chunks_total=result.chunks_total, chunks_written=result.chunks_written)
+
+
+def _base_models(models) -> list:
+    """The base models of `predict` as checked `models.ModelFile`s (safe kind, hashed), in order,
+    from {name: file}, (name, file) pairs or 'NAME=FILE' strings (the CLI's --model). Every name
+    is checked before any file is read."""
+    from .models import model_file
+
+    pairs = []
+    for item in models.items() if isinstance(models, Mapping) else [models] if isinstance(models, str) else models:
+        name, equals, path = item.partition("=") if isinstance(item, str) else (item[0], "=", item[1])
+        name = str(name).strip()
+        if not equals or not name or not str(path):
+            raise UsageError(f"{item!r} is not NAME=FILE", option="--model")
+        if "#" in name or name in (known for known, _ in pairs):
+            raise UsageError(f"{name!r}: a model name must be unique and without '#' (it marks samples)", option="--model")
+        pairs.append((name, path))
+    if not pairs:
+        raise UsageError("name at least one model (NAME=FILE)", option="--model")
+    return [model_file(name, path) for name, path in pairs]
+
+
+def _refuse_outside(value, choices, option: str) -> None:
+    if value not in choices:
+        raise UsageError(f"{value!r} is not one of {', '.join(map(str, choices))}", option=option)
+
+
+def predict(source_dir, store, *, models, device: str = "auto", tile: int | None = None, overlap: int | None = None,
+            batch: int = 1, scale: int = 1, value_range: str = "0-1", samples: int = 1, chunk_pixels: int | None = None,
+            append: bool = False, compression: str | None = None, overwrite: bool = False,
+            **run: Unpack[RunOptions]) -> Predicted:
+    """Run the base `models` on the degraded inputs of `source_dir/lq` (`gt/` kept when present)
+    into the store `store`, as `ingest` writes one (`ensir-flow predict`).
+
+    `models`: {name: file}, (name, file) pairs or 'NAME=FILE' strings, in LUT order; TorchScript
+    (.pt) or torch.export (.pt2) files, checked before torch reads them. `device` 'auto', 'cpu' or
+    'cuda'; `tile` pixels a side overlapping by `overlap` (only with `tile`; default 0), else whole
+    images; `batch` tiles per call; `scale` the super-resolution factor (checked); `value_range`
+    '0-1' or '0-255'; `samples` runs per model and image (members NAME#0 ...). `chunk_pixels` and
+    `compression` as for `ingest`; `append=True` predicts the stems the store lacks with the same
+    models and options, keeping its chunks and compression (so neither may be given).
+    """
+    from .devices import DEVICES
+    from .models import VALUE_RANGES, Inference
+    from .pipelines.predict import plan_predict, plan_predict_append
+
+    if tile is not None and overlap is not None and tile <= 2 * overlap:
+        raise UsageError(f"--tile {tile} leaves no centre with --overlap {overlap} (tile > 2 x overlap)", option="--tile")
+    if tile is None and overlap is not None:
+        raise UsageError("--overlap: only with --tile")
+    for option, value, least in (("--tile", tile, 1), ("--overlap", overlap, 0), ("--batch", batch, 1), ("--scale", scale, 1),
+                                 ("--samples", samples, 1), ("--chunk-pixels", chunk_pixels, 1)):
+        if value is not None and not value >= least:
+            raise UsageError(f"{value!r} is below {least}", option=option)
+    _refuse_outside(device, DEVICES, "--device")
+    _refuse_outside(value_range, list(VALUE_RANGES), "--range")
+    if append:
+        _refuse_layout_with_append(chunk_pixels, compression)
+    base_models = _base_models(models)
+    how = Inference(device, value_range, scale, tile, overlap or 0, batch)
+    if append:
+        outcome = run_plan(lambda: plan_predict_append(source_dir, str(store), base_models, how, samples), (store,), run)
+    else:
+        outcome = run_plan(lambda: plan_predict(source_dir, str(store), base_models, how, samples,
+                                                chunk_pixels or schema.DEFAULT_CHUNK_PIXELS,
+                                                compression or schema.DEFAULT_COMPRESSION, overwrite), (store,), run)
+    return _store_result(Predicted, "predict", store, outcome, append)
 
 
 def _shrinkage_strength(shrinkage) -> float | None:

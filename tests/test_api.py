@@ -63,6 +63,44 @@ def test_evaluate_gives_tables_as_pandas(workflow):
     assert {"lsq@32", "lsq@64"} <= set(cv.table.index) and "fold" in cv.per_image.columns
 
 
+def test_predict_is_the_cli_predict(tmp_path, invoke):
+    import shutil
+
+    import torch
+
+    root = tmp_path / "corpus"
+    make_corpus(root, n_models=1, inputs_scale=1)
+    shutil.rmtree(root / "model0")
+    torch.manual_seed(0)
+    model = tmp_path / "conv.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Conv2d(3, 3, 3, padding=1).eval()), str(model))
+    planned = ensir_flow.predict(root, tmp_path / "p.zarr", models={"a": model}, tile=16, overlap=2, dry_run=True)
+    assert planned.status == "planned" and "predict 3 images with 1 model(s)" in planned.plan and "16 px, overlap 2" in planned.plan
+    assert not (tmp_path / "p.zarr").exists()
+    predicted = ensir_flow.predict(root, tmp_path / "p.zarr", models={"a": model}, samples=2, chunk_pixels=500, progress=False)
+    assert isinstance(predicted, ensir_flow.api.Predicted) and predicted.outputs == [str(tmp_path / "p.zarr")]
+    assert (predicted.status, predicted.images, predicted.models, predicted.chunks_written) == ("written", 3, ["a#0", "a#1"],
+                                                                                                  predicted.chunks_total)
+    assert set(predicted.seconds) == {"predict"} and predicted.dataset.attrs["model_files"]["a"]["file"] == str(model)
+    again = ensir_flow.predict(root, tmp_path / "p.zarr", models=[("a", model)], samples=2, chunk_pixels=500, progress=False)
+    assert (again.status, again.chunks_written) == ("unchanged", 0)  # (name, file) pairs name the same models
+    # the CLI's --json object is the result's to_json(), and the bytes are the same
+    cli = json.loads(invoke("predict", root, tmp_path / "cli.zarr", "--model", f"a={model}", "--samples", 2, "--chunk-pixels",
+                            500, "--json", "--no-progress").stdout)
+    assert {k: v for k, v in cli.items() if k not in ("outputs", "seconds")} == \
+        {k: v for k, v in predicted.to_json().items() if k not in ("outputs", "seconds")}
+    np.testing.assert_array_equal(xr.open_zarr(tmp_path / "cli.zarr")["prediction"].values, predicted.dataset["prediction"].values)
+    # append: the images a store lacks, with its models and options
+    part = tmp_path / "part"
+    shutil.copytree(root, part)
+    for folder in ("lq", "gt"):
+        (part / folder / "img2.png").unlink()
+    ensir_flow.predict(part, tmp_path / "grown.zarr", models=f"a={model}", progress=False)
+    grown = ensir_flow.predict(root, tmp_path / "grown.zarr", models=f"a={model}", append=True, progress=False)
+    assert (grown.status, grown.images_added, grown.to_json()["images_added"]) == ("updated", 1, 1)
+    assert ensir_flow.open_store(tmp_path / "grown.zarr").sizes["image"] == 3
+
+
 def test_dry_run_describes_and_writes_nothing(tmp_path, corpus):
     root, _ = corpus
     planned = ensir_flow.ingest(root, tmp_path / "s.zarr", dry_run=True)
@@ -79,6 +117,19 @@ def test_dry_run_describes_and_writes_nothing(tmp_path, corpus):
     (lambda root, tmp: ensir_flow.evaluate(tmp / "s.zarr", cv=2, bin_widths="16,x"), "comma-separated list", "--bin-widths"),
     (lambda root, tmp: ensir_flow.evaluate(tmp / "s.zarr", cv=2, ensemble=tmp / "o.zarr"), "use one or the other", None),
     (lambda root, tmp: ensir_flow.ingest(root, "memory://api/s.zarr", scheduler="local"), "use --scheduler threads", None),
+    # predict's refusals come before any model file is read (none of these files exists)
+    (lambda root, tmp: ensir_flow.predict(root, tmp / "p.zarr", models={"a": "a.pt"}, overlap=2), "--overlap: only with --tile",
+     None),
+    (lambda root, tmp: ensir_flow.predict(root, tmp / "p.zarr", models={"a": "a.pt"}, tile=8, overlap=4), "leaves no centre",
+     "--tile"),
+    (lambda root, tmp: ensir_flow.predict(root, tmp / "p.zarr", models=["a=a.pt", "nameonly"]), "is not NAME=FILE", "--model"),
+    (lambda root, tmp: ensir_flow.predict(root, tmp / "p.zarr", models=[("a", "a.pt"), ("a", "b.pt")]), "must be unique",
+     "--model"),
+    (lambda root, tmp: ensir_flow.predict(root, tmp / "p.zarr", models={}), "name at least one model", "--model"),
+    (lambda root, tmp: ensir_flow.predict(root, tmp / "p.zarr", models={"a": "a.pt"}, append=True, chunk_pixels=500),
+     "--chunk-pixels: not with --append", None),
+    (lambda root, tmp: ensir_flow.predict(root, tmp / "p.zarr", models={"a": "a.pt"}, value_range="0-2"), "'0-2' is not one of",
+     "--range"),
 ])
 def test_the_cli_refusals_are_the_api_refusals(tmp_path, corpus, call, message, option):
     root, _ = corpus

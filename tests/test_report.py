@@ -184,3 +184,20 @@ def test_evaluate_report_option_draws_the_lut_of_the_scored_output(tmp_path, inv
     result = invoke("evaluate", tmp_path / "s.zarr", "--ensemble", tmp_path / "out.zarr", "--report", tmp_path / "report", "--no-progress")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "report" / "index.html").is_file() and (tmp_path / "report" / "lut-weights.png").is_file()
+
+
+def test_lut_weight_maps_of_a_sparse_lut_equal_those_of_its_dense_table():
+    rng = np.random.default_rng(3)
+    n_bins, stored = 4 ** 4, np.sort(rng.choice(4 ** 4, 40, replace=False))  # 4 models at bin width 64
+    weights = rng.dirichlet(np.ones(4), (40, 3)).astype(np.float32)
+    count = rng.integers(0, 50, (40, 3))
+    digits = np.stack([stored // 4 ** (3 - k) % 4 for k in range(4)], axis=1)
+    fallback = rng.dirichlet(np.ones(4), 3).astype(np.float32)
+    sparse = Lut(list("abcd"), 64, weights, count, np.zeros((40, 3), np.int8), bin_digits=digits, fallback=fallback)
+    dense = Lut(list("abcd"), 64, sparse.weights, sparse.count, sparse.fit_status)
+    assert len(dense.bin_digits) == n_bins
+    np.testing.assert_allclose(lut_weight_maps(sparse), lut_weight_maps(dense), equal_nan=True)
+    for lut in (sparse, dense):
+        lut.bin_count[:] = 0  # without counts, every bin counts once, the unstored ones with the fallback
+    np.testing.assert_allclose(lut_weight_maps(sparse), lut_weight_maps(dense), rtol=1e-6)
+    assert not np.isnan(lut_weight_maps(sparse)).any()

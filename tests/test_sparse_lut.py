@@ -230,3 +230,6 @@ def test_workflow_with_many_members(tmp_path, invoke, n_members, bin_width):
     info = json.loads(invoke("info", lut_path, "--json").stdout)
     assert info["bins"] == ranges_per_model(bin_width) ** n_members and info["bins_stored"] == len(lut.bin_digits)
     assert sum(info["fit_status"].values()) == info["bins"] * 3
+    report = invoke("evaluate", store, "--ensemble", out, "--report", tmp_path / "report", "--no-progress")
+    assert report.exit_code == 0, report.output  # the LUT's maps are drawn from its stored bins
+    assert (tmp_path / "report" / "index.html").is_file()

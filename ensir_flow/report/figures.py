@@ -105,14 +105,26 @@ def lut_weight_maps(lut: Lut) -> np.ndarray:
     """Weights (nb, nb, channel, model) over the bins of the first two models, count-weighted over the others' bins.
 
     NaN where no reference pixel fell in any of the averaged bins. A LUT without counts (imported)
-    is averaged uniformly.
+    is averaged uniformly over every bin, the ones not stored taking the fallback weights. Only the
+    stored bins are read, so a many-model LUT is drawn without building its dense table.
     """
-    nb, n_models = ranges_per_model(lut.bin_width), len(lut.models)
-    weights = lut.weights.reshape(nb, nb, -1, lut.n_channels, n_models)
-    count = lut.count if lut.count.any() else np.ones_like(lut.count)
-    count = count.reshape(nb, nb, -1, lut.n_channels).astype(np.float64)
-    weighted = np.einsum("abrc,abrck->abck", count, weights)
-    total = count.sum(axis=2)[..., None]
+    nb, n_models, n_channels = ranges_per_model(lut.bin_width), len(lut.models), lut.n_channels
+    first, second = lut.bin_digits[:, 0], lut.bin_digits[:, 1]
+    weighted = np.zeros((nb, nb, n_channels, n_models))
+    total = np.zeros((nb, nb, n_channels))
+    if lut.bin_count.any():
+        count = lut.bin_count.astype(np.float64)
+    else:
+        count = np.ones(lut.bin_count.shape)
+        bins_per_pair = nb ** (n_models - 2)
+        stored = np.zeros((nb, nb))
+        np.add.at(stored, (first, second), 1.0)
+        unstored = (bins_per_pair - stored)[..., None]
+        weighted += unstored[..., None] * lut.fallback.astype(np.float64)
+        total += unstored
+    np.add.at(weighted, (first, second), count[..., None] * lut.bin_weights)
+    np.add.at(total, (first, second), count)
+    total = total[..., None]
     return np.divide(weighted, total, out=np.full(weighted.shape, np.nan), where=total > 0)
 
 

@@ -217,10 +217,9 @@ def gain_section(methods: Methods, chart: str) -> str:
 
 def lut_section(lut: Lut, maps: str) -> str:
     """The section of the LUT's weight maps, saved as the file `maps` beside the page."""
-    filled = int((lut.count > 0).sum())
     if len(lut.models) == 2:
         averaged = ""
-    elif lut.count.any():
+    elif lut.bin_count.any():
         averaged = (f" Each cell averages the weights over the value ranges of {', '.join(lut.models[2:])}, weighted by "
                     "their reference pixel counts.")
     else:
@@ -228,7 +227,7 @@ def lut_section(lut: Lut, maps: str) -> str:
                     f"over the value ranges of {', '.join(lut.models[2:])} uniformly.")
     return ("<section><h2>The LUT's weights</h2>"
             f'<img class="figure" src="{maps}" alt="Heat maps of the LUT weights per channel and model">'
-            f'<p class="note">Solver {_escape(lut.solver)}, bin width {lut.bin_width}, {filled:,} of {lut.count.size:,} '
+            f'<p class="note">Solver {_escape(lut.solver)}, bin width {lut.bin_width}, {lut.filled_cells:,} of {lut.n_bins * lut.n_channels:,} '
             f"(bin, channel) cells with reference pixels. Axes: the values of {_escape(lut.models[0])} (vertical) and "
             f"{_escape(lut.models[1])} (horizontal).{_escape(averaged)} Blank cells had no reference pixels.</p></section>")
 

@@ -21,6 +21,7 @@ from .binning import (all_digits, bin_count, digits_of_words, flat_bins_of_digit
 from .blend import HashedWeights
 from .errors import InputError
 from .fit_status import FLAG_MEANINGS, FitStatus
+from .schema import CHANNEL_NAMES
 from .stats import CellStatistics, group_starts, key_order, run_ids
 
 SOLVERS = ("em", "lsq", "average", "zzpm")
@@ -59,7 +60,6 @@ FORMAT_VERSION = 2
 #: Largest dense (nb^K, C, K) float32 table kept in memory or shipped to blend tasks; above it, the
 #: stored bins are looked up in a hash table (`blend.HashedWeights`). K = 3 is far below at any width.
 DENSE_TABLE_LIMIT_BYTES = 64 << 20
-CHANNEL_NAMES = {1: ("Y",), 3: ("R", "G", "B")}
 
 
 class Lut:

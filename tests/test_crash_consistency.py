@@ -77,6 +77,15 @@ def _paper_style_lut(path: Path) -> None:
     torch.save(table, path)
 
 
+def _base_model(folder: Path) -> Path:
+    """A small TorchScript restorer for `predict`, saved outside the working folders: a predicted
+    store records its model's absolute path, which must be the same in every copy of them."""
+    torch.manual_seed(0)
+    path = folder / "conv.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Conv2d(3, 3, 3, padding=1).eval()), str(path))
+    return path
+
+
 def _prepare(work: Path, before: list[list]) -> None:
     corpus = work / "corpus"
     models = make_corpus(corpus, sizes=((24, 32), (17, 29), (40, 21), (30, 30)))
@@ -85,6 +94,12 @@ def _prepare(work: Path, before: list[list]) -> None:
             (work / part / folder).mkdir(parents=True)
             for stem in stems:
                 shutil.copy(corpus / folder / f"{stem}.png", work / part / folder)
+    # predict's inputs: the ground truth as degraded inputs (lq/) too, all images and the first two
+    for part, stems in (("degraded", ("img0", "img1", "img2", "img3")), ("degraded-first", ("img0", "img1"))):
+        for folder in ("lq", "gt"):
+            (work / part / folder).mkdir(parents=True)
+            for stem in stems:
+                shutil.copy(corpus / "gt" / f"{stem}.png", work / part / folder)
     _paper_style_lut(work / "paper.pth")
     for arguments in before:
         process, _ = run(work, arguments)
@@ -111,6 +126,10 @@ WRITERS = {
                    ["lut.zarr"]),
     "lut export": ([["ingest", "corpus", "s.zarr", "--chunk-pixels", 500], ["fit", "s.zarr", "lut.zarr"]],
                    ["lut", "export", "lut.zarr", "lut.json"], ["lut.json"]),
+    # BASE_MODEL stands for the model file `_base_model` saves (see there)
+    "predict": ([], ["predict", "degraded", "p.zarr", "--model", "a=BASE_MODEL", "--chunk-pixels", 500], ["p.zarr"]),
+    "predict --append": ([["predict", "degraded-first", "p.zarr", "--model", "a=BASE_MODEL", "--chunk-pixels", 500]],
+                         ["predict", "degraded", "p.zarr", "--model", "a=BASE_MODEL", "--append"], ["p.zarr"]),
 }
 
 
@@ -119,12 +138,14 @@ def prepared(tmp_path_factory):
     """Per writer, prepared when first asked: a pristine copy of its working folder (before the
     command), the targets' states before and after an uninterrupted run, and how many writes that
     run made."""
-    return functools.partial(_prepared_case, {}, tmp_path_factory)
+    return functools.partial(_prepared_case, {}, tmp_path_factory, _base_model(tmp_path_factory.mktemp("model")))
 
 
-def _prepared_case(cases: dict, tmp_path_factory, name: str):
+def _prepared_case(cases: dict, tmp_path_factory, base_model: Path, name: str):
     if name not in cases:
+        with_model = lambda arguments: [str(a).replace("BASE_MODEL", str(base_model)) for a in arguments]  # noqa: E731
         before, command, targets = WRITERS[name]
+        before, command = [with_model(arguments) for arguments in before], with_model(command)
         pristine = tmp_path_factory.mktemp("pristine")
         _prepare(pristine, before)
         work = tmp_path_factory.mktemp("work")

@@ -198,14 +198,22 @@ class Lut:
     def from_dataset(cls, ds: xr.Dataset, source: str = "LUT") -> "Lut":
         """Read a LUT Dataset back (either format version), checking that it agrees with its attributes."""
         try:
-            models = [str(m) for m in ds.attrs["models"]]
-            bin_width = int(ds.attrs["bin_width"])
-            weights = ds["weights"].transpose("bin", "channel", "model").values
+            models, bin_width = ds.attrs["models"], ds.attrs["bin_width"]
+            weights = _values_of(ds, "weights", ("bin", "channel", "model"), source)
         except KeyError as missing:
             raise InputError(f"{source}: not an ensir-flow LUT (missing {missing})") from None
+        if isinstance(models, str) or not all(isinstance(m, str) for m in models):
+            raise InputError(f"{source}: attribute models is {models!r}, not a list of model names")
+        models = list(models)
+        if "model" in ds.coords and [str(m) for m in ds["model"].values] != models:
+            raise InputError(f"{source}: the model coordinate {[str(m) for m in ds['model'].values]} disagrees with "
+                             f"the models attribute {models}")
+        if not _is_integer(bin_width):
+            raise InputError(f"{source}: attribute bin_width is {bin_width!r}, not an integer")
+        bin_width = int(bin_width)
         version = ds.attrs.get("format_version", 1)
-        if version not in (1, FORMAT_VERSION):
-            raise InputError(f"{source}: LUT format version {version} is not one this version reads (1, {FORMAT_VERSION})")
+        if not _is_integer(version) or version not in (1, FORMAT_VERSION):
+            raise InputError(f"{source}: LUT format version {version!r} is not one this version reads (1, {FORMAT_VERSION})")
         try:
             n_bins = bin_count(len(models), bin_width)
         except ValueError as error:
@@ -214,21 +222,32 @@ class Lut:
             raise InputError(f"{source}: weights shape {weights.shape} does not match {len(models)} models at bin width {bin_width}")
         sparse = {}
         if version != 1:
-            digits = ds["bin_digits"].transpose("bin", "model").values if "bin_digits" in ds.coords else None
-            fallback = ds["fallback_weights"].transpose("channel", "model").values if "fallback_weights" in ds else None
+            digits = _values_of(ds, "bin_digits", ("bin", "model"), source) if "bin_digits" in ds.coords else None
+            fallback = _values_of(ds, "fallback_weights", ("channel", "model"), source) if "fallback_weights" in ds else None
             if digits is None or fallback is None:
                 raise InputError(f"{source}: a format {version} LUT without {'bin_digits' if digits is None else 'fallback_weights'}")
             check_digits(digits, len(weights), len(models), bin_width, source)
+            if fallback.shape != weights.shape[1:]:
+                raise InputError(f"{source}: fallback_weights shape {fallback.shape}, expected (channel, model) {weights.shape[1:]}")
             check_weights(fallback[None], bin_width, f"{source} (fallback_weights)")
-            sparse = {"bin_digits": digits, "fallback": fallback,
-                      "fallback_status": int(ds.attrs.get("fallback_fit_status", FitStatus.EMPTY_FALLBACK))}
+            fallback_status = ds.attrs.get("fallback_fit_status", FitStatus.EMPTY_FALLBACK)
+            if not _is_integer(fallback_status) or fallback_status not in set(FitStatus):
+                raise InputError(f"{source}: attribute fallback_fit_status is {fallback_status!r}, not a fit status "
+                                 f"({FLAG_MEANINGS})")
+            sparse = {"bin_digits": digits, "fallback": fallback, "fallback_status": int(fallback_status)}
+        _check_bin_coordinate(ds, sparse.get("bin_digits"), len(models), bin_width, source)
         check_weights(weights, bin_width, source, digits=sparse.get("bin_digits"))
-        count = ds["count"].transpose("bin", "channel").values if "count" in ds else np.zeros(weights.shape[:2], np.int64)
-        status = (ds["fit_status"].transpose("bin", "channel").values if "fit_status" in ds
+        count = _values_of(ds, "count", ("bin", "channel"), source) if "count" in ds else np.zeros(weights.shape[:2], np.int64)
+        status = (_values_of(ds, "fit_status", ("bin", "channel"), source) if "fit_status" in ds
                   else np.full(weights.shape[:2], FitStatus.INITIAL_WEIGHTS, np.int8))
         for name, array in (("count", count), ("fit_status", status)):
             if array.shape != weights.shape[:2]:
                 raise InputError(f"{source}: {name} shape {array.shape} does not match the weights' (bin, channel) {weights.shape[:2]}")
+        if count.size and (count.dtype.kind not in "iu" or count.min() < 0):
+            raise InputError(f"{source}: count holds {'a negative' if count.dtype.kind in 'iu' else 'a non-integer'} "
+                             f"number of reference pixels")
+        if status.size and (status.dtype.kind not in "iu" or not np.isin(status, list(FitStatus)).all()):
+            raise InputError(f"{source}: fit_status holds a value that is not a fit status ({FLAG_MEANINGS})")
         known = {"models", "bin_width", "solver", "empty_policy", "format_version", "fallback_fit_status", "bins_stored",
                  "Conventions", "bin_index"}
         return cls(models, bin_width, weights.astype(np.float32), count, status,
@@ -260,6 +279,10 @@ def check_digits(digits: np.ndarray, n_stored: int, n_models: int, bin_width: in
     """Refuse bin digits that are not (n_stored, K) ranges below nb in strictly increasing bin order."""
     if digits.shape != (n_stored, n_models):
         raise InputError(f"{source}: bin_digits shape {digits.shape}, expected {(n_stored, n_models)}")
+    if digits.dtype.kind not in "iu":
+        raise InputError(f"{source}: bin_digits of type {digits.dtype}, not integers")
+    if len(digits) and int(digits.min()) < 0:
+        raise InputError(f"{source}: a negative bin digit ({int(digits.min())})")
     if len(digits) and int(digits.max()) >= ranges_per_model(bin_width):
         raise InputError(f"{source}: a bin digit of {int(digits.max())} at bin width {bin_width} "
                          f"(at most {ranges_per_model(bin_width) - 1})")
@@ -299,6 +322,41 @@ def check_weights(weights: np.ndarray, bin_width: int, source: str = "LUT", tole
     raise InputError(f"{source}: {where}, channel {c} has {problem} "
                      f"({np.array2string(weights[b, c], separator=', ', precision=6)}); "
                      f"{int(bad.sum())} bad cell(s) in all; not a usable LUT")
+
+
+def _values_of(ds: xr.Dataset, name: str, dims: tuple[str, ...], source: str) -> np.ndarray:
+    """Values of variable `name` with its dimensions in the order `dims`; an InputError naming it when
+    it has other dimensions (a LUT edited by hand), rather than xarray's ValueError."""
+    if set(ds[name].dims) != set(dims):
+        raise InputError(f"{source}: {name} has dimensions {ds[name].dims}, expected {dims}")
+    return ds[name].transpose(*dims).values
+
+
+def _is_integer(value) -> bool:
+    """Whether an attribute read from a store is an integer (3 or 3.0; not True, 3.5 or "3")."""
+    return isinstance(value, (int, np.integer, float, np.floating)) and not isinstance(value, bool) and float(value).is_integer()
+
+
+def _check_bin_coordinate(ds: xr.Dataset, digits: np.ndarray | None, n_models: int, bin_width: int, source: str) -> None:
+    """Refuse a `bin` coordinate that disagrees with the bins the rows hold: 0..nb^K-1 in a format-1
+    LUT, the flat index of `bin_digits` in a format-2 one (where it fits 64 bits). Apply reads the
+    rows by their digits (format 1: by position), so a disagreeing coordinate means an edited LUT
+    whose rows are not the bins its coordinate says."""
+    if "bin" not in ds.coords:
+        return
+    stored = ds["bin"].values
+    if digits is None:
+        expected = np.arange(bin_count(n_models, bin_width))
+    elif flat_index_fits(n_models, bin_width):
+        expected = flat_bins_of_digits(digits, bin_width)
+    else:
+        raise InputError(f"{source}: a bin coordinate, but the flat index of {n_models} models at bin width {bin_width} "
+                         f"does not fit 64 bits (bins are named by bin_digits only)")
+    if stored.shape != expected.shape or stored.dtype.kind not in "iu" or (stored != expected).any():
+        first = int(np.flatnonzero(stored != expected)[0]) if stored.shape == expected.shape and stored.dtype.kind in "iu" else 0
+        raise InputError(f"{source}: the bin coordinate disagrees with the bins stored (row {first}: bin "
+                         f"{stored[first] if len(stored) else None}, {'its digits make' if digits is not None else 'expected'} "
+                         f"{int(expected[first]) if len(expected) else None})")
 
 
 def _edges_of(flat_bin: int, n_models: int, bin_width: int) -> tuple:

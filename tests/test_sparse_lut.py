@@ -233,3 +233,38 @@ def test_workflow_with_many_members(tmp_path, invoke, n_members, bin_width):
     report = invoke("evaluate", store, "--ensemble", out, "--report", tmp_path / "report", "--no-progress")
     assert report.exit_code == 0, report.output  # the LUT's maps are drawn from its stored bins
     assert (tmp_path / "report" / "index.html").is_file()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda ds: ds.assign_coords(bin_digits=(("bin", "model"), np.where(np.arange(4) == 0, -1, ds["bin_digits"].values.astype(np.int64)))),
+     "a negative bin digit"),
+    (lambda ds: ds.assign_coords(bin_digits=(("bin", "model"), ds["bin_digits"].values + 0.5)), "bin_digits of type float64"),
+    (lambda ds: ds.assign_coords(bin=ds["bin"].values[::-1].copy()), "the bin coordinate disagrees with the bins stored"),
+    (lambda ds: ds.assign_coords(bin=ds["bin"].values + 1), "the bin coordinate disagrees with the bins stored"),
+    (lambda ds: ds.assign_coords(model=["c", "b", "a", "d"]), r"the model coordinate \['c', 'b', 'a', 'd'\] disagrees"),
+    (lambda ds: ds.assign_attrs(models="abcd"), "attribute models is 'abcd', not a list"),
+    (lambda ds: ds.assign_attrs(bin_width=64.5), "attribute bin_width is 64.5, not an integer"),
+    (lambda ds: ds.assign_attrs(format_version="2"), "LUT format version '2'"),
+    (lambda ds: ds.assign_attrs(fallback_fit_status="x"), "attribute fallback_fit_status is 'x'"),
+    (lambda ds: ds.rename({"channel": "colour"}), r"weights has dimensions \('bin', 'colour', 'model'\)"),
+    (lambda ds: ds.assign(fallback_weights=(("c2", "model"), ds["fallback_weights"].values[:1])), "fallback_weights has dimensions"),
+    (lambda ds: ds.assign(count=ds["count"] - 10 ** 6), "count holds a negative number"),
+    (lambda ds: ds.assign(fit_status=ds["fit_status"] + 50), "fit_status holds a value that is not a fit status"),
+])
+def test_format_2_refuses_a_lut_edited_into_disagreement(edit, message):
+    """A LUT store edited by someone else: every disagreement between its parts (a bin coordinate
+    the digits do not make, digits that are not small non-negative integers, a model coordinate
+    other than the models attribute, dimensions renamed) is refused with one line naming the store,
+    never read one way and applied another (they were accepted, or failed with a traceback)."""
+    predictions, truth = members(4, 500, seed=7)
+    ds = fit_lut(stats.chunk_statistics(predictions, truth, 64), list("abcd")).to_dataset()
+    assert Lut.from_dataset(ds, "lut.zarr").digest()  # the untouched LUT loads
+    with pytest.raises(InputError, match=f"^lut.zarr: {message}"):
+        Lut.from_dataset(edit(ds.copy(deep=True)), "lut.zarr")
+
+
+def test_a_format_1_lut_refuses_a_bin_coordinate_out_of_flat_order():
+    predictions, truth = members(3, 800, seed=8)
+    legacy = legacy_dataset(fit_lut(stats.chunk_statistics(predictions, truth, 64), list("abc")))
+    with pytest.raises(InputError, match="lut.zarr: the bin coordinate disagrees with the bins stored .row 0: bin 63, expected 0"):
+        Lut.from_dataset(legacy.assign_coords(bin=legacy["bin"].values[::-1].copy()), "lut.zarr")

@@ -7,6 +7,7 @@ weights do.
 
 from typing import NamedTuple
 
+import numba
 import numpy as np
 
 #: Names of the combinations in evaluation results, next to the models' own names.
@@ -94,16 +95,108 @@ def blend_torch(predictions: np.ndarray, weights: np.ndarray, bin_width: int, de
     return torch.floor(acc + 0.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
 
 
+#: The baselines' numba kernels below: no GIL (evaluate scores images in parallel), cached on disk.
+#: They repeat numpy's float operations one for one, so their bytes are those of the numpy
+#: expressions they replaced (tests/test_blend.py compares them on every possible input sum).
+_KERNEL_OPTIONS = {"nogil": True, "cache": True}
+#: numpy's pairwise summation: blocks of up to 128 values, summed with 8 accumulators.
+_PAIRWISE_BLOCK = 128
+
+
 def average(predictions: np.ndarray) -> np.ndarray:
-    """Plain average of the K predictions (K, ...) rounded half up to uint8: the baseline."""
-    return np.floor(predictions.astype(np.float32).mean(axis=0) + np.float32(0.5)).astype(np.uint8)
+    """Plain average of the K predictions (K, ...) uint8 rounded half up to uint8: the baseline.
+
+    The operations of `np.floor(x.astype(np.float32).mean(axis=0) + np.float32(0.5))`: the sum
+    of the K values (exact), divided by K in float64 and rounded to float32, then + 0.5 and the
+    floor in float32; one pass, without the float32 copy of the predictions.
+    """
+    predictions = np.ascontiguousarray(predictions, dtype=np.uint8)
+    out = np.empty(predictions.shape[1:], dtype=np.uint8)
+    _average_into(predictions.reshape(len(predictions), -1), out.reshape(-1))
+    return out
+
+
+@numba.njit(**_KERNEL_OPTIONS)
+def _average_into(predictions, out):
+    """out (N,) = `average` of predictions (K, N)."""
+    n_models = predictions.shape[0]
+    for t in range(predictions.shape[1]):
+        total = 0.0
+        for k in range(n_models):
+            total += np.float64(predictions[k, t])
+        out[t] = np.uint8(np.floor(np.float32(total / n_models) + np.float32(0.5)))
 
 
 def squared_distance_sums(predictions: np.ndarray) -> np.ndarray:
     """sum over pixels and channels of (x_k - per-pixel mean)^2, per model (K,): additive over
-    pieces of an image, so ZZPM's image-wide weights can be gathered chunk by chunk."""
-    x = predictions.astype(np.float64)
-    return ((x - x.mean(axis=0)) ** 2).reshape(len(x), -1).sum(axis=1)
+    pieces of an image, so ZZPM's image-wide weights can be gathered chunk by chunk.
+
+    The float64 values and the order of numpy's `((x - x.mean(axis=0)) ** 2).sum()` over each
+    model's values (its pairwise summation), so the same bits, in one pass without float64 copies.
+    """
+    predictions = np.ascontiguousarray(predictions, dtype=np.uint8)
+    sums = np.zeros(len(predictions))
+    values = predictions.reshape(len(predictions), -1)
+    if values.shape[1]:
+        _pairwise_squared_distances(values, 0, values.shape[1], sums, np.empty((len(values), _PAIRWISE_BLOCK)),
+                                    np.empty(_PAIRWISE_BLOCK))
+    return sums
+
+
+@numba.njit(**_KERNEL_OPTIONS)
+def _pairwise_squared_distances(predictions, start, n, sums, squares, mean):
+    """sums[k] = numpy's pairwise sum of (x_k - mean)^2 over values start:start + n of
+    predictions (K, N): halves (the first a multiple of 8) summed separately down to blocks of at
+    most 128; `squares` (K, 128) and `mean` (128,) are scratch."""
+    if n > _PAIRWISE_BLOCK:
+        half = n // 2
+        half -= half % 8
+        second = np.empty(len(sums))
+        _pairwise_squared_distances(predictions, start, half, sums, squares, mean)
+        _pairwise_squared_distances(predictions, start + half, n - half, second, squares, mean)
+        for k in range(len(sums)):
+            sums[k] += second[k]
+        return
+    n_models = predictions.shape[0]
+    mean[:n] = 0.0
+    for k in range(n_models):
+        for t in range(n):
+            mean[t] += np.float64(predictions[k, start + t])
+    for t in range(n):
+        mean[t] = mean[t] / n_models
+    for k in range(n_models):
+        square = squares[k]
+        for t in range(n):
+            distance = np.float64(predictions[k, start + t]) - mean[t]
+            square[t] = distance * distance
+        sums[k] = _block_sum(square, n)
+
+
+@numba.njit(inline="always")
+def _block_sum(values, n):
+    """numpy's sum of values[:n] (n <= 128): 8 accumulators, combined pairwise, then the rest."""
+    if n < 8:
+        total = -0.0
+        for t in range(n):
+            total += values[t]
+        return total
+    r0, r1, r2, r3, r4, r5, r6, r7 = values[0], values[1], values[2], values[3], values[4], values[5], values[6], values[7]
+    t = 8
+    while t < n - n % 8:
+        r0 += values[t]
+        r1 += values[t + 1]
+        r2 += values[t + 2]
+        r3 += values[t + 3]
+        r4 += values[t + 4]
+        r5 += values[t + 5]
+        r6 += values[t + 6]
+        r7 += values[t + 7]
+        t += 8
+    total = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while t < n:
+        total += values[t]
+        t += 1
+    return total
 
 
 def zzpm_weights(mean_squared_distance: np.ndarray) -> np.ndarray:
@@ -118,8 +211,16 @@ def blend_spans(predictions: np.ndarray, weights: np.ndarray, spans) -> np.ndarr
     out = np.empty(predictions.shape[1:], dtype=np.uint8)
     for (start, stop, *_), w in zip(spans, weights):
         part = np.tensordot(w, predictions[:, start:stop].astype(np.float64), axes=1)
-        out[start:stop] = np.floor(part + 0.5).clip(0, 255)
+        _round_half_up_into(part.reshape(-1), out[start:stop].reshape(-1))
     return out
+
+
+@numba.njit(**_KERNEL_OPTIONS)
+def _round_half_up_into(values, out):
+    """out = floor(values + 0.5) clipped to 0..255, as uint8 (float64 values (N,))."""
+    for t in range(len(values)):
+        value = np.floor(values[t] + 0.5)
+        out[t] = 0 if value < 0 else (255 if value > 255 else np.uint8(value))
 
 
 def zzpm(predictions: np.ndarray) -> np.ndarray:

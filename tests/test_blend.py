@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from ensir_flow.blend import average, blend, zzpm
+from ensir_flow.blend import average, blend, blend_spans, squared_distance_sums, zzpm
 
 
 def test_blend_by_hand_with_rounding_half_up_and_bin_lookup():
@@ -39,3 +39,27 @@ def test_zzpm_by_hand():
     weights = np.exp(1 / (1e-3 + distance)) / np.exp(1 / (1e-3 + distance)).sum()
     expected = np.floor(weights @ predictions[:, :, 0].astype(float) + 0.5)
     np.testing.assert_array_equal(zzpm(predictions)[:, 0], expected)
+
+
+@pytest.mark.parametrize("n_models", [1, 2, 3, 5, 8])
+def test_average_equals_the_float32_mean_for_every_sum(n_models):
+    # the average of a pixel-channel depends only on the sum of its K values: try every sum
+    sums = np.arange(255 * n_models + 1)
+    predictions = np.stack([np.clip(sums - 255 * k, 0, 255) for k in range(n_models)]).astype(np.uint8)
+    expected = np.floor(predictions.astype(np.float32).mean(axis=0) + np.float32(0.5)).astype(np.uint8)
+    np.testing.assert_array_equal(average(predictions), expected)
+
+
+@pytest.mark.parametrize("n_pixels", [1, 7, 43, 129, 1000, 70001])
+def test_zzpm_parts_equal_the_numpy_expressions_bit_for_bit(n_pixels):
+    # sizes below, at and far above numpy's pairwise-summation block (128 values), odd remainders
+    rng = np.random.default_rng(n_pixels)
+    predictions = rng.integers(0, 256, (3, n_pixels, 3), dtype=np.uint8)
+    x = predictions.astype(np.float64)
+    expected_sums = ((x - x.mean(axis=0)) ** 2).reshape(3, -1).sum(axis=1)
+    assert squared_distance_sums(predictions).tobytes() == expected_sums.tobytes()
+    weights = rng.random((2, 3))
+    spans = [(0, n_pixels // 2), (n_pixels // 2, n_pixels)]
+    expected = np.concatenate([np.floor(np.tensordot(w, x[:, start:stop], axes=1) + 0.5).clip(0, 255).astype(np.uint8)
+                               for (start, stop), w in zip(spans, weights)])
+    np.testing.assert_array_equal(blend_spans(predictions, weights, spans), expected)

@@ -157,6 +157,8 @@ def check_model_file(path, content: io.BytesIO | None = None) -> str:
     build; return its kind ('torchscript' or 'export'). Nothing in the file is run or unpickled.
     `content`: the file's bytes already read (checked instead of reading `path`)."""
     source = path if content is None else content
+    if content is None and not Path(path).is_file():
+        raise InputError(f"{path}: {'not a file' if Path(path).exists() else 'model file not found'}")
     if not zipfile.is_zipfile(source):
         raise InputError(f"{path}: not a TorchScript archive or torch.export program (a plain pickle? refused: loading "
                          "it could run code); save the model with torch.jit.save or torch.export.save")
@@ -301,7 +303,9 @@ def predict_image(module, image: np.ndarray, how: Inference, seed: int, label: s
     Torch's global random generators are seeded with `seed` and the whole image runs under one
     lock, so a stochastic model draws the same numbers whatever the other threads do (TorchScript
     models draw from the global generators). A model that raises, returns another shape or channel
-    count, or NaN/inf, is an InputError naming `label` (model and image)."""
+    count, values that are not floating point (an integer tensor is not in the value range the
+    model was given: uint8 0..255 read as 0..1 would saturate every pixel), or NaN/inf, is an
+    InputError naming `label` (model and image)."""
     import torch
 
     height, width, channels = image.shape
@@ -331,6 +335,10 @@ def predict_image(module, image: np.ndarray, how: Inference, seed: int, label: s
                                  f"{expected}" + (f" (--scale {s})" if s != 1 else "")
                                  + (" (wrong channel count)" if isinstance(result, torch.Tensor) and result.ndim == 4
                                     and result.shape[1] != channels else ""))
+            if not result.is_floating_point():
+                raise InputError(f"{label}: the model returned {result.dtype} values, expected floating point in "
+                                 f"0..{255 // int(VALUE_RANGES[how.value_range])} (--range {how.value_range}); "
+                                 "return a float tensor")
             if not torch.isfinite(result).all():
                 raise InputError(f"{label}: the model returned NaN or infinite values")
             for k, (rows, cols) in enumerate(group):

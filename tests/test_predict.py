@@ -62,6 +62,8 @@ class Broken(torch.nn.Module):
             return x[:, :, 1:, :]
         if self.how == "nan":
             return x * float("nan")
+        if self.how == "uint8":  # the image as a PNG would hold it, not in the 0..1 it was given
+            return (x * 255).round().to(torch.uint8)
         return x[:, :1]  # "channels"
 
 
@@ -264,7 +266,8 @@ def test_super_resolution_is_checked_against_scale(tmp_path, invoke):
 
 
 @pytest.mark.parametrize("how, says", [("raises", "the model failed (builtins.RuntimeError: boom)"), ("shape", "returned (1, 3,"),
-                                       ("nan", "NaN"), ("channels", "wrong channel count")])
+                                       ("nan", "NaN"), ("channels", "wrong channel count"),
+                                       ("uint8", "returned torch.uint8 values, expected floating point in 0..1")])
 def test_a_failing_model_is_named_with_the_image_and_nothing_is_written(tmp_path, inputs, models, invoke, how, says):
     broken = save_script(Broken(how), tmp_path / f"{how}.pt")
     result = invoke("predict", inputs, tmp_path / "s.zarr", "--model", f"a={models['a']}", "--model", f"bad={broken}",
@@ -272,6 +275,16 @@ def test_a_failing_model_is_named_with_the_image_and_nothing_is_written(tmp_path
     assert result.exit_code == 1, result.output
     line = result.stderr.strip()
     assert len(line.splitlines()) == 1 and "model 'bad'" in line and "/lq/img" in line and says in line, line
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_model_names_of_evaluated_combinations_and_missing_files_are_refused(tmp_path, inputs, models, invoke):
+    """A member named 'average' (or zzpm, ensemble) took the combination's row in evaluate's table
+    (the model's scores vanished, exit 0); a missing model file was called 'a plain pickle?'."""
+    named = invoke("predict", inputs, tmp_path / "s.zarr", "--model", f"average={models['a']}", "--no-progress")
+    assert named.exit_code == 1 and "a model named 'average', the name of a combination evaluate scores" in named.stderr
+    missing = invoke("predict", inputs, tmp_path / "s.zarr", "--model", f"a={tmp_path / 'nowhere.pt'}", "--no-progress")
+    assert missing.exit_code == 1 and missing.stderr.strip().endswith("nowhere.pt: model file not found"), missing.stderr
     assert not (tmp_path / "s.zarr").exists()
 
 

@@ -101,6 +101,17 @@ def _images_by_stem(folder: Path) -> dict[str, Path]:
     return found
 
 
+def check_model_names(models: list[str], source) -> None:
+    """Refuse a model named as one of the combinations `evaluate` scores beside the models (average,
+    zzpm, ensemble): its row would be the combination's, or the combination's its, in every table."""
+    from .blend import AVERAGE, ENSEMBLE, ZZPM
+
+    for model in models:
+        if model in (AVERAGE, ZZPM, ENSEMBLE):
+            raise InputError(f"{source}: a model named '{model}', the name of a combination evaluate scores "
+                             f"({AVERAGE}, {ZZPM}, {ENSEMBLE}); rename it")
+
+
 def discover_corpus(root, models: list[str] | None = None, require_ground_truth: bool = False) -> Corpus:
     """Pair the images of `root` by stem; model order is `models`, else the sorted folder names."""
     root = Path(root)
@@ -116,6 +127,7 @@ def discover_corpus(root, models: list[str] | None = None, require_ground_truth:
     for model in models:
         if model in reserved:
             raise InputError(f"{root}: '{model}' is reserved for {'ground truth' if model == GROUND_TRUTH_DIR else 'inputs'}, not a model")
+    check_model_names(models, root)
     by_model = {model: _images_by_stem(root / model) for model in models}
     gt_dir = root / GROUND_TRUTH_DIR
     ground_truth = _images_by_stem(gt_dir) if gt_dir.is_dir() or require_ground_truth else None
@@ -195,13 +207,22 @@ def _png_chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(body, zlib.crc32(kind)))
 
 
+def _png_text_chunk(key: str, value: str) -> bytes:
+    """A tEXt chunk (Latin-1, the PNG text every reader knows) for `value`, or an uncompressed iTXt
+    chunk (UTF-8) when `value` has characters Latin-1 lacks (a store path in Chinese, say)."""
+    try:
+        return _png_chunk(b"tEXt", key.encode("latin-1") + b"\0" + value.encode("latin-1"))
+    except UnicodeEncodeError:
+        return _png_chunk(b"iTXt", key.encode("latin-1") + b"\0\0\0\0\0" + value.encode("utf-8"))
+
+
 def encode_png(pixels: np.ndarray, text: dict[str, str] | None = None, compression: int = DEFAULT_PNG_COMPRESSION) -> bytes:
     """uint8 (H, W, C) as a PNG file's bytes (C == 1 grayscale, C == 3 RGB): every row filtered with
     PNG's 'Up' filter (the difference to the row above, one vectorised subtraction), then deflated
     by zlib at level `compression` (0-9). zlib releases the GIL while it compresses, so images
     encode in parallel on threads (Pillow holds it when it encodes into an in-memory or other
     Python file object). `text` becomes tEXt chunks (Latin-1 keywords and values) before the
-    pixel data, where `png_text` finds them."""
+    pixel data, where `png_text` finds them (iTXt, UTF-8, for a value that is not Latin-1)."""
     if compression not in PNG_COMPRESSION_LEVELS:
         raise ValueError(f"PNG compression level {compression!r} is not one of 0..9")
     height, width, channels = pixels.shape
@@ -215,7 +236,7 @@ def encode_png(pixels: np.ndarray, text: dict[str, str] | None = None, compressi
     data = zlib.compress(filtered, int(compression))
     header = struct.pack(">IIBBBBB", width, height, 8, 0 if channels == 1 else 2, 0, 0, 0)
     parts = [PNG_SIGNATURE, _png_chunk(b"IHDR", header)]
-    parts += [_png_chunk(b"tEXt", key.encode("latin-1") + b"\0" + value.encode("latin-1")) for key, value in (text or {}).items()]
+    parts += [_png_text_chunk(key, value) for key, value in (text or {}).items()]
     parts += [_png_chunk(b"IDAT", data[start: start + PNG_IDAT_BYTES]) for start in range(0, max(len(data), 1), PNG_IDAT_BYTES)]
     parts.append(_png_chunk(b"IEND", b""))
     return b"".join(parts)
@@ -229,7 +250,7 @@ def write_png(path, pixels: np.ndarray, text: dict[str, str] | None = None, comp
 
 
 def png_text(data: bytes) -> dict[str, str]:
-    """The tEXt chunks found in the leading `data` of a PNG file (up to its first IDAT), by keyword;
+    """The tEXt (and uncompressed iTXt) chunks found in the leading `data` of a PNG file (up to its first IDAT), by keyword;
     empty when `data` does not start like a PNG."""
     if not data.startswith(PNG_SIGNATURE):
         return {}
@@ -243,6 +264,10 @@ def png_text(data: bytes) -> dict[str, str]:
         if kind == b"tEXt" and b"\0" in body:
             key, _, value = body.partition(b"\0")
             found[key.decode("latin-1")] = value.decode("latin-1")
+        elif kind == b"iTXt" and body.count(b"\0") >= 3:  # keyword, flag, method, language, translated keyword
+            key, _, rest = body.partition(b"\0")
+            if rest[:1] == b"\0":  # uncompressed
+                found[key.decode("latin-1")] = rest[2:].split(b"\0", 2)[-1].decode("utf-8", "replace")
         position += 12 + length
     return found
 

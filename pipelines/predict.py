@@ -23,7 +23,8 @@ import ensir_flow
 from ensir_flow import schema
 from ensir_flow.devices import resolve_device
 from ensir_flow.errors import InputError
-from ensir_flow.images import (GROUND_TRUTH_DIR, INPUT_DIR, Corpus, ImageInfo, _images_by_stem, probe_image, read_image)
+from ensir_flow.images import (GROUND_TRUTH_DIR, INPUT_DIR, Corpus, ImageInfo, _images_by_stem, check_model_names, probe_image,
+                               read_image)
 from ensir_flow.models import Inference, ModelFile, loaded_model, predict_image, sample_seed
 
 from .ingest import (WRITE_KEYS, _refuse_changed_sources, append_plan, chunked_planes, holds, pixel_store, source_provenance,
@@ -129,6 +130,7 @@ def plan_predict(source, store: str, models: list[ModelFile], how: Inference = I
     keep_input = stored.inputs is not None
     index = schema.ImageIndex(corpus.stems, np.array([i.height for i in outputs]), np.array([i.width for i in outputs]))
     planes = chunked_planes(_image_blocks(corpus, models, samples, how, inputs, outputs, keep_input), chunk_pixels)
+    check_model_names([model.name for model in models], source)
     members, channels = member_names(models, samples), outputs[0].channels
     attrs = schema.store_attributes(members, channels, created_by=f"ensir-flow {ensir_flow.__version__} predict",
                                     source=str(source), chunk_pixels=int(chunk_pixels), compression=compression,

@@ -41,6 +41,16 @@ def test_text_chunks_come_before_the_pixels_and_other_readers_see_them():
     assert {key: Image.open(io.BytesIO(data)).info[key] for key in text} == text
 
 
+def test_text_that_latin_1_lacks_goes_in_an_itxt_chunk():
+    """A store path in Chinese made export fail with UnicodeEncodeError (tEXt is Latin-1 only),
+    after apply had written its output: such a value is written as UTF-8 iTXt, which Pillow reads."""
+    text = {"Software": "ensir-flow 0.1.0 export", "Source": "/data/数据/out.zarr", "Variable": "ensemble"}
+    data = encode_png(_image((5, 7, 3)), text)
+    assert png_text(data) == text and data.count(b"tEXt") == 2 and data.index(b"iTXt") < data.index(b"IDAT")
+    image = Image.open(io.BytesIO(data))
+    assert np.asarray(image).tolist() == _image((5, 7, 3)).tolist() and image.text == text
+
+
 def test_write_png_writes_the_encoded_bytes(tmp_path):
     pixels = _image((40, 50, 3))
     write_png(tmp_path / "a.png", pixels)

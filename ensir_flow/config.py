@@ -66,13 +66,18 @@ def config_summary(path) -> str:
 
 def resolve_config(name_or_path) -> Path:
     """The config file `name_or_path` designates: an existing file, else the installed config of
-    that name (`installed_configs`); neither is an InputError listing the installed names."""
+    that name (`installed_configs`); neither is an InputError listing the installed names. A bare
+    installed name that is also a file in the working folder is refused as ambiguous: whichever
+    won, a stray file would silently change (or hide) the settings the user named."""
     path = Path(name_or_path)
-    if path.is_file():
-        return path
     installed = installed_configs()
     if str(name_or_path) in installed:
+        if path.is_file():
+            raise InputError(f"{name_or_path}: both an installed config and a file in {Path.cwd()}; "
+                             f"name the file as ./{name_or_path}, or the installed one as {installed[str(name_or_path)]}")
         return installed[str(name_or_path)]
+    if path.is_file():
+        return path
     raise InputError(f"{name_or_path}: neither a config file nor an installed config "
                      f"({', '.join(installed) or 'none installed'}; `ensir-flow configs` lists them)")
 

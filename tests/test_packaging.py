@@ -62,3 +62,16 @@ def test_installed_configs_are_listed_and_selected_by_name(tmp_path, invoke, cor
     unknown = invoke("--config", "deblurring", "evaluate", tmp_path / "s.zarr", "--dry-run")
     assert unknown.exit_code == 2 and "deblurring: neither a config file nor an installed config" in unknown.stderr
     assert ", ".join(names) in unknown.stderr
+
+
+def test_an_installed_config_name_that_is_also_a_file_here_is_refused(tmp_path, monkeypatch, invoke):
+    """A file 'deraining-rain100h' in the working folder used to win over the installed config of
+    that name, silently (another bin width, solver or metric than the user named)."""
+    from ensir_flow.config import installed_configs, load_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "deraining-rain100h").write_text("bin_width: 8\n")
+    shadowed = invoke("--config", "deraining-rain100h", "configs")
+    assert shadowed.exit_code == 2 and "deraining-rain100h: both an installed config and a file in" in shadowed.stderr
+    assert load_config("./deraining-rain100h") == {"bin_width": 8}
+    assert load_config(installed_configs()["deraining-rain100h"])["metrics"]["y_channel"] is True

@@ -27,6 +27,7 @@ import time
 import warnings
 
 import dask.array
+import dask.local
 import fsspec
 import numpy as np
 import xarray as xr
@@ -289,9 +290,19 @@ def open_store(path: str) -> xr.Dataset:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-            return xr.open_zarr(str(path), consolidated=_has_consolidated_metadata(fs, root))
+            ds = xr.open_zarr(str(path), consolidated=_has_consolidated_metadata(fs, root))
     except Exception as error:
         raise InputError(f"{path}: not a readable Zarr store ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+    return _with_image_index_read(ds)
+
+
+def _with_image_index_read(ds: xr.Dataset) -> xr.Dataset:
+    """`ds` with its per-image variables (dimension 'image', not 'pixel': sizes, offsets, file
+    names, digests) read into memory now, on this thread. Every command reads them at once; read
+    lazily, through dask's default scheduler, the first read imports distributed (~0.5 s of every
+    command's start-up, even with --scheduler threads) to look for a client."""
+    names = [name for name, variable in ds.data_vars.items() if "image" in variable.dims and "pixel" not in variable.dims]
+    return ds.assign(ds[names].compute(scheduler=dask.local.get_sync)) if names else ds
 
 
 def _has_consolidated_metadata(fs, root: str) -> bool:

@@ -288,6 +288,18 @@ def test_model_names_of_evaluated_combinations_and_missing_files_are_refused(tmp
     assert not (tmp_path / "s.zarr").exists()
 
 
+def test_a_model_file_swapped_between_plan_and_run_is_refused(tmp_path, inputs, models):
+    """The plan hashes each model file; a worker that reads other bytes refuses them, so a store never
+    holds outputs of a model its provenance does not name."""
+    swapped = tmp_path / "swapped.pt"
+    shutil.copy(models["a"], swapped)
+    plan = plan_predict(inputs, str(tmp_path / "s.zarr"), [model_file("a", swapped)])
+    shutil.copy(models["c"], swapped)
+    with pytest.raises(InputError, match="swapped.pt: model 'a' changed while the run was under way"):
+        plan.run()
+    assert not (tmp_path / "s.zarr").exists()
+
+
 def test_each_model_is_loaded_once_per_process(tmp_path, inputs):
     folder = tmp_path / "fresh"
     folder.mkdir()

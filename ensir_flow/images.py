@@ -103,13 +103,16 @@ def _images_by_stem(folder: Path) -> dict[str, Path]:
 
 def check_model_names(models: list[str], source) -> None:
     """Refuse a model named as one of the combinations `evaluate` scores beside the models (average,
-    zzpm, ensemble): its row would be the combination's, or the combination's its, in every table."""
+    zzpm, ensemble, and with --cv each solver, as `SOLVER` or `SOLVER@WIDTH`): its row would be the
+    combination's, or the combination's its, in every table."""
     from .blend import AVERAGE, ENSEMBLE, ZZPM
+    from .lut import SOLVERS
 
+    combinations = (AVERAGE, ZZPM, ENSEMBLE, *SOLVERS)
     for model in models:
-        if model in (AVERAGE, ZZPM, ENSEMBLE):
+        if model in combinations or "@" in model:
             raise InputError(f"{source}: a model named '{model}', the name of a combination evaluate scores "
-                             f"({AVERAGE}, {ZZPM}, {ENSEMBLE}); rename it")
+                             f"({', '.join(dict.fromkeys(combinations))}, or SOLVER@WIDTH with --cv); rename it")
 
 
 def discover_corpus(root, models: list[str] | None = None, require_ground_truth: bool = False) -> Corpus:

@@ -32,10 +32,11 @@ def test_model_folder_missing_an_image(tmp_path, invoke, root):
     _refused(invoke, tmp_path, "ingest", root, tmp_path / "s.zarr", match="model1: missing 1 image(s) present in gt/: img2")
 
 
-@pytest.mark.parametrize("name", ["average", "zzpm", "ensemble"])
+@pytest.mark.parametrize("name", ["average", "zzpm", "ensemble", "em", "lsq@32"])
 def test_model_folder_named_as_an_evaluated_combination(tmp_path, invoke, root, name):
-    """evaluate scores the models beside average, zzpm and ensemble by name: a model of one of these
-    names would lose its row to the combination (or take its place) with exit 0."""
+    """evaluate scores the models beside average, zzpm and ensemble (and, with --cv, each solver as
+    em or em@32) by name: a model of one of these names would lose its row to the combination (or
+    take its place) with exit 0."""
     (root / "model1").rename(root / name)
     _refused(invoke, tmp_path, "ingest", root, tmp_path / "s.zarr",
              match=f"a model named '{name}', the name of a combination evaluate scores")

@@ -336,9 +336,9 @@ def fit(store, lut, bin_width, solver, shrinkage, device, scheduler, worker_time
 @click.argument("lut")
 @click.argument("output")
 @click.option("--export-dir", default=None, help="Also write one lossless PNG per image here, named by stem.")
-@click.option("--png-compression", type=click.IntRange(0, 9), default=DEFAULT_PNG_COMPRESSION, show_default=True, metavar="0-9",
-              help="zlib level of the exported PNGs: 1 encodes several times faster than 6 or 9 for files ~15-25% "
-                   "larger; the pixels are the same at every level.")
+@click.option("--png-compression", type=click.IntRange(0, 9), default=None, metavar="0-9",
+              help=f"zlib level of the exported PNGs (default {DEFAULT_PNG_COMPRESSION}; only with --export-dir): 1 encodes "
+                   "several times faster than 6 or 9 for files ~15-25% larger; the pixels are the same at every level.")
 @device_option
 @compression_option
 @run_options()

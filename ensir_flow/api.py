@@ -472,13 +472,18 @@ def fit(store, lut, *, bin_width: int = DEFAULT_BIN_WIDTH, solver: str = DEFAULT
                   bins=table.n_bins, channels=table.n_channels, filled_cells=table.filled_cells)
 
 
-def apply(store, lut, output, *, export_dir=None, png_compression: int = DEFAULT_PNG_COMPRESSION, device: str = "auto",
+def apply(store, lut, output, *, export_dir=None, png_compression: int | None = None, device: str = "auto",
           compression: str = schema.DEFAULT_COMPRESSION, overwrite: bool = False, **run: Unpack[RunOptions]) -> Applied:
     """Blend every image of `store` with `lut` into the new store `output` (`ensir-flow apply`),
     and with `export_dir` also write one lossless PNG per image there (zlib level `png_compression`,
-    0-9). An `output` made with the same LUT before `store` grew (`ingest(append=True)`) is updated
-    in place."""
+    0-9, default `DEFAULT_PNG_COMPRESSION`; refused without `export_dir`, where it would do nothing).
+    An `output` made with the same LUT before `store` grew (`ingest(append=True)`) is updated in place."""
     from .pipelines.apply import plan_apply
+
+    if png_compression is not None and export_dir is None:
+        raise UsageError("--png-compression: only with --export-dir")
+    if png_compression is None:
+        png_compression = DEFAULT_PNG_COMPRESSION
 
     outputs = _written([output, export_dir])
     outcome = run_plan(lambda: plan_apply(str(store), str(lut), str(output), None if export_dir is None else str(export_dir),

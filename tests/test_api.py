@@ -117,6 +117,8 @@ def test_dry_run_describes_and_writes_nothing(tmp_path, corpus):
     (lambda root, tmp: ensir_flow.evaluate(tmp / "s.zarr", cv=2, bin_widths="16,x"), "comma-separated list", "--bin-widths"),
     (lambda root, tmp: ensir_flow.evaluate(tmp / "s.zarr", cv=2, ensemble=tmp / "o.zarr"), "use one or the other", None),
     (lambda root, tmp: ensir_flow.ingest(root, "memory://api/s.zarr", scheduler="local"), "use --scheduler threads", None),
+    (lambda root, tmp: ensir_flow.apply(tmp / "s.zarr", tmp / "l.zarr", tmp / "o.zarr", png_compression=9),
+     "--png-compression: only with --export-dir", None),
     # predict's refusals come before any model file is read (none of these files exists)
     (lambda root, tmp: ensir_flow.predict(root, tmp / "p.zarr", models={"a": "a.pt"}, overlap=2), "--overlap: only with --tile",
      None),

@@ -93,3 +93,6 @@ def test_apply_exports_the_same_pixels_at_every_level_with_the_mark(tmp_path, in
     refused = invoke("apply", tmp_path / "s.zarr", tmp_path / "lut.zarr", tmp_path / "bad.zarr", "--export-dir", tmp_path / "bad",
                      "--png-compression", "10", "--no-progress")
     assert refused.exit_code == 2 and not (tmp_path / "bad.zarr").exists() and not (tmp_path / "bad").exists()
+    ignored = invoke("apply", tmp_path / "s.zarr", tmp_path / "lut.zarr", tmp_path / "bad.zarr", "--png-compression", "9",
+                     "--no-progress")  # without --export-dir it would do nothing: refused, not ignored
+    assert ignored.exit_code == 2 and "only with --export-dir" in ignored.output and not (tmp_path / "bad.zarr").exists()

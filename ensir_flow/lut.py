@@ -58,7 +58,8 @@ def check_solver(solver: str) -> str:
 #: weights for every other cell.
 FORMAT_VERSION = 2
 #: Largest dense (nb^K, C, K) float32 table kept in memory or shipped to blend tasks; above it, the
-#: stored bins are looked up in a hash table (`blend.HashedWeights`). K = 3 is far below at any width.
+#: stored bins are looked up in a hash table (`blend.HashedWeights`). K = 3 is below it at widths of 4 and up (the
+#: paper uses 32); at widths 1 and 2 it is hashed, to the same bytes.
 DENSE_TABLE_LIMIT_BYTES = 64 << 20
 
 

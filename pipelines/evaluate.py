@@ -11,6 +11,7 @@ from ensir_flow.binning import DEFAULT_BIN_WIDTH
 from ensir_flow.blend import AVERAGE, ENSEMBLE, ZZPM, average, blend, zzpm
 from ensir_flow.devices import resolve_device
 from ensir_flow.errors import InputError
+from ensir_flow.images import check_model_names
 
 from .fit import image_folds, lut_from_folds, statistics_graph
 from .plan import Plan
@@ -111,6 +112,7 @@ def plan_evaluate(store: str, ensemble_store: str | None = None, y_channel: bool
     """Plan scoring every image of the reference store (and of an `apply` output, if given)."""
     ds = open_store(store)
     models = schema.check_store(ds, store, require=(schema.PREDICTION, schema.GROUND_TRUTH))
+    check_model_names(models, store)  # a store written before ingest refused such names
     index = schema.ImageIndex.from_dataset(ds)
     ensemble = None
     if ensemble_store is not None:
@@ -143,6 +145,7 @@ def plan_cross_validation(store: str, n_folds: int, solvers=("em", "lsq"), bin_w
     statistics pass per bin width keeps the folds apart), scored on the fold's held-out images."""
     ds = open_store(store)
     models = schema.check_store(ds, store, require=(schema.PREDICTION, schema.GROUND_TRUTH))
+    check_model_names(models, store)  # a store written before ingest refused such names
     index = schema.ImageIndex.from_dataset(ds)
     if not 2 <= n_folds <= len(index.stems):
         raise InputError(f"{store}: --cv {n_folds} needs between 2 and {len(index.stems)} folds (one image at least per fold)")

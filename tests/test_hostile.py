@@ -351,3 +351,21 @@ def test_evaluate_an_image_smaller_than_the_ssim_window(tmp_path, invoke):
     assert all(math.isfinite(value) for value in scores["psnr"].values())
     table = invoke("evaluate", tmp_path / "s.zarr", "--no-progress")
     assert table.exit_code == 0 and "Traceback" not in table.output and "model0" in table.stdout
+
+
+@pytest.mark.parametrize("name", ["average", "lsq"])
+def test_evaluate_refuses_a_store_whose_model_is_named_as_a_combination(tmp_path, invoke, corpus, name):
+    # ingest refuses such folders now; a store written before, or by someone else, can still hold one
+    root, models = corpus
+    store = tmp_path / "s.zarr"
+    _ingest(invoke, root, store)
+    group = zarr.open_group(str(store), mode="r+")
+    group.attrs["models"] = [name, *models[1:]]
+    group["model"][0] = name
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        zarr.consolidate_metadata(str(store))
+    for args in (["evaluate", store], ["evaluate", store, "--cv", "2", "--solvers", "em"]):
+        result = invoke(*args, "--no-progress")
+        assert result.exit_code == 1, result.output
+        assert f"a model named '{name}'" in _one_line_refusal(result, str(store))

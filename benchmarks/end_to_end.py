@@ -46,7 +46,7 @@ import numpy as np
 
 from ensir_flow import metrics, schema
 from ensir_flow.blend import average, zzpm
-from ensir_flow.images import GROUND_TRUTH_DIR, INPUT_DIR, encode_png
+from ensir_flow.images import encode_png
 from ensir_flow.pipelines.storage import open_store
 
 REPOSITORY = Path(__file__).resolve().parent.parent

@@ -323,7 +323,7 @@ def _cluster_compute(client, collections, progress, worker_timeout: float | None
                              "connection lost); run the same command again") from None
     finally:
         if bar is not None:
-            bar.stop()
+            bar.stop(disconnect=not succeeded)  # after success the bar ends by itself: every key is done
         if not succeeded:
             _cancel_and_settle(client, futures, collections)
 
@@ -413,13 +413,22 @@ class _ProgressLine:
                 line.stop(disconnect=False)  # it disconnects itself
 
         self.lock, self.active, self.drawn, self.loop = lock, True, False, client.loop
+        self.futures = futures
         self.bar = StderrBar(futures, scheduler=client.scheduler.address, start=False, loop=client.loop)
 
     @classmethod
     def start(cls, client, futures, log: ProgressLog | None = None) -> "_ProgressLine":
         line = cls(client, futures, log)
-        client.loop.add_callback(line.bar.listen)
+        client.loop.add_callback(line._listen)
         return line
+
+    async def _listen(self) -> None:
+        """Listen to the scheduler unless stopped before the event loop got here. While listening,
+        the line (so its futures) stays alive: the scheduler's side waits until the futures' keys
+        exist, and a listener that connected after they were released would wait for them until the
+        cluster shut down, which logs that wait's cancellation as an error."""
+        if self.active:
+            await self.bar.listen()
 
     def stop(self, disconnect: bool = True) -> None:
         """Stop drawing, clear the line if something was drawn and, unless the bar got to its end,

@@ -1,6 +1,8 @@
 """Helpers the tests share: where the reference data lies, small synthetic corpora, a whole workflow run."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -50,3 +52,12 @@ def run_workflow(invoke, root, base, bin_width: int = 32) -> dict:
     evaluation = json.loads(result.stdout)
     evaluation.pop("seconds")  # how long it took, not what it found
     return evaluation
+
+
+def modules_imported_by(code: str) -> set[str]:
+    """The modules loaded after running `code` in a fresh interpreter (which must exit 0): how tests
+    check that a path stays light, e.g. never imports torch."""
+    done = subprocess.run([sys.executable, "-c", f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return set(json.loads(done.stdout.splitlines()[-1]))

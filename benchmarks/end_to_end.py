@@ -49,20 +49,13 @@ from ensir_flow.blend import average, zzpm
 from ensir_flow.images import encode_png
 from ensir_flow.pipelines.storage import open_store
 
+sys.path.insert(0, str(Path(__file__).parent))
+from run import best_time  # noqa: E402  (benchmarks/ is not a package)
+
 REPOSITORY = Path(__file__).resolve().parent.parent
 REFERENCE = REPOSITORY.parent / "shared" / "data" / "ensir-reference" / "deblurring"
 CONFIG = REPOSITORY / "configs" / "deblurring-gopro.yaml"
 ENSIR_FLOW = Path(sys.executable).with_name("ensir-flow")
-
-
-def best(runs: int, measure) -> float:
-    """Smallest wall time of `runs` calls of `measure` (seconds)."""
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        measure()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def run_command(args: list, config: Path, pythonpath: Path | None = None) -> tuple[float, float, dict]:
@@ -190,20 +183,20 @@ def main(argv=None) -> None:
         roles = [str(role) for role in ds["source"].values]
         files = [args.source / role / name for role, names in zip(roles, ds["source_file"].values) for name in names]
         rows.append({"step": f"ingest ({len(roles)} PNGs per frame)", "wall_s": ingest[0], "work_s": sum(ingest[1].values()),
-                     "megapixels": megapixels * len(roles), "bound_s": best(args.runs, lambda: decode_bound(files, threads))})
+                     "megapixels": megapixels * len(roles), "bound_s": best_time(lambda: decode_bound(files, threads), args.runs, warm_up=False)})
 
         fit = best_command(args.runs, ["fit", store, lut], args.config, lambda: remove(lut))
         planes = [ds[schema.PREDICTION].data, ds[schema.GROUND_TRUTH].data]
         rows.append({"step": "fit", "wall_s": fit[0], "work_s": sum(fit[1].values()), "megapixels": megapixels * (len(roles) - 1),
-                     "bound_s": best(args.runs, lambda: read_bound(planes))})
+                     "bound_s": best_time(lambda: read_bound(planes), args.runs, warm_up=False)})
 
         apply = best_command(args.runs, ["apply", store, lut, output], args.config, lambda: remove(output))
         rows.append({"step": "apply", "wall_s": apply[0], "work_s": sum(apply[1].values()), "megapixels": megapixels,
-                     "bound_s": best(args.runs, lambda: read_bound([ds[schema.PREDICTION].data]))})
+                     "bound_s": best_time(lambda: read_bound([ds[schema.PREDICTION].data]), args.runs, warm_up=False)})
         with_export = best_command(args.runs, ["apply", store, lut, output, "--export-dir", pngs, "--png-compression",
                                                args.png_compression], args.config, lambda: remove(output, pngs))
         frames = images_of(open_store(output), schema.ENSEMBLE)
-        ours = best(args.runs, lambda: [encode_png(frame, None, args.png_compression) for frame in frames])
+        ours = best_time(lambda: [encode_png(frame, None, args.png_compression) for frame in frames], args.runs, warm_up=False)
 
         def pillow_level_1():
             from PIL import Image
@@ -211,7 +204,7 @@ def main(argv=None) -> None:
             for frame in frames:
                 Image.fromarray(frame).save(io.BytesIO(), format="PNG", compress_level=1)
 
-        pillow = best(args.runs, pillow_level_1)
+        pillow = best_time(pillow_level_1, args.runs, warm_up=False)
 
         def imageio_default():  # what export wrote with before --png-compression
             import imageio.v3 as iio
@@ -219,7 +212,7 @@ def main(argv=None) -> None:
             for frame in frames:
                 iio.imwrite("<bytes>", frame, extension=".png")
 
-        before_export = best(1, imageio_default)
+        before_export = best_time(imageio_default, 1, warm_up=False)
         rows.append({"step": f"apply --export-dir (level {args.png_compression})", "wall_s": with_export[0],
                      "work_s": sum(with_export[1].values()), "megapixels": megapixels, "bound_s": None})
         rows.append({"step": "  of which export", "wall_s": with_export[1]["export"], "megapixels": megapixels,
@@ -231,22 +224,22 @@ def main(argv=None) -> None:
         evaluate = best_command(args.runs, ["evaluate", store, "--ensemble", output], args.config)
         ensemble = open_store(output)[schema.ENSEMBLE].data
         rows.append({"step": "evaluate --ensemble", "wall_s": evaluate[0], "work_s": sum(evaluate[1].values()), "megapixels": megapixels,
-                     "bound_s": best(args.runs, lambda: read_bound([*planes, ensemble]))})
+                     "bound_s": best_time(lambda: read_bound([*planes, ensemble]), args.runs, warm_up=False)})
 
         truths = images_of(ds, schema.GROUND_TRUTH)[: args.kernel_frames]
         predictions = images_of(ds, schema.PREDICTION)
         candidates = [[*predictions[i], average(predictions[i]), zzpm(predictions[i]), frames[i]] for i in range(len(truths))]
         kernel_mpx = sum(t.shape[0] * t.shape[1] for t in truths) / 1e6
         metrics.scores(candidates[0][:1], truths[0])  # load the numba kernels before timing
-        fused = best(args.runs, lambda: [metrics.scores(c, t) for c, t in zip(candidates, truths)])
-        before = best(1, lambda: [skimage_scores(c, t) for c, t in zip(candidates, truths)])
+        fused = best_time(lambda: [metrics.scores(c, t) for c, t in zip(candidates, truths)], args.runs, warm_up=False)
+        before = best_time(lambda: [skimage_scores(c, t) for c, t in zip(candidates, truths)], 1, warm_up=False)
         rows.append({"step": f"evaluate kernels, {len(truths)} frames x {len(candidates[0])}", "wall_s": fused,
                      "megapixels": kernel_mpx})
         rows.append({"step": "  before: scikit-image SSIM", "wall_s": before, "megapixels": kernel_mpx})
 
         for name, command in (("start-up: ensir-flow --version", [str(ENSIR_FLOW), "--version"]),
                               ("start-up: python -c 'import torch'", [sys.executable, "-c", "import torch"])):
-            rows.append({"step": name, "wall_s": best(args.runs, lambda: subprocess.run(command, capture_output=True, check=True)),
+            rows.append({"step": name, "wall_s": best_time(lambda: subprocess.run(command, capture_output=True, check=True), args.runs, warm_up=False),
                          "megapixels": float("nan")})
 
         for row in rows:

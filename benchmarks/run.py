@@ -521,9 +521,11 @@ def numpy_blend(predictions: np.ndarray, weights: np.ndarray, bin_width: int) ->
     return np.clip(np.floor(acc + np.float32(0.5)), 0, 255).astype(np.uint8)
 
 
-def best_time(function, repeats: int) -> float:
-    """Best wall time of `repeats` calls, after one warm-up call (numba loads or compiles then)."""
-    function()
+def best_time(function, repeats: int, warm_up: bool = True) -> float:
+    """Best wall time of `repeats` calls, after one warm-up call (numba loads or compiles then)
+    unless `warm_up` is False (a fresh process per call, or work too slow to repeat needlessly)."""
+    if warm_up:
+        function()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

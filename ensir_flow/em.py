@@ -1,9 +1,11 @@
-"""EnsIR weight estimation on reduced statistics, batched over cells (numpy on the CPU, torch on a GPU).
+"""EnsIR weight estimation on reduced statistics, one cell at a time (numba on the CPU, batched
+in torch on a GPU).
 
 Each cell is a 1-D mixture of K Gaussians over its ground-truth values y, one component per
 model, with the means held at the mean of that model's predictions in the cell; EM estimates the
 mixing weights, which are the ensemble weights. Because y is 8-bit, the cell's data enter only
-through their 256-level histogram, so one EM step costs O(K * 256) per cell whatever its size.
+through their 256-level histogram, so one EM step costs O(K * L) per cell whatever its size, L
+the number of levels present (the CPU kernel visits only those).
 
 This follows the paper's published code step by step (docs/method.md states every rule), including:
 - at most 1001 EM iterations, stopping when the mean log-likelihood improves by less than 1e-5;
@@ -15,10 +17,8 @@ This follows the paper's published code step by step (docs/method.md states ever
 """
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
+import numba
 import numpy as np
 
 from .fit_status import FitStatus
@@ -28,9 +28,14 @@ MIN_PIXELS_FOR_EM = 100
 MAX_ITERATIONS = 1001
 TOLERANCE = 1e-5
 EPS = 1e-6
+LOG_2PI = math.log(2 * math.pi)
+#: GPU batches: cells per batch, and how often finished cells leave the working set.
 BATCH_CELLS = 4096
 COMPACT_EVERY = 16
-
+#: numpy sums a float64 row of 256 levels pairwise: two halves of 128, each with 8 accumulators
+#: (level % 8). The CPU kernel keeps the same 16 partial sums, so its sums are numpy's bits.
+HALF_LEVELS = 128
+ACCUMULATORS = 8
 
 
 def initial_weights(statistics: CellStatistics) -> np.ndarray:
@@ -60,56 +65,114 @@ def _moments_of(statistics: CellStatistics) -> tuple[np.ndarray, np.ndarray, np.
     return mean, var, zero_var
 
 
-@dataclass(frozen=True)
-class _ArrayOps:
-    """What EM needs from an array library beyond the operators and methods numpy and torch share
-    (log, exp, where, isfinite, sum/all/any over an axis, masks): one EM loop runs on either."""
-
-    xp: Any  # the module: numpy or torch
-    bool_dtype: Any
-    copy: Callable
-    to_float32: Callable
-    logsumexp: Callable  # (array, axis)
-    arange: Callable  # (n, like): float arange 0..n-1 of like's dtype (and device)
-    indices: Callable  # (n, like): integer arange 0..n-1 (on like's device)
+@numba.njit(inline="always")
+def _pairwise_total(partial):
+    """numpy's pairwise sum of a 256-level row from its 16 partial sums (`HALF_LEVELS`)."""
+    total = 0.0
+    for half in range(2):
+        r = partial[half * ACCUMULATORS: (half + 1) * ACCUMULATORS]
+        half_total = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+        total = half_total if half == 0 else total + half_total
+    return total
 
 
-def _numpy_logsumexp(values: np.ndarray, axis: int) -> np.ndarray:
-    """log(sum(exp)) over `axis`, shifted by the maximum as torch.logsumexp is (EM's values are finite)."""
-    peak = values.max(axis=axis)
-    return np.log(np.exp(values - np.expand_dims(peak, axis)).sum(axis=axis)) + peak
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _em_cells(rows, hist_starts, hist_levels, hist_counts, mean, var, pi, out, failed):
+    """EM of each cell of `rows` on its sparse histogram (entries hist_starts[row]:hist_starts[row + 1]
+    of hist_levels, hist_counts, levels ascending), from means, variances and weights (m, K): final
+    weights into out (len(rows), K) and whether EM failed into failed (len(rows),).
+
+    The operations, their order and every sum's grouping are those of `_em_batch` on a dense
+    256-level histogram in numpy (absent levels add exact zeros to their partial sums), so the
+    weights are the same bits; visiting only the L present levels makes a step O(K * L), and
+    there is no array temporary.
+    """
+    n_models = mean.shape[1]
+    log_prob = np.empty((n_models, 256))
+    weighted = np.empty((n_models, 256))
+    log_norm, level, h = np.empty(256), np.empty(256), np.empty(256)
+    slot = np.empty(256, np.int64)
+    partial, partial_centre = np.empty(2 * ACCUMULATORS), np.empty(2 * ACCUMULATORS)
+    scratch = np.empty((6, n_models))
+    log_v, log_p, v, p, s, new_var = scratch[0], scratch[1], scratch[2], scratch[3], scratch[4], scratch[5]
+    for i in range(len(rows)):
+        row = rows[i]
+        start, n_levels = hist_starts[row], hist_starts[row + 1] - hist_starts[row]
+        n = 0.0
+        for e in range(n_levels):
+            y = hist_levels[start + e]
+            level[e], h[e] = np.float64(y), np.float64(hist_counts[start + e])
+            slot[e] = (y // HALF_LEVELS) * ACCUMULATORS + y % ACCUMULATORS
+            n += h[e]
+        v[:], p[:] = var[row], pi[row]
+        prev_ll = 0.0
+        bad = False
+        for iteration in range(MAX_ITERATIONS):
+            for k in range(n_models):
+                log_v[k], log_p[k] = np.log(v[k]), np.log(p[k])
+            partial[:] = 0.0
+            for e in range(n_levels):  # log-likelihood: logsumexp over models, shifted by the peak
+                peak = -np.inf
+                for k in range(n_models):
+                    d = level[e] - mean[row, k]
+                    log_prob[k, e] = -0.5 * ((LOG_2PI + log_v[k]) + d * d / v[k]) + log_p[k]
+                    peak = max(peak, log_prob[k, e])
+                total = np.exp(log_prob[0, e] - peak)
+                for k in range(1, n_models):
+                    total += np.exp(log_prob[k, e] - peak)
+                log_norm[e] = np.log(total) + peak
+                partial[slot[e]] += h[e] * log_norm[e]
+            ll = _pairwise_total(partial) / n
+            if iteration >= 2 and ll - prev_ll < TOLERANCE:  # the reference compares steps 1 and 2 first
+                break
+            underflow, finite = False, True
+            for k in range(n_models):  # responsibilities, then each component's weight and variance
+                partial[:] = 0.0
+                partial_centre[:] = 0.0
+                any_left = False
+                for e in range(n_levels):
+                    resp = np.exp(log_prob[k, e] - log_norm[e])
+                    any_left |= np.float32(resp) != 0
+                    weighted[k, e] = h[e] * resp
+                    partial[slot[e]] += weighted[k, e]
+                    partial_centre[slot[e]] += weighted[k, e] * level[e]
+                underflow |= not any_left
+                s[k] = _pairwise_total(partial)
+                centre = _pairwise_total(partial_centre) / (s[k] + EPS)
+                partial[:] = 0.0
+                for e in range(n_levels):
+                    spread = level[e] - centre
+                    partial[slot[e]] += weighted[k, e] * spread * spread
+                new_var[k] = _pairwise_total(partial) / s[k] + EPS
+                finite &= np.isfinite(new_var[k])
+            if underflow or not finite:
+                bad = True
+                break
+            for k in range(n_models):
+                v[k], p[k] = new_var[k], (s[k] + EPS) / n
+            prev_ll = ll
+        failed[i] = bad
+        out[i] = pi[row] if bad else p
 
 
-NUMPY_OPS = _ArrayOps(np, bool, np.copy, lambda a: a.astype(np.float32), _numpy_logsumexp,
-                      lambda n, like: np.arange(n, dtype=like.dtype), lambda n, like: np.arange(n))
-
-
-def _torch_ops() -> _ArrayOps:
-    import torch
-
-    return _ArrayOps(torch, torch.bool, torch.clone, lambda a: a.to(torch.float32), lambda a, axis: torch.logsumexp(a, dim=axis),
-                     lambda n, like: torch.arange(n, dtype=like.dtype, device=like.device),
-                     lambda n, like: torch.arange(n, device=like.device))
-
-
-def _em_batch(hist, mean, var, pi, ops: _ArrayOps) -> tuple:
-    """Run EM on a batch of cells (arrays of the library of `ops`); returns the final weights and
-    whether each cell failed.
+def _em_batch_torch(hist, mean, var, pi) -> tuple:
+    """EM on a batch of cells as torch float64 tensors on one device (dense histograms (n, 256),
+    means, variances, weights (n, K)): the final weights and whether each cell failed. The same
+    operations as `_em_cells`, as whole-batch tensor operations.
 
     Cells that stop (converged or failed) are frozen by masks and dropped from the working set
-    every COMPACT_EVERY iterations, so the loop synchronises rarely (cheap on a GPU, and few
-    Python-level operations per iteration on the CPU).
+    every COMPACT_EVERY iterations, so the loop synchronises with the host rarely.
     """
-    xp = ops.xp
-    levels = ops.arange(256, hist)
-    log_2pi = math.log(2 * math.pi)
-    final_pi = ops.copy(pi)
-    failed = xp.zeros_like(hist[:, 0], dtype=ops.bool_dtype)
-    rows = ops.indices(hist.shape[0], hist)
-    h, mu, v, p, n, present = hist, mean, ops.copy(var), ops.copy(pi), hist.sum(1), hist > 0
-    result, stopped_bad = ops.copy(p), xp.zeros_like(failed)
-    running = xp.ones_like(failed)
-    prev_ll = xp.zeros_like(n)
+    import torch  # imported here: only EM on a GPU needs it
+
+    levels = torch.arange(256, dtype=hist.dtype, device=hist.device)
+    final_pi = pi.clone()
+    failed = torch.zeros_like(hist[:, 0], dtype=torch.bool)
+    rows = torch.arange(hist.shape[0], device=hist.device)
+    h, mu, v, p, n, present = hist, mean, var.clone(), pi.clone(), hist.sum(1), hist > 0
+    result, stopped_bad = p.clone(), torch.zeros_like(failed)
+    running = torch.ones_like(failed)
+    prev_ll = torch.zeros_like(n)
     for iteration in range(MAX_ITERATIONS):
         if iteration and iteration % COMPACT_EVERY == 0:
             if not bool(running.any()):
@@ -119,27 +182,27 @@ def _em_batch(hist, mean, var, pi, ops: _ArrayOps) -> tuple:
             rows, h, mu, v, p, n, present, result, stopped_bad, prev_ll, running = (
                 t[running] for t in (rows, h, mu, v, p, n, present, result, stopped_bad, prev_ll, running))
         diff = levels[None, None, :] - mu[:, :, None]
-        log_prob = -0.5 * (log_2pi + xp.log(v)[:, :, None] + diff * diff / v[:, :, None]) + xp.log(p)[:, :, None]
-        log_norm = ops.logsumexp(log_prob, 1)
+        log_prob = -0.5 * (LOG_2PI + torch.log(v)[:, :, None] + diff * diff / v[:, :, None]) + torch.log(p)[:, :, None]
+        log_norm = torch.logsumexp(log_prob, dim=1)
         ll = (h * log_norm).sum(1) / n
         if iteration >= 2:  # the reference's stored score starts at -inf: steps 1 and 2 are compared first
             converged = running & ((ll - prev_ll) < TOLERANCE)
-            result = xp.where(converged[:, None], p, result)
+            result = torch.where(converged[:, None], p, result)
             running = running & ~converged
-        resp = xp.exp(log_prob - log_norm[:, None, :])
-        underflow = ((ops.to_float32(resp) == 0) | ~present[:, None, :]).all(2).any(1)
+        resp = torch.exp(log_prob - log_norm[:, None, :])
+        underflow = ((resp.to(torch.float32) == 0) | ~present[:, None, :]).all(2).any(1)
         weighted = h[:, None, :] * resp
         s = weighted.sum(2)
         centre = (weighted * levels).sum(2) / (s + EPS)
         spread = levels[None, None, :] - centre[:, :, None]
         new_var = (weighted * spread * spread).sum(2) / s + EPS
-        bad = running & (underflow | ~xp.isfinite(new_var).all(1))
+        bad = running & (underflow | ~torch.isfinite(new_var).all(1))
         stopped_bad = stopped_bad | bad
         running = running & ~bad
-        v = xp.where(running[:, None], new_var, v)
-        p = xp.where(running[:, None], (s + EPS) / n[:, None], p)
+        v = torch.where(running[:, None], new_var, v)
+        p = torch.where(running[:, None], (s + EPS) / n[:, None], p)
         prev_ll = ll
-    result = xp.where(running[:, None], p, result)  # cells still running took every iteration
+    result = torch.where(running[:, None], p, result)  # cells still running took every iteration
     final_pi[rows], failed[rows] = result, stopped_bad
     return final_pi, failed
 
@@ -150,9 +213,9 @@ def fit_em(statistics: CellStatistics, device: str = "cpu") -> tuple[np.ndarray,
     Returns weights float64 (m, K) in the order of `statistics.cells`, and a status per cell
     (FitStatus.INITIAL_WEIGHTS, FitStatus.EM or FitStatus.EM_FAILED_INITIAL_WEIGHTS).
 
-    On 'cpu' EM runs in numpy: no torch import (1.3-1.8 s of every fit's start-up), and faster
-    than torch's CPU kernels on these small batches; the LUTs are bit-identical (tested against
-    the torch path). On a CUDA device it runs in torch there.
+    On 'cpu' EM runs in the numba kernel `_em_cells`: no torch import (1.3-1.8 s of every fit's
+    start-up), and no work on absent histogram levels. On a CUDA device it runs in torch there,
+    in batches. The LUTs (float32) are the same bits either way (tested).
     """
     weights = initial_weights(statistics)
     status = np.full(len(statistics.cells), FitStatus.INITIAL_WEIGHTS, dtype=np.int8)
@@ -161,19 +224,25 @@ def fit_em(statistics: CellStatistics, device: str = "cpu") -> tuple[np.ndarray,
     status[eligible & zero_var.any(axis=1)] = FitStatus.EM_FAILED_INITIAL_WEIGHTS
     rows = np.flatnonzero(eligible & ~zero_var.any(axis=1))
     if device == "cpu":
-        ops, as_array, to_numpy = NUMPY_OPS, lambda a: np.asarray(a, dtype=np.float64), lambda a: a
+        pi, failed = np.empty((len(rows), statistics.n_models)), np.empty(len(rows), dtype=bool)
+        _em_cells(rows, statistics.hist_starts(), statistics.levels, statistics.hist_counts, mean, var, weights, pi, failed)
     else:
-        import torch  # imported here: only EM on a GPU needs it
+        pi, failed = _fit_em_on_device(statistics, rows, mean, var, weights, device)
+    weights[rows[~failed]] = pi[~failed]
+    status[rows] = np.where(failed, FitStatus.EM_FAILED_INITIAL_WEIGHTS, FitStatus.EM)
+    return weights, status
 
-        ops = _torch_ops()
-        as_array = lambda a: torch.as_tensor(a, dtype=torch.float64, device=device)  # noqa: E731
-        to_numpy = lambda a: a.cpu().numpy()  # noqa: E731
+
+def _fit_em_on_device(statistics: CellStatistics, rows: np.ndarray, mean: np.ndarray, var: np.ndarray, weights: np.ndarray,
+                      device: str) -> tuple[np.ndarray, np.ndarray]:
+    """`fit_em`'s EM for `rows` in torch on `device`, BATCH_CELLS cells at a time: weights (len(rows), K), failed."""
+    import torch
+
+    as_tensor = lambda a: torch.as_tensor(a, dtype=torch.float64, device=device)  # noqa: E731
+    pi, failed = np.empty((len(rows), statistics.n_models)), np.empty(len(rows), dtype=bool)
     for start in range(0, len(rows), BATCH_CELLS):
         batch = rows[start: start + BATCH_CELLS]
-        with np.errstate(divide="ignore", invalid="ignore"):  # a component whose responsibilities vanish: 0/0, judged failed
-            pi, failed = _em_batch(as_array(statistics.dense_histograms(batch)), as_array(mean[batch]), as_array(var[batch]),
-                                   as_array(weights[batch]), ops)
-        failed = to_numpy(failed)
-        weights[batch[~failed]] = to_numpy(pi)[~failed]
-        status[batch] = np.where(failed, FitStatus.EM_FAILED_INITIAL_WEIGHTS, FitStatus.EM)
-    return weights, status
+        batch_pi, batch_failed = _em_batch_torch(as_tensor(statistics.dense_histograms(batch)), as_tensor(mean[batch]),
+                                                 as_tensor(var[batch]), as_tensor(weights[batch]))
+        pi[start: start + len(batch)], failed[start: start + len(batch)] = batch_pi.cpu().numpy(), batch_failed.cpu().numpy()
+    return pi, failed

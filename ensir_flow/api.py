@@ -24,21 +24,27 @@ Bad input raises `errors.InputError` (one line naming the file and the problem),
 failure `errors.TransientError`, conflicting options `UsageError`; nothing is then half-written.
 """
 
+from __future__ import annotations
+
 import contextlib
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypedDict, Unpack
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 import numpy as np
-import xarray as xr
 
 from . import schema
 from .binning import DEFAULT_BIN_WIDTH
 from .errors import InputError
 from .images import DEFAULT_PNG_COMPRESSION
-from .lut import DEFAULT_SOLVER, Lut, check_solver
+from .lut import DEFAULT_SOLVER, check_solver
+
+if TYPE_CHECKING:  # each command imports what it uses: evaluate, for one, needs no xarray
+    import xarray as xr
+
+    from .lut import Lut
 
 #: Solvers `evaluate` always reports without fitting them (so `solvers=` need not name them).
 ALWAYS_REPORTED = ("average", "zzpm")

@@ -8,14 +8,19 @@ when it has the outputs' size) (pixel, channel), and `ensemble` (pixel, channel)
 `apply`.
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import xarray as xr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from .errors import InputError
 from .images import stem_problem
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 SCHEMA_VERSION = 1
 PREDICTION = "prediction"
@@ -63,6 +68,8 @@ class ImageIndex:
 
     def to_dataset(self) -> xr.Dataset:
         """The per-image variables, with the CF attribute that marks the ragged layout."""
+        import xarray as xr  # writers only: readers check stores without xarray (`storage.open_store_index`)
+
         return xr.Dataset(
             {
                 "height": ("image", self.heights.astype(np.int64)),
@@ -208,7 +215,9 @@ def check_store(ds: xr.Dataset, source: str, require: tuple[str, ...] = (PREDICT
     axis holding exactly the images' pixels (sum of height x width); `pixel_count` = height x
     width and `pixel_offset` = the cumulative counts (the contiguous ragged layout: offsets are
     authoritative only because they must equal the cumulative counts). A store that fails is
-    refused, naming what is wrong.
+    refused, naming what is wrong. `ds` is the store opened by xarray, or read with zarr alone
+    (`pipelines.storage.StoreIndex`: the same `attrs`, `sizes`, variables by name with their
+    `sizes` and `values`).
     """
     version = ds.attrs.get("schema_version")
     if version is None:

@@ -11,16 +11,20 @@ array once and sends the opened array (its location and metadata, about a kiloby
 (start, stop): it never holds pixels, and tasks do not read the array's metadata again.
 """
 
-from typing import NamedTuple
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
 
 import dask
 import numpy as np
-import xarray as xr
 import zarr
 from dask.delayed import Delayed
 
 from ensir_flow import schema
 from ensir_flow.errors import InputError
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 #: How many partial results one merge task of `tree_reduce` combines.
 MERGE_FAN_IN = 8

@@ -13,25 +13,30 @@ from ensir_flow.devices import resolve_device
 from ensir_flow.errors import InputError
 from ensir_flow.images import check_model_names
 
-from .fit import image_folds, lut_from_folds, statistics_graph
+from .chunks import image_folds, pixel_array, read_pixels, task_argument
 from .plan import Plan
-from .storage import open_store
+from .storage import open_store, open_store_index
 
 
 
-def image_scores(predictions, truth, ensemble, height: int, width: int, names: list[str],
+def image_scores(predictions, truth, ensemble, offset: int, height: int, width: int, names: list[str],
                  crop_border: int, y_channel: bool, luts: dict | None = None) -> dict:
-    """PSNR and SSIM for one image of each model, the average, ZZPM, the ensemble if given, and
-    each LUT of `luts` ({method: (weights, bin_width)}) applied to the image here; all scored in
-    one pass against the ground truth (`metrics.scores`)."""
-    predictions = np.asarray(predictions)
+    """One task: PSNR and SSIM for the image at pixel `offset` of each model, the average, ZZPM,
+    the ensemble if given, and each LUT of `luts` ({method: (weights, bin_width)}) applied to the
+    image here; all scored in one pass against the ground truth (`metrics.scores`).
+
+    `predictions`, `truth` and `ensemble` (or None) are the stores' opened pixel arrays: the task
+    reads its image itself (`chunks.read_pixels`), so the graph holds no slices of dask arrays,
+    whose building took longer than the scoring of small images, and imported distributed."""
+    stop = offset + height * width
+    predictions = read_pixels(predictions, offset, stop)
     shape = (height, width, -1)
-    truth = np.asarray(truth).reshape(shape)
+    truth = read_pixels(truth, offset, stop).reshape(shape)
     candidates = {name: p.reshape(shape) for name, p in zip(names, predictions)}
     candidates[AVERAGE] = average(predictions).reshape(shape)
     candidates[ZZPM] = zzpm(predictions).reshape(shape)
     if ensemble is not None:
-        candidates[ENSEMBLE] = np.asarray(ensemble).reshape(shape)
+        candidates[ENSEMBLE] = read_pixels(ensemble, offset, stop).reshape(shape)
     for method, (weights, bin_width) in (luts or {}).items():
         candidates[method] = blend(predictions, weights, bin_width).reshape(shape)
     psnrs, ssims = metrics.scores(list(candidates.values()), truth, crop_border=crop_border, y_channel=y_channel)
@@ -110,25 +115,21 @@ class Evaluation:
 
 def plan_evaluate(store: str, ensemble_store: str | None = None, y_channel: bool = False, crop_border: int = 0) -> Plan:
     """Plan scoring every image of the reference store (and of an `apply` output, if given)."""
-    ds = open_store(store)
+    ds = open_store_index(store)
     models = schema.check_store(ds, store, require=(schema.PREDICTION, schema.GROUND_TRUTH))
     check_model_names(models, store)  # a store written before ingest refused such names
     index = schema.ImageIndex.from_dataset(ds)
     ensemble = None
     if ensemble_store is not None:
-        ens = open_store(ensemble_store)
+        ens = open_store_index(ensemble_store)
         schema.check_store(ens, ensemble_store, require=(schema.ENSEMBLE,))
         other = schema.ImageIndex.from_dataset(ens)
         if other.stems != index.stems or not np.array_equal(other.counts, index.counts):
             raise InputError(f"{ensemble_store}: its images (names or sizes) differ from those of {store}")
-        ensemble = ens[schema.ENSEMBLE].data
-    predictions, truth = ds[schema.PREDICTION].data, ds[schema.GROUND_TRUTH].data
-    tasks = [
-        dask.delayed(image_scores, pure=True)(
-            predictions[:, off: off + n], truth[off: off + n], None if ensemble is None else ensemble[off: off + n],
-            int(h), int(w), models, crop_border, y_channel)
-        for h, w, off, n in zip(index.heights, index.widths, index.offsets, index.counts)
-    ]
+        ensemble = task_argument(pixel_array(ensemble_store, schema.ENSEMBLE))
+    predictions, truth = (task_argument(pixel_array(store, variable)) for variable in (schema.PREDICTION, schema.GROUND_TRUTH))
+    tasks = [dask.delayed(image_scores, pure=True)(predictions, truth, ensemble, int(off), int(h), int(w), models, crop_border, y_channel)
+             for h, w, off in zip(index.heights, index.widths, index.offsets)]
     options = {"y_channel": y_channel, "crop_border": crop_border}
 
     def execute(compute):
@@ -143,6 +144,8 @@ def plan_cross_validation(store: str, n_folds: int, solvers=("em", "lsq"), bin_w
                           crop_border: int = 0, device: str = "auto") -> Plan:
     """Plan N-fold cross-validation by image: for each fold, LUTs fitted on the other folds (one
     statistics pass per bin width keeps the folds apart), scored on the fold's held-out images."""
+    from .fit import lut_from_folds, statistics_graph  # the LUT solvers (and xarray): cross-validation only
+
     ds = open_store(store)
     models = schema.check_store(ds, store, require=(schema.PREDICTION, schema.GROUND_TRUTH))
     check_model_names(models, store)  # a store written before ingest refused such names
@@ -153,7 +156,7 @@ def plan_cross_validation(store: str, n_folds: int, solvers=("em", "lsq"), bin_w
     graphs = [statistics_graph(store, ds, width, device, n_folds) for width in bin_widths]
     em_device = resolve_device(device)
     name = (lambda solver, width: solver) if len(bin_widths) == 1 else (lambda solver, width: f"{solver}@{width}")
-    predictions, truth = ds[schema.PREDICTION].data, ds[schema.GROUND_TRUTH].data
+    predictions, truth = (task_argument(pixel_array(store, variable)) for variable in (schema.PREDICTION, schema.GROUND_TRUTH))
     options = {"y_channel": y_channel, "crop_border": crop_border, "solvers": list(solvers), "bin_widths": list(bin_widths)}
 
     def execute(compute):
@@ -166,9 +169,9 @@ def plan_cross_validation(store: str, n_folds: int, solvers=("em", "lsq"), bin_w
                     lut = lut_from_folds(training, models, em_device, solver)
                     luts[fold][name(solver, width)] = (dask.delayed(lut.lookup_table(), pure=True), width)
         tasks = [
-            dask.delayed(image_scores, pure=True)(predictions[:, off: off + n], truth[off: off + n], None, int(h), int(w),
-                                                  models, crop_border, y_channel, luts[int(fold)])
-            for h, w, off, n, fold in zip(index.heights, index.widths, index.offsets, index.counts, folds)
+            dask.delayed(image_scores, pure=True)(predictions, truth, None, int(off), int(h), int(w), models, crop_border,
+                                                  y_channel, luts[int(fold)])
+            for h, w, off, fold in zip(index.heights, index.widths, index.offsets, folds)
         ]
         return Evaluation(index.stems, models, list(compute(*tasks, label="held-out scores")), options, folds.tolist())
 

@@ -17,27 +17,37 @@ command or as it is after it, whatever instant the command is killed at.
 - Apply's output is resumable: its staging location stays across runs (see `resumable_location`).
 """
 
+from __future__ import annotations
+
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import json
 import os
 import socket
 import time
 import warnings
+from typing import TYPE_CHECKING
 
-import dask.array
 import dask.local
 import fsspec
 import numpy as np
-import xarray as xr
 from fsspec.implementations.local import LocalFileSystem
 import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.group import ConsolidatedMetadata
 
 from ensir_flow.errors import InputError, TransientError
-from ensir_flow.lut import Lut
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+    from ensir_flow.lut import Lut
+
+# xarray (with pandas; dask.array comes with its first Variable: ~1.5 s of start-up together) and
+# the LUT module are imported by the functions that use them: `evaluate` reads stores through
+# `open_store_index`, with zarr alone, and needs neither.
 
 ROOT_METADATA = "zarr.json"
 
@@ -278,6 +288,20 @@ def open_store(path: str) -> xr.Dataset:
     The consolidated metadata in the root `zarr.json` is the committed state: an append in
     progress (or killed) has grown the arrays' own metadata but not it (see `committed_append`).
     """
+    import xarray as xr
+
+    fs, root = _openable(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+            ds = xr.open_zarr(str(path), consolidated=_has_consolidated_metadata(fs, root))
+    except Exception as error:
+        raise _unreadable_store(path, error) from None
+    return _with_image_index_read(ds)
+
+
+def _openable(path: str):
+    """(file system, root) of the store at `path`; an InputError saying why when there is none."""
     fs, root = fsspec.core.url_to_fs(str(path))
     if not fs.exists(root):
         if fs.exists(_sibling(root, "replaced")):
@@ -287,13 +311,11 @@ def open_store(path: str) -> xr.Dataset:
     if not fs.exists(f"{root}/{ROOT_METADATA}"):
         raise InputError(f"{path}: not a Zarr store (no {ROOT_METADATA}; an interrupted write? re-run the command "
                          "that writes it with --overwrite)")
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-            ds = xr.open_zarr(str(path), consolidated=_has_consolidated_metadata(fs, root))
-    except Exception as error:
-        raise InputError(f"{path}: not a readable Zarr store ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
-    return _with_image_index_read(ds)
+    return fs, root
+
+
+def _unreadable_store(path: str, error: Exception) -> InputError:
+    return InputError(f"{path}: not a readable Zarr store ({str(error).splitlines()[0] if str(error) else type(error).__name__})")
 
 
 def _with_image_index_read(ds: xr.Dataset) -> xr.Dataset:
@@ -305,6 +327,59 @@ def _with_image_index_read(ds: xr.Dataset) -> xr.Dataset:
     return ds.assign(ds[names].compute(scheduler=dask.local.get_sync)) if names else ds
 
 
+@dataclasses.dataclass(frozen=True)
+class StoredVariable:
+    """One array of a store as `open_store_index` gives it: its dimensions, and its values read
+    on first use (what `schema.check_store` and `ImageIndex.from_dataset` use of a variable)."""
+
+    array: zarr.Array
+    dims: tuple[str, ...]
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return dict(zip(self.dims, self.array.shape))
+
+    @functools.cached_property
+    def values(self) -> np.ndarray:
+        return self.array[...]
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreIndex:
+    """A store's attributes and variables, as last committed, read with zarr alone: enough to check
+    it (`schema.check_store`) and find its images (`schema.ImageIndex.from_dataset`), which take it
+    as they take an xarray Dataset, for commands whose tasks read their pixels straight from the
+    arrays (`chunks.pixel_array`). No xarray, pandas or dask.array (~1.5 s of start-up)."""
+
+    attrs: dict
+    variables: dict[str, StoredVariable]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.variables
+
+    def __getitem__(self, name: str) -> StoredVariable:
+        return self.variables[name]
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {dim: size for variable in self.variables.values() for dim, size in variable.sizes.items()}
+
+
+def open_store_index(path: str) -> StoreIndex:
+    """The `StoreIndex` of the ensir-flow store at `path`, refused as `open_store` refuses it. The
+    arrays' shapes are those of the consolidated metadata when the store has it (the committed
+    state, see `open_store`)."""
+    fs, root = _openable(path)
+    try:
+        group = zarr.open_group(str(path), mode="r", use_consolidated=_has_consolidated_metadata(fs, root))
+        variables = {name: StoredVariable(array, tuple(array.metadata.dimension_names or array.attrs.get("_ARRAY_DIMENSIONS") or ()))
+                     for name, array in group.arrays()}
+        attrs = dict(group.attrs)
+    except Exception as error:
+        raise _unreadable_store(path, error) from None
+    return StoreIndex(attrs, variables)
+
+
 def _has_consolidated_metadata(fs, root: str) -> bool:
     try:
         return json.loads(fs.cat_file(f"{root}/{ROOT_METADATA}")).get("consolidated_metadata") is not None
@@ -314,6 +389,8 @@ def _has_consolidated_metadata(fs, root: str) -> bool:
 
 def read_lut(path: str) -> Lut:
     """Read a LUT store fully (it is small) and check it."""
+    from ensir_flow.lut import Lut
+
     return Lut.from_dataset(open_store(path).load(), source=str(path))
 
 
@@ -427,6 +504,8 @@ def start_resumable(path: str, template: xr.Dataset, encoding: dict, n_chunks: i
     unwritten chunk as zeros). The attributes (which `resumable_marks` recognises a run by) are
     written last, with the consolidated metadata, so a template cut short is never resumed.
     Returns the staging location."""
+    import dask.array
+
     staging = resumable_location(path)
     attrs = dict(template.attrs)
     template = template.assign({COMPLETE: ("chunk", dask.array.zeros(n_chunks, dtype=np.uint8, chunks=1),

@@ -147,6 +147,67 @@ def _scatter_add(keys, values, out):
         out[keys[i]] += values[i]
 
 
+@numba.njit(inline="always")
+def _hash_of_row(keys, row, mask):
+    """Slot (0..mask) of a row of key words in an open-addressing table (Fibonacci hashing)."""
+    h = np.uint64(0)
+    for i in range(keys.shape[1]):
+        h = (h ^ np.uint64(keys[row, i])) * np.uint64(0x9E3779B97F4A7C15)
+    return np.int64(h >> np.uint64(32)) & mask
+
+
+@numba.njit(inline="always")
+def _same_row(keys, a, b):
+    for i in range(keys.shape[1]):
+        if keys[a, i] != keys[b, i]:
+            return False
+    return True
+
+
+@numba.njit(nogil=True, cache=True)
+def _first_seen_groups(keys):
+    """Group of each row of key words (n, W), groups numbered in order of first appearance, and
+    the first row of each group: one pass through a hash table of the groups seen (linear
+    probing, doubled when half full), so O(n) where sorting is O(n log n)."""
+    n = keys.shape[0]
+    table = np.full(1024, -1, np.int64)
+    first_row = np.empty(n, np.int64)
+    group = np.empty(n, np.int64)
+    n_groups = 0
+    for r in range(n):
+        mask = len(table) - 1
+        slot = _hash_of_row(keys, r, mask)
+        while table[slot] >= 0 and not _same_row(keys, first_row[table[slot]], r):
+            slot = (slot + 1) & mask
+        if table[slot] >= 0:
+            group[r] = table[slot]
+            continue
+        group[r], first_row[n_groups], table[slot] = n_groups, r, n_groups
+        n_groups += 1
+        if 2 * n_groups > len(table):
+            table = np.full(2 * len(table), -1, np.int64)
+            mask = len(table) - 1
+            for g in range(n_groups):
+                slot = _hash_of_row(keys, first_row[g], mask)
+                while table[slot] >= 0:
+                    slot = (slot + 1) & mask
+                table[slot] = g
+    return group, first_row[:n_groups].copy()
+
+
+def sorted_groups(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The sorted unique keys of keys (n,) or key words (n, W), and the row of that result each
+    key is (n,): what `np.unique(..., return_inverse=True)` gives, by hashing, so only the unique
+    keys are sorted (far fewer than the keys, in a chunk of pixels)."""
+    words = keys.reshape(len(keys), keys.shape[1] if keys.ndim == 2 else 1)
+    group, first = _first_seen_groups(np.ascontiguousarray(words, dtype=np.int64))
+    unique = keys[first]
+    order = key_order(unique)
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    return unique[order], rank[group]
+
+
 def key_order(keys: np.ndarray) -> np.ndarray:
     """Permutation sorting keys (n,) or key words (n, W) lexicographically (stable)."""
     return np.argsort(keys, kind="stable") if keys.ndim == 1 else np.lexsort(keys.T[::-1])
@@ -189,7 +250,7 @@ def sum_by_key(keys: np.ndarray, values: np.ndarray, key_space: int | None = Non
     key (exact in integers).
 
     1-D keys below a known `key_space` small enough for a dense table are summed in place;
-    otherwise they are sorted. Rows that sum to all zeros are dropped in the dense case
+    otherwise they are grouped by hashing (`sorted_groups`). Rows that sum to all zeros are dropped in the dense case
     (statistics never hold such rows: every stored cell and level has a non-zero count).
     """
     if keys.ndim == 1 and key_space is not None and key_space * (values[0].size if len(values) else 1) <= DENSE_HISTOGRAM_LIMIT:
@@ -197,12 +258,10 @@ def sum_by_key(keys: np.ndarray, values: np.ndarray, key_space: int | None = Non
         _scatter_add(keys, values, dense)
         present = np.flatnonzero(dense.reshape(key_space, -1).any(axis=1))
         return present.astype(np.int64), dense[present]
-    order = key_order(keys) if keys.ndim == 2 else np.argsort(keys)
-    keys, values = keys[order], values[order]
-    if len(keys) == 0:
-        return keys, values
-    starts = group_starts(keys)
-    return keys[starts], np.add.reduceat(values, starts, axis=0)
+    unique, row = sorted_groups(keys)
+    sums = np.zeros((len(unique), *values.shape[1:]), dtype=values.dtype)
+    _scatter_add(row, values, sums)
+    return unique, sums
 
 
 def empty_statistics(n_models: int, n_channels: int, bin_width: int) -> CellStatistics:
@@ -274,12 +333,29 @@ def chunk_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bin_widt
         hist_keys = np.flatnonzero(histogram)
         return CellStatistics(n_models, n_channels, bin_width, cells, moments[cells],
                               hist_keys, histogram[hist_keys])
-    cell_ids = cell_indices(predictions, places)
-    cells, slots = np.unique(cell_ids, return_inverse=True)
+    cells, slots = sorted_groups(cell_indices(predictions, places))
     moments = np.zeros((len(cells), moment_columns(n_models)), dtype=np.int64)
-    accumulate_moments(predictions, ground_truth, slots.astype(np.int64), moments, places)
-    hist_keys, hist_counts = np.unique(cell_ids * LEVELS + ground_truth.reshape(-1), return_counts=True)
-    return CellStatistics(n_models, n_channels, bin_width, cells, moments, hist_keys, hist_counts.astype(np.int64))
+    accumulate_moments(predictions, ground_truth, slots, moments, places)
+    hist_keys, hist_counts = _histogram_of_slots(slots, ground_truth, cells)
+    return CellStatistics(n_models, n_channels, bin_width, cells, moments, hist_keys, hist_counts)
+
+
+def _histogram_of_slots(slots: np.ndarray, ground_truth: np.ndarray, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`hist_keys` and `hist_counts` of a chunk whose pixel-channels fall in rows `slots` of its
+    sorted `cells` (1-D, or 2-D key words whose last word takes the level)."""
+    slot_levels = slots * LEVELS + ground_truth.reshape(-1)
+    if len(cells) * LEVELS <= DENSE_HISTOGRAM_LIMIT:
+        counts = np.bincount(slot_levels, minlength=len(cells) * LEVELS)
+        present = np.flatnonzero(counts)
+        slot_levels, counts = present, counts[present]
+    else:
+        slot_levels, counts = sum_by_key(slot_levels, np.ones(len(slot_levels), np.int64))
+    cell_part, level = np.divmod(slot_levels, LEVELS)
+    if cells.ndim == 1:
+        return cells[cell_part] * LEVELS + level, counts.astype(np.int64)
+    keys = cells[cell_part]
+    keys[:, -1] = keys[:, -1] * LEVELS + level
+    return keys, counts.astype(np.int64)
 
 
 def _wide_chunk_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bin_width: int) -> CellStatistics:
@@ -288,14 +364,10 @@ def _wide_chunk_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bi
     n_models, _, n_channels = predictions.shape
     words = np.column_stack([cell_indices(predictions[start:stop], place_tables(stop - start, bin_width))
                              for start, stop in model_groups(n_models, bin_width)])
-    order = key_order(words)
-    slots = np.empty(len(words), np.int64)
-    slots[order] = run_ids(words[order])
-    cells = words[order[group_starts(words[order])]]
+    cells, slots = sorted_groups(words)
     moments = np.zeros((len(cells), moment_columns(n_models)), dtype=np.int64)
     accumulate_moments(predictions, ground_truth, slots, moments, group_place_tables(n_models, bin_width)[0])
-    words[:, -1] = words[:, -1] * LEVELS + ground_truth.reshape(-1)
-    hist_keys, hist_counts = sum_by_key(words, np.ones(len(words), np.int64))
+    hist_keys, hist_counts = _histogram_of_slots(slots, ground_truth, cells)
     return CellStatistics(n_models, n_channels, bin_width, cells, moments, hist_keys, hist_counts)
 
 

@@ -104,3 +104,17 @@ def test_many_models_small_bins_stay_sparse():
     size = sum(getattr(table, name).nbytes for name in ("cells", "moments", "hist_keys", "hist_counts"))
     assert size < 30 * (1 << 20)  # a dense 256-level histogram per cell would be 400 MB
     assert table.n_pixels == (1 << 16) * 3
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(0, 5000), n_words=st.integers(1, 3), spread=st.sampled_from([1, 7, 3000, 2 ** 62]))
+def test_sorted_groups_is_numpys_unique_with_inverse(seed, n, n_words, spread):
+    """The hash grouping (its table doubles many times from 1,024 slots at n = 5000 distinct keys)
+    gives np.unique's sorted keys and inverse, for one-word keys and rows of key words."""
+    keys = np.random.default_rng(seed).integers(0, spread, (n, n_words), dtype=np.int64)
+    if n_words == 1:
+        keys = keys[:, 0]
+    unique, row = stats.sorted_groups(keys)
+    expected, inverse = np.unique(keys, axis=0 if n_words > 1 else None, return_inverse=True)
+    np.testing.assert_array_equal(unique, expected)
+    np.testing.assert_array_equal(row, inverse.reshape(-1))

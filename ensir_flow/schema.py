@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from zarr.codecs import BloscCodec, ZstdCodec
 
 from .errors import InputError
 from .images import stem_problem
@@ -38,11 +37,8 @@ DEFAULT_CHUNK_PIXELS = 1 << 21
 #: Blosc, no shuffle: uint8 has no bytes to shuffle) keeps 79% of the bytes and decodes a 9 MB
 #: chunk in ~3 ms, encodes it in ~13 ms; zstd (level 3) keeps 61% but takes ~12 ms and ~60 ms.
 #: Reading and writing chunks bound every pipeline, so lz4 is the default; zstd is for archives.
-COMPRESSORS = {
-    "lz4": (BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle"),),
-    "zstd": (ZstdCodec(level=3),),
-    "none": None,
-}
+#: Their codecs: `pixel_encoding`.
+COMPRESSORS = ("lz4", "zstd", "none")
 DEFAULT_COMPRESSION = "lz4"
 
 
@@ -97,7 +93,11 @@ def pixel_encoding(chunks: tuple[int, ...], compression: str = DEFAULT_COMPRESSI
     """xarray's Zarr encoding of a pixel variable: its chunk shape and compressor."""
     if compression not in COMPRESSORS:
         raise ValueError(f"unknown compression {compression!r} (choose from {', '.join(COMPRESSORS)})")
-    return {"chunks": chunks, "compressors": COMPRESSORS[compression]}
+    # zarr's codecs only where a store is written: the CLI's options need the names alone
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    codecs = {"lz4": (BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle"),), "zstd": (ZstdCodec(level=3),), "none": None}
+    return {"chunks": chunks, "compressors": codecs[compression]}
 
 
 def compression_of(encoding: dict) -> str:

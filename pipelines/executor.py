@@ -27,8 +27,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import dask
-
 import ensir_flow
 from ensir_flow.errors import InputError, TransientError
 
@@ -117,6 +115,8 @@ def threaded_compute(*collections, label: str = "") -> tuple:
 
     Its threads are this call's own: when a task fails, the tasks already running finish and the
     queued ones are dropped before the exception is raised, so no task writes after it."""
+    import dask.threaded  # here, not at the top: the CLI imports this module for its option defaults alone
+
     pool = ThreadPoolExecutor(dask.system.CPU_COUNT)
     try:
         # the scheduler function itself: the name 'threads' would make dask import distributed (~0.5 s)
@@ -135,6 +135,7 @@ def local_cluster(**options):
     threshold: every chunk buffer is then mapped and unmapped afresh, and workers read Zarr 2-3x
     slower. Our tasks hold one chunk at a time, so we leave glibc's adaptive default instead.
     """
+    import dask.config
     from distributed import LocalCluster
 
     environment = dict(dask.config.get("distributed.nanny.pre-spawn-environ"))

@@ -38,6 +38,8 @@ COMPACT_EVERY = 16
 #: (level % 8). The CPU kernel keeps the same 16 partial sums, so its sums are numpy's bits.
 HALF_LEVELS = 128
 ACCUMULATORS = 8
+#: Cells of fewer pixels than this have n * sum x^2 (at most n^2 * 255^2) within int64.
+EXACT_INT64_COUNT = math.isqrt((1 << 63) - 1) // 255
 #: Fewer cells than this per thread are not worth a thread of their own.
 MIN_ROWS_PER_THREAD = 64
 
@@ -58,12 +60,14 @@ def _moments_of(statistics: CellStatistics) -> tuple[np.ndarray, np.ndarray, np.
     counts = statistics.counts
     n = counts[:, None].astype(np.float64)
     sx = statistics.sums
-    sxx = np.diagonal(statistics.cross_products(), axis1=1, axis2=2)
+    sxx = statistics.sums_of_squares()
     mean = sx / n
     var = np.maximum(sxx / n - mean * mean, 0.0)
-    # Exact test in Python integers where float cancellation could hide a tiny non-zero variance.
-    zero_var = np.zeros(var.shape, dtype=bool)
-    for i, k in zip(*np.nonzero(var < 1.0)):
+    # Exact test n * sum x^2 == (sum x)^2 where float cancellation could hide a tiny non-zero
+    # variance: in int64 while n * sum x^2 <= n^2 * 255^2 fits, in Python integers beyond.
+    zero_var = (counts[:, None] == 1) | ((var < 1.0) & (counts[:, None] < EXACT_INT64_COUNT)
+                                          & (counts[:, None] * sxx == sx * sx))
+    for i, k in zip(*np.nonzero((var < 1.0) & (counts[:, None] >= EXACT_INT64_COUNT))):
         zero_var[i, k] = int(counts[i]) * int(sxx[i, k]) == int(sx[i, k]) ** 2
     var[zero_var] = 0.0
     return mean, var, zero_var

@@ -91,13 +91,19 @@ class CellStatistics:
         """sum x_k y per cell (m, K)."""
         return self.moments[:, -self.n_models:]
 
+    def sums_of_squares(self) -> np.ndarray:
+        """sum x_k^2 per cell (m, K): the diagonal of `cross_products`, without building it."""
+        k = self.n_models
+        rows, cols = np.triu_indices(k)
+        return self.moments[:, 1 + k + np.flatnonzero(rows == cols)]
+
     def squared_deviations(self) -> np.ndarray:
         """sum over pixels of (K x_k - sum_j x_j)^2 per cell (m, K): K^2 times the squared
-        distance of model k to the per-pixel mean, exact in integers."""
-        k = self.n_models
-        cross = self.cross_products()
-        diagonal = np.diagonal(cross, axis1=1, axis2=2)
-        return k * k * diagonal - 2 * k * cross.sum(axis=2) + cross.sum(axis=(1, 2))[:, None]
+        distance of model k to the per-pixel mean, exact in integers. Computed row by row from the
+        stored upper triangle: the (m, K, K) cross products would be 2 GB for a million cells at K = 16."""
+        out = np.empty((len(self.moments), self.n_models), dtype=np.int64)
+        _squared_deviations_into(self.moments, self.n_models, out)
+        return out
 
     @property
     def channels(self) -> np.ndarray:
@@ -145,6 +151,29 @@ class CellStatistics:
 def _scatter_add(keys, values, out):
     for i in range(len(keys)):
         out[keys[i]] += values[i]
+
+
+@numba.njit(nogil=True, cache=True)
+def _squared_deviations_into(moments, n_models, out):
+    """out (m, K) = K^2 sum x_k^2 - 2K sum_j sum x_k x_j + sum_i sum_j sum x_i x_j per row of
+    `moments` (`CellStatistics.squared_deviations`)."""
+    k = n_models
+    row_sums, squares = np.empty(k, np.int64), np.empty(k, np.int64)
+    for r in range(len(moments)):
+        row_sums[:] = 0
+        column = 1 + k
+        for i in range(k):
+            for j in range(i, k):
+                value = moments[r, column]
+                row_sums[i] += value
+                if i == j:
+                    squares[i] = value
+                else:
+                    row_sums[j] += value
+                column += 1
+        total = row_sums.sum()
+        for i in range(k):
+            out[r, i] = k * k * squares[i] - 2 * k * row_sums[i] + total
 
 
 @numba.njit(inline="always")

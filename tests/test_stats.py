@@ -4,6 +4,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ensir_flow import stats
+from ensir_flow.binning import place_tables
+from ensir_flow.kernels import cell_indices
 
 
 def test_tiny_case_by_hand():
@@ -118,3 +120,21 @@ def test_sorted_groups_is_numpys_unique_with_inverse(seed, n, n_words, spread):
     expected, inverse = np.unique(keys, axis=0 if n_words > 1 else None, return_inverse=True)
     np.testing.assert_array_equal(unique, expected)
     np.testing.assert_array_equal(row, inverse.reshape(-1))
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), n_models=st.integers(1, 16))
+def test_squared_deviations_and_squares_are_the_per_pixel_sums(seed, n_models):
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, 256, (400, 2), dtype=np.uint8)
+    predictions = rng.integers(0, 256, (n_models, 400, 2), dtype=np.uint8)
+    table = stats.chunk_statistics(predictions, truth, 128)
+    x = predictions.astype(np.int64).reshape(n_models, -1)
+    deviation = (n_models * x - x.sum(axis=0)) ** 2  # (K, pixel-channels)
+    rows = stats.sorted_groups(cell_indices(predictions, place_tables(n_models, 128)))[1]  # each pixel-channel's cell
+    expected = np.zeros((len(table.cells), n_models), np.int64)
+    np.add.at(expected, rows, deviation.T)
+    np.testing.assert_array_equal(table.squared_deviations(), expected)
+    squares = np.zeros((len(table.cells), n_models), np.int64)
+    np.add.at(squares, rows, (x * x).T)
+    np.testing.assert_array_equal(table.sums_of_squares(), squares)

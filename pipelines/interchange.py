@@ -12,6 +12,8 @@ from ensir_flow.lut import Lut, read_paper_lut
 from .storage import read_lut, refuse_existing, staged_output, write_dataset
 
 EXPORT_FORMATS = (".npz", ".json")
+#: Largest integer every JSON reader holds exactly (JSON numbers are often parsed as doubles).
+JSON_EXACT_INTEGER = 2 ** 53
 
 
 def import_paper_lut(source: str, output: str, models: list[str], bin_width: int, overwrite: bool = False) -> Lut:
@@ -28,7 +30,7 @@ def export_lut(lut_path: str, output: str, overwrite: bool = False) -> None:
 
     Both carry the store's layout (format version 2): models (LUT order), bin_width, bin_index (the
     flat-index rule), the stored bins' bin_digits [bin][model] (and flat index bin where it fits 64
-    bits), weights [bin][channel][model], count [bin][channel], fit_status [bin][channel] and its
+    bits, and in JSON where every such index is below 2^53), weights [bin][channel][model], count [bin][channel], fit_status [bin][channel] and its
     meanings, and fallback_weights [channel][model] for every cell of a bin not stored. The file is
     written beside `output` and moved into place when complete (`staged_output`).
     """
@@ -49,4 +51,7 @@ def export_lut(lut_path: str, output: str, overwrite: bool = False) -> None:
         if extension == ".npz":
             np.savez_compressed(file, **arrays, metadata=np.array(json.dumps(metadata)))
         else:
+            if "bin" in arrays and len(arrays["bin"]) and int(arrays["bin"].max()) > JSON_EXACT_INTEGER:
+                del arrays["bin"]  # readers parse JSON numbers as doubles: bin_digits say the same exactly
+                metadata["bin_omitted"] = "flat bin indices above 2^53 are not exact as JSON numbers; use bin_digits"
             file.write(json.dumps({**metadata, **{name: array.tolist() for name, array in arrays.items()}}).encode())

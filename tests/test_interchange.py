@@ -54,3 +54,26 @@ def test_paper_lut_import_then_apply_and_export(tmp_path, invoke, corpus):
     assert json.loads(str(npz["metadata"]))["models"] == models
     refused = invoke("lut", "export", tmp_path / "imported.zarr", tmp_path / "lut.csv")
     assert refused.exit_code != 0 and "name it *.npz or *.json" in refused.stderr
+
+
+def test_json_export_leaves_out_flat_indices_a_double_cannot_hold(tmp_path):
+    """K = 14 at bin width 16: flat bins up to 16^14 = 2^56 fit int64 but not a JSON reader's
+    doubles, so JSON keeps bin_digits only (NPZ keeps both); K = 3 keeps `bin` in JSON."""
+    from ensir_flow import stats
+    from ensir_flow.lut import fit_lut
+    from ensir_flow.pipelines.interchange import export_lut
+    from ensir_flow.pipelines.storage import write_dataset
+
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 256, (300, 3), dtype=np.uint8)
+    for n_models, has_bin in ((14, False), (3, True)):
+        predictions = np.clip(truth[None].astype(int) + rng.integers(-20, 21, (n_models, 300, 3)), 0, 255).astype(np.uint8)
+        lut = fit_lut(stats.chunk_statistics(predictions, truth, 16), [f"m{k}" for k in range(n_models)], solver="average")
+        lut_path = tmp_path / f"lut{n_models}.zarr"
+        write_dataset(lut.to_dataset(), str(lut_path)).compute()
+        export_lut(str(lut_path), str(tmp_path / f"lut{n_models}.json"))
+        export_lut(str(lut_path), str(tmp_path / f"lut{n_models}.npz"))
+        exported = json.loads((tmp_path / f"lut{n_models}.json").read_text())
+        assert ("bin" in exported) == has_bin and ("bin_omitted" in exported) != has_bin
+        assert exported["bin_digits"] == lut.bin_digits.tolist()
+        assert "bin" in np.load(tmp_path / f"lut{n_models}.npz")

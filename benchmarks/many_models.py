@@ -1,6 +1,7 @@
 """Many-model ensembles (issue 13): fit and apply as K grows, on the same synthetic pixels.
 
     python benchmarks/many_models.py [--megapixels 4] [--memory-megapixels 1,2] [--out results.json]
+    python benchmarks/many_models.py --only kernels [--megapixels 2.0736] [--repeats 5]
     python benchmarks/many_models.py --write-corpus DIR [--kind samples|models] [--members 8] [--images 6] [--size 256]
 
 Three groups of figures, on `benchmarks/run.py`'s synthetic corpus (full-HD frames of smooth
@@ -17,6 +18,9 @@ all models):
   (target: under 1.5 GB at 10 Mpx), with the number of cells and stored bins.
 
 On a shared machine every figure is inflated by the other processes: compare the ratios of one run.
+
+`--only kernels` gives the kernel figures alone, in seconds: they take one chunk of each corpus,
+generated in memory, so no store is written and nothing is fitted with dask.
 
 `--write-corpus` writes a PNG corpus for `ingest` instead (gt/ and one folder per member): `models`
 as above, or `samples`, N samples of one stochastic restorer: truth plus independent noise of one
@@ -49,6 +53,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from run import SyntheticCorpus, best_time  # noqa: E402  (benchmarks/ is not a package)
 
 CHUNK_PIXELS = schema.DEFAULT_CHUNK_PIXELS
+#: The (K, bin width) of the kernel figures, and the K of the corpora they need.
+KERNEL_CASES = ((3, 32), (5, 16), (8, 32), (16, 16))
+KERNEL_MODELS = tuple(n_models for n_models, _ in KERNEL_CASES)
 
 
 def write_corpus(path: Path, megapixels: float, n_models: int, seed: int) -> SyntheticCorpus:
@@ -85,7 +92,7 @@ def fit_seconds(store: Path, lut: Path, bin_width: int, runs: int) -> float:
 def kernel_rows(corpus_by_k: dict, repeats: int) -> list[dict]:
     """Blend-kernel throughput (Mpx/s, one core) of one chunk, dense and hashed where both exist."""
     rows = []
-    for n_models, bin_width in ((3, 32), (5, 16), (8, 32), (16, 16)):
+    for n_models, bin_width in KERNEL_CASES:
         pixels = corpus_by_k[n_models].pixels(0, min(CHUNK_PIXELS, corpus_by_k[n_models].index.n_pixels))
         predictions, truth = np.ascontiguousarray(pixels[:-1]), pixels[-1]
         lut = fit_lut(stats.chunk_statistics(predictions, truth, bin_width), corpus_by_k[n_models].models, solver="average")
@@ -102,6 +109,15 @@ def kernel_rows(corpus_by_k: dict, repeats: int) -> list[dict]:
                          "mpx_per_s": predictions.shape[1] / seconds / 1e6})
         if len(outputs) == 2 and not (outputs["dense"] == outputs["hashed"]).all():
             raise RuntimeError(f"K = {n_models}: hashed and dense tables give different bytes")
+    return rows
+
+
+def print_kernel_rows(corpus_by_k: dict, repeats: int) -> list[dict]:
+    """`kernel_rows`, each printed as one line."""
+    rows = kernel_rows(corpus_by_k, repeats)
+    for row in rows:
+        print(f"blend kernel K = {row['K']:2d}, w = {row['bin_width']:3d}, {row['table']:6s} "
+              f"({row['stored_bins']:,} stored bins{', chosen' if row['chosen'] else ''}): {row['mpx_per_s']:.1f} Mpx/s")
     return rows
 
 
@@ -151,16 +167,24 @@ def main(argv=None) -> None:
     parser.add_argument("--images", type=int, default=6, help="--write-corpus: number of images")
     parser.add_argument("--size", type=int, default=256, help="--write-corpus: image side in pixels")
     parser.add_argument("--sigma", type=float, default=10.0, help="--write-corpus: noise level of each sample")
+    parser.add_argument("--only", choices=("kernels",), help="run only this group of figures")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return child(args.child)
     if args.write_corpus:
         return write_png_corpus(args.write_corpus, args.kind, args.members, args.images, args.size, args.sigma, args.seed)
+    if args.only == "kernels":
+        kernels = print_kernel_rows({k: SyntheticCorpus.of_size(args.megapixels, k, args.seed) for k in KERNEL_MODELS},
+                                    args.repeats)
+        if args.out:
+            args.out.write_text(json.dumps({"machine": {"cpus": os.cpu_count()}, "megapixels": args.megapixels,
+                                            "kernels": kernels}, indent=2))
+        return
     workdir = Path(tempfile.mkdtemp(prefix="ensir-many-models-"))
     try:
         corpora, fits = {}, {}
-        for n_models in (3, 5, 8, 16):
+        for n_models in KERNEL_MODELS:
             store = workdir / f"k{n_models}.zarr"
             corpora[n_models] = write_corpus(store, args.megapixels, n_models, args.seed)
             if n_models in (3, 8):
@@ -169,10 +193,7 @@ def main(argv=None) -> None:
                 print(f"fit K = {n_models}, w = 32, {args.megapixels} Mpx: {fits[n_models]:.2f} s, "
                       f"{lut.filled_cells:,} cells with data in {len(lut.bin_digits):,} stored bins", file=sys.stderr)
         print(f"fit K = 8 / K = 3: {fits[8] / fits[3]:.2f}x (target <= 3)")
-        kernels = kernel_rows(corpora, args.repeats)
-        for row in kernels:
-            print(f"blend kernel K = {row['K']:2d}, w = {row['bin_width']:3d}, {row['table']:6s} "
-                  f"({row['stored_bins']:,} stored bins{', chosen' if row['chosen'] else ''}): {row['mpx_per_s']:.1f} Mpx/s")
+        kernels = print_kernel_rows(corpora, args.repeats)
         memory = memory_rows(workdir, [float(s) for s in args.memory_megapixels.split(",")], args.seed)
         for row in memory:
             print(f"K = 16, w = 16, {row['megapixels']} Mpx, {row['step']}: {row['seconds']:.1f} s, peak {row['peak_mib']:.0f} MiB"

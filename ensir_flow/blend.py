@@ -13,37 +13,54 @@ import numpy as np
 #: Names of the combinations in evaluation results, next to the models' own names.
 AVERAGE, ZZPM, ENSEMBLE = "average", "zzpm", "ensemble"
 
-from .binning import group_place_tables, place_tables, place_values
+from .binning import model_groups, place_tables, place_values, ranges_per_model
 from .devices import resolve_device
-from .kernels import blend_hashed_into, blend_into, fill_hash_slots
+from .kernels import blend_hashed_into, blend_into, digit_multiplier, fill_cuckoo_slots
 
 
 class HashedWeights(NamedTuple):
-    """A sparse LUT as blend tasks take it: the stored bins' key words `keys` (m, W)
-    (`binning.words_of_digits`), an open-addressing hash table `slots` of their rows (-1: free; a
-    power of two at least twice m, so a lookup probes about 1.5 slots), their `weights` (m, C, K)
-    float32, and the `fallback` (C, K) of every other cell. Built once per LUT by `of`; pickles
-    as a few arrays."""
+    """A sparse LUT as blend tasks take it: a cuckoo table of the stored bins' key words
+    (`binning.words_of_digits`), `slot_keys` (W, S) (-1: free) and `slot_rows` (S,), S a power of
+    two at least 2.5 times the m bins (`slot_shift` = 64 - log2 S), so every key sits in one of its
+    two slots and a lookup reads both, without branches; `weights` (m + 1, C, K) float32, the stored
+    bins' then, last, the `fallback` every other cell takes (the row free slots give). Built once
+    per LUT by `of`; pickles as a few arrays."""
 
-    keys: np.ndarray
-    slots: np.ndarray
+    slot_keys: np.ndarray
+    slot_rows: np.ndarray
+    slot_shift: int
     weights: np.ndarray
-    fallback: np.ndarray
     bin_width: int
 
     @classmethod
     def of(cls, keys: np.ndarray, weights: np.ndarray, fallback: np.ndarray, n_models: int, bin_width: int) -> "HashedWeights":
-        """Hash the stored bins' unique key words (m, W) of a LUT of `n_models` at `bin_width`."""
-        slots = np.full(max(8, 1 << (2 * len(keys) - 1).bit_length()), -1, dtype=np.int64)
-        keys = np.ascontiguousarray(keys, dtype=np.int64)
-        fill_hash_slots(keys, slots)
-        return cls(keys, slots, np.ascontiguousarray(weights, dtype=np.float32), np.ascontiguousarray(fallback, dtype=np.float32),
-                   bin_width)
+        """Hash the stored bins' unique key words (m, W) of a LUT of `n_models` at `bin_width`, with
+        their weights (m, C, K) and the fallback (C, K)."""
+        keys = np.ascontiguousarray(np.asarray(keys, dtype=np.int64).T)
+        n_bins = keys.shape[1]
+        n_slots = 8
+        while n_slots < 2.5 * n_bins:
+            n_slots *= 2
+        while True:
+            slot_keys, slot_rows = np.full((len(keys), n_slots), -1, dtype=np.int64), np.full(n_slots, n_bins, dtype=np.int64)
+            shift = 64 - (n_slots.bit_length() - 1)
+            if fill_cuckoo_slots(keys, slot_keys, slot_rows, np.uint64(shift)):
+                break
+            if n_slots > 64 * max(n_bins, 1):
+                raise ValueError(f"no cuckoo table of up to {n_slots} slots holds these {n_bins} bins: they need unique keys")
+            n_slots *= 2
+        rows = np.concatenate([np.asarray(weights, dtype=np.float32), np.asarray(fallback, dtype=np.float32)[None]])
+        return cls(slot_keys, slot_rows, shift, rows, bin_width)
+
+    @property
+    def fallback(self) -> np.ndarray:
+        """The weights (C, K) of every cell not stored."""
+        return self.weights[-1]
 
     @property
     def shape(self) -> tuple[int, int, int]:
         """(stored bins, C, K), as a dense table's shape reads."""
-        return self.weights.shape
+        return (len(self.weights) - 1, *self.weights.shape[1:])
 
 
 def blend(predictions: np.ndarray, weights, bin_width: int, device: str = "cpu") -> np.ndarray:
@@ -73,10 +90,21 @@ def _blend_hashed(predictions: np.ndarray, table: HashedWeights) -> np.ndarray:
     n_models, n_pixels, n_channels = predictions.shape
     if table.weights.shape[1:] != (n_channels, n_models):
         raise ValueError(f"weights of shape {table.weights.shape} do not fit predictions of shape {predictions.shape}")
-    places, word_of_model = group_place_tables(n_models, table.bin_width)
     out = np.empty((n_pixels, n_channels), dtype=np.uint8)
-    blend_hashed_into(predictions, np.stack(places), word_of_model, table.keys, table.slots, table.weights, table.fallback[None], out)
+    blend_hashed_into(predictions, digit_multiplier(table.bin_width), *_key_places(n_models, table.bin_width),
+                      table.slot_keys, table.slot_rows, np.uint64(table.slot_shift), table.weights, out)
     return out
+
+
+def _key_places(n_models: int, bin_width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each model's place value nb^(stop - 1 - k) in its key word, and that word (both (K,) int64):
+    word g = sum of floor(x_k / w) * place over the models of group g, as `binning.words_of_digits`."""
+    nb = ranges_per_model(bin_width)
+    places, word_of_model = [], []
+    for word, (start, stop) in enumerate(model_groups(n_models, bin_width)):
+        places.extend(nb ** (stop - 1 - k) for k in range(start, stop))
+        word_of_model.extend([word] * (stop - start))
+    return np.array(places, dtype=np.int64), np.array(word_of_model, dtype=np.int64)
 
 
 def blend_torch(predictions: np.ndarray, weights: np.ndarray, bin_width: int, device: str) -> np.ndarray:

@@ -56,78 +56,134 @@ def blend_into(predictions, weights, places, out):
             store_blend(predictions, weights, flat_bin(predictions, p, c, places), p, c, places, out)
 
 
+#: The two hash functions of the cuckoo table of a sparse LUT's bins: a key's words are folded
+#: with the golden-ratio multiplier (Fibonacci hashing), and its two slots are the top bits of that
+#: hash and of the hash times murmur3's finaliser constant.
+FIRST_HASH = np.uint64(0x9E3779B97F4A7C15)
+SECOND_HASH = np.uint64(0xC2B2AE3D27D4EB4F)
+#: Keys one insertion may move in a cuckoo table before it is declared too small (then one twice
+#: as large is built): at the load of at most 0.4 `blend.HashedWeights` keeps, never reached in practice.
+CUCKOO_MOVES = 500
+#: floor(x / w) = (x * `digit_multiplier(w)`) >> DIGIT_SHIFT for every x in 0..255 and w in 1..256
+#: (tests/test_blend.py checks all of them): a multiply and a shift, which vectorise, where a
+#: division or a table read per value would not.
+DIGIT_SHIFT = 16
+#: Pixel-channels one pass of `blend_hashed_into` handles: its scratch (2K + 2 rows of this many
+#: 4- or 8-byte values) stays in the core's L1 and L2 caches.
+HASHED_BLOCK = 512
+
+
+def digit_multiplier(bin_width: int) -> np.int32:
+    """ceil(2^DIGIT_SHIFT / w): x // w = (x * it) >> DIGIT_SHIFT for 8-bit x."""
+    return np.int32(-(-(1 << DIGIT_SHIFT) // bin_width))
+
+
 @numba.njit(inline="always")
-def hash_slot(words, mask):
-    """First slot (0..mask) of a bin's key words in an open-addressing table (Fibonacci hashing)."""
+def key_slots(words, column, shift):
+    """The two slots (0 .. 2^(64 - shift) - 1) a key may take in a cuckoo table: the key is
+    words[:, column] (one int64 word per model group)."""
     h = np.uint64(0)
-    for i in range(len(words)):
-        h = (h ^ np.uint64(words[i])) * np.uint64(0x9E3779B97F4A7C15)
-    return np.int64(h >> np.uint64(32)) & mask
-
-
-@numba.njit(nogil=True, cache=True)
-def fill_hash_slots(keys, slots):
-    """Put row r of unique key words `keys` (m, W) into `slots` (a power of two, all -1, > m):
-    linear probing from `hash_slot`."""
-    mask = len(slots) - 1
-    for r in range(len(keys)):
-        slot = hash_slot(keys[r], mask)
-        while slots[slot] >= 0:
-            slot = (slot + 1) & mask
-        slots[slot] = r
+    for i in range(words.shape[0]):
+        h = (h ^ np.uint64(words[i, column])) * FIRST_HASH
+    return np.int64(h >> shift), np.int64((h * SECOND_HASH) >> shift)
 
 
 @numba.njit(inline="always")
-def find_row(words, keys, slots, mask):
-    """Row of `keys` equal to `words` through the hash `slots`, or -1."""
-    slot = hash_slot(words, mask)
-    while True:
-        row = slots[slot]
-        if row < 0:
-            return -1
-        same = True
-        for i in range(len(words)):
-            if keys[row, i] != words[i]:
-                same = False
-                break
-        if same:
-            return row
-        slot = (slot + 1) & mask
+def same_key(words, column, slot_keys, slot):
+    """Whether the key words[:, column] is the one stored in `slot` of `slot_keys` (W, S)."""
+    same = True
+    for i in range(words.shape[0]):
+        same &= words[i, column] == slot_keys[i, slot]
+    return same
 
 
 @numba.njit(nogil=True, cache=True)
-def blend_hashed_into(predictions, places, word_of_model, keys, slots, weights, fallback, out):
-    """`blend_into` for a sparse LUT: each pixel-channel's bin key words (model k adds
-    places[k, x_k] to word word_of_model[k]; `places` (K, 256) from `binning.group_place_tables`,
-    an array: indexing a tuple of 16 tables by a loop variable is 300x slower) are looked up in the hash
-    `slots` of the stored bins' `keys` (m, W); found, the bin's weights (m, C, K) are used, else the
-    channel's `fallback` (1, C, K). The sum is `store_blend`'s, so a bin gives the bytes it gives
-    dense. The last bin found in each channel is remembered: neighbouring pixels often share it."""
-    n_pixels, n_channels = predictions.shape[1], predictions.shape[2]
-    n_words = keys.shape[1]
-    mask = len(slots) - 1
-    words = np.zeros(n_words, np.int64)
-    last_words = np.full((n_channels, n_words), -1, np.int64)
-    last_row = np.full(n_channels, -1, np.int64)
-    for p in range(n_pixels):
-        for c in range(n_channels):
+def fill_cuckoo_slots(keys, slot_keys, slot_rows, shift):
+    """Put each row r of the unique key words `keys` (W, m) (column r) into one of its two `key_slots`
+    of a cuckoo table `slot_keys` (W, S) (all -1: free) with `slot_rows` (S,): a key whose slot is
+    taken moves the one there to that key's other slot, and so on. True when every key found a
+    slot; False when one insertion moved `CUCKOO_MOVES` keys (the caller builds a larger table)."""
+    n_words = keys.shape[0]
+    carried = np.empty((n_words, 1), np.int64)
+    for r in range(keys.shape[1]):
+        for i in range(n_words):
+            carried[i, 0] = keys[i, r]
+        row = r
+        slot = key_slots(carried, 0, shift)[0]
+        for _ in range(CUCKOO_MOVES):
+            free = slot_keys[0, slot] < 0
             for i in range(n_words):
-                words[i] = 0
-            for k in range(len(places)):
-                words[word_of_model[k]] += places[k, predictions[k, p, c]]
-            same = True
-            for i in range(n_words):
-                if words[i] != last_words[c, i]:
-                    same = False
-            if not same:
-                last_row[c] = find_row(words, keys, slots, mask)
-                for i in range(n_words):
-                    last_words[c, i] = words[i]
-            row = last_row[c]
-            if row >= 0:
-                store_blend(predictions, weights, row, p, c, places, out)
+                carried[i, 0], slot_keys[i, slot] = slot_keys[i, slot], carried[i, 0]
+            row, slot_rows[slot] = slot_rows[slot], row
+            if free:
+                break
+            first, second = key_slots(carried, 0, shift)
+            slot = second if first == slot else first
+        else:
+            return False
+    return True
+
+
+@numba.njit(nogil=True, cache=True)
+def blend_hashed_into(predictions, multiplier, places, word_of_model, slot_keys, slot_rows, shift, weights, out):
+    """`blend_into` for a sparse LUT whose bins are looked up in a cuckoo table (`fill_cuckoo_slots`):
+    `slot_keys` (W, S) and `slot_rows` (S,) give the row of `weights` (m + 1, C, K) of each stored
+    bin's key, the last row being the fallback of every other bin (free slots hold it). A bin's key
+    is word g = sum of floor(x_k / w) * places[k] over the models k of group g (word_of_model[k] = g:
+    `binning.words_of_digits`), floor(x / w) computed as (x * multiplier) >> DIGIT_SHIFT.
+
+    Block by block of `HASHED_BLOCK` pixel-channels: (1) the key words and the float values, model
+    by model over contiguous runs (vectorised); (2) each pixel-channel's row, branch-free (the key
+    sits in one of its two slots or is absent), and its K weights copied model-major; (3) the sum,
+    model by model over the block (vectorised), then floor(acc + 0.5) clipped. Per pixel-channel the
+    float32 operations are `store_blend`'s, in model order (starting from the first product instead
+    of 0 + it, which can differ only by the sign of a zero, which rounds the same), so a bin gives
+    the bytes the dense kernel gives."""
+    n_models = len(places)
+    n_channels = predictions.shape[2]
+    values_of_model = predictions.reshape(n_models, -1)
+    flat_out = out.reshape(-1)
+    n_words = slot_keys.shape[0]
+    fallback_row = weights.shape[0] - 1
+    words = np.empty((n_words, HASHED_BLOCK), np.int64)
+    values = np.empty((n_models, HASHED_BLOCK), np.float32)
+    chosen = np.empty((n_models, HASHED_BLOCK), np.float32)
+    acc = np.empty(HASHED_BLOCK, np.float32)
+    for start in range(0, values_of_model.shape[1], HASHED_BLOCK):
+        size = min(HASHED_BLOCK, values_of_model.shape[1] - start)
+        words[:, :size] = 0
+        for k in range(n_models):
+            x, word, value, place = values_of_model[k, start:start + size], words[word_of_model[k]], values[k], places[k]
+            for t in range(size):
+                word[t] += np.int64((np.int32(x[t]) * multiplier) >> DIGIT_SHIFT) * place
+                value[t] = np.float32(x[t])
+        channel = start % n_channels
+        for t in range(size):
+            if n_words == 1:
+                key = words[0, t]
+                h = np.uint64(key) * FIRST_HASH
+                first, second = np.int64(h >> shift), np.int64((h * SECOND_HASH) >> shift)
+                row = slot_rows[second] if slot_keys[0, second] == key else fallback_row
+                row = slot_rows[first] if slot_keys[0, first] == key else row
             else:
-                store_blend(predictions, fallback, 0, p, c, places, out)
+                first, second = key_slots(words, t, shift)
+                row = slot_rows[second] if same_key(words, t, slot_keys, second) else fallback_row
+                row = slot_rows[first] if same_key(words, t, slot_keys, first) else row
+            for k in range(n_models):
+                chosen[k, t] = weights[row, channel, k]
+            channel += 1
+            if channel == n_channels:
+                channel = 0
+        for t in range(size):
+            acc[t] = chosen[0, t] * values[0, t]
+        for k in range(1, n_models):
+            weight, value = chosen[k], values[k]
+            for t in range(size):
+                acc[t] += weight[t] * value[t]
+        block_out = flat_out[start:start + size]
+        for t in range(size):
+            rounded = np.floor(acc[t] + np.float32(0.5))
+            block_out[t] = 0 if rounded < 0 else (255 if rounded > 255 else np.uint8(rounded))
 
 
 @numba.njit(inline="always")

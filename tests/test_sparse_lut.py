@@ -20,6 +20,7 @@ from ensir_flow.binning import (bin_count, digits_of_words, flat_bins_of_digits,
 from ensir_flow.blend import HashedWeights, blend
 from ensir_flow.errors import InputError
 from ensir_flow.fit_status import FitStatus
+from ensir_flow.kernels import DIGIT_SHIFT, HASHED_BLOCK, digit_multiplier, fill_cuckoo_slots
 from ensir_flow.lsq import active_set_simplex_least_squares, enumerated_simplex_least_squares
 from ensir_flow.lut import FORMAT_VERSION, SOLVERS, Lut, fit_lut
 
@@ -128,6 +129,62 @@ def test_hashed_lookup_gives_the_bytes_of_the_dense_table():
     other, _ = members(5, 3000, seed=4)  # bins the LUT never saw take the fallback
     for x in (predictions, other):
         np.testing.assert_array_equal(blend(x, hashed, 32), blend(x, lut.weights, 32))
+
+
+def lut_storing(digits: np.ndarray, n_channels: int, bin_width: int, seed: int) -> Lut:
+    """A LUT storing the bins `digits` (m, K), with random weights per cell and a random fallback."""
+    rng = np.random.default_rng(seed)
+    n_bins, n_models = digits.shape
+    weights = rng.dirichlet(np.ones(n_models), (n_bins, n_channels)).astype(np.float32)
+    return Lut([f"m{k}" for k in range(n_models)], bin_width, weights, np.ones((n_bins, n_channels), np.int64),
+               np.full((n_bins, n_channels), FitStatus.LEAST_SQUARES, np.int8), bin_digits=digits,
+               fallback=rng.dirichlet(np.ones(n_models), n_channels).astype(np.float32))
+
+
+@pytest.mark.parametrize("n_models, bin_width, n_pixels, n_channels, stored", [
+    (8, 32, 0, 3, "most"),  # no pixels
+    (8, 32, 1, 3, "most"),  # one pixel
+    (8, 32, HASHED_BLOCK, 1, "most"),  # one whole block of one channel
+    (8, 32, HASHED_BLOCK + 1, 1, "most"),  # one pixel-channel past it
+    (8, 32, 400, 3, "most"),  # blocks that start on every channel (512 is no multiple of 3)
+    (8, 32, 400, 3, "none"),  # no stored bin: every cell takes the fallback
+    (3, 37, 300, 4, "most"),  # a bin width that is no power of two, 4 channels
+    (2, 128, 50, 3, "all"),  # every bin seen is stored
+    (16, 8, 300, 3, "most"),  # keys of two words
+    (16, 1, 100, 3, "most"),  # keys of three words
+])
+def test_hashed_blend_matches_a_per_pixel_lookup(n_models, bin_width, n_pixels, n_channels, stored):
+    predictions, _ = members(n_models, n_pixels, seed=n_pixels, channels=n_channels)
+    seen = np.unique((predictions // bin_width).reshape(n_models, -1).T, axis=0).astype(np.uint8)
+    keep = {"all": np.ones(len(seen), bool), "none": np.zeros(len(seen), bool),
+            "most": np.random.default_rng(1).random(len(seen)) < 0.7}[stored]  # the others take the fallback
+    lut = lut_storing(seen[keep], n_channels, bin_width, seed=n_models)
+    table = HashedWeights.of(words_of_digits(lut.bin_digits, bin_width), lut.bin_weights, lut.fallback, n_models, bin_width)
+    assert table.shape == (int(keep.sum()), n_channels, n_models) and table.slot_keys.shape[0] == key_words(n_models, bin_width)
+    np.testing.assert_array_equal(blend(predictions, table, bin_width), per_pixel_reference(predictions, lut))
+
+
+def test_hashed_blend_with_every_pixel_in_one_bin():
+    predictions = np.random.default_rng(2).integers(64, 96, (8, 700, 3)).astype(np.uint8)  # w = 32: one bin
+    lut = lut_storing(np.full((1, 8), 2, np.uint8), 3, 32, seed=2)
+    table = HashedWeights.of(words_of_digits(lut.bin_digits, 32), lut.bin_weights, lut.fallback, 8, 32)
+    np.testing.assert_array_equal(blend(predictions, table, 32), per_pixel_reference(predictions, lut))
+
+
+def test_digits_by_multiply_and_shift_equal_integer_division():
+    values = np.arange(256, dtype=np.int64)
+    for bin_width in range(1, 257):
+        assert ((values * int(digit_multiplier(bin_width))) >> DIGIT_SHIFT).tolist() == (values // bin_width).tolist()
+
+
+def test_cuckoo_table_says_when_full_and_refuses_duplicate_keys():
+    slot_keys, slot_rows = np.full((1, 8), -1, np.int64), np.full(8, 9, np.int64)
+    assert not fill_cuckoo_slots(np.arange(9, dtype=np.int64)[None], slot_keys, slot_rows, np.uint64(61))  # 9 keys, 8 slots
+    weights, fallback = np.full((3, 3, 2), 0.5, np.float32), np.full((3, 2), 0.5, np.float32)
+    with pytest.raises(ValueError, match="unique keys"):  # a key three times has two slots only, at any size
+        HashedWeights.of(np.array([[5], [5], [5]]), weights, fallback, 2, 32)
+    table = HashedWeights.of(np.array([[5], [6], [7]]), weights, fallback, 2, 32)
+    assert sorted(table.slot_keys[0][table.slot_keys[0] >= 0].tolist()) == [5, 6, 7] and len(table.slot_rows) >= 2.5 * 3
 
 
 def test_a_format_1_lut_loads_and_applies_to_the_same_bytes_and_digest():

@@ -8,7 +8,8 @@ SOURCE_DIR (default: the GoPro reference set in ../shared/data/ensir-reference/d
 gt/ and one folder per model, as `ingest` expects. Each command runs as a user runs it: a fresh
 `ensir-flow ... --scheduler threads --json` process, timed from outside (wall), its stages timed
 inside (the `seconds` of its JSON); `start-up` is the difference: the interpreter, imports, option
-parsing, opening stores, numba kernels loaded from their cache.
+parsing, opening stores. numba's kernels load from their cache inside the first stage that runs
+them (with numba's CPU target, ~0.7 s on the first), so that is counted as work.
 
 Bounds, on the same frames, in this process, with as many threads as the scheduler has:
 - ingest: decoding every PNG ingest reads (K predictions, ground truth, inputs), each file once;

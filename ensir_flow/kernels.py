@@ -68,7 +68,7 @@ CUCKOO_MOVES = 500
 #: (tests/test_blend.py checks all of them): a multiply and a shift, which vectorise, where a
 #: division or a table read per value would not.
 DIGIT_SHIFT = 16
-#: Pixel-channels one pass of `blend_hashed_into` handles: its scratch (2K + 2 rows of this many
+#: Pixel-channels one pass of `blend_hashed_into` handles: its scratch (K + W + 2 rows of this many
 #: 4- or 8-byte values) stays in the core's L1 and L2 caches.
 HASHED_BLOCK = 512
 
@@ -85,7 +85,7 @@ def key_slots(words, column, shift):
     h = np.uint64(0)
     for i in range(words.shape[0]):
         h = (h ^ np.uint64(words[i, column])) * FIRST_HASH
-    return np.int64(h >> shift), np.int64((h * SECOND_HASH) >> shift)
+    return h >> shift, (h * SECOND_HASH) >> shift  # unsigned: numba indexes with them unchecked for negatives
 
 
 @numba.njit(inline="always")
@@ -132,22 +132,24 @@ def blend_hashed_into(predictions, multiplier, places, word_of_model, slot_keys,
     is word g = sum of floor(x_k / w) * places[k] over the models k of group g (word_of_model[k] = g:
     `binning.words_of_digits`), floor(x / w) computed as (x * multiplier) >> DIGIT_SHIFT.
 
-    Block by block of `HASHED_BLOCK` pixel-channels: (1) the key words and the float values, model
-    by model over contiguous runs (vectorised); (2) each pixel-channel's row, branch-free (the key
-    sits in one of its two slots or is absent), and its K weights copied model-major; (3) the sum,
-    model by model over the block (vectorised), then floor(acc + 0.5) clipped. Per pixel-channel the
+    Block by block of `HASHED_BLOCK` pixel-channels, each pass a short loop that the CPU overlaps
+    across pixel-channels: (1) the key words and the float values, model by model over contiguous
+    runs (vectorised); (2) each pixel-channel's row, without branches (both slots are read, and the
+    one holding the key, if any, selected); (3) the offset of its cell's weights; (4) the sum, model
+    by model over the block, then floor(acc + 0.5) clipped (vectorised). Per pixel-channel the
     float32 operations are `store_blend`'s, in model order (starting from the first product instead
     of 0 + it, which can differ only by the sign of a zero, which rounds the same), so a bin gives
     the bytes the dense kernel gives."""
     n_models = len(places)
     n_channels = predictions.shape[2]
     values_of_model = predictions.reshape(n_models, -1)
+    flat_weights = weights.reshape(-1)
     flat_out = out.reshape(-1)
     n_words = slot_keys.shape[0]
     fallback_row = weights.shape[0] - 1
     words = np.empty((n_words, HASHED_BLOCK), np.int64)
     values = np.empty((n_models, HASHED_BLOCK), np.float32)
-    chosen = np.empty((n_models, HASHED_BLOCK), np.float32)
+    offsets = np.empty(HASHED_BLOCK, np.int64)
     acc = np.empty(HASHED_BLOCK, np.float32)
     for start in range(0, values_of_model.shape[1], HASHED_BLOCK):
         size = min(HASHED_BLOCK, values_of_model.shape[1] - start)
@@ -157,29 +159,29 @@ def blend_hashed_into(predictions, multiplier, places, word_of_model, slot_keys,
             for t in range(size):
                 word[t] += np.int64((np.int32(x[t]) * multiplier) >> DIGIT_SHIFT) * place
                 value[t] = np.float32(x[t])
-        channel = start % n_channels
         for t in range(size):
-            if n_words == 1:
+            if n_words == 1:  # the common case (K = 8 at w = 32): one compare per slot
                 key = words[0, t]
                 h = np.uint64(key) * FIRST_HASH
-                first, second = np.int64(h >> shift), np.int64((h * SECOND_HASH) >> shift)
-                row = slot_rows[second] if slot_keys[0, second] == key else fallback_row
-                row = slot_rows[first] if slot_keys[0, first] == key else row
+                first, second = h >> shift, (h * SECOND_HASH) >> shift
+                in_first, in_second = slot_keys[0, first] == key, slot_keys[0, second] == key
             else:
                 first, second = key_slots(words, t, shift)
-                row = slot_rows[second] if same_key(words, t, slot_keys, second) else fallback_row
-                row = slot_rows[first] if same_key(words, t, slot_keys, first) else row
-            for k in range(n_models):
-                chosen[k, t] = weights[row, channel, k]
+                in_first, in_second = same_key(words, t, slot_keys, first), same_key(words, t, slot_keys, second)
+            row_first, row_second = slot_rows[first], slot_rows[second]
+            offsets[t] = row_first if in_first else (row_second if in_second else fallback_row)
+        channel = start % n_channels
+        for t in range(size):
+            offsets[t] = (offsets[t] * n_channels + channel) * n_models
             channel += 1
             if channel == n_channels:
                 channel = 0
         for t in range(size):
-            acc[t] = chosen[0, t] * values[0, t]
+            acc[t] = flat_weights[offsets[t]] * values[0, t]
         for k in range(1, n_models):
-            weight, value = chosen[k], values[k]
+            value = values[k]
             for t in range(size):
-                acc[t] += weight[t] * value[t]
+                acc[t] += flat_weights[offsets[t] + k] * value[t]
         block_out = flat_out[start:start + size]
         for t in range(size):
             rounded = np.floor(acc[t] + np.float32(0.5))

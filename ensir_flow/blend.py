@@ -97,14 +97,15 @@ def _blend_hashed(predictions: np.ndarray, table: HashedWeights) -> np.ndarray:
 
 
 def _key_places(n_models: int, bin_width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each model's place value nb^(stop - 1 - k) in its key word, and that word (both (K,) int64):
+    """Each model's place value nb^(stop - 1 - k) in its key word (K,) float64 (exact: below 2^53), and
+    that word (K,) int64:
     word g = sum of floor(x_k / w) * place over the models of group g, as `binning.words_of_digits`."""
     nb = ranges_per_model(bin_width)
     places, word_of_model = [], []
     for word, (start, stop) in enumerate(model_groups(n_models, bin_width)):
         places.extend(nb ** (stop - 1 - k) for k in range(start, stop))
         word_of_model.extend([word] * (stop - start))
-    return np.array(places, dtype=np.int64), np.array(word_of_model, dtype=np.int64)
+    return np.array(places, dtype=np.float64), np.array(word_of_model, dtype=np.int64)
 
 
 def blend_torch(predictions: np.ndarray, weights: np.ndarray, bin_width: int, device: str) -> np.ndarray:

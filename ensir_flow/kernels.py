@@ -130,11 +130,13 @@ def blend_hashed_into(predictions, multiplier, places, word_of_model, slot_keys,
     `slot_keys` (W, S) and `slot_rows` (S,) give the row of `weights` (m + 1, C, K) of each stored
     bin's key, the last row being the fallback of every other bin (free slots hold it). A bin's key
     is word g = sum of floor(x_k / w) * places[k] over the models k of group g (word_of_model[k] = g:
-    `binning.words_of_digits`), floor(x / w) computed as (x * multiplier) >> DIGIT_SHIFT.
+    `binning.words_of_digits`), floor(x / w) computed as (x * multiplier) >> DIGIT_SHIFT, the sum
+    in float64 (places (K,) float64): exact, a word being below 2^53 (`binning.model_groups`), and
+    vectorised, where AVX2 has no 64-bit integer multiply.
 
     Block by block of `HASHED_BLOCK` pixel-channels, each pass a short loop that the CPU overlaps
     across pixel-channels: (1) the key words and the float values, model by model over contiguous
-    runs (vectorised); (2) each pixel-channel's row, without branches (both slots are read, and the
+    runs (vectorised), the words then made int64; (2) each pixel-channel's row, without branches (both slots are read, and the
     one holding the key, if any, selected); (3) the offset of its cell's weights; (4) the sum, model
     by model over the block, then floor(acc + 0.5) clipped (vectorised). Per pixel-channel the
     float32 operations are `store_blend`'s, in model order (starting from the first product instead
@@ -147,18 +149,22 @@ def blend_hashed_into(predictions, multiplier, places, word_of_model, slot_keys,
     flat_out = out.reshape(-1)
     n_words = slot_keys.shape[0]
     fallback_row = weights.shape[0] - 1
+    sums = np.empty((n_words, HASHED_BLOCK), np.float64)
     words = np.empty((n_words, HASHED_BLOCK), np.int64)
     values = np.empty((n_models, HASHED_BLOCK), np.float32)
-    offsets = np.empty(HASHED_BLOCK, np.int64)
+    offsets = np.empty(HASHED_BLOCK, np.uint64)
     acc = np.empty(HASHED_BLOCK, np.float32)
     for start in range(0, values_of_model.shape[1], HASHED_BLOCK):
         size = min(HASHED_BLOCK, values_of_model.shape[1] - start)
-        words[:, :size] = 0
+        sums[:, :size] = 0
         for k in range(n_models):
-            x, word, value, place = values_of_model[k, start:start + size], words[word_of_model[k]], values[k], places[k]
+            x, word_sum, value, place = values_of_model[k, start:start + size], sums[word_of_model[k]], values[k], places[k]
             for t in range(size):
-                word[t] += np.int64((np.int32(x[t]) * multiplier) >> DIGIT_SHIFT) * place
+                word_sum[t] += np.float64((np.int32(x[t]) * multiplier) >> DIGIT_SHIFT) * place
                 value[t] = np.float32(x[t])
+        for i in range(n_words):
+            for t in range(size):
+                words[i, t] = np.int64(sums[i, t])
         for t in range(size):
             if n_words == 1:  # the common case (K = 8 at w = 32): one compare per slot
                 key = words[0, t]
@@ -168,20 +174,25 @@ def blend_hashed_into(predictions, multiplier, places, word_of_model, slot_keys,
             else:
                 first, second = key_slots(words, t, shift)
                 in_first, in_second = same_key(words, t, slot_keys, first), same_key(words, t, slot_keys, second)
-            row_first, row_second = slot_rows[first], slot_rows[second]
-            offsets[t] = row_first if in_first else (row_second if in_second else fallback_row)
+            # arithmetic, not a conditional expression: LLVM turns that into a branch, which mispredicts
+            row = fallback_row + (slot_rows[second] - fallback_row) * np.int64(in_second)
+            offsets[t] = row + (slot_rows[first] - row) * np.int64(in_first)
         channel = start % n_channels
         for t in range(size):
-            offsets[t] = (offsets[t] * n_channels + channel) * n_models
+            offsets[t] = (offsets[t] * n_channels + channel) * n_models  # unsigned: indexes without a negative check
             channel += 1
             if channel == n_channels:
                 channel = 0
         for t in range(size):
             acc[t] = flat_weights[offsets[t]] * values[0, t]
-        for k in range(1, n_models):
-            value = values[k]
+        for k in range(1, n_models - 1, 2):  # two models a pass: half the loads and stores of acc, same order
+            shift_k, value, next_value = np.uint64(k), values[k], values[k + 1]
             for t in range(size):
-                acc[t] += flat_weights[offsets[t] + k] * value[t]
+                acc[t] = (acc[t] + flat_weights[offsets[t] + shift_k] * value[t]) + flat_weights[offsets[t] + shift_k + np.uint64(1)] * next_value[t]
+        if n_models % 2 == 0:
+            last, value = np.uint64(n_models - 1), values[n_models - 1]
+            for t in range(size):
+                acc[t] += flat_weights[offsets[t] + last] * value[t]
         block_out = flat_out[start:start + size]
         for t in range(size):
             rounded = np.floor(acc[t] + np.float32(0.5))

@@ -10,10 +10,14 @@ except `read_paper_lut`, which imports a LUT published with the paper's code thr
 safe (weights-only) loader.
 """
 
+from __future__ import annotations
+
 import hashlib
+from typing import TYPE_CHECKING
 
 import numpy as np
-import xarray as xr
+if TYPE_CHECKING:
+    import xarray as xr
 
 from . import em, lsq
 from .binning import (all_digits, bin_count, digits_of_words, flat_bins_of_digits, flat_bins_of_edges, flat_index_fits,
@@ -167,6 +171,8 @@ class Lut:
         if flat_index_fits(n_models, self.bin_width):
             coords["bin"] = ("bin", flat_bins_of_digits(self.bin_digits, self.bin_width), {
                 "long_name": "flat bin index sum_k floor(x_k / bin_width) * nb^(K-1-k), first model most significant"})
+        import xarray as xr
+
         ds = xr.Dataset(
             {
                 "weights": (("bin", "channel", "model"), self.bin_weights, {

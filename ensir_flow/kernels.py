@@ -100,7 +100,7 @@ def same_key(words, column, slot_keys, slot):
 @numba.njit(nogil=True, cache=True)
 def fill_cuckoo_slots(keys, slot_keys, slot_rows, shift):
     """Put each row r of the unique key words `keys` (W, m) (column r) into one of its two `key_slots`
-    of a cuckoo table `slot_keys` (W, S) (all -1: free) with `slot_rows` (S,): a key whose slot is
+    of a cuckoo table `slot_keys` (W, S) (all -1: free) with `slot_rows` (S + 1,): a key whose slot is
     taken moves the one there to that key's other slot, and so on. True when every key found a
     slot; False when one insertion moved `CUCKOO_MOVES` keys (the caller builds a larger table)."""
     n_words = keys.shape[0]
@@ -127,8 +127,9 @@ def fill_cuckoo_slots(keys, slot_keys, slot_rows, shift):
 @numba.njit(nogil=True, cache=True)
 def blend_hashed_into(predictions, multiplier, places, word_of_model, slot_keys, slot_rows, shift, weights, out):
     """`blend_into` for a sparse LUT whose bins are looked up in a cuckoo table (`fill_cuckoo_slots`):
-    `slot_keys` (W, S) and `slot_rows` (S,) give the row of `weights` (m + 1, C, K) of each stored
-    bin's key, the last row being the fallback of every other bin (free slots hold it). A bin's key
+    `slot_keys` (W, S) and `slot_rows` (S + 1,) give the row of `weights` (m + 1, C, K) of each stored
+    bin's key, the last row being the fallback of every other bin (free slots and the extra last
+    slot hold it). A bin's key
     is word g = sum of floor(x_k / w) * places[k] over the models k of group g (word_of_model[k] = g:
     `binning.words_of_digits`), floor(x / w) computed as (x * multiplier) >> DIGIT_SHIFT, the sum
     in float64 (places (K,) float64): exact, a word being below 2^53 (`binning.model_groups`), and
@@ -136,8 +137,9 @@ def blend_hashed_into(predictions, multiplier, places, word_of_model, slot_keys,
 
     Block by block of `HASHED_BLOCK` pixel-channels, each pass a short loop that the CPU overlaps
     across pixel-channels: (1) the key words and the float values, model by model over contiguous
-    runs (vectorised), the words then made int64; (2) each pixel-channel's row, without branches (both slots are read, and the
-    one holding the key, if any, selected); (3) the offset of its cell's weights; (4) the sum, model
+    runs (vectorised), the words then made int64; (2) each pixel-channel's row, without branches
+    (both slots are compared, the one holding the key, else the extra slot, chosen and its row
+    read); (3) the offset of its cell's weights; (4) the sum, model
     by model over the block, then floor(acc + 0.5) clipped (vectorised). Per pixel-channel the
     float32 operations are `store_blend`'s, in model order (starting from the first product instead
     of 0 + it, which can differ only by the sign of a zero, which rounds the same), so a bin gives
@@ -148,7 +150,7 @@ def blend_hashed_into(predictions, multiplier, places, word_of_model, slot_keys,
     flat_weights = weights.reshape(-1)
     flat_out = out.reshape(-1)
     n_words = slot_keys.shape[0]
-    fallback_row = weights.shape[0] - 1
+    no_slot = np.uint64(len(slot_rows) - 1)
     sums = np.empty((n_words, HASHED_BLOCK), np.float64)
     words = np.empty((n_words, HASHED_BLOCK), np.int64)
     values = np.empty((n_models, HASHED_BLOCK), np.float32)
@@ -174,9 +176,10 @@ def blend_hashed_into(predictions, multiplier, places, word_of_model, slot_keys,
             else:
                 first, second = key_slots(words, t, shift)
                 in_first, in_second = same_key(words, t, slot_keys, first), same_key(words, t, slot_keys, second)
-            # arithmetic, not a conditional expression: LLVM turns that into a branch, which mispredicts
-            row = fallback_row + (slot_rows[second] - fallback_row) * np.int64(in_second)
-            offsets[t] = row + (slot_rows[first] - row) * np.int64(in_first)
+            # choose the slot (the key's, else the extra last one, which holds the fallback row), then
+            # read its row: selecting between two loaded rows, LLVM made a branch, which mispredicts
+            slot = second if in_second else no_slot
+            offsets[t] = slot_rows[first if in_first else slot]
         channel = start % n_channels
         for t in range(size):
             offsets[t] = (offsets[t] * n_channels + channel) * n_models  # unsigned: indexes without a negative check

@@ -521,16 +521,18 @@ def numpy_blend(predictions: np.ndarray, weights: np.ndarray, bin_width: int) ->
     return np.clip(np.floor(acc + np.float32(0.5)), 0, 255).astype(np.uint8)
 
 
-def best_time(function, repeats: int, warm_up: bool = True) -> float:
+def best_time(function, repeats: int, warm_up: bool = True, clock=time.perf_counter) -> float:
     """Best wall time of `repeats` calls, after one warm-up call (numba loads or compiles then)
-    unless `warm_up` is False (a fresh process per call, or work too slow to repeat needlessly)."""
+    unless `warm_up` is False (a fresh process per call, or work too slow to repeat needlessly).
+    `clock=time.thread_time` times the calling thread's CPU seconds instead: a kernel's cost per
+    core without the time it waited for a core on a shared machine."""
     if warm_up:
         function()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         function()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return min(times)
 
 

@@ -20,7 +20,7 @@ from .kernels import blend_hashed_into, blend_into, digit_multiplier, fill_cucko
 
 class HashedWeights(NamedTuple):
     """A sparse LUT as blend tasks take it: a cuckoo table of the stored bins' key words
-    (`binning.words_of_digits`), `slot_keys` (W, S) (-1: free) and `slot_rows` (S + 1,), S a power
+    (`binning.words_of_digits`), `slot_keys` (S, W) (-1: free) and `slot_rows` (S + 1,), S a power
     of two at least 2.5 times the m bins (`slot_shift` = 64 - log2 S), so every key sits in one of
     its two slots and a lookup compares both, without branches; `weights` (m + 1, C, K) float32,
     the stored bins' then, last, the `fallback` every other cell takes (the row that free slots and
@@ -42,7 +42,7 @@ class HashedWeights(NamedTuple):
         while n_slots < 2.5 * n_bins:
             n_slots *= 2
         while True:
-            slot_keys, slot_rows = np.full((len(keys), n_slots), -1, dtype=np.int64), np.full(n_slots + 1, n_bins, dtype=np.int64)
+            slot_keys, slot_rows = np.full((n_slots, len(keys)), -1, dtype=np.int64), np.full(n_slots + 1, n_bins, dtype=np.int64)
             shift = 64 - (n_slots.bit_length() - 1)
             if fill_cuckoo_slots(keys, slot_keys, slot_rows, np.uint64(shift)):
                 break

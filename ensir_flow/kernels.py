@@ -90,17 +90,17 @@ def key_slots(words, column, shift):
 
 @numba.njit(inline="always")
 def same_key(words, column, slot_keys, slot):
-    """Whether the key words[:, column] is the one stored in `slot` of `slot_keys` (W, S)."""
+    """Whether the key words[:, column] is the one stored in `slot` of `slot_keys` (S, W)."""
     same = True
     for i in range(words.shape[0]):
-        same &= words[i, column] == slot_keys[i, slot]
+        same &= words[i, column] == slot_keys[slot, i]
     return same
 
 
 @numba.njit(nogil=True, cache=True)
 def fill_cuckoo_slots(keys, slot_keys, slot_rows, shift):
     """Put each row r of the unique key words `keys` (W, m) (column r) into one of its two `key_slots`
-    of a cuckoo table `slot_keys` (W, S) (all -1: free) with `slot_rows` (S + 1,): a key whose slot is
+    of a cuckoo table `slot_keys` (S, W) (all -1: free) with `slot_rows` (S + 1,): a key whose slot is
     taken moves the one there to that key's other slot, and so on. True when every key found a
     slot; False when one insertion moved `CUCKOO_MOVES` keys (the caller builds a larger table)."""
     n_words = keys.shape[0]
@@ -111,9 +111,9 @@ def fill_cuckoo_slots(keys, slot_keys, slot_rows, shift):
         row = r
         slot = key_slots(carried, 0, shift)[0]
         for _ in range(CUCKOO_MOVES):
-            free = slot_keys[0, slot] < 0
+            free = slot_keys[slot, 0] < 0
             for i in range(n_words):
-                carried[i, 0], slot_keys[i, slot] = slot_keys[i, slot], carried[i, 0]
+                carried[i, 0], slot_keys[slot, i] = slot_keys[slot, i], carried[i, 0]
             row, slot_rows[slot] = slot_rows[slot], row
             if free:
                 break
@@ -127,10 +127,10 @@ def fill_cuckoo_slots(keys, slot_keys, slot_rows, shift):
 @numba.njit(nogil=True, cache=True)
 def blend_hashed_into(predictions, multiplier, places, word_of_model, slot_keys, slot_rows, shift, weights, out):
     """`blend_into` for a sparse LUT whose bins are looked up in a cuckoo table (`fill_cuckoo_slots`):
-    `slot_keys` (W, S) and `slot_rows` (S + 1,) give the row of `weights` (m + 1, C, K) of each stored
-    bin's key, the last row being the fallback of every other bin (free slots and the extra last
-    slot hold it). A bin's key
-    is word g = sum of floor(x_k / w) * places[k] over the models k of group g (word_of_model[k] = g:
+    `slot_keys` (S, W) (a slot's words side by side, in one cache line) and `slot_rows` (S + 1,)
+    give the row of `weights` (m + 1, C, K) of each stored bin's key, the last row being the
+    fallback of every other bin (free slots and the extra last slot hold it). A bin's key is
+    word g = sum of floor(x_k / w) * places[k] over the models k of group g (word_of_model[k] = g:
     `binning.words_of_digits`), floor(x / w) computed as (x * multiplier) >> DIGIT_SHIFT, the sum
     in float64 (places (K,) float64): exact, a word being below 2^53 (`binning.model_groups`), and
     vectorised, where AVX2 has no 64-bit integer multiply.
@@ -149,7 +149,7 @@ def blend_hashed_into(predictions, multiplier, places, word_of_model, slot_keys,
     values_of_model = predictions.reshape(n_models, -1)
     flat_weights = weights.reshape(-1)
     flat_out = out.reshape(-1)
-    n_words = slot_keys.shape[0]
+    n_words = slot_keys.shape[1]
     no_slot = np.uint64(len(slot_rows) - 1)
     sums = np.empty((n_words, HASHED_BLOCK), np.float64)
     words = np.empty((n_words, HASHED_BLOCK), np.int64)
@@ -172,7 +172,7 @@ def blend_hashed_into(predictions, multiplier, places, word_of_model, slot_keys,
                 key = words[0, t]
                 h = np.uint64(key) * FIRST_HASH
                 first, second = h >> shift, (h * SECOND_HASH) >> shift
-                in_first, in_second = slot_keys[0, first] == key, slot_keys[0, second] == key
+                in_first, in_second = slot_keys[first, 0] == key, slot_keys[second, 0] == key
             else:
                 first, second = key_slots(words, t, shift)
                 in_first, in_second = same_key(words, t, slot_keys, first), same_key(words, t, slot_keys, second)

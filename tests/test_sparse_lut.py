@@ -160,7 +160,7 @@ def test_hashed_blend_matches_a_per_pixel_lookup(n_models, bin_width, n_pixels, 
             "most": np.random.default_rng(1).random(len(seen)) < 0.7}[stored]  # the others take the fallback
     lut = lut_storing(seen[keep], n_channels, bin_width, seed=n_models)
     table = HashedWeights.of(words_of_digits(lut.bin_digits, bin_width), lut.bin_weights, lut.fallback, n_models, bin_width)
-    assert table.shape == (int(keep.sum()), n_channels, n_models) and table.slot_keys.shape[0] == key_words(n_models, bin_width)
+    assert table.shape == (int(keep.sum()), n_channels, n_models) and table.slot_keys.shape[1] == key_words(n_models, bin_width)
     np.testing.assert_array_equal(blend(predictions, table, bin_width), per_pixel_reference(predictions, lut))
 
 
@@ -178,13 +178,13 @@ def test_digits_by_multiply_and_shift_equal_integer_division():
 
 
 def test_cuckoo_table_says_when_full_and_refuses_duplicate_keys():
-    slot_keys, slot_rows = np.full((1, 8), -1, np.int64), np.full(8, 9, np.int64)
+    slot_keys, slot_rows = np.full((8, 1), -1, np.int64), np.full(8, 9, np.int64)
     assert not fill_cuckoo_slots(np.arange(9, dtype=np.int64)[None], slot_keys, slot_rows, np.uint64(61))  # 9 keys, 8 slots
     weights, fallback = np.full((3, 3, 2), 0.5, np.float32), np.full((3, 2), 0.5, np.float32)
     with pytest.raises(ValueError, match="unique keys"):  # a key three times has two slots only, at any size
         HashedWeights.of(np.array([[5], [5], [5]]), weights, fallback, 2, 32)
     table = HashedWeights.of(np.array([[5], [6], [7]]), weights, fallback, 2, 32)
-    assert sorted(table.slot_keys[0][table.slot_keys[0] >= 0].tolist()) == [5, 6, 7] and len(table.slot_rows) >= 2.5 * 3
+    assert sorted(table.slot_keys[:, 0][table.slot_keys[:, 0] >= 0].tolist()) == [5, 6, 7] and len(table.slot_rows) >= 2.5 * 3
 
 
 def test_a_format_1_lut_loads_and_applies_to_the_same_bytes_and_digest():

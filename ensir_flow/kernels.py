@@ -62,10 +62,10 @@ def blend_into(predictions, weights, places, out):
 FIRST_HASH = np.uint64(0x9E3779B97F4A7C15)
 SECOND_HASH = np.uint64(0xC2B2AE3D27D4EB4F)
 #: Keys one insertion may move in a cuckoo table before it is declared too small (then one twice
-#: as large is built): at the load of at most 0.4 `blend.HashedWeights` keeps, never reached in practice.
+#: as large is built): at the load of at most 0.4 that `blend.HashedWeights` keeps, rarely reached.
 CUCKOO_MOVES = 500
 #: floor(x / w) = (x * `digit_multiplier(w)`) >> DIGIT_SHIFT for every x in 0..255 and w in 1..256
-#: (tests/test_blend.py checks all of them): a multiply and a shift, which vectorise, where a
+#: (tests/test_sparse_lut.py checks all of them): a multiply and a shift, which vectorise, where a
 #: division or a table read per value would not.
 DIGIT_SHIFT = 16
 #: Pixel-channels one pass of `blend_hashed_into` handles: its scratch (K + W + 2 rows of this many
@@ -99,7 +99,7 @@ def same_key(words, column, slot_keys, slot):
 
 @numba.njit(nogil=True, cache=True)
 def fill_cuckoo_slots(keys, slot_keys, slot_rows, shift):
-    """Put each row r of the unique key words `keys` (W, m) (column r) into one of its two `key_slots`
+    """Put each key of the unique key words `keys` (W, m), column r, with row r, into one of its two `key_slots`
     of a cuckoo table `slot_keys` (S, W) (all -1: free) with `slot_rows` (S + 1,): a key whose slot is
     taken moves the one there to that key's other slot, and so on. True when every key found a
     slot; False when one insertion moved `CUCKOO_MOVES` keys (the caller builds a larger table)."""
@@ -189,9 +189,10 @@ def blend_hashed_into(predictions, multiplier, places, word_of_model, slot_keys,
         for t in range(size):
             acc[t] = flat_weights[offsets[t]] * values[0, t]
         for k in range(1, n_models - 1, 2):  # two models a pass: half the loads and stores of acc, same order
-            shift_k, value, next_value = np.uint64(k), values[k], values[k + 1]
+            model, value, next_value = np.uint64(k), values[k], values[k + 1]
             for t in range(size):
-                acc[t] = (acc[t] + flat_weights[offsets[t] + shift_k] * value[t]) + flat_weights[offsets[t] + shift_k + np.uint64(1)] * next_value[t]
+                weight, next_weight = flat_weights[offsets[t] + model], flat_weights[offsets[t] + model + np.uint64(1)]
+                acc[t] = (acc[t] + weight * value[t]) + next_weight * next_value[t]
         if n_models % 2 == 0:
             last, value = np.uint64(n_models - 1), values[n_models - 1]
             for t in range(size):

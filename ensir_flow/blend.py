@@ -22,7 +22,7 @@ class HashedWeights(NamedTuple):
     """A sparse LUT as blend tasks take it: a cuckoo table of the stored bins' key words
     (`binning.words_of_digits`), `slot_keys` (S, W) (-1: free) and `slot_rows` (S + 1,), S a power
     of two at least 2.5 times the m bins (`slot_shift` = 64 - log2 S), so every key sits in one of
-    its two slots and a lookup compares both, without branches; `weights` (m + 1, C, K) float32,
+    its two slots and a lookup compares both, never a chain; `weights` (m + 1, C, K) float32,
     the stored bins' then, last, the `fallback` every other cell takes (the row that free slots and
     the extra last slot give). Built once per LUT by `of`; pickles as a few arrays."""
 

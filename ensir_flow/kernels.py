@@ -137,9 +137,9 @@ def blend_hashed_into(predictions, multiplier, places, word_of_model, slot_keys,
 
     Block by block of `HASHED_BLOCK` pixel-channels, each pass a short loop that the CPU overlaps
     across pixel-channels: (1) the key words and the float values, model by model over contiguous
-    runs (vectorised), the words then made int64; (2) each pixel-channel's row, without branches
-    (both slots are compared, the one holding the key, else the extra slot, chosen and its row
-    read); (3) the offset of its cell's weights; (4) the sum, model
+    runs (vectorised), the words then made int64; (2) each pixel-channel's row: both slots are
+    compared, the one holding the key, else the extra slot, chosen, and its row read (as selects,
+    not a probing loop); (3) the offset of its cell's weights; (4) the sum, model
     by model over the block, then floor(acc + 0.5) clipped (vectorised). Per pixel-channel the
     float32 operations are `store_blend`'s, in model order (starting from the first product instead
     of 0 + it, which can differ only by the sign of a zero, which rounds the same), so a bin gives

@@ -240,6 +240,11 @@ def fit_em(statistics: CellStatistics, device: str = "cpu") -> tuple[np.ndarray,
     return weights, status
 
 
+def _usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS has one: Linux; else all)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _fit_em_on_cpu(statistics: CellStatistics, rows: np.ndarray, mean: np.ndarray, var: np.ndarray,
                    weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """`fit_em`'s EM for `rows` in `_em_cells` on every core this process may use (the kernel
@@ -247,7 +252,7 @@ def _fit_em_on_cpu(statistics: CellStatistics, rows: np.ndarray, mean: np.ndarra
     weights (len(rows), K), failed."""
     pi, failed = np.empty((len(rows), statistics.n_models)), np.empty(len(rows), dtype=bool)
     histogram = statistics.hist_starts(), statistics.levels, statistics.hist_counts
-    n_threads = max(1, min(len(os.sched_getaffinity(0)), len(rows) // MIN_ROWS_PER_THREAD))
+    n_threads = max(1, min(_usable_cores(), len(rows) // MIN_ROWS_PER_THREAD))
 
     def run(part: int) -> None:
         share = slice(part, None, n_threads)

@@ -65,3 +65,15 @@ def test_fit_on_the_cpu_does_not_import_torch(tmp_path):
             "x = np.clip(y[None].astype(int) + rng.integers(-9, 10, (3, 5000, 3)), 0, 255).astype(np.uint8)\n"
             "em.fit_em(stats.chunk_statistics(x, y, 64), 'cpu')\n")
     assert "torch" not in modules_imported_by(code), "torch was imported"
+
+
+def test_cpu_em_runs_where_the_os_has_no_cpu_affinity(monkeypatch):
+    """macOS and Windows have no os.sched_getaffinity: EM's threads are then sized by os.cpu_count,
+    with the same weights."""
+    table = stats.chunk_statistics(*_corpus(7, 3, 40_000), 32)
+    weights, status = em.fit_em(table, "cpu")
+    monkeypatch.delattr(em.os, "sched_getaffinity", raising=False)
+    again, again_status = em.fit_em(table, "cpu")
+    assert (status == FitStatus.EM).sum() >= 10
+    np.testing.assert_array_equal(again, weights)
+    np.testing.assert_array_equal(again_status, status)

@@ -26,7 +26,7 @@ from .blend import HashedWeights
 from .errors import InputError
 from .fit_status import FLAG_MEANINGS, FitStatus
 from .schema import CHANNEL_NAMES
-from .stats import CellStatistics, group_starts, key_order, run_ids
+from .stats import CellStatistics, group_starts, key_order, sorted_groups
 
 SOLVERS = ("em", "lsq", "average", "zzpm")
 DEFAULT_SOLVER = "em"
@@ -391,10 +391,7 @@ def fit_lut(statistics: CellStatistics, models: list[str], device: str = "cpu", 
     check_solver(solver)
     words = statistics.cells // n_channels
     words = words[:, None] if words.ndim == 1 else words
-    order = key_order(words)
-    row = np.empty(len(words), np.int64)
-    row[order] = run_ids(words[order])
-    bin_words = words[order[group_starts(words[order])]]
+    bin_words, row = sorted_groups(words)
     channel = statistics.channels
     fallback = np.full((n_channels, n_models), 1.0 / n_models)
     fallback_status, cell_status = FitStatus.EMPTY_FALLBACK, np.full(len(words), FitStatus.UNIFORM, np.int8)

@@ -84,14 +84,21 @@ def key_words(n_models: int, bin_width: int) -> int:
     return len(model_groups(n_models, bin_width))
 
 
-def group_place_tables(n_models: int, bin_width: int) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
-    """Place tables (K, as `place_tables`) of each model within its own group, and the word (K,)
-    each model adds to: word g of a bin = sum over the models k of group g of table k [x_k]."""
-    tables, word_of_model = [], []
+def group_places(n_models: int, bin_width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each model's place value nb^(stop - 1 - k) within its group's key word (K,) int64, and that
+    word (K,): word g of a bin = sum over the models k of group g of floor(x_k / w) * place k."""
+    nb = ranges_per_model(bin_width)
+    places, word_of_model = [], []
     for word, (start, stop) in enumerate(model_groups(n_models, bin_width)):
-        tables.extend(place_values(stop - start, bin_width))
+        places.extend(nb ** (stop - 1 - k) for k in range(start, stop))
         word_of_model.extend([word] * (stop - start))
-    return tuple(tables), np.array(word_of_model, dtype=np.int64)
+    return np.array(places, dtype=np.int64), np.array(word_of_model, dtype=np.int64)
+
+
+def group_place_tables(n_models: int, bin_width: int) -> tuple[np.ndarray, ...]:
+    """Place tables (K, as `place_tables`) of each model within its own group's key word."""
+    digits = np.arange(LEVELS, dtype=np.int64) // bin_width
+    return tuple(digits * place for place in group_places(n_models, bin_width)[0])
 
 
 def words_of_digits(digits: np.ndarray, bin_width: int) -> np.ndarray:

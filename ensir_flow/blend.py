@@ -13,7 +13,7 @@ import numpy as np
 #: Names of the combinations in evaluation results, next to the models' own names.
 AVERAGE, ZZPM, ENSEMBLE = "average", "zzpm", "ensemble"
 
-from .binning import model_groups, place_tables, place_values, ranges_per_model
+from .binning import group_places, place_tables, place_values
 from .devices import resolve_device
 from .kernels import blend_hashed_into, blend_into, digit_multiplier, fill_cuckoo_slots
 
@@ -91,21 +91,10 @@ def _blend_hashed(predictions: np.ndarray, table: HashedWeights) -> np.ndarray:
     if table.weights.shape[1:] != (n_channels, n_models):
         raise ValueError(f"weights of shape {table.weights.shape} do not fit predictions of shape {predictions.shape}")
     out = np.empty((n_pixels, n_channels), dtype=np.uint8)
-    blend_hashed_into(predictions, digit_multiplier(table.bin_width), *_key_places(n_models, table.bin_width),
+    places, word_of_model = group_places(n_models, table.bin_width)
+    blend_hashed_into(predictions, digit_multiplier(table.bin_width), places.astype(np.float64), word_of_model,
                       table.slot_keys, table.slot_rows, np.uint64(table.slot_shift), table.weights, out)
     return out
-
-
-def _key_places(n_models: int, bin_width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each model's place value nb^(stop - 1 - k) in its key word (K,) float64 (exact: below 2^53), and
-    that word (K,) int64:
-    word g = sum of floor(x_k / w) * place over the models of group g, as `binning.words_of_digits`."""
-    nb = ranges_per_model(bin_width)
-    places, word_of_model = [], []
-    for word, (start, stop) in enumerate(model_groups(n_models, bin_width)):
-        places.extend(nb ** (stop - 1 - k) for k in range(start, stop))
-        word_of_model.extend([word] * (stop - start))
-    return np.array(places, dtype=np.float64), np.array(word_of_model, dtype=np.int64)
 
 
 def blend_torch(predictions: np.ndarray, weights: np.ndarray, bin_width: int, device: str) -> np.ndarray:

@@ -279,8 +279,9 @@ def sum_by_key(keys: np.ndarray, values: np.ndarray, key_space: int | None = Non
     key (exact in integers).
 
     1-D keys below a known `key_space` small enough for a dense table are summed in place;
-    otherwise they are grouped by hashing (`sorted_groups`). Rows that sum to all zeros are dropped in the dense case
-    (statistics never hold such rows: every stored cell and level has a non-zero count).
+    otherwise they are grouped by hashing (`sorted_groups`). Rows that sum to all zeros are
+    dropped in the dense case (statistics never hold such rows: every stored cell and level has a
+    non-zero count).
     """
     if keys.ndim == 1 and key_space is not None and key_space * (values[0].size if len(values) else 1) <= DENSE_HISTOGRAM_LIMIT:
         dense = np.zeros((key_space, *values.shape[1:]), dtype=values.dtype)
@@ -395,7 +396,7 @@ def _wide_chunk_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bi
                              for start, stop in model_groups(n_models, bin_width)])
     cells, slots = sorted_groups(words)
     moments = np.zeros((len(cells), moment_columns(n_models)), dtype=np.int64)
-    accumulate_moments(predictions, ground_truth, slots, moments, group_place_tables(n_models, bin_width)[0])
+    accumulate_moments(predictions, ground_truth, slots, moments, group_place_tables(n_models, bin_width))
     hist_keys, hist_counts = _histogram_of_slots(slots, ground_truth, cells)
     return CellStatistics(n_models, n_channels, bin_width, cells, moments, hist_keys, hist_counts)
 

@@ -30,9 +30,10 @@ def export_lut(lut_path: str, output: str, overwrite: bool = False) -> None:
 
     Both carry the store's layout (format version 2): models (LUT order), bin_width, bin_index (the
     flat-index rule), the stored bins' bin_digits [bin][model] (and flat index bin where it fits 64
-    bits, and in JSON where every such index is below 2^53), weights [bin][channel][model], count [bin][channel], fit_status [bin][channel] and its
-    meanings, and fallback_weights [channel][model] for every cell of a bin not stored. The file is
-    written beside `output` and moved into place when complete (`staged_output`).
+    bits, and in JSON only where every such index is at most 2^53), weights [bin][channel][model],
+    count [bin][channel], fit_status [bin][channel] and its meanings, and fallback_weights
+    [channel][model] for every cell of a bin not stored. The file is written beside `output` and
+    moved into place when complete (`staged_output`).
     """
     extension = next((e for e in EXPORT_FORMATS if str(output).endswith(e)), None)
     if extension is None:

@@ -1,10 +1,10 @@
 """The lookup table: ensemble weights per (bin, channel), its fitting and its interchange forms.
 
-A LUT is an `xarray.Dataset` once written (see `to_dataset`): for the bins that hold a cell with
-its own weights only, `weights` (bin, channel, model) float32, `count` (bin, channel) int64
-reference pixels, `fit_status` (bin, channel) int8, the bins' digits `bin_digits` (bin, model)
-(and flat index `bin` where it fits 64 bits); `fallback_weights` (channel, model) for every other
-cell; and attributes `format_version`, `models`, `bin_width`, `solver`, `empty_policy`. The table
+A LUT store holds (see `layout`; `to_dataset` makes it an `xarray.Dataset`), for the bins that
+hold a cell with its own weights only, `weights` (bin, channel, model) float32, `count` (bin,
+channel) int64 reference pixels, `fit_status` (bin, channel) int8, the bins' digits `bin_digits`
+(bin, model) (and flat index `bin` where it fits 64 bits); `fallback_weights` (channel, model) for
+every other cell; and attributes `format_version`, `models`, `bin_width`, `solver`, `empty_policy`. The table
 ceil(256/w)^K is never built for many models (K = 16 at w = 16 has 2^64 bins). Nothing here reads or writes files
 except `read_paper_lut`, which imports a LUT published with the paper's code through torch's
 safe (weights-only) loader.
@@ -159,8 +159,11 @@ class Lut:
         """'R', 'G', 'B' for 3 channels, 'Y' for 1, else their numbers."""
         return list(CHANNEL_NAMES.get(self.n_channels, [str(c) for c in range(self.n_channels)]))
 
-    def to_dataset(self) -> xr.Dataset:
-        """The LUT as a Dataset in the documented layout (format `FORMAT_VERSION`, CF-1.10 attributes)."""
+    def layout(self) -> tuple[dict, dict, dict]:
+        """The LUT in the documented layout (format `FORMAT_VERSION`, CF-1.10 attributes), as plain
+        arrays: (data variables, coordinates, attributes), each variable a tuple (dims, values,
+        attributes) as `xarray.Dataset` takes them. `to_dataset` builds the Dataset from it;
+        `storage.write_lut` writes it with zarr alone (fit's start-up without xarray)."""
         n_models = len(self.models)
         coords = {
             "model": ("model", np.array(self.models, dtype=object), {"long_name": "base model, in the order of the bin digits"}),
@@ -171,27 +174,22 @@ class Lut:
         if flat_index_fits(n_models, self.bin_width):
             coords["bin"] = ("bin", flat_bins_of_digits(self.bin_digits, self.bin_width), {
                 "long_name": "flat bin index sum_k floor(x_k / bin_width) * nb^(K-1-k), first model most significant"})
-        import xarray as xr
-
-        ds = xr.Dataset(
-            {
-                "weights": (("bin", "channel", "model"), self.bin_weights, {
-                    "long_name": "ensemble weight of each model in the cell", "units": "1"}),
-                "count": (("bin", "channel"), self.bin_count.astype(np.int64), {
-                    "long_name": "reference pixels in the cell", "units": "1"}),
-                "fit_status": (("bin", "channel"), self.bin_status.astype(np.int8), {
-                    "long_name": "how the cell's weights were obtained",
-                    "flag_values": np.arange(len(FitStatus), dtype=np.int8), "flag_meanings": FLAG_MEANINGS,
-                }),
-                "fallback_weights": (("channel", "model"), self.fallback, {
-                    "long_name": "ensemble weights of every cell of a bin not stored", "units": "1"}),
-            },
-            coords=coords,
-        )
-        ds.attrs.update(self.attrs)
+        data_vars = {
+            "weights": (("bin", "channel", "model"), self.bin_weights, {
+                "long_name": "ensemble weight of each model in the cell", "units": "1"}),
+            "count": (("bin", "channel"), self.bin_count.astype(np.int64), {
+                "long_name": "reference pixels in the cell", "units": "1"}),
+            "fit_status": (("bin", "channel"), self.bin_status.astype(np.int8), {
+                "long_name": "how the cell's weights were obtained",
+                "flag_values": np.arange(len(FitStatus), dtype=np.int8), "flag_meanings": FLAG_MEANINGS,
+            }),
+            "fallback_weights": (("channel", "model"), self.fallback, {
+                "long_name": "ensemble weights of every cell of a bin not stored", "units": "1"}),
+        }
+        attrs = dict(self.attrs)
         if self.empty_policy == EMPTY_POLICY and self.solver in EMPTY_POLICY_DESCRIPTIONS:
-            ds.attrs["empty_policy_description"] = EMPTY_POLICY_DESCRIPTIONS[self.solver]
-        ds.attrs.update({
+            attrs["empty_policy_description"] = EMPTY_POLICY_DESCRIPTIONS[self.solver]
+        attrs.update({
             "Conventions": "CF-1.10", "format_version": FORMAT_VERSION,
             "models": list(self.models), "bin_width": int(self.bin_width), "solver": self.solver,
             "empty_policy": self.empty_policy, "fallback_fit_status": self.fallback_status,
@@ -199,7 +197,14 @@ class Lut:
             "bins_stored": "only bins holding a cell with its own weights; every other cell takes fallback_weights "
                            "of its channel (fit_status fallback_fit_status)",
         })
-        return ds
+        return data_vars, coords, attrs
+
+    def to_dataset(self) -> xr.Dataset:
+        """The LUT as a Dataset in the documented layout (`layout`)."""
+        import xarray as xr
+
+        data_vars, coords, attrs = self.layout()
+        return xr.Dataset(data_vars, coords=coords, attrs=attrs)
 
     @classmethod
     def from_dataset(cls, ds: xr.Dataset, source: str = "LUT") -> "Lut":

@@ -26,6 +26,8 @@ from ensir_flow.errors import InputError
 if TYPE_CHECKING:
     import xarray as xr
 
+    from .storage import StoreIndex
+
 #: How many partial results one merge task of `tree_reduce` combines.
 MERGE_FAN_IN = 8
 
@@ -38,9 +40,15 @@ class Span(NamedTuple):
     label: int
 
 
-def chunk_ranges(ds: xr.Dataset) -> list[tuple[int, int]]:
+def chunk_ranges(ds: xr.Dataset | StoreIndex) -> list[tuple[int, int]]:
     """(start, stop) along `pixel` of each chunk of the store's predictions."""
-    return ranges_of(ds[schema.PREDICTION].data.chunks[1])
+    return ranges_of(pixel_chunk_lengths(ds))
+
+
+def pixel_chunk_lengths(ds: xr.Dataset | StoreIndex) -> tuple[int, ...]:
+    """Length along `pixel` of each chunk of the store's predictions, from a store opened by
+    `storage.open_store` (xarray) or by `storage.open_store_index` (zarr alone)."""
+    return ds[schema.PREDICTION].chunks[1]
 
 
 def ranges_of(lengths) -> list[tuple[int, int]]:

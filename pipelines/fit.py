@@ -10,9 +10,10 @@ from ensir_flow.lsq import SHRINKAGE_GRID, choose_shrinkage
 from ensir_flow.lut import DEFAULT_SOLVER, check_solver, fit_lut
 from ensir_flow.stats import fold_statistics, merge, merge_folds
 
-from .chunks import MERGE_FAN_IN, Span, chunk_ranges, chunk_spans, image_folds, pixel_array, read_pixels, task_argument, tree_reduce
+from .chunks import (MERGE_FAN_IN, Span, chunk_ranges, chunk_spans, image_folds, pixel_array, pixel_chunk_lengths, read_pixels,
+                     task_argument, tree_reduce)
 from .plan import Plan
-from .storage import open_store, refuse_existing, staged_output, write_dataset
+from .storage import open_store_index, refuse_existing, staged_output, write_lut
 
 SHRINKAGE_FOLDS = 5
 #: Used by lsq when there is a single reference image, so nothing to hold out.
@@ -28,9 +29,10 @@ def _chunk_statistics(predictions, truth, start: int, stop: int, bin_width: int,
 
 def statistics_graph(store: str, ds, bin_width: int, device: str = "cpu", n_folds: int = 1):
     """Delayed list of merged CellStatistics, one per fold of images, of the store `store` (opened
-    as `ds`, with ground truth): one task per chunk, then a tree of merges."""
+    as `ds` by `open_store` or `open_store_index`, with ground truth): one task per chunk, then a
+    tree of merges."""
     spans = chunk_spans(schema.ImageIndex.from_dataset(ds), image_folds(ds.sizes["image"], n_folds),
-                        ds[schema.PREDICTION].data.chunks[1])
+                        pixel_chunk_lengths(ds))
     predictions, truth = (task_argument(pixel_array(store, name)) for name in (schema.PREDICTION, schema.GROUND_TRUTH))
     parts = [dask.delayed(_chunk_statistics, pure=True)(predictions, truth, start, stop, bin_width, chunk, n_folds, device)
              for (start, stop), chunk in zip(chunk_ranges(ds), spans)]
@@ -66,7 +68,7 @@ def plan_fit(store: str, lut_path: str, bin_width: int = DEFAULT_BIN_WIDTH, solv
     """
     check_solver(solver)
     refuse_existing(lut_path, overwrite)
-    ds = open_store(store)
+    ds = open_store_index(store)
     models = schema.check_store(ds, store, require=(schema.PREDICTION, schema.GROUND_TRUTH))
     n_images = ds.sizes["image"]
     n_folds = min(SHRINKAGE_FOLDS, n_images) if solver == "lsq" and shrinkage is None and n_images > 1 else 1
@@ -79,14 +81,14 @@ def plan_fit(store: str, lut_path: str, bin_width: int = DEFAULT_BIN_WIDTH, solv
         lut.attrs.update({"created_by": f"ensir-flow {ensir_flow.__version__} fit", "reference_store": str(store),
                           "reference_images": int(n_images)})
         with staged_output(lut_path, overwrite) as staging:
-            compute(write_dataset(lut.to_dataset(), staging), label="write LUT")
+            compute(dask.delayed(write_lut)(lut, staging), label="write LUT")
         return lut
 
     n_bins = bin_count(len(models), bin_width)
     details = {
         "store": str(store), "LUT": str(lut_path), "models": ", ".join(models), "solver": solver,
         "bin width": f"{bin_width} ({n_bins:,} bins x {ds.sizes['channel']} channels)",
-        "statistics tasks": f"{ds[schema.PREDICTION].data.numblocks[1]} chunks, merged {MERGE_FAN_IN} at a time"
+        "statistics tasks": f"{len(pixel_chunk_lengths(ds))} chunks, merged {MERGE_FAN_IN} at a time"
                             + (f", kept in {n_folds} folds of images" if n_folds > 1 else ""),
         "devices": f"statistics on {device}, EM batched on {em_device}",
     }

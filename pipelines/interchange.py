@@ -9,7 +9,7 @@ from ensir_flow.errors import InputError
 from ensir_flow.fit_status import FLAG_MEANINGS
 from ensir_flow.lut import Lut, read_paper_lut
 
-from .storage import read_lut, refuse_existing, staged_output, write_dataset
+from .storage import read_lut, refuse_existing, staged_output, write_lut
 
 EXPORT_FORMATS = (".npz", ".json")
 #: Largest integer every JSON reader holds exactly (JSON numbers are often parsed as doubles).
@@ -21,7 +21,7 @@ def import_paper_lut(source: str, output: str, models: list[str], bin_width: int
     refuse_existing(output, overwrite)
     lut = read_paper_lut(source, models, bin_width)
     with staged_output(output, overwrite) as staging:
-        write_dataset(lut.to_dataset(), staging).compute()
+        write_lut(lut, staging)
     return lut
 
 

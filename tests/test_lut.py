@@ -1,3 +1,4 @@
+import json
 import pickle
 
 import numpy as np
@@ -68,3 +69,30 @@ def test_paper_lut_import_refuses_code(tmp_path):
     with pytest.raises(InputError, match="not a loadable weights-only EnsIR LUT"):
         read_paper_lut(path, ["m1", "m2"], 128)
 
+
+
+def _stored_files(root) -> dict[str, object]:
+    """Every file of a store by relative path: metadata documents parsed, chunks as bytes."""
+    return {str(path.relative_to(root)): json.loads(path.read_bytes()) if path.name == "zarr.json" else path.read_bytes()
+            for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.parametrize("n_models, bin_width, pixels, channels, solver", [
+    (3, 64, 2000, 3, "em"),       # the paper's case: a flat bin coordinate, one chunk per array
+    (8, 32, 10_000, 3, "em"),     # weights cut into several chunks by zarr
+    (16, 16, 300, 1, "lsq"),      # no flat bin coordinate (it does not fit 64 bits): bin_digits only
+    (3, 32, 0, 3, "average"),     # no stored bins: zero-length arrays
+])
+def test_lut_store_written_with_zarr_alone_is_what_xarray_writes(tmp_path, n_models, bin_width, pixels, channels, solver):
+    from ensir_flow.pipelines.storage import read_lut, write_dataset, write_lut
+
+    rng = np.random.default_rng(n_models)
+    truth = rng.integers(0, 256, (pixels, channels), dtype=np.uint8)
+    predictions = np.clip(truth + rng.normal(0, 20, (n_models, pixels, channels)), 0, 255).astype(np.uint8)
+    lut = fit_lut(stats.chunk_statistics(predictions, truth, bin_width), [f"m{k}" for k in range(n_models)], solver=solver)
+    lut.attrs["created_by"] = "test"
+    write_dataset(lut.to_dataset(), tmp_path / "xarray.zarr").compute()
+    write_lut(lut, tmp_path / "zarr.zarr")
+    assert _stored_files(tmp_path / "zarr.zarr") == _stored_files(tmp_path / "xarray.zarr")
+    back = read_lut(tmp_path / "zarr.zarr")
+    assert back.digest() == lut.digest() and back.attrs["created_by"] == "test"

@@ -15,7 +15,7 @@ from ensir_flow.images import check_model_names
 
 from .chunks import image_folds, pixel_array, read_pixels, task_argument
 from .plan import Plan
-from .storage import open_store, open_store_index
+from .storage import open_store_index
 
 
 
@@ -144,9 +144,9 @@ def plan_cross_validation(store: str, n_folds: int, solvers=("em", "lsq"), bin_w
                           crop_border: int = 0, device: str = "auto") -> Plan:
     """Plan N-fold cross-validation by image: for each fold, LUTs fitted on the other folds (one
     statistics pass per bin width keeps the folds apart), scored on the fold's held-out images."""
-    from .fit import lut_from_folds, statistics_graph  # the LUT solvers (and xarray): cross-validation only
+    from .fit import lut_from_folds, statistics_graph  # the LUT solvers: cross-validation only
 
-    ds = open_store(store)
+    ds = open_store_index(store)
     models = schema.check_store(ds, store, require=(schema.PREDICTION, schema.GROUND_TRUTH))
     check_model_names(models, store)  # a store written before ingest refused such names
     index = schema.ImageIndex.from_dataset(ds)

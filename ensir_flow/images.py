@@ -178,10 +178,31 @@ def _info_of_shape(path, shape) -> ImageInfo:
 
 def read_image(path, expected: ImageInfo) -> np.ndarray:
     """Decode one image to uint8 (H, W, C), converting or refusing as the module docstring says."""
+    return decode_image(_file_bytes(path), path, expected)
+
+
+def read_image_and_sha256(path, expected: ImageInfo) -> tuple[np.ndarray, str]:
+    """`read_image` and `file_sha256` of one file from a single read of its bytes: ingest records
+    the digest of exactly the bytes whose pixels it stores, and reads each file once."""
+    data = _file_bytes(path)
+    return decode_image(data, path, expected), hashlib.sha256(data).hexdigest()
+
+
+def _file_bytes(path) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as error:
+        raise InputError(f"{path}: cannot decode image ({_first_line(error)})") from None
+
+
+def decode_image(data: bytes, path, expected: ImageInfo) -> np.ndarray:
+    """Decode the bytes `data` of the image file `path` as `read_image` decodes the file (the
+    plugin its extension selects), checked against `expected` and named `path` in every refusal."""
     import imageio.v3 as iio
 
     try:
-        pixels = iio.imread(path)
+        pixels = iio.imread(data, extension=Path(path).suffix.lower() or None)
     except Exception as error:
         raise InputError(f"{path}: cannot decode image ({_first_line(error)})") from None
     _check_dtype(path, pixels.dtype)

@@ -1,9 +1,16 @@
 """Ingest: image folders -> one Zarr store in the ragged pixel layout.
 
 Every image is probed first (headers only), so mismatched sizes, unsupported formats and missing
-files are reported before anything is written. Pixels are then decoded by one task per image and
-assembled into Zarr chunks; each chunk is written by exactly one task, so no two tasks ever write
-the same chunk. The store is staged and moved into place only when complete.
+files are reported before anything is written. Pixels are then decoded by one task per source file,
+which reads the file once and hashes the same bytes, and assembled into Zarr chunks; each chunk is
+written by exactly one task, so no two tasks ever write the same chunk. The store is staged and
+moved into place only when complete.
+
+Resuming without hashing up front: each chunk is written with a record of the SHA-256s of the
+source files whose pixels it holds (`CHUNK_SOURCES`, before its completion mark). A resumed run
+hashes again only the sources of the chunks already complete and redoes the chunks whose sources
+changed; at commit the records become the store's `source_sha256` (refused if two chunks holding
+one image saw different bytes of a file: a file changed during the run).
 """
 
 import hashlib
@@ -18,7 +25,8 @@ import xarray as xr
 import ensir_flow
 from ensir_flow import schema
 from ensir_flow.errors import InputError, TransientError
-from ensir_flow.images import GROUND_TRUTH_DIR, INPUT_DIR, Corpus, ImageInfo, discover_corpus, file_sha256, probe_image, read_image
+from ensir_flow.images import (GROUND_TRUTH_DIR, INPUT_DIR, Corpus, ImageInfo, discover_corpus, file_sha256, probe_image,
+                               read_image_and_sha256)
 
 from .plan import Plan
 from .chunks import ranges_of, task_argument
@@ -74,11 +82,12 @@ def storable_inputs(corpus: Corpus, infos: list[ImageInfo]) -> tuple[Corpus, dic
     return replace(corpus, inputs=None), {"input": "lq/ not stored: its images differ in size or channels from the outputs"}
 
 
-def source_provenance(corpus: Corpus) -> xr.Dataset:
-    """Per image and source folder: the file name and the SHA-256 of its bytes."""
+def source_provenance(corpus: Corpus, hashed: bool = True) -> xr.Dataset:
+    """Per image and source folder: the file name and the SHA-256 of its bytes (read here; left
+    empty unless `hashed`, for a writer whose decoding tasks hash the files: see `store_writer`)."""
     roles = _roles(corpus)
     with ThreadPoolExecutor(max_workers=8) as pool:
-        digests = [list(pool.map(file_sha256, files)) for _, files in roles]
+        digests = [list(pool.map(file_sha256, files)) if hashed else [""] * len(files) for _, files in roles]
     names = [[path.name for path in files] for _, files in roles]
     dims = ("source", "image")
     return xr.Dataset(
@@ -87,42 +96,86 @@ def source_provenance(corpus: Corpus) -> xr.Dataset:
     )
 
 
-def _read_image_planes(paths: list, info: ImageInfo) -> np.ndarray:
-    """Pixels (roles, H*W, C) of one image: each role's file decoded once."""
-    return np.stack([read_image(path, info).reshape(-1, info.channels) for path in paths])
+def _decode_source(path, info: ImageInfo) -> tuple[np.ndarray, str]:
+    """One task per source file: its pixels as one plane (1, H*W, C) and the SHA-256 of the bytes
+    they were decoded from (one read of the file)."""
+    pixels, digest = read_image_and_sha256(path, info)
+    return pixels.reshape(1, -1, info.channels), digest
 
 
-def _pixel_planes(corpus: Corpus, infos: list[ImageInfo], chunk_pixels: int, first_chunk: int | None = None) -> da.Array:
-    """Lazy (roles, pixel, channel) array in Zarr chunks: models in order, then ground truth and
-    inputs if any. One task decodes one image (all roles); see `chunked_planes`."""
-    role_files = [files for _, files in _roles(corpus)]
-    blocks = [
-        da.from_delayed(dask.delayed(_read_image_planes, pure=True)([files[i] for files in role_files], info),
-                        shape=(len(role_files), info.height * info.width, info.channels), dtype=np.uint8)
-        for i, info in enumerate(infos)
-    ]
-    return chunked_planes(blocks, chunk_pixels, first_chunk)
+def _pixel_planes(corpus: Corpus, infos: list[ImageInfo], chunk_pixels: int,
+                  first_chunk: int | None = None) -> tuple[da.Array, list[list]]:
+    """Lazy (roles, pixel, channel) array in Zarr chunks (models in order, then ground truth and
+    inputs if any; see `chunked_planes`), and the SHA-256 of each source file [role][image] as a
+    Delayed string. One task decodes and hashes one file, so the two cores stay busy to the end."""
+    decoded = [[dask.delayed(_decode_source, pure=True, nout=2)(files[i], info) for i, info in enumerate(infos)]
+               for _, files in _roles(corpus)]
+    blocks = [da.concatenate([da.from_delayed(role[i][0], shape=(1, info.height * info.width, info.channels), dtype=np.uint8)
+                              for role in decoded], axis=0)
+              for i, info in enumerate(infos)]
+    return chunked_planes(blocks, chunk_pixels, first_chunk), [[file[1] for file in role] for role in decoded]
 
 
 def chunked_planes(blocks: list[da.Array], chunk_pixels: int, first_chunk: int | None = None) -> da.Array:
     """Per-image blocks (roles, H*W, C) back to back on the pixel axis, in the store's chunks.
 
-    Dask's rechunk assembles each pixel chunk from the blocks it spans, so each image is computed
-    (decoded, predicted) once and each chunk written by exactly one task. `first_chunk` shortens
-    the first chunk so that an append fills the store's last partial chunk.
+    One task per chunk copies the pixels of each block (each of its chunks along the roles: one
+    per file for ingest) that the chunk spans straight into place, so each image is computed
+    (decoded, predicted) once, each chunk assembled with one copy and written by exactly one task.
+    `first_chunk` shortens the first chunk so that an append fills the store's last partial chunk.
     """
-    planes = da.concatenate(blocks, axis=1)
-    total = planes.shape[1]
+    total = sum(block.shape[1] for block in blocks)
     head = min(first_chunk or chunk_pixels, total)
     lengths = (head, *schema.pixel_chunks(total - head, chunk_pixels)) if head else schema.pixel_chunks(total, chunk_pixels)
-    return planes.rechunk({0: -1, 1: lengths, 2: -1})
+    n_roles, channels, dtype = blocks[0].shape[0], blocks[0].shape[2], blocks[0].dtype
+    counts = np.array([block.shape[1] for block in blocks])
+    offsets = np.cumsum(counts) - counts
+    pieces = [list(zip(block.to_delayed(optimize_graph=False).ravel(), ranges_of(block.chunks[0]))) for block in blocks]
+    chunks = []
+    ranges = ranges_of(lengths)
+    for (start, stop), held in zip(ranges, chunk_images(offsets, counts, ranges)):
+        spans = [(piece, roles, (max(start, offsets[i]) - offsets[i], min(stop, offsets[i] + counts[i]) - offsets[i]),
+                  max(start, offsets[i]) - start)
+                 for i in held for piece, roles in pieces[i]]
+        chunks.append(da.from_delayed(dask.delayed(_assembled, pure=True)((n_roles, stop - start, channels), dtype, spans),
+                                      shape=(n_roles, stop - start, channels), dtype=dtype))
+    return da.concatenate(chunks, axis=1)
 
 
-def _write_chunk(block: np.ndarray, n_models: int, arrays: list, marks, index: int, start: int, stop: int) -> None:
+def _assembled(shape: tuple[int, int, int], dtype, spans: list) -> np.ndarray:
+    """One chunk (roles, pixels, channels) from the `spans` it holds: (block, (first role, end
+    role), (start, stop) in the block's pixels, where they start in the chunk)."""
+    chunk = np.empty(shape, dtype=dtype)
+    for block, (role, role_end), (start, stop), at in spans:
+        chunk[role:role_end, at: at + stop - start] = block[:, start:stop]
+    return chunk
+
+
+def _write_chunk(block: np.ndarray, n_models: int, arrays: list, marks, records, digests: list[list[str]], index: int,
+                 start: int, stop: int) -> None:
     """One task: the decoded planes of chunk `index` (roles, pixels, channels) into the prediction
-    array and the ground truth and input arrays there are, then the chunk's mark."""
+    array and the ground truth and input arrays there are, the SHA-256s of the files they were
+    decoded from ([role][image], the chunk's images in order) into its row of `records`, then the
+    chunk's mark."""
     planes = [block[:n_models], *block[n_models:]]
-    write_chunk_then_mark(list(zip(arrays, planes)), marks, index, start, stop)
+    record = np.zeros(records.shape[1:], dtype=np.uint8)
+    for role, role_digests in enumerate(digests):
+        for slot, digest in enumerate(role_digests):
+            record[role, slot] = np.frombuffer(bytes.fromhex(digest), dtype=np.uint8)
+    write_chunk_then_mark(list(zip(arrays, planes)), marks, index, start, stop, [(records, record)])
+
+
+def _recorded(record: np.ndarray, n_images: int) -> list[list[str]]:
+    """The hex SHA-256s [role][image] of the first `n_images` slots of one chunk's record."""
+    return [[role[slot].tobytes().hex() for slot in range(n_images)] for role in record]
+
+
+def chunk_images(offsets: np.ndarray, counts: np.ndarray, ranges: list[tuple[int, int]]) -> list[range]:
+    """For each chunk (start, stop) of the pixel axis, the images (pixels offsets:offsets+counts,
+    back to back) it holds pixels of."""
+    ends = offsets + counts
+    return [range(int(np.searchsorted(ends, start, side="right")), int(np.searchsorted(offsets, stop, side="left")))
+            for start, stop in ranges]
 
 
 def _extra_planes(corpus: Corpus, planes: da.Array) -> list[tuple[str, da.Array]]:
@@ -177,14 +230,16 @@ def plan_ingest(source, store: str, models: list[str] | None = None,
     infos = probe_corpus(corpus)
     corpus, input_note = storable_inputs(corpus, infos)
     index = schema.ImageIndex(corpus.stems, np.array([i.height for i in infos]), np.array([i.width for i in infos]))
-    planes = _pixel_planes(corpus, infos, chunk_pixels)
+    planes, digests = _pixel_planes(corpus, infos, chunk_pixels)
     n_models, channels = len(corpus.models), infos[0].channels
     attrs = schema.store_attributes(corpus.models, channels, created_by=f"ensir-flow {ensir_flow.__version__} ingest",
                                     source=str(source), chunk_pixels=int(chunk_pixels), compression=compression, **input_note)
     extra_names = [name for name, _ in _extra_planes(corpus, planes)]
     ds, encoding = pixel_store(index, corpus.models, planes, extra_names, chunk_pixels, compression, attrs,
-                               source_provenance(corpus))
-    unchanged = not overwrite and exists(store) and holds(store, ds)
+                               source_provenance(corpus, hashed=False))
+    # a first ingest hashes each file as it decodes it; only a re-run onto an existing store hashes first
+    unchanged = (not overwrite and exists(store)
+                 and holds(store, ds.assign(source_sha256=source_provenance(corpus)["source_sha256"])))
     if not unchanged:
         refuse_existing(store, overwrite)
     details = {
@@ -192,18 +247,21 @@ def plan_ingest(source, store: str, models: list[str] | None = None,
         "ground truth": "yes" if corpus.ground_truth is not None else "no",
         "inputs (lq/)": "stored" if corpus.inputs is not None else input_note.get("input", "none"),
         "images": len(corpus.stems), "pixels": f"{index.n_pixels:,} x {channels} channels",
-        "tasks": f"{len(corpus.stems)} image reads, {planes.numblocks[1]} chunks of {chunk_pixels:,} pixels (one write each)",
+        "tasks": f"{len(corpus.stems) * len(digests)} file reads (decode and SHA-256 each), {planes.numblocks[1]} chunks of "
+                 f"{chunk_pixels:,} pixels (one write each)",
         "compression": compression,
     }
     return Plan(f"ingest {len(corpus.stems)} images of {n_models} models", details,
-                store_writer(store, ds, encoding, planes, extra_names, overwrite, unchanged, "ingest"))
+                store_writer(store, ds, encoding, planes, extra_names, overwrite, unchanged, "ingest", digests,
+                             [files for _, files in _roles(corpus)]))
 
 
 def pixel_store(index: schema.ImageIndex, models: list[str], planes: da.Array, extra_names: list[str], chunk_pixels: int,
                 compression: str, attrs: dict, provenance: xr.Dataset) -> tuple[xr.Dataset, dict]:
     """The dataset and Zarr encoding of a new pixel store: the image index, `planes` (roles, pixel,
-    channel: one per model, then one per name of `extra_names`), `attrs`, the per-source
-    `provenance` and the digest of its SHA-256s."""
+    channel: one per model, then one per name of `extra_names`), `attrs` and the per-source
+    `provenance` (its SHA-256s, and their `source_digest`, are set when the store is written:
+    `store_writer`)."""
     n_models, channels = len(models), planes.shape[2]
     ds = index.to_dataset()
     ds[schema.PREDICTION] = (("model", "pixel", "channel"), planes[:n_models])
@@ -213,43 +271,123 @@ def pixel_store(index: schema.ImageIndex, models: list[str], planes: da.Array, e
         encoding[name] = schema.pixel_encoding((chunk_pixels, channels), compression)
     ds = ds.assign_coords(model=np.array(models, dtype=object))
     ds.attrs = attrs
-    ds = schema.annotate(ds.merge(provenance))
-    ds.attrs["source_digest"] = hashlib.sha256(" ".join(ds["source_sha256"].values.ravel()).encode()).hexdigest()
-    return ds, encoding
+    return schema.annotate(ds.merge(provenance)), encoding
+
+
+def source_digest(sha256s: np.ndarray) -> str:
+    """The store attribute `source_digest`: the SHA-256 of every source file's SHA-256 (source, image)."""
+    return hashlib.sha256(" ".join(np.asarray(sha256s).ravel()).encode()).hexdigest()
+
+
+#: Staging-only array of a pixel store being written: per chunk, the SHA-256 (32 bytes) of each
+#: source file whose pixels the chunk holds (chunk, source, the chunk's images in order, byte),
+#: written with the chunk before its mark. It becomes `source_sha256` at commit and is deleted.
+CHUNK_SOURCES = "chunk_source_sha256"
+#: Staging-only attribute: staging written without chunk records (by an older version) is not resumed.
+RESUME_PROTOCOL = {"resume_protocol": f"{CHUNK_SOURCES} per chunk"}
+#: The variables (besides the attributes) that must be the same for a staging to be resumed: the
+#: images, their sizes, the source folders and file names.
+IDENTITY_VARIABLES = (*schema.IMAGE_VARIABLES, "image", "source", "source_file")
 
 
 def store_writer(store: str, ds: xr.Dataset, encoding: dict, planes: da.Array, extra_names: list[str], overwrite: bool,
-                 unchanged: bool, label: str):
+                 unchanged: bool, label: str, decoded_digests: list[list] | None = None, source_paths: list[list] | None = None):
     """execute(compute) writing the store `ds` (from `pixel_store`) resumably: chunks go to a fixed
     staging location beside `store`, each followed by its completion mark, and the store is moved
     into place when complete; a run killed half-way is resumed by the same command. Returns an
-    IngestResult (`unchanged` when told so)."""
+    IngestResult (`unchanged` when told so).
+
+    The SHA-256 of each source file [source][image] comes from `decoded_digests` (Delayed strings
+    of the tasks that decode the files), with `source_paths` to hash the files again on a resume;
+    without them, from `ds` (hashed when planned). Each chunk records the digests of the files
+    whose pixels it holds (`CHUNK_SOURCES`); a resume redoes the complete chunks whose files have
+    changed since, and the commit writes the recorded digests as `source_sha256`."""
     n_models = ds.sizes["model"]
     ranges = ranges_of(planes.chunks[1])
-    blocks = planes.to_delayed().ravel()
+    # unoptimised: fusing would rename the decoding tasks in the pixels' graph, and each file would be
+    # decoded twice, once for its pixels and once for its digest
+    blocks = planes.to_delayed(optimize_graph=False).ravel()
+    images = chunk_images(ds["pixel_offset"].values, ds["pixel_count"].values, ranges)
+    planned = ds["source_sha256"].values
+    digests = planned.tolist() if decoded_digests is None else decoded_digests
+    slots = max(len(held) for held in images)
+    n_sources = len(digests)
+    template = ds.assign({CHUNK_SOURCES: (("chunk", "source", "chunk_image", "sha256_byte"),
+                                          da.zeros((len(ranges), n_sources, slots, 32), dtype=np.uint8, chunks=(1, -1, -1, -1)),
+                                          {"long_name": "SHA-256 of the source files of each chunk's images"})})
+    template.attrs = {**ds.attrs, **RESUME_PROTOCOL}
+    template_encoding = {**encoding, CHUNK_SOURCES: {"chunks": (1, n_sources, slots, 32)}}
+
+    def current_digests(wanted: list[tuple[int, int]]) -> list[str]:
+        """The SHA-256 now of the files (source, image) `wanted`: read again when the tasks hash them."""
+        if source_paths is None:
+            return [planned[source, image] for source, image in wanted]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            return list(pool.map(file_sha256, [source_paths[source][image] for source, image in wanted]))
+
+    def stale_chunks(records, done: np.ndarray) -> np.ndarray:
+        """Which complete chunks hold pixels of a file whose bytes have changed since."""
+        complete = np.flatnonzero(done)
+        wanted = sorted({(source, image) for i in complete for image in images[i] for source in range(n_sources)})
+        now = dict(zip(wanted, current_digests(wanted)))
+        recorded = records[...] if len(complete) else None
+        stale = np.zeros_like(done)
+        for i in complete:
+            held = _recorded(recorded[i], len(images[i]))
+            stale[i] = any(held[source][slot] != now[source, image]
+                           for source in range(n_sources) for slot, image in enumerate(images[i]))
+        return stale
+
+    def committed_digests(records) -> np.ndarray:
+        """`source_sha256` (source, image) from the chunks' records; a file two chunks saw with
+        different bytes changed during the run (the re-run redoes the chunks of its old bytes)."""
+        sha256 = np.full(planned.shape, "", dtype=object)
+        recorded = records[...]
+        for i, held in enumerate(images):
+            for source, role_digests in enumerate(_recorded(recorded[i], len(held))):
+                for image, digest in zip(held, role_digests):
+                    if sha256[source, image] not in ("", digest):
+                        raise TransientError(f"{ds.attrs.get('source')}/{ds['source'].values[source]}/"
+                                             f"{ds['source_file'].values[source, image]}: changed while {store} was written; "
+                                             "run the command again")
+                    sha256[source, image] = digest
+        if (sha256 == "").any():
+            raise RuntimeError(f"{store}: images in no chunk; not committing")
+        return sha256
 
     def execute(compute):
         if unchanged:
-            return IngestResult(ds, "unchanged")
+            return IngestResult(open_store(store), "unchanged")
         with exclusive_lock(store):
             refuse_or_recover(store, overwrite)
-            done = resumable_marks(store, ds.attrs)
+            done = resumable_marks(store, template.attrs, {name: ds[name].values for name in IDENTITY_VARIABLES})
             resuming = done is not None
             if resuming:
                 staging = resumable_location(store)
             else:
-                staging = start_resumable(store, ds, encoding, len(ranges))  # pixels written below
+                staging = start_resumable(store, template, template_encoding, len(ranges))  # pixels and records written below
                 done = np.zeros(len(ranges), dtype=bool)
+            records = open_array_for_writing(staging, CHUNK_SOURCES)
+            marks = open_array_for_writing(staging, COMPLETE)
+            if resuming:
+                stale = stale_chunks(records, done)
+                for i in np.flatnonzero(stale):
+                    marks[int(i)] = 0  # unmarked before it is rewritten, so no kill leaves it marked with mixed data
+                done &= ~stale
             arrays = [task_argument(open_array_for_writing(staging, name)) for name in (schema.PREDICTION, *extra_names)]
-            marks = task_argument(open_array_for_writing(staging, COMPLETE))
             todo = np.flatnonzero(~done)
-            compute(*[dask.delayed(_write_chunk)(blocks[i], n_models, arrays, marks, int(i), *ranges[i]) for i in todo],
+            compute(*[dask.delayed(_write_chunk)(blocks[i], n_models, arrays, task_argument(marks), task_argument(records),
+                                                 [[role[image] for image in images[i]] for role in digests], int(i), *ranges[i])
+                      for i in todo],
                     label=f"{label} ({len(todo)} of {len(ranges)} chunks)" if resuming else label)
-            commit_resumable(store, keep_marks=False)
-        return IngestResult(ds, "resumed" if resuming else "written", len(ranges), len(todo))
+            sha256 = committed_digests(records)
+            attrs = {**ds.attrs, "source_digest": source_digest(sha256)}
+            commit_resumable(store, keep_marks=False, values={"source_sha256": sha256}, drop=(CHUNK_SOURCES,), attrs=attrs)
+        written = ds.assign(source_sha256=ds["source_sha256"].copy(data=sha256))
+        written.attrs = attrs
+        return IngestResult(written, "resumed" if resuming else "written", len(ranges), len(todo))
 
     return execute
-
 
 
 def _refuse_changed_sources(corpus: Corpus, existing: xr.Dataset, store: str) -> None:
@@ -318,7 +456,7 @@ def plan_append(source, store: str, models: list[str] | None = None) -> Plan:
         raise InputError(f"{source}: images have {infos[0].channels} channel(s), the store {existing.sizes['channel']}")
     chunk_pixels = existing[schema.PREDICTION].encoding["chunks"][1]
     n_existing = existing.sizes["pixel"]
-    planes = _pixel_planes(corpus, infos, chunk_pixels, first_chunk=chunk_pixels - n_existing % chunk_pixels)
+    planes, _ = _pixel_planes(corpus, infos, chunk_pixels, first_chunk=chunk_pixels - n_existing % chunk_pixels)
     n_models = len(store_models)
     new_planes = {schema.PREDICTION: planes[:n_models], **dict(_extra_planes(corpus, planes))}
     index = schema.ImageIndex(corpus.stems, np.array([i.height for i in infos]), np.array([i.width for i in infos]))

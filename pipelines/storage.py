@@ -524,16 +524,18 @@ def committed_append(path: str, committed: dict[str, int], grown: dict[str, int]
 COMPLETE = "chunk_complete"
 
 
-def resumable_marks(path: str, provenance: dict) -> np.ndarray | None:
+def resumable_marks(path: str, provenance: dict, variables: dict | None = None) -> np.ndarray | None:
     """Which chunks the staging of `path` holds complete, if it holds a run with the same inputs
-    (`provenance`, among its attributes); else None, after removing whatever staging is there (a
-    run of other inputs, or anything unreadable). The caller holds the lock of `path`."""
+    (`provenance`, among its attributes, and the values of `variables`: name -> values, e.g. the
+    image names and sizes); else None, after removing whatever staging is there (a run of other
+    inputs, or anything unreadable). The caller holds the lock of `path`."""
     staging = resumable_location(path)
     if not exists(staging):
         return None
     try:
         group = zarr.open_group(staging, mode="r", use_consolidated=False)
-        if all(group.attrs.get(key) == value for key, value in provenance.items()):
+        if (all(group.attrs.get(key) == value for key, value in provenance.items())
+                and all(group[name][...].tolist() == np.asarray(values).tolist() for name, values in (variables or {}).items())):
             return group[COMPLETE][:].astype(bool)
     except Exception:  # noqa: BLE001 - anything unreadable is stale staging, removed below
         pass
@@ -562,24 +564,35 @@ def start_resumable(path: str, template: xr.Dataset, encoding: dict, n_chunks: i
     return staging
 
 
-def write_chunk_then_mark(writes: list[tuple], marks, index: int, start: int, stop: int) -> None:
+def write_chunk_then_mark(writes: list[tuple], marks, index: int, start: int, stop: int, records: list[tuple] = ()) -> None:
     """In a task: write pixels start:stop (one whole chunk along `pixel`, the second-last axis) of
-    each array of `writes` [(array, values)], then mark chunk `index` complete."""
+    each array of `writes` [(array, values)], and row `index` of each per-chunk array of `records`
+    [(array, values)] (what the chunk was made from), then mark chunk `index` complete."""
     for array, values in writes:
         array[(slice(None),) * (array.ndim - 2) + (slice(start, stop),)] = values
+    for array, values in records:
+        array[index] = values
     marks[index] = 1
 
 
-def commit_resumable(path: str, keep_marks: bool = True) -> None:
+def commit_resumable(path: str, keep_marks: bool = True, values: dict | None = None, drop: tuple[str, ...] = (),
+                     attrs: dict | None = None) -> None:
     """Move the staging of `path` into place once every chunk is marked complete (caller holds the
-    lock); without `keep_marks` the marks are deleted first (the store's layout has none)."""
+    lock). First `values` (name -> every value of that array) are written; then, without
+    `keep_marks`, the marks are deleted (the store's layout has none), then the arrays named in
+    `drop`, and the metadata is committed with `attrs` (default: the staging's). The marks go
+    first: a run killed after that finds no staging to resume (`resumable_marks`) and starts over."""
     staging = resumable_location(path)
     if not zarr.open_array(store=staging, path=COMPLETE, mode="r")[:].all():
         raise RuntimeError(f"{staging}: chunks left unmarked after every task succeeded; not committing")
-    if not keep_marks:
-        group = zarr.open_group(staging, mode="r+", use_consolidated=False)
-        del group[COMPLETE]
-        commit_metadata(staging, dict(group.attrs))
+    group = zarr.open_group(staging, mode="r+", use_consolidated=False)
+    for name, array_values in (values or {}).items():
+        group[name][...] = array_values
+    deleted = (*(() if keep_marks else (COMPLETE,)), *drop)
+    for name in deleted:
+        del group[name]
+    if deleted or attrs is not None:
+        commit_metadata(staging, dict(group.attrs) if attrs is None else attrs)
     commit(staging, path)
 
 

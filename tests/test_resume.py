@@ -1,6 +1,10 @@
 """Production runs: a killed apply or ingest resumes where it stopped; a finished one is a no-op; one at a time."""
 
+import builtins
+import collections
+import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +17,7 @@ import xarray as xr
 import zarr
 
 from helpers import make_corpus
+from ensir_flow.pipelines import ingest
 from ensir_flow.pipelines.storage import exclusive_lock, resumable_location
 
 
@@ -27,26 +32,17 @@ def fitted(tmp_path, invoke, request):
 
 
 @pytest.mark.slow
-def test_killed_ingest_resumes_from_the_chunks_written(tmp_path, invoke):
+def test_killed_ingest_resumes_from_the_chunks_written(tmp_path):
     make_corpus(tmp_path / "corpus", sizes=((120, 100), (90, 110), (100, 100)))
-    command = ["ingest", "corpus", "s.zarr", "--chunk-pixels", 1000, "--no-progress"]
-    hook = Path(__file__).with_name("kill_after_writes.py")
-    count = tmp_path / "writes.count"
-    env = {**os.environ, "ENSIR_FLOW_SCHEDULER": "threads"}
-    total = subprocess.run([sys.executable, hook, "0", count, "--", *map(str, command)], cwd=tmp_path, env=env, check=True)
-    assert total.returncode == 0
-    writes = int(count.read_text())
-    os.rename(tmp_path / "s.zarr", tmp_path / "clean.zarr")
-    killed = subprocess.run([sys.executable, hook, str(writes * 2 // 3), count, "--", *map(str, command)], cwd=tmp_path, env=env)
-    assert killed.returncode == 137 and not (tmp_path / "s.zarr").exists()
-    marks = zarr.open_array(store=resumable_location(str(tmp_path / "s.zarr")), path="chunk_complete", mode="r")[:]
-    assert 0 < marks.sum() < len(marks) == 32  # 31,900 pixels in chunks of 1,000
+    command, marks = _kill_ingest_part_way(tmp_path, 1000)
+    assert len(marks) == 32  # 31,900 pixels in chunks of 1,000
 
+    env = {**os.environ, "ENSIR_FLOW_SCHEDULER": "threads"}
     resumed = subprocess.run([sys.executable, "-m", "ensir_flow.cli", *map(str, command)], cwd=tmp_path, env=env,
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed s.zarr: {len(marks) - marks.sum()} of {len(marks)} chunks were missing" in resumed.stdout
-    xr.testing.assert_identical(xr.open_zarr(tmp_path / "s.zarr").load(), xr.open_zarr(tmp_path / "clean.zarr").load())
+    xr.testing.assert_identical(xr.open_zarr(tmp_path / "s.zarr").load(), xr.open_zarr(tmp_path / "uninterrupted.zarr").load())
     assert "chunk_complete" not in xr.open_zarr(tmp_path / "s.zarr")
 
 
@@ -122,3 +118,121 @@ def test_an_empty_lock_left_by_a_killed_run_is_taken_over_once_old(fitted, invok
     os.utime(lock, (old, old))
     assert invoke("apply", fitted / "s.zarr", fitted / "lut.zarr", fitted / "out.zarr", "--no-progress").exit_code == 0
     assert not lock.exists()
+
+
+def _digests(root: Path, ds: xr.Dataset) -> list[list[str]]:
+    """The SHA-256 of each source file of `ds` as found under `root` now, in `source_sha256`'s layout."""
+    return [[hashlib.sha256((root / str(source) / str(name)).read_bytes()).hexdigest() for name in names]
+            for source, names in zip(ds["source"].values, ds["source_file"].values)]
+
+
+def test_a_first_ingest_reads_each_source_file_once_and_records_its_bytes(tmp_path, invoke, monkeypatch):
+    """No hashing pass before the decoding: each file is opened for its header (the probe) and once
+    more, by the task that decodes it and hashes the same bytes. The digests are those of the files."""
+    make_corpus(tmp_path / "corpus", sizes=((30, 20), (25, 41)))
+    (tmp_path / "corpus" / "lq").mkdir()
+    for stem in ("img0", "img1"):  # inputs at the outputs' size are stored too: five files per image
+        shutil.copy(tmp_path / "corpus" / "model1" / f"{stem}.png", tmp_path / "corpus" / "lq")
+    opened = collections.Counter()
+    real_open = builtins.open
+
+    def counting_open(file, *args, **kwargs):
+        if str(file).startswith(str(tmp_path / "corpus")):
+            opened[Path(file).relative_to(tmp_path / "corpus").as_posix()] += 1
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    result = invoke("ingest", tmp_path / "corpus", tmp_path / "s.zarr", "--chunk-pixels", 700, "--no-progress")
+    monkeypatch.undo()
+    assert result.exit_code == 0, result.output
+    assert len(opened) == 10 and set(opened.values()) == {2}, opened
+    ds = xr.open_zarr(tmp_path / "s.zarr")
+    assert ds["source"].values.tolist() == ["model0", "model1", "model2", "gt", "lq"]
+    assert ds["source_sha256"].values.tolist() == _digests(tmp_path / "corpus", ds)
+    assert ds.attrs["source_digest"] == hashlib.sha256(" ".join(ds["source_sha256"].values.ravel()).encode()).hexdigest()
+    assert "chunk_source_sha256" not in ds and "resume_protocol" not in ds.attrs
+
+
+def _kill_ingest_part_way(tmp_path: Path, chunk_pixels: int) -> tuple[list, np.ndarray]:
+    """Ingest tmp_path/corpus into s.zarr (kept as uninterrupted.zarr), then again, killed at two
+    thirds of its writes; (the command, the completion marks the killed run left)."""
+    command = ["ingest", "corpus", "s.zarr", "--chunk-pixels", chunk_pixels, "--no-progress"]
+    hook = Path(__file__).with_name("kill_after_writes.py")
+    count = tmp_path / "writes.count"
+    env = {**os.environ, "ENSIR_FLOW_SCHEDULER": "threads"}
+    subprocess.run([sys.executable, hook, "0", count, "--", *map(str, command)], cwd=tmp_path, env=env, check=True)
+    os.rename(tmp_path / "s.zarr", tmp_path / "uninterrupted.zarr")
+    killed = subprocess.run([sys.executable, hook, str(int(count.read_text()) * 2 // 3), count, "--", *map(str, command)],
+                            cwd=tmp_path, env=env)
+    assert killed.returncode == 137 and not (tmp_path / "s.zarr").exists()
+    marks = zarr.open_array(store=resumable_location(str(tmp_path / "s.zarr")), path="chunk_complete", mode="r")[:]
+    assert 0 < marks.sum() < len(marks)
+    return command, marks.astype(bool)
+
+
+def _images_of_chunks(sizes, chunk_pixels: int, n_chunks: int) -> list[set[int]]:
+    ends = np.cumsum([h * w for h, w in sizes])
+    starts = ends - [h * w for h, w in sizes]
+    return [{i for i, (s, e) in enumerate(zip(starts, ends)) if s < (c + 1) * chunk_pixels and e > c * chunk_pixels}
+            for c in range(n_chunks)]
+
+
+def _repaint(path: Path, seed: int) -> None:
+    """New content for an image file, same size and channels."""
+    import imageio.v3 as iio
+
+    pixels = iio.imread(path)
+    iio.imwrite(path, np.random.default_rng(seed).integers(0, 256, pixels.shape, dtype=np.uint8))
+
+
+@pytest.mark.slow
+def test_a_source_changed_between_kill_and_resume_redoes_only_the_chunks_of_its_old_bytes(tmp_path, invoke, monkeypatch):
+    sizes = ((120, 100), (90, 110), (100, 100))
+    make_corpus(tmp_path / "corpus", sizes=sizes)
+    command, done = _kill_ingest_part_way(tmp_path, 1000)
+    holding = _images_of_chunks(sizes, 1000, len(done))
+    changed = next(i for i in range(len(sizes)) if any(i in holding[c] for c in np.flatnonzero(done)))
+    _repaint(tmp_path / "corpus" / "model1" / f"img{changed}.png", seed=1)
+    stale = sum(changed in holding[c] for c in np.flatnonzero(done))
+
+    monkeypatch.chdir(tmp_path)  # the command as it was killed: its source path is part of what it resumes
+    resumed = invoke(*command)
+    assert resumed.exit_code == 0, resumed.output
+    redone = int(resumed.stdout.split("resumed ")[1].split(": ")[1].split(" of")[0])
+    assert redone == len(done) - done.sum() + stale < len(done)  # the missing chunks and those of the old bytes
+    assert invoke("ingest", "corpus", "clean.zarr", "--chunk-pixels", 1000, "--no-progress").exit_code == 0
+    resumed_store, clean = xr.open_zarr(tmp_path / "s.zarr").load(), xr.open_zarr(tmp_path / "clean.zarr").load()
+    xr.testing.assert_identical(resumed_store, clean)  # the new bytes' pixels, with the new bytes' digests
+    assert resumed_store["source_sha256"].values.tolist() == _digests(tmp_path / "corpus", resumed_store)
+
+
+@pytest.mark.slow
+def test_a_source_changed_during_a_resumed_ingest_is_refused_then_redone(tmp_path, invoke, monkeypatch):
+    """A file changed after the resume checked the complete chunks but before its pixels were
+    decoded for the missing ones: two chunks saw different bytes of it. The commit refuses (exit 75:
+    run again) and the next run redoes the chunks of its old bytes."""
+    sizes = ((120, 100), (90, 110), (100, 100))
+    make_corpus(tmp_path / "corpus", sizes=sizes)
+    command, done = _kill_ingest_part_way(tmp_path, 1000)
+    holding = _images_of_chunks(sizes, 1000, len(done))
+    spanning = next(i for i in range(len(sizes)) if {done[c] for c in range(len(done)) if i in holding[c]} == {True, False})
+    changing = tmp_path / "corpus" / "gt" / f"img{spanning}.png"
+    real_sha256 = ingest.file_sha256
+
+    def hash_then_change(path):  # the resume's check of the complete chunks sees the old bytes
+        digest = real_sha256(path)
+        if Path(path).resolve() == changing:
+            _repaint(changing, seed=2)
+        return digest
+
+    monkeypatch.chdir(tmp_path)  # the command as it was killed: its source path is part of what it resumes
+    with monkeypatch.context() as patched:
+        patched.setattr(ingest, "file_sha256", hash_then_change)
+        refused = invoke(*command)
+    assert refused.exit_code == 75 and f"gt/img{spanning}.png: changed while" in refused.stderr, refused.output
+    assert not (tmp_path / "s.zarr").exists()
+
+    again = invoke(*command)
+    assert again.exit_code == 0 and "resumed" in again.stdout, again.output
+    assert invoke("ingest", "corpus", "clean.zarr", "--chunk-pixels", 1000, "--no-progress").exit_code == 0
+    xr.testing.assert_identical(xr.open_zarr(tmp_path / "s.zarr").load(), xr.open_zarr(tmp_path / "clean.zarr").load())

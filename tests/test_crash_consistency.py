@@ -7,7 +7,8 @@ get from it: a store as `open_store` reads and checks it, a LUT as `read_lut` do
 its files' bytes. After the kill that state must equal the one before the command or the one an
 uninterrupted run leaves; re-running the same command must then succeed and leave the latter.
 Also killed at a random time with SIGKILL, and at every fifth write for the append (the issue that
-made this test: a killed append once left a hole that fit read as data).
+made this test: a killed append once left a hole that fit read as data) and for ingest (each
+chunk's record of its sources' SHA-256s, and the commit that turns them into `source_sha256`).
 """
 
 import functools
@@ -205,7 +206,9 @@ def test_killed_at_first_middle_and_last_write(prepared, writer, tmp_path):
 @pytest.mark.parametrize("writer", list(WRITERS))
 def test_killed_at_many_writes_and_random_times(prepared, writer, tmp_path):
     case = prepared(writer)
-    dense = writer == "ingest --append"  # the writer whose crash once left a hole that fit read as data
+    # the append: its crash once left a hole that fit read as data; ingest: each chunk's record of its
+    # sources' digests, and the commit that turns them into source_sha256, are writes a kill can follow
+    dense = writer in ("ingest --append", "ingest")
     points = range(1, case[-1] + 1, 5) if dense else _kill_points(case[-1], 4)
     for kill in points:
         _kill_and_rerun(case, tmp_path / "work", kill)

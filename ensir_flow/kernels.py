@@ -231,11 +231,32 @@ def accumulate_dense(predictions, truth, places, moments, histogram):
             add_moments(predictions, truth, p, c, moments[cell], len(places))
 
 
+@numba.njit(inline="always")
+def add_em_moments(predictions, pixel, channel, row, n_models):
+    """Add one pixel-channel's n, x_k, x_k^2, x_k s and s^2 (s = sum_k x_k) to the moments `row`
+    (`stats.EM_MOMENTS`)."""
+    total = np.int64(0)
+    for k in range(n_models):
+        total += np.int64(predictions[k, pixel, channel])
+    row[0] += 1
+    for k in range(n_models):
+        xk = np.int64(predictions[k, pixel, channel])
+        row[1 + k] += xk
+        row[1 + n_models + k] += xk * xk
+        row[1 + 2 * n_models + k] += xk * total
+    row[1 + 3 * n_models] += total * total
+
+
 @numba.njit(nogil=True, cache=True)
-def accumulate_moments(predictions, truth, slots, moments, places):
-    """Add each pixel-channel's moments to row slots[p * C + c] of `moments` (of `places`, the
-    `place_tables` tuple, only its length K is used: known when compiling, so loops unroll)."""
+def accumulate_moments(predictions, truth, slots, moments, places, em_only):
+    """Add each pixel-channel's moments to row slots[p * C + c] of `moments`: all of them
+    (`add_moments`), or with `em_only` those EM uses (`add_em_moments`). Of `places` (the
+    `place_tables` tuple) only its length K is used: known when compiling, so loops unroll."""
     n_pixels, n_channels = predictions.shape[1], predictions.shape[2]
     for p in range(n_pixels):
         for c in range(n_channels):
-            add_moments(predictions, truth, p, c, moments[slots[p * n_channels + c]], len(places))
+            row = moments[slots[p * n_channels + c]]
+            if em_only:
+                add_em_moments(predictions, p, c, row, len(places))
+            else:
+                add_moments(predictions, truth, p, c, row, len(places))

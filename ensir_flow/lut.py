@@ -26,10 +26,14 @@ from .blend import HashedWeights
 from .errors import InputError
 from .fit_status import FLAG_MEANINGS, FitStatus
 from .schema import CHANNEL_NAMES
-from .stats import CellStatistics, group_starts, key_order, sorted_groups
+from .stats import ALL_MOMENTS, EM_MOMENTS, CellStatistics, group_starts, key_order, sorted_groups
 
 SOLVERS = ("em", "lsq", "average", "zzpm")
 DEFAULT_SOLVER = "em"
+#: The statistics each solver fits from: least squares needs the cross products and sum x_k y;
+#: EM only n, sum x_k, sum x_k^2 and the squared deviations (`stats.EM_MOMENTS`); the others
+#: fit nothing but counts.
+MOMENTS_OF_SOLVER = {"em": EM_MOMENTS, "lsq": ALL_MOMENTS, "average": EM_MOMENTS, "zzpm": EM_MOMENTS}
 EMPTY_POLICY = "channel"
 #: How far a cell's weights may sum from 1 in a valid LUT (`check_weights`). Every LUT ensir-flow
 #: makes or imports is far inside it: EM's weights are (s_k + 1e-6) / n with n >= 100, so they sum
@@ -47,6 +51,11 @@ EMPTY_POLICY_DESCRIPTIONS = {
     "average": "every cell holds uniform 1/K weights: nothing is fitted per cell",
     "zzpm": "every cell holds uniform 1/K weights: apply computes each image's own weights",
 }
+
+
+def moments_for(solvers) -> str:
+    """The kind of moments statistics must hold for every solver of `solvers` to fit from them."""
+    return ALL_MOMENTS if any(MOMENTS_OF_SOLVER[check_solver(solver)] == ALL_MOMENTS for solver in solvers) else EM_MOMENTS
 
 
 def check_solver(solver: str) -> str:

@@ -4,7 +4,10 @@ Ground truth y is an 8-bit integer, so a cell's y values are fully described by 
 histogram, and everything the solvers need is a sum over pixels: n, sum x_k, the cross products
 sum x_i x_j (i <= j) and sum x_k y, plus the histogram. EnsIR's EM uses n, sum x_k, sum x_k^2 and
 sum (K x_k - sum_j x_j)^2 (derived exactly from the cross products) and the histogram; least
-squares uses the cross products and sum x_k y. Statistics of a chunk are computed once;
+squares uses the cross products and sum x_k y. What EM needs alone (`EM_MOMENTS`: n, sum x_k,
+sum x_k^2, sum x_k s and sum s^2, s = sum_j x_j the pixel's sum over models) is 3K + 2 columns
+where all of them (`ALL_MOMENTS`) are (K + 1)(K + 4) / 2: 26 against 53 at K = 8, 50 against
+169 at K = 16, so `fit --solver em` gathers only those. Statistics of a chunk are computed once;
 statistics of many chunks are merged by adding. All of it is int64, so the result is identical
 whatever the chunking and the order of merging.
 
@@ -20,6 +23,7 @@ channel is repeated in every word), and the last column of `hist_keys` is that w
 Rows are sorted lexicographically; every operation below handles both forms.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import numba
@@ -33,8 +37,18 @@ from .kernels import accumulate_dense, accumulate_moments, cell_indices
 DENSE_HISTOGRAM_LIMIT = 1 << 22
 
 
-def moment_columns(n_models: int) -> int:
-    """Columns of the moments table: n, sum x_k, sum x_i x_j (i <= j, row-major), sum x_k y."""
+#: The moments every solver can use: [n, sum x_k, sum x_i x_j (i <= j, row-major), sum x_k y].
+ALL_MOMENTS = "all"
+#: The moments EM (and the solvers that fit nothing) use: [n, sum x_k, sum x_k^2, sum x_k s, sum s^2],
+#: s = sum_j x_j. Each is a sum over the cell's pixels, so they merge by adding like the others.
+EM_MOMENTS = "em"
+MOMENT_KINDS = (ALL_MOMENTS, EM_MOMENTS)
+
+
+def moment_columns(n_models: int, kind: str = ALL_MOMENTS) -> int:
+    """Columns of a moments table of `kind` (`ALL_MOMENTS` or `EM_MOMENTS`) for K = `n_models`."""
+    if kind == EM_MOMENTS:
+        return 3 * n_models + 2
     return 1 + n_models + n_models * (n_models + 1) // 2 + n_models
 
 
@@ -43,9 +57,9 @@ class CellStatistics:
     """Sparse additive statistics of pixels grouped by cell (flat bin * n_channels + channel).
 
     cells: sorted unique cell keys (m,), or (m, W) words when the flat bin needs W > 1 words
-    (module docstring); moments: int64 (m, `moment_columns(K)`) with columns
-    [n, sum x_1..x_K, sum x_i x_j for i <= j (row-major), sum x_1 y..x_K y];
-    hist_keys: sorted unique cell * 256 + y (the last word of a 2-D cell key so extended); hist_counts: how many pixels have that (cell, y).
+    (module docstring); moments: int64 (m, `moment_columns(K, kind)`) with the columns of
+    `moments_kind` (`ALL_MOMENTS` or `EM_MOMENTS`); hist_keys: sorted unique cell * 256 + y (the
+    last word of a 2-D cell key so extended); hist_counts: how many pixels have that (cell, y).
     """
 
     n_models: int
@@ -55,6 +69,7 @@ class CellStatistics:
     moments: np.ndarray
     hist_keys: np.ndarray
     hist_counts: np.ndarray
+    moments_kind: str = ALL_MOMENTS
 
     @property
     def n_cells(self) -> int:
@@ -76,8 +91,13 @@ class CellStatistics:
         """sum x_k per cell (m, K)."""
         return self.moments[:, 1: 1 + self.n_models]
 
+    def _require_all_moments(self, what: str) -> None:
+        if self.moments_kind != ALL_MOMENTS:
+            raise ValueError(f"{what}: these statistics hold only the moments EM uses (gather {ALL_MOMENTS!r} moments)")
+
     def cross_products(self) -> np.ndarray:
         """Symmetric sum x_i x_j per cell (m, K, K), int64."""
+        self._require_all_moments("cross products")
         k = self.n_models
         upper = self.moments[:, 1 + k: 1 + k + k * (k + 1) // 2]
         rows, cols = np.triu_indices(k)
@@ -89,21 +109,35 @@ class CellStatistics:
     @property
     def sums_xy(self) -> np.ndarray:
         """sum x_k y per cell (m, K)."""
+        self._require_all_moments("sums x_k y")
         return self.moments[:, -self.n_models:]
 
+    def em_moments(self, rows: slice = slice(None)) -> np.ndarray:
+        """The `EM_MOMENTS` columns of the cells `rows` (3K + 2 columns): the moments themselves
+        when of that kind, else derived exactly, row by row, from the stored upper triangle of the
+        cross products (the (m, K, K) matrices would be 2 GB for a million cells at K = 16)."""
+        if self.moments_kind == EM_MOMENTS:
+            return self.moments[rows]
+        moments = self.moments[rows]
+        out = np.empty((len(moments), moment_columns(self.n_models, EM_MOMENTS)), dtype=np.int64)
+        _em_moments_into(moments, self.n_models, out)
+        return out
+
     def sums_of_squares(self) -> np.ndarray:
-        """sum x_k^2 per cell (m, K): the diagonal of `cross_products`, without building it."""
+        """sum x_k^2 per cell (m, K)."""
         k = self.n_models
+        if self.moments_kind == EM_MOMENTS:
+            return self.moments[:, 1 + k: 1 + 2 * k]
         rows, cols = np.triu_indices(k)
         return self.moments[:, 1 + k + np.flatnonzero(rows == cols)]
 
-    def squared_deviations(self) -> np.ndarray:
-        """sum over pixels of (K x_k - sum_j x_j)^2 per cell (m, K): K^2 times the squared
-        distance of model k to the per-pixel mean, exact in integers. Computed row by row from the
-        stored upper triangle: the (m, K, K) cross products would be 2 GB for a million cells at K = 16."""
-        out = np.empty((len(self.moments), self.n_models), dtype=np.int64)
-        _squared_deviations_into(self.moments, self.n_models, out)
-        return out
+    def squared_deviations(self, rows: slice = slice(None)) -> np.ndarray:
+        """sum over pixels of (K x_k - s)^2 per cell of `rows` (cells, K), s = sum_j x_j: K^2 times
+        the squared distance of model k to the per-pixel mean, exact in integers:
+        K^2 sum x_k^2 - 2K sum x_k s + sum s^2."""
+        k = self.n_models
+        moments = self.em_moments(rows)
+        return k * k * moments[:, 1 + k: 1 + 2 * k] - 2 * k * moments[:, 1 + 2 * k: 1 + 3 * k] + moments[:, -1:]
 
     @property
     def channels(self) -> np.ndarray:
@@ -144,7 +178,7 @@ class CellStatistics:
         channels, moments = sum_by_key(self.channels, self.moments)
         hist_channel = self.channels[self.hist_rows()]
         keys, counts = sum_by_key(hist_channel * LEVELS + self.levels, self.hist_counts)
-        return CellStatistics(self.n_models, self.n_channels, LEVELS, channels, moments, keys, counts)
+        return CellStatistics(self.n_models, self.n_channels, LEVELS, channels, moments, keys, counts, self.moments_kind)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -154,26 +188,24 @@ def _scatter_add(keys, values, out):
 
 
 @numba.njit(nogil=True, cache=True)
-def _squared_deviations_into(moments, n_models, out):
-    """out (m, K) = K^2 sum x_k^2 - 2K sum_j sum x_k x_j + sum_i sum_j sum x_i x_j per row of
-    `moments` (`CellStatistics.squared_deviations`)."""
+def _em_moments_into(moments, n_models, out):
+    """The `EM_MOMENTS` columns (m, 3K + 2) of `ALL_MOMENTS` rows: n and sum x_k as they are,
+    sum x_k^2 from the diagonal, sum x_k s = sum_j sum x_k x_j and sum s^2 = sum_k sum x_k s."""
     k = n_models
-    row_sums, squares = np.empty(k, np.int64), np.empty(k, np.int64)
     for r in range(len(moments)):
-        row_sums[:] = 0
+        out[r, :1 + 3 * k] = 0
+        out[r, :1 + k] = moments[r, :1 + k]
         column = 1 + k
         for i in range(k):
             for j in range(i, k):
                 value = moments[r, column]
-                row_sums[i] += value
+                out[r, 1 + 2 * k + i] += value
                 if i == j:
-                    squares[i] = value
+                    out[r, 1 + k + i] = value
                 else:
-                    row_sums[j] += value
+                    out[r, 1 + 2 * k + j] += value
                 column += 1
-        total = row_sums.sum()
-        for i in range(k):
-            out[r, i] = k * k * squares[i] - 2 * k * row_sums[i] + total
+        out[r, 1 + 3 * k] = out[r, 1 + 2 * k: 1 + 3 * k].sum()
 
 
 @numba.njit(inline="always")
@@ -294,40 +326,41 @@ def sum_by_key(keys: np.ndarray, values: np.ndarray, key_space: int | None = Non
     return unique, sums
 
 
-def empty_statistics(n_models: int, n_channels: int, bin_width: int) -> CellStatistics:
+def empty_statistics(n_models: int, n_channels: int, bin_width: int, moments_kind: str = ALL_MOMENTS) -> CellStatistics:
     """Statistics of no pixels: the identity of `merge`."""
     n_words = len(model_groups(n_models, bin_width))
     no_keys = np.empty(0, np.int64) if n_words == 1 else np.empty((0, n_words), np.int64)
-    return CellStatistics(
-        n_models, n_channels, bin_width,
-        no_keys, np.empty((0, moment_columns(n_models)), np.int64), no_keys.copy(), np.empty(0, np.int64),
-    )
+    return CellStatistics(n_models, n_channels, bin_width, no_keys, np.empty((0, moment_columns(n_models, moments_kind)), np.int64),
+                          no_keys.copy(), np.empty(0, np.int64), moments_kind)
 
 
 def merge(*parts: CellStatistics) -> CellStatistics:
-    """Statistics of the union of the pixels of `parts` (they must share K, C and bin width)."""
+    """Statistics of the union of the pixels of `parts` (they must share K, C, bin width and kind of moments)."""
     first = parts[0]
+    shape = lambda part: (part.n_models, part.n_channels, part.bin_width, part.moments_kind)  # noqa: E731
     for part in parts[1:]:
-        if (part.n_models, part.n_channels, part.bin_width) != (first.n_models, first.n_channels, first.bin_width):
-            raise ValueError("cannot merge statistics of different models, channels or bin widths")
+        if shape(part) != shape(first):
+            raise ValueError("cannot merge statistics of different models, channels, bin widths or kinds of moments")
     if len(parts) == 1:
         return first
     n_cells = first.n_cells
     cells, moments = sum_by_key(np.concatenate([p.cells for p in parts]), np.concatenate([p.moments for p in parts]), n_cells)
     keys, counts = sum_by_key(np.concatenate([p.hist_keys for p in parts]), np.concatenate([p.hist_counts for p in parts]),
                               n_cells * LEVELS)
-    return CellStatistics(first.n_models, first.n_channels, first.bin_width, cells, moments, keys, counts)
+    return CellStatistics(first.n_models, first.n_channels, first.bin_width, cells, moments, keys, counts, first.moments_kind)
 
 
 def fold_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bin_width: int,
-                    spans: list[tuple[int, int, int]], n_folds: int, device: str = "cpu") -> list[CellStatistics]:
+                    spans: list[tuple[int, int, int]], n_folds: int, device: str = "cpu",
+                    moments_kind: str = ALL_MOMENTS) -> list[CellStatistics]:
     """Statistics per fold of one chunk whose pixels are split into (start, stop, fold) spans
     (used to keep cross-validation folds of images apart in the same single pass)."""
     n_models, _, n_channels = predictions.shape
     parts: list[list[CellStatistics]] = [[] for _ in range(n_folds)]
     for start, stop, fold in spans:
-        parts[fold].append(chunk_statistics(predictions[:, start:stop], ground_truth[start:stop], bin_width, device))
-    return [merge(*p) if p else empty_statistics(n_models, n_channels, bin_width) for p in parts]
+        parts[fold].append(chunk_statistics(predictions[:, start:stop], ground_truth[start:stop], bin_width, device,
+                                            moments_kind))
+    return [merge(*p) if p else empty_statistics(n_models, n_channels, bin_width, moments_kind) for p in parts]
 
 
 def merge_folds(*per_fold: list[CellStatistics]) -> list[CellStatistics]:
@@ -335,24 +368,29 @@ def merge_folds(*per_fold: list[CellStatistics]) -> list[CellStatistics]:
     return [merge(*fold) for fold in zip(*per_fold)]
 
 
-def chunk_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bin_width: int, device: str = "cpu") -> CellStatistics:
-    """Statistics of one chunk: predictions uint8 (K, P, C), ground truth uint8 (P, C).
+def chunk_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bin_width: int, device: str = "cpu",
+                     moments_kind: str = ALL_MOMENTS) -> CellStatistics:
+    """Statistics of one chunk, with moments of `moments_kind`: predictions uint8 (K, P, C),
+    ground truth uint8 (P, C).
 
     On the CPU (numba) it uses a dense scratch table when the cell count is small enough (the
-    common case: one fused pass), else sorts the chunk's cell ids, so memory stays bounded by the
-    chunk size either way. Other devices ('auto' resolved per worker, 'cuda') use torch; the
-    integer results are identical. Keys of several words (many models) are gathered on the CPU.
+    common case: one fused pass), else groups the chunk's cell ids by hashing, so memory stays
+    bounded by the chunk size either way. Other devices ('auto' resolved per worker, 'cuda') use
+    torch; the integer results are identical. Keys of several words (many models) are gathered on
+    the CPU. The dense and torch paths gather all moments and derive EM's from them (few cells).
     """
+    if moments_kind not in MOMENT_KINDS:
+        raise ValueError(f"moments kind {moments_kind!r} is not one of {MOMENT_KINDS}")
     device = resolve_device(device)
     if device != "cpu" and len(model_groups(predictions.shape[0], bin_width)) == 1:
-        return chunk_statistics_torch(predictions, ground_truth, bin_width, device)
+        return _of_kind(chunk_statistics_torch(predictions, ground_truth, bin_width, device), moments_kind)
     predictions = np.ascontiguousarray(predictions, dtype=np.uint8)
     ground_truth = np.ascontiguousarray(ground_truth, dtype=np.uint8)
     n_models, n_pixels, n_channels = predictions.shape
     if ground_truth.shape != (n_pixels, n_channels):
         raise ValueError(f"ground truth shape {ground_truth.shape} does not match predictions {predictions.shape}")
     if len(model_groups(n_models, bin_width)) > 1:
-        return _wide_chunk_statistics(predictions, ground_truth, bin_width)
+        return _wide_chunk_statistics(predictions, ground_truth, bin_width, moments_kind)
     places = place_tables(n_models, bin_width)
     n_cells = bin_count(n_models, bin_width) * n_channels
     if n_cells * LEVELS <= DENSE_HISTOGRAM_LIMIT:
@@ -361,13 +399,29 @@ def chunk_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bin_widt
         accumulate_dense(predictions, ground_truth, places, moments, histogram)
         cells = np.flatnonzero(moments[:, 0])
         hist_keys = np.flatnonzero(histogram)
-        return CellStatistics(n_models, n_channels, bin_width, cells, moments[cells],
-                              hist_keys, histogram[hist_keys])
-    cells, slots = sorted_groups(cell_indices(predictions, places))
-    moments = np.zeros((len(cells), moment_columns(n_models)), dtype=np.int64)
-    accumulate_moments(predictions, ground_truth, slots, moments, places)
+        return _of_kind(CellStatistics(n_models, n_channels, bin_width, cells, moments[cells], hist_keys, histogram[hist_keys]),
+                        moments_kind)
+    return _grouped_chunk_statistics(predictions, ground_truth, bin_width, cell_indices(predictions, places), places,
+                                     moments_kind)
+
+
+def _of_kind(statistics: CellStatistics, moments_kind: str) -> CellStatistics:
+    """`statistics` (of all moments) with moments of `moments_kind`."""
+    if moments_kind == statistics.moments_kind:
+        return statistics
+    return dataclasses.replace(statistics, moments=statistics.em_moments(), moments_kind=EM_MOMENTS)
+
+
+def _grouped_chunk_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bin_width: int, keys: np.ndarray,
+                              places: tuple, moments_kind: str) -> CellStatistics:
+    """`chunk_statistics` of pixel-channels whose cells are `keys` (1-D, or rows of key words):
+    grouped by hashing, then one pass adding each pixel-channel's moments to its cell's row."""
+    n_models, _, n_channels = predictions.shape
+    cells, slots = sorted_groups(keys)
+    moments = np.zeros((len(cells), moment_columns(n_models, moments_kind)), dtype=np.int64)
+    accumulate_moments(predictions, ground_truth, slots, moments, places, moments_kind == EM_MOMENTS)
     hist_keys, hist_counts = _histogram_of_slots(slots, ground_truth, cells)
-    return CellStatistics(n_models, n_channels, bin_width, cells, moments, hist_keys, hist_counts)
+    return CellStatistics(n_models, n_channels, bin_width, cells, moments, hist_keys, hist_counts, moments_kind)
 
 
 def _histogram_of_slots(slots: np.ndarray, ground_truth: np.ndarray, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -388,17 +442,14 @@ def _histogram_of_slots(slots: np.ndarray, ground_truth: np.ndarray, cells: np.n
     return keys, counts.astype(np.int64)
 
 
-def _wide_chunk_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bin_width: int) -> CellStatistics:
+def _wide_chunk_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bin_width: int, moments_kind: str) -> CellStatistics:
     """`chunk_statistics` where the flat bin needs several key words (many models): each word is the
     cell index of its group of models alone, and cells are the chunk's unique rows of words."""
-    n_models, _, n_channels = predictions.shape
+    n_models = predictions.shape[0]
     words = np.column_stack([cell_indices(predictions[start:stop], place_tables(stop - start, bin_width))
                              for start, stop in model_groups(n_models, bin_width)])
-    cells, slots = sorted_groups(words)
-    moments = np.zeros((len(cells), moment_columns(n_models)), dtype=np.int64)
-    accumulate_moments(predictions, ground_truth, slots, moments, group_place_tables(n_models, bin_width))
-    hist_keys, hist_counts = _histogram_of_slots(slots, ground_truth, cells)
-    return CellStatistics(n_models, n_channels, bin_width, cells, moments, hist_keys, hist_counts)
+    return _grouped_chunk_statistics(predictions, ground_truth, bin_width, words, group_place_tables(n_models, bin_width),
+                                     moments_kind)
 
 
 def chunk_statistics_torch(predictions: np.ndarray, ground_truth: np.ndarray, bin_width: int, device: str) -> CellStatistics:

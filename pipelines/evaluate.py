@@ -144,7 +144,9 @@ def plan_cross_validation(store: str, n_folds: int, solvers=("em", "lsq"), bin_w
                           crop_border: int = 0, device: str = "auto") -> Plan:
     """Plan N-fold cross-validation by image: for each fold, LUTs fitted on the other folds (one
     statistics pass per bin width keeps the folds apart), scored on the fold's held-out images."""
-    from .fit import lut_from_folds, statistics_graph  # the LUT solvers: cross-validation only
+    from ensir_flow.lut import moments_for  # the LUT solvers: cross-validation only
+
+    from .fit import lut_from_folds, statistics_graph
 
     ds = open_store_index(store)
     models = schema.check_store(ds, store, require=(schema.PREDICTION, schema.GROUND_TRUTH))
@@ -153,7 +155,7 @@ def plan_cross_validation(store: str, n_folds: int, solvers=("em", "lsq"), bin_w
     if not 2 <= n_folds <= len(index.stems):
         raise InputError(f"{store}: --cv {n_folds} needs between 2 and {len(index.stems)} folds (one image at least per fold)")
     folds = image_folds(len(index.stems), n_folds)
-    graphs = [statistics_graph(store, ds, width, device, n_folds) for width in bin_widths]
+    graphs = [statistics_graph(store, ds, width, device, n_folds, moments_for(solvers)) for width in bin_widths]
     em_device = resolve_device(device)
     name = (lambda solver, width: solver) if len(bin_widths) == 1 else (lambda solver, width: f"{solver}@{width}")
     predictions, truth = (task_argument(pixel_array(store, variable)) for variable in (schema.PREDICTION, schema.GROUND_TRUTH))

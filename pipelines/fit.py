@@ -7,8 +7,8 @@ from ensir_flow import schema
 from ensir_flow.binning import DEFAULT_BIN_WIDTH, bin_count
 from ensir_flow.devices import resolve_device
 from ensir_flow.lsq import SHRINKAGE_GRID, choose_shrinkage
-from ensir_flow.lut import DEFAULT_SOLVER, check_solver, fit_lut
-from ensir_flow.stats import fold_statistics, merge, merge_folds
+from ensir_flow.lut import DEFAULT_SOLVER, check_solver, fit_lut, moments_for
+from ensir_flow.stats import ALL_MOMENTS, fold_statistics, merge, merge_folds
 
 from .chunks import (MERGE_FAN_IN, Span, chunk_ranges, chunk_spans, image_folds, pixel_array, pixel_chunk_lengths, read_pixels,
                      task_argument, tree_reduce)
@@ -21,20 +21,21 @@ DEFAULT_SHRINKAGE = 1e3
 
 
 def _chunk_statistics(predictions, truth, start: int, stop: int, bin_width: int, spans: list[Span], n_folds: int,
-                      device: str) -> list:
+                      device: str, moments_kind: str) -> list:
     """One task: read a chunk of the arrays of predictions and ground truth, return its statistics per fold."""
     return fold_statistics(read_pixels(predictions, start, stop), read_pixels(truth, start, stop), bin_width, spans,
-                           n_folds, device)
+                           n_folds, device, moments_kind)
 
 
-def statistics_graph(store: str, ds, bin_width: int, device: str = "cpu", n_folds: int = 1):
-    """Delayed list of merged CellStatistics, one per fold of images, of the store `store` (opened
-    as `ds` by `open_store` or `open_store_index`, with ground truth): one task per chunk, then a
-    tree of merges."""
+def statistics_graph(store: str, ds, bin_width: int, device: str = "cpu", n_folds: int = 1, moments_kind: str = ALL_MOMENTS):
+    """Delayed list of merged CellStatistics (moments of `moments_kind`), one per fold of images,
+    of the store `store` (opened as `ds` by `open_store` or `open_store_index`, with ground truth):
+    one task per chunk, then a tree of merges."""
     spans = chunk_spans(schema.ImageIndex.from_dataset(ds), image_folds(ds.sizes["image"], n_folds),
                         pixel_chunk_lengths(ds))
     predictions, truth = (task_argument(pixel_array(store, name)) for name in (schema.PREDICTION, schema.GROUND_TRUTH))
-    parts = [dask.delayed(_chunk_statistics, pure=True)(predictions, truth, start, stop, bin_width, chunk, n_folds, device)
+    parts = [dask.delayed(_chunk_statistics, pure=True)(predictions, truth, start, stop, bin_width, chunk, n_folds, device,
+                                                        moments_kind)
              for (start, stop), chunk in zip(chunk_ranges(ds), spans)]
     return tree_reduce(parts, merge_folds)
 
@@ -72,7 +73,7 @@ def plan_fit(store: str, lut_path: str, bin_width: int = DEFAULT_BIN_WIDTH, solv
     models = schema.check_store(ds, store, require=(schema.PREDICTION, schema.GROUND_TRUTH))
     n_images = ds.sizes["image"]
     n_folds = min(SHRINKAGE_FOLDS, n_images) if solver == "lsq" and shrinkage is None and n_images > 1 else 1
-    folds = statistics_graph(store, ds, bin_width, device, n_folds)
+    folds = statistics_graph(store, ds, bin_width, device, n_folds, moments_for([solver]))
     em_device = resolve_device(device)
 
     def execute(compute):

@@ -7,7 +7,7 @@ import torch
 
 from ensir_flow import stats
 from ensir_flow.errors import InputError
-from ensir_flow.lut import Lut, fit_lut, read_paper_lut
+from ensir_flow.lut import Lut, fit_lut, moments_for, read_paper_lut
 
 
 def _small_lut():
@@ -96,3 +96,24 @@ def test_lut_store_written_with_zarr_alone_is_what_xarray_writes(tmp_path, n_mod
     assert _stored_files(tmp_path / "zarr.zarr") == _stored_files(tmp_path / "xarray.zarr")
     back = read_lut(tmp_path / "zarr.zarr")
     assert back.digest() == lut.digest() and back.attrs["created_by"] == "test"
+
+
+@pytest.mark.parametrize("n_models, bin_width", [(3, 32), (8, 32), (16, 16)])
+def test_statistics_of_em_moments_alone_give_the_same_luts(n_models, bin_width):
+    """`fit` gathers only the moments its solver uses (`moments_for`): the same LUT bits as from
+    all moments; least squares needs the cross products and refuses without them."""
+    rng = np.random.default_rng(n_models)
+    truth = rng.integers(0, 256, (3000, 3), dtype=np.uint8)
+    predictions = np.clip(truth + rng.normal(0, 12, (n_models, 3000, 3)), 0, 255).astype(np.uint8)
+    models = [f"m{k}" for k in range(n_models)]
+    every = stats.chunk_statistics(predictions, truth, bin_width)
+    alone = stats.chunk_statistics(predictions, truth, bin_width, moments_kind=stats.EM_MOMENTS)
+    for solver in ("em", "average", "zzpm"):
+        assert moments_for([solver]) == stats.EM_MOMENTS
+        mine, reference = fit_lut(alone, models, solver=solver), fit_lut(every, models, solver=solver)
+        assert mine.digest() == reference.digest()
+        np.testing.assert_array_equal(mine.bin_count, reference.bin_count)
+        np.testing.assert_array_equal(mine.bin_status, reference.bin_status)
+    assert moments_for(["em", "lsq"]) == stats.ALL_MOMENTS
+    with pytest.raises(ValueError, match="only the moments EM uses"):
+        fit_lut(alone, models, solver="lsq")

@@ -138,3 +138,41 @@ def test_squared_deviations_and_squares_are_the_per_pixel_sums(seed, n_models):
     squares = np.zeros((len(table.cells), n_models), np.int64)
     np.add.at(squares, rows, (x * x).T)
     np.testing.assert_array_equal(table.sums_of_squares(), squares)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), n_models=st.integers(1, 16), bin_width=st.sampled_from([8, 32, 128]))
+def test_em_moments_are_the_per_pixel_sums_on_every_path(seed, n_models, bin_width):
+    """EM's moments gathered alone, on each path (dense table, hashed one-word keys, several key
+    words: K = 16 at bin width 8 or 32), are the all-moments table's, and sum to the per-pixel sums."""
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, 256, (300, 2), dtype=np.uint8)
+    predictions = np.clip(truth + rng.integers(-40, 41, (n_models, 300, 2)), 0, 255).astype(np.uint8)
+    alone = stats.chunk_statistics(predictions, truth, bin_width, moments_kind=stats.EM_MOMENTS)
+    every = stats.chunk_statistics(predictions, truth, bin_width)
+    assert alone.moments_kind == stats.EM_MOMENTS and alone.moments.shape[1] == 3 * n_models + 2
+    for name in ("cells", "hist_keys", "hist_counts"):
+        np.testing.assert_array_equal(getattr(alone, name), getattr(every, name))
+    np.testing.assert_array_equal(alone.moments, every.em_moments())
+    np.testing.assert_array_equal(alone.squared_deviations(), every.squared_deviations())
+    np.testing.assert_array_equal(alone.sums_of_squares(), every.sums_of_squares())
+    x = predictions.astype(np.int64).reshape(n_models, -1)
+    s = x.sum(axis=0)
+    per_pixel = np.column_stack([np.ones_like(s), x.T, (x * x).T, (x * s).T, s * s])
+    np.testing.assert_array_equal(alone.moments.sum(axis=0), per_pixel.sum(axis=0))
+
+
+def test_em_moments_merge_alone_and_hold_no_cross_products():
+    predictions, truth = _random_data(3, 3, 500, 3)
+    alone = stats.chunk_statistics(predictions, truth, 32, moments_kind=stats.EM_MOMENTS)
+    halves = [stats.chunk_statistics(predictions[:, part], truth[part], 32, moments_kind=stats.EM_MOMENTS)
+              for part in (slice(0, 200), slice(200, None))]
+    merged = stats.merge(*halves)
+    np.testing.assert_array_equal(merged.moments, alone.moments)
+    assert merged.per_channel().moments_kind == stats.EM_MOMENTS
+    with pytest.raises(ValueError, match="cannot merge"):
+        stats.merge(alone, stats.chunk_statistics(predictions, truth, 32))
+    with pytest.raises(ValueError, match="only the moments EM uses"):
+        alone.cross_products()
+    with pytest.raises(ValueError, match="only the moments EM uses"):
+        alone.sums_xy

@@ -42,25 +42,33 @@ ACCUMULATORS = 8
 EXACT_INT64_COUNT = math.isqrt((1 << 63) - 1) // 255
 #: Fewer cells than this per thread are not worth a thread of their own.
 MIN_ROWS_PER_THREAD = 64
+#: `initial_weights` works through the cells this many at a time, so that its temporaries stay
+#: small (K = 16 at 1.6 million cells: ~200 MB for each (cells, K) array otherwise).
+INITIAL_WEIGHTS_BLOCK = 1 << 16
 
 
 def initial_weights(statistics: CellStatistics) -> np.ndarray:
-    """Softmax of 1 / (1e-10 + r_k), r_k the RMS distance of model k to the per-pixel mean."""
-    n_models = statistics.n_models
-    n = statistics.counts[:, None].astype(np.float64)
-    rms = np.sqrt(statistics.squared_deviations().astype(np.float64) / (n_models * n_models) / n)
-    logits = 1.0 / (1e-10 + rms)
-    logits -= logits.max(axis=1, keepdims=True)
-    weights = np.exp(logits)
-    return weights / weights.sum(axis=1, keepdims=True)
+    """Softmax of 1 / (1e-10 + r_k), r_k the RMS distance of model k to the per-pixel mean (m, K)."""
+    n_models, counts = statistics.n_models, statistics.counts
+    weights = np.empty((len(counts), n_models))
+    for start in range(0, len(counts), INITIAL_WEIGHTS_BLOCK):
+        rows = slice(start, start + INITIAL_WEIGHTS_BLOCK)
+        n = counts[rows, None].astype(np.float64)
+        rms = np.sqrt(statistics.squared_deviations(rows).astype(np.float64) / (n_models * n_models) / n)
+        logits = 1.0 / (1e-10 + rms)
+        logits -= logits.max(axis=1, keepdims=True)
+        block = np.exp(logits)
+        weights[rows] = block / block.sum(axis=1, keepdims=True)
+    return weights
 
 
-def _moments_of(statistics: CellStatistics) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-cell mean and variance of each model's predictions, and whether a variance is zero."""
-    counts = statistics.counts
+def _moments_of(statistics: CellStatistics, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and variance of each model's predictions in each cell of `rows` (len(rows), K), and
+    whether a variance is zero."""
+    counts = statistics.counts[rows]
     n = counts[:, None].astype(np.float64)
-    sx = statistics.sums
-    sxx = statistics.sums_of_squares()
+    sx = statistics.sums[rows]
+    sxx = statistics.sums_of_squares()[rows]
     mean = sx / n
     var = np.maximum(sxx / n - mean * mean, 0.0)
     # Exact test n * sum x^2 == (sum x)^2 where float cancellation could hide a tiny non-zero
@@ -86,8 +94,9 @@ def _pairwise_total(partial):
 @numba.njit(nogil=True, cache=True, error_model="numpy")
 def _em_cells(rows, hist_starts, hist_levels, hist_counts, mean, var, pi, out, failed):
     """EM of each cell of `rows` on its sparse histogram (entries hist_starts[row]:hist_starts[row + 1]
-    of hist_levels, hist_counts, levels ascending), from means, variances and weights (m, K): final
-    weights into out (len(rows), K) and whether EM failed into failed (len(rows),).
+    of hist_levels, hist_counts, levels ascending), from its means, variances and weights (row i of
+    mean, var, pi: (len(rows), K) each): final weights into out (len(rows), K) and whether EM
+    failed into failed (len(rows),).
 
     The operations, their order and every sum's grouping are those of `_em_batch_torch`'s loop
     run in numpy on a dense 256-level histogram (how the CPU ran EM before this kernel): absent
@@ -111,7 +120,7 @@ def _em_cells(rows, hist_starts, hist_levels, hist_counts, mean, var, pi, out, f
             level[e], h[e] = np.float64(y), np.float64(hist_counts[start + e])
             slot[e] = (y // HALF_LEVELS) * ACCUMULATORS + y % ACCUMULATORS
             n += h[e]
-        v[:], p[:] = var[row], pi[row]
+        v[:], p[:] = var[i], pi[i]
         prev_ll = 0.0
         bad = False
         for iteration in range(MAX_ITERATIONS):
@@ -121,7 +130,7 @@ def _em_cells(rows, hist_starts, hist_levels, hist_counts, mean, var, pi, out, f
             for e in range(n_levels):  # log-likelihood: logsumexp over models, shifted by the peak
                 peak = -np.inf
                 for k in range(n_models):
-                    d = level[e] - mean[row, k]
+                    d = level[e] - mean[i, k]
                     log_prob[k, e] = -0.5 * ((LOG_2PI + log_v[k]) + d * d / v[k]) + log_p[k]
                     peak = max(peak, log_prob[k, e])
                 total = np.exp(log_prob[0, e] - peak)
@@ -159,7 +168,7 @@ def _em_cells(rows, hist_starts, hist_levels, hist_counts, mean, var, pi, out, f
                 v[k], p[k] = new_var[k], (s[k] + EPS) / n
             prev_ll = ll
         failed[i] = bad
-        out[i] = pi[row] if bad else p
+        out[i] = pi[i] if bad else p
 
 
 def _em_batch_torch(hist, mean, var, pi) -> tuple:
@@ -227,18 +236,26 @@ def fit_em(statistics: CellStatistics, device: str = "cpu") -> tuple[np.ndarray,
     """
     weights = initial_weights(statistics)
     status = np.full(len(statistics.cells), FitStatus.INITIAL_WEIGHTS, dtype=np.int8)
-    mean, var, zero_var = _moments_of(statistics)
-    eligible = statistics.counts >= MIN_PIXELS_FOR_EM
-    singular = zero_var.any(axis=1)
-    status[eligible & singular] = FitStatus.EM_FAILED_INITIAL_WEIGHTS
-    rows = np.flatnonzero(eligible & ~singular)
+    rows, mean, var, singular = em_cells(statistics)
+    status[singular] = FitStatus.EM_FAILED_INITIAL_WEIGHTS
     if device == "cpu":
-        pi, failed = _fit_em_on_cpu(statistics, rows, mean, var, weights)
+        pi, failed = _fit_em_on_cpu(statistics, rows, mean, var, weights[rows])
     else:
-        pi, failed = _fit_em_on_device(statistics, rows, mean, var, weights, device)
+        pi, failed = _fit_em_on_device(statistics, rows, mean, var, weights[rows], device)
     weights[rows[~failed]] = pi[~failed]
     status[rows] = np.where(failed, FitStatus.EM_FAILED_INITIAL_WEIGHTS, FitStatus.EM)
     return weights, status
+
+
+def em_cells(statistics: CellStatistics) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The cells EM runs on, their means and variances (len(rows), K), and the cells EM gives up on
+    at once: those of at least MIN_PIXELS_FOR_EM pixels, less those with a zero variance (the
+    reference's singular covariance). Means and variances of the other cells are never made: most
+    cells are small when K is large."""
+    eligible = np.flatnonzero(statistics.counts >= MIN_PIXELS_FOR_EM)
+    mean, var, zero_var = _moments_of(statistics, eligible)
+    singular = zero_var.any(axis=1)
+    return eligible[~singular], mean[~singular], var[~singular], eligible[singular]
 
 
 def _usable_cores() -> int:
@@ -248,9 +265,10 @@ def _usable_cores() -> int:
 
 def _fit_em_on_cpu(statistics: CellStatistics, rows: np.ndarray, mean: np.ndarray, var: np.ndarray,
                    weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`fit_em`'s EM for `rows` in `_em_cells` on every core this process may use (the kernel
-    releases the GIL; each thread takes every n-th row, so cells of all sizes are spread evenly):
-    weights (len(rows), K), failed."""
+    """`fit_em`'s EM for `rows` (their means, variances and initial weights: row i of each is
+    rows[i]'s) in `_em_cells` on every core this process may use (the kernel releases the GIL;
+    each thread takes every n-th row, so cells of all sizes are spread evenly): weights
+    (len(rows), K), failed."""
     pi, failed = np.empty((len(rows), statistics.n_models)), np.empty(len(rows), dtype=bool)
     histogram = statistics.hist_starts(), statistics.levels, statistics.hist_counts
     n_threads = max(1, min(_usable_cores(), len(rows) // MIN_ROWS_PER_THREAD))
@@ -258,7 +276,7 @@ def _fit_em_on_cpu(statistics: CellStatistics, rows: np.ndarray, mean: np.ndarra
     def run(part: int) -> None:
         share = slice(part, None, n_threads)
         part_pi, part_failed = np.empty_like(pi[share]), np.empty_like(failed[share])
-        _em_cells(rows[share], *histogram, mean, var, weights, part_pi, part_failed)
+        _em_cells(rows[share], *histogram, mean[share], var[share], weights[share], part_pi, part_failed)
         pi[share], failed[share] = part_pi, part_failed
 
     with ThreadPoolExecutor(n_threads) as pool:
@@ -268,14 +286,15 @@ def _fit_em_on_cpu(statistics: CellStatistics, rows: np.ndarray, mean: np.ndarra
 
 def _fit_em_on_device(statistics: CellStatistics, rows: np.ndarray, mean: np.ndarray, var: np.ndarray, weights: np.ndarray,
                       device: str) -> tuple[np.ndarray, np.ndarray]:
-    """`fit_em`'s EM for `rows` in torch on `device`, BATCH_CELLS cells at a time: weights (len(rows), K), failed."""
+    """`fit_em`'s EM for `rows` (as `_fit_em_on_cpu` takes them) in torch on `device`, BATCH_CELLS
+    cells at a time: weights (len(rows), K), failed."""
     import torch
 
     as_tensor = lambda a: torch.as_tensor(a, dtype=torch.float64, device=device)  # noqa: E731
     pi, failed = np.empty((len(rows), statistics.n_models)), np.empty(len(rows), dtype=bool)
     for start in range(0, len(rows), BATCH_CELLS):
-        batch = rows[start: start + BATCH_CELLS]
-        batch_pi, batch_failed = _em_batch_torch(as_tensor(statistics.dense_histograms(batch)), as_tensor(mean[batch]),
+        batch = slice(start, start + BATCH_CELLS)
+        batch_pi, batch_failed = _em_batch_torch(as_tensor(statistics.dense_histograms(rows[batch])), as_tensor(mean[batch]),
                                                  as_tensor(var[batch]), as_tensor(weights[batch]))
-        pi[start: start + len(batch)], failed[start: start + len(batch)] = batch_pi.cpu().numpy(), batch_failed.cpu().numpy()
+        pi[batch], failed[batch] = batch_pi.cpu().numpy(), batch_failed.cpu().numpy()
     return pi, failed

@@ -420,13 +420,13 @@ def fit_lut(statistics: CellStatistics, models: list[str], device: str = "cpu", 
         if len(channel_stats.cells):
             fallback[channel_stats.cells] = em.fit_em(channel_stats, device)[0]
         cell_weights, cell_status = em.fit_em(statistics, device)
-    weights = np.repeat(fallback[None], len(bin_words), axis=0)
+    weights = np.repeat(fallback[None].astype(np.float32), len(bin_words), axis=0)  # as stored: no float64 copy
     weights[row, channel] = cell_weights
     count = np.zeros((len(bin_words), n_channels), np.int64)
     count[row, channel] = statistics.counts
     status = np.full((len(bin_words), n_channels), fallback_status, np.int8)
     status[row, channel] = cell_status
-    lut = Lut(list(models), statistics.bin_width, weights.astype(np.float32), count, status, solver=solver,
+    lut = Lut(list(models), statistics.bin_width, weights, count, status, solver=solver,
               bin_digits=digits_of_words(bin_words, n_models, statistics.bin_width), fallback=fallback.astype(np.float32),
               fallback_status=fallback_status)
     if solver == "lsq":

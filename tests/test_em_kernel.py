@@ -13,9 +13,8 @@ from helpers import modules_imported_by
 def _torch_fit(statistics):
     """fit_em's EM for the eligible cells, run through its torch path on the CPU."""
     weights = em.initial_weights(statistics)
-    mean, var, zero_var = em._moments_of(statistics)
-    rows = np.flatnonzero((statistics.counts >= em.MIN_PIXELS_FOR_EM) & ~zero_var.any(axis=1))
-    pi, failed = em._fit_em_on_device(statistics, rows, mean, var, weights, "cpu")
+    rows, mean, var, _ = em.em_cells(statistics)
+    pi, failed = em._fit_em_on_device(statistics, rows, mean, var, weights[rows], "cpu")
     weights[rows[~failed]] = pi[~failed]
     return weights, rows, failed
 

@@ -271,7 +271,7 @@ class Lut:
             raise InputError(f"{source}: fit_status holds a value that is not a fit status ({FLAG_MEANINGS})")
         known = {"models", "bin_width", "solver", "empty_policy", "format_version", "fallback_fit_status", "bins_stored",
                  "Conventions", "bin_index"}
-        return cls(models, bin_width, weights.astype(np.float32), count, status,
+        return cls(models, bin_width, weights, count, status,
                    str(ds.attrs.get("solver", "em")), str(ds.attrs.get("empty_policy", EMPTY_POLICY)),
                    {k: v for k, v in ds.attrs.items() if k not in known}, **sparse)
 
@@ -322,7 +322,7 @@ def check_weights(weights: np.ndarray, bin_width: int, source: str = "LUT", tole
     with np.errstate(invalid="ignore"):
         finite = np.isfinite(weights).all(axis=2)
         negative = (weights < 0).any(axis=2)
-        sums = weights.astype(np.float64).sum(axis=2)
+        sums = weights.sum(axis=2, dtype=np.float64)  # no float64 copy of the table
         bad = ~finite | negative | ~(np.abs(sums - 1.0) <= tolerance)
     if not bad.any():
         return

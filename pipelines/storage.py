@@ -284,8 +284,10 @@ def _alive(pid) -> bool:
     return True
 
 
-def open_store(path: str) -> xr.Dataset:
-    """Open an ensir-flow Zarr store lazily, as last committed, with a clear message when it is not one.
+def open_store(path: str, in_memory: bool = False) -> xr.Dataset:
+    """Open an ensir-flow Zarr store lazily (dask arrays), as last committed, with a clear message
+    when it is not one; or, `in_memory`, read every array now into one numpy array each (a small
+    store: through dask, each array's chunks would be read, then copied into one).
 
     The consolidated metadata in the root `zarr.json` is the committed state: an append in
     progress (or killed) has grown the arrays' own metadata but not it (see `committed_append`).
@@ -296,7 +298,9 @@ def open_store(path: str) -> xr.Dataset:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-            ds = xr.open_zarr(str(path), consolidated=_has_consolidated_metadata(fs, root))
+            ds = xr.open_zarr(str(path), consolidated=_has_consolidated_metadata(fs, root), chunks=None if in_memory else {})
+            if in_memory:
+                return ds.load()
     except Exception as error:
         raise _unreadable_store(path, error) from None
     return _with_image_index_read(ds)
@@ -399,7 +403,7 @@ def read_lut(path: str) -> Lut:
     """Read a LUT store fully (it is small) and check it."""
     from ensir_flow.lut import Lut
 
-    return Lut.from_dataset(open_store(path).load(), source=str(path))
+    return Lut.from_dataset(open_store(path, in_memory=True), source=str(path))
 
 
 #: xarray's attribute for a float array's missing value in Zarr v3: the float64 bytes of NaN in base64.

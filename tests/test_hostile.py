@@ -262,6 +262,19 @@ def test_apply_refuses_a_broken_lut(tmp_path, invoke, corpus, values, problem):
     assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
 
 
+def test_apply_names_the_lut_whose_chunk_is_corrupt(tmp_path, invoke, corpus):
+    """A LUT is read whole before anything is written: a chunk its codec cannot decode is the LUT's
+    fault, named so (not the output's, as when it was read through dask inside the run)."""
+    root, _ = corpus
+    _ingest(invoke, root, tmp_path / "s.zarr")
+    assert invoke("fit", tmp_path / "s.zarr", tmp_path / "lut.zarr", "--no-progress").exit_code == 0
+    (chunk,) = [path for path in (tmp_path / "lut.zarr" / "weights").rglob("*") if path.is_file() and path.name != "zarr.json"]
+    chunk.write_bytes(b"not zstd")
+    result = invoke("apply", tmp_path / "s.zarr", tmp_path / "lut.zarr", tmp_path / "out.zarr", "--no-progress")
+    _one_line_refusal(result, str(tmp_path / "lut.zarr"), "not a readable Zarr store", "decompression")
+    assert not (tmp_path / "out.zarr").exists()
+
+
 def test_lut_weights_within_tolerance_pass_and_beyond_are_refused():
     weights = np.full((8, 2, 3), 1 / 3, np.float32)
     check_weights(weights, 128)

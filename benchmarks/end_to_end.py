@@ -111,7 +111,7 @@ def compare_checkouts(other: Path, source: Path, config: Path, runs: int, work: 
     return rows
 
 
-def decode_bound(files: list[Path], threads: int) -> float:
+def decode_bound(files: list[Path], threads: int) -> None:
     """Decode every file once (as ingest does: imageio, Pillow) on `threads` threads."""
     import imageio.v3 as iio
 

@@ -68,7 +68,7 @@ def _moments_of(statistics: CellStatistics, rows: np.ndarray) -> tuple[np.ndarra
     counts = statistics.counts[rows]
     n = counts[:, None].astype(np.float64)
     sx = statistics.sums[rows]
-    sxx = statistics.sums_of_squares()[rows]
+    sxx = statistics.sums_of_squares(rows)
     mean = sx / n
     var = np.maximum(sxx / n - mean * mean, 0.0)
     # Exact test n * sum x^2 == (sum x)^2 where float cancellation could hide a tiny non-zero

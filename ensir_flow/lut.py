@@ -170,18 +170,18 @@ class Lut:
 
     def layout(self) -> tuple[dict, dict, dict]:
         """The LUT in the documented layout (format `FORMAT_VERSION`, CF-1.10 attributes), as plain
-        arrays: (data variables, coordinates, attributes), each variable a tuple (dims, values,
-        attributes) as `xarray.Dataset` takes them. `to_dataset` builds the Dataset from it;
+        arrays: (data variables, coordinates, attributes), each variable a tuple (dims: a tuple,
+        values, attributes) as `xarray.Dataset` takes them. `to_dataset` builds the Dataset from it;
         `storage.write_lut` writes it with zarr alone (fit's start-up without xarray)."""
         n_models = len(self.models)
         coords = {
-            "model": ("model", np.array(self.models, dtype=object), {"long_name": "base model, in the order of the bin digits"}),
-            "channel": ("channel", np.array(self.channel_names(), dtype=object), {"long_name": "colour channel"}),
+            "model": (("model",), np.array(self.models, dtype=object), {"long_name": "base model, in the order of the bin digits"}),
+            "channel": (("channel",), np.array(self.channel_names(), dtype=object), {"long_name": "colour channel"}),
             "bin_digits": (("bin", "model"), self.bin_digits, {
                 "long_name": "range of each model's prediction in the bin: floor(x_k / bin_width)", "units": "1"}),
         }
         if flat_index_fits(n_models, self.bin_width):
-            coords["bin"] = ("bin", flat_bins_of_digits(self.bin_digits, self.bin_width), {
+            coords["bin"] = (("bin",), flat_bins_of_digits(self.bin_digits, self.bin_width), {
                 "long_name": "flat bin index sum_k floor(x_k / bin_width) * nb^(K-1-k), first model most significant"})
         data_vars = {
             "weights": (("bin", "channel", "model"), self.bin_weights, {

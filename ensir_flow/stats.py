@@ -112,7 +112,7 @@ class CellStatistics:
         self._require_all_moments("sums x_k y")
         return self.moments[:, -self.n_models:]
 
-    def em_moments(self, rows: slice = slice(None)) -> np.ndarray:
+    def em_moments(self, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
         """The `EM_MOMENTS` columns of the cells `rows` (3K + 2 columns): the moments themselves
         when of that kind, else derived exactly, row by row, from the stored upper triangle of the
         cross products (the (m, K, K) matrices would be 2 GB for a million cells at K = 16)."""
@@ -123,15 +123,12 @@ class CellStatistics:
         _em_moments_into(moments, self.n_models, out)
         return out
 
-    def sums_of_squares(self) -> np.ndarray:
-        """sum x_k^2 per cell (m, K)."""
+    def sums_of_squares(self, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
+        """sum x_k^2 per cell of `rows` (cells, K)."""
         k = self.n_models
-        if self.moments_kind == EM_MOMENTS:
-            return self.moments[:, 1 + k: 1 + 2 * k]
-        rows, cols = np.triu_indices(k)
-        return self.moments[:, 1 + k + np.flatnonzero(rows == cols)]
+        return self.em_moments(rows)[:, 1 + k: 1 + 2 * k]
 
-    def squared_deviations(self, rows: slice = slice(None)) -> np.ndarray:
+    def squared_deviations(self, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
         """sum over pixels of (K x_k - s)^2 per cell of `rows` (cells, K), s = sum_j x_j: K^2 times
         the squared distance of model k to the per-pixel mean, exact in integers:
         K^2 sum x_k^2 - 2K sum x_k s + sum s^2."""

@@ -424,20 +424,18 @@ def write_lut(lut: Lut, path: str) -> None:
     data_vars, coords, attrs = lut.layout()
     group = zarr.open_group(str(path), mode="w-", zarr_format=3)
     for name, (dims, values, var_attrs) in {**coords, **data_vars}.items():
-        dims = (dims,) if isinstance(dims, str) else tuple(dims)
-        values = np.asarray(values)
         attributes = {key: value.tolist() if isinstance(value, np.ndarray) else value for key, value in var_attrs.items()}
         linked = [coord for coord, (coord_dims, _, _) in coords.items()
-                  if name in data_vars and coord not in dims and set(np.atleast_1d(coord_dims)) <= set(dims)]
+                  if name in data_vars and coord not in dims and set(coord_dims) <= set(dims)]
         if linked:
             attributes["coordinates"] = " ".join(linked)
-        fill_value = None
-        if values.dtype.kind == "f":
+        fill_value, dtype = None, values.dtype
+        if dtype.kind == "f":
             fill_value, attributes["_FillValue"] = np.nan, NAN_FILL_VALUE_ATTRIBUTE
-        elif values.dtype.kind == "O":
-            values = values.astype(str)
-        array = group.create_array(name, shape=values.shape, dtype=values.dtype if values.dtype.kind != "U" else str,
-                                   fill_value=fill_value, attributes=attributes, dimension_names=dims)
+        elif dtype.kind == "O":  # names: zarr's variable-length strings
+            values, dtype = values.astype(str), str
+        array = group.create_array(name, shape=values.shape, dtype=dtype, fill_value=fill_value, attributes=attributes,
+                                   dimension_names=dims)
         array[...] = values
     commit_metadata(path, attrs)
 

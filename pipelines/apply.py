@@ -99,7 +99,8 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
                                         bin_width=lut.bin_width, solver=lut.solver, **provenance)
     out = schema.annotate(out)
     encoding = {schema.ENSEMBLE: schema.pixel_encoding((chunk_pixels, ds.sizes["channel"]), compression)}
-    spans = chunk_spans(schema.ImageIndex.from_dataset(ds), np.arange(ds.sizes["image"]), chunk_lengths)
+    index = schema.ImageIndex.from_dataset(ds)
+    spans = chunk_spans(index.offsets, index.counts, np.arange(len(index.stems)), chunk_lengths)
 
     def blend_tasks(todo, ensemble, marks, compute) -> list:
         predictions = task_argument(pixel_array(store, schema.PREDICTION))

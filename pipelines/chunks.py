@@ -118,10 +118,12 @@ def store_location(array: zarr.Array) -> str:
     return str(store)
 
 
-def chunk_spans(index: schema.ImageIndex, label_of_image: np.ndarray, chunk_lengths: tuple[int, ...]) -> list[list[Span]]:
-    """Per chunk of the given lengths, the spans of its pixels, labelled by `label_of_image`;
+def chunk_spans(offsets: np.ndarray, counts: np.ndarray, label_of_image: np.ndarray,
+                chunk_lengths: tuple[int, ...]) -> list[list[Span]]:
+    """Per chunk of the given lengths, the spans of its pixels, labelled by `label_of_image`, of
+    images lying back to back at `offsets` with `counts` pixels each (`schema.ImageIndex`'s);
     neighbouring images of one label share a span."""
-    starts, stops = index.offsets, index.offsets + index.counts
+    starts, stops = offsets, offsets + counts
     per_chunk, chunk_start = [], 0
     for length in chunk_lengths:
         chunk_stop = chunk_start + length

@@ -31,8 +31,8 @@ def statistics_graph(store: str, ds, bin_width: int, device: str = "cpu", n_fold
     """Delayed list of merged CellStatistics (moments of `moments_kind`), one per fold of images,
     of the store `store` (opened as `ds` by `open_store` or `open_store_index`, with ground truth):
     one task per chunk, then a tree of merges."""
-    spans = chunk_spans(schema.ImageIndex.from_dataset(ds), image_folds(ds.sizes["image"], n_folds),
-                        pixel_chunk_lengths(ds))
+    index = schema.ImageIndex.from_dataset(ds)
+    spans = chunk_spans(index.offsets, index.counts, image_folds(len(index.stems), n_folds), pixel_chunk_lengths(ds))
     predictions, truth = (task_argument(pixel_array(store, name)) for name in (schema.PREDICTION, schema.GROUND_TRUTH))
     parts = [dask.delayed(_chunk_statistics, pure=True)(predictions, truth, start, stop, bin_width, chunk, n_folds, device,
                                                         moments_kind)

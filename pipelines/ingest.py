@@ -29,7 +29,7 @@ from ensir_flow.images import (GROUND_TRUTH_DIR, INPUT_DIR, Corpus, ImageInfo, d
                                read_image_and_sha256)
 
 from .plan import Plan
-from .chunks import ranges_of, task_argument
+from .chunks import chunk_spans, ranges_of, task_argument
 from .storage import (COMPLETE, commit_resumable, committed_append, exclusive_lock, exists, open_array_for_writing, open_store,
                       refuse_existing, refuse_or_recover, resumable_location, resumable_marks, start_resumable,
                       write_chunk_then_mark)
@@ -132,11 +132,9 @@ def chunked_planes(blocks: list[da.Array], chunk_pixels: int, first_chunk: int |
     offsets = np.cumsum(counts) - counts
     pieces = [list(zip(block.to_delayed(optimize_graph=False).ravel(), ranges_of(block.chunks[0]))) for block in blocks]
     chunks = []
-    ranges = ranges_of(lengths)
-    for (start, stop), held in zip(ranges, chunk_images(offsets, counts, ranges)):
-        spans = [(piece, roles, (max(start, offsets[i]) - offsets[i], min(stop, offsets[i] + counts[i]) - offsets[i]),
-                  max(start, offsets[i]) - start)
-                 for i in held for piece, roles in pieces[i]]
+    for (start, stop), held in zip(ranges_of(lengths), chunk_spans(offsets, counts, np.arange(len(blocks)), lengths)):
+        spans = [(piece, roles, (start + span.start - offsets[span.label], start + span.stop - offsets[span.label]), span.start)
+                 for span in held for piece, roles in pieces[span.label]]
         chunks.append(da.from_delayed(dask.delayed(_assembled, pure=True)((n_roles, stop - start, channels), dtype, spans),
                                       shape=(n_roles, stop - start, channels), dtype=dtype))
     return da.concatenate(chunks, axis=1)
@@ -168,14 +166,6 @@ def _write_chunk(block: np.ndarray, n_models: int, arrays: list, marks, records,
 def _recorded(record: np.ndarray, n_images: int) -> list[list[str]]:
     """The hex SHA-256s [role][image] of the first `n_images` slots of one chunk's record."""
     return [[role[slot].tobytes().hex() for slot in range(n_images)] for role in record]
-
-
-def chunk_images(offsets: np.ndarray, counts: np.ndarray, ranges: list[tuple[int, int]]) -> list[range]:
-    """For each chunk (start, stop) of the pixel axis, the images (pixels offsets:offsets+counts,
-    back to back) it holds pixels of."""
-    ends = offsets + counts
-    return [range(int(np.searchsorted(ends, start, side="right")), int(np.searchsorted(offsets, stop, side="left")))
-            for start, stop in ranges]
 
 
 def _extra_planes(corpus: Corpus, planes: da.Array) -> list[tuple[str, da.Array]]:
@@ -307,7 +297,9 @@ def store_writer(store: str, ds: xr.Dataset, encoding: dict, planes: da.Array, e
     # unoptimised: fusing would rename the decoding tasks in the pixels' graph, and each file would be
     # decoded twice, once for its pixels and once for its digest
     blocks = planes.to_delayed(optimize_graph=False).ravel()
-    images = chunk_images(ds["pixel_offset"].values, ds["pixel_count"].values, ranges)
+    images = [[span.label for span in spans]  # the images each chunk holds pixels of, in order
+              for spans in chunk_spans(ds["pixel_offset"].values, ds["pixel_count"].values, np.arange(ds.sizes["image"]),
+                                       planes.chunks[1])]
     planned = ds["source_sha256"].values
     digests = planned.tolist() if decoded_digests is None else decoded_digests
     slots = max(len(held) for held in images)

@@ -16,7 +16,7 @@ def test_spans_cover_each_chunk_with_the_fold_of_each_pixel(sizes, chunk, n_fold
     fold_of_pixel = np.repeat(folds, sizes)
     chunks = schema.pixel_chunks(index.n_pixels, chunk)
     start = 0
-    for length, spans in zip(chunks, chunk_spans(index, folds, chunks)):
+    for length, spans in zip(chunks, chunk_spans(index.offsets, index.counts, folds, chunks)):
         covered = np.full(length, -1)
         for lo, hi, fold in spans:
             assert (covered[lo:hi] == -1).all()

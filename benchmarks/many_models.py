@@ -42,7 +42,7 @@ import numpy as np
 
 from ensir_flow import schema, stats
 from ensir_flow.binning import words_of_digits
-from ensir_flow.blend import HashedWeights, blend
+from ensir_flow.blend import HashedWeights, blend, weights_with_fallback
 from ensir_flow.lut import fit_lut
 from ensir_flow.pipelines.apply import plan_apply
 from ensir_flow.pipelines.executor import threaded_compute
@@ -98,8 +98,8 @@ def kernel_rows(corpus_by_k: dict, repeats: int) -> list[dict]:
         pixels = corpus_by_k[n_models].pixels(0, min(CHUNK_PIXELS, corpus_by_k[n_models].index.n_pixels))
         predictions, truth = np.ascontiguousarray(pixels[:-1]), pixels[-1]
         lut = fit_lut(stats.chunk_statistics(predictions, truth, bin_width), corpus_by_k[n_models].models, solver="average")
-        tables = {"hashed": HashedWeights.of(words_of_digits(lut.bin_digits, bin_width), lut.bin_weights, lut.fallback,
-                                             n_models, bin_width)}
+        tables = {"hashed": HashedWeights.of(words_of_digits(lut.bin_digits, bin_width),
+                                             weights_with_fallback(lut.bin_weights, lut.fallback), n_models, bin_width)}
         if lut.is_small:
             tables["dense"] = lut.weights
         outputs = {}

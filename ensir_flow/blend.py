@@ -33,9 +33,9 @@ class HashedWeights(NamedTuple):
     bin_width: int
 
     @classmethod
-    def of(cls, keys: np.ndarray, weights: np.ndarray, fallback: np.ndarray, n_models: int, bin_width: int) -> "HashedWeights":
-        """Hash the stored bins' unique key words (m, W) of a LUT of `n_models` at `bin_width`, with
-        their weights (m, C, K) and the fallback (C, K)."""
+    def of(cls, keys: np.ndarray, rows: np.ndarray, n_models: int, bin_width: int) -> "HashedWeights":
+        """Hash the stored bins' unique key words (m, W) of a LUT of `n_models` at `bin_width`, whose
+        weights are `rows` (m + 1, C, K) float32, the fallback last (`weights_with_fallback`)."""
         keys = np.ascontiguousarray(np.asarray(keys, dtype=np.int64).T)
         n_bins = keys.shape[1]
         n_slots = 8
@@ -49,7 +49,8 @@ class HashedWeights(NamedTuple):
             if n_slots > 64 * max(n_bins, 1):
                 raise ValueError(f"no cuckoo table of up to {n_slots} slots holds these {n_bins} bins: they need unique keys")
             n_slots *= 2
-        rows = np.concatenate([np.asarray(weights, dtype=np.float32), np.asarray(fallback, dtype=np.float32)[None]])
+        if rows.shape[0] != n_bins + 1 or rows.dtype != np.float32:
+            raise ValueError(f"weights of shape {rows.shape} ({rows.dtype}) are not {n_bins} bins' float32 rows and the fallback")
         return cls(slot_keys, slot_rows, shift, rows, bin_width)
 
     @property
@@ -61,6 +62,20 @@ class HashedWeights(NamedTuple):
     def shape(self) -> tuple[int, int, int]:
         """(stored bins, C, K), as a dense table's shape reads."""
         return (len(self.weights) - 1, *self.weights.shape[1:])
+
+
+def weights_with_fallback(weights: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """The rows `HashedWeights` takes (m + 1, C, K) float32: the stored bins' `weights` (m, C, K),
+    then the `fallback` (C, K). Where `weights` are the leading rows of such an array with one row
+    to spare (as `storage.read_lut` reads them), the fallback is written into that row and the
+    array returned as it is; otherwise the rows are copied into a new one."""
+    owner = weights.base
+    if (isinstance(owner, np.ndarray) and owner.dtype == np.float32 and owner.flags.c_contiguous
+            and owner.shape == (len(weights) + 1, *weights.shape[1:]) and weights.dtype == np.float32
+            and weights.flags.c_contiguous and weights.ctypes.data == owner.ctypes.data):
+        owner[-1] = fallback
+        return owner
+    return np.concatenate([np.asarray(weights, dtype=np.float32), np.asarray(fallback, dtype=np.float32)[None]])
 
 
 def blend(predictions: np.ndarray, weights, bin_width: int, device: str = "cpu") -> np.ndarray:

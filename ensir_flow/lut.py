@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 from . import em, lsq
 from .binning import (all_digits, bin_count, digits_of_words, flat_bins_of_digits, flat_bins_of_edges, flat_index_fits,
                       ranges_per_model, words_of_digits)
-from .blend import HashedWeights
+from .blend import HashedWeights, weights_with_fallback
 from .errors import InputError
 from .fit_status import FLAG_MEANINGS, FitStatus
 from .schema import CHANNEL_NAMES
@@ -74,6 +74,10 @@ FORMAT_VERSION = 2
 #: stored bins are looked up in a hash table (`blend.HashedWeights`). K = 3 is below it at widths of 4 and up (the
 #: paper uses 32); at widths 1 and 2 it is hashed, to the same bytes.
 DENSE_TABLE_LIMIT_BYTES = 64 << 20
+#: Bins `check_weights` checks at a time (its temporaries: a few bytes per cell of a block).
+CHECK_BLOCK_BINS = 1 << 16
+#: The dimensions of a LUT's weights, as stored.
+WEIGHT_DIMS = ("bin", "channel", "model")
 
 
 class Lut:
@@ -161,8 +165,8 @@ class Lut:
         LUTs have always been applied with), else `blend.HashedWeights` of the stored bins."""
         if self.is_small:
             return self.weights
-        return HashedWeights.of(words_of_digits(self.bin_digits, self.bin_width), self.bin_weights, self.fallback,
-                                len(self.models), self.bin_width)
+        return HashedWeights.of(words_of_digits(self.bin_digits, self.bin_width),
+                                weights_with_fallback(self.bin_weights, self.fallback), len(self.models), self.bin_width)
 
     def channel_names(self) -> list[str]:
         """'R', 'G', 'B' for 3 channels, 'Y' for 1, else their numbers."""
@@ -184,7 +188,7 @@ class Lut:
             coords["bin"] = (("bin",), flat_bins_of_digits(self.bin_digits, self.bin_width), {
                 "long_name": "flat bin index sum_k floor(x_k / bin_width) * nb^(K-1-k), first model most significant"})
         data_vars = {
-            "weights": (("bin", "channel", "model"), self.bin_weights, {
+            "weights": (WEIGHT_DIMS, self.bin_weights, {
                 "long_name": "ensemble weight of each model in the cell", "units": "1"}),
             "count": (("bin", "channel"), self.bin_count.astype(np.int64), {
                 "long_name": "reference pixels in the cell", "units": "1"}),
@@ -220,7 +224,7 @@ class Lut:
         """Read a LUT Dataset back (either format version), checking that it agrees with its attributes."""
         try:
             models, bin_width = ds.attrs["models"], ds.attrs["bin_width"]
-            weights = _values_of(ds, "weights", ("bin", "channel", "model"), source)
+            weights = _values_of(ds, "weights", WEIGHT_DIMS, source)
         except KeyError as missing:
             raise InputError(f"{source}: not an ensir-flow LUT (missing {missing})") from None
         if isinstance(models, str) or not all(isinstance(m, str) for m in models):
@@ -280,11 +284,11 @@ class Lut:
         the dense table where it is small (as LUTs have always been identified), else of the stored
         bins and the fallback."""
         if self.is_small:
-            digest = hashlib.sha256(np.ascontiguousarray(self.weights, dtype="<f4").tobytes())
+            digest = hashlib.sha256(np.ascontiguousarray(self.weights, dtype="<f4"))
         else:
-            digest = hashlib.sha256(np.ascontiguousarray(self.bin_digits).tobytes())
+            digest = hashlib.sha256(np.ascontiguousarray(self.bin_digits))
             for array in (self.bin_weights, self.fallback):
-                digest.update(np.ascontiguousarray(array, dtype="<f4").tobytes())
+                digest.update(np.ascontiguousarray(array, dtype="<f4"))  # hashed in place: no copy as bytes
         digest.update(repr((self.models, self.bin_width)).encode())
         return digest.hexdigest()
 
@@ -319,20 +323,22 @@ def check_weights(weights: np.ndarray, bin_width: int, source: str = "LUT", tole
     message names `source`, the first bad cell (bin, with its lower edges, and channel) and why.
     `digits` (bin, K) names the bins of a sparse table; without them, row b is flat bin b."""
     weights = np.asarray(weights)
-    with np.errstate(invalid="ignore"):
-        finite = np.isfinite(weights).all(axis=2)
-        negative = (weights < 0).any(axis=2)
-        sums = weights.sum(axis=2, dtype=np.float64)  # no float64 copy of the table
-        bad = ~finite | negative | ~(np.abs(sums - 1.0) <= tolerance)
-    if not bad.any():
+    bad_cells = 0
+    for start in range(0, len(weights), CHECK_BLOCK_BINS):  # block by block: no table-sized temporaries
+        block = weights[start: start + CHECK_BLOCK_BINS]
+        with np.errstate(invalid="ignore"):
+            finite = np.isfinite(block).all(axis=2)
+            negative = (block < 0).any(axis=2)
+            sums = block.sum(axis=2, dtype=np.float64)
+            bad = ~finite | negative | ~(np.abs(sums - 1.0) <= tolerance)
+        if bad_cells == 0 and bad.any():
+            row, c = (int(i) for i in np.argwhere(bad)[0])
+            b = start + row
+            problem = ("a weight that is not finite" if not finite[row, c] else "a negative weight" if negative[row, c]
+                       else f"weights summing to {sums[row, c]:.6g}, not 1 (tolerance {tolerance:g})")
+        bad_cells += int(bad.sum())
+    if not bad_cells:
         return
-    b, c = (int(i) for i in np.argwhere(bad)[0])
-    if not finite[b, c]:
-        problem = "a weight that is not finite"
-    elif negative[b, c]:
-        problem = "a negative weight"
-    else:
-        problem = f"weights summing to {sums[b, c]:.6g}, not 1 (tolerance {tolerance:g})"
     n_models = weights.shape[2]
     if digits is None:
         where = f"bin {b} (lower edges {_edges_of(b, n_models, bin_width)})"
@@ -342,7 +348,7 @@ def check_weights(weights: np.ndarray, bin_width: int, source: str = "LUT", tole
         where = f"{flat} (lower edges {edges}; stored row {b})"
     raise InputError(f"{source}: {where}, channel {c} has {problem} "
                      f"({np.array2string(weights[b, c], separator=', ', precision=6)}); "
-                     f"{int(bad.sum())} bad cell(s) in all; not a usable LUT")
+                     f"{bad_cells} bad cell(s) in all; not a usable LUT")
 
 
 def _values_of(ds: xr.Dataset, name: str, dims: tuple[str, ...], source: str) -> np.ndarray:

@@ -13,6 +13,7 @@ from ensir_flow import schema
 from ensir_flow.blend import blend
 from ensir_flow.errors import InputError, TransientError
 from ensir_flow.images import DEFAULT_PNG_COMPRESSION
+from ensir_flow.lut import Lut
 
 from .chunks import chunk_ranges, chunk_spans, pixel_array, read_pixels, task_argument
 from .export import check_export_target, export
@@ -76,6 +77,7 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
     models = schema.check_store(ds, store)
     lut = read_lut(lut_path)
     lut.check_matches(models, ds.sizes["channel"], str(lut_path))
+    bin_width, solver = lut.bin_width, lut.solver
     provenance = {"source": str(store), "source_fingerprint": store_fingerprint(ds), "source_images": ds.sizes["image"],
                   "lut": str(lut_path), "lut_sha256": lut.digest()}
     previous = _attributes(output) if exists(output) else {}
@@ -96,19 +98,26 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
     out[schema.ENSEMBLE] = (("pixel", "channel"), da.zeros((ds.sizes["pixel"], ds.sizes["channel"]), dtype=np.uint8,
                                                            chunks=(chunk_lengths, -1)))
     out.attrs = schema.store_attributes(models, ds.sizes["channel"], created_by=f"ensir-flow {ensir_flow.__version__} apply",
-                                        bin_width=lut.bin_width, solver=lut.solver, **provenance)
+                                        bin_width=bin_width, solver=solver, **provenance)
     out = schema.annotate(out)
     encoding = {schema.ENSEMBLE: schema.pixel_encoding((chunk_pixels, ds.sizes["channel"]), compression)}
     index = schema.ImageIndex.from_dataset(ds)
     spans = chunk_spans(index.offsets, index.counts, np.arange(len(index.stems)), chunk_lengths)
 
+    # The LUT until its lookup table is built, then the table alone: the LUT's counts, statuses and
+    # digits (140 MB at K = 16 on 10 Mpx) are let go, and the table keeps the LUT's weights.
+    lookup = [lut]
+    del lut
+
     def blend_tasks(todo, ensemble, marks, compute) -> list:
         predictions = task_argument(pixel_array(store, schema.PREDICTION))
-        if lut.solver == "zzpm":  # per-image weights, gathered from the store first
+        if solver == "zzpm":  # per-image weights, gathered from the store first
             jobs = zzpm_blend_jobs(predictions, ranges, spans, ds, todo, compute)
         else:
-            weights = dask.delayed(lut.lookup_table(), pure=True)  # one graph key: sent once to each worker
-            jobs = [(blend, (weights, lut.bin_width, device)) for _ in todo]
+            if isinstance(lookup[0], Lut):
+                lookup[0] = lookup[0].lookup_table()
+            weights = dask.delayed(lookup[0], pure=True)  # one graph key: sent once to each worker
+            jobs = [(blend, (weights, bin_width, device)) for _ in todo]
         ensemble, marks = task_argument(ensemble), task_argument(marks)
         return [dask.delayed(_blend_chunk_into)(combine, arguments, predictions, *ranges[i], ensemble, marks, int(i))
                 for i, (combine, arguments) in zip(todo, jobs)]
@@ -161,7 +170,7 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
         return ApplyResult(open_store(output), "resumed" if resuming else "written", len(done), len(tasks))
 
     details = {
-        "store": str(store), "LUT": f"{lut_path} ({lut.solver}, bin width {lut.bin_width})", "output": str(output),
+        "store": str(store), "LUT": f"{lut_path} ({solver}, bin width {bin_width})", "output": str(output),
         "images": ds.sizes["image"], "pixels": f"{ds.sizes['pixel']:,}",
         "tasks": "none: the output is already complete" if finished else
                  f"an update: the chunks of {ds.sizes['image'] - grown_from} new image(s), appended to {output}"

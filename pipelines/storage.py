@@ -284,10 +284,11 @@ def _alive(pid) -> bool:
     return True
 
 
-def open_store(path: str, in_memory: bool = False) -> xr.Dataset:
+def open_store(path: str, in_memory: bool = False, read_later: tuple[str, ...] = ()) -> xr.Dataset:
     """Open an ensir-flow Zarr store lazily (dask arrays), as last committed, with a clear message
     when it is not one; or, `in_memory`, read every array now into one numpy array each (a small
-    store: through dask, each array's chunks would be read, then copied into one).
+    store: through dask, each array's chunks would be read, then copied into one), except those
+    named in `read_later`, left unread for the caller (`read_lut` reads its weights itself).
 
     The consolidated metadata in the root `zarr.json` is the committed state: an append in
     progress (or killed) has grown the arrays' own metadata but not it (see `committed_append`).
@@ -300,7 +301,10 @@ def open_store(path: str, in_memory: bool = False) -> xr.Dataset:
             warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
             ds = xr.open_zarr(str(path), consolidated=_has_consolidated_metadata(fs, root), chunks=None if in_memory else {})
             if in_memory:
-                return ds.load()
+                for name, variable in ds.variables.items():
+                    if name not in read_later:
+                        variable.load()
+                return ds
     except Exception as error:
         raise _unreadable_store(path, error) from None
     return _with_image_index_read(ds)
@@ -400,10 +404,27 @@ def _has_consolidated_metadata(fs, root: str) -> bool:
 
 
 def read_lut(path: str) -> Lut:
-    """Read a LUT store fully (it is small) and check it."""
-    from ensir_flow.lut import Lut
+    """Read a LUT store fully and check it. Its weights (bin, channel, model), nearly all of a
+    many-model LUT, are read straight into the leading rows of an array with one spare row, where
+    `lut.weights_with_fallback` puts the fallback for apply's lookup table instead of copying them
+    (at K = 16, w = 16 on 10 Mpx: 505 MB). Weights stored with a scale or offset (not written by
+    ensir-flow) are decoded by xarray and copied."""
+    from ensir_flow.lut import WEIGHT_DIMS, Lut
 
-    return Lut.from_dataset(open_store(path, in_memory=True), source=str(path))
+    ds = open_store(path, in_memory=True, read_later=("weights",))
+    if "weights" in ds:
+        variable = ds["weights"].variable
+        if variable.dims == WEIGHT_DIMS and variable.dtype == np.float32 and not {"scale_factor", "add_offset"} & set(variable.encoding):
+            rows = np.empty((variable.shape[0] + 1, *variable.shape[1:]), np.float32)
+            try:
+                zarr.open_array(store=str(path), path="weights", mode="r").get_basic_selection(
+                    ..., out=default_buffer_prototype().nd_buffer.from_numpy_array(rows[:-1]))
+            except Exception as error:
+                raise _unreadable_store(path, error) from None
+            ds["weights"] = ds["weights"].copy(data=rows[:-1])
+        else:
+            variable.load()
+    return Lut.from_dataset(ds, source=str(path))
 
 
 #: xarray's attribute for a float array's missing value in Zarr v3: the float64 bytes of NaN in base64.

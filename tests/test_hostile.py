@@ -17,6 +17,7 @@ import torch
 import xarray as xr
 import zarr
 
+from ensir_flow import lut as lut_module
 from ensir_flow import metrics
 from ensir_flow.errors import InputError
 from ensir_flow.images import check_stem, png_text
@@ -286,6 +287,15 @@ def test_lut_weights_within_tolerance_pass_and_beyond_are_refused():
     ds = Lut(["a", "b", "c"], 128, weights, np.zeros((8, 2)), np.zeros((8, 2), np.int8)).to_dataset()
     with pytest.raises(InputError, match="mine.zarr: bin 3"):
         Lut.from_dataset(ds, source="mine.zarr")
+
+
+def test_lut_weights_are_checked_block_by_block_and_the_first_bad_cell_named(monkeypatch):
+    monkeypatch.setattr(lut_module, "CHECK_BLOCK_BINS", 3)
+    weights = np.full((8, 2, 3), 1 / 3, np.float32)
+    weights[7, 0, 1], weights[4, 1, 0], weights[5, 0, 2] = np.nan, -0.1, 0.9
+    with pytest.raises(InputError, match=r"lut.zarr: bin 4 \(lower edges \(128, 0, 0\)\), channel 1 has a negative weight .*"
+                                         r"3 bad cell\(s\) in all"):
+        check_weights(weights, 128, "lut.zarr")
 
 
 def _paper_table(edges_per_model, channels=3, weights=(0.2, 0.3, 0.5)):

@@ -17,12 +17,13 @@ import xarray as xr
 from ensir_flow import stats
 from ensir_flow.binning import (bin_count, digits_of_words, flat_bins_of_digits, key_words, model_groups,
                                 ranges_per_model, words_of_digits)
-from ensir_flow.blend import HashedWeights, blend
+from ensir_flow.blend import HashedWeights, blend, weights_with_fallback
 from ensir_flow.errors import InputError
 from ensir_flow.fit_status import FitStatus
 from ensir_flow.kernels import DIGIT_SHIFT, HASHED_BLOCK, digit_multiplier, fill_cuckoo_slots
 from ensir_flow.lsq import active_set_simplex_least_squares, enumerated_simplex_least_squares
 from ensir_flow.lut import FORMAT_VERSION, SOLVERS, Lut, fit_lut
+from ensir_flow.pipelines.storage import read_lut, write_lut
 
 
 def members(n_members: int, n_pixels: int, seed: int = 0, kind: str = "models", channels: int = 3):
@@ -125,7 +126,7 @@ def test_hashed_lookup_gives_the_bytes_of_the_dense_table():
     predictions, truth = members(5, 3000, seed=3)
     lut = fit_lut(stats.chunk_statistics(predictions, truth, 32), list("abcde"))
     assert lut.is_small and len(lut.bin_digits) < lut.n_bins
-    hashed = HashedWeights.of(words_of_digits(lut.bin_digits, 32), lut.bin_weights, lut.fallback, 5, 32)
+    hashed = HashedWeights.of(words_of_digits(lut.bin_digits, 32), weights_with_fallback(lut.bin_weights, lut.fallback), 5, 32)
     other, _ = members(5, 3000, seed=4)  # bins the LUT never saw take the fallback
     for x in (predictions, other):
         np.testing.assert_array_equal(blend(x, hashed, 32), blend(x, lut.weights, 32))
@@ -159,7 +160,7 @@ def test_hashed_blend_matches_a_per_pixel_lookup(n_models, bin_width, n_pixels, 
     keep = {"all": np.ones(len(seen), bool), "none": np.zeros(len(seen), bool),
             "most": np.random.default_rng(1).random(len(seen)) < 0.7}[stored]  # the others take the fallback
     lut = lut_storing(seen[keep], n_channels, bin_width, seed=n_models)
-    table = HashedWeights.of(words_of_digits(lut.bin_digits, bin_width), lut.bin_weights, lut.fallback, n_models, bin_width)
+    table = HashedWeights.of(words_of_digits(lut.bin_digits, bin_width), weights_with_fallback(lut.bin_weights, lut.fallback), n_models, bin_width)
     assert table.shape == (int(keep.sum()), n_channels, n_models) and table.slot_keys.shape[1] == key_words(n_models, bin_width)
     np.testing.assert_array_equal(blend(predictions, table, bin_width), per_pixel_reference(predictions, lut))
 
@@ -167,7 +168,7 @@ def test_hashed_blend_matches_a_per_pixel_lookup(n_models, bin_width, n_pixels, 
 def test_hashed_blend_with_every_pixel_in_one_bin():
     predictions = np.random.default_rng(2).integers(64, 96, (8, 700, 3)).astype(np.uint8)  # w = 32: one bin
     lut = lut_storing(np.full((1, 8), 2, np.uint8), 3, 32, seed=2)
-    table = HashedWeights.of(words_of_digits(lut.bin_digits, 32), lut.bin_weights, lut.fallback, 8, 32)
+    table = HashedWeights.of(words_of_digits(lut.bin_digits, 32), weights_with_fallback(lut.bin_weights, lut.fallback), 8, 32)
     np.testing.assert_array_equal(blend(predictions, table, 32), per_pixel_reference(predictions, lut))
 
 
@@ -182,8 +183,8 @@ def test_cuckoo_table_says_when_full_and_refuses_duplicate_keys():
     assert not fill_cuckoo_slots(np.arange(9, dtype=np.int64)[None], slot_keys, slot_rows, np.uint64(61))  # 9 keys, 8 slots
     weights, fallback = np.full((3, 3, 2), 0.5, np.float32), np.full((3, 2), 0.5, np.float32)
     with pytest.raises(ValueError, match="unique keys"):  # a key three times has two slots only, at any size
-        HashedWeights.of(np.array([[5], [5], [5]]), weights, fallback, 2, 32)
-    table = HashedWeights.of(np.array([[5], [6], [7]]), weights, fallback, 2, 32)
+        HashedWeights.of(np.array([[5], [5], [5]]), weights_with_fallback(weights, fallback), 2, 32)
+    table = HashedWeights.of(np.array([[5], [6], [7]]), weights_with_fallback(weights, fallback), 2, 32)
     assert sorted(table.slot_keys[:, 0][table.slot_keys[:, 0] >= 0].tolist()) == [5, 6, 7] and len(table.slot_rows) >= 2.5 * 3
 
 
@@ -215,6 +216,34 @@ def test_large_luts_never_build_the_dense_table():
         lut.weights
     ds = lut.to_dataset()
     assert "bin" not in ds.coords and ds["bin_digits"].dtype == np.uint8  # the flat index does not fit int64
+
+
+def test_a_read_lut_gives_its_weights_to_the_lookup_table_without_a_copy(tmp_path):
+    predictions, truth = members(8, 3000, seed=11)
+    fitted = fit_lut(stats.chunk_statistics(predictions, truth, 32), [f"m{k}" for k in range(8)])
+    assert not fitted.is_small
+    write_lut(fitted, tmp_path / "lut.zarr")
+    lut = read_lut(str(tmp_path / "lut.zarr"))
+    np.testing.assert_array_equal(lut.bin_weights, fitted.bin_weights)
+    table = lut.lookup_table()
+    assert np.shares_memory(table.weights, lut.bin_weights)  # the weights read, with the fallback in the spare row
+    np.testing.assert_array_equal(table.weights[-1], fitted.fallback)
+    np.testing.assert_array_equal(lut.bin_weights, fitted.bin_weights)  # the fallback row is not the LUT's
+    assert lut.digest() == fitted.digest()
+    np.testing.assert_array_equal(blend(predictions, table, 32), blend(predictions, fitted.lookup_table(), 32))
+    np.testing.assert_array_equal(blend(predictions, table, 32), per_pixel_reference(predictions, fitted))
+    assert not np.shares_memory(fitted.lookup_table().weights, fitted.bin_weights)  # a LUT made in memory: copied
+
+
+def test_weights_stored_in_another_dimension_order_read_to_the_same_lut(tmp_path):
+    predictions, truth = members(8, 2000, seed=12)
+    fitted = fit_lut(stats.chunk_statistics(predictions, truth, 32), [f"m{k}" for k in range(8)])
+    ds = fitted.to_dataset()
+    ds["weights"] = ds["weights"].transpose("model", "bin", "channel")
+    ds.to_zarr(tmp_path / "lut.zarr", zarr_format=3, consolidated=True)
+    lut = read_lut(str(tmp_path / "lut.zarr"))
+    assert lut.digest() == fitted.digest()
+    np.testing.assert_array_equal(blend(predictions, lut.lookup_table(), 32), blend(predictions, fitted.lookup_table(), 32))
 
 
 def test_format_2_refuses_bins_out_of_order_or_out_of_range():

@@ -85,6 +85,24 @@ def test_merge_refuses_different_layouts():
         stats.merge(stats.chunk_statistics(predictions, truth, 32), stats.chunk_statistics(predictions, truth, 16))
 
 
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), sizes=st.lists(st.integers(0, 400), min_size=2, max_size=6), n_words=st.integers(1, 3),
+       spread=st.sampled_from([3, 50, 2 ** 62]))
+def test_sorted_parts_sum_as_their_concatenation_does(seed, sizes, n_words, spread):
+    """Merging sorted runs of unique keys (with keys shared between parts, parts empty, one-word
+    keys and rows of words) gives `sum_by_key` of all the parts' keys and values together."""
+    rng = np.random.default_rng(seed)
+    keys, values = [], []
+    for size in sizes:
+        part = np.unique(rng.integers(0, spread, (size, n_words), dtype=np.int64), axis=0)
+        keys.append(part[:, 0] if n_words == 1 else part)
+        values.append(rng.integers(1, 1000, (len(part), 4), dtype=np.int64))
+    merged, sums = stats.sum_sorted_parts(keys, values)
+    expected, expected_sums = stats.sum_by_key(np.concatenate(keys), np.concatenate(values))
+    np.testing.assert_array_equal(merged, expected)
+    np.testing.assert_array_equal(sums, expected_sums)
+
+
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 1000), cuts=st.lists(st.integers(1, 299), min_size=1, max_size=5, unique=True))
 def test_fold_spans_partition_the_chunk(seed, cuts):

@@ -26,7 +26,7 @@ from .blend import HashedWeights, weights_with_fallback
 from .errors import InputError
 from .fit_status import FLAG_MEANINGS, FitStatus
 from .schema import CHANNEL_NAMES
-from .stats import ALL_MOMENTS, EM_MOMENTS, CellStatistics, group_starts, key_order, sorted_groups
+from .stats import ALL_MOMENTS, EM_MOMENTS, CellStatistics, group_starts, key_order
 
 SOLVERS = ("em", "lsq", "average", "zzpm")
 DEFAULT_SOLVER = "em"
@@ -409,14 +409,12 @@ def fit_lut(statistics: CellStatistics, models: list[str], device: str = "cpu", 
     if len(models) != n_models:
         raise ValueError(f"{len(models)} model names for statistics of {n_models} models")
     check_solver(solver)
-    words = statistics.cells // n_channels
-    words = words[:, None] if words.ndim == 1 else words
-    bin_words, row = sorted_groups(words)
+    bin_words, row = statistics.bins()
     channel = statistics.channels
     fallback = np.full((n_channels, n_models), 1.0 / n_models)
-    fallback_status, cell_status = FitStatus.EMPTY_FALLBACK, np.full(len(words), FitStatus.UNIFORM, np.int8)
+    fallback_status, cell_status = FitStatus.EMPTY_FALLBACK, np.full(len(row), FitStatus.UNIFORM, np.int8)
     if solver in ("average", "zzpm"):
-        fallback_status, cell_weights = FitStatus.UNIFORM, np.full((len(words), n_models), 1.0 / n_models)
+        fallback_status, cell_weights = FitStatus.UNIFORM, np.full((len(row), n_models), 1.0 / n_models)
     elif solver == "lsq":
         cell_weights, channel_ids, channel_weights = lsq.fit_lsq(statistics, shrinkage)
         fallback[channel_ids] = channel_weights

@@ -103,6 +103,39 @@ def test_sorted_parts_sum_as_their_concatenation_does(seed, sizes, n_words, spre
     np.testing.assert_array_equal(sums, expected_sums)
 
 
+@pytest.mark.parametrize("n_models, bin_width", [(3, 32), (5, 16), (16, 16)])
+def test_bins_of_the_cells_are_their_sorted_unique_words(n_models, bin_width):
+    """The bins merged from the channels' sorted runs are the sorted unique bin words of the cells
+    (one word, and the two words of K = 16 at w = 16), with each cell's row among them."""
+    rng = np.random.default_rng(n_models)
+    predictions = rng.integers(0, 256, (n_models, 3000, 3), dtype=np.uint8)
+    predictions[:, :1000, 1:] = predictions[:, :1000, :1]  # grey pixels: one bin in three channels
+    table = stats.chunk_statistics(predictions, rng.integers(0, 256, (3000, 3), dtype=np.uint8), bin_width, moments_kind="em")
+    words = table.cells // table.n_channels
+    expected, expected_row = stats.sorted_groups(words[:, None] if words.ndim == 1 else words)
+    bins, row = table.bins()
+    np.testing.assert_array_equal(bins, expected)
+    np.testing.assert_array_equal(row, expected_row)
+    assert len(bins) < len(table.cells)  # bins shared by channels: the merge joins them
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(0, 3000), n_slots=st.integers(1, 300), skew=st.booleans())
+def test_level_counts_by_slot_are_sum_by_key(seed, n, n_slots, skew):
+    """The counting sort of (slot, level) gives `sum_by_key` of slot * 256 + level with counts of
+    one, for cells of a few levels (sorted) and of many (counted in a table: `skew` puts most
+    pixel-channels in slot 0)."""
+    rng = np.random.default_rng(seed)
+    slots = rng.integers(0, n_slots, n, dtype=np.int64)
+    if skew:
+        slots[rng.random(n) < 0.7] = 0
+    levels = rng.integers(0, 256, n).astype(np.uint8)
+    keys, counts = stats._slot_level_counts(slots, levels, n_slots)
+    expected_keys, expected_counts = stats.sum_by_key(slots * 256 + levels, np.ones(n, np.int64))
+    np.testing.assert_array_equal(keys, expected_keys)
+    np.testing.assert_array_equal(counts, expected_counts)
+
+
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 1000), cuts=st.lists(st.integers(1, 299), min_size=1, max_size=5, unique=True))
 def test_fold_spans_partition_the_chunk(seed, cuts):

@@ -224,7 +224,7 @@ class Lut:
         """Read a LUT Dataset back (either format version), checking that it agrees with its attributes."""
         try:
             models, bin_width = ds.attrs["models"], ds.attrs["bin_width"]
-            weights = _values_of(ds, "weights", WEIGHT_DIMS, source)
+            weights = _weights_of(ds, "weights", WEIGHT_DIMS, source)
         except KeyError as missing:
             raise InputError(f"{source}: not an ensir-flow LUT (missing {missing})") from None
         if isinstance(models, str) or not all(isinstance(m, str) for m in models):
@@ -248,7 +248,7 @@ class Lut:
         sparse = {}
         if version != 1:
             digits = _values_of(ds, "bin_digits", ("bin", "model"), source) if "bin_digits" in ds.coords else None
-            fallback = _values_of(ds, "fallback_weights", ("channel", "model"), source) if "fallback_weights" in ds else None
+            fallback = _weights_of(ds, "fallback_weights", ("channel", "model"), source) if "fallback_weights" in ds else None
             if digits is None or fallback is None:
                 raise InputError(f"{source}: a format {version} LUT without {'bin_digits' if digits is None else 'fallback_weights'}")
             check_digits(digits, len(weights), len(models), bin_width, source)
@@ -357,6 +357,15 @@ def _values_of(ds: xr.Dataset, name: str, dims: tuple[str, ...], source: str) ->
     if set(ds[name].dims) != set(dims):
         raise InputError(f"{source}: {name} has dimensions {ds[name].dims}, expected {dims}")
     return ds[name].transpose(*dims).values
+
+
+def _weights_of(ds: xr.Dataset, name: str, dims: tuple[str, ...], source: str) -> np.ndarray:
+    """`_values_of` a variable of weights, refused unless floating point (booleans, integers or
+    strings are no LUT's weights, and `check_weights` could not even compare them)."""
+    values = _values_of(ds, name, dims, source)
+    if values.dtype.kind != "f":
+        raise InputError(f"{source}: {name} are of type {values.dtype}, not floating point; not a usable LUT")
+    return values
 
 
 def _is_integer(value) -> bool:

@@ -227,7 +227,8 @@ def exclusive_lock(path: str):
     conditional put (If-None-Match) on object stores whose fsspec driver supports it. A lock left
     by a killed process on this host is taken over when that process is gone, and so is a lock
     file with no owner in it older than UNWRITTEN_LOCK_SECONDS (its writer was killed between
-    creating it and writing it: a live one writes at once).
+    creating it and writing it: a live one writes at once). Takeovers happen one at a time
+    (`_takeover_guard`), so runs restarted together after a kill never both hold the lock.
     """
     fs, root = fsspec.core.url_to_fs(str(path))
     lock = _sibling(root, "lock")
@@ -235,23 +236,52 @@ def exclusive_lock(path: str):
     if parent:
         fs.makedirs(parent, exist_ok=True)
     owner = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    for attempt in range(2):
-        try:
-            with fs.open(lock, "xb") as file:
-                file.write(json.dumps(owner).encode())
-            break
-        except FileExistsError:
+    if not _create_lock(fs, lock, owner):
+        with _takeover_guard(fs, parent):
             holder = _read_lock(fs, lock)
             dead_here = holder.get("host") == owner["host"] and not _alive(holder.get("pid"))
-            if attempt == 0 and (dead_here or (not holder and _age(fs, lock) > UNWRITTEN_LOCK_SECONDS)):
-                fs.rm(lock)
-                continue
-            raise TransientError(f"{path}: in use by another run ({holder.get('host')} pid {holder.get('pid')} since "
-                             f"{holder.get('since')}); if that run is dead, remove {_as_location(fs, lock, path)}") from None
+            if dead_here or (not holder and _age(fs, lock) > UNWRITTEN_LOCK_SECONDS):
+                with contextlib.suppress(FileNotFoundError):
+                    fs.rm(lock)
+            if not _create_lock(fs, lock, owner):
+                holder = _read_lock(fs, lock)
+                raise TransientError(f"{path}: in use by another run ({holder.get('host')} pid {holder.get('pid')} since "
+                                     f"{holder.get('since')}); if that run is dead, remove {_as_location(fs, lock, path)}")
     try:
         yield
     finally:
-        fs.rm(lock)
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(lock)
+
+
+def _create_lock(fs, lock: str, owner: dict) -> bool:
+    """Create the lock file `lock` holding `owner`, if no file is there (exclusive create)."""
+    try:
+        with fs.open(lock, "xb") as file:
+            file.write(json.dumps(owner).encode())
+        return True
+    except FileExistsError:
+        return False
+
+
+@contextlib.contextmanager
+def _takeover_guard(fs, parent: str):
+    """Serialise the takeovers of locks in the local folder `parent` between processes (flock on
+    the folder, released by the kernel if the holder dies), so that two runs finding the same dead
+    holder cannot both remove the lock and each create its own: the second one finds the first's
+    lock, alive. On other file systems (object stores have no such lock) takeovers are not
+    serialised: two runs restarted at the same instant after a kill may both take over."""
+    if not isinstance(fs, LocalFileSystem):
+        yield
+        return
+    import fcntl
+
+    descriptor = os.open(parent or ".", os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
 
 
 UNWRITTEN_LOCK_SECONDS = 10.0

@@ -289,6 +289,17 @@ def test_lut_weights_within_tolerance_pass_and_beyond_are_refused():
         Lut.from_dataset(ds, source="mine.zarr")
 
 
+@pytest.mark.parametrize("name", ["weights", "fallback_weights"])
+@pytest.mark.parametrize("values", [lambda w: w > 0.3, lambda w: w.astype(str), lambda w: (w * 100).astype(np.int64)])
+def test_lut_weights_that_are_not_numbers_of_a_float_type_are_refused_in_one_line(name, values):
+    weights = np.full((2, 2, 3), 1 / 3, np.float32)
+    ds = Lut(["a", "b", "c"], 128, weights, np.zeros((2, 2)), np.zeros((2, 2), np.int8),
+             bin_digits=np.array([[0, 0, 0], [1, 1, 1]]), fallback=weights[0]).to_dataset()
+    ds[name] = ds[name].copy(data=values(ds[name].values))
+    with pytest.raises(InputError, match=rf"^theirs.zarr: {name} are of type .*, not floating point; not a usable LUT$"):
+        Lut.from_dataset(ds, source="theirs.zarr")
+
+
 def test_lut_weights_are_checked_block_by_block_and_the_first_bad_cell_named(monkeypatch):
     monkeypatch.setattr(lut_module, "CHECK_BLOCK_BINS", 3)
     weights = np.full((8, 2, 3), 1 / 3, np.float32)

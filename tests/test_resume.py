@@ -3,9 +3,11 @@
 import builtins
 import collections
 import hashlib
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -118,6 +120,42 @@ def test_an_empty_lock_left_by_a_killed_run_is_taken_over_once_old(fitted, invok
     os.utime(lock, (old, old))
     assert invoke("apply", fitted / "s.zarr", fitted / "lut.zarr", fitted / "out.zarr", "--no-progress").exit_code == 0
     assert not lock.exists()
+
+
+#: A run holding the lock of argv[1] for 0.3 s, from the instant argv[2]: prints when it held it, or "refused".
+LOCK_HOLDER = """
+import json, sys, time
+from ensir_flow.errors import TransientError
+from ensir_flow.pipelines.storage import exclusive_lock
+start = float(sys.argv[2])
+while time.time() < start:
+    pass
+try:
+    with exclusive_lock(sys.argv[1]):
+        held = time.time()
+        time.sleep(0.3)
+        print(json.dumps([held, time.time()]))
+except TransientError:
+    print("refused")
+"""
+
+
+def test_runs_finding_the_same_dead_holder_take_the_lock_over_one_at_a_time(tmp_path):
+    """Four runs restarted at the same instant after a kill all find the dead run's lock: one takes
+    it over, and no two ever hold it at once (each once removed the lock the other had just made),
+    nor does one fail on a lock already removed."""
+    target, lock = tmp_path / "out.zarr", tmp_path / ".out.zarr.lock"
+    for _ in range(5):
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "since": "earlier"}))
+        start = time.time() + 2.5  # once every interpreter has imported
+        runs = [subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(target), str(start)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for _ in range(4)]
+        outputs = [run.communicate() for run in runs]
+        assert all(run.returncode == 0 for run in runs), [error for _, error in outputs]
+        held = sorted(json.loads(out) for out, _ in outputs if out.strip() != "refused")
+        assert held and all(first[1] <= then[0] for first, then in zip(held, held[1:])), held
+        assert not lock.exists()
 
 
 def _digests(root: Path, ds: xr.Dataset) -> list[list[str]]:

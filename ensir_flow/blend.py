@@ -5,6 +5,7 @@ model order, as the paper's code does, so that outputs match it to the last bit 
 weights do.
 """
 
+import weakref
 from typing import NamedTuple
 
 import numba
@@ -64,15 +65,28 @@ class HashedWeights(NamedTuple):
         return (len(self.weights) - 1, *self.weights.shape[1:])
 
 
+#: The arrays `rows_with_spare_row` made, by id (held weakly): only into these does
+#: `weights_with_fallback` write a fallback row, never into an array a caller made.
+_WITH_SPARE_ROW: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def rows_with_spare_row(n_bins: int, n_channels: int, n_models: int) -> np.ndarray:
+    """An unfilled float32 array (n_bins + 1, C, K) for a LUT's weights in its leading rows (as
+    `storage.read_lut` reads them), whose last row `weights_with_fallback` fills with the fallback
+    instead of copying the weights."""
+    rows = np.empty((n_bins + 1, n_channels, n_models), np.float32)
+    _WITH_SPARE_ROW[id(rows)] = rows
+    return rows
+
+
 def weights_with_fallback(weights: np.ndarray, fallback: np.ndarray) -> np.ndarray:
     """The rows `HashedWeights` takes (m + 1, C, K) float32: the stored bins' `weights` (m, C, K),
-    then the `fallback` (C, K). Where `weights` are the leading rows of such an array with one row
-    to spare (as `storage.read_lut` reads them), the fallback is written into that row and the
-    array returned as it is; otherwise the rows are copied into a new one."""
+    then the `fallback` (C, K). Where `weights` are the leading rows of an array of
+    `rows_with_spare_row`, the fallback is written into its last row and that array returned;
+    otherwise the rows are copied into a new one."""
     owner = weights.base
-    if (isinstance(owner, np.ndarray) and owner.dtype == np.float32 and owner.flags.c_contiguous
-            and owner.shape == (len(weights) + 1, *weights.shape[1:]) and weights.dtype == np.float32
-            and weights.flags.c_contiguous and weights.ctypes.data == owner.ctypes.data):
+    if (owner is not None and _WITH_SPARE_ROW.get(id(owner)) is owner and owner.shape == (len(weights) + 1, *weights.shape[1:])
+            and weights.dtype == np.float32 and weights.flags.c_contiguous and weights.ctypes.data == owner.ctypes.data):
         owner[-1] = fallback
         return owner
     return np.concatenate([np.asarray(weights, dtype=np.float32), np.asarray(fallback, dtype=np.float32)[None]])

@@ -436,16 +436,20 @@ def _has_consolidated_metadata(fs, root: str) -> bool:
 def read_lut(path: str) -> Lut:
     """Read a LUT store fully and check it. Its weights (bin, channel, model), nearly all of a
     many-model LUT, are read straight into the leading rows of an array with one spare row, where
-    `lut.weights_with_fallback` puts the fallback for apply's lookup table instead of copying them
-    (at K = 16, w = 16 on 10 Mpx: 505 MB). Weights stored with a scale or offset (not written by
-    ensir-flow) are decoded by xarray and copied."""
+    `blend.weights_with_fallback` puts the fallback for apply's lookup table instead of copying
+    them (at K = 16, w = 16 on 10 Mpx: 505 MB). Weights stored with a scale, an offset or a fill
+    value other than NaN (not written by ensir-flow) are decoded by xarray instead."""
+    from ensir_flow.blend import rows_with_spare_row
     from ensir_flow.lut import WEIGHT_DIMS, Lut
 
     ds = open_store(path, in_memory=True, read_later=("weights",))
     if "weights" in ds:
         variable = ds["weights"].variable
-        if variable.dims == WEIGHT_DIMS and variable.dtype == np.float32 and not {"scale_factor", "add_offset"} & set(variable.encoding):
-            rows = np.empty((variable.shape[0] + 1, *variable.shape[1:]), np.float32)
+        fill = variable.encoding.get("_FillValue")
+        if (variable.dims == WEIGHT_DIMS and variable.dtype == np.float32
+                and (fill is None or (isinstance(fill, (float, np.floating)) and np.isnan(fill)))
+                and not {"scale_factor", "add_offset"} & set(variable.encoding)):
+            rows = rows_with_spare_row(*variable.shape)
             try:
                 zarr.open_array(store=str(path), path="weights", mode="r").get_basic_selection(
                     ..., out=default_buffer_prototype().nd_buffer.from_numpy_array(rows[:-1]))

@@ -233,6 +233,9 @@ def test_a_read_lut_gives_its_weights_to_the_lookup_table_without_a_copy(tmp_pat
     np.testing.assert_array_equal(blend(predictions, table, 32), blend(predictions, fitted.lookup_table(), 32))
     np.testing.assert_array_equal(blend(predictions, table, 32), per_pixel_reference(predictions, fitted))
     assert not np.shares_memory(fitted.lookup_table().weights, fitted.bin_weights)  # a LUT made in memory: copied
+    mine = np.ones((len(fitted.bin_weights) + 1, *fitted.bin_weights.shape[1:]), np.float32)
+    mine[:-1] = fitted.bin_weights
+    assert not np.shares_memory(weights_with_fallback(mine[:-1], fitted.fallback), mine) and (mine[-1] == 1).all()  # not mine
 
 
 def test_weights_stored_in_another_dimension_order_read_to_the_same_lut(tmp_path):

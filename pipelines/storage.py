@@ -269,19 +269,25 @@ def _takeover_guard(fs, parent: str):
     """Serialise the takeovers of locks in the local folder `parent` between processes (flock on
     the folder, released by the kernel if the holder dies), so that two runs finding the same dead
     holder cannot both remove the lock and each create its own: the second one finds the first's
-    lock, alive. On other file systems (object stores have no such lock) takeovers are not
-    serialised: two runs restarted at the same instant after a kill may both take over."""
-    if not isinstance(fs, LocalFileSystem):
-        yield
-        return
+    lock, alive. On other file systems (object stores have no such lock), or where the folder
+    cannot be locked (a network file system without flock), takeovers are not serialised: two runs
+    restarted at the same instant after a kill may both take over."""
     import fcntl
 
-    descriptor = os.open(parent or ".", os.O_RDONLY)
+    descriptor = None
+    if isinstance(fs, LocalFileSystem):
+        try:
+            descriptor = os.open(parent or ".", os.O_RDONLY)
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        except OSError:
+            if descriptor is not None:
+                os.close(descriptor)
+            descriptor = None
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(descriptor)
+        if descriptor is not None:
+            os.close(descriptor)
 
 
 UNWRITTEN_LOCK_SECONDS = 10.0

@@ -158,6 +158,22 @@ def test_runs_finding_the_same_dead_holder_take_the_lock_over_one_at_a_time(tmp_
         assert not lock.exists()
 
 
+def test_a_dead_holder_is_taken_over_where_the_folder_cannot_be_locked(tmp_path, monkeypatch):
+    """A network file system without flock (ENOLCK): the takeover goes ahead unserialised."""
+    import errno
+    import fcntl
+
+    def no_flock(*_):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    (tmp_path / ".out.zarr.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout)}))
+    with exclusive_lock(str(tmp_path / "out.zarr")):
+        assert json.loads((tmp_path / ".out.zarr.lock").read_text())["pid"] == os.getpid()
+    assert not (tmp_path / ".out.zarr.lock").exists()
+
+
 def _digests(root: Path, ds: xr.Dataset) -> list[list[str]]:
     """The SHA-256 of each source file of `ds` as found under `root` now, in `source_sha256`'s layout."""
     return [[hashlib.sha256((root / str(source) / str(name)).read_bytes()).hexdigest() for name in names]

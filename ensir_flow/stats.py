@@ -348,20 +348,10 @@ def find_rows(sorted_keys: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     return row_of_run[run_of[len(sorted_keys):]]
 
 
-def sum_by_key(keys: np.ndarray, values: np.ndarray, key_space: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def sum_by_key(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sorted unique keys (1-D, or rows of 2-D key words) and the sum of `values` rows sharing each
-    key (exact in integers).
-
-    1-D keys below a known `key_space` small enough for a dense table are summed in place;
-    otherwise they are grouped by hashing (`sorted_groups`). Rows that sum to all zeros are
-    dropped in the dense case (statistics never hold such rows: every stored cell and level has a
-    non-zero count).
-    """
-    if keys.ndim == 1 and key_space is not None and key_space * (values[0].size if len(values) else 1) <= DENSE_HISTOGRAM_LIMIT:
-        dense = np.zeros((key_space, *values.shape[1:]), dtype=values.dtype)
-        _scatter_add(keys, values, dense)
-        present = np.flatnonzero(dense.reshape(key_space, -1).any(axis=1))
-        return present.astype(np.int64), dense[present]
+    key (exact in integers), the keys grouped by hashing (`sorted_groups`). Keys already in sorted
+    runs (statistics being merged) take `sum_sorted_parts`."""
     unique, row = sorted_groups(keys)
     sums = np.zeros((len(unique), *values.shape[1:]), dtype=values.dtype)
     _scatter_add(row, values, sums)

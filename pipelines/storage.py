@@ -272,10 +272,10 @@ def _takeover_guard(fs, parent: str):
     lock, alive. On other file systems (object stores have no such lock), or where the folder
     cannot be locked (a network file system without flock), takeovers are not serialised: two runs
     restarted at the same instant after a kill may both take over."""
-    import fcntl
-
     descriptor = None
     if isinstance(fs, LocalFileSystem):
+        import fcntl  # here: a POSIX module, needed only for local folders
+
         try:
             descriptor = os.open(parent or ".", os.O_RDONLY)
             fcntl.flock(descriptor, fcntl.LOCK_EX)

@@ -16,7 +16,7 @@ from ensir_flow.devices import DEVICES
 from ensir_flow.errors import InputError, TransientError
 from ensir_flow.models import VALUE_RANGES
 from ensir_flow.images import DEFAULT_PNG_COMPRESSION
-from ensir_flow.lut import DEFAULT_SOLVER, SOLVERS
+from ensir_flow.lut import DEFAULT_PASS_MEMORY_MIB, DEFAULT_SOLVER, SOLVERS
 from ensir_flow.pipelines.executor import (DASHBOARD_ADDRESS_ENV, DEFAULT_DASHBOARD_ADDRESS, DEFAULT_WORKER_TIMEOUT,
                                            SCHEDULER_ENV, WORKER_TIMEOUT_ENV, quiet_libraries)
 
@@ -322,12 +322,15 @@ def predict(source_dir, store, model_specs, device, tile, overlap, batch, scale,
 @click.option("--shrinkage", default="auto", show_default=True, metavar="auto|STRENGTH",
               help="lsq only: pseudo-pixels pulling sparse cells towards the channel-wide solution; "
                    "auto chooses it by cross-validation over the reference images.")
+@click.option("--pass-memory", type=click.IntRange(1), default=DEFAULT_PASS_MEMORY_MIB, show_default=True, metavar="MIB",
+              help="Statistics one pass may gather, in MiB: where they would exceed it (many models, large reference "
+                   "sets), the set is read once per range of cells, so memory stays near twice this. Same LUT either way.")
 @device_option
 @run_options()
-def fit(store, lut, bin_width, solver, shrinkage, device, scheduler, worker_timeout, no_progress, dry_run, overwrite):
+def fit(store, lut, bin_width, solver, shrinkage, pass_memory, device, scheduler, worker_timeout, no_progress, dry_run, overwrite):
     """Fit an EnsIR LUT on the reference STORE (with ground truth) and write it to LUT."""
     result = api.fit(store, lut, bin_width=bin_width, solver=solver, shrinkage=shrinkage, device=device, overwrite=overwrite,
-                     **_run_options(scheduler, worker_timeout, no_progress, dry_run))
+                     pass_memory_mib=pass_memory, **_run_options(scheduler, worker_timeout, no_progress, dry_run))
     _finish(result, lambda r: f"wrote {lut}: {r.bins:,} bins x {r.channels} channels, {r.filled_cells:,} cells with reference pixels")
 
 

@@ -39,7 +39,7 @@ from . import schema
 from .binning import DEFAULT_BIN_WIDTH
 from .errors import InputError
 from .images import DEFAULT_PNG_COMPRESSION
-from .lut import DEFAULT_SOLVER, check_solver
+from .lut import DEFAULT_PASS_MEMORY_MIB, DEFAULT_SOLVER, check_solver
 
 if TYPE_CHECKING:  # each command imports what it uses: evaluate, for one, needs no xarray
     import xarray as xr
@@ -463,14 +463,19 @@ def _shrinkage_strength(shrinkage) -> float | None:
 
 
 def fit(store, lut, *, bin_width: int = DEFAULT_BIN_WIDTH, solver: str = DEFAULT_SOLVER, shrinkage: str | float = "auto",
-        device: str = "auto", overwrite: bool = False, **run: Unpack[RunOptions]) -> Fitted:
+        device: str = "auto", overwrite: bool = False, pass_memory_mib: int = DEFAULT_PASS_MEMORY_MIB,
+        **run: Unpack[RunOptions]) -> Fitted:
     """Fit an EnsIR LUT on the reference store `store` (with ground truth) and write it to `lut`
     (`ensir-flow fit`): `solver` 'em' (the paper's), 'lsq', 'average' or 'zzpm'; `shrinkage` for
-    lsq ('auto': by cross-validation); `device` 'auto', 'cpu' or 'cuda'."""
+    lsq ('auto': by cross-validation); `device` 'auto', 'cpu' or 'cuda'; statistics that would
+    exceed `pass_memory_mib` MiB are gathered in passes over ranges of cells (the same LUT)."""
     from .pipelines.fit import plan_fit
 
     strength = _shrinkage_strength(shrinkage)
-    outcome = run_plan(lambda: plan_fit(str(store), str(lut), bin_width, solver, device, overwrite, strength), (store, lut), run)
+    if isinstance(pass_memory_mib, bool) or not isinstance(pass_memory_mib, int) or pass_memory_mib < 1:
+        raise UsageError(f"{pass_memory_mib!r} is not a positive number of MiB", option="--pass-memory")
+    outcome = run_plan(lambda: plan_fit(str(store), str(lut), bin_width, solver, device, overwrite, strength,
+                                        pass_memory_mib << 20), (store, lut), run)
     if outcome.plan is not None:
         return Fitted(command="fit", status="planned", outputs=_written([lut]), plan=outcome.plan)
     table = outcome.value

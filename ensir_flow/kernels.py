@@ -219,18 +219,6 @@ def add_moments(predictions, truth, pixel, channel, row, n_models):
             col += 1
 
 
-@numba.njit(nogil=True, cache=True)
-def accumulate_dense(predictions, truth, places, moments, histogram):
-    """One fused pass: moments per cell and the y histogram per cell, into dense tables
-    (`places` from `place_tables`: its length, K, is known when compiling, so loops unroll)."""
-    n_pixels, n_channels = predictions.shape[1], predictions.shape[2]
-    for p in range(n_pixels):
-        for c in range(n_channels):
-            cell = flat_bin(predictions, p, c, places) * n_channels + c
-            histogram[cell * 256 + truth[p, c]] += 1
-            add_moments(predictions, truth, p, c, moments[cell], len(places))
-
-
 @numba.njit(inline="always")
 def add_em_moments(predictions, pixel, channel, row, n_models):
     """Add one pixel-channel's n, x_k, x_k^2, x_k s and s^2 (s = sum_k x_k) to the moments `row`
@@ -245,6 +233,22 @@ def add_em_moments(predictions, pixel, channel, row, n_models):
         row[1 + n_models + k] += xk * xk
         row[1 + 2 * n_models + k] += xk * total
     row[1 + 3 * n_models] += total * total
+
+
+@numba.njit(nogil=True, cache=True)
+def accumulate_dense(predictions, truth, places, moments, histogram, em_only):
+    """One fused pass: moments per cell (all of them, or with `em_only` those EM uses, as
+    `accumulate_moments`) and the y histogram per cell, into dense tables (`places` from
+    `place_tables`: its length, K, is known when compiling, so loops unroll)."""
+    n_pixels, n_channels = predictions.shape[1], predictions.shape[2]
+    for p in range(n_pixels):
+        for c in range(n_channels):
+            cell = flat_bin(predictions, p, c, places) * n_channels + c
+            histogram[cell * 256 + truth[p, c]] += 1
+            if em_only:
+                add_em_moments(predictions, p, c, moments[cell], len(places))
+            else:
+                add_moments(predictions, truth, p, c, moments[cell], len(places))
 
 
 @numba.njit(nogil=True, cache=True)

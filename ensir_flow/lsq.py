@@ -135,12 +135,16 @@ def _active_set_batch(a, b, out):
         out[cell] = np.maximum(w, 0.0)
 
 
-def fit_lsq(statistics: CellStatistics, shrinkage: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def fit_lsq(statistics: CellStatistics, shrinkage: float,
+            channels: CellStatistics | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Weights (m, K) of every non-empty cell, plus per-channel weights (C, K) for empty cells.
 
+    `channels`: the statistics of each whole channel (`CellStatistics.per_channel`), the default
+    those of `statistics`; given when `statistics` hold one range of cells of a larger set (a fit
+    in passes), whose channel-wide solution is that of all its pixels.
     Returns (cell_weights, channel_ids, channel_weights).
     """
-    channels = statistics.per_channel()
+    channels = statistics.per_channel() if channels is None else channels
     channel_ids = channels.cells
     channel_weights = simplex_least_squares(channels.cross_products().astype(np.float64), channels.sums_xy.astype(np.float64))
     row_of_channel = np.full(statistics.n_channels, -1)
@@ -173,15 +177,26 @@ def lookup(cells_with_weights: np.ndarray, weights: np.ndarray, wanted: np.ndarr
 
 def choose_shrinkage(folds: list[CellStatistics], grid=SHRINKAGE_GRID) -> tuple[float, dict[float, float]]:
     """The grid value with the lowest held-out squared error over `folds`, and every value's error."""
+    errors = held_out_errors(folds, grid)
+    return min(errors, key=errors.get), errors
+
+
+def held_out_errors(folds: list[CellStatistics], grid=SHRINKAGE_GRID,
+                    channel_folds: list[CellStatistics] | None = None) -> dict[float, float]:
+    """Each grid value's squared error over `folds`, each fold scored by the weights fitted on the
+    others. `channel_folds`: each fold's `per_channel` statistics, given when `folds` hold one range
+    of cells of a larger set (a fit in passes): each training's channel-wide solution is then that
+    of all its pixels, and the errors of the ranges add up to those of the whole set."""
     errors = {}
     for strength in grid:
         total = 0.0
         for held_out in range(len(folds)):
             training = merge(*[f for i, f in enumerate(folds) if i != held_out])
-            weights, channel_ids, channel_weights = fit_lsq(training, strength)
+            channels = None if channel_folds is None else merge(*[f for i, f in enumerate(channel_folds) if i != held_out])
+            weights, channel_ids, channel_weights = fit_lsq(training, strength, channels)
             fallback = np.full((training.n_channels, training.n_models), 1.0 / training.n_models)
             fallback[channel_ids] = channel_weights
             test = folds[held_out]
             total += squared_error(test, lookup(training.cells, weights, test.cells, fallback, training.n_channels))
         errors[strength] = total
-    return min(errors, key=errors.get), errors
+    return errors

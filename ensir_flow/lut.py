@@ -30,6 +30,10 @@ from .stats import ALL_MOMENTS, EM_MOMENTS, CellStatistics, group_starts, key_or
 
 SOLVERS = ("em", "lsq", "average", "zzpm")
 DEFAULT_SOLVER = "em"
+#: MiB of statistics one pass of `fit` gathers at most (estimated), by default; beyond, it reads the
+#: reference set once per range of cells (`pipelines.fit`). Its peak is then about twice this plus
+#: the chunks being read: 1.27 GiB for K = 16 at bin width 16 on 10 Mpx.
+DEFAULT_PASS_MEMORY_MIB = 192
 #: The statistics each solver fits from: least squares needs the cross products and sum x_k y;
 #: EM only n, sum x_k, sum x_k^2 and the squared deviations (`stats.EM_MOMENTS`); the others
 #: fit nothing but counts.
@@ -405,7 +409,7 @@ def _edges_of(flat_bin: int, n_models: int, bin_width: int) -> tuple:
 
 
 def fit_lut(statistics: CellStatistics, models: list[str], device: str = "cpu", solver: str = DEFAULT_SOLVER,
-            shrinkage: float = 0.0) -> Lut:
+            shrinkage: float = 0.0, channels: CellStatistics | None = None) -> Lut:
     """Fit a LUT from merged statistics with `solver`; empty cells follow `EMPTY_POLICY`.
 
     em: the paper's EM (weights per cell; `device` is where it runs). lsq: least squares on the
@@ -413,6 +417,10 @@ def fit_lut(statistics: CellStatistics, models: list[str], device: str = "cpu", 
     zzpm: the paper's per-image baseline; it has nothing to fit, so the table stays uniform and
     `apply` computes each image's weights from its own predictions. Only the bins holding
     reference pixels are stored; every other cell takes its channel's fallback weights.
+
+    `channels`: the statistics of each whole channel, from which the fallback is fitted (the
+    default: `statistics.per_channel()`); given when `statistics` hold one range of cells of a
+    larger set, so that the LUT of each range is the run of the whole set's LUT that holds its bins.
     """
     n_models, n_channels = statistics.n_models, statistics.n_channels
     if len(models) != n_models:
@@ -425,11 +433,11 @@ def fit_lut(statistics: CellStatistics, models: list[str], device: str = "cpu", 
     if solver in ("average", "zzpm"):
         fallback_status, cell_weights = FitStatus.UNIFORM, np.full((len(row), n_models), 1.0 / n_models)
     elif solver == "lsq":
-        cell_weights, channel_ids, channel_weights = lsq.fit_lsq(statistics, shrinkage)
+        cell_weights, channel_ids, channel_weights = lsq.fit_lsq(statistics, shrinkage, channels)
         fallback[channel_ids] = channel_weights
         cell_status[:] = FitStatus.LEAST_SQUARES
     else:
-        channel_stats = statistics.per_channel()
+        channel_stats = statistics.per_channel() if channels is None else channels
         if len(channel_stats.cells):
             fallback[channel_stats.cells] = em.fit_em(channel_stats, device)[0]
         cell_weights, cell_status = em.fit_em(statistics, device)

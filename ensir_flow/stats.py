@@ -77,6 +77,11 @@ class CellStatistics:
         return bin_count(self.n_models, self.bin_width) * self.n_channels
 
     @property
+    def nbytes(self) -> int:
+        """Bytes of the arrays."""
+        return self.cells.nbytes + self.moments.nbytes + self.hist_keys.nbytes + self.hist_counts.nbytes
+
+    @property
     def n_pixels(self) -> int:
         """Number of pixel-channels the statistics describe."""
         return int(self.moments[:, 0].sum())
@@ -406,14 +411,15 @@ def merge(*parts: CellStatistics) -> CellStatistics:
 
 def fold_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bin_width: int,
                     spans: list[tuple[int, int, int]], n_folds: int, device: str = "cpu",
-                    moments_kind: str = ALL_MOMENTS) -> list[CellStatistics]:
+                    moments_kind: str = ALL_MOMENTS, first_bins: tuple[int, int] | None = None) -> list[CellStatistics]:
     """Statistics per fold of one chunk whose pixels are split into (start, stop, fold) spans
-    (used to keep cross-validation folds of images apart in the same single pass)."""
+    (used to keep cross-validation folds of images apart in the same single pass); `first_bins`
+    as `chunk_statistics`'s."""
     n_models, _, n_channels = predictions.shape
     parts: list[list[CellStatistics]] = [[] for _ in range(n_folds)]
     for start, stop, fold in spans:
         parts[fold].append(chunk_statistics(predictions[:, start:stop], ground_truth[start:stop], bin_width, device,
-                                            moments_kind))
+                                            moments_kind, first_bins))
     return [merge(*p) if p else empty_statistics(n_models, n_channels, bin_width, moments_kind) for p in parts]
 
 
@@ -423,7 +429,7 @@ def merge_folds(*per_fold: list[CellStatistics]) -> list[CellStatistics]:
 
 
 def chunk_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bin_width: int, device: str = "cpu",
-                     moments_kind: str = ALL_MOMENTS) -> CellStatistics:
+                     moments_kind: str = ALL_MOMENTS, first_bins: tuple[int, int] | None = None) -> CellStatistics:
     """Statistics of one chunk, with moments of `moments_kind`: predictions uint8 (K, P, C),
     ground truth uint8 (P, C).
 
@@ -431,32 +437,70 @@ def chunk_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bin_widt
     common case: one fused pass), else groups the chunk's cell ids by hashing, so memory stays
     bounded by the chunk size either way. Other devices ('auto' resolved per worker, 'cuda') use
     torch; the integer results are identical. Keys of several words (many models) are gathered on
-    the CPU. The dense and torch paths gather all moments and derive EM's from them (few cells).
+    the CPU. The torch path gathers all moments and derives EM's from them.
+
+    With `first_bins` (lo, hi), only the pixel-channels whose cell's `first_bin_of_keys` b lies
+    in lo <= b < hi are counted: the statistics of one range of cells, for a fit made in several passes
+    (`pipelines.fit`); they are gathered on the CPU.
     """
     if moments_kind not in MOMENT_KINDS:
         raise ValueError(f"moments kind {moments_kind!r} is not one of {MOMENT_KINDS}")
     device = resolve_device(device)
-    if device != "cpu" and len(model_groups(predictions.shape[0], bin_width)) == 1:
+    wide = len(model_groups(predictions.shape[0], bin_width)) > 1
+    if device != "cpu" and not wide and first_bins is None:
         return _of_kind(chunk_statistics_torch(predictions, ground_truth, bin_width, device), moments_kind)
     predictions = np.ascontiguousarray(predictions, dtype=np.uint8)
     ground_truth = np.ascontiguousarray(ground_truth, dtype=np.uint8)
     n_models, n_pixels, n_channels = predictions.shape
     if ground_truth.shape != (n_pixels, n_channels):
         raise ValueError(f"ground truth shape {ground_truth.shape} does not match predictions {predictions.shape}")
-    if len(model_groups(n_models, bin_width)) > 1:
-        return _wide_chunk_statistics(predictions, ground_truth, bin_width, moments_kind)
-    places = place_tables(n_models, bin_width)
+    places = group_place_tables(n_models, bin_width) if wide else place_tables(n_models, bin_width)
     n_cells = bin_count(n_models, bin_width) * n_channels
-    if n_cells * LEVELS <= DENSE_HISTOGRAM_LIMIT:
-        moments = np.zeros((n_cells, moment_columns(n_models)), dtype=np.int64)
+    if not wide and first_bins is None and n_cells * LEVELS <= DENSE_HISTOGRAM_LIMIT:
+        moments = np.zeros((n_cells, moment_columns(n_models, moments_kind)), dtype=np.int64)
         histogram = np.zeros(n_cells * LEVELS, dtype=np.int64)
-        accumulate_dense(predictions, ground_truth, places, moments, histogram)
+        accumulate_dense(predictions, ground_truth, places, moments, histogram, moments_kind == EM_MOMENTS)
         cells = np.flatnonzero(moments[:, 0])
         hist_keys = np.flatnonzero(histogram)
-        return _of_kind(CellStatistics(n_models, n_channels, bin_width, cells, moments[cells], hist_keys, histogram[hist_keys]),
-                        moments_kind)
-    return _grouped_chunk_statistics(predictions, ground_truth, bin_width, cell_indices(predictions, places), places,
-                                     moments_kind)
+        return CellStatistics(n_models, n_channels, bin_width, cells, moments[cells], hist_keys, histogram[hist_keys],
+                              moments_kind)
+    if first_bins is None:
+        keys = cell_keys(predictions, bin_width)
+    else:  # the range's pixel-channels alone, as one channel of that many pixels, their keys made for them alone
+        start, stop = model_groups(n_models, bin_width)[0]
+        first_bin = cell_indices(predictions[start:stop], place_tables(stop - start, bin_width)) // n_channels
+        kept = np.flatnonzero((first_bin >= first_bins[0]) & (first_bin < first_bins[1]))
+        del first_bin
+        predictions = predictions.reshape(n_models, -1)[:, kept][:, :, None]
+        ground_truth = ground_truth.reshape(-1)[kept][:, None]
+        bins, channel = cell_keys(predictions, bin_width), kept % n_channels  # with one channel, a key is its bin
+        keys = bins * n_channels + (channel if bins.ndim == 1 else channel[:, None])
+    return _grouped_chunk_statistics(predictions, ground_truth, bin_width, keys, places, moments_kind, n_channels)
+
+
+def cell_keys(predictions: np.ndarray, bin_width: int) -> np.ndarray:
+    """The cell key of every pixel-channel of predictions (K, P, C), pixel-major: b * C + c (P * C,),
+    or where the flat bin needs several words (many models), one word per group of models (P * C, W),
+    word g being the cell index of group g's models alone (module docstring)."""
+    n_models = predictions.shape[0]
+    groups = model_groups(n_models, bin_width)
+    if len(groups) == 1:
+        return cell_indices(predictions, place_tables(n_models, bin_width))
+    return np.column_stack([cell_indices(predictions[start:stop], place_tables(stop - start, bin_width)) for start, stop in groups])
+
+
+def first_bin_of_keys(keys: np.ndarray, n_channels: int) -> np.ndarray:
+    """The bin of the first key word of each cell key (1-D, or rows of words): word // C, the flat
+    bin of the first group of models. Keys sorted by row are sorted by it, so a range of it is a
+    run of sorted cells, and a run of a LUT's sorted bins."""
+    return (keys if keys.ndim == 1 else keys[:, 0]) // n_channels
+
+
+def cell_first_bins(predictions: np.ndarray, bin_width: int) -> np.ndarray:
+    """The `first_bin_of_keys` of each distinct cell of a chunk of predictions (K, P, C), sorted:
+    how its cells spread over the ranges that `chunk_statistics(first_bins=...)` selects (used to
+    cut a large fit into passes of about as many cells each)."""
+    return first_bin_of_keys(sorted_groups(cell_keys(predictions, bin_width))[0], predictions.shape[2])
 
 
 def _of_kind(statistics: CellStatistics, moments_kind: str) -> CellStatistics:
@@ -467,10 +511,11 @@ def _of_kind(statistics: CellStatistics, moments_kind: str) -> CellStatistics:
 
 
 def _grouped_chunk_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bin_width: int, keys: np.ndarray,
-                              places: tuple, moments_kind: str) -> CellStatistics:
-    """`chunk_statistics` of pixel-channels whose cells are `keys` (1-D, or rows of key words):
-    grouped by hashing, then one pass adding each pixel-channel's moments to its cell's row."""
-    n_models, _, n_channels = predictions.shape
+                              places: tuple, moments_kind: str, n_channels: int) -> CellStatistics:
+    """`chunk_statistics` of pixel-channels whose cells are `keys` (1-D, or rows of key words) in
+    `n_channels` channels: grouped by hashing, then one pass adding each pixel-channel's moments to
+    its cell's row."""
+    n_models = predictions.shape[0]
     cells, slots = sorted_groups(keys)
     moments = np.zeros((len(cells), moment_columns(n_models, moments_kind)), dtype=np.int64)
     accumulate_moments(predictions, ground_truth, slots, moments, places, moments_kind == EM_MOMENTS)
@@ -544,16 +589,6 @@ def _slot_level_counts(slots, levels, n_slots):
                 keys[n], counts[n] = s * LEVELS + by_slot[e], 1
                 n += 1
     return keys[:n].copy(), counts[:n].copy()
-
-
-def _wide_chunk_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bin_width: int, moments_kind: str) -> CellStatistics:
-    """`chunk_statistics` where the flat bin needs several key words (many models): each word is the
-    cell index of its group of models alone, and cells are the chunk's unique rows of words."""
-    n_models = predictions.shape[0]
-    words = np.column_stack([cell_indices(predictions[start:stop], place_tables(stop - start, bin_width))
-                             for start, stop in model_groups(n_models, bin_width)])
-    return _grouped_chunk_statistics(predictions, ground_truth, bin_width, words, group_place_tables(n_models, bin_width),
-                                     moments_kind)
 
 
 def chunk_statistics_torch(predictions: np.ndarray, ground_truth: np.ndarray, bin_width: int, device: str) -> CellStatistics:

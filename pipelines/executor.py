@@ -17,6 +17,7 @@ when the exception leaves `compute` (so the caller can remove what the tasks wer
 """
 
 import contextlib
+import ctypes
 import json
 import logging
 import sys
@@ -108,6 +109,17 @@ def _quiet_libraries_plugin():
             quiet_libraries()
 
     return QuietLibraries()
+
+
+def release_freed_memory() -> None:
+    """Give back to the system the memory this process freed but its C library kept (glibc's
+    `malloc_trim`; elsewhere nothing is done). A fit in passes frees one pass's statistics before
+    the next: glibc's arenas kept them, and the resident memory crept from 0.5 to 0.9 GB over
+    14 passes. (distributed trims its workers' memory by itself.)"""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def threaded_compute(*collections, label: str = "") -> tuple:

@@ -1,84 +1,212 @@
-"""Fit: one pass of per-chunk statistics, a tree reduction, then a solver on the reduced table."""
+"""Fit: one pass of per-chunk statistics, a tree reduction, then a solver on the reduced table.
+
+Where the statistics would not fit a worker's memory (many models: K = 16 at bin width 16 has
+millions of cells on a 10-Mpx reference set), the cells are cut into ranges and the set is read
+once per range (`CellRanges`, `fit_in_passes`): each pass gathers, merges and fits only its range's cells, and
+writes its run of the LUT's bins to disk, so that neither the statistics nor the LUT are ever
+whole in memory. Cells are independent in every solver, so the LUT is the one a single pass
+makes, bit for bit (tested).
+"""
+
+import tempfile
 
 import dask
+import numpy as np
 
 import ensir_flow
 from ensir_flow import schema
-from ensir_flow.binning import DEFAULT_BIN_WIDTH, bin_count
+from ensir_flow.binning import DEFAULT_BIN_WIDTH, LEVELS, bin_count, key_words
 from ensir_flow.devices import resolve_device
-from ensir_flow.lsq import SHRINKAGE_GRID, choose_shrinkage
-from ensir_flow.lut import DEFAULT_SOLVER, check_solver, fit_lut, moments_for
-from ensir_flow.stats import ALL_MOMENTS, fold_statistics, merge, merge_folds
+from ensir_flow.lsq import SHRINKAGE_GRID, held_out_errors
+from ensir_flow.lut import DEFAULT_PASS_MEMORY_MIB, DEFAULT_SOLVER, Lut, check_solver, fit_lut, moments_for
+from ensir_flow.stats import ALL_MOMENTS, CellStatistics, cell_first_bins, fold_statistics, merge, merge_folds, moment_columns
 
 from .chunks import (MERGE_FAN_IN, Span, chunk_ranges, chunk_spans, image_folds, pixel_array, pixel_chunk_lengths, read_pixels,
                      task_argument, tree_reduce)
+from .executor import release_freed_memory
 from .plan import Plan
 from .storage import open_store_index, refuse_existing, staged_output, write_lut
 
 SHRINKAGE_FOLDS = 5
 #: Used by lsq when there is a single reference image, so nothing to hold out.
 DEFAULT_SHRINKAGE = 1e3
+#: Bytes of statistics one pass of `fit` may gather (estimated: `statistics_bytes`). A reference set
+#: whose statistics would exceed it is fitted in several passes, one range of cells each. At the
+#: peak a pass holds its chunks' statistics and their merge, about twice this, besides the pixels
+#: of the chunks being read.
+PASS_BYTES = DEFAULT_PASS_MEMORY_MIB << 20
+#: The end of the last range of cells: above every first key word's bin.
+END_OF_BINS = np.iinfo(np.int64).max
+#: Statistics in passes size their ranges on a sample of the cells: those of every this many pixels.
+SAMPLE_STRIDE = 8
 
 
-def _chunk_statistics(predictions, truth, start: int, stop: int, bin_width: int, spans: list[Span], n_folds: int,
-                      device: str, moments_kind: str) -> list:
-    """One task: read a chunk of the arrays of predictions and ground truth, return its statistics per fold."""
+def _chunk_statistics(predictions, truth, start: int, stop: int, spans: list[Span], n_folds: int, bin_width: int,
+                      device: str, moments_kind: str, first_bins: tuple[int, int] | None) -> list:
+    """One task: read a chunk of the arrays of predictions and ground truth, return its statistics
+    per fold (of the cells in the range `first_bins` alone, when given)."""
     return fold_statistics(read_pixels(predictions, start, stop), read_pixels(truth, start, stop), bin_width, spans,
-                           n_folds, device, moments_kind)
+                           n_folds, device, moments_kind, first_bins)
 
 
-def statistics_graph(store: str, ds, bin_width: int, device: str = "cpu", n_folds: int = 1, moments_kind: str = ALL_MOMENTS):
-    """Delayed list of merged CellStatistics (moments of `moments_kind`), one per fold of images,
-    of the store `store` (opened as `ds` by `open_store` or `open_store_index`, with ground truth):
-    one task per chunk, then a tree of merges."""
+def _channel_statistics_and_sample(predictions, truth, start: int, stop: int, spans: list[Span], n_folds: int, bin_width: int,
+                                   device: str, moments_kind: str) -> tuple[list, np.ndarray]:
+    """One task of the first pass of a fit in passes: a chunk's statistics per fold at bin width 256
+    (each channel's), and the `stats.cell_first_bins` at `bin_width` of every `SAMPLE_STRIDE`-th pixel."""
+    pixels = read_pixels(predictions, start, stop)
+    sample = cell_first_bins(np.ascontiguousarray(pixels[:, ::SAMPLE_STRIDE]), bin_width)
+    return fold_statistics(pixels, read_pixels(truth, start, stop), LEVELS, spans, n_folds, device, moments_kind), sample
+
+
+def chunk_tasks(store: str, ds, n_folds: int, task, *arguments) -> list:
+    """One delayed `task(predictions, truth, start, stop, spans, n_folds, *arguments)` per chunk of
+    the store `store` (opened as `ds` by `open_store` or `open_store_index`, with ground truth): its
+    arrays, its pixels start:stop and their (start, stop, fold) spans for `n_folds` folds of images."""
     index = schema.ImageIndex.from_dataset(ds)
     spans = chunk_spans(index.offsets, index.counts, image_folds(len(index.stems), n_folds), pixel_chunk_lengths(ds))
     predictions, truth = (task_argument(pixel_array(store, name)) for name in (schema.PREDICTION, schema.GROUND_TRUTH))
-    parts = [dask.delayed(_chunk_statistics, pure=True)(predictions, truth, start, stop, bin_width, chunk, n_folds, device,
-                                                        moments_kind)
-             for (start, stop), chunk in zip(chunk_ranges(ds), spans)]
-    return tree_reduce(parts, merge_folds)
+    return [dask.delayed(task, pure=True)(predictions, truth, start, stop, chunk, n_folds, *arguments)
+            for (start, stop), chunk in zip(chunk_ranges(ds), spans)]
 
 
-def lut_from_folds(fold_statistics: list, models: list[str], device: str, solver: str, shrinkage: float | None = None):
+def statistics_graph(store: str, ds, bin_width: int, device: str = "cpu", n_folds: int = 1, moments_kind: str = ALL_MOMENTS,
+                     first_bins: tuple[int, int] | None = None):
+    """Delayed list of merged CellStatistics (moments of `moments_kind`), one per fold of images,
+    of the store `store` (`chunk_tasks`): one task per chunk, then a tree of merges. With
+    `first_bins`, of one range of cells (`stats.chunk_statistics`)."""
+    return tree_reduce(chunk_tasks(store, ds, n_folds, _chunk_statistics, bin_width, device, moments_kind, first_bins),
+                       merge_folds)
+
+
+def statistics_bytes(n_cells: float, n_models: int, bin_width: int, moments_kind: str) -> float:
+    """Estimated bytes of the statistics of `n_cells` cells: their moments and key words, and three
+    histogram entries each (a few pixels per cell, where there are so many cells that it matters)."""
+    words = key_words(n_models, bin_width)
+    return n_cells * 8 * (moment_columns(n_models, moments_kind) + words + 3 * (words + 1))
+
+
+class CellRanges:
+    """Ranges of cells (lo <= b < hi of their first key word's bin b: `stats.first_bin_of_keys`),
+    each of about `pass_bytes` of statistics, cut one after another from `sample`, the sorted first
+    bins of the distinct cells of every `SAMPLE_STRIDE`-th pixel of each chunk. How many bytes of
+    statistics a sampled cell stands for is learnt from the ranges gathered so far (`gathered`);
+    before the first, it is taken as `SAMPLE_STRIDE` cells of `cell_bytes` each, more than it turns
+    out to be (a sampled cell often stands for a cell whose other pixels were sampled too), so the
+    first range is the smallest."""
+
+    def __init__(self, sample: np.ndarray, cell_bytes: float, pass_bytes: int):
+        self.sample, self.pass_bytes, self.first_guess = sample, pass_bytes, SAMPLE_STRIDE * cell_bytes
+        self.start, self.sampled_cells, self.gathered_bytes = 0, 0, 0
+
+    def __iter__(self):
+        """The next range, until the last (which ends at `END_OF_BINS`)."""
+        while self.start < END_OF_BINS:
+            per_sample = self.gathered_bytes / self.sampled_cells if self.sampled_cells else self.first_guess
+            first = np.searchsorted(self.sample, self.start)
+            cut = first + max(1, int(self.pass_bytes / max(per_sample, 1.0)))
+            if cut < len(self.sample) and self.sample[cut] == self.start:  # many sampled cells share a first bin
+                cut = np.searchsorted(self.sample, self.start, side="right")
+            yield self.start, END_OF_BINS if cut >= len(self.sample) else int(self.sample[cut])
+
+    def gathered(self, first_bins: tuple[int, int], statistics: list[CellStatistics]) -> None:
+        """Record the statistics of the range `first_bins` (one per fold), and start the next after it."""
+        start, stop = np.searchsorted(self.sample, first_bins)
+        self.sampled_cells += int(stop - start)
+        self.gathered_bytes += sum(part.nbytes for part in statistics)
+        self.start = first_bins[1]
+
+
+def lut_from_folds(fold_statistics: list, models: list[str], device: str, solver: str, shrinkage: float | None = None,
+                   channels: CellStatistics | None = None):
     """Fit on the union of the folds. For lsq with `shrinkage=None`, the strength with the lowest
     held-out error over the folds is used (with a single fold there is nothing to hold out:
-    DEFAULT_SHRINKAGE); the choice is recorded in the LUT's attributes."""
+    DEFAULT_SHRINKAGE); the choice is recorded in the LUT's attributes. `channels`: as `fit_lut`'s."""
     provenance = {}
     if solver == "lsq" and shrinkage is None:
         if len(fold_statistics) > 1:
-            shrinkage, errors = choose_shrinkage(fold_statistics)
-            pixel_channels = sum(f.n_pixels for f in fold_statistics)
-            provenance["shrinkage_choice"] = f"{len(fold_statistics)}-fold cross-validation by image over {list(SHRINKAGE_GRID)}"
-            provenance["shrinkage_held_out_mse"] = {str(k): v / pixel_channels for k, v in errors.items()}
+            errors = held_out_errors(fold_statistics)
+            shrinkage = min(errors, key=errors.get)
+            provenance = shrinkage_provenance(errors, len(fold_statistics), sum(f.n_pixels for f in fold_statistics))
         else:
             shrinkage = DEFAULT_SHRINKAGE
             provenance["shrinkage_choice"] = "default: a single fold of reference images, nothing to hold out"
-    lut = fit_lut(merge(*fold_statistics), models, device, solver, 0.0 if shrinkage is None else shrinkage)
+    lut = fit_lut(merge(*fold_statistics), models, device, solver, 0.0 if shrinkage is None else shrinkage, channels)
     lut.attrs.update(provenance)
     return lut
 
 
+def shrinkage_provenance(errors: dict[float, float], n_folds: int, pixel_channels: int) -> dict:
+    """The LUT attributes that record how lsq's shrinkage was chosen from its held-out `errors`."""
+    return {"shrinkage_choice": f"{n_folds}-fold cross-validation by image over {list(SHRINKAGE_GRID)}",
+            "shrinkage_held_out_mse": {str(k): v / pixel_channels for k, v in errors.items()}}
+
+
+class StoredBins:
+    """A LUT's stored bins, appended run by run (the LUT of each range of cells, in order) to
+    temporary files, and read back as one LUT whose arrays map those files: a LUT too large to hold
+    in memory is assembled and written without being held. The files have no name (removed as they
+    are made): nothing is left behind, whenever the process ends."""
+
+    ARRAYS = ("bin_digits", "bin_weights", "bin_count", "bin_status")
+
+    def __init__(self):
+        self.files = {name: tempfile.TemporaryFile(prefix="ensir-flow-fit-") for name in self.ARRAYS}
+        self.rows, self.first = 0, None
+
+    def append(self, lut: Lut) -> None:
+        """Add the bins of `lut` (all after those added before), keeping the first run's other fields."""
+        for name, file in self.files.items():
+            np.ascontiguousarray(getattr(lut, name)).tofile(file)
+        self.rows += len(lut.bin_digits)
+        if self.first is None:
+            self.first = Lut(lut.models, lut.bin_width, lut.bin_weights[:0], lut.bin_count[:0], lut.bin_status[:0], lut.solver,
+                             lut.empty_policy, lut.attrs, bin_digits=lut.bin_digits[:0], fallback=lut.fallback,
+                             fallback_status=lut.fallback_status)
+
+    def lut(self) -> Lut:
+        """The LUT of every run appended (its arrays map the files, which close with this object)."""
+        first = self.first
+        arrays = {name: self._mapped(file, getattr(first, name)) for name, file in self.files.items()}
+        return Lut(first.models, first.bin_width, arrays["bin_weights"], arrays["bin_count"], arrays["bin_status"],
+                   first.solver, first.empty_policy, first.attrs, bin_digits=arrays["bin_digits"], fallback=first.fallback,
+                   fallback_status=first.fallback_status)
+
+    def _mapped(self, file, empty: np.ndarray) -> np.ndarray:
+        shape = (self.rows, *empty.shape[1:])
+        if not self.rows:
+            return np.empty(shape, empty.dtype)
+        file.flush()
+        return np.memmap(file, dtype=empty.dtype, mode="r", shape=shape)
+
+
 def plan_fit(store: str, lut_path: str, bin_width: int = DEFAULT_BIN_WIDTH, solver: str = DEFAULT_SOLVER,
-             device: str = "auto", overwrite: bool = False, shrinkage: float | None = None) -> Plan:
+             device: str = "auto", overwrite: bool = False, shrinkage: float | None = None, pass_bytes: int = PASS_BYTES) -> Plan:
     """Plan fitting a LUT on the reference store `store` (which must hold ground truth).
 
     `device` is where the statistics tasks run ('auto' resolved on each worker) and where EM runs
     (resolved here); the LUT is the same bits on any device. For `lsq`, `shrinkage=None` picks the
-    strength by cross-validation over images (folds gathered in the same single pass).
+    strength by cross-validation over images (folds gathered in the same single pass). Statistics
+    that may exceed `pass_bytes` are gathered in passes over ranges of cells (`fit_in_passes`).
     """
     check_solver(solver)
     refuse_existing(lut_path, overwrite)
     ds = open_store_index(store)
     models = schema.check_store(ds, store, require=(schema.PREDICTION, schema.GROUND_TRUTH))
-    n_images = ds.sizes["image"]
+    n_images, n_channels = ds.sizes["image"], ds.sizes["channel"]
     n_folds = min(SHRINKAGE_FOLDS, n_images) if solver == "lsq" and shrinkage is None and n_images > 1 else 1
-    folds = statistics_graph(store, ds, bin_width, device, n_folds, moments_for([solver]))
+    moments_kind = moments_for([solver])
     em_device = resolve_device(device)
+    n_pixels = ds.sizes["pixel"]
+    most_cells = min(bin_count(len(models), bin_width), n_pixels) * n_channels
+    may_need_passes = statistics_bytes(most_cells, len(models), bin_width, moments_kind) > pass_bytes
 
     def execute(compute):
-        (fold_statistics,) = compute(folds, label="statistics")
-        lut = lut_from_folds(fold_statistics, models, em_device, solver, shrinkage)
+        if may_need_passes:
+            lut = fit_in_passes(compute, store, ds, models, bin_width, solver, device, em_device, n_folds, shrinkage, pass_bytes)
+        else:
+            (fold_statistics,) = compute(statistics_graph(store, ds, bin_width, device, n_folds, moments_kind), label="statistics")
+            lut = lut_from_folds(fold_statistics, models, em_device, solver, shrinkage)
+            del fold_statistics
         lut.attrs.update({"created_by": f"ensir-flow {ensir_flow.__version__} fit", "reference_store": str(store),
                           "reference_images": int(n_images)})
         with staged_output(lut_path, overwrite) as staging:
@@ -88,11 +216,57 @@ def plan_fit(store: str, lut_path: str, bin_width: int = DEFAULT_BIN_WIDTH, solv
     n_bins = bin_count(len(models), bin_width)
     details = {
         "store": str(store), "LUT": str(lut_path), "models": ", ".join(models), "solver": solver,
-        "bin width": f"{bin_width} ({n_bins:,} bins x {ds.sizes['channel']} channels)",
+        "bin width": f"{bin_width} ({n_bins:,} bins x {n_channels} channels)",
         "statistics tasks": f"{len(pixel_chunk_lengths(ds))} chunks, merged {MERGE_FAN_IN} at a time"
-                            + (f", kept in {n_folds} folds of images" if n_folds > 1 else ""),
+                            + (f", kept in {n_folds} folds of images" if n_folds > 1 else "")
+                            + (f"; in passes over ranges of cells if they exceed {pass_bytes / 2**20:,.0f} MiB"
+                               if may_need_passes else ""),
         "devices": f"statistics on {device}, EM batched on {em_device}",
     }
     if solver == "lsq":
         details["shrinkage"] = f"{shrinkage}" if shrinkage is not None else f"chosen by {n_folds}-fold cross-validation"
     return Plan(f"fit a {solver} LUT on {n_images} reference images", details, execute)
+
+
+def fit_in_passes(compute, store: str, ds, models: list[str], bin_width: int, solver: str, device: str, em_device: str,
+                  n_folds: int, shrinkage: float | None, pass_bytes: int) -> Lut:
+    """The LUT fitted one range of cells at a time (`CellRanges`), its bins gathered on disk
+    (`StoredBins`).
+
+    A first pass gathers each channel's statistics (those of bin width 256, where every cell is its
+    channel: what `CellStatistics.per_channel` gives, from which the fallback is fitted) and a sample
+    of the cells of each chunk, to cut the ranges. lsq choosing its shrinkage reads the set once
+    more: every range's held-out errors first, then the fit with the strength chosen."""
+    moments_kind = moments_for([solver])
+    parts = chunk_tasks(store, ds, n_folds, _channel_statistics_and_sample, bin_width, device, moments_kind)
+    channel_folds, samples = compute(tree_reduce([part[0] for part in parts], merge_folds), [part[1] for part in parts],
+                                     label="statistics of channels")
+    ranges = CellRanges(np.sort(np.concatenate(samples)), statistics_bytes(1, len(models), bin_width, moments_kind), pass_bytes)
+    del samples
+
+    def statistics_of(ranges, label: str, n_folds: int):
+        for number, first_bins in enumerate(ranges, 1):
+            (folds,) = compute(statistics_graph(store, ds, bin_width, device, n_folds, moments_kind, first_bins),
+                               label=f"{label}, pass {number}")
+            yield first_bins, folds
+
+    provenance, used = {}, []
+    if solver == "lsq" and shrinkage is None and n_folds > 1:
+        errors = dict.fromkeys(SHRINKAGE_GRID, 0.0)
+        for first_bins, folds in statistics_of(ranges, "held-out errors", n_folds):
+            ranges.gathered(first_bins, folds)
+            used.append(first_bins)
+            for strength, error in held_out_errors(folds, channel_folds=channel_folds).items():
+                errors[strength] += error
+        shrinkage = min(errors, key=errors.get)
+        provenance = shrinkage_provenance(errors, n_folds, sum(f.n_pixels for f in channel_folds))
+    channels, stored = merge(*channel_folds), StoredBins()
+    for first_bins, folds in statistics_of(used or ranges, "statistics", 1):
+        if not used:
+            ranges.gathered(first_bins, folds)
+        stored.append(lut_from_folds(folds, models, em_device, solver, shrinkage, channels))
+        del folds
+        release_freed_memory()
+    lut = stored.lut()
+    lut.attrs.update(provenance)
+    return lut

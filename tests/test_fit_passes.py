@@ -1,0 +1,130 @@
+"""A fit whose statistics would not fit one pass is made in passes over ranges of cells, and
+writes the LUT a single pass writes, bit for bit."""
+
+import numpy as np
+import pytest
+
+from ensir_flow import stats
+from ensir_flow.pipelines.executor import threaded_compute
+from ensir_flow.pipelines.fit import END_OF_BINS, CellRanges, plan_fit
+from ensir_flow.pipelines.storage import read_lut
+from helpers import make_corpus
+from test_sparse_lut import members
+
+SIZES = ((40, 36), (33, 29), (38, 41), (30, 30))
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    """Reference stores of K = 5 and 16 models (4 images, in chunks of 1,000 pixels)."""
+    from click.testing import CliRunner
+
+    from ensir_flow.cli import main
+
+    root, made = tmp_path_factory.mktemp("passes"), {}
+    for n_models in (5, 16):
+        make_corpus(root / f"corpus{n_models}", n_models, SIZES, seed=n_models)
+        made[n_models] = root / f"k{n_models}.zarr"
+        result = CliRunner().invoke(main, ["ingest", str(root / f"corpus{n_models}"), str(made[n_models]), "--chunk-pixels",
+                                           "1000", "--scheduler", "threads", "--no-progress"])
+        assert result.exit_code == 0, result.output
+    return made
+
+
+def _fit(store, lut_path, bin_width, solver, shrinkage, pass_bytes=None):
+    """Fit, returning the labels of the computations it ran."""
+    labels = []
+
+    def compute(*collections, label=""):
+        labels.append(label)
+        return threaded_compute(*collections, label=label)
+
+    options = {} if pass_bytes is None else {"pass_bytes": pass_bytes}
+    plan_fit(str(store), str(lut_path), bin_width, solver, "cpu", False, shrinkage, **options).run(compute)
+    return labels
+
+
+@pytest.mark.parametrize("n_models, bin_width, solver, shrinkage", [
+    (16, 16, "em", None), (16, 16, "average", None), (16, 16, "zzpm", None), (5, 16, "em", None),
+    pytest.param(5, 16, "lsq", None, marks=pytest.mark.slow),  # held-out errors of 7 strengths x 4 folds, range by range
+    (5, 16, "lsq", 10.0), (16, 8, "em", None),
+])
+def test_a_fit_in_passes_writes_the_lut_of_a_single_pass(stores, tmp_path, n_models, bin_width, solver, shrinkage):
+    store = stores[n_models]
+    single = _fit(store, tmp_path / "single.zarr", bin_width, solver, shrinkage)
+    passes = _fit(store, tmp_path / "passes.zarr", bin_width, solver, shrinkage, pass_bytes=512 << 10)
+    assert single == ["statistics", "write LUT"]
+    assert sum(label.startswith("statistics, pass") for label in passes) >= 3, passes
+    one, many = read_lut(str(tmp_path / "single.zarr")), read_lut(str(tmp_path / "passes.zarr"))
+    assert one.digest() == many.digest()
+    for name in ("bin_digits", "bin_weights", "bin_count", "bin_status", "fallback"):
+        np.testing.assert_array_equal(getattr(one, name), getattr(many, name), err_msg=name)
+    assert one.fallback_status == many.fallback_status and one.solver == many.solver
+    chosen = {key: value for key, value in one.attrs.items() if key != "shrinkage_held_out_mse"}
+    assert chosen == {key: value for key, value in many.attrs.items() if key != "shrinkage_held_out_mse"}
+    if "shrinkage_held_out_mse" in one.attrs:  # the folds' errors, summed over the ranges in another order
+        assert one.attrs["shrinkage_held_out_mse"].keys() == many.attrs["shrinkage_held_out_mse"].keys()
+        np.testing.assert_allclose(list(one.attrs["shrinkage_held_out_mse"].values()),
+                                   list(many.attrs["shrinkage_held_out_mse"].values()), rtol=1e-9)
+        assert sum(label.startswith("held-out errors, pass") for label in passes) >= 3
+
+
+def test_small_statistics_are_gathered_in_one_pass(stores, tmp_path):
+    """K = 5 at bin width 64 has 3 * 4^5 cells: never more than the default pass holds."""
+    assert _fit(stores[5], tmp_path / "lut.zarr", 64, "em", None) == ["statistics", "write LUT"]
+
+
+@pytest.mark.parametrize("n_models, bin_width", [(3, 4), (8, 32), (16, 16)])
+def test_statistics_of_ranges_of_cells_add_up_to_the_chunks(n_models, bin_width):
+    predictions, truth = members(n_models, 3000, seed=n_models)
+    whole = stats.chunk_statistics(predictions, truth, bin_width, moments_kind=stats.EM_MOMENTS)
+    first_bins = np.unique(stats.first_bin_of_keys(whole.cells, 3))
+    cuts = [0, int(first_bins[len(first_bins) // 3]), int(first_bins[2 * len(first_bins) // 3]), END_OF_BINS]
+    parts = [stats.chunk_statistics(predictions, truth, bin_width, moments_kind=stats.EM_MOMENTS, first_bins=(lo, hi))
+             for lo, hi in zip(cuts[:-1], cuts[1:])]
+    assert all(len(part.cells) for part in parts)
+    merged = stats.merge(*parts)
+    for name in ("cells", "moments", "hist_keys", "hist_counts"):
+        np.testing.assert_array_equal(getattr(merged, name), getattr(whole, name), err_msg=name)
+    # each range's cells are a run of the sorted cells: the ranges' LUT bins concatenate in order
+    np.testing.assert_array_equal(np.concatenate([part.cells for part in parts]), whole.cells)
+
+
+def test_ranges_cover_every_cell_once_and_follow_what_was_gathered():
+    sample = np.repeat(np.arange(0, 2000, 2), 3)  # first bins 0, 2, .., 1998, three sampled cells each
+    ranges = CellRanges(sample, cell_bytes=10.0, pass_bytes=8 * 10 * 30)  # first guess: 8 x 10 bytes a sampled cell
+    seen, start = [], 0
+    for lo, hi in ranges:
+        assert lo == start and hi > lo
+        seen.append((lo, hi))
+        n_sampled = int(np.searchsorted(sample, hi) - np.searchsorted(sample, lo))
+        # what the range turned out to hold: 20 bytes a sampled cell, a quarter of the first guess
+        ranges.gathered((lo, hi), [_statistics_of_bytes(20 * n_sampled)])
+        start = hi
+    assert seen[-1][1] == END_OF_BINS
+    sizes = [np.searchsorted(sample, hi) - np.searchsorted(sample, lo) for lo, hi in seen]
+    assert sizes[0] == 30 and all(size == 120 for size in sizes[1:-1]), sizes  # 240 bytes, then 2400 bytes a range
+
+
+def test_ranges_step_over_a_first_bin_shared_by_more_cells_than_a_pass_holds():
+    sample = np.array([5] * 100 + [7, 9])
+    ranges = iter(CellRanges(sample, cell_bytes=1.0, pass_bytes=8 * 10))
+    assert next(ranges) == (0, 5)
+    ranges_object = CellRanges(sample, cell_bytes=1.0, pass_bytes=8 * 10)
+    ranges_object.start = 5
+    assert next(iter(ranges_object)) == (5, 7)
+
+
+def _statistics_of_bytes(n_bytes: int) -> stats.CellStatistics:
+    """Statistics whose arrays hold `n_bytes` (for `CellRanges.gathered`)."""
+    empty = stats.empty_statistics(3, 3, 32)
+    return stats.CellStatistics(3, 3, 32, empty.cells, empty.moments, np.zeros(n_bytes // 8, np.int64), empty.hist_counts)
+
+
+def test_the_cli_fits_in_passes_under_a_small_pass_memory(stores, tmp_path, invoke):
+    for name, options in (("default.zarr", []), ("passes.zarr", ["--pass-memory", "1"])):
+        result = invoke("fit", stores[16], tmp_path / name, "--bin-width", "16", "--no-progress", *options)
+        assert result.exit_code == 0, result.output
+    assert read_lut(str(tmp_path / "default.zarr")).digest() == read_lut(str(tmp_path / "passes.zarr")).digest()
+    refused = invoke("fit", stores[16], tmp_path / "never.zarr", "--pass-memory", "0", "--no-progress")
+    assert refused.exit_code == 2 and "--pass-memory" in refused.output and not (tmp_path / "never.zarr").exists()

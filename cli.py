@@ -330,7 +330,7 @@ def predict(source_dir, store, model_specs, device, tile, overlap, batch, scale,
 def fit(store, lut, bin_width, solver, shrinkage, pass_memory, device, scheduler, worker_timeout, no_progress, dry_run, overwrite):
     """Fit an EnsIR LUT on the reference STORE (with ground truth) and write it to LUT."""
     result = api.fit(store, lut, bin_width=bin_width, solver=solver, shrinkage=shrinkage, device=device, overwrite=overwrite,
-                     pass_memory_mib=pass_memory, **_run_options(scheduler, worker_timeout, no_progress, dry_run))
+                     pass_memory=pass_memory, **_run_options(scheduler, worker_timeout, no_progress, dry_run))
     _finish(result, lambda r: f"wrote {lut}: {r.bins:,} bins x {r.channels} channels, {r.filled_cells:,} cells with reference pixels")
 
 

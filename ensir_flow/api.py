@@ -463,19 +463,19 @@ def _shrinkage_strength(shrinkage) -> float | None:
 
 
 def fit(store, lut, *, bin_width: int = DEFAULT_BIN_WIDTH, solver: str = DEFAULT_SOLVER, shrinkage: str | float = "auto",
-        device: str = "auto", overwrite: bool = False, pass_memory_mib: int = DEFAULT_PASS_MEMORY_MIB,
+        device: str = "auto", overwrite: bool = False, pass_memory: int = DEFAULT_PASS_MEMORY_MIB,
         **run: Unpack[RunOptions]) -> Fitted:
     """Fit an EnsIR LUT on the reference store `store` (with ground truth) and write it to `lut`
     (`ensir-flow fit`): `solver` 'em' (the paper's), 'lsq', 'average' or 'zzpm'; `shrinkage` for
     lsq ('auto': by cross-validation); `device` 'auto', 'cpu' or 'cuda'; statistics that would
-    exceed `pass_memory_mib` MiB are gathered in passes over ranges of cells (the same LUT)."""
+    exceed `pass_memory` MiB are gathered in passes over ranges of cells (the same LUT)."""
     from .pipelines.fit import plan_fit
 
     strength = _shrinkage_strength(shrinkage)
-    if isinstance(pass_memory_mib, bool) or not isinstance(pass_memory_mib, int) or pass_memory_mib < 1:
-        raise UsageError(f"{pass_memory_mib!r} is not a positive number of MiB", option="--pass-memory")
+    if isinstance(pass_memory, bool) or not isinstance(pass_memory, int) or pass_memory < 1:
+        raise UsageError(f"{pass_memory!r} is not a positive number of MiB", option="--pass-memory")
     outcome = run_plan(lambda: plan_fit(str(store), str(lut), bin_width, solver, device, overwrite, strength,
-                                        pass_memory_mib << 20), (store, lut), run)
+                                        pass_memory << 20), (store, lut), run)
     if outcome.plan is not None:
         return Fitted(command="fit", status="planned", outputs=_written([lut]), plan=outcome.plan)
     table = outcome.value

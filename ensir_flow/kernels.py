@@ -34,6 +34,28 @@ def cell_indices(predictions, places):
     return cells
 
 
+@numba.njit(nogil=True, cache=True)
+def pixel_channels_in_bins(predictions, places, first, stop):
+    """The positions p * C + c, increasing, of the pixel-channels of predictions (K, P, C) whose
+    flat bin (`places` from `place_tables`) b lies in first <= b < stop: counted, then listed, so
+    that nothing of the size of the chunk is allocated (a fit in passes keeps one range of cells)."""
+    n_pixels, n_channels = predictions.shape[1], predictions.shape[2]
+    n = 0
+    for p in range(n_pixels):
+        for c in range(n_channels):
+            b = flat_bin(predictions, p, c, places)
+            n += first <= b and b < stop
+    out = np.empty(n, np.int64)
+    n = 0
+    for p in range(n_pixels):
+        for c in range(n_channels):
+            b = flat_bin(predictions, p, c, places)
+            if first <= b and b < stop:
+                out[n] = p * n_channels + c
+                n += 1
+    return out
+
+
 @numba.njit(inline="always")
 def store_blend(predictions, weights, row, pixel, channel, places, out):
     """out[pixel, channel] = floor(sum_k weights[row, channel, k] * x_k + 0.5) clipped to 0..255, the

@@ -32,8 +32,8 @@ SOLVERS = ("em", "lsq", "average", "zzpm")
 DEFAULT_SOLVER = "em"
 #: MiB of statistics one pass of `fit` gathers at most (estimated), by default; beyond, it reads the
 #: reference set once per range of cells (`pipelines.fit`). Its peak is then about twice this plus
-#: the chunks being read: 1.27 GiB for K = 16 at bin width 16 on 10 Mpx.
-DEFAULT_PASS_MEMORY_MIB = 192
+#: the chunks being read: 1.16-1.24 GiB for K = 16 at bin width 16 on 10 Mpx.
+DEFAULT_PASS_MEMORY_MIB = 160
 #: The statistics each solver fits from: least squares needs the cross products and sum x_k y;
 #: EM only n, sum x_k, sum x_k^2 and the squared deviations (`stats.EM_MOMENTS`); the others
 #: fit nothing but counts.

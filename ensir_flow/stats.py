@@ -31,7 +31,7 @@ import numpy as np
 
 from .binning import LEVELS, bin_count, group_place_tables, model_groups, place_tables, place_values
 from .devices import resolve_device
-from .kernels import accumulate_dense, accumulate_moments, cell_indices
+from .kernels import accumulate_dense, accumulate_moments, cell_indices, pixel_channels_in_bins
 
 #: Largest dense scratch table (cells x 256 levels) a chunk may use; above it, sort instead.
 DENSE_HISTOGRAM_LIMIT = 1 << 22
@@ -468,9 +468,7 @@ def chunk_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bin_widt
         keys = cell_keys(predictions, bin_width)
     else:  # the range's pixel-channels alone, as one channel of that many pixels, their keys made for them alone
         start, stop = model_groups(n_models, bin_width)[0]
-        first_bin = cell_indices(predictions[start:stop], place_tables(stop - start, bin_width)) // n_channels
-        kept = np.flatnonzero((first_bin >= first_bins[0]) & (first_bin < first_bins[1]))
-        del first_bin
+        kept = pixel_channels_in_bins(predictions[start:stop], place_tables(stop - start, bin_width), *first_bins)
         predictions = predictions.reshape(n_models, -1)[:, kept][:, :, None]
         ground_truth = ground_truth.reshape(-1)[kept][:, None]
         bins, channel = cell_keys(predictions, bin_width), kept % n_channels  # with one channel, a key is its bin

@@ -49,13 +49,28 @@ def _chunk_statistics(predictions, truth, start: int, stop: int, spans: list[Spa
                            n_folds, device, moments_kind, first_bins)
 
 
-def _channel_statistics_and_sample(predictions, truth, start: int, stop: int, spans: list[Span], n_folds: int, bin_width: int,
-                                   device: str, moments_kind: str) -> tuple[list, np.ndarray]:
-    """One task of the first pass of a fit in passes: a chunk's statistics per fold at bin width 256
-    (each channel's), and the `stats.cell_first_bins` at `bin_width` of every `SAMPLE_STRIDE`-th pixel."""
-    pixels = read_pixels(predictions, start, stop)
+def _guarded_chunk_statistics(predictions, truth, start: int, stop: int, spans: list[Span], n_folds: int, bin_width: int,
+                              device: str, moments_kind: str, cell_bytes: float, chunk_bytes: float) -> tuple:
+    """One task of the first pass of a fit whose statistics may exceed a pass (`fit_in_passes`):
+    (its statistics per fold, each channel's statistics per fold, a sample of its cells).
+
+    The sample is the `stats.cell_first_bins` of every `SAMPLE_STRIDE`-th pixel. When it says the
+    chunk's statistics could exceed `chunk_bytes` (each sampled cell taken as `SAMPLE_STRIDE` cells
+    of `cell_bytes`), they are not gathered (None: the fit goes in passes), and each channel's
+    statistics are those of bin width 256, where every cell is its channel."""
+    pixels, truth_pixels = read_pixels(predictions, start, stop), read_pixels(truth, start, stop)
     sample = cell_first_bins(np.ascontiguousarray(pixels[:, ::SAMPLE_STRIDE]), bin_width)
-    return fold_statistics(pixels, read_pixels(truth, start, stop), LEVELS, spans, n_folds, device, moments_kind), sample
+    if len(sample) * SAMPLE_STRIDE * cell_bytes > chunk_bytes:
+        return None, fold_statistics(pixels, truth_pixels, LEVELS, spans, n_folds, device, moments_kind), sample
+    folds = fold_statistics(pixels, truth_pixels, bin_width, spans, n_folds, device, moments_kind)
+    return folds, [fold.per_channel() for fold in folds], sample
+
+
+def _merge_guarded(*parts: tuple) -> tuple:
+    """Merge results of `_guarded_chunk_statistics`: statistics (None where one chunk gave none),
+    channels' statistics, and the samples side by side."""
+    folds = None if any(part[0] is None for part in parts) else merge_folds(*(part[0] for part in parts))
+    return folds, merge_folds(*(part[1] for part in parts)), np.concatenate([part[2] for part in parts])
 
 
 def chunk_tasks(store: str, ds, n_folds: int, task, *arguments) -> list:
@@ -73,9 +88,10 @@ def statistics_graph(store: str, ds, bin_width: int, device: str = "cpu", n_fold
                      first_bins: tuple[int, int] | None = None):
     """Delayed list of merged CellStatistics (moments of `moments_kind`), one per fold of images,
     of the store `store` (`chunk_tasks`): one task per chunk, then a tree of merges. With
-    `first_bins`, of one range of cells (`stats.chunk_statistics`)."""
+    `first_bins`, of one range of cells (`stats.chunk_statistics`), merged two at a time: each
+    merge lets its parts go as soon as they are done, where a pass's memory is what counts."""
     return tree_reduce(chunk_tasks(store, ds, n_folds, _chunk_statistics, bin_width, device, moments_kind, first_bins),
-                       merge_folds)
+                       merge_folds, MERGE_FAN_IN if first_bins is None else 2)
 
 
 def statistics_bytes(n_cells: float, n_models: int, bin_width: int, moments_kind: str) -> float:
@@ -230,19 +246,26 @@ def plan_fit(store: str, lut_path: str, bin_width: int = DEFAULT_BIN_WIDTH, solv
 
 def fit_in_passes(compute, store: str, ds, models: list[str], bin_width: int, solver: str, device: str, em_device: str,
                   n_folds: int, shrinkage: float | None, pass_bytes: int) -> Lut:
-    """The LUT fitted one range of cells at a time (`CellRanges`), its bins gathered on disk
-    (`StoredBins`).
+    """The LUT of statistics that may exceed `pass_bytes`: fitted from one pass when a sample of
+    the cells says they do not, else one range of cells at a time (`CellRanges`), its bins gathered
+    on disk (`StoredBins`).
 
-    A first pass gathers each channel's statistics (those of bin width 256, where every cell is its
-    channel: what `CellStatistics.per_channel` gives, from which the fallback is fitted) and a sample
-    of the cells of each chunk, to cut the ranges. lsq choosing its shrinkage reads the set once
-    more: every range's held-out errors first, then the fit with the strength chosen."""
+    The first pass (`_guarded_chunk_statistics`) samples each chunk's cells, and gathers its
+    statistics only if the sample says they fit the chunk's share of `pass_bytes`, and each
+    channel's statistics (from which the fallback is fitted). lsq choosing its shrinkage reads the
+    set once more in passes: every range's held-out errors first, then the fit with the strength
+    chosen."""
     moments_kind = moments_for([solver])
-    parts = chunk_tasks(store, ds, n_folds, _channel_statistics_and_sample, bin_width, device, moments_kind)
-    channel_folds, samples = compute(tree_reduce([part[0] for part in parts], merge_folds), [part[1] for part in parts],
-                                     label="statistics of channels")
-    ranges = CellRanges(np.sort(np.concatenate(samples)), statistics_bytes(1, len(models), bin_width, moments_kind), pass_bytes)
-    del samples
+    cell_bytes = statistics_bytes(1, len(models), bin_width, moments_kind)
+    parts = chunk_tasks(store, ds, n_folds, _guarded_chunk_statistics, bin_width, device, moments_kind, cell_bytes,
+                        pass_bytes / len(chunk_ranges(ds)))
+    (first_pass,) = compute(tree_reduce(parts, _merge_guarded), label="statistics and a sample of cells")
+    folds, channel_folds, sample = first_pass
+    del first_pass
+    if folds is not None:
+        return lut_from_folds(folds, models, em_device, solver, shrinkage)
+    ranges = CellRanges(np.sort(sample), cell_bytes, pass_bytes)
+    del sample
 
     def statistics_of(ranges, label: str, n_folds: int):
         for number, first_bins in enumerate(ranges, 1):

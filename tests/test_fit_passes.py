@@ -74,6 +74,17 @@ def test_small_statistics_are_gathered_in_one_pass(stores, tmp_path):
     assert _fit(stores[5], tmp_path / "lut.zarr", 64, "em", None) == ["statistics", "write LUT"]
 
 
+def test_statistics_that_might_exceed_a_pass_but_do_not_are_gathered_in_one(stores, tmp_path, invoke):
+    """K = 16 at bin width 128 might have 3 * 2^16 cells, more than a pass of 5 MiB holds; a
+    sample of the cells shows far fewer, so the first pass gathers the statistics as well."""
+    result = invoke("ingest", stores[16].parent / "corpus16", tmp_path / "one-chunk.zarr", "--no-progress")
+    assert result.exit_code == 0, result.output
+    single = _fit(tmp_path / "one-chunk.zarr", tmp_path / "single.zarr", 128, "em", None)
+    guarded = _fit(tmp_path / "one-chunk.zarr", tmp_path / "guarded.zarr", 128, "em", None, pass_bytes=5 << 20)
+    assert single == ["statistics", "write LUT"] and guarded == ["statistics and a sample of cells", "write LUT"]
+    assert read_lut(str(tmp_path / "single.zarr")).digest() == read_lut(str(tmp_path / "guarded.zarr")).digest()
+
+
 @pytest.mark.parametrize("n_models, bin_width", [(3, 4), (8, 32), (16, 16)])
 def test_statistics_of_ranges_of_cells_add_up_to_the_chunks(n_models, bin_width):
     predictions, truth = members(n_models, 3000, seed=n_models)

@@ -17,6 +17,7 @@ import ensir_flow
 from ensir_flow import schema
 from ensir_flow.binning import DEFAULT_BIN_WIDTH, LEVELS, bin_count, key_words
 from ensir_flow.devices import resolve_device
+from ensir_flow.errors import TransientError
 from ensir_flow.lsq import SHRINKAGE_GRID, held_out_errors
 from ensir_flow.lut import DEFAULT_PASS_MEMORY_MIB, DEFAULT_SOLVER, Lut, check_solver, fit_lut, moments_for
 from ensir_flow.stats import ALL_MOMENTS, CellStatistics, cell_first_bins, fold_statistics, merge, merge_folds, moment_columns
@@ -216,6 +217,8 @@ def plan_fit(store: str, lut_path: str, bin_width: int = DEFAULT_BIN_WIDTH, solv
     most_cells = min(bin_count(len(models), bin_width), n_pixels) * n_channels
     may_need_passes = statistics_bytes(most_cells, len(models), bin_width, moments_kind) > pass_bytes
 
+    read_as_planned = _what_fit_reads(ds, n_images)
+
     def execute(compute):
         if may_need_passes:
             lut = fit_in_passes(compute, store, ds, models, bin_width, solver, device, em_device, n_folds, shrinkage, pass_bytes)
@@ -223,6 +226,9 @@ def plan_fit(store: str, lut_path: str, bin_width: int = DEFAULT_BIN_WIDTH, solv
             (fold_statistics,) = compute(statistics_graph(store, ds, bin_width, device, n_folds, moments_kind), label="statistics")
             lut = lut_from_folds(fold_statistics, models, em_device, solver, shrinkage)
             del fold_statistics
+        if _what_fit_reads(open_store_index(store), n_images) != read_as_planned:
+            raise TransientError(f"{store}: replaced while fit read it (its images are not those planned); nothing was "
+                                 f"written: run fit again")
         lut.attrs.update({"created_by": f"ensir-flow {ensir_flow.__version__} fit", "reference_store": str(store),
                           "reference_images": int(n_images)})
         with staged_output(lut_path, overwrite) as staging:
@@ -242,6 +248,15 @@ def plan_fit(store: str, lut_path: str, bin_width: int = DEFAULT_BIN_WIDTH, solv
     if solver == "lsq":
         details["shrinkage"] = f"{shrinkage}" if shrinkage is not None else f"chosen by {n_folds}-fold cross-validation"
     return Plan(f"fit a {solver} LUT on {n_images} reference images", details, execute)
+
+
+def _what_fit_reads(ds, n_images: int):
+    """What must not change while fit reads the store opened as `ds` (a fit in passes reads it
+    several times): the SHA-256s of the source files of its first `n_images` images, which an
+    `ingest --append` leaves as they are, or where it has none, its attributes."""
+    if "source_sha256" in ds:
+        return np.asarray(ds["source_sha256"].values)[..., :n_images].tolist()
+    return ds.attrs
 
 
 def fit_in_passes(compute, store: str, ds, models: list[str], bin_width: int, solver: str, device: str, em_device: str,

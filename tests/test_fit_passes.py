@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from ensir_flow import stats
+from ensir_flow.errors import TransientError
 from ensir_flow.pipelines.executor import threaded_compute
 from ensir_flow.pipelines.fit import END_OF_BINS, CellRanges, plan_fit
 from ensir_flow.pipelines.storage import read_lut
@@ -139,3 +140,23 @@ def test_the_cli_fits_in_passes_under_a_small_pass_memory(stores, tmp_path, invo
     assert read_lut(str(tmp_path / "default.zarr")).digest() == read_lut(str(tmp_path / "passes.zarr")).digest()
     refused = invoke("fit", stores[16], tmp_path / "never.zarr", "--pass-memory", "0", "--no-progress")
     assert refused.exit_code == 2 and "--pass-memory" in refused.output and not (tmp_path / "never.zarr").exists()
+
+
+def test_a_store_replaced_between_passes_is_refused_and_nothing_written(tmp_path, invoke):
+    """Passes read the store several times: a store replaced by another ingest in between would
+    give a LUT of two sets of images. Refused (exit 75: running fit again may succeed)."""
+    for name, seed in (("corpus", 1), ("other", 2)):
+        make_corpus(tmp_path / name, 16, SIZES, seed=seed)
+    store, lut_path = tmp_path / "k16.zarr", tmp_path / "lut.zarr"
+    assert invoke("ingest", tmp_path / "corpus", store, "--chunk-pixels", "1000", "--no-progress").exit_code == 0
+
+    def compute(*collections, label=""):
+        result = threaded_compute(*collections, label=label)
+        if label == "statistics, pass 1":
+            replaced = invoke("ingest", tmp_path / "other", store, "--chunk-pixels", "1000", "--overwrite", "--no-progress")
+            assert replaced.exit_code == 0, replaced.output
+        return result
+
+    with pytest.raises(TransientError, match="replaced while fit read it"):
+        plan_fit(str(store), str(lut_path), 16, "em", "cpu", False, None, pass_bytes=512 << 10).run(compute)
+    assert not lut_path.exists() and not list(tmp_path.glob("lut.zarr*"))

@@ -472,8 +472,9 @@ def fit(store, lut, *, bin_width: int = DEFAULT_BIN_WIDTH, solver: str = DEFAULT
     from .pipelines.fit import plan_fit
 
     strength = _shrinkage_strength(shrinkage)
-    if isinstance(pass_memory, bool) or not isinstance(pass_memory, int) or pass_memory < 1:
-        raise UsageError(f"{pass_memory!r} is not a positive number of MiB", option="--pass-memory")
+    if isinstance(pass_memory, bool) or not isinstance(pass_memory, (int, np.integer)) or pass_memory < 1:
+        raise UsageError(f"{pass_memory!r} is not a positive whole number of MiB", option="--pass-memory")
+    pass_memory = int(pass_memory)
     outcome = run_plan(lambda: plan_fit(str(store), str(lut), bin_width, solver, device, overwrite, strength,
                                         pass_memory << 20), (store, lut), run)
     if outcome.plan is not None:

@@ -194,9 +194,9 @@ class Lut:
         data_vars = {
             "weights": (WEIGHT_DIMS, self.bin_weights, {
                 "long_name": "ensemble weight of each model in the cell", "units": "1"}),
-            "count": (("bin", "channel"), self.bin_count.astype(np.int64), {
+            "count": (("bin", "channel"), np.asarray(self.bin_count, np.int64), {
                 "long_name": "reference pixels in the cell", "units": "1"}),
-            "fit_status": (("bin", "channel"), self.bin_status.astype(np.int8), {
+            "fit_status": (("bin", "channel"), np.asarray(self.bin_status, np.int8), {
                 "long_name": "how the cell's weights were obtained",
                 "flag_values": np.arange(len(FitStatus), dtype=np.int8), "flag_meanings": FLAG_MEANINGS,
             }),

@@ -8,6 +8,7 @@ whole in memory. Cells are independent in every solver, so the LUT is the one a 
 makes, bit for bit (tested).
 """
 
+import contextlib
 import tempfile
 
 import dask
@@ -40,6 +41,8 @@ PASS_BYTES = DEFAULT_PASS_MEMORY_MIB << 20
 END_OF_BINS = np.iinfo(np.int64).max
 #: Statistics in passes size their ranges on a sample of the cells: those of every this many pixels.
 SAMPLE_STRIDE = 8
+#: Store attributes that must be as planned when fit has read the store (`_what_fit_reads`).
+READ_AS_PLANNED_ATTRIBUTES = ("models", "model_files", "inference")
 
 
 def _chunk_statistics(predictions, truth, start: int, stop: int, spans: list[Span], n_folds: int, bin_width: int,
@@ -51,20 +54,30 @@ def _chunk_statistics(predictions, truth, start: int, stop: int, spans: list[Spa
 
 
 def _guarded_chunk_statistics(predictions, truth, start: int, stop: int, spans: list[Span], n_folds: int, bin_width: int,
-                              device: str, moments_kind: str, cell_bytes: float, chunk_bytes: float) -> tuple:
+                              device: str, moments_kind: str, chunk_bytes: float) -> tuple:
     """One task of the first pass of a fit whose statistics may exceed a pass (`fit_in_passes`):
     (its statistics per fold, each channel's statistics per fold, a sample of its cells).
 
     The sample is the `stats.cell_first_bins` of every `SAMPLE_STRIDE`-th pixel. When it says the
     chunk's statistics could exceed `chunk_bytes` (each sampled cell taken as `SAMPLE_STRIDE` cells
-    of `cell_bytes`), they are not gathered (None: the fit goes in passes), and each channel's
-    statistics are those of bin width 256, where every cell is its channel."""
+    in each fold: `chunk_statistics_bytes`), they are not gathered (None: the fit goes in passes),
+    and each channel's statistics are those of bin width 256, where every cell is its channel."""
     pixels, truth_pixels = read_pixels(predictions, start, stop), read_pixels(truth, start, stop)
     sample = cell_first_bins(np.ascontiguousarray(pixels[:, ::SAMPLE_STRIDE]), bin_width)
-    if len(sample) * SAMPLE_STRIDE * cell_bytes > chunk_bytes:
+    if chunk_statistics_bytes(len(sample), pixels.shape[1] * pixels.shape[2], n_folds, pixels.shape[0], bin_width,
+                              moments_kind) > chunk_bytes:
         return None, fold_statistics(pixels, truth_pixels, LEVELS, spans, n_folds, device, moments_kind), sample
     folds = fold_statistics(pixels, truth_pixels, bin_width, spans, n_folds, device, moments_kind)
     return folds, [fold.per_channel() for fold in folds], sample
+
+
+def chunk_statistics_bytes(sampled_cells: int, pixel_channels: int, n_folds: int, n_models: int, bin_width: int,
+                           moments_kind: str) -> float:
+    """Estimated bytes of a chunk's statistics from the cells of its sample: each sampled cell taken
+    as `SAMPLE_STRIDE` cells in each of `n_folds` folds (a cell may hold pixels of every fold), at
+    most one a pixel-channel (`statistics_bytes`)."""
+    cells = min(sampled_cells * SAMPLE_STRIDE * n_folds, pixel_channels)
+    return statistics_bytes(cells, pixel_channels, n_models, bin_width, moments_kind)
 
 
 def _merge_guarded(*parts: tuple) -> tuple:
@@ -95,11 +108,13 @@ def statistics_graph(store: str, ds, bin_width: int, device: str = "cpu", n_fold
                        merge_folds, MERGE_FAN_IN if first_bins is None else 2)
 
 
-def statistics_bytes(n_cells: float, n_models: int, bin_width: int, moments_kind: str) -> float:
-    """Estimated bytes of the statistics of `n_cells` cells: their moments and key words, and three
-    histogram entries each (a few pixels per cell, where there are so many cells that it matters)."""
+def statistics_bytes(n_cells: float, n_pixel_channels: float, n_models: int, bin_width: int, moments_kind: str) -> float:
+    """Bytes of the statistics of `n_pixel_channels` pixel-channels in `n_cells` cells, at most:
+    the cells' moments and key words, and one histogram entry per level present in a cell (at most
+    256 a cell, and at most one per pixel-channel)."""
     words = key_words(n_models, bin_width)
-    return n_cells * 8 * (moment_columns(n_models, moments_kind) + words + 3 * (words + 1))
+    entries = min(n_cells * LEVELS, n_pixel_channels)
+    return 8 * (n_cells * (moment_columns(n_models, moments_kind) + words) + entries * (words + 1))
 
 
 class CellRanges:
@@ -109,7 +124,8 @@ class CellRanges:
     statistics a sampled cell stands for is learnt from the ranges gathered so far (`gathered`);
     before the first, it is taken as `SAMPLE_STRIDE` cells of `cell_bytes` each, more than it turns
     out to be (a sampled cell often stands for a cell whose other pixels were sampled too), so the
-    first range is the smallest."""
+    first range is the smallest. A range holds at least one first bin that was sampled: where the
+    first group of models agree on many cells (identical members), that bin may exceed a pass."""
 
     def __init__(self, sample: np.ndarray, cell_bytes: float, pass_bytes: int):
         self.sample, self.pass_bytes, self.first_guess = sample, pass_bytes, SAMPLE_STRIDE * cell_bytes
@@ -121,8 +137,8 @@ class CellRanges:
             per_sample = self.gathered_bytes / self.sampled_cells if self.sampled_cells else self.first_guess
             first = np.searchsorted(self.sample, self.start)
             cut = first + max(1, int(self.pass_bytes / max(per_sample, 1.0)))
-            if cut < len(self.sample) and self.sample[cut] == self.start:  # many sampled cells share a first bin
-                cut = np.searchsorted(self.sample, self.start, side="right")
+            if cut < len(self.sample) and first < len(self.sample) and self.sample[cut] == self.sample[first]:
+                cut = np.searchsorted(self.sample, self.sample[first], side="right")  # many sampled cells share a first bin
             yield self.start, END_OF_BINS if cut >= len(self.sample) else int(self.sample[cut])
 
     def gathered(self, first_bins: tuple[int, int], statistics: list[CellStatistics]) -> None:
@@ -173,7 +189,8 @@ class StoredBins:
     def append(self, lut: Lut) -> None:
         """Add the bins of `lut` (all after those added before), keeping the first run's other fields."""
         for name, file in self.files.items():
-            np.ascontiguousarray(getattr(lut, name)).tofile(file)
+            with _temporary_files_named():
+                file.write(np.ascontiguousarray(getattr(lut, name)).data)
         self.rows += len(lut.bin_digits)
         if self.first is None:
             self.first = Lut(lut.models, lut.bin_width, lut.bin_weights[:0], lut.bin_count[:0], lut.bin_status[:0], lut.solver,
@@ -192,8 +209,19 @@ class StoredBins:
         shape = (self.rows, *empty.shape[1:])
         if not self.rows:
             return np.empty(shape, empty.dtype)
-        file.flush()
+        with _temporary_files_named():
+            file.flush()
         return np.memmap(file, dtype=empty.dtype, mode="r", shape=shape)
+
+
+@contextlib.contextmanager
+def _temporary_files_named():
+    """An OSError writing `StoredBins`' files (which have no name) as one naming their folder, so
+    that a full disk is reported where it is (with its errno: the CLI says to free space)."""
+    try:
+        yield
+    except OSError as error:
+        raise OSError(error.errno, error.strerror or str(error), f"{tempfile.gettempdir()} (fit's temporary files)") from None
 
 
 def plan_fit(store: str, lut_path: str, bin_width: int = DEFAULT_BIN_WIDTH, solver: str = DEFAULT_SOLVER,
@@ -213,9 +241,9 @@ def plan_fit(store: str, lut_path: str, bin_width: int = DEFAULT_BIN_WIDTH, solv
     n_folds = min(SHRINKAGE_FOLDS, n_images) if solver == "lsq" and shrinkage is None and n_images > 1 else 1
     moments_kind = moments_for([solver])
     em_device = resolve_device(device)
-    n_pixels = ds.sizes["pixel"]
-    most_cells = min(bin_count(len(models), bin_width), n_pixels) * n_channels
-    may_need_passes = statistics_bytes(most_cells, len(models), bin_width, moments_kind) > pass_bytes
+    pixel_channels = ds.sizes["pixel"] * n_channels
+    most_cells = min(bin_count(len(models), bin_width) * n_channels * n_folds, pixel_channels)  # folds are kept apart
+    may_need_passes = statistics_bytes(most_cells, pixel_channels, len(models), bin_width, moments_kind) > pass_bytes
 
     read_as_planned = _what_fit_reads(ds, n_images)
 
@@ -241,8 +269,8 @@ def plan_fit(store: str, lut_path: str, bin_width: int = DEFAULT_BIN_WIDTH, solv
         "bin width": f"{bin_width} ({n_bins:,} bins x {n_channels} channels)",
         "statistics tasks": f"{len(pixel_chunk_lengths(ds))} chunks, merged {MERGE_FAN_IN} at a time"
                             + (f", kept in {n_folds} folds of images" if n_folds > 1 else "")
-                            + (f"; in passes over ranges of cells if they exceed {pass_bytes / 2**20:,.0f} MiB"
-                               if may_need_passes else ""),
+                            + (f"; in passes over ranges of cells (merged 2 at a time) if a sample of the cells says "
+                               f"they exceed {pass_bytes / 2**20:,.0f} MiB" if may_need_passes else ""),
         "devices": f"statistics on {device}, EM batched on {em_device}",
     }
     if solver == "lsq":
@@ -252,11 +280,14 @@ def plan_fit(store: str, lut_path: str, bin_width: int = DEFAULT_BIN_WIDTH, solv
 
 def _what_fit_reads(ds, n_images: int):
     """What must not change while fit reads the store opened as `ds` (a fit in passes reads it
-    several times): the SHA-256s of the source files of its first `n_images` images, which an
-    `ingest --append` leaves as they are, or where it has none, its attributes."""
-    if "source_sha256" in ds:
-        return np.asarray(ds["source_sha256"].values)[..., :n_images].tolist()
-    return ds.attrs
+    several times): the SHA-256s of the source files of its first `n_images` images and the
+    attributes that say how predictions were made (`predict`'s model files and options), which an
+    `ingest --append` or `predict --append` leaves as they are; where it has no SHA-256s, all its
+    attributes."""
+    if "source_sha256" not in ds:
+        return ds.attrs
+    return (np.asarray(ds["source_sha256"].values)[..., :n_images].tolist(),
+            {name: ds.attrs.get(name) for name in READ_AS_PLANNED_ATTRIBUTES})
 
 
 def fit_in_passes(compute, store: str, ds, models: list[str], bin_width: int, solver: str, device: str, em_device: str,
@@ -271,15 +302,16 @@ def fit_in_passes(compute, store: str, ds, models: list[str], bin_width: int, so
     set once more in passes: every range's held-out errors first, then the fit with the strength
     chosen."""
     moments_kind = moments_for([solver])
-    cell_bytes = statistics_bytes(1, len(models), bin_width, moments_kind)
-    parts = chunk_tasks(store, ds, n_folds, _guarded_chunk_statistics, bin_width, device, moments_kind, cell_bytes,
+    parts = chunk_tasks(store, ds, n_folds, _guarded_chunk_statistics, bin_width, device, moments_kind,
                         pass_bytes / len(chunk_ranges(ds)))
     (first_pass,) = compute(tree_reduce(parts, _merge_guarded), label="statistics and a sample of cells")
     folds, channel_folds, sample = first_pass
     del first_pass
     if folds is not None:
         return lut_from_folds(folds, models, em_device, solver, shrinkage)
-    ranges = CellRanges(np.sort(sample), cell_bytes, pass_bytes)
+    whole_set = chunk_statistics_bytes(len(sample), ds.sizes["pixel"] * ds.sizes["channel"], n_folds, len(models), bin_width,
+                                       moments_kind)
+    ranges = CellRanges(np.sort(sample), whole_set / max(len(sample), 1) / SAMPLE_STRIDE, pass_bytes)
     del sample
 
     def statistics_of(ranges, label: str, n_folds: int):

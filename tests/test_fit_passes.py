@@ -1,11 +1,18 @@
 """A fit whose statistics would not fit one pass is made in passes over ranges of cells, and
 writes the LUT a single pass writes, bit for bit."""
 
+import errno
+import io
+import tempfile
+import types
+
 import numpy as np
 import pytest
 
 from ensir_flow import stats
 from ensir_flow.errors import TransientError
+from ensir_flow.lut import fit_lut
+from ensir_flow.pipelines import fit as fit_pipeline
 from ensir_flow.pipelines.executor import threaded_compute
 from ensir_flow.pipelines.fit import END_OF_BINS, CellRanges, plan_fit
 from ensir_flow.pipelines.storage import read_lut
@@ -118,13 +125,17 @@ def test_ranges_cover_every_cell_once_and_follow_what_was_gathered():
     assert sizes[0] == 30 and all(size == 120 for size in sizes[1:-1]), sizes  # 240 bytes, then 2400 bytes a range
 
 
-def test_ranges_step_over_a_first_bin_shared_by_more_cells_than_a_pass_holds():
+def test_a_range_holds_a_first_bin_shared_by_more_cells_than_a_pass_holds():
+    """A range is never empty of sampled cells (a pass over nothing would read the store for
+    nothing), and holds all the sampled cells of a first bin, however many."""
     sample = np.array([5] * 100 + [7, 9])
-    ranges = iter(CellRanges(sample, cell_bytes=1.0, pass_bytes=8 * 10))
-    assert next(ranges) == (0, 5)
-    ranges_object = CellRanges(sample, cell_bytes=1.0, pass_bytes=8 * 10)
-    ranges_object.start = 5
-    assert next(iter(ranges_object)) == (5, 7)
+    ranges = CellRanges(sample, cell_bytes=1.0, pass_bytes=8 * 10)  # 10 sampled cells a pass
+    cut = []
+    for first_bins in ranges:
+        cut.append(first_bins)
+        ranges.gathered(first_bins, [_statistics_of_bytes(0)])
+    assert cut[0] == (0, 7) and cut[-1][1] == END_OF_BINS
+    assert all(np.searchsorted(sample, hi) > np.searchsorted(sample, lo) for lo, hi in cut)
 
 
 def _statistics_of_bytes(n_bytes: int) -> stats.CellStatistics:
@@ -160,3 +171,34 @@ def test_a_store_replaced_between_passes_is_refused_and_nothing_written(tmp_path
     with pytest.raises(TransientError, match="replaced while fit read it"):
         plan_fit(str(store), str(lut_path), 16, "em", "cpu", False, None, pass_bytes=512 << 10).run(compute)
     assert not lut_path.exists() and not list(tmp_path.glob("lut.zarr*"))
+
+
+def test_a_full_disk_under_the_temporary_files_names_their_folder(monkeypatch):
+    """The LUT's bins go to unnamed temporary files: a full disk there is reported as that folder
+    being full (errno kept, so the CLI says to free space), not as a failure of the LUT."""
+    class Full(io.BytesIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fit_pipeline.tempfile, "TemporaryFile", lambda **options: Full())
+    predictions, truth = members(16, 500)
+    lut = fit_lut(stats.chunk_statistics(predictions, truth, 16), [f"s{k}" for k in range(16)])
+    with pytest.raises(OSError) as raised:
+        fit_pipeline.StoredBins().append(lut)
+    assert raised.value.errno == errno.ENOSPC and tempfile.gettempdir() in raised.value.filename
+
+
+class _StoreIndex(dict):
+    """What `_what_fit_reads` reads of a store: variables by name, and attributes."""
+
+    def __init__(self, sha256s, **attrs):
+        super().__init__(source_sha256=types.SimpleNamespace(values=np.array(sha256s, dtype=object)))
+        self.attrs = attrs
+
+
+def test_what_fit_reads_covers_the_planned_images_and_how_predictions_were_made():
+    planned = fit_pipeline._what_fit_reads(_StoreIndex([["a", "b"]], model_files={"m": "1"}, created="x"), 2)
+    appended = _StoreIndex([["a", "b", "c"]], model_files={"m": "1"}, created="y", appended="z")
+    assert fit_pipeline._what_fit_reads(appended, 2) == planned  # an append leaves the planned images as they were
+    for changed in (_StoreIndex([["a", "B"]], model_files={"m": "1"}), _StoreIndex([["a", "b"]], model_files={"m": "2"})):
+        assert fit_pipeline._what_fit_reads(changed, 2) != planned

@@ -494,11 +494,15 @@ def first_bin_of_keys(keys: np.ndarray, n_channels: int) -> np.ndarray:
     return (keys if keys.ndim == 1 else keys[:, 0]) // n_channels
 
 
-def cell_first_bins(predictions: np.ndarray, bin_width: int) -> np.ndarray:
-    """The `first_bin_of_keys` of each distinct cell of a chunk of predictions (K, P, C), sorted:
-    how its cells spread over the ranges that `chunk_statistics(first_bins=...)` selects (used to
-    cut a large fit into passes of about as many cells each)."""
-    return first_bin_of_keys(sorted_groups(cell_keys(predictions, bin_width))[0], predictions.shape[2])
+def cell_sample(predictions: np.ndarray, ground_truth: np.ndarray, bin_width: int) -> tuple[np.ndarray, int]:
+    """Of the pixel-channels of predictions (K, P, C) with `ground_truth` (P, C) (a sample of a
+    chunk's): the `first_bin_of_keys` of each distinct cell, sorted, and how many histogram
+    entries (distinct cell and level) their statistics would hold: how a chunk's cells spread over
+    the ranges that `chunk_statistics(first_bins=...)` selects, and how large its statistics are
+    (used to cut a large fit into passes of about as many bytes each)."""
+    cells, slots = sorted_groups(cell_keys(predictions, bin_width))
+    entries = len(_histogram_of_slots(slots, np.ascontiguousarray(ground_truth), cells)[1])
+    return first_bin_of_keys(cells, predictions.shape[2]), entries
 
 
 def _of_kind(statistics: CellStatistics, moments_kind: str) -> CellStatistics:

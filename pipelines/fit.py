@@ -21,7 +21,7 @@ from ensir_flow.devices import resolve_device
 from ensir_flow.errors import TransientError
 from ensir_flow.lsq import SHRINKAGE_GRID, held_out_errors
 from ensir_flow.lut import DEFAULT_PASS_MEMORY_MIB, DEFAULT_SOLVER, Lut, check_solver, fit_lut, moments_for
-from ensir_flow.stats import ALL_MOMENTS, CellStatistics, cell_first_bins, fold_statistics, merge, merge_folds, moment_columns
+from ensir_flow.stats import ALL_MOMENTS, CellStatistics, cell_sample, fold_statistics, merge, merge_folds, moment_columns
 
 from .chunks import (MERGE_FAN_IN, Span, chunk_ranges, chunk_spans, image_folds, pixel_array, pixel_chunk_lengths, read_pixels,
                      task_argument, tree_reduce)
@@ -32,7 +32,7 @@ from .storage import open_store_index, refuse_existing, staged_output, write_lut
 SHRINKAGE_FOLDS = 5
 #: Used by lsq when there is a single reference image, so nothing to hold out.
 DEFAULT_SHRINKAGE = 1e3
-#: Bytes of statistics one pass of `fit` may gather (estimated: `statistics_bytes`). A reference set
+#: Bytes of statistics one pass of `fit` may gather (estimated: `sample_statistics_bytes`). A reference set
 #: whose statistics would exceed it is fitted in several passes, one range of cells each. At the
 #: peak a pass holds its chunks' statistics and their merge, about twice this, besides the pixels
 #: of the chunks being read.
@@ -56,35 +56,38 @@ def _chunk_statistics(predictions, truth, start: int, stop: int, spans: list[Spa
 def _guarded_chunk_statistics(predictions, truth, start: int, stop: int, spans: list[Span], n_folds: int, bin_width: int,
                               device: str, moments_kind: str, chunk_bytes: float) -> tuple:
     """One task of the first pass of a fit whose statistics may exceed a pass (`fit_in_passes`):
-    (its statistics per fold, each channel's statistics per fold, a sample of its cells).
+    (its statistics per fold, each channel's statistics per fold, the sorted first bins of the
+    cells of its sample, how many histogram entries the sample holds).
 
-    The sample is the `stats.cell_first_bins` of every `SAMPLE_STRIDE`-th pixel. When it says the
-    chunk's statistics could exceed `chunk_bytes` (each sampled cell taken as `SAMPLE_STRIDE` cells
-    in each fold: `chunk_statistics_bytes`), they are not gathered (None: the fit goes in passes),
-    and each channel's statistics are those of bin width 256, where every cell is its channel."""
+    The sample is every `SAMPLE_STRIDE`-th pixel (`stats.cell_sample`). When it says the chunk's
+    statistics could exceed `chunk_bytes` (`sample_statistics_bytes`), they are not gathered
+    (None: the fit goes in passes), and each channel's statistics are those of bin width 256, where
+    every cell is its channel."""
     pixels, truth_pixels = read_pixels(predictions, start, stop), read_pixels(truth, start, stop)
-    sample = cell_first_bins(np.ascontiguousarray(pixels[:, ::SAMPLE_STRIDE]), bin_width)
-    if chunk_statistics_bytes(len(sample), pixels.shape[1] * pixels.shape[2], n_folds, pixels.shape[0], bin_width,
-                              moments_kind) > chunk_bytes:
-        return None, fold_statistics(pixels, truth_pixels, LEVELS, spans, n_folds, device, moments_kind), sample
+    first_bins, entries = cell_sample(np.ascontiguousarray(pixels[:, ::SAMPLE_STRIDE]), truth_pixels[::SAMPLE_STRIDE], bin_width)
+    if sample_statistics_bytes(len(first_bins), entries, pixels.shape[1] * pixels.shape[2], n_folds, pixels.shape[0], bin_width,
+                               moments_kind) > chunk_bytes:
+        return None, fold_statistics(pixels, truth_pixels, LEVELS, spans, n_folds, device, moments_kind), first_bins, entries
     folds = fold_statistics(pixels, truth_pixels, bin_width, spans, n_folds, device, moments_kind)
-    return folds, [fold.per_channel() for fold in folds], sample
+    return folds, [fold.per_channel() for fold in folds], first_bins, entries
 
 
-def chunk_statistics_bytes(sampled_cells: int, pixel_channels: int, n_folds: int, n_models: int, bin_width: int,
-                           moments_kind: str) -> float:
-    """Estimated bytes of a chunk's statistics from the cells of its sample: each sampled cell taken
-    as `SAMPLE_STRIDE` cells in each of `n_folds` folds (a cell may hold pixels of every fold), at
-    most one a pixel-channel (`statistics_bytes`)."""
-    cells = min(sampled_cells * SAMPLE_STRIDE * n_folds, pixel_channels)
-    return statistics_bytes(cells, pixel_channels, n_models, bin_width, moments_kind)
+def sample_statistics_bytes(sampled_cells: int, sampled_entries: int, pixel_channels: int, n_folds: int, n_models: int,
+                            bin_width: int, moments_kind: str) -> float:
+    """Estimated bytes of the statistics of `pixel_channels` from the cells and histogram entries
+    of their sample: each taken as `SAMPLE_STRIDE` of them in each of `n_folds` folds (a cell may
+    hold pixels of every fold; more than it turns out to be, as a sampled cell often stands for a
+    cell whose other pixels were sampled too), at most one a pixel-channel (`statistics_bytes`)."""
+    cells, entries = (min(sampled * SAMPLE_STRIDE * n_folds, pixel_channels) for sampled in (sampled_cells, sampled_entries))
+    return statistics_bytes(cells, entries, n_models, bin_width, moments_kind)
 
 
 def _merge_guarded(*parts: tuple) -> tuple:
     """Merge results of `_guarded_chunk_statistics`: statistics (None where one chunk gave none),
-    channels' statistics, and the samples side by side."""
+    channels' statistics, the samples' first bins side by side and their histogram entries added."""
     folds = None if any(part[0] is None for part in parts) else merge_folds(*(part[0] for part in parts))
-    return folds, merge_folds(*(part[1] for part in parts)), np.concatenate([part[2] for part in parts])
+    return (folds, merge_folds(*(part[1] for part in parts)), np.concatenate([part[2] for part in parts]),
+            sum(part[3] for part in parts))
 
 
 def chunk_tasks(store: str, ds, n_folds: int, task, *arguments) -> list:
@@ -108,13 +111,11 @@ def statistics_graph(store: str, ds, bin_width: int, device: str = "cpu", n_fold
                        merge_folds, MERGE_FAN_IN if first_bins is None else 2)
 
 
-def statistics_bytes(n_cells: float, n_pixel_channels: float, n_models: int, bin_width: int, moments_kind: str) -> float:
-    """Bytes of the statistics of `n_pixel_channels` pixel-channels in `n_cells` cells, at most:
-    the cells' moments and key words, and one histogram entry per level present in a cell (at most
-    256 a cell, and at most one per pixel-channel)."""
+def statistics_bytes(n_cells: float, n_entries: float, n_models: int, bin_width: int, moments_kind: str) -> float:
+    """Bytes of the statistics of `n_cells` cells holding `n_entries` histogram entries (a cell's
+    distinct ground-truth levels): their moments, key words and entries."""
     words = key_words(n_models, bin_width)
-    entries = min(n_cells * LEVELS, n_pixel_channels)
-    return 8 * (n_cells * (moment_columns(n_models, moments_kind) + words) + entries * (words + 1))
+    return 8 * (n_cells * (moment_columns(n_models, moments_kind) + words) + n_entries * (words + 1))
 
 
 class CellRanges:
@@ -243,7 +244,8 @@ def plan_fit(store: str, lut_path: str, bin_width: int = DEFAULT_BIN_WIDTH, solv
     em_device = resolve_device(device)
     pixel_channels = ds.sizes["pixel"] * n_channels
     most_cells = min(bin_count(len(models), bin_width) * n_channels * n_folds, pixel_channels)  # folds are kept apart
-    may_need_passes = statistics_bytes(most_cells, pixel_channels, len(models), bin_width, moments_kind) > pass_bytes
+    most_entries = min(most_cells * LEVELS, pixel_channels)
+    may_need_passes = statistics_bytes(most_cells, most_entries, len(models), bin_width, moments_kind) > pass_bytes
 
     read_as_planned = _what_fit_reads(ds, n_images)
 
@@ -305,12 +307,12 @@ def fit_in_passes(compute, store: str, ds, models: list[str], bin_width: int, so
     parts = chunk_tasks(store, ds, n_folds, _guarded_chunk_statistics, bin_width, device, moments_kind,
                         pass_bytes / len(chunk_ranges(ds)))
     (first_pass,) = compute(tree_reduce(parts, _merge_guarded), label="statistics and a sample of cells")
-    folds, channel_folds, sample = first_pass
+    folds, channel_folds, sample, sampled_entries = first_pass
     del first_pass
     if folds is not None:
         return lut_from_folds(folds, models, em_device, solver, shrinkage)
-    whole_set = chunk_statistics_bytes(len(sample), ds.sizes["pixel"] * ds.sizes["channel"], n_folds, len(models), bin_width,
-                                       moments_kind)
+    whole_set = sample_statistics_bytes(len(sample), sampled_entries, ds.sizes["pixel"] * ds.sizes["channel"], n_folds,
+                                        len(models), bin_width, moments_kind)
     ranges = CellRanges(np.sort(sample), whole_set / max(len(sample), 1) / SAMPLE_STRIDE, pass_bytes)
     del sample
 

@@ -4,8 +4,8 @@
 
 Every operation that changes the file system goes through one of the functions patched here:
 Zarr's object writes and deletes (chunks, metadata), fsspec's moves, deletes, directory creation
-and file opens for writing (staging, commits, locks, LUT exports), and image writes (export,
-report figures). The n-th call ends the process with os._exit before it runs: no exception
+and file opens for writing (staging, commits, locks, LUT exports), image writes (export, report
+figures), and the temporary files of a fit in passes (`StoredBins.append`). The n-th call ends the process with os._exit before it runs: no exception
 handler, `finally` or atexit hook of the CLI runs, exactly as after a SIGKILL between two
 writes. N = 0 runs to the end; every run writes how many writes it made to COUNT_FILE.
 """
@@ -65,6 +65,9 @@ def main() -> None:
 
     LocalFileSystem._open = open_file
     imageio.v3.imwrite = counted(imageio.v3.imwrite)
+    from ensir_flow.pipelines.fit import StoredBins  # a fit in passes: each range's LUT bins to its temporary files
+
+    StoredBins.append = counted(StoredBins.append)
 
     from ensir_flow.cli import main as cli
 

@@ -252,59 +252,72 @@ def _merge_sorted_rows(a, b):
 
 
 @numba.njit(inline="always")
-def _hash_of_row(keys, row, mask):
-    """Slot (0..mask) of a row of key words in an open-addressing table (Fibonacci hashing)."""
+def _slot_of_words(words, row, shift):
+    """Slot (0 .. 2^(64 - shift) - 1) of row `row` of key words in an open-addressing table:
+    Fibonacci hashing, the top bits of the words folded with the golden-ratio multiplier."""
     h = np.uint64(0)
-    for i in range(keys.shape[1]):
-        h = (h ^ np.uint64(keys[row, i])) * np.uint64(0x9E3779B97F4A7C15)
-    return np.int64(h >> np.uint64(32)) & mask
+    for i in range(words.shape[1]):
+        h = (h ^ np.uint64(words[row, i])) * np.uint64(0x9E3779B97F4A7C15)
+    return h >> shift
 
 
 @numba.njit(inline="always")
-def _same_row(keys, a, b):
-    for i in range(keys.shape[1]):
-        if keys[a, i] != keys[b, i]:
-            return False
-    return True
+def _same_words(a, i, b, j):
+    """Whether row i of key words a equals row j of b (every word compared: no branch per word)."""
+    same = True
+    for w in range(a.shape[1]):
+        same &= a[i, w] == b[j, w]
+    return same
 
 
 @numba.njit(nogil=True, cache=True)
 def _first_seen_groups(keys):
     """Group of each row of key words (n, W), groups numbered in order of first appearance, and
-    the first row of each group: one pass through a hash table of the groups seen (linear
-    probing, doubled when half full), so O(n) where sorting is O(n log n)."""
-    n = keys.shape[0]
-    table = np.full(1024, -1, np.int64)
-    first_row = np.empty(n, np.int64)
+    each group's key words (groups, W): one pass through an open-addressing table (linear probing,
+    doubled when half full) whose slots hold the key words themselves beside the group, so a probe
+    reads one slot and never the keys of earlier rows. O(n), where sorting is O(n log n)."""
+    n, n_words = keys.shape
+    n_slots, shift = 1024, np.uint64(54)
+    slot_words = np.empty((n_slots, n_words), np.int64)
+    slot_group = np.full(n_slots, -1, np.int64)
+    group_words = np.empty((1024, n_words), np.int64)
     group = np.empty(n, np.int64)
     n_groups = 0
     for r in range(n):
-        mask = len(table) - 1
-        slot = _hash_of_row(keys, r, mask)
-        while table[slot] >= 0 and not _same_row(keys, first_row[table[slot]], r):
-            slot = (slot + 1) & mask
-        if table[slot] >= 0:
-            group[r] = table[slot]
+        slot = _slot_of_words(keys, r, shift)
+        while True:
+            found = slot_group[slot]
+            if found < 0 or _same_words(slot_words, slot, keys, r):
+                break
+            slot = (slot + np.uint64(1)) & np.uint64(n_slots - 1)
+        if found >= 0:
+            group[r] = found
             continue
-        group[r], first_row[n_groups], table[slot] = n_groups, r, n_groups
+        if n_groups == len(group_words):
+            grown = np.empty((2 * len(group_words), n_words), np.int64)
+            grown[:n_groups] = group_words
+            group_words = grown
+        group_words[n_groups] = keys[r]
+        slot_words[slot], slot_group[slot], group[r] = keys[r], n_groups, n_groups
         n_groups += 1
-        if 2 * n_groups > len(table):
-            table = np.full(2 * len(table), -1, np.int64)
-            mask = len(table) - 1
+        if 2 * n_groups > n_slots:
+            n_slots, shift = 2 * n_slots, shift - np.uint64(1)
+            slot_words = np.empty((n_slots, n_words), np.int64)
+            slot_group = np.full(n_slots, -1, np.int64)
             for g in range(n_groups):
-                slot = _hash_of_row(keys, first_row[g], mask)
-                while table[slot] >= 0:
-                    slot = (slot + 1) & mask
-                table[slot] = g
-    return group, first_row[:n_groups].copy()
+                slot = _slot_of_words(group_words, g, shift)
+                while slot_group[slot] >= 0:
+                    slot = (slot + np.uint64(1)) & np.uint64(n_slots - 1)
+                slot_words[slot], slot_group[slot] = group_words[g], g
+    return group, group_words[:n_groups].copy()
 
 
 def sorted_groups(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The sorted unique keys of keys (n,) or key words (n, W), and the row of that result each
     key is (n,): what `np.unique(..., return_inverse=True)` gives, by hashing, so only the unique
     keys are sorted (far fewer than the keys, in a chunk of pixels)."""
-    group, first = _first_seen_groups(_key_rows(keys))
-    unique = keys[first]
+    group, unique = _first_seen_groups(_key_rows(keys))
+    unique = unique.reshape(-1) if keys.ndim == 1 else unique
     order = key_order(unique)
     rank = np.empty(len(order), np.int64)
     rank[order] = np.arange(len(order))

@@ -10,9 +10,10 @@ all models):
 
 - fit at K = 3 and K = 8 (bin width 32) on the same frames, dask's threaded scheduler, best of
   --runs: seconds and their ratio (issue 13's target: K = 8 at most 3x K = 3).
-- the blend kernel alone, one call on one in-memory chunk (numba runs it on one core): K = 3
-  dense, K = 5 at w = 16 both dense and hashed (what `lut.DENSE_TABLE_LIMIT_BYTES` chooses
-  between), K = 8 at w = 32 hashed, K = 16 at w = 16 hashed (target: K = 8 >= 40 Mpx/s per core).
+- the blend kernel alone, one call on one in-memory chunk (numba runs it on one core), with each
+  lookup table that applies (`lut.Lut.lookup_table` chooses by size: dense, indexed, hashed): K = 3
+  at w = 32 and K = 5 at w = 16 (all three), K = 8 at w = 32 (indexed, hashed), K = 16 at w = 16
+  (hashed) (target: K = 8 >= 40 Mpx/s per core).
 - peak resident memory (VmHWM) of `fit` and of `apply` at K = 16, w = 16, each in a fresh
   process on the threaded scheduler (one process = one worker), for each --memory-megapixels
   (target: under 1.5 GB at 10 Mpx), with the number of cells and stored bins.
@@ -41,9 +42,9 @@ from pathlib import Path
 import numpy as np
 
 from ensir_flow import schema, stats
-from ensir_flow.binning import words_of_digits
-from ensir_flow.blend import HashedWeights, blend, weights_with_fallback
-from ensir_flow.lut import fit_lut
+from ensir_flow.binning import flat_bins_of_digits, words_of_digits
+from ensir_flow.blend import HashedWeights, IndexedWeights, blend, weights_with_fallback
+from ensir_flow.lut import INDEXED_BINS_LIMIT, fit_lut
 from ensir_flow.pipelines.apply import plan_apply
 from ensir_flow.pipelines.executor import threaded_compute
 from ensir_flow.pipelines.fit import plan_fit
@@ -90,29 +91,33 @@ def fit_seconds(store: Path, lut: Path, bin_width: int, runs: int) -> float:
 
 
 def kernel_rows(corpus_by_k: dict, repeats: int) -> list[dict]:
-    """Blend-kernel throughput (Mpx/s, one core) of one chunk, dense and hashed where both exist:
-    per second of wall time and per second of the thread's CPU time (numba runs the kernel on the
-    calling thread, so the latter is its cost per core, whatever else loads the machine)."""
+    """Blend-kernel throughput (Mpx/s, one core) of one chunk, with each lookup table that applies
+    (dense, indexed, hashed): per second of wall time and per second of the thread's CPU time (numba
+    runs the kernel on the calling thread, so the latter is its cost per core, whatever else loads
+    the machine)."""
     rows = []
     for n_models, bin_width in KERNEL_CASES:
         pixels = corpus_by_k[n_models].pixels(0, min(CHUNK_PIXELS, corpus_by_k[n_models].index.n_pixels))
         predictions, truth = np.ascontiguousarray(pixels[:-1]), pixels[-1]
         lut = fit_lut(stats.chunk_statistics(predictions, truth, bin_width), corpus_by_k[n_models].models, solver="average")
-        tables = {"hashed": HashedWeights.of(words_of_digits(lut.bin_digits, bin_width),
-                                             weights_with_fallback(lut.bin_weights, lut.fallback), n_models, bin_width)}
+        stored = weights_with_fallback(lut.bin_weights, lut.fallback)
+        tables = {"hashed": HashedWeights.of(words_of_digits(lut.bin_digits, bin_width), stored, n_models, bin_width)}
+        if lut.n_bins <= INDEXED_BINS_LIMIT:
+            tables["indexed"] = IndexedWeights(flat_bins_of_digits(lut.bin_digits, bin_width), stored, n_models, bin_width)
         if lut.is_small:
             tables["dense"] = lut.weights
+        chosen = lut.lookup_table()
         outputs = {}
         for kind, table in tables.items():
-            blend(predictions[:, :100], table, bin_width)  # compile or load the kernel first
+            blend(predictions[:, :100], table, bin_width)  # compile or load the kernel first, build an index
             run = lambda: outputs.__setitem__(kind, blend(predictions, table, bin_width))  # noqa: E731
             seconds, cpu_seconds = best_time(run, repeats), best_time(run, repeats, warm_up=False, clock=time.thread_time)
             rows.append({"K": n_models, "bin_width": bin_width, "table": kind, "stored_bins": len(lut.bin_digits),
-                         "chosen": kind == ("dense" if lut.is_small else "hashed"),
+                         "chosen": type(table) is type(chosen),
                          "mpx_per_s": predictions.shape[1] / seconds / 1e6,
                          "mpx_per_cpu_s": predictions.shape[1] / cpu_seconds / 1e6})
-        if len(outputs) == 2 and not (outputs["dense"] == outputs["hashed"]).all():
-            raise RuntimeError(f"K = {n_models}: hashed and dense tables give different bytes")
+        if any((output != outputs["hashed"]).any() for output in outputs.values()):
+            raise RuntimeError(f"K = {n_models}: the lookup tables give different bytes")
     return rows
 
 
@@ -120,7 +125,7 @@ def print_kernel_rows(corpus_by_k: dict, repeats: int) -> list[dict]:
     """`kernel_rows`, each printed as one line."""
     rows = kernel_rows(corpus_by_k, repeats)
     for row in rows:
-        print(f"blend kernel K = {row['K']:2d}, w = {row['bin_width']:3d}, {row['table']:6s} "
+        print(f"blend kernel K = {row['K']:2d}, w = {row['bin_width']:3d}, {row['table']:7s} "
               f"({row['stored_bins']:,} stored bins{', chosen' if row['chosen'] else ''}): {row['mpx_per_s']:.1f} Mpx/s, "
               f"{row['mpx_per_cpu_s']:.1f} Mpx per CPU second")
     return rows

@@ -90,8 +90,8 @@ CUCKOO_MOVES = 500
 #: (tests/test_sparse_lut.py checks all of them): a multiply and a shift, which vectorise, where a
 #: division or a table read per value would not.
 DIGIT_SHIFT = 16
-#: Pixel-channels one pass of `blend_hashed_into` handles: its scratch (K + W + 2 rows of this many
-#: 4- or 8-byte values) stays in the core's L1 and L2 caches.
+#: Pixel-channels one pass of `blend_hashed_into` or `blend_indexed_into` handles: its scratch (K +
+#: W + 2 rows of this many 4- or 8-byte values) stays in the core's L1 and L2 caches.
 HASHED_BLOCK = 512
 
 
@@ -161,22 +161,15 @@ def blend_hashed_into(predictions, multiplier, places, word_of_model, slot_keys,
     across pixel-channels: (1) the key words and the float values, model by model over contiguous
     runs (vectorised), the words then made int64; (2) each pixel-channel's row: both slots are
     compared, the one holding the key, else the extra slot, chosen, and its row read (as selects,
-    not a probing loop); (3) the offset of its cell's weights; (4) the sum, model
-    by model over the block, then floor(acc + 0.5) clipped (vectorised). Per pixel-channel the
-    float32 operations are `store_blend`'s, in model order (starting from the first product instead
-    of 0 + it, which can differ only by the sign of a zero, which rounds the same), so a bin gives
-    the bytes the dense kernel gives."""
+    not a probing loop); (3) and (4) `_blend_rows_of_block`."""
     n_models = len(places)
-    n_channels = predictions.shape[2]
     values_of_model = predictions.reshape(n_models, -1)
-    flat_weights = weights.reshape(-1)
-    flat_out = out.reshape(-1)
     n_words = slot_keys.shape[1]
     no_slot = np.uint64(len(slot_rows) - 1)
     sums = np.empty((n_words, HASHED_BLOCK), np.float64)
     words = np.empty((n_words, HASHED_BLOCK), np.int64)
     values = np.empty((n_models, HASHED_BLOCK), np.float32)
-    offsets = np.empty(HASHED_BLOCK, np.uint64)
+    rows = np.empty(HASHED_BLOCK, np.uint64)
     acc = np.empty(HASHED_BLOCK, np.float32)
     for start in range(0, values_of_model.shape[1], HASHED_BLOCK):
         size = min(HASHED_BLOCK, values_of_model.shape[1] - start)
@@ -201,28 +194,71 @@ def blend_hashed_into(predictions, multiplier, places, word_of_model, slot_keys,
             # choose the slot (the key's, else the extra last one, which holds the fallback row), then
             # read its row: selecting between two loaded rows, LLVM made a branch, which mispredicts
             slot = second if in_second else no_slot
-            offsets[t] = slot_rows[first if in_first else slot]
-        channel = start % n_channels
-        for t in range(size):
-            offsets[t] = (offsets[t] * n_channels + channel) * n_models  # unsigned: indexes without a negative check
-            channel += 1
-            if channel == n_channels:
-                channel = 0
-        for t in range(size):
-            acc[t] = flat_weights[offsets[t]] * values[0, t]
-        for k in range(1, n_models - 1, 2):  # two models a pass: half the loads and stores of acc, same order
-            model, value, next_value = np.uint64(k), values[k], values[k + 1]
+            rows[t] = slot_rows[first if in_first else slot]
+        _blend_rows_of_block(weights, rows, values, start, size, predictions.shape[2], acc, out)
+
+
+@numba.njit(nogil=True, cache=True)
+def blend_indexed_into(predictions, multiplier, places, row_of_bin, weights, out):
+    """`blend_hashed_into` for a sparse LUT whose flat bin index is small enough for a dense table
+    of rows (`blend.IndexedWeights`): row_of_bin[b] (nb^K,) is the row of `weights` (m + 1, C, K)
+    of bin b, the last row (the fallback) for every bin not stored. b = sum_k floor(x_k / w) *
+    places[k] (places (K,) int32, b below 2^31), floor(x / w) as (x * multiplier) >> DIGIT_SHIFT.
+    One read replaces the hash and the two slots' compares: 1.4x the cuckoo table's speed at K = 8,
+    w = 32 (README). Block by block: (1) the flat bins and float values, model by model
+    (vectorised), (2) each bin's row, (3) and (4) `_blend_rows_of_block`."""
+    n_models = len(places)
+    values_of_model = predictions.reshape(n_models, -1)
+    bins = np.empty(HASHED_BLOCK, np.int32)
+    values = np.empty((n_models, HASHED_BLOCK), np.float32)
+    rows = np.empty(HASHED_BLOCK, np.uint64)
+    acc = np.empty(HASHED_BLOCK, np.float32)
+    for start in range(0, values_of_model.shape[1], HASHED_BLOCK):
+        size = min(HASHED_BLOCK, values_of_model.shape[1] - start)
+        bins[:size] = 0
+        for k in range(n_models):
+            x, value, place = values_of_model[k, start:start + size], values[k], places[k]
             for t in range(size):
-                weight, next_weight = flat_weights[offsets[t] + model], flat_weights[offsets[t] + model + np.uint64(1)]
-                acc[t] = (acc[t] + weight * value[t]) + next_weight * next_value[t]
-        if n_models % 2 == 0:
-            last, value = np.uint64(n_models - 1), values[n_models - 1]
-            for t in range(size):
-                acc[t] += flat_weights[offsets[t] + last] * value[t]
-        block_out = flat_out[start:start + size]
+                bins[t] += ((np.int32(x[t]) * multiplier) >> DIGIT_SHIFT) * place
+                value[t] = np.float32(x[t])
         for t in range(size):
-            rounded = np.floor(acc[t] + np.float32(0.5))
-            block_out[t] = 0 if rounded < 0 else (255 if rounded > 255 else np.uint8(rounded))
+            rows[t] = row_of_bin[bins[t]]
+        _blend_rows_of_block(weights, rows, values, start, size, predictions.shape[2], acc, out)
+
+
+@numba.njit(inline="always")
+def _blend_rows_of_block(weights, rows, values, start, size, n_channels, acc, out):
+    """The end of a sparse kernel's block of `size` pixel-channels from flat position `start`, each
+    in row rows[t] of `weights` (m + 1, C, K), with float values[k, t]: (3) the offset of its cell's
+    weights (in place of its row), (4) the sum, model by model over the block, then floor(acc +
+    0.5) clipped (vectorised) into out (P, C). Per pixel-channel the float32 operations are
+    `store_blend`'s, in model order (starting from the first product instead of 0 + it, which can
+    differ only by the sign of a zero, which rounds the same), so a bin gives the bytes the dense
+    kernel gives."""
+    n_models = values.shape[0]
+    flat_weights = weights.reshape(-1)
+    offsets = rows
+    channel = start % n_channels
+    for t in range(size):
+        offsets[t] = (rows[t] * n_channels + channel) * n_models  # unsigned: indexes without a negative check
+        channel += 1
+        if channel == n_channels:
+            channel = 0
+    for t in range(size):
+        acc[t] = flat_weights[offsets[t]] * values[0, t]
+    for k in range(1, n_models - 1, 2):  # two models a pass: half the loads and stores of acc, same order
+        model, value, next_value = np.uint64(k), values[k], values[k + 1]
+        for t in range(size):
+            weight, next_weight = flat_weights[offsets[t] + model], flat_weights[offsets[t] + model + np.uint64(1)]
+            acc[t] = (acc[t] + weight * value[t]) + next_weight * next_value[t]
+    if n_models % 2 == 0:
+        last, value = np.uint64(n_models - 1), values[n_models - 1]
+        for t in range(size):
+            acc[t] += flat_weights[offsets[t] + last] * value[t]
+    block_out = out.reshape(-1)[start:start + size]
+    for t in range(size):
+        rounded = np.floor(acc[t] + np.float32(0.5))
+        block_out[t] = 0 if rounded < 0 else (255 if rounded > 255 else np.uint8(rounded))
 
 
 @numba.njit(inline="always")

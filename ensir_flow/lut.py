@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 from . import em, lsq
 from .binning import (all_digits, bin_count, digits_of_words, flat_bins_of_digits, flat_bins_of_edges, flat_index_fits,
                       ranges_per_model, words_of_digits)
-from .blend import HashedWeights, weights_with_fallback
+from .blend import HashedWeights, IndexedWeights, weights_with_fallback
 from .errors import InputError
 from .fit_status import FLAG_MEANINGS, FitStatus
 from .schema import CHANNEL_NAMES
@@ -78,6 +78,10 @@ FORMAT_VERSION = 2
 #: stored bins are looked up in a hash table (`blend.HashedWeights`). K = 3 is below it at widths of 4 and up (the
 #: paper uses 32); at widths 1 and 2 it is hashed, to the same bytes.
 DENSE_TABLE_LIMIT_BYTES = 64 << 20
+#: Most bins nb^K of a LUT above `DENSE_TABLE_LIMIT_BYTES` whose bins are looked up in a dense table
+#: of rows (`blend.IndexedWeights`, at most 64 MB: K = 8 at w = 32, K = 6 at w = 16); above it, in a
+#: cuckoo table (`blend.HashedWeights`).
+INDEXED_BINS_LIMIT = 1 << 24
 #: Bins `check_weights` checks at a time (its temporaries: a few bytes per cell of a block).
 CHECK_BLOCK_BINS = 1 << 16
 #: The dimensions of a LUT's weights, as stored.
@@ -166,11 +170,14 @@ class Lut:
 
     def lookup_table(self):
         """What blend tasks take: the dense weights when small (the same table, so the same bytes, as
-        LUTs have always been applied with), else `blend.HashedWeights` of the stored bins."""
+        LUTs have always been applied with), else the stored bins' weights in a `blend.IndexedWeights`
+        up to `INDEXED_BINS_LIMIT` bins, a `blend.HashedWeights` beyond: the same bytes each way."""
         if self.is_small:
             return self.weights
-        return HashedWeights.of(words_of_digits(self.bin_digits, self.bin_width),
-                                weights_with_fallback(self.bin_weights, self.fallback), len(self.models), self.bin_width)
+        rows = weights_with_fallback(self.bin_weights, self.fallback)
+        if self.n_bins <= INDEXED_BINS_LIMIT:
+            return IndexedWeights(flat_bins_of_digits(self.bin_digits, self.bin_width), rows, len(self.models), self.bin_width)
+        return HashedWeights.of(words_of_digits(self.bin_digits, self.bin_width), rows, len(self.models), self.bin_width)
 
     def channel_names(self) -> list[str]:
         """'R', 'G', 'B' for 3 channels, 'Y' for 1, else their numbers."""

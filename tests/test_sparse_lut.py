@@ -1,4 +1,4 @@
-"""Many-model ensembles (issue 13): the sparse LUT (format 2), keys of several words, hashed lookups.
+"""Many-model ensembles (issue 13): the sparse LUT (format 2), keys of several words, indexed and hashed lookups.
 
 K up to 16 at bin widths 8 to 128: nb^K bins per channel (2^64 at K = 16, w = 16) are never built;
 only the bins holding reference pixels are stored, with a per-channel fallback for every other
@@ -8,6 +8,7 @@ layout by hand.
 """
 
 import json
+import pickle
 
 import imageio.v3 as iio
 import numpy as np
@@ -17,12 +18,12 @@ import xarray as xr
 from ensir_flow import stats
 from ensir_flow.binning import (bin_count, digits_of_words, flat_bins_of_digits, key_words, model_groups,
                                 ranges_per_model, words_of_digits)
-from ensir_flow.blend import HashedWeights, blend, weights_with_fallback
+from ensir_flow.blend import HashedWeights, IndexedWeights, blend, weights_with_fallback
 from ensir_flow.errors import InputError
 from ensir_flow.fit_status import FitStatus
 from ensir_flow.kernels import DIGIT_SHIFT, HASHED_BLOCK, digit_multiplier, fill_cuckoo_slots
 from ensir_flow.lsq import active_set_simplex_least_squares, enumerated_simplex_least_squares
-from ensir_flow.lut import FORMAT_VERSION, SOLVERS, Lut, fit_lut
+from ensir_flow.lut import FORMAT_VERSION, INDEXED_BINS_LIMIT, SOLVERS, Lut, fit_lut
 from ensir_flow.pipelines.storage import read_lut, write_lut
 
 
@@ -160,9 +161,42 @@ def test_hashed_blend_matches_a_per_pixel_lookup(n_models, bin_width, n_pixels, 
     keep = {"all": np.ones(len(seen), bool), "none": np.zeros(len(seen), bool),
             "most": np.random.default_rng(1).random(len(seen)) < 0.7}[stored]  # the others take the fallback
     lut = lut_storing(seen[keep], n_channels, bin_width, seed=n_models)
-    table = HashedWeights.of(words_of_digits(lut.bin_digits, bin_width), weights_with_fallback(lut.bin_weights, lut.fallback), n_models, bin_width)
+    rows = weights_with_fallback(lut.bin_weights, lut.fallback)
+    table = HashedWeights.of(words_of_digits(lut.bin_digits, bin_width), rows, n_models, bin_width)
     assert table.shape == (int(keep.sum()), n_channels, n_models) and table.slot_keys.shape[1] == key_words(n_models, bin_width)
-    np.testing.assert_array_equal(blend(predictions, table, bin_width), per_pixel_reference(predictions, lut))
+    expected = per_pixel_reference(predictions, lut)
+    np.testing.assert_array_equal(blend(predictions, table, bin_width), expected)
+    if lut.n_bins <= INDEXED_BINS_LIMIT:  # the indexed table too, where its flat index is small
+        indexed = IndexedWeights(flat_bins_of_digits(lut.bin_digits, bin_width), rows, n_models, bin_width)
+        assert indexed.shape == table.shape
+        np.testing.assert_array_equal(blend(predictions, indexed, bin_width), expected)
+
+
+def test_the_lookup_table_is_chosen_by_size_and_an_indexed_one_travels_without_its_index():
+    predictions, truth = members(8, 3000, seed=12)
+    lut = fit_lut(stats.chunk_statistics(predictions, truth, 32), [f"m{k}" for k in range(8)])
+    assert lut.n_bins == INDEXED_BINS_LIMIT and not lut.is_small
+    table = lut.lookup_table()
+    assert isinstance(table, IndexedWeights)
+    expected = blend(predictions, table, 32)
+    assert table.row_of_bin.dtype == np.uint16 and len(table.row_of_bin) == lut.n_bins  # built on first use
+    travelled = pickle.loads(pickle.dumps(table))
+    assert len(pickle.dumps(table)) < 2 * (table.weights.nbytes + table.flat_bins.nbytes)  # not the 33 MB index
+    assert travelled._row_of_bin is None
+    np.testing.assert_array_equal(blend(predictions, travelled, 32), expected)
+    np.testing.assert_array_equal(expected, per_pixel_reference(predictions, lut))
+    assert isinstance(fit_lut(stats.chunk_statistics(predictions[:3], truth, 32), list("abc")).lookup_table(), np.ndarray)
+
+
+def test_an_indexed_table_of_more_rows_than_uint16_holds():
+    n_bins = 70_000
+    digits = np.stack(np.unravel_index(np.arange(0, 3 * n_bins, 3), (16,) * 6), axis=1).astype(np.uint8)  # K = 6, w = 16
+    lut = lut_storing(digits, 1, 16, seed=13)
+    table = IndexedWeights(flat_bins_of_digits(lut.bin_digits, 16), weights_with_fallback(lut.bin_weights, lut.fallback), 6, 16)
+    assert table.row_of_bin.dtype == np.int32
+    predictions = (digits[-500:].T[:, :, None].astype(np.int64) * 16 + np.arange(500)[None, :, None] % 16).astype(np.uint8)
+    predictions[:, ::7] += 16  # most of these bins are stored, some not
+    np.testing.assert_array_equal(blend(predictions, table, 16), per_pixel_reference(predictions, lut))
 
 
 def test_hashed_blend_with_every_pixel_in_one_bin():

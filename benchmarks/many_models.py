@@ -9,7 +9,8 @@ waves and edges; each model = truth + its own bias, gain error and noise, plus n
 all models):
 
 - fit at K = 3 and K = 8 (bin width 32) on the same frames, dask's threaded scheduler, best of
-  --runs: seconds and their ratio (issue 13's target: K = 8 at most 3x K = 3).
+  --runs: seconds and their ratio (issue 13's target: K = 8 at most 3x K = 3); and the `fit`
+  command's wall time at both on the issue's own corpus (6 images of 256 x 256), as it measured.
 - the blend kernel alone, one call on one in-memory chunk (numba runs it on one core), with each
   lookup table that applies (`lut.Lut.lookup_table` chooses by size: dense, indexed, hashed): K = 3
   at w = 32 and K = 5 at w = 16 (all three), K = 8 at w = 32 (indexed, hashed), K = 16 at w = 16
@@ -147,6 +148,32 @@ def child(argv: list[str]) -> None:
     print(json.dumps({"step": what, "seconds": seconds, "peak_mib": peak_kib / 1024, **extra}))
 
 
+def command_fit_seconds(workdir: Path, runs: int, seed: int) -> dict[int, float]:
+    """Wall time of the `ensir-flow fit` command (a fresh process: start-up, statistics, EM, the LUT
+    written), best of `runs`, at K = 3 and K = 8 (w = 32) on the same pixels: issue 13's own corpus
+    (6 images of 256 x 256, distinct models), K = 3 being its first three members."""
+    corpus = workdir / "command-corpus"
+    write_png_corpus(corpus, "models", 8, 6, 256, 10.0, seed)
+    members = sorted(path.name for path in corpus.iterdir() if path.name != "gt")
+    seconds = {}
+    for n_models in (3, 8):
+        folders = workdir / f"command-k{n_models}"
+        folders.mkdir()
+        for name in ("gt", *members[:n_models]):
+            (folders / name).symlink_to(corpus / name)
+        store, lut = workdir / f"command-k{n_models}.zarr", workdir / f"command-lut{n_models}.zarr"
+        ensir_flow = [sys.executable, "-m", "ensir_flow"]
+        subprocess.run([*ensir_flow, "ingest", str(folders), str(store), "--no-progress"], capture_output=True, check=True)
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            subprocess.run([*ensir_flow, "fit", str(store), str(lut), "--overwrite", "--no-progress"], capture_output=True,
+                           check=True)
+            times.append(time.perf_counter() - start)
+        seconds[n_models] = min(times)
+    return seconds
+
+
 def memory_rows(workdir: Path, sizes: list[float], seed: int) -> list[dict]:
     """Peak RSS of fit and apply at K = 16, w = 16, each size in its own processes."""
     rows = []
@@ -203,6 +230,9 @@ def main(argv=None) -> None:
                 print(f"fit K = {n_models}, w = 32, {args.megapixels} Mpx: {fits[n_models]:.2f} s, "
                       f"{lut.filled_cells:,} cells with data in {len(lut.bin_digits):,} stored bins", file=sys.stderr)
         print(f"fit K = 8 / K = 3: {fits[8] / fits[3]:.2f}x (target <= 3)")
+        commands = command_fit_seconds(workdir, args.runs, args.seed)
+        print(f"the fit command on issue 13's corpus (6 images of 256 x 256): K = 3 {commands[3]:.2f} s, "
+              f"K = 8 {commands[8]:.2f} s: {commands[8] / commands[3]:.2f}x")
         kernels = print_kernel_rows(corpora, args.repeats)
         memory = memory_rows(workdir, [float(s) for s in args.memory_megapixels.split(",")], args.seed)
         for row in memory:
@@ -210,6 +240,7 @@ def main(argv=None) -> None:
                   + (f", {row['cells_with_data']:,} cells in {row['stored_bins']:,} stored bins" if "stored_bins" in row else ""))
         figures = {"machine": {"cpus": os.cpu_count()}, "megapixels": args.megapixels,
                    "fit_seconds": {str(k): v for k, v in fits.items()}, "fit_ratio_k8_k3": fits[8] / fits[3],
+                   "fit_command_seconds": {str(k): v for k, v in commands.items()},
                    "kernels": kernels, "memory": memory}
         if args.out:
             args.out.write_text(json.dumps(figures, indent=2))

@@ -10,7 +10,7 @@ from distributed import Client, LocalCluster
 
 import ensir_flow
 from ensir_flow.pipelines.executor import check_workers
-from helpers import run_workflow
+from helpers import make_corpus, run_workflow
 
 
 pytestmark = pytest.mark.slow  # starts clusters of worker processes
@@ -36,6 +36,18 @@ def test_an_existing_cluster_by_address_or_scheduler_file_gives_the_threaded_res
         for store, variable in [("lut.zarr", "weights"), ("out.zarr", "ensemble")]:
             np.testing.assert_array_equal(xr.open_zarr(tmp_path / name / store)[variable].values,
                                           xr.open_zarr(tmp_path / "threads" / store)[variable].values)
+
+
+def test_a_many_model_lut_applies_on_the_cluster_to_the_threaded_bytes(cluster, tmp_path, invoke, monkeypatch):
+    """K = 8 at w = 32: apply sends the worker the LUT's stored bins and weights (`blend.IndexedWeights`,
+    pickled without its 33 MB row table), and the worker builds the table."""
+    root = tmp_path / "corpus"
+    make_corpus(root, n_models=8)
+    expected = run_workflow(invoke, root, tmp_path / "threads")
+    monkeypatch.setenv("ENSIR_FLOW_SCHEDULER", cluster[0])
+    assert run_workflow(invoke, root, tmp_path / "cluster") == expected
+    np.testing.assert_array_equal(xr.open_zarr(tmp_path / "cluster" / "out.zarr")["ensemble"].values,
+                                  xr.open_zarr(tmp_path / "threads" / "out.zarr")["ensemble"].values)
 
 
 def test_workers_with_another_ensir_flow_are_refused_before_anything_is_written(cluster, corpus, tmp_path, invoke,

@@ -336,7 +336,7 @@ def _write_members(root, n_members: int, kind: str, sizes=((20, 30), (24, 16), (
     return names
 
 
-@pytest.mark.parametrize("n_members, bin_width", [(10, 16), (16, 8)])
+@pytest.mark.parametrize("n_members, bin_width", [(8, 32), (10, 16), (16, 8)])  # an indexed table, then hashed ones
 def test_workflow_with_many_members(tmp_path, invoke, n_members, bin_width):
     names = _write_members(tmp_path / "corpus", n_members, "samples")
     store, lut_path, out = tmp_path / "s.zarr", tmp_path / "lut.zarr", tmp_path / "out.zarr"

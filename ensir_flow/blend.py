@@ -38,13 +38,13 @@ class HashedWeights(NamedTuple):
     def of(cls, keys: np.ndarray, rows: np.ndarray, n_models: int, bin_width: int) -> "HashedWeights":
         """Hash the stored bins' unique key words (m, W) of a LUT of `n_models` at `bin_width`, whose
         weights are `rows` (m + 1, C, K) float32, the fallback last (`weights_with_fallback`)."""
-        keys = np.ascontiguousarray(np.asarray(keys, dtype=np.int64).T)
-        n_bins = keys.shape[1]
+        keys = np.ascontiguousarray(keys, dtype=np.int64)
+        n_bins = len(keys)
         n_slots = 8
         while n_slots < 2.5 * n_bins:
             n_slots *= 2
         while True:
-            slot_keys, slot_rows = np.full((n_slots, len(keys)), -1, dtype=np.int64), np.full(n_slots + 1, n_bins, dtype=np.int64)
+            slot_keys, slot_rows = np.full((n_slots, keys.shape[1]), -1, dtype=np.int64), np.full(n_slots + 1, n_bins, dtype=np.int64)
             shift = 64 - (n_slots.bit_length() - 1)
             if fill_cuckoo_slots(keys, slot_keys, slot_rows, np.uint64(shift)):
                 break

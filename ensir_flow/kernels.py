@@ -23,39 +23,6 @@ def flat_bin(predictions, pixel, channel, places):
     return b
 
 
-@numba.njit(nogil=True, cache=True)
-def cell_indices(predictions, places):
-    """Cell b * C + c of every pixel-channel of predictions (K, P, C), pixel-major; `places` from `place_tables`."""
-    n_pixels, n_channels = predictions.shape[1], predictions.shape[2]
-    cells = np.empty(n_pixels * n_channels, dtype=np.int64)
-    for p in range(n_pixels):
-        for c in range(n_channels):
-            cells[p * n_channels + c] = flat_bin(predictions, p, c, places) * n_channels + c
-    return cells
-
-
-@numba.njit(nogil=True, cache=True)
-def pixel_channels_in_bins(predictions, places, first, stop):
-    """The positions p * C + c, increasing, of the pixel-channels of predictions (K, P, C) whose
-    flat bin (`places` from `place_tables`) b lies in first <= b < stop: counted, then listed, so
-    that nothing of the size of the chunk is allocated (a fit in passes keeps one range of cells)."""
-    n_pixels, n_channels = predictions.shape[1], predictions.shape[2]
-    n = 0
-    for p in range(n_pixels):
-        for c in range(n_channels):
-            b = flat_bin(predictions, p, c, places)
-            n += first <= b and b < stop
-    out = np.empty(n, np.int64)
-    n = 0
-    for p in range(n_pixels):
-        for c in range(n_channels):
-            b = flat_bin(predictions, p, c, places)
-            if first <= b and b < stop:
-                out[n] = p * n_channels + c
-                n += 1
-    return out
-
-
 @numba.njit(inline="always")
 def store_blend(predictions, weights, row, pixel, channel, places, out):
     """out[pixel, channel] = floor(sum_k weights[row, channel, k] * x_k + 0.5) clipped to 0..255, the
@@ -101,41 +68,47 @@ def digit_multiplier(bin_width: int) -> np.int32:
 
 
 @numba.njit(inline="always")
-def key_slots(words, column, shift):
-    """The two slots (0 .. 2^(64 - shift) - 1) a key may take in a cuckoo table: the key is
-    words[:, column] (one int64 word per model group)."""
+def hash_of_words(words, row):
+    """The hash of row `row` of key words (n, W) (one int64 word per model group): the words folded
+    with the golden-ratio multiplier (Fibonacci hashing), whose top bits make a slot."""
     h = np.uint64(0)
-    for i in range(words.shape[0]):
-        h = (h ^ np.uint64(words[i, column])) * FIRST_HASH
+    for i in range(words.shape[1]):
+        h = (h ^ np.uint64(words[row, i])) * FIRST_HASH
+    return h
+
+
+@numba.njit(inline="always")
+def key_slots(words, row, shift):
+    """The two slots (0 .. 2^(64 - shift) - 1) the key words[row] may take in a cuckoo table."""
+    h = hash_of_words(words, row)
     return h >> shift, (h * SECOND_HASH) >> shift  # unsigned: numba indexes with them unchecked for negatives
 
 
 @numba.njit(inline="always")
-def same_key(words, column, slot_keys, slot):
-    """Whether the key words[:, column] is the one stored in `slot` of `slot_keys` (S, W)."""
+def same_words(a, i, b, j):
+    """Whether row i of key words a equals row j of b (every word compared: no branch per word)."""
     same = True
-    for i in range(words.shape[0]):
-        same &= words[i, column] == slot_keys[slot, i]
+    for w in range(a.shape[1]):
+        same &= a[i, w] == b[j, w]
     return same
 
 
 @numba.njit(nogil=True, cache=True)
 def fill_cuckoo_slots(keys, slot_keys, slot_rows, shift):
-    """Put each key of the unique key words `keys` (W, m), column r, with row r, into one of its two `key_slots`
+    """Put each key of the unique key words `keys` (m, W), row r, with row r, into one of its two `key_slots`
     of a cuckoo table `slot_keys` (S, W) (all -1: free) with `slot_rows` (S + 1,): a key whose slot is
     taken moves the one there to that key's other slot, and so on. True when every key found a
     slot; False when one insertion moved `CUCKOO_MOVES` keys (the caller builds a larger table)."""
-    n_words = keys.shape[0]
-    carried = np.empty((n_words, 1), np.int64)
-    for r in range(keys.shape[1]):
-        for i in range(n_words):
-            carried[i, 0] = keys[i, r]
+    n_words = keys.shape[1]
+    carried = np.empty((1, n_words), np.int64)
+    for r in range(keys.shape[0]):
+        carried[0] = keys[r]
         row = r
         slot = key_slots(carried, 0, shift)[0]
         for _ in range(CUCKOO_MOVES):
             free = slot_keys[slot, 0] < 0
             for i in range(n_words):
-                carried[i, 0], slot_keys[slot, i] = slot_keys[slot, i], carried[i, 0]
+                carried[0, i], slot_keys[slot, i] = slot_keys[slot, i], carried[0, i]
             row, slot_rows[slot] = slot_rows[slot], row
             if free:
                 break
@@ -167,7 +140,7 @@ def blend_hashed_into(predictions, multiplier, places, word_of_model, slot_keys,
     n_words = slot_keys.shape[1]
     no_slot = np.uint64(len(slot_rows) - 1)
     sums = np.empty((n_words, HASHED_BLOCK), np.float64)
-    words = np.empty((n_words, HASHED_BLOCK), np.int64)
+    words = np.empty((HASHED_BLOCK, n_words), np.int64)
     values = np.empty((n_models, HASHED_BLOCK), np.float32)
     rows = np.empty(HASHED_BLOCK, np.uint64)
     acc = np.empty(HASHED_BLOCK, np.float32)
@@ -181,16 +154,16 @@ def blend_hashed_into(predictions, multiplier, places, word_of_model, slot_keys,
                 value[t] = np.float32(x[t])
         for i in range(n_words):
             for t in range(size):
-                words[i, t] = np.int64(sums[i, t])
+                words[t, i] = np.int64(sums[i, t])
         for t in range(size):
-            if n_words == 1:  # the common case (K = 8 at w = 32): one compare per slot
-                key = words[0, t]
+            if n_words == 1:  # one compare per slot
+                key = words[t, 0]
                 h = np.uint64(key) * FIRST_HASH
                 first, second = h >> shift, (h * SECOND_HASH) >> shift
                 in_first, in_second = slot_keys[first, 0] == key, slot_keys[second, 0] == key
             else:
                 first, second = key_slots(words, t, shift)
-                in_first, in_second = same_key(words, t, slot_keys, first), same_key(words, t, slot_keys, second)
+                in_first, in_second = same_words(words, t, slot_keys, first), same_words(words, t, slot_keys, second)
             # choose the slot (the key's, else the extra last one, which holds the fallback row), then
             # read its row: selecting between two loaded rows, LLVM made a branch, which mispredicts
             slot = second if in_second else no_slot
@@ -309,16 +282,127 @@ def accumulate_dense(predictions, truth, places, moments, histogram, em_only):
                 add_moments(predictions, truth, p, c, moments[cell], len(places))
 
 
+#: Groups a table of `_add_to_groups` starts with room for (it doubles when half full).
+FIRST_GROUP_SLOTS = 1024
+
+
+@numba.njit(inline="always")
+def _empty_groups(n_words):
+    """A table of groups of key words of `n_words` words, empty: (each slot's key words, each
+    slot's group (-1: free), each group's key words, how many groups, the hash's shift)."""
+    return (np.empty((FIRST_GROUP_SLOTS, n_words), np.int64), np.full(FIRST_GROUP_SLOTS, -1, np.int64),
+            np.empty((FIRST_GROUP_SLOTS, n_words), np.int64), np.int64(0), np.uint64(64 - 10))
+
+
+@numba.njit(inline="always")
+def _add_to_groups(keys, n_rows, group, table):
+    """The group of each of the first `n_rows` rows of key words `keys` (n, W) into group[:n_rows],
+    groups numbered in order of first appearance in `table` (`_empty_groups`), which is returned
+    with the new groups added. Open addressing with linear probing, the table doubled when half
+    full; a slot holds its key words beside its group, so a probe reads one slot and never the
+    keys of earlier rows."""
+    slot_words, slot_group, group_words, n_groups, shift = table
+    mask = np.uint64(len(slot_group) - 1)
+    for r in range(n_rows):
+        slot = hash_of_words(keys, r) >> shift
+        while True:
+            found = slot_group[slot]
+            if found < 0 or same_words(slot_words, slot, keys, r):
+                break
+            slot = (slot + np.uint64(1)) & mask
+        if found >= 0:
+            group[r] = found
+            continue
+        if n_groups == len(group_words):
+            grown = np.empty((2 * len(group_words), keys.shape[1]), np.int64)
+            grown[:n_groups] = group_words[:n_groups]
+            group_words = grown
+        group_words[n_groups] = keys[r]
+        slot_words[slot], slot_group[slot], group[r] = keys[r], n_groups, n_groups
+        n_groups += 1
+        if 2 * n_groups > len(slot_group):
+            shift -= np.uint64(1)
+            slot_words = np.empty((2 * len(slot_group), keys.shape[1]), np.int64)
+            slot_group = np.full(2 * len(slot_group), -1, np.int64)
+            mask = np.uint64(len(slot_group) - 1)
+            for g in range(n_groups):
+                slot = hash_of_words(group_words, g) >> shift
+                while slot_group[slot] >= 0:
+                    slot = (slot + np.uint64(1)) & mask
+                slot_words[slot], slot_group[slot] = group_words[g], g
+    return slot_words, slot_group, group_words, n_groups, shift
+
+
 @numba.njit(nogil=True, cache=True)
-def accumulate_moments(predictions, truth, slots, moments, places, em_only):
-    """Add each pixel-channel's moments to row slots[p * C + c] of `moments`: all of them
-    (`add_moments`), or with `em_only` those EM uses (`add_em_moments`). Of `places` (the
-    `place_tables` tuple) only its length K is used: known when compiling, so loops unroll."""
+def first_seen_groups(keys):
+    """Group of each row of key words (n, W), groups numbered in order of first appearance, and
+    each group's key words (groups, W): one pass of `_add_to_groups`, O(n) where sorting is O(n log n)."""
+    group = np.empty(len(keys), np.int64)
+    table = _add_to_groups(keys, len(keys), group, _empty_groups(keys.shape[1]))
+    return group, table[2][:table[3]].copy()
+
+
+@numba.njit(nogil=True, cache=True)
+def first_seen_cells(predictions, multiplier, places, word_of_model, n_words, first, stop, group):
+    """Group, into group (P * C,) pixel-major, of each pixel-channel of predictions (K, P, C) by its
+    cell's key words, groups numbered in order of first appearance; returns each group's key words
+    (groups, W). Word g of a cell is (sum over the models k of group g, word_of_model[k] = g, of
+    floor(x_k / w) * places[k]) * C + c (`binning.group_places`, as float64; floor(x / w) as (x *
+    multiplier) >> DIGIT_SHIFT), the cell's key as `stats.chunk_statistics` defines it. A
+    pixel-channel whose first word's bin (word 0 // C) lies outside first <= b < stop takes group
+    -1 (a fit in passes counts one range of cells at a time). Block by block of `HASHED_BLOCK`
+    pixel-channels, as `blend_hashed_into` makes its key words (vectorised, in the core's cache,
+    never an array of the chunk's size), then grouped (`_add_to_groups`)."""
+    n_models, n_channels = len(places), predictions.shape[2]
+    values_of_model = predictions.reshape(n_models, -1)
+    sums = np.empty((n_words, HASHED_BLOCK), np.float64)
+    keys = np.empty((HASHED_BLOCK, n_words), np.int64)
+    position = np.empty(HASHED_BLOCK, np.int64)
+    block_group = np.empty(HASHED_BLOCK, np.int64)
+    table = _empty_groups(n_words)
+    for start in range(0, values_of_model.shape[1], HASHED_BLOCK):
+        size = min(HASHED_BLOCK, values_of_model.shape[1] - start)
+        sums[:, :size] = 0
+        for k in range(n_models):
+            x, word_sum, place = values_of_model[k, start:start + size], sums[word_of_model[k]], places[k]
+            for t in range(size):
+                word_sum[t] += np.float64((np.int32(x[t]) * multiplier) >> DIGIT_SHIFT) * place
+        kept, channel = 0, start % n_channels
+        for t in range(size):
+            first_word_bin = np.int64(sums[0, t])
+            group[start + t] = -1
+            if first <= first_word_bin and first_word_bin < stop:
+                for i in range(n_words):
+                    keys[kept, i] = np.int64(sums[i, t]) * n_channels + channel
+                position[kept] = start + t
+                kept += 1
+            channel += 1
+            if channel == n_channels:
+                channel = 0
+        table = _add_to_groups(keys, kept, block_group, table)
+        for t in range(kept):
+            group[position[t]] = block_group[t]
+    return table[2][:table[3]].copy()
+
+
+@numba.njit(nogil=True, cache=True)
+def accumulate_groups(predictions, truth, group, row_of_group, moments, histogram, places, em_only):
+    """Add each pixel-channel's moments to row row_of_group[group[p * C + c]] of `moments` (all of
+    them, `add_moments`, or with `em_only` those EM uses, `add_em_moments`), and where `histogram`
+    has entries, count its ground-truth level y at that row * 256 + y; pixel-channels of group -1
+    are left out. Of `places` (a `place_tables` tuple) only its length K is used: known when
+    compiling, so loops unroll."""
     n_pixels, n_channels = predictions.shape[1], predictions.shape[2]
+    count_levels = len(histogram) > 0
     for p in range(n_pixels):
         for c in range(n_channels):
-            row = moments[slots[p * n_channels + c]]
+            g = group[p * n_channels + c]
+            if g < 0:
+                continue
+            row = row_of_group[g]
+            if count_levels:
+                histogram[row * 256 + truth[p, c]] += 1
             if em_only:
-                add_em_moments(predictions, p, c, row, len(places))
+                add_em_moments(predictions, p, c, moments[row], len(places))
             else:
-                add_moments(predictions, truth, p, c, row, len(places))
+                add_moments(predictions, truth, p, c, moments[row], len(places))

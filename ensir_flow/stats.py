@@ -29,12 +29,14 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from .binning import LEVELS, bin_count, group_place_tables, model_groups, place_tables, place_values
+from .binning import LEVELS, bin_count, group_place_tables, group_places, model_groups, place_tables, place_values
 from .devices import resolve_device
-from .kernels import accumulate_dense, accumulate_moments, cell_indices, pixel_channels_in_bins
+from .kernels import accumulate_dense, accumulate_groups, digit_multiplier, first_seen_cells, first_seen_groups
 
 #: Largest dense scratch table (cells x 256 levels) a chunk may use; above it, sort instead.
 DENSE_HISTOGRAM_LIMIT = 1 << 22
+#: Above every `first_bin_of_keys`: the end of a range of first bins that takes every cell.
+FIRST_BINS_END = np.iinfo(np.int64).max
 
 
 #: The moments every solver can use: [n, sum x_k, sum x_i x_j (i <= j, row-major), sum x_k y].
@@ -251,77 +253,21 @@ def _merge_sorted_rows(a, b):
     return merged[:m], row_of_a, row_of_b
 
 
-@numba.njit(inline="always")
-def _slot_of_words(words, row, shift):
-    """Slot (0 .. 2^(64 - shift) - 1) of row `row` of key words in an open-addressing table:
-    Fibonacci hashing, the top bits of the words folded with the golden-ratio multiplier."""
-    h = np.uint64(0)
-    for i in range(words.shape[1]):
-        h = (h ^ np.uint64(words[row, i])) * np.uint64(0x9E3779B97F4A7C15)
-    return h >> shift
-
-
-@numba.njit(inline="always")
-def _same_words(a, i, b, j):
-    """Whether row i of key words a equals row j of b (every word compared: no branch per word)."""
-    same = True
-    for w in range(a.shape[1]):
-        same &= a[i, w] == b[j, w]
-    return same
-
-
-@numba.njit(nogil=True, cache=True)
-def _first_seen_groups(keys):
-    """Group of each row of key words (n, W), groups numbered in order of first appearance, and
-    each group's key words (groups, W): one pass through an open-addressing table (linear probing,
-    doubled when half full) whose slots hold the key words themselves beside the group, so a probe
-    reads one slot and never the keys of earlier rows. O(n), where sorting is O(n log n)."""
-    n, n_words = keys.shape
-    n_slots, shift = 1024, np.uint64(54)
-    slot_words = np.empty((n_slots, n_words), np.int64)
-    slot_group = np.full(n_slots, -1, np.int64)
-    group_words = np.empty((1024, n_words), np.int64)
-    group = np.empty(n, np.int64)
-    n_groups = 0
-    for r in range(n):
-        slot = _slot_of_words(keys, r, shift)
-        while True:
-            found = slot_group[slot]
-            if found < 0 or _same_words(slot_words, slot, keys, r):
-                break
-            slot = (slot + np.uint64(1)) & np.uint64(n_slots - 1)
-        if found >= 0:
-            group[r] = found
-            continue
-        if n_groups == len(group_words):
-            grown = np.empty((2 * len(group_words), n_words), np.int64)
-            grown[:n_groups] = group_words
-            group_words = grown
-        group_words[n_groups] = keys[r]
-        slot_words[slot], slot_group[slot], group[r] = keys[r], n_groups, n_groups
-        n_groups += 1
-        if 2 * n_groups > n_slots:
-            n_slots, shift = 2 * n_slots, shift - np.uint64(1)
-            slot_words = np.empty((n_slots, n_words), np.int64)
-            slot_group = np.full(n_slots, -1, np.int64)
-            for g in range(n_groups):
-                slot = _slot_of_words(group_words, g, shift)
-                while slot_group[slot] >= 0:
-                    slot = (slot + np.uint64(1)) & np.uint64(n_slots - 1)
-                slot_words[slot], slot_group[slot] = group_words[g], g
-    return group, group_words[:n_groups].copy()
-
-
 def sorted_groups(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The sorted unique keys of keys (n,) or key words (n, W), and the row of that result each
     key is (n,): what `np.unique(..., return_inverse=True)` gives, by hashing, so only the unique
     keys are sorted (far fewer than the keys, in a chunk of pixels)."""
-    group, unique = _first_seen_groups(_key_rows(keys))
-    unique = unique.reshape(-1) if keys.ndim == 1 else unique
+    group, unique = first_seen_groups(_key_rows(keys))
+    cells, rank = _sorted_by_key(unique.reshape(-1) if keys.ndim == 1 else unique)
+    return cells, rank[group]
+
+
+def _sorted_by_key(unique: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unique keys (n,) or key words (n, W) sorted, and the row of that result each one is."""
     order = key_order(unique)
     rank = np.empty(len(order), np.int64)
     rank[order] = np.arange(len(order))
-    return unique[order], rank[group]
+    return unique[order], rank
 
 
 def _key_rows(keys: np.ndarray) -> np.ndarray:
@@ -467,37 +413,17 @@ def chunk_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bin_widt
     n_models, n_pixels, n_channels = predictions.shape
     if ground_truth.shape != (n_pixels, n_channels):
         raise ValueError(f"ground truth shape {ground_truth.shape} does not match predictions {predictions.shape}")
-    places = group_place_tables(n_models, bin_width) if wide else place_tables(n_models, bin_width)
     n_cells = bin_count(n_models, bin_width) * n_channels
     if not wide and first_bins is None and n_cells * LEVELS <= DENSE_HISTOGRAM_LIMIT:
         moments = np.zeros((n_cells, moment_columns(n_models, moments_kind)), dtype=np.int64)
         histogram = np.zeros(n_cells * LEVELS, dtype=np.int64)
-        accumulate_dense(predictions, ground_truth, places, moments, histogram, moments_kind == EM_MOMENTS)
+        accumulate_dense(predictions, ground_truth, place_tables(n_models, bin_width), moments, histogram,
+                         moments_kind == EM_MOMENTS)
         cells = np.flatnonzero(moments[:, 0])
         hist_keys = np.flatnonzero(histogram)
         return CellStatistics(n_models, n_channels, bin_width, cells, moments[cells], hist_keys, histogram[hist_keys],
                               moments_kind)
-    if first_bins is None:
-        keys = cell_keys(predictions, bin_width)
-    else:  # the range's pixel-channels alone, as one channel of that many pixels, their keys made for them alone
-        start, stop = model_groups(n_models, bin_width)[0]
-        kept = pixel_channels_in_bins(predictions[start:stop], place_tables(stop - start, bin_width), *first_bins)
-        predictions = predictions.reshape(n_models, -1)[:, kept][:, :, None]
-        ground_truth = ground_truth.reshape(-1)[kept][:, None]
-        bins, channel = cell_keys(predictions, bin_width), kept % n_channels  # with one channel, a key is its bin
-        keys = bins * n_channels + (channel if bins.ndim == 1 else channel[:, None])
-    return _grouped_chunk_statistics(predictions, ground_truth, bin_width, keys, places, moments_kind, n_channels)
-
-
-def cell_keys(predictions: np.ndarray, bin_width: int) -> np.ndarray:
-    """The cell key of every pixel-channel of predictions (K, P, C), pixel-major: b * C + c (P * C,),
-    or where the flat bin needs several words (many models), one word per group of models (P * C, W),
-    word g being the cell index of group g's models alone (module docstring)."""
-    n_models = predictions.shape[0]
-    groups = model_groups(n_models, bin_width)
-    if len(groups) == 1:
-        return cell_indices(predictions, place_tables(n_models, bin_width))
-    return np.column_stack([cell_indices(predictions[start:stop], place_tables(stop - start, bin_width)) for start, stop in groups])
+    return _grouped_chunk_statistics(predictions, ground_truth, bin_width, moments_kind, first_bins or (0, FIRST_BINS_END))
 
 
 def first_bin_of_keys(keys: np.ndarray, n_channels: int) -> np.ndarray:
@@ -513,8 +439,12 @@ def cell_sample(predictions: np.ndarray, ground_truth: np.ndarray, bin_width: in
     entries (distinct cell and level) their statistics would hold: how a chunk's cells spread over
     the ranges that `chunk_statistics(first_bins=...)` selects, and how large its statistics are
     (used to cut a large fit into passes of about as many bytes each)."""
-    cells, slots = sorted_groups(cell_keys(predictions, bin_width))
-    entries = len(_histogram_of_slots(slots, np.ascontiguousarray(ground_truth), cells)[1])
+    cells, group, row_of_group = _cell_groups(predictions, bin_width, (0, FIRST_BINS_END))
+    ground_truth = np.ascontiguousarray(ground_truth).reshape(-1)
+    if len(cells) * LEVELS <= DENSE_HISTOGRAM_LIMIT:
+        entries = np.count_nonzero(np.bincount(row_of_group[group] * LEVELS + ground_truth, minlength=len(cells) * LEVELS))
+    else:
+        entries = len(_slot_level_counts(row_of_group[group], ground_truth, len(cells))[1])
     return first_bin_of_keys(cells, predictions.shape[2]), entries
 
 
@@ -525,34 +455,59 @@ def _of_kind(statistics: CellStatistics, moments_kind: str) -> CellStatistics:
     return dataclasses.replace(statistics, moments=statistics.em_moments(), moments_kind=EM_MOMENTS)
 
 
-def _grouped_chunk_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bin_width: int, keys: np.ndarray,
-                              places: tuple, moments_kind: str, n_channels: int) -> CellStatistics:
-    """`chunk_statistics` of pixel-channels whose cells are `keys` (1-D, or rows of key words) in
-    `n_channels` channels: grouped by hashing, then one pass adding each pixel-channel's moments to
-    its cell's row."""
-    n_models = predictions.shape[0]
-    cells, slots = sorted_groups(keys)
+def _cell_groups(predictions: np.ndarray, bin_width: int, first_bins: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The sorted cell keys (1-D, or rows of key words) of the pixel-channels of predictions (K, P,
+    C) whose `first_bin_of_keys` lies in `first_bins` (lo, hi), each pixel-channel's group (P * C,),
+    -1 for those outside, and the row of the sorted cells each group is (`kernels.first_seen_cells`)."""
+    places, word_of_model = group_places(predictions.shape[0], bin_width)
+    n_words = int(word_of_model[-1]) + 1
+    group = np.empty(predictions.shape[1] * predictions.shape[2], np.int32 if group_fits_int32(predictions) else np.int64)
+    unique = first_seen_cells(predictions, digit_multiplier(bin_width), places.astype(np.float64), word_of_model, n_words,
+                              *first_bins, group)
+    cells, row_of_group = _sorted_by_key(unique[:, 0] if n_words == 1 else unique)
+    return cells, group, row_of_group
+
+
+def group_fits_int32(predictions: np.ndarray) -> bool:
+    """Whether the groups of the pixel-channels of predictions (K, P, C) fit int32 (at most one a pixel-channel)."""
+    return predictions.shape[1] * predictions.shape[2] < np.iinfo(np.int32).max
+
+
+def _grouped_chunk_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bin_width: int, moments_kind: str,
+                              first_bins: tuple[int, int]) -> CellStatistics:
+    """`chunk_statistics` of the pixel-channels of the cells in `first_bins` (lo, hi) of their
+    `first_bin_of_keys`: grouped by hashing their cell keys (made on the fly), then one pass adding
+    each one's moments to its cell's row and, where a dense table of (cell, level) counts is small,
+    counting its level there (else the levels are counted by `_slot_level_counts`)."""
+    n_models, _, n_channels = predictions.shape
+    cells, group, row_of_group = _cell_groups(predictions, bin_width, first_bins)
     moments = np.zeros((len(cells), moment_columns(n_models, moments_kind)), dtype=np.int64)
-    accumulate_moments(predictions, ground_truth, slots, moments, places, moments_kind == EM_MOMENTS)
-    hist_keys, hist_counts = _histogram_of_slots(slots, ground_truth, cells)
+    dense = len(cells) * LEVELS <= DENSE_HISTOGRAM_LIMIT
+    histogram = np.zeros(len(cells) * LEVELS if dense else 0, np.int64)
+    accumulate_groups(predictions, ground_truth, group, row_of_group, moments, histogram, group_place_tables(n_models, bin_width),
+                      moments_kind == EM_MOMENTS)
+    if dense:
+        slot_levels = np.flatnonzero(histogram)
+        counts = histogram[slot_levels]
+    else:
+        counted = group >= 0
+        everything = counted.all()
+        slot_levels, counts = _slot_level_counts(row_of_group[group if everything else group[counted]],
+                                                 ground_truth.reshape(-1) if everything else ground_truth.reshape(-1)[counted],
+                                                 len(cells))
+    hist_keys, hist_counts = _histogram_keys(cells, slot_levels), counts
     return CellStatistics(n_models, n_channels, bin_width, cells, moments, hist_keys, hist_counts, moments_kind)
 
 
-def _histogram_of_slots(slots: np.ndarray, ground_truth: np.ndarray, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`hist_keys` and `hist_counts` of a chunk whose pixel-channels fall in rows `slots` of its
-    sorted `cells` (1-D, or 2-D key words whose last word takes the level)."""
-    if len(cells) * LEVELS <= DENSE_HISTOGRAM_LIMIT:
-        counts = np.bincount(slots * LEVELS + ground_truth.reshape(-1), minlength=len(cells) * LEVELS)
-        slot_levels = np.flatnonzero(counts)
-        counts = counts[slot_levels]
-    else:
-        slot_levels, counts = _slot_level_counts(slots, ground_truth.reshape(-1), len(cells))
+def _histogram_keys(cells: np.ndarray, slot_levels: np.ndarray) -> np.ndarray:
+    """`hist_keys` of entries slot * 256 + level, slot a row of the sorted `cells` (1-D, or 2-D key
+    words whose last word takes the level)."""
     cell_part, level = np.divmod(slot_levels, LEVELS)
     if cells.ndim == 1:
-        return cells[cell_part] * LEVELS + level, counts.astype(np.int64)
+        return cells[cell_part] * LEVELS + level
     keys = cells[cell_part]
     keys[:, -1] = keys[:, -1] * LEVELS + level
-    return keys, counts.astype(np.int64)
+    return keys
 
 
 #: Entries of one cell above which `_slot_level_counts` counts its levels in a 256-level table

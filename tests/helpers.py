@@ -8,6 +8,8 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 
+from ensir_flow.binning import flat_bins_of_edges
+
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "ensir-reference"
 
 
@@ -34,6 +36,14 @@ def make_corpus(root: Path, n_models: int = 3, sizes=((24, 32), (17, 29), (40, 2
             pred = truth + 3 * (k - 1) + rng.normal(0, 4 + 3 * k, truth.shape)
             iio.imwrite(root / model / f"img{i}.png", _squeeze(np.clip(np.rint(pred), 0, 255).astype(np.uint8)))
     return models
+
+
+def cell_ids(predictions: np.ndarray, bin_width: int) -> np.ndarray:
+    """Cell b * C + c of every pixel-channel of predictions (K, P, C), pixel-major, in numpy: a
+    reference for the kernels, which key cells on the fly."""
+    n_models, n_pixels, n_channels = predictions.shape
+    bins = flat_bins_of_edges(predictions.reshape(n_models, -1).T.astype(np.int64), bin_width)
+    return bins * n_channels + np.tile(np.arange(n_channels), n_pixels)
 
 
 def _squeeze(image):

@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 
 from ensir_flow import lsq, stats
-from ensir_flow.binning import place_tables
-from ensir_flow.kernels import cell_indices
 from ensir_flow.lut import fit_lut
+from helpers import cell_ids
 
 
 def _cells(seed, n_models=3, n_pixels=3000, bin_width=64):
@@ -56,8 +55,7 @@ def test_squared_error_from_statistics_equals_pixel_pass():
     predictions, truth = _cells(2)
     table = stats.chunk_statistics(predictions, truth, 64)
     weights = np.random.default_rng(3).dirichlet([1, 1, 1], len(table.cells))
-    cell_ids = cell_indices(predictions, place_tables(3, 64))
-    per_pixel = weights[np.searchsorted(table.cells, cell_ids)]
+    per_pixel = weights[np.searchsorted(table.cells, cell_ids(predictions, 64))]
     direct = ((truth.reshape(-1) - (per_pixel * predictions.reshape(3, -1).T).sum(axis=1)) ** 2).sum()
     assert lsq.squared_error(table, weights) == pytest.approx(direct, rel=1e-9)
 

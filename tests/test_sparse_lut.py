@@ -214,7 +214,7 @@ def test_digits_by_multiply_and_shift_equal_integer_division():
 
 def test_cuckoo_table_says_when_full_and_refuses_duplicate_keys():
     slot_keys, slot_rows = np.full((8, 1), -1, np.int64), np.full(8, 9, np.int64)
-    assert not fill_cuckoo_slots(np.arange(9, dtype=np.int64)[None], slot_keys, slot_rows, np.uint64(61))  # 9 keys, 8 slots
+    assert not fill_cuckoo_slots(np.arange(9, dtype=np.int64)[:, None], slot_keys, slot_rows, np.uint64(61))  # 9 keys, 8 slots
     weights, fallback = np.full((3, 3, 2), 0.5, np.float32), np.full((3, 2), 0.5, np.float32)
     with pytest.raises(ValueError, match="unique keys"):  # a key three times has two slots only, at any size
         HashedWeights.of(np.array([[5], [5], [5]]), weights_with_fallback(weights, fallback), 2, 32)

@@ -4,8 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ensir_flow import stats
-from ensir_flow.binning import place_tables
-from ensir_flow.kernels import cell_indices
+from helpers import cell_ids
 
 
 def test_tiny_case_by_hand():
@@ -182,7 +181,7 @@ def test_squared_deviations_and_squares_are_the_per_pixel_sums(seed, n_models):
     table = stats.chunk_statistics(predictions, truth, 128)
     x = predictions.astype(np.int64).reshape(n_models, -1)
     deviation = (n_models * x - x.sum(axis=0)) ** 2  # (K, pixel-channels)
-    rows = stats.sorted_groups(cell_indices(predictions, place_tables(n_models, 128)))[1]  # each pixel-channel's cell
+    rows = stats.sorted_groups(cell_ids(predictions, 128))[1]  # each pixel-channel's cell
     expected = np.zeros((len(table.cells), n_models), np.int64)
     np.add.at(expected, rows, deviation.T)
     np.testing.assert_array_equal(table.squared_deviations(), expected)

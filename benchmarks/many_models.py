@@ -44,8 +44,8 @@ import numpy as np
 
 from ensir_flow import schema, stats
 from ensir_flow.binning import flat_bins_of_digits, words_of_digits
-from ensir_flow.blend import HashedWeights, IndexedWeights, blend, weights_with_fallback
-from ensir_flow.lut import INDEXED_BINS_LIMIT, fit_lut
+from ensir_flow.blend import INDEXED_BINS_LIMIT, HashedWeights, IndexedWeights, blend, weights_with_fallback
+from ensir_flow.lut import fit_lut
 from ensir_flow.pipelines.apply import plan_apply
 from ensir_flow.pipelines.executor import threaded_compute
 from ensir_flow.pipelines.fit import plan_fit

@@ -95,12 +95,6 @@ def group_places(n_models: int, bin_width: int) -> tuple[np.ndarray, np.ndarray]
     return np.array(places, dtype=np.int64), np.array(word_of_model, dtype=np.int64)
 
 
-def group_place_tables(n_models: int, bin_width: int) -> tuple[np.ndarray, ...]:
-    """Place tables (K, as `place_tables`) of each model within its own group's key word."""
-    digits = np.arange(LEVELS, dtype=np.int64) // bin_width
-    return tuple(digits * place for place in group_places(n_models, bin_width)[0])
-
-
 def words_of_digits(digits: np.ndarray, bin_width: int) -> np.ndarray:
     """Key words (m, W) int64 of bins given by their digits floor(x_k / w) (m, K)."""
     nb = ranges_per_model(bin_width)

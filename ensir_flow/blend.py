@@ -5,9 +5,9 @@ model order, as the paper's code does, so that outputs match it to the last bit 
 weights do.
 """
 
+import hashlib
 import threading
 import weakref
-from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -20,19 +20,49 @@ from .devices import resolve_device
 from .kernels import blend_hashed_into, blend_indexed_into, blend_into, digit_multiplier, fill_cuckoo_slots
 
 
-class HashedWeights(NamedTuple):
-    """A sparse LUT as blend tasks take it: a cuckoo table of the stored bins' key words
-    (`binning.words_of_digits`), `slot_keys` (S, W) (-1: free) and `slot_rows` (S + 1,), S a power
-    of two at least 2.5 times the m bins (`slot_shift` = 64 - log2 S), so every key sits in one of
-    its two slots and a lookup compares both, never a chain; `weights` (m + 1, C, K) float32,
-    the stored bins' then, last, the `fallback` every other cell takes (the row that free slots and
-    the extra last slot give). Built once per LUT by `of`; pickles as a few arrays."""
+#: Most bins nb^K of a LUT whose bins `IndexedWeights` looks up in a dense table of rows (at most
+#: 64 MB: K = 8 at w = 32, K = 6 at w = 16); `lut.Lut.lookup_table` takes a `HashedWeights` above it.
+INDEXED_BINS_LIMIT = 1 << 24
 
-    slot_keys: np.ndarray
-    slot_rows: np.ndarray
-    slot_shift: int
+
+class SparseWeights:
+    """A sparse LUT as blend tasks take it: `weights` (m + 1, C, K) float32, the m stored bins'
+    then, last, the `fallback` every other cell takes, and a way to find a bin's row (the
+    subclasses); one graph key, sent once to each worker."""
+
     weights: np.ndarray
     bin_width: int
+
+    @property
+    def fallback(self) -> np.ndarray:
+        """The weights (C, K) of every cell not stored."""
+        return self.weights[-1]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(stored bins, C, K), as a dense table's shape reads."""
+        return (len(self.weights) - 1, *self.weights.shape[1:])
+
+    def __sizeof__(self) -> int:
+        """Bytes held, arrays included (what dask's `sizeof` and a worker's memory accounting read)."""
+        return object.__sizeof__(self) + sum(value.nbytes for value in vars(self).values() if isinstance(value, np.ndarray))
+
+    @staticmethod
+    def _check_rows(rows: np.ndarray, n_bins: int) -> None:
+        if rows.shape[0] != n_bins + 1 or rows.dtype != np.float32:
+            raise ValueError(f"weights of shape {rows.shape} ({rows.dtype}) are not {n_bins} bins' float32 rows and the fallback")
+
+
+class HashedWeights(SparseWeights):
+    """`SparseWeights` whose bins are found in a cuckoo table of their key words
+    (`binning.words_of_digits`): `slot_keys` (S, W) (-1: free) and `slot_rows` (S + 1,), S a power
+    of two at least 2.5 times the m bins (`slot_shift` = 64 - log2 S), so every key sits in one of
+    its two slots and a lookup compares both, never a chain (free slots and the extra last slot give
+    the fallback's row). Built once per LUT by `of`."""
+
+    def __init__(self, slot_keys: np.ndarray, slot_rows: np.ndarray, slot_shift: int, weights: np.ndarray, bin_width: int):
+        self.slot_keys, self.slot_rows, self.slot_shift = slot_keys, slot_rows, int(slot_shift)
+        self.weights, self.bin_width = weights, int(bin_width)
 
     @classmethod
     def of(cls, keys: np.ndarray, rows: np.ndarray, n_models: int, bin_width: int) -> "HashedWeights":
@@ -40,6 +70,7 @@ class HashedWeights(NamedTuple):
         weights are `rows` (m + 1, C, K) float32, the fallback last (`weights_with_fallback`)."""
         keys = np.ascontiguousarray(keys, dtype=np.int64)
         n_bins = len(keys)
+        cls._check_rows(rows, n_bins)
         n_slots = 8
         while n_slots < 2.5 * n_bins:
             n_slots *= 2
@@ -51,37 +82,35 @@ class HashedWeights(NamedTuple):
             if n_slots > 64 * max(n_bins, 1):
                 raise ValueError(f"no cuckoo table of up to {n_slots} slots holds these {n_bins} bins: they need unique keys")
             n_slots *= 2
-        if rows.shape[0] != n_bins + 1 or rows.dtype != np.float32:
-            raise ValueError(f"weights of shape {rows.shape} ({rows.dtype}) are not {n_bins} bins' float32 rows and the fallback")
         return cls(slot_keys, slot_rows, shift, rows, bin_width)
 
-    @property
-    def fallback(self) -> np.ndarray:
-        """The weights (C, K) of every cell not stored."""
-        return self.weights[-1]
 
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        """(stored bins, C, K), as a dense table's shape reads."""
-        return (len(self.weights) - 1, *self.weights.shape[1:])
+#: Row tables of `IndexedWeights` in use, by the stored bins they index: LUTs of the same bins
+#: (evaluate's solvers on one fold) share one (held weakly: freed with the last LUT using it).
+_ROW_TABLES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_ROW_TABLES_LOCK = threading.Lock()
 
 
-class IndexedWeights:
-    """A sparse LUT as blend tasks take it where its flat bin index is small (nb^K at most
-    `lut.INDEXED_BINS_LIMIT`: K = 8 at w = 32 has 16.7 million bins): a dense table of each bin's
-    row of `weights` (m + 1, C, K) float32 (the stored bins', then the fallback), uint16 where the
-    rows allow, read with one load where the cuckoo table of `HashedWeights` hashes and compares
-    (1.4x its speed at K = 8). The table (33 MB at K = 8, w = 32) is built where it is first used
-    and never pickled: a blend task's worker receives the stored bins' flat indices and weights
-    (one graph key) and builds it once."""
+class IndexedWeights(SparseWeights):
+    """`SparseWeights` of a LUT of at most `INDEXED_BINS_LIMIT` bins nb^K (K = 8 at w = 32 has 16.7
+    million), whose bins are found in a dense table of each bin's row, uint16 where the rows allow:
+    one read, where the cuckoo table of `HashedWeights` hashes and compares (1.4x its speed at K =
+    8). The table (33 MB at K = 8, w = 32) is built where it is first used and never pickled: a
+    blend task's worker receives the stored bins' flat indices and weights (one graph key) and
+    builds it once; LUTs of the same stored bins share it."""
 
     def __init__(self, flat_bins: np.ndarray, rows: np.ndarray, n_models: int, bin_width: int):
-        """`flat_bins` (m,) the stored bins' flat indices, `rows` (m + 1, C, K) float32 their weights
-        then the fallback (`weights_with_fallback`)."""
-        if rows.shape[0] != len(flat_bins) + 1 or rows.dtype != np.float32:
-            raise ValueError(f"weights of shape {rows.shape} ({rows.dtype}) are not {len(flat_bins)} bins' float32 rows and the fallback")
+        """`flat_bins` (m,) the stored bins' flat indices, increasing, `rows` (m + 1, C, K) float32
+        their weights then the fallback (`weights_with_fallback`)."""
         self.flat_bins, self.weights = np.asarray(flat_bins, dtype=np.int64), rows
         self.n_models, self.bin_width = int(n_models), int(bin_width)
+        self._check_rows(rows, len(self.flat_bins))
+        n_bins = bin_count(self.n_models, self.bin_width)
+        if n_bins > INDEXED_BINS_LIMIT:
+            raise ValueError(f"{n_models} models at bin width {bin_width} have {n_bins} bins: more than an indexed table "
+                             f"holds ({INDEXED_BINS_LIMIT}); use HashedWeights")
+        if len(self.flat_bins) and (np.any(np.diff(self.flat_bins) <= 0) or self.flat_bins[0] < 0 or self.flat_bins[-1] >= n_bins):
+            raise ValueError(f"the stored bins of an indexed table must be increasing flat indices below {n_bins}")
         self._row_of_bin, self._building = None, threading.Lock()
 
     def __getstate__(self) -> dict:
@@ -92,24 +121,21 @@ class IndexedWeights:
 
     @property
     def row_of_bin(self) -> np.ndarray:
-        """Row of `weights` (nb^K,) of every bin: built on first use (once, whatever the threads)."""
+        """Row of `weights` (nb^K,) of every bin: built on first use (once, whatever the threads),
+        or taken from a LUT of the same stored bins."""
         with self._building:
             if self._row_of_bin is None:
                 dtype = np.uint16 if len(self.weights) <= np.iinfo(np.uint16).max else np.int32
-                row_of_bin = np.full(bin_count(self.n_models, self.bin_width), len(self.flat_bins), dtype)
-                row_of_bin[self.flat_bins] = np.arange(len(self.flat_bins))
+                key = (hashlib.blake2b(self.flat_bins.data, digest_size=16).digest(), self.n_models, self.bin_width, dtype)
+                with _ROW_TABLES_LOCK:
+                    row_of_bin = _ROW_TABLES.get(key)
+                if row_of_bin is None:
+                    row_of_bin = np.full(bin_count(self.n_models, self.bin_width), len(self.flat_bins), dtype)
+                    row_of_bin[self.flat_bins] = np.arange(len(self.flat_bins))
+                    with _ROW_TABLES_LOCK:
+                        row_of_bin = _ROW_TABLES.setdefault(key, row_of_bin)
                 self._row_of_bin = row_of_bin
         return self._row_of_bin
-
-    @property
-    def fallback(self) -> np.ndarray:
-        """The weights (C, K) of every cell not stored."""
-        return self.weights[-1]
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        """(stored bins, C, K), as a dense table's shape reads."""
-        return (len(self.weights) - 1, *self.weights.shape[1:])
 
 
 #: The arrays `rows_with_spare_row` made, by id (held weakly): only into these does
@@ -147,7 +173,7 @@ def blend(predictions: np.ndarray, weights, bin_width: int, device: str = "cpu")
     bytes. Sparse tables are always looked up on the CPU.
     """
     predictions = np.ascontiguousarray(predictions, dtype=np.uint8)
-    if isinstance(weights, (HashedWeights, IndexedWeights)):
+    if isinstance(weights, SparseWeights):
         return _blend_sparse(predictions, weights)
     weights = np.ascontiguousarray(weights, dtype=np.float32)
     n_models, n_pixels, n_channels = predictions.shape
@@ -161,7 +187,7 @@ def blend(predictions: np.ndarray, weights, bin_width: int, device: str = "cpu")
     return out
 
 
-def _blend_sparse(predictions: np.ndarray, table: "HashedWeights | IndexedWeights") -> np.ndarray:
+def _blend_sparse(predictions: np.ndarray, table: SparseWeights) -> np.ndarray:
     """`blend` with a sparse LUT's `HashedWeights` or `IndexedWeights`, on the CPU."""
     n_models, n_pixels, n_channels = predictions.shape
     if table.weights.shape[1:] != (n_channels, n_models):

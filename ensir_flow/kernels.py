@@ -1,8 +1,10 @@
 """The chunk kernels (numba): fused loops over the pixel-channels of a chunk, for binning, statistics and blending.
 
-Each takes `places`, the `binning.place_tables` tuple of K tables. A tuple's length is part of
-its numba type, so a kernel is compiled once per K with its loops over models unrolled (about
-2.5x faster than a loop bound read at run time), and that version is cached on disk: later
+The dense kernels and the moments' take `places`, a `binning.place_tables` tuple of K tables: a
+tuple's length is part of its numba type, so a kernel is compiled once per K with its loops over
+models unrolled (about 2.5x faster than a loop bound read at run time). The sparse kernels (blend
+through a table of rows or a hash table, grouping cells) take place values as an array and work
+block by block instead. Every version is cached on disk: later
 processes load it instead of compiling it again (statistics and blend, for writable and read-only
 inputs: 0.4 s to load, 1.4 s to compile, in every worker of every run).
 
@@ -57,8 +59,9 @@ CUCKOO_MOVES = 500
 #: (tests/test_sparse_lut.py checks all of them): a multiply and a shift, which vectorise, where a
 #: division or a table read per value would not.
 DIGIT_SHIFT = 16
-#: Pixel-channels one pass of `blend_hashed_into` or `blend_indexed_into` handles: its scratch (K +
-#: W + 2 rows of this many 4- or 8-byte values) stays in the core's L1 and L2 caches.
+#: Pixel-channels one pass of the sparse kernels (`blend_hashed_into`, `blend_indexed_into`,
+#: `first_seen_cells`) handles: their scratch (a few rows of this many 4- or 8-byte values per
+#: model and key word) stays in the core's L1 and L2 caches.
 HASHED_BLOCK = 512
 
 
@@ -119,20 +122,32 @@ def fill_cuckoo_slots(keys, slot_keys, slot_rows, shift):
     return True
 
 
+@numba.njit(inline="always")
+def _key_sums_of_block(values_of_model, start, size, multiplier, places, word_of_model, sums, values):
+    """Of the pixel-channels start:start + size of values_of_model (K, P * C): each one's key word
+    sums into sums[:, :size] (word g = sum of floor(x_k / w) * places[k] over the models k of group
+    g, word_of_model[k] = g; floor(x / w) as (x * multiplier) >> DIGIT_SHIFT; in float64, exact
+    below 2^53: `binning.model_groups`), and its values as float32 into values[:, :size]. Model by
+    model over contiguous runs: vectorised, where AVX2 has no 64-bit integer multiply."""
+    sums[:, :size] = 0
+    for k in range(len(places)):
+        x, word_sum, value, place = values_of_model[k, start:start + size], sums[word_of_model[k]], values[k], places[k]
+        for t in range(size):
+            word_sum[t] += np.float64((np.int32(x[t]) * multiplier) >> DIGIT_SHIFT) * place
+            value[t] = np.float32(x[t])
+
+
 @numba.njit(nogil=True, cache=True)
 def blend_hashed_into(predictions, multiplier, places, word_of_model, slot_keys, slot_rows, shift, weights, out):
     """`blend_into` for a sparse LUT whose bins are looked up in a cuckoo table (`fill_cuckoo_slots`):
     `slot_keys` (S, W) (a slot's words side by side, in one cache line) and `slot_rows` (S + 1,)
     give the row of `weights` (m + 1, C, K) of each stored bin's key, the last row being the
-    fallback of every other bin (free slots and the extra last slot hold it). A bin's key is
-    word g = sum of floor(x_k / w) * places[k] over the models k of group g (word_of_model[k] = g:
-    `binning.words_of_digits`), floor(x / w) computed as (x * multiplier) >> DIGIT_SHIFT, the sum
-    in float64 (places (K,) float64): exact, a word being below 2^53 (`binning.model_groups`), and
-    vectorised, where AVX2 has no 64-bit integer multiply.
+    fallback of every other bin (free slots and the extra last slot hold it). A bin's key is its
+    words as `_key_sums_of_block` makes them (places (K,) float64, `binning.words_of_digits`).
 
     Block by block of `HASHED_BLOCK` pixel-channels, each pass a short loop that the CPU overlaps
-    across pixel-channels: (1) the key words and the float values, model by model over contiguous
-    runs (vectorised), the words then made int64; (2) each pixel-channel's row: both slots are
+    across pixel-channels: (1) the key words and the float values (`_key_sums_of_block`), the
+    words then made int64; (2) each pixel-channel's row: both slots are
     compared, the one holding the key, else the extra slot, chosen, and its row read (as selects,
     not a probing loop); (3) and (4) `_blend_rows_of_block`."""
     n_models = len(places)
@@ -146,12 +161,7 @@ def blend_hashed_into(predictions, multiplier, places, word_of_model, slot_keys,
     acc = np.empty(HASHED_BLOCK, np.float32)
     for start in range(0, values_of_model.shape[1], HASHED_BLOCK):
         size = min(HASHED_BLOCK, values_of_model.shape[1] - start)
-        sums[:, :size] = 0
-        for k in range(n_models):
-            x, word_sum, value, place = values_of_model[k, start:start + size], sums[word_of_model[k]], values[k], places[k]
-            for t in range(size):
-                word_sum[t] += np.float64((np.int32(x[t]) * multiplier) >> DIGIT_SHIFT) * place
-                value[t] = np.float32(x[t])
+        _key_sums_of_block(values_of_model, start, size, multiplier, places, word_of_model, sums, values)
         for i in range(n_words):
             for t in range(size):
                 words[t, i] = np.int64(sums[i, t])
@@ -269,7 +279,7 @@ def add_em_moments(predictions, pixel, channel, row, n_models):
 @numba.njit(nogil=True, cache=True)
 def accumulate_dense(predictions, truth, places, moments, histogram, em_only):
     """One fused pass: moments per cell (all of them, or with `em_only` those EM uses, as
-    `accumulate_moments`) and the y histogram per cell, into dense tables (`places` from
+    `accumulate_groups`) and the y histogram per cell, into dense tables (`places` from
     `place_tables`: its length, K, is known when compiling, so loops unroll)."""
     n_pixels, n_channels = predictions.shape[1], predictions.shape[2]
     for p in range(n_pixels):
@@ -346,27 +356,22 @@ def first_seen_groups(keys):
 def first_seen_cells(predictions, multiplier, places, word_of_model, n_words, first, stop, group):
     """Group, into group (P * C,) pixel-major, of each pixel-channel of predictions (K, P, C) by its
     cell's key words, groups numbered in order of first appearance; returns each group's key words
-    (groups, W). Word g of a cell is (sum over the models k of group g, word_of_model[k] = g, of
-    floor(x_k / w) * places[k]) * C + c (`binning.group_places`, as float64; floor(x / w) as (x *
-    multiplier) >> DIGIT_SHIFT), the cell's key as `stats.chunk_statistics` defines it. A
-    pixel-channel whose first word's bin (word 0 // C) lies outside first <= b < stop takes group
-    -1 (a fit in passes counts one range of cells at a time). Block by block of `HASHED_BLOCK`
-    pixel-channels, as `blend_hashed_into` makes its key words (vectorised, in the core's cache,
-    never an array of the chunk's size), then grouped (`_add_to_groups`)."""
+    (groups, W). Word g of a cell is its bin's word g (`_key_sums_of_block`, `binning.group_places`
+    as float64) * C + c, the cell's key as `stats.chunk_statistics` defines it. A pixel-channel
+    whose first word's bin (word 0 // C) lies outside first <= b < stop takes group -1 (a fit in
+    passes counts one range of cells at a time). Block by block of `HASHED_BLOCK` pixel-channels
+    (keys in the core's cache, never an array of the chunk's size), then grouped (`_add_to_groups`)."""
     n_models, n_channels = len(places), predictions.shape[2]
     values_of_model = predictions.reshape(n_models, -1)
     sums = np.empty((n_words, HASHED_BLOCK), np.float64)
+    values = np.empty((n_models, HASHED_BLOCK), np.float32)  # filled by `_key_sums_of_block`, not needed here
     keys = np.empty((HASHED_BLOCK, n_words), np.int64)
     position = np.empty(HASHED_BLOCK, np.int64)
     block_group = np.empty(HASHED_BLOCK, np.int64)
     table = _empty_groups(n_words)
     for start in range(0, values_of_model.shape[1], HASHED_BLOCK):
         size = min(HASHED_BLOCK, values_of_model.shape[1] - start)
-        sums[:, :size] = 0
-        for k in range(n_models):
-            x, word_sum, place = values_of_model[k, start:start + size], sums[word_of_model[k]], places[k]
-            for t in range(size):
-                word_sum[t] += np.float64((np.int32(x[t]) * multiplier) >> DIGIT_SHIFT) * place
+        _key_sums_of_block(values_of_model, start, size, multiplier, places, word_of_model, sums, values)
         kept, channel = 0, start % n_channels
         for t in range(size):
             first_word_bin = np.int64(sums[0, t])
@@ -388,12 +393,12 @@ def first_seen_cells(predictions, multiplier, places, word_of_model, n_words, fi
 @numba.njit(nogil=True, cache=True)
 def accumulate_groups(predictions, truth, group, row_of_group, moments, histogram, places, em_only):
     """Add each pixel-channel's moments to row row_of_group[group[p * C + c]] of `moments` (all of
-    them, `add_moments`, or with `em_only` those EM uses, `add_em_moments`), and where `histogram`
-    has entries, count its ground-truth level y at that row * 256 + y; pixel-channels of group -1
-    are left out. Of `places` (a `place_tables` tuple) only its length K is used: known when
-    compiling, so loops unroll."""
+    them, `add_moments`, or with `em_only` those EM uses, `add_em_moments`; none where `moments` has
+    no columns), and where `histogram` has entries, count its ground-truth level y at that row *
+    256 + y; pixel-channels of group -1 are left out. Of `places` (a tuple of K place tables) only
+    its length K is used: known when compiling, so loops unroll."""
     n_pixels, n_channels = predictions.shape[1], predictions.shape[2]
-    count_levels = len(histogram) > 0
+    count_levels, add_to_moments = len(histogram) > 0, moments.shape[1] > 0
     for p in range(n_pixels):
         for c in range(n_channels):
             g = group[p * n_channels + c]
@@ -402,6 +407,8 @@ def accumulate_groups(predictions, truth, group, row_of_group, moments, histogra
             row = row_of_group[g]
             if count_levels:
                 histogram[row * 256 + truth[p, c]] += 1
+            if not add_to_moments:
+                continue
             if em_only:
                 add_em_moments(predictions, p, c, moments[row], len(places))
             else:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 from . import em, lsq
 from .binning import (all_digits, bin_count, digits_of_words, flat_bins_of_digits, flat_bins_of_edges, flat_index_fits,
                       ranges_per_model, words_of_digits)
-from .blend import HashedWeights, IndexedWeights, weights_with_fallback
+from .blend import INDEXED_BINS_LIMIT, HashedWeights, IndexedWeights, weights_with_fallback
 from .errors import InputError
 from .fit_status import FLAG_MEANINGS, FitStatus
 from .schema import CHANNEL_NAMES
@@ -75,13 +75,10 @@ def check_solver(solver: str) -> str:
 #: weights for every other cell.
 FORMAT_VERSION = 2
 #: Largest dense (nb^K, C, K) float32 table kept in memory or shipped to blend tasks; above it, the
-#: stored bins are looked up in a hash table (`blend.HashedWeights`). K = 3 is below it at widths of 4 and up (the
-#: paper uses 32); at widths 1 and 2 it is hashed, to the same bytes.
+#: stored bins are looked up in a table of rows (`blend.IndexedWeights`) or a hash table
+#: (`blend.HashedWeights`). K = 3 is below it at widths of 4 and up (the paper uses 32); at widths 1
+#: and 2 it is indexed, to the same bytes.
 DENSE_TABLE_LIMIT_BYTES = 64 << 20
-#: Most bins nb^K of a LUT above `DENSE_TABLE_LIMIT_BYTES` whose bins are looked up in a dense table
-#: of rows (`blend.IndexedWeights`, at most 64 MB: K = 8 at w = 32, K = 6 at w = 16); above it, in a
-#: cuckoo table (`blend.HashedWeights`).
-INDEXED_BINS_LIMIT = 1 << 24
 #: Bins `check_weights` checks at a time (its temporaries: a few bytes per cell of a block).
 CHECK_BLOCK_BINS = 1 << 16
 #: The dimensions of a LUT's weights, as stored.

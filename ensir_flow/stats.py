@@ -29,13 +29,13 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from .binning import LEVELS, bin_count, group_place_tables, group_places, model_groups, place_tables, place_values
+from .binning import LEVELS, bin_count, group_places, model_groups, place_tables, place_values
 from .devices import resolve_device
 from .kernels import accumulate_dense, accumulate_groups, digit_multiplier, first_seen_cells, first_seen_groups
 
 #: Largest dense scratch table (cells x 256 levels) a chunk may use; above it, sort instead.
 DENSE_HISTOGRAM_LIMIT = 1 << 22
-#: Above every `first_bin_of_keys`: the end of a range of first bins that takes every cell.
+#: Above every `first_bin_of_keys`: the end of the last range of cells (one that starts at 0 takes all).
 FIRST_BINS_END = np.iinfo(np.int64).max
 
 
@@ -438,14 +438,11 @@ def cell_sample(predictions: np.ndarray, ground_truth: np.ndarray, bin_width: in
     chunk's): the `first_bin_of_keys` of each distinct cell, sorted, and how many histogram
     entries (distinct cell and level) their statistics would hold: how a chunk's cells spread over
     the ranges that `chunk_statistics(first_bins=...)` selects, and how large its statistics are
-    (used to cut a large fit into passes of about as many bytes each)."""
+    (used to cut a large fit into passes of about as many bytes each). No moments are added."""
     cells, group, row_of_group = _cell_groups(predictions, bin_width, (0, FIRST_BINS_END))
-    ground_truth = np.ascontiguousarray(ground_truth).reshape(-1)
-    if len(cells) * LEVELS <= DENSE_HISTOGRAM_LIMIT:
-        entries = np.count_nonzero(np.bincount(row_of_group[group] * LEVELS + ground_truth, minlength=len(cells) * LEVELS))
-    else:
-        entries = len(_slot_level_counts(row_of_group[group], ground_truth, len(cells))[1])
-    return first_bin_of_keys(cells, predictions.shape[2]), entries
+    no_moments = np.zeros((len(cells), 0), np.int64)
+    slot_levels, _ = _count_cells(predictions, np.ascontiguousarray(ground_truth), group, row_of_group, no_moments, EM_MOMENTS)
+    return first_bin_of_keys(cells, predictions.shape[2]), len(slot_levels)
 
 
 def _of_kind(statistics: CellStatistics, moments_kind: str) -> CellStatistics:
@@ -459,44 +456,49 @@ def _cell_groups(predictions: np.ndarray, bin_width: int, first_bins: tuple[int,
     """The sorted cell keys (1-D, or rows of key words) of the pixel-channels of predictions (K, P,
     C) whose `first_bin_of_keys` lies in `first_bins` (lo, hi), each pixel-channel's group (P * C,),
     -1 for those outside, and the row of the sorted cells each group is (`kernels.first_seen_cells`)."""
+    predictions = np.ascontiguousarray(predictions, dtype=np.uint8)
     places, word_of_model = group_places(predictions.shape[0], bin_width)
     n_words = int(word_of_model[-1]) + 1
-    group = np.empty(predictions.shape[1] * predictions.shape[2], np.int32 if group_fits_int32(predictions) else np.int64)
+    n_pixel_channels = predictions.shape[1] * predictions.shape[2]
+    group = np.empty(n_pixel_channels, np.int32 if n_pixel_channels < np.iinfo(np.int32).max else np.int64)
     unique = first_seen_cells(predictions, digit_multiplier(bin_width), places.astype(np.float64), word_of_model, n_words,
                               *first_bins, group)
     cells, row_of_group = _sorted_by_key(unique[:, 0] if n_words == 1 else unique)
     return cells, group, row_of_group
 
 
-def group_fits_int32(predictions: np.ndarray) -> bool:
-    """Whether the groups of the pixel-channels of predictions (K, P, C) fit int32 (at most one a pixel-channel)."""
-    return predictions.shape[1] * predictions.shape[2] < np.iinfo(np.int32).max
+def _count_cells(predictions: np.ndarray, ground_truth: np.ndarray, group: np.ndarray, row_of_group: np.ndarray,
+                 moments: np.ndarray, moments_kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Add each pixel-channel's moments to its cell's row of `moments` (rows of the sorted cells:
+    `_cell_groups`; none where it has no columns), and count its (cell, level): the sorted unique
+    row * 256 + level, and their counts. The levels are counted in the same pass where a dense
+    table of them is small, else sorted by `_slot_level_counts`."""
+    n_cells = len(moments)
+    dense = n_cells * LEVELS <= DENSE_HISTOGRAM_LIMIT
+    histogram = np.zeros(n_cells * LEVELS if dense else 0, np.int64)
+    accumulate_groups(predictions, ground_truth, group, row_of_group, moments, histogram,
+                      (np.empty(0, np.int64),) * len(predictions), moments_kind == EM_MOMENTS)  # the kernel reads K alone
+    if dense:
+        slot_levels = np.flatnonzero(histogram)
+        return slot_levels, histogram[slot_levels]
+    levels = ground_truth.reshape(-1)
+    counted = group >= 0
+    if not counted.all():
+        group, levels = group[counted], levels[counted]
+    return _slot_level_counts(row_of_group[group], levels, n_cells)
 
 
 def _grouped_chunk_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bin_width: int, moments_kind: str,
                               first_bins: tuple[int, int]) -> CellStatistics:
     """`chunk_statistics` of the pixel-channels of the cells in `first_bins` (lo, hi) of their
     `first_bin_of_keys`: grouped by hashing their cell keys (made on the fly), then one pass adding
-    each one's moments to its cell's row and, where a dense table of (cell, level) counts is small,
-    counting its level there (else the levels are counted by `_slot_level_counts`)."""
+    each one's moments to its cell's row and counting its level (`_count_cells`)."""
     n_models, _, n_channels = predictions.shape
     cells, group, row_of_group = _cell_groups(predictions, bin_width, first_bins)
     moments = np.zeros((len(cells), moment_columns(n_models, moments_kind)), dtype=np.int64)
-    dense = len(cells) * LEVELS <= DENSE_HISTOGRAM_LIMIT
-    histogram = np.zeros(len(cells) * LEVELS if dense else 0, np.int64)
-    accumulate_groups(predictions, ground_truth, group, row_of_group, moments, histogram, group_place_tables(n_models, bin_width),
-                      moments_kind == EM_MOMENTS)
-    if dense:
-        slot_levels = np.flatnonzero(histogram)
-        counts = histogram[slot_levels]
-    else:
-        counted = group >= 0
-        everything = counted.all()
-        slot_levels, counts = _slot_level_counts(row_of_group[group if everything else group[counted]],
-                                                 ground_truth.reshape(-1) if everything else ground_truth.reshape(-1)[counted],
-                                                 len(cells))
-    hist_keys, hist_counts = _histogram_keys(cells, slot_levels), counts
-    return CellStatistics(n_models, n_channels, bin_width, cells, moments, hist_keys, hist_counts, moments_kind)
+    slot_levels, counts = _count_cells(predictions, ground_truth, group, row_of_group, moments, moments_kind)
+    return CellStatistics(n_models, n_channels, bin_width, cells, moments, _histogram_keys(cells, slot_levels), counts,
+                          moments_kind)
 
 
 def _histogram_keys(cells: np.ndarray, slot_levels: np.ndarray) -> np.ndarray:

@@ -21,7 +21,8 @@ from ensir_flow.devices import resolve_device
 from ensir_flow.errors import TransientError
 from ensir_flow.lsq import SHRINKAGE_GRID, held_out_errors
 from ensir_flow.lut import DEFAULT_PASS_MEMORY_MIB, DEFAULT_SOLVER, Lut, check_solver, fit_lut, moments_for
-from ensir_flow.stats import ALL_MOMENTS, CellStatistics, cell_sample, fold_statistics, merge, merge_folds, moment_columns
+from ensir_flow.stats import (ALL_MOMENTS, FIRST_BINS_END, CellStatistics, cell_sample, fold_statistics, merge, merge_folds,
+                              moment_columns)
 
 from .chunks import (MERGE_FAN_IN, Span, chunk_ranges, chunk_spans, image_folds, pixel_array, pixel_chunk_lengths, read_pixels,
                      task_argument, tree_reduce)
@@ -37,8 +38,6 @@ DEFAULT_SHRINKAGE = 1e3
 #: peak a pass holds its chunks' statistics and their merge, about twice this, besides the pixels
 #: of the chunks being read.
 PASS_BYTES = DEFAULT_PASS_MEMORY_MIB << 20
-#: The end of the last range of cells: above every first key word's bin.
-END_OF_BINS = np.iinfo(np.int64).max
 #: Statistics in passes size their ranges on a sample of the cells: those of every this many pixels.
 SAMPLE_STRIDE = 8
 #: Store attributes that must be as planned when fit has read the store (`_what_fit_reads`).
@@ -133,14 +132,14 @@ class CellRanges:
         self.start, self.sampled_cells, self.gathered_bytes = 0, 0, 0
 
     def __iter__(self):
-        """The next range, until the last (which ends at `END_OF_BINS`)."""
-        while self.start < END_OF_BINS:
+        """The next range, until the last (which ends at `FIRST_BINS_END`)."""
+        while self.start < FIRST_BINS_END:
             per_sample = self.gathered_bytes / self.sampled_cells if self.sampled_cells else self.first_guess
             first = np.searchsorted(self.sample, self.start)
             cut = first + max(1, int(self.pass_bytes / max(per_sample, 1.0)))
             if cut < len(self.sample) and first < len(self.sample) and self.sample[cut] == self.sample[first]:
                 cut = np.searchsorted(self.sample, self.sample[first], side="right")  # many sampled cells share a first bin
-            yield self.start, END_OF_BINS if cut >= len(self.sample) else int(self.sample[cut])
+            yield self.start, FIRST_BINS_END if cut >= len(self.sample) else int(self.sample[cut])
 
     def gathered(self, first_bins: tuple[int, int], statistics: list[CellStatistics]) -> None:
         """Record the statistics of the range `first_bins` (one per fold), and start the next after it."""

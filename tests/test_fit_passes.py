@@ -14,8 +14,9 @@ from ensir_flow.errors import TransientError
 from ensir_flow.lut import fit_lut
 from ensir_flow.pipelines import fit as fit_pipeline
 from ensir_flow.pipelines.executor import threaded_compute
-from ensir_flow.pipelines.fit import END_OF_BINS, CellRanges, plan_fit
+from ensir_flow.pipelines.fit import CellRanges, plan_fit
 from ensir_flow.pipelines.storage import read_lut
+from ensir_flow.stats import FIRST_BINS_END
 from helpers import make_corpus
 from test_sparse_lut import members
 
@@ -98,7 +99,7 @@ def test_statistics_of_ranges_of_cells_add_up_to_the_chunks(n_models, bin_width)
     predictions, truth = members(n_models, 3000, seed=n_models)
     whole = stats.chunk_statistics(predictions, truth, bin_width, moments_kind=stats.EM_MOMENTS)
     first_bins = np.unique(stats.first_bin_of_keys(whole.cells, 3))
-    cuts = [0, int(first_bins[len(first_bins) // 3]), int(first_bins[2 * len(first_bins) // 3]), END_OF_BINS]
+    cuts = [0, int(first_bins[len(first_bins) // 3]), int(first_bins[2 * len(first_bins) // 3]), FIRST_BINS_END]
     parts = [stats.chunk_statistics(predictions, truth, bin_width, moments_kind=stats.EM_MOMENTS, first_bins=(lo, hi))
              for lo, hi in zip(cuts[:-1], cuts[1:])]
     assert all(len(part.cells) for part in parts)
@@ -120,7 +121,7 @@ def test_ranges_cover_every_cell_once_and_follow_what_was_gathered():
         # what the range turned out to hold: 20 bytes a sampled cell, a quarter of the first guess
         ranges.gathered((lo, hi), [_statistics_of_bytes(20 * n_sampled)])
         start = hi
-    assert seen[-1][1] == END_OF_BINS
+    assert seen[-1][1] == FIRST_BINS_END
     sizes = [np.searchsorted(sample, hi) - np.searchsorted(sample, lo) for lo, hi in seen]
     assert sizes[0] == 30 and all(size == 120 for size in sizes[1:-1]), sizes  # 240 bytes, then 2400 bytes a range
 
@@ -134,7 +135,7 @@ def test_a_range_holds_a_first_bin_shared_by_more_cells_than_a_pass_holds():
     for first_bins in ranges:
         cut.append(first_bins)
         ranges.gathered(first_bins, [_statistics_of_bytes(0)])
-    assert cut[0] == (0, 7) and cut[-1][1] == END_OF_BINS
+    assert cut[0] == (0, 7) and cut[-1][1] == FIRST_BINS_END
     assert all(np.searchsorted(sample, hi) > np.searchsorted(sample, lo) for lo, hi in cut)
 
 

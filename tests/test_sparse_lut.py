@@ -14,16 +14,17 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import xarray as xr
+from dask.sizeof import sizeof
 
 from ensir_flow import stats
 from ensir_flow.binning import (bin_count, digits_of_words, flat_bins_of_digits, key_words, model_groups,
                                 ranges_per_model, words_of_digits)
-from ensir_flow.blend import HashedWeights, IndexedWeights, blend, weights_with_fallback
+from ensir_flow.blend import INDEXED_BINS_LIMIT, HashedWeights, IndexedWeights, blend, weights_with_fallback
 from ensir_flow.errors import InputError
 from ensir_flow.fit_status import FitStatus
 from ensir_flow.kernels import DIGIT_SHIFT, HASHED_BLOCK, digit_multiplier, fill_cuckoo_slots
 from ensir_flow.lsq import active_set_simplex_least_squares, enumerated_simplex_least_squares
-from ensir_flow.lut import FORMAT_VERSION, INDEXED_BINS_LIMIT, SOLVERS, Lut, fit_lut
+from ensir_flow.lut import FORMAT_VERSION, SOLVERS, Lut, fit_lut
 from ensir_flow.pipelines.storage import read_lut, write_lut
 
 
@@ -186,6 +187,23 @@ def test_the_lookup_table_is_chosen_by_size_and_an_indexed_one_travels_without_i
     np.testing.assert_array_equal(blend(predictions, travelled, 32), expected)
     np.testing.assert_array_equal(expected, per_pixel_reference(predictions, lut))
     assert isinstance(fit_lut(stats.chunk_statistics(predictions[:3], truth, 32), list("abc")).lookup_table(), np.ndarray)
+
+
+def test_indexed_tables_share_their_rows_say_their_size_and_refuse_what_they_cannot_index():
+    predictions, truth = members(8, 2000, seed=14)
+    statistics = stats.chunk_statistics(predictions, truth, 32)
+    em, average = (fit_lut(statistics, [f"m{k}" for k in range(8)], solver=solver).lookup_table() for solver in ("em", "average"))
+    assert isinstance(em, IndexedWeights) and (em.flat_bins == average.flat_bins).all()
+    assert em.row_of_bin is average.row_of_bin  # the solvers of one fold (evaluate) share one 33 MB table
+    assert sizeof(em) >= em.weights.nbytes + em.flat_bins.nbytes + em.row_of_bin.nbytes
+    hashed = HashedWeights.of(words_of_digits(np.zeros((2, 8), np.uint8) + [[0], [1]], 32), em.weights[-3:], 8, 32)
+    assert sizeof(hashed) >= hashed.slot_keys.nbytes + hashed.slot_rows.nbytes + hashed.weights.nbytes
+    rows = em.weights[-3:]
+    with pytest.raises(ValueError, match="more than an indexed table holds"):
+        IndexedWeights(np.array([1, 2]), rows, 8, 16)  # 2^32 bins
+    for bins in ([2, 2], [3, 2], [-1, 2], [1, 8 ** 8]):
+        with pytest.raises(ValueError, match="increasing flat indices"):
+            IndexedWeights(np.array(bins), rows, 8, 32)
 
 
 def test_an_indexed_table_of_more_rows_than_uint16_holds():

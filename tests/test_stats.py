@@ -226,3 +226,13 @@ def test_em_moments_merge_alone_and_hold_no_cross_products():
         alone.cross_products()
     with pytest.raises(ValueError, match="only the moments EM uses"):
         alone.sums_xy
+
+
+def test_the_sample_of_cells_takes_strided_pixels_and_counts_what_the_statistics_hold():
+    rng = np.random.default_rng(7)
+    truth = rng.integers(0, 256, (4000, 3), dtype=np.uint8)
+    predictions = np.clip(truth + rng.integers(-30, 31, (8, 4000, 3)), 0, 255).astype(np.uint8)
+    first_bins, entries = stats.cell_sample(predictions[:, ::8], truth[::8], 32)  # a strided view, as a sample is taken
+    every_eighth = stats.chunk_statistics(np.ascontiguousarray(predictions[:, ::8]), np.ascontiguousarray(truth[::8]), 32)
+    np.testing.assert_array_equal(first_bins, stats.first_bin_of_keys(every_eighth.cells, 3))
+    assert entries == len(every_eighth.hist_counts)

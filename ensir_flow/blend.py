@@ -102,7 +102,7 @@ class IndexedWeights(SparseWeights):
     def __init__(self, flat_bins: np.ndarray, rows: np.ndarray, n_models: int, bin_width: int):
         """`flat_bins` (m,) the stored bins' flat indices, increasing, `rows` (m + 1, C, K) float32
         their weights then the fallback (`weights_with_fallback`)."""
-        self.flat_bins, self.weights = np.asarray(flat_bins, dtype=np.int64), rows
+        self.flat_bins, self.weights = np.ascontiguousarray(flat_bins, dtype=np.int64), rows
         self.n_models, self.bin_width = int(n_models), int(bin_width)
         self._check_rows(rows, len(self.flat_bins))
         n_bins = bin_count(self.n_models, self.bin_width)

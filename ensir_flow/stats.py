@@ -439,9 +439,10 @@ def cell_sample(predictions: np.ndarray, ground_truth: np.ndarray, bin_width: in
     entries (distinct cell and level) their statistics would hold: how a chunk's cells spread over
     the ranges that `chunk_statistics(first_bins=...)` selects, and how large its statistics are
     (used to cut a large fit into passes of about as many bytes each). No moments are added."""
+    predictions, ground_truth = np.ascontiguousarray(predictions, dtype=np.uint8), np.ascontiguousarray(ground_truth)
     cells, group, row_of_group = _cell_groups(predictions, bin_width, (0, FIRST_BINS_END))
     no_moments = np.zeros((len(cells), 0), np.int64)
-    slot_levels, _ = _count_cells(predictions, np.ascontiguousarray(ground_truth), group, row_of_group, no_moments, EM_MOMENTS)
+    slot_levels, _ = _count_cells(predictions, ground_truth, group, row_of_group, no_moments, EM_MOMENTS)
     return first_bin_of_keys(cells, predictions.shape[2]), len(slot_levels)
 
 
@@ -455,8 +456,8 @@ def _of_kind(statistics: CellStatistics, moments_kind: str) -> CellStatistics:
 def _cell_groups(predictions: np.ndarray, bin_width: int, first_bins: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The sorted cell keys (1-D, or rows of key words) of the pixel-channels of predictions (K, P,
     C) whose `first_bin_of_keys` lies in `first_bins` (lo, hi), each pixel-channel's group (P * C,),
-    -1 for those outside, and the row of the sorted cells each group is (`kernels.first_seen_cells`)."""
-    predictions = np.ascontiguousarray(predictions, dtype=np.uint8)
+    -1 for those outside, and the row of the sorted cells each group is (`kernels.first_seen_cells`).
+    The predictions must be C-contiguous uint8."""
     places, word_of_model = group_places(predictions.shape[0], bin_width)
     n_words = int(word_of_model[-1]) + 1
     n_pixel_channels = predictions.shape[1] * predictions.shape[2]

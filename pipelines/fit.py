@@ -19,7 +19,7 @@ from ensir_flow import schema
 from ensir_flow.binning import DEFAULT_BIN_WIDTH, LEVELS, bin_count, key_words
 from ensir_flow.devices import resolve_device
 from ensir_flow.errors import TransientError
-from ensir_flow.lsq import SHRINKAGE_GRID, held_out_errors
+from ensir_flow.lsq import SHRINKAGE_GRID, choose_shrinkage, held_out_errors
 from ensir_flow.lut import DEFAULT_PASS_MEMORY_MIB, DEFAULT_SOLVER, Lut, check_solver, fit_lut, moments_for
 from ensir_flow.stats import (ALL_MOMENTS, FIRST_BINS_END, CellStatistics, cell_sample, fold_statistics, merge, merge_folds,
                               moment_columns)
@@ -63,7 +63,7 @@ def _guarded_chunk_statistics(predictions, truth, start: int, stop: int, spans: 
     (None: the fit goes in passes), and each channel's statistics are those of bin width 256, where
     every cell is its channel."""
     pixels, truth_pixels = read_pixels(predictions, start, stop), read_pixels(truth, start, stop)
-    first_bins, entries = cell_sample(np.ascontiguousarray(pixels[:, ::SAMPLE_STRIDE]), truth_pixels[::SAMPLE_STRIDE], bin_width)
+    first_bins, entries = cell_sample(pixels[:, ::SAMPLE_STRIDE], truth_pixels[::SAMPLE_STRIDE], bin_width)
     if sample_statistics_bytes(len(first_bins), entries, pixels.shape[1] * pixels.shape[2], n_folds, pixels.shape[0], bin_width,
                                moments_kind) > chunk_bytes:
         return None, fold_statistics(pixels, truth_pixels, LEVELS, spans, n_folds, device, moments_kind), first_bins, entries
@@ -157,8 +157,7 @@ def lut_from_folds(fold_statistics: list, models: list[str], device: str, solver
     provenance = {}
     if solver == "lsq" and shrinkage is None:
         if len(fold_statistics) > 1:
-            errors = held_out_errors(fold_statistics)
-            shrinkage = min(errors, key=errors.get)
+            shrinkage, errors = choose_shrinkage(fold_statistics)
             provenance = shrinkage_provenance(errors, len(fold_statistics), sum(f.n_pixels for f in fold_statistics))
         else:
             shrinkage = DEFAULT_SHRINKAGE

@@ -1,5 +1,6 @@
 """The Python API (`ensir_flow.api`): the functions the CLI calls, their results, where they run,
-reading stores, self-describing stores (old ones included) and the README's Python blocks."""
+reading stores and self-describing stores (old ones included). The documented examples run in
+test_docs.py."""
 
 import json
 import re
@@ -13,8 +14,6 @@ import ensir_flow
 from ensir_flow import schema
 from ensir_flow.errors import InputError
 from helpers import make_corpus, modules_imported_by
-
-README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.fixture
@@ -249,23 +248,6 @@ def test_stores_written_before_the_attributes_still_work(tmp_path):
     fresh = ensir_flow.apply(store, lut, tmp_path / "fresh.zarr", progress=False)
     np.testing.assert_array_equal(updated.dataset["ensemble"].values, fresh.dataset["ensemble"].values)
     assert "channel" not in ensir_flow.open_store(out).coords  # an old output keeps its layout
-
-
-def _readme_python_blocks() -> list[str]:
-    section = README.read_text().split("## Python API", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
-
-
-def test_readme_python_blocks_run(tmp_path, monkeypatch):
-    blocks = _readme_python_blocks()
-    assert len(blocks) >= 3
-    make_corpus(tmp_path / "corpus")
-    monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    for block in blocks:
-        exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 - the README's own examples
-    assert (tmp_path / "png" / "img0.png").exists()
-    assert namespace["scores"].table.loc["ensemble", "psnr"] > 0 and "em" in namespace["comparison"].table.index
 
 
 def test_package_exports_the_api_lazily():

@@ -25,11 +25,13 @@ from .binning import (all_digits, bin_count, digits_of_words, flat_bins_of_digit
 from .blend import INDEXED_BINS_LIMIT, HashedWeights, IndexedWeights, weights_with_fallback
 from .errors import InputError
 from .fit_status import FLAG_MEANINGS, FitStatus
-from .schema import CHANNEL_NAMES
+from .schema import CHANNEL_NAMES, is_integer
 from .stats import ALL_MOMENTS, EM_MOMENTS, CellStatistics, group_starts, key_order
 
 SOLVERS = ("em", "lsq", "average", "zzpm")
 DEFAULT_SOLVER = "em"
+#: The solver and empty-cell policy of a LUT imported from the paper's code (`read_paper_lut`).
+IMPORTED_SOLVER, IMPORTED_EMPTY_POLICY = "imported", "as published"
 #: MiB of statistics one pass of `fit` gathers at most (estimated), by default; beyond, it reads the
 #: reference set once per range of cells (`pipelines.fit`). Its peak is then about twice this plus
 #: the chunks being read: 1.16-1.24 GiB for K = 16 at bin width 16 on 10 Mpx.
@@ -39,6 +41,11 @@ DEFAULT_PASS_MEMORY_MIB = 160
 #: fit nothing but counts.
 MOMENTS_OF_SOLVER = {"em": EM_MOMENTS, "lsq": ALL_MOMENTS, "average": EM_MOMENTS, "zzpm": EM_MOMENTS}
 EMPTY_POLICY = "channel"
+#: The values a LUT's enumerated attributes may take (`Lut.from_dataset` refuses others): apply
+#: blends by `solver` (zzpm computes each image's weights), and a value it does not know would be
+#: applied as something it is not.
+LUT_SOLVERS = (*SOLVERS, IMPORTED_SOLVER)
+EMPTY_POLICIES = (EMPTY_POLICY, IMPORTED_EMPTY_POLICY)
 #: How far a cell's weights may sum from 1 in a valid LUT (`check_weights`). Every LUT ensir-flow
 #: makes or imports is far inside it: EM's weights are (s_k + 1e-6) / n with n >= 100, so they sum
 #: to 1 + K * 1e-8 at most; least squares and uniform weights are normalised; float32 storage
@@ -241,11 +248,13 @@ class Lut:
         if "model" in ds.coords and [str(m) for m in ds["model"].values] != models:
             raise InputError(f"{source}: the model coordinate {[str(m) for m in ds['model'].values]} disagrees with "
                              f"the models attribute {models}")
-        if not _is_integer(bin_width):
+        if not is_integer(bin_width):
             raise InputError(f"{source}: attribute bin_width is {bin_width!r}, not an integer")
         bin_width = int(bin_width)
+        solver = _enumerated(ds, "solver", LUT_SOLVERS, DEFAULT_SOLVER, source)
+        empty_policy = _enumerated(ds, "empty_policy", EMPTY_POLICIES, EMPTY_POLICY, source)
         version = ds.attrs.get("format_version", 1)
-        if not _is_integer(version) or version not in (1, FORMAT_VERSION):
+        if not is_integer(version) or version not in (1, FORMAT_VERSION):
             raise InputError(f"{source}: LUT format version {version!r} is not one this version reads (1, {FORMAT_VERSION})")
         try:
             n_bins = bin_count(len(models), bin_width)
@@ -264,7 +273,7 @@ class Lut:
                 raise InputError(f"{source}: fallback_weights shape {fallback.shape}, expected (channel, model) {weights.shape[1:]}")
             check_weights(fallback[None], bin_width, f"{source} (fallback_weights)")
             fallback_status = ds.attrs.get("fallback_fit_status", FitStatus.EMPTY_FALLBACK)
-            if not _is_integer(fallback_status) or fallback_status not in set(FitStatus):
+            if not is_integer(fallback_status) or fallback_status not in set(FitStatus):
                 raise InputError(f"{source}: attribute fallback_fit_status is {fallback_status!r}, not a fit status "
                                  f"({FLAG_MEANINGS})")
             sparse = {"bin_digits": digits, "fallback": fallback, "fallback_status": int(fallback_status)}
@@ -283,21 +292,30 @@ class Lut:
             raise InputError(f"{source}: fit_status holds a value that is not a fit status ({FLAG_MEANINGS})")
         known = {"models", "bin_width", "solver", "empty_policy", "format_version", "fallback_fit_status", "bins_stored",
                  "Conventions", "bin_index"}
-        return cls(models, bin_width, weights, count, status,
-                   str(ds.attrs.get("solver", "em")), str(ds.attrs.get("empty_policy", EMPTY_POLICY)),
-                   {k: v for k, v in ds.attrs.items() if k not in known}, **sparse)
+        lut = cls(models, bin_width, weights, count, status, solver, empty_policy,
+                  {k: v for k, v in ds.attrs.items() if k not in known}, **sparse)
+        if "channel" in ds.coords and [str(c) for c in ds["channel"].values] != lut.channel_names():
+            raise InputError(f"{source}: the channel coordinate {[str(c) for c in ds['channel'].values]} disagrees with "
+                             f"the LUT's {lut.n_channels} channels {lut.channel_names()}")
+        return lut
 
     def digest(self) -> str:
-        """SHA-256 of the weights and their meaning, recorded in every output made with the LUT: of
-        the dense table where it is small (as LUTs have always been identified), else of the stored
-        bins and the fallback."""
+        """SHA-256 of everything a reader of the LUT uses, recorded in every output made with it:
+        its models in their order, bin width, solver, empty-cell policy, channels and the layout it
+        is written in (`FORMAT_VERSION`), then its cells' weights, reference pixels and statuses:
+        of the dense table where it is small (so a table reads to one digest in either format),
+        else of the stored bins, with the fallback weights and status of every other cell. Two
+        LUTs of one digest blend, report and export alike."""
+        header = ("ensir-flow LUT", FORMAT_VERSION, self.models, self.bin_width, self.solver, self.empty_policy, self.n_channels)
         if self.is_small:
-            digest = hashlib.sha256(np.ascontiguousarray(self.weights, dtype="<f4"))
+            digest = hashlib.sha256(repr((*header, "dense", self.n_bins)).encode())
+            arrays = [(self.weights, "<f4"), (self.count, "<i8"), (self.fit_status, "i1")]
         else:
-            digest = hashlib.sha256(np.ascontiguousarray(self.bin_digits))
-            for array in (self.bin_weights, self.fallback):
-                digest.update(np.ascontiguousarray(array, dtype="<f4"))  # hashed in place: no copy as bytes
-        digest.update(repr((self.models, self.bin_width)).encode())
+            digest = hashlib.sha256(repr((*header, "stored bins", len(self.bin_digits), self.fallback_status)).encode())
+            arrays = [(self.bin_digits, "u1"), (self.bin_weights, "<f4"), (self.bin_count, "<i8"), (self.bin_status, "i1"),
+                      (self.fallback, "<f4")]
+        for array, dtype in arrays:
+            digest.update(np.ascontiguousarray(array, dtype=dtype))  # hashed in place: no copy as bytes
         return digest.hexdigest()
 
     def check_matches(self, models: list[str], n_channels: int, source: str) -> None:
@@ -359,6 +377,14 @@ def check_weights(weights: np.ndarray, bin_width: int, source: str = "LUT", tole
                      f"{bad_cells} bad cell(s) in all; not a usable LUT")
 
 
+def _enumerated(ds: xr.Dataset, name: str, allowed: tuple[str, ...], default: str, source: str) -> str:
+    """Attribute `name` of a LUT (`default` where it has none), refused unless one of `allowed`."""
+    value = ds.attrs.get(name, default)
+    if not isinstance(value, str) or value not in allowed:
+        raise InputError(f"{source}: attribute {name} is {value!r}, not one of {', '.join(allowed)}")
+    return value
+
+
 def _values_of(ds: xr.Dataset, name: str, dims: tuple[str, ...], source: str) -> np.ndarray:
     """Values of variable `name` with its dimensions in the order `dims`; an InputError naming it when
     it has other dimensions (a LUT edited by hand), rather than xarray's ValueError."""
@@ -374,11 +400,6 @@ def _weights_of(ds: xr.Dataset, name: str, dims: tuple[str, ...], source: str) -
     if values.dtype.kind != "f":
         raise InputError(f"{source}: {name} are of type {values.dtype}, not floating point; not a usable LUT")
     return values
-
-
-def _is_integer(value) -> bool:
-    """Whether an attribute read from a store is an integer (3 or 3.0; not True, 3.5 or "3")."""
-    return isinstance(value, (int, np.integer, float, np.floating)) and not isinstance(value, bool) and float(value).is_integer()
 
 
 def _check_bin_coordinate(ds: xr.Dataset, digits: np.ndarray | None, n_models: int, bin_width: int, source: str) -> None:
@@ -508,8 +529,8 @@ def read_paper_lut(path, models: list[str], bin_width: int) -> Lut:
         weights[index] = per_channel
     check_weights(weights, bin_width, str(path))
     return Lut(list(models), bin_width, weights, np.zeros((n_bins, n_channels), np.int64),
-               np.full((n_bins, n_channels), FitStatus.IMPORTED, np.int8), solver="imported",
-               empty_policy="as published", attrs={"imported_from": str(path)})
+               np.full((n_bins, n_channels), FitStatus.IMPORTED, np.int8), solver=IMPORTED_SOLVER,
+               empty_policy=IMPORTED_EMPTY_POLICY, attrs={"imported_from": str(path)})
 
 
 def _is_edge(edge, bin_width: int) -> bool:

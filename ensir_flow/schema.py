@@ -207,33 +207,52 @@ def image(ds: xr.Dataset, which: str | int, variable: str = ENSEMBLE, model: str
     return np.asarray(values, dtype=np.uint8).reshape(int(index.heights[position]), int(index.widths[position]), -1)
 
 
+#: The dimensions of each pixel variable, in the order the pipelines read them (`chunks.pixel_array`).
+PIXEL_DIMS = {PREDICTION: ("model", "pixel", "channel"), GROUND_TRUTH: ("pixel", "channel"), INPUT: ("pixel", "channel"),
+              ENSEMBLE: ("pixel", "channel")}
+
+
+def is_integer(value) -> bool:
+    """Whether an attribute read from a store is an integer (3 or 3.0; not True, 3.5 or "3")."""
+    return isinstance(value, (int, np.integer, float, np.floating)) and not isinstance(value, bool) and float(value).is_integer()
+
+
 def check_store(ds: xr.Dataset, source: str, require: tuple[str, ...] = (PREDICTION,)) -> list[str]:
     """Validate a pixel store's schema and structural invariants; return its model list.
 
     Stores can be written by anyone (or left by a crash), so every reader checks, before using
-    the image index: required attributes and variables; one `model` entry per model; the pixel
-    axis holding exactly the images' pixels (sum of height x width); `pixel_count` = height x
-    width and `pixel_offset` = the cumulative counts (the contiguous ragged layout: offsets are
-    authoritative only because they must equal the cumulative counts). A store that fails is
-    refused, naming what is wrong. `ds` is the store opened by xarray, or read with zarr alone
-    (`pipelines.storage.StoreIndex`: the same `attrs`, `sizes`, variables by name with their
-    `sizes` and `values`).
+    the image index: the schema version (an integer this version reads); required attributes and
+    variables; the `models` attribute, a list of names that the `model` coordinate, where there is
+    one, spells the same; every variable's dimensions (the pixel variables' in the order
+    `PIXEL_DIMS`) of the lengths the store's images, models and `channels` give; the pixel axis
+    holding exactly the images' pixels (sum of height x width); `pixel_count` = height x width and
+    `pixel_offset` = the cumulative counts (the contiguous ragged layout: offsets are authoritative
+    only because they must equal the cumulative counts). A store that fails is refused, naming what
+    is wrong. `ds` is the store opened by xarray, or read with zarr alone
+    (`pipelines.storage.StoreIndex`: the same `attrs`, variables by name with their `dims`, `sizes`
+    and `values`, but no check that variables sharing a dimension agree on its length).
     """
     version = ds.attrs.get("schema_version")
     if version is None:
         raise InputError(f"{source}: not an ensir-flow store (no schema_version attribute)")
-    if int(version) > SCHEMA_VERSION:
+    if not is_integer(version) or version < 1:
+        raise InputError(f"{source}: attribute schema_version is {version!r}, not a schema version (a whole number; "
+                         f"this ensir-flow reads up to {SCHEMA_VERSION})")
+    if version > SCHEMA_VERSION:
         raise InputError(f"{source}: written by a newer ensir-flow (schema {version}, this one reads up to {SCHEMA_VERSION}); upgrade ensir-flow")
-    for name in (*require, *IMAGE_VARIABLES):
+    for name in (*require, *IMAGE_VARIABLES, "image"):
         if name not in ds.variables:
             what = "ground truth (fit and evaluate need a reference set with gt/)" if name == GROUND_TRUTH else f"variable '{name}'"
             raise InputError(f"{source}: store has no {what}")
     models = ds.attrs.get("models")
-    if not isinstance(models, list) or not models:
-        raise InputError(f"{source}: inconsistent store: attribute 'models' is not a list of model names")
-    if PREDICTION in ds and ds[PREDICTION].sizes.get("model") != len(models):
-        raise InputError(f"{source}: inconsistent store: {ds[PREDICTION].sizes.get('model')} prediction planes for "
-                         f"{len(models)} models {models}")
+    if not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models):
+        raise InputError(f"{source}: inconsistent store: attribute 'models' is {models!r}, not a list of model names")
+    if "model" in ds.variables:
+        coordinate = [str(m) for m in np.asarray(ds["model"].values).reshape(-1)]
+        if coordinate != models:
+            raise InputError(f"{source}: inconsistent store: attribute 'models' {models} disagrees with the model "
+                             f"coordinate {coordinate}")
+    _check_image_variables(ds, source)
     index = ImageIndex.from_dataset(ds)
     unsafe = next(((stem, problem) for stem in index.stems if (problem := stem_problem(stem))), None)
     if unsafe:
@@ -241,14 +260,55 @@ def check_store(ds: xr.Dataset, source: str, require: tuple[str, ...] = (PREDICT
     if (index.heights < 1).any() or (index.widths < 1).any():
         raise InputError(f"{source}: inconsistent store: image '{index.stems[int(np.argmin(index.heights * index.widths))]}' "
                          "has no pixels")
-    n_pixels = ds.sizes.get("pixel", 0)
-    if n_pixels != index.n_pixels:
-        raise InputError(f"{source}: inconsistent store: the pixel axis holds {n_pixels:,} pixels, its images "
-                         f"{index.n_pixels:,} (an interrupted write? re-run the command that wrote it)")
+    pixel_lengths = {name: ds[name].sizes.get("pixel", 0) for name in PIXEL_DIMS if name in ds.variables} or {"the store": 0}
+    for name, n_pixels in pixel_lengths.items():
+        if n_pixels != index.n_pixels:
+            raise InputError(f"{source}: inconsistent store: the pixel axis of {name} holds {n_pixels:,} pixels, its images "
+                             f"{index.n_pixels:,} (an interrupted write? re-run the command that wrote it)")
+    _check_dimensions(ds, source, len(models))
     for name, expected in (("pixel_count", index.counts), ("pixel_offset", index.offsets)):
         stored = ds[name].values.astype(np.int64)
         wrong = np.flatnonzero(stored != expected)
         if len(wrong):
             raise InputError(f"{source}: inconsistent store: {name} of image '{index.stems[wrong[0]]}' is {stored[wrong[0]]:,}, "
                              f"expected {expected[wrong[0]]:,}")
-    return [str(m) for m in models]
+    return list(models)
+
+
+def _check_image_variables(ds: xr.Dataset, source: str) -> None:
+    """Refuse an image index `ImageIndex.from_dataset` cannot read as one: `image` and every
+    variable of `IMAGE_VARIABLES` on dimension `image` alone, all of one length, the latter
+    holding integers."""
+    names = ("image", *IMAGE_VARIABLES)
+    for name in names:
+        if tuple(ds[name].dims) != ("image",):
+            raise InputError(f"{source}: inconsistent store: {name} has dimensions {tuple(ds[name].dims)}, expected ('image',)")
+        if name != "image" and np.asarray(ds[name].values).dtype.kind not in "iu":
+            raise InputError(f"{source}: inconsistent store: {name} holds {np.asarray(ds[name].values).dtype} values, not integers")
+    lengths = [ds[name].sizes["image"] for name in names]
+    if len(set(lengths)) > 1:
+        raise InputError(f"{source}: inconsistent store: the image index disagrees on the number of images "
+                         f"({', '.join(f'{name} {n}' for name, n in zip(names, lengths))})")
+
+
+def _check_dimensions(ds: xr.Dataset, source: str, n_models: int) -> None:
+    """Refuse a pixel variable whose dimensions are not `PIXEL_DIMS`, and any variable whose length
+    on dimension image, model or channel is not the store's: its images, its models, and its
+    `channels` attribute (or, without one, the length every other variable gives the dimension)."""
+    channels = ds.attrs.get("channels")
+    if channels is not None and (not is_integer(channels) or channels < 1):
+        raise InputError(f"{source}: inconsistent store: attribute 'channels' is {channels!r}, not a number of channels")
+    expected = {"image": (ds["image"].sizes["image"], "images"), "model": (n_models, "models")}
+    if channels is not None:
+        expected["channel"] = (int(channels), "channels (attribute 'channels')")
+    for name in ds.variables:
+        variable = ds[name]
+        if name in PIXEL_DIMS and tuple(variable.dims) != PIXEL_DIMS[name]:
+            raise InputError(f"{source}: inconsistent store: {name} has dimensions {tuple(variable.dims)}, "
+                             f"expected {PIXEL_DIMS[name]}")
+        for dim, size in variable.sizes.items():
+            if dim == "channel" and dim not in expected:
+                expected[dim] = (size, f"channels (as {name})")
+            if dim in expected and size != expected[dim][0]:
+                raise InputError(f"{source}: inconsistent store: {name} has length {size} on dimension {dim}; the store has "
+                                 f"{expected[dim][0]} {expected[dim][1]}")

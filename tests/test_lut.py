@@ -7,6 +7,7 @@ import torch
 
 from ensir_flow import stats
 from ensir_flow.errors import InputError
+from ensir_flow.fit_status import FitStatus
 from ensir_flow.lut import Lut, fit_lut, moments_for, read_paper_lut
 
 
@@ -117,3 +118,80 @@ def test_statistics_of_em_moments_alone_give_the_same_luts(n_models, bin_width):
     assert moments_for(["em", "lsq"]) == stats.ALL_MOMENTS
     with pytest.raises(ValueError, match="only the moments EM uses"):
         fit_lut(alone, models, solver="lsq")
+
+
+def _swapped(values: np.ndarray) -> np.ndarray:
+    """`values` with the first two entries of its last axis swapped where they differ most (weights
+    summing to 1 still, but another table)."""
+    values = values.copy()
+    flat = values.reshape(-1, values.shape[-1])
+    row = int(np.argmax(np.abs(flat[:, 0] - flat[:, 1])))
+    flat[row, [0, 1]] = flat[row, [1, 0]]
+    return values
+
+
+@pytest.mark.parametrize("n_models, bin_width, same_bins_width", [(3, 64, 65), (8, 32, 33)])
+def test_the_digest_changes_with_everything_a_reader_uses(n_models, bin_width, same_bins_width):
+    """Apply records `digest()` as what it blended with: any attribute or array that changes a
+    result (blend, report, export) changes it, for a dense (small) table and a sparse one alike,
+    while the table read back unedited keeps it."""
+    rng = np.random.default_rng(n_models)
+    truth = rng.integers(0, 256, (2000, 3), dtype=np.uint8)
+    predictions = np.clip(truth + rng.normal(0, 12, (n_models, 2000, 3)), 0, 255).astype(np.uint8)
+    lut = fit_lut(stats.chunk_statistics(predictions, truth, bin_width), [f"m{k}" for k in range(n_models)])
+    assert lut.is_small == (n_models == 3) and len(lut.bin_digits) < lut.n_bins  # some cells take the fallback
+    ds = lut.to_dataset()
+    assert Lut.from_dataset(ds).digest() == lut.digest()
+    reordered = lut.models[::-1]
+
+    def edit(name, value):
+        edited = ds.copy(deep=True)
+        if name in edited.attrs:
+            edited.attrs[name] = value
+        else:
+            edited[name] = edited[name].copy(data=value)
+        return edited
+
+    edits = {
+        "solver": [edit("solver", solver) for solver in ("zzpm", "average", "lsq")],
+        "empty_policy": [edit("empty_policy", "as published")],
+        "bin_width": [edit("bin_width", same_bins_width)],  # the same number of ranges, so the same bins
+        "models": [edit("models", reordered).assign_coords(model=np.array(reordered, dtype=object))],
+        "weights": [edit("weights", _swapped(ds["weights"].values))],
+        "fallback_weights": [edit("fallback_weights", _swapped(ds["fallback_weights"].values))],
+        "count": [edit("count", ds["count"].values + 1)],
+        "fit_status": [edit("fit_status", np.where(ds["fit_status"].values == FitStatus.EM, FitStatus.INITIAL_WEIGHTS,
+                                                   ds["fit_status"].values).astype(np.int8))],
+        "fallback_fit_status": [edit("fallback_fit_status", int(FitStatus.UNIFORM))],
+    }
+    for name, datasets in edits.items():
+        for edited in datasets:
+            assert Lut.from_dataset(edited).digest() != lut.digest(), name
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("solver", "bogus", "attribute solver is 'bogus', not one of em, lsq, average, zzpm, imported"),
+    ("solver", ["em"], "attribute solver is ['em'], not one of em, lsq, average, zzpm, imported"),
+    ("empty_policy", "nearest", "attribute empty_policy is 'nearest', not one of channel, as published"),
+    ("format_version", "1.5", "LUT format version '1.5' is not one this version reads (1, 2)"),
+    ("format_version", "2", "LUT format version '2' is not one this version reads (1, 2)"),
+    ("format_version", 3, "LUT format version 3 is not one this version reads (1, 2)"),
+    ("fallback_fit_status", "0", "attribute fallback_fit_status is '0', not a fit status"),
+])
+def test_an_unknown_value_of_an_enumerated_attribute_is_refused(name, value, expected):
+    ds = _small_lut().to_dataset()
+    ds.attrs[name] = value
+    with pytest.raises(InputError) as refused:
+        Lut.from_dataset(ds, "lut.zarr")
+    assert str(refused.value).startswith("lut.zarr: ") and expected in str(refused.value)
+    assert "\n" not in str(refused.value)
+
+
+def test_coordinates_that_disagree_with_the_luts_attributes_are_refused():
+    ds = _small_lut().to_dataset()
+    with pytest.raises(InputError, match=r"lut.zarr: the channel coordinate \['B', 'G', 'R'\] disagrees with the LUT's 3 "
+                                         r"channels \['R', 'G', 'B'\]"):
+        Lut.from_dataset(ds.assign_coords(channel=np.array(["B", "G", "R"], dtype=object)), "lut.zarr")
+    with pytest.raises(InputError, match=r"lut.zarr: the model coordinate \['c', 'b', 'a'\] disagrees with the models "
+                                         r"attribute \['a', 'b', 'c'\]"):
+        Lut.from_dataset(ds.assign_coords(model=np.array(["c", "b", "a"], dtype=object)), "lut.zarr")

@@ -332,6 +332,27 @@ def _written(paths) -> list[str]:
     return [str(path) for path in paths if path is not None]
 
 
+def _check_targets(outputs: Mapping[str, tuple[Any, str]], inputs: Mapping[str, Any], overwrite: bool) -> None:
+    """Before anything is planned: refuse an output (label -> (path, the kind of target written
+    there)) that is, lies inside or contains an input (label -> path) or another output, that is a
+    symbolic link, or that `overwrite` would replace while it is not that kind of ensir-flow
+    output (`pipelines.targets`). Paths None (an option not given) are left out."""
+    from .pipelines import targets
+
+    targets.refuse_overlap({label: path for label, (path, _) in outputs.items()}, inputs)
+    for path, kind in outputs.values():
+        if path is not None:
+            targets.check_target(path, kind, overwrite)
+
+
+def _absolute(path):
+    """`path` as every worker reads it (`pipelines.targets.absolute`): relative local paths made
+    absolute, once, on the client; URLs and None as they are."""
+    from .pipelines.targets import absolute
+
+    return absolute(path)
+
+
 # ---------------------------------------------------------------------------------------------
 # Commands
 
@@ -347,14 +368,18 @@ def ingest(source_dir, store, *, models: str | Sequence[str] | None = None, chun
     images the store lacks, keeping its chunks and compression (so neither may be given).
     """
     from .pipelines.ingest import plan_append, plan_ingest
+    from .pipelines.targets import PIXEL_STORE
 
     model_list = _names(models)
+    source, target = _absolute(source_dir), _absolute(store)
     if append:
         _refuse_layout_with_append(chunk_pixels, compression)
-        outcome = run_plan(lambda: plan_append(source_dir, str(store), model_list), (store,), run)
+    _check_targets({"store": (store, PIXEL_STORE)}, {"source folder": source_dir}, overwrite and not append)
+    if append:
+        outcome = run_plan(lambda: plan_append(source, str(target), model_list), (target,), run)
     else:
-        outcome = run_plan(lambda: plan_ingest(source_dir, str(store), model_list, chunk_pixels or schema.DEFAULT_CHUNK_PIXELS,
-                                               overwrite, compression or schema.DEFAULT_COMPRESSION), (store,), run)
+        outcome = run_plan(lambda: plan_ingest(source, str(target), model_list, chunk_pixels or schema.DEFAULT_CHUNK_PIXELS,
+                                               overwrite, compression or schema.DEFAULT_COMPRESSION), (target,), run)
     return _store_result(Ingested, "ingest", store, outcome, append)
 
 
@@ -425,6 +450,7 @@ def predict(source_dir, store, *, models, device: str = "auto", tile: int | None
     from .devices import DEVICES
     from .models import VALUE_RANGES, Inference
     from .pipelines.predict import plan_predict, plan_predict_append
+    from .pipelines.targets import PIXEL_STORE
 
     if tile is not None and overlap is not None and tile <= 2 * overlap:
         raise UsageError(f"--tile {tile} leaves no centre with --overlap {overlap} (tile > 2 x overlap)", option="--tile")
@@ -440,12 +466,16 @@ def predict(source_dir, store, *, models, device: str = "auto", tile: int | None
         _refuse_layout_with_append(chunk_pixels, compression)
     base_models = _base_models(models)
     how = Inference(device, value_range, scale, tile, overlap or 0, batch)
+    source, target = _absolute(source_dir), _absolute(store)
+    _check_targets({"store": (store, PIXEL_STORE)},
+                   {"source folder": source_dir, **{f"model file {model.name}": model.path for model in base_models}},
+                   overwrite and not append)
     if append:
-        outcome = run_plan(lambda: plan_predict_append(source_dir, str(store), base_models, how, samples), (store,), run)
+        outcome = run_plan(lambda: plan_predict_append(source, str(target), base_models, how, samples), (target,), run)
     else:
-        outcome = run_plan(lambda: plan_predict(source_dir, str(store), base_models, how, samples,
+        outcome = run_plan(lambda: plan_predict(source, str(target), base_models, how, samples,
                                                 chunk_pixels or schema.DEFAULT_CHUNK_PIXELS,
-                                                compression or schema.DEFAULT_COMPRESSION, overwrite), (store,), run)
+                                                compression or schema.DEFAULT_COMPRESSION, overwrite), (target,), run)
     return _store_result(Predicted, "predict", store, outcome, append)
 
 
@@ -470,13 +500,16 @@ def fit(store, lut, *, bin_width: int = DEFAULT_BIN_WIDTH, solver: str = DEFAULT
     lsq ('auto': by cross-validation); `device` 'auto', 'cpu' or 'cuda'; statistics that would
     exceed `pass_memory` MiB are gathered in passes over ranges of cells (the same LUT)."""
     from .pipelines.fit import plan_fit
+    from .pipelines.targets import LUT
 
     strength = _shrinkage_strength(shrinkage)
     if isinstance(pass_memory, bool) or not isinstance(pass_memory, (int, np.integer)) or pass_memory < 1:
         raise UsageError(f"{pass_memory!r} is not a positive whole number of MiB", option="--pass-memory")
     pass_memory = int(pass_memory)
-    outcome = run_plan(lambda: plan_fit(str(store), str(lut), bin_width, solver, device, overwrite, strength,
-                                        pass_memory << 20), (store, lut), run)
+    reference, target = _absolute(store), _absolute(lut)
+    _check_targets({"LUT": (lut, LUT)}, {"store": store}, overwrite)
+    outcome = run_plan(lambda: plan_fit(str(reference), str(target), bin_width, solver, device, overwrite, strength,
+                                        pass_memory << 20), (reference, target), run)
     if outcome.plan is not None:
         return Fitted(command="fit", status="planned", outputs=_written([lut]), plan=outcome.plan)
     table = outcome.value
@@ -491,6 +524,7 @@ def apply(store, lut, output, *, export_dir=None, png_compression: int | None = 
     0-9, default `DEFAULT_PNG_COMPRESSION`; refused without `export_dir`, where it would do nothing).
     An `output` made with the same LUT before `store` grew (`ingest(append=True)`) is updated in place."""
     from .pipelines.apply import plan_apply
+    from .pipelines.targets import APPLY_OUTPUT, EXPORT_FOLDER
 
     if png_compression is not None and export_dir is None:
         raise UsageError("--png-compression: only with --export-dir")
@@ -498,8 +532,11 @@ def apply(store, lut, output, *, export_dir=None, png_compression: int | None = 
         png_compression = DEFAULT_PNG_COMPRESSION
 
     outputs = _written([output, export_dir])
-    outcome = run_plan(lambda: plan_apply(str(store), str(lut), str(output), None if export_dir is None else str(export_dir),
-                                      overwrite, device, compression, png_compression), (store, lut, output, export_dir), run)
+    source, table, target, pngs = (_absolute(path) for path in (store, lut, output, export_dir))
+    _check_targets({"output": (output, APPLY_OUTPUT), "export folder": (export_dir, EXPORT_FOLDER)}, {"store": store, "LUT": lut},
+                   overwrite)
+    outcome = run_plan(lambda: plan_apply(str(source), str(table), str(target), None if pngs is None else str(pngs),
+                                      overwrite, device, compression, png_compression), (source, table, target, pngs), run)
     if outcome.plan is not None:
         return Applied(command="apply", status="planned", outputs=outputs, plan=outcome.plan)
     result = outcome.value
@@ -578,12 +615,17 @@ def export(store, directory, *, variable: str = schema.ENSEMBLE, overwrite: bool
     from .pipelines.export import export as export_pngs
     from .pipelines.plan import Plan
     from .pipelines.storage import open_store as open_checked
+    from .pipelines.targets import EXPORT_FOLDER
+
+    _check_targets({"export folder": (directory, EXPORT_FOLDER)}, {"store": store}, overwrite)
+    given_store, written_to = store, directory
+    store, directory = _absolute(store), _absolute(directory)
 
     def plan():
         ds = open_checked(str(store))
         schema.check_store(ds, str(store), require=(variable,))
         if "model" in ds[variable].dims:
-            raise InputError(f"{store}: '{variable}' holds one image per model; export writes '{schema.ENSEMBLE}', "
+            raise InputError(f"{given_store}: '{variable}' holds one image per model; export writes '{schema.ENSEMBLE}', "
                              f"'{schema.GROUND_TRUTH}' or '{schema.INPUT}'")
         n_images = ds.sizes["image"]
 
@@ -596,17 +638,20 @@ def export(store, directory, *, variable: str = schema.ENSEMBLE, overwrite: bool
 
     outcome = run_plan(plan, (store, directory), run)
     if outcome.plan is not None:
-        return Exported(command="export", status="planned", outputs=_written([directory]), plan=outcome.plan)
-    return Exported(command="export", status="written", outputs=_written([directory]), seconds=outcome.seconds,
-                    directory=str(directory), images=outcome.value)
+        return Exported(command="export", status="planned", outputs=_written([written_to]), plan=outcome.plan)
+    return Exported(command="export", status="written", outputs=_written([written_to]), seconds=outcome.seconds,
+                    directory=str(written_to), images=outcome.value)
 
 
 def import_lut(source, output, *, models: str | Sequence[str], bin_width: int, overwrite: bool = False) -> LutImported:
     """Convert a LUT published with the paper's code (`source`, a .pth; code in it is never run)
     into the LUT store `output` (`ensir-flow lut import`)."""
     from .pipelines.interchange import import_paper_lut
+    from .pipelines.targets import LUT
 
-    table = import_paper_lut(str(source), str(output), _names(models), bin_width, overwrite)
+    target = _absolute(output)
+    _check_targets({"LUT": (output, LUT)}, {"source": source}, overwrite)
+    table = import_paper_lut(str(source), str(target), _names(models), bin_width, overwrite)
     return LutImported(command="lut import", status="written", outputs=_written([output]), lut=table)
 
 
@@ -614,8 +659,11 @@ def export_lut(lut, output, *, overwrite: bool = False) -> Result:
     """Write the LUT store `lut` as `output` (.npz or .json: weights, counts, models, bin width,
     bin-index rule) (`ensir-flow lut export`)."""
     from .pipelines.interchange import export_lut as write_lut_file
+    from .pipelines.targets import LUT_FILE
 
-    write_lut_file(str(lut), str(output), overwrite)
+    target = _absolute(output)
+    _check_targets({"LUT file": (output, LUT_FILE)}, {"LUT": lut}, overwrite)
+    write_lut_file(str(lut), str(target), overwrite)
     return Result(command="lut export", status="written", outputs=_written([output]))
 
 
@@ -623,8 +671,11 @@ def demo(directory="demo-run", *, overwrite: bool = False, **run: Unpack[RunOpti
     """Build the embedded demo corpus in `directory` and run ingest, fit, apply and evaluate on it
     (`ensir-flow demo`)."""
     from .pipelines.demo import plan_demo
+    from .pipelines.targets import DEMO_FOLDER
 
-    outcome = run_plan(lambda: plan_demo(directory, overwrite), (directory,), run)
+    target = _absolute(directory)
+    _check_targets({"demo folder": (directory, DEMO_FOLDER)}, {}, overwrite)
+    outcome = run_plan(lambda: plan_demo(target, overwrite), (target,), run)
     status = "planned" if outcome.plan is not None else "written"
     return Demo(command="demo", status=status, outputs=_written([directory]), seconds=outcome.seconds, plan=outcome.plan,
                 summary=outcome.value or "")

@@ -33,6 +33,7 @@ from ensir_flow.images import DEFAULT_PNG_COMPRESSION, check_stem, png_text, pri
 
 from .executor import Compute
 from .storage import open_store, staged_output, staged_update
+from .targets import EXPORT_FOLDER, refuse_link, refuse_replacing
 
 #: tEXt keyword of the mark every exported PNG carries, and the prefix of its value.
 MARK_KEY, MARK_PREFIX = "Software", "ensir-flow"
@@ -46,7 +47,12 @@ def export_text(store, variable: str) -> dict[str, str]:
 
 
 def _export_image(pixels: np.ndarray, height: int, width: int, path, text: dict | None, compression: int) -> None:
-    write_png(path, np.asarray(pixels).reshape(height, width, -1), text, compression)
+    try:
+        write_png(path, np.asarray(pixels).reshape(height, width, -1), text, compression)
+    except OSError as error:  # a full disk names no file: name the PNG, in the export folder's staging
+        if error.filename is not None:
+            raise
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from None
 
 
 def export_graph(ds: xr.Dataset, variable: str, directory, text: dict | None = None, first_image: int = 0,
@@ -65,9 +71,11 @@ def export_graph(ds: xr.Dataset, variable: str, directory, text: dict | None = N
 def check_export_target(directory, stems, overwrite: bool, source=None) -> None:
     """Refuse, before any work, an export of images named `stems` into `directory` that could not
     complete or would do harm: a stem that is not a plain file name (or is used twice); a
-    `directory` that is a file, that exists without `overwrite`, or that holds anything an export
-    does not write (named); a folder that cannot be created because a file stands in its path (or,
-    on a local disk, because its parent cannot be written). `source` (the store) names the stems'
+    `directory` that is a symbolic link (`targets.refuse_link`) or a file, that exists without
+    `overwrite`, that holds anything an export does not write (named), or no PNG with the export's
+    mark (a folder of the store's images named as an export names them, such as a corpus's gt/, is
+    not an export); a folder that cannot be created because a file stands in its path (or, on a
+    local disk, because its parent cannot be written). `source` (the store) names the stems'
     origin in messages."""
     where = directory if source is None else source
     seen = set()
@@ -76,6 +84,7 @@ def check_export_target(directory, stems, overwrite: bool, source=None) -> None:
         if stem in seen:
             raise InputError(f"{printable(where)}: image name {stem!r} is used by two images; their PNGs would overwrite each other")
         seen.add(stem)
+    refuse_link(directory)
     fs, root = fsspec.core.url_to_fs(str(directory))
     root = root.rstrip("/") or root
     if fs.exists(root):
@@ -87,6 +96,7 @@ def check_export_target(directory, stems, overwrite: bool, source=None) -> None:
         if foreign is not None:
             raise InputError(f"{directory}: holds {foreign!r}, which ensir-flow's export did not write; "
                              f"refusing to replace the folder (move that away, or export elsewhere)")
+        refuse_replacing(directory, EXPORT_FOLDER)
     ancestor = _nearest_existing(fs, _parent(root))
     if ancestor is not None:
         if not fs.isdir(ancestor):

@@ -27,6 +27,7 @@ import functools
 import json
 import os
 import socket
+import stat
 import struct
 import time
 import warnings
@@ -41,6 +42,8 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.group import ConsolidatedMetadata
 
 from ensir_flow.errors import InputError, TransientError
+
+from . import targets
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -59,10 +62,15 @@ def exists(path: str) -> bool:
     return fs.exists(root)
 
 
-def refuse_existing(path: str, overwrite: bool) -> None:
-    """Fail before any work when the output exists and the user did not ask to replace it."""
-    if exists(path) and not overwrite:
-        raise InputError(f"{path}: already exists (pass --overwrite to replace it)")
+def refuse_existing(path: str, overwrite: bool, kind: str | None = None) -> None:
+    """Fail before any work when the output exists and the user did not ask to replace it, or when
+    `overwrite` would replace what is not ensir-flow's output of `kind` (None: of any kind; see
+    `targets.refuse_replacing`). A symbolic link is never a target (`targets.refuse_link`)."""
+    targets.refuse_link(path)
+    if exists(path):
+        if not overwrite:
+            raise InputError(f"{path}: already exists (pass --overwrite to replace it)")
+        targets.refuse_replacing(path, kind)
 
 
 def _sibling(root: str, tag: str) -> str:
@@ -137,20 +145,24 @@ def _move_into_place(fs, staging: str, root: str) -> None:
 
 
 @contextlib.contextmanager
-def staged_output(path: str, overwrite: bool = False):
+def staged_output(path: str, overwrite: bool = False, kind: str | None = None):
     """Yield the staging location of `path`; move it to `path` only if the block succeeds.
 
     Holds the writer's lock throughout (`exclusive_lock`); staging left by a killed run is removed.
+    A target found at the move (with `overwrite`) is replaced only if it is ensir-flow's output of
+    `kind`, by default the kind of what was staged (`targets.kind_of`): one that appeared or was
+    swapped while the block ran is refused, not deleted.
     """
     with exclusive_lock(path):
         fs, root = fsspec.core.url_to_fs(str(path))
         _finish_interrupted_replacement(fs, root)
-        refuse_existing(path, overwrite)
+        refuse_existing(path, overwrite, kind)
         staging = _sibling(root, "partial")
         if fs.exists(staging):
             fs.rm(staging, recursive=True)
         try:
             yield _as_location(fs, staging, path)
+            refuse_existing(path, overwrite, kind or targets.kind_of(_as_location(fs, staging, path)))
         except BaseException:
             _remove_staging(fs, staging)
             raise
@@ -226,9 +238,13 @@ def exclusive_lock(path: str):
     The lock file is created with exclusive-create semantics ('xb'): O_EXCL on local disks, a
     conditional put (If-None-Match) on object stores whose fsspec driver supports it. A lock left
     by a killed process on this host is taken over when that process is gone, and so is a lock
-    file with no owner in it older than UNWRITTEN_LOCK_SECONDS (its writer was killed between
-    creating it and writing it: a live one writes at once). Takeovers happen one at a time
-    (`_takeover_guard`), so runs restarted together after a kill never both hold the lock.
+    file with no owner in it (empty, or unreadable) older than UNWRITTEN_LOCK_SECONDS by its
+    modification or its status-change time, whichever is older (its writer was killed between
+    creating it and writing it: a live one writes at once; a modification time set in the future
+    does not keep it for ever). Takeovers happen one at a time (`_takeover_guard`), so runs
+    restarted together after a kill never both hold the lock. Whatever stands at the lock's path
+    that is not a regular file (a folder, a FIFO, a link, ...) is refused, naming it, without
+    being opened: reading a FIFO would block for ever.
     """
     fs, root = fsspec.core.url_to_fs(str(path))
     lock = _sibling(root, "lock")
@@ -236,17 +252,22 @@ def exclusive_lock(path: str):
     if parent:
         fs.makedirs(parent, exist_ok=True)
     owner = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    if not _create_lock(fs, lock, owner):
+    if not _create_lock(fs, lock, owner, path):
         with _takeover_guard(fs, parent):
-            holder = _read_lock(fs, lock)
+            holder = _read_lock(fs, lock, path)
             dead_here = holder.get("host") == owner["host"] and not _alive(holder.get("pid"))
             if dead_here or (not holder and _age(fs, lock) > UNWRITTEN_LOCK_SECONDS):
                 with contextlib.suppress(FileNotFoundError):
                     fs.rm(lock)
-            if not _create_lock(fs, lock, owner):
-                holder = _read_lock(fs, lock)
+            if not _create_lock(fs, lock, owner, path):
+                holder = _read_lock(fs, lock, path)
+                where = _as_location(fs, lock, path)
+                if not holder:
+                    raise TransientError(f"{path}: in use by another run (its lock {where} names no owner yet; one left by a "
+                                         f"run killed as it started is taken over once {UNWRITTEN_LOCK_SECONDS:.0f} s old); "
+                                         f"if no run is writing it, remove {where}")
                 raise TransientError(f"{path}: in use by another run ({holder.get('host')} pid {holder.get('pid')} since "
-                                     f"{holder.get('since')}); if that run is dead, remove {_as_location(fs, lock, path)}")
+                                     f"{holder.get('since')}); if that run is dead, remove {where}")
     try:
         yield
     finally:
@@ -254,14 +275,34 @@ def exclusive_lock(path: str):
             fs.rm(lock)
 
 
-def _create_lock(fs, lock: str, owner: dict) -> bool:
-    """Create the lock file `lock` holding `owner`, if no file is there (exclusive create)."""
+def _create_lock(fs, lock: str, owner: dict, path: str) -> bool:
+    """Create the lock file `lock` holding `owner`, if no file is there (exclusive create); an
+    InputError when what is there is not a regular file (`_refuse_odd_lock`)."""
     try:
         with fs.open(lock, "xb") as file:
             file.write(json.dumps(owner).encode())
         return True
     except FileExistsError:
+        _refuse_odd_lock(fs, lock, path)
         return False
+
+
+def _refuse_odd_lock(fs, lock: str, path: str) -> None:
+    """Refuse, naming it, a local lock path that is not a regular file (looked at with lstat:
+    neither followed nor opened)."""
+    if not isinstance(fs, LocalFileSystem):
+        return
+    try:
+        mode = os.lstat(lock).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(mode):
+        return
+    what = {stat.S_ISDIR: "a folder", stat.S_ISLNK: "a symbolic link", stat.S_ISFIFO: "a FIFO (named pipe)",
+            stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device"}
+    kind = next((name for test, name in what.items() if test(mode)), "not a regular file")
+    raise InputError(f"{path}: its lock path {_as_location(fs, lock, path)} is {kind}, not a lock file; "
+                     f"remove it (no run of ensir-flow made it) and run again")
 
 
 @contextlib.contextmanager
@@ -291,10 +332,20 @@ def _takeover_guard(fs, parent: str):
 
 
 UNWRITTEN_LOCK_SECONDS = 10.0
+#: The most of a lock file read: an owner is a line of JSON.
+LOCK_BYTES = 4096
 
 
 def _age(fs, path: str) -> float:
-    """Seconds since `path` was last modified (0 when the file system does not say)."""
+    """Seconds since `path` was last modified (0 when the file system does not say); on a local
+    disk by the older of its modification and status-change times, so that a modification time
+    set in the future still ages (the status-change time cannot be set)."""
+    if isinstance(fs, LocalFileSystem):
+        try:
+            status = os.lstat(path)
+        except OSError:
+            return 0.0
+        return time.time() - min(status.st_mtime, status.st_ctime)
     try:
         modified = fs.modified(path)
     except (NotImplementedError, OSError, AttributeError):
@@ -302,18 +353,31 @@ def _age(fs, path: str) -> float:
     return time.time() - modified.timestamp()
 
 
-def _read_lock(fs, lock: str) -> dict:
+def _read_lock(fs, lock: str, path: str) -> dict:
+    """The owner written in `lock` ({} when it names none: empty, unreadable or not JSON). A local
+    lock is checked (`_refuse_odd_lock`), then opened without following a link or blocking."""
+    _refuse_odd_lock(fs, lock, path)
     try:
-        with fs.open(lock, "rb") as file:
-            return json.loads(file.read() or b"{}")
+        if isinstance(fs, LocalFileSystem):
+            with os.fdopen(os.open(lock, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW), "rb") as file:
+                text = file.read(LOCK_BYTES)
+        else:
+            with fs.open(lock, "rb") as file:
+                text = file.read(LOCK_BYTES)
+        holder = json.loads(text or b"{}")
     except (OSError, ValueError):
         return {}
+    return holder if isinstance(holder, dict) else {}
 
 
 def _alive(pid) -> bool:
+    """Whether process `pid` (as a lock records it) runs on this host; never for what is not a
+    process number (0 and negative numbers name process groups to `kill`)."""
     try:
+        if isinstance(pid, bool) or int(pid) <= 0:
+            return False
         os.kill(int(pid), 0)
-    except (TypeError, ValueError, ProcessLookupError):
+    except (TypeError, ValueError, OverflowError, ProcessLookupError):
         return False
     except PermissionError:
         return True

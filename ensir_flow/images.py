@@ -9,9 +9,28 @@ stem whatever their extension. Pixels are 8-bit; what ensir-flow converts and wh
   silently change the data).
 - a file whose stem cannot name an exported PNG (`check_stem`: `..`, control characters, ...):
   refused, since the stem becomes the image's name in the store and `<stem>.png` on export.
+- a file name that is not UTF-8, or an entry with an image extension that is not a regular file
+  (a FIFO, a device, a folder): refused by name, and a FIFO is never opened (that would block).
+
+The pixels are those a viewer shows, in every folder alike (ground truth, inputs, each model):
+- EXIF orientation is applied as `PIL.ImageOps.exif_transpose` applies it (the Orientation tag of
+  the EXIF or XMP read with the file's header: an eXIf chunk after a PNG's pixels is not looked
+  for), and the probed height and width are the oriented ones, so that a rotated JPEG pairs with
+  an upright PNG of the same picture.
+- palette images become RGB; transparency that is not an alpha channel (a palette's or PNG's tRNS
+  entries, GIF's transparent index) is alpha, under the RGBA rule above. Grayscale with alpha
+  follows the same rule.
+- CMYK (JPEG, Adobe's inverted CMYK included, or TIFF) is converted to RGB as Pillow converts it,
+  R = (255 - C)(255 - K) / 255 rounded, and so on; colour profiles are not applied (to RGB either).
+- a file of several frames (animated WebP, GIF or PNG, multipage TIFF) is refused: which frame is
+  "the" image is not ours to guess. An MPO JPEG (a camera's picture with its previews) is its
+  first image, which is what viewers show of it.
 """
 
 import hashlib
+import io
+import os
+import stat
 import struct
 import zlib
 from dataclasses import dataclass
@@ -22,7 +41,18 @@ import numpy as np
 
 from .errors import InputError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+#: The Pillow formats of those extensions (an MPO, a JPEG with previews appended, opens as JPEG).
+#: Other formats are not read even when a file's bytes hold one: Pillow reduces some to 8 bits unsaid.
+PILLOW_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF")
+TIFF_SIGNATURES = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF, either byte order
+#: Channels stored for each Pillow mode ensir-flow reads; alpha (the A of LA, PA, RGBA) is dropped
+#: when opaque, and P, PA, CMYK, YCbCr and RGBX are converted to RGB(A) by Pillow.
+CHANNELS_OF_MODE = {"L": 1, "LA": 1, "P": 3, "PA": 3, "RGB": 3, "RGBA": 3, "CMYK": 3, "YCbCr": 3, "RGBX": 3}
+ORIENTATION_TAG = 0x0112
+#: The transpose that shows an image of each EXIF orientation upright, as `PIL.ImageOps.exif_transpose` does it.
+UPRIGHT = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270", 7: "TRANSVERSE",
+           8: "ROTATE_90"}
 GROUND_TRUTH_DIR = "gt"
 INPUT_DIR = "lq"
 
@@ -86,12 +116,45 @@ def printable(name) -> str:
     return text if text.isprintable() else repr(text)
 
 
+def _check_utf8_name(path: Path) -> None:
+    """Refuse a file or folder whose name is not UTF-8 (Python holds its undecodable bytes as lone
+    surrogates, which no store, JSON or terminal takes), naming its folder and its bytes."""
+    try:
+        path.name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"{printable(path.parent)}: the name {os.fsencode(path.name)!r} is not UTF-8; "
+                         "rename it (image and model names are stored as text)") from None
+
+
+def _regular_file_problem(mode: int) -> str | None:
+    """Why an entry of `mode` (its st_mode) is not an image file to read, or None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    kind = next((name for test, name in kinds if test(mode)), "of an unknown kind")
+    return f"not a regular file ({kind}); refusing to read it"
+
+
+def _check_regular_file(path: Path) -> None:
+    """Refuse `path` unless it is (a link to) a regular file: found with `stat`, never opened."""
+    try:
+        problem = _regular_file_problem(path.stat().st_mode)
+    except OSError as error:
+        broken_link = isinstance(error, FileNotFoundError) and path.is_symlink()
+        problem = "a link to nothing" if broken_link else f"cannot be read ({error.strerror or _first_line(error)})"
+    if problem is not None:
+        raise InputError(f"{printable(path)}: {problem}")
+
+
 def _images_by_stem(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
         raise InputError(f"{folder}: folder not found")
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
+            _check_utf8_name(path)
+            _check_regular_file(path)
             check_stem(path.stem, path)
             if path.stem in found:
                 raise InputError(f"{path}: stem '{path.stem}' also used by {found[path.stem].name}")
@@ -122,7 +185,10 @@ def discover_corpus(root, models: list[str] | None = None, require_ground_truth:
         raise InputError(f"{root}: source folder not found")
     reserved = {GROUND_TRUTH_DIR, INPUT_DIR}
     if models is None:
-        models = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in reserved and not p.name.startswith("."))
+        folders = [p for p in root.iterdir() if p.is_dir() and p.name not in reserved and not p.name.startswith(".")]
+        for folder in folders:
+            _check_utf8_name(folder)
+        models = sorted(p.name for p in folders)
     if not models:
         raise InputError(f"{root}: no model folders (expected one folder per model beside gt/ and lq/)")
     if len(set(models)) != len(models):
@@ -153,27 +219,89 @@ def discover_corpus(root, models: list[str] | None = None, require_ground_truth:
 
 def _check_dtype(path, dtype) -> None:
     if dtype != np.uint8:
-        raise InputError(f"{path}: {np.dtype(dtype).name} pixels are not supported; convert to 8-bit first (EnsIR bins 8-bit values)")
+        raise InputError(f"{printable(path)}: {np.dtype(dtype).name} pixels are not supported; convert to 8-bit first (EnsIR bins 8-bit values)")
 
 
 def probe_image(path) -> ImageInfo:
-    """Header-level shape check of one image, without decoding all its pixels where possible."""
-    import imageio.v3 as iio  # imported here: commands that only write PNGs do not need it
+    """Shape of one image as a viewer shows it (EXIF orientation applied), from its header: no pixel
+    is decoded (a GIF's frames are counted by skipping through them)."""
+    with _open_regular(path, "not a readable image") as file:
+        image = _open_image(file, path, "not a readable image")
+        width, height = image.size
+        if _orientation(image, path) in (5, 6, 7, 8):  # a quarter turn, or a transpose
+            height, width = width, height
+        return ImageInfo(height, width, CHANNELS_OF_MODE[image.mode])
+
+
+def _open_regular(path, failure: str):
+    """`path` opened to read its bytes, refused unless it is a regular file: opened without waiting
+    (a FIFO would block for a writer for ever) and checked before a byte is read."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as error:
+        raise InputError(f"{printable(path)}: {failure} ({_first_line(error)})") from None
+    problem = _regular_file_problem(os.fstat(descriptor).st_mode)
+    if problem is not None:
+        os.close(descriptor)
+        raise InputError(f"{printable(path)}: {problem}")
+    return os.fdopen(descriptor, "rb")
+
+
+def _open_image(file, path, failure: str):
+    """Pillow's image of the open `file` with only its header read, refused unless it holds one
+    image of 8-bit samples in a mode ensir-flow reads (`CHANNELS_OF_MODE`)."""
+    from PIL import Image, ImageMode
+
+    head = file.read(32)
+    file.seek(0)
+    if head[:4] in TIFF_SIGNATURES:
+        dtype = _tiff_dtype(file, path)  # Pillow reads a 16-bit colour TIFF as 8-bit: ask tifffile
+        file.seek(0)
+        if dtype is not None:
+            _check_dtype(path, dtype)
+    elif head.startswith(PNG_SIGNATURE) and head[24:25] == b"\x10":  # IHDR's bit depth; Pillow reads 16-bit colour as 8-bit
+        _check_dtype(path, np.uint16)
+    try:
+        image = Image.open(file, formats=PILLOW_FORMATS)
+        frames = 1 if image.format == "MPO" else getattr(image, "n_frames", 1)
+    except Exception as error:
+        raise InputError(f"{printable(path)}: {failure} ({_first_line(error)})") from None
+    if frames != 1:
+        raise InputError(f"{printable(path)}: has {frames} frames (an animation or a multi-page file); refusing to pick "
+                         "one (save the frame you mean as an image of its own)")
+    if image.mode not in CHANNELS_OF_MODE:
+        _check_dtype(path, np.dtype(ImageMode.getmode(image.mode).typestr))
+        raise InputError(f"{printable(path)}: {image.mode} images are not supported; convert to RGB or grayscale first")
+    return image
+
+
+def _tiff_dtype(file, path):
+    """The sample type of the first page of the TIFF `file` (the file `path`) as tifffile reads it,
+    or None where tifffile cannot tell (Pillow then says what is wrong with the file)."""
+    import tifffile
 
     try:
-        props = iio.improps(path)
+        with tifffile.TiffFile(file, name=Path(path).name) as tiff:
+            return tiff.pages[0].dtype
+    except Exception:
+        return None
+
+
+def _orientation(image, path) -> int:
+    """The EXIF orientation still to apply to the opened `image` (2-8, or 1 for none) as
+    `PIL.ImageOps.exif_transpose` reads it (EXIF, else XMP), from what the header holds: the base
+    class's `getexif`, since PngImageFile's decodes all the pixels to look for an eXIf chunk after
+    them, which ensir-flow therefore does not see. Pillow turns a TIFF upright itself (its size is
+    the upright one and it transposes the pixels as it loads them): 1."""
+    from PIL import Image
+
+    if image.format == "TIFF":
+        return 1
+    try:
+        orientation = Image.Image.getexif(image).get(ORIENTATION_TAG, 1)
+        return orientation if orientation in UPRIGHT else 1
     except Exception as error:
-        raise InputError(f"{path}: not a readable image ({_first_line(error)})") from None
-    _check_dtype(path, props.dtype)
-    return _info_of_shape(path, props.shape)
-
-
-def _info_of_shape(path, shape) -> ImageInfo:
-    if len(shape) == 2:
-        return ImageInfo(shape[0], shape[1], 1)
-    if len(shape) == 3 and shape[2] in (1, 3, 4):
-        return ImageInfo(shape[0], shape[1], 1 if shape[2] == 1 else 3)
-    raise InputError(f"{path}: unsupported image shape {tuple(shape)} (expected H x W, H x W x 3 or RGBA)")
+        raise InputError(f"{printable(path)}: unreadable EXIF, so its orientation is unknown ({_first_line(error)})") from None
 
 
 def read_image(path, expected: ImageInfo) -> np.ndarray:
@@ -189,33 +317,56 @@ def read_image_and_sha256(path, expected: ImageInfo) -> tuple[np.ndarray, str]:
 
 
 def _file_bytes(path) -> bytes:
-    try:
-        with open(path, "rb") as file:
+    with _open_regular(path, "cannot decode image") as file:
+        try:
             return file.read()
-    except OSError as error:
-        raise InputError(f"{path}: cannot decode image ({_first_line(error)})") from None
+        except OSError as error:
+            raise InputError(f"{printable(path)}: cannot decode image ({_first_line(error)})") from None
+
+
+#: How refusals name the kind of image whose transparency they refuse, by Pillow mode (else the mode).
+_TRANSPARENT_KIND = {"P": "palette", "PA": "palette", "L": "grayscale", "LA": "grayscale"}
 
 
 def decode_image(data: bytes, path, expected: ImageInfo) -> np.ndarray:
-    """Decode the bytes `data` of the image file `path` as `read_image` decodes the file (the
-    plugin its extension selects), checked against `expected` and named `path` in every refusal."""
-    import imageio.v3 as iio
+    """Decode the bytes `data` of the image file `path` as `read_image` decodes the file, checked
+    against `expected` (its `probe_image`) and named `path` in every refusal."""
+    from PIL import Image
 
+    image = _open_image(io.BytesIO(data), path, "cannot decode image")
+    mode, orientation = image.mode, _orientation(image, path)
     try:
-        pixels = iio.imread(data, extension=Path(path).suffix.lower() or None)
+        upright = _stored_mode(image)
+        if orientation in UPRIGHT:
+            upright = upright.transpose(Image.Transpose[UPRIGHT[orientation]])
+        pixels = np.asarray(upright)
     except Exception as error:
-        raise InputError(f"{path}: cannot decode image ({_first_line(error)})") from None
-    _check_dtype(path, pixels.dtype)
-    info = _info_of_shape(path, pixels.shape)
+        raise InputError(f"{printable(path)}: cannot decode image ({_first_line(error)})") from None
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
-    if pixels.shape[2] == 4:
-        if (pixels[:, :, 3] != 255).any():
-            raise InputError(f"{path}: RGBA image with transparency; refusing to guess a background (flatten it first)")
-        pixels = pixels[:, :, :3]
+    if pixels.shape[2] in (2, 4):  # alpha last
+        if (pixels[:, :, -1] != 255).any():
+            raise InputError(f"{printable(path)}: {_TRANSPARENT_KIND.get(mode, mode)} image with transparency; "
+                             "refusing to guess a background (flatten it first)")
+        pixels = pixels[:, :, :-1]
+    info = ImageInfo(*pixels.shape)
     if info != expected:
-        raise InputError(f"{path}: decoded as {info.height}x{info.width}x{info.channels}, expected {expected.height}x{expected.width}x{expected.channels}")
-    return np.ascontiguousarray(pixels)
+        raise InputError(f"{printable(path)}: decoded as {info.height}x{info.width}x{info.channels}, expected {expected.height}x{expected.width}x{expected.channels}")
+    return np.require(pixels, requirements=("C", "W"))  # writeable, as torch.from_numpy wants it
+
+
+def _stored_mode(image):
+    """`image` converted to L, LA, RGB or RGBA (alpha last): a palette applied, transparency of a
+    palette or a tRNS colour made alpha, CMYK, YCbCr and RGBX converted to RGB."""
+    transparent = "transparency" in image.info
+    if image.mode in ("P", "PA"):
+        with_alpha = image.mode == "PA" or transparent or getattr(image.palette, "mode", "RGB") == "RGBA"
+        return image.convert("RGBA" if with_alpha else "RGB")
+    if transparent and image.mode in ("L", "RGB"):
+        return image.convert(image.mode + "A")
+    if image.mode in ("CMYK", "YCbCr", "RGBX"):
+        return image.convert("RGB")
+    return image
 
 
 #: zlib level of the PNGs ensir-flow writes unless told otherwise: level 1 encodes several times

@@ -71,3 +71,17 @@ def modules_imported_by(code: str) -> set[str]:
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     return set(json.loads(done.stdout.splitlines()[-1]))
+
+
+#: Store attributes that name one write of a store (made at each commit), not what it holds.
+IDENTITY_ATTRIBUTES = ("store_id", "generation")
+
+
+def contents(path) -> "xr.Dataset":
+    """A store's variables and attributes, loaded, without the identity of the write that made it:
+    what two writes of the same data must agree on."""
+    import xarray as xr
+
+    ds = xr.open_zarr(path).load()
+    ds.attrs = {key: value for key, value in ds.attrs.items() if key not in IDENTITY_ATTRIBUTES}
+    return ds

@@ -19,7 +19,7 @@ from ensir_flow.errors import InputError
 from ensir_flow.models import Inference, check_model_file, model_file, models_loaded, predict_image, tile_spans
 from ensir_flow.pipelines.predict import plan_predict
 from ensir_flow.pipelines.storage import resumable_location
-from helpers import make_corpus
+from helpers import contents, make_corpus
 
 #: Receptive radius of `ConvNet`: two 3x3 convolutions.
 RADIUS = 2
@@ -357,7 +357,7 @@ def test_killed_predict_resumes_to_the_same_bytes(tmp_path, inputs, models):
     resumed = subprocess.run([sys.executable, "-m", "ensir_flow.cli", *command], cwd=tmp_path, env=env,
                              capture_output=True, text=True)
     assert resumed.returncode == 0 and "resumed s.zarr" in resumed.stdout, resumed.stderr
-    xr.testing.assert_identical(xr.open_zarr(tmp_path / "s.zarr").load(), xr.open_zarr(tmp_path / "clean.zarr").load())
+    xr.testing.assert_identical(contents(tmp_path / "s.zarr"), contents(tmp_path / "clean.zarr"))
 
 
 def test_grayscale_inputs_run_as_one_channel(tmp_path, invoke):

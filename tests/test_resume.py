@@ -1,6 +1,5 @@
 """Production runs: a killed apply or ingest resumes where it stopped; a finished one is a no-op; one at a time."""
 
-import builtins
 import collections
 import hashlib
 import json
@@ -18,7 +17,7 @@ import pytest
 import xarray as xr
 import zarr
 
-from helpers import make_corpus
+from helpers import contents, make_corpus
 from ensir_flow.pipelines import ingest
 from ensir_flow.pipelines.storage import exclusive_lock, resumable_location
 
@@ -44,7 +43,7 @@ def test_killed_ingest_resumes_from_the_chunks_written(tmp_path):
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed s.zarr: {len(marks) - marks.sum()} of {len(marks)} chunks were missing" in resumed.stdout
-    xr.testing.assert_identical(xr.open_zarr(tmp_path / "s.zarr").load(), xr.open_zarr(tmp_path / "uninterrupted.zarr").load())
+    xr.testing.assert_identical(contents(tmp_path / "s.zarr"), contents(tmp_path / "uninterrupted.zarr"))
     assert "chunk_complete" not in xr.open_zarr(tmp_path / "s.zarr")
 
 
@@ -188,14 +187,14 @@ def test_a_first_ingest_reads_each_source_file_once_and_records_its_bytes(tmp_pa
     for stem in ("img0", "img1"):  # inputs at the outputs' size are stored too: five files per image
         shutil.copy(tmp_path / "corpus" / "model1" / f"{stem}.png", tmp_path / "corpus" / "lq")
     opened = collections.Counter()
-    real_open = builtins.open
+    real_open = os.open
 
-    def counting_open(file, *args, **kwargs):
+    def counting_open(file, *args, **kwargs):  # images.py opens source files with os.open (never blocking on a FIFO)
         if str(file).startswith(str(tmp_path / "corpus")):
             opened[Path(file).relative_to(tmp_path / "corpus").as_posix()] += 1
         return real_open(file, *args, **kwargs)
 
-    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(os, "open", counting_open)
     result = invoke("ingest", tmp_path / "corpus", tmp_path / "s.zarr", "--chunk-pixels", 700, "--no-progress")
     monkeypatch.undo()
     assert result.exit_code == 0, result.output
@@ -255,7 +254,7 @@ def test_a_source_changed_between_kill_and_resume_redoes_only_the_chunks_of_its_
     redone = int(resumed.stdout.split("resumed ")[1].split(": ")[1].split(" of")[0])
     assert redone == len(done) - done.sum() + stale < len(done)  # the missing chunks and those of the old bytes
     assert invoke("ingest", "corpus", "clean.zarr", "--chunk-pixels", 1000, "--no-progress").exit_code == 0
-    resumed_store, clean = xr.open_zarr(tmp_path / "s.zarr").load(), xr.open_zarr(tmp_path / "clean.zarr").load()
+    resumed_store, clean = contents(tmp_path / "s.zarr"), contents(tmp_path / "clean.zarr")
     xr.testing.assert_identical(resumed_store, clean)  # the new bytes' pixels, with the new bytes' digests
     assert resumed_store["source_sha256"].values.tolist() == _digests(tmp_path / "corpus", resumed_store)
 
@@ -289,4 +288,4 @@ def test_a_source_changed_during_a_resumed_ingest_is_refused_then_redone(tmp_pat
     again = invoke(*command)
     assert again.exit_code == 0 and "resumed" in again.stdout, again.output
     assert invoke("ingest", "corpus", "clean.zarr", "--chunk-pixels", 1000, "--no-progress").exit_code == 0
-    xr.testing.assert_identical(xr.open_zarr(tmp_path / "s.zarr").load(), xr.open_zarr(tmp_path / "clean.zarr").load())
+    xr.testing.assert_identical(contents(tmp_path / "s.zarr"), contents(tmp_path / "clean.zarr"))

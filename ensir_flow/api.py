@@ -546,13 +546,30 @@ def apply(store, lut, output, *, export_dir=None, png_compression: int | None = 
 
 
 def _bin_widths(value) -> list[int]:
-    """Bin widths from '16,32' (the CLI's form), an integer or a sequence of integers."""
+    """Bin widths from '16,32' (the CLI's form), an integer or a sequence of integers: each a
+    width binning allows (1 to 256), none twice (each names its own columns of the results)."""
+    from .binning import ranges_per_model
+
     try:
         if isinstance(value, str):
-            return [int(width) for width in value.split(",")]
-        return [int(width) for width in ([value] if isinstance(value, (int, np.integer)) else value)]
+            widths = [int(width) for width in value.split(",")]
+        else:
+            widths = [value] if isinstance(value, (int, np.integer)) else list(value)
+            if not all(isinstance(width, (int, np.integer)) and not isinstance(width, bool) for width in widths):
+                raise TypeError
+            widths = [int(width) for width in widths]
     except (TypeError, ValueError):
         raise UsageError(f"{value!r} is not a comma-separated list of integers", option="--bin-widths") from None
+    if not widths:
+        raise UsageError("name a bin width", option="--bin-widths")
+    for width in widths:
+        try:
+            ranges_per_model(width)
+        except ValueError as error:
+            raise UsageError(str(error), option="--bin-widths") from None
+    if len(set(widths)) < len(widths):
+        raise UsageError(f"{value!r} names a bin width twice", option="--bin-widths")
+    return widths
 
 
 def _fitted_solvers(solvers) -> list[str]:
@@ -571,8 +588,9 @@ def _fitted_solvers(solvers) -> list[str]:
 def evaluate(store, *, ensemble=None, cv: int | None = None, solvers: str | Sequence[str] = "em,lsq",
              bin_widths: str | int | Sequence[int] = DEFAULT_BIN_WIDTH, y_channel: bool = False, crop_border: int = 0,
              report=None, lut=None, device: str = "auto", **run: Unpack[RunOptions]) -> Evaluated:
-    """PSNR/SSIM of every model, the average, ZZPM and the `ensemble` store (an `apply` output)
-    against `store`'s ground truth (`ensir-flow evaluate`).
+    """PSNR/SSIM of every model, the average, ZZPM and the `ensemble` store (an `apply` output,
+    refused unless made from `store` as it is now) against `store`'s ground truth (`ensir-flow
+    evaluate`), holding a strip of each image at a time (images of any size).
 
     `cv=N`: N-fold cross-validation by image of the `solvers` at the `bin_widths` instead (not
     with `ensemble`). `y_channel`: score the BT.601 luma; `crop_border`: pixels cropped per side.
@@ -580,6 +598,9 @@ def evaluate(store, *, ensemble=None, cv: int | None = None, solvers: str | Sequ
     """
     from .pipelines.evaluate import plan_cross_validation, plan_evaluate
 
+    if isinstance(crop_border, bool) or not isinstance(crop_border, (int, np.integer)) or crop_border < 0:
+        raise UsageError(f"{crop_border!r} is not a number of pixels (0 or more)", option="--crop-border")
+    crop_border = int(crop_border)
     if cv is None:
         factory = lambda: plan_evaluate(str(store), None if ensemble is None else str(ensemble), y_channel, crop_border)  # noqa: E731
     else:

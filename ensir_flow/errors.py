@@ -13,3 +13,10 @@ class InputError(ValueError):
 
 class TransientError(RuntimeError):
     """A failure that a later retry of the same command may not meet: the message says what."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none: what a
+    one-line error quotes of a library's failure."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -15,6 +15,12 @@ candidate's (separable Gaussian, 'valid' region only, no full-size intermediate 
 stay in cache). It gives the bits of the per-candidate kernels it replaced, and it equals
 scikit-image's `structural_similarity` with BasicSR's settings to rounding (~1e-14 on the GoPro
 frames; tested to 1e-6 against scikit-image and to 1e-9 against a direct implementation).
+
+`StripScorer` computes the same scores from horizontal strips of rows handed in one after the
+other, so an image far larger than memory is scored holding a strip at a time (`evaluate` does).
+Each strip comes with the SSIM_WINDOW - 1 rows below it that its last windows reach; the sums
+are those of the whole image, added in the same order (the same bits, except PSNR on luma, whose
+float squared errors are summed per strip: equal to rounding).
 """
 
 import numba
@@ -51,37 +57,50 @@ def rgb_to_y(image: np.ndarray) -> np.ndarray:
     return 16.0 + (65.481 * rgb[..., 0] + 128.553 * rgb[..., 1] + 24.966 * rgb[..., 2]) / 255.0
 
 
-def _check(image: np.ndarray, reference: np.ndarray, crop_border: int) -> None:
-    """Refuse pairs that cannot be scored: other shapes, layouts, dtypes, or nothing left after cropping."""
+def _check(image: np.ndarray, reference: np.ndarray) -> None:
+    """Refuse pairs that cannot be scored: other shapes, layouts or dtypes."""
     if image.shape != reference.shape:
         raise ValueError(f"image shape {image.shape} differs from reference shape {reference.shape}")
-    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3))):
-        raise ValueError(f"expected an (H, W), (H, W, 1) or (H, W, 3) image, got shape {image.shape}")
+    _check_layout(image.shape)
     for name, array in (("image", image), ("reference", reference)):
         if array.dtype != np.uint8:
             raise ValueError(f"{name} has dtype {array.dtype}; the metrics are defined for uint8 (0..255) images")
-    if crop_border < 0 or 2 * crop_border >= min(image.shape[:2]):
-        raise ValueError(f"crop_border={crop_border} leaves no pixels of a {image.shape[0]}x{image.shape[1]} image")
 
 
-def _prepare(array: np.ndarray, crop_border: int, y_channel: bool) -> np.ndarray:
-    """One checked image as rows (H, W * C) after cropping: uint8 as stored, or float64 BT.601
-    luma (C = 1) with `y_channel` on RGB."""
+def _check_layout(shape: tuple) -> None:
+    if not (len(shape) == 2 or (len(shape) == 3 and shape[2] in (1, 3))):
+        raise ValueError(f"expected an (H, W), (H, W, 1) or (H, W, 3) image, got shape {shape}")
+
+
+def _check_crop(shape: tuple, crop_border: int) -> None:
+    if crop_border < 0 or 2 * crop_border >= min(shape[:2]):
+        raise ValueError(f"crop_border={crop_border} leaves no pixels of a {shape[0]}x{shape[1]} image")
+
+
+def _prepare(array: np.ndarray, crop_border: int, y_channel: bool, crop_rows: bool = True) -> np.ndarray:
+    """One checked image (or strip of rows) as rows (H, W * C) after cropping its columns (and,
+    with `crop_rows`, its rows): uint8 as stored, or float64 BT.601 luma (C = 1) with `y_channel`
+    on RGB."""
     array = array[:, :, None] if array.ndim == 2 else array
     if crop_border:
-        array = array[crop_border:-crop_border, crop_border:-crop_border]
+        array = array[crop_border:-crop_border] if crop_rows else array
+        array = array[:, crop_border:-crop_border]
     if y_channel and array.shape[2] == 3:
         return rgb_to_y(array)
     return np.ascontiguousarray(array).reshape(array.shape[0], -1)
 
 
-def _psnr_of(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR of two prepared images. For uint8 the squared errors are summed exactly (integers in
-    float64), which is what numpy's float64 mean gave bit for bit; luma (float) is scored by numpy."""
+def _squared_errors(a: np.ndarray, b: np.ndarray) -> float:
+    """Sum of the squared differences of two prepared images: for uint8 exact (integers in
+    float64), which is what numpy's float64 mean gave bit for bit; luma (float) summed by numpy."""
     if a.dtype == np.uint8:
-        mse = _squared_error_sum(a, b) / a.size
-    else:
-        mse = np.mean((a - b) ** 2)
+        return _squared_error_sum(a, b)
+    return float(np.sum((a - b) ** 2))
+
+
+def _decibels(squared_errors: float, n_values: int) -> float:
+    """PSNR from the sum of squared errors over `n_values` values; inf for no error."""
+    mse = squared_errors / n_values
     return float("inf") if mse == 0 else float(10.0 * np.log10(255.0 ** 2 / mse))
 
 
@@ -121,9 +140,11 @@ def _horizontal_pass(columns, j, channels):
 
 
 @numba.njit(**KERNEL_OPTIONS)
-def _ssim_sums(images, reference, channels, c1, c2):
+def _add_ssim_sums(images, reference, channels, c1, c2, totals):
     """Per image of `images` (n, H, W * C) and channel, the sum of its SSIM map against
-    `reference` (H, W * C), both rows of C interleaved channels, over the 'valid' region: (n, C).
+    `reference` (H, W * C), both rows of C interleaved channels, over the 'valid' region, added
+    into `totals` (n, C), one output row after the other (so strips of an image handed in turn
+    give the sums of the whole image, bit for bit).
 
     One output row at a time: the reference's local moments are filtered once for all the
     images, then each image's (vertical pass over the 11 rows, horizontal pass fused with the
@@ -136,7 +157,6 @@ def _ssim_sums(images, reference, channels, c1, c2):
     out_h, out_len = height - SSIM_WINDOW + 1, row_len - (SSIM_WINDOW - 1) * channels
     col_y, col_yy, col_x, col_xx, col_xy = np.empty(row_len), np.empty(row_len), np.empty(row_len), np.empty(row_len), np.empty(row_len)
     mean_y, square_y, ssim_row = np.empty(out_len), np.empty(out_len), np.empty(out_len)
-    totals = np.zeros((n_images, channels))
     for i in range(out_h):
         truth = reference[i: i + SSIM_WINDOW]
         for j in range(row_len):
@@ -162,28 +182,86 @@ def _ssim_sums(images, reference, channels, c1, c2):
             total = totals[n]
             for j in range(out_len):
                 total[j % channels] += ssim_row[j]
-    return totals
+
+
+def strip_bounds(height: int, crop_border: int, rows: int) -> list[tuple[int, int]]:
+    """Image rows start:stop of each strip `StripScorer` takes, in order: `rows` rows of the
+    cropped image at a time, each with the SSIM_WINDOW - 1 rows below it that its last SSIM
+    windows reach (fewer at the bottom of the cropped image)."""
+    inner = height - 2 * crop_border
+    return [(crop_border + first, crop_border + min(first + rows + SSIM_WINDOW - 1, inner)) for first in range(0, inner, rows)]
+
+
+class StripScorer:
+    """PSNR and SSIM of `n_images` candidates against one reference, all of `shape` (H, W),
+    (H, W, 1) or (H, W, 3), from horizontal strips of their rows handed to `add` in the order of
+    `strips` (`strip_bounds` of `rows` rows a strip); `scores` gives what `scores` gives for the
+    whole images. Squared errors and SSIM sums are accumulated, so no more than a strip of each
+    image (and its SSIM halo) is ever held."""
+
+    def __init__(self, n_images: int, shape: tuple, crop_border: int = 0, y_channel: bool = False, rows: int | None = None):
+        _check_layout(tuple(shape))
+        _check_crop(shape, crop_border)
+        self.n_images, self.shape, self.crop_border, self.y_channel = n_images, tuple(shape), crop_border, y_channel
+        height, width = shape[0] - 2 * crop_border, shape[1] - 2 * crop_border
+        self.rows = height if rows is None else rows
+        if self.rows < 1:
+            raise ValueError(f"a strip has at least one row, not {self.rows}")
+        self.strips = strip_bounds(shape[0], crop_border, self.rows)
+        self.channels = 1 if (y_channel and len(shape) == 3 and shape[2] == 3) or len(shape) == 2 else shape[2]
+        self.n_values = height * width * self.channels
+        self.has_ssim = n_images > 0 and min(height, width) >= SSIM_WINDOW
+        self.n_windows = (height - SSIM_WINDOW + 1) * (width - SSIM_WINDOW + 1)
+        self.squared_errors = np.zeros(n_images)
+        self.ssim_sums = np.zeros((n_images, self.channels))
+        self.added = 0
+
+    def add(self, images, reference) -> None:
+        """The rows `strips[i]` of the candidates and of the reference, for the i-th call."""
+        if self.added == len(self.strips):
+            raise ValueError(f"all {len(self.strips)} strips were added already")
+        start, stop = self.strips[self.added]
+        expected = (stop - start, *self.shape[1:])
+        reference = np.asarray(reference)
+        images = [np.asarray(image) for image in images]
+        if len(images) != self.n_images or reference.shape != expected:
+            raise ValueError(f"strip {self.added} is {len(images)} images of rows {start}:{stop}, shape {expected}; "
+                             f"got a reference of shape {reference.shape}")
+        for image in images:
+            _check(image, reference)
+        truth = _prepare(reference, self.crop_border, self.y_channel, crop_rows=False)
+        candidates = [_prepare(image, self.crop_border, self.y_channel, crop_rows=False) for image in images]
+        scored = min(self.rows, len(truth))  # the strip's own rows; the rest is the SSIM halo
+        for n, candidate in enumerate(candidates):
+            self.squared_errors[n] += _squared_errors(candidate[:scored], truth[:scored])
+        if self.has_ssim and len(truth) >= SSIM_WINDOW:
+            _add_ssim_sums(np.stack(candidates), truth, self.channels, SSIM_C1, SSIM_C2, self.ssim_sums)
+        self.added += 1
+
+    def scores(self) -> tuple[list[float], list[float]]:
+        """([psnr...], [ssim...]) of the candidates, once every strip was added."""
+        if self.added != len(self.strips):
+            raise ValueError(f"{self.added} of {len(self.strips)} strips were added")
+        psnrs = [_decibels(total, self.n_values) for total in self.squared_errors]
+        if not self.has_ssim:
+            return psnrs, [float("nan")] * self.n_images
+        return psnrs, [float(np.mean(per_channel / self.n_windows)) for per_channel in self.ssim_sums]
 
 
 def scores(images, reference, crop_border: int = 0, y_channel: bool = False) -> tuple[list[float], list[float]]:
     """PSNR and SSIM of each of `images` against `reference`, in one pass: ([psnr...], [ssim...]).
 
     The values of `psnr` and `ssim` for each image; the reference is converted and its local
-    moments filtered once for all of them (the candidates are stacked for `_ssim_sums`).
+    moments filtered once for all of them (the candidates are stacked for `_add_ssim_sums`).
     """
     reference = np.asarray(reference)
     images = [np.asarray(image) for image in images]
     for image in images:
-        _check(image, reference, crop_border)
-    truth = _prepare(reference, crop_border, y_channel)
-    candidates = [_prepare(image, crop_border, y_channel) for image in images]
-    psnrs = [_psnr_of(candidate, truth) for candidate in candidates]
-    channels = truth.shape[1] // (reference.shape[1] - 2 * crop_border)
-    if not candidates or min(truth.shape[0], truth.shape[1] // channels) < SSIM_WINDOW:
-        return psnrs, [float("nan")] * len(candidates)
-    sums = _ssim_sums(np.stack(candidates), truth, channels, SSIM_C1, SSIM_C2)
-    n_valid = (truth.shape[0] - SSIM_WINDOW + 1) * (truth.shape[1] // channels - SSIM_WINDOW + 1)
-    return psnrs, [float(np.mean(per_channel / n_valid)) for per_channel in sums]
+        _check(image, reference)
+    scorer = StripScorer(len(images), reference.shape, crop_border, y_channel)
+    (start, stop), = scorer.strips
+    scorer.add([image[start:stop] for image in images], reference[start:stop])
+    return scorer.scores()
 
 
 def psnr(image, reference, crop_border: int = 0, y_channel: bool = False) -> float:
@@ -193,8 +271,10 @@ def psnr(image, reference, crop_border: int = 0, y_channel: bool = False) -> flo
     `y_channel` scores the BT.601 luma of RGB images (single-channel images are scored as they are).
     """
     image, reference = np.asarray(image), np.asarray(reference)
-    _check(image, reference, crop_border)
-    return _psnr_of(_prepare(image, crop_border, y_channel), _prepare(reference, crop_border, y_channel))
+    _check(image, reference)
+    _check_crop(image.shape, crop_border)
+    prepared = _prepare(image, crop_border, y_channel)
+    return _decibels(_squared_errors(prepared, _prepare(reference, crop_border, y_channel)), prepared.size)
 
 
 def ssim(image, reference, crop_border: int = 0, y_channel: bool = False) -> float:

@@ -1,6 +1,5 @@
 """Apply: blend a store's predictions with a LUT chunk by chunk into a new store (and export it)."""
 
-import hashlib
 from dataclasses import dataclass
 
 import dask
@@ -17,11 +16,17 @@ from ensir_flow.lut import Lut
 
 from .chunks import chunk_ranges, chunk_spans, pixel_array, read_pixels, task_argument
 from .export import check_export_target, export
+from .fingerprint import store_fingerprint
+from .integrity import CHUNK_CRC32, checksum_array_encoding, checksum_template, refuse_changed, store_identity
 from .plan import Plan
 from .storage import (COMPLETE, commit_resumable, committed_append, exclusive_lock, exists, open_array_for_writing,
                       open_store, read_lut, refuse_existing, resumable_location, resumable_marks, start_resumable,
                       write_chunk_then_mark)
 from .zzpm import zzpm_blend_jobs
+
+
+#: Attribute of apply's staging: staging written without chunk checksums (an older version) is not resumed.
+RESUME_PROTOCOL = {"resume_protocol": "chunk_complete and chunk_crc32 per chunk"}
 
 
 @dataclass
@@ -36,22 +41,13 @@ class ApplyResult:
     images_added: int = 0
 
 
-def store_fingerprint(ds: xr.Dataset, n_images: int | None = None) -> str:
-    """SHA-256 identifying the first `n_images` images of a pixel store (all by default): models,
-    stems, sizes, chunk size and source hashes. A store grown by `ingest --append` keeps the
-    fingerprint of its first images, which is how apply recognises an output it can update."""
-    n = ds.sizes["image"] if n_images is None else n_images
-    digest = hashlib.sha256(repr((ds.attrs.get("models"), [str(s) for s in ds["image"].values[:n]],
-                                  ds["pixel_count"].values[:n].tolist(), ds[schema.PREDICTION].encoding["chunks"][1])).encode())
-    if "source_sha256" in ds:
-        digest.update(" ".join(map(str, ds["source_sha256"].values[:, :n].ravel())).encode())
-    return digest.hexdigest()
-
-
-def _blend_chunk_into(combine, arguments: tuple, predictions, start: int, stop: int, ensemble, marks, index: int) -> None:
+def _blend_chunk_into(combine, arguments: tuple, predictions, start: int, stop: int, ensemble, marks, checksums,
+                      index: int) -> None:
     """One task: read chunk start:stop of the array of predictions, combine it, write the result
-    to its own chunk of the array `ensemble` and mark it complete."""
-    write_chunk_then_mark([(ensemble, combine(read_pixels(predictions, start, stop), *arguments))], marks, index, start, stop)
+    to its own chunk of the array `ensemble`, its checksum (where the output has them: one
+    updated in its own older layout may not) and mark it complete."""
+    write_chunk_then_mark([(ensemble, combine(read_pixels(predictions, start, stop), *arguments))], marks, index, start, stop,
+                          checksums=checksums)
 
 
 def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = None, overwrite: bool = False,
@@ -73,13 +69,15 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
     (a killed update leaves the output as it was; re-running redoes it), and `export_dir`, if it
     exists, gets the new images only. The result is the same bytes as a fresh apply.
     """
+    planned_store = store_identity(store)
     ds = open_store(store)
     models = schema.check_store(ds, store)
     lut = read_lut(lut_path)
     lut.check_matches(models, ds.sizes["channel"], str(lut_path))
     bin_width, solver = lut.bin_width, lut.solver
     provenance = {"source": str(store), "source_fingerprint": store_fingerprint(ds), "source_images": ds.sizes["image"],
-                  "lut": str(lut_path), "lut_sha256": lut.digest()}
+                  "lut": str(lut_path), "lut_sha256": lut.digest(),
+                  **({"source_store_id": ds.attrs["store_id"]} if "store_id" in ds.attrs else {})}
     previous = _attributes(output) if exists(output) else {}
     finished = _matches(previous, provenance)
     grown_from = None if finished or overwrite else _grown_from(previous, provenance, ds)
@@ -97,10 +95,12 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
     out = ds[list(schema.IMAGE_VARIABLES)].load()  # written with the template; `ensemble` by the tasks
     out[schema.ENSEMBLE] = (("pixel", "channel"), da.zeros((ds.sizes["pixel"], ds.sizes["channel"]), dtype=np.uint8,
                                                            chunks=(chunk_lengths, -1)))
+    out[CHUNK_CRC32] = checksum_template(len(chunk_lengths), [schema.ENSEMBLE])
     out.attrs = schema.store_attributes(models, ds.sizes["channel"], created_by=f"ensir-flow {ensir_flow.__version__} apply",
-                                        bin_width=bin_width, solver=solver, **provenance)
+                                        bin_width=bin_width, solver=solver, **provenance, **RESUME_PROTOCOL)
     out = schema.annotate(out)
-    encoding = {schema.ENSEMBLE: schema.pixel_encoding((chunk_pixels, ds.sizes["channel"]), compression)}
+    encoding = {schema.ENSEMBLE: schema.pixel_encoding((chunk_pixels, ds.sizes["channel"]), compression),
+                CHUNK_CRC32: checksum_array_encoding(1)}
     index = schema.ImageIndex.from_dataset(ds)
     spans = chunk_spans(index.offsets, index.counts, np.arange(len(index.stems)), chunk_lengths)
 
@@ -109,7 +109,7 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
     lookup = [lut]
     del lut
 
-    def blend_tasks(todo, ensemble, marks, compute) -> list:
+    def blend_tasks(todo, ensemble, marks, checksums, compute) -> list:
         predictions = task_argument(pixel_array(store, schema.PREDICTION))
         if solver == "zzpm":  # per-image weights, gathered from the store first
             jobs = zzpm_blend_jobs(predictions, ranges, spans, ds, todo, compute)
@@ -119,7 +119,8 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
             weights = dask.delayed(lookup[0], pure=True)  # one graph key: sent once to each worker
             jobs = [(blend, (weights, bin_width, device)) for _ in todo]
         ensemble, marks = task_argument(ensemble), task_argument(marks)
-        return [dask.delayed(_blend_chunk_into)(combine, arguments, predictions, *ranges[i], ensemble, marks, int(i))
+        checksums = None if checksums is None else task_argument(checksums)
+        return [dask.delayed(_blend_chunk_into)(combine, arguments, predictions, *ranges[i], ensemble, marks, checksums, int(i))
                 for i, (combine, arguments) in zip(todo, jobs)]
 
     def update(compute) -> ApplyResult:
@@ -133,8 +134,9 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
             todo = np.arange(first, len(chunk_lengths))
 
             def write_arrays(arrays):
-                tasks = blend_tasks(todo, arrays[schema.ENSEMBLE], arrays[COMPLETE], compute)
+                tasks = blend_tasks(todo, arrays[schema.ENSEMBLE], arrays[COMPLETE], arrays.get(CHUNK_CRC32), compute)
                 compute(*tasks, label=f"apply ({len(todo)} of {len(chunk_lengths)} chunks: new images)")
+                refuse_changed(store, planned_store)
 
             committed_append(output, {"pixel": old.sizes["pixel"], "image": grown_from, "chunk": old.sizes["chunk"]},
                              {"pixel": ds.sizes["pixel"], "image": ds.sizes["image"], "chunk": len(chunk_lengths)},
@@ -154,7 +156,7 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
                 export(output, export_dir, compute, overwrite, compression=png_compression)
             return ApplyResult(open_store(output), "unchanged", len(chunk_lengths), 0)
         with exclusive_lock(output):
-            done = resumable_marks(output, provenance)
+            done = resumable_marks(output, {**provenance, **RESUME_PROTOCOL})
             resuming = done is not None
             if resuming:
                 staging = resumable_location(output)
@@ -162,8 +164,10 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
                 staging = start_resumable(output, out, encoding, len(chunk_lengths))  # `ensemble` is written below
                 done = np.zeros(len(chunk_lengths), dtype=bool)
             todo = np.flatnonzero(~done)
-            tasks = blend_tasks(todo, *(open_array_for_writing(staging, name) for name in (schema.ENSEMBLE, COMPLETE)), compute)
+            tasks = blend_tasks(todo, *(open_array_for_writing(staging, name) for name in (schema.ENSEMBLE, COMPLETE, CHUNK_CRC32)),
+                                compute)
             compute(*tasks, label=f"apply ({len(tasks)} of {len(done)} chunks)" if resuming else "apply")
+            refuse_changed(store, planned_store)
             commit_resumable(output)
         if export_dir is not None:
             export(output, export_dir, compute, overwrite, compression=png_compression)

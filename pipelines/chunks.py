@@ -13,15 +13,20 @@ array once and sends the opened array (its location and metadata, about a kiloby
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 import dask
+import fsspec
 import numpy as np
 import zarr
 from dask.delayed import Delayed
 
 from ensir_flow import schema
-from ensir_flow.errors import InputError
+from ensir_flow.errors import InputError, TransientError, first_line
+
+from .integrity import checksums_of, chunk_crc32, store_identity
+from .storage import open_group_as_committed
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -57,65 +62,106 @@ def ranges_of(lengths) -> list[tuple[int, int]]:
     return [(int(stop - length), int(stop)) for stop, length in zip(stops, lengths)]
 
 
-def pixel_array(store: str, name: str) -> zarr.Array:
-    """The pixel variable `name` ((model,) pixel, channel) of the store at `store`, opened to read."""
-    return zarr.open_array(store=str(store), path=name, mode="r")
+@dataclass(frozen=True)
+class PixelSource:
+    """A pixel variable of a store as the tasks of a pass read it: the opened array, the CRC-32
+    its writer recorded for each chunk (None for a store written before chunk checksums), where
+    the store lies (absolute, as the plan resolved it) and its identity when planned
+    (`integrity.store_identity`)."""
+
+    array: zarr.Array
+    checksums: np.ndarray | None
+    location: str
+    identity: str
+
+    @property
+    def name(self) -> str:
+        return self.array.path
 
 
-def task_argument(array: zarr.Array) -> Delayed:
-    """An opened array as one key of the graph, to pass to every task of a pass.
+def pixel_array(store: str, name: str) -> PixelSource:
+    """The pixel variable `name` ((model,) pixel, channel) of the store at `store`, to read in tasks
+    with `read_pixels`: opened as committed (its shape, chunk checksums and identity), so an
+    append in progress, which grows the array's own metadata and rewrites its last chunk past the
+    committed pixels, changes nothing that is read."""
+    identity = store_identity(str(store))
+    group = open_group_as_committed(str(store))
+    return PixelSource(group[name], checksums_of(group, name), str(store), identity)
+
+
+def task_argument(value) -> Delayed:
+    """An opened array (or a `PixelSource`) as one key of the graph, to pass to every task of a pass.
 
     A zarr Array is a dataclass, and dask walks dataclass arguments field by field (about 7 ms an
     argument, so most of the time to build a graph); behind one key it is walked once and sent
     to each worker once.
     """
-    return dask.delayed(array, pure=True)
+    return dask.delayed(value, pure=True)
 
 
-def read_pixels(array: zarr.Array, start: int, stop: int) -> np.ndarray:
-    """Pixels start:stop of a `pixel_array`.
+def read_pixels(source: PixelSource, start: int, stop: int) -> np.ndarray:
+    """Pixels start:stop of a `pixel_array`, every chunk they lie in checked against its checksum.
 
-    A chunk that its codec cannot decode (corrupt or truncated: blosc and zstd raise RuntimeError,
-    a chunk of the wrong size ValueError) is an InputError naming the store, the array and the
-    chunk. A chunk that is missing reads as the fill value (Zarr's rule); that is not detected here.
+    Each chunk is read whole and its CRC-32 compared with the one recorded for its position: a
+    missing chunk (which Zarr reads as the fill value), a truncated or corrupt one, or the valid
+    chunk of another position is an InputError naming the array and the chunk; a store that is no
+    longer the one planned (replaced, or another store at that path on this worker) a
+    TransientError. A store without checksums is checked for the presence of each chunk only.
     """
+    array = source.array
+    length, n_pixels = array.chunks[-2], array.shape[-2]
+    parts = []
+    for index in range(start // length, -(-stop // length)):
+        first, end = index * length, min((index + 1) * length, n_pixels)
+        chunk = _read_chunk(source, index, first, end)
+        parts.append(chunk[_pixel_slice(array, max(start, first) - first, min(stop, end) - first)])
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-2)
+
+
+def _read_chunk(source: PixelSource, index: int, start: int, stop: int) -> np.ndarray:
+    array = source.array
     try:
-        return array[_pixel_slice(array, start, stop)]
+        values = array[_pixel_slice(array, start, stop)]
     except (RuntimeError, ValueError) as error:
-        raise _unreadable(array, start, stop, error) from None
+        _refuse_if_replaced(source)
+        raise _bad_chunk(source, index, start, stop, f"unreadable ({first_line(error)})") from None
+    if source.checksums is None:
+        if not _chunk_exists(source, index):
+            _refuse_if_replaced(source)
+            raise _bad_chunk(source, index, start, stop, "missing")
+    elif index >= len(source.checksums) or chunk_crc32(values) != source.checksums[index]:
+        _refuse_if_replaced(source)
+        problem = "missing" if not _chunk_exists(source, index) else "not the chunk written there (CRC-32 mismatch: corrupt or swapped)"
+        raise _bad_chunk(source, index, start, stop, problem)
+    return values
+
+
+def _chunk_exists(source: PixelSource, index: int) -> bool:
+    array = source.array
+    coords = tuple(index if axis == array.ndim - 2 else 0 for axis in range(array.ndim))
+    fs, root = fsspec.core.url_to_fs(source.location)
+    return fs.exists(f"{root.rstrip('/')}/{array.path}/{array.metadata.encode_chunk_key(coords)}")
+
+
+def _refuse_if_replaced(source: PixelSource) -> None:
+    """A chunk that fails its check in a store that is no longer the planned one: say that (exit
+    75: the run read another store, or one replaced under it), not that the store is damaged."""
+    now = store_identity(source.location)
+    if now == "missing":
+        raise TransientError(f"{source.location}: not found by this worker (a path every worker must reach, "
+                             "or a store removed during the run); nothing was written")
+    if now != source.identity:
+        raise TransientError(f"{source.location}: not the store this run planned on (replaced during the run, or another "
+                             "store at that path on this worker); nothing was written: run the command again")
 
 
 def _pixel_slice(array: zarr.Array, start: int, stop: int) -> tuple:
     return (slice(None),) * (array.ndim - 2) + (slice(start, stop),)
 
 
-def _unreadable(array: zarr.Array, start: int, stop: int, error: Exception) -> InputError:
-    """The InputError for a failed read of pixels start:stop: the first chunk among them that
-    cannot be read alone is named (the one read first, if each reads alone)."""
-    length, n_pixels = array.chunks[-2], array.shape[-2]
-    culprit, reason = start // length, error
-    for index in range(start // length, -(-stop // length)):
-        try:
-            array[_pixel_slice(array, index * length, min((index + 1) * length, n_pixels))]
-        except (RuntimeError, ValueError) as chunk_error:
-            culprit, reason = index, chunk_error
-            break
-    text = str(reason).strip()
-    first_line = text.splitlines()[0] if text else type(reason).__name__
-    return InputError(f"{store_location(array)}/{array.path}: chunk {culprit} (pixels {culprit * length}:"
-                      f"{min((culprit + 1) * length, n_pixels)}) is unreadable ({first_line})")
-
-
-def store_location(array: zarr.Array) -> str:
-    """Where the store of an opened zarr Array lies, as a path or URL (for messages)."""
-    store = array.store
-    root = getattr(store, "root", None)  # a LocalStore
-    if root is not None:
-        return str(root)
-    fs, path = getattr(store, "fs", None), getattr(store, "path", None)  # an FsspecStore
-    if fs is not None and path is not None:
-        return fs.unstrip_protocol(path)
-    return str(store)
+def _bad_chunk(source: PixelSource, index: int, start: int, stop: int, problem: str) -> InputError:
+    return InputError(f"{source.location}/{source.name}: chunk {index} (pixels {start}:{stop}) is {problem}; "
+                      "the store is damaged: write it again (the command that made it, with --overwrite)")
 
 
 def chunk_spans(offsets: np.ndarray, counts: np.ndarray, label_of_image: np.ndarray,
@@ -123,12 +169,18 @@ def chunk_spans(offsets: np.ndarray, counts: np.ndarray, label_of_image: np.ndar
     """Per chunk of the given lengths, the spans of its pixels, labelled by `label_of_image`, of
     images lying back to back at `offsets` with `counts` pixels each (`schema.ImageIndex`'s);
     neighbouring images of one label share a span."""
-    starts, stops = offsets, offsets + counts
-    per_chunk, chunk_start = [], 0
-    for length in chunk_lengths:
-        chunk_stop = chunk_start + length
+    starts, stops = np.asarray(offsets), np.asarray(offsets) + np.asarray(counts)
+    chunk_stops = np.cumsum(chunk_lengths, dtype=np.int64)
+    chunk_starts = chunk_stops - np.asarray(chunk_lengths, dtype=np.int64)
+    # the images a chunk holds are a run of consecutive images: found by bisection, O(images + chunks)
+    firsts = np.searchsorted(stops, chunk_starts, side="right")
+    ends = np.searchsorted(starts, chunk_stops, side="left")
+    per_chunk = []
+    for chunk_start, chunk_stop, first, end in zip(chunk_starts.tolist(), chunk_stops.tolist(), firsts.tolist(), ends.tolist()):
         spans: list[Span] = []
-        for i in np.flatnonzero((starts < chunk_stop) & (stops > chunk_start)):
+        for i in range(first, end):
+            if stops[i] <= chunk_start:  # an image of no pixels
+                continue
             start, stop = int(max(starts[i], chunk_start) - chunk_start), int(min(stops[i], chunk_stop) - chunk_start)
             label = int(label_of_image[i])
             if spans and spans[-1].label == label and spans[-1].stop == start:
@@ -136,7 +188,6 @@ def chunk_spans(offsets: np.ndarray, counts: np.ndarray, label_of_image: np.ndar
             else:
                 spans.append(Span(start, stop, label))
         per_chunk.append(spans)
-        chunk_start = chunk_stop
     return per_chunk
 
 

@@ -8,39 +8,125 @@ import numpy as np
 
 from ensir_flow import metrics, schema
 from ensir_flow.binning import DEFAULT_BIN_WIDTH
-from ensir_flow.blend import AVERAGE, ENSEMBLE, ZZPM, average, blend, zzpm
+from ensir_flow.blend import _PAIRWISE_BLOCK  # `squared_distance_sums`'s, which `_squared_distance_sums` follows
+from ensir_flow.blend import (AVERAGE, ENSEMBLE, ZZPM, average, blend, blend_spans, squared_distance_sums, zzpm,
+                              zzpm_weights)
 from ensir_flow.devices import resolve_device
 from ensir_flow.errors import InputError
 from ensir_flow.images import check_model_names
 
 from .chunks import image_folds, pixel_array, read_pixels, task_argument
+from .fingerprint import store_fingerprint
 from .plan import Plan
-from .storage import open_store_index
+from .storage import StoreIndex, open_store_index
+
+#: Pixels of its image a task holds at a time: strips of rows of about this many pixels (a chunk
+#: of the store's default size), so that memory is bounded by the strip, not the image.
+STRIP_PIXELS = schema.DEFAULT_CHUNK_PIXELS
 
 
+def image_scores(predictions, truth, ensemble, offset: int, shape: tuple[int, int, int], names: list[str],
+                 crop_border: int, y_channel: bool, luts: dict | None = None, strip_pixels: int = STRIP_PIXELS) -> dict:
+    """One task: PSNR and SSIM for the image of `shape` (H, W, C) at pixel `offset` of each model,
+    the average, ZZPM, the ensemble if given, and each LUT of `luts` ({method: (weights,
+    bin_width)}) applied to the image here; all scored against the ground truth.
 
-def image_scores(predictions, truth, ensemble, offset: int, height: int, width: int, names: list[str],
-                 crop_border: int, y_channel: bool, luts: dict | None = None) -> dict:
-    """One task: PSNR and SSIM for the image at pixel `offset` of each model, the average, ZZPM,
-    the ensemble if given, and each LUT of `luts` ({method: (weights, bin_width)}) applied to the
-    image here; all scored in one pass against the ground truth (`metrics.scores`).
+    The image is read, blended and scored in horizontal strips of rows of about `strip_pixels`
+    pixels (`metrics.StripScorer`: the scores of the whole image, see there), so a task holds a
+    strip of each candidate, never a whole image. ZZPM weighs each image as a whole: an image of
+    several strips has its weights gathered first (`_squared_distance_sums`). An image that fits
+    one strip is read once, whole.
 
     `predictions`, `truth` and `ensemble` (or None) are the stores' opened pixel arrays: the task
-    reads its image itself (`chunks.read_pixels`), so the graph holds no slices of dask arrays,
+    reads its pixels itself (`chunks.read_pixels`), so the graph holds no slices of dask arrays,
     whose building took longer than the scoring of small images, and imported distributed."""
-    stop = offset + height * width
-    predictions = read_pixels(predictions, offset, stop)
-    shape = (height, width, -1)
-    truth = read_pixels(truth, offset, stop).reshape(shape)
-    candidates = {name: p.reshape(shape) for name, p in zip(names, predictions)}
-    candidates[AVERAGE] = average(predictions).reshape(shape)
-    candidates[ZZPM] = zzpm(predictions).reshape(shape)
-    if ensemble is not None:
-        candidates[ENSEMBLE] = read_pixels(ensemble, offset, stop).reshape(shape)
-    for method, (weights, bin_width) in (luts or {}).items():
-        candidates[method] = blend(predictions, weights, bin_width).reshape(shape)
-    psnrs, ssims = metrics.scores(list(candidates.values()), truth, crop_border=crop_border, y_channel=y_channel)
+    height, width, channels = shape
+    rows = max(1, strip_pixels // width)
+    strips = metrics.strip_bounds(height, crop_border, rows)
+    if len(strips) == 1:
+        reads, weights = [(0, height)], None
+    else:
+        sums = _squared_distance_sums(predictions, offset, shape, max(strip_pixels * channels, _PAIRWISE_BLOCK))
+        reads, weights = strips, zzpm_weights(sums / (height * width * channels))
+    scorer = None
+    for (start, stop), (first, last) in zip(strips, reads):
+        pixels = (offset + first * width, offset + last * width)
+        block = read_pixels(predictions, *pixels)
+        candidates = dict(zip(names, block))
+        candidates[AVERAGE] = average(block)
+        candidates[ZZPM] = zzpm(block) if weights is None else blend_spans(block, weights[None], [(0, block.shape[1])])
+        if ensemble is not None:
+            candidates[ENSEMBLE] = read_pixels(ensemble, *pixels)
+        for method, (lut, bin_width) in (luts or {}).items():
+            candidates[method] = blend(block, lut, bin_width)
+
+        def strip(values):
+            return values.reshape(last - first, width, channels)[start - first: stop - first]
+
+        if scorer is None:
+            scorer = metrics.StripScorer(len(candidates), shape, crop_border, y_channel, rows)
+        scorer.add([strip(values) for values in candidates.values()], strip(read_pixels(truth, *pixels)))
+    psnrs, ssims = scorer.scores()
     return {"psnr": dict(zip(candidates, psnrs)), "ssim": dict(zip(candidates, ssims))}
+
+
+def _squared_distance_sums(predictions, offset: int, shape: tuple[int, int, int], piece_values: int) -> np.ndarray:
+    """`blend.squared_distance_sums` (K,) of the image of `shape` at pixel `offset`, for ZZPM's
+    weights, reading a piece of at most `piece_values` values (at least the 128 of a pairwise
+    block) at a time.
+
+    `squared_distance_sums` adds the values of the whole image in numpy's pairwise order: halves
+    (the first a multiple of 8) down to blocks of 128 values. The pieces here are nodes of that
+    tree, added as the tree adds them, so the sums are the bits it gives on the whole image."""
+    channels = shape[2]
+
+    def sums(start: int, n: int) -> np.ndarray:
+        if n > piece_values:
+            half = n // 2
+            half -= half % 8
+            return sums(start, half) + sums(start + half, n - half)
+        first, stop = start // channels, -(-(start + n) // channels)
+        values = read_pixels(predictions, offset + first, offset + stop)
+        skip = start - first * channels
+        return squared_distance_sums(values.reshape(len(values), -1)[:, skip: skip + n])
+
+    return sums(0, shape[0] * shape[1] * channels)
+
+
+def _check_crop_border(store: str, index: schema.ImageIndex, crop_border: int) -> None:
+    """Refuse a crop border that leaves no pixels of some image of the store, naming its smallest."""
+    sides = np.minimum(index.heights, index.widths)
+    smallest = int(np.argmin(sides))
+    if 2 * crop_border >= sides[smallest]:
+        raise InputError(f"{store}: --crop-border {crop_border} leaves no pixels of its smallest image "
+                         f"'{index.stems[smallest]}' ({index.heights[smallest]}x{index.widths[smallest]}): "
+                         f"at most {(sides[smallest] - 1) // 2}")
+
+
+def _check_made_from(ensemble: StoreIndex, ensemble_store: str, ds: StoreIndex, store: str) -> None:
+    """Refuse an `apply` output that was not made from the store as it is now.
+
+    apply records the fingerprint of the store it blended (`fingerprint.store_fingerprint`: models,
+    stems, sizes, chunking and source files' SHA-256) and how many images it had; where both
+    stores carry a `store_id` (the output as `source_store_id`), those must agree too. An output
+    made before the store grew by appends covers only its first images: it is refused as well,
+    saying so (apply, run again, adds the new images to it), rather than scored on part of the set."""
+    attrs, n_images = ensemble.attrs, ds.sizes["image"]
+    made_from = attrs.get("source", "another store")
+    recorded, made_images = attrs.get("source_fingerprint"), attrs.get("source_images")
+    if recorded is None:
+        raise InputError(f"{ensemble_store}: records no source store (no source_fingerprint: not made by apply, or by "
+                         f"an older version), so it cannot be checked against {store}: run apply on {store} again")
+    ids = (attrs.get("source_store_id"), ds.attrs.get("store_id"))
+    if None not in ids and ids[0] != ids[1]:
+        raise InputError(f"{ensemble_store}: made from {made_from} (store_id {ids[0]}), not from {store} (store_id {ids[1]})")
+    if recorded == store_fingerprint(ds):
+        return
+    if isinstance(made_images, int) and 0 < made_images < n_images and recorded == store_fingerprint(ds, made_images):
+        raise InputError(f"{ensemble_store}: made from the first {made_images} images of {store}, which has "
+                         f"{n_images} since it grew: run apply again to add the others")
+    raise InputError(f"{ensemble_store}: made from {made_from}, not from {store} (their models, images, chunking or "
+                     f"source files differ): score it against the store it was made from, or run apply on {store}")
 
 
 def _means(scores: list[dict], metric: str) -> dict[str, float]:
@@ -119,16 +205,20 @@ def plan_evaluate(store: str, ensemble_store: str | None = None, y_channel: bool
     models = schema.check_store(ds, store, require=(schema.PREDICTION, schema.GROUND_TRUTH))
     check_model_names(models, store)  # a store written before ingest refused such names
     index = schema.ImageIndex.from_dataset(ds)
+    _check_crop_border(store, index, crop_border)
     ensemble = None
     if ensemble_store is not None:
         ens = open_store_index(ensemble_store)
         schema.check_store(ens, ensemble_store, require=(schema.ENSEMBLE,))
+        _check_made_from(ens, ensemble_store, ds, store)
         other = schema.ImageIndex.from_dataset(ens)
         if other.stems != index.stems or not np.array_equal(other.counts, index.counts):
             raise InputError(f"{ensemble_store}: its images (names or sizes) differ from those of {store}")
         ensemble = task_argument(pixel_array(ensemble_store, schema.ENSEMBLE))
     predictions, truth = (task_argument(pixel_array(store, variable)) for variable in (schema.PREDICTION, schema.GROUND_TRUTH))
-    tasks = [dask.delayed(image_scores, pure=True)(predictions, truth, ensemble, int(off), int(h), int(w), models, crop_border, y_channel)
+    channels = ds.sizes["channel"]
+    tasks = [dask.delayed(image_scores, pure=True)(predictions, truth, ensemble, int(off), (int(h), int(w), channels), models,
+                                                   crop_border, y_channel)
              for h, w, off in zip(index.heights, index.widths, index.offsets)]
     options = {"y_channel": y_channel, "crop_border": crop_border}
 
@@ -154,6 +244,7 @@ def plan_cross_validation(store: str, n_folds: int, solvers=("em", "lsq"), bin_w
     index = schema.ImageIndex.from_dataset(ds)
     if not 2 <= n_folds <= len(index.stems):
         raise InputError(f"{store}: --cv {n_folds} needs between 2 and {len(index.stems)} folds (one image at least per fold)")
+    _check_crop_border(store, index, crop_border)
     folds = image_folds(len(index.stems), n_folds)
     graphs = [statistics_graph(store, ds, width, device, n_folds, moments_for(solvers)) for width in bin_widths]
     em_device = resolve_device(device)
@@ -171,8 +262,8 @@ def plan_cross_validation(store: str, n_folds: int, solvers=("em", "lsq"), bin_w
                     lut = lut_from_folds(training, models, em_device, solver)
                     luts[fold][name(solver, width)] = (dask.delayed(lut.lookup_table(), pure=True), width)
         tasks = [
-            dask.delayed(image_scores, pure=True)(predictions, truth, None, int(off), int(h), int(w), models, crop_border,
-                                                  y_channel, luts[int(fold)])
+            dask.delayed(image_scores, pure=True)(predictions, truth, None, int(off), (int(h), int(w), ds.sizes["channel"]),
+                                                  models, crop_border, y_channel, luts[int(fold)])
             for h, w, off, fold in zip(index.heights, index.widths, index.offsets, folds)
         ]
         return Evaluation(index.stems, models, list(compute(*tasks, label="held-out scores")), options, folds.tolist())

@@ -1,8 +1,10 @@
 """Export: one lossless PNG per image of a pixel store, one task per image.
 
-Each task reads its image's pixels and encodes them with Pillow at the zlib level asked
-(`--png-compression`, level 1 by default: the same pixels as any other level, encoded several
-times faster than level 6) straight into its file, so images are encoded in parallel on the scheduler in use.
+Each task reads its image's pixels (every chunk checked against its checksum) and encodes them
+at the zlib level asked (`--png-compression`, level 1 by default: the same pixels as any other
+level, encoded several times faster than level 6) straight into its file
+(`ensir_flow.images.write_png`), so images are encoded in parallel on the scheduler in use. A
+store replaced or changed during the export is refused before the folder is moved into place.
 
 The export folder is written as a whole: staged beside it, then moved into place. Two things are
 never done, whatever the store holds or the options say:
@@ -31,7 +33,9 @@ from ensir_flow import schema
 from ensir_flow.errors import InputError
 from ensir_flow.images import DEFAULT_PNG_COMPRESSION, check_stem, png_text, printable, write_png
 
+from .chunks import PixelSource, pixel_array, read_pixels, task_argument
 from .executor import Compute
+from .integrity import refuse_changed, store_identity
 from .storage import open_store, staged_output, staged_update
 from .targets import EXPORT_FOLDER, refuse_link, refuse_replacing
 
@@ -46,25 +50,27 @@ def export_text(store, variable: str) -> dict[str, str]:
     return {MARK_KEY: f"{MARK_PREFIX} {ensir_flow.__version__} export", "Source": str(store), "Variable": variable}
 
 
-def _export_image(pixels: np.ndarray, height: int, width: int, path, text: dict | None, compression: int) -> None:
+def _export_image(source: PixelSource, offset: int, height: int, width: int, path, text: dict | None, compression: int) -> None:
+    """One task: read one image's pixels (each chunk checked: `chunks.read_pixels`) and write its PNG."""
+    pixels = read_pixels(source, offset, offset + height * width)
     try:
-        write_png(path, np.asarray(pixels).reshape(height, width, -1), text, compression)
+        write_png(path, pixels.reshape(height, width, -1), text, compression)
     except OSError as error:  # a full disk names no file: name the PNG, in the export folder's staging
         if error.filename is not None:
             raise
         raise OSError(error.errno, error.strerror or str(error), str(path)) from None
 
 
-def export_graph(ds: xr.Dataset, variable: str, directory, text: dict | None = None, first_image: int = 0,
+def export_graph(store: str, ds: xr.Dataset, variable: str, directory, text: dict | None = None, first_image: int = 0,
                  compression: int = DEFAULT_PNG_COMPRESSION) -> list:
-    """Delayed writes of one lossless PNG per image of `ds[variable]` from `first_image` on, named by
-    stem (each checked), at zlib level `compression`."""
+    """Delayed writes of one lossless PNG per image of `variable` of `store` (opened as `ds`) from
+    `first_image` on, named by stem (each checked), at zlib level `compression`."""
     index = schema.ImageIndex.from_dataset(ds)
-    data = ds[variable].data
+    source = task_argument(pixel_array(store, variable))
     return [
-        dask.delayed(_export_image, pure=True)(data[offset: offset + count], h, w, f"{directory}/{check_stem(stem, directory)}.png", text,
-                                                 compression)
-        for stem, h, w, offset, count in list(zip(index.stems, index.heights, index.widths, index.offsets, index.counts))[first_image:]
+        dask.delayed(_export_image, pure=True)(source, offset, h, w, f"{directory}/{check_stem(stem, directory)}.png", text,
+                                               compression)
+        for stem, h, w, offset in list(zip(index.stems, index.heights, index.widths, index.offsets))[first_image:]
     ]
 
 
@@ -159,6 +165,7 @@ def export(store: str, directory: str, compute: Compute, overwrite: bool = False
     update after the store grew): only the images from `first_image` on are written, added to the
     folder in one step (`storage.staged_update`); the files already there are not rewritten.
     """
+    planned = store_identity(store)
     ds = open_store(store)
     if variable not in ds:
         raise InputError(f"{store}: no '{variable}' variable to export")
@@ -166,11 +173,14 @@ def export(store: str, directory: str, compute: Compute, overwrite: bool = False
     if first_image:
         check_export_target(directory, stems[:first_image], overwrite=True, source=store)
         with staged_update(str(directory)) as staging:
-            compute(*export_graph(ds, variable, staging, export_text(store, variable), first_image, compression), label="export")
+            compute(*export_graph(store, ds, variable, staging, export_text(store, variable), first_image, compression),
+                    label="export")
+            refuse_changed(store, planned)
         return
     check_export_target(directory, stems, overwrite, source=store)
     with staged_output(str(directory), overwrite) as staging:
         fs, root = fsspec.core.url_to_fs(staging)
         fs.makedirs(root, exist_ok=True)
-        compute(*export_graph(ds, variable, staging, export_text(store, variable), compression=compression), label="export")
+        compute(*export_graph(store, ds, variable, staging, export_text(store, variable), compression=compression), label="export")
+        refuse_changed(store, planned)
         check_export_target(directory, stems, overwrite, source=store)

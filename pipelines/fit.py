@@ -41,7 +41,7 @@ PASS_BYTES = DEFAULT_PASS_MEMORY_MIB << 20
 #: Statistics in passes size their ranges on a sample of the cells: those of every this many pixels.
 SAMPLE_STRIDE = 8
 #: Store attributes that must be as planned when fit has read the store (`_what_fit_reads`).
-READ_AS_PLANNED_ATTRIBUTES = ("models", "model_files", "inference")
+READ_AS_PLANNED_ATTRIBUTES = ("models", "model_files", "inference", "store_id")
 
 
 def _chunk_statistics(predictions, truth, start: int, stop: int, spans: list[Span], n_folds: int, bin_width: int,
@@ -281,9 +281,9 @@ def plan_fit(store: str, lut_path: str, bin_width: int = DEFAULT_BIN_WIDTH, solv
 def _what_fit_reads(ds, n_images: int):
     """What must not change while fit reads the store opened as `ds` (a fit in passes reads it
     several times): the SHA-256s of the source files of its first `n_images` images and the
-    attributes that say how predictions were made (`predict`'s model files and options), which an
-    `ingest --append` or `predict --append` leaves as they are; where it has no SHA-256s, all its
-    attributes."""
+    attributes that say how predictions were made (`predict`'s model files and options) and which
+    store it is (`store_id`, made when it was written), which an `ingest --append` or `predict
+    --append` leaves as they are; where it has no SHA-256s, all its attributes."""
     if "source_sha256" not in ds:
         return ds.attrs
     return (np.asarray(ds["source_sha256"].values)[..., :n_images].tolist(),

@@ -30,9 +30,10 @@ from ensir_flow.images import (GROUND_TRUTH_DIR, INPUT_DIR, Corpus, ImageInfo, d
 
 from .plan import Plan
 from .chunks import chunk_spans, ranges_of, task_argument
+from .integrity import CHECKSUMMED_VARIABLES, CHUNK_CRC32, checksum_array_encoding, checksum_template, store_identity
 from .storage import (COMPLETE, commit_resumable, committed_append, exclusive_lock, exists, open_array_for_writing, open_store,
-                      refuse_existing, refuse_or_recover, resumable_location, resumable_marks, start_resumable,
-                      write_chunk_then_mark)
+                      record_checksums, refuse_existing, refuse_or_recover, resumable_location, resumable_marks,
+                      start_resumable, write_chunk_then_mark)
 
 
 def _roles(corpus: Corpus) -> list[tuple[str, list]]:
@@ -149,18 +150,18 @@ def _assembled(shape: tuple[int, int, int], dtype, spans: list) -> np.ndarray:
     return chunk
 
 
-def _write_chunk(block: np.ndarray, n_models: int, arrays: list, marks, records, digests: list[list[str]], index: int,
-                 start: int, stop: int) -> None:
+def _write_chunk(block: np.ndarray, n_models: int, arrays: list, marks, records, checksums, digests: list[list[str]],
+                 index: int, start: int, stop: int) -> None:
     """One task: the decoded planes of chunk `index` (roles, pixels, channels) into the prediction
-    array and the ground truth and input arrays there are, the SHA-256s of the files they were
-    decoded from ([role][image], the chunk's images in order) into its row of `records`, then the
-    chunk's mark."""
+    array and the ground truth and input arrays there are, their checksums into its row of
+    `checksums`, the SHA-256s of the files they were decoded from ([role][image], the chunk's
+    images in order) into its row of `records`, then the chunk's mark."""
     planes = [block[:n_models], *block[n_models:]]
     record = np.zeros(records.shape[1:], dtype=np.uint8)
     for role, role_digests in enumerate(digests):
         for slot, digest in enumerate(role_digests):
             record[role, slot] = np.frombuffer(bytes.fromhex(digest), dtype=np.uint8)
-    write_chunk_then_mark(list(zip(arrays, planes)), marks, index, start, stop, [(records, record)])
+    write_chunk_then_mark(list(zip(arrays, planes)), marks, index, start, stop, [(records, record)], checksums)
 
 
 def _recorded(record: np.ndarray, n_images: int) -> list[list[str]]:
@@ -274,7 +275,7 @@ def source_digest(sha256s: np.ndarray) -> str:
 #: written with the chunk before its mark. It becomes `source_sha256` at commit and is deleted.
 CHUNK_SOURCES = "chunk_source_sha256"
 #: Staging-only attribute: staging written without chunk records (by an older version) is not resumed.
-RESUME_PROTOCOL = {"resume_protocol": f"{CHUNK_SOURCES} per chunk"}
+RESUME_PROTOCOL = {"resume_protocol": f"{CHUNK_SOURCES} and {CHUNK_CRC32} per chunk"}
 #: The variables (besides the attributes) that must be the same for a staging to be resumed: the
 #: images, their sizes, the source folders and file names.
 IDENTITY_VARIABLES = (*schema.IMAGE_VARIABLES, "image", "source", "source_file")
@@ -304,11 +305,14 @@ def store_writer(store: str, ds: xr.Dataset, encoding: dict, planes: da.Array, e
     digests = planned.tolist() if decoded_digests is None else decoded_digests
     slots = max(len(held) for held in images)
     n_sources = len(digests)
+    pixel_variables = [schema.PREDICTION, *extra_names]
     template = ds.assign({CHUNK_SOURCES: (("chunk", "source", "chunk_image", "sha256_byte"),
                                           da.zeros((len(ranges), n_sources, slots, 32), dtype=np.uint8, chunks=(1, -1, -1, -1)),
-                                          {"long_name": "SHA-256 of the source files of each chunk's images"})})
+                                          {"long_name": "SHA-256 of the source files of each chunk's images"}),
+                          CHUNK_CRC32: checksum_template(len(ranges), pixel_variables)})
     template.attrs = {**ds.attrs, **RESUME_PROTOCOL}
-    template_encoding = {**encoding, CHUNK_SOURCES: {"chunks": (1, n_sources, slots, 32)}}
+    template_encoding = {**encoding, CHUNK_SOURCES: {"chunks": (1, n_sources, slots, 32)},
+                         CHUNK_CRC32: checksum_array_encoding(len(pixel_variables))}
 
     def current_digests(wanted: list[tuple[int, int]]) -> list[str]:
         """The SHA-256 now of the files (source, image) `wanted`: read again when the tasks hash them."""
@@ -361,15 +365,17 @@ def store_writer(store: str, ds: xr.Dataset, encoding: dict, planes: da.Array, e
                 done = np.zeros(len(ranges), dtype=bool)
             records = open_array_for_writing(staging, CHUNK_SOURCES)
             marks = open_array_for_writing(staging, COMPLETE)
+            checksums = task_argument(open_array_for_writing(staging, CHUNK_CRC32))
             if resuming:
                 stale = stale_chunks(records, done)
                 for i in np.flatnonzero(stale):
                     marks[int(i)] = 0  # unmarked before it is rewritten, so no kill leaves it marked with mixed data
                 done &= ~stale
-            arrays = [task_argument(open_array_for_writing(staging, name)) for name in (schema.PREDICTION, *extra_names)]
+            arrays = [task_argument(open_array_for_writing(staging, name)) for name in pixel_variables]
             todo = np.flatnonzero(~done)
             compute(*[dask.delayed(_write_chunk)(blocks[i], n_models, arrays, task_argument(marks), task_argument(records),
-                                                 [[role[image] for image in images[i]] for role in digests], int(i), *ranges[i])
+                                                 checksums, [[role[image] for image in images[i]] for role in digests], int(i),
+                                                 *ranges[i])
                       for i in todo],
                     label=f"{label} ({len(todo)} of {len(ranges)} chunks)" if resuming else label)
             sha256 = committed_digests(records)
@@ -464,6 +470,7 @@ def append_plan(title: str, source, store: str, existing: xr.Dataset, corpus: Co
 
     The store is locked during the append, which follows `storage.committed_append`: until its
     single final metadata write, every reader sees the store as it was."""
+    planned = store_identity(store)
     n_existing, n_known = existing.sizes["pixel"], existing.sizes["image"]
     images = index.to_dataset().merge(source_provenance(corpus))
     if images["source"].values.tolist() != existing["source"].values.tolist():
@@ -476,6 +483,10 @@ def append_plan(title: str, source, store: str, existing: xr.Dataset, corpus: Co
                                                        "by": f"ensir-flow {ensir_flow.__version__} {by}"}]
     committed = {"pixel": n_existing, "image": n_known}
     grown = {"pixel": n_existing + index.n_pixels, "image": n_known + len(index.stems)}
+    checksummed = CHUNK_CRC32 in existing and CHECKSUMMED_VARIABLES in existing[CHUNK_CRC32].attrs
+    chunk_pixels = existing[schema.PREDICTION].encoding["chunks"][1]
+    if checksummed:
+        committed["chunk"], grown["chunk"] = (-(-pixels // chunk_pixels) for pixels in (committed["pixel"], grown["pixel"]))
     details["pixels"] = f"{index.n_pixels:,} appended to {n_existing:,}"
 
     def execute(compute):
@@ -485,9 +496,15 @@ def append_plan(title: str, source, store: str, existing: xr.Dataset, corpus: Co
             compute(da.store([new_planes[name] for name in names], [arrays[name] for name in names],
                              regions=[(slice(None),) * (arrays[name].ndim - 2) + (region, slice(None)) for name in names],
                              lock=False, compute=False), label="append")
+            if checksummed:  # the store's last chunk, rewritten whole, and each new one
+                columns = [task_argument(arrays[name]) for name in existing[CHUNK_CRC32].attrs[CHECKSUMMED_VARIABLES]]
+                checksums = task_argument(arrays[CHUNK_CRC32])
+                compute(*[dask.delayed(record_checksums)(columns, checksums, chunk, chunk * chunk_pixels,
+                                                         min((chunk + 1) * chunk_pixels, grown["pixel"]))
+                          for chunk in range(n_existing // chunk_pixels, grown["chunk"])], label="append checksums")
 
         with exclusive_lock(store):
-            if open_store(store).sizes != existing.sizes:
+            if store_identity(store) != planned or open_store(store).sizes != existing.sizes:
                 raise TransientError(f"{store}: changed by another run while this one was planned; run it again")
             committed_append(store, committed, grown, write_pixels, image_values, attrs)
         return len(index.stems)

@@ -44,6 +44,7 @@ from zarr.core.group import ConsolidatedMetadata
 from ensir_flow.errors import InputError, TransientError
 
 from . import targets
+from .integrity import CHECKSUM_TAIL, CHUNK_CRC32, chunk_crc32, new_identity, next_generation
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -481,6 +482,15 @@ class StoreIndex:
         return {dim: size for variable in self.variables.values() for dim, size in variable.sizes.items()}
 
 
+def open_group_as_committed(store: str) -> zarr.Group:
+    """The Zarr group at `store` opened by its consolidated metadata when it has some (the
+    committed state: an append in progress has grown the arrays' own metadata only)."""
+    try:
+        return zarr.open_group(store, mode="r", use_consolidated=True)
+    except ValueError:
+        return zarr.open_group(store, mode="r", use_consolidated=False)
+
+
 def open_store_index(path: str) -> StoreIndex:
     """The `StoreIndex` of the ensir-flow store at `path`, refused as `open_store` refuses it. The
     arrays' shapes are those of the consolidated metadata when the store has it (the committed
@@ -631,8 +641,10 @@ def committed_append(path: str, committed: dict[str, int], grown: dict[str, int]
     4. Write the tail of each image variable (`image_values`: name -> the new values along `image`).
     5. Commit: one write of the root `zarr.json` with `attrs` and the arrays' new shapes.
     A failure before 5 cuts the arrays back again; a kill before 5 leaves the committed store as
-    it was, and the next append cuts back first.
+    it was, and the next append cuts back first. The commit moves the store to its next generation
+    (`integrity.next_generation`) and records the last chunk's checksums (`with_checksum_tail`).
     """
+    previous = dict(open_group_as_committed(str(path)).attrs)
     resize_arrays(path, committed)
     try:
         resize_arrays(path, grown)
@@ -644,7 +656,8 @@ def committed_append(path: str, committed: dict[str, int], grown: dict[str, int]
     except BaseException:
         resize_arrays(path, committed)
         raise
-    commit_metadata(path, attrs)
+    attrs = {**attrs, **next_generation(previous)}
+    commit_metadata(path, with_checksum_tail(path, attrs, grown.get("chunk", 0)))
 
 
 #: The array of completion marks of a resumable output: one per chunk, written after the chunk.
@@ -691,15 +704,43 @@ def start_resumable(path: str, template: xr.Dataset, encoding: dict, n_chunks: i
     return staging
 
 
-def write_chunk_then_mark(writes: list[tuple], marks, index: int, start: int, stop: int, records: list[tuple] = ()) -> None:
+def write_chunk_then_mark(writes: list[tuple], marks, index: int, start: int, stop: int, records: list[tuple] = (),
+                          checksums=None) -> None:
     """In a task: write pixels start:stop (one whole chunk along `pixel`, the second-last axis) of
-    each array of `writes` [(array, values)], and row `index` of each per-chunk array of `records`
-    [(array, values)] (what the chunk was made from), then mark chunk `index` complete."""
+    each array of `writes` [(array, values)], then row `index` of `checksums` (the CRC-32 of each
+    array's chunk as written, in the order of `writes`; see `integrity`) and of each per-chunk
+    array of `records` [(array, values)] (what the chunk was made from), then mark chunk `index`
+    complete."""
+    written = []
     for array, values in writes:
+        values = np.asarray(values, dtype=array.dtype)
         array[(slice(None),) * (array.ndim - 2) + (slice(start, stop),)] = values
+        written.append(values)
+    if checksums is not None:
+        checksums[index] = np.array([chunk_crc32(values) for values in written], dtype=np.uint32)
     for array, values in records:
         array[index] = values
     marks[index] = 1
+
+
+def record_checksums(arrays: list, checksums, index: int, start: int, stop: int) -> None:
+    """In a task: row `index` of `checksums` from chunk `index` (pixels start:stop) of each of
+    `arrays` as it is stored now (for writes that do not hold the chunk's values: `da.store`)."""
+    checksums[index] = np.array([chunk_crc32(array[(slice(None),) * (array.ndim - 2) + (slice(start, stop),)])
+                                 for array in arrays], dtype=np.uint32)
+
+
+def with_checksum_tail(path: str, attrs: dict, n_chunks: int) -> dict:
+    """`attrs` with the checksums of chunk `n_chunks - 1` of the store at `path` copied into
+    `CHECKSUM_TAIL`, where readers take the last chunk's checksums from (`integrity.checksums_of`):
+    an append rewrites the store's last chunk, if partial, and its row of checksums before its
+    commit, so a committed reader must not depend on that row (unchanged where the store has no
+    checksums)."""
+    group = zarr.open_group(str(path), mode="r", use_consolidated=False)
+    if CHUNK_CRC32 not in group or not n_chunks:
+        return attrs
+    return {**attrs, CHECKSUM_TAIL: {"chunk": int(n_chunks - 1),
+                                     "crc32": [int(value) for value in group[CHUNK_CRC32][n_chunks - 1]]}}
 
 
 def commit_resumable(path: str, keep_marks: bool = True, values: dict | None = None, drop: tuple[str, ...] = (),
@@ -707,19 +748,21 @@ def commit_resumable(path: str, keep_marks: bool = True, values: dict | None = N
     """Move the staging of `path` into place once every chunk is marked complete (caller holds the
     lock). First `values` (name -> every value of that array) are written; then, without
     `keep_marks`, the marks are deleted (the store's layout has none), then the arrays named in
-    `drop`, and the metadata is committed with `attrs` (default: the staging's). The marks go
-    first: a run killed after that finds no staging to resume (`resumable_marks`) and starts over."""
+    `drop`, and the metadata is committed with `attrs` (default: the staging's), a new store
+    identity (`integrity.new_identity`) and the last chunk's checksums (`with_checksum_tail`).
+    The marks go first: a run killed after that finds no staging to resume (`resumable_marks`) and
+    starts over."""
     staging = resumable_location(path)
-    if not zarr.open_array(store=staging, path=COMPLETE, mode="r")[:].all():
+    marks = zarr.open_array(store=staging, path=COMPLETE, mode="r")[:]
+    if not marks.all():
         raise RuntimeError(f"{staging}: chunks left unmarked after every task succeeded; not committing")
     group = zarr.open_group(staging, mode="r+", use_consolidated=False)
     for name, array_values in (values or {}).items():
         group[name][...] = array_values
-    deleted = (*(() if keep_marks else (COMPLETE,)), *drop)
-    for name in deleted:
+    for name in (*(() if keep_marks else (COMPLETE,)), *drop):
         del group[name]
-    if deleted or attrs is not None:
-        commit_metadata(staging, dict(group.attrs) if attrs is None else attrs)
+    attrs = dict(group.attrs) if attrs is None else attrs
+    commit_metadata(staging, with_checksum_tail(staging, {**attrs, **new_identity()}, len(marks)))
     commit(staging, path)
 
 

@@ -85,3 +85,17 @@ def contents(path) -> "xr.Dataset":
     ds = xr.open_zarr(path).load()
     ds.attrs = {key: value for key, value in ds.attrs.items() if key not in IDENTITY_ATTRIBUTES}
     return ds
+
+
+def without_checksums(store: Path) -> None:
+    """Make `store` as ensir-flow wrote stores before chunk checksums and store identities."""
+    import shutil
+
+    from ensir_flow.pipelines.integrity import CHECKSUM_TAIL, CHUNK_CRC32
+
+    shutil.rmtree(store / CHUNK_CRC32, ignore_errors=True)
+    document = json.loads((store / "zarr.json").read_text())
+    for key in (CHECKSUM_TAIL, "store_id", "generation"):
+        document["attributes"].pop(key, None)
+    document["consolidated_metadata"]["metadata"].pop(CHUNK_CRC32, None)
+    (store / "zarr.json").write_text(json.dumps(document))

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ensir_flow.metrics import psnr, rgb_to_y, scores, ssim
+from ensir_flow.metrics import SSIM_WINDOW, StripScorer, psnr, rgb_to_y, scores, ssim
 
 
 def test_psnr_by_hand_and_identical():
@@ -181,3 +181,53 @@ def test_psnr_equals_the_float64_mean_bit_for_bit():
         a, b = _noisy_pair(rng, shape)
         mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
         assert psnr(a, b) == float(10.0 * np.log10(255.0 ** 2 / mse))
+
+
+def _strip_scores(images, reference, rows, **options):
+    """`StripScorer` fed `rows` rows (and the SSIM halo) at a time, as evaluate feeds it."""
+    scorer = StripScorer(len(images), reference.shape, rows=rows, **options)
+    for start, stop in scorer.strips:
+        scorer.add([image[start:stop] for image in images], reference[start:stop])
+    return scorer.scores()
+
+
+@pytest.mark.parametrize("shape", [(37, 29, 3), (23, 41), (12, 15, 1), (11, 19, 3), (9, 30, 3)])
+@pytest.mark.parametrize("options", [{}, {"y_channel": True}, {"crop_border": 1}, {"crop_border": 3, "y_channel": True}])
+def test_strips_give_the_scores_of_the_whole_image(shape, options):
+    """Strips of any height, across every boundary and halo cut at the bottom: SSIM and 8-bit PSNR
+    the same bits as the whole image; PSNR on luma (float squared errors summed per strip) to rounding."""
+    rng = np.random.default_rng(sum(shape) + 5 * len(options))
+    reference = rng.integers(0, 256, shape, dtype=np.uint8)
+    images = [_noisy_pair(rng, shape)[1] for _ in range(3)] + [reference.copy()]
+    whole_psnr, whole_ssim = scores(images, reference, **options)
+    on_luma = options.get("y_channel") and len(shape) == 3 and shape[2] == 3
+    inner = shape[0] - 2 * options.get("crop_border", 0)
+    for rows in sorted({1, 2, 3, SSIM_WINDOW - 1, SSIM_WINDOW, SSIM_WINDOW + 1, inner - 1, inner}):
+        strip_psnr, strip_ssim = _strip_scores(images, reference, rows, **options)
+        np.testing.assert_array_equal(strip_ssim, whole_ssim, err_msg=f"{rows} rows a strip")
+        if on_luma:
+            np.testing.assert_allclose(strip_psnr, whole_psnr, rtol=1e-13, err_msg=f"{rows} rows a strip")
+        else:
+            assert strip_psnr == whole_psnr, f"{rows} rows a strip"
+    assert whole_psnr[-1] == float("inf")
+    assert np.isnan(whole_ssim[0]) == (min(shape[:2]) - 2 * options.get("crop_border", 0) < SSIM_WINDOW)
+
+
+def test_strip_bounds_carry_the_ssim_halo():
+    scorer = StripScorer(1, (40, 30, 3), crop_border=2, rows=10)
+    # cropped rows 2:38 (36 rows) in strips of 10, each read with the 10 rows below it where there are
+    assert scorer.strips == [(2, 22), (12, 32), (22, 38), (32, 38)]
+
+
+def test_strips_out_of_turn_are_refused():
+    reference = np.zeros((30, 30, 3), np.uint8)
+    scorer = StripScorer(1, reference.shape, rows=10)
+    with pytest.raises(ValueError, match="rows 0:20"):
+        scorer.add([reference[:10]], reference[:10])  # without its halo
+    with pytest.raises(ValueError, match="0 of 3 strips"):
+        scorer.scores()
+    for start, stop in scorer.strips:
+        scorer.add([reference[start:stop]], reference[start:stop])
+    assert scorer.scores() == ([float("inf")], [pytest.approx(1.0, abs=1e-12)])
+    with pytest.raises(ValueError, match="already"):
+        scorer.add([reference[:10]], reference[:10])

@@ -1,0 +1,80 @@
+"""What checking every chunk costs: fit and apply of one store with the chunk checks on, and with
+them off (each chunk read as Zarr reads it, nothing compared), in turns, in this process.
+
+    python benchmarks/integrity.py [STORE] [--runs 5] [--megapixels 16]
+
+STORE (default: a synthetic store of --megapixels of three models and ground truth, ingested into
+a temporary folder at the default chunk size) is read by `fit` (a LUT of em at bin width 32) and
+`apply` as the Python API runs them on dask's threads. The checks are what `chunks.read_pixels`
+adds to a plain read: CRC-32 of each chunk read (zlib) and the comparison with its recorded value.
+The CRC-32 rate of this machine is printed beside. Every figure is the median of --runs runs.
+"""
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+import ensir_flow
+from ensir_flow.pipelines import chunks
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from helpers import make_corpus  # noqa: E402
+
+
+def unchecked_read(source, index: int, start: int, stop: int) -> np.ndarray:
+    """A chunk read as Zarr reads it: no checksum, no presence check."""
+    return source.array[chunks._pixel_slice(source.array, start, stop)]
+
+
+def timed(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("store", nargs="?")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--megapixels", type=float, default=16)
+    options = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="ensir-integrity-"))
+    store = options.store
+    if store is None:
+        side = 1000
+        n_images = max(1, round(options.megapixels * 1e6 / side**2))
+        make_corpus(work / "corpus", sizes=((side, side),) * n_images)
+        store = str(work / "s.zarr")
+        ensir_flow.ingest(work / "corpus", store, scheduler="threads", progress=False)
+    run = {"scheduler": "threads", "progress": False}
+    ensir_flow.fit(store, work / "lut.zarr", overwrite=True, **run)  # numba's kernels compiled or loaded once
+    jobs = {"fit": lambda: ensir_flow.fit(store, work / "lut.zarr", overwrite=True, **run),
+            "apply": lambda: ensir_flow.apply(store, work / "lut.zarr", work / "out.zarr", overwrite=True, **run)}
+    checked_read = chunks._read_chunk
+    times = {(job, checked): [] for job in jobs for checked in (True, False)}
+    for _ in range(options.runs):
+        for job, function in jobs.items():
+            for checked in (True, False):
+                chunks._read_chunk = checked_read if checked else unchecked_read
+                times[job, checked].append(timed(function))
+    chunks._read_chunk = checked_read
+
+    sample = np.random.default_rng(0).integers(0, 256, 64 << 20, dtype=np.uint8)
+    rate = sample.nbytes / min(timed(lambda: zlib.crc32(sample.data)) for _ in range(5)) / 1e9
+    pixels = ensir_flow.open_store(store).sizes["pixel"]
+    print(f"store: {store} ({pixels / 1e6:.1f} Mpx); CRC-32 (zlib) at {rate:.1f} GB/s on this machine; "
+          f"median of {options.runs} runs, dask threads")
+    print(f"{'command':8} {'checked s':>10} {'unchecked s':>12} {'cost':>7}")
+    for job in jobs:
+        checked, unchecked = statistics.median(times[job, True]), statistics.median(times[job, False])
+        print(f"{job:8} {checked:10.3f} {unchecked:12.3f} {100 * (checked / unchecked - 1):6.1f}%")
+
+
+if __name__ == "__main__":
+    main()

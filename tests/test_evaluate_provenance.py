@@ -55,7 +55,10 @@ def test_an_output_of_another_store_with_the_same_images_is_refused(tmp_path, in
     store, _, _ = _store_and_output(invoke, tmp_path, "a", seed=0)
     other, _, other_out = _store_and_output(invoke, tmp_path, "b", seed=7)  # same stems and sizes, other pixels
     line = _refusal(invoke("evaluate", store, "--ensemble", other_out, "--no-progress"))
-    assert f"{other_out}: made from {other}, not from {store}" in line
+    assert line.startswith(f"Error: {other_out}: made from {other}") and f"not from {store}" in line  # by store_id or fingerprint
+    _set_attributes(other_out, source_store_id=None)  # as apply wrote outputs before stores had an id: the fingerprint decides
+    line = _refusal(invoke("evaluate", store, "--ensemble", other_out, "--no-progress"))
+    assert f"{other_out}: made from {other}, not from {store} (their models, images, chunking or source files differ)" in line
     scores = json.loads(_ok(invoke("evaluate", other, "--ensemble", other_out, "--json", "--no-progress")).stdout)
     assert scores["psnr"]["ensemble"] > 30
 

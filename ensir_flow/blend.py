@@ -224,7 +224,7 @@ def blend_torch(predictions: np.ndarray, weights: np.ndarray, bin_width: int, de
 #: expressions they replaced (tests/test_blend.py compares them on every possible input sum).
 _KERNEL_OPTIONS = {"nogil": True, "cache": True}
 #: numpy's pairwise summation: blocks of up to 128 values, summed with 8 accumulators.
-_PAIRWISE_BLOCK = 128
+PAIRWISE_BLOCK = 128
 
 
 def average(predictions: np.ndarray) -> np.ndarray:
@@ -262,8 +262,8 @@ def squared_distance_sums(predictions: np.ndarray) -> np.ndarray:
     sums = np.zeros(len(predictions))
     values = predictions.reshape(len(predictions), -1)
     if values.shape[1]:
-        _pairwise_squared_distances(values, 0, values.shape[1], sums, np.empty((len(values), _PAIRWISE_BLOCK)),
-                                    np.empty(_PAIRWISE_BLOCK))
+        _pairwise_squared_distances(values, 0, values.shape[1], sums, np.empty((len(values), PAIRWISE_BLOCK)),
+                                    np.empty(PAIRWISE_BLOCK))
     return sums
 
 
@@ -272,7 +272,7 @@ def _pairwise_squared_distances(predictions, start, n, sums, squares, mean):
     """sums[k] = numpy's pairwise sum of (x_k - mean)^2 over values start:start + n of
     predictions (K, N): halves (the first a multiple of 8) summed separately down to blocks of at
     most 128; `squares` (K, 128) and `mean` (128,) are scratch."""
-    if n > _PAIRWISE_BLOCK:
+    if n > PAIRWISE_BLOCK:
         half = n // 2
         half -= half % 8
         second = np.empty(len(sums))

@@ -8,15 +8,15 @@ import numpy as np
 
 from ensir_flow import metrics, schema
 from ensir_flow.binning import DEFAULT_BIN_WIDTH
-from ensir_flow.blend import _PAIRWISE_BLOCK  # `squared_distance_sums`'s, which `_squared_distance_sums` follows
-from ensir_flow.blend import (AVERAGE, ENSEMBLE, ZZPM, average, blend, blend_spans, squared_distance_sums, zzpm,
-                              zzpm_weights)
+from ensir_flow.blend import (AVERAGE, ENSEMBLE, PAIRWISE_BLOCK, ZZPM, average, blend, blend_spans, squared_distance_sums,
+                              zzpm, zzpm_weights)
 from ensir_flow.devices import resolve_device
 from ensir_flow.errors import InputError
 from ensir_flow.images import check_model_names
 
 from .chunks import image_folds, pixel_array, read_pixels, task_argument
 from .fingerprint import store_fingerprint
+from .integrity import refuse_changed, store_identity
 from .plan import Plan
 from .storage import StoreIndex, open_store_index
 
@@ -46,7 +46,7 @@ def image_scores(predictions, truth, ensemble, offset: int, shape: tuple[int, in
     if len(strips) == 1:
         reads, weights = [(0, height)], None
     else:
-        sums = _squared_distance_sums(predictions, offset, shape, max(strip_pixels * channels, _PAIRWISE_BLOCK))
+        sums = _squared_distance_sums(predictions, offset, shape, max(strip_pixels * channels, PAIRWISE_BLOCK))
         reads, weights = strips, zzpm_weights(sums / (height * width * channels))
     scorer = None
     for (start, stop), (first, last) in zip(strips, reads):
@@ -200,7 +200,9 @@ class Evaluation:
 
 
 def plan_evaluate(store: str, ensemble_store: str | None = None, y_channel: bool = False, crop_border: int = 0) -> Plan:
-    """Plan scoring every image of the reference store (and of an `apply` output, if given)."""
+    """Plan scoring every image of the reference store (and of an `apply` output, if given). Either
+    store replaced or changed while it is read is refused (exit 75: `integrity.refuse_changed`)."""
+    planned = {path: store_identity(path) for path in (store, ensemble_store) if path is not None}
     ds = open_store_index(store)
     models = schema.check_store(ds, store, require=(schema.PREDICTION, schema.GROUND_TRUTH))
     check_model_names(models, store)  # a store written before ingest refused such names
@@ -223,7 +225,10 @@ def plan_evaluate(store: str, ensemble_store: str | None = None, y_channel: bool
     options = {"y_channel": y_channel, "crop_border": crop_border}
 
     def execute(compute):
-        return Evaluation(index.stems, models, list(compute(*tasks, label="evaluate")), options)
+        scores = list(compute(*tasks, label="evaluate"))
+        for path, identity in planned.items():
+            refuse_changed(path, identity)
+        return Evaluation(index.stems, models, scores, options)
 
     details = {"store": str(store), "ensemble": str(ensemble_store) if ensemble_store else "none (models and average only)",
                "images": len(index.stems), "metrics": f"PSNR, SSIM on {'Y' if y_channel else 'RGB'}, crop border {crop_border}"}
@@ -238,6 +243,7 @@ def plan_cross_validation(store: str, n_folds: int, solvers=("em", "lsq"), bin_w
 
     from .fit import lut_from_folds, statistics_graph
 
+    planned = store_identity(store)
     ds = open_store_index(store)
     models = schema.check_store(ds, store, require=(schema.PREDICTION, schema.GROUND_TRUTH))
     check_model_names(models, store)  # a store written before ingest refused such names
@@ -266,7 +272,9 @@ def plan_cross_validation(store: str, n_folds: int, solvers=("em", "lsq"), bin_w
                                                   models, crop_border, y_channel, luts[int(fold)])
             for h, w, off, fold in zip(index.heights, index.widths, index.offsets, folds)
         ]
-        return Evaluation(index.stems, models, list(compute(*tasks, label="held-out scores")), options, folds.tolist())
+        scores = list(compute(*tasks, label="held-out scores"))
+        refuse_changed(store, planned)
+        return Evaluation(index.stems, models, scores, options, folds.tolist())
 
     details = {"store": str(store), "images": len(index.stems), "folds": f"{n_folds} (image i in fold i % {n_folds})",
                "solvers": ", ".join(solvers), "bin widths": ", ".join(map(str, bin_widths)),

@@ -16,6 +16,7 @@ from ensir_flow.errors import InputError, TransientError
 from ensir_flow.pipelines import storage
 from ensir_flow.pipelines.apply import plan_apply
 from ensir_flow.pipelines.chunks import pixel_array, read_pixels
+from ensir_flow.pipelines.evaluate import plan_cross_validation, plan_evaluate
 from ensir_flow.pipelines.integrity import CHECKSUM_TAIL, CHUNK_CRC32
 from helpers import contents, make_corpus, without_checksums
 
@@ -127,8 +128,11 @@ def test_an_interrupted_append_leaves_a_store_every_reader_trusts(tmp_path, invo
 
 
 @pytest.mark.parametrize("same_images", [True, False])
-def test_a_store_replaced_while_apply_runs_is_refused_with_nothing_written(fitted, invoke, same_images):
-    plan = plan_apply(str(fitted / "s.zarr"), str(fitted / "lut.zarr"), str(fitted / "out2.zarr"))
+@pytest.mark.parametrize("command", ["apply", "evaluate", "cross-validation"])
+def test_a_store_replaced_while_it_is_read_is_refused_with_nothing_written(fitted, invoke, same_images, command):
+    plan = {"apply": lambda: plan_apply(str(fitted / "s.zarr"), str(fitted / "lut.zarr"), str(fitted / "out2.zarr")),
+            "evaluate": lambda: plan_evaluate(str(fitted / "s.zarr")),
+            "cross-validation": lambda: plan_cross_validation(str(fitted / "s.zarr"), 2)}[command]()
     if not same_images:
         make_corpus(fitted / "other", sizes=SIZES, seed=7)
     source = fitted / ("corpus" if same_images else "other")

@@ -318,12 +318,20 @@ class Lut:
             digest.update(np.ascontiguousarray(array, dtype=dtype))  # hashed in place: no copy as bytes
         return digest.hexdigest()
 
-    def check_matches(self, models: list[str], n_channels: int, source: str) -> None:
-        """Refuse to apply this LUT to a store whose models or channels differ."""
-        if list(models) != list(self.models):
-            raise InputError(f"{source}: LUT models {self.models} do not match the store's models {list(models)}")
+    def model_order(self, models: list[str], n_channels: int, source: str) -> tuple[int, ...] | None:
+        """Where each of this LUT's models lies among a store's `models`, to read the store's
+        predictions in the LUT's order (models are matched by name): None when the orders are the
+        same. Refuses a store of other models (naming the missing and the extra ones) or channels."""
+        if sorted(models) != sorted(self.models) or len(set(models)) != len(models):
+            missing = [name for name in self.models if name not in models]
+            extra = [name for name in models if name not in self.models]
+            raise InputError(f"{source}: LUT made for models {list(self.models)}, the store has {list(models)}"
+                             + (f"; missing from the store: {', '.join(missing)}" if missing else "")
+                             + (f"; not in the LUT: {', '.join(extra)}" if extra else ""))
         if n_channels != self.n_channels:
             raise InputError(f"{source}: LUT has {self.n_channels} channels, the store has {n_channels}")
+        order = tuple(list(models).index(name) for name in self.models)
+        return None if order == tuple(range(len(models))) else order
 
 
 def check_digits(digits: np.ndarray, n_stored: int, n_models: int, bin_width: int, source: str) -> None:

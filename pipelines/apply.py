@@ -73,7 +73,7 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
     ds = open_store(store)
     models = schema.check_store(ds, store)
     lut = read_lut(lut_path)
-    lut.check_matches(models, ds.sizes["channel"], str(lut_path))
+    model_order = lut.model_order(models, ds.sizes["channel"], str(lut_path))
     bin_width, solver = lut.bin_width, lut.solver
     provenance = {"source": str(store), "source_fingerprint": store_fingerprint(ds), "source_images": ds.sizes["image"],
                   "lut": str(lut_path), "lut_sha256": lut.digest(),
@@ -110,7 +110,7 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
     del lut
 
     def blend_tasks(todo, ensemble, marks, checksums, compute) -> list:
-        predictions = task_argument(pixel_array(store, schema.PREDICTION))
+        predictions = task_argument(pixel_array(store, schema.PREDICTION, model_order))  # in the LUT's order
         if solver == "zzpm":  # per-image weights, gathered from the store first
             jobs = zzpm_blend_jobs(predictions, ranges, spans, ds, todo, compute)
         else:

@@ -66,27 +66,29 @@ def ranges_of(lengths) -> list[tuple[int, int]]:
 class PixelSource:
     """A pixel variable of a store as the tasks of a pass read it: the opened array, the CRC-32
     its writer recorded for each chunk (None for a store written before chunk checksums), where
-    the store lies (absolute, as the plan resolved it) and its identity when planned
-    (`integrity.store_identity`)."""
+    the store lies (absolute, as the plan resolved it), its identity when planned
+    (`integrity.store_identity`) and, for predictions, the order to read its models in (None:
+    the store's own)."""
 
     array: zarr.Array
     checksums: np.ndarray | None
     location: str
     identity: str
+    model_order: tuple[int, ...] | None = None
 
     @property
     def name(self) -> str:
         return self.array.path
 
 
-def pixel_array(store: str, name: str) -> PixelSource:
+def pixel_array(store: str, name: str, model_order: tuple[int, ...] | None = None) -> PixelSource:
     """The pixel variable `name` ((model,) pixel, channel) of the store at `store`, to read in tasks
     with `read_pixels`: opened as committed (its shape, chunk checksums and identity), so an
     append in progress, which grows the array's own metadata and rewrites its last chunk past the
     committed pixels, changes nothing that is read."""
     identity = store_identity(str(store))
     group = open_group_as_committed(str(store))
-    return PixelSource(group[name], checksums_of(group, name), str(store), identity)
+    return PixelSource(group[name], checksums_of(group, name), str(store), identity, model_order)
 
 
 def task_argument(value) -> Delayed:
@@ -115,7 +117,8 @@ def read_pixels(source: PixelSource, start: int, stop: int) -> np.ndarray:
         first, end = index * length, min((index + 1) * length, n_pixels)
         chunk = _read_chunk(source, index, first, end)
         parts.append(chunk[_pixel_slice(array, max(start, first) - first, min(stop, end) - first)])
-    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-2)
+    pixels = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-2)
+    return pixels if source.model_order is None else pixels[list(source.model_order)]
 
 
 def _read_chunk(source: PixelSource, index: int, start: int, stop: int) -> np.ndarray:

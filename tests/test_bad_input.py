@@ -104,16 +104,6 @@ def test_empty_and_missing_folders(tmp_path, invoke, root):
     _refused(invoke, tmp_path, "ingest", root, tmp_path / "s.zarr", "--models", "model0,nope", match="nope: folder not found")
 
 
-def test_lut_of_other_models_refused(tmp_path, invoke, root):
-    assert invoke("ingest", root, tmp_path / "a.zarr", "--no-progress").exit_code == 0
-    assert invoke("ingest", root, tmp_path / "b.zarr", "--models", "model1,model0,model2", "--no-progress").exit_code == 0
-    assert invoke("fit", tmp_path / "a.zarr", tmp_path / "lut.zarr", "--no-progress").exit_code == 0
-    result = invoke("apply", tmp_path / "b.zarr", tmp_path / "lut.zarr", tmp_path / "out.zarr", "--no-progress")
-    assert result.exit_code != 0
-    assert "do not match the store's models ['model1', 'model0', 'model2']" in result.stderr
-    assert not (tmp_path / "out.zarr").exists()
-
-
 def test_not_a_store(tmp_path, invoke):
     (tmp_path / "x.zarr").mkdir()
     result = invoke("fit", tmp_path / "x.zarr", tmp_path / "lut.zarr", "--no-progress")

@@ -31,12 +31,16 @@ def test_dataset_round_trip_keeps_everything():
     assert back.count.sum() == 2000 * 3
 
 
-def test_check_matches_names_the_difference():
+def test_model_order_matches_models_by_name_and_names_the_difference():
     lut = _small_lut()
-    with pytest.raises(InputError, match=r"LUT models \['a', 'b', 'c'\] do not match the store's models \['a', 'c', 'b'\]"):
-        lut.check_matches(["a", "c", "b"], 3, "lut.zarr")
+    assert lut.model_order(["a", "b", "c"], 3, "lut.zarr") is None
+    assert lut.model_order(["c", "a", "b"], 3, "lut.zarr") == (1, 2, 0)  # the LUT's a, b, c in the store
+    with pytest.raises(InputError, match="missing from the store: b; not in the LUT: d"):
+        lut.model_order(["a", "d", "c"], 3, "lut.zarr")
+    with pytest.raises(InputError, match="the store has \\['a', 'a', 'b'\\]"):
+        lut.model_order(["a", "a", "b"], 3, "lut.zarr")
     with pytest.raises(InputError, match="3 channels, the store has 1"):
-        lut.check_matches(["a", "b", "c"], 1, "lut.zarr")
+        lut.model_order(["a", "b", "c"], 1, "lut.zarr")
 
 
 def test_paper_lut_import_round_trip(tmp_path):

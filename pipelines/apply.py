@@ -17,7 +17,7 @@ from ensir_flow.lut import Lut
 from .chunks import chunk_ranges, chunk_spans, pixel_array, read_pixels, task_argument
 from .export import check_export_target, export
 from .fingerprint import store_fingerprint
-from .integrity import CHUNK_CRC32, checksum_array_encoding, checksum_template, refuse_changed, store_identity
+from .integrity import CHUNK_CHECKSUMS, checksum_array_encoding, checksum_template, refuse_changed, store_identity
 from .plan import Plan
 from .storage import (COMPLETE, commit_resumable, committed_append, exclusive_lock, exists, open_array_for_writing,
                       open_store, read_lut, refuse_existing, resumable_location, resumable_marks, start_resumable,
@@ -26,7 +26,7 @@ from .zzpm import zzpm_blend_jobs
 
 
 #: Attribute of apply's staging: staging written without chunk checksums (an older version) is not resumed.
-RESUME_PROTOCOL = {"resume_protocol": "chunk_complete and chunk_crc32 per chunk"}
+RESUME_PROTOCOL = {"resume_protocol": "chunk_complete and chunk_xxh3 per chunk"}
 
 
 @dataclass
@@ -95,12 +95,12 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
     out = ds[list(schema.IMAGE_VARIABLES)].load()  # written with the template; `ensemble` by the tasks
     out[schema.ENSEMBLE] = (("pixel", "channel"), da.zeros((ds.sizes["pixel"], ds.sizes["channel"]), dtype=np.uint8,
                                                            chunks=(chunk_lengths, -1)))
-    out[CHUNK_CRC32] = checksum_template(len(chunk_lengths), [schema.ENSEMBLE])
+    out[CHUNK_CHECKSUMS] = checksum_template(len(chunk_lengths), [schema.ENSEMBLE])
     out.attrs = schema.store_attributes(models, ds.sizes["channel"], created_by=f"ensir-flow {ensir_flow.__version__} apply",
                                         bin_width=bin_width, solver=solver, **provenance, **RESUME_PROTOCOL)
     out = schema.annotate(out)
     encoding = {schema.ENSEMBLE: schema.pixel_encoding((chunk_pixels, ds.sizes["channel"]), compression),
-                CHUNK_CRC32: checksum_array_encoding(1)}
+                CHUNK_CHECKSUMS: checksum_array_encoding(1)}
     index = schema.ImageIndex.from_dataset(ds)
     spans = chunk_spans(index.offsets, index.counts, np.arange(len(index.stems)), chunk_lengths)
 
@@ -134,7 +134,7 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
             todo = np.arange(first, len(chunk_lengths))
 
             def write_arrays(arrays):
-                tasks = blend_tasks(todo, arrays[schema.ENSEMBLE], arrays[COMPLETE], arrays.get(CHUNK_CRC32), compute)
+                tasks = blend_tasks(todo, arrays[schema.ENSEMBLE], arrays[COMPLETE], arrays.get(CHUNK_CHECKSUMS), compute)
                 compute(*tasks, label=f"apply ({len(todo)} of {len(chunk_lengths)} chunks: new images)")
                 refuse_changed(store, planned_store)
 
@@ -164,7 +164,7 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
                 staging = start_resumable(output, out, encoding, len(chunk_lengths))  # `ensemble` is written below
                 done = np.zeros(len(chunk_lengths), dtype=bool)
             todo = np.flatnonzero(~done)
-            tasks = blend_tasks(todo, *(open_array_for_writing(staging, name) for name in (schema.ENSEMBLE, COMPLETE, CHUNK_CRC32)),
+            tasks = blend_tasks(todo, *(open_array_for_writing(staging, name) for name in (schema.ENSEMBLE, COMPLETE, CHUNK_CHECKSUMS)),
                                 compute)
             compute(*tasks, label=f"apply ({len(tasks)} of {len(done)} chunks)" if resuming else "apply")
             refuse_changed(store, planned_store)

@@ -25,7 +25,7 @@ from dask.delayed import Delayed
 from ensir_flow import schema
 from ensir_flow.errors import InputError, TransientError, first_line
 
-from .integrity import checksums_of, chunk_crc32, store_identity
+from .integrity import checksums_of, chunk_checksum, store_identity
 from .storage import open_group_as_committed
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ def ranges_of(lengths) -> list[tuple[int, int]]:
 
 @dataclass(frozen=True)
 class PixelSource:
-    """A pixel variable of a store as the tasks of a pass read it: the opened array, the CRC-32
+    """A pixel variable of a store as the tasks of a pass read it: the opened array, the XXH3-64 checksum
     its writer recorded for each chunk (None for a store written before chunk checksums), where
     the store lies (absolute, as the plan resolved it), its identity when planned
     (`integrity.store_identity`) and, for predictions, the order to read its models in (None:
@@ -104,7 +104,7 @@ def task_argument(value) -> Delayed:
 def read_pixels(source: PixelSource, start: int, stop: int) -> np.ndarray:
     """Pixels start:stop of a `pixel_array`, every chunk they lie in checked against its checksum.
 
-    Each chunk is read whole and its CRC-32 compared with the one recorded for its position: a
+    Each chunk is read whole and its XXH3-64 hash compared with the one recorded for its position: a
     missing chunk (which Zarr reads as the fill value), a truncated or corrupt one, or the valid
     chunk of another position is an InputError naming the array and the chunk; a store that is no
     longer the one planned (replaced, or another store at that path on this worker) a
@@ -132,9 +132,10 @@ def _read_chunk(source: PixelSource, index: int, start: int, stop: int) -> np.nd
         if not _chunk_exists(source, index):
             _refuse_if_replaced(source)
             raise _bad_chunk(source, index, start, stop, "missing")
-    elif index >= len(source.checksums) or chunk_crc32(values) != source.checksums[index]:
+    elif index >= len(source.checksums) or chunk_checksum(values) != source.checksums[index]:
         _refuse_if_replaced(source)
-        problem = "missing" if not _chunk_exists(source, index) else "not the chunk written there (CRC-32 mismatch: corrupt or swapped)"
+        problem = ("missing" if not _chunk_exists(source, index)
+                   else "not the chunk written there (its XXH3-64 hash differs: corrupt or swapped)")
         raise _bad_chunk(source, index, start, stop, problem)
     return values
 

@@ -30,7 +30,7 @@ from ensir_flow.images import (GROUND_TRUTH_DIR, INPUT_DIR, Corpus, ImageInfo, d
 
 from .plan import Plan
 from .chunks import chunk_spans, ranges_of, task_argument
-from .integrity import CHECKSUMMED_VARIABLES, CHUNK_CRC32, checksum_array_encoding, checksum_template, store_identity
+from .integrity import CHECKSUMMED_VARIABLES, CHUNK_CHECKSUMS, checksum_array_encoding, checksum_template, store_identity
 from .storage import (COMPLETE, commit_resumable, committed_append, exclusive_lock, exists, open_array_for_writing, open_store,
                       record_checksums, refuse_existing, refuse_or_recover, resumable_location, resumable_marks,
                       start_resumable, write_chunk_then_mark)
@@ -275,7 +275,7 @@ def source_digest(sha256s: np.ndarray) -> str:
 #: written with the chunk before its mark. It becomes `source_sha256` at commit and is deleted.
 CHUNK_SOURCES = "chunk_source_sha256"
 #: Staging-only attribute: staging written without chunk records (by an older version) is not resumed.
-RESUME_PROTOCOL = {"resume_protocol": f"{CHUNK_SOURCES} and {CHUNK_CRC32} per chunk"}
+RESUME_PROTOCOL = {"resume_protocol": f"{CHUNK_SOURCES} and {CHUNK_CHECKSUMS} per chunk"}
 #: The variables (besides the attributes) that must be the same for a staging to be resumed: the
 #: images, their sizes, the source folders and file names.
 IDENTITY_VARIABLES = (*schema.IMAGE_VARIABLES, "image", "source", "source_file")
@@ -309,10 +309,10 @@ def store_writer(store: str, ds: xr.Dataset, encoding: dict, planes: da.Array, e
     template = ds.assign({CHUNK_SOURCES: (("chunk", "source", "chunk_image", "sha256_byte"),
                                           da.zeros((len(ranges), n_sources, slots, 32), dtype=np.uint8, chunks=(1, -1, -1, -1)),
                                           {"long_name": "SHA-256 of the source files of each chunk's images"}),
-                          CHUNK_CRC32: checksum_template(len(ranges), pixel_variables)})
+                          CHUNK_CHECKSUMS: checksum_template(len(ranges), pixel_variables)})
     template.attrs = {**ds.attrs, **RESUME_PROTOCOL}
     template_encoding = {**encoding, CHUNK_SOURCES: {"chunks": (1, n_sources, slots, 32)},
-                         CHUNK_CRC32: checksum_array_encoding(len(pixel_variables))}
+                         CHUNK_CHECKSUMS: checksum_array_encoding(len(pixel_variables))}
 
     def current_digests(wanted: list[tuple[int, int]]) -> list[str]:
         """The SHA-256 now of the files (source, image) `wanted`: read again when the tasks hash them."""
@@ -365,7 +365,7 @@ def store_writer(store: str, ds: xr.Dataset, encoding: dict, planes: da.Array, e
                 done = np.zeros(len(ranges), dtype=bool)
             records = open_array_for_writing(staging, CHUNK_SOURCES)
             marks = open_array_for_writing(staging, COMPLETE)
-            checksums = task_argument(open_array_for_writing(staging, CHUNK_CRC32))
+            checksums = task_argument(open_array_for_writing(staging, CHUNK_CHECKSUMS))
             if resuming:
                 stale = stale_chunks(records, done)
                 for i in np.flatnonzero(stale):
@@ -483,7 +483,7 @@ def append_plan(title: str, source, store: str, existing: xr.Dataset, corpus: Co
                                                        "by": f"ensir-flow {ensir_flow.__version__} {by}"}]
     committed = {"pixel": n_existing, "image": n_known}
     grown = {"pixel": n_existing + index.n_pixels, "image": n_known + len(index.stems)}
-    checksummed = CHUNK_CRC32 in existing and CHECKSUMMED_VARIABLES in existing[CHUNK_CRC32].attrs
+    checksummed = CHUNK_CHECKSUMS in existing and CHECKSUMMED_VARIABLES in existing[CHUNK_CHECKSUMS].attrs
     chunk_pixels = existing[schema.PREDICTION].encoding["chunks"][1]
     if checksummed:
         committed["chunk"], grown["chunk"] = (-(-pixels // chunk_pixels) for pixels in (committed["pixel"], grown["pixel"]))
@@ -497,8 +497,8 @@ def append_plan(title: str, source, store: str, existing: xr.Dataset, corpus: Co
                              regions=[(slice(None),) * (arrays[name].ndim - 2) + (region, slice(None)) for name in names],
                              lock=False, compute=False), label="append")
             if checksummed:  # the store's last chunk, rewritten whole, and each new one
-                columns = [task_argument(arrays[name]) for name in existing[CHUNK_CRC32].attrs[CHECKSUMMED_VARIABLES]]
-                checksums = task_argument(arrays[CHUNK_CRC32])
+                columns = [task_argument(arrays[name]) for name in existing[CHUNK_CHECKSUMS].attrs[CHECKSUMMED_VARIABLES]]
+                checksums = task_argument(arrays[CHUNK_CHECKSUMS])
                 compute(*[dask.delayed(record_checksums)(columns, checksums, chunk, chunk * chunk_pixels,
                                                          min((chunk + 1) * chunk_pixels, grown["pixel"]))
                           for chunk in range(n_existing // chunk_pixels, grown["chunk"])], label="append checksums")

@@ -2,12 +2,13 @@
 identity of the store a run planned on.
 
 - Chunk checksums. Every task that writes chunk `i` of the pixel arrays of a store (ingest,
-  predict, apply, appends) also writes row `i` of `chunk_crc32` (dims chunk, pixel_variable): the
-  CRC-32 of each array's chunk as written (its decoded bytes, C order). A reader checks every
+  predict, apply, appends) also writes row `i` of `chunk_xxh3` (dims chunk, pixel_variable): the
+  XXH3-64 hash of each array's chunk as written (its decoded bytes, C order). A reader checks every
   chunk it reads against the row of its position (`chunks.read_pixels`): a missing chunk (Zarr
   would read it as the fill value), a truncated or corrupt one, or a valid chunk of another
-  position or store is refused in one line naming the array and the chunk. CRC-32 runs at about
-  4 GB/s (zlib), a few per cent of a pass that decodes and computes on the same bytes.
+  position or store is refused in one line naming the array and the chunk. XXH3 (the `xxhash`
+  package) hashes about 30 GB/s on one core here, 8x zlib's CRC-32: the checks cost a few per cent
+  of apply, the fastest pass over the same bytes (`benchmarks/integrity.py`).
 - Store identity. A store gets a random `store_id` when it is committed and a `generation`
   that every later commit to it (an append) increments. A plan records the identity of each store
   it reads (`store_identity`); a run refuses with exit 75 (`refuse_changed`) when a store it read is
@@ -20,41 +21,41 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-import zlib
 
 import fsspec
 import numpy as np
+import xxhash
 
 from ensir_flow.errors import InputError, TransientError
 
-#: The array of a store's chunk checksums: (chunk, pixel_variable) uint32, one chunk per row.
-CHUNK_CRC32 = "chunk_crc32"
+#: The array of a store's chunk checksums: (chunk, pixel_variable) uint64, one chunk per row.
+CHUNK_CHECKSUMS = "chunk_xxh3"
 #: Its attribute listing the pixel variables of its columns, in order.
 CHECKSUMMED_VARIABLES = "variables"
-#: Store attribute holding the checksums of the last chunk ({"chunk": i, "crc32": [...]}), which
+#: Store attribute holding the checksums of the last chunk ({"chunk": i, "xxh3": [...]}), which
 #: readers use instead of its row (see `storage.with_checksum_tail`).
-CHECKSUM_TAIL = "chunk_crc32_tail"
+CHECKSUM_TAIL = "chunk_xxh3_tail"
 ROOT_METADATA = "zarr.json"
 
 
-def chunk_crc32(values: np.ndarray) -> int:
-    """The CRC-32 of a chunk's values (its bytes in C order, as written and as read back)."""
-    return zlib.crc32(np.ascontiguousarray(values).data)
+def chunk_checksum(values: np.ndarray) -> int:
+    """The XXH3-64 hash of a chunk's values (its bytes in C order, as written and as read back)."""
+    return xxhash.xxh3_64_intdigest(np.ascontiguousarray(values).data)
 
 
 def checksum_array_encoding(n_variables: int) -> dict:
-    """Zarr encoding of `CHUNK_CRC32`: one row per object, written by the task of that chunk."""
+    """Zarr encoding of `CHUNK_CHECKSUMS`: one row per object, written by the task of that chunk."""
     return {"chunks": (1, n_variables)}
 
 
 def checksum_template(n_chunks: int, variables: list[str]):
-    """The lazy, unwritten `CHUNK_CRC32` variable (dims, data, attrs) of a store being written."""
+    """The lazy, unwritten `CHUNK_CHECKSUMS` variable (dims, data, attrs) of a store being written."""
     import dask.array
 
-    return (("chunk", "pixel_variable"), dask.array.zeros((n_chunks, len(variables)), dtype=np.uint32, chunks=(1, -1)),
-            {"long_name": "CRC-32 of each pixel variable's chunk as written",
+    return (("chunk", "pixel_variable"), dask.array.zeros((n_chunks, len(variables)), dtype=np.uint64, chunks=(1, -1)),
+            {"long_name": "XXH3-64 checksum of each pixel variable's chunk as written",
              CHECKSUMMED_VARIABLES: list(variables),
-             "description": "zlib.crc32 of the chunk's decoded bytes (C order); row i is chunk i along pixel"})
+             "description": "XXH3-64 of the chunk's decoded bytes (C order); row i is chunk i along pixel"})
 
 
 def new_identity() -> dict:
@@ -99,17 +100,17 @@ def refuse_changed(path: str, planned: str) -> None:
 
 
 def checksums_of(group, variable: str) -> np.ndarray | None:
-    """The recorded CRC-32 of every chunk of `variable` in the opened Zarr group, or None where
+    """The recorded XXH3-64 checksum of every chunk of `variable` in the opened Zarr group, or None where
     the store has none for it (written before chunk checksums)."""
-    if CHUNK_CRC32 not in group:
+    if CHUNK_CHECKSUMS not in group:
         return None
-    array = group[CHUNK_CRC32]
+    array = group[CHUNK_CHECKSUMS]
     names = list(array.attrs.get(CHECKSUMMED_VARIABLES) or ())
     if variable not in names:
         return None
     column = names.index(variable)
-    checksums = np.asarray(array[:, column], dtype=np.uint32)
+    checksums = np.asarray(array[:, column], dtype=np.uint64)
     tail = group.attrs.get(CHECKSUM_TAIL)
     if tail is not None and 0 <= tail["chunk"] < len(checksums):
-        checksums[tail["chunk"]] = tail["crc32"][column]
+        checksums[tail["chunk"]] = tail["xxh3"][column]
     return checksums

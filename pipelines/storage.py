@@ -44,7 +44,7 @@ from zarr.core.group import ConsolidatedMetadata
 from ensir_flow.errors import InputError, TransientError
 
 from . import targets
-from .integrity import CHECKSUM_TAIL, CHUNK_CRC32, chunk_crc32, new_identity, next_generation
+from .integrity import CHECKSUM_TAIL, CHUNK_CHECKSUMS, chunk_checksum, new_identity, next_generation
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -707,7 +707,7 @@ def start_resumable(path: str, template: xr.Dataset, encoding: dict, n_chunks: i
 def write_chunk_then_mark(writes: list[tuple], marks, index: int, start: int, stop: int, records: list[tuple] = (),
                           checksums=None) -> None:
     """In a task: write pixels start:stop (one whole chunk along `pixel`, the second-last axis) of
-    each array of `writes` [(array, values)], then row `index` of `checksums` (the CRC-32 of each
+    each array of `writes` [(array, values)], then row `index` of `checksums` (the XXH3-64 checksum of each
     array's chunk as written, in the order of `writes`; see `integrity`) and of each per-chunk
     array of `records` [(array, values)] (what the chunk was made from), then mark chunk `index`
     complete."""
@@ -717,7 +717,7 @@ def write_chunk_then_mark(writes: list[tuple], marks, index: int, start: int, st
         array[(slice(None),) * (array.ndim - 2) + (slice(start, stop),)] = values
         written.append(values)
     if checksums is not None:
-        checksums[index] = np.array([chunk_crc32(values) for values in written], dtype=np.uint32)
+        checksums[index] = np.array([chunk_checksum(values) for values in written], dtype=np.uint64)
     for array, values in records:
         array[index] = values
     marks[index] = 1
@@ -726,8 +726,8 @@ def write_chunk_then_mark(writes: list[tuple], marks, index: int, start: int, st
 def record_checksums(arrays: list, checksums, index: int, start: int, stop: int) -> None:
     """In a task: row `index` of `checksums` from chunk `index` (pixels start:stop) of each of
     `arrays` as it is stored now (for writes that do not hold the chunk's values: `da.store`)."""
-    checksums[index] = np.array([chunk_crc32(array[(slice(None),) * (array.ndim - 2) + (slice(start, stop),)])
-                                 for array in arrays], dtype=np.uint32)
+    checksums[index] = np.array([chunk_checksum(array[(slice(None),) * (array.ndim - 2) + (slice(start, stop),)])
+                                 for array in arrays], dtype=np.uint64)
 
 
 def with_checksum_tail(path: str, attrs: dict, n_chunks: int) -> dict:
@@ -737,10 +737,10 @@ def with_checksum_tail(path: str, attrs: dict, n_chunks: int) -> dict:
     commit, so a committed reader must not depend on that row (unchanged where the store has no
     checksums)."""
     group = zarr.open_group(str(path), mode="r", use_consolidated=False)
-    if CHUNK_CRC32 not in group or not n_chunks:
+    if CHUNK_CHECKSUMS not in group or not n_chunks:
         return attrs
     return {**attrs, CHECKSUM_TAIL: {"chunk": int(n_chunks - 1),
-                                     "crc32": [int(value) for value in group[CHUNK_CRC32][n_chunks - 1]]}}
+                                     "xxh3": [int(value) for value in group[CHUNK_CHECKSUMS][n_chunks - 1]]}}
 
 
 def commit_resumable(path: str, keep_marks: bool = True, values: dict | None = None, drop: tuple[str, ...] = (),

@@ -91,11 +91,11 @@ def without_checksums(store: Path) -> None:
     """Make `store` as ensir-flow wrote stores before chunk checksums and store identities."""
     import shutil
 
-    from ensir_flow.pipelines.integrity import CHECKSUM_TAIL, CHUNK_CRC32
+    from ensir_flow.pipelines.integrity import CHECKSUM_TAIL, CHUNK_CHECKSUMS
 
-    shutil.rmtree(store / CHUNK_CRC32, ignore_errors=True)
+    shutil.rmtree(store / CHUNK_CHECKSUMS, ignore_errors=True)
     document = json.loads((store / "zarr.json").read_text())
     for key in (CHECKSUM_TAIL, "store_id", "generation"):
         document["attributes"].pop(key, None)
-    document["consolidated_metadata"]["metadata"].pop(CHUNK_CRC32, None)
+    document["consolidated_metadata"]["metadata"].pop(CHUNK_CHECKSUMS, None)
     (store / "zarr.json").write_text(json.dumps(document))

@@ -1,4 +1,4 @@
-"""Every chunk a reader uses is checked against the CRC-32 its writer recorded for that position,
+"""Every chunk a reader uses is checked against the XXH3-64 checksum its writer recorded for that position,
 and a store replaced or changed during a run is refused: no missing, damaged or swapped chunk and
 no replaced store gives a result with exit 0."""
 
@@ -17,7 +17,7 @@ from ensir_flow.pipelines import storage
 from ensir_flow.pipelines.apply import plan_apply
 from ensir_flow.pipelines.chunks import pixel_array, read_pixels
 from ensir_flow.pipelines.evaluate import plan_cross_validation, plan_evaluate
-from ensir_flow.pipelines.integrity import CHECKSUM_TAIL, CHUNK_CRC32
+from ensir_flow.pipelines.integrity import CHECKSUM_TAIL, CHUNK_CHECKSUMS
 from helpers import contents, make_corpus, without_checksums
 
 CHUNK = 500
@@ -112,8 +112,8 @@ def test_an_interrupted_append_leaves_a_store_every_reader_trusts(tmp_path, invo
     monkeypatch.undo()
     last = n_pixels // CHUNK
     assert zarr.open_array(store=str(store), path="prediction").shape[1] > n_pixels  # grown, not committed
-    assert zarr.open_array(store=str(store), path=CHUNK_CRC32)[last].tolist() != \
-        json.loads((store / "zarr.json").read_text())["attributes"][CHECKSUM_TAIL]["crc32"]  # its row rewritten
+    assert zarr.open_array(store=str(store), path=CHUNK_CHECKSUMS)[last].tolist() != \
+        json.loads((store / "zarr.json").read_text())["attributes"][CHECKSUM_TAIL]["xxh3"]  # its row rewritten
 
     assert invoke("fit", store, tmp_path / "after.zarr", "--no-progress").exit_code == 0
     xr.testing.assert_identical(contents(tmp_path / "after.zarr"), contents(tmp_path / "before.zarr"))
@@ -122,7 +122,7 @@ def test_an_interrupted_append_leaves_a_store_every_reader_trusts(tmp_path, invo
     assert invoke("ingest", tmp_path / "all", store, "--append", "--no-progress").exit_code == 0
     assert invoke("ingest", tmp_path / "all", tmp_path / "fresh.zarr", "--chunk-pixels", CHUNK, "--no-progress").exit_code == 0
     appended, fresh = contents(store), contents(tmp_path / "fresh.zarr")
-    np.testing.assert_array_equal(appended[CHUNK_CRC32].values, fresh[CHUNK_CRC32].values)
+    np.testing.assert_array_equal(appended[CHUNK_CHECKSUMS].values, fresh[CHUNK_CHECKSUMS].values)
     assert appended.attrs[CHECKSUM_TAIL] == fresh.attrs[CHECKSUM_TAIL]
     assert json.loads((store / "zarr.json").read_text())["attributes"]["generation"] == 2
 

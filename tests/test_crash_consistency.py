@@ -22,11 +22,13 @@ import sys
 import time
 from pathlib import Path
 
+import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
 
 from ensir_flow.errors import InputError
+from ensir_flow.images import png_text
 from ensir_flow.pipelines.storage import open_store, read_lut
 from ensir_flow.schema import check_store
 from helpers import make_corpus
@@ -36,27 +38,41 @@ KILLED = 137
 THREADS = {**os.environ, "ENSIR_FLOW_SCHEDULER": "threads"}
 
 
-def _digest_tree(path: Path) -> dict:
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
+def _digest_tree(path: Path, local) -> dict:
+    return {str(p.relative_to(path)): _file_digest(p, local) for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _file_digest(path: Path, local) -> str:
+    data = path.read_bytes()
+    if path.suffix == ".png":  # its text chunks name the store: the path changes their lengths and CRCs too
+        data = repr(sorted(png_text(data).items())).encode() + iio.imread(path).tobytes()
+    return hashlib.sha256(local(data)).hexdigest()
 
 
 def state(path: Path):
     """What a reader gets from `path`: 'absent', a digest of the store or LUT as read and checked,
-    of a folder's files, or the error a reader meets (which never equals a valid state)."""
+    of a folder's files, or the error a reader meets (which never equals a valid state). Commands
+    record the paths they were given as absolute ones: the folder they ran in (`path`'s) is left
+    out, so that a run in another folder has the same state."""
+    work = str(path.parent).encode()
+
+    def local(data: bytes) -> bytes:
+        return data.replace(work, b"<work>")
+
     if not path.exists():
         return "absent"
     if path.is_file():
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return _file_digest(path, local)
     if path.suffix != ".zarr":
-        return _digest_tree(path)
+        return _digest_tree(path, local)
     try:
         if path.name.startswith("lut"):
             lut = read_lut(str(path))  # its stored bins, which make the table (a dense one of K = 3 at w = 2 would be 75 MB)
             return hashlib.sha256(lut.digest().encode() + lut.bin_digits.tobytes() + lut.bin_count.tobytes()
-                                  + lut.bin_status.tobytes() + repr(lut.attrs).encode()).hexdigest()
+                                  + lut.bin_status.tobytes() + local(repr(lut.attrs).encode())).hexdigest()
         ds = open_store(str(path))
         check_store(ds, str(path), require=())
-        digest = hashlib.sha256(repr(sorted(ds.attrs.items())).encode())
+        digest = hashlib.sha256(local(repr(sorted(ds.attrs.items())).encode()))
         for name in sorted(ds.variables):
             values = ds[name].values
             digest.update(name.encode() + np.ascontiguousarray(values.astype(str) if values.dtype == object else values).tobytes())

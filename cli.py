@@ -17,6 +17,7 @@ from ensir_flow.errors import InputError, TransientError
 from ensir_flow.models import VALUE_RANGES
 from ensir_flow.images import DEFAULT_PNG_COMPRESSION
 from ensir_flow.lut import DEFAULT_PASS_MEMORY_MIB, DEFAULT_SOLVER, SOLVERS
+from ensir_flow.solvers import REGISTRY
 from ensir_flow.pipelines.executor import (DASHBOARD_ADDRESS_ENV, DEFAULT_DASHBOARD_ADDRESS, DEFAULT_WORKER_TIMEOUT,
                                            SCHEDULER_ENV, WORKER_TIMEOUT_ENV, quiet_libraries)
 
@@ -317,8 +318,7 @@ def predict(source_dir, store, model_specs, device, tile, overlap, batch, scale,
 @click.option("--bin-width", type=click.IntRange(1, 256), default=DEFAULT_BIN_WIDTH, show_default=True,
               help="Width of each model's value ranges.")
 @click.option("--solver", type=click.Choice(SOLVERS), default=DEFAULT_SOLVER, show_default=True,
-              help="em: the paper's Gaussian-mixture EM; lsq: least squares on the simplex (PSNR-optimal per cell); "
-                   "average: uniform weights; zzpm: per-image weights computed at apply (the paper's baselines).")
+              help="; ".join(f"{name}: {REGISTRY[name].summary}" for name in SOLVERS) + ".")
 @click.option("--shrinkage", default="auto", show_default=True, metavar="auto|STRENGTH",
               help="lsq only: pseudo-pixels pulling sparse cells towards the channel-wide solution; "
                    "auto chooses it by cross-validation over the reference images.")

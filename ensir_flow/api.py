@@ -40,6 +40,7 @@ from .binning import DEFAULT_BIN_WIDTH
 from .errors import InputError
 from .images import DEFAULT_PNG_COMPRESSION
 from .lut import DEFAULT_PASS_MEMORY_MIB, DEFAULT_SOLVER, check_solver
+from .solvers import REGISTRY
 
 if TYPE_CHECKING:  # each command imports what it uses: evaluate, for one, needs no xarray
     import xarray as xr
@@ -47,7 +48,7 @@ if TYPE_CHECKING:  # each command imports what it uses: evaluate, for one, needs
     from .lut import Lut
 
 #: Solvers `evaluate` always reports without fitting them (so `solvers=` need not name them).
-ALWAYS_REPORTED = ("average", "zzpm")
+ALWAYS_REPORTED = tuple(name for name, solver in REGISTRY.items() if solver.baseline)
 
 
 class UsageError(ValueError):
@@ -496,9 +497,10 @@ def fit(store, lut, *, bin_width: int = DEFAULT_BIN_WIDTH, solver: str = DEFAULT
         device: str = "auto", overwrite: bool = False, pass_memory: int = DEFAULT_PASS_MEMORY_MIB,
         **run: Unpack[RunOptions]) -> Fitted:
     """Fit an EnsIR LUT on the reference store `store` (with ground truth) and write it to `lut`
-    (`ensir-flow fit`): `solver` 'em' (the paper's), 'lsq', 'average' or 'zzpm'; `shrinkage` for
-    lsq ('auto': by cross-validation); `device` 'auto', 'cpu' or 'cuda'; statistics that would
-    exceed `pass_memory` MiB are gathered in passes over ranges of cells (the same LUT)."""
+    (`ensir-flow fit`): `solver` one of `lut.SOLVERS` (docs/solvers.md; 'em', the paper's, by
+    default); `shrinkage` for lsq ('auto': by cross-validation); `device` 'auto', 'cpu' or 'cuda';
+    statistics that would exceed `pass_memory` MiB are gathered in passes over ranges of cells
+    (the same LUT)."""
     from .pipelines.fit import plan_fit
     from .pipelines.targets import LUT
 
@@ -573,7 +575,7 @@ def _bin_widths(value) -> list[int]:
 
 
 def _fitted_solvers(solvers) -> list[str]:
-    """The solvers cross-validation fits (average and zzpm are always reported, never fitted)."""
+    """The solvers cross-validation fits (the baselines, `ALWAYS_REPORTED`, are always reported, never fitted)."""
     names = [name for name in _names(solvers) or [] if name not in ALWAYS_REPORTED]
     try:
         for name in names:
@@ -581,7 +583,7 @@ def _fitted_solvers(solvers) -> list[str]:
     except InputError as error:
         raise UsageError(str(error), option="--solvers") from None
     if not names:
-        raise UsageError("name a solver to fit (average and zzpm are always reported)", option="--solvers")
+        raise UsageError(f"name a solver to fit ({' and '.join(ALWAYS_REPORTED)} are always reported)", option="--solvers")
     return names
 
 

@@ -13,6 +13,7 @@ class FitStatus(IntEnum):
     LEAST_SQUARES = 4  # fitted by the lsq solver
     UNIFORM = 5  # 1/K by construction (average, zzpm)
     IMPORTED = 6  # read from a LUT published by the paper's code
+    SELECTED = 7  # the cell's model of least squared error (select)
 
 
 #: The CF `flag_meanings` attribute: the codes' names in code order.

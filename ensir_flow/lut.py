@@ -19,33 +19,28 @@ import numpy as np
 if TYPE_CHECKING:
     import xarray as xr
 
-from . import em, lsq
 from .binning import (all_digits, bin_count, digits_of_words, flat_bins_of_digits, flat_bins_of_edges, flat_index_fits,
                       ranges_per_model, words_of_digits)
 from .blend import INDEXED_BINS_LIMIT, HashedWeights, IndexedWeights, weights_with_fallback
 from .errors import InputError
 from .fit_status import FLAG_MEANINGS, FitStatus
 from .schema import CHANNEL_NAMES, is_integer
+from .solvers import DEFAULT_SOLVER, EMPTY_POLICY, FITTABLE, IMPORTED, REGISTRY, fittable
 from .stats import ALL_MOMENTS, EM_MOMENTS, CellStatistics, group_starts, key_order
 
-SOLVERS = ("em", "lsq", "average", "zzpm")
-DEFAULT_SOLVER = "em"
+#: The solvers `fit` makes (`solvers.REGISTRY` holds each one's object).
+SOLVERS = FITTABLE
 #: The solver and empty-cell policy of a LUT imported from the paper's code (`read_paper_lut`).
-IMPORTED_SOLVER, IMPORTED_EMPTY_POLICY = "imported", "as published"
+IMPORTED_SOLVER, IMPORTED_EMPTY_POLICY = IMPORTED.name, IMPORTED.empty_policy
 #: MiB of statistics one pass of `fit` gathers at most (estimated), by default; beyond, it reads the
 #: reference set once per range of cells (`pipelines.fit`). Its peak is then about twice this plus
 #: the chunks being read: 1.16-1.24 GiB for K = 16 at bin width 16 on 10 Mpx.
 DEFAULT_PASS_MEMORY_MIB = 160
-#: The statistics each solver fits from: least squares needs the cross products and sum x_k y;
-#: EM only n, sum x_k, sum x_k^2 and the squared deviations (`stats.EM_MOMENTS`); the others
-#: fit nothing but counts.
-MOMENTS_OF_SOLVER = {"em": EM_MOMENTS, "lsq": ALL_MOMENTS, "average": EM_MOMENTS, "zzpm": EM_MOMENTS}
-EMPTY_POLICY = "channel"
-#: The values a LUT's enumerated attributes may take (`Lut.from_dataset` refuses others): apply
-#: blends by `solver` (zzpm computes each image's weights), and a value it does not know would be
-#: applied as something it is not.
-LUT_SOLVERS = (*SOLVERS, IMPORTED_SOLVER)
-EMPTY_POLICIES = (EMPTY_POLICY, IMPORTED_EMPTY_POLICY)
+#: The values a LUT's enumerated attributes may take (`Lut.from_dataset` refuses others): every
+#: solver of the registry and its empty-cell policy. Apply blends by `solver` (a per-image solver
+#: computes each image's weights), and a value it does not know would be applied as something it is not.
+LUT_SOLVERS = tuple(REGISTRY)
+EMPTY_POLICIES = tuple(dict.fromkeys(solver.empty_policy for solver in REGISTRY.values()))
 #: How far a cell's weights may sum from 1 in a valid LUT (`check_weights`). Every LUT ensir-flow
 #: makes or imports is far inside it: EM's weights are (s_k + 1e-6) / n with n >= 100, so they sum
 #: to 1 + K * 1e-8 at most; least squares and uniform weights are normalised; float32 storage
@@ -53,27 +48,16 @@ EMPTY_POLICIES = (EMPTY_POLICY, IMPORTED_EMPTY_POLICY)
 #: table whose sums are off by more than 1e-3 (a quarter of an 8-bit level at 255) was not made
 #: as a convex combination, and blending with it would bias the ensemble.
 SUM_TOLERANCE = 1e-3
-#: What `EMPTY_POLICY` gives the cells without reference pixels, per solver (a LUT attribute).
-EMPTY_POLICY_DESCRIPTIONS = {
-    "em": "cells without reference pixels take the EM weights fitted on all reference pixels of their channel; "
-          "uniform 1/K where a channel has no reference pixels",
-    "lsq": "cells without reference pixels take the least-squares weights of all reference pixels of their channel; "
-           "uniform 1/K where a channel has no reference pixels",
-    "average": "every cell holds uniform 1/K weights: nothing is fitted per cell",
-    "zzpm": "every cell holds uniform 1/K weights: apply computes each image's own weights",
-}
 
 
 def moments_for(solvers) -> str:
     """The kind of moments statistics must hold for every solver of `solvers` to fit from them."""
-    return ALL_MOMENTS if any(MOMENTS_OF_SOLVER[check_solver(solver)] == ALL_MOMENTS for solver in solvers) else EM_MOMENTS
+    return ALL_MOMENTS if any(fittable(solver).moments == ALL_MOMENTS for solver in solvers) else EM_MOMENTS
 
 
 def check_solver(solver: str) -> str:
-    """`solver` if it is one of SOLVERS, else an InputError listing them."""
-    if solver not in SOLVERS:
-        raise InputError(f"unknown solver {solver!r} (choose from {', '.join(SOLVERS)})")
-    return solver
+    """`solver` if `fit` makes LUTs of it (one of SOLVERS), else an InputError listing them."""
+    return fittable(solver).name
 
 
 #: Layout of LUT stores written now (the `format_version` attribute). 1 (no attribute): every bin
@@ -215,8 +199,9 @@ class Lut:
                 "long_name": "ensemble weights of every cell of a bin not stored", "units": "1"}),
         }
         attrs = dict(self.attrs)
-        if self.empty_policy == EMPTY_POLICY and self.solver in EMPTY_POLICY_DESCRIPTIONS:
-            attrs["empty_policy_description"] = EMPTY_POLICY_DESCRIPTIONS[self.solver]
+        description = REGISTRY[self.solver].empty_policy_description if self.solver in REGISTRY else None
+        if self.empty_policy == EMPTY_POLICY and description is not None:
+            attrs["empty_policy_description"] = description
         attrs.update({
             "Conventions": "CF-1.10", "format_version": FORMAT_VERSION,
             "models": list(self.models), "bin_width": int(self.bin_width), "solver": self.solver,
@@ -443,12 +428,13 @@ def _edges_of(flat_bin: int, n_models: int, bin_width: int) -> tuple:
 
 def fit_lut(statistics: CellStatistics, models: list[str], device: str = "cpu", solver: str = DEFAULT_SOLVER,
             shrinkage: float = 0.0, channels: CellStatistics | None = None) -> Lut:
-    """Fit a LUT from merged statistics with `solver`; empty cells follow `EMPTY_POLICY`.
+    """Fit a LUT from merged statistics with `solver` (its object in `solvers.REGISTRY` fits the
+    cells and the fallback); empty cells follow `EMPTY_POLICY`.
 
-    em: the paper's EM (weights per cell; `device` is where it runs). lsq: least squares on the
-    simplex with `shrinkage` towards the channel-wide solution. average: uniform 1/K everywhere.
-    zzpm: the paper's per-image baseline; it has nothing to fit, so the table stays uniform and
-    `apply` computes each image's weights from its own predictions. Only the bins holding
+    `device` is where the solver may run (em's EM). `shrinkage`: the value of the solver's tuned
+    hyperparameter, if it has one (`Solver.tuning`: lsq's shrinkage towards the channel-wide
+    solution), recorded in the LUT's attributes. A per-image solver (zzpm) fits nothing per cell:
+    its table stays uniform and `apply` computes each image's weights. Only the bins holding
     reference pixels are stored; every other cell takes its channel's fallback weights.
 
     `channels`: the statistics of each whole channel, from which the fallback is fitted (the
@@ -458,33 +444,21 @@ def fit_lut(statistics: CellStatistics, models: list[str], device: str = "cpu", 
     n_models, n_channels = statistics.n_models, statistics.n_channels
     if len(models) != n_models:
         raise ValueError(f"{len(models)} model names for statistics of {n_models} models")
-    check_solver(solver)
+    method = fittable(solver)
+    tuned = {} if method.tuning is None else {method.tuning.parameter: shrinkage}
     bin_words, row = statistics.bins()
     channel = statistics.channels
-    fallback = np.full((n_channels, n_models), 1.0 / n_models)
-    fallback_status, cell_status = FitStatus.EMPTY_FALLBACK, np.full(len(row), FitStatus.UNIFORM, np.int8)
-    if solver in ("average", "zzpm"):
-        fallback_status, cell_weights = FitStatus.UNIFORM, np.full((len(row), n_models), 1.0 / n_models)
-    elif solver == "lsq":
-        cell_weights, channel_ids, channel_weights = lsq.fit_lsq(statistics, shrinkage, channels)
-        fallback[channel_ids] = channel_weights
-        cell_status[:] = FitStatus.LEAST_SQUARES
-    else:
-        channel_stats = statistics.per_channel() if channels is None else channels
-        if len(channel_stats.cells):
-            fallback[channel_stats.cells] = em.fit_em(channel_stats, device)[0]
-        cell_weights, cell_status = em.fit_em(statistics, device)
-    weights = np.repeat(fallback[None].astype(np.float32), len(bin_words), axis=0)  # as stored: no float64 copy
-    weights[row, channel] = cell_weights
+    cells = method.fit(statistics, channels, device, **tuned)
+    weights = np.repeat(cells.fallback[None].astype(np.float32), len(bin_words), axis=0)  # as stored: no float64 copy
+    weights[row, channel] = cells.weights
     count = np.zeros((len(bin_words), n_channels), np.int64)
     count[row, channel] = statistics.counts
-    status = np.full((len(bin_words), n_channels), fallback_status, np.int8)
-    status[row, channel] = cell_status
+    status = np.full((len(bin_words), n_channels), cells.fallback_status, np.int8)
+    status[row, channel] = cells.status
     lut = Lut(list(models), statistics.bin_width, weights, count, status, solver=solver,
-              bin_digits=digits_of_words(bin_words, n_models, statistics.bin_width), fallback=fallback.astype(np.float32),
-              fallback_status=fallback_status)
-    if solver == "lsq":
-        lut.attrs["shrinkage"] = float(shrinkage)
+              bin_digits=digits_of_words(bin_words, n_models, statistics.bin_width), fallback=cells.fallback.astype(np.float32),
+              fallback_status=cells.fallback_status)
+    lut.attrs.update({parameter: float(value) for parameter, value in tuned.items()})
     return lut
 
 

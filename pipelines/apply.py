@@ -13,6 +13,7 @@ from ensir_flow.blend import blend
 from ensir_flow.errors import InputError, TransientError
 from ensir_flow.images import DEFAULT_PNG_COMPRESSION
 from ensir_flow.lut import Lut
+from ensir_flow.solvers import REGISTRY
 
 from .chunks import chunk_ranges, chunk_spans, pixel_array, read_pixels, task_argument
 from .export import check_export_target, export
@@ -22,7 +23,7 @@ from .plan import Plan
 from .storage import (COMPLETE, commit_resumable, committed_append, exclusive_lock, exists, open_array_for_writing,
                       open_store, read_lut, refuse_existing, resumable_location, resumable_marks, start_resumable,
                       write_chunk_then_mark)
-from .zzpm import zzpm_blend_jobs
+from .per_image import image_blend_jobs
 
 
 #: Attribute of apply's staging: staging written without chunk checksums (an older version) is not resumed.
@@ -75,6 +76,7 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
     lut = read_lut(lut_path)
     model_order = lut.model_order(models, ds.sizes["channel"], str(lut_path))
     bin_width, solver = lut.bin_width, lut.solver
+    image_weights = REGISTRY[solver].image_weights  # a per-image solver's (zzpm); None: blend by the LUT
     provenance = {"source": str(store), "source_fingerprint": store_fingerprint(ds), "source_images": ds.sizes["image"],
                   "lut": str(lut_path), "lut_sha256": lut.digest(),
                   **({"source_store_id": ds.attrs["store_id"]} if "store_id" in ds.attrs else {})}
@@ -111,8 +113,8 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
 
     def blend_tasks(todo, ensemble, marks, checksums, compute) -> list:
         predictions = task_argument(pixel_array(store, schema.PREDICTION, model_order))  # in the LUT's order
-        if solver == "zzpm":  # per-image weights, gathered from the store first
-            jobs = zzpm_blend_jobs(predictions, ranges, spans, ds, todo, compute)
+        if image_weights is not None:  # gathered from the store first
+            jobs = image_blend_jobs(image_weights, predictions, ranges, spans, ds, todo, compute)
         else:
             if isinstance(lookup[0], Lut):
                 lookup[0] = lookup[0].lookup_table()

@@ -240,6 +240,7 @@ def plan_cross_validation(store: str, n_folds: int, solvers=("em", "lsq"), bin_w
     """Plan N-fold cross-validation by image: for each fold, LUTs fitted on the other folds (one
     statistics pass per bin width keeps the folds apart), scored on the fold's held-out images."""
     from ensir_flow.lut import moments_for  # the LUT solvers: cross-validation only
+    from ensir_flow.solvers import fittable
 
     from .fit import lut_from_folds, statistics_graph
 
@@ -252,6 +253,7 @@ def plan_cross_validation(store: str, n_folds: int, solvers=("em", "lsq"), bin_w
         raise InputError(f"{store}: --cv {n_folds} needs between 2 and {len(index.stems)} folds (one image at least per fold)")
     _check_crop_border(store, index, crop_border)
     folds = image_folds(len(index.stems), n_folds)
+    tunings = {solver: fittable(solver).tuning for solver in solvers}
     graphs = [statistics_graph(store, ds, width, device, n_folds, moments_for(solvers)) for width in bin_widths]
     em_device = resolve_device(device)
     name = (lambda solver, width: solver) if len(bin_widths) == 1 else (lambda solver, width: f"{solver}@{width}")
@@ -279,5 +281,7 @@ def plan_cross_validation(store: str, n_folds: int, solvers=("em", "lsq"), bin_w
     details = {"store": str(store), "images": len(index.stems), "folds": f"{n_folds} (image i in fold i % {n_folds})",
                "solvers": ", ".join(solvers), "bin widths": ", ".join(map(str, bin_widths)),
                "metrics": f"PSNR, SSIM on {'Y' if y_channel else 'RGB'}, crop border {crop_border}",
-               "lsq shrinkage": "chosen by nested cross-validation on the training folds (default 1e3 with one training fold)"}
+               **{f"{solver} {tuning.parameter}": f"chosen by nested cross-validation on the training folds (default "
+                                                  f"{tuning.default:g} with one training fold)"
+                  for solver, tuning in tunings.items() if tuning is not None}}
     return Plan(f"{n_folds}-fold cross-validation of {', '.join(solvers)}", details, execute)

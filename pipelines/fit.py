@@ -19,8 +19,8 @@ from ensir_flow import schema
 from ensir_flow.binning import DEFAULT_BIN_WIDTH, LEVELS, bin_count, key_words
 from ensir_flow.devices import resolve_device
 from ensir_flow.errors import TransientError
-from ensir_flow.lsq import SHRINKAGE_GRID, choose_shrinkage, held_out_errors
-from ensir_flow.lut import DEFAULT_PASS_MEMORY_MIB, DEFAULT_SOLVER, Lut, check_solver, fit_lut, moments_for
+from ensir_flow.lut import DEFAULT_PASS_MEMORY_MIB, DEFAULT_SOLVER, Lut, fit_lut, moments_for
+from ensir_flow.solvers import Tuning, fittable
 from ensir_flow.stats import (ALL_MOMENTS, FIRST_BINS_END, CellStatistics, cell_sample, fold_statistics, merge, merge_folds,
                               moment_columns)
 
@@ -30,9 +30,6 @@ from .executor import release_freed_memory
 from .plan import Plan
 from .storage import open_store_index, refuse_existing, staged_output, write_lut
 
-SHRINKAGE_FOLDS = 5
-#: Used by lsq when there is a single reference image, so nothing to hold out.
-DEFAULT_SHRINKAGE = 1e3
 #: Bytes of statistics one pass of `fit` may gather (estimated: `sample_statistics_bytes`). A reference set
 #: whose statistics would exceed it is fitted in several passes, one range of cells each. At the
 #: peak a pass holds its chunks' statistics and their merge, about twice this, besides the pixels
@@ -151,26 +148,29 @@ class CellRanges:
 
 def lut_from_folds(fold_statistics: list, models: list[str], device: str, solver: str, shrinkage: float | None = None,
                    channels: CellStatistics | None = None):
-    """Fit on the union of the folds. For lsq with `shrinkage=None`, the strength with the lowest
-    held-out error over the folds is used (with a single fold there is nothing to hold out:
-    DEFAULT_SHRINKAGE); the choice is recorded in the LUT's attributes. `channels`: as `fit_lut`'s."""
-    provenance = {}
-    if solver == "lsq" and shrinkage is None:
+    """Fit on the union of the folds. For a solver with a tuned hyperparameter (`Solver.tuning`:
+    lsq's shrinkage) and `shrinkage=None`, the value with the lowest held-out error over the folds
+    is used (with a single fold there is nothing to hold out: the tuning's default); the choice is
+    recorded in the LUT's attributes. `shrinkage`: that hyperparameter's value; `channels`: as
+    `fit_lut`'s."""
+    tuning, provenance = fittable(solver).tuning, {}
+    if tuning is not None and shrinkage is None:
         if len(fold_statistics) > 1:
-            shrinkage, errors = choose_shrinkage(fold_statistics)
-            provenance = shrinkage_provenance(errors, len(fold_statistics), sum(f.n_pixels for f in fold_statistics))
+            errors = tuning.held_out_errors(fold_statistics)
+            shrinkage = tuning.choose(errors)
+            provenance = tuning_provenance(tuning, errors, len(fold_statistics), sum(f.n_pixels for f in fold_statistics))
         else:
-            shrinkage = DEFAULT_SHRINKAGE
-            provenance["shrinkage_choice"] = "default: a single fold of reference images, nothing to hold out"
+            shrinkage = tuning.default
+            provenance[f"{tuning.parameter}_choice"] = "default: a single fold of reference images, nothing to hold out"
     lut = fit_lut(merge(*fold_statistics), models, device, solver, 0.0 if shrinkage is None else shrinkage, channels)
     lut.attrs.update(provenance)
     return lut
 
 
-def shrinkage_provenance(errors: dict[float, float], n_folds: int, pixel_channels: int) -> dict:
-    """The LUT attributes that record how lsq's shrinkage was chosen from its held-out `errors`."""
-    return {"shrinkage_choice": f"{n_folds}-fold cross-validation by image over {list(SHRINKAGE_GRID)}",
-            "shrinkage_held_out_mse": {str(k): v / pixel_channels for k, v in errors.items()}}
+def tuning_provenance(tuning: Tuning, errors: dict[float, float], n_folds: int, pixel_channels: int) -> dict:
+    """The LUT attributes that record how a solver's tuned hyperparameter was chosen from its held-out `errors`."""
+    return {f"{tuning.parameter}_choice": f"{n_folds}-fold cross-validation by image over {list(tuning.grid)}",
+            f"{tuning.parameter}_held_out_mse": {str(k): v / pixel_channels for k, v in errors.items()}}
 
 
 class StoredBins:
@@ -228,16 +228,17 @@ def plan_fit(store: str, lut_path: str, bin_width: int = DEFAULT_BIN_WIDTH, solv
     """Plan fitting a LUT on the reference store `store` (which must hold ground truth).
 
     `device` is where the statistics tasks run ('auto' resolved on each worker) and where EM runs
-    (resolved here); the LUT is the same bits on any device. For `lsq`, `shrinkage=None` picks the
-    strength by cross-validation over images (folds gathered in the same single pass). Statistics
-    that may exceed `pass_bytes` are gathered in passes over ranges of cells (`fit_in_passes`).
+    (resolved here); the LUT is the same bits on any device. `shrinkage` sets the solver's tuned
+    hyperparameter, if it has one (`Solver.tuning`: lsq's shrinkage); None picks it by
+    cross-validation over images (folds gathered in the same single pass). Statistics that may
+    exceed `pass_bytes` are gathered in passes over ranges of cells (`fit_in_passes`).
     """
-    check_solver(solver)
+    tuning = fittable(solver).tuning
     refuse_existing(lut_path, overwrite)
     ds = open_store_index(store)
     models = schema.check_store(ds, store, require=(schema.PREDICTION, schema.GROUND_TRUTH))
     n_images, n_channels = ds.sizes["image"], ds.sizes["channel"]
-    n_folds = min(SHRINKAGE_FOLDS, n_images) if solver == "lsq" and shrinkage is None and n_images > 1 else 1
+    n_folds = min(tuning.folds, n_images) if tuning is not None and shrinkage is None and n_images > 1 else 1
     moments_kind = moments_for([solver])
     em_device = resolve_device(device)
     pixel_channels = ds.sizes["pixel"] * n_channels
@@ -273,8 +274,8 @@ def plan_fit(store: str, lut_path: str, bin_width: int = DEFAULT_BIN_WIDTH, solv
                                f"they exceed {pass_bytes / 2**20:,.0f} MiB" if may_need_passes else ""),
         "devices": f"statistics on {device}, EM batched on {em_device}",
     }
-    if solver == "lsq":
-        details["shrinkage"] = f"{shrinkage}" if shrinkage is not None else f"chosen by {n_folds}-fold cross-validation"
+    if tuning is not None:
+        details[tuning.parameter] = f"{shrinkage}" if shrinkage is not None else f"chosen by {n_folds}-fold cross-validation"
     return Plan(f"fit a {solver} LUT on {n_images} reference images", details, execute)
 
 
@@ -298,9 +299,10 @@ def fit_in_passes(compute, store: str, ds, models: list[str], bin_width: int, so
 
     The first pass (`_guarded_chunk_statistics`) samples each chunk's cells, and gathers its
     statistics only if the sample says they fit the chunk's share of `pass_bytes`, and each
-    channel's statistics (from which the fallback is fitted). lsq choosing its shrinkage reads the
-    set once more in passes: every range's held-out errors first, then the fit with the strength
-    chosen."""
+    channel's statistics (from which the fallback is fitted). A solver choosing its tuned
+    hyperparameter (lsq's shrinkage) reads the set once more in passes: every range's held-out
+    errors first, then the fit with the value chosen."""
+    tuning = fittable(solver).tuning
     moments_kind = moments_for([solver])
     parts = chunk_tasks(store, ds, n_folds, _guarded_chunk_statistics, bin_width, device, moments_kind,
                         pass_bytes / len(chunk_ranges(ds)))
@@ -321,15 +323,15 @@ def fit_in_passes(compute, store: str, ds, models: list[str], bin_width: int, so
             yield first_bins, folds
 
     provenance, used = {}, []
-    if solver == "lsq" and shrinkage is None and n_folds > 1:
-        errors = dict.fromkeys(SHRINKAGE_GRID, 0.0)
+    if tuning is not None and shrinkage is None and n_folds > 1:
+        errors = dict.fromkeys(tuning.grid, 0.0)
         for first_bins, folds in statistics_of(ranges, "held-out errors", n_folds):
             ranges.gathered(first_bins, folds)
             used.append(first_bins)
-            for strength, error in held_out_errors(folds, channel_folds=channel_folds).items():
-                errors[strength] += error
-        shrinkage = min(errors, key=errors.get)
-        provenance = shrinkage_provenance(errors, n_folds, sum(f.n_pixels for f in channel_folds))
+            for value, error in tuning.held_out_errors(folds, channel_folds).items():
+                errors[value] += error
+        shrinkage = tuning.choose(errors)
+        provenance = tuning_provenance(tuning, errors, n_folds, sum(f.n_pixels for f in channel_folds))
     channels, stored = merge(*channel_folds), StoredBins()
     for first_bins, folds in statistics_of(used or ranges, "statistics", 1):
         if not used:

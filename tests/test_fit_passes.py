@@ -56,7 +56,7 @@ def _fit(store, lut_path, bin_width, solver, shrinkage, pass_bytes=None):
 @pytest.mark.parametrize("n_models, bin_width, solver, shrinkage", [
     (16, 16, "em", None), (16, 16, "average", None), (16, 16, "zzpm", None), (5, 16, "em", None),
     pytest.param(5, 16, "lsq", None, marks=pytest.mark.slow),  # held-out errors of 7 strengths x 4 folds, range by range
-    (5, 16, "lsq", 10.0), (16, 8, "em", None),
+    (5, 16, "lsq", 10.0), (16, 8, "em", None), (5, 16, "select", None),
 ])
 def test_a_fit_in_passes_writes_the_lut_of_a_single_pass(stores, tmp_path, n_models, bin_width, solver, shrinkage):
     store = stores[n_models]

@@ -174,8 +174,8 @@ def test_the_digest_changes_with_everything_a_reader_uses(n_models, bin_width, s
 
 
 @pytest.mark.parametrize("name, value, expected", [
-    ("solver", "bogus", "attribute solver is 'bogus', not one of em, lsq, average, zzpm, imported"),
-    ("solver", ["em"], "attribute solver is ['em'], not one of em, lsq, average, zzpm, imported"),
+    ("solver", "bogus", "attribute solver is 'bogus', not one of em, lsq, average, zzpm, select, imported"),
+    ("solver", ["em"], "attribute solver is ['em'], not one of em, lsq, average, zzpm, select, imported"),
     ("empty_policy", "nearest", "attribute empty_policy is 'nearest', not one of channel, as published"),
     ("format_version", "1.5", "LUT format version '1.5' is not one this version reads (1, 2)"),
     ("format_version", "2", "LUT format version '2' is not one this version reads (1, 2)"),

@@ -151,5 +151,5 @@ def test_apply_records_a_digest_that_changes_with_the_luts_solver(reference, tmp
     assert len(set(recorded.values())) == 3, recorded
     bogus = edited(reference / "lut.zarr", tmp_path / "bogus.zarr", {"solver": "bogus"})
     message = refused("apply", reference / "s.zarr", bogus, tmp_path / "out-bogus.zarr")
-    assert "bogus.zarr: attribute solver is 'bogus', not one of em, lsq, average, zzpm, imported" in message
+    assert "bogus.zarr: attribute solver is 'bogus', not one of em, lsq, average, zzpm, select, imported" in message
     assert not (tmp_path / "out-bogus.zarr").exists()

@@ -88,7 +88,7 @@ class Lut:
     """
 
     def __init__(self, models: list[str], bin_width: int, weights: np.ndarray, count: np.ndarray, fit_status: np.ndarray,
-                 solver: str = "em", empty_policy: str = EMPTY_POLICY, attrs: dict | None = None, *,
+                 solver: str = DEFAULT_SOLVER, empty_policy: str = EMPTY_POLICY, attrs: dict | None = None, *,
                  bin_digits: np.ndarray | None = None, fallback: np.ndarray | None = None,
                  fallback_status: int = FitStatus.EMPTY_FALLBACK):
         self.models, self.bin_width, self.solver, self.empty_policy = list(models), int(bin_width), solver, empty_policy

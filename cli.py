@@ -3,6 +3,7 @@
 import contextlib
 import errno
 import json
+import math
 import re
 import sys
 
@@ -19,7 +20,7 @@ from ensir_flow.images import DEFAULT_PNG_COMPRESSION
 from ensir_flow.lut import DEFAULT_PASS_MEMORY_MIB, DEFAULT_SOLVER, SOLVERS
 from ensir_flow.solvers import REGISTRY
 from ensir_flow.pipelines.executor import (DASHBOARD_ADDRESS_ENV, DEFAULT_DASHBOARD_ADDRESS, DEFAULT_WORKER_TIMEOUT,
-                                           SCHEDULER_ENV, WORKER_TIMEOUT_ENV, quiet_libraries)
+                                           SCHEDULER_ENV, WORKER_TIMEOUT_ENV, check_dashboard_address, quiet_libraries)
 
 #: Exit status of a failure worth retrying as it is (sysexits.h's EX_TEMPFAIL).
 EX_TEMPFAIL = 75
@@ -175,8 +176,34 @@ DASHBOARD_ADDRESS = "ensir_flow.dashboard_address"
 
 
 def _keep_dashboard_address(ctx, _param, value):
-    ctx.meta[DASHBOARD_ADDRESS] = None if value.lower() == "none" else value
+    address = None if value.lower() == "none" else value
+    try:
+        check_dashboard_address(address)
+    except ValueError as error:
+        raise click.BadParameter(f"{value}: {error}") from None
+    ctx.meta[DASHBOARD_ADDRESS] = address
     return value
+
+
+class _Seconds(click.FloatRange):
+    """A number of seconds, 0 or more: click's FloatRange lets NaN and infinity through, on which
+    distributed's timeouts fail (and a progress interval means nothing)."""
+
+    name = "seconds"
+
+    def __init__(self):
+        super().__init__(min=0)
+
+    def convert(self, value, param, ctx):
+        seconds = super().convert(value, param, ctx)
+        if not math.isfinite(seconds):
+            self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
+        return seconds
+
+
+def _option_range(option: str) -> click.IntRange:
+    """click's type of a whole-number option the API bounds (`api.OPTION_RANGES`)."""
+    return click.IntRange(*api.OPTION_RANGES[option])
 
 
 def run_options(writes: bool = True):
@@ -187,12 +214,12 @@ def run_options(writes: bool = True):
                                help="'local': a distributed cluster sized to this machine; 'threads': dask's threads in "
                                     "this process (no cluster start-up, for small jobs); tcp://host:port of a running "
                                     f"dask scheduler; or a scheduler file. Default from ${SCHEDULER_ENV}.")(command)
-        command = click.option("--worker-timeout", type=click.FloatRange(0), default=DEFAULT_WORKER_TIMEOUT, show_default=True,
+        command = click.option("--worker-timeout", type=_Seconds(), default=DEFAULT_WORKER_TIMEOUT, show_default=True,
                                metavar="SECONDS", envvar=WORKER_TIMEOUT_ENV,
                                help="On a cluster: stop (exit 75) when no worker has been connected for this long while "
                                     f"work waits for one; 0: wait for ever. Default from ${WORKER_TIMEOUT_ENV}.")(command)
         command = click.option("--no-progress", "no_progress", is_flag=True, help="No progress bars (cron jobs, logs).")(command)
-        command = click.option("--progress-interval", type=click.FloatRange(0), default=DEFAULT_PROGRESS_INTERVAL,
+        command = click.option("--progress-interval", type=_Seconds(), default=DEFAULT_PROGRESS_INTERVAL,
                                show_default=True, metavar="SECONDS", expose_value=False, callback=_keep_progress_interval,
                                help="When stderr is not a terminal (logs), progress is plain timestamped lines, at most "
                                     "one per stage this often, plus each stage's start and end.")(command)
@@ -258,8 +285,8 @@ def main():
 @click.argument("source_dir", type=click.Path(file_okay=False))
 @click.argument("store")
 @click.option("--models", default=None, help="Comma-separated model folders in LUT order (default: sorted folder names).")
-@click.option("--chunk-pixels", type=click.IntRange(1), default=schema.DEFAULT_CHUNK_PIXELS, show_default=True,
-              help="Pixels per Zarr chunk.")
+@click.option("--chunk-pixels", type=_option_range("--chunk-pixels"), default=schema.DEFAULT_CHUNK_PIXELS,
+              show_default=True, help="Pixels per Zarr chunk.")
 @click.option("--append", is_flag=True, help="Add the images of SOURCE_DIR that STORE lacks (same models, same compression).")
 @compression_option
 @run_options()
@@ -281,21 +308,21 @@ def ingest(source_dir, store, models, chunk_pixels, append, compression, schedul
                    "repeat for each model, in LUT order.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="Where models run: cpu, cuda, auto (each worker's GPU if it has one).")
-@click.option("--tile", type=click.IntRange(1), default=None, metavar="PIXELS",
+@click.option("--tile", type=_option_range("--tile"), default=None, metavar="PIXELS",
               help="Run models on tiles of this many input pixels a side, overlapping by --overlap (bounded memory); "
                    "whole images when absent.")
-@click.option("--overlap", type=click.IntRange(0), default=0, show_default=True, metavar="PIXELS",
+@click.option("--overlap", type=_option_range("--overlap"), default=0, show_default=True, metavar="PIXELS",
               help="With --tile: input pixels each tile reaches beyond the centre it keeps (at least the model's "
                    "receptive radius for outputs equal to whole-image ones).")
-@click.option("--batch", type=click.IntRange(1), default=1, show_default=True, help="Tiles of one shape per model call.")
-@click.option("--scale", type=click.IntRange(1), default=1, show_default=True,
+@click.option("--batch", type=_option_range("--batch"), default=1, show_default=True, help="Tiles of one shape per model call.")
+@click.option("--scale", type=_option_range("--scale"), default=1, show_default=True,
               help="Super-resolution factor: outputs must be this many times the input's size (checked).")
 @click.option("--range", "value_range", type=click.Choice(list(VALUE_RANGES)), default="0-1", show_default=True,
               help="The scale of the models' input and output pixel values.")
-@click.option("--samples", type=click.IntRange(1), default=1, show_default=True,
+@click.option("--samples", type=_option_range("--samples"), default=1, show_default=True,
               help="Runs per model and image, seeded by (image, sample): members NAME#0 ... NAME#N-1 (stochastic models).")
-@click.option("--chunk-pixels", type=click.IntRange(1), default=schema.DEFAULT_CHUNK_PIXELS, show_default=True,
-              help="Pixels per Zarr chunk.")
+@click.option("--chunk-pixels", type=_option_range("--chunk-pixels"), default=schema.DEFAULT_CHUNK_PIXELS,
+              show_default=True, help="Pixels per Zarr chunk.")
 @click.option("--append", is_flag=True, help="Predict the inputs of SOURCE_DIR whose stems STORE lacks (same models and options).")
 @compression_option
 @run_options()

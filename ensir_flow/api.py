@@ -373,6 +373,7 @@ def ingest(source_dir, store, *, models: str | Sequence[str] | None = None, chun
 
     model_list = _names(models)
     source, target = _absolute(source_dir), _absolute(store)
+    _refuse_out_of_range({"--chunk-pixels": chunk_pixels})
     if append:
         _refuse_layout_with_append(chunk_pixels, compression)
     _check_targets({"store": (store, PIXEL_STORE)}, {"source folder": source_dir}, overwrite and not append)
@@ -429,8 +430,47 @@ def _base_models(models) -> list:
 
 
 def _refuse_outside(value, choices, option: str) -> None:
+    """A `value` not among `choices` is a UsageError naming the CLI `option`."""
     if value not in choices:
         raise UsageError(f"{value!r} is not one of {', '.join(map(str, choices))}", option=option)
+
+
+#: The fewest pixels a chunk may hold. Every chunk costs its tasks a read, a write, a checksum and a
+#: completion mark whatever its size, and the client holds its graph: an image of 38,000 pixels
+#: took 2.4 s to ingest in one chunk, 29 s in chunks of 64 pixels, 138 s and 1.6 GB in chunks of
+#: 16 (and about an hour in chunks of one). 64 still cuts a corpus of a few thousand pixels into
+#: tens of chunks, their edges inside images, as the tests do with chunks of 97 to 1,000 pixels.
+MIN_CHUNK_PIXELS = 64
+#: The most pixels a chunk may hold, 8x the default: a task holds a chunk of every model at once,
+#: so larger chunks need gigabytes per worker thread, and the compressors take 2 GiB a chunk at most.
+MAX_CHUNK_PIXELS = 1 << 24
+#: The smallest `predict --tile` side: a model call per few pixels is all overhead (a 12 Mpx photo
+#: in tiles of one pixel is 12 million calls), and no tile that small holds a model's receptive field.
+MIN_TILE = 8
+#: The most runs per model and image (`predict --samples`): each is a member of the store (and of
+#: every LUT fitted on it), and planning holds every member's graph: 100 samples of three small
+#: images took 1 GB before the first model ran.
+MAX_SAMPLES = 64
+#: The largest `predict --scale`: super-resolution factors are 2 to 8, rarely 16, and an output has
+#: scale^2 times its input's pixels (a factor of 10^20 overflowed the sizes' integers).
+MAX_SCALE = 32
+#: The range (least, most; None: any) of each whole-number option of the commands that is bounded
+#: beyond click's types; the CLI declares the same ranges.
+OPTION_RANGES = {"--chunk-pixels": (MIN_CHUNK_PIXELS, MAX_CHUNK_PIXELS), "--tile": (MIN_TILE, None), "--overlap": (0, None),
+                 "--batch": (1, None), "--scale": (1, MAX_SCALE), "--samples": (1, MAX_SAMPLES)}
+
+
+def _refuse_out_of_range(values: dict[str, Any]) -> None:
+    """A value of `values` (by CLI option, None where not given) that is not a whole number in its
+    option's `OPTION_RANGES` is a UsageError naming the option."""
+    for option, value in values.items():
+        least, most = OPTION_RANGES[option]
+        if value is None:
+            continue
+        whole = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+        if not whole or value < least or (most is not None and value > most):
+            span = f"from {least:,} to {most:,}" if most is not None else f"of at least {least:,}"
+            raise UsageError(f"{value!r} is not a whole number {span}", option=option)
 
 
 def predict(source_dir, store, *, models, device: str = "auto", tile: int | None = None, overlap: int | None = None,
@@ -457,10 +497,8 @@ def predict(source_dir, store, *, models, device: str = "auto", tile: int | None
         raise UsageError(f"--tile {tile} leaves no centre with --overlap {overlap} (tile > 2 x overlap)", option="--tile")
     if tile is None and overlap is not None:
         raise UsageError("--overlap: only with --tile")
-    for option, value, least in (("--tile", tile, 1), ("--overlap", overlap, 0), ("--batch", batch, 1), ("--scale", scale, 1),
-                                 ("--samples", samples, 1), ("--chunk-pixels", chunk_pixels, 1)):
-        if value is not None and not value >= least:
-            raise UsageError(f"{value!r} is below {least}", option=option)
+    _refuse_out_of_range({"--tile": tile, "--overlap": overlap, "--batch": batch, "--scale": scale, "--samples": samples,
+                          "--chunk-pixels": chunk_pixels})
     _refuse_outside(device, DEVICES, "--device")
     _refuse_outside(value_range, list(VALUE_RANGES), "--range")
     if append:
@@ -481,15 +519,19 @@ def predict(source_dir, store, *, models, device: str = "auto", tile: int | None
 
 
 def _shrinkage_strength(shrinkage) -> float | None:
-    """None for 'auto' (chosen by cross-validation), else the non-negative strength."""
+    """None for 'auto' (chosen by cross-validation), else the strength: a number from 0 to
+    `lsq.MAX_SHRINKAGE` (NaN and infinities refused: no LUT could be fitted with them)."""
+    from .lsq import MAX_SHRINKAGE, is_shrinkage
+
     if shrinkage is None or shrinkage == "auto":
         return None
     try:
-        strength = float(shrinkage)
+        strength = None if isinstance(shrinkage, bool) else float(shrinkage)
     except (TypeError, ValueError):
-        strength = -1.0
-    if not strength >= 0:
-        raise UsageError(f"{shrinkage!r} is neither 'auto' nor a non-negative number", option="--shrinkage")
+        strength = None
+    if not is_shrinkage(strength):
+        raise UsageError(f"{shrinkage!r} is neither 'auto' nor a non-negative number up to {MAX_SHRINKAGE:g}",
+                         option="--shrinkage")
     return strength
 
 

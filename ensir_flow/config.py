@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from .errors import InputError
+from .lsq import MAX_SHRINKAGE, is_shrinkage
 from .lut import SOLVERS
 
 #: Top-level keys and, for `metrics`, its sub-keys; each with a check of its value.
@@ -21,13 +22,20 @@ CHECKS = {
     "models": ("a list of model names", lambda v: isinstance(v, list) and v and all(isinstance(m, str) and m for m in v)),
     "bin_width": ("an integer from 1 to 256", lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 256),
     "solver": (f"one of {', '.join(SOLVERS)}", lambda v: v in SOLVERS),
-    "shrinkage": ("'auto' or a non-negative number",
-                  lambda v: v == "auto" or (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0)),
+    "shrinkage": (f"'auto' or a non-negative number up to {MAX_SHRINKAGE:g}", lambda v: v == "auto" or is_shrinkage(_number(v))),
 }
 METRIC_CHECKS = {
     "y_channel": ("true or false", lambda v: isinstance(v, bool)),
     "crop_border": ("a non-negative integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
 }
+
+
+def _number(value):
+    """`value`, or the number a string spells: YAML 1.1 reads 1e4 (no dot) as a string."""
+    try:
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
 
 
 def _checked(mapping, checks: dict, path, prefix: str = "") -> dict:
@@ -87,7 +95,10 @@ def load_config(path) -> dict:
     `resolve_config`)."""
     path = resolve_config(path)
     try:
-        config = yaml.safe_load(Path(path).read_text()) or {}
+        config = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path}: not a readable YAML config (not UTF-8 text: byte {error.object[error.start]:#04x} "
+                         f"at offset {error.start})") from None
     except (OSError, yaml.YAMLError) as error:
         raise InputError(f"{path}: not a readable YAML config ({str(error).splitlines()[0]})") from None
     metrics = config.pop("metrics", {}) if isinstance(config, dict) else {}

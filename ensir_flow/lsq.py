@@ -20,6 +20,11 @@ import numpy as np
 from .stats import CellStatistics, find_rows, merge
 
 SHRINKAGE_GRID = (0.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6)
+#: The strongest shrinkage accepted, in pseudo-pixels per cell: far beyond the grid and any
+#: reference set's pixels per cell (every cell then has the channel-wide weights). Strengths near
+#: float64's range overflow the statistics they scale, and LAPACK's SVD of the resulting inf or
+#: NaN systems need not return at all.
+MAX_SHRINKAGE = 1e15
 #: Up to this K every support is enumerated (2^K - 1 KKT systems, batched: fast for small K, and
 #: the method every LUT of K <= 5 was fitted with); above it, the active-set method.
 ENUMERATION_MAX_MODELS = 5
@@ -135,6 +140,13 @@ def _active_set_batch(a, b, out):
         out[cell] = np.maximum(w, 0.0)
 
 
+def is_shrinkage(strength) -> bool:
+    """Whether `strength` is a shrinkage `fit_lsq` accepts: a number (not a bool) from 0 to
+    `MAX_SHRINKAGE`; NaN and infinities are not."""
+    return (isinstance(strength, (int, float, np.integer, np.floating)) and not isinstance(strength, bool)
+            and 0 <= strength <= MAX_SHRINKAGE)
+
+
 def fit_lsq(statistics: CellStatistics, shrinkage: float,
             channels: CellStatistics | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Weights (m, K) of every non-empty cell, plus per-channel weights (C, K) for empty cells.
@@ -142,8 +154,11 @@ def fit_lsq(statistics: CellStatistics, shrinkage: float,
     `channels`: the statistics of each whole channel (`CellStatistics.per_channel`), the default
     those of `statistics`; given when `statistics` hold one range of cells of a larger set (a fit
     in passes), whose channel-wide solution is that of all its pixels.
-    Returns (cell_weights, channel_ids, channel_weights).
+    Returns (cell_weights, channel_ids, channel_weights). A `shrinkage` that `is_shrinkage` refuses
+    is a ValueError (it would not make a solution, see `MAX_SHRINKAGE`).
     """
+    if not is_shrinkage(shrinkage):
+        raise ValueError(f"shrinkage {shrinkage!r} is not a number from 0 to {MAX_SHRINKAGE:g}")
     channels = statistics.per_channel() if channels is None else channels
     channel_ids = channels.cells
     channel_weights = simplex_least_squares(channels.cross_products().astype(np.float64), channels.sums_xy.astype(np.float64))

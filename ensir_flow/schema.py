@@ -10,6 +10,7 @@ when it has the outputs' size) (pixel, channel), and `ensemble` (pixel, channel)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -89,10 +90,21 @@ def pixel_chunks(n_pixels: int, chunk_pixels: int) -> tuple[int, ...]:
     return (chunk_pixels,) * full + ((rest,) if rest else ())
 
 
+#: The most bytes a chunk of a pixel variable may hold: blosc compresses buffers of under 2 GiB.
+MAX_CHUNK_BYTES = 2**31 - 2**16
+
+
 def pixel_encoding(chunks: tuple[int, ...], compression: str = DEFAULT_COMPRESSION) -> dict:
-    """xarray's Zarr encoding of a pixel variable: its chunk shape and compressor."""
+    """xarray's Zarr encoding of a pixel variable (uint8): its chunk shape and compressor. Chunks
+    over `MAX_CHUNK_BYTES` (many models at a large --chunk-pixels) are an InputError."""
     if compression not in COMPRESSORS:
         raise ValueError(f"unknown compression {compression!r} (choose from {', '.join(COMPRESSORS)})")
+    size = math.prod(chunks)
+    if size > MAX_CHUNK_BYTES:
+        per_pixel = size // chunks[-2]
+        raise InputError(f"--chunk-pixels {chunks[-2]}: chunks of {' x '.join(map(str, chunks))} values hold "
+                         f"{size / 2**30:.1f} GiB, over the {MAX_CHUNK_BYTES / 2**30:.0f} GiB a chunk may hold; "
+                         f"{MAX_CHUNK_BYTES // per_pixel:,} at most here")
     # zarr's codecs only where a store is written: the CLI's options need the names alone
     from zarr.codecs import BloscCodec, ZstdCodec
 

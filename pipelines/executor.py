@@ -10,6 +10,9 @@ the benchmark and the tests all get their schedulers here:
 machine), a scheduler address (tcp://host:port) or a scheduler file written by
 `dask scheduler --scheduler-file`.
 
+On an existing cluster every worker must run the same ensir-flow code as this process
+(`check_workers`: its version and a fingerprint of its installed code), or the run is refused.
+
 Failures that a retry may not meet are `TransientError`s: a scheduler that cannot be reached, a
 cluster that has had no worker for `worker_timeout` seconds while a computation waits for one,
 workers that died running a task. A computation that fails has no task of its own still running
@@ -18,12 +21,16 @@ when the exception leaves `compute` (so the caller can remove what the tasks wer
 
 import contextlib
 import ctypes
+import functools
 import json
 import logging
+import math
+import socket
 import sys
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -167,22 +174,60 @@ def announce_dashboard(client) -> None:
     print(f"dask dashboard: {client.dashboard_link}", file=sys.stderr, flush=True)
 
 
+def check_dashboard_address(address: str | None) -> None:
+    """Refuse (ValueError, saying why) a dashboard address that a local cluster cannot serve at:
+    not [HOST]:PORT (or a bare PORT) with a port from 0 to 65535, or a HOST that is not an address
+    of this machine. distributed would fail to start the cluster, in a traceback of 80 lines.
+    None (no dashboard) is accepted."""
+    if address is None:
+        return
+    host, colon, port = address.rpartition(":")
+    if not (port.isascii() and port.isdigit() and int(port) <= 65535) or ":" in host or host != host.strip():
+        raise ValueError("not [HOST]:PORT with a port from 0 to 65535")
+    if not host:
+        return
+    try:
+        family, kind, protocol, _, where = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, protocol) as probe:
+            probe.bind(where)
+    except OSError as error:
+        raise ValueError(f"{host} is not an address of this machine ({error.strerror or error})") from None
+
+
+def _refuse_bad_seconds(seconds, option: str) -> None:
+    """A number of seconds given through the API that is negative, NaN or infinite is a UsageError
+    naming the CLI `option` (whose own checks refuse them before): distributed's timeouts fail
+    on them with a traceback."""
+    if seconds is not None and not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds >= 0):
+        from ensir_flow.api import UsageError
+
+        raise UsageError(f"{seconds!r} is not a finite number of seconds (0 or more)", option=option)
+
+
 @contextlib.contextmanager
 def client_for(scheduler: str, worker_timeout: float | None = None,
                dashboard_address: str | None = DEFAULT_DASHBOARD_ADDRESS):
     """A distributed Client for `scheduler` (None for 'threads'), closed (with its cluster) on exit.
 
     A local cluster serves its dashboard at `dashboard_address` (None: no dashboard), whose link
-    is printed on stderr (`announce_dashboard`). On an existing cluster the workers are checked first (`check_workers`, which waits up to
-    `worker_timeout` seconds for a first worker). A malformed address or a bad scheduler file is an
-    InputError; an unreachable scheduler a TransientError.
+    is printed on stderr (`announce_dashboard`); one it cannot be served at is a UsageError
+    (`check_dashboard_address`). On an existing cluster the workers are checked first
+    (`check_workers`, which waits up to `worker_timeout` seconds for a first worker). A malformed
+    address or a bad scheduler file is an InputError; an unreachable scheduler a TransientError.
     """
+    _refuse_bad_seconds(worker_timeout, "--worker-timeout")
     if scheduler == "threads":
         yield None
         return
     from distributed import Client
 
     if scheduler == "local":
+        try:
+            check_dashboard_address(dashboard_address)
+        except ValueError as error:
+            from ensir_flow.api import UsageError
+
+            raise UsageError(f"{dashboard_address}: {error}", option="--dashboard-address") from None
         with local_cluster(dashboard_address=dashboard_address) as cluster, Client(cluster) as client:
             client.register_plugin(_quiet_libraries_plugin())
             if dashboard_address is not None:
@@ -214,20 +259,71 @@ def _address_in_scheduler_file(path: str) -> str:
         raise InputError(f"{path}: not a dask scheduler file (JSON with the scheduler's 'address')") from None
 
 
-def check_workers(client, scheduler: str, worker_timeout: float | None = None) -> None:
-    """Refuse a cluster with a worker that cannot import ensir-flow or has another version of it:
-    its tasks would fail, or run other code than this run planned with. It compares version
-    strings, so two checkouts of one version pass. With no worker yet (batch jobs still queued)
-    it waits for the first one, saying so on stderr, for `worker_timeout` seconds at most (None or
-    0: for ever; then a TransientError); workers that join after this check are not checked."""
+#: The packages whose .py files make the fingerprint of an ensir-flow install: ensir_flow and those
+#: of its packages that the repository keeps in folders of their own (an installed wheel has them
+#: under ensir_flow/; a file found twice counts once, so both layouts of one code agree).
+FINGERPRINTED_PACKAGES = ("ensir_flow", "ensir_flow.pipelines", "ensir_flow.configs")
 
-    def installed_version():  # nested, so sent by value: workers need not import this module
+
+def _installed_ensir_flow():
+    """A function saying which ensir-flow the process that calls it imports: (version, fingerprint),
+    the fingerprint being the SHA-256 of the installed .py files of `FINGERPRINTED_PACKAGES` (their
+    names and bytes); or (why not, None) where none can be imported or read. Made nested here so
+    that it is sent to workers by value: a worker runs this code, not its own copy of it (it may
+    have an older one, or none)."""
+
+    def installed(packages=FINGERPRINTED_PACKAGES):
+        import hashlib
+        import importlib.util
+        from pathlib import Path
+
         try:
             import ensir_flow
         except Exception as error:
-            return f"none importable ({type(error).__name__}: {error})"
-        return ensir_flow.__version__
+            return f"none importable ({type(error).__name__}: {error})", None
+        try:
+            files = {}
+            for package in packages:
+                spec = importlib.util.find_spec(package)
+                for folder in (spec.submodule_search_locations or ()) if spec is not None else ():
+                    for path in Path(folder).rglob("*.py"):
+                        files.setdefault("/".join((*package.split("."), *path.relative_to(folder).parts)), path)
+            digest = hashlib.sha256()
+            for name in sorted(files):
+                content = files[name].read_bytes()
+                digest.update(f"{name}\0{len(content)}\0".encode())
+                digest.update(content)
+        except Exception as error:
+            return f"{ensir_flow.__version__} (its code unreadable: {type(error).__name__}: {error})", None
+        return ensir_flow.__version__, digest.hexdigest()
 
+    return installed
+
+
+@functools.cache
+def code_fingerprint() -> str | None:
+    """The fingerprint of the ensir-flow code this process imports (`_installed_ensir_flow`),
+    computed once (a few milliseconds: it reads every .py file of the package)."""
+    return _installed_ensir_flow()()[1]
+
+
+#: The clients whose workers `check_workers` checked, with the addresses it has checked: workers
+#: that join such a cluster later are checked while it computes (`_check_joined_workers`).
+_CHECKED_WORKERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def check_workers(client, scheduler: str, worker_timeout: float | None = None) -> None:
+    """Refuse (InputError) a cluster with a worker that cannot import ensir-flow, has another
+    version of it, or another install of the same version (another code fingerprint,
+    `code_fingerprint`: an older checkout, a half-updated image): its tasks would fail, or
+    compute with other code than this run planned with. Two installs of the same code pass.
+
+    With no worker yet (batch jobs still queued) it waits for the first one, saying so on stderr,
+    for `worker_timeout` seconds at most (None or 0: for ever; then a TransientError). Workers
+    that join later are checked as the cluster computes: within `WORKER_POLL` seconds of being
+    seen, and when a computation ends, before its results are used (one that joins and leaves in
+    between is not)."""
+    _refuse_bad_seconds(worker_timeout, "--worker-timeout")
     if not client.nthreads():
         print(f"{scheduler}: no workers yet; waiting for the first one to join", file=sys.stderr)
         try:
@@ -235,10 +331,39 @@ def check_workers(client, scheduler: str, worker_timeout: float | None = None) -
         except TimeoutError:
             raise TransientError(f"{scheduler}: no worker has been connected for {worker_timeout:g} s "
                                  "(--worker-timeout); start workers and run the same command again") from None
-    for worker, version in sorted(client.run(installed_version).items()):
+    found = client.run(_installed_ensir_flow())
+    _refuse_other_code(found, scheduler)
+    _CHECKED_WORKERS[client] = set(found)
+
+
+def _check_joined_workers(client, scheduler: str, workers) -> None:
+    """Check (as `check_workers`) the `workers` (addresses) that joined the cluster of `client`
+    since it was checked; nothing for a client that `check_workers` never checked (a local cluster
+    this process started, whose workers run its own code). A worker that left meanwhile is passed."""
+    checked = _CHECKED_WORKERS.get(client)
+    joined = sorted(set(workers) - checked) if checked is not None else []
+    if not joined:
+        return
+    found = client.run(_installed_ensir_flow(), workers=joined, on_error="return")
+    _refuse_other_code({worker: answer for worker, answer in found.items() if isinstance(answer, tuple)}, scheduler)
+    checked.update(joined)
+
+
+def _refuse_other_code(found: dict, scheduler: str) -> None:
+    """An InputError naming the workers of `found` ({address: (version, fingerprint)}) whose
+    ensir-flow is not this process's: another version, or the same version with other code."""
+    for worker, (version, _) in sorted(found.items()):
         if version != ensir_flow.__version__:
             raise InputError(f"{scheduler}: worker {worker} has ensir-flow {version}, this client "
                              f"{ensir_flow.__version__}; install the same version on every worker")
+    ours = code_fingerprint()
+    other = sorted(worker for worker, (_, fingerprint) in found.items() if fingerprint != ours)
+    if other:
+        named = ", ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
+        raise InputError(f"{scheduler}: worker{'s' if len(other) > 1 else ''} {named} run{'' if len(other) > 1 else 's'} "
+                         f"other ensir-flow code than this client (code fingerprint {found[other[0]][1][:12]}, this "
+                         f"client {str(ours)[:12]}): different installs of ensir-flow {ensir_flow.__version__}; "
+                         "install the same one on every worker")
 
 
 class ProgressLog:
@@ -287,8 +412,12 @@ def compute_function(client, progress: bool | float, worker_timeout: float | Non
     that often (`ProgressLog`, for logs), `False` none.
 
     On a cluster, a computation that has had no worker connected for `worker_timeout` seconds
-    (None or 0: no limit) is cancelled with a TransientError naming `scheduler`.
+    (None or 0: no limit) is cancelled with a TransientError naming `scheduler`. A negative,
+    NaN or infinite number of seconds is a UsageError.
     """
+    _refuse_bad_seconds(worker_timeout, "--worker-timeout")
+    if not isinstance(progress, bool):
+        _refuse_bad_seconds(progress, "--progress-interval")
     log = None if isinstance(progress, bool) else ProgressLog(float(progress))
 
     def compute(*collections, label: str = ""):
@@ -324,6 +453,8 @@ def _cluster_compute(client, collections, progress, worker_timeout: float | None
     try:
         with client.as_current():  # distributed's `wait` waits through the current client, which `client` may not be
             _wait_while_workers(client, futures, worker_timeout, scheduler)
+        if client in _CHECKED_WORKERS:  # before the results are used: a worker that joined late computed some
+            _check_joined_workers(client, scheduler, _workers_now(client, scheduler))
         result = tuple(client.gather(futures))
         succeeded = True
         return result
@@ -343,35 +474,45 @@ def _cluster_compute(client, collections, progress, worker_timeout: float | None
 
 def _wait_while_workers(client, futures, worker_timeout: float | None, scheduler: str) -> None:
     """Wait until every future is done or one has failed, giving up with a TransientError when the
-    cluster has had no worker for `worker_timeout` seconds."""
+    cluster has had no worker for `worker_timeout` seconds. Every `poll` seconds at most it looks
+    at the workers, if it has a reason to: that timeout, or a cluster whose workers joining later
+    must be checked (`_check_joined_workers`)."""
     from distributed import CancelledError, wait
     from distributed.client import FIRST_COMPLETED
 
     poll = min(WORKER_POLL, worker_timeout / 4) if worker_timeout else WORKER_POLL
-    last_seen = time.monotonic()
+    watching = bool(worker_timeout) or client in _CHECKED_WORKERS
+    last_seen = last_looked = time.monotonic()
     while True:
         pending = [f for f in futures if f.status == "pending"]
         if not pending or any(f.status not in ("pending", "finished") for f in futures):
             return  # all done, or one failed: gather raises its exception
+        timed_out = False
         try:
             wait(pending, timeout=poll, return_when=FIRST_COMPLETED)
-            continue
         except TimeoutError:
-            pass
+            timed_out = True
         except CancelledError:
             return
-        if not worker_timeout:
+        if not watching or not (timed_out or time.monotonic() - last_looked >= poll):
             continue
-        try:
-            has_workers = bool(client.nthreads())
-        except OSError as error:
-            raise TransientError(f"{scheduler}: lost the connection to the dask scheduler ({_first_line(error)}); "
-                                 "run the same command again") from None
-        if has_workers:
+        last_looked = time.monotonic()
+        workers = _workers_now(client, scheduler)
+        _check_joined_workers(client, scheduler, workers)
+        if workers:
             last_seen = time.monotonic()
-        elif time.monotonic() - last_seen >= worker_timeout:
+        elif worker_timeout and time.monotonic() - last_seen >= worker_timeout:
             raise TransientError(f"{scheduler}: no worker has been connected for {worker_timeout:g} s "
                                  "(--worker-timeout); computation cancelled: start workers and run the same command again")
+
+
+def _workers_now(client, scheduler: str) -> dict:
+    """The workers of `client`'s cluster now ({address: threads}); a lost scheduler is a TransientError."""
+    try:
+        return client.nthreads()
+    except OSError as error:
+        raise TransientError(f"{scheduler}: lost the connection to the dask scheduler ({_first_line(error)}); "
+                             "run the same command again") from None
 
 
 def _cancel_and_settle(client, futures, collections, timeout: float = 30.0) -> None:

@@ -219,9 +219,13 @@ def resumable_location(path: str) -> str:
 
 
 def commit(staging: str, path: str) -> None:
-    """Move a completed resumable staging location into place (the caller holds the lock)."""
+    """Move a completed resumable staging location into place (the caller holds the lock). A
+    target found there is replaced only if it is ensir-flow's output of the kind staged: one that
+    appeared or was swapped while the run computed is refused, not deleted."""
     fs, root = fsspec.core.url_to_fs(str(path))
     _finish_interrupted_replacement(fs, root)
+    targets.refuse_link(path)
+    targets.refuse_replacing(path, targets.kind_of(staging))
     _move_into_place(fs, fsspec.core.url_to_fs(str(staging))[1], root)
 
 

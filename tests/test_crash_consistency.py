@@ -29,9 +29,11 @@ import torch
 
 from ensir_flow.errors import InputError
 from ensir_flow.images import png_text
-from ensir_flow.pipelines.storage import open_store, read_lut
+from ensir_flow.pipelines.chunks import pixel_array, read_pixels
+from ensir_flow.pipelines.integrity import CHUNK_CHECKSUMS, checksums_of
+from ensir_flow.pipelines.storage import open_group_as_committed, open_store, read_lut
 from ensir_flow.schema import check_store
-from helpers import make_corpus
+from helpers import IDENTITY_ATTRIBUTES, make_corpus
 
 HOOK = Path(__file__).with_name("kill_after_writes.py")
 KILLED = 137
@@ -72,9 +74,17 @@ def state(path: Path):
                                   + lut.bin_status.tobytes() + local(repr(lut.attrs).encode())).hexdigest()
         ds = open_store(str(path))
         check_store(ds, str(path), require=())
-        digest = hashlib.sha256(local(repr(sorted(ds.attrs.items())).encode()))
+        attrs = sorted((key, value) for key, value in ds.attrs.items() if key not in IDENTITY_ATTRIBUTES)
+        digest = hashlib.sha256(local(repr(attrs).encode()))
+        checked = ds[CHUNK_CHECKSUMS].attrs["variables"] if CHUNK_CHECKSUMS in ds else []
         for name in sorted(ds.variables):
-            values = ds[name].values
+            if name in checked:  # every chunk checked, as readers do
+                values = read_pixels(pixel_array(str(path), name), 0, ds.sizes["pixel"])
+            elif name == CHUNK_CHECKSUMS:  # as readers take them: the last chunk's from the root metadata (an
+                group = open_group_as_committed(str(path))  # append rewrites its row before its commit)
+                values = np.stack([checksums_of(group, variable) for variable in checked])
+            else:
+                values = ds[name].values
             digest.update(name.encode() + np.ascontiguousarray(values.astype(str) if values.dtype == object else values).tobytes())
         return digest.hexdigest()
     except InputError as error:

@@ -304,7 +304,8 @@ def ingest(source_dir, store, models, chunk_pixels, append, compression, schedul
 @click.argument("source_dir", type=click.Path(file_okay=False))
 @click.argument("store")
 @click.option("--model", "model_specs", multiple=True, required=True, metavar="NAME=FILE",
-              help="A base model: its name in the ensemble and its TorchScript (.pt) or torch.export (.pt2) file; "
+              help="A base model: its name in the ensemble and its torch.export program (.pt2, torch.export.save) or "
+                   "TorchScript (.pt) file; "
                    "repeat for each model, in LUT order.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="Where models run: cpu, cuda, auto (each worker's GPU if it has one).")

@@ -2,8 +2,8 @@
 
     python benchmarks/predict.py [--images 8] [--size 512] [--width 32] [--runs 3] [--device cpu]
 
-Writes a synthetic corpus (lq/ and gt/ PNGs of `--size` pixels a side) and a TorchScript model
-(three 3x3 convolutions of `--width` channels), then times, alternately, `--runs` times each:
+Writes a synthetic corpus (lq/ and gt/ PNGs of `--size` pixels a side) and a model saved as a
+`torch.export` program (three 3x3 convolutions of `--width` channels, any image size), then times, alternately, `--runs` times each:
 - plain loop: for each image, decode its lq PNG, run the model, round to uint8 (what a user's own
   script does before saving PNGs, without saving them);
 - predict: `plan_predict` on dask's threaded scheduler: the same decoding and model calls plus the
@@ -78,8 +78,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         write_corpus(work / "corpus", args.images, args.size)
-        path = work / "restorer.pt"
-        torch.jit.save(torch.jit.script(Restorer(args.width).eval()), str(path))
+        path = work / "restorer.pt2"
+        sides = {2: torch.export.Dim("height", min=4), 3: torch.export.Dim("width", min=4)}
+        torch.export.save(torch.export.export(Restorer(args.width).eval(), (torch.rand(1, 3, 64, 64),), dynamic_shapes=(sides,)), path)
         model = model_file("restorer", path)
         module = loaded_model(model, args.device)  # loaded once, as predict's workers do
         image = iio.imread(next((work / "corpus" / "lq").iterdir()))

@@ -3,10 +3,11 @@
 No download: only photos that ship inside scikit-image are used. Each is cropped to a different
 size (so the corpus is ragged, as real test sets are) and blurred with a Gaussian point-spread
 function plus sensor noise (the `lq` inputs). The "base models" are three classical restorers
-that fail in different ways, written as small torch modules and saved as TorchScript, so that the
-demo runs them through `predict` as a user runs their own models: Wiener deconvolution (ringing,
-amplified noise), Richardson-Lucy (slow convergence, halos) and total-variation denoising followed
-by unsharp masking (flat, cartoon-like regions; no real deconvolution).
+that fail in different ways, written as small torch modules and saved as `torch.export` programs
+(`.pt2`, any image size), so that the demo runs them through `predict` as a user runs their own
+models: Wiener deconvolution (ringing, amplified noise), Richardson-Lucy (slow convergence, halos)
+and total-variation denoising followed by unsharp masking (flat, cartoon-like regions; no real
+deconvolution).
 """
 
 from pathlib import Path
@@ -30,6 +31,7 @@ DEMO_MODELS = ("richardson_lucy", "tv_unsharp", "wiener")
 BLUR_SIGMA = 1.6
 NOISE_SIGMA = 3.0
 PAD = 12
+MIN_SIDE = 16  # the smallest image side the exported restorers take: reflect padding needs more than PAD
 PNG_COMPRESSION = 1  # zlib level: 4x faster than the default 6 for ~10% larger files; pixels are the same
 
 
@@ -48,26 +50,12 @@ def _photo(name: str) -> np.ndarray:
     return np.ascontiguousarray(image[top: top + height, left: left + width, :3])
 
 
-def _fast_length(n: int) -> int:
-    """The smallest length >= n with no prime factor above 5: FFTs of such lengths are fast (a
-    length like 2 x 53 takes several times longer)."""
-    rest = 0
-    while rest != 1:
-        rest = n
-        for factor in (2, 3, 5):
-            while rest % factor == 0:
-                rest = rest // factor
-        n += 1
-    return n - 1
-
-
 def _planes(x: torch.Tensor, pad: int) -> torch.Tensor:
-    """(N, C, H, W) as (N*C, 1, H', W'), reflect-padded by `pad` pixels and more at the bottom and
-    right up to FFT-friendly sizes: the restorers work per channel, and the padding keeps a dark
-    frame (zero padding) out of the deconvolutions."""
+    """(N, C, H, W) as (N*C, 1, H + 2 pad, W + 2 pad), reflect-padded: the restorers work per
+    channel, and the padding keeps a dark frame (zero padding) out of the deconvolutions. The
+    padded size follows the image's, so that one exported program runs on images of any size."""
     n, c, h, w = x.shape
-    bottom, right = _fast_length(h + 2 * pad) - h - pad, _fast_length(w + 2 * pad) - w - pad
-    return torch.nn.functional.pad(x.reshape(n * c, 1, h, w), [pad, right, pad, bottom], mode="reflect")
+    return torch.nn.functional.pad(x.reshape(n * c, 1, h, w), [pad] * 4, mode="reflect")
 
 
 def _unplanes(y: torch.Tensor, like: torch.Tensor, pad: int) -> torch.Tensor:
@@ -139,11 +127,12 @@ class TvUnsharp(torch.nn.Module):
         self.weight, self.iterations, self.amount, self.radius = weight, iterations, amount, radius
 
     def denoise(self, image: torch.Tensor) -> torch.Tensor:
-        """Chambolle's dual projection on (N, 1, H, W) planes."""
-        p_rows, p_cols = torch.zeros_like(image), torch.zeros_like(image)
-        out = image
+        """Chambolle's dual projection on (N, 1, H, W) planes. The iterations run in a
+        `torch.while_loop`, which an exported program holds once: unrolled, they would be a graph
+        of some 1,500 nodes that takes seconds to load in every worker."""
         tau = 0.25
-        for _ in range(self.iterations):
+
+        def step(i: torch.Tensor, p_rows: torch.Tensor, p_cols: torch.Tensor, out: torch.Tensor):
             divergence = -(p_rows + p_cols)
             divergence[:, :, 1:, :] += p_rows[:, :, :-1, :]
             divergence[:, :, :, 1:] += p_cols[:, :, :, :-1]
@@ -152,9 +141,10 @@ class TvUnsharp(torch.nn.Module):
             g_rows[:, :, :-1, :] = out[:, :, 1:, :] - out[:, :, :-1, :]
             g_cols[:, :, :, :-1] = out[:, :, :, 1:] - out[:, :, :, :-1]
             norm = 1.0 + tau / self.weight * torch.sqrt(g_rows ** 2 + g_cols ** 2)
-            p_rows = (p_rows - tau * g_rows) / norm
-            p_cols = (p_cols - tau * g_cols) / norm
-        return out
+            return i + 1, (p_rows - tau * g_rows) / norm, (p_cols - tau * g_cols) / norm, out
+
+        start = (torch.zeros((), dtype=torch.int64), torch.zeros_like(image), torch.zeros_like(image), image.clone())
+        return torch.while_loop(lambda i, *_: i < self.iterations, step, start)[3]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
@@ -172,14 +162,22 @@ def demo_restorers() -> dict[str, torch.nn.Module]:
     return {"richardson_lucy": RichardsonLucy(psf), "tv_unsharp": TvUnsharp(), "wiener": Wiener(psf)}
 
 
+def export_program(module: torch.nn.Module) -> torch.export.ExportedProgram:
+    """`module` exported for (N, C, H, W) batches of any count, channels and size (sides from
+    `MIN_SIDE`): what `save_demo_models` saves."""
+    sizes = {0: torch.export.Dim("batch"), 1: torch.export.Dim("channels"),
+             2: torch.export.Dim("height", min=MIN_SIDE), 3: torch.export.Dim("width", min=MIN_SIDE)}
+    return torch.export.export(module.eval(), (torch.rand(2, 3, 64, 80),), dynamic_shapes=(sizes,))
+
+
 def save_demo_models(directory) -> dict[str, Path]:
-    """Save the demo's restorers as TorchScript files `<directory>/<name>.pt` (what `predict` runs)."""
+    """Save the demo's restorers as `torch.export` programs `<directory>/<name>.pt2` (what `predict` runs)."""
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, module in demo_restorers().items():
-        paths[name] = folder / f"{name}.pt"
-        torch.jit.save(torch.jit.script(module.eval()), str(paths[name]))
+        paths[name] = folder / f"{name}.pt2"
+        torch.export.save(export_program(module), paths[name])
     return paths
 
 

@@ -2,16 +2,17 @@
 
 What `ensir-flow predict` runs on its workers; no Dask and no stores here.
 
-Model files are TorchScript archives (`torch.jit.save`) or `torch.export` programs (`.pt2`, from
-`torch.export.save`). Both are zip archives that hold pickles, and unpickling can run code:
-`torch.jit.load` unpickles with TorchScript's own (C++) unpickler, which only builds tensors and
-TorchScript classes, but `torch.export.load` unpickles weights and constants with
-`torch.load(weights_only=False)` and `pickle.loads` (torch 2.13, `torch/export/pt2_archive/
-_package.py`). So every file is checked before torch sees it (`check_model_file`): it must be a zip
-archive of one of the two kinds, and every pickle in it (nested archives included) may name only
-the globals that `torch.load(weights_only=True)` allows, TorchScript's own `__torch__` classes and
-`torch.jit._pickle` helpers; the check reads the pickles' opcodes, it never unpickles. A plain
-pickle or a `torch.save` checkpoint is refused.
+Model files are `torch.export` programs (`.pt2`, from `torch.export.save`) or TorchScript archives
+(`torch.jit.save`: deprecated by torch, still loaded, and torch's deprecation warning is not passed
+on to a user who has nothing to change while the file loads). Both are zip archives that hold
+pickles, and unpickling can run code: `torch.jit.load` unpickles with TorchScript's own (C++)
+unpickler, which only builds tensors and TorchScript classes, but `torch.export.load` unpickles
+weights and constants with `torch.load(weights_only=False)` and `pickle.loads` (torch 2.13,
+`torch/export/pt2_archive/_package.py`). So every file is checked before torch sees it
+(`check_model_file`): it must be a zip archive of one of the two kinds, and every pickle in it
+(nested archives included) may name only the globals that `torch.load(weights_only=True)` allows,
+TorchScript's own `__torch__` classes and `torch.jit._pickle` helpers; the check reads the
+pickles' opcodes, it never unpickles. A plain pickle or a `torch.save` checkpoint is refused.
 
 Each process keeps the models it loaded (`loaded_model`), keyed by (path, SHA-256, device), so a
 worker loads each model once, however many images it runs; the least recently used are dropped
@@ -22,6 +23,7 @@ import hashlib
 import io
 import pickletools
 import threading
+import warnings
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -34,6 +36,9 @@ from .images import file_sha256
 
 #: Scales of a model's input and output pixels, by the names `--range` takes: what 255 becomes.
 VALUE_RANGES = {"0-1": 255.0, "0-255": 1.0}
+
+#: What torch.jit.load warns on every call (torch 2.13: deprecated; Python 3.14: unsupported).
+TORCHSCRIPT_LOAD_WARNING = r"`torch\.jit\.load` is "
 
 #: Globals TorchScript's unpickler resolves itself (never imported as Python): its classes and helpers.
 TORCHSCRIPT_PREFIXES = ("__torch__.", "torch.jit._pickle.")
@@ -152,26 +157,37 @@ def model_kind(names: list[str]) -> str | None:
 
 
 def check_model_file(path, content: io.BytesIO | None = None) -> str:
-    """Refuse, with an InputError naming `path`, a file that is not a TorchScript archive or a
-    torch.export program, or that holds a pickle naming a global outside what torch's safe loaders
-    build; return its kind ('torchscript' or 'export'). Nothing in the file is run or unpickled.
-    `content`: the file's bytes already read (checked instead of reading `path`)."""
+    """Refuse, with an InputError naming `path`, a file that is not a torch.export program or a
+    TorchScript archive (a damaged or truncated one included), or that holds a pickle naming a
+    global outside what torch's safe loaders build; return its kind ('torchscript' or 'export').
+    Nothing in the file is run or unpickled. `content`: the file's bytes already read (checked
+    instead of reading `path`)."""
     source = path if content is None else content
     if content is None and not Path(path).is_file():
         raise InputError(f"{path}: {'not a file' if Path(path).exists() else 'model file not found'}")
     if not zipfile.is_zipfile(source):
-        raise InputError(f"{path}: not a TorchScript archive or torch.export program (a plain pickle? refused: loading "
-                         "it could run code); save the model with torch.jit.save or torch.export.save")
+        if _head(source).startswith(b"PK\x03\x04"):
+            raise InputError(f"{path}: a damaged or truncated zip archive, not a loadable model; copy or save it again")
+        raise InputError(f"{path}: not a torch.export program or TorchScript archive (a plain pickle? refused: loading "
+                         "it could run code); save the model with torch.export.save")
     with zipfile.ZipFile(source) as archive:
         kind = model_kind(archive.namelist())
         if kind is None:
-            raise InputError(f"{path}: a zip archive but neither TorchScript nor a torch.export program (a torch.save "
-                             "checkpoint? refused: it needs the model's Python code); save the model with torch.jit.save "
-                             "or torch.export.save")
+            raise InputError(f"{path}: a zip archive but neither a torch.export program nor TorchScript (a torch.save "
+                             "checkpoint? refused: it needs the model's Python code); save the model with "
+                             "torch.export.save")
         problem = _archive_problem(archive, _allowed_globals())
     if problem:
         raise InputError(f"{path}: refused, loading it could run code: {problem}")
     return kind
+
+
+def _head(source) -> bytes:
+    """The first four bytes of a path or a bytes buffer (left at its start)."""
+    if isinstance(source, io.BytesIO):
+        return source.getvalue()[:4]
+    with open(source, "rb") as file:
+        return file.read(4)
 
 
 def _load(model: ModelFile, device: str):
@@ -186,7 +202,9 @@ def _load(model: ModelFile, device: str):
     kind = check_model_file(model.path, io.BytesIO(content))
     try:
         if kind == "torchscript":
-            module = torch.jit.load(io.BytesIO(content), map_location=device)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=TORCHSCRIPT_LOAD_WARNING, category=DeprecationWarning)
+                module = torch.jit.load(io.BytesIO(content), map_location=device)
         else:
             module = torch.export.load(io.BytesIO(content)).module().to(device)
     except Exception as error:  # noqa: BLE001 - whatever torch raises on a file it cannot load

@@ -1,8 +1,9 @@
 """The quick-start job: the whole workflow on a demo corpus built from scikit-image's sample photos.
 
 From degraded inputs and model files, as a user starts: the three restorers are saved as
-TorchScript and run by `predict`. Half the images are the reference set (fit), the other half are
-held out (apply, evaluate), so the figures it prints are out-of-sample, as a user's would be.
+`torch.export` programs and run by `predict`. Half the images are the reference set (fit), the
+other half are held out (apply, evaluate), so the figures it prints are out-of-sample, as a user's
+would be.
 """
 
 import shutil
@@ -59,7 +60,7 @@ def plan_demo(directory, overwrite: bool = False) -> Plan:
                 f"choosing a solver: all images, 3-fold cross-validation\n{comparison.table()}")
 
     details = {"directory": str(root), "corpus": "scikit-image sample photos, blurred + noise, 3 classical restorers "
-                                                 "(TorchScript files)",
+                                                 "(torch.export programs)",
                "steps": f"predict reference + held-out halves, fit (em, bin width {DEFAULT_BIN_WIDTH}), apply + export, evaluate; "
                         "then 3-fold cross-validation of em and lsq on all images"}
     return Plan("demo: the whole workflow on an embedded corpus", details, execute)

@@ -29,15 +29,20 @@ def test_corpus_is_ragged_paired_deterministic_and_restores(tmp_path):
     assert 6 <= len(stems) <= 8
     for folder in ("gt", "lq"):
         assert sorted(p.name for p in (root / folder).iterdir()) == [f"{s}.png" for s in stems], folder
-    # the base models are TorchScript files that predict accepts; their outputs as predict computes them
+    # the base models are torch.export programs that predict accepts; their outputs as predict computes them
     paths = save_demo_models(tmp_path / "models")
     models = list(paths)
-    assert models == list(DEMO_MODELS) and all(check_model_file(path) == "torchscript" for path in paths.values())
+    assert models == list(DEMO_MODELS) and all(check_model_file(path) == "export" and path.suffix == ".pt2"
+                                               for path in paths.values())
     images = {(folder, s): iio.imread(root / folder / f"{s}.png") for folder in ("gt", "lq") for s in stems}
+    gray = images["lq", stems[0]][:37, :61, :1]
     for name, path in paths.items():
         module = loaded_model(model_file(name, path), "cpu")
         for s in stems:
             images[name, s] = predict_image(module, images["lq", s], Inference(), 0, name)
+        # exported for any batch, channel count and size: batches of tiles, a small grayscale image
+        tiled = predict_image(module, gray, Inference(tile=24, overlap=4, batch=3), 0, name)
+        assert tiled.shape == gray.shape and tiled.dtype == np.uint8, name
     for (folder, stem), image in images.items():
         assert image.dtype == np.uint8 and image.shape == images["gt", stem].shape, (folder, stem)
     shapes = [images["gt", s].shape for s in stems]

@@ -1,11 +1,16 @@
 """`predict`: base models run on the degraded inputs, straight into a store that fit, apply and
-evaluate take as they take an ingested one. The models are small ones the tests build and save."""
+evaluate take as they take an ingested one. The models are small ones the tests build and save as
+`torch.export` programs; TorchScript files, deprecated by torch, are made only where a test checks
+that they still load."""
 
+import hashlib
 import os
 import pickle
 import shutil
 import subprocess
 import sys
+import warnings
+import zipfile
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -68,14 +73,23 @@ class Broken(torch.nn.Module):
 
 
 def save_script(module, path) -> Path:
-    torch.jit.save(torch.jit.script(module.eval()), str(path))
+    """`module` as a TorchScript file; torch's deprecation warnings for making one are the test's
+    own doing, so they are silenced here (and only here)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.(script|save)` is ", category=DeprecationWarning)
+        torch.jit.save(torch.jit.script(module.eval()), str(path))
     return Path(path)
 
 
-def save_export(module, path) -> Path:
-    side = {2: torch.export.Dim("h", min=2, max=4096), 3: torch.export.Dim("w", min=2, max=4096)}
-    program = torch.export.export(module.eval(), (torch.rand(1, 3, 24, 24),), dynamic_shapes=(side,))
-    torch.export.save(program, str(path))
+def export(module, channels: int = 3, dynamic: bool = True) -> torch.export.ExportedProgram:
+    """`module` exported for batches of any count and image size (`dynamic`), or for (1, channels, 24, 24) alone."""
+    sizes = {0: torch.export.Dim("n"), 2: torch.export.Dim("h", min=4), 3: torch.export.Dim("w", min=4)}
+    example = torch.rand(2 if dynamic else 1, channels, 24, 24)
+    return torch.export.export(module.eval(), (example,), dynamic_shapes=(sizes,) if dynamic else None)
+
+
+def save_export(module, path, channels: int = 3, dynamic: bool = True) -> Path:
+    torch.export.save(export(module, channels, dynamic), str(path))
     return Path(path)
 
 
@@ -92,8 +106,7 @@ def inputs(tmp_path):
 def models(tmp_path):
     folder = tmp_path / "models"
     folder.mkdir()
-    return {"a": save_script(ConvNet(1), folder / "a.pt"), "b": save_export(ConvNet(2), folder / "b.pt2"),
-            "c": save_script(ConvNet(3), folder / "c.pt")}
+    return {name: save_export(ConvNet(seed), folder / f"{name}.pt2") for name, seed in (("a", 1), ("b", 2), ("c", 3))}
 
 
 def _model_args(models):
@@ -113,8 +126,7 @@ def test_predict_then_fit_equals_png_then_ingest_then_fit(tmp_path, inputs, mode
     # the same models in a plain loop, saved as PNGs, then ingested
     by_hand = tmp_path / "by-hand"
     shutil.copytree(inputs, by_hand)
-    loaded = {"a": torch.jit.load(str(models["a"])), "b": torch.export.load(str(models["b"])).module(),
-              "c": torch.jit.load(str(models["c"]))}
+    loaded = {name: torch.export.load(str(path)).module() for name, path in models.items()}
     for name, module in loaded.items():
         (by_hand / name).mkdir()
         for path in sorted((inputs / "lq").iterdir()):
@@ -145,7 +157,7 @@ def test_predict_then_fit_equals_png_then_ingest_then_fit(tmp_path, inputs, mode
 def test_tiles_equal_whole_images_when_the_overlap_covers_the_receptive_field():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
-    module = torch.jit.script(ConvNet(4).eval())
+    module = export(ConvNet(4)).module()
     whole = predict_image(module, image, Inference(), 0, "whole")
     for tile, batch in ((2 * RADIUS + 1, 1), (16, 1), (16, 4), (30, 3)):
         tiled = predict_image(module, image, Inference(tile=tile, overlap=RADIUS, batch=batch), 0, "tiled")
@@ -186,10 +198,16 @@ class Evil:
         return (Path.touch, (Path(self.target),))
 
 
+def _rewrite(source, destination, member, data) -> Path:
+    """A copy of the zip archive `source` whose members ending in `member` hold `data`."""
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(destination, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, data if info.filename.endswith(member) else zin.read(info.filename))
+    return Path(destination)
+
+
 def _crafted_files(tmp_path, models) -> dict[str, Path]:
     """Model files that would create tmp_path/pwned if torch loaded them."""
-    import zipfile
-
     target = tmp_path / "pwned"
     evil = tmp_path / "evil"
     evil.mkdir()
@@ -198,16 +216,10 @@ def _crafted_files(tmp_path, models) -> dict[str, Path]:
     for name in ("plain pickle .pt", "plain pickle .pt2"):
         files[name].write_bytes(pickle.dumps(Evil(target)))
     torch.save({"weights": Evil(target)}, files["torch.save .pt"])
-
-    def rewrite(source, destination, member, data):
-        with zipfile.ZipFile(source) as zin, zipfile.ZipFile(destination, "w") as zout:
-            for info in zin.infolist():
-                zout.writestr(info.filename, data if info.filename.endswith(member) else zin.read(info.filename))
-        return destination
-
-    files["TorchScript with a foreign data.pkl"] = rewrite(models["a"], evil / "script.pt", "/data.pkl",
+    script = save_script(ConvNet(1), evil / "clean.pt")
+    files["TorchScript with a foreign data.pkl"] = _rewrite(script, evil / "script.pt", "/data.pkl",
                                                             pickle.dumps(Evil(target), protocol=2))
-    files["torch.export with a foreign sample input"] = rewrite(models["b"], evil / "export.pt2", "sample_inputs/model.pt",
+    files["torch.export with a foreign sample input"] = _rewrite(models["b"], evil / "export.pt2", "sample_inputs/model.pt",
                                                                 files["torch.save .pt"].read_bytes())
     return files
 
@@ -227,11 +239,46 @@ def test_model_files_that_would_run_code_are_refused_without_running_it(tmp_path
         assert result.exit_code == 1 and str(path) in result.stderr and len(result.stderr.strip().splitlines()) == 1, what
         assert not (tmp_path / "pwned").exists(), what
         assert not (tmp_path / "s.zarr").exists()
-    assert check_model_file(models["a"]) == "torchscript" and check_model_file(models["b"]) == "export"
+    assert check_model_file(models["a"]) == "export" and check_model_file(save_script(ConvNet(1), tmp_path / "a.pt")) == "torchscript"
+
+
+def test_a_damaged_or_truncated_export_is_refused_in_one_line_naming_it(tmp_path, inputs, models, invoke):
+    whole = models["a"].read_bytes()
+    truncated = tmp_path / "truncated.pt2"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    damaged = _rewrite(models["a"], tmp_path / "damaged.pt2", "models/model.json", b'{"not": "a program"')
+    for path, says in ((truncated, "a damaged or truncated zip archive"), (damaged, "model 'a' cannot be loaded (")):
+        result = invoke("predict", inputs, tmp_path / "s.zarr", "--model", f"a={path}", "--no-progress")
+        line = result.stderr.strip()
+        assert result.exit_code == 1 and len(line.splitlines()) == 1 and f"{path}: " in line and says in line, line
+        assert not (tmp_path / "s.zarr").exists()
+
+
+def test_torchscript_still_loads_without_a_warning_and_gives_the_bytes_of_torch_export(tmp_path, inputs, invoke):
+    """The same models as TorchScript (.pt, deprecated by torch) and torch.export (.pt2) files:
+    predict's outputs are the same bytes, the .pt2's provenance is its path and SHA-256 as for any
+    file, and loading the .pt passes no deprecation warning on to the user."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    stores = {}
+    for suffix, save in ((".pt", save_script), (".pt2", save_export)):
+        files = {"conv": save(ConvNet(9), folder / f"conv{suffix}"), "noisy": save(Noisy(), folder / f"noisy{suffix}")}
+        stores[suffix] = tmp_path / f"{suffix[1:]}.zarr"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = invoke("predict", inputs, stores[suffix], *_model_args(files), "--samples", 2, "--no-progress")
+        assert result.exit_code == 0 and "deprecat" not in result.output.lower(), result.output
+        assert not [str(w.message) for w in caught if "torch.jit" in str(w.message)], suffix
+        recorded = xr.open_zarr(stores[suffix]).attrs["model_files"]
+        assert recorded == {name: {"file": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+                            for name, path in files.items()}
+    script, exported = (xr.open_zarr(stores[suffix]) for suffix in (".pt", ".pt2"))
+    assert script["prediction"].values.tobytes() == exported["prediction"].values.tobytes()
+    assert (script["prediction"].values[0] != script["prediction"].values[2]).any()  # the models differ
 
 
 def test_samples_are_seeded_by_image_and_sample(tmp_path, inputs, invoke):
-    noisy = save_script(Noisy(), tmp_path / "noisy.pt")
+    noisy = save_export(Noisy(), tmp_path / "noisy.pt2")
     args = ["--model", f"n={noisy}", "--samples", 3, "--no-progress"]
     assert invoke("predict", inputs, tmp_path / "one.zarr", *args).exit_code == 0
     assert invoke("predict", inputs, tmp_path / "two.zarr", *args, "--scheduler", "threads").exit_code == 0
@@ -255,7 +302,7 @@ def test_super_resolution_is_checked_against_scale(tmp_path, invoke):
     root = tmp_path / "sr"
     make_corpus(root, n_models=1, inputs_scale=2, sizes=((24, 32), (18, 30)))
     shutil.rmtree(root / "model0")
-    up = save_script(Upscale(), tmp_path / "up.pt")
+    up = save_export(Upscale(), tmp_path / "up.pt2")
     result = invoke("predict", root, tmp_path / "s.zarr", "--model", f"up={up}", "--scale", 2, "--no-progress")
     assert result.exit_code == 0, result.output
     ds = xr.open_zarr(tmp_path / "s.zarr")
@@ -265,11 +312,17 @@ def test_super_resolution_is_checked_against_scale(tmp_path, invoke):
     assert wrong.exit_code == 1 and "gt" in wrong.stderr and "--scale 1" in wrong.stderr  # gt is twice lq's size
 
 
-@pytest.mark.parametrize("how, says", [("raises", "the model failed (builtins.RuntimeError: boom)"), ("shape", "returned (1, 3,"),
-                                       ("nan", "NaN"), ("channels", "wrong channel count"),
+@pytest.mark.parametrize("how, says", [("raises", "the model failed (builtins.RuntimeError: boom)"),
+                                       ("one size", "the model failed (Guard failed: x.size()[2] == 24)"),
+                                       ("shape", "returned (1, 3,"), ("nan", "NaN"), ("channels", "wrong channel count"),
                                        ("uint8", "returned torch.uint8 values, expected floating point in 0..1")])
 def test_a_failing_model_is_named_with_the_image_and_nothing_is_written(tmp_path, inputs, models, invoke, how, says):
-    broken = save_script(Broken(how), tmp_path / f"{how}.pt")
+    if how == "raises":  # an exception cannot be exported; TorchScript's interpreter puts its own header before it
+        broken = save_script(Broken(how), tmp_path / f"{how}.pt")
+    elif how == "one size":  # exported for 24x24 images alone: the program's shape guard fails on the others
+        broken = save_export(ConvNet(1), tmp_path / "one-size.pt2", dynamic=False)
+    else:
+        broken = save_export(Broken(how), tmp_path / f"{how}.pt2")
     result = invoke("predict", inputs, tmp_path / "s.zarr", "--model", f"a={models['a']}", "--model", f"bad={broken}",
                     "--no-progress")
     assert result.exit_code == 1, result.output
@@ -291,11 +344,11 @@ def test_model_names_of_evaluated_combinations_and_missing_files_are_refused(tmp
 def test_a_model_file_swapped_between_plan_and_run_is_refused(tmp_path, inputs, models):
     """The plan hashes each model file; a worker that reads other bytes refuses them, so a store never
     holds outputs of a model its provenance does not name."""
-    swapped = tmp_path / "swapped.pt"
+    swapped = tmp_path / "swapped.pt2"
     shutil.copy(models["a"], swapped)
     plan = plan_predict(inputs, str(tmp_path / "s.zarr"), [model_file("a", swapped)])
     shutil.copy(models["c"], swapped)
-    with pytest.raises(InputError, match="swapped.pt: model 'a' changed while the run was under way"):
+    with pytest.raises(InputError, match="swapped.pt2: model 'a' changed while the run was under way"):
         plan.run()
     assert not (tmp_path / "s.zarr").exists()
 
@@ -303,7 +356,7 @@ def test_a_model_file_swapped_between_plan_and_run_is_refused(tmp_path, inputs, 
 def test_each_model_is_loaded_once_per_process(tmp_path, inputs):
     folder = tmp_path / "fresh"
     folder.mkdir()
-    fresh = [model_file("x", save_script(ConvNet(5), folder / "x.pt")), model_file("y", save_export(ConvNet(6), folder / "y.pt2"))]
+    fresh = [model_file(name, save_export(ConvNet(seed), folder / f"{name}.pt2")) for name, seed in (("x", 5), ("y", 6))]
     before = models_loaded()
     plan_predict(inputs, str(tmp_path / "s.zarr"), fresh, chunk_pixels=300).run()  # 3 images, dask's threads
     assert models_loaded() - before == 2
@@ -364,7 +417,7 @@ def test_grayscale_inputs_run_as_one_channel(tmp_path, invoke):
     root = tmp_path / "gray"
     make_corpus(root, n_models=1, inputs_scale=1, channels=1)
     shutil.rmtree(root / "model0")
-    identity = save_script(torch.nn.Identity(), tmp_path / "identity.pt")
+    identity = save_export(torch.nn.Identity(), tmp_path / "identity.pt2", channels=1)
     for value_range in ("0-1", "0-255"):
         store = tmp_path / f"{value_range}.zarr"
         result = invoke("predict", root, store, "--model", f"same={identity}", "--range", value_range, "--no-progress")
@@ -377,7 +430,7 @@ def test_grayscale_inputs_run_as_one_channel(tmp_path, invoke):
 def test_models_beyond_the_memory_budget_are_dropped_least_recently_used_first(tmp_path, monkeypatch):
     from ensir_flow import models as model_files
 
-    x, y = (model_file(name, save_script(ConvNet(seed), tmp_path / f"{name}.pt")) for name, seed in (("x", 7), ("y", 8)))
+    x, y = (model_file(name, save_export(ConvNet(seed), tmp_path / f"{name}.pt2")) for name, seed in (("x", 7), ("y", 8)))
     size = sum(p.numel() * p.element_size() for p in ConvNet(7).parameters())
     monkeypatch.setattr(model_files, "_memory_budget", lambda device: size)  # room for one model
     before = models_loaded()
@@ -392,7 +445,7 @@ def test_models_beyond_the_memory_budget_are_dropped_least_recently_used_first(t
 
 @pytest.mark.slow
 def test_a_cluster_of_processes_gives_the_bytes_of_threads(tmp_path, inputs, models, invoke):
-    noisy = save_script(Noisy(), tmp_path / "noisy.pt")
+    noisy = save_export(Noisy(), tmp_path / "noisy.pt2")
     args = ["--model", f"a={models['b']}", "--model", f"n={noisy}", "--samples", 2, "--chunk-pixels", 400, "--no-progress"]
     assert invoke("predict", inputs, tmp_path / "threads.zarr", *args, "--scheduler", "threads").exit_code == 0
     result = invoke("predict", inputs, tmp_path / "local.zarr", *args, "--scheduler", "local", "--json")

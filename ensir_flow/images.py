@@ -39,7 +39,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import fsspec
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, first_line
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 #: The Pillow formats of those extensions (an MPO, a JPEG with previews appended, opens as JPEG).
@@ -142,7 +142,7 @@ def _check_regular_file(path: Path) -> None:
         problem = _regular_file_problem(path.stat().st_mode)
     except OSError as error:
         broken_link = isinstance(error, FileNotFoundError) and path.is_symlink()
-        problem = "a link to nothing" if broken_link else f"cannot be read ({error.strerror or _first_line(error)})"
+        problem = "a link to nothing" if broken_link else f"cannot be read ({error.strerror or first_line(error)})"
     if problem is not None:
         raise InputError(f"{printable(path)}: {problem}")
 
@@ -239,7 +239,7 @@ def _open_regular(path, failure: str):
     try:
         descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except OSError as error:
-        raise InputError(f"{printable(path)}: {failure} ({_first_line(error)})") from None
+        raise InputError(f"{printable(path)}: {failure} ({first_line(error)})") from None
     problem = _regular_file_problem(os.fstat(descriptor).st_mode)
     if problem is not None:
         os.close(descriptor)
@@ -265,7 +265,7 @@ def _open_image(file, path, failure: str):
         image = Image.open(file, formats=PILLOW_FORMATS)
         frames = 1 if image.format == "MPO" else getattr(image, "n_frames", 1)
     except Exception as error:
-        raise InputError(f"{printable(path)}: {failure} ({_first_line(error)})") from None
+        raise InputError(f"{printable(path)}: {failure} ({first_line(error)})") from None
     if frames != 1:
         raise InputError(f"{printable(path)}: has {frames} frames (an animation or a multi-page file); refusing to pick "
                          "one (save the frame you mean as an image of its own)")
@@ -301,7 +301,7 @@ def _orientation(image, path) -> int:
         orientation = Image.Image.getexif(image).get(ORIENTATION_TAG, 1)
         return orientation if orientation in UPRIGHT else 1
     except Exception as error:
-        raise InputError(f"{printable(path)}: unreadable EXIF, so its orientation is unknown ({_first_line(error)})") from None
+        raise InputError(f"{printable(path)}: unreadable EXIF, so its orientation is unknown ({first_line(error)})") from None
 
 
 def read_image(path, expected: ImageInfo) -> np.ndarray:
@@ -321,7 +321,7 @@ def _file_bytes(path) -> bytes:
         try:
             return file.read()
         except OSError as error:
-            raise InputError(f"{printable(path)}: cannot decode image ({_first_line(error)})") from None
+            raise InputError(f"{printable(path)}: cannot decode image ({first_line(error)})") from None
 
 
 #: How refusals name the kind of image whose transparency they refuse, by Pillow mode (else the mode).
@@ -341,7 +341,7 @@ def decode_image(data: bytes, path, expected: ImageInfo) -> np.ndarray:
             upright = upright.transpose(Image.Transpose[UPRIGHT[orientation]])
         pixels = np.asarray(upright)
     except Exception as error:
-        raise InputError(f"{printable(path)}: cannot decode image ({_first_line(error)})") from None
+        raise InputError(f"{printable(path)}: cannot decode image ({first_line(error)})") from None
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
     if pixels.shape[2] in (2, 4):  # alpha last
@@ -454,8 +454,3 @@ def file_sha256(path) -> str:
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

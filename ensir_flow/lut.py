@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 from .binning import (all_digits, bin_count, digits_of_words, flat_bins_of_digits, flat_bins_of_edges, flat_index_fits,
                       ranges_per_model, words_of_digits)
 from .blend import INDEXED_BINS_LIMIT, HashedWeights, IndexedWeights, weights_with_fallback
-from .errors import InputError
+from .errors import InputError, first_line
 from .fit_status import FLAG_MEANINGS, FitStatus
 from .schema import CHANNEL_NAMES, is_integer
 from .solvers import DEFAULT_SOLVER, EMPTY_POLICY, FITTABLE, IMPORTED, REGISTRY, fittable
@@ -476,8 +476,7 @@ def read_paper_lut(path, models: list[str], bin_width: int) -> Lut:
     try:
         table = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, ... for unsafe or broken files
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"{path}: not a loadable weights-only EnsIR LUT ({first_line})") from None
+        raise InputError(f"{path}: not a loadable weights-only EnsIR LUT ({first_line(error)})") from None
     if not isinstance(table, dict) or not table:
         raise InputError(f"{path}: expected a non-empty dict of bin edges to weights")
     n_models = len(models)

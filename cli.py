@@ -5,7 +5,8 @@ import errno
 import json
 import math
 import re
-import sys
+import signal
+import threading
 
 import click
 
@@ -19,8 +20,9 @@ from ensir_flow.models import VALUE_RANGES
 from ensir_flow.images import DEFAULT_PNG_COMPRESSION
 from ensir_flow.lut import DEFAULT_PASS_MEMORY_MIB, DEFAULT_SOLVER, SOLVERS
 from ensir_flow.solvers import REGISTRY
-from ensir_flow.pipelines.executor import (DASHBOARD_ADDRESS_ENV, DEFAULT_DASHBOARD_ADDRESS, DEFAULT_WORKER_TIMEOUT,
-                                           SCHEDULER_ENV, WORKER_TIMEOUT_ENV, check_dashboard_address, quiet_libraries)
+from ensir_flow.pipelines.executor import (DASHBOARD_ADDRESS_ENV, DEFAULT_DASHBOARD_ADDRESS, DEFAULT_PROGRESS_INTERVAL,
+                                           DEFAULT_WORKER_TIMEOUT, SCHEDULER_ENV, WORKER_TIMEOUT_ENV, check_dashboard_address,
+                                           close_local_cluster, quiet_libraries)
 
 #: Exit status of a failure worth retrying as it is (sysexits.h's EX_TEMPFAIL).
 EX_TEMPFAIL = 75
@@ -93,13 +95,63 @@ def one_line_errors(location=None):
                                    f"{_one_line(error)})") from None
 
 
+#: The line an interrupted command ends with, and its exit codes (128 + the signal's number, as a
+#: shell reports a process the signal ended).
+INTERRUPTED = "interrupted: re-run the same command to resume"
+EXIT_INTERRUPTED = {signal.SIGINT: 128 + signal.SIGINT, signal.SIGTERM: 128 + signal.SIGTERM}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where SIGINT raises KeyboardInterrupt: the run stops the same way (what
+    is staged kept, as after a kill, for the same command to resume)."""
+
+
+class Interrupted(click.ClickException):
+    """A run stopped by SIGINT (Ctrl-C) or SIGTERM: `INTERRUPTED` on stderr, exit 130 or 143."""
+
+    def __init__(self, signum: int):
+        super().__init__(INTERRUPTED)
+        self.exit_code = EXIT_INTERRUPTED[signum]
+
+    def show(self, file=None) -> None:
+        click.echo(self.message, err=True)
+
+
+@contextlib.contextmanager
+def interruptible():
+    """Within the block, SIGTERM raises `Terminated` (in the main thread; elsewhere signals
+    cannot be handled) and an interrupt of either kind ends the command as `Interrupted`, with
+    no traceback: pressed at a terminal, Ctrl-C reaches a local cluster's worker processes too,
+    which print nothing of it (`executor.local_cluster`)."""
+    def terminate(signum, frame):
+        raise Terminated
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    except Terminated:
+        raise Interrupted(signal.SIGTERM) from None
+    except KeyboardInterrupt:
+        raise Interrupted(signal.SIGINT) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 class _Command(click.Command):
-    """A command whose failures are one line and an exit code (`one_line_errors`)."""
+    """A command whose failures are one line and an exit code (`one_line_errors`), as is an
+    interrupt (`interruptible`); a local cluster it started is closed when it ends."""
 
     def invoke(self, ctx):
         given = [ctx.params.get(name) for name in OUTPUT_PARAMETERS.get(self.name, ())]
-        with one_line_errors(next((str(value) for value in given if value is not None), None)):
-            return super().invoke(ctx)
+        with interruptible():
+            try:
+                with one_line_errors(next((str(value) for value in given if value is not None), None)):
+                    return super().invoke(ctx)
+            finally:
+                close_local_cluster()
 
 
 class _Group(click.Group):
@@ -111,11 +163,10 @@ class _Group(click.Group):
 
 def _run_options(scheduler, worker_timeout, no_progress, dry_run) -> api.RunOptions:
     """The API's `RunOptions` from the shared options: progress is a bar on a terminal and plain
-    timestamped lines every --progress-interval seconds in a log or a scheduler's capture."""
+    timestamped lines every --progress-interval seconds in a log or a scheduler's capture (the
+    API's rule for a number of seconds)."""
     meta = click.get_current_context().meta
-    progress = not no_progress
-    if progress and not sys.stderr.isatty():
-        progress = meta.get(PROGRESS_INTERVAL, DEFAULT_PROGRESS_INTERVAL)
+    progress = False if no_progress else meta.get(PROGRESS_INTERVAL, DEFAULT_PROGRESS_INTERVAL)
     return {"scheduler": scheduler, "worker_timeout": worker_timeout, "progress": progress, "dry_run": dry_run,
             "dashboard_address": meta.get(DASHBOARD_ADDRESS, DEFAULT_DASHBOARD_ADDRESS)}
 
@@ -164,7 +215,6 @@ json_option = click.option("--json", is_flag=True, expose_value=False, callback=
 
 
 PROGRESS_INTERVAL = "ensir_flow.progress_interval"
-DEFAULT_PROGRESS_INTERVAL = 30.0
 
 
 def _keep_progress_interval(ctx, _param, value):

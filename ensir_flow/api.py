@@ -10,15 +10,20 @@
     first = ensir_flow.image(ds, 0)                                       # (H, W, C) uint8
 
 Each command takes the options of its CLI command as keyword arguments, with the same defaults
-and the same refusals (`--bin-width` is `bin_width=`), and returns a small result object: its
-status (`written`, `updated`, `resumed`, `unchanged`, `scored`, or `planned` for `dry_run=True`),
-what it wrote, its counts and the seconds per stage; `to_json()` is the CLI's `--json` object.
+and the same refusals (`--bin-width` is `bin_width=`); a keyword it does not know is a TypeError
+naming it, as for any Python function. `config=` is the CLI's `--config`: an installed config's
+name or a YAML file whose values are the defaults of the keywords not given. Each returns a
+small result object: its status (`written`, `updated`, `resumed`, `unchanged`, `scored`, or
+`planned` for `dry_run=True`), what it wrote, its counts and the seconds per stage; `to_json()`
+is the CLI's `--json` object.
 
 Where the work runs (`RunOptions`): on `client=` when given; else on the active
 `dask.distributed.Client` when there is one (as other Dask code in a notebook does); else on
-`scheduler=` ('threads', 'local', tcp://host:port or a scheduler file), by default
-$ENSIR_FLOW_SCHEDULER or 'local', a cluster sized to this machine, started for the call (its
-dashboard link is printed on stderr).
+dask's threads in this process, unless `scheduler=` names a cluster: 'local' (a cluster sized to
+this machine, started by the first call that asks for it and kept for the later ones until the
+process ends; its dashboard link printed once on stderr), tcp://host:port or a scheduler file.
+(The CLI's own default is $ENSIR_FLOW_SCHEDULER, else 'local'.) Progress is a bar on stderr
+when it is a terminal, else timestamped lines, as the CLI shows it.
 
 Bad input raises `errors.InputError` (one line naming the file and the problem), a retryable
 failure `errors.TransientError`, conflicting options `UsageError`; nothing is then half-written.
@@ -27,6 +32,9 @@ failure `errors.TransientError`, conflicting options `UsageError`; nothing is th
 from __future__ import annotations
 
 import contextlib
+import difflib
+import functools
+import inspect
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -40,6 +48,7 @@ from .binning import DEFAULT_BIN_WIDTH
 from .errors import InputError
 from .images import DEFAULT_PNG_COMPRESSION
 from .lut import DEFAULT_PASS_MEMORY_MIB, DEFAULT_SOLVER, check_solver
+from .pipelines.executor import DEFAULT_DASHBOARD_ADDRESS, DEFAULT_WORKER_TIMEOUT
 from .solvers import REGISTRY
 
 if TYPE_CHECKING:  # each command imports what it uses: evaluate, for one, needs no xarray
@@ -61,13 +70,18 @@ class UsageError(ValueError):
 
 
 class RunOptions(TypedDict, total=False):
-    """Where and how a command runs: the CLI's shared options.
+    """Where and how a command runs: the CLI's shared options, keyword arguments of every command
+    that computes (defaults in `RUN_DEFAULTS`).
 
-    scheduler: 'threads', 'local', tcp://host:port or a scheduler file (`--scheduler`); default:
-        the active distributed Client, else $ENSIR_FLOW_SCHEDULER, else 'local'.
+    scheduler: where, when neither `client` nor an active distributed Client is there: None
+        (default) dask's threads in this process; 'threads' the same; 'local' this process's
+        local cluster (started once, reused by later calls); tcp://host:port or a scheduler file
+        a running cluster (`--scheduler`, whose default is another: $ENSIR_FLOW_SCHEDULER, else
+        'local').
     client: a `distributed.Client` to run on (wins over `scheduler`).
-    progress: True a progress bar on stderr, a number of seconds plain timestamped lines at most
-        that often (for logs), False none (`--no-progress`). Default True.
+    progress: True (default) a bar on stderr when it is a terminal, else timestamped lines every
+        30 s (for logs); a number of seconds the same, with lines at most that often
+        (`--progress-interval`); False none (`--no-progress`).
     worker_timeout: on a cluster, give up (TransientError) when no worker has been connected for
         this many seconds; 0 or None: wait for ever (`--worker-timeout`, default 600).
     dashboard_address: where a local cluster serves its Dask dashboard (`--dashboard-address`,
@@ -81,6 +95,62 @@ class RunOptions(TypedDict, total=False):
     worker_timeout: float | None
     dashboard_address: str | None
     dry_run: bool
+
+
+#: The defaults of `RunOptions`, keyword by keyword.
+RUN_DEFAULTS: RunOptions = {"scheduler": None, "client": None, "progress": True, "worker_timeout": DEFAULT_WORKER_TIMEOUT,
+                            "dashboard_address": DEFAULT_DASHBOARD_ADDRESS, "dry_run": False}
+
+
+def _command(function):
+    """`function`, a command, with the keywords of a Python function that knows them all: its own,
+    `config=` (`config_defaults`) and, in place of its `**run: Unpack[RunOptions]`, each run
+    option as a keyword of its own with its default (`RUN_DEFAULTS`), all in its signature (which
+    the reference documentation shows). Any other keyword is a TypeError naming it: a misspelt
+    option must not run the command with a default the caller did not choose."""
+    signature = inspect.signature(function)
+    own = [parameter for parameter in signature.parameters.values() if parameter.kind is not parameter.VAR_KEYWORD]
+    runs = len(own) < len(signature.parameters)
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    parameters = [*own, inspect.Parameter("config", keyword, default=None, annotation="str | os.PathLike | None")]
+    if runs:
+        parameters += [inspect.Parameter(name, keyword, default=RUN_DEFAULTS[name],
+                                         annotation=getattr(annotation, "__forward_arg__", annotation))
+                       for name, annotation in RunOptions.__annotations__.items()]
+    full = signature.replace(parameters=parameters)
+    keywords = [name for name, parameter in full.parameters.items() if parameter.kind is not parameter.POSITIONAL_ONLY]
+
+    @functools.wraps(function)
+    def command(*args, **kwargs):
+        for name in kwargs:
+            if name not in keywords:
+                close = difflib.get_close_matches(name, keywords, n=1)
+                raise TypeError(f"{function.__name__}() got an unexpected keyword argument {name!r}"
+                                + (f" (did you mean {close[0]!r}?)" if close else ""))
+        try:
+            given = full.bind(*args, **kwargs).arguments
+        except TypeError as error:
+            raise TypeError(f"{function.__name__}() {error}") from None
+        config = given.pop("config", None)
+        defaults = config_defaults(function.__name__, config) if config is not None else {}
+        values = {**defaults, **given}
+        run = {name: values.pop(name) for name in RunOptions.__annotations__ if name in values}
+        return function(**values, **run)
+
+    command.__signature__ = full
+    return command
+
+
+def config_defaults(command: str, config) -> dict[str, Any]:
+    """The keyword defaults that the task config `config` (an installed config's name or a YAML
+    file: `config.load_config`) sets for `command`, as `--config` sets the CLI's option defaults
+    (`config.command_defaults`); a config that cannot be used is a UsageError naming it."""
+    from .config import command_defaults, load_config
+
+    try:
+        return command_defaults(load_config(config)).get(command, {})
+    except InputError as error:
+        raise UsageError(str(error), option="--config") from None
 
 
 @dataclass(kw_only=True)
@@ -249,32 +319,37 @@ def _active_client():
 
 def _where(run: RunOptions) -> tuple[Any, str | None]:
     """(client, None) to run on a Client (`client=`, else with no `scheduler=` the active one),
-    else (None, scheduler): `scheduler=`, $ENSIR_FLOW_SCHEDULER or 'local'."""
-    from .pipelines.executor import SCHEDULER_ENV
-
+    else (None, scheduler): `scheduler=`, by default 'threads'."""
     client = run.get("client")
     if client is None and run.get("scheduler") is None:
         client = _active_client()
     if client is not None:
         return client, None
-    return None, run.get("scheduler") or os.environ.get(SCHEDULER_ENV, "local")
+    return None, run.get("scheduler") or "threads"
 
 
 @contextlib.contextmanager
 def _compute(run: RunOptions) -> Iterator:
-    """The `Compute` a command runs its plan with (see `RunOptions` for the choice)."""
-    from .pipelines.executor import DEFAULT_DASHBOARD_ADDRESS, DEFAULT_WORKER_TIMEOUT, check_workers, compute_function, session
+    """The `Compute` a command runs its plan with (see `RunOptions` for the choice). The library
+    warnings and log records a run raises and nobody can act on are silenced first
+    (`executor.quiet_libraries`), as the CLI silences them."""
+    from .pipelines.executor import (check_workers, compute_function, local_client, progress_on_stderr, quiet_libraries,
+                                     session)
 
-    progress = run.get("progress", True)
-    worker_timeout = run.get("worker_timeout", DEFAULT_WORKER_TIMEOUT) or None
+    quiet_libraries()
+    progress = progress_on_stderr(run.get("progress", RUN_DEFAULTS["progress"]))
+    worker_timeout = run.get("worker_timeout", RUN_DEFAULTS["worker_timeout"]) or None
+    dashboard_address = run.get("dashboard_address", RUN_DEFAULTS["dashboard_address"])
     client, scheduler = _where(run)
     if client is not None:
         address = client.scheduler.address
         check_workers(client, address, worker_timeout)
         yield compute_function(client, progress, worker_timeout, address)
-        return
-    with session(scheduler, progress, worker_timeout, run.get("dashboard_address", DEFAULT_DASHBOARD_ADDRESS)) as compute:
-        yield compute
+    elif scheduler == "local":
+        yield compute_function(local_client(dashboard_address), progress, worker_timeout, scheduler)
+    else:
+        with session(scheduler, progress, worker_timeout, dashboard_address) as compute:
+            yield compute
 
 
 def _timed(compute, seconds: dict):
@@ -358,6 +433,7 @@ def _absolute(path):
 # Commands
 
 
+@_command
 def ingest(source_dir, store, *, models: str | Sequence[str] | None = None, chunk_pixels: int | None = None,
            append: bool = False, compression: str | None = None, overwrite: bool = False,
            **run: Unpack[RunOptions]) -> Ingested:
@@ -473,6 +549,7 @@ def _refuse_out_of_range(values: dict[str, Any]) -> None:
             raise UsageError(f"{value!r} is not a whole number {span}", option=option)
 
 
+@_command
 def predict(source_dir, store, *, models, device: str = "auto", tile: int | None = None, overlap: int | None = None,
             batch: int = 1, scale: int = 1, value_range: str = "0-1", samples: int = 1, chunk_pixels: int | None = None,
             append: bool = False, compression: str | None = None, overwrite: bool = False,
@@ -535,6 +612,7 @@ def _shrinkage_strength(shrinkage) -> float | None:
     return strength
 
 
+@_command
 def fit(store, lut, *, bin_width: int = DEFAULT_BIN_WIDTH, solver: str = DEFAULT_SOLVER, shrinkage: str | float = "auto",
         device: str = "auto", overwrite: bool = False, pass_memory: int = DEFAULT_PASS_MEMORY_MIB,
         **run: Unpack[RunOptions]) -> Fitted:
@@ -561,6 +639,7 @@ def fit(store, lut, *, bin_width: int = DEFAULT_BIN_WIDTH, solver: str = DEFAULT
                   bins=table.n_bins, channels=table.n_channels, filled_cells=table.filled_cells)
 
 
+@_command
 def apply(store, lut, output, *, export_dir=None, png_compression: int | None = None, device: str = "auto",
           compression: str = schema.DEFAULT_COMPRESSION, overwrite: bool = False, **run: Unpack[RunOptions]) -> Applied:
     """Blend every image of `store` with `lut` into the new store `output` (`ensir-flow apply`),
@@ -629,6 +708,7 @@ def _fitted_solvers(solvers) -> list[str]:
     return names
 
 
+@_command
 def evaluate(store, *, ensemble=None, cv: int | None = None, solvers: str | Sequence[str] = "em,lsq",
              bin_widths: str | int | Sequence[int] = DEFAULT_BIN_WIDTH, y_channel: bool = False, crop_border: int = 0,
              report=None, lut=None, device: str = "auto", **run: Unpack[RunOptions]) -> Evaluated:
@@ -671,6 +751,7 @@ def evaluate(store, *, ensemble=None, cv: int | None = None, solvers: str | Sequ
                      evaluation=outcome.value, report=page)
 
 
+@_command
 def export(store, directory, *, variable: str = schema.ENSEMBLE, overwrite: bool = False, png_compression: int = DEFAULT_PNG_COMPRESSION,
            **run: Unpack[RunOptions]) -> Exported:
     """Write every image of `variable` ('ensemble' of an `apply` output by default, or
@@ -679,7 +760,7 @@ def export(store, directory, *, variable: str = schema.ENSEMBLE, overwrite: bool
     folder appears complete or not at all."""
     from .pipelines.export import export as export_pngs
     from .pipelines.plan import Plan
-    from .pipelines.storage import open_store as open_checked
+    from .pipelines.stores import open_store as open_checked
     from .pipelines.targets import EXPORT_FOLDER
 
     _check_targets({"export folder": (directory, EXPORT_FOLDER)}, {"store": store}, overwrite)
@@ -708,6 +789,7 @@ def export(store, directory, *, variable: str = schema.ENSEMBLE, overwrite: bool
                     directory=str(written_to), images=outcome.value)
 
 
+@_command
 def import_lut(source, output, *, models: str | Sequence[str], bin_width: int, overwrite: bool = False) -> LutImported:
     """Convert a LUT published with the paper's code (`source`, a .pth; code in it is never run)
     into the LUT store `output` (`ensir-flow lut import`)."""
@@ -720,6 +802,7 @@ def import_lut(source, output, *, models: str | Sequence[str], bin_width: int, o
     return LutImported(command="lut import", status="written", outputs=_written([output]), lut=table)
 
 
+@_command
 def export_lut(lut, output, *, overwrite: bool = False) -> Result:
     """Write the LUT store `lut` as `output` (.npz or .json: weights, counts, models, bin width,
     bin-index rule) (`ensir-flow lut export`)."""
@@ -732,6 +815,7 @@ def export_lut(lut, output, *, overwrite: bool = False) -> Result:
     return Result(command="lut export", status="written", outputs=_written([output]))
 
 
+@_command
 def demo(directory="demo-run", *, overwrite: bool = False, **run: Unpack[RunOptions]) -> Demo:
     """Build the embedded demo corpus in `directory` and run ingest, fit, apply and evaluate on it
     (`ensir-flow demo`)."""
@@ -746,6 +830,7 @@ def demo(directory="demo-run", *, overwrite: bool = False, **run: Unpack[RunOpti
                 summary=outcome.value or "")
 
 
+@_command
 def info(path) -> dict:
     """What the store or LUT at `path` holds and what made it (`ensir-flow info --json`)."""
     from .pipelines.info import describe
@@ -761,7 +846,7 @@ def open_store(path) -> xr.Dataset:
     """The store (or LUT) at `path` as a lazy xarray Dataset, checked as every command checks it
     (`schema.check_store`: a store left inconsistent by anyone is refused, naming what is wrong).
     Read images from it with `image`."""
-    from .pipelines.storage import open_store as open_zarr_store
+    from .pipelines.stores import open_store as open_zarr_store
 
     ds = open_zarr_store(str(path))
     if "weights" not in ds:  # a LUT is checked when it is loaded (`Lut.from_dataset`)

@@ -19,12 +19,14 @@ workers that died running a task. A computation that fails has no task of its ow
 when the exception leaves `compute` (so the caller can remove what the tasks were writing).
 """
 
+import atexit
 import contextlib
 import ctypes
 import functools
 import json
 import logging
 import math
+import signal
 import socket
 import sys
 import threading
@@ -69,6 +71,8 @@ LIBRARY_WARNINGS = (
     (r"Detected pickle protocol \d+ in the checkpoint", UserWarning),
     # distributed, when another cluster holds the dashboard's port: ours takes another one.
     (r"Port \d+ is already in use", UserWarning),
+    # distributed, when a plan's graph pickles to over 10 MB (many chunks): it is sent once.
+    (r"Sending large graph of size", UserWarning),
 )
 
 #: Log records of libraries that tell a user nothing more than ensir-flow's own message: logger ->
@@ -153,14 +157,33 @@ def local_cluster(**options):
     Distributed sets MALLOC_TRIM_THRESHOLD_ in its workers, which also freezes glibc's mmap
     threshold: every chunk buffer is then mapped and unmapped afresh, and workers read Zarr 2-3x
     slower. Our tasks hold one chunk at a time, so we leave glibc's adaptive default instead.
+
+    Its worker processes ignore SIGINT (`_interrupts_ignored`): Ctrl-C at a terminal signals every
+    process of the foreground group, and each worker printed a traceback; this process alone
+    stops the run, then closes the cluster.
     """
     import dask.config
     from distributed import LocalCluster
 
     environment = dict(dask.config.get("distributed.nanny.pre-spawn-environ"))
     environment.pop("MALLOC_TRIM_THRESHOLD_", None)
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environment}):
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environment}), _interrupts_ignored():
         return LocalCluster(**options)
+
+
+@contextlib.contextmanager
+def _interrupts_ignored():
+    """SIGINT ignored (in the main thread, the only one that can set it) while the block starts
+    processes, which inherit that: a process started with SIGINT ignored keeps ignoring it, Python
+    included. A Ctrl-C meanwhile (the few seconds a cluster takes to start) is lost."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 def announce_dashboard(client) -> None:
@@ -247,6 +270,108 @@ def client_for(scheduler: str, worker_timeout: float | None = None,
     with client:
         check_workers(client, scheduler, worker_timeout)
         yield client
+
+
+#: The local cluster `local_client` started in this process, and its client.
+_LOCAL_CLUSTER: dict = {}
+_LOCAL_CLUSTER_LOCK = threading.Lock()
+
+
+def local_client(dashboard_address: str | None = DEFAULT_DASHBOARD_ADDRESS):
+    """The client of this process's local cluster, started on first use and then kept for every
+    later run (the Python API's scheduler='local': a notebook or script calling several commands
+    starts one cluster, not one per call), until `close_local_cluster` or the end of the process.
+    When it starts, its dashboard is served at `dashboard_address` (None: none; one it cannot be
+    served at is a UsageError) and its link printed once (`announce_dashboard`). Worker processes
+    re-import a script without a main guard and would run its calls again: refused first
+    (`refuse_unguarded_main`)."""
+    from distributed import Client
+
+    with _LOCAL_CLUSTER_LOCK:
+        client = _LOCAL_CLUSTER.get("client")
+        if client is not None and client.status == "running":
+            return client
+        close_local_cluster()
+        try:
+            check_dashboard_address(dashboard_address)
+        except ValueError as error:
+            from ensir_flow.api import UsageError
+
+            raise UsageError(f"{dashboard_address}: {error}", option="--dashboard-address") from None
+        refuse_unguarded_main()
+        cluster = local_cluster(dashboard_address=dashboard_address)
+        # not the default client: later runs with no scheduler named stay on threads, and other
+        # Dask code of the process keeps its own scheduler
+        client = Client(cluster, set_as_default=False)
+        _LOCAL_CLUSTER.update(cluster=cluster, client=client)
+        if not _LOCAL_CLUSTER.get("registered"):
+            atexit.register(close_local_cluster)
+            _LOCAL_CLUSTER["registered"] = True
+        client.register_plugin(_quiet_libraries_plugin())
+        if dashboard_address is not None:
+            announce_dashboard(client)
+        return client
+
+
+def close_local_cluster() -> None:
+    """Close the local cluster `local_client` started, if any (its workers stop)."""
+    client, cluster = _LOCAL_CLUSTER.pop("client", None), _LOCAL_CLUSTER.pop("cluster", None)
+    for closing in (client, cluster):
+        if closing is not None:
+            with contextlib.suppress(Exception):
+                closing.close()
+
+
+def refuse_unguarded_main() -> None:
+    """Refuse (UsageError, one line) to start worker processes from the top level of a script
+    that they would run again: distributed starts them with multiprocessing's 'spawn' method
+    (`distributed.worker.multiprocessing-method`; 'forkserver' alike), which imports the
+    script's `__main__` module in each of them, so a call outside `if __name__ == "__main__":`
+    starts clusters within clusters, each failing in pages of tracebacks. An interactive session,
+    a notebook or `python -c` has no script to import and passes, as does a call under the guard."""
+    import dask
+
+    if dask.config.get("distributed.worker.multiprocessing-method") not in ("spawn", "forkserver"):
+        return
+    main = sys.modules.get("__main__")
+    script = getattr(main, "__file__", None)
+    if not script:
+        return
+    line, frame = None, sys._getframe(1)
+    while frame is not None:  # the outermost line of the script's own top-level code on the stack
+        if frame.f_globals is vars(main) and frame.f_code.co_name == "<module>":
+            line = frame.f_lineno
+        frame = frame.f_back
+    if line is None or _under_main_guard(script, line):
+        return
+    from ensir_flow.api import UsageError
+
+    raise UsageError(f"{script}, line {line}: scheduler='local' starts worker processes, which import this script "
+                     "and would run it again: put its calls under `if __name__ == \"__main__\":` (or run on "
+                     "scheduler='threads')", option="--scheduler")
+
+
+def _under_main_guard(script: str, line: int) -> bool:
+    """Whether `line` of the Python file `script` lies in the body of an `if __name__ ==
+    "__main__":` (either side of the comparison); a file that cannot be read or parsed counts as
+    guarded (nothing is refused on a guess)."""
+    import ast
+
+    try:
+        tree = ast.parse(Path(script).read_bytes())
+    except (OSError, SyntaxError, ValueError):
+        return True
+
+    def is_guard(test) -> bool:
+        if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
+            return False
+        sides = [test.left, *test.comparators]
+        return (any(isinstance(side, ast.Name) and side.id == "__name__" for side in sides)
+                and any(isinstance(side, ast.Constant) and side.value == "__main__" for side in sides))
+
+    return any(isinstance(node, ast.If) and is_guard(node.test)
+               and node.body[0].lineno <= line <= max(child.end_lineno for child in node.body)
+               for node in ast.walk(tree))
 
 
 def _address_in_scheduler_file(path: str) -> str:
@@ -405,6 +530,24 @@ def _task_counter(log: ProgressLog):
     return TaskCounter()
 
 
+#: How often (seconds, at most) progress lines are printed when stderr is not a terminal.
+DEFAULT_PROGRESS_INTERVAL = 30.0
+
+
+def progress_on_stderr(progress: bool | float) -> bool | float:
+    """What `compute_function` shows for the progress a user asked for: False nothing; True, or a
+    number of seconds, a bar when stderr is a terminal, else timestamped lines (for logs) at most
+    every that many seconds (True: `DEFAULT_PROGRESS_INTERVAL`). A negative, NaN or infinite
+    number of seconds is a UsageError."""
+    if progress is False or progress is None:
+        return False
+    if progress is not True:
+        _refuse_bad_seconds(progress, "--progress-interval")
+    if sys.stderr.isatty():
+        return True
+    return DEFAULT_PROGRESS_INTERVAL if progress is True else float(progress)
+
+
 def compute_function(client, progress: bool | float, worker_timeout: float | None = DEFAULT_WORKER_TIMEOUT,
                      scheduler: str = "the cluster") -> Compute:
     """The `Compute` of a session: on `client` (dask's threads when None), with progress on stderr:
@@ -540,35 +683,49 @@ def _cancel_and_settle(client, futures, collections, timeout: float = 30.0) -> N
         time.sleep(0.1)
 
 
+def _scheduler_progress(client, futures, on_update: Callable[[int, int], None], on_end: Callable[[], None]):
+    """The scheduler's progress feed for `futures`, as distributed's progress bars get it: an
+    object whose coroutine `listen()` calls `on_update(done, total)` (tasks of the futures' graphs
+    done, of all) at each report, every 100 ms, then `on_end()` once every task is done or one
+    has failed; its connection is `comm` once connected. The one place that relies on
+    distributed's internals: the hooks `_draw_bar(remaining, all)` and `_draw_stop()` of its
+    `ProgressBar` (tests/test_signals.py pins what is used of them)."""
+    from distributed.diagnostics.progressbar import ProgressBar
+
+    class Feed(ProgressBar):
+        def _draw_bar(self, remaining, all, **kwargs):
+            on_update(all - remaining, all)
+
+        def _draw_stop(self, **kwargs):
+            on_end()
+
+    return Feed(futures, scheduler=client.scheduler.address)
+
+
 class _ProgressLine:
-    """distributed's text progress bar, on stderr, drawn from the client's event loop while the
-    caller waits (distributed's `progress` blocks, and the wait must be able to give up)."""
+    """A progress bar (or, with a `ProgressLog`, its lines) on stderr for a computation on a
+    cluster, fed by the scheduler (`_scheduler_progress`) on the client's event loop while the
+    caller waits (distributed's own `progress` blocks, and the wait must be able to give up)."""
 
     def __init__(self, client, futures, log: ProgressLog | None = None):
-        from distributed.diagnostics.progress import format_time
-        from distributed.diagnostics.progressbar import TextProgressBar
-
-        lock, line = threading.Lock(), self
-
-        class StderrBar(TextProgressBar):
-            def _draw_bar(self, remaining, all, **kwargs):
-                if log is not None:
-                    log.update(all - remaining, all)
-                    return
-                fraction = (1 - remaining / all) if all else 1.0
-                with lock:
-                    if line.active:
-                        line.drawn = True
-                        sys.stderr.write(f"\r[{'#' * int(40 * fraction):<40}] | {int(100 * fraction)}% Completed | "
-                                         f"{format_time(self.elapsed)}")
-                        sys.stderr.flush()
-
-            def _draw_stop(self, **kwargs):
-                line.stop(disconnect=False)  # it disconnects itself
-
-        self.lock, self.active, self.drawn, self.loop = lock, True, False, client.loop
+        self.lock, self.active, self.drawn, self.loop = threading.Lock(), True, False, client.loop
+        self.log, self.started = log, time.monotonic()
         self.futures = futures
-        self.bar = StderrBar(futures, scheduler=client.scheduler.address, start=False, loop=client.loop)
+        self.feed = _scheduler_progress(client, futures, self._draw, lambda: self.stop(disconnect=False))
+
+    def _draw(self, done: int, total: int) -> None:
+        if self.log is not None:
+            self.log.update(done, total)
+            return
+        from distributed.diagnostics.progress import format_time
+
+        fraction = done / total if total else 1.0
+        with self.lock:
+            if self.active:
+                self.drawn = True
+                sys.stderr.write(f"\r[{'#' * int(40 * fraction):<40}] | {int(100 * fraction)}% Completed | "
+                                 f"{format_time(time.monotonic() - self.started)}")
+                sys.stderr.flush()
 
     @classmethod
     def start(cls, client, futures, log: ProgressLog | None = None) -> "_ProgressLine":
@@ -582,17 +739,17 @@ class _ProgressLine:
         exist, and a listener that connected after they were released would wait for them until the
         cluster shut down, which logs that wait's cancellation as an error."""
         if self.active:
-            await self.bar.listen()
+            await self.feed.listen()
 
     def stop(self, disconnect: bool = True) -> None:
-        """Stop drawing, clear the line if something was drawn and, unless the bar got to its end,
+        """Stop drawing, clear the line if something was drawn and, unless the feed got to its end,
         disconnect it from the scheduler (whose feed then ends quietly)."""
         with self.lock:
             if self.active and self.drawn:
                 sys.stderr.write("\33[2K\r")
                 sys.stderr.flush()
             self.active = False
-        comm = getattr(self.bar, "comm", None)
+        comm = getattr(self.feed, "comm", None)
         if disconnect and comm is not None and not comm.closed():
             self.loop.add_callback(comm.close)
 

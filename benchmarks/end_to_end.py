@@ -48,7 +48,7 @@ import numpy as np
 from ensir_flow import metrics, schema
 from ensir_flow.blend import average, zzpm
 from ensir_flow.images import encode_png
-from ensir_flow.pipelines.storage import open_store
+from ensir_flow.pipelines.stores import open_store
 
 sys.path.insert(0, str(Path(__file__).parent))
 from run import best_time  # noqa: E402  (benchmarks/ is not a package)

@@ -49,7 +49,7 @@ from ensir_flow.lut import fit_lut
 from ensir_flow.pipelines.apply import plan_apply
 from ensir_flow.pipelines.executor import threaded_compute
 from ensir_flow.pipelines.fit import plan_fit
-from ensir_flow.pipelines.storage import read_lut
+from ensir_flow.pipelines.lut_io import read_lut
 
 sys.path.insert(0, str(Path(__file__).parent))
 from run import SyntheticCorpus, best_time  # noqa: E402  (benchmarks/ is not a package)

@@ -54,7 +54,8 @@ from ensir_flow.pipelines.chunks import chunk_ranges, pixel_array, read_pixels, 
 from ensir_flow.pipelines.executor import threaded_compute
 from ensir_flow.pipelines.fit import plan_fit
 from ensir_flow.pipelines.ingest import plan_ingest
-from ensir_flow.pipelines.storage import read_lut, write_dataset
+from ensir_flow.pipelines.lut_io import read_lut
+from ensir_flow.pipelines.resumable import write_dataset
 
 #: Kernels and pipelines run on the CPU (numba); the kernel figures are per core.
 DEVICE = "cpu"
@@ -397,9 +398,10 @@ def apply_steps(session: Session, store: Path, lut: Path, output: Path, megapixe
 
 def update_steps(session: Session, store: Path, lut: Path, workdir: Path, new_frames: int, bound: float) -> list[Step]:
     """The scheduled-job case: `apply` on an output made before the store's last `new_frames`
-    frames were appended (the append done by the storage layer's committed-append protocol, copying
+    frames were appended (appended by `resumable.committed_append`, copying
     the frames' chunks from `store`), against a fresh apply of the grown store."""
-    from ensir_flow.pipelines.storage import commit_metadata, committed_append, resize_arrays
+    from ensir_flow.pipelines.resumable import committed_append, resize_arrays
+    from ensir_flow.pipelines.zarr_adapter import commit_metadata
 
     ds = xr.open_zarr(str(store))
     n_images, n_pixels = ds.sizes["image"], ds.sizes["pixel"]

@@ -145,8 +145,8 @@ _WITH_SPARE_ROW: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 def rows_with_spare_row(n_bins: int, n_channels: int, n_models: int) -> np.ndarray:
     """An unfilled float32 array (n_bins + 1, C, K) for a LUT's weights in its leading rows (as
-    `storage.read_lut` reads them), whose last row `weights_with_fallback` fills with the fallback
-    instead of copying the weights."""
+    `pipelines.lut_io.read_lut` reads them), whose last row `weights_with_fallback` fills with the
+    fallback instead of copying the weights."""
     rows = np.empty((n_bins + 1, n_channels, n_models), np.float32)
     _WITH_SPARE_ROW[id(rows)] = rows
     return rows

@@ -147,7 +147,7 @@ def _check_regular_file(path: Path) -> None:
         raise InputError(f"{printable(path)}: {problem}")
 
 
-def _images_by_stem(folder: Path) -> dict[str, Path]:
+def images_by_stem(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
         raise InputError(f"{folder}: folder not found")
     found: dict[str, Path] = {}
@@ -197,10 +197,10 @@ def discover_corpus(root, models: list[str] | None = None, require_ground_truth:
         if model in reserved:
             raise InputError(f"{root}: '{model}' is reserved for {'ground truth' if model == GROUND_TRUTH_DIR else 'inputs'}, not a model")
     check_model_names(models, root)
-    by_model = {model: _images_by_stem(root / model) for model in models}
+    by_model = {model: images_by_stem(root / model) for model in models}
     gt_dir = root / GROUND_TRUTH_DIR
-    ground_truth = _images_by_stem(gt_dir) if gt_dir.is_dir() or require_ground_truth else None
-    inputs = _images_by_stem(root / INPUT_DIR) if (root / INPUT_DIR).is_dir() else None
+    ground_truth = images_by_stem(gt_dir) if gt_dir.is_dir() or require_ground_truth else None
+    inputs = images_by_stem(root / INPUT_DIR) if (root / INPUT_DIR).is_dir() else None
     reference_name, reference = (GROUND_TRUTH_DIR, ground_truth) if ground_truth is not None else (models[0], by_model[models[0]])
     stems = sorted(reference)
     for name, files in [(GROUND_TRUTH_DIR, ground_truth), *by_model.items(), (INPUT_DIR, inputs)]:

@@ -175,7 +175,7 @@ class Lut:
         """The LUT in the documented layout (format `FORMAT_VERSION`, CF-1.10 attributes), as plain
         arrays: (data variables, coordinates, attributes), each variable a tuple (dims: a tuple,
         values, attributes) as `xarray.Dataset` takes them. `to_dataset` builds the Dataset from it;
-        `storage.write_lut` writes it with zarr alone (fit's start-up without xarray)."""
+        `pipelines.lut_io.write_lut` writes it with zarr alone (fit's start-up without xarray)."""
         n_models = len(self.models)
         coords = {
             "model": (("model",), np.array(self.models, dtype=object), {"long_name": "base model, in the order of the bin digits"}),

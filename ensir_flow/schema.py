@@ -65,7 +65,7 @@ class ImageIndex:
 
     def to_dataset(self) -> xr.Dataset:
         """The per-image variables, with the CF attribute that marks the ragged layout."""
-        import xarray as xr  # writers only: readers check stores without xarray (`storage.open_store_index`)
+        import xarray as xr  # writers only: readers check stores without xarray (`pipelines.stores.open_store_index`)
 
         return xr.Dataset(
             {
@@ -241,7 +241,7 @@ def check_store(ds: xr.Dataset, source: str, require: tuple[str, ...] = (PREDICT
     `pixel_offset` = the cumulative counts (the contiguous ragged layout: offsets are authoritative
     only because they must equal the cumulative counts). A store that fails is refused, naming what
     is wrong. `ds` is the store opened by xarray, or read with zarr alone
-    (`pipelines.storage.StoreIndex`: the same `attrs`, variables by name with their `dims`, `sizes`
+    (`pipelines.stores.StoreIndex`: the same `attrs`, variables by name with their `dims`, `sizes`
     and `values`, but no check that variables sharing a dimension agree on its length).
     """
     version = ds.attrs.get("schema_version")

@@ -16,14 +16,17 @@ from ensir_flow.lut import Lut
 from ensir_flow.solvers import REGISTRY
 
 from .chunks import chunk_ranges, chunk_spans, pixel_array, read_pixels, task_argument
+from .commit import exists, refuse_existing
 from .export import check_export_target, export
 from .fingerprint import store_fingerprint
 from .integrity import CHUNK_CHECKSUMS, checksum_array_encoding, checksum_template, refuse_changed, store_identity
-from .plan import Plan
-from .storage import (COMPLETE, commit_resumable, committed_append, exclusive_lock, exists, open_array_for_writing,
-                      open_store, read_lut, refuse_existing, resumable_location, resumable_marks, start_resumable,
-                      write_chunk_then_mark)
+from .locks import exclusive_lock
+from .lut_io import read_lut
 from .per_image import image_blend_jobs
+from .plan import Plan
+from .resumable import (COMPLETE, commit_resumable, committed_append, open_array_for_writing, resumable_location, resumable_marks,
+                        start_resumable, write_chunk_then_mark)
+from .stores import open_store
 
 
 #: Attribute of apply's staging: staging written without chunk checksums (an older version) is not resumed.
@@ -66,7 +69,7 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
 
     When `output` was made with the same LUT from an earlier state of `store` that `ingest
     --append` has since grown, it is updated in place instead (no `overwrite` needed): only the
-    chunks from the output's last one on are computed and appended by `storage.committed_append`
+    chunks from the output's last one on are computed and appended by `resumable.committed_append`
     (a killed update leaves the output as it was; re-running redoes it), and `export_dir`, if it
     exists, gets the new images only. The result is the same bytes as a fresh apply.
     """

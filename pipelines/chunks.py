@@ -26,12 +26,12 @@ from ensir_flow import schema
 from ensir_flow.errors import InputError, TransientError, first_line
 
 from .integrity import checksums_of, chunk_checksum, store_identity
-from .storage import open_group_as_committed
+from .stores import open_group_as_committed
 
 if TYPE_CHECKING:
     import xarray as xr
 
-    from .storage import StoreIndex
+    from .stores import StoreIndex
 
 #: How many partial results one merge task of `tree_reduce` combines.
 MERGE_FAN_IN = 8
@@ -52,7 +52,7 @@ def chunk_ranges(ds: xr.Dataset | StoreIndex) -> list[tuple[int, int]]:
 
 def pixel_chunk_lengths(ds: xr.Dataset | StoreIndex) -> tuple[int, ...]:
     """Length along `pixel` of each chunk of the store's predictions, from a store opened by
-    `storage.open_store` (xarray) or by `storage.open_store_index` (zarr alone)."""
+    `stores.open_store` (xarray) or by `stores.open_store_index` (zarr alone)."""
     return ds[schema.PREDICTION].chunks[1]
 
 

@@ -15,11 +15,11 @@ from ensir_flow.images import GROUND_TRUTH_DIR, INPUT_DIR
 from ensir_flow.models import model_file
 
 from .apply import plan_apply
+from .commit import refuse_existing
 from .evaluate import plan_cross_validation, plan_evaluate
 from .fit import plan_fit
 from .plan import Plan
 from .predict import plan_predict
-from .storage import refuse_existing
 
 
 

@@ -18,7 +18,7 @@ from .chunks import image_folds, pixel_array, read_pixels, task_argument
 from .fingerprint import store_fingerprint
 from .integrity import refuse_changed, store_identity
 from .plan import Plan
-from .storage import StoreIndex, open_store_index
+from .stores import StoreIndex, open_store_index
 
 #: Pixels of its image a task holds at a time: strips of rows of about this many pixels (a chunk
 #: of the store's default size), so that memory is bounded by the strip, not the image.

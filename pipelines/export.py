@@ -34,9 +34,10 @@ from ensir_flow.errors import InputError
 from ensir_flow.images import DEFAULT_PNG_COMPRESSION, check_stem, png_text, printable, write_png
 
 from .chunks import PixelSource, pixel_array, read_pixels, task_argument
+from .commit import staged_output, staged_update
 from .executor import Compute
 from .integrity import refuse_changed, store_identity
-from .storage import open_store, staged_output, staged_update
+from .stores import open_store
 from .targets import EXPORT_FOLDER, refuse_link, refuse_replacing
 
 #: tEXt keyword of the mark every exported PNG carries, and the prefix of its value.
@@ -118,13 +119,13 @@ def first_foreign_entry(fs, root: str, stems) -> str | None:
         name = entry["name"].rstrip("/").rpartition("/")[2]
         if entry.get("type") != "file" or entry.get("islink"):
             return name + ("/" if entry.get("type") == "directory" else "")
-        if name in ours or (name.lower().endswith(".png") and _carries_mark(fs, entry["name"])):
+        if name in ours or (name.lower().endswith(".png") and carries_mark(fs, entry["name"])):
             continue
         return name
     return None
 
 
-def _carries_mark(fs, path: str) -> bool:
+def carries_mark(fs, path: str) -> bool:
     try:
         with fs.open(path, "rb") as file:
             head = file.read(MARK_BYTES)
@@ -163,7 +164,7 @@ def export(store: str, directory: str, compute: Compute, overwrite: bool = False
     before the folder is moved into place, so that nothing that appeared meanwhile is deleted.
     With `first_image` > 0, `directory` already holds the export of the images before it (an
     update after the store grew): only the images from `first_image` on are written, added to the
-    folder in one step (`storage.staged_update`); the files already there are not rewritten.
+    folder in one step (`commit.staged_update`); the files already there are not rewritten.
     """
     planned = store_identity(store)
     ds = open_store(store)

@@ -12,14 +12,14 @@ from ensir_flow import schema
 if TYPE_CHECKING:
     import xarray as xr
 
-    from .storage import StoreIndex
+    from .stores import StoreIndex
 
 
 def store_fingerprint(ds: xr.Dataset | StoreIndex, n_images: int | None = None) -> str:
     """SHA-256 identifying the first `n_images` images of a pixel store (all by default): models,
     stems, sizes, chunk size and source hashes. A store grown by `ingest --append` keeps the
     fingerprint of its first images, which is how apply recognises an output it can update.
-    `ds` is the store opened by xarray (`storage.open_store`) or by zarr (`storage.open_store_index`):
+    `ds` is the store opened by xarray (`stores.open_store`) or by zarr (`stores.open_store_index`):
     the same store gives the same fingerprint either way."""
     n = ds.sizes["image"] if n_images is None else n_images
     digest = hashlib.sha256(repr((ds.attrs.get("models"), [str(s) for s in ds["image"].values[:n]],

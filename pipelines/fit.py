@@ -26,9 +26,11 @@ from ensir_flow.stats import (ALL_MOMENTS, FIRST_BINS_END, CellStatistics, cell_
 
 from .chunks import (MERGE_FAN_IN, Span, chunk_ranges, chunk_spans, image_folds, pixel_array, pixel_chunk_lengths, read_pixels,
                      task_argument, tree_reduce)
+from .commit import refuse_existing, staged_output
 from .executor import release_freed_memory
+from .lut_io import write_lut
 from .plan import Plan
-from .storage import open_store_index, refuse_existing, staged_output, write_lut
+from .stores import open_store_index
 
 #: Bytes of statistics one pass of `fit` may gather (estimated: `sample_statistics_bytes`). A reference set
 #: whose statistics would exceed it is fitted in several passes, one range of cells each. At the

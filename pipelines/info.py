@@ -6,7 +6,7 @@ from ensir_flow import schema
 from ensir_flow.fit_status import FLAG_MEANINGS, FitStatus
 from ensir_flow.lut import Lut
 
-from .storage import open_store
+from .stores import open_store
 
 
 def describe(path: str) -> dict:

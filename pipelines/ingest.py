@@ -28,12 +28,14 @@ from ensir_flow.errors import InputError, TransientError
 from ensir_flow.images import (GROUND_TRUTH_DIR, INPUT_DIR, Corpus, ImageInfo, discover_corpus, file_sha256, probe_image,
                                read_image_and_sha256)
 
-from .plan import Plan
 from .chunks import chunk_spans, ranges_of, task_argument
+from .commit import exists, refuse_existing, refuse_or_recover
 from .integrity import CHECKSUMMED_VARIABLES, CHUNK_CHECKSUMS, checksum_array_encoding, checksum_template, store_identity
-from .storage import (COMPLETE, commit_resumable, committed_append, exclusive_lock, exists, open_array_for_writing, open_store,
-                      record_checksums, refuse_existing, refuse_or_recover, resumable_location, resumable_marks,
-                      start_resumable, write_chunk_then_mark)
+from .locks import exclusive_lock
+from .plan import Plan
+from .resumable import (COMPLETE, commit_resumable, committed_append, open_array_for_writing, record_checksums,
+                        resumable_location, resumable_marks, start_resumable, write_chunk_then_mark)
+from .stores import open_store
 
 
 def _roles(corpus: Corpus) -> list[tuple[str, list]]:
@@ -213,7 +215,7 @@ def plan_ingest(source, store: str, models: list[str] | None = None,
     is (status 'unchanged'); any other existing store is refused.
 
     The run is resumable: chunks go to a fixed staging location beside `store`, each followed by
-    its completion mark (`storage.start_resumable`), so the same command after a kill decodes and
+    its completion mark (`resumable.start_resumable`), so the same command after a kill decodes and
     writes only the missing chunks (status 'resumed'); the marks are dropped when the complete
     store is moved into place.
     """
@@ -388,7 +390,7 @@ def store_writer(store: str, ds: xr.Dataset, encoding: dict, planes: da.Array, e
     return execute
 
 
-def _refuse_changed_sources(corpus: Corpus, existing: xr.Dataset, store: str) -> None:
+def refuse_changed_sources(corpus: Corpus, existing: xr.Dataset, store: str) -> None:
     """Refuse an append whose source folder holds an image the store already has with other
     content (SHA-256 of the file's bytes): skipping it would leave the store silently stale."""
     if "source_sha256" not in existing:
@@ -411,7 +413,7 @@ def _refuse_changed_sources(corpus: Corpus, existing: xr.Dataset, store: str) ->
 def plan_append(source, store: str, models: list[str] | None = None) -> Plan:
     """Plan adding the images of `source` whose stems `store` lacks (same models, channels, ground truth).
 
-    The store is locked during the append, which follows `storage.committed_append`: until its
+    The store is locked during the append, which follows `resumable.committed_append`: until its
     single final metadata write, every reader sees the store as it was. A store that does not exist
     yet is created by a plain ingest (default chunks and compression), so a scheduled job runs the
     same command from its first night on.
@@ -436,7 +438,7 @@ def plan_append(source, store: str, models: list[str] | None = None) -> Plan:
         raise InputError(f"{source}: {'has' if corpus.ground_truth is not None else 'lacks'} gt/ but the store "
                          f"{'has' if has_truth else 'has no'} ground truth")
     known = {str(stem) for stem in existing["image"].values}
-    _refuse_changed_sources(corpus, existing, store)
+    refuse_changed_sources(corpus, existing, store)
     keep = [i for i, stem in enumerate(corpus.stems) if stem not in known]
     skipped = len(corpus.stems) - len(keep)
     pick = lambda files: None if files is None else [files[i] for i in keep]  # noqa: E731
@@ -468,7 +470,7 @@ def append_plan(title: str, source, store: str, existing: xr.Dataset, corpus: Co
     planes in the store's chunks, the first one filling its last partial chunk) to the `existing`
     store, with their sources' provenance, recorded in the `appended` attribute as made `by`.
 
-    The store is locked during the append, which follows `storage.committed_append`: until its
+    The store is locked during the append, which follows `resumable.committed_append`: until its
     single final metadata write, every reader sees the store as it was."""
     planned = store_identity(store)
     n_existing, n_known = existing.sizes["pixel"], existing.sizes["image"]

@@ -33,7 +33,7 @@ CHUNK_CHECKSUMS = "chunk_xxh3"
 #: Its attribute listing the pixel variables of its columns, in order.
 CHECKSUMMED_VARIABLES = "variables"
 #: Store attribute holding the checksums of the last chunk ({"chunk": i, "xxh3": [...]}), which
-#: readers use instead of its row (see `storage.with_checksum_tail`).
+#: readers use instead of its row (see `resumable.with_checksum_tail`).
 CHECKSUM_TAIL = "chunk_xxh3_tail"
 ROOT_METADATA = "zarr.json"
 

@@ -9,7 +9,8 @@ from ensir_flow.errors import InputError
 from ensir_flow.fit_status import FLAG_MEANINGS
 from ensir_flow.lut import Lut, read_paper_lut
 
-from .storage import read_lut, refuse_existing, staged_output, write_lut
+from .commit import refuse_existing, staged_output
+from .lut_io import read_lut, write_lut
 
 EXPORT_FORMATS = (".npz", ".json")
 #: Largest integer every JSON reader holds exactly (JSON numbers are often parsed as doubles).

@@ -23,14 +23,15 @@ import ensir_flow
 from ensir_flow import schema
 from ensir_flow.devices import resolve_device
 from ensir_flow.errors import InputError
-from ensir_flow.images import (GROUND_TRUTH_DIR, INPUT_DIR, Corpus, ImageInfo, _images_by_stem, check_model_names, probe_image,
+from ensir_flow.images import (GROUND_TRUTH_DIR, INPUT_DIR, Corpus, ImageInfo, check_model_names, images_by_stem, probe_image,
                                read_image)
 from ensir_flow.models import Inference, ModelFile, loaded_model, predict_image, sample_seed
 
-from .ingest import (WRITE_KEYS, _refuse_changed_sources, append_plan, chunked_planes, holds, pixel_store, source_provenance,
+from .commit import exists, refuse_existing
+from .ingest import (WRITE_KEYS, append_plan, chunked_planes, holds, pixel_store, refuse_changed_sources, source_provenance,
                      storable_inputs, store_writer)
 from .plan import Plan
-from .storage import exists, open_store, refuse_existing
+from .stores import open_store
 
 #: Attributes of a predicted store that say what it was predicted from and how, besides `WRITE_KEYS`.
 PREDICT_KEYS = ("model_files", "inference")
@@ -46,8 +47,8 @@ def discover_inputs(source) -> Corpus:
     root = Path(source)
     if not root.is_dir():
         raise InputError(f"{root}: source folder not found")
-    inputs = _images_by_stem(root / INPUT_DIR)
-    truth = _images_by_stem(root / GROUND_TRUTH_DIR) if (root / GROUND_TRUTH_DIR).is_dir() else None
+    inputs = images_by_stem(root / INPUT_DIR)
+    truth = images_by_stem(root / GROUND_TRUTH_DIR) if (root / GROUND_TRUTH_DIR).is_dir() else None
     stems = sorted(inputs)
     if truth is not None and sorted(truth) != stems:
         missing, extra = sorted(set(stems) - set(truth)), sorted(set(truth) - set(stems))
@@ -161,7 +162,7 @@ def _details(source, store, models: list[ModelFile], samples: int, how: Inferenc
 def plan_predict_append(source, store: str, models: list[ModelFile], how: Inference = Inference(), samples: int = 1) -> Plan:
     """Plan predicting the inputs of `source/lq` whose stems `store` lacks, with the model files and
     options the store was predicted with (refused otherwise), appended as `ingest --append` appends
-    (`storage.committed_append`: every reader sees the store as before or as after). A store that
+    (`resumable.committed_append`: every reader sees the store as before or as after). A store that
     does not exist yet is created by a plain `plan_predict`."""
     if not exists(store):
         first = plan_predict(source, store, models, how, samples)
@@ -180,7 +181,7 @@ def plan_predict_append(source, store: str, models: list[ModelFile], how: Infere
     if (corpus.ground_truth is not None) != has_truth:
         raise InputError(f"{source}: {'has' if corpus.ground_truth is not None else 'lacks'} gt/ but the store "
                          f"{'has' if has_truth else 'has no'} ground truth")
-    _refuse_changed_sources(corpus, existing, store)
+    refuse_changed_sources(corpus, existing, store)
     known = {str(stem) for stem in existing["image"].values}
     keep = [i for i, stem in enumerate(corpus.stems) if stem not in known]
     details = {"source": str(source), "store": str(store), "new images": len(keep),

@@ -20,7 +20,9 @@ from ensir_flow.errors import InputError
 from ensir_flow.report import figures, page
 from ensir_flow.report.summary import Methods, per_image_gains, worst_and_best
 
-from .storage import exists, open_store, read_lut, staged_output
+from .commit import exists, staged_output
+from .lut_io import read_lut
+from .stores import open_store
 
 INPUT = "input"
 GAIN_CHART = "gain.png"

@@ -11,7 +11,7 @@ Three rules keep a command from destroying what it should not:
   import), an apply output, an export folder of marked PNGs, a report folder, a `lut export`
   file, the demo folder. Anything else (a plain folder or file, a store of another kind) is
   refused, naming it and what it is. The writers check again under their lock, just before they
-  replace the target (`storage.staged_output`), so a target swapped meanwhile is not deleted.
+  replace the target (`commit.staged_output`), so a target swapped meanwhile is not deleted.
 - No command writes to a path equal to, inside or containing one of its inputs, or another of its
   own outputs (`refuse_overlap`): local paths are compared resolved through symbolic links
   (`os.path.realpath`), URLs as normalised text.
@@ -47,7 +47,7 @@ DEMO_ENTRIES = frozenset({"corpus", "models", "reference", "heldout", "corpus.za
                           "lut.zarr", "ensemble.zarr", "ensemble-png"})
 #: The keys every file of `lut export` carries (in its JSON object, or the NPZ's `metadata`).
 LUT_FILE_KEYS = frozenset({"format_version", "models", "bin_width", "bin_index", "fit_status_meanings", "sha256"})
-#: What a writer leaves beside its target (`storage._sibling`): staging, a retired copy, its lock.
+#: What a writer leaves beside its target (`sibling`): staging, a retired copy, its lock.
 SIBLING = re.compile(r"^\..+\.(partial|replaced|lock)$")
 #: The footer of every report page (`ensir_flow.report.page`).
 REPORT_FOOTER = "Made by ensir-flow "
@@ -55,6 +55,18 @@ REPORT_FOOTER = "Made by ensir-flow "
 
 def is_url(path) -> bool:
     return "://" in str(path)
+
+
+def sibling(root: str, tag: str) -> str:
+    """`.NAME.tag` beside `root` (a path as fsspec strips it): where a writer of `root` keeps its
+    staging (`partial`), its retired copy (`replaced`) or its lock (`lock`)."""
+    parent, _, name = root.rstrip("/").rpartition("/")
+    return f"{parent}/.{name}.{tag}" if parent else f".{name}.{tag}"
+
+
+def as_location(fs, path: str, like: str) -> str:
+    """`path` (as fsspec strips it) in the form of `like`: a URL if `like` is one."""
+    return fs.unstrip_protocol(path) if is_url(like) else path
 
 
 def absolute(path):
@@ -198,9 +210,9 @@ def _folder_kind(fs, root: str) -> str | None:
     names = {entry["base"] for entry in entries}
     files = all(entry.get("type") == "file" and not entry.get("islink") for entry in entries)
     if files and all(name.lower().endswith(".png") for name in names):
-        from .export import _carries_mark
+        from .export import carries_mark
 
-        return EXPORT_FOLDER if any(_carries_mark(fs, entry["name"]) for entry in entries) else None
+        return EXPORT_FOLDER if any(carries_mark(fs, entry["name"]) for entry in entries) else None
     if files and "index.html" in names and all(name == "index.html" or name.lower().endswith(".png") for name in names):
         with fs.open(f"{root}/index.html", "rb") as page:
             return REPORT_FOLDER if REPORT_FOOTER.encode() in page.read() else None

@@ -13,7 +13,7 @@ import zarr
 
 import ensir_flow
 from ensir_flow.errors import InputError, TransientError
-from ensir_flow.pipelines import storage
+from ensir_flow.pipelines import resumable
 from ensir_flow.pipelines.apply import plan_apply
 from ensir_flow.pipelines.chunks import pixel_array, read_pixels
 from ensir_flow.pipelines.evaluate import plan_cross_validation, plan_evaluate
@@ -106,7 +106,7 @@ def test_an_interrupted_append_leaves_a_store_every_reader_trusts(tmp_path, invo
     def killed(path, attrs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(storage, "commit_metadata", killed)
+    monkeypatch.setattr(resumable, "commit_metadata", killed)
     with pytest.raises(KeyboardInterrupt):
         ensir_flow.ingest(tmp_path / "all", store, append=True, scheduler="threads", progress=False)
     monkeypatch.undo()

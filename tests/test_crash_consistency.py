@@ -31,7 +31,8 @@ from ensir_flow.errors import InputError
 from ensir_flow.images import png_text
 from ensir_flow.pipelines.chunks import pixel_array, read_pixels
 from ensir_flow.pipelines.integrity import CHUNK_CHECKSUMS, checksums_of
-from ensir_flow.pipelines.storage import open_group_as_committed, open_store, read_lut
+from ensir_flow.pipelines.lut_io import read_lut
+from ensir_flow.pipelines.stores import open_group_as_committed, open_store
 from ensir_flow.schema import check_store
 from helpers import IDENTITY_ATTRIBUTES, make_corpus
 

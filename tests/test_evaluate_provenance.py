@@ -9,7 +9,7 @@ import zarr
 from helpers import make_corpus
 from ensir_flow.pipelines.apply import store_fingerprint as apply_fingerprint
 from ensir_flow.pipelines.fingerprint import store_fingerprint
-from ensir_flow.pipelines.storage import open_store, open_store_index
+from ensir_flow.pipelines.stores import open_store, open_store_index
 
 SIZES = ((24, 32), (17, 29), (40, 21))
 

@@ -19,7 +19,7 @@ import pytest
 import xarray as xr
 import zarr.storage
 
-from ensir_flow.pipelines.storage import exclusive_lock
+from ensir_flow.pipelines.locks import exclusive_lock
 from helpers import REFERENCE, make_corpus
 
 EX_TEMPFAIL = 75

@@ -15,7 +15,7 @@ from ensir_flow.lut import fit_lut
 from ensir_flow.pipelines import fit as fit_pipeline
 from ensir_flow.pipelines.executor import threaded_compute
 from ensir_flow.pipelines.fit import CellRanges, plan_fit
-from ensir_flow.pipelines.storage import read_lut
+from ensir_flow.pipelines.lut_io import read_lut
 from ensir_flow.stats import FIRST_BINS_END
 from helpers import make_corpus
 from test_sparse_lut import members

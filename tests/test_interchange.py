@@ -62,7 +62,7 @@ def test_json_export_leaves_out_flat_indices_a_double_cannot_hold(tmp_path):
     from ensir_flow import stats
     from ensir_flow.lut import fit_lut
     from ensir_flow.pipelines.interchange import export_lut
-    from ensir_flow.pipelines.storage import write_dataset
+    from ensir_flow.pipelines.resumable import write_dataset
 
     rng = np.random.default_rng(0)
     truth = rng.integers(0, 256, (300, 3), dtype=np.uint8)

@@ -1,4 +1,4 @@
-"""Writers' locks (`storage.exclusive_lock`) whatever stands at the lock's path: a FIFO, a folder
+"""Writers' locks (`locks.exclusive_lock`) whatever stands at the lock's path: a FIFO, a folder
 or a link is refused in one line naming it, without blocking; a lock naming no owner is taken over
 once old by any measure, even with a modification time set in the future."""
 
@@ -11,8 +11,8 @@ import time
 import pytest
 
 from ensir_flow.errors import InputError, TransientError
-from ensir_flow.pipelines import storage
-from ensir_flow.pipelines.storage import exclusive_lock
+from ensir_flow.pipelines import locks
+from ensir_flow.pipelines.locks import exclusive_lock
 
 
 def _hold(target) -> bool:
@@ -61,7 +61,7 @@ def test_an_ownerless_lock_with_a_future_time_is_taken_over_once_old(tmp_path, m
     with pytest.raises(TransientError) as raised:
         _hold(target)
     assert "names no owner yet" in str(raised.value) and "None" not in str(raised.value)
-    monkeypatch.setattr(storage, "UNWRITTEN_LOCK_SECONDS", 0.2)
+    monkeypatch.setattr(locks, "UNWRITTEN_LOCK_SECONDS", 0.2)
     time.sleep(0.3)  # old by its status-change time, which cannot be set
     assert _hold(target) and not lock.exists()
 
@@ -72,7 +72,7 @@ def test_a_lock_naming_no_live_process_here_is_taken_over(tmp_path, monkeypatch,
     target, lock = tmp_path / "out.zarr", tmp_path / ".out.zarr.lock"
     lock.write_bytes(content)
     os.utime(lock, (time.time() - 60, time.time() - 60))
-    monkeypatch.setattr(storage, "UNWRITTEN_LOCK_SECONDS", 0.2)
+    monkeypatch.setattr(locks, "UNWRITTEN_LOCK_SECONDS", 0.2)
     time.sleep(0.3)
     assert _hold(target) and not lock.exists()
 

@@ -89,7 +89,8 @@ def _stored_files(root) -> dict[str, object]:
     (3, 32, 0, 3, "average"),     # no stored bins: zero-length arrays
 ])
 def test_lut_store_written_with_zarr_alone_is_what_xarray_writes(tmp_path, n_models, bin_width, pixels, channels, solver):
-    from ensir_flow.pipelines.storage import read_lut, write_dataset, write_lut
+    from ensir_flow.pipelines.lut_io import read_lut, write_lut
+    from ensir_flow.pipelines.resumable import write_dataset
 
     rng = np.random.default_rng(n_models)
     truth = rng.integers(0, 256, (pixels, channels), dtype=np.uint8)

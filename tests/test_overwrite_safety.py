@@ -19,7 +19,7 @@ from ensir_flow import api
 from ensir_flow.errors import InputError
 from ensir_flow.pipelines import export as export_pipeline
 from ensir_flow.pipelines import targets
-from ensir_flow.pipelines.storage import staged_output
+from ensir_flow.pipelines.commit import staged_output
 
 
 def _tree(root) -> dict:

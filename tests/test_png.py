@@ -70,7 +70,7 @@ def test_bad_levels_and_pixels_are_refused():
 
 
 def test_apply_exports_the_same_pixels_at_every_level_with_the_mark(tmp_path, invoke, corpus):
-    from ensir_flow.pipelines.storage import open_store
+    from ensir_flow.pipelines.stores import open_store
 
     root, _ = corpus
     assert invoke("ingest", root, tmp_path / "s.zarr", "--no-progress").exit_code == 0

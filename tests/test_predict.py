@@ -23,7 +23,7 @@ import zarr
 from ensir_flow.errors import InputError
 from ensir_flow.models import Inference, check_model_file, model_file, models_loaded, predict_image, tile_spans
 from ensir_flow.pipelines.predict import plan_predict
-from ensir_flow.pipelines.storage import resumable_location
+from ensir_flow.pipelines.resumable import resumable_location
 from helpers import contents, make_corpus
 
 #: Receptive radius of `ConvNet`: two 3x3 convolutions.

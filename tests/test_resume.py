@@ -19,7 +19,8 @@ import zarr
 
 from helpers import contents, make_corpus
 from ensir_flow.pipelines import ingest
-from ensir_flow.pipelines.storage import exclusive_lock, resumable_location
+from ensir_flow.pipelines.locks import exclusive_lock
+from ensir_flow.pipelines.resumable import resumable_location
 
 
 @pytest.fixture
@@ -125,7 +126,7 @@ def test_an_empty_lock_left_by_a_killed_run_is_taken_over_once_old(fitted, invok
 LOCK_HOLDER = """
 import json, sys, time
 from ensir_flow.errors import TransientError
-from ensir_flow.pipelines.storage import exclusive_lock
+from ensir_flow.pipelines.locks import exclusive_lock
 start = float(sys.argv[2])
 while time.time() < start:
     pass

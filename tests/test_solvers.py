@@ -13,7 +13,7 @@ from ensir_flow.blend import blend
 from ensir_flow.errors import InputError
 from ensir_flow.fit_status import FitStatus
 from ensir_flow.lut import EMPTY_POLICIES, LUT_SOLVERS, SOLVERS, Lut, fit_lut, moments_for
-from ensir_flow.pipelines.storage import read_lut
+from ensir_flow.pipelines.lut_io import read_lut
 from ensir_flow.solvers import REGISTRY
 from helpers import contents
 from test_sparse_lut import members

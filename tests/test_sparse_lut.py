@@ -25,7 +25,7 @@ from ensir_flow.fit_status import FitStatus
 from ensir_flow.kernels import DIGIT_SHIFT, HASHED_BLOCK, digit_multiplier, fill_cuckoo_slots
 from ensir_flow.lsq import active_set_simplex_least_squares, enumerated_simplex_least_squares
 from ensir_flow.lut import FORMAT_VERSION, SOLVERS, Lut, fit_lut
-from ensir_flow.pipelines.storage import read_lut, write_lut
+from ensir_flow.pipelines.lut_io import read_lut, write_lut
 
 
 def members(n_members: int, n_pixels: int, seed: int = 0, kind: str = "models", channels: int = 3):

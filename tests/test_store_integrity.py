@@ -13,7 +13,8 @@ from ensir_flow import schema
 from ensir_flow.cli import main
 from ensir_flow.fit_status import FitStatus
 from ensir_flow.lut import Lut
-from ensir_flow.pipelines.storage import open_store, open_store_index, write_lut
+from ensir_flow.pipelines.lut_io import write_lut
+from ensir_flow.pipelines.stores import open_store, open_store_index
 
 from helpers import make_corpus
 

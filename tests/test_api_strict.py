@@ -3,7 +3,11 @@ options under the same names and defaults (and `config=` for `--config`), a plai
 threads, a local cluster is started once per process, and progress follows the CLI's rules."""
 
 import inspect
+import os
 import re
+import subprocess
+import sys
+import textwrap
 
 import click
 import numpy as np
@@ -13,6 +17,7 @@ import ensir_flow
 from ensir_flow import api
 from ensir_flow.cli import main
 from ensir_flow.pipelines import executor
+from helpers import make_corpus
 
 #: Each CLI command (its path under `ensir-flow`) and the API function it calls.
 COMMANDS = {("ingest",): api.ingest, ("predict",): api.predict, ("fit",): api.fit, ("apply",): api.apply,
@@ -214,3 +219,47 @@ def test_progress_in_the_api_is_lines_when_stderr_is_not_a_terminal(tmp_path, co
     assert capsys.readouterr().err == ""
     with pytest.raises(ensir_flow.UsageError, match="not a finite number of seconds"):
         ensir_flow.ingest(root, tmp_path / "u.zarr", progress=float("nan"))
+
+
+SCRIPT = """
+import ensir_flow
+
+print("top level ran", flush=True)
+{body}
+"""
+
+
+def _run_script(tmp_path, body: str) -> subprocess.CompletedProcess:
+    if not (tmp_path / "corpus").exists():
+        make_corpus(tmp_path / "corpus")
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(SCRIPT).format(body=textwrap.dedent(body)))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "ENSIR_FLOW_SCHEDULER")}
+    return subprocess.run([sys.executable, script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_a_cluster_asked_for_by_a_script_without_a_main_guard_is_refused_in_one_line(tmp_path):
+    run = _run_script(tmp_path, 'ensir_flow.ingest("corpus", "s.zarr", scheduler="local")\n')
+    assert run.returncode == 1 and run.stdout == "top level ran\n"  # no worker process ran the script again
+    assert run.stderr.count("Traceback") == 1 and run.stderr.endswith(
+        f"ensir_flow.api.UsageError: {tmp_path / 'script.py'}, line 5: scheduler='local' starts worker processes, which "
+        "import this script and would run it again: put its calls under `if __name__ == \"__main__\":` (or run on "
+        "scheduler='threads')\n"), run.stderr
+    assert not (tmp_path / "s.zarr").exists()
+    # a plain call (threads) needs no guard
+    plain = _run_script(tmp_path, 'print(ensir_flow.ingest("corpus", "t.zarr", progress=False).status)\n')
+    assert (plain.returncode, plain.stdout, plain.stderr) == (0, "top level ran\nwritten\n", "")
+
+
+@pytest.mark.slow
+def test_a_guarded_script_reuses_one_local_cluster_quietly(tmp_path):
+    run = _run_script(tmp_path, """
+        if __name__ == "__main__":
+            for store in ("s.zarr", "t.zarr"):
+                print(ensir_flow.ingest("corpus", store, scheduler="local", dashboard_address=":0", progress=False).status)
+            print(ensir_flow.fit("s.zarr", "lut.zarr", scheduler="local", progress=False).status)
+    """)
+    assert run.returncode == 0, run.stderr
+    # (the workers import the script: its top level, outside the guard, runs in each of them)
+    assert [line for line in run.stdout.splitlines() if line != "top level ran"] == ["written"] * 3
+    assert re.fullmatch(r"dask dashboard: http://[\w.]+:\d+/status\n", run.stderr), run.stderr

@@ -327,6 +327,7 @@ def main():
       2   usage: a wrong command, option or argument
       75  transient (EX_TEMPFAIL): output locked by another live run, dask scheduler
           unreachable, no worker for --worker-timeout seconds, workers lost: retry later
+      130 interrupted by SIGINT (Ctrl-C), 143 by SIGTERM: re-run the same command to resume
     """
     quiet_libraries()
 

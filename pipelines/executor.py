@@ -8,7 +8,8 @@ the benchmark and the tests all get their schedulers here:
 
 `scheduler` is 'threads' (dask's threads in this process), 'local' (a LocalCluster sized to this
 machine), a scheduler address (tcp://host:port) or a scheduler file written by
-`dask scheduler --scheduler-file`.
+`dask scheduler --scheduler-file`. The commands (`ensir_flow.api`) run 'local' on one cluster per
+process instead (`local_client`), which the CLI closes when its command ends.
 
 On an existing cluster every worker must run the same ensir-flow code as this process
 (`check_workers`: its version and a fingerprint of its installed code), or the run is refused.
@@ -543,7 +544,7 @@ def progress_on_stderr(progress: bool | float) -> bool | float:
         return False
     if progress is not True:
         _refuse_bad_seconds(progress, "--progress-interval")
-    if sys.stderr.isatty():
+    if getattr(sys.stderr, "isatty", lambda: False)():
         return True
     return DEFAULT_PROGRESS_INTERVAL if progress is True else float(progress)
 

@@ -99,3 +99,21 @@ def without_checksums(store: Path) -> None:
         document["attributes"].pop(key, None)
     document["consolidated_metadata"]["metadata"].pop(CHUNK_CHECKSUMS, None)
     (store / "zarr.json").write_text(json.dumps(document))
+
+
+def export(module, channels: int = 3, dynamic: bool = True):
+    """`module` as a `torch.export` program for batches of any count and image size (`dynamic`),
+    or for (1, channels, 24, 24) alone."""
+    import torch
+
+    sizes = {0: torch.export.Dim("n"), 2: torch.export.Dim("h", min=4), 3: torch.export.Dim("w", min=4)}
+    example = torch.rand(2 if dynamic else 1, channels, 24, 24)
+    return torch.export.export(module.eval(), (example,), dynamic_shapes=(sizes,) if dynamic else None)
+
+
+def save_export(module, path, channels: int = 3, dynamic: bool = True) -> Path:
+    """`module` saved as a `torch.export` program (`.pt2`) at `path` (see `export`)."""
+    import torch
+
+    torch.export.save(export(module, channels, dynamic), str(path))
+    return Path(path)

@@ -34,7 +34,7 @@ from ensir_flow.pipelines.integrity import CHUNK_CHECKSUMS, checksums_of
 from ensir_flow.pipelines.lut_io import read_lut
 from ensir_flow.pipelines.stores import open_group_as_committed, open_store
 from ensir_flow.schema import check_store
-from helpers import IDENTITY_ATTRIBUTES, make_corpus
+from helpers import IDENTITY_ATTRIBUTES, make_corpus, save_export
 
 HOOK = Path(__file__).with_name("kill_after_writes.py")
 KILLED = 137
@@ -107,12 +107,10 @@ def _paper_style_lut(path: Path) -> None:
 
 
 def _base_model(folder: Path) -> Path:
-    """A small TorchScript restorer for `predict`, saved outside the working folders: a predicted
-    store records its model's absolute path, which must be the same in every copy of them."""
+    """A small restorer for `predict` (a `torch.export` program), saved outside the working folders:
+    a predicted store records its model's absolute path, which must be the same in every copy of them."""
     torch.manual_seed(0)
-    path = folder / "conv.pt"
-    torch.jit.save(torch.jit.script(torch.nn.Conv2d(3, 3, 3, padding=1).eval()), str(path))
-    return path
+    return save_export(torch.nn.Conv2d(3, 3, 3, padding=1), folder / "conv.pt2")
 
 
 def _prepare(work: Path, before: list[list]) -> None:

@@ -24,7 +24,7 @@ from ensir_flow.errors import InputError
 from ensir_flow.models import Inference, check_model_file, model_file, models_loaded, predict_image, tile_spans
 from ensir_flow.pipelines.predict import plan_predict
 from ensir_flow.pipelines.resumable import resumable_location
-from helpers import contents, make_corpus
+from helpers import contents, export, make_corpus, save_export
 
 #: Receptive radius of `ConvNet`: two 3x3 convolutions.
 RADIUS = 2
@@ -78,18 +78,6 @@ def save_script(module, path) -> Path:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.(script|save)` is ", category=DeprecationWarning)
         torch.jit.save(torch.jit.script(module.eval()), str(path))
-    return Path(path)
-
-
-def export(module, channels: int = 3, dynamic: bool = True) -> torch.export.ExportedProgram:
-    """`module` exported for batches of any count and image size (`dynamic`), or for (1, channels, 24, 24) alone."""
-    sizes = {0: torch.export.Dim("n"), 2: torch.export.Dim("h", min=4), 3: torch.export.Dim("w", min=4)}
-    example = torch.rand(2 if dynamic else 1, channels, 24, 24)
-    return torch.export.export(module.eval(), (example,), dynamic_shapes=(sizes,) if dynamic else None)
-
-
-def save_export(module, path, channels: int = 3, dynamic: bool = True) -> Path:
-    torch.export.save(export(module, channels, dynamic), str(path))
     return Path(path)
 
 

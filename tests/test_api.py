@@ -13,7 +13,7 @@ import xarray as xr
 import ensir_flow
 from ensir_flow import schema
 from ensir_flow.errors import InputError
-from helpers import make_corpus, modules_imported_by, without_checksums
+from helpers import make_corpus, modules_imported_by, save_export, without_checksums
 
 
 @pytest.fixture
@@ -71,8 +71,7 @@ def test_predict_is_the_cli_predict(tmp_path, invoke):
     make_corpus(root, n_models=1, inputs_scale=1)
     shutil.rmtree(root / "model0")
     torch.manual_seed(0)
-    model = tmp_path / "conv.pt"
-    torch.jit.save(torch.jit.script(torch.nn.Conv2d(3, 3, 3, padding=1).eval()), str(model))
+    model = save_export(torch.nn.Conv2d(3, 3, 3, padding=1), tmp_path / "conv.pt2")
     planned = ensir_flow.predict(root, tmp_path / "p.zarr", models={"a": model}, tile=16, overlap=2, dry_run=True)
     assert planned.status == "planned" and "predict 3 images with 1 model(s)" in planned.plan and "16 px, overlap 2" in planned.plan
     assert not (tmp_path / "p.zarr").exists()

@@ -410,7 +410,9 @@ def fit(store, lut, bin_width, solver, shrinkage, pass_memory, device, scheduler
     """Fit an EnsIR LUT on the reference STORE (with ground truth) and write it to LUT."""
     result = api.fit(store, lut, bin_width=bin_width, solver=solver, shrinkage=shrinkage, device=device, overwrite=overwrite,
                      pass_memory=pass_memory, **_run_options(scheduler, worker_timeout, no_progress, dry_run))
-    _finish(result, lambda r: f"wrote {lut}: {r.bins:,} bins x {r.channels} channels, {r.filled_cells:,} cells with reference pixels")
+    _finish(result, lambda r: (f"{lut} is already this fit's LUT (same store, same options): nothing to do"
+                               if r.status == "unchanged" else
+                               f"wrote {lut}: {r.bins:,} bins x {r.channels} channels, {r.filled_cells:,} cells with reference pixels"))
 
 
 @main.command()

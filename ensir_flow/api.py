@@ -376,11 +376,13 @@ def _refuse_memory_on_a_cluster(locations, run: RunOptions) -> None:
 
 @dataclass
 class Outcome:
-    """A plan's return value, its seconds per stage, and its description when it was only planned."""
+    """A plan's return value, its seconds per stage, its description when it was only planned, and
+    the status it knew ahead (`Plan.status`)."""
 
     value: Any
     seconds: dict
     plan: str | None
+    status: str | None = None
 
 
 def run_plan(plan_factory, locations: Sequence, run: RunOptions) -> Outcome:
@@ -390,10 +392,10 @@ def run_plan(plan_factory, locations: Sequence, run: RunOptions) -> Outcome:
     _refuse_memory_on_a_cluster(locations, run)
     plan = plan_factory()
     if run.get("dry_run"):
-        return Outcome(None, {}, plan.describe())
+        return Outcome(None, {}, plan.describe(), plan.status)
     seconds: dict[str, float] = {}
     with _compute(run) as compute:
-        return Outcome(plan.run(_timed(compute, seconds)), seconds, None)
+        return Outcome(plan.run(_timed(compute, seconds)), seconds, None, plan.status)
 
 
 def _names(value: str | Sequence[str] | None) -> list[str] | None:
@@ -635,7 +637,7 @@ def fit(store, lut, *, bin_width: int = DEFAULT_BIN_WIDTH, solver: str = DEFAULT
     if outcome.plan is not None:
         return Fitted(command="fit", status="planned", outputs=_written([lut]), plan=outcome.plan)
     table = outcome.value
-    return Fitted(command="fit", status="written", outputs=_written([lut]), seconds=outcome.seconds, lut=table,
+    return Fitted(command="fit", status=outcome.status or "written", outputs=_written([lut]), seconds=outcome.seconds, lut=table,
                   bins=table.n_bins, channels=table.n_channels, filled_cells=table.filled_cells)
 
 

@@ -9,6 +9,7 @@ makes, bit for bit (tested).
 """
 
 import contextlib
+import hashlib
 import tempfile
 
 import dask
@@ -26,11 +27,12 @@ from ensir_flow.stats import (ALL_MOMENTS, FIRST_BINS_END, CellStatistics, cell_
 
 from .chunks import (MERGE_FAN_IN, Span, chunk_ranges, chunk_spans, image_folds, pixel_array, pixel_chunk_lengths, read_pixels,
                      task_argument, tree_reduce)
-from .commit import refuse_existing, staged_output
+from .commit import exists, refuse_existing, staged_output
 from .executor import release_freed_memory
-from .lut_io import write_lut
+from .integrity import store_identity
+from .lut_io import read_lut, write_lut
 from .plan import Plan
-from .stores import open_store_index
+from .stores import open_group_as_committed, open_store_index
 
 #: Bytes of statistics one pass of `fit` may gather (estimated: `sample_statistics_bytes`). A reference set
 #: whose statistics would exceed it is fitted in several passes, one range of cells each. At the
@@ -236,6 +238,10 @@ def plan_fit(store: str, lut_path: str, bin_width: int = DEFAULT_BIN_WIDTH, solv
     exceed `pass_bytes` are gathered in passes over ranges of cells (`fit_in_passes`).
     """
     tuning = fittable(solver).tuning
+    inputs = fit_inputs(store, bin_width, solver, shrinkage)
+    if not overwrite and _recorded_fit_inputs(lut_path) == inputs:  # e.g. a run killed after its commit
+        return Plan(f"fit: {lut_path} is already this fit's LUT", {"store": str(store), "LUT": str(lut_path)},
+                    lambda compute: read_lut(lut_path), status="unchanged")
     refuse_existing(lut_path, overwrite)
     ds = open_store_index(store)
     models = schema.check_store(ds, store, require=(schema.PREDICTION, schema.GROUND_TRUTH))
@@ -261,7 +267,7 @@ def plan_fit(store: str, lut_path: str, bin_width: int = DEFAULT_BIN_WIDTH, solv
             raise TransientError(f"{store}: replaced while fit read it (its images are not those planned); nothing was "
                                  f"written: run fit again")
         lut.attrs.update({"created_by": f"ensir-flow {ensir_flow.__version__} fit", "reference_store": str(store),
-                          "reference_images": int(n_images)})
+                          "reference_images": int(n_images), FIT_INPUTS: inputs})
         with staged_output(lut_path, overwrite) as staging:
             compute(dask.delayed(write_lut)(lut, staging), label="write LUT")
         return lut
@@ -279,6 +285,28 @@ def plan_fit(store: str, lut_path: str, bin_width: int = DEFAULT_BIN_WIDTH, solv
     if tuning is not None:
         details[tuning.parameter] = f"{shrinkage}" if shrinkage is not None else f"chosen by {n_folds}-fold cross-validation"
     return Plan(f"fit a {solver} LUT on {n_images} reference images", details, execute)
+
+
+#: LUT attribute: the digest of what it was fitted from (`fit_inputs`).
+FIT_INPUTS = "fit_inputs"
+
+
+def fit_inputs(store: str, bin_width: int, solver: str, shrinkage: float | None) -> str:
+    """The digest of what a fit makes its LUT from: the store as committed now (its identity,
+    `integrity.store_identity`) and the options that change the LUT (the device and the pass
+    memory do not: the same bits on any)."""
+    return hashlib.sha256(repr((store_identity(store), int(bin_width), solver, shrinkage)).encode()).hexdigest()
+
+
+def _recorded_fit_inputs(lut_path: str) -> str | None:
+    """The `fit_inputs` recorded by the LUT at `lut_path`, if ensir-flow's fit wrote one there."""
+    if not exists(lut_path):
+        return None
+    try:
+        attrs = open_group_as_committed(str(lut_path)).attrs
+    except Exception:  # noqa: BLE001 - anything unreadable there is not this fit's LUT
+        return None
+    return attrs.get(FIT_INPUTS)
 
 
 def _what_fit_reads(ds, n_images: int):

@@ -9,11 +9,14 @@ from .executor import Compute, threaded_compute
 
 @dataclass
 class Plan:
-    """A described, not yet executed, pipeline run."""
+    """A described, not yet executed, pipeline run. `status`: what running it will report when the
+    plan already knows (None: the command's own, e.g. 'written'), such as 'unchanged' for an output
+    that these inputs already made."""
 
     title: str
     details: dict[str, Any]
     execute: Callable[[Compute], Any] = field(repr=False)
+    status: str | None = None
 
     def describe(self) -> str:
         """Human-readable summary for `--dry-run`."""

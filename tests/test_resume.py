@@ -290,3 +290,20 @@ def test_a_source_changed_during_a_resumed_ingest_is_refused_then_redone(tmp_pat
     assert again.exit_code == 0 and "resumed" in again.stdout, again.output
     assert invoke("ingest", "corpus", "clean.zarr", "--chunk-pixels", 1000, "--no-progress").exit_code == 0
     xr.testing.assert_identical(contents(tmp_path / "s.zarr"), contents(tmp_path / "clean.zarr"))
+
+
+def test_a_finished_fit_run_again_is_unchanged_until_its_store_or_options_change(tmp_path, invoke, corpus):
+    """A fit killed after its commit, re-run as it was: nothing to do (not 'already exists')."""
+    root, _ = corpus
+    store, lut = tmp_path / "s.zarr", tmp_path / "lut.zarr"
+    assert invoke("ingest", root, store, "--no-progress").exit_code == 0
+    assert invoke("fit", store, lut, "--no-progress").exit_code == 0
+    written = sorted((path.relative_to(lut), path.stat().st_mtime_ns) for path in lut.rglob("*"))
+    again = invoke("fit", store, lut, "--json", "--no-progress")
+    assert again.exit_code == 0 and json.loads(again.stdout)["status"] == "unchanged"
+    assert sorted((path.relative_to(lut), path.stat().st_mtime_ns) for path in lut.rglob("*")) == written
+    other = invoke("fit", store, lut, "--bin-width", 64, "--no-progress")
+    assert other.exit_code == 1 and "already exists" in other.stderr
+    assert invoke("ingest", root, store, "--overwrite", "--no-progress").exit_code == 0  # the same images, another store
+    rewritten = invoke("fit", store, lut, "--no-progress")
+    assert rewritten.exit_code == 1 and "already exists" in rewritten.stderr

@@ -6,6 +6,7 @@ from ensir_flow import schema
 from ensir_flow.fit_status import FLAG_MEANINGS, FitStatus
 from ensir_flow.lut import Lut
 
+from .integrity import CHUNK_CHECKSUMS
 from .stores import open_store
 
 
@@ -27,6 +28,9 @@ def describe(path: str) -> dict:
     summary = {"path": str(path), "kind": kind, "models": models, "images": int(ds.sizes["image"]),
                "pixels": int(ds.sizes["pixel"]), "channels": int(ds.sizes["channel"]),
                "ground_truth": schema.GROUND_TRUTH in ds,
+               "chunks_verified": ("by their XXH3-64 hashes" if CHUNK_CHECKSUMS in ds else
+                                   "for presence only (written before chunk hashes: write the store again to verify "
+                                   "its contents)"),
                "compression": schema.compression_of(ds[schema.ENSEMBLE if kind == "ensemble" else schema.PREDICTION].encoding),
                "attributes": attrs}
     if "source_sha256" in ds:

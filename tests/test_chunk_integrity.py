@@ -156,7 +156,9 @@ def test_a_worker_that_opens_another_store_at_the_planned_path_is_refused(fitted
 
 
 def test_a_store_without_checksums_still_reads_and_its_missing_chunks_are_named(fitted, invoke):
+    assert "chunks_verified: by their XXH3-64 hashes" in invoke("info", fitted / "s.zarr").stdout
     without_checksums(fitted / "s.zarr")
+    assert "chunks_verified: for presence only" in invoke("info", fitted / "s.zarr").stdout
     assert invoke("fit", fitted / "s.zarr", fitted / "lut2.zarr", "--no-progress").exit_code == 0
     xr.testing.assert_identical(contents(fitted / "lut2.zarr").drop_attrs(), contents(fitted / "lut.zarr").drop_attrs())
     assert invoke("apply", fitted / "s.zarr", fitted / "lut.zarr", fitted / "out2.zarr", "--no-progress").exit_code == 0

@@ -19,6 +19,7 @@ from .zarr_adapter import commit_metadata
 if TYPE_CHECKING:
     from ensir_flow.lut import Lut
 
+
 def read_lut(path: str) -> Lut:
     """Read a LUT store fully and check it. Its weights (bin, channel, model), nearly all of a
     many-model LUT, are read straight into the leading rows of an array with one spare row, where

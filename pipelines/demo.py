@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from ensir_flow.binning import DEFAULT_BIN_WIDTH
-from ensir_flow.demo import build_demo_corpus, save_demo_models
+from ensir_flow.demo_corpus import build_demo_corpus, save_demo_models
 from ensir_flow.images import GROUND_TRUTH_DIR, INPUT_DIR
 from ensir_flow.models import model_file
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from ensir_flow.demo import DEMO_MODELS, build_demo_corpus, save_demo_models
+from ensir_flow.demo_corpus import DEMO_MODELS, build_demo_corpus, save_demo_models
 from ensir_flow.metrics import psnr
 from ensir_flow.models import Inference, check_model_file, model_file, loaded_model, predict_image
 

@@ -79,7 +79,12 @@ def rgb_report(tmp_path_factory):
     (report / "stale.txt").write_text("left by an earlier run")
     with pytest.raises(InputError, match="already exists"):
         write_report(report, summary, str(store), str(output), str(lut))
+    with pytest.raises(InputError, match="ensir-flow did not write"):  # --overwrite replaces only its own reports
+        write_report(report, summary, str(store), str(output), str(lut), overwrite=True)
     assert (report / "stale.txt").exists()
+    (report / "stale.txt").unlink()
+    report.rmdir()
+    write_report(report, summary, str(store), str(output), str(lut))
     page = write_report(report, summary, str(store), str(output), str(lut), overwrite=True)
     return page, summary, models
 

@@ -22,7 +22,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_em_differential import (  # noqa: E402
-    EM, EM_FAILED, INITIAL, WEIGHT_ATOL, Comparison, Corpus, check, compare, fit_through_cli, write_corpus,
+    EM,
+    EM_FAILED,
+    INITIAL,
+    WEIGHT_ATOL,
+    Comparison,
+    Corpus,
+    check,
+    compare,
+    fit_through_cli,
+    write_corpus,
 )
 
 
@@ -30,7 +39,9 @@ def corpus_for(seed: int, n_models: int, bin_width: int) -> Corpus:
     rng = np.random.default_rng([seed, n_models, bin_width])
     n_images = int(rng.integers(2, 5))
     return Corpus(
-        seed=int(rng.integers(2**32)), n_models=n_models, bin_width=bin_width,
+        seed=int(rng.integers(2**32)),
+        n_models=n_models,
+        bin_width=bin_width,
         channels=int(rng.choice([1, 3])),
         sizes=[(int(rng.integers(4, 49)), int(rng.integers(4, 65))) for _ in range(n_images)],
         gains=rng.uniform(0.7, 1.3, n_models).round(3).tolist(),
@@ -72,26 +83,33 @@ def main() -> None:
                 total.failures += c.failures
     in_cells = [d for d in total.dependent if d.label[0] != "channel"]
     ties = [d.tie_ulps for d in total.dependent if d.tie_ulps is not None]
-    print(f"EM differential benchmark: {corpora} corpora ({args.seeds} seeds x K = 2, 3, 4 x bin widths "
-          f"16, 32, 64, 128), ingest + fit through the CLI, compared with the plain per-sample loop; "
-          f"{time.perf_counter() - started:.0f} s")
-    print(f"cells with data compared: {total.cells} (plain loop: {total.statuses.get(INITIAL, 0)} initial weights, "
-          f"{total.statuses.get(EM, 0)} em, {total.statuses.get(EM_FAILED, 0)} em_failed_initial_weights); "
-          f"with EM (n >= 100, variances > 0): {total.em_cells}; EM fits in all, with the channel fits behind "
-          f"empty cells: {total.fits}")
+    print(
+        f"EM differential benchmark: {corpora} corpora ({args.seeds} seeds x K = 2, 3, 4 x bin widths "
+        f"16, 32, 64, 128), ingest + fit through the CLI, compared with the plain per-sample loop; "
+        f"{time.perf_counter() - started:.0f} s"
+    )
+    print(
+        f"cells with data compared: {total.cells} (plain loop: {total.statuses.get(INITIAL, 0)} initial weights, "
+        f"{total.statuses.get(EM, 0)} em, {total.statuses.get(EM_FAILED, 0)} em_failed_initial_weights); "
+        f"with EM (n >= 100, variances > 0): {total.em_cells}; EM fits in all, with the channel fits behind "
+        f"empty cells: {total.fits}"
+    )
     print(f"max |LUT - float32 loop| where not precision-dependent: {total.checked_max_diff:.1e}")
-    print(f"precision-dependent (float32 and float64 loops stop at different steps): {len(in_cells)} cells "
-          f"({100 * len(in_cells) / max(total.em_cells, 1):.1f}% of those with EM) and "
-          f"{len(total.dependent) - len(in_cells)} channel fits; steps apart: median "
-          f"{np.median([abs(d.steps32 - d.steps64) for d in total.dependent]) if total.dependent else 0:.0f}, max "
-          f"{max((abs(d.steps32 - d.steps64) for d in total.dependent), default=0)}; "
-          f"float64 gain from 1e-5 where one stops: max {max(ties, default=0):.1f} float32 ulps of the score")
-    print(f"  on them, max |LUT - float32 loop|: {total.dependent_max_diff:.1e}, over {WEIGHT_ATOL:g} in "
-          f"{len(total.off_by_more)} fits ({sum(d.label[0] != 'channel' for d in total.off_by_more)} cells, "
-          f"at most {max_off_by_more} in one corpus); max |LUT - float64 loop|: "
-          f"{max((d.diff64 for d in total.dependent), default=0):.1e}")
-    print(f"disagreements (count, status or weights): {len(total.failures)}; corpora failing the test's "
-          f"checks: {len(failing)}")
+    print(
+        f"precision-dependent (float32 and float64 loops stop at different steps): {len(in_cells)} cells "
+        f"({100 * len(in_cells) / max(total.em_cells, 1):.1f}% of those with EM) and "
+        f"{len(total.dependent) - len(in_cells)} channel fits; steps apart: median "
+        f"{np.median([abs(d.steps32 - d.steps64) for d in total.dependent]) if total.dependent else 0:.0f}, max "
+        f"{max((abs(d.steps32 - d.steps64) for d in total.dependent), default=0)}; "
+        f"float64 gain from 1e-5 where one stops: max {max(ties, default=0):.1f} float32 ulps of the score"
+    )
+    print(
+        f"  on them, max |LUT - float32 loop|: {total.dependent_max_diff:.1e}, over {WEIGHT_ATOL:g} in "
+        f"{len(total.off_by_more)} fits ({sum(d.label[0] != 'channel' for d in total.off_by_more)} cells, "
+        f"at most {max_off_by_more} in one corpus); max |LUT - float64 loop|: "
+        f"{max((d.diff64 for d in total.dependent), default=0):.1e}"
+    )
+    print(f"disagreements (count, status or weights): {len(total.failures)}; corpora failing the test's checks: {len(failing)}")
     for line in (total.failures + failing)[:10]:
         print("  " + line)
 

@@ -18,7 +18,8 @@ Bounds, on the same frames, in this process, with as many threads as the schedul
   thread (ensir-flow's encoder) and Pillow at level 1 on one thread (the export's target);
 - evaluate: reading the series it scores once (predictions, ground truth, ensemble).
 Two start-up references: the CLI alone (`ensir-flow --version`: interpreter and imports) and
-importing torch in a fresh interpreter. `evaluate kernels` compares, on the first frames, `metrics.scores` with the SSIM evaluate used
+importing torch in a fresh interpreter. `evaluate kernels` compares, on the first frames, `metrics.scores` with the SSIM
+evaluate used
 before (scikit-image per candidate and channel, plus PSNR per candidate).
 
 `--compare-with DIR` runs the same job with another ensir_flow package (e.g. an older commit's
@@ -30,6 +31,7 @@ jobs disturbed least). Tables to stdout, the same figures as JSON to --out.
 """
 
 import argparse
+import functools
 import io
 import json
 import os
@@ -97,9 +99,13 @@ def compare_checkouts(other: Path, source: Path, config: Path, runs: int, work: 
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir()
             store, lut, output = folder / "ref.zarr", folder / "lut.zarr", folder / "out.zarr"
-            commands = {"ingest": ["ingest", source, store], "fit": ["fit", store, lut], "apply": ["apply", store, lut, output],
-                        "apply --export-dir": ["apply", store, lut, folder / "out2.zarr", "--export-dir", folder / "png"],
-                        "evaluate --ensemble": ["evaluate", store, "--ensemble", output]}
+            commands = {
+                "ingest": ["ingest", source, store],
+                "fit": ["fit", store, lut],
+                "apply": ["apply", store, lut, output],
+                "apply --export-dir": ["apply", store, lut, folder / "out2.zarr", "--export-dir", folder / "png"],
+                "evaluate --ensemble": ["evaluate", store, "--ensemble", output],
+            }
             for command, args in commands.items():
                 wall, cpu, _ = run_command(args, config, pythonpath)
                 previous = best_of.get((command, name), (float("inf"), float("inf")))
@@ -127,8 +133,10 @@ def read_bound(arrays: list) -> None:
 def images_of(ds, variable: str) -> list[np.ndarray]:
     index = schema.ImageIndex.from_dataset(ds)
     values = ds[variable].values
-    return [values[..., o: o + n, :].reshape(*values.shape[:-2], h, w, -1)
-            for h, w, o, n in zip(index.heights, index.widths, index.offsets, index.counts)]
+    return [
+        values[..., o : o + n, :].reshape(*values.shape[:-2], h, w, -1)
+        for h, w, o, n in zip(index.heights, index.widths, index.offsets, index.counts)
+    ]
 
 
 def skimage_scores(images, reference) -> None:
@@ -141,8 +149,14 @@ def skimage_scores(images, reference) -> None:
         candidate = image.astype(np.float64)
         np.mean((candidate - truth) ** 2)
         for c in range(truth.shape[2]):
-            structural_similarity(candidate[:, :, c], truth[:, :, c], gaussian_weights=True, sigma=1.5,
-                                  use_sample_covariance=False, data_range=255.0)
+            structural_similarity(
+                candidate[:, :, c],
+                truth[:, :, c],
+                gaussian_weights=True,
+                sigma=1.5,
+                use_sample_covariance=False,
+                data_range=255.0,
+            )
 
 
 def print_table(rows: list[dict]) -> None:
@@ -152,10 +166,12 @@ def print_table(rows: list[dict]) -> None:
     for row in rows:
         work = row.get("work_s")
         bound = row.get("bound_s")
-        print(f"{row['step']:<34}  {row['wall_s']:6.2f}  {row.get('startup_s', float('nan')):8.2f}  "
-              f"{work if work is not None else float('nan'):6.2f}  {row['megapixels'] / (work or row['wall_s']):6.1f}  "
-              f"{bound if bound is not None else float('nan'):7.2f}  "
-              f"{(work or row['wall_s']) / bound if bound else float('nan'):7.2f}")
+        print(
+            f"{row['step']:<34}  {row['wall_s']:6.2f}  {row.get('startup_s', float('nan')):8.2f}  "
+            f"{work if work is not None else float('nan'):6.2f}  {row['megapixels'] / (work or row['wall_s']):6.1f}  "
+            f"{bound if bound is not None else float('nan'):7.2f}  "
+            f"{(work or row['wall_s']) / bound if bound else float('nan'):7.2f}"
+        )
 
 
 def main(argv=None) -> None:
@@ -166,8 +182,12 @@ def main(argv=None) -> None:
     parser.add_argument("--runs", type=int, default=2, help="best of this many runs of each step")
     parser.add_argument("--kernel-frames", type=int, default=2, help="frames for the evaluate-kernel comparison")
     parser.add_argument("--out", type=Path, help="also write the figures as JSON to this file")
-    parser.add_argument("--compare-with", type=Path, metavar="DIR",
-                        help="also run the job with the ensir_flow package in DIR (put first on PYTHONPATH), in turns")
+    parser.add_argument(
+        "--compare-with",
+        type=Path,
+        metavar="DIR",
+        help="also run the job with the ensir_flow package in DIR (put first on PYTHONPATH), in turns",
+    )
     args = parser.parse_args(argv)
     if not args.source.is_dir():
         raise SystemExit(f"{args.source}: corpus folder not found")
@@ -183,19 +203,44 @@ def main(argv=None) -> None:
         megapixels = ds.sizes["pixel"] / 1e6
         roles = [str(role) for role in ds["source"].values]
         files = [args.source / role / name for role, names in zip(roles, ds["source_file"].values) for name in names]
-        rows.append({"step": f"ingest ({len(roles)} PNGs per frame)", "wall_s": ingest[0], "work_s": sum(ingest[1].values()),
-                     "megapixels": megapixels * len(roles), "bound_s": best_time(lambda: decode_bound(files, threads), args.runs, warm_up=False)})
+        rows.append(
+            {
+                "step": f"ingest ({len(roles)} PNGs per frame)",
+                "wall_s": ingest[0],
+                "work_s": sum(ingest[1].values()),
+                "megapixels": megapixels * len(roles),
+                "bound_s": best_time(lambda: decode_bound(files, threads), args.runs, warm_up=False),
+            }
+        )
 
         fit = best_command(args.runs, ["fit", store, lut], args.config, lambda: remove(lut))
         planes = [ds[schema.PREDICTION].data, ds[schema.GROUND_TRUTH].data]
-        rows.append({"step": "fit", "wall_s": fit[0], "work_s": sum(fit[1].values()), "megapixels": megapixels * (len(roles) - 1),
-                     "bound_s": best_time(lambda: read_bound(planes), args.runs, warm_up=False)})
+        rows.append(
+            {
+                "step": "fit",
+                "wall_s": fit[0],
+                "work_s": sum(fit[1].values()),
+                "megapixels": megapixels * (len(roles) - 1),
+                "bound_s": best_time(lambda: read_bound(planes), args.runs, warm_up=False),
+            }
+        )
 
         apply = best_command(args.runs, ["apply", store, lut, output], args.config, lambda: remove(output))
-        rows.append({"step": "apply", "wall_s": apply[0], "work_s": sum(apply[1].values()), "megapixels": megapixels,
-                     "bound_s": best_time(lambda: read_bound([ds[schema.PREDICTION].data]), args.runs, warm_up=False)})
-        with_export = best_command(args.runs, ["apply", store, lut, output, "--export-dir", pngs, "--png-compression",
-                                               args.png_compression], args.config, lambda: remove(output, pngs))
+        rows.append(
+            {
+                "step": "apply",
+                "wall_s": apply[0],
+                "work_s": sum(apply[1].values()),
+                "megapixels": megapixels,
+                "bound_s": best_time(lambda: read_bound([ds[schema.PREDICTION].data]), args.runs, warm_up=False),
+            }
+        )
+        with_export = best_command(
+            args.runs,
+            ["apply", store, lut, output, "--export-dir", pngs, "--png-compression", args.png_compression],
+            args.config,
+            lambda: remove(output, pngs),
+        )
         frames = images_of(open_store(output), schema.ENSEMBLE)
         ours = best_time(lambda: [encode_png(frame, None, args.png_compression) for frame in frames], args.runs, warm_up=False)
 
@@ -214,18 +259,41 @@ def main(argv=None) -> None:
                 iio.imwrite("<bytes>", frame, extension=".png")
 
         before_export = best_time(imageio_default, 1, warm_up=False)
-        rows.append({"step": f"apply --export-dir (level {args.png_compression})", "wall_s": with_export[0],
-                     "work_s": sum(with_export[1].values()), "megapixels": megapixels, "bound_s": None})
-        rows.append({"step": "  of which export", "wall_s": with_export[1]["export"], "megapixels": megapixels,
-                     "bound_s": pillow, "note": "bound: Pillow level 1, one thread"})
-        rows.append({"step": f"  bound: encode_png level {args.png_compression}, 1 thread", "wall_s": ours, "megapixels": megapixels})
+        rows.append(
+            {
+                "step": f"apply --export-dir (level {args.png_compression})",
+                "wall_s": with_export[0],
+                "work_s": sum(with_export[1].values()),
+                "megapixels": megapixels,
+                "bound_s": None,
+            }
+        )
+        rows.append(
+            {
+                "step": "  of which export",
+                "wall_s": with_export[1]["export"],
+                "megapixels": megapixels,
+                "bound_s": pillow,
+                "note": "bound: Pillow level 1, one thread",
+            }
+        )
+        rows.append(
+            {"step": f"  bound: encode_png level {args.png_compression}, 1 thread", "wall_s": ours, "megapixels": megapixels}
+        )
         rows.append({"step": "  bound: Pillow level 1, 1 thread", "wall_s": pillow, "megapixels": megapixels})
         rows.append({"step": "  before: imageio's default, 1 thread", "wall_s": before_export, "megapixels": megapixels})
 
         evaluate = best_command(args.runs, ["evaluate", store, "--ensemble", output], args.config)
         ensemble = open_store(output)[schema.ENSEMBLE].data
-        rows.append({"step": "evaluate --ensemble", "wall_s": evaluate[0], "work_s": sum(evaluate[1].values()), "megapixels": megapixels,
-                     "bound_s": best_time(lambda: read_bound([*planes, ensemble]), args.runs, warm_up=False)})
+        rows.append(
+            {
+                "step": "evaluate --ensemble",
+                "wall_s": evaluate[0],
+                "work_s": sum(evaluate[1].values()),
+                "megapixels": megapixels,
+                "bound_s": best_time(lambda: read_bound([*planes, ensemble]), args.runs, warm_up=False),
+            }
+        )
 
         truths = images_of(ds, schema.GROUND_TRUTH)[: args.kernel_frames]
         predictions = images_of(ds, schema.PREDICTION)
@@ -234,35 +302,69 @@ def main(argv=None) -> None:
         metrics.scores(candidates[0][:1], truths[0])  # load the numba kernels before timing
         fused = best_time(lambda: [metrics.scores(c, t) for c, t in zip(candidates, truths)], args.runs, warm_up=False)
         before = best_time(lambda: [skimage_scores(c, t) for c, t in zip(candidates, truths)], 1, warm_up=False)
-        rows.append({"step": f"evaluate kernels, {len(truths)} frames x {len(candidates[0])}", "wall_s": fused,
-                     "megapixels": kernel_mpx})
+        rows.append(
+            {"step": f"evaluate kernels, {len(truths)} frames x {len(candidates[0])}", "wall_s": fused, "megapixels": kernel_mpx}
+        )
         rows.append({"step": "  before: scikit-image SSIM", "wall_s": before, "megapixels": kernel_mpx})
 
-        for name, command in (("start-up: ensir-flow --version", [str(ENSIR_FLOW), "--version"]),
-                              ("start-up: python -c 'import torch'", [sys.executable, "-c", "import torch"])):
-            rows.append({"step": name, "wall_s": best_time(lambda: subprocess.run(command, capture_output=True, check=True), args.runs, warm_up=False),
-                         "megapixels": float("nan")})
+        for name, command in (
+            ("start-up: ensir-flow --version", [str(ENSIR_FLOW), "--version"]),
+            ("start-up: python -c 'import torch'", [sys.executable, "-c", "import torch"]),
+        ):
+            rows.append(
+                {
+                    "step": name,
+                    "wall_s": best_time(
+                        functools.partial(subprocess.run, command, capture_output=True, check=True), args.runs, warm_up=False
+                    ),
+                    "megapixels": float("nan"),
+                }
+            )
 
         for row in rows:
             if "work_s" in row:
                 row["startup_s"] = row["wall_s"] - row["work_s"]
-        print(f"ensir-flow end to end on {args.source} ({ds.sizes['image']} frames, {megapixels:.1f} Mpx; K = "
-              f"{ds.sizes['model']}), --scheduler threads, {threads} threads; best of {args.runs}; "
-              f"Mpx = million pixels of the images processed (all files for ingest); x bound = work / bound")
+        print(
+            f"ensir-flow end to end on {args.source} ({ds.sizes['image']} frames, {megapixels:.1f} Mpx; K = "
+            f"{ds.sizes['model']}), --scheduler threads, {threads} threads; best of {args.runs}; "
+            f"Mpx = million pixels of the images processed (all files for ingest); x bound = work / bound"
+        )
         print_table(rows)
-        print(f"evaluate kernels: metrics.scores {before / fused:.1f}x faster than scikit-image's SSIM; export "
-              f"{rows[4]['wall_s'] / pillow:.2f}x Pillow level 1 on one thread")
+        print(
+            f"evaluate kernels: metrics.scores {before / fused:.1f}x faster than scikit-image's SSIM; export "
+            f"{rows[4]['wall_s'] / pillow:.2f}x Pillow level 1 on one thread"
+        )
         comparison = compare_checkouts(args.compare_with, args.source, args.config, args.runs, work) if args.compare_with else []
         if comparison:
-            print(f"\nthe same job, this checkout against {args.compare_with}, in turns; best of {args.runs}; CPU = user + system "
-                  f"seconds of the command's process (steadier than wall time on a shared host)")
-            print(f"{'command':<20}  {'wall s':>6}  {'CPU s':>6}  {'other wall':>10}  {'other CPU':>9}  {'wall ratio':>10}  {'CPU ratio':>9}")
+            print(
+                f"\nthe same job, this checkout against {args.compare_with}, in turns; best of {args.runs}; CPU = user + system "
+                f"seconds of the command's process (steadier than wall time on a shared host)"
+            )
+            print(
+                f"{'command':<20}  {'wall s':>6}  {'CPU s':>6}  {'other wall':>10}  {'other CPU':>9}  "
+                f"{'wall ratio':>10}  {'CPU ratio':>9}"
+            )
             for row in comparison:
-                print(f"{row['command']:<20}  {row['wall_s']:6.2f}  {row['cpu_s']:6.2f}  {row['other_wall_s']:10.2f}  "
-                      f"{row['other_cpu_s']:9.2f}  {row['other_wall_s'] / row['wall_s']:10.2f}  {row['other_cpu_s'] / row['cpu_s']:9.2f}")
+                print(
+                    f"{row['command']:<20}  {row['wall_s']:6.2f}  {row['cpu_s']:6.2f}  {row['other_wall_s']:10.2f}  "
+                    f"{row['other_cpu_s']:9.2f}  {row['other_wall_s'] / row['wall_s']:10.2f}  "
+                    f"{row['other_cpu_s'] / row['cpu_s']:9.2f}"
+                )
         if args.out:
-            args.out.write_text(json.dumps({"source": str(args.source), "frames": ds.sizes["image"], "megapixels": megapixels,
-                                            "threads": threads, "runs": args.runs, "rows": rows, "comparison": comparison}, indent=2))
+            args.out.write_text(
+                json.dumps(
+                    {
+                        "source": str(args.source),
+                        "frames": ds.sizes["image"],
+                        "megapixels": megapixels,
+                        "threads": threads,
+                        "runs": args.runs,
+                        "rows": rows,
+                        "comparison": comparison,
+                    },
+                    indent=2,
+                )
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -36,15 +36,26 @@ GIB = 1 << 30
 
 def write_single_image_store(path: Path, height: int, width: int, n_models: int, seed: int) -> None:
     """A reference store of one `height` x `width` image named 'big', in the default chunks."""
-    corpus = dataclasses.replace(SyntheticCorpus.of_size(1, n_models, seed),
-                                 index=schema.ImageIndex(["big"], np.array([height]), np.array([width])))
+    corpus = dataclasses.replace(
+        SyntheticCorpus.of_size(1, n_models, seed), index=schema.ImageIndex(["big"], np.array([height]), np.array([width]))
+    )
     corpus.write_store(path, schema.DEFAULT_CHUNK_PIXELS, schema.DEFAULT_COMPRESSION)
 
 
 def evaluate_peak(store: Path, options: list[str]) -> tuple[float, int, dict]:
     """(seconds, peak RSS in bytes, the JSON printed) of one `ensir-flow evaluate` child process."""
-    command = [sys.executable, "-m", "ensir_flow", "evaluate", str(store), "--scheduler", "threads", "--json",
-               "--no-progress", *options]
+    command = [
+        sys.executable,
+        "-m",
+        "ensir_flow",
+        "evaluate",
+        str(store),
+        "--scheduler",
+        "threads",
+        "--json",
+        "--no-progress",
+        *options,
+    ]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -72,15 +83,20 @@ def main(argv=None) -> None:
         start = time.perf_counter()
         write_single_image_store(store, args.height, args.width, args.models, args.seed)
         megapixels = args.height * args.width / 1e6
-        print(f"wrote one {args.height} x {args.width} image ({megapixels:.0f} Mpx, K = {args.models}) in "
-              f"{time.perf_counter() - start:.0f} s", file=sys.stderr)
+        print(
+            f"wrote one {args.height} x {args.width} image ({megapixels:.0f} Mpx, K = {args.models}) in "
+            f"{time.perf_counter() - start:.0f} s",
+            file=sys.stderr,
+        )
         options = ["--crop-border", str(args.crop_border), *(["--y-channel"] if args.y_channel else [])]
         seconds, peak, scores = evaluate_peak(store, options)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    print(f"evaluate {args.height} x {args.width} ({megapixels:.0f} Mpx), K = {args.models}, "
-          f"{'Y' if args.y_channel else 'RGB'}, crop border {args.crop_border}: {seconds:.1f} s, "
-          f"peak RSS {peak / GIB:.2f} GiB (limit {args.limit_gib} GiB)")
+    print(
+        f"evaluate {args.height} x {args.width} ({megapixels:.0f} Mpx), K = {args.models}, "
+        f"{'Y' if args.y_channel else 'RGB'}, crop border {args.crop_border}: {seconds:.1f} s, "
+        f"peak RSS {peak / GIB:.2f} GiB (limit {args.limit_gib} GiB)"
+    )
     for method, value in scores["psnr"].items():
         print(f"  {method:10s} PSNR {value:8.3f} dB  SSIM {scores['ssim'][method]:.4f}")
     if peak > args.limit_gib * GIB:

@@ -54,8 +54,10 @@ def main() -> None:
         ensir_flow.ingest(work / "corpus", store, scheduler="threads", progress=False)
     run = {"scheduler": "threads", "progress": False}
     ensir_flow.fit(store, work / "lut.zarr", overwrite=True, **run)  # numba's kernels compiled or loaded once
-    jobs = {"fit": lambda: ensir_flow.fit(store, work / "lut.zarr", overwrite=True, **run),
-            "apply": lambda: ensir_flow.apply(store, work / "lut.zarr", work / "out.zarr", overwrite=True, **run)}
+    jobs = {
+        "fit": lambda: ensir_flow.fit(store, work / "lut.zarr", overwrite=True, **run),
+        "apply": lambda: ensir_flow.apply(store, work / "lut.zarr", work / "out.zarr", overwrite=True, **run),
+    }
     checked_read = chunks._read_chunk
     times = {(job, checked): [] for job in jobs for checked in (True, False)}
     for _ in range(options.runs):
@@ -68,8 +70,10 @@ def main() -> None:
     sample = np.random.default_rng(0).integers(0, 256, 64 << 20, dtype=np.uint8)
     rate = sample.nbytes / min(timed(lambda: xxhash.xxh3_64_intdigest(sample.data)) for _ in range(5)) / 1e9
     pixels = ensir_flow.open_store(store).sizes["pixel"]
-    print(f"store: {store} ({pixels / 1e6:.1f} Mpx); XXH3-64 at {rate:.1f} GB/s on this machine; "
-          f"median of {options.runs} runs, dask threads")
+    print(
+        f"store: {store} ({pixels / 1e6:.1f} Mpx); XXH3-64 at {rate:.1f} GB/s on this machine; "
+        f"median of {options.runs} runs, dask threads"
+    )
     print(f"{'command':8} {'checked s':>10} {'unchecked s':>12} {'cost':>7}")
     for job in jobs:
         checked, unchecked = statistics.median(times[job, True]), statistics.median(times[job, False])

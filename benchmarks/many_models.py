@@ -31,6 +31,7 @@ level (--sigma) per sample, no bias, nothing shared (the README's worked example
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -60,6 +61,10 @@ KERNEL_CASES = ((3, 32), (5, 16), (8, 32), (16, 16))
 KERNEL_MODELS = tuple(n_models for n_models, _ in KERNEL_CASES)
 
 
+def _blend_into(outputs: dict, kind: str, predictions, table, bin_width: int) -> None:
+    outputs[kind] = blend(predictions, table, bin_width)
+
+
 def write_corpus(path: Path, megapixels: float, n_models: int, seed: int) -> SyntheticCorpus:
     """A reference store of `megapixels` with K models (the same ground truth for every K)."""
     corpus = SyntheticCorpus.of_size(megapixels, n_models, seed)
@@ -74,9 +79,14 @@ def write_png_corpus(root: Path, kind: str, n_members: int, n_images: int, size:
     index = schema.ImageIndex([f"img{i:03d}" for i in range(n_images)], np.full(n_images, size), np.full(n_images, size))
     corpus = dataclasses.replace(corpus, index=index)
     if kind == "samples":
-        corpus = dataclasses.replace(corpus, models=[f"s{k + 1:02d}" for k in range(n_members)], shared_sigma=0.0,
-                                     bias=np.zeros(n_members, np.float32), slope=np.zeros(n_members, np.float32),
-                                     sigma=np.full(n_members, sigma, np.float32))
+        corpus = dataclasses.replace(
+            corpus,
+            models=[f"s{k + 1:02d}" for k in range(n_members)],
+            shared_sigma=0.0,
+            bias=np.zeros(n_members, np.float32),
+            slope=np.zeros(n_members, np.float32),
+            sigma=np.full(n_members, sigma, np.float32),
+        )
     corpus.write_png_folders(root)
 
 
@@ -111,12 +121,19 @@ def kernel_rows(corpus_by_k: dict, repeats: int) -> list[dict]:
         outputs = {}
         for kind, table in tables.items():
             blend(predictions[:, :100], table, bin_width)  # compile or load the kernel first, build an index
-            run = lambda: outputs.__setitem__(kind, blend(predictions, table, bin_width))  # noqa: E731
+            run = functools.partial(_blend_into, outputs, kind, predictions, table, bin_width)
             seconds, cpu_seconds = best_time(run, repeats), best_time(run, repeats, warm_up=False, clock=time.thread_time)
-            rows.append({"K": n_models, "bin_width": bin_width, "table": kind, "stored_bins": len(lut.bin_digits),
-                         "chosen": type(table) is type(chosen),
-                         "mpx_per_s": predictions.shape[1] / seconds / 1e6,
-                         "mpx_per_cpu_s": predictions.shape[1] / cpu_seconds / 1e6})
+            rows.append(
+                {
+                    "K": n_models,
+                    "bin_width": bin_width,
+                    "table": kind,
+                    "stored_bins": len(lut.bin_digits),
+                    "chosen": type(table) is type(chosen),
+                    "mpx_per_s": predictions.shape[1] / seconds / 1e6,
+                    "mpx_per_cpu_s": predictions.shape[1] / cpu_seconds / 1e6,
+                }
+            )
         if any((output != outputs["hashed"]).any() for output in outputs.values()):
             raise RuntimeError(f"K = {n_models}: the lookup tables give different bytes")
     return rows
@@ -126,9 +143,11 @@ def print_kernel_rows(corpus_by_k: dict, repeats: int) -> list[dict]:
     """`kernel_rows`, each printed as one line."""
     rows = kernel_rows(corpus_by_k, repeats)
     for row in rows:
-        print(f"blend kernel K = {row['K']:2d}, w = {row['bin_width']:3d}, {row['table']:7s} "
-              f"({row['stored_bins']:,} stored bins{', chosen' if row['chosen'] else ''}): {row['mpx_per_s']:.1f} Mpx/s, "
-              f"{row['mpx_per_cpu_s']:.1f} Mpx per CPU second")
+        print(
+            f"blend kernel K = {row['K']:2d}, w = {row['bin_width']:3d}, {row['table']:7s} "
+            f"({row['stored_bins']:,} stored bins{', chosen' if row['chosen'] else ''}): {row['mpx_per_s']:.1f} Mpx/s, "
+            f"{row['mpx_per_cpu_s']:.1f} Mpx per CPU second"
+        )
     return rows
 
 
@@ -167,8 +186,9 @@ def command_fit_seconds(workdir: Path, runs: int, seed: int) -> dict[int, float]
         times = []
         for _ in range(runs):
             start = time.perf_counter()
-            subprocess.run([*ensir_flow, "fit", str(store), str(lut), "--overwrite", "--no-progress"], capture_output=True,
-                           check=True)
+            subprocess.run(
+                [*ensir_flow, "fit", str(store), str(lut), "--overwrite", "--no-progress"], capture_output=True, check=True
+            )
             times.append(time.perf_counter() - start)
         seconds[n_models] = min(times)
     return seconds
@@ -182,8 +202,12 @@ def memory_rows(workdir: Path, sizes: list[float], seed: int) -> list[dict]:
         write_corpus(store, megapixels, 16, seed)
         for what in ("fit", "apply"):
             shutil.rmtree(out, ignore_errors=True)
-            result = subprocess.run([sys.executable, __file__, "--child", what, str(store), str(lut), str(out), "16"],
-                                    capture_output=True, text=True, check=True)
+            result = subprocess.run(
+                [sys.executable, __file__, "--child", what, str(store), str(lut), str(out), "16"],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             rows.append({"megapixels": megapixels, **json.loads(result.stdout.strip().splitlines()[-1])})
             print(f"  K = 16, w = 16, {megapixels} Mpx, {what}: {rows[-1]}", file=sys.stderr)
         shutil.rmtree(store)
@@ -212,11 +236,13 @@ def main(argv=None) -> None:
     if args.write_corpus:
         return write_png_corpus(args.write_corpus, args.kind, args.members, args.images, args.size, args.sigma, args.seed)
     if args.only == "kernels":
-        kernels = print_kernel_rows({k: SyntheticCorpus.of_size(args.megapixels, k, args.seed) for k in KERNEL_MODELS},
-                                    args.repeats)
+        kernels = print_kernel_rows(
+            {k: SyntheticCorpus.of_size(args.megapixels, k, args.seed) for k in KERNEL_MODELS}, args.repeats
+        )
         if args.out:
-            args.out.write_text(json.dumps({"machine": {"cpus": os.cpu_count()}, "megapixels": args.megapixels,
-                                            "kernels": kernels}, indent=2))
+            args.out.write_text(
+                json.dumps({"machine": {"cpus": os.cpu_count()}, "megapixels": args.megapixels, "kernels": kernels}, indent=2)
+            )
         return
     workdir = Path(tempfile.mkdtemp(prefix="ensir-many-models-"))
     try:
@@ -227,21 +253,33 @@ def main(argv=None) -> None:
             if n_models in (3, 8):
                 fits[n_models] = fit_seconds(store, workdir / f"lut{n_models}.zarr", 32, args.runs)
                 lut = read_lut(str(workdir / f"lut{n_models}.zarr"))
-                print(f"fit K = {n_models}, w = 32, {args.megapixels} Mpx: {fits[n_models]:.2f} s, "
-                      f"{lut.filled_cells:,} cells with data in {len(lut.bin_digits):,} stored bins", file=sys.stderr)
+                print(
+                    f"fit K = {n_models}, w = 32, {args.megapixels} Mpx: {fits[n_models]:.2f} s, "
+                    f"{lut.filled_cells:,} cells with data in {len(lut.bin_digits):,} stored bins",
+                    file=sys.stderr,
+                )
         print(f"fit K = 8 / K = 3: {fits[8] / fits[3]:.2f}x (target <= 3)")
         commands = command_fit_seconds(workdir, args.runs, args.seed)
-        print(f"the fit command on issue 13's corpus (6 images of 256 x 256): K = 3 {commands[3]:.2f} s, "
-              f"K = 8 {commands[8]:.2f} s: {commands[8] / commands[3]:.2f}x")
+        print(
+            f"the fit command on issue 13's corpus (6 images of 256 x 256): K = 3 {commands[3]:.2f} s, "
+            f"K = 8 {commands[8]:.2f} s: {commands[8] / commands[3]:.2f}x"
+        )
         kernels = print_kernel_rows(corpora, args.repeats)
         memory = memory_rows(workdir, [float(s) for s in args.memory_megapixels.split(",")], args.seed)
         for row in memory:
-            print(f"K = 16, w = 16, {row['megapixels']} Mpx, {row['step']}: {row['seconds']:.1f} s, peak {row['peak_mib']:.0f} MiB"
-                  + (f", {row['cells_with_data']:,} cells in {row['stored_bins']:,} stored bins" if "stored_bins" in row else ""))
-        figures = {"machine": {"cpus": os.cpu_count()}, "megapixels": args.megapixels,
-                   "fit_seconds": {str(k): v for k, v in fits.items()}, "fit_ratio_k8_k3": fits[8] / fits[3],
-                   "fit_command_seconds": {str(k): v for k, v in commands.items()},
-                   "kernels": kernels, "memory": memory}
+            print(
+                f"K = 16, w = 16, {row['megapixels']} Mpx, {row['step']}: {row['seconds']:.1f} s, peak {row['peak_mib']:.0f} MiB"
+                + (f", {row['cells_with_data']:,} cells in {row['stored_bins']:,} stored bins" if "stored_bins" in row else "")
+            )
+        figures = {
+            "machine": {"cpus": os.cpu_count()},
+            "megapixels": args.megapixels,
+            "fit_seconds": {str(k): v for k, v in fits.items()},
+            "fit_ratio_k8_k3": fits[8] / fits[3],
+            "fit_command_seconds": {str(k): v for k, v in commands.items()},
+            "kernels": kernels,
+            "memory": memory,
+        }
         if args.out:
             args.out.write_text(json.dumps(figures, indent=2))
     finally:

@@ -3,7 +3,8 @@
     python benchmarks/predict.py [--images 8] [--size 512] [--width 32] [--runs 3] [--device cpu]
 
 Writes a synthetic corpus (lq/ and gt/ PNGs of `--size` pixels a side) and a model saved as a
-`torch.export` program (three 3x3 convolutions of `--width` channels, any image size), then times, alternately, `--runs` times each:
+`torch.export` program (three 3x3 convolutions of `--width` channels, any image size), then times, alternately,
+`--runs` times each:
 - plain loop: for each image, decode its lq PNG, run the model, round to uint8 (what a user's own
   script does before saving PNGs, without saving them);
 - predict: `plan_predict` on dask's threaded scheduler: the same decoding and model calls plus the
@@ -32,9 +33,13 @@ class Restorer(torch.nn.Module):
     def __init__(self, width: int):
         super().__init__()
         torch.manual_seed(0)
-        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, width, 3, padding=1), torch.nn.ReLU(),
-                                        torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.ReLU(),
-                                        torch.nn.Conv2d(width, 3, 3, padding=1))
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(3, width, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(width, width, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(width, 3, 3, padding=1),
+        )
 
     def forward(self, x):
         return x + 0.1 * self.body(x)
@@ -80,7 +85,9 @@ def main() -> None:
         write_corpus(work / "corpus", args.images, args.size)
         path = work / "restorer.pt2"
         sides = {2: torch.export.Dim("height", min=4), 3: torch.export.Dim("width", min=4)}
-        torch.export.save(torch.export.export(Restorer(args.width).eval(), (torch.rand(1, 3, 64, 64),), dynamic_shapes=(sides,)), path)
+        torch.export.save(
+            torch.export.export(Restorer(args.width).eval(), (torch.rand(1, 3, 64, 64),), dynamic_shapes=(sides,)), path
+        )
         model = model_file("restorer", path)
         module = loaded_model(model, args.device)  # loaded once, as predict's workers do
         image = iio.imread(next((work / "corpus" / "lq").iterdir()))
@@ -89,10 +96,12 @@ def main() -> None:
         for _ in range(args.runs):  # in turns, so that a slow spell on the host falls on both
             plain.append(plain_loop(module, work / "corpus" / "lq", args.device))
             predicted.append(predict_run(work / "corpus", work / "s.zarr", model, args.device))
-        megapixels = args.images * args.size ** 2 / 1e6
-        print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} intra-op threads; "
-              f"{args.images} images of {args.size}x{args.size} ({megapixels:.1f} Mpx), model: 3 convolutions of width "
-              f"{args.width}; best of {args.runs}")
+        megapixels = args.images * args.size**2 / 1e6
+        print(
+            f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} intra-op threads; "
+            f"{args.images} images of {args.size}x{args.size} ({megapixels:.1f} Mpx), model: 3 convolutions of width "
+            f"{args.width}; best of {args.runs}"
+        )
         print(f"plain loop (decode, model, round)    {min(plain):7.2f} s  runs: {', '.join(f'{t:.2f}' for t in plain)}")
         print(f"predict (threads, Zarr store)        {min(predicted):7.2f} s  runs: {', '.join(f'{t:.2f}' for t in predicted)}")
         print(f"overhead: {min(predicted) / min(plain) - 1:+.1%} (target: under +20% on the CPU)")

@@ -48,7 +48,6 @@ from ensir_flow import schema
 from ensir_flow.binning import LEVELS, bin_count, place_values
 from ensir_flow.blend import blend
 from ensir_flow.images import write_png
-from ensir_flow.stats import chunk_statistics
 from ensir_flow.pipelines.apply import plan_apply
 from ensir_flow.pipelines.chunks import chunk_ranges, pixel_array, read_pixels, task_argument
 from ensir_flow.pipelines.executor import threaded_compute
@@ -56,6 +55,7 @@ from ensir_flow.pipelines.fit import plan_fit
 from ensir_flow.pipelines.ingest import plan_ingest
 from ensir_flow.pipelines.lut_io import read_lut
 from ensir_flow.pipelines.resumable import write_dataset
+from ensir_flow.stats import chunk_statistics
 
 #: Kernels and pipelines run on the CPU (numba); the kernel figures are per core.
 DEVICE = "cpu"
@@ -66,6 +66,7 @@ MIB = 1 << 20
 
 
 # --------------------------------------------------------------------------- synthetic data
+
 
 @dataclass(frozen=True)
 class Frame:
@@ -107,8 +108,10 @@ class Frame:
         base = np.full(rows.shape, 120, dtype=np.float32)
         for amplitude, fr, fc, phase in zip(self.wave_amplitude, self.wave_row_freq, self.wave_col_freq, self.wave_phase):
             base += amplitude * np.sin(fr * rows + fc * cols + phase)
-        base += 45 * np.tanh(8 * np.sin(np.float32(self.edge_row_freq) * rows + np.float32(self.edge_col_freq) * cols
-                                         + np.float32(self.edge_phase)))
+        base += 45 * np.tanh(
+            8
+            * np.sin(np.float32(self.edge_row_freq) * rows + np.float32(self.edge_col_freq) * cols + np.float32(self.edge_phase))
+        )
         texture = rng.standard_normal((len(rows), CHANNELS), dtype=np.float32) * np.float32(self.texture)
         return base[:, None] * self.gain + self.offset + texture
 
@@ -137,13 +140,18 @@ class SyntheticCorpus:
         heights = [FRAME_HEIGHT] * full + ([rest // FRAME_WIDTH] if rest >= FRAME_WIDTH else [])
         if not heights:
             raise ValueError(f"{megapixels} MP is smaller than one row of {FRAME_WIDTH} pixels")
-        index = schema.ImageIndex([f"frame{i:05d}" for i in range(len(heights))], np.array(heights),
-                                  np.full(len(heights), FRAME_WIDTH))
+        index = schema.ImageIndex(
+            [f"frame{i:05d}" for i in range(len(heights))], np.array(heights), np.full(len(heights), FRAME_WIDTH)
+        )
         rng = np.random.default_rng([seed, 0])
-        return cls(index, [f"m{k + 1}" for k in range(n_models)], seed,
-                   bias=rng.uniform(-4, 4, n_models).astype(np.float32),
-                   slope=rng.uniform(-0.04, 0.04, n_models).astype(np.float32),
-                   sigma=rng.uniform(2, 8, n_models).astype(np.float32))
+        return cls(
+            index,
+            [f"m{k + 1}" for k in range(n_models)],
+            seed,
+            bias=rng.uniform(-4, 4, n_models).astype(np.float32),
+            slope=rng.uniform(-0.04, 0.04, n_models).astype(np.float32),
+            sigma=rng.uniform(2, 8, n_models).astype(np.float32),
+        )
 
     @property
     def n_models(self) -> int:
@@ -166,7 +174,7 @@ class SyntheticCorpus:
             local = np.arange(lo - offsets[i], hi - offsets[i])
             rows, cols = (local // widths[i]).astype(np.float32), (local % widths[i]).astype(np.float32)
             frame = Frame.random(np.random.default_rng([self.seed, 2, int(i)]))
-            out[-1, lo - start: hi - start] = np.clip(np.rint(frame.truth(rows, cols, rng)), 0, 255)
+            out[-1, lo - start : hi - start] = np.clip(np.rint(frame.truth(rows, cols, rng)), 0, 255)
         truth = out[-1].astype(np.float32)
         shared = rng.standard_normal(truth.shape, dtype=np.float32) * np.float32(self.shared_sigma)
         for k in range(self.n_models):
@@ -187,10 +195,13 @@ class SyntheticCorpus:
         ds[schema.PREDICTION] = (("model", "pixel", "channel"), planes[:-1])
         ds[schema.GROUND_TRUTH] = (("pixel", "channel"), planes[-1])
         ds = ds.assign_coords(model=np.array(self.models, dtype=object))
-        ds.attrs = schema.store_attributes(self.models, CHANNELS, created_by="benchmarks/run.py",
-                                           source=f"synthetic (seed {self.seed})")
-        encoding = {schema.PREDICTION: schema.pixel_encoding((self.n_models, chunk_pixels, CHANNELS), compression),
-                    schema.GROUND_TRUTH: schema.pixel_encoding((chunk_pixels, CHANNELS), compression)}
+        ds.attrs = schema.store_attributes(
+            self.models, CHANNELS, created_by="benchmarks/run.py", source=f"synthetic (seed {self.seed})"
+        )
+        encoding = {
+            schema.PREDICTION: schema.pixel_encoding((self.n_models, chunk_pixels, CHANNELS), compression),
+            schema.GROUND_TRUTH: schema.pixel_encoding((chunk_pixels, CHANNELS), compression),
+        }
         dask.compute(write_dataset(ds, str(path), encoding), scheduler="threads")
 
     def write_png_folders(self, root: Path) -> None:
@@ -211,6 +222,7 @@ class SyntheticCorpus:
 
 
 # --------------------------------------------------------------------------- measuring
+
 
 class RssSampler:
     """RSS of some processes, sampled in a background thread; peaks are queried by time window."""
@@ -336,8 +348,12 @@ def cluster_session(n_workers: int, n_models: int, bin_width: int):
     from ensir_flow.pipelines.executor import compute_function, local_cluster
 
     start = time.perf_counter()
-    with local_cluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                       silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+    with (
+        local_cluster(
+            n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.ERROR
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         client.run(warm_up, n_models, bin_width)
         pids = list(client.run(os.getpid).values())
         session = Session("LocalCluster", n_workers, compute_function(client, progress=False), pids)
@@ -373,12 +389,15 @@ def fit_steps(session: Session, store: Path, lut: Path, bin_width: int, megapixe
     position = labels.index("statistics")
     _, stats_start, stats_end = session.calls[position]
     _, write_start, _ = session.calls[position + 1]
-    return [session.step("fit: statistics pass", stats_start, stats_end, megapixels, bound),
-            session.step("fit: EM on reduced table", stats_end, write_start, megapixels, bound, client=True)]
+    return [
+        session.step("fit: statistics pass", stats_start, stats_end, megapixels, bound),
+        session.step("fit: EM on reduced table", stats_end, write_start, megapixels, bound, client=True),
+    ]
 
 
-def apply_steps(session: Session, store: Path, lut: Path, output: Path, megapixels: float, bound: float,
-                compression: str) -> list[Step]:
+def apply_steps(
+    session: Session, store: Path, lut: Path, output: Path, megapixels: float, bound: float, compression: str
+) -> list[Step]:
     """Run `apply` (blend every chunk, write the ensemble store) into a fresh `output`: the whole
     run, and its chunk tasks alone (the run less its fixed client work: output template, graph,
     completion check, move into place)."""
@@ -391,9 +410,11 @@ def apply_steps(session: Session, store: Path, lut: Path, output: Path, megapixe
     blends = [call for call in session.calls if call[0] == "apply"]
     if len(blends) != 1:
         raise RuntimeError(f"plan_apply's compute calls were {[label for label, _, _ in session.calls]}: expected one 'apply'")
-    (_, tasks_start, tasks_end), = blends
-    return [session.step("apply: blend + Zarr write", start, end, megapixels, bound),
-            session.step("apply: of which chunk tasks", tasks_start, tasks_end, megapixels, bound)]
+    ((_, tasks_start, tasks_end),) = blends
+    return [
+        session.step("apply: blend + Zarr write", start, end, megapixels, bound),
+        session.step("apply: of which chunk tasks", tasks_start, tasks_end, megapixels, bound),
+    ]
 
 
 def update_steps(session: Session, store: Path, lut: Path, workdir: Path, new_frames: int, bound: float) -> list[Step]:
@@ -421,9 +442,14 @@ def update_steps(session: Session, store: Path, lut: Path, workdir: Path, new_fr
             region = (slice(None),) * (arrays[name].ndim - 2) + (slice(kept_pixels, n_pixels),)
             arrays[name][region] = source[name][region]
 
-    committed_append(str(grown), {"pixel": kept_pixels, "image": kept}, {"pixel": n_pixels, "image": n_images},
-                     copy_new_pixels, {name: ds[name].values[kept:] for name in (*schema.IMAGE_VARIABLES, "image")},
-                     dict(ds.attrs))
+    committed_append(
+        str(grown),
+        {"pixel": kept_pixels, "image": kept},
+        {"pixel": n_pixels, "image": n_images},
+        copy_new_pixels,
+        {name: ds[name].values[kept:] for name in (*schema.IMAGE_VARIABLES, "image")},
+        dict(ds.attrs),
+    )
     new_megapixels = (n_pixels - kept_pixels) / 1e6
     start = time.perf_counter()
     result = plan_apply(str(grown), str(lut), str(updated), device=DEVICE).run(session.compute)
@@ -437,8 +463,10 @@ def update_steps(session: Session, store: Path, lut: Path, workdir: Path, new_fr
         raise RuntimeError("the updated output differs from a fresh apply")
     for path in (grown, updated, fresh):
         shutil.rmtree(path)
-    return [session.step(f"apply update: {new_frames} new of {n_images} frames", start, end, new_megapixels, bound),
-            session.step(f"apply fresh: all {n_images} frames", fresh_start, fresh_end, n_pixels / 1e6, bound)]
+    return [
+        session.step(f"apply update: {new_frames} new of {n_images} frames", start, end, new_megapixels, bound),
+        session.step(f"apply fresh: all {n_images} frames", fresh_start, fresh_end, n_pixels / 1e6, bound),
+    ]
 
 
 def best_of_interleaved(runs: int, measures: list) -> list[list[Step]]:
@@ -463,8 +491,9 @@ def best_of(runs: int, measure) -> list[Step]:
     return best_of_interleaved(runs, [measure])[0]
 
 
-def ingest_steps(session: Session, corpus: SyntheticCorpus, root: Path, chunk_pixels: int, compression: str,
-                 runs: int) -> list[Step]:
+def ingest_steps(
+    session: Session, corpus: SyntheticCorpus, root: Path, chunk_pixels: int, compression: str, runs: int
+) -> list[Step]:
     """Time `ingest` of a PNG corpus, against decoding its PNGs only and reading the store it makes
     (each the best of `runs`)."""
     source, store = root / "png", root / "ingested.zarr"
@@ -480,9 +509,11 @@ def ingest_steps(session: Session, corpus: SyntheticCorpus, root: Path, chunk_pi
         ingest_start = time.perf_counter()
         plan.run(session.compute)
         ingest_end = time.perf_counter()
-        return [read_bound(session, store, corpus.megapixels, f"ingested store ({corpus.megapixels:.0f} MP)"),
-                session.step("PNG decode only (no store)", start, decode_end, corpus.megapixels, 1.0),
-                session.step("ingest: PNG -> Zarr", ingest_start, ingest_end, corpus.megapixels, 1.0)]
+        return [
+            read_bound(session, store, corpus.megapixels, f"ingested store ({corpus.megapixels:.0f} MP)"),
+            session.step("PNG decode only (no store)", start, decode_end, corpus.megapixels, 1.0),
+            session.step("ingest: PNG -> Zarr", ingest_start, ingest_end, corpus.megapixels, 1.0),
+        ]
 
     bound, decode, ingest = best_of(runs, measure)
     decode.bound_seconds = ingest.bound_seconds = bound.seconds
@@ -496,6 +527,7 @@ def _decoded_bytes(path: Path) -> int:
 
 # --------------------------------------------------------------------------- kernels
 
+
 def numpy_statistics(predictions: np.ndarray, truth: np.ndarray, bin_width: int):
     """The statistics of `chunk_statistics` in plain numpy: np.unique for cells, np.bincount for sums."""
     n_models, n_pixels, n_channels = predictions.shape
@@ -506,8 +538,11 @@ def numpy_statistics(predictions: np.ndarray, truth: np.ndarray, bin_width: int)
     cells, slots = np.unique(cell_ids, return_inverse=True)
     xf, yf = x.astype(np.float64), y.astype(np.float64)
     columns = [*xf, *(xf[i] * xf[j] for i in range(n_models) for j in range(i, n_models)), *(xf[k] * yf for k in range(n_models))]
-    moments = np.stack([np.bincount(slots, minlength=len(cells))]
-                       + [np.rint(np.bincount(slots, weights=c, minlength=len(cells))).astype(np.int64) for c in columns], axis=1)
+    moments = np.stack(
+        [np.bincount(slots, minlength=len(cells))]
+        + [np.rint(np.bincount(slots, weights=c, minlength=len(cells))).astype(np.int64) for c in columns],
+        axis=1,
+    )
     histogram = np.bincount(cell_ids * LEVELS + y)
     hist_keys = np.flatnonzero(histogram)
     return cells, moments, hist_keys, histogram[hist_keys]
@@ -547,7 +582,9 @@ def kernel_benchmarks(corpus: SyntheticCorpus, chunk_pixels: int, bin_width: int
     stats = chunk_statistics(predictions, truth, bin_width, device=DEVICE)
     reference = (stats.cells, stats.moments, stats.hist_keys, stats.hist_counts)
     same_stats = all(np.array_equal(a, b) for a, b in zip(reference, numpy_statistics(predictions, truth, bin_width)))
-    same_blend = np.array_equal(blend(predictions, weights, bin_width, device=DEVICE), numpy_blend(predictions, weights, bin_width))
+    same_blend = np.array_equal(
+        blend(predictions, weights, bin_width, device=DEVICE), numpy_blend(predictions, weights, bin_width)
+    )
     cases = [
         ("numpy read bound: sum of K+1 planes", lambda: (predictions.sum(), truth.sum()), None),
         ("chunk_statistics (numba)", lambda: chunk_statistics(predictions, truth, bin_width, device=DEVICE), None),
@@ -556,8 +593,10 @@ def kernel_benchmarks(corpus: SyntheticCorpus, chunk_pixels: int, bin_width: int
         ("numpy blend: (pred * w[bins]).sum", lambda: numpy_blend(predictions, weights, bin_width), same_blend),
     ]
     megapixels = predictions.shape[1] / 1e6
-    rows = [{"kernel": name, "seconds": best_time(function, repeats), "megapixels": megapixels, "same_result": same}
-            for name, function, same in cases]
+    rows = [
+        {"kernel": name, "seconds": best_time(function, repeats), "megapixels": megapixels, "same_result": same}
+        for name, function, same in cases
+    ]
     for row in rows:
         row["mpx_per_s_per_core"] = megapixels / row["seconds"]
         row["x_bound"] = row["seconds"] / rows[0]["seconds"]
@@ -566,17 +605,27 @@ def kernel_benchmarks(corpus: SyntheticCorpus, chunk_pixels: int, bin_width: int
 
 # --------------------------------------------------------------------------- report
 
+
 def machine_info() -> dict:
     """CPU model, cores, RAM and library versions."""
     model = "unknown"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
         model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), model)
     return {
-        "cpu": model, "logical_cores": os.cpu_count(), "physical_cores": psutil.cpu_count(logical=False),
-        "ram_gib": round(psutil.virtual_memory().total / (1 << 30), 1), "platform": platform.platform(),
+        "cpu": model,
+        "logical_cores": os.cpu_count(),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "ram_gib": round(psutil.virtual_memory().total / (1 << 30), 1),
+        "platform": platform.platform(),
         "python": platform.python_version(),
-        "versions": {"ensir_flow": ensir_flow.__version__, "numpy": np.__version__, "numba": numba.__version__,
-                     "dask": dask.__version__, "zarr": zarr.__version__, "xarray": xr.__version__},
+        "versions": {
+            "ensir_flow": ensir_flow.__version__,
+            "numpy": np.__version__,
+            "numba": numba.__version__,
+            "dask": dask.__version__,
+            "zarr": zarr.__version__,
+            "xarray": xr.__version__,
+        },
     }
 
 
@@ -627,27 +676,34 @@ def store_mib(path: Path) -> float:
 
 # --------------------------------------------------------------------------- main
 
+
 def parse_args(argv=None) -> argparse.Namespace:
     """Options, with --workers parsed into a sorted list of worker counts."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--megapixels", type=float, default=50, help="size of the synthetic reference store")
     parser.add_argument("--models", type=int, default=3, help="number of models K")
     parser.add_argument("--bin-width", type=int, default=32, help="LUT bin width")
     parser.add_argument("--chunk-pixels", type=int, default=schema.DEFAULT_CHUNK_PIXELS, help="pixels per Zarr chunk")
-    parser.add_argument("--compression", choices=list(schema.COMPRESSORS), default=schema.DEFAULT_COMPRESSION,
-                        help="compressor of every store written (as ingest --compression)")
-    parser.add_argument("--workers", default="1,2",
-                        help="LocalCluster sizes for the scaling runs, comma-separated ('' to skip)")
+    parser.add_argument(
+        "--compression",
+        choices=list(schema.COMPRESSORS),
+        default=schema.DEFAULT_COMPRESSION,
+        help="compressor of every store written (as ingest --compression)",
+    )
+    parser.add_argument("--workers", default="1,2", help="LocalCluster sizes for the scaling runs, comma-separated ('' to skip)")
     parser.add_argument("--ingest-megapixels", type=float, default=20, help="size of the PNG corpus for ingest (0 to skip)")
     parser.add_argument("--repeats", type=int, default=5, help="kernel timings: best of this many calls")
     parser.add_argument("--runs", type=int, default=3, help="pipeline timings: best of this many runs of each step")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
-    parser.add_argument("--update-frames", type=int, default=4,
-                        help="frames appended before the incremental apply is measured (0 to skip)")
+    parser.add_argument(
+        "--update-frames", type=int, default=4, help="frames appended before the incremental apply is measured (0 to skip)"
+    )
     parser.add_argument("--out", type=Path, help="also write the figures as JSON to this file")
-    parser.add_argument("--workdir", type=Path, help="where the temporary stores go (a fresh subdirectory, removed at "
-                                                     "the end); default: the system temporary directory")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        help="where the temporary stores go (a fresh subdirectory, removed at the end); default: the system temporary directory",
+    )
     args = parser.parse_args(argv)
     try:
         args.workers = sorted({int(n) for n in args.workers.split(",") if n.strip()})
@@ -666,12 +722,16 @@ def main(argv=None) -> None:
     machine = machine_info()
     corpus = SyntheticCorpus.of_size(args.megapixels, args.models, args.seed)
     mp = corpus.megapixels
-    print(f"ensir-flow {ensir_flow.__version__} benchmark: {machine['cpu']}, {machine['logical_cores']} logical cores "
-          f"({machine['physical_cores']} physical), {machine['ram_gib']} GiB RAM, Python {machine['python']}")
-    print(f"reference store: {mp:.1f} MP ({len(corpus.index.stems)} frames up to {FRAME_WIDTH}x{FRAME_HEIGHT}), "
-          f"K={args.models}, bin width {args.bin_width}, chunks of {args.chunk_pixels:,} px, {args.compression} compression, "
-          f"device {DEVICE}; "
-          "Mpx = million pixels, all channels")
+    print(
+        f"ensir-flow {ensir_flow.__version__} benchmark: {machine['cpu']}, {machine['logical_cores']} logical cores "
+        f"({machine['physical_cores']} physical), {machine['ram_gib']} GiB RAM, Python {machine['python']}"
+    )
+    print(
+        f"reference store: {mp:.1f} MP ({len(corpus.index.stems)} frames up to {FRAME_WIDTH}x{FRAME_HEIGHT}), "
+        f"K={args.models}, bin width {args.bin_width}, chunks of {args.chunk_pixels:,} px, {args.compression} compression, "
+        f"device {DEVICE}; "
+        "Mpx = million pixels, all channels"
+    )
     results = {"machine": machine, "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
 
     status("importing torch, which EM runs in (a one-time cost of the process fit runs in)")
@@ -683,10 +743,20 @@ def main(argv=None) -> None:
     status("kernels on one in-memory chunk")
     kernels = kernel_benchmarks(corpus, args.chunk_pixels, args.bin_width, args.repeats)
     results["kernels"] = kernels
-    print_table(f"kernels, 1 thread, one chunk of {kernels[0]['megapixels'] * 1e6:,.0f} px in memory, best of {args.repeats}",
-                ["kernel", "ms/chunk", "Mpx/s/core", "x bound", "same result"],
-                [[k["kernel"], f"{k['seconds'] * 1e3:.1f}", f"{k['mpx_per_s_per_core']:.1f}", f"{k['x_bound']:.2f}",
-                  {None: "", True: "yes", False: "NO"}[k["same_result"]]] for k in kernels])
+    print_table(
+        f"kernels, 1 thread, one chunk of {kernels[0]['megapixels'] * 1e6:,.0f} px in memory, best of {args.repeats}",
+        ["kernel", "ms/chunk", "Mpx/s/core", "x bound", "same result"],
+        [
+            [
+                k["kernel"],
+                f"{k['seconds'] * 1e3:.1f}",
+                f"{k['mpx_per_s_per_core']:.1f}",
+                f"{k['x_bound']:.2f}",
+                {None: "", True: "yes", False: "NO"}[k["same_result"]],
+            ]
+            for k in kernels
+        ],
+    )
 
     workdir = Path(tempfile.mkdtemp(prefix="ensir-flow-bench-", dir=args.workdir))
     try:
@@ -694,18 +764,30 @@ def main(argv=None) -> None:
         status(f"writing the {mp:.1f} MP synthetic store")
         start = time.perf_counter()
         corpus.write_store(store, args.chunk_pixels, args.compression)
-        results["store"] = {"megapixels": mp, "images": len(corpus.index.stems), "write_seconds": time.perf_counter() - start,
-                            "mib_on_disk": store_mib(store), "mib_uncompressed": corpus.index.n_pixels * CHANNELS * (args.models + 1) / MIB}
-        print(f"\nsynthetic store written in {results['store']['write_seconds']:.1f} s: "
-              f"{results['store']['mib_on_disk']:.0f} MiB on disk ({results['store']['mib_uncompressed']:.0f} MiB uncompressed)")
+        results["store"] = {
+            "megapixels": mp,
+            "images": len(corpus.index.stems),
+            "write_seconds": time.perf_counter() - start,
+            "mib_on_disk": store_mib(store),
+            "mib_uncompressed": corpus.index.n_pixels * CHANNELS * (args.models + 1) / MIB,
+        }
+        print(
+            f"\nsynthetic store written in {results['store']['write_seconds']:.1f} s: "
+            f"{results['store']['mib_on_disk']:.0f} MiB on disk ({results['store']['mib_uncompressed']:.0f} MiB uncompressed)"
+        )
 
         with threaded_session() as session:
             idle = session.idle_rss_mib()
             status("threaded scheduler: read bound, fit, apply")
             (bound,) = best_of(args.runs, lambda: [read_bound(session, store, mp, f"reference store ({mp:.0f} MP)")])
-            steps = [bound, *best_of(args.runs, lambda: fit_steps(session, store, lut, args.bin_width, mp, bound.seconds)),
-                     *best_of(args.runs, lambda: apply_steps(session, store, lut, workdir / "ensemble.zarr", mp,
-                                                             bound.seconds, args.compression))]
+            steps = [
+                bound,
+                *best_of(args.runs, lambda: fit_steps(session, store, lut, args.bin_width, mp, bound.seconds)),
+                *best_of(
+                    args.runs,
+                    lambda: apply_steps(session, store, lut, workdir / "ensemble.zarr", mp, bound.seconds, args.compression),
+                ),
+            ]
             if args.update_frames:
                 status(f"threaded scheduler: apply updating an output after {args.update_frames} frames were appended")
                 steps += best_of(args.runs, lambda: update_steps(session, store, lut, workdir, args.update_frames, bound.seconds))
@@ -714,9 +796,12 @@ def main(argv=None) -> None:
                 small = SyntheticCorpus.of_size(args.ingest_megapixels, args.models, args.seed)
                 steps += ingest_steps(session, small, workdir, args.chunk_pixels, args.compression, args.runs)
         results["threaded"] = {"idle_rss_mib": idle, "steps": [s.as_dict() for s in steps]}
-        print_table(f"pipeline, dask threaded scheduler, {session.name}; peak RSS of this process (idle: {idle:.0f} MiB); "
-                    "x bound = time / read bound of the same store",
-                    ["step", "wall s", "Mpx/s", "peak RSS MiB", "x bound"], step_rows(steps))
+        print_table(
+            f"pipeline, dask threaded scheduler, {session.name}; peak RSS of this process (idle: {idle:.0f} MiB); "
+            "x bound = time / read bound of the same store",
+            ["step", "wall s", "Mpx/s", "peak RSS MiB", "x bound"],
+            step_rows(steps),
+        )
 
         reference_weights = read_lut(str(lut)).weights
         startups: dict[int, list[float]] = {n: [] for n in args.workers}
@@ -727,15 +812,21 @@ def main(argv=None) -> None:
                 startups[n_workers].append(session.startup_seconds)
                 bound = read_bound(session, store, mp, "reference store")
                 lut_n = workdir / f"lut-{n_workers}.zarr"
-                return [bound, *fit_steps(session, store, lut_n, args.bin_width, mp, bound.seconds),
-                        *apply_steps(session, store, lut_n, workdir / "ensemble.zarr", mp, bound.seconds, args.compression)]
+                return [
+                    bound,
+                    *fit_steps(session, store, lut_n, args.bin_width, mp, bound.seconds),
+                    *apply_steps(session, store, lut_n, workdir / "ensemble.zarr", mp, bound.seconds, args.compression),
+                ]
 
         scaling, identical = [], []
         if args.workers:
-            status(f"LocalClusters of {', '.join(map(str, args.workers))} worker(s) in turn, {args.runs} runs each: "
-                   "read bound, fit, apply")
-            for n, steps in zip(args.workers, best_of_interleaved(args.runs, [functools.partial(on_cluster, n)
-                                                                              for n in args.workers])):
+            status(
+                f"LocalClusters of {', '.join(map(str, args.workers))} worker(s) in turn, {args.runs} runs each: "
+                "read bound, fit, apply"
+            )
+            for n, steps in zip(
+                args.workers, best_of_interleaved(args.runs, [functools.partial(on_cluster, n) for n in args.workers])
+            ):
                 for step in steps[1:]:
                     step.bound_seconds = steps[0].seconds  # the fastest read bound
                 scaling += steps
@@ -747,13 +838,15 @@ def main(argv=None) -> None:
             results["scaling"] = [{**s.as_dict(), "speedup": float(speedups[(s.name, s.workers)])} for s in scaling]
             results["scaling_lut_identical_to_threaded"] = all(identical)
             results["scaling_startup_seconds"] = startup
-            print_table(f"scaling, LocalCluster of single-threaded processes; peak RSS of the busiest worker "
-                        f"(EM: of the client); speedup over {args.workers[0]} worker(s); "
-                        f"LUTs bit-identical to the threaded one: {'yes' if all(identical) else 'NO'}; start-up "
-                        "(cluster, imports, numba kernels; not in the figures): "
-                        + ", ".join(f"{s:.1f} s for {n} worker(s)" for n, s in startup.items()),
-                        ["step", "workers", "wall s", "Mpx/s", "peak RSS MiB", "x bound", "speedup"],
-                        step_rows(scaling, speedups))
+            print_table(
+                f"scaling, LocalCluster of single-threaded processes; peak RSS of the busiest worker "
+                f"(EM: of the client); speedup over {args.workers[0]} worker(s); "
+                f"LUTs bit-identical to the threaded one: {'yes' if all(identical) else 'NO'}; start-up "
+                "(cluster, imports, numba kernels; not in the figures): "
+                + ", ".join(f"{s:.1f} s for {n} worker(s)" for n, s in startup.items()),
+                ["step", "workers", "wall s", "Mpx/s", "peak RSS MiB", "x bound", "speedup"],
+                step_rows(scaling, speedups),
+            )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

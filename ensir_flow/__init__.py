@@ -12,8 +12,22 @@ I/O); `pipelines` wires them into Dask graphs; `cli` is the command line.
 __version__ = "0.1.0"
 
 #: The names of `ensir_flow.api` this package exports.
-API = ("ingest", "predict", "fit", "apply", "evaluate", "export", "import_lut", "export_lut", "demo", "info", "open_store",
-       "image", "RunOptions", "UsageError")
+API = (
+    "ingest",
+    "predict",
+    "fit",
+    "apply",
+    "evaluate",
+    "export",
+    "import_lut",
+    "export_lut",
+    "demo",
+    "info",
+    "open_store",
+    "image",
+    "RunOptions",
+    "UsageError",
+)
 
 __all__ = ["__version__", *API]
 

@@ -35,7 +35,6 @@ import contextlib
 import difflib
 import functools
 import inspect
-import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -98,8 +97,14 @@ class RunOptions(TypedDict, total=False):
 
 
 #: The defaults of `RunOptions`, keyword by keyword.
-RUN_DEFAULTS: RunOptions = {"scheduler": None, "client": None, "progress": True, "worker_timeout": DEFAULT_WORKER_TIMEOUT,
-                            "dashboard_address": DEFAULT_DASHBOARD_ADDRESS, "dry_run": False}
+RUN_DEFAULTS: RunOptions = {
+    "scheduler": None,
+    "client": None,
+    "progress": True,
+    "worker_timeout": DEFAULT_WORKER_TIMEOUT,
+    "dashboard_address": DEFAULT_DASHBOARD_ADDRESS,
+    "dry_run": False,
+}
 
 
 def _command(function):
@@ -114,9 +119,12 @@ def _command(function):
     keyword = inspect.Parameter.KEYWORD_ONLY
     parameters = [*own, inspect.Parameter("config", keyword, default=None, annotation="str | os.PathLike | None")]
     if runs:
-        parameters += [inspect.Parameter(name, keyword, default=RUN_DEFAULTS[name],
-                                         annotation=getattr(annotation, "__forward_arg__", annotation))
-                       for name, annotation in RunOptions.__annotations__.items()]
+        parameters += [
+            inspect.Parameter(
+                name, keyword, default=RUN_DEFAULTS[name], annotation=getattr(annotation, "__forward_arg__", annotation)
+            )
+            for name, annotation in RunOptions.__annotations__.items()
+        ]
     full = signature.replace(parameters=parameters)
     keywords = [name for name, parameter in full.parameters.items() if parameter.kind is not parameter.POSITIONAL_ONLY]
 
@@ -125,8 +133,10 @@ def _command(function):
         for name in kwargs:
             if name not in keywords:
                 close = difflib.get_close_matches(name, keywords, n=1)
-                raise TypeError(f"{function.__name__}() got an unexpected keyword argument {name!r}"
-                                + (f" (did you mean {close[0]!r}?)" if close else ""))
+                raise TypeError(
+                    f"{function.__name__}() got an unexpected keyword argument {name!r}"
+                    + (f" (did you mean {close[0]!r}?)" if close else "")
+                )
         try:
             given = full.bind(*args, **kwargs).arguments
         except TypeError as error:
@@ -172,8 +182,7 @@ class Result:
         """The CLI's `--json` object: command, status, outputs, counts, seconds per stage."""
         if self.plan is not None:
             return {"command": self.command, "status": self.status, "outputs": self.outputs, "plan": self.plan}
-        return {"command": self.command, "status": self.status, "outputs": self.outputs, **self.counts(),
-                "seconds": self.seconds}
+        return {"command": self.command, "status": self.status, "outputs": self.outputs, **self.counts(), "seconds": self.seconds}
 
 
 @dataclass(kw_only=True)
@@ -192,8 +201,12 @@ class Ingested(Result):
     def counts(self) -> dict[str, Any]:
         if self.images_added is not None:
             return {"images_added": self.images_added}
-        return {"images": self.images, "pixels": self.pixels, "chunks_total": self.chunks_total,
-                "chunks_written": self.chunks_written}
+        return {
+            "images": self.images,
+            "pixels": self.pixels,
+            "chunks_total": self.chunks_total,
+            "chunks_written": self.chunks_written,
+        }
 
 
 @dataclass(kw_only=True)
@@ -227,8 +240,12 @@ class Applied(Result):
     chunks_computed: int = 0
 
     def counts(self) -> dict[str, Any]:
-        return {"images": self.images, "images_added": self.images_added, "chunks_total": self.chunks_total,
-                "chunks_computed": self.chunks_computed}
+        return {
+            "images": self.images,
+            "images_added": self.images_added,
+            "chunks_total": self.chunks_total,
+            "chunks_computed": self.chunks_computed,
+        }
 
 
 @dataclass(kw_only=True)
@@ -256,10 +273,17 @@ class Evaluated(Result):
         import pandas as pd
 
         folds = self.evaluation.fold_of_image or [None] * len(self.evaluation.images)
-        rows = [{"image": stem, "method": method, "psnr": scores["psnr"][method], "ssim": scores["ssim"][method],
-                 **({"fold": fold} if fold is not None else {})}
-                for stem, scores, fold in zip(self.evaluation.images, self.evaluation.per_image, folds)
-                for method in scores["psnr"]]
+        rows = [
+            {
+                "image": stem,
+                "method": method,
+                "psnr": scores["psnr"][method],
+                "ssim": scores["ssim"][method],
+                **({"fold": fold} if fold is not None else {}),
+            }
+            for stem, scores, fold in zip(self.evaluation.images, self.evaluation.per_image, folds)
+            for method in scores["psnr"]
+        ]
         return pd.DataFrame(rows).set_index(["image", "method"])
 
     @property
@@ -333,8 +357,7 @@ def _compute(run: RunOptions) -> Iterator:
     """The `Compute` a command runs its plan with (see `RunOptions` for the choice). The library
     warnings and log records a run raises and nobody can act on are silenced first
     (`executor.quiet_libraries`), as the CLI silences them."""
-    from .pipelines.executor import (check_workers, compute_function, local_client, progress_on_stderr, quiet_libraries,
-                                     session)
+    from .pipelines.executor import check_workers, compute_function, local_client, progress_on_stderr, quiet_libraries, session
 
     quiet_libraries()
     progress = progress_on_stderr(run.get("progress", RUN_DEFAULTS["progress"]))
@@ -370,8 +393,10 @@ def _refuse_memory_on_a_cluster(locations, run: RunOptions) -> None:
     nobody reads it back, so it is refused unless the run is on this process's threads."""
     in_memory = [str(path) for path in locations if path is not None and str(path).startswith("memory://")]
     if in_memory and _where(run)[1] != "threads":
-        raise UsageError(f"{in_memory[0]}: memory:// exists in this process only; use --scheduler threads with it "
-                         "(scheduler='threads' in Python)")
+        raise UsageError(
+            f"{in_memory[0]}: memory:// exists in this process only; use --scheduler threads with it "
+            "(scheduler='threads' in Python)"
+        )
 
 
 @dataclass
@@ -436,9 +461,17 @@ def _absolute(path):
 
 
 @_command
-def ingest(source_dir, store, *, models: str | Sequence[str] | None = None, chunk_pixels: int | None = None,
-           append: bool = False, compression: str | None = None, overwrite: bool = False,
-           **run: Unpack[RunOptions]) -> Ingested:
+def ingest(
+    source_dir,
+    store,
+    *,
+    models: str | Sequence[str] | None = None,
+    chunk_pixels: int | None = None,
+    append: bool = False,
+    compression: str | None = None,
+    overwrite: bool = False,
+    **run: Unpack[RunOptions],
+) -> Ingested:
     """Read the corpus folder `source_dir` (gt/, lq/, one folder per model) into the Zarr store
     `store` (`ensir-flow ingest`).
 
@@ -458,15 +491,28 @@ def ingest(source_dir, store, *, models: str | Sequence[str] | None = None, chun
     if append:
         outcome = run_plan(lambda: plan_append(source, str(target), model_list), (target,), run)
     else:
-        outcome = run_plan(lambda: plan_ingest(source, str(target), model_list, chunk_pixels or schema.DEFAULT_CHUNK_PIXELS,
-                                               overwrite, compression or schema.DEFAULT_COMPRESSION), (target,), run)
+        outcome = run_plan(
+            lambda: plan_ingest(
+                source,
+                str(target),
+                model_list,
+                chunk_pixels or schema.DEFAULT_CHUNK_PIXELS,
+                overwrite,
+                compression or schema.DEFAULT_COMPRESSION,
+            ),
+            (target,),
+            run,
+        )
     return _store_result(Ingested, "ingest", store, outcome, append)
 
 
 def _refuse_layout_with_append(chunk_pixels: int | None, compression: str | None) -> None:
     """An append keeps the store's chunks and compression: giving either is a UsageError."""
-    fixed = [f"--{name.replace('_', '-')}" for name, value in (("chunk_pixels", chunk_pixels), ("compression", compression))
-             if value is not None]
+    fixed = [
+        f"--{name.replace('_', '-')}"
+        for name, value in (("chunk_pixels", chunk_pixels), ("compression", compression))
+        if value is not None
+    ]
     if fixed:
         raise UsageError(f"{' and '.join(fixed)}: not with --append, which keeps the store's chunks and compression")
 
@@ -479,12 +525,26 @@ def _store_result(result_class: type[Ingested], command: str, store, outcome: Ou
         return result_class(command=command, status="planned", outputs=outputs, plan=outcome.plan)
     if append:
         added = outcome.value
-        return result_class(command=command, status="updated" if added else "unchanged", outputs=outputs,
-                            seconds=outcome.seconds, images_added=added)
+        return result_class(
+            command=command,
+            status="updated" if added else "unchanged",
+            outputs=outputs,
+            seconds=outcome.seconds,
+            images_added=added,
+        )
     result, ds = outcome.value, outcome.value.dataset
-    return result_class(command=command, status=result.status, outputs=outputs, seconds=outcome.seconds, dataset=ds,
-                        images=ds.sizes["image"], pixels=ds.sizes["pixel"], models=list(ds.attrs["models"]),
-                        chunks_total=result.chunks_total, chunks_written=result.chunks_written)
+    return result_class(
+        command=command,
+        status=result.status,
+        outputs=outputs,
+        seconds=outcome.seconds,
+        dataset=ds,
+        images=ds.sizes["image"],
+        pixels=ds.sizes["pixel"],
+        models=list(ds.attrs["models"]),
+        chunks_total=result.chunks_total,
+        chunks_written=result.chunks_written,
+    )
 
 
 def _base_models(models) -> list:
@@ -534,8 +594,14 @@ MAX_SAMPLES = 64
 MAX_SCALE = 32
 #: The range (least, most; None: any) of each whole-number option of the commands that is bounded
 #: beyond click's types; the CLI declares the same ranges.
-OPTION_RANGES = {"--chunk-pixels": (MIN_CHUNK_PIXELS, MAX_CHUNK_PIXELS), "--tile": (MIN_TILE, None), "--overlap": (0, None),
-                 "--batch": (1, None), "--scale": (1, MAX_SCALE), "--samples": (1, MAX_SAMPLES)}
+OPTION_RANGES = {
+    "--chunk-pixels": (MIN_CHUNK_PIXELS, MAX_CHUNK_PIXELS),
+    "--tile": (MIN_TILE, None),
+    "--overlap": (0, None),
+    "--batch": (1, None),
+    "--scale": (1, MAX_SCALE),
+    "--samples": (1, MAX_SAMPLES),
+}
 
 
 def _refuse_out_of_range(values: dict[str, Any]) -> None:
@@ -552,10 +618,24 @@ def _refuse_out_of_range(values: dict[str, Any]) -> None:
 
 
 @_command
-def predict(source_dir, store, *, models, device: str = "auto", tile: int | None = None, overlap: int | None = None,
-            batch: int = 1, scale: int = 1, value_range: str = "0-1", samples: int = 1, chunk_pixels: int | None = None,
-            append: bool = False, compression: str | None = None, overwrite: bool = False,
-            **run: Unpack[RunOptions]) -> Predicted:
+def predict(
+    source_dir,
+    store,
+    *,
+    models,
+    device: str = "auto",
+    tile: int | None = None,
+    overlap: int | None = None,
+    batch: int = 1,
+    scale: int = 1,
+    value_range: str = "0-1",
+    samples: int = 1,
+    chunk_pixels: int | None = None,
+    append: bool = False,
+    compression: str | None = None,
+    overwrite: bool = False,
+    **run: Unpack[RunOptions],
+) -> Predicted:
     """Run the base `models` on the degraded inputs of `source_dir/lq` (`gt/` kept when present)
     into the store `store`, as `ingest` writes one (`ensir-flow predict`).
 
@@ -576,8 +656,16 @@ def predict(source_dir, store, *, models, device: str = "auto", tile: int | None
         raise UsageError(f"--tile {tile} leaves no centre with --overlap {overlap} (tile > 2 x overlap)", option="--tile")
     if tile is None and overlap is not None:
         raise UsageError("--overlap: only with --tile")
-    _refuse_out_of_range({"--tile": tile, "--overlap": overlap, "--batch": batch, "--scale": scale, "--samples": samples,
-                          "--chunk-pixels": chunk_pixels})
+    _refuse_out_of_range(
+        {
+            "--tile": tile,
+            "--overlap": overlap,
+            "--batch": batch,
+            "--scale": scale,
+            "--samples": samples,
+            "--chunk-pixels": chunk_pixels,
+        }
+    )
     _refuse_outside(device, DEVICES, "--device")
     _refuse_outside(value_range, list(VALUE_RANGES), "--range")
     if append:
@@ -585,15 +673,28 @@ def predict(source_dir, store, *, models, device: str = "auto", tile: int | None
     base_models = _base_models(models)
     how = Inference(device, value_range, scale, tile, overlap or 0, batch)
     source, target = _absolute(source_dir), _absolute(store)
-    _check_targets({"store": (store, PIXEL_STORE)},
-                   {"source folder": source_dir, **{f"model file {model.name}": model.path for model in base_models}},
-                   overwrite and not append)
+    _check_targets(
+        {"store": (store, PIXEL_STORE)},
+        {"source folder": source_dir, **{f"model file {model.name}": model.path for model in base_models}},
+        overwrite and not append,
+    )
     if append:
         outcome = run_plan(lambda: plan_predict_append(source, str(target), base_models, how, samples), (target,), run)
     else:
-        outcome = run_plan(lambda: plan_predict(source, str(target), base_models, how, samples,
-                                                chunk_pixels or schema.DEFAULT_CHUNK_PIXELS,
-                                                compression or schema.DEFAULT_COMPRESSION, overwrite), (target,), run)
+        outcome = run_plan(
+            lambda: plan_predict(
+                source,
+                str(target),
+                base_models,
+                how,
+                samples,
+                chunk_pixels or schema.DEFAULT_CHUNK_PIXELS,
+                compression or schema.DEFAULT_COMPRESSION,
+                overwrite,
+            ),
+            (target,),
+            run,
+        )
     return _store_result(Predicted, "predict", store, outcome, append)
 
 
@@ -609,15 +710,25 @@ def _shrinkage_strength(shrinkage) -> float | None:
     except (TypeError, ValueError):
         strength = None
     if not is_shrinkage(strength):
-        raise UsageError(f"{shrinkage!r} is neither 'auto' nor a non-negative number up to {MAX_SHRINKAGE:g}",
-                         option="--shrinkage")
+        raise UsageError(
+            f"{shrinkage!r} is neither 'auto' nor a non-negative number up to {MAX_SHRINKAGE:g}", option="--shrinkage"
+        )
     return strength
 
 
 @_command
-def fit(store, lut, *, bin_width: int = DEFAULT_BIN_WIDTH, solver: str = DEFAULT_SOLVER, shrinkage: str | float = "auto",
-        device: str = "auto", overwrite: bool = False, pass_memory: int = DEFAULT_PASS_MEMORY_MIB,
-        **run: Unpack[RunOptions]) -> Fitted:
+def fit(
+    store,
+    lut,
+    *,
+    bin_width: int = DEFAULT_BIN_WIDTH,
+    solver: str = DEFAULT_SOLVER,
+    shrinkage: str | float = "auto",
+    device: str = "auto",
+    overwrite: bool = False,
+    pass_memory: int = DEFAULT_PASS_MEMORY_MIB,
+    **run: Unpack[RunOptions],
+) -> Fitted:
     """Fit an EnsIR LUT on the reference store `store` (with ground truth) and write it to `lut`
     (`ensir-flow fit`): `solver` one of `lut.SOLVERS` (docs/solvers.md; 'em', the paper's, by
     default); `shrinkage` for lsq ('auto': by cross-validation); `device` 'auto', 'cpu' or 'cuda';
@@ -632,18 +743,39 @@ def fit(store, lut, *, bin_width: int = DEFAULT_BIN_WIDTH, solver: str = DEFAULT
     pass_memory = int(pass_memory)
     reference, target = _absolute(store), _absolute(lut)
     _check_targets({"LUT": (lut, LUT)}, {"store": store}, overwrite)
-    outcome = run_plan(lambda: plan_fit(str(reference), str(target), bin_width, solver, device, overwrite, strength,
-                                        pass_memory << 20), (reference, target), run)
+    outcome = run_plan(
+        lambda: plan_fit(str(reference), str(target), bin_width, solver, device, overwrite, strength, pass_memory << 20),
+        (reference, target),
+        run,
+    )
     if outcome.plan is not None:
         return Fitted(command="fit", status="planned", outputs=_written([lut]), plan=outcome.plan)
     table = outcome.value
-    return Fitted(command="fit", status=outcome.status or "written", outputs=_written([lut]), seconds=outcome.seconds, lut=table,
-                  bins=table.n_bins, channels=table.n_channels, filled_cells=table.filled_cells)
+    return Fitted(
+        command="fit",
+        status=outcome.status or "written",
+        outputs=_written([lut]),
+        seconds=outcome.seconds,
+        lut=table,
+        bins=table.n_bins,
+        channels=table.n_channels,
+        filled_cells=table.filled_cells,
+    )
 
 
 @_command
-def apply(store, lut, output, *, export_dir=None, png_compression: int | None = None, device: str = "auto",
-          compression: str = schema.DEFAULT_COMPRESSION, overwrite: bool = False, **run: Unpack[RunOptions]) -> Applied:
+def apply(
+    store,
+    lut,
+    output,
+    *,
+    export_dir=None,
+    png_compression: int | None = None,
+    device: str = "auto",
+    compression: str = schema.DEFAULT_COMPRESSION,
+    overwrite: bool = False,
+    **run: Unpack[RunOptions],
+) -> Applied:
     """Blend every image of `store` with `lut` into the new store `output` (`ensir-flow apply`),
     and with `export_dir` also write one lossless PNG per image there (zlib level `png_compression`,
     0-9, default `DEFAULT_PNG_COMPRESSION`; refused without `export_dir`, where it would do nothing).
@@ -658,16 +790,37 @@ def apply(store, lut, output, *, export_dir=None, png_compression: int | None = 
 
     outputs = _written([output, export_dir])
     source, table, target, pngs = (_absolute(path) for path in (store, lut, output, export_dir))
-    _check_targets({"output": (output, APPLY_OUTPUT), "export folder": (export_dir, EXPORT_FOLDER)}, {"store": store, "LUT": lut},
-                   overwrite)
-    outcome = run_plan(lambda: plan_apply(str(source), str(table), str(target), None if pngs is None else str(pngs),
-                                      overwrite, device, compression, png_compression), (source, table, target, pngs), run)
+    _check_targets(
+        {"output": (output, APPLY_OUTPUT), "export folder": (export_dir, EXPORT_FOLDER)}, {"store": store, "LUT": lut}, overwrite
+    )
+    outcome = run_plan(
+        lambda: plan_apply(
+            str(source),
+            str(table),
+            str(target),
+            None if pngs is None else str(pngs),
+            overwrite,
+            device,
+            compression,
+            png_compression,
+        ),
+        (source, table, target, pngs),
+        run,
+    )
     if outcome.plan is not None:
         return Applied(command="apply", status="planned", outputs=outputs, plan=outcome.plan)
     result = outcome.value
-    return Applied(command="apply", status=result.status, outputs=outputs, seconds=outcome.seconds, dataset=result.output,
-                   images=result.output.sizes["image"], images_added=result.images_added,
-                   chunks_total=result.chunks_total, chunks_computed=result.chunks_computed)
+    return Applied(
+        command="apply",
+        status=result.status,
+        outputs=outputs,
+        seconds=outcome.seconds,
+        dataset=result.output,
+        images=result.output.sizes["image"],
+        images_added=result.images_added,
+        chunks_total=result.chunks_total,
+        chunks_computed=result.chunks_computed,
+    )
 
 
 def _bin_widths(value) -> list[int]:
@@ -711,9 +864,20 @@ def _fitted_solvers(solvers) -> list[str]:
 
 
 @_command
-def evaluate(store, *, ensemble=None, cv: int | None = None, solvers: str | Sequence[str] = "em,lsq",
-             bin_widths: str | int | Sequence[int] = DEFAULT_BIN_WIDTH, y_channel: bool = False, crop_border: int = 0,
-             report=None, lut=None, device: str = "auto", **run: Unpack[RunOptions]) -> Evaluated:
+def evaluate(
+    store,
+    *,
+    ensemble=None,
+    cv: int | None = None,
+    solvers: str | Sequence[str] = "em,lsq",
+    bin_widths: str | int | Sequence[int] = DEFAULT_BIN_WIDTH,
+    y_channel: bool = False,
+    crop_border: int = 0,
+    report=None,
+    lut=None,
+    device: str = "auto",
+    **run: Unpack[RunOptions],
+) -> Evaluated:
     """PSNR/SSIM of every model, the average, ZZPM and the `ensemble` store (an `apply` output,
     refused unless made from `store` as it is now) against `store`'s ground truth (`ensir-flow
     evaluate`), holding a strip of each image at a time (images of any size).
@@ -747,15 +911,35 @@ def evaluate(store, *, ensemble=None, cv: int | None = None, solvers: str | Sequ
     if report is not None:
         from .pipelines.report import write_report
 
-        page = str(write_report(report, outcome.value.to_json(), str(store), None if ensemble is None else str(ensemble),
-                                None if lut is None else str(lut)))
-    return Evaluated(command="evaluate", status="scored", outputs=_written([report]), seconds=outcome.seconds,
-                     evaluation=outcome.value, report=page)
+        page = str(
+            write_report(
+                report,
+                outcome.value.to_json(),
+                str(store),
+                None if ensemble is None else str(ensemble),
+                None if lut is None else str(lut),
+            )
+        )
+    return Evaluated(
+        command="evaluate",
+        status="scored",
+        outputs=_written([report]),
+        seconds=outcome.seconds,
+        evaluation=outcome.value,
+        report=page,
+    )
 
 
 @_command
-def export(store, directory, *, variable: str = schema.ENSEMBLE, overwrite: bool = False, png_compression: int = DEFAULT_PNG_COMPRESSION,
-           **run: Unpack[RunOptions]) -> Exported:
+def export(
+    store,
+    directory,
+    *,
+    variable: str = schema.ENSEMBLE,
+    overwrite: bool = False,
+    png_compression: int = DEFAULT_PNG_COMPRESSION,
+    **run: Unpack[RunOptions],
+) -> Exported:
     """Write every image of `variable` ('ensemble' of an `apply` output by default, or
     'ground_truth', 'input') in `store` as a lossless PNG named by its stem into `directory`
     (what `apply(export_dir=...)` does) at zlib level `png_compression` (0-9), staged so that the
@@ -773,22 +957,31 @@ def export(store, directory, *, variable: str = schema.ENSEMBLE, overwrite: bool
         ds = open_checked(str(store))
         schema.check_store(ds, str(store), require=(variable,))
         if "model" in ds[variable].dims:
-            raise InputError(f"{given_store}: '{variable}' holds one image per model; export writes '{schema.ENSEMBLE}', "
-                             f"'{schema.GROUND_TRUTH}' or '{schema.INPUT}'")
+            raise InputError(
+                f"{given_store}: '{variable}' holds one image per model; export writes '{schema.ENSEMBLE}', "
+                f"'{schema.GROUND_TRUTH}' or '{schema.INPUT}'"
+            )
         n_images = ds.sizes["image"]
 
         def execute(compute) -> int:
             export_pngs(str(store), str(directory), compute, overwrite, variable, compression=png_compression)
             return n_images
 
-        return Plan(f"export {n_images} images", {"store": str(store), "variable": variable, "directory": str(directory)},
-                    execute)
+        return Plan(
+            f"export {n_images} images", {"store": str(store), "variable": variable, "directory": str(directory)}, execute
+        )
 
     outcome = run_plan(plan, (store, directory), run)
     if outcome.plan is not None:
         return Exported(command="export", status="planned", outputs=_written([written_to]), plan=outcome.plan)
-    return Exported(command="export", status="written", outputs=_written([written_to]), seconds=outcome.seconds,
-                    directory=str(written_to), images=outcome.value)
+    return Exported(
+        command="export",
+        status="written",
+        outputs=_written([written_to]),
+        seconds=outcome.seconds,
+        directory=str(written_to),
+        images=outcome.value,
+    )
 
 
 @_command
@@ -828,8 +1021,14 @@ def demo(directory="demo-run", *, overwrite: bool = False, **run: Unpack[RunOpti
     _check_targets({"demo folder": (directory, DEMO_FOLDER)}, {}, overwrite)
     outcome = run_plan(lambda: plan_demo(target, overwrite), (target,), run)
     status = "planned" if outcome.plan is not None else "written"
-    return Demo(command="demo", status=status, outputs=_written([directory]), seconds=outcome.seconds, plan=outcome.plan,
-                summary=outcome.value or "")
+    return Demo(
+        command="demo",
+        status=status,
+        outputs=_written([directory]),
+        seconds=outcome.seconds,
+        plan=outcome.plan,
+        summary=outcome.value or "",
+    )
 
 
 @_command

@@ -12,13 +12,12 @@ import weakref
 import numba
 import numpy as np
 
-#: Names of the combinations in evaluation results, next to the models' own names.
-AVERAGE, ZZPM, ENSEMBLE = "average", "zzpm", "ensemble"
-
 from .binning import bin_count, group_places, place_tables, place_values
 from .devices import resolve_device
 from .kernels import blend_hashed_into, blend_indexed_into, blend_into, digit_multiplier, fill_cuckoo_slots
 
+#: Names of the combinations in evaluation results, next to the models' own names.
+AVERAGE, ZZPM, ENSEMBLE = "average", "zzpm", "ensemble"
 
 #: Most bins nb^K of a LUT whose bins `IndexedWeights` looks up in a dense table of rows (at most
 #: 64 MB: K = 8 at w = 32, K = 6 at w = 16); `lut.Lut.lookup_table` takes a `HashedWeights` above it.
@@ -75,7 +74,10 @@ class HashedWeights(SparseWeights):
         while n_slots < 2.5 * n_bins:
             n_slots *= 2
         while True:
-            slot_keys, slot_rows = np.full((n_slots, keys.shape[1]), -1, dtype=np.int64), np.full(n_slots + 1, n_bins, dtype=np.int64)
+            slot_keys, slot_rows = (
+                np.full((n_slots, keys.shape[1]), -1, dtype=np.int64),
+                np.full(n_slots + 1, n_bins, dtype=np.int64),
+            )
             shift = 64 - (n_slots.bit_length() - 1)
             if fill_cuckoo_slots(keys, slot_keys, slot_rows, np.uint64(shift)):
                 break
@@ -107,9 +109,13 @@ class IndexedWeights(SparseWeights):
         self._check_rows(rows, len(self.flat_bins))
         n_bins = bin_count(self.n_models, self.bin_width)
         if n_bins > INDEXED_BINS_LIMIT:
-            raise ValueError(f"{n_models} models at bin width {bin_width} have {n_bins} bins: more than an indexed table "
-                             f"holds ({INDEXED_BINS_LIMIT}); use HashedWeights")
-        if len(self.flat_bins) and (np.any(np.diff(self.flat_bins) <= 0) or self.flat_bins[0] < 0 or self.flat_bins[-1] >= n_bins):
+            raise ValueError(
+                f"{n_models} models at bin width {bin_width} have {n_bins} bins: more than an indexed table "
+                f"holds ({INDEXED_BINS_LIMIT}); use HashedWeights"
+            )
+        if len(self.flat_bins) and (
+            np.any(np.diff(self.flat_bins) <= 0) or self.flat_bins[0] < 0 or self.flat_bins[-1] >= n_bins
+        ):
             raise ValueError(f"the stored bins of an indexed table must be increasing flat indices below {n_bins}")
         self._row_of_bin, self._building = None, threading.Lock()
 
@@ -158,8 +164,14 @@ def weights_with_fallback(weights: np.ndarray, fallback: np.ndarray) -> np.ndarr
     `rows_with_spare_row`, the fallback is written into its last row and that array returned;
     otherwise the rows are copied into a new one."""
     owner = weights.base
-    if (owner is not None and _WITH_SPARE_ROW.get(id(owner)) is owner and owner.shape == (len(weights) + 1, *weights.shape[1:])
-            and weights.dtype == np.float32 and weights.flags.c_contiguous and weights.ctypes.data == owner.ctypes.data):
+    if (
+        owner is not None
+        and _WITH_SPARE_ROW.get(id(owner)) is owner
+        and owner.shape == (len(weights) + 1, *weights.shape[1:])
+        and weights.dtype == np.float32
+        and weights.flags.c_contiguous
+        and weights.ctypes.data == owner.ctypes.data
+    ):
         owner[-1] = fallback
         return owner
     return np.concatenate([np.asarray(weights, dtype=np.float32), np.asarray(fallback, dtype=np.float32)[None]])
@@ -198,8 +210,17 @@ def _blend_sparse(predictions: np.ndarray, table: SparseWeights) -> np.ndarray:
     if isinstance(table, IndexedWeights):
         blend_indexed_into(predictions, multiplier, places.astype(np.int32), table.row_of_bin, table.weights, out)
     else:
-        blend_hashed_into(predictions, multiplier, places.astype(np.float64), word_of_model, table.slot_keys, table.slot_rows,
-                          np.uint64(table.slot_shift), table.weights, out)
+        blend_hashed_into(
+            predictions,
+            multiplier,
+            places.astype(np.float64),
+            word_of_model,
+            table.slot_keys,
+            table.slot_rows,
+            np.uint64(table.slot_shift),
+            table.weights,
+            out,
+        )
     return out
 
 
@@ -262,8 +283,9 @@ def squared_distance_sums(predictions: np.ndarray) -> np.ndarray:
     sums = np.zeros(len(predictions))
     values = predictions.reshape(len(predictions), -1)
     if values.shape[1]:
-        _pairwise_squared_distances(values, 0, values.shape[1], sums, np.empty((len(values), PAIRWISE_BLOCK)),
-                                    np.empty(PAIRWISE_BLOCK))
+        _pairwise_squared_distances(
+            values, 0, values.shape[1], sums, np.empty((len(values), PAIRWISE_BLOCK)), np.empty(PAIRWISE_BLOCK)
+        )
     return sums
 
 

@@ -58,8 +58,11 @@ CONFIG_SUFFIX = ".yaml"
 def installed_configs() -> dict[str, Path]:
     """The configs installed with ensir-flow, by name (file name without `.yaml`), sorted."""
     folder = resources.files(INSTALLED_CONFIGS)
-    return {entry.name.removesuffix(CONFIG_SUFFIX): Path(str(entry))
-            for entry in sorted(folder.iterdir(), key=lambda e: e.name) if entry.name.endswith(CONFIG_SUFFIX)}
+    return {
+        entry.name.removesuffix(CONFIG_SUFFIX): Path(str(entry))
+        for entry in sorted(folder.iterdir(), key=lambda e: e.name)
+        if entry.name.endswith(CONFIG_SUFFIX)
+    }
 
 
 def config_summary(path) -> str:
@@ -81,13 +84,17 @@ def resolve_config(name_or_path) -> Path:
     installed = installed_configs()
     if str(name_or_path) in installed:
         if path.is_file():
-            raise InputError(f"{name_or_path}: both an installed config and a file in {Path.cwd()}; "
-                             f"name the file as ./{name_or_path}, or the installed one as {installed[str(name_or_path)]}")
+            raise InputError(
+                f"{name_or_path}: both an installed config and a file in {Path.cwd()}; "
+                f"name the file as ./{name_or_path}, or the installed one as {installed[str(name_or_path)]}"
+            )
         return installed[str(name_or_path)]
     if path.is_file():
         return path
-    raise InputError(f"{name_or_path}: neither a config file nor an installed config "
-                     f"({', '.join(installed) or 'none installed'}; `ensir-flow configs` lists them)")
+    raise InputError(
+        f"{name_or_path}: neither a config file nor an installed config "
+        f"({', '.join(installed) or 'none installed'}; `ensir-flow configs` lists them)"
+    )
 
 
 def load_config(path) -> dict:
@@ -97,8 +104,9 @@ def load_config(path) -> dict:
     try:
         config = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as error:
-        raise InputError(f"{path}: not a readable YAML config (not UTF-8 text: byte {error.object[error.start]:#04x} "
-                         f"at offset {error.start})") from None
+        raise InputError(
+            f"{path}: not a readable YAML config (not UTF-8 text: byte {error.object[error.start]:#04x} at offset {error.start})"
+        ) from None
     except (OSError, yaml.YAMLError) as error:
         raise InputError(f"{path}: not a readable YAML config ({str(error).splitlines()[0]})") from None
     metrics = config.pop("metrics", {}) if isinstance(config, dict) else {}

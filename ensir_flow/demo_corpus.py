@@ -39,7 +39,7 @@ def _gaussian_psf(sigma: float) -> np.ndarray:
     """Normalised 2-D Gaussian point-spread function, 3 sigma each side: the blur, known to the deconvolvers."""
     radius = int(np.ceil(3 * sigma))
     grid = np.arange(-radius, radius + 1)
-    kernel = np.exp(-(grid[:, None] ** 2 + grid[None, :] ** 2) / (2 * sigma ** 2))
+    kernel = np.exp(-(grid[:, None] ** 2 + grid[None, :] ** 2) / (2 * sigma**2))
     return kernel / kernel.sum()
 
 
@@ -47,7 +47,7 @@ def _photo(name: str) -> np.ndarray:
     loader, (top, left, height, width) = PHOTOS[name]
     image = loader()
     image = image[0] if isinstance(image, tuple) else image  # the stereo pair comes as (left, right, disparity)
-    return np.ascontiguousarray(image[top: top + height, left: left + width, :3])
+    return np.ascontiguousarray(image[top : top + height, left : left + width, :3])
 
 
 def _planes(x: torch.Tensor, pad: int) -> torch.Tensor:
@@ -61,7 +61,7 @@ def _planes(x: torch.Tensor, pad: int) -> torch.Tensor:
 def _unplanes(y: torch.Tensor, like: torch.Tensor, pad: int) -> torch.Tensor:
     """The inverse of `_planes`: crop the padding and restore (N, C, H, W)."""
     n, c, h, w = like.shape
-    return y[:, :, pad: pad + h, pad: pad + w].reshape(n, c, h, w)
+    return y[:, :, pad : pad + h, pad : pad + w].reshape(n, c, h, w)
 
 
 def _transfer(kernel: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -122,7 +122,7 @@ class TvUnsharp(torch.nn.Module):
         super().__init__()
         radius = int(4 * sigma + 0.5)
         grid = torch.arange(-radius, radius + 1, dtype=torch.float32)
-        plane = torch.exp(-(grid[:, None] ** 2 + grid[None, :] ** 2) / (2 * sigma ** 2))
+        plane = torch.exp(-(grid[:, None] ** 2 + grid[None, :] ** 2) / (2 * sigma**2))
         self.register_buffer("gaussian", plane / plane.sum())
         self.weight, self.iterations, self.amount, self.radius = weight, iterations, amount, radius
 
@@ -140,7 +140,7 @@ class TvUnsharp(torch.nn.Module):
             g_rows, g_cols = torch.zeros_like(out), torch.zeros_like(out)
             g_rows[:, :, :-1, :] = out[:, :, 1:, :] - out[:, :, :-1, :]
             g_cols[:, :, :, :-1] = out[:, :, :, 1:] - out[:, :, :, :-1]
-            norm = 1.0 + tau / self.weight * torch.sqrt(g_rows ** 2 + g_cols ** 2)
+            norm = 1.0 + tau / self.weight * torch.sqrt(g_rows**2 + g_cols**2)
             return i + 1, (p_rows - tau * g_rows) / norm, (p_cols - tau * g_cols) / norm, out
 
         start = (torch.zeros((), dtype=torch.int64), torch.zeros_like(image), torch.zeros_like(image), image.clone())
@@ -151,7 +151,7 @@ class TvUnsharp(torch.nn.Module):
         smooth = self.denoise(x.reshape(n * c, 1, h, w))
         padded = torch.nn.functional.pad(smooth, [self.radius] * 4, mode="replicate")
         blurred = _convolve(padded, _transfer(self.gaussian, padded.shape[-2], padded.shape[-1]))
-        blurred = blurred[:, :, self.radius: self.radius + h, self.radius: self.radius + w]
+        blurred = blurred[:, :, self.radius : self.radius + h, self.radius : self.radius + w]
         sharpened = smooth + self.amount * (smooth - blurred)
         return sharpened.reshape(n, c, h, w).clamp(0.0, 1.0)
 
@@ -165,8 +165,12 @@ def demo_restorers() -> dict[str, torch.nn.Module]:
 def export_program(module: torch.nn.Module) -> torch.export.ExportedProgram:
     """`module` exported for (N, C, H, W) batches of any count, channels and size (sides from
     `MIN_SIDE`): what `save_demo_models` saves."""
-    sizes = {0: torch.export.Dim("batch"), 1: torch.export.Dim("channels"),
-             2: torch.export.Dim("height", min=MIN_SIDE), 3: torch.export.Dim("width", min=MIN_SIDE)}
+    sizes = {
+        0: torch.export.Dim("batch"),
+        1: torch.export.Dim("channels"),
+        2: torch.export.Dim("height", min=MIN_SIDE),
+        3: torch.export.Dim("width", min=MIN_SIDE),
+    }
     return torch.export.export(module.eval(), (torch.rand(2, 3, 64, 80),), dynamic_shapes=(sizes,))
 
 

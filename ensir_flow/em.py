@@ -85,7 +85,7 @@ def _pairwise_total(partial):
     """numpy's pairwise sum of a 256-level row from its 16 partial sums (`HALF_LEVELS`)."""
     total = 0.0
     for half in range(2):
-        r = partial[half * ACCUMULATORS: (half + 1) * ACCUMULATORS]
+        r = partial[half * ACCUMULATORS : (half + 1) * ACCUMULATORS]
         half_total = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
         total = half_total if half == 0 else total + half_total
     return total
@@ -196,7 +196,8 @@ def _em_batch_torch(hist, mean, var, pi) -> tuple:
             gone = ~running
             final_pi[rows[gone]], failed[rows[gone]] = result[gone], stopped_bad[gone]
             rows, h, mu, v, p, n, present, result, stopped_bad, prev_ll, running = (
-                t[running] for t in (rows, h, mu, v, p, n, present, result, stopped_bad, prev_ll, running))
+                t[running] for t in (rows, h, mu, v, p, n, present, result, stopped_bad, prev_ll, running)
+            )
         diff = levels[None, None, :] - mu[:, :, None]
         log_prob = -0.5 * (LOG_2PI + torch.log(v)[:, :, None] + diff * diff / v[:, :, None]) + torch.log(p)[:, :, None]
         log_norm = torch.logsumexp(log_prob, dim=1)
@@ -263,8 +264,9 @@ def _usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _fit_em_on_cpu(statistics: CellStatistics, rows: np.ndarray, mean: np.ndarray, var: np.ndarray,
-                   weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _fit_em_on_cpu(
+    statistics: CellStatistics, rows: np.ndarray, mean: np.ndarray, var: np.ndarray, weights: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """`fit_em`'s EM for `rows` (their means, variances and initial weights: row i of each is
     rows[i]'s) in `_em_cells` on every core this process may use (the kernel releases the GIL;
     each thread takes every n-th row, so cells of all sizes are spread evenly): weights
@@ -284,8 +286,9 @@ def _fit_em_on_cpu(statistics: CellStatistics, rows: np.ndarray, mean: np.ndarra
     return pi, failed
 
 
-def _fit_em_on_device(statistics: CellStatistics, rows: np.ndarray, mean: np.ndarray, var: np.ndarray, weights: np.ndarray,
-                      device: str) -> tuple[np.ndarray, np.ndarray]:
+def _fit_em_on_device(
+    statistics: CellStatistics, rows: np.ndarray, mean: np.ndarray, var: np.ndarray, weights: np.ndarray, device: str
+) -> tuple[np.ndarray, np.ndarray]:
     """`fit_em`'s EM for `rows` (as `_fit_em_on_cpu` takes them) in torch on `device`, BATCH_CELLS
     cells at a time: weights (len(rows), K), failed."""
     import torch
@@ -294,7 +297,11 @@ def _fit_em_on_device(statistics: CellStatistics, rows: np.ndarray, mean: np.nda
     pi, failed = np.empty((len(rows), statistics.n_models)), np.empty(len(rows), dtype=bool)
     for start in range(0, len(rows), BATCH_CELLS):
         batch = slice(start, start + BATCH_CELLS)
-        batch_pi, batch_failed = _em_batch_torch(as_tensor(statistics.dense_histograms(rows[batch])), as_tensor(mean[batch]),
-                                                 as_tensor(var[batch]), as_tensor(weights[batch]))
+        batch_pi, batch_failed = _em_batch_torch(
+            as_tensor(statistics.dense_histograms(rows[batch])),
+            as_tensor(mean[batch]),
+            as_tensor(var[batch]),
+            as_tensor(weights[batch]),
+        )
         pi[batch], failed[batch] = batch_pi.cpu().numpy(), batch_failed.cpu().numpy()
     return pi, failed

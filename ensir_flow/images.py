@@ -51,8 +51,15 @@ TIFF_SIGNATURES = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIF
 CHANNELS_OF_MODE = {"L": 1, "LA": 1, "P": 3, "PA": 3, "RGB": 3, "RGBA": 3, "CMYK": 3, "YCbCr": 3, "RGBX": 3}
 ORIENTATION_TAG = 0x0112
 #: The transpose that shows an image of each EXIF orientation upright, as `PIL.ImageOps.exif_transpose` does it.
-UPRIGHT = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270", 7: "TRANSVERSE",
-           8: "ROTATE_90"}
+UPRIGHT = {
+    2: "FLIP_LEFT_RIGHT",
+    3: "ROTATE_180",
+    4: "FLIP_TOP_BOTTOM",
+    5: "TRANSPOSE",
+    6: "ROTATE_270",
+    7: "TRANSVERSE",
+    8: "ROTATE_90",
+}
 GROUND_TRUTH_DIR = "gt"
 INPUT_DIR = "lq"
 
@@ -122,16 +129,23 @@ def _check_utf8_name(path: Path) -> None:
     try:
         path.name.encode("utf-8")
     except UnicodeEncodeError:
-        raise InputError(f"{printable(path.parent)}: the name {os.fsencode(path.name)!r} is not UTF-8; "
-                         "rename it (image and model names are stored as text)") from None
+        raise InputError(
+            f"{printable(path.parent)}: the name {os.fsencode(path.name)!r} is not UTF-8; "
+            "rename it (image and model names are stored as text)"
+        ) from None
 
 
 def _regular_file_problem(mode: int) -> str | None:
     """Why an entry of `mode` (its st_mode) is not an image file to read, or None for a regular file."""
     if stat.S_ISREG(mode):
         return None
-    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    kinds = (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
     kind = next((name for test, name in kinds if test(mode)), "of an unknown kind")
     return f"not a regular file ({kind}); refusing to read it"
 
@@ -174,8 +188,10 @@ def check_model_names(models: list[str], source) -> None:
     combinations = (AVERAGE, ZZPM, ENSEMBLE, *SOLVERS)
     for model in models:
         if model in combinations or "@" in model:
-            raise InputError(f"{source}: a model named '{model}', the name of a combination evaluate scores "
-                             f"({', '.join(dict.fromkeys(combinations))}, or SOLVER@WIDTH with --cv); rename it")
+            raise InputError(
+                f"{source}: a model named '{model}', the name of a combination evaluate scores "
+                f"({', '.join(dict.fromkeys(combinations))}, or SOLVER@WIDTH with --cv); rename it"
+            )
 
 
 def discover_corpus(root, models: list[str] | None = None, require_ground_truth: bool = False) -> Corpus:
@@ -195,7 +211,9 @@ def discover_corpus(root, models: list[str] | None = None, require_ground_truth:
         raise InputError(f"{root}: model list {models} names a model twice")
     for model in models:
         if model in reserved:
-            raise InputError(f"{root}: '{model}' is reserved for {'ground truth' if model == GROUND_TRUTH_DIR else 'inputs'}, not a model")
+            raise InputError(
+                f"{root}: '{model}' is reserved for {'ground truth' if model == GROUND_TRUTH_DIR else 'inputs'}, not a model"
+            )
     check_model_names(models, root)
     by_model = {model: images_by_stem(root / model) for model in models}
     gt_dir = root / GROUND_TRUTH_DIR
@@ -209,17 +227,27 @@ def discover_corpus(root, models: list[str] | None = None, require_ground_truth:
         missing = sorted(set(stems) - set(files))
         extra = sorted(set(files) - set(stems))
         if missing:
-            raise InputError(f"{root / name}: missing {len(missing)} image(s) present in {reference_name}/: {', '.join(missing[:5])}")
+            raise InputError(
+                f"{root / name}: missing {len(missing)} image(s) present in {reference_name}/: {', '.join(missing[:5])}"
+            )
         if extra:
             raise InputError(f"{root / name}: {len(extra)} image(s) absent from {reference_name}/: {', '.join(extra[:5])}")
-    return Corpus(root, list(models), stems, {m: [by_model[m][s] for s in stems] for m in models},
-                  [ground_truth[s] for s in stems] if ground_truth is not None else None,
-                  [inputs[s] for s in stems] if inputs is not None else None)
+    return Corpus(
+        root,
+        list(models),
+        stems,
+        {m: [by_model[m][s] for s in stems] for m in models},
+        [ground_truth[s] for s in stems] if ground_truth is not None else None,
+        [inputs[s] for s in stems] if inputs is not None else None,
+    )
 
 
 def _check_dtype(path, dtype) -> None:
     if dtype != np.uint8:
-        raise InputError(f"{printable(path)}: {np.dtype(dtype).name} pixels are not supported; convert to 8-bit first (EnsIR bins 8-bit values)")
+        raise InputError(
+            f"{printable(path)}: {np.dtype(dtype).name} pixels are not supported; "
+            "convert to 8-bit first (EnsIR bins 8-bit values)"
+        )
 
 
 def probe_image(path) -> ImageInfo:
@@ -267,8 +295,10 @@ def _open_image(file, path, failure: str):
     except Exception as error:
         raise InputError(f"{printable(path)}: {failure} ({first_line(error)})") from None
     if frames != 1:
-        raise InputError(f"{printable(path)}: has {frames} frames (an animation or a multi-page file); refusing to pick "
-                         "one (save the frame you mean as an image of its own)")
+        raise InputError(
+            f"{printable(path)}: has {frames} frames (an animation or a multi-page file); refusing to pick "
+            "one (save the frame you mean as an image of its own)"
+        )
     if image.mode not in CHANNELS_OF_MODE:
         _check_dtype(path, np.dtype(ImageMode.getmode(image.mode).typestr))
         raise InputError(f"{printable(path)}: {image.mode} images are not supported; convert to RGB or grayscale first")
@@ -346,12 +376,17 @@ def decode_image(data: bytes, path, expected: ImageInfo) -> np.ndarray:
         pixels = pixels[:, :, None]
     if pixels.shape[2] in (2, 4):  # alpha last
         if (pixels[:, :, -1] != 255).any():
-            raise InputError(f"{printable(path)}: {_TRANSPARENT_KIND.get(mode, mode)} image with transparency; "
-                             "refusing to guess a background (flatten it first)")
+            raise InputError(
+                f"{printable(path)}: {_TRANSPARENT_KIND.get(mode, mode)} image with transparency; "
+                "refusing to guess a background (flatten it first)"
+            )
         pixels = pixels[:, :, :-1]
     info = ImageInfo(*pixels.shape)
     if info != expected:
-        raise InputError(f"{printable(path)}: decoded as {info.height}x{info.width}x{info.channels}, expected {expected.height}x{expected.width}x{expected.channels}")
+        raise InputError(
+            f"{printable(path)}: decoded as {info.height}x{info.width}x{info.channels}, "
+            f"expected {expected.height}x{expected.width}x{expected.channels}"
+        )
     return np.require(pixels, requirements=("C", "W"))  # writeable, as torch.from_numpy wants it
 
 
@@ -412,7 +447,7 @@ def encode_png(pixels: np.ndarray, text: dict[str, str] | None = None, compressi
     header = struct.pack(">IIBBBBB", width, height, 8, 0 if channels == 1 else 2, 0, 0, 0)
     parts = [PNG_SIGNATURE, _png_chunk(b"IHDR", header)]
     parts += [_png_text_chunk(key, value) for key, value in (text or {}).items()]
-    parts += [_png_chunk(b"IDAT", data[start: start + PNG_IDAT_BYTES]) for start in range(0, max(len(data), 1), PNG_IDAT_BYTES)]
+    parts += [_png_chunk(b"IDAT", data[start : start + PNG_IDAT_BYTES]) for start in range(0, max(len(data), 1), PNG_IDAT_BYTES)]
     parts.append(_png_chunk(b"IEND", b""))
     return b"".join(parts)
 
@@ -431,9 +466,9 @@ def png_text(data: bytes) -> dict[str, str]:
         return {}
     found, position = {}, 8
     while position + 8 <= len(data):
-        length = int.from_bytes(data[position: position + 4], "big")
-        kind = data[position + 4: position + 8]
-        body = data[position + 8: position + 8 + length]
+        length = int.from_bytes(data[position : position + 4], "big")
+        kind = data[position + 4 : position + 8]
+        body = data[position + 8 : position + 8 + length]
         if kind == b"IDAT" or len(body) < length:
             break
         if kind == b"tEXt" and b"\0" in body:

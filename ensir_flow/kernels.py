@@ -131,7 +131,7 @@ def _key_sums_of_block(values_of_model, start, size, multiplier, places, word_of
     model over contiguous runs: vectorised, where AVX2 has no 64-bit integer multiply."""
     sums[:, :size] = 0
     for k in range(len(places)):
-        x, word_sum, value, place = values_of_model[k, start:start + size], sums[word_of_model[k]], values[k], places[k]
+        x, word_sum, value, place = values_of_model[k, start : start + size], sums[word_of_model[k]], values[k], places[k]
         for t in range(size):
             word_sum[t] += np.float64((np.int32(x[t]) * multiplier) >> DIGIT_SHIFT) * place
             value[t] = np.float32(x[t])
@@ -200,7 +200,7 @@ def blend_indexed_into(predictions, multiplier, places, row_of_bin, weights, out
         size = min(HASHED_BLOCK, values_of_model.shape[1] - start)
         bins[:size] = 0
         for k in range(n_models):
-            x, value, place = values_of_model[k, start:start + size], values[k], places[k]
+            x, value, place = values_of_model[k, start : start + size], values[k], places[k]
             for t in range(size):
                 bins[t] += ((np.int32(x[t]) * multiplier) >> DIGIT_SHIFT) * place
                 value[t] = np.float32(x[t])
@@ -238,7 +238,7 @@ def _blend_rows_of_block(weights, rows, values, start, size, n_channels, acc, ou
         last, value = np.uint64(n_models - 1), values[n_models - 1]
         for t in range(size):
             acc[t] += flat_weights[offsets[t] + last] * value[t]
-    block_out = out.reshape(-1)[start:start + size]
+    block_out = out.reshape(-1)[start : start + size]
     for t in range(size):
         rounded = np.floor(acc[t] + np.float32(0.5))
         block_out[t] = 0 if rounded < 0 else (255 if rounded > 255 else np.uint8(rounded))
@@ -300,8 +300,13 @@ FIRST_GROUP_SLOTS = 1024
 def _empty_groups(n_words):
     """A table of groups of key words of `n_words` words, empty: (each slot's key words, each
     slot's group (-1: free), each group's key words, how many groups, the hash's shift)."""
-    return (np.empty((FIRST_GROUP_SLOTS, n_words), np.int64), np.full(FIRST_GROUP_SLOTS, -1, np.int64),
-            np.empty((FIRST_GROUP_SLOTS, n_words), np.int64), np.int64(0), np.uint64(64 - 10))
+    return (
+        np.empty((FIRST_GROUP_SLOTS, n_words), np.int64),
+        np.full(FIRST_GROUP_SLOTS, -1, np.int64),
+        np.empty((FIRST_GROUP_SLOTS, n_words), np.int64),
+        np.int64(0),
+        np.uint64(64 - 10),
+    )
 
 
 @numba.njit(inline="always")
@@ -349,7 +354,7 @@ def first_seen_groups(keys):
     each group's key words (groups, W): one pass of `_add_to_groups`, O(n) where sorting is O(n log n)."""
     group = np.empty(len(keys), np.int64)
     table = _add_to_groups(keys, len(keys), group, _empty_groups(keys.shape[1]))
-    return group, table[2][:table[3]].copy()
+    return group, table[2][: table[3]].copy()
 
 
 @numba.njit(nogil=True, cache=True)
@@ -387,7 +392,7 @@ def first_seen_cells(predictions, multiplier, places, word_of_model, n_words, fi
         table = _add_to_groups(keys, kept, block_group, table)
         for t in range(kept):
             group[position[t]] = block_group[t]
-    return table[2][:table[3]].copy()
+    return table[2][: table[3]].copy()
 
 
 @numba.njit(nogil=True, cache=True)

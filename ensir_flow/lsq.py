@@ -143,12 +143,16 @@ def _active_set_batch(a, b, out):
 def is_shrinkage(strength) -> bool:
     """Whether `strength` is a shrinkage `fit_lsq` accepts: a number (not a bool) from 0 to
     `MAX_SHRINKAGE`; NaN and infinities are not."""
-    return (isinstance(strength, (int, float, np.integer, np.floating)) and not isinstance(strength, bool)
-            and 0 <= strength <= MAX_SHRINKAGE)
+    return (
+        isinstance(strength, (int, float, np.integer, np.floating))
+        and not isinstance(strength, bool)
+        and 0 <= strength <= MAX_SHRINKAGE
+    )
 
 
-def fit_lsq(statistics: CellStatistics, shrinkage: float,
-            channels: CellStatistics | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def fit_lsq(
+    statistics: CellStatistics, shrinkage: float, channels: CellStatistics | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Weights (m, K) of every non-empty cell, plus per-channel weights (C, K) for empty cells.
 
     `channels`: the statistics of each whole channel (`CellStatistics.per_channel`), the default
@@ -176,13 +180,18 @@ def squared_error(statistics: CellStatistics, weights_of_cell: np.ndarray) -> fl
     """Sum over the pixels of `statistics` of (y - w.x)^2, with w given per cell (m, K), exactly
     from the sufficient statistics (no pixel pass)."""
     a = statistics.cross_products().astype(np.float64)
-    sum_y2 = np.bincount(statistics.hist_rows(), weights=statistics.hist_counts * statistics.levels.astype(np.float64) ** 2,
-                         minlength=len(statistics.cells))
+    sum_y2 = np.bincount(
+        statistics.hist_rows(),
+        weights=statistics.hist_counts * statistics.levels.astype(np.float64) ** 2,
+        minlength=len(statistics.cells),
+    )
     w = weights_of_cell
     return float((np.einsum("mi,mij,mj->m", w, a, w) - 2 * (w * statistics.sums_xy).sum(axis=1) + sum_y2).sum())
 
 
-def lookup(cells_with_weights: np.ndarray, weights: np.ndarray, wanted: np.ndarray, fallback: np.ndarray, n_channels: int) -> np.ndarray:
+def lookup(
+    cells_with_weights: np.ndarray, weights: np.ndarray, wanted: np.ndarray, fallback: np.ndarray, n_channels: int
+) -> np.ndarray:
     """Weights of the `wanted` cells: from (cells_with_weights, weights), else the channel's fallback (C, K)."""
     out = fallback[(wanted if wanted.ndim == 1 else wanted[:, 0]) % n_channels].copy()
     row = find_rows(cells_with_weights, wanted)
@@ -196,8 +205,9 @@ def choose_shrinkage(folds: list[CellStatistics], grid=SHRINKAGE_GRID) -> tuple[
     return min(errors, key=errors.get), errors
 
 
-def held_out_errors(folds: list[CellStatistics], grid=SHRINKAGE_GRID,
-                    channel_folds: list[CellStatistics] | None = None) -> dict[float, float]:
+def held_out_errors(
+    folds: list[CellStatistics], grid=SHRINKAGE_GRID, channel_folds: list[CellStatistics] | None = None
+) -> dict[float, float]:
     """Each grid value's squared error over `folds`, each fold scored by the weights fitted on the
     others. `channel_folds`: each fold's `per_channel` statistics, given when `folds` hold one range
     of cells of a larger set (a fit in passes): each training's channel-wide solution is then that

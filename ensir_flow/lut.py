@@ -16,11 +16,20 @@ import hashlib
 from typing import TYPE_CHECKING
 
 import numpy as np
+
 if TYPE_CHECKING:
     import xarray as xr
 
-from .binning import (all_digits, bin_count, digits_of_words, flat_bins_of_digits, flat_bins_of_edges, flat_index_fits,
-                      ranges_per_model, words_of_digits)
+from .binning import (
+    all_digits,
+    bin_count,
+    digits_of_words,
+    flat_bins_of_digits,
+    flat_bins_of_edges,
+    flat_index_fits,
+    ranges_per_model,
+    words_of_digits,
+)
 from .blend import INDEXED_BINS_LIMIT, HashedWeights, IndexedWeights, weights_with_fallback
 from .errors import InputError, first_line
 from .fit_status import FLAG_MEANINGS, FitStatus
@@ -87,23 +96,39 @@ class Lut:
     `weights`, `count` and `fit_status` read back the dense table (for tables small enough).
     """
 
-    def __init__(self, models: list[str], bin_width: int, weights: np.ndarray, count: np.ndarray, fit_status: np.ndarray,
-                 solver: str = DEFAULT_SOLVER, empty_policy: str = EMPTY_POLICY, attrs: dict | None = None, *,
-                 bin_digits: np.ndarray | None = None, fallback: np.ndarray | None = None,
-                 fallback_status: int = FitStatus.EMPTY_FALLBACK):
+    def __init__(
+        self,
+        models: list[str],
+        bin_width: int,
+        weights: np.ndarray,
+        count: np.ndarray,
+        fit_status: np.ndarray,
+        solver: str = DEFAULT_SOLVER,
+        empty_policy: str = EMPTY_POLICY,
+        attrs: dict | None = None,
+        *,
+        bin_digits: np.ndarray | None = None,
+        fallback: np.ndarray | None = None,
+        fallback_status: int = FitStatus.EMPTY_FALLBACK,
+    ):
         self.models, self.bin_width, self.solver, self.empty_policy = list(models), int(bin_width), solver, empty_policy
         self.attrs = dict(attrs or {})
         weights = np.asarray(weights, dtype=np.float32)
         if bin_digits is None:
             bin_digits = all_digits(len(self.models), self.bin_width)
             if len(bin_digits) != len(weights):
-                raise ValueError(f"a dense table of {len(self.models)} models at bin width {bin_width} has {len(bin_digits)} bins, "
-                                 f"not {len(weights)}")
+                raise ValueError(
+                    f"a dense table of {len(self.models)} models at bin width {bin_width} has {len(bin_digits)} bins, "
+                    f"not {len(weights)}"
+                )
         self.bin_digits = np.asarray(bin_digits, dtype=np.uint8)
         self.bin_weights, self.bin_count, self.bin_status = weights, np.asarray(count), np.asarray(fit_status)
         n_channels, n_models = weights.shape[1:]
-        self.fallback = (np.full((n_channels, n_models), 1.0 / n_models, np.float32) if fallback is None
-                         else np.asarray(fallback, dtype=np.float32))
+        self.fallback = (
+            np.full((n_channels, n_models), 1.0 / n_models, np.float32)
+            if fallback is None
+            else np.asarray(fallback, dtype=np.float32)
+        )
         self.fallback_status = int(fallback_status)
         self._dense: dict[str, np.ndarray] = {}
 
@@ -145,8 +170,10 @@ class Lut:
         """The dense table of a stored variable (cached, so it reads back as one array)."""
         if name not in self._dense:
             if not self.is_small:
-                raise ValueError(f"a LUT of {len(self.models)} models at bin width {self.bin_width} has {self.n_bins} bins: "
-                                 f"too many for a dense table; use its stored bins (bin_digits, bin_{name.split('_')[-1]})")
+                raise ValueError(
+                    f"a LUT of {len(self.models)} models at bin width {self.bin_width} has {self.n_bins} bins: "
+                    f"too many for a dense table; use its stored bins (bin_digits, bin_{name.split('_')[-1]})"
+                )
             if len(stored) == self.n_bins:
                 self._dense[name] = stored
             else:
@@ -178,38 +205,64 @@ class Lut:
         `pipelines.lut_io.write_lut` writes it with zarr alone (fit's start-up without xarray)."""
         n_models = len(self.models)
         coords = {
-            "model": (("model",), np.array(self.models, dtype=object), {"long_name": "base model, in the order of the bin digits"}),
+            "model": (
+                ("model",),
+                np.array(self.models, dtype=object),
+                {"long_name": "base model, in the order of the bin digits"},
+            ),
             "channel": (("channel",), np.array(self.channel_names(), dtype=object), {"long_name": "colour channel"}),
-            "bin_digits": (("bin", "model"), self.bin_digits, {
-                "long_name": "range of each model's prediction in the bin: floor(x_k / bin_width)", "units": "1"}),
+            "bin_digits": (
+                ("bin", "model"),
+                self.bin_digits,
+                {"long_name": "range of each model's prediction in the bin: floor(x_k / bin_width)", "units": "1"},
+            ),
         }
         if flat_index_fits(n_models, self.bin_width):
-            coords["bin"] = (("bin",), flat_bins_of_digits(self.bin_digits, self.bin_width), {
-                "long_name": "flat bin index sum_k floor(x_k / bin_width) * nb^(K-1-k), first model most significant"})
+            coords["bin"] = (
+                ("bin",),
+                flat_bins_of_digits(self.bin_digits, self.bin_width),
+                {"long_name": "flat bin index sum_k floor(x_k / bin_width) * nb^(K-1-k), first model most significant"},
+            )
         data_vars = {
-            "weights": (WEIGHT_DIMS, self.bin_weights, {
-                "long_name": "ensemble weight of each model in the cell", "units": "1"}),
-            "count": (("bin", "channel"), np.asarray(self.bin_count, np.int64), {
-                "long_name": "reference pixels in the cell", "units": "1"}),
-            "fit_status": (("bin", "channel"), np.asarray(self.bin_status, np.int8), {
-                "long_name": "how the cell's weights were obtained",
-                "flag_values": np.arange(len(FitStatus), dtype=np.int8), "flag_meanings": FLAG_MEANINGS,
-            }),
-            "fallback_weights": (("channel", "model"), self.fallback, {
-                "long_name": "ensemble weights of every cell of a bin not stored", "units": "1"}),
+            "weights": (WEIGHT_DIMS, self.bin_weights, {"long_name": "ensemble weight of each model in the cell", "units": "1"}),
+            "count": (
+                ("bin", "channel"),
+                np.asarray(self.bin_count, np.int64),
+                {"long_name": "reference pixels in the cell", "units": "1"},
+            ),
+            "fit_status": (
+                ("bin", "channel"),
+                np.asarray(self.bin_status, np.int8),
+                {
+                    "long_name": "how the cell's weights were obtained",
+                    "flag_values": np.arange(len(FitStatus), dtype=np.int8),
+                    "flag_meanings": FLAG_MEANINGS,
+                },
+            ),
+            "fallback_weights": (
+                ("channel", "model"),
+                self.fallback,
+                {"long_name": "ensemble weights of every cell of a bin not stored", "units": "1"},
+            ),
         }
         attrs = dict(self.attrs)
         description = REGISTRY[self.solver].empty_policy_description if self.solver in REGISTRY else None
         if self.empty_policy == EMPTY_POLICY and description is not None:
             attrs["empty_policy_description"] = description
-        attrs.update({
-            "Conventions": "CF-1.10", "format_version": FORMAT_VERSION,
-            "models": list(self.models), "bin_width": int(self.bin_width), "solver": self.solver,
-            "empty_policy": self.empty_policy, "fallback_fit_status": self.fallback_status,
-            "bin_index": "b = sum_k floor(x_k / bin_width) * nb^(K-1-k), first model most significant",
-            "bins_stored": "only bins holding a cell with its own weights; every other cell takes fallback_weights "
-                           "of its channel (fit_status fallback_fit_status)",
-        })
+        attrs.update(
+            {
+                "Conventions": "CF-1.10",
+                "format_version": FORMAT_VERSION,
+                "models": list(self.models),
+                "bin_width": int(self.bin_width),
+                "solver": self.solver,
+                "empty_policy": self.empty_policy,
+                "fallback_fit_status": self.fallback_status,
+                "bin_index": "b = sum_k floor(x_k / bin_width) * nb^(K-1-k), first model most significant",
+                "bins_stored": "only bins holding a cell with its own weights; every other cell takes fallback_weights "
+                "of its channel (fit_status fallback_fit_status)",
+            }
+        )
         return data_vars, coords, attrs
 
     def to_dataset(self) -> xr.Dataset:
@@ -220,7 +273,7 @@ class Lut:
         return xr.Dataset(data_vars, coords=coords, attrs=attrs)
 
     @classmethod
-    def from_dataset(cls, ds: xr.Dataset, source: str = "LUT") -> "Lut":
+    def from_dataset(cls, ds: xr.Dataset, source: str = "LUT") -> Lut:
         """Read a LUT Dataset back (either format version), checking that it agrees with its attributes."""
         try:
             models, bin_width = ds.attrs["models"], ds.attrs["bin_width"]
@@ -231,8 +284,10 @@ class Lut:
             raise InputError(f"{source}: attribute models is {models!r}, not a list of model names")
         models = list(models)
         if "model" in ds.coords and [str(m) for m in ds["model"].values] != models:
-            raise InputError(f"{source}: the model coordinate {[str(m) for m in ds['model'].values]} disagrees with "
-                             f"the models attribute {models}")
+            raise InputError(
+                f"{source}: the model coordinate {[str(m) for m in ds['model'].values]} disagrees with "
+                f"the models attribute {models}"
+            )
         if not is_integer(bin_width):
             raise InputError(f"{source}: attribute bin_width is {bin_width!r}, not an integer")
         bin_width = int(bin_width)
@@ -246,42 +301,76 @@ class Lut:
         except ValueError as error:
             raise InputError(f"{source}: {error}") from None
         if weights.ndim != 3 or weights.shape[2] != len(models) or (version == 1 and weights.shape[0] != n_bins):
-            raise InputError(f"{source}: weights shape {weights.shape} does not match {len(models)} models at bin width {bin_width}")
+            raise InputError(
+                f"{source}: weights shape {weights.shape} does not match {len(models)} models at bin width {bin_width}"
+            )
         sparse = {}
         if version != 1:
             digits = _values_of(ds, "bin_digits", ("bin", "model"), source) if "bin_digits" in ds.coords else None
             fallback = _weights_of(ds, "fallback_weights", ("channel", "model"), source) if "fallback_weights" in ds else None
             if digits is None or fallback is None:
-                raise InputError(f"{source}: a format {version} LUT without {'bin_digits' if digits is None else 'fallback_weights'}")
+                raise InputError(
+                    f"{source}: a format {version} LUT without {'bin_digits' if digits is None else 'fallback_weights'}"
+                )
             check_digits(digits, len(weights), len(models), bin_width, source)
             if fallback.shape != weights.shape[1:]:
-                raise InputError(f"{source}: fallback_weights shape {fallback.shape}, expected (channel, model) {weights.shape[1:]}")
+                raise InputError(
+                    f"{source}: fallback_weights shape {fallback.shape}, expected (channel, model) {weights.shape[1:]}"
+                )
             check_weights(fallback[None], bin_width, f"{source} (fallback_weights)")
             fallback_status = ds.attrs.get("fallback_fit_status", FitStatus.EMPTY_FALLBACK)
             if not is_integer(fallback_status) or fallback_status not in set(FitStatus):
-                raise InputError(f"{source}: attribute fallback_fit_status is {fallback_status!r}, not a fit status "
-                                 f"({FLAG_MEANINGS})")
+                raise InputError(
+                    f"{source}: attribute fallback_fit_status is {fallback_status!r}, not a fit status ({FLAG_MEANINGS})"
+                )
             sparse = {"bin_digits": digits, "fallback": fallback, "fallback_status": int(fallback_status)}
         _check_bin_coordinate(ds, sparse.get("bin_digits"), len(models), bin_width, source)
         check_weights(weights, bin_width, source, digits=sparse.get("bin_digits"))
         count = _values_of(ds, "count", ("bin", "channel"), source) if "count" in ds else np.zeros(weights.shape[:2], np.int64)
-        status = (_values_of(ds, "fit_status", ("bin", "channel"), source) if "fit_status" in ds
-                  else np.full(weights.shape[:2], FitStatus.INITIAL_WEIGHTS, np.int8))
+        status = (
+            _values_of(ds, "fit_status", ("bin", "channel"), source)
+            if "fit_status" in ds
+            else np.full(weights.shape[:2], FitStatus.INITIAL_WEIGHTS, np.int8)
+        )
         for name, array in (("count", count), ("fit_status", status)):
             if array.shape != weights.shape[:2]:
-                raise InputError(f"{source}: {name} shape {array.shape} does not match the weights' (bin, channel) {weights.shape[:2]}")
+                raise InputError(
+                    f"{source}: {name} shape {array.shape} does not match the weights' (bin, channel) {weights.shape[:2]}"
+                )
         if count.size and (count.dtype.kind not in "iu" or count.min() < 0):
-            raise InputError(f"{source}: count holds {'a negative' if count.dtype.kind in 'iu' else 'a non-integer'} "
-                             f"number of reference pixels")
+            raise InputError(
+                f"{source}: count holds {'a negative' if count.dtype.kind in 'iu' else 'a non-integer'} "
+                f"number of reference pixels"
+            )
         if status.size and (status.dtype.kind not in "iu" or not np.isin(status, list(FitStatus)).all()):
             raise InputError(f"{source}: fit_status holds a value that is not a fit status ({FLAG_MEANINGS})")
-        known = {"models", "bin_width", "solver", "empty_policy", "format_version", "fallback_fit_status", "bins_stored",
-                 "Conventions", "bin_index"}
-        lut = cls(models, bin_width, weights, count, status, solver, empty_policy,
-                  {k: v for k, v in ds.attrs.items() if k not in known}, **sparse)
+        known = {
+            "models",
+            "bin_width",
+            "solver",
+            "empty_policy",
+            "format_version",
+            "fallback_fit_status",
+            "bins_stored",
+            "Conventions",
+            "bin_index",
+        }
+        lut = cls(
+            models,
+            bin_width,
+            weights,
+            count,
+            status,
+            solver,
+            empty_policy,
+            {k: v for k, v in ds.attrs.items() if k not in known},
+            **sparse,
+        )
         if "channel" in ds.coords and [str(c) for c in ds["channel"].values] != lut.channel_names():
-            raise InputError(f"{source}: the channel coordinate {[str(c) for c in ds['channel'].values]} disagrees with "
-                             f"the LUT's {lut.n_channels} channels {lut.channel_names()}")
+            raise InputError(
+                f"{source}: the channel coordinate {[str(c) for c in ds['channel'].values]} disagrees with "
+                f"the LUT's {lut.n_channels} channels {lut.channel_names()}"
+            )
         return lut
 
     def digest(self) -> str:
@@ -297,8 +386,13 @@ class Lut:
             arrays = [(self.weights, "<f4"), (self.count, "<i8"), (self.fit_status, "i1")]
         else:
             digest = hashlib.sha256(repr((*header, "stored bins", len(self.bin_digits), self.fallback_status)).encode())
-            arrays = [(self.bin_digits, "u1"), (self.bin_weights, "<f4"), (self.bin_count, "<i8"), (self.bin_status, "i1"),
-                      (self.fallback, "<f4")]
+            arrays = [
+                (self.bin_digits, "u1"),
+                (self.bin_weights, "<f4"),
+                (self.bin_count, "<i8"),
+                (self.bin_status, "i1"),
+                (self.fallback, "<f4"),
+            ]
         for array, dtype in arrays:
             digest.update(np.ascontiguousarray(array, dtype=dtype))  # hashed in place: no copy as bytes
         return digest.hexdigest()
@@ -310,9 +404,11 @@ class Lut:
         if sorted(models) != sorted(self.models) or len(set(models)) != len(models):
             missing = [name for name in self.models if name not in models]
             extra = [name for name in models if name not in self.models]
-            raise InputError(f"{source}: LUT made for models {list(self.models)}, the store has {list(models)}"
-                             + (f"; missing from the store: {', '.join(missing)}" if missing else "")
-                             + (f"; not in the LUT: {', '.join(extra)}" if extra else ""))
+            raise InputError(
+                f"{source}: LUT made for models {list(self.models)}, the store has {list(models)}"
+                + (f"; missing from the store: {', '.join(missing)}" if missing else "")
+                + (f"; not in the LUT: {', '.join(extra)}" if extra else "")
+            )
         if n_channels != self.n_channels:
             raise InputError(f"{source}: LUT has {self.n_channels} channels, the store has {n_channels}")
         order = tuple(list(models).index(name) for name in self.models)
@@ -328,15 +424,17 @@ def check_digits(digits: np.ndarray, n_stored: int, n_models: int, bin_width: in
     if len(digits) and int(digits.min()) < 0:
         raise InputError(f"{source}: a negative bin digit ({int(digits.min())})")
     if len(digits) and int(digits.max()) >= ranges_per_model(bin_width):
-        raise InputError(f"{source}: a bin digit of {int(digits.max())} at bin width {bin_width} "
-                         f"(at most {ranges_per_model(bin_width) - 1})")
+        raise InputError(
+            f"{source}: a bin digit of {int(digits.max())} at bin width {bin_width} (at most {ranges_per_model(bin_width) - 1})"
+        )
     words = words_of_digits(digits, bin_width)
     if len(group_starts(words)) != len(words) or (key_order(words) != np.arange(len(words))).any():
         raise InputError(f"{source}: bins are not stored once each in increasing order")
 
 
-def check_weights(weights: np.ndarray, bin_width: int, source: str = "LUT", tolerance: float = SUM_TOLERANCE,
-                  digits: np.ndarray | None = None) -> None:
+def check_weights(
+    weights: np.ndarray, bin_width: int, source: str = "LUT", tolerance: float = SUM_TOLERANCE, digits: np.ndarray | None = None
+) -> None:
     """Refuse weights (bin, channel, K) that are not a convex combination in every cell: a weight
     that is not finite or is negative, or weights summing to 1 +- more than `tolerance`. The
     message names `source`, the first bad cell (bin, with its lower edges, and channel) and why.
@@ -344,7 +442,7 @@ def check_weights(weights: np.ndarray, bin_width: int, source: str = "LUT", tole
     weights = np.asarray(weights)
     bad_cells = 0
     for start in range(0, len(weights), CHECK_BLOCK_BINS):  # block by block: no table-sized temporaries
-        block = weights[start: start + CHECK_BLOCK_BINS]
+        block = weights[start : start + CHECK_BLOCK_BINS]
         with np.errstate(invalid="ignore"):
             finite = np.isfinite(block).all(axis=2)
             negative = (block < 0).any(axis=2)
@@ -353,8 +451,13 @@ def check_weights(weights: np.ndarray, bin_width: int, source: str = "LUT", tole
         if bad_cells == 0 and bad.any():
             row, c = (int(i) for i in np.argwhere(bad)[0])
             b = start + row
-            problem = ("a weight that is not finite" if not finite[row, c] else "a negative weight" if negative[row, c]
-                       else f"weights summing to {sums[row, c]:.6g}, not 1 (tolerance {tolerance:g})")
+            problem = (
+                "a weight that is not finite"
+                if not finite[row, c]
+                else "a negative weight"
+                if negative[row, c]
+                else f"weights summing to {sums[row, c]:.6g}, not 1 (tolerance {tolerance:g})"
+            )
         bad_cells += int(bad.sum())
     if not bad_cells:
         return
@@ -363,11 +466,15 @@ def check_weights(weights: np.ndarray, bin_width: int, source: str = "LUT", tole
         where = f"bin {b} (lower edges {_edges_of(b, n_models, bin_width)})"
     else:
         edges = tuple(int(d) * bin_width for d in digits[b])
-        flat = f"bin {int(flat_bins_of_digits(digits[b:b + 1], bin_width)[0])}" if flat_index_fits(n_models, bin_width) else "bin"
+        flat = (
+            f"bin {int(flat_bins_of_digits(digits[b : b + 1], bin_width)[0])}" if flat_index_fits(n_models, bin_width) else "bin"
+        )
         where = f"{flat} (lower edges {edges}; stored row {b})"
-    raise InputError(f"{source}: {where}, channel {c} has {problem} "
-                     f"({np.array2string(weights[b, c], separator=', ', precision=6)}); "
-                     f"{bad_cells} bad cell(s) in all; not a usable LUT")
+    raise InputError(
+        f"{source}: {where}, channel {c} has {problem} "
+        f"({np.array2string(weights[b, c], separator=', ', precision=6)}); "
+        f"{bad_cells} bad cell(s) in all; not a usable LUT"
+    )
 
 
 def _enumerated(ds: xr.Dataset, name: str, allowed: tuple[str, ...], default: str, source: str) -> str:
@@ -408,13 +515,17 @@ def _check_bin_coordinate(ds: xr.Dataset, digits: np.ndarray | None, n_models: i
     elif flat_index_fits(n_models, bin_width):
         expected = flat_bins_of_digits(digits, bin_width)
     else:
-        raise InputError(f"{source}: a bin coordinate, but the flat index of {n_models} models at bin width {bin_width} "
-                         f"does not fit 64 bits (bins are named by bin_digits only)")
+        raise InputError(
+            f"{source}: a bin coordinate, but the flat index of {n_models} models at bin width {bin_width} "
+            f"does not fit 64 bits (bins are named by bin_digits only)"
+        )
     if stored.shape != expected.shape or stored.dtype.kind not in "iu" or (stored != expected).any():
         first = int(np.flatnonzero(stored != expected)[0]) if stored.shape == expected.shape and stored.dtype.kind in "iu" else 0
-        raise InputError(f"{source}: the bin coordinate disagrees with the bins stored (row {first}: bin "
-                         f"{stored[first] if len(stored) else None}, {'its digits make' if digits is not None else 'expected'} "
-                         f"{int(expected[first]) if len(expected) else None})")
+        raise InputError(
+            f"{source}: the bin coordinate disagrees with the bins stored (row {first}: bin "
+            f"{stored[first] if len(stored) else None}, {'its digits make' if digits is not None else 'expected'} "
+            f"{int(expected[first]) if len(expected) else None})"
+        )
 
 
 def _edges_of(flat_bin: int, n_models: int, bin_width: int) -> tuple:
@@ -426,8 +537,14 @@ def _edges_of(flat_bin: int, n_models: int, bin_width: int) -> tuple:
     return tuple(reversed(edges))
 
 
-def fit_lut(statistics: CellStatistics, models: list[str], device: str = "cpu", solver: str = DEFAULT_SOLVER,
-            shrinkage: float = 0.0, channels: CellStatistics | None = None) -> Lut:
+def fit_lut(
+    statistics: CellStatistics,
+    models: list[str],
+    device: str = "cpu",
+    solver: str = DEFAULT_SOLVER,
+    shrinkage: float = 0.0,
+    channels: CellStatistics | None = None,
+) -> Lut:
     """Fit a LUT from merged statistics with `solver` (its object in `solvers.REGISTRY` fits the
     cells and the fallback); empty cells follow `EMPTY_POLICY`.
 
@@ -455,9 +572,17 @@ def fit_lut(statistics: CellStatistics, models: list[str], device: str = "cpu", 
     count[row, channel] = statistics.counts
     status = np.full((len(bin_words), n_channels), cells.fallback_status, np.int8)
     status[row, channel] = cells.status
-    lut = Lut(list(models), statistics.bin_width, weights, count, status, solver=solver,
-              bin_digits=digits_of_words(bin_words, n_models, statistics.bin_width), fallback=cells.fallback.astype(np.float32),
-              fallback_status=cells.fallback_status)
+    lut = Lut(
+        list(models),
+        statistics.bin_width,
+        weights,
+        count,
+        status,
+        solver=solver,
+        bin_digits=digits_of_words(bin_words, n_models, statistics.bin_width),
+        fallback=cells.fallback.astype(np.float32),
+        fallback_status=cells.fallback_status,
+    )
     lut.attrs.update({parameter: float(value) for parameter, value in tuned.items()})
     return lut
 
@@ -488,13 +613,17 @@ def read_paper_lut(path, models: list[str], bin_width: int) -> Lut:
     except ValueError as error:
         raise InputError(f"{path}: {error}") from None
     if len(keys) != n_bins:
-        raise InputError(f"{path}: holds {len(keys)} bins, but {n_models} models at bin width {bin_width} make "
-                         f"{ranges_per_model(bin_width)}^{n_models} = {n_bins} (the paper's code writes every bin): "
-                         f"is the bin width right?")
+        raise InputError(
+            f"{path}: holds {len(keys)} bins, but {n_models} models at bin width {bin_width} make "
+            f"{ranges_per_model(bin_width)}^{n_models} = {n_bins} (the paper's code writes every bin): "
+            f"is the bin width right?"
+        )
     for key in keys:
         if not all(_is_edge(edge, bin_width) for edge in key):
-            raise InputError(f"{path}: key {key} is not a tuple of bin lower edges at bin width {bin_width} "
-                             f"(multiples of {bin_width} in 0..255): is the bin width right?")
+            raise InputError(
+                f"{path}: key {key} is not a tuple of bin lower edges at bin width {bin_width} "
+                f"(multiples of {bin_width} in 0..255): is the bin width right?"
+            )
     flat = flat_bins_of_edges(np.array([[int(edge) for edge in key] for key in keys], dtype=np.int64), bin_width)
     if len(set(flat.tolist())) != len(flat):
         raise InputError(f"{path}: bin edges do not fit bin width {bin_width} (two keys name one bin)")
@@ -509,9 +638,16 @@ def read_paper_lut(path, models: list[str], bin_width: int) -> Lut:
             raise InputError(f"{path}: entry {key} holds weights of shape {per_channel.shape}, expected {(n_channels, n_models)}")
         weights[index] = per_channel
     check_weights(weights, bin_width, str(path))
-    return Lut(list(models), bin_width, weights, np.zeros((n_bins, n_channels), np.int64),
-               np.full((n_bins, n_channels), FitStatus.IMPORTED, np.int8), solver=IMPORTED_SOLVER,
-               empty_policy=IMPORTED_EMPTY_POLICY, attrs={"imported_from": str(path)})
+    return Lut(
+        list(models),
+        bin_width,
+        weights,
+        np.zeros((n_bins, n_channels), np.int64),
+        np.full((n_bins, n_channels), FitStatus.IMPORTED, np.int8),
+        solver=IMPORTED_SOLVER,
+        empty_policy=IMPORTED_EMPTY_POLICY,
+        attrs={"imported_from": str(path)},
+    )
 
 
 def _is_edge(edge, bin_width: int) -> bool:

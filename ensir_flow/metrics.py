@@ -37,7 +37,7 @@ SSIM_C1, SSIM_C2 = (0.01 * 255.0) ** 2, (0.03 * 255.0) ** 2
 def _gaussian_taps() -> np.ndarray:
     """The normalised 11-tap Gaussian (sigma 1.5), computed as scipy.ndimage's gaussian_filter does."""
     offsets = np.arange(SSIM_WINDOW) - SSIM_WINDOW // 2
-    taps = np.exp(-0.5 / SSIM_SIGMA ** 2 * offsets.astype(np.float64) ** 2)
+    taps = np.exp(-0.5 / SSIM_SIGMA**2 * offsets.astype(np.float64) ** 2)
     return taps / taps.sum()
 
 
@@ -101,7 +101,7 @@ def _squared_errors(a: np.ndarray, b: np.ndarray) -> float:
 def _decibels(squared_errors: float, n_values: int) -> float:
     """PSNR from the sum of squared errors over `n_values` values; inf for no error."""
     mse = squared_errors / n_values
-    return float("inf") if mse == 0 else float(10.0 * np.log10(255.0 ** 2 / mse))
+    return float("inf") if mse == 0 else float(10.0 * np.log10(255.0**2 / mse))
 
 
 @numba.njit(**KERNEL_OPTIONS)
@@ -155,30 +155,42 @@ def _add_ssim_sums(images, reference, channels, c1, c2, totals):
     n_images = images.shape[0]
     height, row_len = reference.shape
     out_h, out_len = height - SSIM_WINDOW + 1, row_len - (SSIM_WINDOW - 1) * channels
-    col_y, col_yy, col_x, col_xx, col_xy = np.empty(row_len), np.empty(row_len), np.empty(row_len), np.empty(row_len), np.empty(row_len)
+    col_y, col_yy, col_x, col_xx, col_xy = (
+        np.empty(row_len),
+        np.empty(row_len),
+        np.empty(row_len),
+        np.empty(row_len),
+        np.empty(row_len),
+    )
     mean_y, square_y, ssim_row = np.empty(out_len), np.empty(out_len), np.empty(out_len)
     for i in range(out_h):
-        truth = reference[i: i + SSIM_WINDOW]
+        truth = reference[i : i + SSIM_WINDOW]
         for j in range(row_len):
             _vertical_pass(truth, j, col_y, col_yy)
         for j in range(out_len):
             mean_y[j], square_y[j] = _horizontal_pass(col_y, j, channels), _horizontal_pass(col_yy, j, channels)
         for n in range(n_images):
-            rows = images[n, i: i + SSIM_WINDOW]
+            rows = images[n, i : i + SSIM_WINDOW]
             for j in range(row_len):
                 _vertical_pass(rows, j, col_x, col_xx)
                 cross = GAUSSIAN_TAPS[HALF_WINDOW] * (np.float64(rows[HALF_WINDOW, j]) * np.float64(truth[HALF_WINDOW, j]))
                 for k in range(HALF_WINDOW):
                     top, bottom = k, SSIM_WINDOW - 1 - k
-                    cross += GAUSSIAN_TAPS[k] * (np.float64(rows[top, j]) * np.float64(truth[top, j])
-                                                 + np.float64(rows[bottom, j]) * np.float64(truth[bottom, j]))
+                    cross += GAUSSIAN_TAPS[k] * (
+                        np.float64(rows[top, j]) * np.float64(truth[top, j])
+                        + np.float64(rows[bottom, j]) * np.float64(truth[bottom, j])
+                    )
                 col_xy[j] = cross
             for j in range(out_len):
-                ux, sx, cross = (_horizontal_pass(col_x, j, channels), _horizontal_pass(col_xx, j, channels),
-                                 _horizontal_pass(col_xy, j, channels))
+                ux, sx, cross = (
+                    _horizontal_pass(col_x, j, channels),
+                    _horizontal_pass(col_xx, j, channels),
+                    _horizontal_pass(col_xy, j, channels),
+                )
                 uy = mean_y[j]
                 ssim_row[j] = ((2.0 * ux * uy + c1) * (2.0 * (cross - ux * uy) + c2)) / (
-                    (ux * ux + uy * uy + c1) * ((sx - ux * ux) + (square_y[j] - uy * uy) + c2))
+                    (ux * ux + uy * uy + c1) * ((sx - ux * ux) + (square_y[j] - uy * uy) + c2)
+                )
             total = totals[n]
             for j in range(out_len):
                 total[j % channels] += ssim_row[j]
@@ -225,8 +237,10 @@ class StripScorer:
         reference = np.asarray(reference)
         images = [np.asarray(image) for image in images]
         if len(images) != self.n_images or reference.shape != expected:
-            raise ValueError(f"strip {self.added} is {len(images)} images of rows {start}:{stop}, shape {expected}; "
-                             f"got a reference of shape {reference.shape}")
+            raise ValueError(
+                f"strip {self.added} is {len(images)} images of rows {start}:{stop}, shape {expected}; "
+                f"got a reference of shape {reference.shape}"
+            )
         for image in images:
             _check(image, reference)
         truth = _prepare(reference, self.crop_border, self.y_channel, crop_rows=False)
@@ -259,7 +273,7 @@ def scores(images, reference, crop_border: int = 0, y_channel: bool = False) -> 
     for image in images:
         _check(image, reference)
     scorer = StripScorer(len(images), reference.shape, crop_border, y_channel)
-    (start, stop), = scorer.strips
+    ((start, stop),) = scorer.strips
     scorer.add([image[start:stop] for image in images], reference[start:stop])
     return scorer.scores()
 

@@ -115,9 +115,9 @@ def _pop(stack: list, opcode) -> None:
     if pickletools.stackslice in before:
         while stack and stack.pop() is not _MARK:
             pass
-        del stack[len(stack) - before.index(pickletools.markobject):]
+        del stack[len(stack) - before.index(pickletools.markobject) :]
     elif before:
-        del stack[max(0, len(stack) - len(before)):]
+        del stack[max(0, len(stack) - len(before)) :]
 
 
 def _looks_like_pickle(data: bytes) -> bool:
@@ -168,14 +168,18 @@ def check_model_file(path, content: io.BytesIO | None = None) -> str:
     if not zipfile.is_zipfile(source):
         if _head(source).startswith(b"PK\x03\x04"):
             raise InputError(f"{path}: a damaged or truncated zip archive, not a loadable model; copy or save it again")
-        raise InputError(f"{path}: not a torch.export program or TorchScript archive (a plain pickle? refused: loading "
-                         "it could run code); save the model with torch.export.save")
+        raise InputError(
+            f"{path}: not a torch.export program or TorchScript archive (a plain pickle? refused: loading "
+            "it could run code); save the model with torch.export.save"
+        )
     with zipfile.ZipFile(source) as archive:
         kind = model_kind(archive.namelist())
         if kind is None:
-            raise InputError(f"{path}: a zip archive but neither a torch.export program nor TorchScript (a torch.save "
-                             "checkpoint? refused: it needs the model's Python code); save the model with "
-                             "torch.export.save")
+            raise InputError(
+                f"{path}: a zip archive but neither a torch.export program nor TorchScript (a torch.save "
+                "checkpoint? refused: it needs the model's Python code); save the model with "
+                "torch.export.save"
+            )
         problem = _archive_problem(archive, _allowed_globals())
     if problem:
         raise InputError(f"{path}: refused, loading it could run code: {problem}")
@@ -334,14 +338,18 @@ def predict_image(module, image: np.ndarray, how: Inference, seed: int, label: s
     if how.tile is None:
         jobs = [((0, height, 0, height), (0, width, 0, width))]
     else:
-        jobs = [(rows, cols) for rows in tile_spans(height, how.tile, how.overlap) for cols in tile_spans(width, how.tile, how.overlap)]
+        jobs = [
+            (rows, cols)
+            for rows in tile_spans(height, how.tile, how.overlap)
+            for cols in tile_spans(width, how.tile, how.overlap)
+        ]
     if how.device.startswith("cuda"):  # the same bytes on every run: no algorithm chosen by timing
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     with _RNG_LOCK, torch.inference_mode():
         torch.manual_seed(seed)  # every device's generators
         for group in _batches(jobs, how.batch):
             (r0, r1, _, _), (c0, c1, _, _) = group[0]
-            tiles = torch.cat([x[..., rows[0]: rows[1], cols[0]: cols[1]] for rows, cols in group])
+            tiles = torch.cat([x[..., rows[0] : rows[1], cols[0] : cols[1]] for rows, cols in group])
             try:
                 result = module(tiles)
             except Exception as error:  # noqa: BLE001 - a model's failure, whatever it is
@@ -349,19 +357,29 @@ def predict_image(module, image: np.ndarray, how: Inference, seed: int, label: s
             expected = (len(group), channels, (r1 - r0) * s, (c1 - c0) * s)
             if not isinstance(result, torch.Tensor) or tuple(result.shape) != expected:
                 got = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
-                raise InputError(f"{label}: the model returned {got} for an input of {tuple(tiles.shape)}, expected "
-                                 f"{expected}" + (f" (--scale {s})" if s != 1 else "")
-                                 + (" (wrong channel count)" if isinstance(result, torch.Tensor) and result.ndim == 4
-                                    and result.shape[1] != channels else ""))
+                raise InputError(
+                    f"{label}: the model returned {got} for an input of {tuple(tiles.shape)}, expected "
+                    f"{expected}"
+                    + (f" (--scale {s})" if s != 1 else "")
+                    + (
+                        " (wrong channel count)"
+                        if isinstance(result, torch.Tensor) and result.ndim == 4 and result.shape[1] != channels
+                        else ""
+                    )
+                )
             if not result.is_floating_point():
-                raise InputError(f"{label}: the model returned {result.dtype} values, expected floating point in "
-                                 f"0..{255 // int(VALUE_RANGES[how.value_range])} (--range {how.value_range}); "
-                                 "return a float tensor")
+                raise InputError(
+                    f"{label}: the model returned {result.dtype} values, expected floating point in "
+                    f"0..{255 // int(VALUE_RANGES[how.value_range])} (--range {how.value_range}); "
+                    "return a float tensor"
+                )
             if not torch.isfinite(result).all():
                 raise InputError(f"{label}: the model returned NaN or infinite values")
             for k, (rows, cols) in enumerate(group):
-                keep = result[k, :, (rows[2] - rows[0]) * s: (rows[3] - rows[0]) * s, (cols[2] - cols[0]) * s: (cols[3] - cols[0]) * s]
-                out[:, rows[2] * s: rows[3] * s, cols[2] * s: cols[3] * s] = _to_uint8(keep, how.value_range)
+                keep = result[
+                    k, :, (rows[2] - rows[0]) * s : (rows[3] - rows[0]) * s, (cols[2] - cols[0]) * s : (cols[3] - cols[0]) * s
+                ]
+                out[:, rows[2] * s : rows[3] * s, cols[2] * s : cols[3] * s] = _to_uint8(keep, how.value_range)
     return out.permute(1, 2, 0).contiguous().cpu().numpy()
 
 

@@ -78,8 +78,10 @@ class ImageIndex:
         )
 
     @classmethod
-    def from_dataset(cls, ds: xr.Dataset) -> "ImageIndex":
-        return cls([str(s) for s in ds["image"].values], ds["height"].values.astype(np.int64), ds["width"].values.astype(np.int64))
+    def from_dataset(cls, ds: xr.Dataset) -> ImageIndex:
+        return cls(
+            [str(s) for s in ds["image"].values], ds["height"].values.astype(np.int64), ds["width"].values.astype(np.int64)
+        )
 
 
 def pixel_chunks(n_pixels: int, chunk_pixels: int) -> tuple[int, ...]:
@@ -102,9 +104,11 @@ def pixel_encoding(chunks: tuple[int, ...], compression: str = DEFAULT_COMPRESSI
     size = math.prod(chunks)
     if size > MAX_CHUNK_BYTES:
         per_pixel = size // chunks[-2]
-        raise InputError(f"--chunk-pixels {chunks[-2]}: chunks of {' x '.join(map(str, chunks))} values hold "
-                         f"{size / 2**30:.1f} GiB, over the {MAX_CHUNK_BYTES / 2**30:.0f} GiB a chunk may hold; "
-                         f"{MAX_CHUNK_BYTES // per_pixel:,} at most here")
+        raise InputError(
+            f"--chunk-pixels {chunks[-2]}: chunks of {' x '.join(map(str, chunks))} values hold "
+            f"{size / 2**30:.1f} GiB, over the {MAX_CHUNK_BYTES / 2**30:.0f} GiB a chunk may hold; "
+            f"{MAX_CHUNK_BYTES // per_pixel:,} at most here"
+        )
     # zarr's codecs only where a store is written: the CLI's options need the names alone
     from zarr.codecs import BloscCodec, ZstdCodec
 
@@ -118,8 +122,13 @@ def compression_of(encoding: dict) -> str:
     for codec in encoding.get("compressors") or ():
         spec = codec.to_dict()
         settings = spec.get("configuration", {})
-        labels.append(" ".join(str(part) for part in (spec["name"], settings.get("cname"),
-                                                      f"level {settings.get('clevel', settings.get('level'))}") if part))
+        labels.append(
+            " ".join(
+                str(part)
+                for part in (spec["name"], settings.get("cname"), f"level {settings.get('clevel', settings.get('level'))}")
+                if part
+            )
+        )
     return ", ".join(labels) or "none"
 
 
@@ -130,8 +139,13 @@ CONVENTIONS = "CF-1.10"  # as the LUTs (lut.py)
 
 def store_attributes(models: list[str], channels: int, **provenance) -> dict:
     """Attributes every ensir-flow pixel store carries."""
-    return {"Conventions": CONVENTIONS, "schema_version": SCHEMA_VERSION, "models": list(models), "channels": channels,
-            **provenance}
+    return {
+        "Conventions": CONVENTIONS,
+        "schema_version": SCHEMA_VERSION,
+        "models": list(models),
+        "channels": channels,
+        **provenance,
+    }
 
 
 #: Names of the `channel` coordinate by number of channels: colour corpora are RGB, grayscale ones
@@ -151,8 +165,7 @@ VARIABLE_ATTRIBUTES = {
     "height": {"long_name": "image height", "units": "1"},
     "width": {"long_name": "image width", "units": "1"},
     "pixel_offset": {"long_name": "index on dimension pixel of the image's first pixel", "units": "1"},
-    "pixel_count": {"long_name": "number of pixels of the image (height x width)", "units": "1",
-                    "sample_dimension": "pixel"},
+    "pixel_count": {"long_name": "number of pixels of the image (height x width)", "units": "1", "sample_dimension": "pixel"},
     "source_file": {"long_name": "name of the source image file"},
     "source_sha256": {"long_name": "SHA-256 of the source image file's bytes"},
     "image": {"long_name": "image name (source file stem)"},
@@ -196,8 +209,9 @@ def image(ds: xr.Dataset, which: str | int, variable: str = ENSEMBLE, model: str
     elif which in index.stems:
         position = index.stems.index(which)
     else:
-        raise InputError(f"image {which!r}: not in the store (images: {', '.join(index.stems[:5])}"
-                         f"{', ...' if len(index.stems) > 5 else ''})")
+        raise InputError(
+            f"image {which!r}: not in the store (images: {', '.join(index.stems[:5])}{', ...' if len(index.stems) > 5 else ''})"
+        )
     if variable not in ds:
         raise InputError(f"no variable '{variable}' in the store (it has {', '.join(map(str, ds.data_vars))})")
     pixels = ds[variable]
@@ -220,8 +234,12 @@ def image(ds: xr.Dataset, which: str | int, variable: str = ENSEMBLE, model: str
 
 
 #: The dimensions of each pixel variable, in the order the pipelines read them (`chunks.pixel_array`).
-PIXEL_DIMS = {PREDICTION: ("model", "pixel", "channel"), GROUND_TRUTH: ("pixel", "channel"), INPUT: ("pixel", "channel"),
-              ENSEMBLE: ("pixel", "channel")}
+PIXEL_DIMS = {
+    PREDICTION: ("model", "pixel", "channel"),
+    GROUND_TRUTH: ("pixel", "channel"),
+    INPUT: ("pixel", "channel"),
+    ENSEMBLE: ("pixel", "channel"),
+}
 
 
 def is_integer(value) -> bool:
@@ -248,13 +266,20 @@ def check_store(ds: xr.Dataset, source: str, require: tuple[str, ...] = (PREDICT
     if version is None:
         raise InputError(f"{source}: not an ensir-flow store (no schema_version attribute)")
     if not is_integer(version) or version < 1:
-        raise InputError(f"{source}: attribute schema_version is {version!r}, not a schema version (a whole number; "
-                         f"this ensir-flow reads up to {SCHEMA_VERSION})")
+        raise InputError(
+            f"{source}: attribute schema_version is {version!r}, not a schema version (a whole number; "
+            f"this ensir-flow reads up to {SCHEMA_VERSION})"
+        )
     if version > SCHEMA_VERSION:
-        raise InputError(f"{source}: written by a newer ensir-flow (schema {version}, this one reads up to {SCHEMA_VERSION}); upgrade ensir-flow")
+        raise InputError(
+            f"{source}: written by a newer ensir-flow (schema {version}, this one reads up to {SCHEMA_VERSION}); "
+            "upgrade ensir-flow"
+        )
     for name in (*require, *IMAGE_VARIABLES, "image"):
         if name not in ds.variables:
-            what = "ground truth (fit and evaluate need a reference set with gt/)" if name == GROUND_TRUTH else f"variable '{name}'"
+            what = (
+                "ground truth (fit and evaluate need a reference set with gt/)" if name == GROUND_TRUTH else f"variable '{name}'"
+            )
             raise InputError(f"{source}: store has no {what}")
     models = ds.attrs.get("models")
     if not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models):
@@ -262,28 +287,34 @@ def check_store(ds: xr.Dataset, source: str, require: tuple[str, ...] = (PREDICT
     if "model" in ds.variables:
         coordinate = [str(m) for m in np.asarray(ds["model"].values).reshape(-1)]
         if coordinate != models:
-            raise InputError(f"{source}: inconsistent store: attribute 'models' {models} disagrees with the model "
-                             f"coordinate {coordinate}")
+            raise InputError(
+                f"{source}: inconsistent store: attribute 'models' {models} disagrees with the model coordinate {coordinate}"
+            )
     _check_image_variables(ds, source)
     index = ImageIndex.from_dataset(ds)
     unsafe = next(((stem, problem) for stem in index.stems if (problem := stem_problem(stem))), None)
     if unsafe:
         raise InputError(f"{source}: inconsistent store: image name {unsafe[0]!r} {unsafe[1]}")
     if (index.heights < 1).any() or (index.widths < 1).any():
-        raise InputError(f"{source}: inconsistent store: image '{index.stems[int(np.argmin(index.heights * index.widths))]}' "
-                         "has no pixels")
+        raise InputError(
+            f"{source}: inconsistent store: image '{index.stems[int(np.argmin(index.heights * index.widths))]}' has no pixels"
+        )
     pixel_lengths = {name: ds[name].sizes.get("pixel", 0) for name in PIXEL_DIMS if name in ds.variables} or {"the store": 0}
     for name, n_pixels in pixel_lengths.items():
         if n_pixels != index.n_pixels:
-            raise InputError(f"{source}: inconsistent store: the pixel axis of {name} holds {n_pixels:,} pixels, its images "
-                             f"{index.n_pixels:,} (an interrupted write? re-run the command that wrote it)")
+            raise InputError(
+                f"{source}: inconsistent store: the pixel axis of {name} holds {n_pixels:,} pixels, its images "
+                f"{index.n_pixels:,} (an interrupted write? re-run the command that wrote it)"
+            )
     _check_dimensions(ds, source, len(models))
     for name, expected in (("pixel_count", index.counts), ("pixel_offset", index.offsets)):
         stored = ds[name].values.astype(np.int64)
         wrong = np.flatnonzero(stored != expected)
         if len(wrong):
-            raise InputError(f"{source}: inconsistent store: {name} of image '{index.stems[wrong[0]]}' is {stored[wrong[0]]:,}, "
-                             f"expected {expected[wrong[0]]:,}")
+            raise InputError(
+                f"{source}: inconsistent store: {name} of image '{index.stems[wrong[0]]}' is {stored[wrong[0]]:,}, "
+                f"expected {expected[wrong[0]]:,}"
+            )
     return list(models)
 
 
@@ -296,11 +327,15 @@ def _check_image_variables(ds: xr.Dataset, source: str) -> None:
         if tuple(ds[name].dims) != ("image",):
             raise InputError(f"{source}: inconsistent store: {name} has dimensions {tuple(ds[name].dims)}, expected ('image',)")
         if name != "image" and np.asarray(ds[name].values).dtype.kind not in "iu":
-            raise InputError(f"{source}: inconsistent store: {name} holds {np.asarray(ds[name].values).dtype} values, not integers")
+            raise InputError(
+                f"{source}: inconsistent store: {name} holds {np.asarray(ds[name].values).dtype} values, not integers"
+            )
     lengths = [ds[name].sizes["image"] for name in names]
     if len(set(lengths)) > 1:
-        raise InputError(f"{source}: inconsistent store: the image index disagrees on the number of images "
-                         f"({', '.join(f'{name} {n}' for name, n in zip(names, lengths))})")
+        raise InputError(
+            f"{source}: inconsistent store: the image index disagrees on the number of images "
+            f"({', '.join(f'{name} {n}' for name, n in zip(names, lengths))})"
+        )
 
 
 def _check_dimensions(ds: xr.Dataset, source: str, n_models: int) -> None:
@@ -316,11 +351,14 @@ def _check_dimensions(ds: xr.Dataset, source: str, n_models: int) -> None:
     for name in ds.variables:
         variable = ds[name]
         if name in PIXEL_DIMS and tuple(variable.dims) != PIXEL_DIMS[name]:
-            raise InputError(f"{source}: inconsistent store: {name} has dimensions {tuple(variable.dims)}, "
-                             f"expected {PIXEL_DIMS[name]}")
+            raise InputError(
+                f"{source}: inconsistent store: {name} has dimensions {tuple(variable.dims)}, expected {PIXEL_DIMS[name]}"
+            )
         for dim, size in variable.sizes.items():
             if dim == "channel" and dim not in expected:
                 expected[dim] = (size, f"channels (as {name})")
             if dim in expected and size != expected[dim][0]:
-                raise InputError(f"{source}: inconsistent store: {name} has length {size} on dimension {dim}; the store has "
-                                 f"{expected[dim][0]} {expected[dim][1]}")
+                raise InputError(
+                    f"{source}: inconsistent store: {name} has length {size} on dimension {dim}; the store has "
+                    f"{expected[dim][0]} {expected[dim][1]}"
+                )

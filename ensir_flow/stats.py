@@ -96,7 +96,7 @@ class CellStatistics:
     @property
     def sums(self) -> np.ndarray:
         """sum x_k per cell (m, K)."""
-        return self.moments[:, 1: 1 + self.n_models]
+        return self.moments[:, 1 : 1 + self.n_models]
 
     def _require_all_moments(self, what: str) -> None:
         if self.moments_kind != ALL_MOMENTS:
@@ -106,7 +106,7 @@ class CellStatistics:
         """Symmetric sum x_i x_j per cell (m, K, K), int64."""
         self._require_all_moments("cross products")
         k = self.n_models
-        upper = self.moments[:, 1 + k: 1 + k + k * (k + 1) // 2]
+        upper = self.moments[:, 1 + k : 1 + k + k * (k + 1) // 2]
         rows, cols = np.triu_indices(k)
         out = np.empty((len(upper), k, k), dtype=np.int64)
         out[:, rows, cols] = upper
@@ -117,7 +117,7 @@ class CellStatistics:
     def sums_xy(self) -> np.ndarray:
         """sum x_k y per cell (m, K)."""
         self._require_all_moments("sums x_k y")
-        return self.moments[:, -self.n_models:]
+        return self.moments[:, -self.n_models :]
 
     def em_moments(self, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
         """The `EM_MOMENTS` columns of the cells `rows` (3K + 2 columns): the moments themselves
@@ -133,7 +133,7 @@ class CellStatistics:
     def sums_of_squares(self, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
         """sum x_k^2 per cell of `rows` (cells, K)."""
         k = self.n_models
-        return self.em_moments(rows)[:, 1 + k: 1 + 2 * k]
+        return self.em_moments(rows)[:, 1 + k : 1 + 2 * k]
 
     def squared_deviations(self, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
         """sum over pixels of (K x_k - s)^2 per cell of `rows` (cells, K), s = sum_j x_j: K^2 times
@@ -141,7 +141,7 @@ class CellStatistics:
         K^2 sum x_k^2 - 2K sum x_k s + sum s^2."""
         k = self.n_models
         moments = self.em_moments(rows)
-        return k * k * moments[:, 1 + k: 1 + 2 * k] - 2 * k * moments[:, 1 + 2 * k: 1 + 3 * k] + moments[:, -1:]
+        return k * k * moments[:, 1 + k : 1 + 2 * k] - 2 * k * moments[:, 1 + 2 * k : 1 + 3 * k] + moments[:, -1:]
 
     @property
     def channels(self) -> np.ndarray:
@@ -169,8 +169,11 @@ class CellStatistics:
     def hist_starts(self) -> np.ndarray:
         """Index of the first histogram entry of each cell, plus the total (m + 1,): entries are
         sorted by cell and every stored cell has at least one."""
-        cell_part = self.hist_keys // LEVELS if self.hist_keys.ndim == 1 else np.column_stack(
-            [self.hist_keys[:, :-1], self.hist_keys[:, -1] // LEVELS])
+        cell_part = (
+            self.hist_keys // LEVELS
+            if self.hist_keys.ndim == 1
+            else np.column_stack([self.hist_keys[:, :-1], self.hist_keys[:, -1] // LEVELS])
+        )
         starts = np.append(group_starts(cell_part), len(cell_part))
         if len(starts) != len(self.cells) + 1:
             raise ValueError(f"{len(starts) - 1} cells in the histogram, {len(self.cells)} in the moments")
@@ -210,8 +213,8 @@ def _em_moments_into(moments, n_models, out):
     sum x_k^2 from the diagonal, sum x_k s = sum_j sum x_k x_j and sum s^2 = sum_k sum x_k s."""
     k = n_models
     for r in range(len(moments)):
-        out[r, :1 + 3 * k] = 0
-        out[r, :1 + k] = moments[r, :1 + k]
+        out[r, : 1 + 3 * k] = 0
+        out[r, : 1 + k] = moments[r, : 1 + k]
         column = 1 + k
         for i in range(k):
             for j in range(i, k):
@@ -222,7 +225,7 @@ def _em_moments_into(moments, n_models, out):
                 else:
                     out[r, 1 + 2 * k + j] += value
                 column += 1
-        out[r, 1 + 3 * k] = out[r, 1 + 2 * k: 1 + 3 * k].sum()
+        out[r, 1 + 3 * k] = out[r, 1 + 2 * k : 1 + 3 * k].sum()
 
 
 @numba.njit(inline="always")
@@ -308,8 +311,8 @@ def find_rows(sorted_keys: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     run_of = np.empty(len(both), np.int64)
     run_of[order] = run
     row_of_run = np.full(run[-1] + 1, -1)
-    row_of_run[run_of[:len(sorted_keys)]] = np.arange(len(sorted_keys))
-    return row_of_run[run_of[len(sorted_keys):]]
+    row_of_run[run_of[: len(sorted_keys)]] = np.arange(len(sorted_keys))
+    return row_of_run[run_of[len(sorted_keys) :]]
 
 
 def sum_by_key(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -350,8 +353,16 @@ def empty_statistics(n_models: int, n_channels: int, bin_width: int, moments_kin
     """Statistics of no pixels: the identity of `merge`."""
     n_words = len(model_groups(n_models, bin_width))
     no_keys = np.empty(0, np.int64) if n_words == 1 else np.empty((0, n_words), np.int64)
-    return CellStatistics(n_models, n_channels, bin_width, no_keys, np.empty((0, moment_columns(n_models, moments_kind)), np.int64),
-                          no_keys.copy(), np.empty(0, np.int64), moments_kind)
+    return CellStatistics(
+        n_models,
+        n_channels,
+        bin_width,
+        no_keys,
+        np.empty((0, moment_columns(n_models, moments_kind)), np.int64),
+        no_keys.copy(),
+        np.empty(0, np.int64),
+        moments_kind,
+    )
 
 
 def merge(*parts: CellStatistics) -> CellStatistics:
@@ -368,17 +379,25 @@ def merge(*parts: CellStatistics) -> CellStatistics:
     return CellStatistics(first.n_models, first.n_channels, first.bin_width, cells, moments, keys, counts, first.moments_kind)
 
 
-def fold_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bin_width: int,
-                    spans: list[tuple[int, int, int]], n_folds: int, device: str = "cpu",
-                    moments_kind: str = ALL_MOMENTS, first_bins: tuple[int, int] | None = None) -> list[CellStatistics]:
+def fold_statistics(
+    predictions: np.ndarray,
+    ground_truth: np.ndarray,
+    bin_width: int,
+    spans: list[tuple[int, int, int]],
+    n_folds: int,
+    device: str = "cpu",
+    moments_kind: str = ALL_MOMENTS,
+    first_bins: tuple[int, int] | None = None,
+) -> list[CellStatistics]:
     """Statistics per fold of one chunk whose pixels are split into (start, stop, fold) spans
     (used to keep cross-validation folds of images apart in the same single pass); `first_bins`
     as `chunk_statistics`'s."""
     n_models, _, n_channels = predictions.shape
     parts: list[list[CellStatistics]] = [[] for _ in range(n_folds)]
     for start, stop, fold in spans:
-        parts[fold].append(chunk_statistics(predictions[:, start:stop], ground_truth[start:stop], bin_width, device,
-                                            moments_kind, first_bins))
+        parts[fold].append(
+            chunk_statistics(predictions[:, start:stop], ground_truth[start:stop], bin_width, device, moments_kind, first_bins)
+        )
     return [merge(*p) if p else empty_statistics(n_models, n_channels, bin_width, moments_kind) for p in parts]
 
 
@@ -387,8 +406,14 @@ def merge_folds(*per_fold: list[CellStatistics]) -> list[CellStatistics]:
     return [merge(*fold) for fold in zip(*per_fold)]
 
 
-def chunk_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bin_width: int, device: str = "cpu",
-                     moments_kind: str = ALL_MOMENTS, first_bins: tuple[int, int] | None = None) -> CellStatistics:
+def chunk_statistics(
+    predictions: np.ndarray,
+    ground_truth: np.ndarray,
+    bin_width: int,
+    device: str = "cpu",
+    moments_kind: str = ALL_MOMENTS,
+    first_bins: tuple[int, int] | None = None,
+) -> CellStatistics:
     """Statistics of one chunk, with moments of `moments_kind`: predictions uint8 (K, P, C),
     ground truth uint8 (P, C).
 
@@ -417,12 +442,14 @@ def chunk_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bin_widt
     if not wide and first_bins is None and n_cells * LEVELS <= DENSE_HISTOGRAM_LIMIT:
         moments = np.zeros((n_cells, moment_columns(n_models, moments_kind)), dtype=np.int64)
         histogram = np.zeros(n_cells * LEVELS, dtype=np.int64)
-        accumulate_dense(predictions, ground_truth, place_tables(n_models, bin_width), moments, histogram,
-                         moments_kind == EM_MOMENTS)
+        accumulate_dense(
+            predictions, ground_truth, place_tables(n_models, bin_width), moments, histogram, moments_kind == EM_MOMENTS
+        )
         cells = np.flatnonzero(moments[:, 0])
         hist_keys = np.flatnonzero(histogram)
-        return CellStatistics(n_models, n_channels, bin_width, cells, moments[cells], hist_keys, histogram[hist_keys],
-                              moments_kind)
+        return CellStatistics(
+            n_models, n_channels, bin_width, cells, moments[cells], hist_keys, histogram[hist_keys], moments_kind
+        )
     return _grouped_chunk_statistics(predictions, ground_truth, bin_width, moments_kind, first_bins or (0, FIRST_BINS_END))
 
 
@@ -453,7 +480,9 @@ def _of_kind(statistics: CellStatistics, moments_kind: str) -> CellStatistics:
     return dataclasses.replace(statistics, moments=statistics.em_moments(), moments_kind=EM_MOMENTS)
 
 
-def _cell_groups(predictions: np.ndarray, bin_width: int, first_bins: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _cell_groups(
+    predictions: np.ndarray, bin_width: int, first_bins: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The sorted cell keys (1-D, or rows of key words) of the pixel-channels of predictions (K, P,
     C) whose `first_bin_of_keys` lies in `first_bins` (lo, hi), each pixel-channel's group (P * C,),
     -1 for those outside, and the row of the sorted cells each group is (`kernels.first_seen_cells`).
@@ -462,14 +491,21 @@ def _cell_groups(predictions: np.ndarray, bin_width: int, first_bins: tuple[int,
     n_words = int(word_of_model[-1]) + 1
     n_pixel_channels = predictions.shape[1] * predictions.shape[2]
     group = np.empty(n_pixel_channels, np.int32 if n_pixel_channels < np.iinfo(np.int32).max else np.int64)
-    unique = first_seen_cells(predictions, digit_multiplier(bin_width), places.astype(np.float64), word_of_model, n_words,
-                              *first_bins, group)
+    unique = first_seen_cells(
+        predictions, digit_multiplier(bin_width), places.astype(np.float64), word_of_model, n_words, *first_bins, group
+    )
     cells, row_of_group = _sorted_by_key(unique[:, 0] if n_words == 1 else unique)
     return cells, group, row_of_group
 
 
-def _count_cells(predictions: np.ndarray, ground_truth: np.ndarray, group: np.ndarray, row_of_group: np.ndarray,
-                 moments: np.ndarray, moments_kind: str) -> tuple[np.ndarray, np.ndarray]:
+def _count_cells(
+    predictions: np.ndarray,
+    ground_truth: np.ndarray,
+    group: np.ndarray,
+    row_of_group: np.ndarray,
+    moments: np.ndarray,
+    moments_kind: str,
+) -> tuple[np.ndarray, np.ndarray]:
     """Add each pixel-channel's moments to its cell's row of `moments` (rows of the sorted cells:
     `_cell_groups`; none where it has no columns), and count its (cell, level): the sorted unique
     row * 256 + level, and their counts. The levels are counted in the same pass where a dense
@@ -477,8 +513,16 @@ def _count_cells(predictions: np.ndarray, ground_truth: np.ndarray, group: np.nd
     n_cells = len(moments)
     dense = n_cells * LEVELS <= DENSE_HISTOGRAM_LIMIT
     histogram = np.zeros(n_cells * LEVELS if dense else 0, np.int64)
-    accumulate_groups(predictions, ground_truth, group, row_of_group, moments, histogram,
-                      (np.empty(0, np.int64),) * len(predictions), moments_kind == EM_MOMENTS)  # the kernel reads K alone
+    accumulate_groups(
+        predictions,
+        ground_truth,
+        group,
+        row_of_group,
+        moments,
+        histogram,
+        (np.empty(0, np.int64),) * len(predictions),
+        moments_kind == EM_MOMENTS,
+    )  # the kernel reads K alone
     if dense:
         slot_levels = np.flatnonzero(histogram)
         return slot_levels, histogram[slot_levels]
@@ -489,8 +533,9 @@ def _count_cells(predictions: np.ndarray, ground_truth: np.ndarray, group: np.nd
     return _slot_level_counts(row_of_group[group], levels, n_cells)
 
 
-def _grouped_chunk_statistics(predictions: np.ndarray, ground_truth: np.ndarray, bin_width: int, moments_kind: str,
-                              first_bins: tuple[int, int]) -> CellStatistics:
+def _grouped_chunk_statistics(
+    predictions: np.ndarray, ground_truth: np.ndarray, bin_width: int, moments_kind: str, first_bins: tuple[int, int]
+) -> CellStatistics:
     """`chunk_statistics` of the pixel-channels of the cells in `first_bins` (lo, hi) of their
     `first_bin_of_keys`: grouped by hashing their cell keys (made on the fly), then one pass adding
     each one's moments to its cell's row and counting its level (`_count_cells`)."""
@@ -498,8 +543,9 @@ def _grouped_chunk_statistics(predictions: np.ndarray, ground_truth: np.ndarray,
     cells, group, row_of_group = _cell_groups(predictions, bin_width, first_bins)
     moments = np.zeros((len(cells), moment_columns(n_models, moments_kind)), dtype=np.int64)
     slot_levels, counts = _count_cells(predictions, ground_truth, group, row_of_group, moments, moments_kind)
-    return CellStatistics(n_models, n_channels, bin_width, cells, moments, _histogram_keys(cells, slot_levels), counts,
-                          moments_kind)
+    return CellStatistics(
+        n_models, n_channels, bin_width, cells, moments, _histogram_keys(cells, slot_levels), counts, moments_kind
+    )
 
 
 def _histogram_keys(cells: np.ndarray, slot_levels: np.ndarray) -> np.ndarray:
@@ -583,5 +629,6 @@ def chunk_statistics_torch(predictions: np.ndarray, ground_truth: np.ndarray, bi
         row.index_add_(0, slots, values)
     hist_keys, hist_counts = torch.unique(cell_ids * LEVELS + y, return_counts=True)
     as_numpy = lambda t: t.cpu().numpy().astype(np.int64)  # noqa: E731
-    return CellStatistics(n_models, n_channels, bin_width, as_numpy(cells), as_numpy(moments.T),
-                          as_numpy(hist_keys), as_numpy(hist_counts))
+    return CellStatistics(
+        n_models, n_channels, bin_width, as_numpy(cells), as_numpy(moments.T), as_numpy(hist_keys), as_numpy(hist_counts)
+    )

@@ -24,10 +24,17 @@ from .locks import exclusive_lock
 from .lut_io import read_lut
 from .per_image import image_blend_jobs
 from .plan import Plan
-from .resumable import (COMPLETE, commit_resumable, committed_append, open_array_for_writing, resumable_location, resumable_marks,
-                        start_resumable, write_chunk_then_mark)
+from .resumable import (
+    COMPLETE,
+    commit_resumable,
+    committed_append,
+    open_array_for_writing,
+    resumable_location,
+    resumable_marks,
+    start_resumable,
+    write_chunk_then_mark,
+)
 from .stores import open_store
-
 
 #: Attribute of apply's staging: staging written without chunk checksums (an older version) is not resumed.
 RESUME_PROTOCOL = {"resume_protocol": "chunk_complete and chunk_xxh3 per chunk"}
@@ -45,18 +52,27 @@ class ApplyResult:
     images_added: int = 0
 
 
-def _blend_chunk_into(combine, arguments: tuple, predictions, start: int, stop: int, ensemble, marks, checksums,
-                      index: int) -> None:
+def _blend_chunk_into(
+    combine, arguments: tuple, predictions, start: int, stop: int, ensemble, marks, checksums, index: int
+) -> None:
     """One task: read chunk start:stop of the array of predictions, combine it, write the result
     to its own chunk of the array `ensemble`, its checksum (where the output has them: one
     updated in its own older layout may not) and mark it complete."""
-    write_chunk_then_mark([(ensemble, combine(read_pixels(predictions, start, stop), *arguments))], marks, index, start, stop,
-                          checksums=checksums)
+    write_chunk_then_mark(
+        [(ensemble, combine(read_pixels(predictions, start, stop), *arguments))], marks, index, start, stop, checksums=checksums
+    )
 
 
-def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = None, overwrite: bool = False,
-               device: str = "auto", compression: str = schema.DEFAULT_COMPRESSION,
-               png_compression: int = DEFAULT_PNG_COMPRESSION) -> Plan:
+def plan_apply(
+    store: str,
+    lut_path: str,
+    output: str,
+    export_dir: str | None = None,
+    overwrite: bool = False,
+    device: str = "auto",
+    compression: str = schema.DEFAULT_COMPRESSION,
+    png_compression: int = DEFAULT_PNG_COMPRESSION,
+) -> Plan:
     """Plan blending every image of `store` with the LUT into the store `output`.
 
     The run is resumable: chunks are written into a fixed staging location beside `output`, each
@@ -80,9 +96,14 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
     model_order = lut.model_order(models, ds.sizes["channel"], str(lut_path))
     bin_width, solver = lut.bin_width, lut.solver
     image_weights = REGISTRY[solver].image_weights  # a per-image solver's (zzpm); None: blend by the LUT
-    provenance = {"source": str(store), "source_fingerprint": store_fingerprint(ds), "source_images": ds.sizes["image"],
-                  "lut": str(lut_path), "lut_sha256": lut.digest(),
-                  **({"source_store_id": ds.attrs["store_id"]} if "store_id" in ds.attrs else {})}
+    provenance = {
+        "source": str(store),
+        "source_fingerprint": store_fingerprint(ds),
+        "source_images": ds.sizes["image"],
+        "lut": str(lut_path),
+        "lut_sha256": lut.digest(),
+        **({"source_store_id": ds.attrs["store_id"]} if "store_id" in ds.attrs else {}),
+    }
     previous = _attributes(output) if exists(output) else {}
     finished = _matches(previous, provenance)
     grown_from = None if finished or overwrite else _grown_from(previous, provenance, ds)
@@ -98,14 +119,25 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
     chunk_lengths = ds[schema.PREDICTION].data.chunks[1]
     ranges = chunk_ranges(ds)
     out = ds[list(schema.IMAGE_VARIABLES)].load()  # written with the template; `ensemble` by the tasks
-    out[schema.ENSEMBLE] = (("pixel", "channel"), da.zeros((ds.sizes["pixel"], ds.sizes["channel"]), dtype=np.uint8,
-                                                           chunks=(chunk_lengths, -1)))
+    out[schema.ENSEMBLE] = (
+        ("pixel", "channel"),
+        da.zeros((ds.sizes["pixel"], ds.sizes["channel"]), dtype=np.uint8, chunks=(chunk_lengths, -1)),
+    )
     out[CHUNK_CHECKSUMS] = checksum_template(len(chunk_lengths), [schema.ENSEMBLE])
-    out.attrs = schema.store_attributes(models, ds.sizes["channel"], created_by=f"ensir-flow {ensir_flow.__version__} apply",
-                                        bin_width=bin_width, solver=solver, **provenance, **RESUME_PROTOCOL)
+    out.attrs = schema.store_attributes(
+        models,
+        ds.sizes["channel"],
+        created_by=f"ensir-flow {ensir_flow.__version__} apply",
+        bin_width=bin_width,
+        solver=solver,
+        **provenance,
+        **RESUME_PROTOCOL,
+    )
     out = schema.annotate(out)
-    encoding = {schema.ENSEMBLE: schema.pixel_encoding((chunk_pixels, ds.sizes["channel"]), compression),
-                CHUNK_CHECKSUMS: checksum_array_encoding(1)}
+    encoding = {
+        schema.ENSEMBLE: schema.pixel_encoding((chunk_pixels, ds.sizes["channel"]), compression),
+        CHUNK_CHECKSUMS: checksum_array_encoding(1),
+    }
     index = schema.ImageIndex.from_dataset(ds)
     spans = chunk_spans(index.offsets, index.counts, np.arange(len(index.stems)), chunk_lengths)
 
@@ -125,8 +157,10 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
             jobs = [(blend, (weights, bin_width, device)) for _ in todo]
         ensemble, marks = task_argument(ensemble), task_argument(marks)
         checksums = None if checksums is None else task_argument(checksums)
-        return [dask.delayed(_blend_chunk_into)(combine, arguments, predictions, *ranges[i], ensemble, marks, checksums, int(i))
-                for i, (combine, arguments) in zip(todo, jobs)]
+        return [
+            dask.delayed(_blend_chunk_into)(combine, arguments, predictions, *ranges[i], ensemble, marks, checksums, int(i))
+            for i, (combine, arguments) in zip(todo, jobs)
+        ]
 
     def update(compute) -> ApplyResult:
         with exclusive_lock(output):
@@ -143,10 +177,14 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
                 compute(*tasks, label=f"apply ({len(todo)} of {len(chunk_lengths)} chunks: new images)")
                 refuse_changed(store, planned_store)
 
-            committed_append(output, {"pixel": old.sizes["pixel"], "image": grown_from, "chunk": old.sizes["chunk"]},
-                             {"pixel": ds.sizes["pixel"], "image": ds.sizes["image"], "chunk": len(chunk_lengths)},
-                             write_arrays, {name: out[name].values[grown_from:] for name in (*schema.IMAGE_VARIABLES, "image")},
-                             out.attrs)
+            committed_append(
+                output,
+                {"pixel": old.sizes["pixel"], "image": grown_from, "chunk": old.sizes["chunk"]},
+                {"pixel": ds.sizes["pixel"], "image": ds.sizes["image"], "chunk": len(chunk_lengths)},
+                write_arrays,
+                {name: out[name].values[grown_from:] for name in (*schema.IMAGE_VARIABLES, "image")},
+                out.attrs,
+            )
         if update_export:
             export(output, export_dir, compute, first_image=grown_from, compression=png_compression)
         elif export_dir is not None:
@@ -169,8 +207,9 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
                 staging = start_resumable(output, out, encoding, len(chunk_lengths))  # `ensemble` is written below
                 done = np.zeros(len(chunk_lengths), dtype=bool)
             todo = np.flatnonzero(~done)
-            tasks = blend_tasks(todo, *(open_array_for_writing(staging, name) for name in (schema.ENSEMBLE, COMPLETE, CHUNK_CHECKSUMS)),
-                                compute)
+            tasks = blend_tasks(
+                todo, *(open_array_for_writing(staging, name) for name in (schema.ENSEMBLE, COMPLETE, CHUNK_CHECKSUMS)), compute
+            )
             compute(*tasks, label=f"apply ({len(tasks)} of {len(done)} chunks)" if resuming else "apply")
             refuse_changed(store, planned_store)
             commit_resumable(output)
@@ -179,12 +218,16 @@ def plan_apply(store: str, lut_path: str, output: str, export_dir: str | None = 
         return ApplyResult(open_store(output), "resumed" if resuming else "written", len(done), len(tasks))
 
     details = {
-        "store": str(store), "LUT": f"{lut_path} ({solver}, bin width {bin_width})", "output": str(output),
-        "images": ds.sizes["image"], "pixels": f"{ds.sizes['pixel']:,}",
-        "tasks": "none: the output is already complete" if finished else
-                 f"an update: the chunks of {ds.sizes['image'] - grown_from} new image(s), appended to {output}"
-                 if grown_from is not None else
-                 f"{len(chunk_lengths)} chunks, one blend + write each, on {device} (resumable from {resumable_location(output)})",
+        "store": str(store),
+        "LUT": f"{lut_path} ({solver}, bin width {bin_width})",
+        "output": str(output),
+        "images": ds.sizes["image"],
+        "pixels": f"{ds.sizes['pixel']:,}",
+        "tasks": "none: the output is already complete"
+        if finished
+        else f"an update: the chunks of {ds.sizes['image'] - grown_from} new image(s), appended to {output}"
+        if grown_from is not None
+        else f"{len(chunk_lengths)} chunks, one blend + write each, on {device} (resumable from {resumable_location(output)})",
         "compression": compression,
     }
     if export_dir is not None:

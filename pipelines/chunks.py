@@ -134,8 +134,11 @@ def _read_chunk(source: PixelSource, index: int, start: int, stop: int) -> np.nd
             raise _bad_chunk(source, index, start, stop, "missing")
     elif index >= len(source.checksums) or chunk_checksum(values) != source.checksums[index]:
         _refuse_if_replaced(source)
-        problem = ("missing" if not _chunk_exists(source, index)
-                   else "not the chunk written there (its XXH3-64 hash differs: corrupt or swapped)")
+        problem = (
+            "missing"
+            if not _chunk_exists(source, index)
+            else "not the chunk written there (its XXH3-64 hash differs: corrupt or swapped)"
+        )
         raise _bad_chunk(source, index, start, stop, problem)
     return values
 
@@ -152,11 +155,15 @@ def _refuse_if_replaced(source: PixelSource) -> None:
     75: the run read another store, or one replaced under it), not that the store is damaged."""
     now = store_identity(source.location)
     if now == "missing":
-        raise TransientError(f"{source.location}: not found by this worker (a path every worker must reach, "
-                             "or a store removed during the run); nothing was written")
+        raise TransientError(
+            f"{source.location}: not found by this worker (a path every worker must reach, "
+            "or a store removed during the run); nothing was written"
+        )
     if now != source.identity:
-        raise TransientError(f"{source.location}: not the store this run planned on (replaced during the run, or another "
-                             "store at that path on this worker); nothing was written: run the command again")
+        raise TransientError(
+            f"{source.location}: not the store this run planned on (replaced during the run, or another "
+            "store at that path on this worker); nothing was written: run the command again"
+        )
 
 
 def _pixel_slice(array: zarr.Array, start: int, stop: int) -> tuple:
@@ -164,12 +171,15 @@ def _pixel_slice(array: zarr.Array, start: int, stop: int) -> tuple:
 
 
 def _bad_chunk(source: PixelSource, index: int, start: int, stop: int, problem: str) -> InputError:
-    return InputError(f"{source.location}/{source.name}: chunk {index} (pixels {start}:{stop}) is {problem}; "
-                      "the store is damaged: write it again (the command that made it, with --overwrite)")
+    return InputError(
+        f"{source.location}/{source.name}: chunk {index} (pixels {start}:{stop}) is {problem}; "
+        "the store is damaged: write it again (the command that made it, with --overwrite)"
+    )
 
 
-def chunk_spans(offsets: np.ndarray, counts: np.ndarray, label_of_image: np.ndarray,
-                chunk_lengths: tuple[int, ...]) -> list[list[Span]]:
+def chunk_spans(
+    offsets: np.ndarray, counts: np.ndarray, label_of_image: np.ndarray, chunk_lengths: tuple[int, ...]
+) -> list[list[Span]]:
     """Per chunk of the given lengths, the spans of its pixels, labelled by `label_of_image`, of
     images lying back to back at `offsets` with `counts` pixels each (`schema.ImageIndex`'s);
     neighbouring images of one label share a span."""
@@ -203,5 +213,5 @@ def image_folds(n_images: int, n_folds: int) -> np.ndarray:
 def tree_reduce(parts: list, combine, fan_in: int = MERGE_FAN_IN):
     """Combine delayed parts in a tree of `fan_in`-way merges (bounded memory per merge task)."""
     while len(parts) > 1:
-        parts = [dask.delayed(combine, pure=True)(*parts[i: i + fan_in]) for i in range(0, len(parts), fan_in)]
+        parts = [dask.delayed(combine, pure=True)(*parts[i : i + fan_in]) for i in range(0, len(parts), fan_in)]
     return parts[0]

@@ -59,7 +59,7 @@ def _move_tree(fs, source: str, destination: str) -> None:
         return
     files = sorted(fs.find(source), key=lambda path: path == f"{source}/{ROOT_METADATA}")
     for path in files:
-        fs.copy(path, destination + path[len(source):])
+        fs.copy(path, destination + path[len(source) :])
     fs.rm(source, recursive=True)
 
 

@@ -22,7 +22,6 @@ from .plan import Plan
 from .predict import plan_predict
 
 
-
 def _split(corpus: Path, destination: Path, parity: int) -> None:
     """Copy every other stem (by sorted order, starting at `parity`) of gt/ and lq/ into `destination`."""
     stems = sorted(p.stem for p in (corpus / GROUND_TRUTH_DIR).iterdir())[parity::2]
@@ -37,8 +36,21 @@ def plan_demo(directory, overwrite: bool = False) -> Plan:
     """Plan the demo run in `directory` (created; replaced with --overwrite)."""
     root = Path(directory)
     refuse_existing(str(root), overwrite)
-    paths = {name: root / name for name in ("corpus", "models", "reference", "heldout", "corpus.zarr", "reference.zarr",
-                                            "heldout.zarr", "lut.zarr", "ensemble.zarr", "ensemble-png")}
+    paths = {
+        name: root / name
+        for name in (
+            "corpus",
+            "models",
+            "reference",
+            "heldout",
+            "corpus.zarr",
+            "reference.zarr",
+            "heldout.zarr",
+            "lut.zarr",
+            "ensemble.zarr",
+            "ensemble-png",
+        )
+    }
 
     def execute(compute):
         if root.exists():
@@ -50,17 +62,22 @@ def plan_demo(directory, overwrite: bool = False) -> Plan:
         plan_predict(paths["reference"], str(paths["reference.zarr"]), models).run(compute)
         plan_predict(paths["heldout"], str(paths["heldout.zarr"]), models).run(compute)
         plan_fit(str(paths["reference.zarr"]), str(paths["lut.zarr"]), DEFAULT_BIN_WIDTH).run(compute)
-        plan_apply(str(paths["heldout.zarr"]), str(paths["lut.zarr"]), str(paths["ensemble.zarr"]),
-                   str(paths["ensemble-png"])).run(compute)
+        plan_apply(
+            str(paths["heldout.zarr"]), str(paths["lut.zarr"]), str(paths["ensemble.zarr"]), str(paths["ensemble-png"])
+        ).run(compute)
         evaluation = plan_evaluate(str(paths["heldout.zarr"]), str(paths["ensemble.zarr"])).run(compute)
         plan_predict(paths["corpus"], str(paths["corpus.zarr"]), models).run(compute)
         comparison = plan_cross_validation(str(paths["corpus.zarr"]), 3, ["em", "lsq"], [DEFAULT_BIN_WIDTH]).run(compute)
-        return (f"EnsIR (em) LUT fitted on {paths['reference']}, applied to the held-out images of {paths['heldout']}:\n"
-                f"{evaluation.table()}\nensembled PNGs: {paths['ensemble-png']}\n\n"
-                f"choosing a solver: all images, 3-fold cross-validation\n{comparison.table()}")
+        return (
+            f"EnsIR (em) LUT fitted on {paths['reference']}, applied to the held-out images of {paths['heldout']}:\n"
+            f"{evaluation.table()}\nensembled PNGs: {paths['ensemble-png']}\n\n"
+            f"choosing a solver: all images, 3-fold cross-validation\n{comparison.table()}"
+        )
 
-    details = {"directory": str(root), "corpus": "scikit-image sample photos, blurred + noise, 3 classical restorers "
-                                                 "(torch.export programs)",
-               "steps": f"predict reference + held-out halves, fit (em, bin width {DEFAULT_BIN_WIDTH}), apply + export, evaluate; "
-                        "then 3-fold cross-validation of em and lsq on all images"}
+    details = {
+        "directory": str(root),
+        "corpus": "scikit-image sample photos, blurred + noise, 3 classical restorers (torch.export programs)",
+        "steps": f"predict reference + held-out halves, fit (em, bin width {DEFAULT_BIN_WIDTH}), apply + export, evaluate; "
+        "then 3-fold cross-validation of em and lsq on all images",
+    }
     return Plan("demo: the whole workflow on an embedded corpus", details, execute)

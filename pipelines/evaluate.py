@@ -8,8 +8,18 @@ import numpy as np
 
 from ensir_flow import metrics, schema
 from ensir_flow.binning import DEFAULT_BIN_WIDTH
-from ensir_flow.blend import (AVERAGE, ENSEMBLE, PAIRWISE_BLOCK, ZZPM, average, blend, blend_spans, squared_distance_sums,
-                              zzpm, zzpm_weights)
+from ensir_flow.blend import (
+    AVERAGE,
+    ENSEMBLE,
+    PAIRWISE_BLOCK,
+    ZZPM,
+    average,
+    blend,
+    blend_spans,
+    squared_distance_sums,
+    zzpm,
+    zzpm_weights,
+)
 from ensir_flow.devices import resolve_device
 from ensir_flow.errors import InputError
 from ensir_flow.images import check_model_names
@@ -25,8 +35,18 @@ from .stores import StoreIndex, open_store_index
 STRIP_PIXELS = schema.DEFAULT_CHUNK_PIXELS
 
 
-def image_scores(predictions, truth, ensemble, offset: int, shape: tuple[int, int, int], names: list[str],
-                 crop_border: int, y_channel: bool, luts: dict | None = None, strip_pixels: int = STRIP_PIXELS) -> dict:
+def image_scores(
+    predictions,
+    truth,
+    ensemble,
+    offset: int,
+    shape: tuple[int, int, int],
+    names: list[str],
+    crop_border: int,
+    y_channel: bool,
+    luts: dict | None = None,
+    strip_pixels: int = STRIP_PIXELS,
+) -> dict:
     """One task: PSNR and SSIM for the image of `shape` (H, W, C) at pixel `offset` of each model,
     the average, ZZPM, the ensemble if given, and each LUT of `luts` ({method: (weights,
     bin_width)}) applied to the image here; all scored against the ground truth.
@@ -60,12 +80,14 @@ def image_scores(predictions, truth, ensemble, offset: int, shape: tuple[int, in
         for method, (lut, bin_width) in (luts or {}).items():
             candidates[method] = blend(block, lut, bin_width)
 
-        def strip(values):
-            return values.reshape(last - first, width, channels)[start - first: stop - first]
-
+        rows_read = (last - first, width, channels)
+        in_strip = slice(start - first, stop - first)
         if scorer is None:
             scorer = metrics.StripScorer(len(candidates), shape, crop_border, y_channel, rows)
-        scorer.add([strip(values) for values in candidates.values()], strip(read_pixels(truth, *pixels)))
+        scorer.add(
+            [values.reshape(rows_read)[in_strip] for values in candidates.values()],
+            read_pixels(truth, *pixels).reshape(rows_read)[in_strip],
+        )
     psnrs, ssims = scorer.scores()
     return {"psnr": dict(zip(candidates, psnrs)), "ssim": dict(zip(candidates, ssims))}
 
@@ -88,7 +110,7 @@ def _squared_distance_sums(predictions, offset: int, shape: tuple[int, int, int]
         first, stop = start // channels, -(-(start + n) // channels)
         values = read_pixels(predictions, offset + first, offset + stop)
         skip = start - first * channels
-        return squared_distance_sums(values.reshape(len(values), -1)[:, skip: skip + n])
+        return squared_distance_sums(values.reshape(len(values), -1)[:, skip : skip + n])
 
     return sums(0, shape[0] * shape[1] * channels)
 
@@ -98,9 +120,11 @@ def _check_crop_border(store: str, index: schema.ImageIndex, crop_border: int) -
     sides = np.minimum(index.heights, index.widths)
     smallest = int(np.argmin(sides))
     if 2 * crop_border >= sides[smallest]:
-        raise InputError(f"{store}: --crop-border {crop_border} leaves no pixels of its smallest image "
-                         f"'{index.stems[smallest]}' ({index.heights[smallest]}x{index.widths[smallest]}): "
-                         f"at most {(sides[smallest] - 1) // 2}")
+        raise InputError(
+            f"{store}: --crop-border {crop_border} leaves no pixels of its smallest image "
+            f"'{index.stems[smallest]}' ({index.heights[smallest]}x{index.widths[smallest]}): "
+            f"at most {(sides[smallest] - 1) // 2}"
+        )
 
 
 def _check_made_from(ensemble: StoreIndex, ensemble_store: str, ds: StoreIndex, store: str) -> None:
@@ -115,18 +139,24 @@ def _check_made_from(ensemble: StoreIndex, ensemble_store: str, ds: StoreIndex, 
     made_from = attrs.get("source", "another store")
     recorded, made_images = attrs.get("source_fingerprint"), attrs.get("source_images")
     if recorded is None:
-        raise InputError(f"{ensemble_store}: records no source store (no source_fingerprint: not made by apply, or by "
-                         f"an older version), so it cannot be checked against {store}: run apply on {store} again")
+        raise InputError(
+            f"{ensemble_store}: records no source store (no source_fingerprint: not made by apply, or by "
+            f"an older version), so it cannot be checked against {store}: run apply on {store} again"
+        )
     ids = (attrs.get("source_store_id"), ds.attrs.get("store_id"))
     if None not in ids and ids[0] != ids[1]:
         raise InputError(f"{ensemble_store}: made from {made_from} (store_id {ids[0]}), not from {store} (store_id {ids[1]})")
     if recorded == store_fingerprint(ds):
         return
     if isinstance(made_images, int) and 0 < made_images < n_images and recorded == store_fingerprint(ds, made_images):
-        raise InputError(f"{ensemble_store}: made from the first {made_images} images of {store}, which has "
-                         f"{n_images} since it grew: run apply again to add the others")
-    raise InputError(f"{ensemble_store}: made from {made_from}, not from {store} (their models, images, chunking or "
-                     f"source files differ): score it against the store it was made from, or run apply on {store}")
+        raise InputError(
+            f"{ensemble_store}: made from the first {made_images} images of {store}, which has "
+            f"{n_images} since it grew: run apply again to add the others"
+        )
+    raise InputError(
+        f"{ensemble_store}: made from {made_from}, not from {store} (their models, images, chunking or "
+        f"source files differ): score it against the store it was made from, or run apply on {store}"
+    )
 
 
 def _means(scores: list[dict], metric: str) -> dict[str, float]:
@@ -160,15 +190,29 @@ class Evaluation:
     def fold_means(self) -> list[dict]:
         """Mean PSNR/SSIM of the held-out images of each fold."""
         folds = sorted(set(self.fold_of_image or []))
-        return [{"fold": f, **{m: _means([s for s, g in zip(self.per_image, self.fold_of_image) if g == f], m)
-                               for m in ("psnr", "ssim")}} for f in folds]
+        return [
+            {
+                "fold": f,
+                **{m: _means([s for s, g in zip(self.per_image, self.fold_of_image) if g == f], m) for m in ("psnr", "ssim")},
+            }
+            for f in folds
+        ]
 
     def to_json(self) -> dict:
-        result = {"images": len(self.images), "psnr": self.means("psnr"), "ssim": self.means("ssim"), "options": self.options,
-                  "per_image": [{"image": stem, **scores} for stem, scores in zip(self.images, self.per_image)]}
+        result = {
+            "images": len(self.images),
+            "psnr": self.means("psnr"),
+            "ssim": self.means("ssim"),
+            "options": self.options,
+            "per_image": [{"image": stem, **scores} for stem, scores in zip(self.images, self.per_image)],
+        }
         if self.fold_of_image is not None:
-            result["cv"] = {"folds": len(set(self.fold_of_image)), "per_fold": self.fold_means(),
-                            "psnr": result["psnr"], "ssim": result["ssim"]}
+            result["cv"] = {
+                "folds": len(set(self.fold_of_image)),
+                "per_fold": self.fold_means(),
+                "psnr": result["psnr"],
+                "ssim": result["ssim"],
+            }
             for entry, fold in zip(result["per_image"], self.fold_of_image):
                 entry["fold"] = fold
         return result
@@ -180,22 +224,32 @@ class Evaluation:
         setting = f"{'Y channel' if self.options['y_channel'] else 'RGB'}, crop border {self.options['crop_border']}"
         if self.fold_of_image is not None:
             folds = self.fold_means()
-            lines = [f"{len(self.images)} images, {len(folds)}-fold cross-validation by image (held-out scores), {setting}",
-                     f"{'method'.ljust(width)}  {'PSNR (dB)':>9}  {'SSIM':>6}  " + "  ".join(f"{'fold ' + str(f['fold']):>8}" for f in folds)]
-            lines += [f"{name.ljust(width)}  {psnr[name]:9.3f}  {_ssim_cell(ssim[name])}  " + "  ".join(f"{f['psnr'][name]:8.3f}" for f in folds)
-                      for name in psnr]
+            lines = [
+                f"{len(self.images)} images, {len(folds)}-fold cross-validation by image (held-out scores), {setting}",
+                f"{'method'.ljust(width)}  {'PSNR (dB)':>9}  {'SSIM':>6}  "
+                + "  ".join(f"{'fold ' + str(f['fold']):>8}" for f in folds),
+            ]
+            lines += [
+                f"{name.ljust(width)}  {psnr[name]:9.3f}  {_ssim_cell(ssim[name])}  "
+                + "  ".join(f"{f['psnr'][name]:8.3f}" for f in folds)
+                for name in psnr
+            ]
         else:
             lines = [f"{len(self.images)} images, {setting}", f"{'method'.ljust(width)}  {'PSNR (dB)':>9}  {'SSIM':>6}"]
             lines += [f"{name.ljust(width)}  {psnr[name]:9.3f}  {_ssim_cell(ssim[name])}" for name in psnr]
         unscored = sum(any(math.isnan(value) for value in s["ssim"].values()) for s in self.per_image)
         if unscored:
-            lines.append(f"SSIM over {len(self.images) - unscored} of {len(self.images)} images "
-                         f"({unscored} smaller than the 11x11 SSIM window after the crop border)")
+            lines.append(
+                f"SSIM over {len(self.images) - unscored} of {len(self.images)} images "
+                f"({unscored} smaller than the 11x11 SSIM window after the crop border)"
+            )
         best = max(self.models, key=psnr.get)
         for method in psnr:
             if method not in self.models and method not in (AVERAGE, ZZPM) and math.isfinite(psnr[method]):
-                lines.append(f"{method} vs best single model ({best}): {psnr[method] - psnr[best]:+.3f} dB; "
-                             f"vs average: {psnr[method] - psnr[AVERAGE]:+.3f} dB")
+                lines.append(
+                    f"{method} vs best single model ({best}): {psnr[method] - psnr[best]:+.3f} dB; "
+                    f"vs average: {psnr[method] - psnr[AVERAGE]:+.3f} dB"
+                )
         return "\n".join(lines)
 
 
@@ -219,9 +273,12 @@ def plan_evaluate(store: str, ensemble_store: str | None = None, y_channel: bool
         ensemble = task_argument(pixel_array(ensemble_store, schema.ENSEMBLE))
     predictions, truth = (task_argument(pixel_array(store, variable)) for variable in (schema.PREDICTION, schema.GROUND_TRUTH))
     channels = ds.sizes["channel"]
-    tasks = [dask.delayed(image_scores, pure=True)(predictions, truth, ensemble, int(off), (int(h), int(w), channels), models,
-                                                   crop_border, y_channel)
-             for h, w, off in zip(index.heights, index.widths, index.offsets)]
+    tasks = [
+        dask.delayed(image_scores, pure=True)(
+            predictions, truth, ensemble, int(off), (int(h), int(w), channels), models, crop_border, y_channel
+        )
+        for h, w, off in zip(index.heights, index.widths, index.offsets)
+    ]
     options = {"y_channel": y_channel, "crop_border": crop_border}
 
     def execute(compute):
@@ -230,13 +287,24 @@ def plan_evaluate(store: str, ensemble_store: str | None = None, y_channel: bool
             refuse_changed(path, identity)
         return Evaluation(index.stems, models, scores, options)
 
-    details = {"store": str(store), "ensemble": str(ensemble_store) if ensemble_store else "none (models and average only)",
-               "images": len(index.stems), "metrics": f"PSNR, SSIM on {'Y' if y_channel else 'RGB'}, crop border {crop_border}"}
+    details = {
+        "store": str(store),
+        "ensemble": str(ensemble_store) if ensemble_store else "none (models and average only)",
+        "images": len(index.stems),
+        "metrics": f"PSNR, SSIM on {'Y' if y_channel else 'RGB'}, crop border {crop_border}",
+    }
     return Plan(f"evaluate {len(index.stems)} images", details, execute)
 
 
-def plan_cross_validation(store: str, n_folds: int, solvers=("em", "lsq"), bin_widths=(DEFAULT_BIN_WIDTH,), y_channel: bool = False,
-                          crop_border: int = 0, device: str = "auto") -> Plan:
+def plan_cross_validation(
+    store: str,
+    n_folds: int,
+    solvers=("em", "lsq"),
+    bin_widths=(DEFAULT_BIN_WIDTH,),
+    y_channel: bool = False,
+    crop_border: int = 0,
+    device: str = "auto",
+) -> Plan:
     """Plan N-fold cross-validation by image: for each fold, LUTs fitted on the other folds (one
     statistics pass per bin width keeps the folds apart), scored on the fold's held-out images."""
     from ensir_flow.lut import moments_for  # the LUT solvers: cross-validation only
@@ -270,18 +338,35 @@ def plan_cross_validation(store: str, n_folds: int, solvers=("em", "lsq"), bin_w
                     lut = lut_from_folds(training, models, em_device, solver)
                     luts[fold][name(solver, width)] = (dask.delayed(lut.lookup_table(), pure=True), width)
         tasks = [
-            dask.delayed(image_scores, pure=True)(predictions, truth, None, int(off), (int(h), int(w), ds.sizes["channel"]),
-                                                  models, crop_border, y_channel, luts[int(fold)])
+            dask.delayed(image_scores, pure=True)(
+                predictions,
+                truth,
+                None,
+                int(off),
+                (int(h), int(w), ds.sizes["channel"]),
+                models,
+                crop_border,
+                y_channel,
+                luts[int(fold)],
+            )
             for h, w, off, fold in zip(index.heights, index.widths, index.offsets, folds)
         ]
         scores = list(compute(*tasks, label="held-out scores"))
         refuse_changed(store, planned)
         return Evaluation(index.stems, models, scores, options, folds.tolist())
 
-    details = {"store": str(store), "images": len(index.stems), "folds": f"{n_folds} (image i in fold i % {n_folds})",
-               "solvers": ", ".join(solvers), "bin widths": ", ".join(map(str, bin_widths)),
-               "metrics": f"PSNR, SSIM on {'Y' if y_channel else 'RGB'}, crop border {crop_border}",
-               **{f"{solver} {tuning.parameter}": f"chosen by nested cross-validation on the training folds (default "
-                                                  f"{tuning.default:g} with one training fold)"
-                  for solver, tuning in tunings.items() if tuning is not None}}
+    details = {
+        "store": str(store),
+        "images": len(index.stems),
+        "folds": f"{n_folds} (image i in fold i % {n_folds})",
+        "solvers": ", ".join(solvers),
+        "bin widths": ", ".join(map(str, bin_widths)),
+        "metrics": f"PSNR, SSIM on {'Y' if y_channel else 'RGB'}, crop border {crop_border}",
+        **{
+            f"{solver} {tuning.parameter}": f"chosen by nested cross-validation on the training folds (default "
+            f"{tuning.default:g} with one training fold)"
+            for solver, tuning in tunings.items()
+            if tuning is not None
+        },
+    }
     return Plan(f"{n_folds}-fold cross-validation of {', '.join(solvers)}", details, execute)

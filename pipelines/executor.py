@@ -80,8 +80,7 @@ LIBRARY_WARNINGS = (
 #: starts of messages. A local cluster's nanny says the first when a worker process takes over 4 s
 #: to exit at the end of a run (a loaded host; the process is then killed, as it should be); a
 #: worker logs a task's exception with its traceback, which the client reports in one line anyway.
-LIBRARY_LOG_NOISE = {"distributed.nanny": ("Worker process still alive after",),
-                     "distributed.worker": ("Compute Failed",)}
+LIBRARY_LOG_NOISE = {"distributed.nanny": ("Worker process still alive after",), "distributed.worker": ("Compute Failed",)}
 
 
 class _DropMessages(logging.Filter):
@@ -229,8 +228,7 @@ def _refuse_bad_seconds(seconds, option: str) -> None:
 
 
 @contextlib.contextmanager
-def client_for(scheduler: str, worker_timeout: float | None = None,
-               dashboard_address: str | None = DEFAULT_DASHBOARD_ADDRESS):
+def client_for(scheduler: str, worker_timeout: float | None = None, dashboard_address: str | None = DEFAULT_DASHBOARD_ADDRESS):
     """A distributed Client for `scheduler` (None for 'threads'), closed (with its cluster) on exit.
 
     A local cluster serves its dashboard at `dashboard_address` (None: no dashboard), whose link
@@ -347,9 +345,12 @@ def refuse_unguarded_main() -> None:
         return
     from ensir_flow.api import UsageError
 
-    raise UsageError(f"{script}, line {line}: scheduler='local' starts worker processes, which import this script "
-                     "and would run it again: put its calls under `if __name__ == \"__main__\":` (or run on "
-                     "scheduler='threads')", option="--scheduler")
+    raise UsageError(
+        f"{script}, line {line}: scheduler='local' starts worker processes, which import this script "
+        'and would run it again: put its calls under `if __name__ == "__main__":` (or run on '
+        "scheduler='threads')",
+        option="--scheduler",
+    )
 
 
 def _under_main_guard(script: str, line: int) -> bool:
@@ -367,12 +368,16 @@ def _under_main_guard(script: str, line: int) -> bool:
         if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
             return False
         sides = [test.left, *test.comparators]
-        return (any(isinstance(side, ast.Name) and side.id == "__name__" for side in sides)
-                and any(isinstance(side, ast.Constant) and side.value == "__main__" for side in sides))
+        return any(isinstance(side, ast.Name) and side.id == "__name__" for side in sides) and any(
+            isinstance(side, ast.Constant) and side.value == "__main__" for side in sides
+        )
 
-    return any(isinstance(node, ast.If) and is_guard(node.test)
-               and node.body[0].lineno <= line <= max(child.end_lineno for child in node.body)
-               for node in ast.walk(tree))
+    return any(
+        isinstance(node, ast.If)
+        and is_guard(node.test)
+        and node.body[0].lineno <= line <= max(child.end_lineno for child in node.body)
+        for node in ast.walk(tree)
+    )
 
 
 def _address_in_scheduler_file(path: str) -> str:
@@ -455,8 +460,10 @@ def check_workers(client, scheduler: str, worker_timeout: float | None = None) -
         try:
             client.wait_for_workers(1, timeout=worker_timeout or None)
         except TimeoutError:
-            raise TransientError(f"{scheduler}: no worker has been connected for {worker_timeout:g} s "
-                                 "(--worker-timeout); start workers and run the same command again") from None
+            raise TransientError(
+                f"{scheduler}: no worker has been connected for {worker_timeout:g} s "
+                "(--worker-timeout); start workers and run the same command again"
+            ) from None
     found = client.run(_installed_ensir_flow())
     _refuse_other_code(found, scheduler)
     _CHECKED_WORKERS[client] = set(found)
@@ -480,16 +487,20 @@ def _refuse_other_code(found: dict, scheduler: str) -> None:
     ensir-flow is not this process's: another version, or the same version with other code."""
     for worker, (version, _) in sorted(found.items()):
         if version != ensir_flow.__version__:
-            raise InputError(f"{scheduler}: worker {worker} has ensir-flow {version}, this client "
-                             f"{ensir_flow.__version__}; install the same version on every worker")
+            raise InputError(
+                f"{scheduler}: worker {worker} has ensir-flow {version}, this client "
+                f"{ensir_flow.__version__}; install the same version on every worker"
+            )
     ours = code_fingerprint()
     other = sorted(worker for worker, (_, fingerprint) in found.items() if fingerprint != ours)
     if other:
         named = ", ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
-        raise InputError(f"{scheduler}: worker{'s' if len(other) > 1 else ''} {named} run{'' if len(other) > 1 else 's'} "
-                         f"other ensir-flow code than this client (code fingerprint {found[other[0]][1][:12]}, this "
-                         f"client {str(ours)[:12]}): different installs of ensir-flow {ensir_flow.__version__}; "
-                         "install the same one on every worker")
+        raise InputError(
+            f"{scheduler}: worker{'s' if len(other) > 1 else ''} {named} run{'' if len(other) > 1 else 's'} "
+            f"other ensir-flow code than this client (code fingerprint {found[other[0]][1][:12]}, this "
+            f"client {str(ours)[:12]}): different installs of ensir-flow {ensir_flow.__version__}; "
+            "install the same one on every worker"
+        )
 
 
 class ProgressLog:
@@ -549,8 +560,9 @@ def progress_on_stderr(progress: bool | float) -> bool | float:
     return DEFAULT_PROGRESS_INTERVAL if progress is True else float(progress)
 
 
-def compute_function(client, progress: bool | float, worker_timeout: float | None = DEFAULT_WORKER_TIMEOUT,
-                     scheduler: str = "the cluster") -> Compute:
+def compute_function(
+    client, progress: bool | float, worker_timeout: float | None = DEFAULT_WORKER_TIMEOUT, scheduler: str = "the cluster"
+) -> Compute:
     """The `Compute` of a session: on `client` (dask's threads when None), with progress on stderr:
     `True` a progress bar (for a terminal), a number of seconds plain timestamped lines at most
     that often (`ProgressLog`, for logs), `False` none.
@@ -568,8 +580,11 @@ def compute_function(client, progress: bool | float, worker_timeout: float | Non
         if log is not None:
             log.start(label)
             with _task_counter(log) if client is None else contextlib.nullcontext():
-                result = (threaded_compute(*collections) if client is None
-                          else _cluster_compute(client, collections, log, worker_timeout, scheduler))
+                result = (
+                    threaded_compute(*collections)
+                    if client is None
+                    else _cluster_compute(client, collections, log, worker_timeout, scheduler)
+                )
             log.finish()
             return result
         if progress and label:
@@ -604,11 +619,15 @@ def _cluster_compute(client, collections, progress, worker_timeout: float | None
         return result
     except KilledWorker as error:
         task = error.args[0] if error.args else "a task"
-        raise TransientError(f"{scheduler}: workers died while running task {task!r} (lost, killed or out of "
-                             "memory); run the same command again, with more memory per worker if it repeats") from None
+        raise TransientError(
+            f"{scheduler}: workers died while running task {task!r} (lost, killed or out of "
+            "memory); run the same command again, with more memory per worker if it repeats"
+        ) from None
     except CancelledError:
-        raise TransientError(f"{scheduler}: the computation was cancelled by the cluster (scheduler restarted or "
-                             "connection lost); run the same command again") from None
+        raise TransientError(
+            f"{scheduler}: the computation was cancelled by the cluster (scheduler restarted or "
+            "connection lost); run the same command again"
+        ) from None
     finally:
         if bar is not None:
             bar.stop(disconnect=not succeeded)  # after success the bar ends by itself: every key is done
@@ -646,8 +665,10 @@ def _wait_while_workers(client, futures, worker_timeout: float | None, scheduler
         if workers:
             last_seen = time.monotonic()
         elif worker_timeout and time.monotonic() - last_seen >= worker_timeout:
-            raise TransientError(f"{scheduler}: no worker has been connected for {worker_timeout:g} s "
-                                 "(--worker-timeout); computation cancelled: start workers and run the same command again")
+            raise TransientError(
+                f"{scheduler}: no worker has been connected for {worker_timeout:g} s "
+                "(--worker-timeout); computation cancelled: start workers and run the same command again"
+            )
 
 
 def _workers_now(client, scheduler: str) -> dict:
@@ -655,8 +676,9 @@ def _workers_now(client, scheduler: str) -> dict:
     try:
         return client.nthreads()
     except OSError as error:
-        raise TransientError(f"{scheduler}: lost the connection to the dask scheduler ({_first_line(error)}); "
-                             "run the same command again") from None
+        raise TransientError(
+            f"{scheduler}: lost the connection to the dask scheduler ({_first_line(error)}); run the same command again"
+        ) from None
 
 
 def _cancel_and_settle(client, futures, collections, timeout: float = 30.0) -> None:
@@ -724,8 +746,10 @@ class _ProgressLine:
         with self.lock:
             if self.active:
                 self.drawn = True
-                sys.stderr.write(f"\r[{'#' * int(40 * fraction):<40}] | {int(100 * fraction)}% Completed | "
-                                 f"{format_time(time.monotonic() - self.started)}")
+                sys.stderr.write(
+                    f"\r[{'#' * int(40 * fraction):<40}] | {int(100 * fraction)}% Completed | "
+                    f"{format_time(time.monotonic() - self.started)}"
+                )
                 sys.stderr.flush()
 
     @classmethod
@@ -761,9 +785,12 @@ def _first_line(error: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def session(scheduler: str = "threads", progress: bool | float = False,
-            worker_timeout: float | None = DEFAULT_WORKER_TIMEOUT,
-            dashboard_address: str | None = DEFAULT_DASHBOARD_ADDRESS) -> Iterator[Compute]:
+def session(
+    scheduler: str = "threads",
+    progress: bool | float = False,
+    worker_timeout: float | None = DEFAULT_WORKER_TIMEOUT,
+    dashboard_address: str | None = DEFAULT_DASHBOARD_ADDRESS,
+) -> Iterator[Compute]:
     """A `Compute` on `scheduler` for the duration of the block (see the module docstring); a local
     cluster serves its dashboard at `dashboard_address` (`client_for`)."""
     with client_for(scheduler, worker_timeout, dashboard_address) as client:

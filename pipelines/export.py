@@ -24,7 +24,6 @@ import os
 
 import dask
 import fsspec
-import numpy as np
 import xarray as xr
 from fsspec.implementations.local import LocalFileSystem
 
@@ -62,15 +61,23 @@ def _export_image(source: PixelSource, offset: int, height: int, width: int, pat
         raise OSError(error.errno, error.strerror or str(error), str(path)) from None
 
 
-def export_graph(store: str, ds: xr.Dataset, variable: str, directory, text: dict | None = None, first_image: int = 0,
-                 compression: int = DEFAULT_PNG_COMPRESSION) -> list:
+def export_graph(
+    store: str,
+    ds: xr.Dataset,
+    variable: str,
+    directory,
+    text: dict | None = None,
+    first_image: int = 0,
+    compression: int = DEFAULT_PNG_COMPRESSION,
+) -> list:
     """Delayed writes of one lossless PNG per image of `variable` of `store` (opened as `ds`) from
     `first_image` on, named by stem (each checked), at zlib level `compression`."""
     index = schema.ImageIndex.from_dataset(ds)
     source = task_argument(pixel_array(store, variable))
     return [
-        dask.delayed(_export_image, pure=True)(source, offset, h, w, f"{directory}/{check_stem(stem, directory)}.png", text,
-                                               compression)
+        dask.delayed(_export_image, pure=True)(
+            source, offset, h, w, f"{directory}/{check_stem(stem, directory)}.png", text, compression
+        )
         for stem, h, w, offset in list(zip(index.stems, index.heights, index.widths, index.offsets))[first_image:]
     ]
 
@@ -89,7 +96,9 @@ def check_export_target(directory, stems, overwrite: bool, source=None) -> None:
     for stem in stems:
         check_stem(stem, where)
         if stem in seen:
-            raise InputError(f"{printable(where)}: image name {stem!r} is used by two images; their PNGs would overwrite each other")
+            raise InputError(
+                f"{printable(where)}: image name {stem!r} is used by two images; their PNGs would overwrite each other"
+            )
         seen.add(stem)
     refuse_link(directory)
     fs, root = fsspec.core.url_to_fs(str(directory))
@@ -101,8 +110,10 @@ def check_export_target(directory, stems, overwrite: bool, source=None) -> None:
             raise InputError(f"{directory}: already exists (pass --overwrite to replace it)")
         foreign = first_foreign_entry(fs, root, stems)
         if foreign is not None:
-            raise InputError(f"{directory}: holds {foreign!r}, which ensir-flow's export did not write; "
-                             f"refusing to replace the folder (move that away, or export elsewhere)")
+            raise InputError(
+                f"{directory}: holds {foreign!r}, which ensir-flow's export did not write; "
+                f"refusing to replace the folder (move that away, or export elsewhere)"
+            )
         refuse_replacing(directory, EXPORT_FOLDER)
     ancestor = _nearest_existing(fs, _parent(root))
     if ancestor is not None:
@@ -149,14 +160,21 @@ def _nearest_existing(fs, path: str | None) -> str | None:
 def _location(fs, path: str, like) -> str:
     """`path` (an ancestor of `like` as fsspec strips it) spelt as the user spelt `like`."""
     text, root = str(like).rstrip("/"), fsspec.core.url_to_fs(str(like))[1].rstrip("/")
-    suffix = root[len(path):] if root.startswith(path) else None
+    suffix = root[len(path) :] if root.startswith(path) else None
     if suffix and text.endswith(suffix):
         return text[: -len(suffix)]
     return fs.unstrip_protocol(path) if "://" in str(like) else path
 
 
-def export(store: str, directory: str, compute: Compute, overwrite: bool = False, variable: str = schema.ENSEMBLE,
-           first_image: int = 0, compression: int = DEFAULT_PNG_COMPRESSION) -> None:
+def export(
+    store: str,
+    directory: str,
+    compute: Compute,
+    overwrite: bool = False,
+    variable: str = schema.ENSEMBLE,
+    first_image: int = 0,
+    compression: int = DEFAULT_PNG_COMPRESSION,
+) -> None:
     """Write every image of `store` as PNG (zlib level `compression`) into `directory`, staged so it
     appears complete or not at all.
 
@@ -174,14 +192,18 @@ def export(store: str, directory: str, compute: Compute, overwrite: bool = False
     if first_image:
         check_export_target(directory, stems[:first_image], overwrite=True, source=store)
         with staged_update(str(directory)) as staging:
-            compute(*export_graph(store, ds, variable, staging, export_text(store, variable), first_image, compression),
-                    label="export")
+            compute(
+                *export_graph(store, ds, variable, staging, export_text(store, variable), first_image, compression),
+                label="export",
+            )
             refuse_changed(store, planned)
         return
     check_export_target(directory, stems, overwrite, source=store)
     with staged_output(str(directory), overwrite) as staging:
         fs, root = fsspec.core.url_to_fs(staging)
         fs.makedirs(root, exist_ok=True)
-        compute(*export_graph(store, ds, variable, staging, export_text(store, variable), compression=compression), label="export")
+        compute(
+            *export_graph(store, ds, variable, staging, export_text(store, variable), compression=compression), label="export"
+        )
         refuse_changed(store, planned)
         check_export_target(directory, stems, overwrite, source=store)

@@ -22,8 +22,16 @@ def store_fingerprint(ds: xr.Dataset | StoreIndex, n_images: int | None = None) 
     `ds` is the store opened by xarray (`stores.open_store`) or by zarr (`stores.open_store_index`):
     the same store gives the same fingerprint either way."""
     n = ds.sizes["image"] if n_images is None else n_images
-    digest = hashlib.sha256(repr((ds.attrs.get("models"), [str(s) for s in ds["image"].values[:n]],
-                                  ds["pixel_count"].values[:n].tolist(), _chunk_pixels(ds))).encode())
+    digest = hashlib.sha256(
+        repr(
+            (
+                ds.attrs.get("models"),
+                [str(s) for s in ds["image"].values[:n]],
+                ds["pixel_count"].values[:n].tolist(),
+                _chunk_pixels(ds),
+            )
+        ).encode()
+    )
     if "source_sha256" in ds:
         digest.update(" ".join(map(str, ds["source_sha256"].values[:, :n].ravel())).encode())
     return digest.hexdigest()

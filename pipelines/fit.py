@@ -22,11 +22,29 @@ from ensir_flow.devices import resolve_device
 from ensir_flow.errors import TransientError
 from ensir_flow.lut import DEFAULT_PASS_MEMORY_MIB, DEFAULT_SOLVER, Lut, fit_lut, moments_for
 from ensir_flow.solvers import Tuning, fittable
-from ensir_flow.stats import (ALL_MOMENTS, FIRST_BINS_END, CellStatistics, cell_sample, fold_statistics, merge, merge_folds,
-                              moment_columns)
+from ensir_flow.stats import (
+    ALL_MOMENTS,
+    FIRST_BINS_END,
+    CellStatistics,
+    cell_sample,
+    fold_statistics,
+    merge,
+    merge_folds,
+    moment_columns,
+)
 
-from .chunks import (MERGE_FAN_IN, Span, chunk_ranges, chunk_spans, image_folds, pixel_array, pixel_chunk_lengths, read_pixels,
-                     task_argument, tree_reduce)
+from .chunks import (
+    MERGE_FAN_IN,
+    Span,
+    chunk_ranges,
+    chunk_spans,
+    image_folds,
+    pixel_array,
+    pixel_chunk_lengths,
+    read_pixels,
+    task_argument,
+    tree_reduce,
+)
 from .commit import exists, refuse_existing, staged_output
 from .executor import release_freed_memory
 from .integrity import store_identity
@@ -45,16 +63,44 @@ SAMPLE_STRIDE = 8
 READ_AS_PLANNED_ATTRIBUTES = ("models", "model_files", "inference", "store_id")
 
 
-def _chunk_statistics(predictions, truth, start: int, stop: int, spans: list[Span], n_folds: int, bin_width: int,
-                      device: str, moments_kind: str, first_bins: tuple[int, int] | None) -> list:
+def _chunk_statistics(
+    predictions,
+    truth,
+    start: int,
+    stop: int,
+    spans: list[Span],
+    n_folds: int,
+    bin_width: int,
+    device: str,
+    moments_kind: str,
+    first_bins: tuple[int, int] | None,
+) -> list:
     """One task: read a chunk of the arrays of predictions and ground truth, return its statistics
     per fold (of the cells in the range `first_bins` alone, when given)."""
-    return fold_statistics(read_pixels(predictions, start, stop), read_pixels(truth, start, stop), bin_width, spans,
-                           n_folds, device, moments_kind, first_bins)
+    return fold_statistics(
+        read_pixels(predictions, start, stop),
+        read_pixels(truth, start, stop),
+        bin_width,
+        spans,
+        n_folds,
+        device,
+        moments_kind,
+        first_bins,
+    )
 
 
-def _guarded_chunk_statistics(predictions, truth, start: int, stop: int, spans: list[Span], n_folds: int, bin_width: int,
-                              device: str, moments_kind: str, chunk_bytes: float) -> tuple:
+def _guarded_chunk_statistics(
+    predictions,
+    truth,
+    start: int,
+    stop: int,
+    spans: list[Span],
+    n_folds: int,
+    bin_width: int,
+    device: str,
+    moments_kind: str,
+    chunk_bytes: float,
+) -> tuple:
     """One task of the first pass of a fit whose statistics may exceed a pass (`fit_in_passes`):
     (its statistics per fold, each channel's statistics per fold, the sorted first bins of the
     cells of its sample, how many histogram entries the sample holds).
@@ -65,15 +111,20 @@ def _guarded_chunk_statistics(predictions, truth, start: int, stop: int, spans: 
     every cell is its channel."""
     pixels, truth_pixels = read_pixels(predictions, start, stop), read_pixels(truth, start, stop)
     first_bins, entries = cell_sample(pixels[:, ::SAMPLE_STRIDE], truth_pixels[::SAMPLE_STRIDE], bin_width)
-    if sample_statistics_bytes(len(first_bins), entries, pixels.shape[1] * pixels.shape[2], n_folds, pixels.shape[0], bin_width,
-                               moments_kind) > chunk_bytes:
+    if (
+        sample_statistics_bytes(
+            len(first_bins), entries, pixels.shape[1] * pixels.shape[2], n_folds, pixels.shape[0], bin_width, moments_kind
+        )
+        > chunk_bytes
+    ):
         return None, fold_statistics(pixels, truth_pixels, LEVELS, spans, n_folds, device, moments_kind), first_bins, entries
     folds = fold_statistics(pixels, truth_pixels, bin_width, spans, n_folds, device, moments_kind)
     return folds, [fold.per_channel() for fold in folds], first_bins, entries
 
 
-def sample_statistics_bytes(sampled_cells: int, sampled_entries: int, pixel_channels: int, n_folds: int, n_models: int,
-                            bin_width: int, moments_kind: str) -> float:
+def sample_statistics_bytes(
+    sampled_cells: int, sampled_entries: int, pixel_channels: int, n_folds: int, n_models: int, bin_width: int, moments_kind: str
+) -> float:
     """Estimated bytes of the statistics of `pixel_channels` from the cells and histogram entries
     of their sample: each taken as `SAMPLE_STRIDE` of them in each of `n_folds` folds (a cell may
     hold pixels of every fold; more than it turns out to be, as a sampled cell often stands for a
@@ -86,8 +137,12 @@ def _merge_guarded(*parts: tuple) -> tuple:
     """Merge results of `_guarded_chunk_statistics`: statistics (None where one chunk gave none),
     channels' statistics, the samples' first bins side by side and their histogram entries added."""
     folds = None if any(part[0] is None for part in parts) else merge_folds(*(part[0] for part in parts))
-    return (folds, merge_folds(*(part[1] for part in parts)), np.concatenate([part[2] for part in parts]),
-            sum(part[3] for part in parts))
+    return (
+        folds,
+        merge_folds(*(part[1] for part in parts)),
+        np.concatenate([part[2] for part in parts]),
+        sum(part[3] for part in parts),
+    )
 
 
 def chunk_tasks(store: str, ds, n_folds: int, task, *arguments) -> list:
@@ -97,18 +152,30 @@ def chunk_tasks(store: str, ds, n_folds: int, task, *arguments) -> list:
     index = schema.ImageIndex.from_dataset(ds)
     spans = chunk_spans(index.offsets, index.counts, image_folds(len(index.stems), n_folds), pixel_chunk_lengths(ds))
     predictions, truth = (task_argument(pixel_array(store, name)) for name in (schema.PREDICTION, schema.GROUND_TRUTH))
-    return [dask.delayed(task, pure=True)(predictions, truth, start, stop, chunk, n_folds, *arguments)
-            for (start, stop), chunk in zip(chunk_ranges(ds), spans)]
+    return [
+        dask.delayed(task, pure=True)(predictions, truth, start, stop, chunk, n_folds, *arguments)
+        for (start, stop), chunk in zip(chunk_ranges(ds), spans)
+    ]
 
 
-def statistics_graph(store: str, ds, bin_width: int, device: str = "cpu", n_folds: int = 1, moments_kind: str = ALL_MOMENTS,
-                     first_bins: tuple[int, int] | None = None):
+def statistics_graph(
+    store: str,
+    ds,
+    bin_width: int,
+    device: str = "cpu",
+    n_folds: int = 1,
+    moments_kind: str = ALL_MOMENTS,
+    first_bins: tuple[int, int] | None = None,
+):
     """Delayed list of merged CellStatistics (moments of `moments_kind`), one per fold of images,
     of the store `store` (`chunk_tasks`): one task per chunk, then a tree of merges. With
     `first_bins`, of one range of cells (`stats.chunk_statistics`), merged two at a time: each
     merge lets its parts go as soon as they are done, where a pass's memory is what counts."""
-    return tree_reduce(chunk_tasks(store, ds, n_folds, _chunk_statistics, bin_width, device, moments_kind, first_bins),
-                       merge_folds, MERGE_FAN_IN if first_bins is None else 2)
+    return tree_reduce(
+        chunk_tasks(store, ds, n_folds, _chunk_statistics, bin_width, device, moments_kind, first_bins),
+        merge_folds,
+        MERGE_FAN_IN if first_bins is None else 2,
+    )
 
 
 def statistics_bytes(n_cells: float, n_entries: float, n_models: int, bin_width: int, moments_kind: str) -> float:
@@ -150,8 +217,14 @@ class CellRanges:
         self.start = first_bins[1]
 
 
-def lut_from_folds(fold_statistics: list, models: list[str], device: str, solver: str, shrinkage: float | None = None,
-                   channels: CellStatistics | None = None):
+def lut_from_folds(
+    fold_statistics: list,
+    models: list[str],
+    device: str,
+    solver: str,
+    shrinkage: float | None = None,
+    channels: CellStatistics | None = None,
+):
     """Fit on the union of the folds. For a solver with a tuned hyperparameter (`Solver.tuning`:
     lsq's shrinkage) and `shrinkage=None`, the value with the lowest held-out error over the folds
     is used (with a single fold there is nothing to hold out: the tuning's default); the choice is
@@ -173,8 +246,10 @@ def lut_from_folds(fold_statistics: list, models: list[str], device: str, solver
 
 def tuning_provenance(tuning: Tuning, errors: dict[float, float], n_folds: int, pixel_channels: int) -> dict:
     """The LUT attributes that record how a solver's tuned hyperparameter was chosen from its held-out `errors`."""
-    return {f"{tuning.parameter}_choice": f"{n_folds}-fold cross-validation by image over {list(tuning.grid)}",
-            f"{tuning.parameter}_held_out_mse": {str(k): v / pixel_channels for k, v in errors.items()}}
+    return {
+        f"{tuning.parameter}_choice": f"{n_folds}-fold cross-validation by image over {list(tuning.grid)}",
+        f"{tuning.parameter}_held_out_mse": {str(k): v / pixel_channels for k, v in errors.items()},
+    }
 
 
 class StoredBins:
@@ -196,17 +271,37 @@ class StoredBins:
                 file.write(np.ascontiguousarray(getattr(lut, name)).data)
         self.rows += len(lut.bin_digits)
         if self.first is None:
-            self.first = Lut(lut.models, lut.bin_width, lut.bin_weights[:0], lut.bin_count[:0], lut.bin_status[:0], lut.solver,
-                             lut.empty_policy, lut.attrs, bin_digits=lut.bin_digits[:0], fallback=lut.fallback,
-                             fallback_status=lut.fallback_status)
+            self.first = Lut(
+                lut.models,
+                lut.bin_width,
+                lut.bin_weights[:0],
+                lut.bin_count[:0],
+                lut.bin_status[:0],
+                lut.solver,
+                lut.empty_policy,
+                lut.attrs,
+                bin_digits=lut.bin_digits[:0],
+                fallback=lut.fallback,
+                fallback_status=lut.fallback_status,
+            )
 
     def lut(self) -> Lut:
         """The LUT of every run appended (its arrays map the files, which close with this object)."""
         first = self.first
         arrays = {name: self._mapped(file, getattr(first, name)) for name, file in self.files.items()}
-        return Lut(first.models, first.bin_width, arrays["bin_weights"], arrays["bin_count"], arrays["bin_status"],
-                   first.solver, first.empty_policy, first.attrs, bin_digits=arrays["bin_digits"], fallback=first.fallback,
-                   fallback_status=first.fallback_status)
+        return Lut(
+            first.models,
+            first.bin_width,
+            arrays["bin_weights"],
+            arrays["bin_count"],
+            arrays["bin_status"],
+            first.solver,
+            first.empty_policy,
+            first.attrs,
+            bin_digits=arrays["bin_digits"],
+            fallback=first.fallback,
+            fallback_status=first.fallback_status,
+        )
 
     def _mapped(self, file, empty: np.ndarray) -> np.ndarray:
         shape = (self.rows, *empty.shape[1:])
@@ -227,8 +322,16 @@ def _temporary_files_named():
         raise OSError(error.errno, error.strerror or str(error), f"{tempfile.gettempdir()} (fit's temporary files)") from None
 
 
-def plan_fit(store: str, lut_path: str, bin_width: int = DEFAULT_BIN_WIDTH, solver: str = DEFAULT_SOLVER,
-             device: str = "auto", overwrite: bool = False, shrinkage: float | None = None, pass_bytes: int = PASS_BYTES) -> Plan:
+def plan_fit(
+    store: str,
+    lut_path: str,
+    bin_width: int = DEFAULT_BIN_WIDTH,
+    solver: str = DEFAULT_SOLVER,
+    device: str = "auto",
+    overwrite: bool = False,
+    shrinkage: float | None = None,
+    pass_bytes: int = PASS_BYTES,
+) -> Plan:
     """Plan fitting a LUT on the reference store `store` (which must hold ground truth).
 
     `device` is where the statistics tasks run ('auto' resolved on each worker) and where EM runs
@@ -240,8 +343,12 @@ def plan_fit(store: str, lut_path: str, bin_width: int = DEFAULT_BIN_WIDTH, solv
     tuning = fittable(solver).tuning
     inputs = fit_inputs(store, bin_width, solver, shrinkage)
     if not overwrite and _recorded_fit_inputs(lut_path) == inputs:  # e.g. a run killed after its commit
-        return Plan(f"fit: {lut_path} is already this fit's LUT", {"store": str(store), "LUT": str(lut_path)},
-                    lambda compute: read_lut(lut_path), status="unchanged")
+        return Plan(
+            f"fit: {lut_path} is already this fit's LUT",
+            {"store": str(store), "LUT": str(lut_path)},
+            lambda compute: read_lut(lut_path),
+            status="unchanged",
+        )
     refuse_existing(lut_path, overwrite)
     ds = open_store_index(store)
     models = schema.check_store(ds, store, require=(schema.PREDICTION, schema.GROUND_TRUTH))
@@ -260,26 +367,42 @@ def plan_fit(store: str, lut_path: str, bin_width: int = DEFAULT_BIN_WIDTH, solv
         if may_need_passes:
             lut = fit_in_passes(compute, store, ds, models, bin_width, solver, device, em_device, n_folds, shrinkage, pass_bytes)
         else:
-            (fold_statistics,) = compute(statistics_graph(store, ds, bin_width, device, n_folds, moments_kind), label="statistics")
+            (fold_statistics,) = compute(
+                statistics_graph(store, ds, bin_width, device, n_folds, moments_kind), label="statistics"
+            )
             lut = lut_from_folds(fold_statistics, models, em_device, solver, shrinkage)
             del fold_statistics
         if _what_fit_reads(open_store_index(store), n_images) != read_as_planned:
-            raise TransientError(f"{store}: replaced while fit read it (its images are not those planned); nothing was "
-                                 f"written: run fit again")
-        lut.attrs.update({"created_by": f"ensir-flow {ensir_flow.__version__} fit", "reference_store": str(store),
-                          "reference_images": int(n_images), FIT_INPUTS: inputs})
+            raise TransientError(
+                f"{store}: replaced while fit read it (its images are not those planned); nothing was written: run fit again"
+            )
+        lut.attrs.update(
+            {
+                "created_by": f"ensir-flow {ensir_flow.__version__} fit",
+                "reference_store": str(store),
+                "reference_images": int(n_images),
+                FIT_INPUTS: inputs,
+            }
+        )
         with staged_output(lut_path, overwrite) as staging:
             compute(dask.delayed(write_lut)(lut, staging), label="write LUT")
         return lut
 
     n_bins = bin_count(len(models), bin_width)
     details = {
-        "store": str(store), "LUT": str(lut_path), "models": ", ".join(models), "solver": solver,
+        "store": str(store),
+        "LUT": str(lut_path),
+        "models": ", ".join(models),
+        "solver": solver,
         "bin width": f"{bin_width} ({n_bins:,} bins x {n_channels} channels)",
         "statistics tasks": f"{len(pixel_chunk_lengths(ds))} chunks, merged {MERGE_FAN_IN} at a time"
-                            + (f", kept in {n_folds} folds of images" if n_folds > 1 else "")
-                            + (f"; in passes over ranges of cells (merged 2 at a time) if a sample of the cells says "
-                               f"they exceed {pass_bytes / 2**20:,.0f} MiB" if may_need_passes else ""),
+        + (f", kept in {n_folds} folds of images" if n_folds > 1 else "")
+        + (
+            f"; in passes over ranges of cells (merged 2 at a time) if a sample of the cells says "
+            f"they exceed {pass_bytes / 2**20:,.0f} MiB"
+            if may_need_passes
+            else ""
+        ),
         "devices": f"statistics on {device}, EM batched on {em_device}",
     }
     if tuning is not None:
@@ -317,12 +440,25 @@ def _what_fit_reads(ds, n_images: int):
     --append` leaves as they are; where it has no SHA-256s, all its attributes."""
     if "source_sha256" not in ds:
         return ds.attrs
-    return (np.asarray(ds["source_sha256"].values)[..., :n_images].tolist(),
-            {name: ds.attrs.get(name) for name in READ_AS_PLANNED_ATTRIBUTES})
+    return (
+        np.asarray(ds["source_sha256"].values)[..., :n_images].tolist(),
+        {name: ds.attrs.get(name) for name in READ_AS_PLANNED_ATTRIBUTES},
+    )
 
 
-def fit_in_passes(compute, store: str, ds, models: list[str], bin_width: int, solver: str, device: str, em_device: str,
-                  n_folds: int, shrinkage: float | None, pass_bytes: int) -> Lut:
+def fit_in_passes(
+    compute,
+    store: str,
+    ds,
+    models: list[str],
+    bin_width: int,
+    solver: str,
+    device: str,
+    em_device: str,
+    n_folds: int,
+    shrinkage: float | None,
+    pass_bytes: int,
+) -> Lut:
     """The LUT of statistics that may exceed `pass_bytes`: fitted from one pass when a sample of
     the cells says they do not, else one range of cells at a time (`CellRanges`), its bins gathered
     on disk (`StoredBins`).
@@ -334,22 +470,25 @@ def fit_in_passes(compute, store: str, ds, models: list[str], bin_width: int, so
     errors first, then the fit with the value chosen."""
     tuning = fittable(solver).tuning
     moments_kind = moments_for([solver])
-    parts = chunk_tasks(store, ds, n_folds, _guarded_chunk_statistics, bin_width, device, moments_kind,
-                        pass_bytes / len(chunk_ranges(ds)))
+    parts = chunk_tasks(
+        store, ds, n_folds, _guarded_chunk_statistics, bin_width, device, moments_kind, pass_bytes / len(chunk_ranges(ds))
+    )
     (first_pass,) = compute(tree_reduce(parts, _merge_guarded), label="statistics and a sample of cells")
     folds, channel_folds, sample, sampled_entries = first_pass
     del first_pass
     if folds is not None:
         return lut_from_folds(folds, models, em_device, solver, shrinkage)
-    whole_set = sample_statistics_bytes(len(sample), sampled_entries, ds.sizes["pixel"] * ds.sizes["channel"], n_folds,
-                                        len(models), bin_width, moments_kind)
+    whole_set = sample_statistics_bytes(
+        len(sample), sampled_entries, ds.sizes["pixel"] * ds.sizes["channel"], n_folds, len(models), bin_width, moments_kind
+    )
     ranges = CellRanges(np.sort(sample), whole_set / max(len(sample), 1) / SAMPLE_STRIDE, pass_bytes)
     del sample
 
     def statistics_of(ranges, label: str, n_folds: int):
         for number, first_bins in enumerate(ranges, 1):
-            (folds,) = compute(statistics_graph(store, ds, bin_width, device, n_folds, moments_kind, first_bins),
-                               label=f"{label}, pass {number}")
+            (folds,) = compute(
+                statistics_graph(store, ds, bin_width, device, n_folds, moments_kind, first_bins), label=f"{label}, pass {number}"
+            )
             yield first_bins, folds
 
     provenance, used = {}, []

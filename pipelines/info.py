@@ -18,26 +18,47 @@ def describe(path: str) -> dict:
         lut = Lut.from_dataset(ds.load(), source=str(path))
         status = [int(n) for n in np.bincount(lut.bin_status.reshape(-1).astype(np.int64), minlength=len(FitStatus))]
         status[lut.fallback_status] += (lut.n_bins - len(lut.bin_digits)) * lut.n_channels  # cells of bins not stored
-        return {"path": str(path), "kind": "lut", "models": lut.models, "bin_width": lut.bin_width, "solver": lut.solver,
-                "bins": lut.n_bins, "bins_stored": len(lut.bin_digits), "channels": lut.n_channels,
-                "cells_with_reference_pixels": lut.filled_cells, "reference_pixels": int(lut.bin_count.sum()),
-                "fit_status": {name: int(n) for name, n in zip(FLAG_MEANINGS.split(), status) if n},
-                "sha256": lut.digest(), "attributes": attrs}
+        return {
+            "path": str(path),
+            "kind": "lut",
+            "models": lut.models,
+            "bin_width": lut.bin_width,
+            "solver": lut.solver,
+            "bins": lut.n_bins,
+            "bins_stored": len(lut.bin_digits),
+            "channels": lut.n_channels,
+            "cells_with_reference_pixels": lut.filled_cells,
+            "reference_pixels": int(lut.bin_count.sum()),
+            "fit_status": {name: int(n) for name, n in zip(FLAG_MEANINGS.split(), status) if n},
+            "sha256": lut.digest(),
+            "attributes": attrs,
+        }
     models = schema.check_store(ds, str(path), require=())
     kind = "ensemble" if schema.ENSEMBLE in ds else "corpus"
-    summary = {"path": str(path), "kind": kind, "models": models, "images": int(ds.sizes["image"]),
-               "pixels": int(ds.sizes["pixel"]), "channels": int(ds.sizes["channel"]),
-               "ground_truth": schema.GROUND_TRUTH in ds,
-               "chunks_verified": ("by their XXH3-64 hashes" if CHUNK_CHECKSUMS in ds else
-                                   "for presence only (written before chunk hashes: write the store again to verify "
-                                   "its contents)"),
-               "compression": schema.compression_of(ds[schema.ENSEMBLE if kind == "ensemble" else schema.PREDICTION].encoding),
-               "attributes": attrs}
+    summary = {
+        "path": str(path),
+        "kind": kind,
+        "models": models,
+        "images": int(ds.sizes["image"]),
+        "pixels": int(ds.sizes["pixel"]),
+        "channels": int(ds.sizes["channel"]),
+        "ground_truth": schema.GROUND_TRUTH in ds,
+        "chunks_verified": (
+            "by their XXH3-64 hashes"
+            if CHUNK_CHECKSUMS in ds
+            else "for presence only (written before chunk hashes: write the store again to verify its contents)"
+        ),
+        "compression": schema.compression_of(ds[schema.ENSEMBLE if kind == "ensemble" else schema.PREDICTION].encoding),
+        "attributes": attrs,
+    }
     if "source_sha256" in ds:
         summary["sources"] = {
-            str(source): {str(stem): {"file": str(name), "sha256": str(digest)}
-                          for stem, name, digest in zip(ds["image"].values, ds["source_file"].sel(source=source).values,
-                                                        ds["source_sha256"].sel(source=source).values)}
+            str(source): {
+                str(stem): {"file": str(name), "sha256": str(digest)}
+                for stem, name, digest in zip(
+                    ds["image"].values, ds["source_file"].sel(source=source).values, ds["source_sha256"].sel(source=source).values
+                )
+            }
             for source in ds["source"].values
         }
     return summary

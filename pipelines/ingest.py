@@ -25,24 +25,44 @@ import xarray as xr
 import ensir_flow
 from ensir_flow import schema
 from ensir_flow.errors import InputError, TransientError
-from ensir_flow.images import (GROUND_TRUTH_DIR, INPUT_DIR, Corpus, ImageInfo, discover_corpus, file_sha256, probe_image,
-                               read_image_and_sha256)
+from ensir_flow.images import (
+    GROUND_TRUTH_DIR,
+    INPUT_DIR,
+    Corpus,
+    ImageInfo,
+    discover_corpus,
+    file_sha256,
+    probe_image,
+    read_image_and_sha256,
+)
 
 from .chunks import chunk_spans, ranges_of, task_argument
 from .commit import exists, refuse_existing, refuse_or_recover
 from .integrity import CHECKSUMMED_VARIABLES, CHUNK_CHECKSUMS, checksum_array_encoding, checksum_template, store_identity
 from .locks import exclusive_lock
 from .plan import Plan
-from .resumable import (COMPLETE, commit_resumable, committed_append, open_array_for_writing, record_checksums,
-                        resumable_location, resumable_marks, start_resumable, write_chunk_then_mark)
+from .resumable import (
+    COMPLETE,
+    commit_resumable,
+    committed_append,
+    open_array_for_writing,
+    record_checksums,
+    resumable_location,
+    resumable_marks,
+    start_resumable,
+    write_chunk_then_mark,
+)
 from .stores import open_store
 
 
 def _roles(corpus: Corpus) -> list[tuple[str, list]]:
     """(folder name, files in stem order) in pixel-plane order: each model, ground truth, inputs."""
     roles = [(m, corpus.predictions[m]) for m in corpus.models]
-    roles += [(name, files) for name, files in ((GROUND_TRUTH_DIR, corpus.ground_truth), (INPUT_DIR, corpus.inputs))
-              if files is not None]
+    roles += [
+        (name, files)
+        for name, files in ((GROUND_TRUTH_DIR, corpus.ground_truth), (INPUT_DIR, corpus.inputs))
+        if files is not None
+    ]
     return roles
 
 
@@ -53,10 +73,10 @@ def probe_corpus(corpus: Corpus) -> list[ImageInfo]:
     with ThreadPoolExecutor(max_workers=8) as pool:
         infos = dict(zip(paths, pool.map(probe_image, paths)))
     per_stem = []
-    for i, stem in enumerate(corpus.stems):
+    for i in range(len(corpus.stems)):
         _, first_files = roles[0]
         expected = infos[first_files[i]]
-        for role, files in roles[1:]:
+        for _, files in roles[1:]:
             got = infos[files[i]]
             if got != expected:
                 raise InputError(
@@ -67,7 +87,9 @@ def probe_corpus(corpus: Corpus) -> list[ImageInfo]:
     channels = {info.channels for info in per_stem}
     if len(channels) > 1:
         gray = next(corpus.stems[i] for i, info in enumerate(per_stem) if info.channels == 1)
-        raise InputError(f"{corpus.root}: corpus mixes grayscale (e.g. '{gray}') and colour images; convert them to one kind first")
+        raise InputError(
+            f"{corpus.root}: corpus mixes grayscale (e.g. '{gray}') and colour images; convert them to one kind first"
+        )
     return per_stem
 
 
@@ -106,16 +128,23 @@ def _decode_source(path, info: ImageInfo) -> tuple[np.ndarray, str]:
     return pixels.reshape(1, -1, info.channels), digest
 
 
-def _pixel_planes(corpus: Corpus, infos: list[ImageInfo], chunk_pixels: int,
-                  first_chunk: int | None = None) -> tuple[da.Array, list[list]]:
+def _pixel_planes(
+    corpus: Corpus, infos: list[ImageInfo], chunk_pixels: int, first_chunk: int | None = None
+) -> tuple[da.Array, list[list]]:
     """Lazy (roles, pixel, channel) array in Zarr chunks (models in order, then ground truth and
     inputs if any; see `chunked_planes`), and the SHA-256 of each source file [role][image] as a
     Delayed string. One task decodes and hashes one file, so the two cores stay busy to the end."""
-    decoded = [[dask.delayed(_decode_source, pure=True, nout=2)(files[i], info) for i, info in enumerate(infos)]
-               for _, files in _roles(corpus)]
-    blocks = [da.concatenate([da.from_delayed(role[i][0], shape=(1, info.height * info.width, info.channels), dtype=np.uint8)
-                              for role in decoded], axis=0)
-              for i, info in enumerate(infos)]
+    decoded = [
+        [dask.delayed(_decode_source, pure=True, nout=2)(files[i], info) for i, info in enumerate(infos)]
+        for _, files in _roles(corpus)
+    ]
+    blocks = [
+        da.concatenate(
+            [da.from_delayed(role[i][0], shape=(1, info.height * info.width, info.channels), dtype=np.uint8) for role in decoded],
+            axis=0,
+        )
+        for i, info in enumerate(infos)
+    ]
     return chunked_planes(blocks, chunk_pixels, first_chunk), [[file[1] for file in role] for role in decoded]
 
 
@@ -136,10 +165,18 @@ def chunked_planes(blocks: list[da.Array], chunk_pixels: int, first_chunk: int |
     pieces = [list(zip(block.to_delayed(optimize_graph=False).ravel(), ranges_of(block.chunks[0]))) for block in blocks]
     chunks = []
     for (start, stop), held in zip(ranges_of(lengths), chunk_spans(offsets, counts, np.arange(len(blocks)), lengths)):
-        spans = [(piece, roles, (start + span.start - offsets[span.label], start + span.stop - offsets[span.label]), span.start)
-                 for span in held for piece, roles in pieces[span.label]]
-        chunks.append(da.from_delayed(dask.delayed(_assembled, pure=True)((n_roles, stop - start, channels), dtype, spans),
-                                      shape=(n_roles, stop - start, channels), dtype=dtype))
+        spans = [
+            (piece, roles, (start + span.start - offsets[span.label], start + span.stop - offsets[span.label]), span.start)
+            for span in held
+            for piece, roles in pieces[span.label]
+        ]
+        chunks.append(
+            da.from_delayed(
+                dask.delayed(_assembled, pure=True)((n_roles, stop - start, channels), dtype, spans),
+                shape=(n_roles, stop - start, channels),
+                dtype=dtype,
+            )
+        )
     return da.concatenate(chunks, axis=1)
 
 
@@ -148,12 +185,22 @@ def _assembled(shape: tuple[int, int, int], dtype, spans: list) -> np.ndarray:
     role), (start, stop) in the block's pixels, where they start in the chunk)."""
     chunk = np.empty(shape, dtype=dtype)
     for block, (role, role_end), (start, stop), at in spans:
-        chunk[role:role_end, at: at + stop - start] = block[:, start:stop]
+        chunk[role:role_end, at : at + stop - start] = block[:, start:stop]
     return chunk
 
 
-def _write_chunk(block: np.ndarray, n_models: int, arrays: list, marks, records, checksums, digests: list[list[str]],
-                 index: int, start: int, stop: int) -> None:
+def _write_chunk(
+    block: np.ndarray,
+    n_models: int,
+    arrays: list,
+    marks,
+    records,
+    checksums,
+    digests: list[list[str]],
+    index: int,
+    start: int,
+    stop: int,
+) -> None:
     """One task: the decoded planes of chunk `index` (roles, pixels, channels) into the prediction
     array and the ground truth and input arrays there are, their checksums into its row of
     `checksums`, the SHA-256s of the files they were decoded from ([role][image], the chunk's
@@ -173,7 +220,9 @@ def _recorded(record: np.ndarray, n_images: int) -> list[list[str]]:
 
 def _extra_planes(corpus: Corpus, planes: da.Array) -> list[tuple[str, da.Array]]:
     """(variable, plane) of the ground truth and inputs, in the order `_roles` stacks them."""
-    names = [name for name, files in ((schema.GROUND_TRUTH, corpus.ground_truth), (schema.INPUT, corpus.inputs)) if files is not None]
+    names = [
+        name for name, files in ((schema.GROUND_TRUTH, corpus.ground_truth), (schema.INPUT, corpus.inputs)) if files is not None
+    ]
     return [(name, planes[len(corpus.models) + i]) for i, name in enumerate(names)]
 
 
@@ -198,15 +247,23 @@ def holds(store: str, planned: xr.Dataset, keys: tuple[str, ...] = WRITE_KEYS) -
         existing = open_store(store)
     except InputError:
         return False
-    return (all(existing.attrs.get(key) == planned.attrs.get(key) for key in keys)
-            and "source_sha256" in existing and "appended" not in existing.attrs
-            and existing["image"].values.tolist() == planned["image"].values.tolist()
-            and existing["source_sha256"].values.tolist() == planned["source_sha256"].values.tolist())
+    return (
+        all(existing.attrs.get(key) == planned.attrs.get(key) for key in keys)
+        and "source_sha256" in existing
+        and "appended" not in existing.attrs
+        and existing["image"].values.tolist() == planned["image"].values.tolist()
+        and existing["source_sha256"].values.tolist() == planned["source_sha256"].values.tolist()
+    )
 
 
-def plan_ingest(source, store: str, models: list[str] | None = None,
-                chunk_pixels: int = schema.DEFAULT_CHUNK_PIXELS, overwrite: bool = False,
-                compression: str = schema.DEFAULT_COMPRESSION) -> Plan:
+def plan_ingest(
+    source,
+    store: str,
+    models: list[str] | None = None,
+    chunk_pixels: int = schema.DEFAULT_CHUNK_PIXELS,
+    overwrite: bool = False,
+    compression: str = schema.DEFAULT_COMPRESSION,
+) -> Plan:
     """Plan the ingest of the corpus folder `source` into the Zarr store `store`, its pixel arrays
     compressed with `compression` (a name of `schema.COMPRESSORS`).
 
@@ -225,32 +282,65 @@ def plan_ingest(source, store: str, models: list[str] | None = None,
     index = schema.ImageIndex(corpus.stems, np.array([i.height for i in infos]), np.array([i.width for i in infos]))
     planes, digests = _pixel_planes(corpus, infos, chunk_pixels)
     n_models, channels = len(corpus.models), infos[0].channels
-    attrs = schema.store_attributes(corpus.models, channels, created_by=f"ensir-flow {ensir_flow.__version__} ingest",
-                                    source=str(source), chunk_pixels=int(chunk_pixels), compression=compression, **input_note)
+    attrs = schema.store_attributes(
+        corpus.models,
+        channels,
+        created_by=f"ensir-flow {ensir_flow.__version__} ingest",
+        source=str(source),
+        chunk_pixels=int(chunk_pixels),
+        compression=compression,
+        **input_note,
+    )
     extra_names = [name for name, _ in _extra_planes(corpus, planes)]
-    ds, encoding = pixel_store(index, corpus.models, planes, extra_names, chunk_pixels, compression, attrs,
-                               source_provenance(corpus, hashed=False))
+    ds, encoding = pixel_store(
+        index, corpus.models, planes, extra_names, chunk_pixels, compression, attrs, source_provenance(corpus, hashed=False)
+    )
     # a first ingest hashes each file as it decodes it; only a re-run onto an existing store hashes first
-    unchanged = (not overwrite and exists(store)
-                 and holds(store, ds.assign(source_sha256=source_provenance(corpus)["source_sha256"])))
+    unchanged = (
+        not overwrite and exists(store) and holds(store, ds.assign(source_sha256=source_provenance(corpus)["source_sha256"]))
+    )
     if not unchanged:
         refuse_existing(store, overwrite)
     details = {
-        "source": str(source), "store": str(store), "models": ", ".join(corpus.models),
+        "source": str(source),
+        "store": str(store),
+        "models": ", ".join(corpus.models),
         "ground truth": "yes" if corpus.ground_truth is not None else "no",
         "inputs (lq/)": "stored" if corpus.inputs is not None else input_note.get("input", "none"),
-        "images": len(corpus.stems), "pixels": f"{index.n_pixels:,} x {channels} channels",
+        "images": len(corpus.stems),
+        "pixels": f"{index.n_pixels:,} x {channels} channels",
         "tasks": f"{len(corpus.stems) * len(digests)} file reads (decode and SHA-256 each), {planes.numblocks[1]} chunks of "
-                 f"{chunk_pixels:,} pixels (one write each)",
+        f"{chunk_pixels:,} pixels (one write each)",
         "compression": compression,
     }
-    return Plan(f"ingest {len(corpus.stems)} images of {n_models} models", details,
-                store_writer(store, ds, encoding, planes, extra_names, overwrite, unchanged, "ingest", digests,
-                             [files for _, files in _roles(corpus)]))
+    return Plan(
+        f"ingest {len(corpus.stems)} images of {n_models} models",
+        details,
+        store_writer(
+            store,
+            ds,
+            encoding,
+            planes,
+            extra_names,
+            overwrite,
+            unchanged,
+            "ingest",
+            digests,
+            [files for _, files in _roles(corpus)],
+        ),
+    )
 
 
-def pixel_store(index: schema.ImageIndex, models: list[str], planes: da.Array, extra_names: list[str], chunk_pixels: int,
-                compression: str, attrs: dict, provenance: xr.Dataset) -> tuple[xr.Dataset, dict]:
+def pixel_store(
+    index: schema.ImageIndex,
+    models: list[str],
+    planes: da.Array,
+    extra_names: list[str],
+    chunk_pixels: int,
+    compression: str,
+    attrs: dict,
+    provenance: xr.Dataset,
+) -> tuple[xr.Dataset, dict]:
     """The dataset and Zarr encoding of a new pixel store: the image index, `planes` (roles, pixel,
     channel: one per model, then one per name of `extra_names`), `attrs` and the per-source
     `provenance` (its SHA-256s, and their `source_digest`, are set when the store is written:
@@ -283,8 +373,18 @@ RESUME_PROTOCOL = {"resume_protocol": f"{CHUNK_SOURCES} and {CHUNK_CHECKSUMS} pe
 IDENTITY_VARIABLES = (*schema.IMAGE_VARIABLES, "image", "source", "source_file")
 
 
-def store_writer(store: str, ds: xr.Dataset, encoding: dict, planes: da.Array, extra_names: list[str], overwrite: bool,
-                 unchanged: bool, label: str, decoded_digests: list[list] | None = None, source_paths: list[list] | None = None):
+def store_writer(
+    store: str,
+    ds: xr.Dataset,
+    encoding: dict,
+    planes: da.Array,
+    extra_names: list[str],
+    overwrite: bool,
+    unchanged: bool,
+    label: str,
+    decoded_digests: list[list] | None = None,
+    source_paths: list[list] | None = None,
+):
     """execute(compute) writing the store `ds` (from `pixel_store`) resumably: chunks go to a fixed
     staging location beside `store`, each followed by its completion mark, and the store is moved
     into place when complete; a run killed half-way is resumed by the same command. Returns an
@@ -300,21 +400,33 @@ def store_writer(store: str, ds: xr.Dataset, encoding: dict, planes: da.Array, e
     # unoptimised: fusing would rename the decoding tasks in the pixels' graph, and each file would be
     # decoded twice, once for its pixels and once for its digest
     blocks = planes.to_delayed(optimize_graph=False).ravel()
-    images = [[span.label for span in spans]  # the images each chunk holds pixels of, in order
-              for spans in chunk_spans(ds["pixel_offset"].values, ds["pixel_count"].values, np.arange(ds.sizes["image"]),
-                                       planes.chunks[1])]
+    images = [
+        [span.label for span in spans]  # the images each chunk holds pixels of, in order
+        for spans in chunk_spans(
+            ds["pixel_offset"].values, ds["pixel_count"].values, np.arange(ds.sizes["image"]), planes.chunks[1]
+        )
+    ]
     planned = ds["source_sha256"].values
     digests = planned.tolist() if decoded_digests is None else decoded_digests
     slots = max(len(held) for held in images)
     n_sources = len(digests)
     pixel_variables = [schema.PREDICTION, *extra_names]
-    template = ds.assign({CHUNK_SOURCES: (("chunk", "source", "chunk_image", "sha256_byte"),
-                                          da.zeros((len(ranges), n_sources, slots, 32), dtype=np.uint8, chunks=(1, -1, -1, -1)),
-                                          {"long_name": "SHA-256 of the source files of each chunk's images"}),
-                          CHUNK_CHECKSUMS: checksum_template(len(ranges), pixel_variables)})
+    template = ds.assign(
+        {
+            CHUNK_SOURCES: (
+                ("chunk", "source", "chunk_image", "sha256_byte"),
+                da.zeros((len(ranges), n_sources, slots, 32), dtype=np.uint8, chunks=(1, -1, -1, -1)),
+                {"long_name": "SHA-256 of the source files of each chunk's images"},
+            ),
+            CHUNK_CHECKSUMS: checksum_template(len(ranges), pixel_variables),
+        }
+    )
     template.attrs = {**ds.attrs, **RESUME_PROTOCOL}
-    template_encoding = {**encoding, CHUNK_SOURCES: {"chunks": (1, n_sources, slots, 32)},
-                         CHUNK_CHECKSUMS: checksum_array_encoding(len(pixel_variables))}
+    template_encoding = {
+        **encoding,
+        CHUNK_SOURCES: {"chunks": (1, n_sources, slots, 32)},
+        CHUNK_CHECKSUMS: checksum_array_encoding(len(pixel_variables)),
+    }
 
     def current_digests(wanted: list[tuple[int, int]]) -> list[str]:
         """The SHA-256 now of the files (source, image) `wanted`: read again when the tasks hash them."""
@@ -332,8 +444,9 @@ def store_writer(store: str, ds: xr.Dataset, encoding: dict, planes: da.Array, e
         stale = np.zeros_like(done)
         for i in complete:
             held = _recorded(recorded[i], len(images[i]))
-            stale[i] = any(held[source][slot] != now[source, image]
-                           for source in range(n_sources) for slot, image in enumerate(images[i]))
+            stale[i] = any(
+                held[source][slot] != now[source, image] for source in range(n_sources) for slot, image in enumerate(images[i])
+            )
         return stale
 
     def committed_digests(records) -> np.ndarray:
@@ -345,9 +458,11 @@ def store_writer(store: str, ds: xr.Dataset, encoding: dict, planes: da.Array, e
             for source, role_digests in enumerate(_recorded(recorded[i], len(held))):
                 for image, digest in zip(held, role_digests):
                     if sha256[source, image] not in ("", digest):
-                        raise TransientError(f"{ds.attrs.get('source')}/{ds['source'].values[source]}/"
-                                             f"{ds['source_file'].values[source, image]}: changed while {store} was written; "
-                                             "run the command again")
+                        raise TransientError(
+                            f"{ds.attrs.get('source')}/{ds['source'].values[source]}/"
+                            f"{ds['source_file'].values[source, image]}: changed while {store} was written; "
+                            "run the command again"
+                        )
                     sha256[source, image] = digest
         if (sha256 == "").any():
             raise RuntimeError(f"{store}: images in no chunk; not committing")
@@ -375,11 +490,23 @@ def store_writer(store: str, ds: xr.Dataset, encoding: dict, planes: da.Array, e
                 done &= ~stale
             arrays = [task_argument(open_array_for_writing(staging, name)) for name in pixel_variables]
             todo = np.flatnonzero(~done)
-            compute(*[dask.delayed(_write_chunk)(blocks[i], n_models, arrays, task_argument(marks), task_argument(records),
-                                                 checksums, [[role[image] for image in images[i]] for role in digests], int(i),
-                                                 *ranges[i])
-                      for i in todo],
-                    label=f"{label} ({len(todo)} of {len(ranges)} chunks)" if resuming else label)
+            compute(
+                *[
+                    dask.delayed(_write_chunk)(
+                        blocks[i],
+                        n_models,
+                        arrays,
+                        task_argument(marks),
+                        task_argument(records),
+                        checksums,
+                        [[role[image] for image in images[i]] for role in digests],
+                        int(i),
+                        *ranges[i],
+                    )
+                    for i in todo
+                ],
+                label=f"{label} ({len(todo)} of {len(ranges)} chunks)" if resuming else label,
+            )
             sha256 = committed_digests(records)
             attrs = {**ds.attrs, "source_digest": source_digest(sha256)}
             commit_resumable(store, keep_marks=False, values={"source_sha256": sha256}, drop=(CHUNK_SOURCES,), attrs=attrs)
@@ -405,9 +532,11 @@ def refuse_changed_sources(corpus: Corpus, existing: xr.Dataset, store: str) -> 
             digests = list(pool.map(file_sha256, [path for _, path in known]))
         changed += [f"{role}/{path.name}" for (stem, path), digest in zip(known, digests) if digest != recorded.at[role, stem]]
     if changed:
-        raise InputError(f"{corpus.root}: {len(changed)} image(s) already in {store} have changed ({', '.join(changed[:5])}"
-                         f"{', ...' if len(changed) > 5 else ''}); --append adds new images only: re-ingest the corpus with "
-                         "--overwrite to rebuild the store")
+        raise InputError(
+            f"{corpus.root}: {len(changed)} image(s) already in {store} have changed ({', '.join(changed[:5])}"
+            f"{', ...' if len(changed) > 5 else ''}); --append adds new images only: re-ingest the corpus with "
+            "--overwrite to rebuild the store"
+        )
 
 
 def plan_append(source, store: str, models: list[str] | None = None) -> Plan:
@@ -420,8 +549,9 @@ def plan_append(source, store: str, models: list[str] | None = None) -> Plan:
     """
     if not exists(store):
         first = plan_ingest(source, store, models)
-        return Plan(f"append to a new store: {first.title}", first.details,
-                    lambda compute: first.run(compute).dataset.sizes["image"])
+        return Plan(
+            f"append to a new store: {first.title}", first.details, lambda compute: first.run(compute).dataset.sizes["image"]
+        )
     existing = open_store(store)
     store_models = schema.check_store(existing, store)
     if models is not None and list(models) != store_models:
@@ -429,21 +559,31 @@ def plan_append(source, store: str, models: list[str] | None = None) -> Plan:
     folders = discover_corpus(source).models
     if sorted(folders) != sorted(store_models):
         extra, missing = sorted(set(folders) - set(store_models)), sorted(set(store_models) - set(folders))
-        raise InputError(f"{source}: model folders differ from the store's models"
-                         + (f"; not in the store: {', '.join(extra)}" if extra else "")
-                         + (f"; missing here: {', '.join(missing)}" if missing else ""))
+        raise InputError(
+            f"{source}: model folders differ from the store's models"
+            + (f"; not in the store: {', '.join(extra)}" if extra else "")
+            + (f"; missing here: {', '.join(missing)}" if missing else "")
+        )
     corpus = discover_corpus(source, store_models)
     has_truth = schema.GROUND_TRUTH in existing
     if (corpus.ground_truth is not None) != has_truth:
-        raise InputError(f"{source}: {'has' if corpus.ground_truth is not None else 'lacks'} gt/ but the store "
-                         f"{'has' if has_truth else 'has no'} ground truth")
+        raise InputError(
+            f"{source}: {'has' if corpus.ground_truth is not None else 'lacks'} gt/ but the store "
+            f"{'has' if has_truth else 'has no'} ground truth"
+        )
     known = {str(stem) for stem in existing["image"].values}
     refuse_changed_sources(corpus, existing, store)
     keep = [i for i, stem in enumerate(corpus.stems) if stem not in known]
     skipped = len(corpus.stems) - len(keep)
     pick = lambda files: None if files is None else [files[i] for i in keep]  # noqa: E731
-    corpus = Corpus(corpus.root, corpus.models, pick(corpus.stems), {m: pick(f) for m, f in corpus.predictions.items()},
-                    pick(corpus.ground_truth), pick(corpus.inputs))
+    corpus = Corpus(
+        corpus.root,
+        corpus.models,
+        pick(corpus.stems),
+        {m: pick(f) for m, f in corpus.predictions.items()},
+        pick(corpus.ground_truth),
+        pick(corpus.inputs),
+    )
     details = {"source": str(source), "store": str(store), "new images": len(keep), "already in the store (skipped)": skipped}
     if not keep:
         return Plan("append: nothing new", details, lambda compute: 0)
@@ -460,12 +600,22 @@ def plan_append(source, store: str, models: list[str] | None = None) -> Plan:
     n_models = len(store_models)
     new_planes = {schema.PREDICTION: planes[:n_models], **dict(_extra_planes(corpus, planes))}
     index = schema.ImageIndex(corpus.stems, np.array([i.height for i in infos]), np.array([i.width for i in infos]))
-    return append_plan(f"append {len(keep)} images to {store}", source, store, existing, corpus, index, new_planes, details,
-                       "ingest --append")
+    return append_plan(
+        f"append {len(keep)} images to {store}", source, store, existing, corpus, index, new_planes, details, "ingest --append"
+    )
 
 
-def append_plan(title: str, source, store: str, existing: xr.Dataset, corpus: Corpus, index: schema.ImageIndex,
-                new_planes: dict[str, da.Array], details: dict, by: str) -> Plan:
+def append_plan(
+    title: str,
+    source,
+    store: str,
+    existing: xr.Dataset,
+    corpus: Corpus,
+    index: schema.ImageIndex,
+    new_planes: dict[str, da.Array],
+    details: dict,
+    by: str,
+) -> Plan:
     """The plan appending the images of `corpus` (their `index`, and `new_planes`: variable -> lazy
     planes in the store's chunks, the first one filling its last partial chunk) to the `existing`
     store, with their sources' provenance, recorded in the `appended` attribute as made `by`.
@@ -476,13 +626,17 @@ def append_plan(title: str, source, store: str, existing: xr.Dataset, corpus: Co
     n_existing, n_known = existing.sizes["pixel"], existing.sizes["image"]
     images = index.to_dataset().merge(source_provenance(corpus))
     if images["source"].values.tolist() != existing["source"].values.tolist():
-        raise InputError(f"{source}: source folders {images['source'].values.tolist()} differ from the store's "
-                         f"{existing['source'].values.tolist()}")
+        raise InputError(
+            f"{source}: source folders {images['source'].values.tolist()} differ from the store's "
+            f"{existing['source'].values.tolist()}"
+        )
     images["pixel_offset"] = images["pixel_offset"] + n_existing
     image_values = {name: images[name].values for name in (*schema.IMAGE_VARIABLES, "image", "source_file", "source_sha256")}
     attrs = dict(existing.attrs)
-    attrs["appended"] = [*attrs.get("appended", []), {"source": str(source), "images": len(index.stems),
-                                                       "by": f"ensir-flow {ensir_flow.__version__} {by}"}]
+    attrs["appended"] = [
+        *attrs.get("appended", []),
+        {"source": str(source), "images": len(index.stems), "by": f"ensir-flow {ensir_flow.__version__} {by}"},
+    ]
     committed = {"pixel": n_existing, "image": n_known}
     grown = {"pixel": n_existing + index.n_pixels, "image": n_known + len(index.stems)}
     checksummed = CHUNK_CHECKSUMS in existing and CHECKSUMMED_VARIABLES in existing[CHUNK_CHECKSUMS].attrs
@@ -495,15 +649,28 @@ def append_plan(title: str, source, store: str, existing: xr.Dataset, corpus: Co
         def write_pixels(arrays):  # each new plane into its array, past the committed pixels
             region = slice(n_existing, grown["pixel"])
             names = list(new_planes)
-            compute(da.store([new_planes[name] for name in names], [arrays[name] for name in names],
-                             regions=[(slice(None),) * (arrays[name].ndim - 2) + (region, slice(None)) for name in names],
-                             lock=False, compute=False), label="append")
+            compute(
+                da.store(
+                    [new_planes[name] for name in names],
+                    [arrays[name] for name in names],
+                    regions=[(slice(None),) * (arrays[name].ndim - 2) + (region, slice(None)) for name in names],
+                    lock=False,
+                    compute=False,
+                ),
+                label="append",
+            )
             if checksummed:  # the store's last chunk, rewritten whole, and each new one
                 columns = [task_argument(arrays[name]) for name in existing[CHUNK_CHECKSUMS].attrs[CHECKSUMMED_VARIABLES]]
                 checksums = task_argument(arrays[CHUNK_CHECKSUMS])
-                compute(*[dask.delayed(record_checksums)(columns, checksums, chunk, chunk * chunk_pixels,
-                                                         min((chunk + 1) * chunk_pixels, grown["pixel"]))
-                          for chunk in range(n_existing // chunk_pixels, grown["chunk"])], label="append checksums")
+                compute(
+                    *[
+                        dask.delayed(record_checksums)(
+                            columns, checksums, chunk, chunk * chunk_pixels, min((chunk + 1) * chunk_pixels, grown["pixel"])
+                        )
+                        for chunk in range(n_existing // chunk_pixels, grown["chunk"])
+                    ],
+                    label="append checksums",
+                )
 
         with exclusive_lock(store):
             if store_identity(store) != planned or open_store(store).sizes != existing.sizes:

@@ -52,10 +52,15 @@ def checksum_template(n_chunks: int, variables: list[str]):
     """The lazy, unwritten `CHUNK_CHECKSUMS` variable (dims, data, attrs) of a store being written."""
     import dask.array
 
-    return (("chunk", "pixel_variable"), dask.array.zeros((n_chunks, len(variables)), dtype=np.uint64, chunks=(1, -1)),
-            {"long_name": "XXH3-64 checksum of each pixel variable's chunk as written",
-             CHECKSUMMED_VARIABLES: list(variables),
-             "description": "XXH3-64 of the chunk's decoded bytes (C order); row i is chunk i along pixel"})
+    return (
+        ("chunk", "pixel_variable"),
+        dask.array.zeros((n_chunks, len(variables)), dtype=np.uint64, chunks=(1, -1)),
+        {
+            "long_name": "XXH3-64 checksum of each pixel variable's chunk as written",
+            CHECKSUMMED_VARIABLES: list(variables),
+            "description": "XXH3-64 of the chunk's decoded bytes (C order); row i is chunk i along pixel",
+        },
+    )
 
 
 def new_identity() -> dict:

@@ -14,7 +14,7 @@ from .lut_io import read_lut, write_lut
 
 EXPORT_FORMATS = (".npz", ".json")
 #: Largest integer every JSON reader holds exactly (JSON numbers are often parsed as doubles).
-JSON_EXACT_INTEGER = 2 ** 53
+JSON_EXACT_INTEGER = 2**53
 
 
 def import_paper_lut(source: str, output: str, models: list[str], bin_width: int, overwrite: bool = False) -> Lut:
@@ -42,11 +42,23 @@ def export_lut(lut_path: str, output: str, overwrite: bool = False) -> None:
     refuse_existing(output, overwrite)
     lut = read_lut(lut_path)
     ds = lut.to_dataset()
-    metadata = {"format_version": ds.attrs["format_version"], "models": lut.models, "bin_width": lut.bin_width,
-                "solver": lut.solver, "bin_index": ds.attrs["bin_index"], "fit_status_meanings": FLAG_MEANINGS.split(),
-                "fallback_fit_status": lut.fallback_status, "sha256": lut.digest()}
-    arrays = {"bin_digits": lut.bin_digits, "weights": lut.bin_weights, "count": lut.bin_count, "fit_status": lut.bin_status,
-              "fallback_weights": lut.fallback}
+    metadata = {
+        "format_version": ds.attrs["format_version"],
+        "models": lut.models,
+        "bin_width": lut.bin_width,
+        "solver": lut.solver,
+        "bin_index": ds.attrs["bin_index"],
+        "fit_status_meanings": FLAG_MEANINGS.split(),
+        "fallback_fit_status": lut.fallback_status,
+        "sha256": lut.digest(),
+    }
+    arrays = {
+        "bin_digits": lut.bin_digits,
+        "weights": lut.bin_weights,
+        "count": lut.bin_count,
+        "fit_status": lut.bin_status,
+        "fallback_weights": lut.fallback,
+    }
     if "bin" in ds.coords:
         arrays["bin"] = ds["bin"].values
     with staged_output(output, overwrite) as staging, fsspec.open(staging, "wb") as file:

@@ -3,6 +3,7 @@ works. A second run to the same target is refused (TransientError: retry later);
 dead process on this host is taken over, and with it the stale staging that run left, which the
 new writer removes (`commit.staged_output`, `resumable.resumable_marks`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -52,11 +53,15 @@ def exclusive_lock(path: str):
                 holder = _read_lock(fs, lock, path)
                 where = as_location(fs, lock, path)
                 if not holder:
-                    raise TransientError(f"{path}: in use by another run (its lock {where} names no owner yet; one left by a "
-                                         f"run killed as it started is taken over once {UNWRITTEN_LOCK_SECONDS:.0f} s old); "
-                                         f"if no run is writing it, remove {where}")
-                raise TransientError(f"{path}: in use by another run ({holder.get('host')} pid {holder.get('pid')} since "
-                                     f"{holder.get('since')}); if that run is dead, remove {where}")
+                    raise TransientError(
+                        f"{path}: in use by another run (its lock {where} names no owner yet; one left by a "
+                        f"run killed as it started is taken over once {UNWRITTEN_LOCK_SECONDS:.0f} s old); "
+                        f"if no run is writing it, remove {where}"
+                    )
+                raise TransientError(
+                    f"{path}: in use by another run ({holder.get('host')} pid {holder.get('pid')} since "
+                    f"{holder.get('since')}); if that run is dead, remove {where}"
+                )
     try:
         yield
     finally:
@@ -87,11 +92,19 @@ def _refuse_odd_lock(fs, lock: str, path: str) -> None:
         return
     if stat.S_ISREG(mode):
         return
-    what = {stat.S_ISDIR: "a folder", stat.S_ISLNK: "a symbolic link", stat.S_ISFIFO: "a FIFO (named pipe)",
-            stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device"}
+    what = {
+        stat.S_ISDIR: "a folder",
+        stat.S_ISLNK: "a symbolic link",
+        stat.S_ISFIFO: "a FIFO (named pipe)",
+        stat.S_ISSOCK: "a socket",
+        stat.S_ISCHR: "a character device",
+        stat.S_ISBLK: "a block device",
+    }
     kind = next((name for test, name in what.items() if test(mode)), "not a regular file")
-    raise InputError(f"{path}: its lock path {as_location(fs, lock, path)} is {kind}, not a lock file; "
-                     f"remove it (no run of ensir-flow made it) and run again")
+    raise InputError(
+        f"{path}: its lock path {as_location(fs, lock, path)} is {kind}, not a lock file; "
+        f"remove it (no run of ensir-flow made it) and run again"
+    )
 
 
 @contextlib.contextmanager

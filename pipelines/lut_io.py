@@ -33,13 +33,17 @@ def read_lut(path: str) -> Lut:
     if "weights" in ds:
         variable = ds["weights"].variable
         fill = variable.encoding.get("_FillValue")
-        if (variable.dims == WEIGHT_DIMS and variable.dtype == np.float32
-                and (fill is None or (isinstance(fill, (float, np.floating)) and np.isnan(fill)))
-                and not {"scale_factor", "add_offset"} & set(variable.encoding)):
+        if (
+            variable.dims == WEIGHT_DIMS
+            and variable.dtype == np.float32
+            and (fill is None or (isinstance(fill, (float, np.floating)) and np.isnan(fill)))
+            and not {"scale_factor", "add_offset"} & set(variable.encoding)
+        ):
             rows = rows_with_spare_row(*variable.shape)
             try:
                 zarr.open_array(store=str(path), path="weights", mode="r").get_basic_selection(
-                    ..., out=default_buffer_prototype().nd_buffer.from_numpy_array(rows[:-1]))
+                    ..., out=default_buffer_prototype().nd_buffer.from_numpy_array(rows[:-1])
+                )
             except Exception as error:
                 raise unreadable_store(path, error) from None
             ds["weights"] = ds["weights"].copy(data=rows[:-1])
@@ -68,8 +72,11 @@ def write_lut(lut: Lut, path: str) -> None:
     group = zarr.open_group(str(path), mode="w-", zarr_format=3)
     for name, (dims, values, var_attrs) in {**coords, **data_vars}.items():
         attributes = {key: value.tolist() if isinstance(value, np.ndarray) else value for key, value in var_attrs.items()}
-        linked = [coord for coord, (coord_dims, _, _) in coords.items()
-                  if name in data_vars and coord not in dims and set(coord_dims) <= set(dims)]
+        linked = [
+            coord
+            for coord, (coord_dims, _, _) in coords.items()
+            if name in data_vars and coord not in dims and set(coord_dims) <= set(dims)
+        ]
         if linked:
             attributes["coordinates"] = " ".join(linked)
         fill_value, dtype = None, values.dtype
@@ -77,7 +84,8 @@ def write_lut(lut: Lut, path: str) -> None:
             fill_value, attributes["_FillValue"] = np.nan, NAN_FILL_VALUE_ATTRIBUTE
         elif dtype.kind == "O":  # names: zarr's variable-length strings
             values, dtype = values.astype(str), str
-        array = group.create_array(name, shape=values.shape, dtype=dtype, fill_value=fill_value, attributes=attributes,
-                                   dimension_names=dims)
+        array = group.create_array(
+            name, shape=values.shape, dtype=dtype, fill_value=fill_value, attributes=attributes, dimension_names=dims
+        )
         array[...] = values
     commit_metadata(path, attrs)

@@ -16,8 +16,15 @@ from .chunks import Span, read_pixels
 from .executor import Compute
 
 
-def image_blend_jobs(image_weights, predictions, ranges: list[tuple[int, int]], spans: list[list[Span]], ds: xr.Dataset,
-                     chunk_indices, compute: Compute) -> list[tuple]:
+def image_blend_jobs(
+    image_weights,
+    predictions,
+    ranges: list[tuple[int, int]],
+    spans: list[list[Span]],
+    ds: xr.Dataset,
+    chunk_indices,
+    compute: Compute,
+) -> list[tuple]:
     """(combine, arguments) per chunk of `chunk_indices` for apply's tasks: `blend_spans` with the
     weights of each image the chunk holds (`spans` labelled by image), `image_weights` of its mean
     squared distances."""
@@ -29,8 +36,10 @@ def _mean_squared_distances(predictions, ranges, spans, ds: xr.Dataset, compute:
     """Each image's mean squared distance of each model to the per-pixel mean (images, K): one pass
     of per-chunk, per-image squared distances (`predictions`: the store's opened array as a graph
     key; `ranges`: its chunks' (start, stop))."""
-    parts = [dask.delayed(_image_distance_sums, pure=True)(predictions, start, stop, chunk)
-             for (start, stop), chunk in zip(ranges, spans)]
+    parts = [
+        dask.delayed(_image_distance_sums, pure=True)(predictions, start, stop, chunk)
+        for (start, stop), chunk in zip(ranges, spans)
+    ]
     sums = np.zeros((ds.sizes["image"], ds.sizes["model"]))
     for chunk_sums in compute(*parts, label="per-image weights"):
         for image, values in chunk_sums:

@@ -23,13 +23,30 @@ import ensir_flow
 from ensir_flow import schema
 from ensir_flow.devices import resolve_device
 from ensir_flow.errors import InputError
-from ensir_flow.images import (GROUND_TRUTH_DIR, INPUT_DIR, Corpus, ImageInfo, check_model_names, images_by_stem, probe_image,
-                               read_image)
+from ensir_flow.images import (
+    GROUND_TRUTH_DIR,
+    INPUT_DIR,
+    Corpus,
+    ImageInfo,
+    check_model_names,
+    images_by_stem,
+    probe_image,
+    read_image,
+)
 from ensir_flow.models import Inference, ModelFile, loaded_model, predict_image, sample_seed
 
 from .commit import exists, refuse_existing
-from .ingest import (WRITE_KEYS, append_plan, chunked_planes, holds, pixel_store, refuse_changed_sources, source_provenance,
-                     storable_inputs, store_writer)
+from .ingest import (
+    WRITE_KEYS,
+    append_plan,
+    chunked_planes,
+    holds,
+    pixel_store,
+    refuse_changed_sources,
+    source_provenance,
+    storable_inputs,
+    store_writer,
+)
 from .plan import Plan
 from .stores import open_store
 
@@ -52,8 +69,14 @@ def discover_inputs(source) -> Corpus:
     stems = sorted(inputs)
     if truth is not None and sorted(truth) != stems:
         missing, extra = sorted(set(stems) - set(truth)), sorted(set(truth) - set(stems))
-        raise InputError(f"{root / GROUND_TRUTH_DIR}: " + (f"missing {len(missing)} image(s) present in lq/: {', '.join(missing[:5])}"
-                                                          if missing else f"{len(extra)} image(s) absent from lq/: {', '.join(extra[:5])}"))
+        raise InputError(
+            f"{root / GROUND_TRUTH_DIR}: "
+            + (
+                f"missing {len(missing)} image(s) present in lq/: {', '.join(missing[:5])}"
+                if missing
+                else f"{len(extra)} image(s) absent from lq/: {', '.join(extra[:5])}"
+            )
+        )
     return Corpus(root, [], stems, {}, [truth[s] for s in stems] if truth is not None else None, [inputs[s] for s in stems])
 
 
@@ -69,13 +92,24 @@ def _probe(corpus: Corpus, scale: int) -> tuple[list[ImageInfo], list[ImageInfo]
     outputs = [ImageInfo(info.height * scale, info.width * scale, info.channels) for info in inputs]
     for i, truth in enumerate(truths or []):
         if truth != outputs[i]:
-            raise InputError(f"{corpus.ground_truth[i]}: {truth.height}x{truth.width}x{truth.channels} differs from the outputs' "
-                             f"{outputs[i].height}x{outputs[i].width}x{outputs[i].channels} (lq/ x --scale {scale})")
+            raise InputError(
+                f"{corpus.ground_truth[i]}: {truth.height}x{truth.width}x{truth.channels} differs from the outputs' "
+                f"{outputs[i].height}x{outputs[i].width}x{outputs[i].channels} (lq/ x --scale {scale})"
+            )
     return inputs, outputs
 
 
-def _predict_planes(models: list[ModelFile], samples: int, how: Inference, input_path, input_info: ImageInfo,
-                    truth_path, output_info: ImageInfo, stem: str, keep_input: bool) -> np.ndarray:
+def _predict_planes(
+    models: list[ModelFile],
+    samples: int,
+    how: Inference,
+    input_path,
+    input_info: ImageInfo,
+    truth_path,
+    output_info: ImageInfo,
+    stem: str,
+    keep_input: bool,
+) -> np.ndarray:
     """One task: the planes (members, then ground truth and input if kept; H*W*s^2, C) of one image.
     `how.device` is resolved here, on the worker ('auto': its GPU if it has one)."""
     how = replace(how, device=resolve_device(how.device))
@@ -93,15 +127,35 @@ def _predict_planes(models: list[ModelFile], samples: int, how: Inference, input
     return np.stack(planes)
 
 
-def _image_blocks(corpus: Corpus, models: list[ModelFile], samples: int, how: Inference, inputs: list[ImageInfo],
-                  outputs: list[ImageInfo], keep_input: bool) -> list[da.Array]:
+def _image_blocks(
+    corpus: Corpus,
+    models: list[ModelFile],
+    samples: int,
+    how: Inference,
+    inputs: list[ImageInfo],
+    outputs: list[ImageInfo],
+    keep_input: bool,
+) -> list[da.Array]:
     """One lazy block (roles, pixels, channels) per image, each computed by one prediction task."""
     n_roles = len(models) * samples + (corpus.ground_truth is not None) + keep_input
-    return [da.from_delayed(dask.delayed(_predict_planes, pure=True)(
-                models, samples, how, corpus.inputs[i], inputs[i], corpus.ground_truth[i] if corpus.ground_truth else None,
-                outputs[i], stem, keep_input),
-            shape=(n_roles, outputs[i].height * outputs[i].width, outputs[i].channels), dtype=np.uint8)
-            for i, stem in enumerate(corpus.stems)]
+    return [
+        da.from_delayed(
+            dask.delayed(_predict_planes, pure=True)(
+                models,
+                samples,
+                how,
+                corpus.inputs[i],
+                inputs[i],
+                corpus.ground_truth[i] if corpus.ground_truth else None,
+                outputs[i],
+                stem,
+                keep_input,
+            ),
+            shape=(n_roles, outputs[i].height * outputs[i].width, outputs[i].channels),
+            dtype=np.uint8,
+        )
+        for i, stem in enumerate(corpus.stems)
+    ]
 
 
 def _extra_names(corpus: Corpus, keep_input: bool) -> list[str]:
@@ -110,13 +164,22 @@ def _extra_names(corpus: Corpus, keep_input: bool) -> list[str]:
 
 def _provenance(models: list[ModelFile], samples: int, how: Inference) -> dict:
     """The attributes recording each model file and the inference options."""
-    return {"model_files": {model.name: {"file": model.path, "sha256": model.sha256} for model in models},
-            "inference": {**asdict(how), "samples": samples}}
+    return {
+        "model_files": {model.name: {"file": model.path, "sha256": model.sha256} for model in models},
+        "inference": {**asdict(how), "samples": samples},
+    }
 
 
-def plan_predict(source, store: str, models: list[ModelFile], how: Inference = Inference(), samples: int = 1,
-                 chunk_pixels: int = schema.DEFAULT_CHUNK_PIXELS, compression: str = schema.DEFAULT_COMPRESSION,
-                 overwrite: bool = False) -> Plan:
+def plan_predict(
+    source,
+    store: str,
+    models: list[ModelFile],
+    how: Inference = Inference(),
+    samples: int = 1,
+    chunk_pixels: int = schema.DEFAULT_CHUNK_PIXELS,
+    compression: str = schema.DEFAULT_COMPRESSION,
+    overwrite: bool = False,
+) -> Plan:
     """Plan running every model of `models` (`samples` times each, seeded by image and sample) on
     the inputs of `source/lq` into the new store `store`, as `ingest` would write the outputs.
 
@@ -133,30 +196,52 @@ def plan_predict(source, store: str, models: list[ModelFile], how: Inference = I
     planes = chunked_planes(_image_blocks(corpus, models, samples, how, inputs, outputs, keep_input), chunk_pixels)
     check_model_names([model.name for model in models], source)
     members, channels = member_names(models, samples), outputs[0].channels
-    attrs = schema.store_attributes(members, channels, created_by=f"ensir-flow {ensir_flow.__version__} predict",
-                                    source=str(source), chunk_pixels=int(chunk_pixels), compression=compression,
-                                    **input_note, **_provenance(models, samples, how))
+    attrs = schema.store_attributes(
+        members,
+        channels,
+        created_by=f"ensir-flow {ensir_flow.__version__} predict",
+        source=str(source),
+        chunk_pixels=int(chunk_pixels),
+        compression=compression,
+        **input_note,
+        **_provenance(models, samples, how),
+    )
     extra_names = _extra_names(corpus, keep_input)
     ds, encoding = pixel_store(index, members, planes, extra_names, chunk_pixels, compression, attrs, source_provenance(corpus))
     unchanged = not overwrite and exists(store) and holds(store, ds, WRITE_KEYS + PREDICT_KEYS)
     if not unchanged:
         refuse_existing(store, overwrite)
     details = _details(source, store, models, samples, how, corpus, index, channels)
-    details.update({"inputs (lq/)": "stored" if keep_input else input_note["input"],
-                    "tasks": f"{len(corpus.stems)} predictions (one per image, every model), {planes.numblocks[1]} chunks of "
-                             f"{chunk_pixels:,} pixels (one write each)", "compression": compression})
-    return Plan(f"predict {len(corpus.stems)} images with {len(models)} model(s)", details,
-                store_writer(store, ds, encoding, planes, extra_names, overwrite, unchanged, "predict"))
+    details.update(
+        {
+            "inputs (lq/)": "stored" if keep_input else input_note["input"],
+            "tasks": f"{len(corpus.stems)} predictions (one per image, every model), {planes.numblocks[1]} chunks of "
+            f"{chunk_pixels:,} pixels (one write each)",
+            "compression": compression,
+        }
+    )
+    return Plan(
+        f"predict {len(corpus.stems)} images with {len(models)} model(s)",
+        details,
+        store_writer(store, ds, encoding, planes, extra_names, overwrite, unchanged, "predict"),
+    )
 
 
 def _details(source, store, models: list[ModelFile], samples: int, how: Inference, corpus: Corpus, index, channels) -> dict:
     """What a dry run shows of a prediction."""
-    return {"source": str(source), "store": str(store),
-            "models": ", ".join(f"{m.name} ({m.path}, sha256 {m.sha256[:12]})" for m in models),
-            "samples per image": samples, "device": how.device, "value range": how.value_range, "scale": how.scale,
-            "tiles": "whole images" if how.tile is None else f"{how.tile} px, overlap {how.overlap}, {how.batch} per call",
-            "ground truth": "yes" if corpus.ground_truth is not None else "no",
-            "images": len(corpus.stems), "pixels": f"{index.n_pixels:,} x {channels} channels"}
+    return {
+        "source": str(source),
+        "store": str(store),
+        "models": ", ".join(f"{m.name} ({m.path}, sha256 {m.sha256[:12]})" for m in models),
+        "samples per image": samples,
+        "device": how.device,
+        "value range": how.value_range,
+        "scale": how.scale,
+        "tiles": "whole images" if how.tile is None else f"{how.tile} px, overlap {how.overlap}, {how.batch} per call",
+        "ground truth": "yes" if corpus.ground_truth is not None else "no",
+        "images": len(corpus.stems),
+        "pixels": f"{index.n_pixels:,} x {channels} channels",
+    }
 
 
 def plan_predict_append(source, store: str, models: list[ModelFile], how: Inference = Inference(), samples: int = 1) -> Plan:
@@ -166,26 +251,35 @@ def plan_predict_append(source, store: str, models: list[ModelFile], how: Infere
     does not exist yet is created by a plain `plan_predict`."""
     if not exists(store):
         first = plan_predict(source, store, models, how, samples)
-        return Plan(f"append to a new store: {first.title}", first.details,
-                    lambda compute: first.run(compute).dataset.sizes["image"])
+        return Plan(
+            f"append to a new store: {first.title}", first.details, lambda compute: first.run(compute).dataset.sizes["image"]
+        )
     existing = open_store(store)
     schema.check_store(existing, store)
     recorded = _provenance(models, samples, how)
     for key, value in recorded.items():
         if existing.attrs.get(key) != value:
-            raise InputError(f"{store}: predicted with other {'model files' if key == 'model_files' else 'options'} "
-                             f"({existing.attrs.get(key)}); --append runs the same models the same way: "
-                             "predict into a new store, or pass the store's models and options")
+            raise InputError(
+                f"{store}: predicted with other {'model files' if key == 'model_files' else 'options'} "
+                f"({existing.attrs.get(key)}); --append runs the same models the same way: "
+                "predict into a new store, or pass the store's models and options"
+            )
     corpus = discover_inputs(source)
     has_truth = schema.GROUND_TRUTH in existing
     if (corpus.ground_truth is not None) != has_truth:
-        raise InputError(f"{source}: {'has' if corpus.ground_truth is not None else 'lacks'} gt/ but the store "
-                         f"{'has' if has_truth else 'has no'} ground truth")
+        raise InputError(
+            f"{source}: {'has' if corpus.ground_truth is not None else 'lacks'} gt/ but the store "
+            f"{'has' if has_truth else 'has no'} ground truth"
+        )
     refuse_changed_sources(corpus, existing, store)
     known = {str(stem) for stem in existing["image"].values}
     keep = [i for i, stem in enumerate(corpus.stems) if stem not in known]
-    details = {"source": str(source), "store": str(store), "new images": len(keep),
-               "already in the store (skipped)": len(corpus.stems) - len(keep)}
+    details = {
+        "source": str(source),
+        "store": str(store),
+        "new images": len(keep),
+        "already in the store (skipped)": len(corpus.stems) - len(keep),
+    }
     if not keep:
         return Plan("predict --append: nothing new", details, lambda compute: 0)
     pick = lambda files: None if files is None else [files[i] for i in keep]  # noqa: E731
@@ -198,10 +292,24 @@ def plan_predict_append(source, store: str, models: list[ModelFile], how: Infere
         raise InputError(f"{source}: the store holds inputs, so lq/ must hold every new image at its outputs' size")
     chunk_pixels = existing[schema.PREDICTION].encoding["chunks"][1]
     n_existing, n_members = existing.sizes["pixel"], existing.sizes["model"]
-    planes = chunked_planes(_image_blocks(corpus, models, samples, how, inputs, outputs, keep_input), chunk_pixels,
-                            first_chunk=chunk_pixels - n_existing % chunk_pixels)
-    new_planes = {schema.PREDICTION: planes[:n_members],
-                  **{name: planes[n_members + i] for i, name in enumerate(_extra_names(corpus, keep_input))}}
+    planes = chunked_planes(
+        _image_blocks(corpus, models, samples, how, inputs, outputs, keep_input),
+        chunk_pixels,
+        first_chunk=chunk_pixels - n_existing % chunk_pixels,
+    )
+    new_planes = {
+        schema.PREDICTION: planes[:n_members],
+        **{name: planes[n_members + i] for i, name in enumerate(_extra_names(corpus, keep_input))},
+    }
     index = schema.ImageIndex(corpus.stems, np.array([i.height for i in outputs]), np.array([i.width for i in outputs]))
-    return append_plan(f"predict {len(keep)} new images into {store}", source, store, existing, corpus, index, new_planes,
-                       details, "predict --append")
+    return append_plan(
+        f"predict {len(keep)} new images into {store}",
+        source,
+        store,
+        existing,
+        corpus,
+        index,
+        new_planes,
+        details,
+        "predict --append",
+    )

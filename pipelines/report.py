@@ -45,8 +45,9 @@ def check_report_target(directory, overwrite: bool = False) -> None:
         raise InputError(f"{directory}: cannot be created: {ancestor}: permission denied")
 
 
-def write_report(directory, summary: dict, store: str, ensemble_store: str | None = None, lut_path: str | None = None,
-                 overwrite: bool = False) -> Path:
+def write_report(
+    directory, summary: dict, store: str, ensemble_store: str | None = None, lut_path: str | None = None, overwrite: bool = False
+) -> Path:
     """Write an HTML report of `summary` (from `Evaluation.to_json()`) and its figures to `directory`.
 
     `store` is the evaluated reference store (its pixels give the crops), `ensemble_store` the
@@ -78,8 +79,13 @@ def write_report(directory, summary: dict, store: str, ensemble_store: str | Non
             sections.append(page.lut_section(lut, LUT_MAPS))
         sections.append(page.per_image_section(summary, methods, _image_sizes(ds)))
         lut_reference = None if lut is None else lut.attrs.get("reference_store")
-        context = page.context(summary, methods, ds.sizes["channel"], lut_reference,
-                               lut_reference is not None and _same_location(lut_reference, store))
+        context = page.context(
+            summary,
+            methods,
+            ds.sizes["channel"],
+            lut_reference,
+            lut_reference is not None and _same_location(lut_reference, store),
+        )
         sources = {"store": store, "ensemble": ensemble_store, "LUT": lut_path}
         text = page.document(f"Ensemble report: {_name_of(store)}", context, sections, sources)
         (folder / "index.html").write_text(text, encoding="utf-8")
@@ -122,8 +128,9 @@ def _image_crops(label: str, entry: dict, methods: Methods, ds, ensemble, folder
     pictures += [(images[m], m, page.psnr_caption(entry, m)) for m in methods.models]
     pictures.append((combined, combined_name, page.psnr_caption(entry, combined_name)))
     pictures.append((truth, "ground truth", ""))
-    return figures.save_crops(folder, label, pictures, truth, (combined_name, combined),
-                              (methods.best_model, images[methods.best_model]))
+    return figures.save_crops(
+        folder, label, pictures, truth, (combined_name, combined), (methods.best_model, images[methods.best_model])
+    )
 
 
 def _same_location(first: str, second: str) -> bool:

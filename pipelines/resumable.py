@@ -50,8 +50,14 @@ def write_dataset(ds: xr.Dataset, path: str, encoding: dict | None = None):
     with warnings.catch_warnings():
         # Consolidated metadata is not in the v3 spec yet, but xarray reads it to open stores quickly.
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        return ds.to_zarr(str(path), mode="w-", zarr_format=3, encoding=encoding or {}, compute=False,
-                          write_empty_chunks=WRITE_CONFIG["write_empty_chunks"])
+        return ds.to_zarr(
+            str(path),
+            mode="w-",
+            zarr_format=3,
+            encoding=encoding or {},
+            compute=False,
+            write_empty_chunks=WRITE_CONFIG["write_empty_chunks"],
+        )
 
 
 def resize_arrays(path: str, lengths: dict[str, int]) -> None:
@@ -70,8 +76,9 @@ def open_array_for_writing(store: str, name: str):
     return zarr.open_array(store=str(store), path=name, mode="r+").with_config(WRITE_CONFIG)
 
 
-def committed_append(path: str, committed: dict[str, int], grown: dict[str, int], write_arrays,
-                     image_values: dict, attrs: dict) -> None:
+def committed_append(
+    path: str, committed: dict[str, int], grown: dict[str, int], write_arrays, image_values: dict, attrs: dict
+) -> None:
     """Append to the store at `path` so that every reader sees it as before or as after, never between.
 
     1. Cut every array back to the `committed` lengths (what a killed append left past them).
@@ -116,8 +123,9 @@ def resumable_marks(path: str, provenance: dict, variables: dict | None = None) 
         return None
     try:
         group = zarr.open_group(staging, mode="r", use_consolidated=False)
-        if (all(group.attrs.get(key) == value for key, value in provenance.items())
-                and all(group[name][...].tolist() == np.asarray(values).tolist() for name, values in (variables or {}).items())):
+        if all(group.attrs.get(key) == value for key, value in provenance.items()) and all(
+            group[name][...].tolist() == np.asarray(values).tolist() for name, values in (variables or {}).items()
+        ):
             return group[COMPLETE][:].astype(bool)
     except Exception:  # noqa: BLE001 - anything unreadable is stale staging, removed below
         pass
@@ -136,18 +144,29 @@ def start_resumable(path: str, template: xr.Dataset, encoding: dict, n_chunks: i
 
     staging = resumable_location(path)
     attrs = dict(template.attrs)
-    template = template.assign({COMPLETE: ("chunk", dask.array.zeros(n_chunks, dtype=np.uint8, chunks=1),
-                                           {"long_name": "chunk of pixels written", "flag_values": [0, 1],
-                                            "flag_meanings": "not_written written",
-                                            "description": "1 once the chunk of pixels with this index is written"})})
+    template = template.assign(
+        {
+            COMPLETE: (
+                "chunk",
+                dask.array.zeros(n_chunks, dtype=np.uint8, chunks=1),
+                {
+                    "long_name": "chunk of pixels written",
+                    "flag_values": [0, 1],
+                    "flag_meanings": "not_written written",
+                    "description": "1 once the chunk of pixels with this index is written",
+                },
+            )
+        }
+    )
     template.attrs = {}
     write_dataset(template, staging, {**encoding, COMPLETE: {"chunks": (1,)}})
     commit_metadata(staging, attrs)
     return staging
 
 
-def write_chunk_then_mark(writes: list[tuple], marks, index: int, start: int, stop: int, records: list[tuple] = (),
-                          checksums=None) -> None:
+def write_chunk_then_mark(
+    writes: list[tuple], marks, index: int, start: int, stop: int, records: list[tuple] = (), checksums=None
+) -> None:
     """In a task: write pixels start:stop (one whole chunk along `pixel`, the second-last axis) of
     each array of `writes` [(array, values)], then row `index` of `checksums` (the XXH3-64 checksum of each
     array's chunk as written, in the order of `writes`; see `integrity`) and of each per-chunk
@@ -168,8 +187,9 @@ def write_chunk_then_mark(writes: list[tuple], marks, index: int, start: int, st
 def record_checksums(arrays: list, checksums, index: int, start: int, stop: int) -> None:
     """In a task: row `index` of `checksums` from chunk `index` (pixels start:stop) of each of
     `arrays` as it is stored now (for writes that do not hold the chunk's values: `da.store`)."""
-    checksums[index] = np.array([chunk_checksum(array[(slice(None),) * (array.ndim - 2) + (slice(start, stop),)])
-                                 for array in arrays], dtype=np.uint64)
+    checksums[index] = np.array(
+        [chunk_checksum(array[(slice(None),) * (array.ndim - 2) + (slice(start, stop),)]) for array in arrays], dtype=np.uint64
+    )
 
 
 def with_checksum_tail(path: str, attrs: dict, n_chunks: int) -> dict:
@@ -181,12 +201,15 @@ def with_checksum_tail(path: str, attrs: dict, n_chunks: int) -> dict:
     group = zarr.open_group(str(path), mode="r", use_consolidated=False)
     if CHUNK_CHECKSUMS not in group or not n_chunks:
         return attrs
-    return {**attrs, CHECKSUM_TAIL: {"chunk": int(n_chunks - 1),
-                                     "xxh3": [int(value) for value in group[CHUNK_CHECKSUMS][n_chunks - 1]]}}
+    return {
+        **attrs,
+        CHECKSUM_TAIL: {"chunk": int(n_chunks - 1), "xxh3": [int(value) for value in group[CHUNK_CHECKSUMS][n_chunks - 1]]},
+    }
 
 
-def commit_resumable(path: str, keep_marks: bool = True, values: dict | None = None, drop: tuple[str, ...] = (),
-                     attrs: dict | None = None) -> None:
+def commit_resumable(
+    path: str, keep_marks: bool = True, values: dict | None = None, drop: tuple[str, ...] = (), attrs: dict | None = None
+) -> None:
     """Move the staging of `path` into place once every chunk is marked complete (caller holds the
     lock). First `values` (name -> every value of that array) are written; then, without
     `keep_marks`, the marks are deleted (the store's layout has none), then the arrays named in

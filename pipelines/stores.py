@@ -67,12 +67,16 @@ def _openable(path: str):
     fs, root = fsspec.core.url_to_fs(str(path))
     if not fs.exists(root):
         if fs.exists(sibling(root, "replaced")):
-            raise InputError(f"{path}: missing: a run replacing it was interrupted; re-run that command (or "
-                             f"rename {as_location(fs, sibling(root, 'replaced'), path)} back)")
+            raise InputError(
+                f"{path}: missing: a run replacing it was interrupted; re-run that command (or "
+                f"rename {as_location(fs, sibling(root, 'replaced'), path)} back)"
+            )
         raise InputError(f"{path}: store not found")
     if not fs.exists(f"{root}/{ROOT_METADATA}"):
-        raise InputError(f"{path}: not a Zarr store (no {ROOT_METADATA}; an interrupted write? re-run the command "
-                         "that writes it with --overwrite)")
+        raise InputError(
+            f"{path}: not a Zarr store (no {ROOT_METADATA}; an interrupted write? re-run the command "
+            "that writes it with --overwrite)"
+        )
     return fs, root
 
 
@@ -105,8 +109,10 @@ class StoredVariable:
     @property
     def chunks(self) -> tuple[tuple[int, ...], ...]:
         """Length of each chunk along each axis, as xarray gives them for a store it opened."""
-        return tuple((size,) * (length // size) + ((length % size,) if length % size else ())
-                     for length, size in zip(self.array.shape, self.array.chunks))
+        return tuple(
+            (size,) * (length // size) + ((length % size,) if length % size else ())
+            for length, size in zip(self.array.shape, self.array.chunks)
+        )
 
     @functools.cached_property
     def values(self) -> np.ndarray:
@@ -150,8 +156,10 @@ def open_store_index(path: str) -> StoreIndex:
     fs, root = _openable(path)
     try:
         group = zarr.open_group(str(path), mode="r", use_consolidated=_has_consolidated_metadata(fs, root))
-        variables = {name: StoredVariable(array, tuple(array.metadata.dimension_names or array.attrs.get("_ARRAY_DIMENSIONS") or ()))
-                     for name, array in group.arrays()}
+        variables = {
+            name: StoredVariable(array, tuple(array.metadata.dimension_names or array.attrs.get("_ARRAY_DIMENSIONS") or ()))
+            for name, array in group.arrays()
+        }
         attrs = dict(group.attrs)
     except Exception as error:
         raise unreadable_store(path, error) from None

@@ -43,8 +43,20 @@ DEMO_FOLDER = "an ensir-flow demo folder"
 #: The command of a store's `created_by` attribute ("ensir-flow X.Y COMMAND") -> the kind it makes.
 KIND_OF_COMMAND = {"ingest": PIXEL_STORE, "predict": PIXEL_STORE, "apply": APPLY_OUTPUT, "fit": LUT}
 #: What the demo writes in its folder (`pipelines.demo.plan_demo`).
-DEMO_ENTRIES = frozenset({"corpus", "models", "reference", "heldout", "corpus.zarr", "reference.zarr", "heldout.zarr",
-                          "lut.zarr", "ensemble.zarr", "ensemble-png"})
+DEMO_ENTRIES = frozenset(
+    {
+        "corpus",
+        "models",
+        "reference",
+        "heldout",
+        "corpus.zarr",
+        "reference.zarr",
+        "heldout.zarr",
+        "lut.zarr",
+        "ensemble.zarr",
+        "ensemble-png",
+    }
+)
 #: The keys every file of `lut export` carries (in its JSON object, or the NPZ's `metadata`).
 LUT_FILE_KEYS = frozenset({"format_version", "models", "bin_width", "bin_index", "fit_status_meanings", "sha256"})
 #: What a writer leaves beside its target (`sibling`): staging, a retired copy, its lock.
@@ -106,18 +118,22 @@ def refuse_overlap(outputs: Mapping[str, object], inputs: Mapping[str, object]) 
     read = [(label, path) for label, path in inputs.items() if path is not None]
     for position, (label, path) in enumerate(named):
         where = resolved(path)
-        for other_label, other in [*((f"input {name}", other) for name, other in read), *named[position + 1:]]:
+        for other_label, other in [*((f"input {name}", other) for name, other in read), *named[position + 1 :]]:
             relation = _relation(where, resolved(other))
             if relation is not None:
-                raise InputError(f"{path}: the {label} {relation} the {other_label} {other}; a command never writes onto "
-                                 f"what it reads or writes: name another {label}")
+                raise InputError(
+                    f"{path}: the {label} {relation} the {other_label} {other}; a command never writes onto "
+                    f"what it reads or writes: name another {label}"
+                )
 
 
 def refuse_link(path) -> None:
     """Refuse a target that is a symbolic link (see the module's docstring)."""
     if not is_url(path) and os.path.islink(path):
-        raise InputError(f"{path}: is a symbolic link (to {os.readlink(path)}); ensir-flow neither replaces links nor "
-                         f"writes through them: name the real target ({os.path.realpath(path)})")
+        raise InputError(
+            f"{path}: is a symbolic link (to {os.readlink(path)}); ensir-flow neither replaces links nor "
+            f"writes through them: name the real target ({os.path.realpath(path)})"
+        )
 
 
 def check_target(path, kind: str, overwrite: bool) -> None:
@@ -139,8 +155,9 @@ def refuse_replacing(path, kind: str | None = None) -> None:
     if found is not None and (kind is None or found == kind):
         return
     wanted = "ensir-flow's own output" if kind is None else kind
-    raise InputError(f"{path}: is {found or describe(path)}, not {wanted}; refusing to replace it "
-                     f"(move it away, or name another output)")
+    raise InputError(
+        f"{path}: is {found or describe(path)}, not {wanted}; refusing to replace it (move it away, or name another output)"
+    )
 
 
 def describe(path) -> str:

@@ -33,8 +33,9 @@ def commit_metadata(path: str, attrs: dict) -> None:
     async def commit():
         group = await zarr.api.asynchronous.open_group(str(path), mode="r+", use_consolidated=False)
         members = {name: member.metadata async for name, member in group.members(use_consolidated_for_children=False)}
-        metadata = dataclasses.replace(group.metadata, attributes=attrs,
-                                       consolidated_metadata=ConsolidatedMetadata(metadata=members))
+        metadata = dataclasses.replace(
+            group.metadata, attributes=attrs, consolidated_metadata=ConsolidatedMetadata(metadata=members)
+        )
         (document,) = metadata.to_buffer_dict(default_buffer_prototype()).values()
         await group.store_path.store.set(f"{group.store_path.path}/{ROOT_METADATA}".lstrip("/"), document)
 

@@ -13,8 +13,15 @@ from ensir_flow.binning import flat_bins_of_edges
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "ensir-reference"
 
 
-def make_corpus(root: Path, n_models: int = 3, sizes=((24, 32), (17, 29), (40, 21)), seed: int = 0,
-                with_gt: bool = True, channels: int = 3, inputs_scale: int | None = None) -> list[str]:
+def make_corpus(
+    root: Path,
+    n_models: int = 3,
+    sizes=((24, 32), (17, 29), (40, 21)),
+    seed: int = 0,
+    with_gt: bool = True,
+    channels: int = 3,
+    inputs_scale: int | None = None,
+) -> list[str]:
     """Write a corpus: smooth ground truth, each model = truth + its own bias and noise level;
     with `inputs_scale`, also lq/ inputs (truth plus strong noise), downscaled by that factor."""
     rng = np.random.default_rng(seed)
@@ -23,8 +30,7 @@ def make_corpus(root: Path, n_models: int = 3, sizes=((24, 32), (17, 29), (40, 2
         (root / folder).mkdir(parents=True)
     for i, (h, w) in enumerate(sizes):
         yy, xx = np.mgrid[0:h, 0:w]
-        base = (127 + 100 * np.sin(xx / 5.0 + i)[..., None] * np.cos(yy / 7.0)[..., None]
-                + rng.normal(0, 10, (h, w, channels)))
+        base = 127 + 100 * np.sin(xx / 5.0 + i)[..., None] * np.cos(yy / 7.0)[..., None] + rng.normal(0, 10, (h, w, channels))
         truth = np.clip(base, 0, 255)
         if with_gt:
             iio.imwrite(root / "gt" / f"img{i}.png", _squeeze(truth.astype(np.uint8)))
@@ -54,9 +60,12 @@ def run_workflow(invoke, root, base, bin_width: int = 32) -> dict:
     """ingest, fit, apply (with PNG export) and evaluate under `base` (a folder or URL); returns the
     evaluation JSON. Every step must succeed."""
     base = str(base)
-    for args in (["ingest", root, f"{base}/s.zarr"], ["fit", f"{base}/s.zarr", f"{base}/lut.zarr", "--bin-width", bin_width],
-                 ["apply", f"{base}/s.zarr", f"{base}/lut.zarr", f"{base}/out.zarr", "--export-dir", f"{base}/png"],
-                 ["evaluate", f"{base}/s.zarr", "--ensemble", f"{base}/out.zarr", "--json"]):
+    for args in (
+        ["ingest", root, f"{base}/s.zarr"],
+        ["fit", f"{base}/s.zarr", f"{base}/lut.zarr", "--bin-width", bin_width],
+        ["apply", f"{base}/s.zarr", f"{base}/lut.zarr", f"{base}/out.zarr", "--export-dir", f"{base}/png"],
+        ["evaluate", f"{base}/s.zarr", "--ensemble", f"{base}/out.zarr", "--json"],
+    ):
         result = invoke(*args, "--no-progress")
         assert result.exit_code == 0, result.output
     evaluation = json.loads(result.stdout)
@@ -67,8 +76,11 @@ def run_workflow(invoke, root, base, bin_width: int = 32) -> dict:
 def modules_imported_by(code: str) -> set[str]:
     """The modules loaded after running `code` in a fresh interpreter (which must exit 0): how tests
     check that a path stays light, e.g. never imports torch."""
-    done = subprocess.run([sys.executable, "-c", f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     return set(json.loads(done.stdout.splitlines()[-1]))
 
@@ -77,7 +89,7 @@ def modules_imported_by(code: str) -> set[str]:
 IDENTITY_ATTRIBUTES = ("store_id", "generation")
 
 
-def contents(path) -> "xr.Dataset":
+def contents(path):
     """A store's variables and attributes, loaded, without the identity of the write that made it:
     what two writes of the same data must agree on."""
     import xarray as xr

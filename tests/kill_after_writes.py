@@ -5,7 +5,8 @@
 Every operation that changes the file system goes through one of the functions patched here:
 Zarr's object writes and deletes (chunks, metadata), fsspec's moves, deletes, directory creation
 and file opens for writing (staging, commits, locks, LUT exports), image writes (export, report
-figures), and the temporary files of a fit in passes (`StoredBins.append`). The n-th call ends the process with os._exit before it runs: no exception
+figures), and the temporary files of a fit in passes (`StoredBins.append`). The n-th call ends the process with
+os._exit before it runs: no exception
 handler, `finally` or atexit hook of the CLI runs, exactly as after a SIGKILL between two
 writes. N = 0 runs to the end; every run writes how many writes it made to COUNT_FILE.
 """
@@ -20,7 +21,7 @@ KILLED = 137  # the exit status of a process killed by SIGKILL
 
 def main() -> None:
     kill_at, count_file = int(sys.argv[1]), sys.argv[2]
-    arguments = sys.argv[sys.argv.index("--") + 1:]
+    arguments = sys.argv[sys.argv.index("--") + 1 :]
     writes = 0
 
     counting = threading.Lock()  # tasks write from several threads: no two may take the same number
@@ -36,6 +37,7 @@ def main() -> None:
                 if writes == kill_at:
                     os._exit(KILLED)
             return function(*args, **kwargs)
+
         return wrapper
 
     def counted_async(function):
@@ -45,6 +47,7 @@ def main() -> None:
         async def wrapper(*args, **kwargs):
             check()
             return await function(*args, **kwargs)
+
         return wrapper
 
     import imageio.v3

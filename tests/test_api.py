@@ -30,7 +30,12 @@ def workflow(tmp_path, corpus):
 def test_results_say_what_was_written_as_the_cli_json_does(tmp_path, corpus, invoke):
     root, models = corpus
     ingested = ensir_flow.ingest(root, tmp_path / "s.zarr", progress=False)
-    assert (ingested.status, ingested.images, ingested.pixels, ingested.models) == ("written", 3, 24 * 32 + 17 * 29 + 40 * 21, models)
+    assert (ingested.status, ingested.images, ingested.pixels, ingested.models) == (
+        "written",
+        3,
+        24 * 32 + 17 * 29 + 40 * 21,
+        models,
+    )
     assert ingested.dataset.sizes["image"] == 3 and ingested.outputs == [str(tmp_path / "s.zarr")]
     again = ensir_flow.ingest(root, tmp_path / "s.zarr", progress=False)
     assert again.status == "unchanged" and again.chunks_written == 0
@@ -40,14 +45,17 @@ def test_results_say_what_was_written_as_the_cli_json_does(tmp_path, corpus, inv
     assert (applied.status, applied.images, applied.chunks_computed) == ("written", 3, applied.chunks_total)
     assert set(applied.seconds) == {"apply"} and applied.dataset["ensemble"].dtype == np.uint8
     # the CLI's --json object is the result's to_json(), key for key
-    cli = json.loads(invoke("apply", tmp_path / "s.zarr", tmp_path / "lut.zarr", tmp_path / "cli.zarr", "--json",
-                            "--no-progress").stdout)
+    cli = json.loads(
+        invoke("apply", tmp_path / "s.zarr", tmp_path / "lut.zarr", tmp_path / "cli.zarr", "--json", "--no-progress").stdout
+    )
     api = ensir_flow.apply(tmp_path / "s.zarr", tmp_path / "lut.zarr", tmp_path / "api.zarr", progress=False).to_json()
     assert [key for key in cli if key != "outputs"] == [key for key in api if key != "outputs"]
-    assert {k: v for k, v in cli.items() if k not in ("outputs", "seconds")} == {k: v for k, v in api.items()
-                                                                                 if k not in ("outputs", "seconds")}
-    np.testing.assert_array_equal(xr.open_zarr(tmp_path / "cli.zarr")["ensemble"].values,
-                                  xr.open_zarr(tmp_path / "api.zarr")["ensemble"].values)
+    assert {k: v for k, v in cli.items() if k not in ("outputs", "seconds")} == {
+        k: v for k, v in api.items() if k not in ("outputs", "seconds")
+    }
+    np.testing.assert_array_equal(
+        xr.open_zarr(tmp_path / "cli.zarr")["ensemble"].values, xr.open_zarr(tmp_path / "api.zarr")["ensemble"].values
+    )
 
 
 def test_evaluate_gives_tables_as_pandas(workflow):
@@ -73,21 +81,43 @@ def test_predict_is_the_cli_predict(tmp_path, invoke):
     torch.manual_seed(0)
     model = save_export(torch.nn.Conv2d(3, 3, 3, padding=1), tmp_path / "conv.pt2")
     planned = ensir_flow.predict(root, tmp_path / "p.zarr", models={"a": model}, tile=16, overlap=2, dry_run=True)
-    assert planned.status == "planned" and "predict 3 images with 1 model(s)" in planned.plan and "16 px, overlap 2" in planned.plan
+    assert (
+        planned.status == "planned" and "predict 3 images with 1 model(s)" in planned.plan and "16 px, overlap 2" in planned.plan
+    )
     assert not (tmp_path / "p.zarr").exists()
     predicted = ensir_flow.predict(root, tmp_path / "p.zarr", models={"a": model}, samples=2, chunk_pixels=500, progress=False)
     assert isinstance(predicted, ensir_flow.api.Predicted) and predicted.outputs == [str(tmp_path / "p.zarr")]
-    assert (predicted.status, predicted.images, predicted.models, predicted.chunks_written) == ("written", 3, ["a#0", "a#1"],
-                                                                                                  predicted.chunks_total)
+    assert (predicted.status, predicted.images, predicted.models, predicted.chunks_written) == (
+        "written",
+        3,
+        ["a#0", "a#1"],
+        predicted.chunks_total,
+    )
     assert set(predicted.seconds) == {"predict"} and predicted.dataset.attrs["model_files"]["a"]["file"] == str(model)
     again = ensir_flow.predict(root, tmp_path / "p.zarr", models=[("a", model)], samples=2, chunk_pixels=500, progress=False)
     assert (again.status, again.chunks_written) == ("unchanged", 0)  # (name, file) pairs name the same models
     # the CLI's --json object is the result's to_json(), and the bytes are the same
-    cli = json.loads(invoke("predict", root, tmp_path / "cli.zarr", "--model", f"a={model}", "--samples", 2, "--chunk-pixels",
-                            500, "--json", "--no-progress").stdout)
-    assert {k: v for k, v in cli.items() if k not in ("outputs", "seconds")} == \
-        {k: v for k, v in predicted.to_json().items() if k not in ("outputs", "seconds")}
-    np.testing.assert_array_equal(xr.open_zarr(tmp_path / "cli.zarr")["prediction"].values, predicted.dataset["prediction"].values)
+    cli = json.loads(
+        invoke(
+            "predict",
+            root,
+            tmp_path / "cli.zarr",
+            "--model",
+            f"a={model}",
+            "--samples",
+            2,
+            "--chunk-pixels",
+            500,
+            "--json",
+            "--no-progress",
+        ).stdout
+    )
+    assert {k: v for k, v in cli.items() if k not in ("outputs", "seconds")} == {
+        k: v for k, v in predicted.to_json().items() if k not in ("outputs", "seconds")
+    }
+    np.testing.assert_array_equal(
+        xr.open_zarr(tmp_path / "cli.zarr")["prediction"].values, predicted.dataset["prediction"].values
+    )
     # append: the images a store lacks, with its models and options
     part = tmp_path / "part"
     shutil.copytree(root, part)
@@ -106,31 +136,62 @@ def test_dry_run_describes_and_writes_nothing(tmp_path, corpus):
     assert not (tmp_path / "s.zarr").exists()
 
 
-@pytest.mark.parametrize("call, message, option", [
-    (lambda root, tmp: ensir_flow.ingest(root, tmp / "s.zarr", append=True, compression="zstd"),
-     "--compression: not with --append", None),
-    (lambda root, tmp: ensir_flow.fit(tmp / "s.zarr", tmp / "l.zarr", solver="lsq", shrinkage=-1),
-     "neither 'auto' nor a non-negative number", "--shrinkage"),
-    (lambda root, tmp: ensir_flow.evaluate(tmp / "s.zarr", cv=2, solvers="average"), "name a solver to fit", "--solvers"),
-    (lambda root, tmp: ensir_flow.evaluate(tmp / "s.zarr", cv=2, bin_widths="16,x"), "comma-separated list", "--bin-widths"),
-    (lambda root, tmp: ensir_flow.evaluate(tmp / "s.zarr", cv=2, ensemble=tmp / "o.zarr"), "use one or the other", None),
-    (lambda root, tmp: ensir_flow.ingest(root, "memory://api/s.zarr", scheduler="local"), "use --scheduler threads", None),
-    (lambda root, tmp: ensir_flow.apply(tmp / "s.zarr", tmp / "l.zarr", tmp / "o.zarr", png_compression=9),
-     "--png-compression: only with --export-dir", None),
-    # predict's refusals come before any model file is read (none of these files exists)
-    (lambda root, tmp: ensir_flow.predict(root, tmp / "p.zarr", models={"a": "a.pt"}, overlap=2), "--overlap: only with --tile",
-     None),
-    (lambda root, tmp: ensir_flow.predict(root, tmp / "p.zarr", models={"a": "a.pt"}, tile=8, overlap=4), "leaves no centre",
-     "--tile"),
-    (lambda root, tmp: ensir_flow.predict(root, tmp / "p.zarr", models=["a=a.pt", "nameonly"]), "is not NAME=FILE", "--model"),
-    (lambda root, tmp: ensir_flow.predict(root, tmp / "p.zarr", models=[("a", "a.pt"), ("a", "b.pt")]), "must be unique",
-     "--model"),
-    (lambda root, tmp: ensir_flow.predict(root, tmp / "p.zarr", models={}), "name at least one model", "--model"),
-    (lambda root, tmp: ensir_flow.predict(root, tmp / "p.zarr", models={"a": "a.pt"}, append=True, chunk_pixels=500),
-     "--chunk-pixels: not with --append", None),
-    (lambda root, tmp: ensir_flow.predict(root, tmp / "p.zarr", models={"a": "a.pt"}, value_range="0-2"), "'0-2' is not one of",
-     "--range"),
-])
+@pytest.mark.parametrize(
+    "call, message, option",
+    [
+        (
+            lambda root, tmp: ensir_flow.ingest(root, tmp / "s.zarr", append=True, compression="zstd"),
+            "--compression: not with --append",
+            None,
+        ),
+        (
+            lambda root, tmp: ensir_flow.fit(tmp / "s.zarr", tmp / "l.zarr", solver="lsq", shrinkage=-1),
+            "neither 'auto' nor a non-negative number",
+            "--shrinkage",
+        ),
+        (lambda root, tmp: ensir_flow.evaluate(tmp / "s.zarr", cv=2, solvers="average"), "name a solver to fit", "--solvers"),
+        (lambda root, tmp: ensir_flow.evaluate(tmp / "s.zarr", cv=2, bin_widths="16,x"), "comma-separated list", "--bin-widths"),
+        (lambda root, tmp: ensir_flow.evaluate(tmp / "s.zarr", cv=2, ensemble=tmp / "o.zarr"), "use one or the other", None),
+        (lambda root, tmp: ensir_flow.ingest(root, "memory://api/s.zarr", scheduler="local"), "use --scheduler threads", None),
+        (
+            lambda root, tmp: ensir_flow.apply(tmp / "s.zarr", tmp / "l.zarr", tmp / "o.zarr", png_compression=9),
+            "--png-compression: only with --export-dir",
+            None,
+        ),
+        # predict's refusals come before any model file is read (none of these files exists)
+        (
+            lambda root, tmp: ensir_flow.predict(root, tmp / "p.zarr", models={"a": "a.pt"}, overlap=2),
+            "--overlap: only with --tile",
+            None,
+        ),
+        (
+            lambda root, tmp: ensir_flow.predict(root, tmp / "p.zarr", models={"a": "a.pt"}, tile=8, overlap=4),
+            "leaves no centre",
+            "--tile",
+        ),
+        (
+            lambda root, tmp: ensir_flow.predict(root, tmp / "p.zarr", models=["a=a.pt", "nameonly"]),
+            "is not NAME=FILE",
+            "--model",
+        ),
+        (
+            lambda root, tmp: ensir_flow.predict(root, tmp / "p.zarr", models=[("a", "a.pt"), ("a", "b.pt")]),
+            "must be unique",
+            "--model",
+        ),
+        (lambda root, tmp: ensir_flow.predict(root, tmp / "p.zarr", models={}), "name at least one model", "--model"),
+        (
+            lambda root, tmp: ensir_flow.predict(root, tmp / "p.zarr", models={"a": "a.pt"}, append=True, chunk_pixels=500),
+            "--chunk-pixels: not with --append",
+            None,
+        ),
+        (
+            lambda root, tmp: ensir_flow.predict(root, tmp / "p.zarr", models={"a": "a.pt"}, value_range="0-2"),
+            "'0-2' is not one of",
+            "--range",
+        ),
+    ],
+)
 def test_the_cli_refusals_are_the_api_refusals(tmp_path, corpus, call, message, option):
     root, _ = corpus
     with pytest.raises(ensir_flow.UsageError, match=re.escape(message)) as refused:
@@ -163,8 +224,9 @@ def test_runs_on_the_active_client_or_the_one_passed(tmp_path, corpus):
                 ensir_flow.ingest(root, tmp_path / "c.zarr", client=passed, progress=False)
     assert on_active.data and on_passed.data and not on_threads.data
     for name in ("b.zarr", "c.zarr"):
-        np.testing.assert_array_equal(xr.open_zarr(tmp_path / name)["prediction"].values,
-                                      xr.open_zarr(tmp_path / "a.zarr")["prediction"].values)
+        np.testing.assert_array_equal(
+            xr.open_zarr(tmp_path / name)["prediction"].values, xr.open_zarr(tmp_path / "a.zarr")["prediction"].values
+        )
 
 
 def test_image_reads_one_image_from_the_ragged_axis(workflow):
@@ -176,15 +238,22 @@ def test_image_reads_one_image_from_the_ragged_axis(workflow):
         exported = iio.imread(paths["png"] / f"{stem}.png")
         np.testing.assert_array_equal(ensir_flow.image(out, stem), exported)
         np.testing.assert_array_equal(ensir_flow.image(out, i), exported)
-        np.testing.assert_array_equal(ensir_flow.image(store, stem, variable="ground_truth"), iio.imread(root / "gt" / f"{stem}.png"))
-        np.testing.assert_array_equal(ensir_flow.image(store, stem, variable="prediction", model=models[2]),
-                                      iio.imread(root / models[2] / f"{stem}.png"))
+        np.testing.assert_array_equal(
+            ensir_flow.image(store, stem, variable="ground_truth"), iio.imread(root / "gt" / f"{stem}.png")
+        )
+        np.testing.assert_array_equal(
+            ensir_flow.image(store, stem, variable="prediction", model=models[2]), iio.imread(root / models[2] / f"{stem}.png")
+        )
     assert ensir_flow.image(out, -1).shape == (40, 21, 3) and ensir_flow.image(out, 1).dtype == np.uint8
-    for which, kwargs, message in [("img9", {}, "not in the store"), (3, {}, "holds 3 images"),
-                                   ("img0", {"variable": "prediction"}, "say which with model="),
-                                   ("img0", {"variable": "prediction", "model": "other"}, "model 'other': not in the store"),
-                                   ("img0", {"variable": "prediction", "model": 5}, "holds 3 models"),
-                                   ("img0", {"model": 0}, "no model dimension"), ("img0", {"variable": "input"}, "no variable")]:
+    for which, kwargs, message in [
+        ("img9", {}, "not in the store"),
+        (3, {}, "holds 3 images"),
+        ("img0", {"variable": "prediction"}, "say which with model="),
+        ("img0", {"variable": "prediction", "model": "other"}, "model 'other': not in the store"),
+        ("img0", {"variable": "prediction", "model": 5}, "holds 3 models"),
+        ("img0", {"model": 0}, "no model dimension"),
+        ("img0", {"variable": "input"}, "no variable"),
+    ]:
         with pytest.raises(InputError, match=re.escape(message)):
             ensir_flow.image(store if kwargs.get("variable") == "prediction" else out, which, **kwargs)
 

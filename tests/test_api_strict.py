@@ -20,9 +20,17 @@ from ensir_flow.pipelines import executor
 from helpers import make_corpus
 
 #: Each CLI command (its path under `ensir-flow`) and the API function it calls.
-COMMANDS = {("ingest",): api.ingest, ("predict",): api.predict, ("fit",): api.fit, ("apply",): api.apply,
-            ("evaluate",): api.evaluate, ("info",): api.info, ("lut", "import"): api.import_lut,
-            ("lut", "export"): api.export_lut, ("demo",): api.demo}
+COMMANDS = {
+    ("ingest",): api.ingest,
+    ("predict",): api.predict,
+    ("fit",): api.fit,
+    ("apply",): api.apply,
+    ("evaluate",): api.evaluate,
+    ("info",): api.info,
+    ("lut", "import"): api.import_lut,
+    ("lut", "export"): api.export_lut,
+    ("demo",): api.demo,
+}
 
 #: The API commands no CLI command calls, and why.
 API_ONLY = {"export": "the CLI writes PNGs with apply --export-dir; export of any variable is for scripts"}
@@ -34,8 +42,11 @@ CLI_EXCEPTIONS = {
     **{(command, "no_progress"): "--no-progress is progress=False" for command in COMMANDS},
     **{(command, "progress_interval"): "--progress-interval N is progress=N" for command in COMMANDS},
     **{(command, "json"): "--json prints result.to_json()" for command in COMMANDS},
-    **{(command, "scheduler"): "the CLI defaults to $ENSIR_FLOW_SCHEDULER or 'local', the API to threads "
-       "(a script without a main guard cannot start worker processes)" for command in COMMANDS},
+    **{
+        (command, "scheduler"): "the CLI defaults to $ENSIR_FLOW_SCHEDULER or 'local', the API to threads "
+        "(a script without a main guard cannot start worker processes)"
+        for command in COMMANDS
+    },
     (("evaluate",), "as_json"): "--json prints result.to_json()",
     (("info",), "as_json"): "info returns the --json object itself",
     (("ingest",), "chunk_pixels"): "None: not given, refused with append=True; the CLI's default applies otherwise",
@@ -55,12 +66,24 @@ CLI_EXCEPTIONS = {
 #: The commands that accept --no-progress and show no progress anyway (for scripts passing it to all).
 QUIET = {("info",), ("lut", "import"), ("lut", "export")}
 #: API keywords with no CLI option of their name, and why.
-API_EXCEPTIONS = {"client": "a distributed.Client exists only in Python", "progress": "--no-progress and --progress-interval",
-                  "config": "--config is an option of the group, before the command"}
+API_EXCEPTIONS = {
+    "client": "a distributed.Client exists only in Python",
+    "progress": "--no-progress and --progress-interval",
+    "config": "--config is an option of the group, before the command",
+}
 #: For the CLI parameters listed above, the API keyword each one is.
-RENAMED = {"model_specs": "models", "value_range": "value_range", "folds": "cv", "ensemble_store": "ensemble",
-           "report_dir": "report", "lut_path": "lut", "as_json": None, "json": None, "no_progress": "progress",
-           "progress_interval": "progress"}
+RENAMED = {
+    "model_specs": "models",
+    "value_range": "value_range",
+    "folds": "cv",
+    "ensemble_store": "ensemble",
+    "report_dir": "report",
+    "lut_path": "lut",
+    "as_json": None,
+    "json": None,
+    "no_progress": "progress",
+    "progress_interval": "progress",
+}
 
 
 def _cli_command(path: tuple[str, ...]) -> click.Command:
@@ -87,8 +110,11 @@ def test_every_cli_command_is_an_api_function_and_back():
             yield from paths(command, (*prefix, name)) if isinstance(command, click.Group) else [(*prefix, name)]
 
     assert set(paths(main)) == set(COMMANDS) | set(CLI_ONLY)
-    commands = {name for name in ensir_flow.API
-                if inspect.isfunction(getattr(api, name)) and "config" in inspect.signature(getattr(api, name)).parameters}
+    commands = {
+        name
+        for name in ensir_flow.API
+        if inspect.isfunction(getattr(api, name)) and "config" in inspect.signature(getattr(api, name)).parameters
+    }
     assert commands == {function.__name__ for function in COMMANDS.values()} | set(API_ONLY)
 
 
@@ -111,17 +137,21 @@ def test_each_cli_option_is_one_api_keyword_with_the_same_default_and_back(path)
     unmapped = set(keywords) - mapped - set(API_EXCEPTIONS)
     # commands that compute take every run option; those that do not (info, lut) take none of them
     assert not unmapped, (path, unmapped)
-    for (listed_path, name) in CLI_EXCEPTIONS:
+    for listed_path, name in CLI_EXCEPTIONS:
         if listed_path == path and name not in ("json", "no_progress", "progress_interval", "scheduler"):
             assert name in {parameter.name for parameter in command.params}, (path, name)  # no stale exception
 
 
-@pytest.mark.parametrize("name", [name for name in ensir_flow.API if name not in ("open_store", "image", "RunOptions",
-                                                                                  "UsageError")])
+@pytest.mark.parametrize(
+    "name", [name for name in ensir_flow.API if name not in ("open_store", "image", "RunOptions", "UsageError")]
+)
 def test_every_command_refuses_an_unknown_keyword_naming_it(name, tmp_path):
     function = getattr(ensir_flow, name)
-    positional = [tmp_path / f"p{i}" for i, parameter in enumerate(inspect.signature(function).parameters.values())
-                  if parameter.kind is parameter.POSITIONAL_OR_KEYWORD and parameter.default is parameter.empty]
+    positional = [
+        tmp_path / f"p{i}"
+        for i, parameter in enumerate(inspect.signature(function).parameters.values())
+        if parameter.kind is parameter.POSITIONAL_OR_KEYWORD and parameter.default is parameter.empty
+    ]
     with pytest.raises(TypeError, match=rf"^{name}\(\) got an unexpected keyword argument 'not_an_option'$"):
         function(*positional, not_an_option=1)
     assert not list(tmp_path.iterdir())
@@ -130,8 +160,9 @@ def test_every_command_refuses_an_unknown_keyword_naming_it(name, tmp_path):
 def test_a_misspelt_option_is_refused_before_anything_is_written(tmp_path, corpus):
     root, _ = corpus
     ensir_flow.ingest(root, tmp_path / "s.zarr", progress=False)
-    with pytest.raises(TypeError, match=re.escape("fit() got an unexpected keyword argument 'bin_widht' "
-                                                  "(did you mean 'bin_width'?)")):
+    with pytest.raises(
+        TypeError, match=re.escape("fit() got an unexpected keyword argument 'bin_widht' (did you mean 'bin_width'?)")
+    ):
         ensir_flow.fit(tmp_path / "s.zarr", tmp_path / "lut16.zarr", bin_widht=16, solver="lsq")
     with pytest.raises(TypeError, match="'solvr'"):
         ensir_flow.fit(tmp_path / "s.zarr", tmp_path / "lut16.zarr", bin_width=16, solvr="lsq")
@@ -143,16 +174,19 @@ def test_a_misspelt_option_is_refused_before_anything_is_written(tmp_path, corpu
 def test_config_sets_the_defaults_the_cli_config_sets_and_keywords_override_it(tmp_path, corpus, invoke):
     root, models = corpus
     config = tmp_path / "task.yaml"
-    config.write_text(f"models: [{models[2]}, {models[0]}, {models[1]}]\nbin_width: 64\nsolver: lsq\nshrinkage: 5\n"
-                      "metrics:\n  crop_border: 2\n")
+    config.write_text(
+        f"models: [{models[2]}, {models[0]}, {models[1]}]\nbin_width: 64\nsolver: lsq\nshrinkage: 5\nmetrics:\n  crop_border: 2\n"
+    )
     ingested = ensir_flow.ingest(root, tmp_path / "s.zarr", config=config, progress=False)
     assert ingested.models == [models[2], models[0], models[1]]
     fitted = ensir_flow.fit(tmp_path / "s.zarr", tmp_path / "lut.zarr", config=config, progress=False)
     assert (fitted.lut.bin_width, fitted.lut.solver) == (64, "lsq")
     cli = invoke("--config", config, "fit", tmp_path / "s.zarr", tmp_path / "cli.zarr", "--no-progress", "--json")
     assert cli.exit_code == 0, cli.output
-    np.testing.assert_array_equal(ensir_flow.open_store(tmp_path / "cli.zarr")["weights"].values,
-                                  ensir_flow.open_store(tmp_path / "lut.zarr")["weights"].values)
+    np.testing.assert_array_equal(
+        ensir_flow.open_store(tmp_path / "cli.zarr")["weights"].values,
+        ensir_flow.open_store(tmp_path / "lut.zarr")["weights"].values,
+    )
     overridden = ensir_flow.fit(tmp_path / "s.zarr", tmp_path / "em.zarr", config=config, solver="em", progress=False)
     assert (overridden.lut.bin_width, overridden.lut.solver) == (64, "em")
     scored = ensir_flow.evaluate(tmp_path / "s.zarr", config=config, progress=False)
@@ -190,8 +224,7 @@ def in_process_clusters(monkeypatch):
     executor.close_local_cluster()
 
 
-def test_the_api_starts_one_local_cluster_per_process_and_prints_its_link_once(tmp_path, corpus, in_process_clusters,
-                                                                              capsys):
+def test_the_api_starts_one_local_cluster_per_process_and_prints_its_link_once(tmp_path, corpus, in_process_clusters, capsys):
     root, _ = corpus
     ensir_flow.ingest(root, tmp_path / "s.zarr", scheduler="local", dashboard_address=":0", progress=False)
     ensir_flow.fit(tmp_path / "s.zarr", tmp_path / "lut.zarr", scheduler="local", dashboard_address=":0", progress=False)
@@ -204,8 +237,9 @@ def test_the_api_starts_one_local_cluster_per_process_and_prints_its_link_once(t
     with pytest.raises(ValueError):
         default_client()  # the API's cluster is not the process's default client: plain calls stay on threads
     executor.close_local_cluster()
-    ensir_flow.apply(tmp_path / "s.zarr", tmp_path / "lut.zarr", tmp_path / "o.zarr", scheduler="local",
-                     dashboard_address=None, progress=False)
+    ensir_flow.apply(
+        tmp_path / "s.zarr", tmp_path / "lut.zarr", tmp_path / "o.zarr", scheduler="local", dashboard_address=None, progress=False
+    )
     assert len(in_process_clusters) == 2  # a closed one is started again when asked for
 
 
@@ -213,8 +247,9 @@ def test_progress_in_the_api_is_lines_when_stderr_is_not_a_terminal(tmp_path, co
     root, _ = corpus
     ensir_flow.ingest(root, tmp_path / "s.zarr")
     lines = capsys.readouterr().err.splitlines()
-    assert lines and all(re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} ingest: (started|done in [\d.]+ s)$", line)
-                         for line in lines), lines
+    assert lines and all(
+        re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} ingest: (started|done in [\d.]+ s)$", line) for line in lines
+    ), lines
     ensir_flow.ingest(root, tmp_path / "t.zarr", progress=False)
     assert capsys.readouterr().err == ""
     with pytest.raises(ensir_flow.UsageError, match="not a finite number of seconds"):
@@ -243,8 +278,9 @@ def test_a_cluster_asked_for_by_a_script_without_a_main_guard_is_refused_in_one_
     assert run.returncode == 1 and run.stdout == "top level ran\n"  # no worker process ran the script again
     assert run.stderr.count("Traceback") == 1 and run.stderr.endswith(
         f"ensir_flow.api.UsageError: {tmp_path / 'script.py'}, line 5: scheduler='local' starts worker processes, which "
-        "import this script and would run it again: put its calls under `if __name__ == \"__main__\":` (or run on "
-        "scheduler='threads')\n"), run.stderr
+        'import this script and would run it again: put its calls under `if __name__ == "__main__":` (or run on '
+        "scheduler='threads')\n"
+    ), run.stderr
     assert not (tmp_path / "s.zarr").exists()
     # a plain call (threads) needs no guard
     plain = _run_script(tmp_path, 'print(ensir_flow.ingest("corpus", "t.zarr", progress=False).status)\n')
@@ -253,12 +289,15 @@ def test_a_cluster_asked_for_by_a_script_without_a_main_guard_is_refused_in_one_
 
 @pytest.mark.slow
 def test_a_guarded_script_reuses_one_local_cluster_quietly(tmp_path):
-    run = _run_script(tmp_path, """
+    run = _run_script(
+        tmp_path,
+        """
         if __name__ == "__main__":
             for store in ("s.zarr", "t.zarr"):
                 print(ensir_flow.ingest("corpus", store, scheduler="local", dashboard_address=":0", progress=False).status)
             print(ensir_flow.fit("s.zarr", "lut.zarr", scheduler="local", progress=False).status)
-    """)
+    """,
+    )
     assert run.returncode == 0, run.stderr
     # (the workers import the script: its top level, outside the guard, runs in each of them)
     assert [line for line in run.stdout.splitlines() if line != "top level ran"] == ["written"] * 3

@@ -38,8 +38,14 @@ def test_model_folder_named_as_an_evaluated_combination(tmp_path, invoke, root, 
     em or em@32) by name: a model of one of these names would lose its row to the combination (or
     take its place) with exit 0."""
     (root / "model1").rename(root / name)
-    _refused(invoke, tmp_path, "ingest", root, tmp_path / "s.zarr",
-             match=f"a model named '{name}', the name of a combination evaluate scores")
+    _refused(
+        invoke,
+        tmp_path,
+        "ingest",
+        root,
+        tmp_path / "s.zarr",
+        match=f"a model named '{name}', the name of a combination evaluate scores",
+    )
 
 
 def test_truncated_image(tmp_path, invoke, root):

@@ -9,7 +9,7 @@ def test_ranges_and_bins():
     assert ranges_per_model(32) == 8
     assert ranges_per_model(48) == 6  # ceil(256 / 48)
     assert bin_count(3, 32) == 512
-    assert bin_count(5, 16) == 16 ** 5
+    assert bin_count(5, 16) == 16**5
     with pytest.raises(ValueError):
         ranges_per_model(0)
 

@@ -9,7 +9,7 @@ def test_blend_by_hand_with_rounding_half_up_and_bin_lookup():
     predictions = np.array([[[10], [200]], [[20], [100]]], dtype=np.uint8)
     weights = np.zeros((4, 1, 2), np.float32)
     weights[0, 0] = [0.25, 0.75]  # 2.5 + 15 = 17.5 -> 18 (half up)
-    weights[2, 0] = [0.5, 0.5]    # 150
+    weights[2, 0] = [0.5, 0.5]  # 150
     np.testing.assert_array_equal(blend(predictions, weights, 128), [[18], [150]])
 
 
@@ -60,6 +60,10 @@ def test_zzpm_parts_equal_the_numpy_expressions_bit_for_bit(n_pixels):
     assert squared_distance_sums(predictions).tobytes() == expected_sums.tobytes()
     weights = rng.random((2, 3))
     spans = [(0, n_pixels // 2), (n_pixels // 2, n_pixels)]
-    expected = np.concatenate([np.floor(np.tensordot(w, x[:, start:stop], axes=1) + 0.5).clip(0, 255).astype(np.uint8)
-                               for (start, stop), w in zip(spans, weights)])
+    expected = np.concatenate(
+        [
+            np.floor(np.tensordot(w, x[:, start:stop], axes=1) + 0.5).clip(0, 255).astype(np.uint8)
+            for (start, stop), w in zip(spans, weights)
+        ]
+    )
     np.testing.assert_array_equal(blend_spans(predictions, weights, spans), expected)

@@ -27,9 +27,11 @@ SIZES = ((24, 32), (17, 29), (40, 21))
 @pytest.fixture
 def fitted(tmp_path, invoke) -> Path:
     make_corpus(tmp_path / "corpus", sizes=SIZES)
-    for args in (("ingest", tmp_path / "corpus", tmp_path / "s.zarr", "--chunk-pixels", CHUNK),
-                 ("fit", tmp_path / "s.zarr", tmp_path / "lut.zarr"),
-                 ("apply", tmp_path / "s.zarr", tmp_path / "lut.zarr", tmp_path / "out.zarr")):
+    for args in (
+        ("ingest", tmp_path / "corpus", tmp_path / "s.zarr", "--chunk-pixels", CHUNK),
+        ("fit", tmp_path / "s.zarr", tmp_path / "lut.zarr"),
+        ("apply", tmp_path / "s.zarr", tmp_path / "lut.zarr", tmp_path / "out.zarr"),
+    ):
         assert invoke(*args, "--no-progress").exit_code == 0
     return tmp_path
 
@@ -61,9 +63,11 @@ def one_line(result) -> str:
 def test_a_damaged_prediction_chunk_is_refused_by_every_reader(fitted, invoke, how):
     damage(fitted / "s.zarr", "prediction", how)
     named = f"{fitted / 's.zarr'}/prediction: chunk 1 (pixels {CHUNK}:{2 * CHUNK}) is "
-    for args, target in [(["fit", fitted / "s.zarr", fitted / "lut2.zarr"], "lut2.zarr"),
-                         (["apply", fitted / "s.zarr", fitted / "lut.zarr", fitted / "out2.zarr"], "out2.zarr"),
-                         (["evaluate", fitted / "s.zarr"], None)]:
+    for args, target in [
+        (["fit", fitted / "s.zarr", fitted / "lut2.zarr"], "lut2.zarr"),
+        (["apply", fitted / "s.zarr", fitted / "lut.zarr", fitted / "out2.zarr"], "out2.zarr"),
+        (["evaluate", fitted / "s.zarr"], None),
+    ]:
         result = invoke(*args, "--no-progress")
         assert result.exit_code == 1, (args, result.output)
         assert named in one_line(result), args
@@ -79,7 +83,10 @@ def test_damaged_ground_truth_and_ensemble_chunks_are_refused(fitted, invoke, ho
 
     shutil.rmtree(fitted / "s.zarr")
     assert invoke("ingest", fitted / "corpus", fitted / "s.zarr", "--chunk-pixels", CHUNK, "--no-progress").exit_code == 0
-    assert invoke("apply", fitted / "s.zarr", fitted / "lut.zarr", fitted / "out.zarr", "--overwrite", "--no-progress").exit_code == 0
+    assert (
+        invoke("apply", fitted / "s.zarr", fitted / "lut.zarr", fitted / "out.zarr", "--overwrite", "--no-progress").exit_code
+        == 0
+    )
     damage(fitted / "out.zarr", "ensemble", how)
     result = invoke("evaluate", fitted / "s.zarr", "--ensemble", fitted / "out.zarr", "--no-progress")
     assert result.exit_code == 1 and f"{fitted / 'out.zarr'}/ensemble: chunk 1 " in one_line(result)
@@ -112,8 +119,10 @@ def test_an_interrupted_append_leaves_a_store_every_reader_trusts(tmp_path, invo
     monkeypatch.undo()
     last = n_pixels // CHUNK
     assert zarr.open_array(store=str(store), path="prediction").shape[1] > n_pixels  # grown, not committed
-    assert zarr.open_array(store=str(store), path=CHUNK_CHECKSUMS)[last].tolist() != \
-        json.loads((store / "zarr.json").read_text())["attributes"][CHECKSUM_TAIL]["xxh3"]  # its row rewritten
+    assert (
+        zarr.open_array(store=str(store), path=CHUNK_CHECKSUMS)[last].tolist()
+        != json.loads((store / "zarr.json").read_text())["attributes"][CHECKSUM_TAIL]["xxh3"]
+    )  # its row rewritten
 
     assert invoke("fit", store, tmp_path / "after.zarr", "--no-progress").exit_code == 0
     xr.testing.assert_identical(contents(tmp_path / "after.zarr"), contents(tmp_path / "before.zarr"))
@@ -130,9 +139,11 @@ def test_an_interrupted_append_leaves_a_store_every_reader_trusts(tmp_path, invo
 @pytest.mark.parametrize("same_images", [True, False])
 @pytest.mark.parametrize("command", ["apply", "evaluate", "cross-validation"])
 def test_a_store_replaced_while_it_is_read_is_refused_with_nothing_written(fitted, invoke, same_images, command):
-    plan = {"apply": lambda: plan_apply(str(fitted / "s.zarr"), str(fitted / "lut.zarr"), str(fitted / "out2.zarr")),
-            "evaluate": lambda: plan_evaluate(str(fitted / "s.zarr")),
-            "cross-validation": lambda: plan_cross_validation(str(fitted / "s.zarr"), 2)}[command]()
+    plan = {
+        "apply": lambda: plan_apply(str(fitted / "s.zarr"), str(fitted / "lut.zarr"), str(fitted / "out2.zarr")),
+        "evaluate": lambda: plan_evaluate(str(fitted / "s.zarr")),
+        "cross-validation": lambda: plan_cross_validation(str(fitted / "s.zarr"), 2),
+    }[command]()
     if not same_images:
         make_corpus(fitted / "other", sizes=SIZES, seed=7)
     source = fitted / ("corpus" if same_images else "other")
@@ -145,9 +156,14 @@ def test_a_store_replaced_while_it_is_read_is_refused_with_nothing_written(fitte
 def test_a_worker_that_opens_another_store_at_the_planned_path_is_refused(fitted, invoke):
     """A path resolved to another store on a worker (another working folder, another machine's disk)."""
     source = pixel_array(str(fitted / "s.zarr"), "prediction")
-    np.testing.assert_array_equal(read_pixels(source, 0, CHUNK), zarr.open_array(store=str(fitted / "s.zarr"), path="prediction")[:, :CHUNK])
+    np.testing.assert_array_equal(
+        read_pixels(source, 0, CHUNK), zarr.open_array(store=str(fitted / "s.zarr"), path="prediction")[:, :CHUNK]
+    )
     make_corpus(fitted / "other", sizes=SIZES, seed=7)
-    assert invoke("ingest", fitted / "other", fitted / "s.zarr", "--chunk-pixels", CHUNK, "--overwrite", "--no-progress").exit_code == 0
+    assert (
+        invoke("ingest", fitted / "other", fitted / "s.zarr", "--chunk-pixels", CHUNK, "--overwrite", "--no-progress").exit_code
+        == 0
+    )
     with pytest.raises(TransientError, match="not the store this run planned on"):
         read_pixels(source, 0, CHUNK)
     shutil.rmtree(fitted / "s.zarr")

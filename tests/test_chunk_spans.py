@@ -21,5 +21,5 @@ def test_spans_cover_each_chunk_with_the_fold_of_each_pixel(sizes, chunk, n_fold
         for lo, hi, fold in spans:
             assert (covered[lo:hi] == -1).all()
             covered[lo:hi] = fold
-        np.testing.assert_array_equal(covered, fold_of_pixel[start: start + length])
+        np.testing.assert_array_equal(covered, fold_of_pixel[start : start + length])
         start += length

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from helpers import make_corpus, run_workflow
 from ensir_flow.blend import blend
 from ensir_flow.lut import Lut
+from helpers import make_corpus, run_workflow
 
 
 @pytest.mark.parametrize("n_models,bin_width", [(2, 16), (3, 32), (4, 64), (5, 16)])
@@ -30,9 +30,11 @@ def test_workflow_for_k_models_and_bin_widths(tmp_path, invoke, n_models, bin_wi
     lut = Lut.from_dataset(lut_ds.load())
     ensemble = xr.open_zarr(tmp_path / "out.zarr")["ensemble"].values
     np.testing.assert_array_equal(ensemble, blend(store["prediction"].values, lut.weights, bin_width))
-    for stem, h, w, offset in zip(store["image"].values, store["height"].values, store["width"].values, store["pixel_offset"].values):
+    for stem, h, w, offset in zip(
+        store["image"].values, store["height"].values, store["width"].values, store["pixel_offset"].values
+    ):
         exported = iio.imread(tmp_path / "png" / f"{stem}.png")
-        np.testing.assert_array_equal(exported, ensemble[offset: offset + h * w].reshape(h, w, 3))
+        np.testing.assert_array_equal(exported, ensemble[offset : offset + h * w].reshape(h, w, 3))
     # EnsIR weights are mixture proportions: each cell's weights sum to one (up to EM's 1e-6 terms)
     np.testing.assert_allclose(lut.weights.sum(axis=2), 1.0, atol=1e-4)
 
@@ -75,7 +77,15 @@ def test_grayscale_corpus_is_one_channel(tmp_path, invoke):
     assert invoke("ingest", root, tmp_path / "g.zarr", "--no-progress").exit_code == 0
     assert xr.open_zarr(tmp_path / "g.zarr").sizes["channel"] == 1
     assert invoke("fit", tmp_path / "g.zarr", tmp_path / "lut.zarr", "--no-progress").exit_code == 0
-    result = invoke("apply", tmp_path / "g.zarr", tmp_path / "lut.zarr", tmp_path / "o.zarr", "--export-dir", tmp_path / "png", "--no-progress")
+    result = invoke(
+        "apply",
+        tmp_path / "g.zarr",
+        tmp_path / "lut.zarr",
+        tmp_path / "o.zarr",
+        "--export-dir",
+        tmp_path / "png",
+        "--no-progress",
+    )
     assert result.exit_code == 0, result.output
     assert iio.imread(tmp_path / "png" / "img0.png").shape == (24, 32)
 
@@ -99,7 +109,9 @@ def test_dry_run_writes_nothing_and_config_sets_defaults(tmp_path, invoke, corpu
 def test_cross_validation_reports_held_out_folds(tmp_path, invoke, corpus):
     root, models = corpus
     assert invoke("ingest", root, tmp_path / "s.zarr", "--chunk-pixels", 500, "--no-progress").exit_code == 0
-    result = invoke("evaluate", tmp_path / "s.zarr", "--cv", 3, "--solvers", "em,lsq", "--bin-widths", "32,64", "--json", "--no-progress")
+    result = invoke(
+        "evaluate", tmp_path / "s.zarr", "--cv", 3, "--solvers", "em,lsq", "--bin-widths", "32,64", "--json", "--no-progress"
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["cv"]["folds"] == 3 and [f["fold"] for f in report["cv"]["per_fold"]] == [0, 1, 2]
@@ -129,7 +141,11 @@ def test_stores_on_an_fsspec_filesystem(invoke, corpus):
     root, models = corpus
     assert run_workflow(invoke, root, "memory://ensir-test-run")["images"] == 3
     fs = fsspec.filesystem("memory")
-    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("/ensir-test-run/png", detail=False)) == ["img0.png", "img1.png", "img2.png"]
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("/ensir-test-run/png", detail=False)) == [
+        "img0.png",
+        "img1.png",
+        "img2.png",
+    ]
     assert not [p for p in fs.ls("/ensir-test-run", detail=False) if ".partial-" in p]
     fs.rm("/ensir-test-run", recursive=True)
     # workers of a cluster would write memory:// in their own processes: refused, nothing written
@@ -150,8 +166,10 @@ def test_zzpm_baseline_through_fit_and_apply(tmp_path, invoke, corpus):
     store, ensemble = xr.open_zarr(tmp_path / "s.zarr"), xr.open_zarr(tmp_path / "out.zarr")["ensemble"].values
     predictions = store["prediction"].values
     for offset, count in zip(store["pixel_offset"].values, store["pixel_count"].values):
-        np.testing.assert_array_equal(ensemble[offset: offset + count], zzpm(predictions[:, offset: offset + count]))
-    report = json.loads(invoke("evaluate", tmp_path / "s.zarr", "--ensemble", tmp_path / "out.zarr", "--json", "--no-progress").stdout)
+        np.testing.assert_array_equal(ensemble[offset : offset + count], zzpm(predictions[:, offset : offset + count]))
+    report = json.loads(
+        invoke("evaluate", tmp_path / "s.zarr", "--ensemble", tmp_path / "out.zarr", "--json", "--no-progress").stdout
+    )
     assert report["psnr"]["ensemble"] == report["psnr"]["zzpm"]
 
 
@@ -161,7 +179,7 @@ def test_inputs_are_stored_when_they_fit_the_layout(tmp_path, invoke):
     store = xr.open_zarr(tmp_path / "r.zarr")
     lq = iio.imread(tmp_path / "restore" / "lq" / "img1.png")
     offset, count = int(store["pixel_offset"][1]), int(store["pixel_count"][1])
-    np.testing.assert_array_equal(store["input"].values[offset: offset + count].reshape(lq.shape), lq)
+    np.testing.assert_array_equal(store["input"].values[offset : offset + count].reshape(lq.shape), lq)
     assert "lq" in list(store["source"].values)
     make_corpus(tmp_path / "sr", inputs_scale=2)  # super-resolution: inputs are smaller than outputs
     assert invoke("ingest", tmp_path / "sr", tmp_path / "s.zarr", "--no-progress").exit_code == 0
@@ -178,11 +196,14 @@ def test_compression_changes_bytes_on_disk_not_data(tmp_path, invoke):
     for compression in ("lz4", "zstd", "none"):
         store, out = tmp_path / f"{compression}.zarr", tmp_path / f"{compression}-out.zarr"
         assert invoke("ingest", root, store, "--compression", compression, "--no-progress").exit_code == 0
-        result = invoke("apply", store, tmp_path / "lut.zarr", out, "--compression", compression, "--no-progress",
-                        "--scheduler", "threads")
+        result = invoke(
+            "apply", store, tmp_path / "lut.zarr", out, "--compression", compression, "--no-progress", "--scheduler", "threads"
+        )
         assert result.exit_code == 0, result.output
-        codecs[compression] = [json.loads((path / variable / "zarr.json").read_text())["codecs"]
-                               for path, variable in ((store, "prediction"), (store, "ground_truth"), (out, "ensemble"))]
+        codecs[compression] = [
+            json.loads((path / variable / "zarr.json").read_text())["codecs"]
+            for path, variable in ((store, "prediction"), (store, "ground_truth"), (out, "ensemble"))
+        ]
         values[compression] = [xr.open_zarr(store)["prediction"].values, xr.open_zarr(out)["ensemble"].values]
         info = json.loads(invoke("info", out, "--json").output)
         assert info["compression"] == {"lz4": "blosc lz4 level 5", "zstd": "zstd level 3", "none": "none"}[compression]
@@ -197,14 +218,17 @@ def test_compression_changes_bytes_on_disk_not_data(tmp_path, invoke):
     assert refused.exit_code == 2 and "--compression: not with --append" in refused.output
 
 
-@pytest.mark.parametrize("text, message", [
-    ("bin_widht: 16\n", "unknown key 'bin_widht'"),
-    ("metrics:\n  crop_boarder: 4\n", "unknown key 'metrics.crop_boarder'"),
-    ("bin_width: 300\n", "'bin_width' must be an integer from 1 to 256"),
-    ("solver: eem\n", "'solver' must be one of em, lsq, average, zzpm"),
-    ("models: MPRNet\n", "'models' must be a list of model names"),
-    ("- just\n- a list\n", "the config must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("bin_widht: 16\n", "unknown key 'bin_widht'"),
+        ("metrics:\n  crop_boarder: 4\n", "unknown key 'metrics.crop_boarder'"),
+        ("bin_width: 300\n", "'bin_width' must be an integer from 1 to 256"),
+        ("solver: eem\n", "'solver' must be one of em, lsq, average, zzpm"),
+        ("models: MPRNet\n", "'models' must be a list of model names"),
+        ("- just\n- a list\n", "the config must be a mapping"),
+    ],
+)
 def test_config_refuses_unknown_keys_and_bad_values(tmp_path, invoke, corpus, text, message):
     root, _ = corpus
     config = tmp_path / "task.yaml"

@@ -12,7 +12,6 @@ import ensir_flow
 from ensir_flow.pipelines.executor import check_workers
 from helpers import make_corpus, run_workflow
 
-
 pytestmark = pytest.mark.slow  # starts clusters of worker processes
 
 
@@ -20,13 +19,19 @@ pytestmark = pytest.mark.slow  # starts clusters of worker processes
 def cluster(tmp_path_factory):
     """(address, scheduler file) of a running scheduler with one worker process."""
     scheduler_file = tmp_path_factory.mktemp("cluster") / "scheduler.json"
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
-                      scheduler_kwargs={"scheduler_file": str(scheduler_file)}) as running:
+    with LocalCluster(
+        n_workers=1,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        scheduler_kwargs={"scheduler_file": str(scheduler_file)},
+    ) as running:
         yield running.scheduler_address, scheduler_file
 
 
-def test_an_existing_cluster_by_address_or_scheduler_file_gives_the_threaded_results(cluster, corpus, tmp_path,
-                                                                                    invoke, monkeypatch):
+def test_an_existing_cluster_by_address_or_scheduler_file_gives_the_threaded_results(
+    cluster, corpus, tmp_path, invoke, monkeypatch
+):
     address, scheduler_file = cluster
     root, _ = corpus
     expected = run_workflow(invoke, root, tmp_path / "threads")
@@ -34,8 +39,10 @@ def test_an_existing_cluster_by_address_or_scheduler_file_gives_the_threaded_res
         monkeypatch.setenv("ENSIR_FLOW_SCHEDULER", str(scheduler))
         assert run_workflow(invoke, root, tmp_path / name) == expected
         for store, variable in [("lut.zarr", "weights"), ("out.zarr", "ensemble")]:
-            np.testing.assert_array_equal(xr.open_zarr(tmp_path / name / store)[variable].values,
-                                          xr.open_zarr(tmp_path / "threads" / store)[variable].values)
+            np.testing.assert_array_equal(
+                xr.open_zarr(tmp_path / name / store)[variable].values,
+                xr.open_zarr(tmp_path / "threads" / store)[variable].values,
+            )
 
 
 def test_a_many_model_lut_applies_on_the_cluster_to_the_threaded_bytes(cluster, tmp_path, invoke, monkeypatch):
@@ -46,12 +53,13 @@ def test_a_many_model_lut_applies_on_the_cluster_to_the_threaded_bytes(cluster, 
     expected = run_workflow(invoke, root, tmp_path / "threads")
     monkeypatch.setenv("ENSIR_FLOW_SCHEDULER", cluster[0])
     assert run_workflow(invoke, root, tmp_path / "cluster") == expected
-    np.testing.assert_array_equal(xr.open_zarr(tmp_path / "cluster" / "out.zarr")["ensemble"].values,
-                                  xr.open_zarr(tmp_path / "threads" / "out.zarr")["ensemble"].values)
+    np.testing.assert_array_equal(
+        xr.open_zarr(tmp_path / "cluster" / "out.zarr")["ensemble"].values,
+        xr.open_zarr(tmp_path / "threads" / "out.zarr")["ensemble"].values,
+    )
 
 
-def test_workers_with_another_ensir_flow_are_refused_before_anything_is_written(cluster, corpus, tmp_path, invoke,
-                                                                                monkeypatch):
+def test_workers_with_another_ensir_flow_are_refused_before_anything_is_written(cluster, corpus, tmp_path, invoke, monkeypatch):
     address, _ = cluster
     root, _ = corpus
     real_version = ensir_flow.__version__
@@ -62,8 +70,7 @@ def test_workers_with_another_ensir_flow_are_refused_before_anything_is_written(
     assert not (tmp_path / "s.zarr").exists()
 
 
-def test_an_unreachable_scheduler_a_malformed_address_or_a_bad_scheduler_file_is_a_one_line_error(corpus, tmp_path,
-                                                                                                  invoke):
+def test_an_unreachable_scheduler_a_malformed_address_or_a_bad_scheduler_file_is_a_one_line_error(corpus, tmp_path, invoke):
     root, _ = corpus
     not_json = tmp_path / "scheduler.json"
     not_json.write_text("scheduler: somewhere")
@@ -71,7 +78,9 @@ def test_an_unreachable_scheduler_a_malformed_address_or_a_bad_scheduler_file_is
         unreachable = invoke("ingest", root, tmp_path / "a.zarr", "--scheduler", "tcp://127.0.0.1:9", "--no-progress")
     no_port = invoke("ingest", root, tmp_path / "b.zarr", "--scheduler", "tcp://127.0.0.1", "--no-progress")
     bad_file = invoke("ingest", root, tmp_path / "c.zarr", "--scheduler", not_json, "--no-progress")
-    assert unreachable.exit_code == 75 and "tcp://127.0.0.1:9: cannot reach the dask scheduler" in unreachable.output  # EX_TEMPFAIL: retry
+    assert (
+        unreachable.exit_code == 75 and "tcp://127.0.0.1:9: cannot reach the dask scheduler" in unreachable.output
+    )  # EX_TEMPFAIL: retry
     assert no_port.exit_code == 1 and "tcp://127.0.0.1: not a dask scheduler address (missing port" in no_port.output
     assert bad_file.exit_code == 1 and f"{not_json}: not a dask scheduler file" in bad_file.output
     assert not any(tmp_path.glob("*.zarr"))

@@ -71,8 +71,13 @@ def state(path: Path):
     try:
         if path.name.startswith("lut"):
             lut = read_lut(str(path))  # its stored bins, which make the table (a dense one of K = 3 at w = 2 would be 75 MB)
-            return hashlib.sha256(lut.digest().encode() + lut.bin_digits.tobytes() + lut.bin_count.tobytes()
-                                  + lut.bin_status.tobytes() + local(repr(lut.attrs).encode())).hexdigest()
+            return hashlib.sha256(
+                lut.digest().encode()
+                + lut.bin_digits.tobytes()
+                + lut.bin_count.tobytes()
+                + lut.bin_status.tobytes()
+                + local(repr(lut.attrs).encode())
+            ).hexdigest()
         ds = open_store(str(path))
         check_store(ds, str(path), require=())
         attrs = sorted((key, value) for key, value in ds.attrs.items() if key not in IDENTITY_ATTRIBUTES)
@@ -86,7 +91,9 @@ def state(path: Path):
                 values = np.stack([checksums_of(group, variable) for variable in checked])
             else:
                 values = ds[name].values
-            digest.update(name.encode() + np.ascontiguousarray(values.astype(str) if values.dtype == object else values).tobytes())
+            digest.update(
+                name.encode() + np.ascontiguousarray(values.astype(str) if values.dtype == object else values).tobytes()
+            )
         return digest.hexdigest()
     except InputError as error:
         return f"unreadable: {error}"
@@ -95,8 +102,14 @@ def state(path: Path):
 def run(work: Path, arguments: list, kill_at: int = 0) -> tuple[subprocess.CompletedProcess, int]:
     """Run the CLI under the hook in `work`; returns the process and how many writes it made."""
     count = work / "writes.count"
-    process = subprocess.run([sys.executable, str(HOOK), str(kill_at), str(count), "--", *map(str, arguments),
-                              "--no-progress"], cwd=work, capture_output=True, text=True, timeout=300, env=THREADS)
+    process = subprocess.run(
+        [sys.executable, str(HOOK), str(kill_at), str(count), "--", *map(str, arguments), "--no-progress"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=THREADS,
+    )
     return process, int(count.read_text())
 
 
@@ -136,32 +149,64 @@ def _prepare(work: Path, before: list[list]) -> None:
 WRITERS = {
     # name: (commands run before, the command, its targets)
     "ingest": ([], ["ingest", "corpus", "s.zarr", "--chunk-pixels", 500], ["s.zarr"]),
-    "ingest --append": ([["ingest", "first", "s.zarr", "--chunk-pixels", 500]],
-                        ["ingest", "second", "s.zarr", "--append"], ["s.zarr"]),
-    "fit --overwrite": ([["ingest", "corpus", "s.zarr", "--chunk-pixels", 500], ["fit", "s.zarr", "lut.zarr"]],
-                        ["fit", "s.zarr", "lut.zarr", "--bin-width", 64, "--overwrite"], ["lut.zarr"]),
+    "ingest --append": (
+        [["ingest", "first", "s.zarr", "--chunk-pixels", 500]],
+        ["ingest", "second", "s.zarr", "--append"],
+        ["s.zarr"],
+    ),
+    "fit --overwrite": (
+        [["ingest", "corpus", "s.zarr", "--chunk-pixels", 500], ["fit", "s.zarr", "lut.zarr"]],
+        ["fit", "s.zarr", "lut.zarr", "--bin-width", 64, "--overwrite"],
+        ["lut.zarr"],
+    ),
     # at w = 2, lsq's statistics of these 3,001 pixels exceed a pass of 1 MiB: two passes, whose LUT bins
     # go to temporary files (its writes 1 and 2), before the LUT is written as by any fit
-    "fit in passes": ([["ingest", "corpus", "s.zarr", "--chunk-pixels", 500]],
-                      ["fit", "s.zarr", "lut.zarr", "--bin-width", 2, "--solver", "lsq", "--shrinkage", 10,
-                       "--pass-memory", 1], ["lut.zarr"]),
-    "apply --export-dir": ([["ingest", "corpus", "s.zarr", "--chunk-pixels", 500], ["fit", "s.zarr", "lut.zarr"]],
-                           ["apply", "s.zarr", "lut.zarr", "out.zarr", "--export-dir", "png"], ["out.zarr", "png"]),
-    "apply --overwrite": ([["ingest", "corpus", "s.zarr", "--chunk-pixels", 500], ["fit", "s.zarr", "lut.zarr"],
-                           ["apply", "s.zarr", "lut.zarr", "out.zarr"], ["fit", "s.zarr", "lut.zarr", "--overwrite",
-                                                                         "--bin-width", 64]],
-                          ["apply", "s.zarr", "lut.zarr", "out.zarr", "--overwrite"], ["out.zarr"]),
-    "evaluate --report": ([["ingest", "corpus", "s.zarr", "--chunk-pixels", 500], ["fit", "s.zarr", "lut.zarr"],
-                           ["apply", "s.zarr", "lut.zarr", "out.zarr"]],
-                          ["evaluate", "s.zarr", "--ensemble", "out.zarr", "--report", "report"], ["report"]),
-    "lut import": ([], ["lut", "import", "paper.pth", "lut.zarr", "--models", "model0,model1,model2", "--bin-width", 128],
-                   ["lut.zarr"]),
-    "lut export": ([["ingest", "corpus", "s.zarr", "--chunk-pixels", 500], ["fit", "s.zarr", "lut.zarr"]],
-                   ["lut", "export", "lut.zarr", "lut.json"], ["lut.json"]),
+    "fit in passes": (
+        [["ingest", "corpus", "s.zarr", "--chunk-pixels", 500]],
+        ["fit", "s.zarr", "lut.zarr", "--bin-width", 2, "--solver", "lsq", "--shrinkage", 10, "--pass-memory", 1],
+        ["lut.zarr"],
+    ),
+    "apply --export-dir": (
+        [["ingest", "corpus", "s.zarr", "--chunk-pixels", 500], ["fit", "s.zarr", "lut.zarr"]],
+        ["apply", "s.zarr", "lut.zarr", "out.zarr", "--export-dir", "png"],
+        ["out.zarr", "png"],
+    ),
+    "apply --overwrite": (
+        [
+            ["ingest", "corpus", "s.zarr", "--chunk-pixels", 500],
+            ["fit", "s.zarr", "lut.zarr"],
+            ["apply", "s.zarr", "lut.zarr", "out.zarr"],
+            ["fit", "s.zarr", "lut.zarr", "--overwrite", "--bin-width", 64],
+        ],
+        ["apply", "s.zarr", "lut.zarr", "out.zarr", "--overwrite"],
+        ["out.zarr"],
+    ),
+    "evaluate --report": (
+        [
+            ["ingest", "corpus", "s.zarr", "--chunk-pixels", 500],
+            ["fit", "s.zarr", "lut.zarr"],
+            ["apply", "s.zarr", "lut.zarr", "out.zarr"],
+        ],
+        ["evaluate", "s.zarr", "--ensemble", "out.zarr", "--report", "report"],
+        ["report"],
+    ),
+    "lut import": (
+        [],
+        ["lut", "import", "paper.pth", "lut.zarr", "--models", "model0,model1,model2", "--bin-width", 128],
+        ["lut.zarr"],
+    ),
+    "lut export": (
+        [["ingest", "corpus", "s.zarr", "--chunk-pixels", 500], ["fit", "s.zarr", "lut.zarr"]],
+        ["lut", "export", "lut.zarr", "lut.json"],
+        ["lut.json"],
+    ),
     # BASE_MODEL stands for the model file `_base_model` saves (see there)
     "predict": ([], ["predict", "degraded", "p.zarr", "--model", "a=BASE_MODEL", "--chunk-pixels", 500], ["p.zarr"]),
-    "predict --append": ([["predict", "degraded-first", "p.zarr", "--model", "a=BASE_MODEL", "--chunk-pixels", 500]],
-                         ["predict", "degraded", "p.zarr", "--model", "a=BASE_MODEL", "--append"], ["p.zarr"]),
+    "predict --append": (
+        [["predict", "degraded-first", "p.zarr", "--model", "a=BASE_MODEL", "--chunk-pixels", 500]],
+        ["predict", "degraded", "p.zarr", "--model", "a=BASE_MODEL", "--append"],
+        ["p.zarr"],
+    ),
 }
 
 
@@ -202,11 +247,19 @@ def _kill_and_rerun(case, work: Path, kill: int | float) -> None:
     if isinstance(kill, int):
         process, writes = run(work, command, kill_at=kill)
         # killed there, or (the count of writes can vary by a few between runs) done before reaching it
-        assert process.returncode == KILLED or (process.returncode == 0 and writes < kill), (kill, process.returncode,
-                                                                                             process.stderr)
+        assert process.returncode == KILLED or (process.returncode == 0 and writes < kill), (
+            kill,
+            process.returncode,
+            process.stderr,
+        )
     else:
-        child = subprocess.Popen([sys.executable, "-m", "ensir_flow.cli", *map(str, command), "--no-progress"], cwd=work,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=THREADS)
+        child = subprocess.Popen(
+            [sys.executable, "-m", "ensir_flow.cli", *map(str, command), "--no-progress"],
+            cwd=work,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=THREADS,
+        )
         time.sleep(kill)
         os.kill(child.pid, signal.SIGKILL)
         child.wait()

@@ -57,8 +57,17 @@ def test_no_dashboard_when_asked_and_a_clear_line_without_bokeh(in_process_clust
 def test_cli_dashboard_address_reaches_the_cluster(in_process_clusters, invoke, corpus, tmp_path):
     root, _ = corpus
     port = _free_port()
-    result = invoke("ingest", root, tmp_path / "s.zarr", "--scheduler", "local", "--no-progress", "--json",
-                    "--dashboard-address", f"127.0.0.1:{port}")
+    result = invoke(
+        "ingest",
+        root,
+        tmp_path / "s.zarr",
+        "--scheduler",
+        "local",
+        "--no-progress",
+        "--json",
+        "--dashboard-address",
+        f"127.0.0.1:{port}",
+    )
     assert result.exit_code == 0, result.output
     assert f":{port}/status" in result.stderr and "dask dashboard" not in result.stdout
     quiet = invoke("ingest", root, tmp_path / "t.zarr", "--scheduler", "local", "--no-progress", "--dashboard-address", "none")

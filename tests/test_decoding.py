@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image, ImageOps
+from test_bad_input import _refused
 
 import ensir_flow
 from ensir_flow.images import ImageInfo, probe_image, read_image
 from helpers import make_corpus
-from test_bad_input import _refused
 
 
 @pytest.fixture
@@ -76,12 +76,15 @@ def _save_animated(frames, path, **options):
     frames[0].save(path, save_all=True, append_images=frames[1:], **options)
 
 
-@pytest.mark.parametrize("name,save", [
-    ("img0.webp", lambda frames, path: _save_animated(frames, path, lossless=True)),
-    ("img0.gif", lambda frames, path: _save_animated([frame.convert("P") for frame in frames], path)),
-    ("img0.png", _save_animated),  # APNG
-    ("img0.tif", _save_animated),  # multipage TIFF
-])
+@pytest.mark.parametrize(
+    "name,save",
+    [
+        ("img0.webp", lambda frames, path: _save_animated(frames, path, lossless=True)),
+        ("img0.gif", lambda frames, path: _save_animated([frame.convert("P") for frame in frames], path)),
+        ("img0.png", _save_animated),  # APNG
+        ("img0.tif", _save_animated),  # multipage TIFF
+    ],
+)
 def test_a_file_of_several_frames_is_refused(tmp_path, invoke, root, name, save):
     """An animated WebP was read as its first frame; an animated GIF was not listed at all."""
     pixels = np.asarray(Image.open(root / "model0" / "img0.png"))
@@ -100,15 +103,23 @@ def test_palette_and_trns_transparency_is_alpha(tmp_path, invoke, root):
     used, unused = int(np.asarray(palette)[0, 0]), 16
     palette.save(path, transparency=unused)
     np.testing.assert_array_equal(_stored_prediction(invoke, root, tmp_path), np.asarray(palette.convert("RGB")))
-    for name, save in (("img0.png", lambda: palette.save(path, transparency=used)),
-                       ("img0.gif", lambda: palette.save(path.with_suffix(".gif"), transparency=used)),
-                       ("img0.png", lambda: palette.convert("RGB").save(path, transparency=palette.convert("RGB").getpixel((0, 0))))):
+    for name, save in (
+        ("img0.png", lambda: palette.save(path, transparency=used)),
+        ("img0.gif", lambda: palette.save(path.with_suffix(".gif"), transparency=used)),
+        ("img0.png", lambda: palette.convert("RGB").save(path, transparency=palette.convert("RGB").getpixel((0, 0)))),
+    ):
         for stale in root.glob("model0/img0.*"):
             stale.unlink()
         save()
         kind = "RGB" if Image.open(root / "model0" / name).mode == "RGB" else "palette"
-        _refused(invoke, tmp_path, "ingest", root, tmp_path / "x.zarr",
-                 match=f"{root / 'model0' / name}: {kind} image with transparency; refusing to guess a background")
+        _refused(
+            invoke,
+            tmp_path,
+            "ingest",
+            root,
+            tmp_path / "x.zarr",
+            match=f"{root / 'model0' / name}: {kind} image with transparency; refusing to guess a background",
+        )
 
 
 def test_a_single_frame_gif_is_read_with_its_palette(tmp_path, invoke, root):
@@ -149,9 +160,14 @@ def test_cmyk_is_converted_to_rgb(tmp_path):
 def _png_16_bit_rgb(height, width) -> bytes:
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(body, zlib.crc32(kind)))
+
     rows = (b"\0" + struct.pack(">3H", 1000, 30000, 65535) * width) * height
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_a_sixteen_bit_colour_png_is_refused(tmp_path, invoke, root):
@@ -165,8 +181,9 @@ def test_a_name_that_is_not_utf8_is_refused_by_name(tmp_path, invoke, root):
     """In one folder it was reported as a missing image; in all, ingest failed with a traceback."""
     for folder in ("gt", "model0", "model1", "model2"):
         os.rename(root / folder / "img0.png", os.fsencode(root / folder) + b"/img\xff.png")
-    message = _refused(invoke, tmp_path, "ingest", root, tmp_path / "s.zarr",
-                       match=f"{root / 'model0'}: the name b'img\\xff.png' is not UTF-8")
+    message = _refused(
+        invoke, tmp_path, "ingest", root, tmp_path / "s.zarr", match=f"{root / 'model0'}: the name b'img\\xff.png' is not UTF-8"
+    )
     assert message.isprintable()
     os.rename(root / "model2", os.fsencode(root) + b"/model\xff")
     _refused(invoke, tmp_path, "ingest", root, tmp_path / "s.zarr", match=f"{root}: the name b'model\\xff' is not UTF-8")

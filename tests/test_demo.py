@@ -13,12 +13,11 @@ import xarray as xr
 
 from ensir_flow.demo_corpus import DEMO_MODELS, build_demo_corpus, save_demo_models
 from ensir_flow.metrics import psnr
-from ensir_flow.models import Inference, check_model_file, model_file, loaded_model, predict_image
+from ensir_flow.models import Inference, check_model_file, loaded_model, model_file, predict_image
 
 
 def _digest(root):
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
-            if p.is_file()}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_corpus_is_ragged_paired_deterministic_and_restores(tmp_path):
@@ -32,8 +31,9 @@ def test_corpus_is_ragged_paired_deterministic_and_restores(tmp_path):
     # the base models are torch.export programs that predict accepts; their outputs as predict computes them
     paths = save_demo_models(tmp_path / "models")
     models = list(paths)
-    assert models == list(DEMO_MODELS) and all(check_model_file(path) == "export" and path.suffix == ".pt2"
-                                               for path in paths.values())
+    assert models == list(DEMO_MODELS) and all(
+        check_model_file(path) == "export" and path.suffix == ".pt2" for path in paths.values()
+    )
     images = {(folder, s): iio.imread(root / folder / f"{s}.png") for folder in ("gt", "lq") for s in stems}
     gray = images["lq", stems[0]][:37, :61, :1]
     for name, path in paths.items():
@@ -75,8 +75,12 @@ def test_refuses_a_non_empty_directory(tmp_path):
 def test_demo_command_runs_the_whole_workflow(tmp_path, invoke):
     # as the README runs it: its own process, a local cluster, progress lines on stderr (no terminal)
     run = tmp_path / "run"
-    result = subprocess.run([sys.executable, "-m", "ensir_flow", "demo", str(run)],
-                            capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "ENSIR_FLOW_SCHEDULER"})
+    result = subprocess.run(
+        [sys.executable, "-m", "ensir_flow", "demo", str(run)],
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "ENSIR_FLOW_SCHEDULER"},
+    )
     assert result.returncode == 0, result.stderr
     # a progress listener that reached the scheduler after a quick stage's futures were released
     # used to wait for them until the cluster closed, and that wait's cancellation was logged
@@ -88,7 +92,7 @@ def test_demo_command_runs_the_whole_workflow(tmp_path, invoke):
     stems = [str(s) for s in output["image"].values]
     assert sorted(p.stem for p in (run / "ensemble-png").glob("*.png")) == sorted(stems) and len(stems) == 3
     for stem, h, w, offset in zip(stems, output["height"].values, output["width"].values, output["pixel_offset"].values):
-        pixels = output["ensemble"].values[offset: offset + h * w].reshape(h, w, 3)
+        pixels = output["ensemble"].values[offset : offset + h * w].reshape(h, w, 3)
         np.testing.assert_array_equal(iio.imread(run / "ensemble-png" / f"{stem}.png"), pixels)
     # the printed scores are those of the stores it wrote, held out, and the cross-validation table follows
     scores = invoke("evaluate", run / "heldout.zarr", "--ensemble", run / "ensemble.zarr", "--json", "--no-progress")

@@ -1,14 +1,15 @@
 """`--device auto` answers 'cpu' without importing torch only where no GPU driver shows."""
 
 from ensir_flow import devices
-
 from helpers import modules_imported_by
 
 
 def test_auto_without_a_gpu_driver_does_not_import_torch():
-    code = ("from ensir_flow import devices\n"
-            "devices.GPU_DEVICE_FILES = ('/nonexistent/nvidiactl',)\n"
-            "assert devices.resolve_device('auto') == 'cpu'\n")
+    code = (
+        "from ensir_flow import devices\n"
+        "devices.GPU_DEVICE_FILES = ('/nonexistent/nvidiactl',)\n"
+        "assert devices.resolve_device('auto') == 'cpu'\n"
+    )
     assert "torch" not in modules_imported_by(code)
 
 

@@ -13,7 +13,6 @@ from ensir_flow.blend import blend, blend_torch
 from ensir_flow.devices import resolve_device
 from ensir_flow.errors import InputError
 from ensir_flow.fit_status import FitStatus
-
 from helpers import modules_imported_by
 
 
@@ -41,7 +40,9 @@ def test_torch_blend_equals_numba(seed, n_models, bin_width):
     rng = np.random.default_rng(seed)
     weights = rng.random(((-(-256 // bin_width)) ** n_models, 3, n_models)).astype(np.float32)
     weights /= weights.sum(axis=2, keepdims=True)
-    np.testing.assert_array_equal(blend_torch(predictions, weights, bin_width, "cpu"), blend(predictions, weights, bin_width, "cpu"))
+    np.testing.assert_array_equal(
+        blend_torch(predictions, weights, bin_width, "cpu"), blend(predictions, weights, bin_width, "cpu")
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: compares EM on the GPU with EM on the CPU")
@@ -68,6 +69,9 @@ def test_device_resolution():
 
 def test_cpu_workers_never_import_torch():
     """Task functions live in these modules; importing torch would cost each worker ~300 MB."""
-    code = ("import ensir_flow.pipelines.apply, ensir_flow.pipelines.fit, ensir_flow.pipelines.ingest, ensir_flow.pipelines.evaluate, "
-            "ensir_flow.stats, ensir_flow.blend")
+    code = (
+        "import ensir_flow.pipelines.apply, ensir_flow.pipelines.fit, ensir_flow.pipelines.ingest, "
+        "ensir_flow.pipelines.evaluate, "
+        "ensir_flow.stats, ensir_flow.blend"
+    )
     assert "torch" not in modules_imported_by(code)

@@ -46,7 +46,10 @@ def test_python_guide_examples_run(tmp_path, monkeypatch):
 
 def test_readme_quick_start_is_the_demo_then_the_tests():
     first, second = _blocks(README.read_text(), "bash")[:2]
-    assert first == "python3 -m venv .venv && .venv/bin/pip install -q -c constraints.txt -e . && .venv/bin/ensir-flow demo demo-run\n"
+    assert (
+        first
+        == "python3 -m venv .venv && .venv/bin/pip install -q -c constraints.txt -e . && .venv/bin/ensir-flow demo demo-run\n"
+    )
     assert second == "python3 -m venv .venv && .venv/bin/pip install -q -c constraints.txt -e '.[test]' && .venv/bin/pytest -q\n"
 
 
@@ -62,6 +65,7 @@ def test_readme_is_short_and_its_links_resolve():
 @pytest.mark.parametrize("page", [README, ROOT / "CHANGELOG.md", *sorted(DOCS.glob("*.md"))], ids=lambda path: path.name)
 def test_pages_speak_of_the_code_not_its_history(page):
     text = page.read_text()
-    history = re.findall(r"\b(?:stop|round|issue|commit) \d+\b|\b[0-9a-f]{7}\b(?= \()|\btarget(?:s)?\b.{0,20}\bmet\b", text,
-                         flags=re.IGNORECASE)
+    history = re.findall(
+        r"\b(?:stop|round|issue|commit) \d+\b|\b[0-9a-f]{7}\b(?= \()|\btarget(?:s)?\b.{0,20}\bmet\b", text, flags=re.IGNORECASE
+    )
     assert not history, history

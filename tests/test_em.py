@@ -18,7 +18,9 @@ def _reference_em(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     pi /= pi.sum()
     prev = None
     for step in range(1001):
-        log_p = -0.5 * (np.log(2 * np.pi) + np.log(var)[:, None] + (y[None] - mu[:, None]) ** 2 / var[:, None]) + np.log(pi)[:, None]
+        log_p = (
+            -0.5 * (np.log(2 * np.pi) + np.log(var)[:, None] + (y[None] - mu[:, None]) ** 2 / var[:, None]) + np.log(pi)[:, None]
+        )
         top = log_p.max(axis=0)
         log_norm = top + np.log(np.exp(log_p - top).sum(axis=0))
         ll = log_norm.mean()
@@ -41,7 +43,7 @@ def _one_cell(x, y):
 
 def test_histogram_em_matches_per_sample_em():
     rng = np.random.default_rng(3)
-    for trial in range(5):
+    for _ in range(5):
         y = rng.integers(40, 200, 800)
         x = np.stack([np.clip(y + rng.normal(b, s, 800), 0, 255).round() for b, s in [(0, 3), (4, 8), (-2, 15)]])
         weights, status = em.fit_em(_one_cell(x, y))

@@ -157,8 +157,7 @@ def fit_through_cli(root: Path, work: Path, bin_width: int) -> Lut:
     runner, main = CliRunner(), _cli_main()
     store, lut = work / "store.zarr", work / "lut.zarr"
     for args in (["ingest", root, store], ["fit", store, lut, "--bin-width", bin_width, "--solver", "em"]):
-        result = runner.invoke(main, [str(a) for a in args] + ["--scheduler", "threads", "--no-progress"],
-                               catch_exceptions=False)
+        result = runner.invoke(main, [str(a) for a in args] + ["--scheduler", "threads", "--no-progress"], catch_exceptions=False)
         assert result.exit_code == 0, result.output
     return Lut.from_dataset(xr.open_zarr(lut).load())
 
@@ -190,14 +189,17 @@ class Corpus:
     def images(self) -> list[tuple[np.ndarray, np.ndarray]]:
         rng = np.random.default_rng(self.seed)
         out = []
-        for i, (h, w) in enumerate(self.sizes):
+        for h, w in self.sizes:
             yy, xx = np.mgrid[0:h, 0:w]
             phase = rng.uniform(0, 2 * np.pi, self.channels)
             smooth = np.sin(xx[..., None] / rng.uniform(3, 12) + phase) * np.cos(yy[..., None] / rng.uniform(3, 12))
             truth = np.clip(np.rint(127 + self.amplitude * smooth + rng.normal(0, 6, (h, w, self.channels))), 0, 255)
-            predictions = np.stack([
-                np.clip(np.rint(127 + g * (truth - 127) + b + rng.normal(0, s, truth.shape)), 0, 255)
-                for g, b, s in zip(self.gains, self.biases, self.noises)])
+            predictions = np.stack(
+                [
+                    np.clip(np.rint(127 + g * (truth - 127) + b + rng.normal(0, s, truth.shape)), 0, 255)
+                    for g, b, s in zip(self.gains, self.biases, self.noises)
+                ]
+            )
             out.append((truth.astype(np.uint8), predictions.astype(np.uint8)))
         return out
 
@@ -281,7 +283,8 @@ def compare_cell(comparison: Comparison, label, lut_weights, lut_status, x, y, c
         comparison.failures.append(
             f"cell {label}: n={len(y)}, LUT status {lut_status} weights {np.round(lut_weights, 4).tolist()}; "
             f"plain loop status {expected.status} after {expected.steps} steps, weights "
-            f"{np.round(expected.weights, 4).tolist()} (float32 {single.steps} steps, float64 {double.steps})")
+            f"{np.round(expected.weights, 4).tolist()} (float32 {single.steps} steps, float64 {double.steps})"
+        )
 
 
 def compare(lut: Lut, images, bin_width: int) -> Comparison:
@@ -334,7 +337,8 @@ def check(comparison: Comparison) -> None:
     assert not unexplained, f"float32 and float64 loops part for another reason than a near tie: {unexplained}"
     assert len(comparison.off_by_more) <= off_by_more_bound(comparison.fits), (
         f"{len(comparison.off_by_more)} precision-dependent fits beyond {WEIGHT_ATOL} of the float32 loop "
-        f"out of {comparison.fits}: {comparison.off_by_more}")
+        f"out of {comparison.fits}: {comparison.off_by_more}"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,8 +365,14 @@ def corpora(draw):
 
 
 # No shrinking: each example runs the pipeline, and a failing corpus prints as a few numbers anyway.
-@settings(max_examples=10, deadline=None, derandomize=True, database=None, phases=[Phase.explicit, Phase.generate],
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=10,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(corpus=corpora())
 def test_fit_matches_plain_reference_loop(corpus):
     images = corpus.images()
@@ -378,8 +388,12 @@ def _saturated_corpus(n: int = 60000, seed: int = 80):
     all clipped to 0..255, as ([(truth, predictions)], the pixel arrays x (K, n), y (n,))."""
     rng = np.random.default_rng(seed)
     y = np.clip(np.rint(rng.normal(259, 23, n)), 0, 255)
-    x = np.stack([np.clip(np.rint(y + bias + rng.normal(0, noise, n)), 0, 255)
-                  for bias, noise in [(-25, 10), (-25, 5), (-25, 10), (-40, 20)]]).astype(np.uint8)
+    x = np.stack(
+        [
+            np.clip(np.rint(y + bias + rng.normal(0, noise, n)), 0, 255)
+            for bias, noise in [(-25, 10), (-25, 5), (-25, 10), (-40, 20)]
+        ]
+    ).astype(np.uint8)
     shape = (240, n // 240, 1)
     return [(y.astype(np.uint8).reshape(shape), x.reshape((4, *shape)))], x, y.astype(np.uint8)
 

@@ -6,7 +6,6 @@ import pytest
 
 from ensir_flow import em, stats
 from ensir_flow.fit_status import FitStatus
-
 from helpers import modules_imported_by
 
 
@@ -24,9 +23,12 @@ def _corpus(seed: int, n_models: int, n_pixels: int):
     cells of every kind, including clipped ones where EM's steps lower the likelihood."""
     rng = np.random.default_rng(seed)
     truth = np.clip(rng.normal(128, 70, (n_pixels, 3)), 0, 255)
-    predictions = np.stack([
-        np.clip(truth * rng.uniform(0.9, 1.1) + rng.uniform(-12, 12) + rng.normal(0, rng.uniform(1, 12), truth.shape), 0, 255)
-        for _ in range(n_models)])
+    predictions = np.stack(
+        [
+            np.clip(truth * rng.uniform(0.9, 1.1) + rng.uniform(-12, 12) + rng.normal(0, rng.uniform(1, 12), truth.shape), 0, 255)
+            for _ in range(n_models)
+        ]
+    )
     return predictions.round().astype(np.uint8), truth.round().astype(np.uint8)
 
 
@@ -57,12 +59,14 @@ def test_cpu_kernel_agrees_with_torch_for_many_models(seed, n_models, bin_width)
 
 def test_fit_on_the_cpu_does_not_import_torch(tmp_path):
     """EM on the CPU is numba's: a fit never pays for importing torch."""
-    code = ("import numpy as np\n"
-            "from ensir_flow import em, stats\n"
-            "rng = np.random.default_rng(0)\n"
-            "y = rng.integers(0, 256, (5000, 3)).astype(np.uint8)\n"
-            "x = np.clip(y[None].astype(int) + rng.integers(-9, 10, (3, 5000, 3)), 0, 255).astype(np.uint8)\n"
-            "em.fit_em(stats.chunk_statistics(x, y, 64), 'cpu')\n")
+    code = (
+        "import numpy as np\n"
+        "from ensir_flow import em, stats\n"
+        "rng = np.random.default_rng(0)\n"
+        "y = rng.integers(0, 256, (5000, 3)).astype(np.uint8)\n"
+        "x = np.clip(y[None].astype(int) + rng.integers(-9, 10, (3, 5000, 3)), 0, 255).astype(np.uint8)\n"
+        "em.fit_em(stats.chunk_statistics(x, y, 64), 'cpu')\n"
+    )
     assert "torch" not in modules_imported_by(code), "torch was imported"
 
 

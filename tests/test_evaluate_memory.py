@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from helpers import make_corpus
 from ensir_flow import metrics, schema
 from ensir_flow.blend import AVERAGE, ENSEMBLE, ZZPM, average, blend, squared_distance_sums, zzpm
 from ensir_flow.pipelines import evaluate
 from ensir_flow.pipelines.chunks import pixel_array
+from helpers import make_corpus
 
 BIN_WIDTH = 64
 
@@ -52,9 +52,10 @@ def test_strips_score_each_image_as_a_whole(store, options):
     for h, w, offset in zip(ds["height"].values, ds["width"].values, ds["pixel_offset"].values):
         shape, pixels = (int(h), int(w), 3), slice(int(offset), int(offset + h * w))
         expected = _whole_image_scores(predictions[:, pixels], truth[pixels], shape, names, luts, **options)
-        for strip_pixels in (130, 777, 10 ** 6):  # a few rows a strip, ZZPM in many pieces; one strip
-            got = evaluate.image_scores(*arrays, arrays[1], int(offset), shape, names, options["crop_border"],
-                                        options["y_channel"], luts, strip_pixels)
+        for strip_pixels in (130, 777, 10**6):  # a few rows a strip, ZZPM in many pieces; one strip
+            got = evaluate.image_scores(
+                *arrays, arrays[1], int(offset), shape, names, options["crop_border"], options["y_channel"], luts, strip_pixels
+            )
             assert list(got["psnr"]) == list(expected["psnr"])
             np.testing.assert_array_equal(list(got["ssim"].values()), list(expected["ssim"].values()))
             if options["y_channel"]:  # luma's float squared errors, summed per strip
@@ -69,8 +70,8 @@ def test_zzpm_distances_gathered_in_pieces_are_those_of_the_whole_image(store):
     ds = xr.open_zarr(store)
     predictions = ds[schema.PREDICTION].values
     for h, w, offset in zip(ds["height"].values, ds["width"].values, ds["pixel_offset"].values):
-        whole = squared_distance_sums(predictions[:, int(offset): int(offset + h * w)])
-        for piece_values in (128, 300, 1000, 10 ** 6):
+        whole = squared_distance_sums(predictions[:, int(offset) : int(offset + h * w)])
+        for piece_values in (128, 300, 1000, 10**6):
             pieces = evaluate._squared_distance_sums(_arrays(store)[0], int(offset), (int(h), int(w), 3), piece_values)
             assert pieces.tobytes() == whole.tobytes(), piece_values
 
@@ -92,7 +93,7 @@ def test_a_task_reads_a_strip_at_a_time(store, monkeypatch):
     assert max(stop - start for start, stop in reads) <= (rows + metrics.SSIM_WINDOW - 1) * w
     covered = np.zeros(h * w, bool)
     for start, stop in reads:
-        covered[start - offset: stop - offset] = True
+        covered[start - offset : stop - offset] = True
     assert covered.all()
 
 
@@ -117,6 +118,6 @@ def test_memory_is_bounded_by_the_strip(tmp_path, invoke):
         return evaluate.image_scores(*arrays, None, 0, (height, 1000, 3), names, 0, True, None, strip_pixels)
 
     scores(40, 20000)  # the kernels loaded, zarr's caches filled
-    whole, strips = _traced_peak(lambda: scores(400, 10 ** 6)), _traced_peak(lambda: scores(400, 20000))
-    assert strips < whole / 10, f"{strips / 2 ** 20:.1f} MiB at the peak in strips, {whole / 2 ** 20:.1f} MiB in one"
-    assert scores(400, 20000)["ssim"] == scores(400, 10 ** 6)["ssim"]
+    whole, strips = _traced_peak(lambda: scores(400, 10**6)), _traced_peak(lambda: scores(400, 20000))
+    assert strips < whole / 10, f"{strips / 2**20:.1f} MiB at the peak in strips, {whole / 2**20:.1f} MiB in one"
+    assert scores(400, 20000)["ssim"] == scores(400, 10**6)["ssim"]

@@ -6,10 +6,10 @@ import shutil
 import pytest
 import zarr
 
-from helpers import make_corpus
 from ensir_flow.pipelines.apply import store_fingerprint as apply_fingerprint
 from ensir_flow.pipelines.fingerprint import store_fingerprint
 from ensir_flow.pipelines.stores import open_store, open_store_index
+from helpers import make_corpus
 
 SIZES = ((24, 32), (17, 29), (40, 21))
 
@@ -103,16 +103,22 @@ def test_the_fingerprint_read_with_zarr_is_the_one_apply_records(tmp_path, invok
     _ok(invoke("ingest", full, store, "--chunk-pixels", 300, "--no-progress"))
     with_xarray, with_zarr = open_store(str(store)), open_store_index(str(store))
     for n_images in (None, 1, 2):
-        assert store_fingerprint(with_zarr, n_images) == store_fingerprint(with_xarray, n_images) == \
-            apply_fingerprint(with_xarray, n_images)
+        assert (
+            store_fingerprint(with_zarr, n_images)
+            == store_fingerprint(with_xarray, n_images)
+            == apply_fingerprint(with_xarray, n_images)
+        )
     assert store_fingerprint(with_zarr, 2) != store_fingerprint(with_zarr)
 
 
-@pytest.mark.parametrize("option,message", [
-    (("--cv", 2, "--bin-widths", 0), "bin width must be between 1 and 256, got 0"),
-    (("--cv", 2, "--bin-widths", "16,300"), "bin width must be between 1 and 256, got 300"),
-    (("--cv", 2, "--bin-widths", "32,32"), "names a bin width twice"),
-])
+@pytest.mark.parametrize(
+    "option,message",
+    [
+        (("--cv", 2, "--bin-widths", 0), "bin width must be between 1 and 256, got 0"),
+        (("--cv", 2, "--bin-widths", "16,300"), "bin width must be between 1 and 256, got 300"),
+        (("--cv", 2, "--bin-widths", "32,32"), "names a bin width twice"),
+    ],
+)
 def test_bad_bin_widths_are_one_line_usage_errors(tmp_path, invoke, corpus, option, message):
     root, _ = corpus
     _ok(invoke("ingest", root, tmp_path / "s.zarr", "--no-progress"))
@@ -126,8 +132,9 @@ def test_a_crop_border_that_leaves_an_image_empty_names_the_smallest(tmp_path, i
     root, _ = corpus
     _ok(invoke("ingest", root, tmp_path / "s.zarr", "--no-progress"))
     line = _refusal(invoke("evaluate", tmp_path / "s.zarr", "--crop-border", 1000, *extra, "--no-progress"))
-    assert line == (f"Error: {tmp_path / 's.zarr'}: --crop-border 1000 leaves no pixels of its smallest image "
-                    "'img1' (17x29): at most 8")
+    assert line == (
+        f"Error: {tmp_path / 's.zarr'}: --crop-border 1000 leaves no pixels of its smallest image 'img1' (17x29): at most 8"
+    )
     assert _refusal(invoke("evaluate", tmp_path / "s.zarr", "--crop-border", 9, *extra, "--no-progress"))
     _ok(invoke("evaluate", tmp_path / "s.zarr", "--crop-border", 8, "--no-progress"))
 

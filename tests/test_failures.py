@@ -34,7 +34,9 @@ def one_line(result) -> str:
 
 def leftovers(folder: Path) -> list[str]:
     """Staging folders and lock files that commands leave beside their targets."""
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and (".partial" in p.name or p.name.endswith(".lock")))
+    return sorted(
+        p.name for p in folder.iterdir() if p.name.startswith(".") and (".partial" in p.name or p.name.endswith(".lock"))
+    )
 
 
 @pytest.fixture
@@ -68,8 +70,9 @@ def fitted(corpus, tmp_path, invoke):
     return tmp_path
 
 
-def test_disk_full_during_ingest_is_one_line_and_the_same_command_completes_once_space_is_freed(corpus, tmp_path, invoke,
-                                                                                                failing_writes):
+def test_disk_full_during_ingest_is_one_line_and_the_same_command_completes_once_space_is_freed(
+    corpus, tmp_path, invoke, failing_writes
+):
     root, _ = corpus
     target = tmp_path / "out" / "s.zarr"
     target.parent.mkdir()
@@ -83,7 +86,9 @@ def test_disk_full_during_ingest_is_one_line_and_the_same_command_completes_once
     assert invoke("ingest", root, target, "--chunk-pixels", 500, "--no-progress").exit_code == 0
     assert leftovers(target.parent) == []
     assert invoke("ingest", root, tmp_path / "clean.zarr", "--chunk-pixels", 500, "--no-progress").exit_code == 0
-    np.testing.assert_array_equal(xr.open_zarr(target)["prediction"].values, xr.open_zarr(tmp_path / "clean.zarr")["prediction"].values)
+    np.testing.assert_array_equal(
+        xr.open_zarr(target)["prediction"].values, xr.open_zarr(tmp_path / "clean.zarr")["prediction"].values
+    )
 
 
 def test_disk_full_during_apply_is_one_line_and_the_same_command_completes_once_space_is_freed(fitted, invoke, failing_writes):
@@ -160,9 +165,11 @@ def corrupt_chunk(store: Path, index: int) -> None:
 def test_a_corrupt_chunk_is_named_by_fit_and_apply(fitted, invoke):
     corrupt_chunk(fitted / "s.zarr", 1)
     expected = f"{fitted / 's.zarr'}/prediction: chunk 1 (pixels 500:1000) is unreadable (error during blosc decompression"
-    for args, target in [(["fit", fitted / "s.zarr", fitted / "lut2.zarr"], "lut2.zarr"),
-                         (["fit", fitted / "s.zarr", fitted / "lut3.zarr", "--solver", "lsq"], "lut3.zarr"),
-                         (["apply", fitted / "s.zarr", fitted / "lut.zarr", fitted / "out.zarr"], "out.zarr")]:
+    for args, target in [
+        (["fit", fitted / "s.zarr", fitted / "lut2.zarr"], "lut2.zarr"),
+        (["fit", fitted / "s.zarr", fitted / "lut3.zarr", "--solver", "lsq"], "lut3.zarr"),
+        (["apply", fitted / "s.zarr", fitted / "lut.zarr", fitted / "out.zarr"], "out.zarr"),
+    ]:
         result = invoke(*args, "--no-progress")
         assert result.exit_code == 1 and expected in one_line(result), args
         assert not (fitted / target).exists()
@@ -184,8 +191,9 @@ def test_a_cluster_where_no_worker_joins_in_time_is_transient(corpus, tmp_path, 
     root, _ = corpus
     with LocalCluster(n_workers=0, processes=True, dashboard_address=None) as empty:
         started = time.monotonic()
-        result = invoke("ingest", root, tmp_path / "s.zarr", "--scheduler", empty.scheduler_address, "--worker-timeout", 1,
-                        "--no-progress")
+        result = invoke(
+            "ingest", root, tmp_path / "s.zarr", "--scheduler", empty.scheduler_address, "--worker-timeout", 1, "--no-progress"
+        )
         elapsed = time.monotonic() - started
     assert result.exit_code == EX_TEMPFAIL and elapsed < 30
     assert "no worker has been connected for 1 s" in result.stderr.strip().splitlines()[-1]
@@ -215,16 +223,40 @@ def test_losing_every_worker_mid_run_ends_the_command_after_the_worker_timeout(f
 
     preload = tmp_path / "kill_on_read.py"
     preload.write_text(KILL_ON_READ)
-    with (LocalCluster(n_workers=0, processes=True, dashboard_address=None) as cluster,
-          Client(cluster, set_as_default=False) as client):  # the CLI plans with dask threads, as it does alone
-        worker = subprocess.Popen([sys.executable, "-m", "dask", "worker", cluster.scheduler_address, "--no-nanny",
-                                   "--nthreads", "1", "--no-dashboard", "--preload", str(preload)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with (
+        LocalCluster(n_workers=0, processes=True, dashboard_address=None) as cluster,
+        Client(cluster, set_as_default=False) as client,
+    ):  # the CLI plans with dask threads, as it does alone
+        worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "dask",
+                "worker",
+                cluster.scheduler_address,
+                "--no-nanny",
+                "--nthreads",
+                "1",
+                "--no-dashboard",
+                "--preload",
+                str(preload),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             client.wait_for_workers(1, timeout=60)
             started = time.monotonic()
-            result = invoke("fit", fitted / "s.zarr", fitted / "lut2.zarr", "--scheduler", cluster.scheduler_address,
-                            "--worker-timeout", 3, "--no-progress")
+            result = invoke(
+                "fit",
+                fitted / "s.zarr",
+                fitted / "lut2.zarr",
+                "--scheduler",
+                cluster.scheduler_address,
+                "--worker-timeout",
+                3,
+                "--no-progress",
+            )
             elapsed = time.monotonic() - started
             assert worker.wait(timeout=10) == 1  # it died mid-run, at its first read
         finally:
@@ -241,8 +273,15 @@ def test_a_corrupt_chunk_read_by_a_worker_process_is_named_too(fitted, invoke):
 
     corrupt_chunk(fitted / "s.zarr", 2)
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        result = invoke("apply", fitted / "s.zarr", fitted / "lut.zarr", fitted / "out.zarr", "--scheduler",
-                        cluster.scheduler_address, "--no-progress")
+        result = invoke(
+            "apply",
+            fitted / "s.zarr",
+            fitted / "lut.zarr",
+            fitted / "out.zarr",
+            "--scheduler",
+            cluster.scheduler_address,
+            "--no-progress",
+        )
     assert result.exit_code == 1
     assert f"{fitted / 's.zarr'}/prediction: chunk 2 (pixels 1000:1500) is unreadable" in one_line(result)
 
@@ -263,8 +302,10 @@ def test_an_existing_report_folder_or_one_under_a_file_is_refused_before_any_wor
     (tmp_path / "report").mkdir()
     (tmp_path / "report" / "mine.txt").write_text("not ensir-flow's")
     (tmp_path / "a-file").write_text("")
-    for report, message in [(tmp_path / "report", f"{tmp_path / 'report'}: already exists"),
-                            (tmp_path / "a-file" / "report", f"{tmp_path / 'a-file'} is a file, not a folder")]:
+    for report, message in [
+        (tmp_path / "report", f"{tmp_path / 'report'}: already exists"),
+        (tmp_path / "a-file" / "report", f"{tmp_path / 'a-file'} is a file, not a folder"),
+    ]:
         for extra in ([], ["--cv", 2]):
             result = invoke("evaluate", tmp_path / "s.zarr", "--report", report, *extra, "--no-progress")
             assert result.exit_code == 1 and message in one_line(result) and result.stdout == ""
@@ -306,8 +347,14 @@ def run_commands(commands: list[tuple[list, int]], cwd: Path, scheduler: str) ->
     commands = [([str(a) for a in args], expected) for args, expected in commands]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
     env["ENSIR_FLOW_SCHEDULER"] = scheduler
-    run = subprocess.run([sys.executable, "-c", textwrap.dedent(DRIVER).format(commands=json.dumps(commands))],
-                         cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    run = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(DRIVER).format(commands=json.dumps(commands))],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stderr
     return run.stderr
 
@@ -345,7 +392,14 @@ def test_no_library_warning_reaches_the_user_with_a_local_cluster(tmp_path):
             dashboard.bind(("", 8787))
         except OSError:
             pass  # taken already
-        stderr = run_commands([(["ingest", "corpus", "s.zarr"], 0), (["fit", "s.zarr", "lut.zarr"], 0),
-                               (["apply", "s.zarr", "lut.zarr", "out.zarr"], 0)], tmp_path, "local")
+        stderr = run_commands(
+            [
+                (["ingest", "corpus", "s.zarr"], 0),
+                (["fit", "s.zarr", "lut.zarr"], 0),
+                (["apply", "s.zarr", "lut.zarr", "out.zarr"], 0),
+            ],
+            tmp_path,
+            "local",
+        )
     assert (tmp_path / "out.zarr").exists()
     assert "Warning" not in stderr and "WARNING" not in stderr, stderr

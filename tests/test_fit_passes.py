@@ -8,6 +8,7 @@ import types
 
 import numpy as np
 import pytest
+from test_sparse_lut import members
 
 from ensir_flow import stats
 from ensir_flow.errors import TransientError
@@ -18,7 +19,6 @@ from ensir_flow.pipelines.fit import CellRanges, plan_fit
 from ensir_flow.pipelines.lut_io import read_lut
 from ensir_flow.stats import FIRST_BINS_END
 from helpers import make_corpus
-from test_sparse_lut import members
 
 SIZES = ((40, 36), (33, 29), (38, 41), (30, 30))
 
@@ -34,8 +34,19 @@ def stores(tmp_path_factory):
     for n_models in (5, 16):
         make_corpus(root / f"corpus{n_models}", n_models, SIZES, seed=n_models)
         made[n_models] = root / f"k{n_models}.zarr"
-        result = CliRunner().invoke(main, ["ingest", str(root / f"corpus{n_models}"), str(made[n_models]), "--chunk-pixels",
-                                           "1000", "--scheduler", "threads", "--no-progress"])
+        result = CliRunner().invoke(
+            main,
+            [
+                "ingest",
+                str(root / f"corpus{n_models}"),
+                str(made[n_models]),
+                "--chunk-pixels",
+                "1000",
+                "--scheduler",
+                "threads",
+                "--no-progress",
+            ],
+        )
         assert result.exit_code == 0, result.output
     return made
 
@@ -53,11 +64,19 @@ def _fit(store, lut_path, bin_width, solver, shrinkage, pass_bytes=None):
     return labels
 
 
-@pytest.mark.parametrize("n_models, bin_width, solver, shrinkage", [
-    (16, 16, "em", None), (16, 16, "average", None), (16, 16, "zzpm", None), (5, 16, "em", None),
-    pytest.param(5, 16, "lsq", None, marks=pytest.mark.slow),  # held-out errors of 7 strengths x 4 folds, range by range
-    (5, 16, "lsq", 10.0), (16, 8, "em", None), (5, 16, "select", None),
-])
+@pytest.mark.parametrize(
+    "n_models, bin_width, solver, shrinkage",
+    [
+        (16, 16, "em", None),
+        (16, 16, "average", None),
+        (16, 16, "zzpm", None),
+        (5, 16, "em", None),
+        pytest.param(5, 16, "lsq", None, marks=pytest.mark.slow),  # held-out errors of 7 strengths x 4 folds, range by range
+        (5, 16, "lsq", 10.0),
+        (16, 8, "em", None),
+        (5, 16, "select", None),
+    ],
+)
 def test_a_fit_in_passes_writes_the_lut_of_a_single_pass(stores, tmp_path, n_models, bin_width, solver, shrinkage):
     store = stores[n_models]
     single = _fit(store, tmp_path / "single.zarr", bin_width, solver, shrinkage)
@@ -73,8 +92,9 @@ def test_a_fit_in_passes_writes_the_lut_of_a_single_pass(stores, tmp_path, n_mod
     assert chosen == {key: value for key, value in many.attrs.items() if key != "shrinkage_held_out_mse"}
     if "shrinkage_held_out_mse" in one.attrs:  # the folds' errors, summed over the ranges in another order
         assert one.attrs["shrinkage_held_out_mse"].keys() == many.attrs["shrinkage_held_out_mse"].keys()
-        np.testing.assert_allclose(list(one.attrs["shrinkage_held_out_mse"].values()),
-                                   list(many.attrs["shrinkage_held_out_mse"].values()), rtol=1e-9)
+        np.testing.assert_allclose(
+            list(one.attrs["shrinkage_held_out_mse"].values()), list(many.attrs["shrinkage_held_out_mse"].values()), rtol=1e-9
+        )
         assert sum(label.startswith("held-out errors, pass") for label in passes) >= 3
 
 
@@ -100,8 +120,10 @@ def test_statistics_of_ranges_of_cells_add_up_to_the_chunks(n_models, bin_width)
     whole = stats.chunk_statistics(predictions, truth, bin_width, moments_kind=stats.EM_MOMENTS)
     first_bins = np.unique(stats.first_bin_of_keys(whole.cells, 3))
     cuts = [0, int(first_bins[len(first_bins) // 3]), int(first_bins[2 * len(first_bins) // 3]), FIRST_BINS_END]
-    parts = [stats.chunk_statistics(predictions, truth, bin_width, moments_kind=stats.EM_MOMENTS, first_bins=(lo, hi))
-             for lo, hi in zip(cuts[:-1], cuts[1:])]
+    parts = [
+        stats.chunk_statistics(predictions, truth, bin_width, moments_kind=stats.EM_MOMENTS, first_bins=(lo, hi))
+        for lo, hi in zip(cuts[:-1], cuts[1:])
+    ]
     assert all(len(part.cells) for part in parts)
     merged = stats.merge(*parts)
     for name in ("cells", "moments", "hist_keys", "hist_counts"):
@@ -177,6 +199,7 @@ def test_a_store_replaced_between_passes_is_refused_and_nothing_written(tmp_path
 def test_a_full_disk_under_the_temporary_files_names_their_folder(monkeypatch):
     """The LUT's bins go to unnamed temporary files: a full disk there is reported as that folder
     being full (errno kept, so the CLI says to free space), not as a failure of the LUT."""
+
     class Full(io.BytesIO):
         def write(self, data):
             raise OSError(errno.ENOSPC, "No space left on device")

@@ -61,8 +61,28 @@ def _set_stems(store, stems: dict) -> None:
 
 # --- stems -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("stem", ["", ".", "..", "../x", "../../../x/ESCAPED", "..x", "a/b", "a\\b", "/etc/passwd",
-                                  "C:x", "C:\\x", "a\x00b", "line\nbreak", "tab\there", "esc\x1b[31m", "del\x7f"])
+
+@pytest.mark.parametrize(
+    "stem",
+    [
+        "",
+        ".",
+        "..",
+        "../x",
+        "../../../x/ESCAPED",
+        "..x",
+        "a/b",
+        "a\\b",
+        "/etc/passwd",
+        "C:x",
+        "C:\\x",
+        "a\x00b",
+        "line\nbreak",
+        "tab\there",
+        "esc\x1b[31m",
+        "del\x7f",
+    ],
+)
 def test_unsafe_stems_are_refused(stem):
     with pytest.raises(InputError) as refused:
         check_stem(stem, "s.zarr")
@@ -89,12 +109,16 @@ def test_ingest_refuses_a_file_name_that_cannot_be_a_stem(tmp_path, invoke, corp
 
 # --- export: crafted stems, foreign files, folders that cannot be made ----------------------------
 
+
 @pytest.fixture
 def fitted(tmp_path, invoke, corpus):
     """A store, its LUT and an apply output (no export yet)."""
     root, _ = corpus
     _ingest(invoke, root, tmp_path / "s.zarr")
-    for args in (["fit", tmp_path / "s.zarr", tmp_path / "lut.zarr"], ["apply", tmp_path / "s.zarr", tmp_path / "lut.zarr", tmp_path / "out.zarr"]):
+    for args in (
+        ["fit", tmp_path / "s.zarr", tmp_path / "lut.zarr"],
+        ["apply", tmp_path / "s.zarr", tmp_path / "lut.zarr", tmp_path / "out.zarr"],
+    ):
         result = invoke(*args, "--no-progress")
         assert result.exit_code == 0, result.output
     return tmp_path
@@ -119,10 +143,14 @@ def test_crafted_stem_refused_by_apply_export(tmp_path, invoke, corpus):
     assert invoke("fit", tmp_path / "s.zarr", tmp_path / "lut.zarr", "--no-progress").exit_code == 0
     _set_stems(tmp_path / "s.zarr", {0: "../../../x/ESCAPED", 2: "..\\..\\WIN"})
     target = tmp_path / "deep" / "a" / "png"
-    result = invoke("apply", tmp_path / "s.zarr", tmp_path / "lut.zarr", tmp_path / "out.zarr", "--export-dir", target, "--no-progress")
+    result = invoke(
+        "apply", tmp_path / "s.zarr", tmp_path / "lut.zarr", tmp_path / "out.zarr", "--export-dir", target, "--no-progress"
+    )
     _one_line_refusal(result, "ESCAPED")
     assert not target.exists()
-    assert not [p for p in tmp_path.rglob("*") if "ESCAPED" in p.name or "WIN" in p.name or p.suffix == ".png" and "corpus" not in p.parts]
+    assert not [
+        p for p in tmp_path.rglob("*") if "ESCAPED" in p.name or "WIN" in p.name or p.suffix == ".png" and "corpus" not in p.parts
+    ]
     assert not (tmp_path.parent / "x").exists()
 
 
@@ -139,20 +167,28 @@ def test_overwrite_never_deletes_foreign_files(fitted, invoke):
     assert invoke(*apply).exit_code == 0
     assert sorted(p.name for p in png.iterdir()) == ["img0.png", "img1.png", "img2.png"]
     mark = png_text((png / "img0.png").read_bytes())
-    assert mark["Software"].startswith("ensir-flow ") and mark["Variable"] == "ensemble" and mark["Source"] == str(fitted / "out2.zarr")
-    for foreign, make in (("notes.txt", lambda p: p.write_text("mine")),
-                          ("holiday.png", lambda p: iio.imwrite(p, np.zeros((4, 4, 3), np.uint8))),  # a PNG ensir-flow did not write
-                          ("sub/", lambda p: (p.mkdir(), (p / "keep.txt").write_text("mine")))):
+    assert (
+        mark["Software"].startswith("ensir-flow ")
+        and mark["Variable"] == "ensemble"
+        and mark["Source"] == str(fitted / "out2.zarr")
+    )
+    for foreign, make in (
+        ("notes.txt", lambda p: p.write_text("mine")),
+        ("holiday.png", lambda p: iio.imwrite(p, np.zeros((4, 4, 3), np.uint8))),  # a PNG ensir-flow did not write
+        ("sub/", lambda p: (p.mkdir(), (p / "keep.txt").write_text("mine"))),
+    ):
         path = png / foreign.rstrip("/")
         make(path)
         before = _tree(fitted)
-        result = invoke(*apply[:3], fitted / f"out-{len(before)}.zarr", *apply[4:], "--overwrite")  # a new output: the export runs
+        result = invoke(
+            *apply[:3], fitted / f"out-{len(before)}.zarr", *apply[4:], "--overwrite"
+        )  # a new output: the export runs
         _one_line_refusal(result, str(png), repr(foreign), "did not write")
         with pytest.raises(InputError, match=f"holds {foreign!r}"):
             check_export_target(png, ["img0", "img1", "img2"], True)
         with pytest.raises(InputError, match=f"holds {foreign!r}"):
             export(str(fitted / "out.zarr"), str(png), threaded_compute, overwrite=True)
-        assert _tree(png.parent / "png") == {k[len("png/"):]: v for k, v in before.items() if k.startswith("png/")}
+        assert _tree(png.parent / "png") == {k[len("png/") :]: v for k, v in before.items() if k.startswith("png/")}
         assert path.exists()
         os.remove(path) if path.is_file() else (os.remove(path / "keep.txt"), path.rmdir())
 
@@ -170,8 +206,12 @@ def test_overwrite_replaces_a_folder_of_our_own_files(fitted):
     export(store, str(png), threaded_compute, overwrite=True)
     assert sorted(p.name for p in png.iterdir()) == ["img0.png", "img1.png", "img2.png"]
     ds = xr.open_zarr(store)
-    for stem, h, w, offset in zip(ds["image"].values, ds["height"].values, ds["width"].values, np.cumsum([0, *ds["pixel_count"].values[:-1]])):
-        np.testing.assert_array_equal(iio.imread(png / f"{stem}.png"), ds["ensemble"].values[offset: offset + h * w].reshape(h, w, 3))
+    for stem, h, w, offset in zip(
+        ds["image"].values, ds["height"].values, ds["width"].values, np.cumsum([0, *ds["pixel_count"].values[:-1]])
+    ):
+        np.testing.assert_array_equal(
+            iio.imread(png / f"{stem}.png"), ds["ensemble"].values[offset : offset + h * w].reshape(h, w, 3)
+        )
     assert not [p for p in fitted.iterdir() if p.name.startswith(".png.")]  # no staging, retired copy or lock left
 
 
@@ -187,10 +227,14 @@ def test_export_folder_that_cannot_be_created_is_refused_up_front(fitted, invoke
         with pytest.raises(InputError, match="is a file, not a folder"):
             check_export_target(blocker, ["img0"], overwrite)
     before = _tree(fitted)
-    result = invoke("apply", fitted / "s.zarr", fitted / "lut.zarr", fitted / "out.zarr", "--export-dir", blocker / "png", "--no-progress")
+    result = invoke(
+        "apply", fitted / "s.zarr", fitted / "lut.zarr", fitted / "out.zarr", "--export-dir", blocker / "png", "--no-progress"
+    )
     _one_line_refusal(result, str(blocker))
     assert blocker.read_text() == "a regular file"
-    assert {k: v for k, v in _tree(fitted).items() if not k.startswith("out.zarr")} == {k: v for k, v in before.items() if not k.startswith("out.zarr")}
+    assert {k: v for k, v in _tree(fitted).items() if not k.startswith("out.zarr")} == {
+        k: v for k, v in before.items() if not k.startswith("out.zarr")
+    }
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs a user that file permissions apply to")
@@ -226,7 +270,11 @@ def test_export_checks_work_through_fsspec(fitted):
     base = "memory://ensir-hostile"
     try:
         export(str(fitted / "out.zarr"), f"{base}/png", threaded_compute)
-        assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("/ensir-hostile/png", detail=False)) == ["img0.png", "img1.png", "img2.png"]
+        assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("/ensir-hostile/png", detail=False)) == [
+            "img0.png",
+            "img1.png",
+            "img2.png",
+        ]
         export(str(fitted / "out.zarr"), f"{base}/png", threaded_compute, overwrite=True)
         fs.pipe("/ensir-hostile/png/notes.txt", b"mine")
         with pytest.raises(InputError, match="holds 'notes.txt'"):
@@ -241,15 +289,21 @@ def test_export_checks_work_through_fsspec(fitted):
 
 # --- LUTs ----------------------------------------------------------------------------------------
 
+
 def _damage_lut(path, bin_, channel, values):
     weights = zarr.open_group(str(path), mode="r+")["weights"]
     weights[bin_, channel] = values
 
 
-@pytest.mark.parametrize("values, problem", [
-    ([np.nan, 0.5, 0.5], "not finite"), ([np.inf, 0.0, 0.0], "not finite"),
-    ([-0.2, 0.6, 0.6], "negative weight"), ([0.5, 0.5, 0.5], "summing to 1.5"),
-])
+@pytest.mark.parametrize(
+    "values, problem",
+    [
+        ([np.nan, 0.5, 0.5], "not finite"),
+        ([np.inf, 0.0, 0.0], "not finite"),
+        ([-0.2, 0.6, 0.6], "negative weight"),
+        ([0.5, 0.5, 0.5], "summing to 1.5"),
+    ],
+)
 def test_apply_refuses_a_broken_lut(tmp_path, invoke, corpus, values, problem):
     root, _ = corpus
     _ingest(invoke, root, tmp_path / "s.zarr")
@@ -257,7 +311,15 @@ def test_apply_refuses_a_broken_lut(tmp_path, invoke, corpus, values, problem):
     _damage_lut(tmp_path / "lut.zarr", 5, 1, values)  # the 6th bin stored (a LUT stores the bins with data only)
     stored = zarr.open_group(str(tmp_path / "lut.zarr"), mode="r")
     flat, edges = int(stored["bin"][5]), tuple(int(d) * 32 for d in stored["bin_digits"][5])
-    result = invoke("apply", tmp_path / "s.zarr", tmp_path / "lut.zarr", tmp_path / "out.zarr", "--export-dir", tmp_path / "png", "--no-progress")
+    result = invoke(
+        "apply",
+        tmp_path / "s.zarr",
+        tmp_path / "lut.zarr",
+        tmp_path / "out.zarr",
+        "--export-dir",
+        tmp_path / "png",
+        "--no-progress",
+    )
     _one_line_refusal(result, str(tmp_path / "lut.zarr"), f"bin {flat} (lower edges {edges}; stored row 5), channel 1", problem)
     assert not (tmp_path / "out.zarr").exists() and not (tmp_path / "png").exists()
     assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
@@ -293,8 +355,15 @@ def test_lut_weights_within_tolerance_pass_and_beyond_are_refused():
 @pytest.mark.parametrize("values", [lambda w: w > 0.3, lambda w: w.astype(str), lambda w: (w * 100).astype(np.int64)])
 def test_lut_weights_that_are_not_numbers_of_a_float_type_are_refused_in_one_line(name, values):
     weights = np.full((2, 2, 3), 1 / 3, np.float32)
-    ds = Lut(["a", "b", "c"], 128, weights, np.zeros((2, 2)), np.zeros((2, 2), np.int8),
-             bin_digits=np.array([[0, 0, 0], [1, 1, 1]]), fallback=weights[0]).to_dataset()
+    ds = Lut(
+        ["a", "b", "c"],
+        128,
+        weights,
+        np.zeros((2, 2)),
+        np.zeros((2, 2), np.int8),
+        bin_digits=np.array([[0, 0, 0], [1, 1, 1]]),
+        fallback=weights[0],
+    ).to_dataset()
     ds[name] = ds[name].copy(data=values(ds[name].values))
     with pytest.raises(InputError, match=rf"^theirs.zarr: {name} are of type .*, not floating point; not a usable LUT$"):
         Lut.from_dataset(ds, source="theirs.zarr")
@@ -304,8 +373,11 @@ def test_lut_weights_are_checked_block_by_block_and_the_first_bad_cell_named(mon
     monkeypatch.setattr(lut_module, "CHECK_BLOCK_BINS", 3)
     weights = np.full((8, 2, 3), 1 / 3, np.float32)
     weights[7, 0, 1], weights[4, 1, 0], weights[5, 0, 2] = np.nan, -0.1, 0.9
-    with pytest.raises(InputError, match=r"lut.zarr: bin 4 \(lower edges \(128, 0, 0\)\), channel 1 has a negative weight .*"
-                                         r"3 bad cell\(s\) in all"):
+    with pytest.raises(
+        InputError,
+        match=r"lut.zarr: bin 4 \(lower edges \(128, 0, 0\)\), channel 1 has a negative weight .*"
+        r"3 bad cell\(s\) in all",
+    ):
         check_weights(weights, 128, "lut.zarr")
 
 
@@ -357,6 +429,7 @@ def test_published_lut_imports_at_its_own_bin_width_only(tmp_path, invoke):
 
 # --- SSIM on images smaller than its window --------------------------------------------------------
 
+
 def test_ssim_of_an_image_smaller_than_the_window_is_nan_as_in_basicsr():
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (11, 30, 3), dtype=np.uint8)
@@ -364,8 +437,13 @@ def test_ssim_of_an_image_smaller_than_the_window_is_nan_as_in_basicsr():
     from test_metrics import _ssim_oracle
 
     assert metrics.ssim(a, b) == pytest.approx(_ssim_oracle(a, b), abs=1e-9)  # the smallest scorable size
-    for x, y, options in ((a[:10], b[:10], {}), (a[:, :10], b[:, :10], {}), (a, b, {"crop_border": 1}),
-                          (a[:1, :1], b[:1, :1], {}), (a[:5, :, 0], b[:5, :, 0], {"y_channel": True})):
+    for x, y, options in (
+        (a[:10], b[:10], {}),
+        (a[:, :10], b[:, :10], {}),
+        (a, b, {"crop_border": 1}),
+        (a[:1, :1], b[:1, :1], {}),
+        (a[:5, :, 0], b[:5, :, 0], {"y_channel": True}),
+    ):
         assert math.isnan(metrics.ssim(x, y, **options))
         assert math.isfinite(metrics.psnr(x, y, **options))
 

@@ -98,8 +98,18 @@ def test_three_nights_of_append_apply_export_equal_one_run_over_everything(tmp_p
     assert "nothing to do" in appended.stdout and "already complete: nothing to do" in applied.stdout
 
     assert invoke("ingest", tmp_path / "full", tmp_path / "once.zarr", "--no-progress").exit_code == 0
-    assert invoke("apply", tmp_path / "once.zarr", lut, tmp_path / "once-out.zarr", "--export-dir", tmp_path / "once-png",
-                  "--no-progress").exit_code == 0
+    assert (
+        invoke(
+            "apply",
+            tmp_path / "once.zarr",
+            lut,
+            tmp_path / "once-out.zarr",
+            "--export-dir",
+            tmp_path / "once-png",
+            "--no-progress",
+        ).exit_code
+        == 0
+    )
     grown, once = xr.open_zarr(out).load(), xr.open_zarr(tmp_path / "once-out.zarr").load()
     for name in ("ensemble", "height", "width", "pixel_offset", "pixel_count", "image"):
         np.testing.assert_array_equal(grown[name].values, once[name].values, err_msg=name)

@@ -10,8 +10,11 @@ import xarray as xr
 
 def _reference_run(tmp_path, invoke, corpus):
     root, models = corpus
-    for args in (["ingest", root, tmp_path / "s.zarr"], ["fit", tmp_path / "s.zarr", tmp_path / "lut.zarr"],
-                 ["apply", tmp_path / "s.zarr", tmp_path / "lut.zarr", tmp_path / "out.zarr"]):
+    for args in (
+        ["ingest", root, tmp_path / "s.zarr"],
+        ["fit", tmp_path / "s.zarr", tmp_path / "lut.zarr"],
+        ["apply", tmp_path / "s.zarr", tmp_path / "lut.zarr", tmp_path / "out.zarr"],
+    ):
         assert invoke(*args, "--no-progress").exit_code == 0
     return root, models
 
@@ -38,11 +41,15 @@ def test_paper_lut_import_then_apply_and_export(tmp_path, invoke, corpus):
     assert invoke("ingest", root, tmp_path / "s.zarr", "--no-progress").exit_code == 0
     table = {(a, b, c): [torch.tensor([0.2, 0.3, 0.5])] * 3 for a in (0, 128) for b in (0, 128) for c in (0, 128)}
     torch.save(table, tmp_path / "paper.pth")
-    result = invoke("lut", "import", tmp_path / "paper.pth", tmp_path / "imported.zarr", "--models", ",".join(models), "--bin-width", 128)
+    result = invoke(
+        "lut", "import", tmp_path / "paper.pth", tmp_path / "imported.zarr", "--models", ",".join(models), "--bin-width", 128
+    )
     assert result.exit_code == 0, result.output
     assert invoke("apply", tmp_path / "s.zarr", tmp_path / "imported.zarr", tmp_path / "o.zarr", "--no-progress").exit_code == 0
     predictions = xr.open_zarr(tmp_path / "s.zarr")["prediction"].values.astype(np.float32)
-    expected = np.floor(np.float32(0.2) * predictions[0] + np.float32(0.3) * predictions[1] + np.float32(0.5) * predictions[2] + np.float32(0.5))
+    expected = np.floor(
+        np.float32(0.2) * predictions[0] + np.float32(0.3) * predictions[1] + np.float32(0.5) * predictions[2] + np.float32(0.5)
+    )
     np.testing.assert_array_equal(xr.open_zarr(tmp_path / "o.zarr")["ensemble"].values, expected)
 
     for name in ("lut.npz", "lut.json"):
@@ -50,7 +57,9 @@ def test_paper_lut_import_then_apply_and_export(tmp_path, invoke, corpus):
     npz = np.load(tmp_path / "lut.npz")
     exported = json.loads((tmp_path / "lut.json").read_text())
     np.testing.assert_array_equal(npz["weights"], np.array(exported["weights"], np.float32))
-    assert exported["models"] == models and exported["bin_width"] == 128 and "first model most significant" in exported["bin_index"]
+    assert (
+        exported["models"] == models and exported["bin_width"] == 128 and "first model most significant" in exported["bin_index"]
+    )
     assert json.loads(str(npz["metadata"]))["models"] == models
     refused = invoke("lut", "export", tmp_path / "imported.zarr", tmp_path / "lut.csv")
     assert refused.exit_code != 0 and "name it *.npz or *.json" in refused.stderr

@@ -36,18 +36,24 @@ def _hold(target) -> bool:
     return True
 
 
-@pytest.mark.parametrize("make, what", [
-    (os.mkfifo, "a FIFO (named pipe)"),
-    (os.mkdir, "a folder"),
-    (lambda path: os.symlink("elsewhere", path), "a symbolic link"),
-])
+@pytest.mark.parametrize(
+    "make, what",
+    [
+        (os.mkfifo, "a FIFO (named pipe)"),
+        (os.mkdir, "a folder"),
+        (lambda path: os.symlink("elsewhere", path), "a symbolic link"),
+    ],
+)
 def test_a_lock_path_that_is_not_a_file_is_refused_without_blocking(tmp_path, make, what):
     target, lock = tmp_path / "out.zarr", tmp_path / ".out.zarr.lock"
     make(lock)
     with pytest.raises(InputError) as raised:
         assert _hold(target), "the lock blocked"
     message = str(raised.value)
-    assert message == f"{target}: its lock path {lock} is {what}, not a lock file; remove it (no run of ensir-flow made it) and run again"
+    assert (
+        message
+        == f"{target}: its lock path {lock} is {what}, not a lock file; remove it (no run of ensir-flow made it) and run again"
+    )
     assert os.path.lexists(lock)  # nothing removed
     os.rmdir(lock) if lock.is_dir() and not lock.is_symlink() else os.remove(lock)
     assert _hold(target) and not os.path.lexists(lock)
@@ -66,8 +72,15 @@ def test_an_ownerless_lock_with_a_future_time_is_taken_over_once_old(tmp_path, m
     assert _hold(target) and not lock.exists()
 
 
-@pytest.mark.parametrize("content", [b"not json", b"[1, 2]", json.dumps({"pid": 0, "host": socket.gethostname()}).encode(),
-                                     json.dumps({"pid": -1, "host": socket.gethostname()}).encode()])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"not json",
+        b"[1, 2]",
+        json.dumps({"pid": 0, "host": socket.gethostname()}).encode(),
+        json.dumps({"pid": -1, "host": socket.gethostname()}).encode(),
+    ],
+)
 def test_a_lock_naming_no_live_process_here_is_taken_over(tmp_path, monkeypatch, content):
     target, lock = tmp_path / "out.zarr", tmp_path / ".out.zarr.lock"
     lock.write_bytes(content)

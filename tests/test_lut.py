@@ -44,7 +44,10 @@ def test_model_order_matches_models_by_name_and_names_the_difference():
 
 
 def test_paper_lut_import_round_trip(tmp_path):
-    table = {(0, 0): [torch.tensor([0.2, 0.8]), torch.tensor([0.5, 0.5])], (128, 0): [torch.tensor([1.0, 0.0]), torch.tensor([0.3, 0.7])]}
+    table = {
+        (0, 0): [torch.tensor([0.2, 0.8]), torch.tensor([0.5, 0.5])],
+        (128, 0): [torch.tensor([1.0, 0.0]), torch.tensor([0.3, 0.7])],
+    }
     path = tmp_path / "w.pth"
     torch.save(table, path)
     with pytest.raises(InputError, match=r"holds 2 bins, but 2 models at bin width 128 make 2\^2 = 4"):
@@ -75,19 +78,24 @@ def test_paper_lut_import_refuses_code(tmp_path):
         read_paper_lut(path, ["m1", "m2"], 128)
 
 
-
 def _stored_files(root) -> dict[str, object]:
     """Every file of a store by relative path: metadata documents parsed, chunks as bytes."""
-    return {str(path.relative_to(root)): json.loads(path.read_bytes()) if path.name == "zarr.json" else path.read_bytes()
-            for path in sorted(root.rglob("*")) if path.is_file()}
+    return {
+        str(path.relative_to(root)): json.loads(path.read_bytes()) if path.name == "zarr.json" else path.read_bytes()
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
 
 
-@pytest.mark.parametrize("n_models, bin_width, pixels, channels, solver", [
-    (3, 64, 2000, 3, "em"),       # the paper's case: a flat bin coordinate, one chunk per array
-    (8, 32, 10_000, 3, "em"),     # weights cut into several chunks by zarr
-    (16, 16, 300, 1, "lsq"),      # no flat bin coordinate (it does not fit 64 bits): bin_digits only
-    (3, 32, 0, 3, "average"),     # no stored bins: zero-length arrays
-])
+@pytest.mark.parametrize(
+    "n_models, bin_width, pixels, channels, solver",
+    [
+        (3, 64, 2000, 3, "em"),  # the paper's case: a flat bin coordinate, one chunk per array
+        (8, 32, 10_000, 3, "em"),  # weights cut into several chunks by zarr
+        (16, 16, 300, 1, "lsq"),  # no flat bin coordinate (it does not fit 64 bits): bin_digits only
+        (3, 32, 0, 3, "average"),  # no stored bins: zero-length arrays
+    ],
+)
 def test_lut_store_written_with_zarr_alone_is_what_xarray_writes(tmp_path, n_models, bin_width, pixels, channels, solver):
     from ensir_flow.pipelines.lut_io import read_lut, write_lut
     from ensir_flow.pipelines.resumable import write_dataset
@@ -165,8 +173,14 @@ def test_the_digest_changes_with_everything_a_reader_uses(n_models, bin_width, s
         "weights": [edit("weights", _swapped(ds["weights"].values))],
         "fallback_weights": [edit("fallback_weights", _swapped(ds["fallback_weights"].values))],
         "count": [edit("count", ds["count"].values + 1)],
-        "fit_status": [edit("fit_status", np.where(ds["fit_status"].values == FitStatus.EM, FitStatus.INITIAL_WEIGHTS,
-                                                   ds["fit_status"].values).astype(np.int8))],
+        "fit_status": [
+            edit(
+                "fit_status",
+                np.where(ds["fit_status"].values == FitStatus.EM, FitStatus.INITIAL_WEIGHTS, ds["fit_status"].values).astype(
+                    np.int8
+                ),
+            )
+        ],
         "fallback_fit_status": [edit("fallback_fit_status", int(FitStatus.UNIFORM))],
     }
     for name, datasets in edits.items():
@@ -174,15 +188,18 @@ def test_the_digest_changes_with_everything_a_reader_uses(n_models, bin_width, s
             assert Lut.from_dataset(edited).digest() != lut.digest(), name
 
 
-@pytest.mark.parametrize("name, value, expected", [
-    ("solver", "bogus", "attribute solver is 'bogus', not one of em, lsq, average, zzpm, select, imported"),
-    ("solver", ["em"], "attribute solver is ['em'], not one of em, lsq, average, zzpm, select, imported"),
-    ("empty_policy", "nearest", "attribute empty_policy is 'nearest', not one of channel, as published"),
-    ("format_version", "1.5", "LUT format version '1.5' is not one this version reads (1, 2)"),
-    ("format_version", "2", "LUT format version '2' is not one this version reads (1, 2)"),
-    ("format_version", 3, "LUT format version 3 is not one this version reads (1, 2)"),
-    ("fallback_fit_status", "0", "attribute fallback_fit_status is '0', not a fit status"),
-])
+@pytest.mark.parametrize(
+    "name, value, expected",
+    [
+        ("solver", "bogus", "attribute solver is 'bogus', not one of em, lsq, average, zzpm, select, imported"),
+        ("solver", ["em"], "attribute solver is ['em'], not one of em, lsq, average, zzpm, select, imported"),
+        ("empty_policy", "nearest", "attribute empty_policy is 'nearest', not one of channel, as published"),
+        ("format_version", "1.5", "LUT format version '1.5' is not one this version reads (1, 2)"),
+        ("format_version", "2", "LUT format version '2' is not one this version reads (1, 2)"),
+        ("format_version", 3, "LUT format version 3 is not one this version reads (1, 2)"),
+        ("fallback_fit_status", "0", "attribute fallback_fit_status is '0', not a fit status"),
+    ],
+)
 def test_an_unknown_value_of_an_enumerated_attribute_is_refused(name, value, expected):
     ds = _small_lut().to_dataset()
     ds.attrs[name] = value
@@ -194,9 +211,15 @@ def test_an_unknown_value_of_an_enumerated_attribute_is_refused(name, value, exp
 
 def test_coordinates_that_disagree_with_the_luts_attributes_are_refused():
     ds = _small_lut().to_dataset()
-    with pytest.raises(InputError, match=r"lut.zarr: the channel coordinate \['B', 'G', 'R'\] disagrees with the LUT's 3 "
-                                         r"channels \['R', 'G', 'B'\]"):
+    with pytest.raises(
+        InputError,
+        match=r"lut.zarr: the channel coordinate \['B', 'G', 'R'\] disagrees with the LUT's 3 "
+        r"channels \['R', 'G', 'B'\]",
+    ):
         Lut.from_dataset(ds.assign_coords(channel=np.array(["B", "G", "R"], dtype=object)), "lut.zarr")
-    with pytest.raises(InputError, match=r"lut.zarr: the model coordinate \['c', 'b', 'a'\] disagrees with the models "
-                                         r"attribute \['a', 'b', 'c'\]"):
+    with pytest.raises(
+        InputError,
+        match=r"lut.zarr: the model coordinate \['c', 'b', 'a'\] disagrees with the models "
+        r"attribute \['a', 'b', 'c'\]",
+    ):
         Lut.from_dataset(ds.assign_coords(model=np.array(["c", "b", "a"], dtype=object)), "lut.zarr")

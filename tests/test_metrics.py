@@ -9,7 +9,7 @@ from ensir_flow.metrics import SSIM_WINDOW, StripScorer, psnr, rgb_to_y, scores,
 def test_psnr_by_hand_and_identical():
     a = np.full((8, 8, 3), 100, np.uint8)
     for d in (1, 5, 40):
-        assert psnr(a, a + np.uint8(d)) == pytest.approx(10 * np.log10(255 ** 2 / d ** 2), abs=1e-12)
+        assert psnr(a, a + np.uint8(d)) == pytest.approx(10 * np.log10(255**2 / d**2), abs=1e-12)
     assert psnr(a, a) == float("inf")
 
 
@@ -17,7 +17,7 @@ def test_psnr_mse_is_over_all_pixels_and_channels():
     a = np.zeros((4, 5, 3), np.uint8)
     b = a.copy()
     b[1, 2, 0] = 60  # one value of 60 among 4 * 5 * 3
-    assert psnr(a, b) == pytest.approx(10 * np.log10(255 ** 2 / (60 ** 2 / 60)), abs=1e-12)
+    assert psnr(a, b) == pytest.approx(10 * np.log10(255**2 / (60**2 / 60)), abs=1e-12)
 
 
 def test_crop_border_removes_the_border():
@@ -26,9 +26,9 @@ def test_crop_border_removes_the_border():
     b[0, :] = 0
     b[:, -1] = 0
     b[-2, 3] = 56  # inside the 1-pixel frame: the only difference left after cropping
-    uncropped_mse = (19 * 3 * 50 ** 2 + 3 * 6 ** 2) / (10 * 10 * 3)  # 19 frame pixels, one inner pixel
-    assert psnr(a, b) == pytest.approx(10 * np.log10(255 ** 2 / uncropped_mse), abs=1e-12)
-    assert psnr(a, b, crop_border=1) == pytest.approx(10 * np.log10(255 ** 2 / (3 * 6 ** 2 / (8 * 8 * 3))), abs=1e-12)
+    uncropped_mse = (19 * 3 * 50**2 + 3 * 6**2) / (10 * 10 * 3)  # 19 frame pixels, one inner pixel
+    assert psnr(a, b) == pytest.approx(10 * np.log10(255**2 / uncropped_mse), abs=1e-12)
+    assert psnr(a, b, crop_border=1) == pytest.approx(10 * np.log10(255**2 / (3 * 6**2 / (8 * 8 * 3))), abs=1e-12)
     assert psnr(a, b, crop_border=2) == float("inf")
 
 
@@ -54,7 +54,7 @@ def test_single_channel_images_use_their_channel_for_y():
     rng = np.random.default_rng(1)
     a = rng.integers(0, 256, (20, 23), dtype=np.uint8)
     b = rng.integers(0, 256, (20, 23), dtype=np.uint8)
-    expected = 10 * np.log10(255 ** 2 / np.mean((a.astype(float) - b) ** 2))
+    expected = 10 * np.log10(255**2 / np.mean((a.astype(float) - b) ** 2))
     for x, y in ((a, b), (a[:, :, None], b[:, :, None])):
         assert psnr(x, y) == pytest.approx(expected, abs=1e-12)
         assert psnr(x, y, y_channel=True) == pytest.approx(expected, abs=1e-12)
@@ -63,7 +63,7 @@ def test_single_channel_images_use_their_channel_for_y():
 
 def _ssim_oracle(a, b):
     """SSIM written out: 11x11 Gaussian (sigma 1.5) correlated over the 'valid' region, channels averaged."""
-    g = np.exp(-(np.arange(11) - 5.0) ** 2 / (2 * 1.5 ** 2))
+    g = np.exp(-((np.arange(11) - 5.0) ** 2) / (2 * 1.5**2))
     window = np.outer(g, g) / np.outer(g, g).sum()
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
     a = a.astype(np.float64).reshape(*a.shape[:2], -1)
@@ -76,8 +76,8 @@ def _ssim_oracle(a, b):
     for c in range(a.shape[2]):
         x, y = a[:, :, c], b[:, :, c]
         mx, my = local_mean(x), local_mean(y)
-        sxx, syy, sxy = local_mean(x * x) - mx ** 2, local_mean(y * y) - my ** 2, local_mean(x * y) - mx * my
-        scores.append(np.mean((2 * mx * my + c1) * (2 * sxy + c2) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))))
+        sxx, syy, sxy = local_mean(x * x) - mx**2, local_mean(y * y) - my**2, local_mean(x * y) - mx * my
+        scores.append(np.mean((2 * mx * my + c1) * (2 * sxy + c2) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))))
     return float(np.mean(scores))
 
 
@@ -121,8 +121,16 @@ def _skimage_ssim(image, reference, crop_border=0, y_channel=False):
     if y_channel and a.shape[2] == 3:
         a, b = rgb_to_y(a)[:, :, None], rgb_to_y(b)[:, :, None]
     a, b = a.astype(np.float64), b.astype(np.float64)
-    return float(np.mean([structural_similarity(a[:, :, c], b[:, :, c], gaussian_weights=True, sigma=1.5,
-                                                use_sample_covariance=False, data_range=255.0) for c in range(a.shape[2])]))
+    return float(
+        np.mean(
+            [
+                structural_similarity(
+                    a[:, :, c], b[:, :, c], gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255.0
+                )
+                for c in range(a.shape[2])
+            ]
+        )
+    )
 
 
 def _noisy_pair(rng, shape):
@@ -180,7 +188,7 @@ def test_psnr_equals_the_float64_mean_bit_for_bit():
     for shape in ((720, 1280, 3), (17, 19), (5, 300, 1)):
         a, b = _noisy_pair(rng, shape)
         mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-        assert psnr(a, b) == float(10.0 * np.log10(255.0 ** 2 / mse))
+        assert psnr(a, b) == float(10.0 * np.log10(255.0**2 / mse))
 
 
 def _strip_scores(images, reference, rows, **options):

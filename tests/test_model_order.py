@@ -36,8 +36,9 @@ def test_a_lut_applies_by_model_name_with_the_bytes_of_the_store_in_its_order(st
 def test_a_lut_fitted_in_the_stores_order_gives_the_same_bytes(stores, invoke):
     for store in ("in-order", "shuffled"):
         assert invoke("fit", stores / f"{store}.zarr", stores / f"lut-{store}.zarr", "--no-progress").exit_code == 0
-        result = invoke("apply", stores / "shuffled.zarr", stores / f"lut-{store}.zarr", stores / f"out-{store}.zarr",
-                        "--no-progress")
+        result = invoke(
+            "apply", stores / "shuffled.zarr", stores / f"lut-{store}.zarr", stores / f"out-{store}.zarr", "--no-progress"
+        )
         assert result.exit_code == 0, result.output
     np.testing.assert_array_equal(ensemble(stores / "out-in-order.zarr"), ensemble(stores / "out-shuffled.zarr"))
 

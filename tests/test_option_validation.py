@@ -40,8 +40,9 @@ def test_a_shrinkage_lsq_cannot_use_is_refused_before_any_work(store, tmp_path, 
 
 
 def test_the_largest_shrinkage_fits_a_lut_of_channel_wide_weights(store, tmp_path, invoke):
-    result = invoke("fit", store, tmp_path / "l.zarr", "--solver", "lsq", "--shrinkage", f"{lsq.MAX_SHRINKAGE:g}",
-                    "--no-progress")
+    result = invoke(
+        "fit", store, tmp_path / "l.zarr", "--solver", "lsq", "--shrinkage", f"{lsq.MAX_SHRINKAGE:g}", "--no-progress"
+    )
     assert result.exit_code == 0, result.output
     weights = ensir_flow.open_store(tmp_path / "l.zarr")["weights"].values
     assert np.isfinite(weights).all() and np.allclose(weights.sum(axis=-1), 1.0, atol=1e-4)
@@ -93,13 +94,16 @@ def test_chunks_over_two_gib_are_refused_naming_the_largest_that_fits():
     assert schema.pixel_encoding((3, MAX_CHUNK_PIXELS, 3))["chunks"] == (3, MAX_CHUNK_PIXELS, 3)
 
 
-@pytest.mark.parametrize("args, option, value", [
-    (["--tile", MIN_TILE - 1], "--tile", str(MIN_TILE - 1)),
-    (["--samples", MAX_SAMPLES + 1], "--samples", str(MAX_SAMPLES + 1)),
-    (["--scale", MAX_SCALE + 1], "--scale", str(MAX_SCALE + 1)),
-    (["--scale", 10**20], "--scale", str(10**20)),
-    (["--chunk-pixels", 1], "--chunk-pixels", "1"),
-])
+@pytest.mark.parametrize(
+    "args, option, value",
+    [
+        (["--tile", MIN_TILE - 1], "--tile", str(MIN_TILE - 1)),
+        (["--samples", MAX_SAMPLES + 1], "--samples", str(MAX_SAMPLES + 1)),
+        (["--scale", MAX_SCALE + 1], "--scale", str(MAX_SCALE + 1)),
+        (["--scale", 10**20], "--scale", str(10**20)),
+        (["--chunk-pixels", 1], "--chunk-pixels", "1"),
+    ],
+)
 def test_predict_options_that_would_run_for_hours_or_overflow_are_refused(tmp_path, invoke, corpus, args, option, value):
     root, _ = corpus
     model = tmp_path / "a.pt"
@@ -108,10 +112,16 @@ def test_predict_options_that_would_run_for_hours_or_overflow_are_refused(tmp_pa
     _refused(result, option, value)
 
 
-@pytest.mark.parametrize("kwargs, option", [
-    ({"tile": MIN_TILE - 1}, "--tile"), ({"samples": MAX_SAMPLES + 1}, "--samples"), ({"scale": 10**20}, "--scale"),
-    ({"batch": 0}, "--batch"), ({"samples": 2.5}, "--samples"),
-])
+@pytest.mark.parametrize(
+    "kwargs, option",
+    [
+        ({"tile": MIN_TILE - 1}, "--tile"),
+        ({"samples": MAX_SAMPLES + 1}, "--samples"),
+        ({"scale": 10**20}, "--scale"),
+        ({"batch": 0}, "--batch"),
+        ({"samples": 2.5}, "--samples"),
+    ],
+)
 def test_the_api_refuses_the_same_predict_options(tmp_path, corpus, kwargs, option):
     root, _ = corpus
     with pytest.raises(UsageError) as refused:
@@ -125,22 +135,28 @@ def test_seconds_that_are_not_finite_are_refused(store, tmp_path, invoke, option
     _refused(invoke("fit", store, tmp_path / "l.zarr", option, value, "--no-progress"), option, value.lstrip("-"))
 
 
-@pytest.mark.parametrize("run, option", [
-    ({"worker_timeout": math.inf}, "--worker-timeout"), ({"worker_timeout": math.nan}, "--worker-timeout"),
-    ({"progress": math.nan}, "--progress-interval"), ({"progress": -1.0}, "--progress-interval"),
-])
+@pytest.mark.parametrize(
+    "run, option",
+    [
+        ({"worker_timeout": math.inf}, "--worker-timeout"),
+        ({"worker_timeout": math.nan}, "--worker-timeout"),
+        ({"progress": math.nan}, "--progress-interval"),
+        ({"progress": -1.0}, "--progress-interval"),
+    ],
+)
 def test_the_api_refuses_the_same_seconds(store, tmp_path, run, option):
     with pytest.raises(UsageError) as refused:
         ensir_flow.fit(store, tmp_path / "l.zarr", scheduler="threads", **run)
     assert refused.value.option == option
 
 
-@pytest.mark.parametrize("address", ["garbage:::x", ":99999", "127.0.0.1:", "127.0.0.1:http", "[::1]:8787",
-                                     "no-such-host.invalid:8787", "192.0.2.1:8787"])
+@pytest.mark.parametrize(
+    "address",
+    ["garbage:::x", ":99999", "127.0.0.1:", "127.0.0.1:http", "[::1]:8787", "no-such-host.invalid:8787", "192.0.2.1:8787"],
+)
 def test_a_dashboard_address_no_cluster_can_serve_is_one_line(tmp_path, invoke, corpus, address):
     root, _ = corpus
-    result = invoke("ingest", root, tmp_path / "s.zarr", "--scheduler", "local", "--dashboard-address", address,
-                    "--no-progress")
+    result = invoke("ingest", root, tmp_path / "s.zarr", "--scheduler", "local", "--dashboard-address", address, "--no-progress")
     _refused(result, "--dashboard-address", address)
     assert not (tmp_path / "s.zarr").exists()
 
@@ -171,8 +187,9 @@ def test_a_config_that_is_not_utf8_is_one_line(tmp_path, invoke, corpus):
     assert "not UTF-8 text: byte 0xe9 at offset 19" in result.stderr
 
 
-@pytest.mark.parametrize("text", ["shrinkage: .inf\n", "shrinkage: .nan\n", "shrinkage: -.inf\n", "shrinkage: 1.0e300\n",
-                                  "shrinkage: 1e300\n"])
+@pytest.mark.parametrize(
+    "text", ["shrinkage: .inf\n", "shrinkage: .nan\n", "shrinkage: -.inf\n", "shrinkage: 1.0e300\n", "shrinkage: 1e300\n"]
+)
 def test_a_config_shrinkage_lsq_cannot_use_is_refused(tmp_path, invoke, corpus, text):
     root, _ = corpus
     config = tmp_path / "task.yaml"

@@ -27,8 +27,11 @@ def _tree(root) -> dict:
     root = os.fspath(root)
     if os.path.isfile(root):
         return {"": open(root, "rb").read()}
-    return {os.path.relpath(os.path.join(folder, name), root): open(os.path.join(folder, name), "rb").read()
-            for folder, _, names in os.walk(root) for name in names}
+    return {
+        os.path.relpath(os.path.join(folder, name), root): open(os.path.join(folder, name), "rb").read()
+        for folder, _, names in os.walk(root)
+        for name in names
+    }
 
 
 def _refused(result, *fragments) -> str:
@@ -65,10 +68,14 @@ def test_outputs_never_overlap_inputs_or_each_other(fitted, invoke):
     _refused(invoke("fit", store, store, "--overwrite", "--no-progress"), f"{store}: the LUT is the input store {store}")
     _refused(invoke("apply", store, lut, store, "--overwrite", "--no-progress"), "the output is the input store")
     _refused(invoke("apply", store, lut, lut, "--overwrite", "--no-progress"), "the output is the input LUT")
-    _refused(invoke("apply", store, lut, fitted / "out.zarr", "--export-dir", fitted / "out.zarr" / "png", "--no-progress"),
-             "the output contains the export folder")
-    _refused(invoke("apply", store, lut, fitted / "out.zarr", "--export-dir", store / "png", "--no-progress"),
-             "the export folder lies inside the input store")
+    _refused(
+        invoke("apply", store, lut, fitted / "out.zarr", "--export-dir", fitted / "out.zarr" / "png", "--no-progress"),
+        "the output contains the export folder",
+    )
+    _refused(
+        invoke("apply", store, lut, fitted / "out.zarr", "--export-dir", store / "png", "--no-progress"),
+        "the export folder lies inside the input store",
+    )
     with pytest.raises(InputError, match="the export folder lies inside the input store"):
         ensir_flow.export(store, store / "png", progress=False)
     _refused(invoke("lut", "export", lut, lut, "--overwrite"), "the LUT file is the input LUT")
@@ -81,7 +88,9 @@ def test_inputs_are_compared_through_symbolic_links(fitted, invoke):
     os.symlink(fitted, fitted / "same")
     before = _tree(store)
     _refused(invoke("fit", fitted / "same" / "s.zarr", store, "--overwrite", "--no-progress"), "the LUT is the input store")
-    _refused(invoke("apply", store, lut, fitted / "same" / "lut.zarr", "--overwrite", "--no-progress"), "the output is the input LUT")
+    _refused(
+        invoke("apply", store, lut, fitted / "same" / "lut.zarr", "--overwrite", "--no-progress"), "the output is the input LUT"
+    )
     assert _tree(store) == before
 
 
@@ -94,14 +103,22 @@ def test_overwrite_refuses_what_ensir_flow_did_not_write(fitted, invoke, corpus)
     plain = fitted / "plain.zarr"
     plain.write_text("a file")
     for args, fragments in [
-        (["fit", store, folder], [f"{folder}: is a folder that ensir-flow did not write (it holds 'notes.txt')", "not an ensir-flow LUT"]),
+        (
+            ["fit", store, folder],
+            [f"{folder}: is a folder that ensir-flow did not write (it holds 'notes.txt')", "not an ensir-flow LUT"],
+        ),
         (["fit", store, plain], [f"{plain}: is a file that ensir-flow did not write"]),
-        (["apply", store, lut, fitted / "out.zarr", "--export-dir", root / "gt"], [f"{root / 'gt'}: is a folder that ensir-flow did not write"]),
+        (
+            ["apply", store, lut, fitted / "out.zarr", "--export-dir", root / "gt"],
+            [f"{root / 'gt'}: is a folder that ensir-flow did not write"],
+        ),
         (["ingest", root, folder], ["is a folder that ensir-flow did not write"]),
         (["lut", "export", lut, plain], ["is a file that ensir-flow did not write"]),
     ]:
         before = {path: _tree(path) for path in (folder, plain, root)}
-        _refused(invoke(*args, "--overwrite", *(["--no-progress"] if args[0] != "lut" else [])), *fragments, "refusing to replace it")
+        _refused(
+            invoke(*args, "--overwrite", *(["--no-progress"] if args[0] != "lut" else [])), *fragments, "refusing to replace it"
+        )
         assert {path: _tree(path) for path in (folder, plain, root)} == before
 
 
@@ -110,11 +127,18 @@ def test_overwrite_refuses_ensir_flow_output_of_another_kind(fitted, invoke, cor
     store, lut = fitted / "s.zarr", fitted / "lut.zarr"
     assert invoke("apply", store, lut, fitted / "out.zarr", "--no-progress").exit_code == 0
     before = {path: _tree(path) for path in (store, lut, fitted / "out.zarr")}
-    _refused(invoke("ingest", root, lut, "--overwrite", "--no-progress"), f"{lut}: is an ensir-flow LUT, not an ensir-flow pixel store")
-    _refused(invoke("fit", store, fitted / "out.zarr", "--overwrite", "--no-progress"), "is an ensir-flow apply output, not an ensir-flow LUT")
+    _refused(
+        invoke("ingest", root, lut, "--overwrite", "--no-progress"), f"{lut}: is an ensir-flow LUT, not an ensir-flow pixel store"
+    )
+    _refused(
+        invoke("fit", store, fitted / "out.zarr", "--overwrite", "--no-progress"),
+        "is an ensir-flow apply output, not an ensir-flow LUT",
+    )
     shutil.copytree(store, fitted / "copy.zarr")
-    _refused(invoke("apply", store, lut, fitted / "copy.zarr", "--overwrite", "--no-progress"),
-             "is an ensir-flow pixel store (ingest, predict), not an ensir-flow apply output")
+    _refused(
+        invoke("apply", store, lut, fitted / "copy.zarr", "--overwrite", "--no-progress"),
+        "is an ensir-flow pixel store (ingest, predict), not an ensir-flow apply output",
+    )
     assert {path: _tree(path) for path in (store, lut, fitted / "out.zarr")} == before
 
 
@@ -193,7 +217,11 @@ def test_lut_files_are_recognised_by_their_keys(tmp_path):
     np.savez(tmp_path / "ours.npz", metadata=np.array(json.dumps(keys)))
     np.savez(tmp_path / "theirs.npz", weights=np.zeros(3))
     assert [targets.kind_of(tmp_path / name) for name in ("ours.json", "theirs.json", "ours.npz", "theirs.npz")] == [
-        targets.LUT_FILE, None, targets.LUT_FILE, None]
+        targets.LUT_FILE,
+        None,
+        targets.LUT_FILE,
+        None,
+    ]
 
 
 def test_relative_paths_are_resolved_on_the_client(tmp_path, corpus, monkeypatch):
@@ -213,8 +241,9 @@ def test_a_full_disk_under_the_export_folder_names_it(fitted, invoke, monkeypatc
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(export_pipeline, "write_png", disk_full)
-    result = invoke("apply", fitted / "s.zarr", fitted / "lut.zarr", fitted / "out.zarr", "--export-dir", fitted / "png",
-                    "--no-progress")
+    result = invoke(
+        "apply", fitted / "s.zarr", fitted / "lut.zarr", fitted / "out.zarr", "--export-dir", fitted / "png", "--no-progress"
+    )
     message = _refused(result, f"{fitted / '.png.partial'}", "No space left on device", "free space")
     assert f"{fitted / 'out.zarr'}:" not in message
     assert not (fitted / "png").exists()

@@ -9,18 +9,28 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_wheel_holds_everything_under_ensir_flow(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
-                    str(ROOT)], check=True, cwd=tmp_path, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        check=True,
+        cwd=tmp_path,
+        capture_output=True,
+    )
     (wheel,) = tmp_path.glob("ensir_flow-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     package = [n for n in names if not n.startswith("ensir_flow-")]
     assert package and all(n.startswith("ensir_flow/") for n in package), [n for n in package if not n.startswith("ensir_flow/")]
-    for module in ("ensir_flow/cli.py", "ensir_flow/pipelines/apply.py", "ensir_flow/pipelines/executor.py",
-                   "ensir_flow/report/page.py"):
+    for module in (
+        "ensir_flow/cli.py",
+        "ensir_flow/pipelines/apply.py",
+        "ensir_flow/pipelines/executor.py",
+        "ensir_flow/report/page.py",
+    ):
         assert module in names, module
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "ensir-flow = ensir_flow.cli:main" in entry_points
-    configs = sorted(n.removeprefix("ensir_flow/configs/") for n in names if n.startswith("ensir_flow/configs/") and n.endswith(".yaml"))
+    configs = sorted(
+        n.removeprefix("ensir_flow/configs/") for n in names if n.startswith("ensir_flow/configs/") and n.endswith(".yaml")
+    )
     assert configs == sorted(path.name for path in (ROOT / "configs").glob("*.yaml")) and configs
     assert "ensir_flow/__main__.py" in names and any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
@@ -39,8 +49,9 @@ def test_installed_console_script_works_and_no_top_level_modules_leak(tmp_path):
 
 
 def test_python_dash_m_is_the_command_line(tmp_path):
-    version = subprocess.run([sys.executable, "-m", "ensir_flow", "--version"], cwd=tmp_path, capture_output=True, text=True,
-                             check=True)
+    version = subprocess.run(
+        [sys.executable, "-m", "ensir_flow", "--version"], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
     assert version.stdout.startswith("ensir-flow, version ")
     usage = subprocess.run([sys.executable, "-m", "ensir_flow", "no-such-command"], cwd=tmp_path, capture_output=True, text=True)
     assert usage.returncode == 2 and "Usage: ensir-flow" in usage.stderr

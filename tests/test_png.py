@@ -79,20 +79,38 @@ def test_apply_exports_the_same_pixels_at_every_level_with_the_mark(tmp_path, in
     for level in ("0", "9", None):
         folders[level] = tmp_path / f"png{level}"
         options = () if level is None else ("--png-compression", level)
-        result = invoke("apply", tmp_path / "s.zarr", tmp_path / "lut.zarr", tmp_path / f"o{level}.zarr",
-                        "--export-dir", folders[level], *options, "--no-progress")
+        result = invoke(
+            "apply",
+            tmp_path / "s.zarr",
+            tmp_path / "lut.zarr",
+            tmp_path / f"o{level}.zarr",
+            "--export-dir",
+            folders[level],
+            *options,
+            "--no-progress",
+        )
         assert result.exit_code == 0, result.output
     ensemble = open_store(tmp_path / "o0.zarr")
     for stem, offset, count in zip(ensemble["image"].values, ensemble["pixel_offset"].values, ensemble["pixel_count"].values):
-        expected = ensemble["ensemble"].values[offset: offset + count].tolist()
+        expected = ensemble["ensemble"].values[offset : offset + count].tolist()
         files = [folder / f"{stem}.png" for folder in folders.values()]
         for file in files:
             assert iio.imread(file).reshape(count, -1).tolist() == expected
             assert png_text(file.read_bytes()[:4096])["Software"].startswith("ensir-flow ")
         assert files[0].stat().st_size > files[1].stat().st_size  # level 0 stores, level 9 compresses
-    refused = invoke("apply", tmp_path / "s.zarr", tmp_path / "lut.zarr", tmp_path / "bad.zarr", "--export-dir", tmp_path / "bad",
-                     "--png-compression", "10", "--no-progress")
+    refused = invoke(
+        "apply",
+        tmp_path / "s.zarr",
+        tmp_path / "lut.zarr",
+        tmp_path / "bad.zarr",
+        "--export-dir",
+        tmp_path / "bad",
+        "--png-compression",
+        "10",
+        "--no-progress",
+    )
     assert refused.exit_code == 2 and not (tmp_path / "bad.zarr").exists() and not (tmp_path / "bad").exists()
-    ignored = invoke("apply", tmp_path / "s.zarr", tmp_path / "lut.zarr", tmp_path / "bad.zarr", "--png-compression", "9",
-                     "--no-progress")  # without --export-dir it would do nothing: refused, not ignored
+    ignored = invoke(
+        "apply", tmp_path / "s.zarr", tmp_path / "lut.zarr", tmp_path / "bad.zarr", "--png-compression", "9", "--no-progress"
+    )  # without --export-dir it would do nothing: refused, not ignored
     assert ignored.exit_code == 2 and "only with --export-dir" in ignored.output and not (tmp_path / "bad.zarr").exists()

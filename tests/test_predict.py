@@ -36,8 +36,9 @@ class ConvNet(torch.nn.Module):
     def __init__(self, seed: int, channels: int = 3):
         super().__init__()
         torch.manual_seed(seed)
-        self.body = torch.nn.Sequential(torch.nn.Conv2d(channels, 8, 3, padding=1), torch.nn.ReLU(),
-                                        torch.nn.Conv2d(8, channels, 3, padding=1))
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(channels, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, channels, 3, padding=1)
+        )
 
     def forward(self, x):
         return x + 0.1 * self.body(x)
@@ -119,10 +120,11 @@ def test_predict_then_fit_equals_png_then_ingest_then_fit(tmp_path, inputs, mode
         (by_hand / name).mkdir()
         for path in sorted((inputs / "lq").iterdir()):
             iio.imwrite(by_hand / name / path.name, _plain_output(module, iio.imread(path)))
-    assert invoke("ingest", by_hand, tmp_path / "i.zarr", "--models", "a,b,c", "--chunk-pixels", 500,
-                  "--no-progress").exit_code == 0
+    assert (
+        invoke("ingest", by_hand, tmp_path / "i.zarr", "--models", "a,b,c", "--chunk-pixels", 500, "--no-progress").exit_code == 0
+    )
     p, i = xr.open_zarr(tmp_path / "p.zarr"), xr.open_zarr(tmp_path / "i.zarr")
-    assert p.attrs["models"] == ["a", "b", "c"] and p[ "prediction"].encoding["chunks"] == i["prediction"].encoding["chunks"]
+    assert p.attrs["models"] == ["a", "b", "c"] and p["prediction"].encoding["chunks"] == i["prediction"].encoding["chunks"]
     for name in ("prediction", "ground_truth", "input", "height", "width", "pixel_offset", "pixel_count", "image"):
         np.testing.assert_array_equal(p[name].values, i[name].values, err_msg=name)
     assert (p["prediction"].values[0] != p["prediction"].values[1]).any()  # the models differ
@@ -169,11 +171,13 @@ def test_tile_spans_cover_each_pixel_once():
 def test_tiled_predict_equals_whole_predict_through_the_store(tmp_path, inputs, models, invoke):
     args = _model_args({"a": models["a"]})
     assert invoke("predict", inputs, tmp_path / "whole.zarr", *args, "--no-progress").exit_code == 0
-    result = invoke("predict", inputs, tmp_path / "tiled.zarr", *args, "--tile", 12, "--overlap", RADIUS, "--batch", 2,
-                    "--no-progress")
+    result = invoke(
+        "predict", inputs, tmp_path / "tiled.zarr", *args, "--tile", 12, "--overlap", RADIUS, "--batch", 2, "--no-progress"
+    )
     assert result.exit_code == 0, result.output
-    np.testing.assert_array_equal(xr.open_zarr(tmp_path / "tiled.zarr")["prediction"].values,
-                                  xr.open_zarr(tmp_path / "whole.zarr")["prediction"].values)
+    np.testing.assert_array_equal(
+        xr.open_zarr(tmp_path / "tiled.zarr")["prediction"].values, xr.open_zarr(tmp_path / "whole.zarr")["prediction"].values
+    )
 
 
 class Evil:
@@ -199,23 +203,24 @@ def _crafted_files(tmp_path, models) -> dict[str, Path]:
     target = tmp_path / "pwned"
     evil = tmp_path / "evil"
     evil.mkdir()
-    files = {"plain pickle .pt": evil / "plain.pt", "plain pickle .pt2": evil / "plain.pt2",
-             "torch.save .pt": evil / "saved.pt"}
+    files = {"plain pickle .pt": evil / "plain.pt", "plain pickle .pt2": evil / "plain.pt2", "torch.save .pt": evil / "saved.pt"}
     for name in ("plain pickle .pt", "plain pickle .pt2"):
         files[name].write_bytes(pickle.dumps(Evil(target)))
     torch.save({"weights": Evil(target)}, files["torch.save .pt"])
     script = save_script(ConvNet(1), evil / "clean.pt")
-    files["TorchScript with a foreign data.pkl"] = _rewrite(script, evil / "script.pt", "/data.pkl",
-                                                            pickle.dumps(Evil(target), protocol=2))
-    files["torch.export with a foreign sample input"] = _rewrite(models["b"], evil / "export.pt2", "sample_inputs/model.pt",
-                                                                files["torch.save .pt"].read_bytes())
+    files["TorchScript with a foreign data.pkl"] = _rewrite(
+        script, evil / "script.pt", "/data.pkl", pickle.dumps(Evil(target), protocol=2)
+    )
+    files["torch.export with a foreign sample input"] = _rewrite(
+        models["b"], evil / "export.pt2", "sample_inputs/model.pt", files["torch.save .pt"].read_bytes()
+    )
     return files
 
 
 def test_model_files_that_would_run_code_are_refused_without_running_it(tmp_path, inputs, models, invoke):
     crafted = _crafted_files(tmp_path, models)
     # the crafted export really runs code when torch loads it unchecked: the check is what stops it
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - whatever the crafted code raises once it has run
         torch.export.load(str(crafted["torch.export with a foreign sample input"]))
     assert (tmp_path / "pwned").exists()
     (tmp_path / "pwned").unlink()
@@ -227,7 +232,10 @@ def test_model_files_that_would_run_code_are_refused_without_running_it(tmp_path
         assert result.exit_code == 1 and str(path) in result.stderr and len(result.stderr.strip().splitlines()) == 1, what
         assert not (tmp_path / "pwned").exists(), what
         assert not (tmp_path / "s.zarr").exists()
-    assert check_model_file(models["a"]) == "export" and check_model_file(save_script(ConvNet(1), tmp_path / "a.pt")) == "torchscript"
+    assert (
+        check_model_file(models["a"]) == "export"
+        and check_model_file(save_script(ConvNet(1), tmp_path / "a.pt")) == "torchscript"
+    )
 
 
 def test_a_damaged_or_truncated_export_is_refused_in_one_line_naming_it(tmp_path, inputs, models, invoke):
@@ -258,8 +266,10 @@ def test_torchscript_still_loads_without_a_warning_and_gives_the_bytes_of_torch_
         assert result.exit_code == 0 and "deprecat" not in result.output.lower(), result.output
         assert not [str(w.message) for w in caught if "torch.jit" in str(w.message)], suffix
         recorded = xr.open_zarr(stores[suffix]).attrs["model_files"]
-        assert recorded == {name: {"file": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-                            for name, path in files.items()}
+        assert recorded == {
+            name: {"file": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+            for name, path in files.items()
+        }
     script, exported = (xr.open_zarr(stores[suffix]) for suffix in (".pt", ".pt2"))
     assert script["prediction"].values.tobytes() == exported["prediction"].values.tobytes()
     assert (script["prediction"].values[0] != script["prediction"].values[2]).any()  # the models differ
@@ -282,8 +292,7 @@ def test_samples_are_seeded_by_image_and_sample(tmp_path, inputs, invoke):
         shutil.copy(inputs / folder / "img1.png", alone / folder)
     assert invoke("predict", alone, tmp_path / "alone.zarr", *args).exit_code == 0
     offset, count = int(one["pixel_offset"].values[1]), int(one["pixel_count"].values[1])
-    np.testing.assert_array_equal(xr.open_zarr(tmp_path / "alone.zarr")["prediction"].values,
-                                  planes[:, offset: offset + count])
+    np.testing.assert_array_equal(xr.open_zarr(tmp_path / "alone.zarr")["prediction"].values, planes[:, offset : offset + count])
 
 
 def test_super_resolution_is_checked_against_scale(tmp_path, invoke):
@@ -300,10 +309,17 @@ def test_super_resolution_is_checked_against_scale(tmp_path, invoke):
     assert wrong.exit_code == 1 and "gt" in wrong.stderr and "--scale 1" in wrong.stderr  # gt is twice lq's size
 
 
-@pytest.mark.parametrize("how, says", [("raises", "the model failed (builtins.RuntimeError: boom)"),
-                                       ("one size", "the model failed (Guard failed: x.size()[2] == 24)"),
-                                       ("shape", "returned (1, 3,"), ("nan", "NaN"), ("channels", "wrong channel count"),
-                                       ("uint8", "returned torch.uint8 values, expected floating point in 0..1")])
+@pytest.mark.parametrize(
+    "how, says",
+    [
+        ("raises", "the model failed (builtins.RuntimeError: boom)"),
+        ("one size", "the model failed (Guard failed: x.size()[2] == 24)"),
+        ("shape", "returned (1, 3,"),
+        ("nan", "NaN"),
+        ("channels", "wrong channel count"),
+        ("uint8", "returned torch.uint8 values, expected floating point in 0..1"),
+    ],
+)
 def test_a_failing_model_is_named_with_the_image_and_nothing_is_written(tmp_path, inputs, models, invoke, how, says):
     if how == "raises":  # an exception cannot be exported; TorchScript's interpreter puts its own header before it
         broken = save_script(Broken(how), tmp_path / f"{how}.pt")
@@ -311,8 +327,9 @@ def test_a_failing_model_is_named_with_the_image_and_nothing_is_written(tmp_path
         broken = save_export(ConvNet(1), tmp_path / "one-size.pt2", dynamic=False)
     else:
         broken = save_export(Broken(how), tmp_path / f"{how}.pt2")
-    result = invoke("predict", inputs, tmp_path / "s.zarr", "--model", f"a={models['a']}", "--model", f"bad={broken}",
-                    "--no-progress")
+    result = invoke(
+        "predict", inputs, tmp_path / "s.zarr", "--model", f"a={models['a']}", "--model", f"bad={broken}", "--no-progress"
+    )
     assert result.exit_code == 1, result.output
     line = result.stderr.strip()
     assert len(line.splitlines()) == 1 and "model 'bad'" in line and "/lq/img" in line and says in line, line
@@ -372,8 +389,12 @@ def test_dry_run_writes_nothing_and_usage_errors(tmp_path, inputs, models, invok
     dry = invoke("predict", inputs, tmp_path / "s.zarr", *_model_args(models), "--dry-run", "--tile", 64, "--overlap", 4)
     assert dry.exit_code == 0 and "predict 3 images with 3 model(s)" in dry.stdout and "64 px, overlap 4" in dry.stdout
     assert not (tmp_path / "s.zarr").exists()
-    for bad in (["--model", "nameonly"], ["--model", f"a={models['a']}", "--model", f"a={models['c']}"],
-                ["--model", f"a={models['a']}", "--tile", 8, "--overlap", 4], ["--model", f"a={models['a']}", "--range", "0-2"]):
+    for bad in (
+        ["--model", "nameonly"],
+        ["--model", f"a={models['a']}", "--model", f"a={models['c']}"],
+        ["--model", f"a={models['a']}", "--tile", 8, "--overlap", 4],
+        ["--model", f"a={models['a']}", "--range", "0-2"],
+    ):
         assert invoke("predict", inputs, tmp_path / "s.zarr", *bad).exit_code == 2, bad
     missing = invoke("predict", tmp_path / "nowhere", tmp_path / "s.zarr", "--model", f"a={models['a']}")
     assert missing.exit_code == 1 and "nowhere" in missing.stderr
@@ -395,8 +416,9 @@ def test_killed_predict_resumes_to_the_same_bytes(tmp_path, inputs, models):
         if 0 < marks.sum() < len(marks):
             break
     assert 0 < marks.sum() < len(marks), (writes, marks)
-    resumed = subprocess.run([sys.executable, "-m", "ensir_flow.cli", *command], cwd=tmp_path, env=env,
-                             capture_output=True, text=True)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "ensir_flow.cli", *command], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert resumed.returncode == 0 and "resumed s.zarr" in resumed.stdout, resumed.stderr
     xr.testing.assert_identical(contents(tmp_path / "s.zarr"), contents(tmp_path / "clean.zarr"))
 
@@ -438,5 +460,7 @@ def test_a_cluster_of_processes_gives_the_bytes_of_threads(tmp_path, inputs, mod
     assert invoke("predict", inputs, tmp_path / "threads.zarr", *args, "--scheduler", "threads").exit_code == 0
     result = invoke("predict", inputs, tmp_path / "local.zarr", *args, "--scheduler", "local", "--json")
     assert result.exit_code == 0, result.output
-    assert xr.open_zarr(tmp_path / "local.zarr")["prediction"].values.tobytes() == \
-        xr.open_zarr(tmp_path / "threads.zarr")["prediction"].values.tobytes()
+    assert (
+        xr.open_zarr(tmp_path / "local.zarr")["prediction"].values.tobytes()
+        == xr.open_zarr(tmp_path / "threads.zarr")["prediction"].values.tobytes()
+    )

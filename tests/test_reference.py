@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from helpers import REFERENCE
 from ensir_flow import metrics
 from ensir_flow.lut import Lut, read_paper_lut
+from helpers import REFERENCE
 
-pytestmark = [pytest.mark.skipif(not REFERENCE.is_dir(), reason=f"reference data not found at {REFERENCE} (../shared is absent)"),
-              pytest.mark.slow]
+pytestmark = [
+    pytest.mark.skipif(not REFERENCE.is_dir(), reason=f"reference data not found at {REFERENCE} (../shared is absent)"),
+    pytest.mark.slow,
+]
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "deblurring-gopro.yaml"
 MODELS = ["MPRNet", "Restormer", "DGUNet"]
 
@@ -26,12 +28,26 @@ def run(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("reference")
     runner = CliRunner()
-    for args in (["ingest", REFERENCE / "deblurring", out / "ref.zarr"],
-                 ["fit", out / "ref.zarr", out / "lut.zarr", "--bin-width", 32],
-                 ["apply", out / "ref.zarr", out / "lut.zarr", out / "ens.zarr", "--export-dir", out / "png"]):
+    for args in (
+        ["ingest", REFERENCE / "deblurring", out / "ref.zarr"],
+        ["fit", out / "ref.zarr", out / "lut.zarr", "--bin-width", 32],
+        ["apply", out / "ref.zarr", out / "lut.zarr", out / "ens.zarr", "--export-dir", out / "png"],
+    ):
         result = runner.invoke(main, ["--config", str(CONFIG), *map(str, args), "--no-progress"])
         assert result.exit_code == 0, result.output
-    result = runner.invoke(main, ["--config", str(CONFIG), "evaluate", str(out / "ref.zarr"), "--ensemble", str(out / "ens.zarr"), "--json", "--no-progress"])
+    result = runner.invoke(
+        main,
+        [
+            "--config",
+            str(CONFIG),
+            "evaluate",
+            str(out / "ref.zarr"),
+            "--ensemble",
+            str(out / "ens.zarr"),
+            "--json",
+            "--no-progress",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return out, json.loads(result.stdout)
 
@@ -71,10 +87,11 @@ def test_evaluation_ranks_ensemble_first(run):
     # on unrounded float outputs, while ours are scored as the uint8 images users get: the paper's
     # own ensembled PNGs score the same as ours.
     assert psnr["DGUNet"] == pytest.approx(35.313, abs=2e-3)
-    published = [metrics.psnr(iio.imread(path), iio.imread(REFERENCE / "deblurring" / "gt" / path.name))
-                 for path in sorted((REFERENCE / "expected" / "deblurring-b32").iterdir())]
+    published = [
+        metrics.psnr(iio.imread(path), iio.imread(REFERENCE / "deblurring" / "gt" / path.name))
+        for path in sorted((REFERENCE / "expected" / "deblurring-b32").iterdir())
+    ]
     assert psnr["ensemble"] == pytest.approx(np.mean(published), abs=2e-3)
-
 
 
 def test_cross_validation_ranks_lsq_above_em_above_average(run):
@@ -84,7 +101,9 @@ def test_cross_validation_ranks_lsq_above_em_above_average(run):
     from ensir_flow.cli import main
 
     out, _ = run
-    result = CliRunner().invoke(main, ["evaluate", str(out / "ref.zarr"), "--cv", "2", "--solvers", "em,lsq", "--json", "--no-progress"])
+    result = CliRunner().invoke(
+        main, ["evaluate", str(out / "ref.zarr"), "--cv", "2", "--solvers", "em,lsq", "--json", "--no-progress"]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     psnr = report["cv"]["psnr"]

@@ -13,11 +13,11 @@ import pytest
 import xarray as xr
 from click.testing import CliRunner
 
-from helpers import make_corpus, run_workflow
 from ensir_flow.errors import InputError
 from ensir_flow.lut import Lut
 from ensir_flow.pipelines.report import write_report
 from ensir_flow.report.figures import lut_weight_maps
+from helpers import make_corpus, run_workflow
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SIZES = ((48, 64), (40, 56), (36, 60), (52, 44))
@@ -127,9 +127,19 @@ def chromium(tmp_path):
     executable = shutil.which("chromium")
     if executable is None:
         pytest.skip("chromium not on PATH (apt-get install chromium): the report is not rendered in a browser")
-    return [executable, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1280,2000"]
+    return [
+        executable,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--window-size=1280,2000",
+    ]
 
 
 @pytest.mark.slow
@@ -139,8 +149,7 @@ def test_report_renders_in_headless_browser(rgb_report, chromium, tmp_path):
     subprocess.run([*chromium, f"--screenshot={screenshot}", page.as_uri()], check=True, capture_output=True, timeout=60)
     pixels = iio.imread(screenshot)
     assert pixels.shape[:2] == (2000, 1280) and pixels.astype(np.float64).var() > 0
-    dom = subprocess.run([*chromium, "--dump-dom", page.as_uri()], check=True, capture_output=True, text=True,
-                         timeout=60).stdout
+    dom = subprocess.run([*chromium, "--dump-dom", page.as_uri()], check=True, capture_output=True, text=True, timeout=60).stdout
     tables = Tables(dom).tables
     assert [row[0] for row in tables["means"][1:]] == list(summary["psnr"])
     assert len(tables["per-image"]) == 1 + summary["images"]
@@ -149,8 +158,11 @@ def test_report_renders_in_headless_browser(rgb_report, chromium, tmp_path):
 def test_report_of_cross_validation_on_grayscale_with_inputs(tmp_path, invoke):
     models = make_corpus(tmp_path / "corpus", n_models=2, sizes=SIZES, channels=1)
     store, lut = tmp_path / "store.zarr", tmp_path / "lut.zarr"
-    for args in (["ingest", tmp_path / "corpus", store], ["fit", store, lut, "--bin-width", 16],
-                 ["evaluate", store, "--cv", 2, "--solvers", "em,lsq", "--json"]):
+    for args in (
+        ["ingest", tmp_path / "corpus", store],
+        ["fit", store, lut, "--bin-width", 16],
+        ["evaluate", store, "--cv", 2, "--solvers", "em,lsq", "--json"],
+    ):
         result = invoke(*args, "--no-progress")
         assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
@@ -160,7 +172,9 @@ def test_report_of_cross_validation_on_grayscale_with_inputs(tmp_path, invoke):
     page = write_report(tmp_path / "report", summary, str(store), lut_path=str(lut))
     text = page.read_text(encoding="utf-8")
     tables = Tables(text).tables
-    assert [row[0] for row in tables["cross-validation"][2:]] == list(summary["psnr"]) == [*models, "average", "zzpm", "em", "lsq"]
+    assert (
+        [row[0] for row in tables["cross-validation"][2:]] == list(summary["psnr"]) == [*models, "average", "zzpm", "em", "lsq"]
+    )
     assert len(tables["cross-validation"][1]) == 2 * (summary["cv"]["folds"] + 1)
     assert "held out" in text and "grayscale" in text
     assert re.search(r"<figcaption>input<", text) and "ensemble" not in summary["psnr"]
@@ -186,14 +200,16 @@ def test_lut_weight_maps_average_the_other_models_bins_by_count():
 def test_evaluate_report_option_draws_the_lut_of_the_scored_output(tmp_path, invoke, corpus):
     root, _ = corpus
     run_workflow(invoke, root, tmp_path)
-    result = invoke("evaluate", tmp_path / "s.zarr", "--ensemble", tmp_path / "out.zarr", "--report", tmp_path / "report", "--no-progress")
+    result = invoke(
+        "evaluate", tmp_path / "s.zarr", "--ensemble", tmp_path / "out.zarr", "--report", tmp_path / "report", "--no-progress"
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "report" / "index.html").is_file() and (tmp_path / "report" / "lut-weights.png").is_file()
 
 
 def test_lut_weight_maps_of_a_sparse_lut_equal_those_of_its_dense_table():
     rng = np.random.default_rng(3)
-    n_bins, stored = 4 ** 4, np.sort(rng.choice(4 ** 4, 40, replace=False))  # 4 models at bin width 64
+    n_bins, stored = 4**4, np.sort(rng.choice(4**4, 40, replace=False))  # 4 models at bin width 64
     weights = rng.dirichlet(np.ones(4), (40, 3)).astype(np.float32)
     count = rng.integers(0, 50, (40, 3))
     digits = np.stack([stored // 4 ** (3 - k) % 4 for k in range(4)], axis=1)

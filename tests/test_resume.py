@@ -17,10 +17,10 @@ import pytest
 import xarray as xr
 import zarr
 
-from helpers import contents, make_corpus
 from ensir_flow.pipelines import ingest
 from ensir_flow.pipelines.locks import exclusive_lock
 from ensir_flow.pipelines.resumable import resumable_location
+from helpers import contents, make_corpus
 
 
 @pytest.fixture
@@ -28,7 +28,9 @@ def fitted(tmp_path, invoke, request):
     """A reference store and its LUT; many small chunks where a test needs a long-running apply."""
     chunk_pixels = getattr(request, "param", 100_000)
     make_corpus(tmp_path / "corpus", sizes=((120, 100), (90, 110), (100, 100)))
-    assert invoke("ingest", tmp_path / "corpus", tmp_path / "s.zarr", "--chunk-pixels", chunk_pixels, "--no-progress").exit_code == 0
+    assert (
+        invoke("ingest", tmp_path / "corpus", tmp_path / "s.zarr", "--chunk-pixels", chunk_pixels, "--no-progress").exit_code == 0
+    )
     assert invoke("fit", tmp_path / "s.zarr", tmp_path / "lut.zarr", "--no-progress").exit_code == 0
     return tmp_path
 
@@ -40,8 +42,9 @@ def test_killed_ingest_resumes_from_the_chunks_written(tmp_path):
     assert len(marks) == 32  # 31,900 pixels in chunks of 1,000
 
     env = {**os.environ, "ENSIR_FLOW_SCHEDULER": "threads"}
-    resumed = subprocess.run([sys.executable, "-m", "ensir_flow.cli", *map(str, command)], cwd=tmp_path, env=env,
-                             capture_output=True, text=True)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "ensir_flow.cli", *map(str, command)], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed s.zarr: {len(marks) - marks.sum()} of {len(marks)} chunks were missing" in resumed.stdout
     xr.testing.assert_identical(contents(tmp_path / "s.zarr"), contents(tmp_path / "uninterrupted.zarr"))
@@ -53,8 +56,20 @@ def test_killed_ingest_resumes_from_the_chunks_written(tmp_path):
 def test_killed_apply_resumes_to_the_same_bytes(fitted, invoke):
     output = fitted / "out.zarr"
     staging = resumable_location(str(output))
-    command = [sys.executable, "-m", "ensir_flow.cli", "apply", str(fitted / "s.zarr"), str(fitted / "lut.zarr"), str(output),
-               "--scheduler", "threads", "--no-progress", "--device", "cpu"]
+    command = [
+        sys.executable,
+        "-m",
+        "ensir_flow.cli",
+        "apply",
+        str(fitted / "s.zarr"),
+        str(fitted / "lut.zarr"),
+        str(output),
+        "--scheduler",
+        "threads",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     process = subprocess.Popen(command, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     deadline = time.monotonic() + 120
     completed = 0
@@ -86,12 +101,15 @@ def test_killed_apply_resumes_to_the_same_bytes(fitted, invoke):
     assert again.exit_code == 0 and "already complete: nothing to do" in again.stdout
 
 
-@pytest.mark.parametrize("command", [
-    ["apply", "s.zarr", "lut.zarr", "out.zarr"],
-    ["fit", "s.zarr", "out.zarr", "--overwrite"],  # two fits to one LUT: the second is refused
-    ["ingest", "corpus", "out.zarr"],
-    ["lut", "export", "lut.zarr", "out.json"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["apply", "s.zarr", "lut.zarr", "out.zarr"],
+        ["fit", "s.zarr", "out.zarr", "--overwrite"],  # two fits to one LUT: the second is refused
+        ["ingest", "corpus", "out.zarr"],
+        ["lut", "export", "lut.zarr", "out.json"],
+    ],
+)
 def test_second_run_on_a_locked_output_is_refused(fitted, invoke, command):
     arguments = [fitted / word if word.endswith((".zarr", ".json", "corpus")) else word for word in command]
     target = arguments[-1] if command[-1] != "--overwrite" else arguments[-2]
@@ -107,7 +125,10 @@ def test_output_of_other_inputs_is_not_overwritten_silently(fitted, invoke):
     assert invoke("fit", fitted / "s.zarr", fitted / "lut2.zarr", "--solver", "average", "--no-progress").exit_code == 0
     other = invoke("apply", fitted / "s.zarr", fitted / "lut2.zarr", fitted / "out.zarr", "--no-progress")
     assert other.exit_code != 0 and "already exists (pass --overwrite" in other.stderr
-    assert invoke("apply", fitted / "s.zarr", fitted / "lut2.zarr", fitted / "out.zarr", "--overwrite", "--no-progress").exit_code == 0
+    assert (
+        invoke("apply", fitted / "s.zarr", fitted / "lut2.zarr", fitted / "out.zarr", "--overwrite", "--no-progress").exit_code
+        == 0
+    )
     assert xr.open_zarr(fitted / "out.zarr").attrs["solver"] == "average"
 
 
@@ -149,8 +170,15 @@ def test_runs_finding_the_same_dead_holder_take_the_lock_over_one_at_a_time(tmp_
         dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
         lock.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "since": "earlier"}))
         start = time.time() + 2.5  # once every interpreter has imported
-        runs = [subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(target), str(start)], stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True) for _ in range(4)]
+        runs = [
+            subprocess.Popen(
+                [sys.executable, "-c", LOCK_HOLDER, str(target), str(start)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(4)
+        ]
         outputs = [run.communicate() for run in runs]
         assert all(run.returncode == 0 for run in runs), [error for _, error in outputs]
         held = sorted(json.loads(out) for out, _ in outputs if out.strip() != "refused")
@@ -176,8 +204,10 @@ def test_a_dead_holder_is_taken_over_where_the_folder_cannot_be_locked(tmp_path,
 
 def _digests(root: Path, ds: xr.Dataset) -> list[list[str]]:
     """The SHA-256 of each source file of `ds` as found under `root` now, in `source_sha256`'s layout."""
-    return [[hashlib.sha256((root / str(source) / str(name)).read_bytes()).hexdigest() for name in names]
-            for source, names in zip(ds["source"].values, ds["source_file"].values)]
+    return [
+        [hashlib.sha256((root / str(source) / str(name)).read_bytes()).hexdigest() for name in names]
+        for source, names in zip(ds["source"].values, ds["source_file"].values)
+    ]
 
 
 def test_a_first_ingest_reads_each_source_file_once_and_records_its_bytes(tmp_path, invoke, monkeypatch):
@@ -216,8 +246,9 @@ def _kill_ingest_part_way(tmp_path: Path, chunk_pixels: int) -> tuple[list, np.n
     env = {**os.environ, "ENSIR_FLOW_SCHEDULER": "threads"}
     subprocess.run([sys.executable, hook, "0", count, "--", *map(str, command)], cwd=tmp_path, env=env, check=True)
     os.rename(tmp_path / "s.zarr", tmp_path / "uninterrupted.zarr")
-    killed = subprocess.run([sys.executable, hook, str(int(count.read_text()) * 2 // 3), count, "--", *map(str, command)],
-                            cwd=tmp_path, env=env)
+    killed = subprocess.run(
+        [sys.executable, hook, str(int(count.read_text()) * 2 // 3), count, "--", *map(str, command)], cwd=tmp_path, env=env
+    )
     assert killed.returncode == 137 and not (tmp_path / "s.zarr").exists()
     marks = zarr.open_array(store=resumable_location(str(tmp_path / "s.zarr")), path="chunk_complete", mode="r")[:]
     assert 0 < marks.sum() < len(marks)
@@ -227,8 +258,10 @@ def _kill_ingest_part_way(tmp_path: Path, chunk_pixels: int) -> tuple[list, np.n
 def _images_of_chunks(sizes, chunk_pixels: int, n_chunks: int) -> list[set[int]]:
     ends = np.cumsum([h * w for h, w in sizes])
     starts = ends - [h * w for h, w in sizes]
-    return [{i for i, (s, e) in enumerate(zip(starts, ends)) if s < (c + 1) * chunk_pixels and e > c * chunk_pixels}
-            for c in range(n_chunks)]
+    return [
+        {i for i, (s, e) in enumerate(zip(starts, ends)) if s < (c + 1) * chunk_pixels and e > c * chunk_pixels}
+        for c in range(n_chunks)
+    ]
 
 
 def _repaint(path: Path, seed: int) -> None:

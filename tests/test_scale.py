@@ -13,10 +13,10 @@ from distributed import Client, LocalCluster
 from ensir_flow import schema
 from ensir_flow.blend import blend
 from ensir_flow.lut import Lut, fit_lut
-from ensir_flow.stats import chunk_statistics, merge
 from ensir_flow.pipelines.apply import plan_apply
 from ensir_flow.pipelines.executor import compute_function
 from ensir_flow.pipelines.fit import plan_fit
+from ensir_flow.stats import chunk_statistics, merge
 
 MEMORY_LIMIT = 500_000_000
 #: Workers idle at ~270-310 MB (libraries and compiled kernels): pausing them at distributed's
@@ -36,16 +36,23 @@ def _tile(seed: int) -> np.ndarray:
 
 def _write_store(path, n_chunks: int) -> None:
     tiles = [_tile(seed) for seed in range(4)]
-    planes = da.concatenate([da.from_delayed(dask.delayed(lambda i: tiles[i % 4])(i), tiles[0].shape, np.uint8)
-                             for i in range(n_chunks)], axis=1)
+    planes = da.concatenate(
+        [da.from_delayed(dask.delayed(lambda i: tiles[i % 4])(i), tiles[0].shape, np.uint8) for i in range(n_chunks)], axis=1
+    )
     n_images = n_chunks // 2
-    index = schema.ImageIndex([f"frame{i:04d}" for i in range(n_images)], np.full(n_images, 512), np.full(n_images, 2 * CHUNK // 512))
+    index = schema.ImageIndex(
+        [f"frame{i:04d}" for i in range(n_images)], np.full(n_images, 512), np.full(n_images, 2 * CHUNK // 512)
+    )
     ds = index.to_dataset()
     ds["prediction"] = (("model", "pixel", "channel"), planes[:N_MODELS])
     ds["ground_truth"] = (("pixel", "channel"), planes[N_MODELS])
     ds.attrs = schema.store_attributes([f"m{k}" for k in range(N_MODELS)], 3)
-    ds.to_zarr(path, mode="w-", zarr_format=3, encoding={"prediction": {"chunks": (N_MODELS, CHUNK, 3)},
-                                                         "ground_truth": {"chunks": (CHUNK, 3)}})
+    ds.to_zarr(
+        path,
+        mode="w-",
+        zarr_format=3,
+        encoding={"prediction": {"chunks": (N_MODELS, CHUNK, 3)}, "ground_truth": {"chunks": (CHUNK, 3)}},
+    )
 
 
 @pytest.mark.slow
@@ -59,8 +66,13 @@ def test_fit_and_apply_out_of_core_equal_an_in_memory_run(tmp_path):
         _write_store(store, n_chunks)
     print(f"wrote {n_chunks} chunks in {time.perf_counter() - started:.1f} s")
 
-    with dask.config.set(WORKER_MEMORY), LocalCluster(n_workers=2, threads_per_worker=1, memory_limit=MEMORY_LIMIT,
-                                                      processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
+    with (
+        dask.config.set(WORKER_MEMORY),
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, memory_limit=MEMORY_LIMIT, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         workers_before = set(client.scheduler_info()["workers"])
 
         compute = compute_function(client, progress=False)
@@ -77,12 +89,15 @@ def test_fit_and_apply_out_of_core_equal_an_in_memory_run(tmp_path):
     tiles = [_tile(seed) for seed in range(4)]
     repeats = [len(range(i, n_chunks, 4)) for i in range(4)]
     per_tile = [chunk_statistics(t[:N_MODELS], t[N_MODELS], 32) for t in tiles]
-    expected = fit_lut(merge(*[replace(s, moments=s.moments * r, hist_counts=s.hist_counts * r)
-                               for s, r in zip(per_tile, repeats)]), [f"m{k}" for k in range(N_MODELS)], "cpu")
+    expected = fit_lut(
+        merge(*[replace(s, moments=s.moments * r, hist_counts=s.hist_counts * r) for s, r in zip(per_tile, repeats)]),
+        [f"m{k}" for k in range(N_MODELS)],
+        "cpu",
+    )
     lut = Lut.from_dataset(xr.open_zarr(lut_path).load())
     assert lut.weights.tobytes() == expected.weights.tobytes()
     np.testing.assert_array_equal(lut.count, expected.count)
     ensemble = xr.open_zarr(output)["ensemble"].data
     blended = [blend(t[:N_MODELS], expected.weights, 32) for t in tiles]
     for i in range(0, n_chunks, 7):
-        np.testing.assert_array_equal(ensemble[i * CHUNK: (i + 1) * CHUNK].compute(), blended[i % 4])
+        np.testing.assert_array_equal(ensemble[i * CHUNK : (i + 1) * CHUNK].compute(), blended[i % 4])

@@ -24,7 +24,9 @@ def _blocks(language: str) -> list[str]:
 def _ensir_flow_commands(text: str) -> list[list[str]]:
     """Each `ensir-flow ...` invocation in `text`, as its words up to the end of the command."""
     commands = []
-    for match in re.finditer(r"ensir-flow ((?:ingest|fit|apply|evaluate|info|lut|demo)\b[^&|>;\n\"]*)", text.replace("\\\n", " ")):
+    for match in re.finditer(
+        r"ensir-flow ((?:ingest|fit|apply|evaluate|info|lut|demo)\b[^&|>;\n\"]*)", text.replace("\\\n", " ")
+    ):
         commands.append(match.group(1).split())
     return commands
 
@@ -57,8 +59,11 @@ def test_systemd_units_verify(tmp_path):
     service, timer = _blocks("ini")
     (tmp_path / "ensir-flow-nightly.service").write_text(service.replace("/usr/local/bin/ensir-flow", shutil.which("true")))
     (tmp_path / "ensir-flow-nightly.timer").write_text(timer)
-    result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "ensir-flow-nightly.timer"),
-                             str(tmp_path / "ensir-flow-nightly.service")], capture_output=True, text=True)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(tmp_path / "ensir-flow-nightly.timer"), str(tmp_path / "ensir-flow-nightly.service")],
+        capture_output=True,
+        text=True,
+    )
     problems = [line for line in result.stderr.splitlines() if "ensir-flow-nightly" in line]
     assert not problems, result.stderr
 
@@ -73,10 +78,12 @@ def test_cron_line_logs_both_commands(tmp_path, invoke):
     log = tmp_path / "ensir-flow.log"
     script = shlex.quote(str(Path(sys.executable).with_name("ensir-flow")))
     assert command.count("--no-progress") == 2 and "cd /data && " in command and ">> /var/log/ensir-flow.log" in command
-    command = (command.replace("cd /data && ", f"cd {shlex.quote(str(tmp_path))} && ")
-               .replace("/var/log/ensir-flow.log", shlex.quote(str(log)))
-               .replace("ensir-flow ", f"{script} ")
-               .replace("--no-progress", "--no-progress --scheduler threads"))
+    command = (
+        command.replace("cd /data && ", f"cd {shlex.quote(str(tmp_path))} && ")
+        .replace("/var/log/ensir-flow.log", shlex.quote(str(log)))
+        .replace("ensir-flow ", f"{script} ")
+        .replace("--no-progress", "--no-progress --scheduler threads")
+    )
     make_corpus(tmp_path / "incoming")
     assert invoke("ingest", tmp_path / "incoming", tmp_path / "reference.zarr", "--no-progress").exit_code == 0
     assert invoke("fit", tmp_path / "reference.zarr", tmp_path / "lut.zarr", "--no-progress").exit_code == 0

@@ -47,8 +47,15 @@ def _interrupt_ingest(tmp_path: Path, scheduler: str, signum: int, to_group: boo
     (tmp_path / "slow" / "sitecustomize.py").write_text(textwrap.dedent(SLOW_WRITES))
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "slow"), "SLOW_CHUNK_WRITES": "0.05", "ENSIR_FLOW_SCHEDULER": scheduler}
     marks = tmp_path / ".s.zarr.partial" / "chunk_complete" / "c"  # the resumable staging's completion marks
-    run = subprocess.Popen([sys.executable, "-m", "ensir_flow.cli", *COMMAND], cwd=tmp_path, env=env, text=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "ensir_flow.cli", *COMMAND],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     while not (marks.is_dir() and any(marks.iterdir())) and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -62,12 +69,17 @@ def _interrupt_ingest(tmp_path: Path, scheduler: str, signum: int, to_group: boo
 
 
 def _assert_interrupted_then_resumed(tmp_path: Path, interrupted: subprocess.CompletedProcess, code: int) -> None:
-    assert (interrupted.returncode, interrupted.stderr, interrupted.stdout) == (code, INTERRUPTED + "\n", ""), \
-        interrupted.stderr
+    assert (interrupted.returncode, interrupted.stderr, interrupted.stdout) == (code, INTERRUPTED + "\n", ""), interrupted.stderr
     assert not (tmp_path / "s.zarr").exists() and (tmp_path / ".s.zarr.partial").is_dir()
     env = {**os.environ, "ENSIR_FLOW_SCHEDULER": "threads"}
-    again = subprocess.run([sys.executable, "-m", "ensir_flow.cli", *COMMAND, "--json"], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        [sys.executable, "-m", "ensir_flow.cli", *COMMAND, "--json"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0, again.stderr
     result = json.loads(again.stdout)
     assert result["status"] == "resumed" and 0 < result["chunks_written"] < result["chunks_total"]
@@ -79,8 +91,9 @@ def test_an_interrupted_run_is_one_line_and_resumes_on_threads(tmp_path, signum,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum, code, to_group", [(signal.SIGINT, 130, True), (signal.SIGTERM, 143, False)],
-                         ids=["Ctrl-C to the group", "SIGTERM"])
+@pytest.mark.parametrize(
+    "signum, code, to_group", [(signal.SIGINT, 130, True), (signal.SIGTERM, 143, False)], ids=["Ctrl-C to the group", "SIGTERM"]
+)
 def test_an_interrupted_run_on_a_local_cluster_is_one_line_from_client_and_workers(tmp_path, signum, code, to_group):
     _assert_interrupted_then_resumed(tmp_path, _interrupt_ingest(tmp_path, "local", signum, to_group), code)
 
@@ -94,12 +107,13 @@ def test_the_cluster_progress_feed_reports_tasks_done_of_all_then_ends():
     from ensir_flow.pipelines.executor import _scheduler_progress
 
     updates, ends = [], []
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, \
-            Client(cluster, set_as_default=False) as client:
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster,
+        Client(cluster, set_as_default=False) as client,
+    ):
         parts = [dask.delayed(time.sleep)(0.01, dask_key_name=f"part-{i}") for i in range(6)]
         futures = client.compute([dask.delayed(len)(parts)])
-        feed = _scheduler_progress(client, futures, lambda done, total: updates.append((done, total)),
-                                   lambda: ends.append(True))
+        feed = _scheduler_progress(client, futures, lambda done, total: updates.append((done, total)), lambda: ends.append(True))
         client.sync(feed.listen)
         assert client.gather(futures) == [6]
     assert ends == [True] and updates and updates[-1] == (7, 7)

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from test_sparse_lut import members
 
 import ensir_flow
 from ensir_flow import metrics, schema, stats
@@ -16,7 +17,6 @@ from ensir_flow.lut import EMPTY_POLICIES, LUT_SOLVERS, SOLVERS, Lut, fit_lut, m
 from ensir_flow.pipelines.lut_io import read_lut
 from ensir_flow.solvers import REGISTRY
 from helpers import contents
-from test_sparse_lut import members
 
 
 def reference_choices(predictions: np.ndarray, truth: np.ndarray, bin_width: int) -> tuple[dict, np.ndarray]:
@@ -65,8 +65,12 @@ def test_select_gives_each_cell_its_model_of_least_squared_error(n_models, bin_w
     assert lut.fallback_status == FitStatus.EMPTY_FALLBACK
     if tied:
         assert not lut.bin_weights[..., -1].any() and not lut.fallback[:, -1].any()
-    chosen = np.array([[per_cell[(tuple(int(d) for d in predictions[:, p, c] // bin_width), c)] for c in range(3)]
-                       for p in range(predictions.shape[1])])
+    chosen = np.array(
+        [
+            [per_cell[(tuple(int(d) for d in predictions[:, p, c] // bin_width), c)] for c in range(3)]
+            for p in range(predictions.shape[1])
+        ]
+    )
     expected = np.take_along_axis(predictions, chosen[None], axis=0)[0]
     np.testing.assert_array_equal(blend(predictions, lut.lookup_table(), bin_width), expected)
 
@@ -109,13 +113,18 @@ def test_select_through_fit_apply_info_and_evaluate_cv(tmp_path, invoke, corpus)
     def picked(training: np.ndarray, pixels: np.ndarray) -> np.ndarray:
         """The value of the model the reference fitted on the pixels `training` picks for each of `pixels`."""
         per_cell, per_channel = reference_choices(predictions[:, training], truth[training], 64)
-        chosen = np.array([[per_cell.get((tuple(int(d) for d in predictions[:, p, c] // 64), c), per_channel[c])
-                            for c in range(3)] for p in pixels])
+        chosen = np.array(
+            [
+                [per_cell.get((tuple(int(d) for d in predictions[:, p, c] // 64), c), per_channel[c]) for c in range(3)]
+                for p in pixels
+            ]
+        )
         return np.take_along_axis(predictions[:, pixels], chosen[None], axis=0)[0]
 
     everything = np.arange(predictions.shape[1])
-    np.testing.assert_array_equal(contents(output)[schema.ENSEMBLE].transpose("pixel", "channel").values,
-                                  picked(everything, everything))
+    np.testing.assert_array_equal(
+        contents(output)[schema.ENSEMBLE].transpose("pixel", "channel").values, picked(everything, everything)
+    )
     assert read_lut(lut_path).solver == "select"
     info = json.loads(invoke("info", lut_path, "--json").stdout)
     assert info["solver"] == "select" and info["fit_status"].get("selected", 0) > 0

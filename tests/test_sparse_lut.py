@@ -17,8 +17,15 @@ import xarray as xr
 from dask.sizeof import sizeof
 
 from ensir_flow import stats
-from ensir_flow.binning import (bin_count, digits_of_words, flat_bins_of_digits, key_words, model_groups,
-                                ranges_per_model, words_of_digits)
+from ensir_flow.binning import (
+    bin_count,
+    digits_of_words,
+    flat_bins_of_digits,
+    key_words,
+    model_groups,
+    ranges_per_model,
+    words_of_digits,
+)
 from ensir_flow.blend import INDEXED_BINS_LIMIT, HashedWeights, IndexedWeights, blend, weights_with_fallback
 from ensir_flow.errors import InputError
 from ensir_flow.fit_status import FitStatus
@@ -67,8 +74,11 @@ def legacy_dataset(lut: Lut) -> xr.Dataset:
     the dense table on `bin`, with `weights`, `count`, `fit_status` and four attributes."""
     n_bins = lut.weights.shape[0]
     return xr.Dataset(
-        {"weights": (("bin", "channel", "model"), lut.weights), "count": (("bin", "channel"), lut.count),
-         "fit_status": (("bin", "channel"), lut.fit_status)},
+        {
+            "weights": (("bin", "channel", "model"), lut.weights),
+            "count": (("bin", "channel"), lut.count),
+            "fit_status": (("bin", "channel"), lut.fit_status),
+        },
         coords={"bin": np.arange(n_bins), "model": np.array(lut.models, dtype=object)},
         attrs={"models": lut.models, "bin_width": lut.bin_width, "solver": lut.solver, "empty_policy": lut.empty_policy},
     )
@@ -81,7 +91,7 @@ def test_model_groups_keep_one_word_where_the_flat_index_fits():
         for width in (8, 16, 32, 64, 128):
             nb = ranges_per_model(width)
             for start, stop in model_groups(n_models, width):
-                assert nb ** (stop - start) * 4 * 256 < 2 ** 63  # room for the channel and the level
+                assert nb ** (stop - start) * 4 * 256 < 2**63  # room for the channel and the level
     digits = np.random.default_rng(0).integers(0, 32, (50, 16)).astype(np.uint8)
     assert (digits_of_words(words_of_digits(digits, 8), 16, 8) == digits).all()
 
@@ -101,8 +111,10 @@ def test_wide_statistics_merge_exactly_and_match_a_count_in_python_integers():
             key = (sum(int(predictions[k, p, c]) // 16 * 16 ** (15 - k) for k in range(16)), c)
             expected[key] = expected.get(key, 0) + 1
     digits = digits_of_words(whole.cells // 3, 16, 16)
-    got = {(sum(int(d) * 16 ** (15 - k) for k, d in enumerate(row)), int(c)): int(n)
-           for row, c, n in zip(digits, whole.channels, whole.counts)}
+    got = {
+        (sum(int(d) * 16 ** (15 - k) for k, d in enumerate(row)), int(c)): int(n)
+        for row, c, n in zip(digits, whole.channels, whole.counts)
+    }
     assert got == expected
     assert whole.dense_histograms(np.arange(len(whole.cells))).sum(axis=1).tolist() == whole.counts.tolist()
 
@@ -139,28 +151,40 @@ def lut_storing(digits: np.ndarray, n_channels: int, bin_width: int, seed: int) 
     rng = np.random.default_rng(seed)
     n_bins, n_models = digits.shape
     weights = rng.dirichlet(np.ones(n_models), (n_bins, n_channels)).astype(np.float32)
-    return Lut([f"m{k}" for k in range(n_models)], bin_width, weights, np.ones((n_bins, n_channels), np.int64),
-               np.full((n_bins, n_channels), FitStatus.LEAST_SQUARES, np.int8), bin_digits=digits,
-               fallback=rng.dirichlet(np.ones(n_models), n_channels).astype(np.float32))
+    return Lut(
+        [f"m{k}" for k in range(n_models)],
+        bin_width,
+        weights,
+        np.ones((n_bins, n_channels), np.int64),
+        np.full((n_bins, n_channels), FitStatus.LEAST_SQUARES, np.int8),
+        bin_digits=digits,
+        fallback=rng.dirichlet(np.ones(n_models), n_channels).astype(np.float32),
+    )
 
 
-@pytest.mark.parametrize("n_models, bin_width, n_pixels, n_channels, stored", [
-    (8, 32, 0, 3, "most"),  # no pixels
-    (8, 32, 1, 3, "most"),  # one pixel
-    (8, 32, HASHED_BLOCK, 1, "most"),  # one whole block of one channel
-    (8, 32, HASHED_BLOCK + 1, 1, "most"),  # one pixel-channel past it
-    (8, 32, 400, 3, "most"),  # blocks that start on every channel (512 is no multiple of 3)
-    (8, 32, 400, 3, "none"),  # no stored bin: every cell takes the fallback
-    (3, 37, 300, 4, "most"),  # a bin width that is no power of two, 4 channels
-    (2, 128, 50, 3, "all"),  # every bin seen is stored
-    (16, 8, 300, 3, "most"),  # keys of two words
-    (16, 1, 100, 3, "most"),  # keys of three words
-])
+@pytest.mark.parametrize(
+    "n_models, bin_width, n_pixels, n_channels, stored",
+    [
+        (8, 32, 0, 3, "most"),  # no pixels
+        (8, 32, 1, 3, "most"),  # one pixel
+        (8, 32, HASHED_BLOCK, 1, "most"),  # one whole block of one channel
+        (8, 32, HASHED_BLOCK + 1, 1, "most"),  # one pixel-channel past it
+        (8, 32, 400, 3, "most"),  # blocks that start on every channel (512 is no multiple of 3)
+        (8, 32, 400, 3, "none"),  # no stored bin: every cell takes the fallback
+        (3, 37, 300, 4, "most"),  # a bin width that is no power of two, 4 channels
+        (2, 128, 50, 3, "all"),  # every bin seen is stored
+        (16, 8, 300, 3, "most"),  # keys of two words
+        (16, 1, 100, 3, "most"),  # keys of three words
+    ],
+)
 def test_hashed_blend_matches_a_per_pixel_lookup(n_models, bin_width, n_pixels, n_channels, stored):
     predictions, _ = members(n_models, n_pixels, seed=n_pixels, channels=n_channels)
     seen = np.unique((predictions // bin_width).reshape(n_models, -1).T, axis=0).astype(np.uint8)
-    keep = {"all": np.ones(len(seen), bool), "none": np.zeros(len(seen), bool),
-            "most": np.random.default_rng(1).random(len(seen)) < 0.7}[stored]  # the others take the fallback
+    keep = {
+        "all": np.ones(len(seen), bool),
+        "none": np.zeros(len(seen), bool),
+        "most": np.random.default_rng(1).random(len(seen)) < 0.7,
+    }[stored]  # the others take the fallback
     lut = lut_storing(seen[keep], n_channels, bin_width, seed=n_models)
     rows = weights_with_fallback(lut.bin_weights, lut.fallback)
     table = HashedWeights.of(words_of_digits(lut.bin_digits, bin_width), rows, n_models, bin_width)
@@ -201,7 +225,7 @@ def test_indexed_tables_share_their_rows_say_their_size_and_refuse_what_they_can
     rows = em.weights[-3:]
     with pytest.raises(ValueError, match="more than an indexed table holds"):
         IndexedWeights(np.array([1, 2]), rows, 8, 16)  # 2^32 bins
-    for bins in ([2, 2], [3, 2], [-1, 2], [1, 8 ** 8]):
+    for bins in ([2, 2], [3, 2], [-1, 2], [1, 8**8]):
         with pytest.raises(ValueError, match="increasing flat indices"):
             IndexedWeights(np.array(bins), rows, 8, 32)
 
@@ -262,10 +286,10 @@ def test_a_format_1_lut_loads_and_applies_to_the_same_bytes_and_digest():
 def test_large_luts_never_build_the_dense_table():
     predictions, truth = members(16, 300, seed=6)
     lut = fit_lut(stats.chunk_statistics(predictions, truth, 16), [f"m{k}" for k in range(16)])
-    assert lut.n_bins == 2 ** 64 and not lut.is_small
+    assert lut.n_bins == 2**64 and not lut.is_small
     assert isinstance(lut.lookup_table(), HashedWeights)
     with pytest.raises(ValueError, match="too many for a dense table"):
-        lut.weights
+        lut.weights  # noqa: B018 - the property raises
     ds = lut.to_dataset()
     assert "bin" not in ds.coords and ds["bin_digits"].dtype == np.uint8  # the flat index does not fit int64
 
@@ -358,8 +382,12 @@ def _write_members(root, n_members: int, kind: str, sizes=((20, 30), (24, 16), (
 def test_workflow_with_many_members(tmp_path, invoke, n_members, bin_width):
     names = _write_members(tmp_path / "corpus", n_members, "samples")
     store, lut_path, out = tmp_path / "s.zarr", tmp_path / "lut.zarr", tmp_path / "out.zarr"
-    for args in (["ingest", tmp_path / "corpus", store], ["fit", store, lut_path, "--bin-width", bin_width],
-                 ["apply", store, lut_path, out], ["lut", "export", lut_path, tmp_path / "lut.json"]):
+    for args in (
+        ["ingest", tmp_path / "corpus", store],
+        ["fit", store, lut_path, "--bin-width", bin_width],
+        ["apply", store, lut_path, out],
+        ["lut", "export", lut_path, tmp_path / "lut.json"],
+    ):
         result = invoke(*args, "--no-progress")
         assert result.exit_code == 0, result.output
     lut = Lut.from_dataset(xr.open_zarr(lut_path).load())
@@ -376,22 +404,32 @@ def test_workflow_with_many_members(tmp_path, invoke, n_members, bin_width):
     assert (tmp_path / "report" / "index.html").is_file()
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda ds: ds.assign_coords(bin_digits=(("bin", "model"), np.where(np.arange(4) == 0, -1, ds["bin_digits"].values.astype(np.int64)))),
-     "a negative bin digit"),
-    (lambda ds: ds.assign_coords(bin_digits=(("bin", "model"), ds["bin_digits"].values + 0.5)), "bin_digits of type float64"),
-    (lambda ds: ds.assign_coords(bin=ds["bin"].values[::-1].copy()), "the bin coordinate disagrees with the bins stored"),
-    (lambda ds: ds.assign_coords(bin=ds["bin"].values + 1), "the bin coordinate disagrees with the bins stored"),
-    (lambda ds: ds.assign_coords(model=["c", "b", "a", "d"]), r"the model coordinate \['c', 'b', 'a', 'd'\] disagrees"),
-    (lambda ds: ds.assign_attrs(models="abcd"), "attribute models is 'abcd', not a list"),
-    (lambda ds: ds.assign_attrs(bin_width=64.5), "attribute bin_width is 64.5, not an integer"),
-    (lambda ds: ds.assign_attrs(format_version="2"), "LUT format version '2'"),
-    (lambda ds: ds.assign_attrs(fallback_fit_status="x"), "attribute fallback_fit_status is 'x'"),
-    (lambda ds: ds.rename({"channel": "colour"}), r"weights has dimensions \('bin', 'colour', 'model'\)"),
-    (lambda ds: ds.assign(fallback_weights=(("c2", "model"), ds["fallback_weights"].values[:1])), "fallback_weights has dimensions"),
-    (lambda ds: ds.assign(count=ds["count"] - 10 ** 6), "count holds a negative number"),
-    (lambda ds: ds.assign(fit_status=ds["fit_status"] + 50), "fit_status holds a value that is not a fit status"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda ds: ds.assign_coords(
+                bin_digits=(("bin", "model"), np.where(np.arange(4) == 0, -1, ds["bin_digits"].values.astype(np.int64)))
+            ),
+            "a negative bin digit",
+        ),
+        (lambda ds: ds.assign_coords(bin_digits=(("bin", "model"), ds["bin_digits"].values + 0.5)), "bin_digits of type float64"),
+        (lambda ds: ds.assign_coords(bin=ds["bin"].values[::-1].copy()), "the bin coordinate disagrees with the bins stored"),
+        (lambda ds: ds.assign_coords(bin=ds["bin"].values + 1), "the bin coordinate disagrees with the bins stored"),
+        (lambda ds: ds.assign_coords(model=["c", "b", "a", "d"]), r"the model coordinate \['c', 'b', 'a', 'd'\] disagrees"),
+        (lambda ds: ds.assign_attrs(models="abcd"), "attribute models is 'abcd', not a list"),
+        (lambda ds: ds.assign_attrs(bin_width=64.5), "attribute bin_width is 64.5, not an integer"),
+        (lambda ds: ds.assign_attrs(format_version="2"), "LUT format version '2'"),
+        (lambda ds: ds.assign_attrs(fallback_fit_status="x"), "attribute fallback_fit_status is 'x'"),
+        (lambda ds: ds.rename({"channel": "colour"}), r"weights has dimensions \('bin', 'colour', 'model'\)"),
+        (
+            lambda ds: ds.assign(fallback_weights=(("c2", "model"), ds["fallback_weights"].values[:1])),
+            "fallback_weights has dimensions",
+        ),
+        (lambda ds: ds.assign(count=ds["count"] - 10**6), "count holds a negative number"),
+        (lambda ds: ds.assign(fit_status=ds["fit_status"] + 50), "fit_status holds a value that is not a fit status"),
+    ],
+)
 def test_format_2_refuses_a_lut_edited_into_disagreement(edit, message):
     """A LUT store edited by someone else: every disagreement between its parts (a bin coordinate
     the digits do not make, digits that are not small non-negative integers, a model coordinate
@@ -407,5 +445,7 @@ def test_format_2_refuses_a_lut_edited_into_disagreement(edit, message):
 def test_a_format_1_lut_refuses_a_bin_coordinate_out_of_flat_order():
     predictions, truth = members(3, 800, seed=8)
     legacy = legacy_dataset(fit_lut(stats.chunk_statistics(predictions, truth, 64), list("abc")))
-    with pytest.raises(InputError, match="lut.zarr: the bin coordinate disagrees with the bins stored .row 0: bin 63, expected 0"):
+    with pytest.raises(
+        InputError, match="lut.zarr: the bin coordinate disagrees with the bins stored .row 0: bin 63, expected 0"
+    ):
         Lut.from_dataset(legacy.assign_coords(bin=legacy["bin"].values[::-1].copy()), "lut.zarr")

@@ -19,7 +19,7 @@ def test_tiny_case_by_hand():
     assert s.moments[1].tolist() == [1, 200, 20, 40000, 4000, 400, 20000, 2000]
     # K x_k - S: (20 - 30)^2 + (60 - 70)^2 = 200 for model 1; (40 - 30)^2 + (80 - 70)^2 = 200 for model 2;
     # (200, 20): S = 220, 2*200 - 220 = 180 and 2*20 - 220 = -180
-    assert s.squared_deviations().tolist() == [[200, 200], [180 ** 2, 180 ** 2]]
+    assert s.squared_deviations().tolist() == [[200, 200], [180**2, 180**2]]
     np.testing.assert_array_equal(s.cross_products()[0], [[1000, 1400], [1400, 2000]])
     assert s.hist_keys.tolist() == [0 * 256 + 15, 0 * 256 + 35, 2 * 256 + 100]
     assert s.hist_counts.tolist() == [1, 1, 1]
@@ -39,8 +39,12 @@ def _assert_equal(a: stats.CellStatistics, b: stats.CellStatistics):
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 10_000), n_models=st.integers(1, 5), bin_width=st.sampled_from([16, 32, 64, 100]),
-       cuts=st.lists(st.integers(0, 300), max_size=6))
+@given(
+    seed=st.integers(0, 10_000),
+    n_models=st.integers(1, 5),
+    bin_width=st.sampled_from([16, 32, 64, 100]),
+    cuts=st.lists(st.integers(0, 300), max_size=6),
+)
 def test_merge_of_any_chunking_equals_whole(seed, n_models, bin_width, cuts):
     predictions, truth = _random_data(seed, n_models, 300, 3)
     whole = stats.chunk_statistics(predictions, truth, bin_width)
@@ -85,8 +89,12 @@ def test_merge_refuses_different_layouts():
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 10_000), sizes=st.lists(st.integers(0, 400), min_size=2, max_size=6), n_words=st.integers(1, 3),
-       spread=st.sampled_from([3, 50, 2 ** 62]))
+@given(
+    seed=st.integers(0, 10_000),
+    sizes=st.lists(st.integers(0, 400), min_size=2, max_size=6),
+    n_words=st.integers(1, 3),
+    spread=st.sampled_from([3, 50, 2**62]),
+)
 def test_sorted_parts_sum_as_their_concatenation_does(seed, sizes, n_words, spread):
     """Merging sorted runs of unique keys (with keys shared between parts, parts empty, one-word
     keys and rows of words) gives `sum_by_key` of all the parts' keys and values together."""
@@ -152,14 +160,16 @@ def test_many_models_small_bins_stay_sparse():
     """K = 4 at bin width 16: 65,536 bins per channel; a chunk's statistics hold only what occurs."""
     predictions, truth = _random_data(7, 4, 1 << 16, 3)
     table = stats.chunk_statistics(predictions, truth, 16)
-    assert table.n_cells == 16 ** 4 * 3
+    assert table.n_cells == 16**4 * 3
     size = sum(getattr(table, name).nbytes for name in ("cells", "moments", "hist_keys", "hist_counts"))
     assert size < 30 * (1 << 20)  # a dense 256-level histogram per cell would be 400 MB
     assert table.n_pixels == (1 << 16) * 3
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 10_000), n=st.integers(0, 5000), n_words=st.integers(1, 3), spread=st.sampled_from([1, 7, 3000, 2 ** 62]))
+@given(
+    seed=st.integers(0, 10_000), n=st.integers(0, 5000), n_words=st.integers(1, 3), spread=st.sampled_from([1, 7, 3000, 2**62])
+)
 def test_sorted_groups_is_numpys_unique_with_inverse(seed, n, n_words, spread):
     """The hash grouping (its table doubles many times from 1,024 slots at n = 5000 distinct keys)
     gives np.unique's sorted keys and inverse, for one-word keys and rows of key words."""
@@ -215,8 +225,10 @@ def test_em_moments_are_the_per_pixel_sums_on_every_path(seed, n_models, bin_wid
 def test_em_moments_merge_alone_and_hold_no_cross_products():
     predictions, truth = _random_data(3, 3, 500, 3)
     alone = stats.chunk_statistics(predictions, truth, 32, moments_kind=stats.EM_MOMENTS)
-    halves = [stats.chunk_statistics(predictions[:, part], truth[part], 32, moments_kind=stats.EM_MOMENTS)
-              for part in (slice(0, 200), slice(200, None))]
+    halves = [
+        stats.chunk_statistics(predictions[:, part], truth[part], 32, moments_kind=stats.EM_MOMENTS)
+        for part in (slice(0, 200), slice(200, None))
+    ]
     merged = stats.merge(*halves)
     np.testing.assert_array_equal(merged.moments, alone.moments)
     assert merged.per_channel().moments_kind == stats.EM_MOMENTS
@@ -225,7 +237,7 @@ def test_em_moments_merge_alone_and_hold_no_cross_products():
     with pytest.raises(ValueError, match="only the moments EM uses"):
         alone.cross_products()
     with pytest.raises(ValueError, match="only the moments EM uses"):
-        alone.sums_xy
+        alone.sums_xy  # noqa: B018 - the property raises
 
 
 def test_the_sample_of_cells_takes_strided_pixels_and_counts_what_the_statistics_hold():

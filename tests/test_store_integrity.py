@@ -15,7 +15,6 @@ from ensir_flow.fit_status import FitStatus
 from ensir_flow.lut import Lut
 from ensir_flow.pipelines.lut_io import write_lut
 from ensir_flow.pipelines.stores import open_store, open_store_index
-
 from helpers import make_corpus
 
 MODELS = ["model0", "model1", "model2"]
@@ -31,10 +30,11 @@ def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("integrity")
     make_corpus(root / "corpus")
     assert _run("ingest", root / "corpus", root / "s.zarr", "--no-progress").exit_code == 0
-    n_bins = 2 ** 3  # bin width 128: two ranges per model
+    n_bins = 2**3  # bin width 128: two ranges per model
     weights = np.random.default_rng(0).dirichlet(np.ones(3), (n_bins, 3)).astype(np.float32)
-    write_lut(Lut(MODELS, 128, weights, np.ones((n_bins, 3), np.int64), np.full((n_bins, 3), FitStatus.EM, np.int8)),
-              root / "lut.zarr")
+    write_lut(
+        Lut(MODELS, 128, weights, np.ones((n_bins, 3), np.int64), np.full((n_bins, 3), FitStatus.EM, np.int8)), root / "lut.zarr"
+    )
     return root
 
 
@@ -76,32 +76,44 @@ def test_the_untouched_store_passes_both_readers(reference):
     assert schema.check_store(open_store(str(copy)), "s", require=(schema.PREDICTION, schema.GROUND_TRUTH)) == MODELS
 
 
-@pytest.mark.parametrize("version, expected", [
-    ("1.5", "attribute schema_version is '1.5', not a schema version"),
-    (1.5, "attribute schema_version is 1.5, not a schema version"),
-    ("1", "attribute schema_version is '1', not a schema version"),
-    (True, "attribute schema_version is True, not a schema version"),
-    (0, "attribute schema_version is 0, not a schema version"),
-    ([1], "attribute schema_version is [1], not a schema version"),
-    (2, "written by a newer ensir-flow (schema 2, this one reads up to 1)"),
-    (None, "not an ensir-flow store (no schema_version attribute)"),
-])
+@pytest.mark.parametrize(
+    "version, expected",
+    [
+        ("1.5", "attribute schema_version is '1.5', not a schema version"),
+        (1.5, "attribute schema_version is 1.5, not a schema version"),
+        ("1", "attribute schema_version is '1', not a schema version"),
+        (True, "attribute schema_version is True, not a schema version"),
+        (0, "attribute schema_version is 0, not a schema version"),
+        ([1], "attribute schema_version is [1], not a schema version"),
+        (2, "written by a newer ensir-flow (schema 2, this one reads up to 1)"),
+        (None, "not an ensir-flow store (no schema_version attribute)"),
+    ],
+)
 def test_a_malformed_schema_version_is_refused(reference, tmp_path, version, expected):
     store = edited(reference / "s.zarr", tmp_path / "s.zarr", {"schema_version": version})
-    for args in (("fit", store, tmp_path / "lut.zarr"), ("apply", store, reference / "lut.zarr", tmp_path / "out.zarr"),
-                 ("info", store)):
+    for args in (
+        ("fit", store, tmp_path / "lut.zarr"),
+        ("apply", store, reference / "lut.zarr", tmp_path / "out.zarr"),
+        ("info", store),
+    ):
         message = refused(*args)
         assert "s.zarr: " in message and expected in message, message
     assert not (tmp_path / "lut.zarr").exists() and not (tmp_path / "out.zarr").exists()
 
 
-@pytest.mark.parametrize("attributes, expected", [
-    ({"models": ["model2", "model1", "model0"]}, "attribute 'models' ['model2', 'model1', 'model0'] disagrees with the "
-                                                 "model coordinate ['model0', 'model1', 'model2']"),
-    ({"models": [0, 1, 2]}, "attribute 'models' is [0, 1, 2], not a list of model names"),
-    ({"channels": 1}, "has length 3 on dimension channel; the store has 1 channels (attribute 'channels')"),
-    ({"channels": "3"}, "attribute 'channels' is '3', not a number of channels"),
-])
+@pytest.mark.parametrize(
+    "attributes, expected",
+    [
+        (
+            {"models": ["model2", "model1", "model0"]},
+            "attribute 'models' ['model2', 'model1', 'model0'] disagrees with the "
+            "model coordinate ['model0', 'model1', 'model2']",
+        ),
+        ({"models": [0, 1, 2]}, "attribute 'models' is [0, 1, 2], not a list of model names"),
+        ({"channels": 1}, "has length 3 on dimension channel; the store has 1 channels (attribute 'channels')"),
+        ({"channels": "3"}, "attribute 'channels' is '3', not a number of channels"),
+    ],
+)
 def test_attributes_that_disagree_with_the_arrays_are_refused(reference, tmp_path, attributes, expected):
     store = edited(reference / "s.zarr", tmp_path / "s.zarr", attributes)
     for args in (("fit", store, tmp_path / "lut.zarr"), ("info", store)):
@@ -110,19 +122,24 @@ def test_attributes_that_disagree_with_the_arrays_are_refused(reference, tmp_pat
     assert not (tmp_path / "lut.zarr").exists()
 
 
-@pytest.mark.parametrize("shapes, expected", [
-    ({"ground_truth": ([2000, 3], None)}, "the pixel axis of ground_truth holds 2,000 pixels, its images 2,101"),
-    ({"ground_truth": ([2101, 1], None)}, "ground_truth has length 1 on dimension channel; the store has 3 channels"),
-    ({"ground_truth": ([2101, 4], None)}, "ground_truth has length 4 on dimension channel; the store has 3 channels"),
-    ({"ground_truth": ([3, 2101], ["channel", "pixel"])},
-     "ground_truth has dimensions ('channel', 'pixel'), expected ('pixel', 'channel')"),
-    ({"prediction": ([3, 2000, 3], None)}, "the pixel axis of prediction holds 2,000 pixels, its images 2,101"),
-    ({"prediction": ([2, 2101, 3], None)}, "prediction has length 2 on dimension model; the store has 3 models"),
-    ({"height": ([2], None)}, "the image index disagrees on the number of images (image 3, height 2, width 3"),
-    ({"image": ([2], None)}, "the image index disagrees on the number of images (image 2, height 3"),
-    ({"pixel_count": ([3, 1], ["image", "extra"])}, "pixel_count has dimensions ('image', 'extra'), expected ('image',)"),
-    ({"source_file": ([4, 2], None)}, "source_file has length 2 on dimension image; the store has 3 images"),
-])
+@pytest.mark.parametrize(
+    "shapes, expected",
+    [
+        ({"ground_truth": ([2000, 3], None)}, "the pixel axis of ground_truth holds 2,000 pixels, its images 2,101"),
+        ({"ground_truth": ([2101, 1], None)}, "ground_truth has length 1 on dimension channel; the store has 3 channels"),
+        ({"ground_truth": ([2101, 4], None)}, "ground_truth has length 4 on dimension channel; the store has 3 channels"),
+        (
+            {"ground_truth": ([3, 2101], ["channel", "pixel"])},
+            "ground_truth has dimensions ('channel', 'pixel'), expected ('pixel', 'channel')",
+        ),
+        ({"prediction": ([3, 2000, 3], None)}, "the pixel axis of prediction holds 2,000 pixels, its images 2,101"),
+        ({"prediction": ([2, 2101, 3], None)}, "prediction has length 2 on dimension model; the store has 3 models"),
+        ({"height": ([2], None)}, "the image index disagrees on the number of images (image 3, height 2, width 3"),
+        ({"image": ([2], None)}, "the image index disagrees on the number of images (image 2, height 3"),
+        ({"pixel_count": ([3, 1], ["image", "extra"])}, "pixel_count has dimensions ('image', 'extra'), expected ('image',)"),
+        ({"source_file": ([4, 2], None)}, "source_file has length 2 on dimension image; the store has 3 images"),
+    ],
+)
 def test_a_reshaped_array_is_refused_before_fit_reads_it(reference, tmp_path, shapes, expected):
     store = edited(reference / "s.zarr", tmp_path / "s.zarr", shapes=shapes)
     message = refused("fit", store, tmp_path / "lut.zarr")  # reads the store with zarr alone

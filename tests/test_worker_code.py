@@ -28,8 +28,9 @@ def cluster():
         yield running
 
 
-def test_workers_with_other_code_of_the_same_version_are_refused_before_anything_is_written(cluster, corpus, tmp_path,
-                                                                                             invoke, monkeypatch):
+def test_workers_with_other_code_of_the_same_version_are_refused_before_anything_is_written(
+    cluster, corpus, tmp_path, invoke, monkeypatch
+):
     root, _ = corpus
     address = cluster.scheduler_address
     worker = next(iter(cluster.scheduler_info["workers"]))
@@ -37,9 +38,11 @@ def test_workers_with_other_code_of_the_same_version_are_refused_before_anything
     monkeypatch.setattr(executor, "code_fingerprint", lambda: OTHER)
     result = invoke("ingest", root, tmp_path / "s.zarr", "--scheduler", address, "--no-progress")
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert result.stderr.strip() == (f"Error: {address}: worker {worker} runs other ensir-flow code than this client (code "
-                                     f"fingerprint {theirs[:12]}, this client {OTHER[:12]}): different installs of "
-                                     f"ensir-flow {ensir_flow.__version__}; install the same one on every worker")
+    assert result.stderr.strip() == (
+        f"Error: {address}: worker {worker} runs other ensir-flow code than this client (code "
+        f"fingerprint {theirs[:12]}, this client {OTHER[:12]}): different installs of "
+        f"ensir-flow {ensir_flow.__version__}; install the same one on every worker"
+    )
     assert not (tmp_path / "s.zarr").exists()
 
 
@@ -58,8 +61,10 @@ def test_a_client_given_to_the_api_is_checked_too(cluster, corpus, tmp_path, mon
 
 
 def test_a_worker_that_joins_later_with_other_code_fails_the_computation_before_its_results_are_used(monkeypatch):
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as running, \
-            Client(running) as client:
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as running,
+        Client(running) as client,
+    ):
         executor.check_workers(client, running.scheduler_address)
         first = set(client.nthreads())
         monkeypatch.setattr(executor, "code_fingerprint", lambda: OTHER)  # the worker checked already is not asked again
@@ -86,10 +91,13 @@ def test_several_workers_and_a_worker_without_ensir_flow_are_named():
 def _fingerprint_of(site: Path) -> str:
     """The fingerprint that a process importing ensir-flow from `site` computes (without the site
     packages, whose editable install of the checkout would win over PYTHONPATH)."""
-    code = ("import ensir_flow\nfrom ensir_flow.pipelines.executor import code_fingerprint\n"
-            "print(ensir_flow.__file__)\nprint(code_fingerprint())\n")
-    ran = subprocess.run([sys.executable, "-S", "-c", code], env={**os.environ, "PYTHONPATH": str(site)}, cwd=site,
-                         capture_output=True, text=True)
+    code = (
+        "import ensir_flow\nfrom ensir_flow.pipelines.executor import code_fingerprint\n"
+        "print(ensir_flow.__file__)\nprint(code_fingerprint())\n"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-S", "-c", code], env={**os.environ, "PYTHONPATH": str(site)}, cwd=site, capture_output=True, text=True
+    )
     assert ran.returncode == 0, ran.stderr
     origin, fingerprint = ran.stdout.split()
     assert Path(origin).is_relative_to(site)  # the copy, not the checkout, was imported

@@ -19,8 +19,15 @@ def _store(path) -> zarr.Group:
     """A small store as ensir-flow writes them: a float array with NaN fill value and dimension
     names, a string array along the same dimension, attributes not yet committed."""
     group = zarr.open_group(str(path), mode="w-", zarr_format=3)
-    pixels = group.create_array("pixels", shape=(2, 6), chunks=(2, 4), dtype="float32", fill_value=np.nan,
-                                dimension_names=("channel", "pixel"), attributes={"units": "1"})
+    pixels = group.create_array(
+        "pixels",
+        shape=(2, 6),
+        chunks=(2, 4),
+        dtype="float32",
+        fill_value=np.nan,
+        dimension_names=("channel", "pixel"),
+        attributes={"units": "1"},
+    )
     pixels[...] = np.arange(12, dtype=np.float32).reshape(2, 6)
     names = group.create_array("name", shape=(2,), dtype=str, dimension_names=("channel",))
     names[...] = np.array(["a", "b"])

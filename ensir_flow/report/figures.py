@@ -57,15 +57,26 @@ def gain_chart(summary: dict, methods: Methods, path: Path) -> None:
     positions = np.arange(len(stems))
     for i, method in enumerate(methods.combinations):
         gains = per_image_gains(summary, method, methods.best_model)[order]
-        axes.bar(positions + (i - (len(methods.combinations) - 1) / 2) * bar_width, gains, bar_width,
-                 label=_plain(method), color=colours[method])
+        axes.bar(
+            positions + (i - (len(methods.combinations) - 1) / 2) * bar_width,
+            gains,
+            bar_width,
+            label=_plain(method),
+            color=colours[method],
+        )
     axes.axhline(0, color="#1d2330", linewidth=0.8)
     axes.set_ylabel(_plain(f"PSNR gain over {methods.best_model} (dB)"))
-    axes.set_title(_plain(f"Per-image PSNR gain over the best single model, images sorted by the gain of {methods.ranked_by}"),
-                   fontsize=11)
+    axes.set_title(
+        _plain(f"Per-image PSNR gain over the best single model, images sorted by the gain of {methods.ranked_by}"), fontsize=11
+    )
     if len(stems) <= MOST_LABELLED_IMAGES:
-        axes.set_xticks(positions, [_plain(stems[i]) for i in order], rotation=45 if len(stems) > 8 else 0,
-                        ha="right" if len(stems) > 8 else "center", fontsize=9)
+        axes.set_xticks(
+            positions,
+            [_plain(stems[i]) for i in order],
+            rotation=45 if len(stems) > 8 else 0,
+            ha="right" if len(stems) > 8 else "center",
+            fontsize=9,
+        )
     else:
         axes.set_xticks([])
         axes.set_xlabel(_plain(f"{len(stems)} images, from the worst to the best gain of {methods.ranked_by}"))
@@ -88,8 +99,15 @@ def lut_maps(lut: Lut, path: Path) -> None:
     for channel in range(n_channels):
         for model in range(n_models):
             axes = grid[channel, model]
-            image = axes.imshow(weights[:, :, channel, model], origin="lower", extent=(0, edge, 0, edge), cmap=colour_map,
-                                vmin=0, vmax=1, interpolation="nearest")
+            image = axes.imshow(
+                weights[:, :, channel, model],
+                origin="lower",
+                extent=(0, edge, 0, edge),
+                cmap=colour_map,
+                vmin=0,
+                vmax=1,
+                interpolation="nearest",
+            )
             axes.set_xlim(0, 256)
             axes.set_ylim(0, 256)
             axes.set_title(_plain(f"weight of {lut.models[model]} · {channel_names[channel]}"), fontsize=10)
@@ -137,8 +155,14 @@ def _channel_names(n_channels: int) -> list[str]:
     return [f"channel {c}" for c in range(n_channels)]
 
 
-def save_crops(folder: Path, label: str, pictures: list[tuple[np.ndarray, str, str]], truth: np.ndarray,
-               combined: tuple[str, np.ndarray], reference: tuple[str, np.ndarray]) -> list[Panel]:
+def save_crops(
+    folder: Path,
+    label: str,
+    pictures: list[tuple[np.ndarray, str, str]],
+    truth: np.ndarray,
+    combined: tuple[str, np.ndarray],
+    reference: tuple[str, np.ndarray],
+) -> list[Panel]:
     """Save the same window of every picture (image, title, detail) of one image, and where it differs.
 
     The window is where the `combined` image (name, pixels) improves most on the `reference` image
@@ -151,10 +175,19 @@ def save_crops(folder: Path, label: str, pictures: list[tuple[np.ndarray, str, s
     top, left = _crop_corner(improvement if label == "best" else -improvement)
     height, width = truth.shape[:2]
     window = (slice(top, top + min(CROP_SIZE, height)), slice(left, left + min(CROP_SIZE, width)))
-    panels = [_save_crop(folder, f"{label}-{i:02d}.png", image[window], title, detail)
-              for i, (image, title, detail) in enumerate(pictures)]
-    panels.append(_save_crop(folder, f"{label}-difference.png", _difference_picture(improvement[window]),
-                             "where it differs", f"blue: {combined_name} closer to the truth than {reference_name}; red: farther"))
+    panels = [
+        _save_crop(folder, f"{label}-{i:02d}.png", image[window], title, detail)
+        for i, (image, title, detail) in enumerate(pictures)
+    ]
+    panels.append(
+        _save_crop(
+            folder,
+            f"{label}-difference.png",
+            _difference_picture(improvement[window]),
+            "where it differs",
+            f"blue: {combined_name} closer to the truth than {reference_name}; red: farther",
+        )
+    )
     return panels
 
 

@@ -24,7 +24,8 @@ main { max-width: 1180px; margin: 0 auto; padding: 28px 32px 48px; }
 h1 { font-size: 26px; margin: 0 0 4px; }
 h2 { font-size: 19px; margin: 0 0 12px; }
 h3 { font-size: 15px; margin: 18px 0 8px; }
-section { background: #fff; border-radius: 10px; padding: 20px 24px; margin: 18px 0; box-shadow: 0 1px 3px rgba(20, 30, 50, .08); }
+section { background: #fff; border-radius: 10px; padding: 20px 24px; margin: 18px 0;
+          box-shadow: 0 1px 3px rgba(20, 30, 50, .08); }
 .context { color: #5b6475; margin: 0; }
 .verdict { font-size: 17px; border-left: 5px solid #3b6fd8; }
 .verdict .up { color: #157347; font-weight: 600; }
@@ -37,7 +38,8 @@ th:first-child, td:first-child { text-align: left; }
 td.best { background: #d9f2e1; font-weight: 700; }
 td.negative { color: #b02a37; }
 td.positive { color: #157347; }
-tr.model td:first-child::after { content: "model"; margin-left: 8px; font-size: 11px; color: #5b6475; border: 1px solid #c9ced8; border-radius: 8px; padding: 0 6px; }
+tr.model td:first-child::after { content: "model"; margin-left: 8px; font-size: 11px; color: #5b6475;
+                                 border: 1px solid #c9ced8; border-radius: 8px; padding: 0 6px; }
 tr.combination td:first-child { font-weight: 600; }
 .table-scroll { overflow-x: auto; }
 img.figure { max-width: 100%; height: auto; display: block; }
@@ -53,13 +55,14 @@ footer { color: #5b6475; font-size: 12px; margin-top: 24px; }
 
 
 def document(title: str, context: str, sections: list[str], sources: dict) -> str:
-    """The HTML document: `title`, the `context` line, `sections`, and the `sources` ({role: location or None}) it was made from."""
+    """The HTML document: `title`, the `context` line, `sections`, and the `sources` ({role:
+    location or None}) it was made from."""
     made_from = "; ".join(f"{role} {location}" for role, location in sources.items() if location is not None)
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_escape(title)}</title><style>{STYLE}</style></head>\n<body><main>\n"
-        f"<header><h1>{_escape(title)}</h1><p class=\"context\">{_escape(context)}</p></header>\n"
+        f'<header><h1>{_escape(title)}</h1><p class="context">{_escape(context)}</p></header>\n'
         + "\n".join(sections)
         + f"\n<footer>Made by ensir-flow {_escape(ensir_flow.__version__)} from {_escape(made_from)}.</footer>"
         "\n</main></body></html>\n"
@@ -74,8 +77,10 @@ def context(summary: dict, methods: Methods, n_channels: int, lut_reference: str
     """
     options = summary.get("options", {})
     colour = "Y channel (BT.601 luma)" if options.get("y_channel") else ("grayscale" if n_channels == 1 else "RGB")
-    return (f"{summary['images']} images · PSNR and SSIM on {colour} · crop border {options.get('crop_border', 0)} · "
-            f"{_scoring(summary, methods, lut_reference, lut_fitted_here)}")
+    return (
+        f"{summary['images']} images · PSNR and SSIM on {colour} · crop border {options.get('crop_border', 0)} · "
+        f"{_scoring(summary, methods, lut_reference, lut_fitted_here)}"
+    )
 
 
 def _scoring(summary: dict, methods: Methods, lut_reference: str | None, lut_fitted_here: bool) -> str:
@@ -99,11 +104,16 @@ def verdict_section(summary: dict, methods: Methods) -> str:
     per_image = per_image_gains(summary, ranked, best)
     wins = int(np.sum(per_image > 0))
     strongest = max(methods.combinations, key=psnr.get)
-    also = ("" if strongest == ranked else
-            f" The strongest combination is <strong>{_escape(strongest)}</strong>: "
-            f"{_signed_span(psnr[strongest] - psnr[best])} dB over {_escape(best)}.")
-    return (f'<section class="verdict"><strong>{_escape(ranked)}</strong>: {gains}; better than {_escape(best)} on '
-            f"{wins} of {len(per_image)} images.{also}</section>")
+    also = (
+        ""
+        if strongest == ranked
+        else f" The strongest combination is <strong>{_escape(strongest)}</strong>: "
+        f"{_signed_span(psnr[strongest] - psnr[best])} dB over {_escape(best)}."
+    )
+    return (
+        f'<section class="verdict"><strong>{_escape(ranked)}</strong>: {gains}; better than {_escape(best)} on '
+        f"{wins} of {len(per_image)} images.{also}</section>"
+    )
 
 
 def _signed_span(value: float) -> str:
@@ -125,9 +135,12 @@ def means_section(summary: dict, methods: Methods) -> str:
     ]
     head = "<tr><th>method</th>" + "".join(f"<th>{_escape(name)}</th>" for name, _, _ in columns) + "</tr>"
     table = _table("means", head, methods, columns)
-    return ("<section><h2>Mean scores</h2>" + table +
-            f'<p class="note">Best value of each column highlighted. Best single model: {_escape(best)} '
-            f"(highest mean PSNR). Every method that is not a model combines the models.</p></section>")
+    return (
+        "<section><h2>Mean scores</h2>"
+        + table
+        + f'<p class="note">Best value of each column highlighted. Best single model: {_escape(best)} '
+        f"(highest mean PSNR). Every method that is not a model combines the models.</p></section>"
+    )
 
 
 def cross_validation_section(cv: dict, methods: Methods) -> str:
@@ -138,11 +151,16 @@ def cross_validation_section(cv: dict, methods: Methods) -> str:
         columns += [(f"fold {fold['fold']}", [fold[metric][m] for m in methods.all], style) for fold in folds]
         columns.append(("mean", [cv[metric][m] for m in methods.all], style))
     span = len(folds) + 1
-    head = (f'<tr><th rowspan="2">method</th><th colspan="{span}">held-out PSNR (dB)</th><th colspan="{span}">held-out SSIM</th></tr>'
-            "<tr>" + "".join(f"<th>{_escape(name)}</th>" for name, _, _ in columns) + "</tr>")
-    return (f"<section><h2>Cross-validation ({cv['folds']} folds, held out)</h2>" + _table("cross-validation", head, methods, columns) +
-            '<p class="note">Each fold\'s images are scored by LUTs fitted on the other folds only, so every score on '
-            "this page is held out. Best value of each column highlighted.</p></section>")
+    head = (
+        f'<tr><th rowspan="2">method</th><th colspan="{span}">held-out PSNR (dB)</th><th colspan="{span}">held-out SSIM</th></tr>'
+        "<tr>" + "".join(f"<th>{_escape(name)}</th>" for name, _, _ in columns) + "</tr>"
+    )
+    return (
+        f"<section><h2>Cross-validation ({cv['folds']} folds, held out)</h2>"
+        + _table("cross-validation", head, methods, columns)
+        + '<p class="note">Each fold\'s images are scored by LUTs fitted on the other folds only, so every score on '
+        "this page is held out. Best value of each column highlighted.</p></section>"
+    )
 
 
 def _table(table_id: str, head: str, methods: Methods, columns: list[tuple[str, list[float], str]]) -> str:
@@ -153,8 +171,11 @@ def _table(table_id: str, head: str, methods: Methods, columns: list[tuple[str, 
         kind = "model" if method in methods.models else "combination"
         cells = "".join(_cell(values[row], style, row in best) for (_, values, style), best in zip(columns, best_rows))
         rows.append(f'<tr class="{kind}"><td>{_escape(method)}</td>{cells}</tr>')
-    return (f'<div class="table-scroll"><table id="{table_id}"><thead>{head}</thead><tbody>' + "".join(rows) +
-            "</tbody></table></div>")
+    return (
+        f'<div class="table-scroll"><table id="{table_id}"><thead>{head}</thead><tbody>'
+        + "".join(rows)
+        + "</tbody></table></div>"
+    )
 
 
 def _cell(value: float, style: str, best: bool) -> str:
@@ -189,9 +210,12 @@ def per_image_section(summary: dict, methods: Methods, sizes: dict[str, str]) ->
     entries = summary["per_image"]
     gains = per_image_gains(summary, methods.ranked_by, methods.best_model)
     with_folds = "fold" in entries[0]
-    head = ("<tr><th>image</th><th>size</th>" + ("<th>fold</th>" if with_folds else "") +
-            "".join(f"<th>{_escape(m)}</th>" for m in methods.all) +
-            f"<th>{_escape(methods.ranked_by)} − {_escape(methods.best_model)}</th></tr>")
+    head = (
+        "<tr><th>image</th><th>size</th>"
+        + ("<th>fold</th>" if with_folds else "")
+        + "".join(f"<th>{_escape(m)}</th>" for m in methods.all)
+        + f"<th>{_escape(methods.ranked_by)} − {_escape(methods.best_model)}</th></tr>"
+    )
     rows = []
     for position in np.argsort(-gains, kind="stable"):
         entry = entries[position]
@@ -199,20 +223,26 @@ def per_image_section(summary: dict, methods: Methods, sizes: dict[str, str]) ->
         best = _best_indices(values)
         cells = "".join(_cell(v, ".3f", i in best) for i, v in enumerate(values))
         fold = f"<td>{entry['fold']}</td>" if with_folds else ""
-        rows.append(f"<tr><td>{_escape(entry['image'])}</td><td>{_escape(sizes.get(entry['image'], ''))}</td>{fold}"
-                    f"{cells}{_cell(float(gains[position]), '+.3f', False)}</tr>")
+        rows.append(
+            f"<tr><td>{_escape(entry['image'])}</td><td>{_escape(sizes.get(entry['image'], ''))}</td>{fold}"
+            f"{cells}{_cell(float(gains[position]), '+.3f', False)}</tr>"
+        )
     state = " open" if len(entries) <= MOST_IMAGES_SHOWN_OPEN else ""
-    return (f"<section><details{state}><summary>PSNR of every image (dB), {len(entries)} images</summary>"
-            f'<div class="table-scroll"><table id="per-image"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table></div>'
-            "</details></section>")
+    return (
+        f"<section><details{state}><summary>PSNR of every image (dB), {len(entries)} images</summary>"
+        f'<div class="table-scroll"><table id="per-image"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table></div>'
+        "</details></section>"
+    )
 
 
 def gain_section(methods: Methods, chart: str) -> str:
     """The section of the per-image gain chart, saved as the file `chart` beside the page."""
-    return ("<section><h2>Where the combinations gain</h2>"
-            f'<img class="figure" src="{chart}" alt="{_escape(f"Per-image PSNR gain over {methods.best_model}")}">'
-            f'<p class="note">Bars above zero: the combination beats {_escape(methods.best_model)}, the best single model, '
-            "on that image.</p></section>")
+    return (
+        "<section><h2>Where the combinations gain</h2>"
+        f'<img class="figure" src="{chart}" alt="{_escape(f"Per-image PSNR gain over {methods.best_model}")}">'
+        f'<p class="note">Bars above zero: the combination beats {_escape(methods.best_model)}, the best single model, '
+        "on that image.</p></section>"
+    )
 
 
 def lut_section(lut: Lut, maps: str) -> str:
@@ -220,31 +250,46 @@ def lut_section(lut: Lut, maps: str) -> str:
     if len(lut.models) == 2:
         averaged = ""
     elif lut.bin_count.any():
-        averaged = (f" Each cell averages the weights over the value ranges of {', '.join(lut.models[2:])}, weighted by "
-                    "their reference pixel counts.")
+        averaged = (
+            f" Each cell averages the weights over the value ranges of {', '.join(lut.models[2:])}, weighted by "
+            "their reference pixel counts."
+        )
     else:
-        averaged = (f" This LUT records no reference pixel counts (it was imported), so each cell averages the weights "
-                    f"over the value ranges of {', '.join(lut.models[2:])} uniformly.")
-    return ("<section><h2>The LUT's weights</h2>"
-            f'<img class="figure" src="{maps}" alt="Heat maps of the LUT weights per channel and model">'
-            f'<p class="note">Solver {_escape(lut.solver)}, bin width {lut.bin_width}, {lut.filled_cells:,} of {lut.n_bins * lut.n_channels:,} '
-            f"(bin, channel) cells with reference pixels. Axes: the values of {_escape(lut.models[0])} (vertical) and "
-            f"{_escape(lut.models[1])} (horizontal).{_escape(averaged)} Blank cells had no reference pixels.</p></section>")
+        averaged = (
+            f" This LUT records no reference pixel counts (it was imported), so each cell averages the weights "
+            f"over the value ranges of {', '.join(lut.models[2:])} uniformly."
+        )
+    return (
+        "<section><h2>The LUT's weights</h2>"
+        f'<img class="figure" src="{maps}" alt="Heat maps of the LUT weights per channel and model">'
+        f'<p class="note">Solver {_escape(lut.solver)}, bin width {lut.bin_width}, '
+        f"{lut.filled_cells:,} of {lut.n_bins * lut.n_channels:,} "
+        f"(bin, channel) cells with reference pixels. Axes: the values of {_escape(lut.models[0])} (vertical) and "
+        f"{_escape(lut.models[1])} (horizontal).{_escape(averaged)} Blank cells had no reference pixels.</p></section>"
+    )
 
 
 def crops_section(methods: Methods, rows: list[str]) -> str:
     """The section of the worst and the best image: `rows` from `crops_row`."""
-    return (f"<section><h2>Worst and best image for {_escape(methods.ranked_by)}</h2>" + "".join(rows) +
-            f'<p class="note">Crops of at most {CROP_SIZE}×{CROP_SIZE} pixels where {_escape(methods.ranked_by)} and '
-            f"{_escape(methods.best_model)} differ most, shown enlarged without smoothing.</p></section>")
+    return (
+        f"<section><h2>Worst and best image for {_escape(methods.ranked_by)}</h2>"
+        + "".join(rows)
+        + f'<p class="note">Crops of at most {CROP_SIZE}×{CROP_SIZE} pixels where {_escape(methods.ranked_by)} and '
+        f"{_escape(methods.best_model)} differ most, shown enlarged without smoothing.</p></section>"
+    )
 
 
 def crops_row(label: str, stem: str, gain: float, methods: Methods, panels: list[Panel]) -> str:
     """The captioned crops of one image (`label` 'worst' or 'best') under a heading with its gain."""
-    figures = "".join(f'<figure><img src="{p.file}" alt="{_escape(p.title)}"><figcaption>{_escape(p.title)}'
-                      f"<span>{_escape(p.detail)}</span></figcaption></figure>" for p in panels)
-    return (f"<h3>{_escape(label.capitalize())}: {_escape(stem)} ({_escape(methods.ranked_by)} "
-            f"{_escape(_number(gain, '+.3f'))} dB vs {_escape(methods.best_model)})</h3><div class=\"crops\">{figures}</div>")
+    figures = "".join(
+        f'<figure><img src="{p.file}" alt="{_escape(p.title)}"><figcaption>{_escape(p.title)}'
+        f"<span>{_escape(p.detail)}</span></figcaption></figure>"
+        for p in panels
+    )
+    return (
+        f"<h3>{_escape(label.capitalize())}: {_escape(stem)} ({_escape(methods.ranked_by)} "
+        f'{_escape(_number(gain, "+.3f"))} dB vs {_escape(methods.best_model)})</h3><div class="crops">{figures}</div>'
+    )
 
 
 def psnr_caption(entry: dict, method: str) -> str:

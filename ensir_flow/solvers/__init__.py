@@ -10,8 +10,9 @@ from . import average, em, imported, lsq, select, zzpm
 from .base import EMPTY_POLICY, CellWeights, Solver, Tuning
 
 #: Every solver by name, in the order the CLI lists them: those `fit` makes, then the LUT import's.
-REGISTRY: dict[str, Solver] = {solver.name: solver for solver in (
-    em.SOLVER, lsq.SOLVER, average.SOLVER, zzpm.SOLVER, select.SOLVER, imported.SOLVER)}
+REGISTRY: dict[str, Solver] = {
+    solver.name: solver for solver in (em.SOLVER, lsq.SOLVER, average.SOLVER, zzpm.SOLVER, select.SOLVER, imported.SOLVER)
+}
 DEFAULT_SOLVER = em.SOLVER.name
 #: The names `fit` takes.
 FITTABLE = tuple(name for name, solver in REGISTRY.items() if solver.fittable)

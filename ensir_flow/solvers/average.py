@@ -11,6 +11,11 @@ def fit(statistics: CellStatistics, channels: CellStatistics | None, device: str
 
 
 SOLVER = Solver(
-    name="average", summary="uniform weights (the paper's baseline)", moments=EM_MOMENTS, fit=fit, statuses=(FitStatus.UNIFORM,),
-    empty_policy_description="every cell holds uniform 1/K weights: nothing is fitted per cell", baseline=True,
+    name="average",
+    summary="uniform weights (the paper's baseline)",
+    moments=EM_MOMENTS,
+    fit=fit,
+    statuses=(FitStatus.UNIFORM,),
+    empty_policy_description="every cell holds uniform 1/K weights: nothing is fitted per cell",
+    baseline=True,
 )

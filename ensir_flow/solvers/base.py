@@ -8,8 +8,8 @@ LUT holds uniform weights and `apply` weighs each image from its own predictions
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -104,9 +104,12 @@ class Solver:
 def uniform_cells(statistics: CellStatistics) -> CellWeights:
     """1/K in every cell and as every channel's fallback, each of status `FitStatus.UNIFORM`."""
     n_models = statistics.n_models
-    return CellWeights(np.full((len(statistics.cells), n_models), 1.0 / n_models),
-                       np.full(len(statistics.cells), FitStatus.UNIFORM, np.int8),
-                       np.full((statistics.n_channels, n_models), 1.0 / n_models), FitStatus.UNIFORM)
+    return CellWeights(
+        np.full((len(statistics.cells), n_models), 1.0 / n_models),
+        np.full(len(statistics.cells), FitStatus.UNIFORM, np.int8),
+        np.full((statistics.n_channels, n_models), 1.0 / n_models),
+        FitStatus.UNIFORM,
+    )
 
 
 def uniform_fallback(statistics: CellStatistics) -> np.ndarray:

@@ -17,8 +17,11 @@ def fit(statistics: CellStatistics, channels: CellStatistics | None, device: str
 
 
 SOLVER = Solver(
-    name="em", summary="the paper's Gaussian-mixture EM", moments=EM_MOMENTS, fit=fit,
+    name="em",
+    summary="the paper's Gaussian-mixture EM",
+    moments=EM_MOMENTS,
+    fit=fit,
     statuses=(FitStatus.EMPTY_FALLBACK, FitStatus.INITIAL_WEIGHTS, FitStatus.EM, FitStatus.EM_FAILED_INITIAL_WEIGHTS),
     empty_policy_description="cells without reference pixels take the EM weights fitted on all reference pixels of their "
-                             "channel; uniform 1/K where a channel has no reference pixels",
+    "channel; uniform 1/K where a channel has no reference pixels",
 )

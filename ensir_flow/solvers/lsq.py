@@ -28,9 +28,12 @@ def held_out_errors(folds: list[CellStatistics], channel_folds: list[CellStatist
 
 
 SOLVER = Solver(
-    name="lsq", summary="least squares on the simplex (PSNR-optimal per cell)", moments=ALL_MOMENTS, fit=fit,
+    name="lsq",
+    summary="least squares on the simplex (PSNR-optimal per cell)",
+    moments=ALL_MOMENTS,
+    fit=fit,
     statuses=(FitStatus.EMPTY_FALLBACK, FitStatus.LEAST_SQUARES),
     empty_policy_description="cells without reference pixels take the least-squares weights of all reference pixels of "
-                             "their channel; uniform 1/K where a channel has no reference pixels",
+    "their channel; uniform 1/K where a channel has no reference pixels",
     tuning=Tuning("shrinkage", lsq.SHRINKAGE_GRID, SHRINKAGE_FOLDS, DEFAULT_SHRINKAGE, held_out_errors),
 )

@@ -43,8 +43,11 @@ def fit(statistics: CellStatistics, channels: CellStatistics | None, device: str
 
 
 SOLVER = Solver(
-    name="select", summary="per cell, the one model of least squared error", moments=ALL_MOMENTS, fit=fit,
+    name="select",
+    summary="per cell, the one model of least squared error",
+    moments=ALL_MOMENTS,
+    fit=fit,
     statuses=(FitStatus.EMPTY_FALLBACK, FitStatus.SELECTED),
     empty_policy_description="cells without reference pixels take the model of least squared error over all reference "
-                             "pixels of their channel; uniform 1/K where a channel has no reference pixels",
+    "pixels of their channel; uniform 1/K where a channel has no reference pixels",
 )

@@ -16,8 +16,12 @@ def fit(statistics: CellStatistics, channels: CellStatistics | None, device: str
 
 
 SOLVER = Solver(
-    name="zzpm", summary="per-image weights computed at apply (the paper's other baseline)", moments=EM_MOMENTS, fit=fit,
+    name="zzpm",
+    summary="per-image weights computed at apply (the paper's other baseline)",
+    moments=EM_MOMENTS,
+    fit=fit,
     statuses=(FitStatus.UNIFORM,),
     empty_policy_description="every cell holds uniform 1/K weights: apply computes each image's own weights",
-    image_weights=zzpm_weights, baseline=True,
+    image_weights=zzpm_weights,
+    baseline=True,
 )

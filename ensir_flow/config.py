@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import InputError
+from .errors import InputError, first_line
 from .lsq import MAX_SHRINKAGE, is_shrinkage
 from .lut import SOLVERS
 
@@ -108,7 +108,7 @@ def load_config(path) -> dict:
             f"{path}: not a readable YAML config (not UTF-8 text: byte {error.object[error.start]:#04x} at offset {error.start})"
         ) from None
     except (OSError, yaml.YAMLError) as error:
-        raise InputError(f"{path}: not a readable YAML config ({str(error).splitlines()[0]})") from None
+        raise InputError(f"{path}: not a readable YAML config ({first_line(error)})") from None
     metrics = config.pop("metrics", {}) if isinstance(config, dict) else {}
     checked = _checked(config, CHECKS, path)
     if metrics:

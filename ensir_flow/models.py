@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, first_line
 from .images import file_sha256
 
 #: Scales of a model's input and output pixels, by the names `--range` takes: what 255 becomes.
@@ -212,7 +212,7 @@ def _load(model: ModelFile, device: str):
         else:
             module = torch.export.load(io.BytesIO(content)).module().to(device)
     except Exception as error:  # noqa: BLE001 - whatever torch raises on a file it cannot load
-        raise InputError(f"{model.path}: model '{model.name}' cannot be loaded ({_first_line(error)})") from None
+        raise InputError(f"{model.path}: model '{model.name}' cannot be loaded ({first_line(error)})") from None
     if hasattr(module, "eval") and kind == "torchscript":
         module.eval()
     return module
@@ -410,8 +410,3 @@ def _model_error(error: BaseException) -> str:
     if lines and lines[0].startswith("The following operation failed in the TorchScript interpreter"):
         return lines[-1]
     return lines[0] if lines else type(error).__name__
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ensir_flow
-from ensir_flow.errors import InputError, TransientError
+from ensir_flow.errors import InputError, TransientError, first_line
 
 #: compute(*collections, label=...) -> tuple of results, on the session's scheduler.
 Compute = Callable[..., tuple]
@@ -265,7 +265,7 @@ def client_for(scheduler: str, worker_timeout: float | None = None, dashboard_ad
     except ValueError as error:
         raise InputError(f"{scheduler}: not a dask scheduler address ({error})") from None
     except OSError as error:
-        raise TransientError(f"{scheduler}: cannot reach the dask scheduler ({_first_line(error)})") from None
+        raise TransientError(f"{scheduler}: cannot reach the dask scheduler ({first_line(error)})") from None
     with client:
         check_workers(client, scheduler, worker_timeout)
         yield client
@@ -677,7 +677,7 @@ def _workers_now(client, scheduler: str) -> dict:
         return client.nthreads()
     except OSError as error:
         raise TransientError(
-            f"{scheduler}: lost the connection to the dask scheduler ({_first_line(error)}); run the same command again"
+            f"{scheduler}: lost the connection to the dask scheduler ({first_line(error)}); run the same command again"
         ) from None
 
 
@@ -777,11 +777,6 @@ class _ProgressLine:
         comm = getattr(self.feed, "comm", None)
         if disconnect and comm is not None and not comm.closed():
             self.loop.add_callback(comm.close)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 @contextlib.contextmanager

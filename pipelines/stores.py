@@ -21,7 +21,7 @@ import fsspec
 import numpy as np
 import zarr
 
-from ensir_flow.errors import InputError
+from ensir_flow.errors import InputError, first_line
 
 from .integrity import ROOT_METADATA
 from .targets import as_location, sibling
@@ -82,7 +82,7 @@ def _openable(path: str):
 
 def unreadable_store(path: str, error: Exception) -> InputError:
     """The one-line refusal of the store at `path` that zarr or xarray failed to read with `error`."""
-    return InputError(f"{path}: not a readable Zarr store ({str(error).splitlines()[0] if str(error) else type(error).__name__})")
+    return InputError(f"{path}: not a readable Zarr store ({first_line(error)})")
 
 
 def _with_image_index_read(ds: xr.Dataset) -> xr.Dataset:

@@ -129,3 +129,14 @@ def save_export(module, path, channels: int = 3, dynamic: bool = True) -> Path:
 
     torch.export.save(export(module, channels, dynamic), str(path))
     return Path(path)
+
+
+def one_line_refusal(result, *fragments) -> str:
+    """The message of a CLI run (click's Result) refused with exit 1 in one line, no traceback,
+    holding every one of `fragments`."""
+    assert result.exit_code == 1, result.output
+    message = result.stderr.strip()
+    assert "\n" not in message and "Traceback" not in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message

@@ -24,19 +24,10 @@ from ensir_flow.images import check_stem, png_text
 from ensir_flow.lut import SUM_TOLERANCE, Lut, check_weights, read_paper_lut
 from ensir_flow.pipelines.executor import threaded_compute
 from ensir_flow.pipelines.export import check_export_target, export
-from helpers import REFERENCE, make_corpus
+from helpers import REFERENCE, make_corpus, one_line_refusal
 
 PAPER_LUT = REFERENCE / "luts" / "weight_GoPro_MPRNet_Restormer_DGUNet_b32_rgb.pth"
 PAPER_MODELS = ["MPRNet", "Restormer", "DGUNet"]
-
-
-def _one_line_refusal(result, *fragments) -> str:
-    assert result.exit_code == 1, result.output
-    message = result.stderr.strip()
-    assert "\n" not in message and "Traceback" not in message, message
-    for fragment in fragments:
-        assert fragment in message, message
-    return message
 
 
 def _tree(root) -> dict:
@@ -101,7 +92,7 @@ def test_ingest_refuses_a_file_name_that_cannot_be_a_stem(tmp_path, invoke, corp
     for folder in ["gt", *models]:
         os.rename(root / folder / "img1.png", root / folder / name)
     result = invoke("ingest", root, tmp_path / "s.zarr", "--no-progress")
-    message = _one_line_refusal(result, "image name", str(root / models[0]))
+    message = one_line_refusal(result, "image name", str(root / models[0]))
     assert repr(name[:-4]) in message
     assert not (tmp_path / "s.zarr").exists()
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
@@ -146,7 +137,7 @@ def test_crafted_stem_refused_by_apply_export(tmp_path, invoke, corpus):
     result = invoke(
         "apply", tmp_path / "s.zarr", tmp_path / "lut.zarr", tmp_path / "out.zarr", "--export-dir", target, "--no-progress"
     )
-    _one_line_refusal(result, "ESCAPED")
+    one_line_refusal(result, "ESCAPED")
     assert not target.exists()
     assert not [
         p for p in tmp_path.rglob("*") if "ESCAPED" in p.name or "WIN" in p.name or p.suffix == ".png" and "corpus" not in p.parts
@@ -183,7 +174,7 @@ def test_overwrite_never_deletes_foreign_files(fitted, invoke):
         result = invoke(
             *apply[:3], fitted / f"out-{len(before)}.zarr", *apply[4:], "--overwrite"
         )  # a new output: the export runs
-        _one_line_refusal(result, str(png), repr(foreign), "did not write")
+        one_line_refusal(result, str(png), repr(foreign), "did not write")
         with pytest.raises(InputError, match=f"holds {foreign!r}"):
             check_export_target(png, ["img0", "img1", "img2"], True)
         with pytest.raises(InputError, match=f"holds {foreign!r}"):
@@ -230,7 +221,7 @@ def test_export_folder_that_cannot_be_created_is_refused_up_front(fitted, invoke
     result = invoke(
         "apply", fitted / "s.zarr", fitted / "lut.zarr", fitted / "out.zarr", "--export-dir", blocker / "png", "--no-progress"
     )
-    _one_line_refusal(result, str(blocker))
+    one_line_refusal(result, str(blocker))
     assert blocker.read_text() == "a regular file"
     assert {k: v for k, v in _tree(fitted).items() if not k.startswith("out.zarr")} == {
         k: v for k, v in before.items() if not k.startswith("out.zarr")
@@ -320,7 +311,7 @@ def test_apply_refuses_a_broken_lut(tmp_path, invoke, corpus, values, problem):
         tmp_path / "png",
         "--no-progress",
     )
-    _one_line_refusal(result, str(tmp_path / "lut.zarr"), f"bin {flat} (lower edges {edges}; stored row 5), channel 1", problem)
+    one_line_refusal(result, str(tmp_path / "lut.zarr"), f"bin {flat} (lower edges {edges}; stored row 5), channel 1", problem)
     assert not (tmp_path / "out.zarr").exists() and not (tmp_path / "png").exists()
     assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
 
@@ -334,7 +325,7 @@ def test_apply_names_the_lut_whose_chunk_is_corrupt(tmp_path, invoke, corpus):
     (chunk,) = [path for path in (tmp_path / "lut.zarr" / "weights").rglob("*") if path.is_file() and path.name != "zarr.json"]
     chunk.write_bytes(b"not zstd")
     result = invoke("apply", tmp_path / "s.zarr", tmp_path / "lut.zarr", tmp_path / "out.zarr", "--no-progress")
-    _one_line_refusal(result, str(tmp_path / "lut.zarr"), "not a readable Zarr store", "decompression")
+    one_line_refusal(result, str(tmp_path / "lut.zarr"), "not a readable Zarr store", "decompression")
     assert not (tmp_path / "out.zarr").exists()
 
 
@@ -423,7 +414,7 @@ def test_published_lut_imports_at_its_own_bin_width_only(tmp_path, invoke):
     assert ok.exit_code == 0, ok.output
     for width in (16, 64):
         result = invoke("lut", "import", PAPER_LUT, tmp_path / f"b{width}.zarr", "--models", models, "--bin-width", width)
-        _one_line_refusal(result, PAPER_LUT.name, "holds 512 bins", f"bin width {width}")
+        one_line_refusal(result, PAPER_LUT.name, "holds 512 bins", f"bin width {width}")
         assert not (tmp_path / f"b{width}.zarr").exists()
 
 
@@ -480,4 +471,4 @@ def test_evaluate_refuses_a_store_whose_model_is_named_as_a_combination(tmp_path
     for args in (["evaluate", store], ["evaluate", store, "--cv", "2", "--solvers", "em"]):
         result = invoke(*args, "--no-progress")
         assert result.exit_code == 1, result.output
-        assert f"a model named '{name}'" in _one_line_refusal(result, str(store))
+        assert f"a model named '{name}'" in one_line_refusal(result, str(store))

@@ -20,6 +20,7 @@ from ensir_flow.errors import InputError
 from ensir_flow.pipelines import export as export_pipeline
 from ensir_flow.pipelines import targets
 from ensir_flow.pipelines.commit import staged_output
+from helpers import one_line_refusal
 
 
 def _tree(root) -> dict:
@@ -32,15 +33,6 @@ def _tree(root) -> dict:
         for folder, _, names in os.walk(root)
         for name in names
     }
-
-
-def _refused(result, *fragments) -> str:
-    assert result.exit_code == 1, result.output
-    message = result.stderr.strip()
-    assert "\n" not in message and "Traceback" not in message, message
-    for fragment in fragments:
-        assert fragment in message, message
-    return message
 
 
 @pytest.fixture
@@ -56,29 +48,31 @@ def fitted(tmp_path, invoke, corpus):
 def test_ingest_never_writes_onto_its_source(tmp_path, invoke, corpus):
     root, _ = corpus
     before = _tree(root)
-    _refused(invoke("ingest", root, root, "--overwrite", "--no-progress"), f"{root}: the store is the input source folder {root}")
-    _refused(invoke("ingest", root, root / "s.zarr", "--no-progress"), "lies inside the input source folder")
-    _refused(invoke("ingest", root / "gt", tmp_path, "--overwrite", "--no-progress"), "contains the input source folder")
+    one_line_refusal(
+        invoke("ingest", root, root, "--overwrite", "--no-progress"), f"{root}: the store is the input source folder {root}"
+    )
+    one_line_refusal(invoke("ingest", root, root / "s.zarr", "--no-progress"), "lies inside the input source folder")
+    one_line_refusal(invoke("ingest", root / "gt", tmp_path, "--overwrite", "--no-progress"), "contains the input source folder")
     assert _tree(root) == before
 
 
 def test_outputs_never_overlap_inputs_or_each_other(fitted, invoke):
     store, lut = fitted / "s.zarr", fitted / "lut.zarr"
     before = {path: _tree(path) for path in (store, lut)}
-    _refused(invoke("fit", store, store, "--overwrite", "--no-progress"), f"{store}: the LUT is the input store {store}")
-    _refused(invoke("apply", store, lut, store, "--overwrite", "--no-progress"), "the output is the input store")
-    _refused(invoke("apply", store, lut, lut, "--overwrite", "--no-progress"), "the output is the input LUT")
-    _refused(
+    one_line_refusal(invoke("fit", store, store, "--overwrite", "--no-progress"), f"{store}: the LUT is the input store {store}")
+    one_line_refusal(invoke("apply", store, lut, store, "--overwrite", "--no-progress"), "the output is the input store")
+    one_line_refusal(invoke("apply", store, lut, lut, "--overwrite", "--no-progress"), "the output is the input LUT")
+    one_line_refusal(
         invoke("apply", store, lut, fitted / "out.zarr", "--export-dir", fitted / "out.zarr" / "png", "--no-progress"),
         "the output contains the export folder",
     )
-    _refused(
+    one_line_refusal(
         invoke("apply", store, lut, fitted / "out.zarr", "--export-dir", store / "png", "--no-progress"),
         "the export folder lies inside the input store",
     )
     with pytest.raises(InputError, match="the export folder lies inside the input store"):
         ensir_flow.export(store, store / "png", progress=False)
-    _refused(invoke("lut", "export", lut, lut, "--overwrite"), "the LUT file is the input LUT")
+    one_line_refusal(invoke("lut", "export", lut, lut, "--overwrite"), "the LUT file is the input LUT")
     assert {path: _tree(path) for path in (store, lut)} == before
     assert not (fitted / "out.zarr").exists()
 
@@ -87,8 +81,10 @@ def test_inputs_are_compared_through_symbolic_links(fitted, invoke):
     store, lut = fitted / "s.zarr", fitted / "lut.zarr"
     os.symlink(fitted, fitted / "same")
     before = _tree(store)
-    _refused(invoke("fit", fitted / "same" / "s.zarr", store, "--overwrite", "--no-progress"), "the LUT is the input store")
-    _refused(
+    one_line_refusal(
+        invoke("fit", fitted / "same" / "s.zarr", store, "--overwrite", "--no-progress"), "the LUT is the input store"
+    )
+    one_line_refusal(
         invoke("apply", store, lut, fitted / "same" / "lut.zarr", "--overwrite", "--no-progress"), "the output is the input LUT"
     )
     assert _tree(store) == before
@@ -116,7 +112,7 @@ def test_overwrite_refuses_what_ensir_flow_did_not_write(fitted, invoke, corpus)
         (["lut", "export", lut, plain], ["is a file that ensir-flow did not write"]),
     ]:
         before = {path: _tree(path) for path in (folder, plain, root)}
-        _refused(
+        one_line_refusal(
             invoke(*args, "--overwrite", *(["--no-progress"] if args[0] != "lut" else [])), *fragments, "refusing to replace it"
         )
         assert {path: _tree(path) for path in (folder, plain, root)} == before
@@ -127,15 +123,15 @@ def test_overwrite_refuses_ensir_flow_output_of_another_kind(fitted, invoke, cor
     store, lut = fitted / "s.zarr", fitted / "lut.zarr"
     assert invoke("apply", store, lut, fitted / "out.zarr", "--no-progress").exit_code == 0
     before = {path: _tree(path) for path in (store, lut, fitted / "out.zarr")}
-    _refused(
+    one_line_refusal(
         invoke("ingest", root, lut, "--overwrite", "--no-progress"), f"{lut}: is an ensir-flow LUT, not an ensir-flow pixel store"
     )
-    _refused(
+    one_line_refusal(
         invoke("fit", store, fitted / "out.zarr", "--overwrite", "--no-progress"),
         "is an ensir-flow apply output, not an ensir-flow LUT",
     )
     shutil.copytree(store, fitted / "copy.zarr")
-    _refused(
+    one_line_refusal(
         invoke("apply", store, lut, fitted / "copy.zarr", "--overwrite", "--no-progress"),
         "is an ensir-flow pixel store (ingest, predict), not an ensir-flow apply output",
     )
@@ -165,7 +161,9 @@ def test_a_symbolic_link_is_never_a_target(fitted, invoke):
     before = _tree(lut)
     for target in ("link.zarr", "dangling.zarr"):
         for overwrite in ([], ["--overwrite"]):
-            _refused(invoke("fit", store, fitted / target, *overwrite, "--no-progress"), f"{fitted / target}: is a symbolic link")
+            one_line_refusal(
+                invoke("fit", store, fitted / target, *overwrite, "--no-progress"), f"{fitted / target}: is a symbolic link"
+            )
             assert os.path.islink(fitted / target)
     assert _tree(lut) == before and not (fitted / "nowhere.zarr").exists()
 
@@ -244,6 +242,6 @@ def test_a_full_disk_under_the_export_folder_names_it(fitted, invoke, monkeypatc
     result = invoke(
         "apply", fitted / "s.zarr", fitted / "lut.zarr", fitted / "out.zarr", "--export-dir", fitted / "png", "--no-progress"
     )
-    message = _refused(result, f"{fitted / '.png.partial'}", "No space left on device", "free space")
+    message = one_line_refusal(result, f"{fitted / '.png.partial'}", "No space left on device", "free space")
     assert f"{fitted / 'out.zarr'}:" not in message
     assert not (fitted / "png").exists()

@@ -20,6 +20,7 @@ from .evaluate import plan_cross_validation, plan_evaluate
 from .fit import plan_fit
 from .plan import Plan
 from .predict import plan_predict
+from .targets import DEMO_ENTRIES
 
 
 def _split(corpus: Path, destination: Path, parity: int) -> None:
@@ -36,21 +37,7 @@ def plan_demo(directory, overwrite: bool = False) -> Plan:
     """Plan the demo run in `directory` (created; replaced with --overwrite)."""
     root = Path(directory)
     refuse_existing(str(root), overwrite)
-    paths = {
-        name: root / name
-        for name in (
-            "corpus",
-            "models",
-            "reference",
-            "heldout",
-            "corpus.zarr",
-            "reference.zarr",
-            "heldout.zarr",
-            "lut.zarr",
-            "ensemble.zarr",
-            "ensemble-png",
-        )
-    }
+    paths = {name: root / name for name in DEMO_ENTRIES}
 
     def execute(compute):
         if root.exists():

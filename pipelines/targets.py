@@ -42,7 +42,7 @@ DEMO_FOLDER = "an ensir-flow demo folder"
 
 #: The command of a store's `created_by` attribute ("ensir-flow X.Y COMMAND") -> the kind it makes.
 KIND_OF_COMMAND = {"ingest": PIXEL_STORE, "predict": PIXEL_STORE, "apply": APPLY_OUTPUT, "fit": LUT}
-#: What the demo writes in its folder (`pipelines.demo.plan_demo`).
+#: What the demo writes in its folder, which `pipelines.demo.plan_demo` names its paths from.
 DEMO_ENTRIES = frozenset(
     {
         "corpus",

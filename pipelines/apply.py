@@ -19,7 +19,7 @@ from .chunks import chunk_ranges, chunk_spans, pixel_array, read_pixels, task_ar
 from .commit import exists, refuse_existing
 from .export import check_export_target, export
 from .fingerprint import store_fingerprint
-from .integrity import CHUNK_CHECKSUMS, checksum_array_encoding, checksum_template, refuse_changed, store_identity
+from .integrity import CHUNK_CHECKSUMS, checksum_template, refuse_changed, store_identity
 from .locks import exclusive_lock
 from .lut_io import read_lut
 from .per_image import image_blend_jobs
@@ -134,10 +134,7 @@ def plan_apply(
         **RESUME_PROTOCOL,
     )
     out = schema.annotate(out)
-    encoding = {
-        schema.ENSEMBLE: schema.pixel_encoding((chunk_pixels, ds.sizes["channel"]), compression),
-        CHUNK_CHECKSUMS: checksum_array_encoding(1),
-    }
+    encoding = {schema.ENSEMBLE: schema.pixel_encoding((chunk_pixels, ds.sizes["channel"]), compression)}
     index = schema.ImageIndex.from_dataset(ds)
     spans = chunk_spans(index.offsets, index.counts, np.arange(len(index.stems)), chunk_lengths)
 

@@ -38,7 +38,7 @@ from ensir_flow.images import (
 
 from .chunks import chunk_spans, ranges_of, task_argument
 from .commit import exists, refuse_existing, refuse_or_recover
-from .integrity import CHECKSUMMED_VARIABLES, CHUNK_CHECKSUMS, checksum_array_encoding, checksum_template, store_identity
+from .integrity import CHECKSUMMED_VARIABLES, CHUNK_CHECKSUMS, checksum_template, store_identity
 from .locks import exclusive_lock
 from .plan import Plan
 from .resumable import (
@@ -425,7 +425,6 @@ def store_writer(
     template_encoding = {
         **encoding,
         CHUNK_SOURCES: {"chunks": (1, n_sources, slots, 32)},
-        CHUNK_CHECKSUMS: checksum_array_encoding(len(pixel_variables)),
     }
 
     def current_digests(wanted: list[tuple[int, int]]) -> list[str]:

@@ -7,7 +7,7 @@ identity of the store a run planned on.
   chunk it reads against the row of its position (`chunks.read_pixels`): a missing chunk (Zarr
   would read it as the fill value), a truncated or corrupt one, or a valid chunk of another
   position or store is refused in one line naming the array and the chunk. XXH3 (the `xxhash`
-  package) hashes about 30 GB/s on one core here, 8x zlib's CRC-32: the checks cost a few per cent
+  package) hashes about 30 GB/s on one core here, 8x zlib's CRC-32: hashing is about 2% of fit and
   of apply, the fastest pass over the same bytes (`benchmarks/integrity.py`).
 - Store identity. A store gets a random `store_id` when it is committed and a `generation`
   that every later commit to it (an append) increments. A plan records the identity of each store
@@ -43,13 +43,9 @@ def chunk_checksum(values: np.ndarray) -> int:
     return xxhash.xxh3_64_intdigest(np.ascontiguousarray(values).data)
 
 
-def checksum_array_encoding(n_variables: int) -> dict:
-    """Zarr encoding of `CHUNK_CHECKSUMS`: one row per object, written by the task of that chunk."""
-    return {"chunks": (1, n_variables)}
-
-
 def checksum_template(n_chunks: int, variables: list[str]):
-    """The lazy, unwritten `CHUNK_CHECKSUMS` variable (dims, data, attrs) of a store being written."""
+    """The lazy, unwritten `CHUNK_CHECKSUMS` variable (dims, data, attrs) of a store being written,
+    in chunks of one row (Zarr's chunks are the dask chunks): each written by the task of its chunk."""
     import dask.array
 
     return (
@@ -75,16 +71,9 @@ def next_generation(attrs: dict) -> dict:
     return {"store_id": attrs["store_id"], "generation": int(attrs.get("generation", 1)) + 1}
 
 
-def identity_of(attrs: dict, root_metadata: bytes = b"") -> str:
-    """A store's identity from its attributes: `store_id/generation`, or for a store written
-    without them the digest of its root metadata document."""
-    if "store_id" in attrs:
-        return f"{attrs['store_id']}/{attrs.get('generation', 1)}"
-    return "metadata-sha256:" + hashlib.sha256(root_metadata).hexdigest()
-
-
 def store_identity(path: str) -> str:
-    """The identity of the store at `path` now (one read of its root `zarr.json`)."""
+    """The identity of the store at `path` now (one read of its root `zarr.json`): `store_id/generation`,
+    or for a store written without them the digest of its root metadata document."""
     fs, root = fsspec.core.url_to_fs(str(path))
     try:
         document = fs.cat_file(f"{root.rstrip('/')}/{ROOT_METADATA}")
@@ -93,7 +82,9 @@ def store_identity(path: str) -> str:
         return "missing"
     except (OSError, ValueError, AttributeError) as error:
         raise InputError(f"{path}: root metadata unreadable ({type(error).__name__})") from None
-    return identity_of(attrs, document)
+    if "store_id" in attrs:
+        return f"{attrs['store_id']}/{attrs.get('generation', 1)}"
+    return "metadata-sha256:" + hashlib.sha256(document).hexdigest()
 
 
 def refuse_changed(path: str, planned: str) -> None:

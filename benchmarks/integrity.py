@@ -33,7 +33,7 @@ from helpers import make_corpus  # noqa: E402
 
 def unchecked_read(source, index: int, start: int, stop: int) -> np.ndarray:
     """A chunk read as Zarr reads it: no checksum, no presence check."""
-    return source.array[chunks._pixel_slice(source.array, start, stop)]
+    return source.array[chunks.pixel_slice(source.array, start, stop)]
 
 
 def timed(function) -> float:

@@ -116,31 +116,34 @@ def read_pixels(source: PixelSource, start: int, stop: int) -> np.ndarray:
     for index in range(start // length, -(-stop // length)):
         first, end = index * length, min((index + 1) * length, n_pixels)
         chunk = _read_chunk(source, index, first, end)
-        parts.append(chunk[_pixel_slice(array, max(start, first) - first, min(stop, end) - first)])
+        parts.append(chunk[pixel_slice(array, max(start, first) - first, min(stop, end) - first)])
     pixels = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-2)
     return pixels if source.model_order is None else pixels[list(source.model_order)]
 
 
 def _read_chunk(source: PixelSource, index: int, start: int, stop: int) -> np.ndarray:
+    """Chunk `index` (pixels start:stop) of `source`, read and checked (see `read_pixels`)."""
     array = source.array
     try:
-        values = array[_pixel_slice(array, start, stop)]
+        values = array[pixel_slice(array, start, stop)]
     except (RuntimeError, ValueError) as error:
+        values, problem = None, f"unreadable ({first_line(error)})"
+    else:
+        problem = _problem_of(source, index, values)
+    if problem is not None:
         _refuse_if_replaced(source)
-        raise _bad_chunk(source, index, start, stop, f"unreadable ({first_line(error)})") from None
-    if source.checksums is None:
-        if not _chunk_exists(source, index):
-            _refuse_if_replaced(source)
-            raise _bad_chunk(source, index, start, stop, "missing")
-    elif index >= len(source.checksums) or chunk_checksum(values) != source.checksums[index]:
-        _refuse_if_replaced(source)
-        problem = (
-            "missing"
-            if not _chunk_exists(source, index)
-            else "not the chunk written there (its XXH3-64 hash differs: corrupt or swapped)"
-        )
         raise _bad_chunk(source, index, start, stop, problem)
     return values
+
+
+def _problem_of(source: PixelSource, index: int, values: np.ndarray) -> str | None:
+    """What is wrong with the values read of chunk `index`, if anything: missing, or (where the
+    store has hashes) not the chunk its writer recorded there."""
+    if source.checksums is not None and index < len(source.checksums) and chunk_checksum(values) == source.checksums[index]:
+        return None
+    if not _chunk_exists(source, index):
+        return "missing"
+    return None if source.checksums is None else "not the chunk written there (its XXH3-64 hash differs: corrupt or swapped)"
 
 
 def _chunk_exists(source: PixelSource, index: int) -> bool:
@@ -166,7 +169,8 @@ def _refuse_if_replaced(source: PixelSource) -> None:
         )
 
 
-def _pixel_slice(array: zarr.Array, start: int, stop: int) -> tuple:
+def pixel_slice(array: zarr.Array, start: int, stop: int) -> tuple:
+    """The selection of pixels start:stop of a pixel array ((model,) pixel, channel)."""
     return (slice(None),) * (array.ndim - 2) + (slice(start, stop),)
 
 

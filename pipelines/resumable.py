@@ -23,6 +23,7 @@ import fsspec
 import numpy as np
 import zarr
 
+from .chunks import pixel_slice
 from .commit import commit, exists, remove
 from .integrity import CHECKSUM_TAIL, CHUNK_CHECKSUMS, chunk_checksum, new_identity, next_generation
 from .stores import open_group_as_committed
@@ -175,7 +176,7 @@ def write_chunk_then_mark(
     written = []
     for array, values in writes:
         values = np.asarray(values, dtype=array.dtype)
-        array[(slice(None),) * (array.ndim - 2) + (slice(start, stop),)] = values
+        array[pixel_slice(array, start, stop)] = values
         written.append(values)
     if checksums is not None:
         checksums[index] = np.array([chunk_checksum(values) for values in written], dtype=np.uint64)
@@ -187,9 +188,7 @@ def write_chunk_then_mark(
 def record_checksums(arrays: list, checksums, index: int, start: int, stop: int) -> None:
     """In a task: row `index` of `checksums` from chunk `index` (pixels start:stop) of each of
     `arrays` as it is stored now (for writes that do not hold the chunk's values: `da.store`)."""
-    checksums[index] = np.array(
-        [chunk_checksum(array[(slice(None),) * (array.ndim - 2) + (slice(start, stop),)]) for array in arrays], dtype=np.uint64
-    )
+    checksums[index] = np.array([chunk_checksum(array[pixel_slice(array, start, stop)]) for array in arrays], dtype=np.uint64)
 
 
 def with_checksum_tail(path: str, attrs: dict, n_chunks: int) -> dict:

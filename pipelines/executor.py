@@ -79,19 +79,26 @@ LIBRARY_WARNINGS = (
 #: Log records of libraries that tell a user nothing more than ensir-flow's own message: logger ->
 #: starts of messages. A local cluster's nanny says the first when a worker process takes over 4 s
 #: to exit at the end of a run (a loaded host; the process is then killed, as it should be); a
-#: worker logs a task's exception with its traceback, which the client reports in one line anyway.
-LIBRARY_LOG_NOISE = {"distributed.nanny": ("Worker process still alive after",), "distributed.worker": ("Compute Failed",)}
+#: worker logs a task's exception with its traceback, which the client reports in one line anyway;
+#: an interrupt that lands while distributed's `sync` is starting a call makes its cancel callback
+#: fail (it reads the call's future before it exists), which tornado logs with a traceback, while
+#: the interrupt itself ends the command as it should.
+LIBRARY_LOG_NOISE = {
+    "distributed.nanny": ("Worker process still alive after",),
+    "distributed.worker": ("Compute Failed",),
+    "tornado.application": ("Exception in callback functools.partial(<function sync.<locals>.cancel at",),
+}
 
 
 class _DropMessages(logging.Filter):
-    """Drops the log records whose message starts with one of `starts`."""
+    """Drops the log records whose message (arguments filled in) starts with one of `starts`."""
 
     def __init__(self, starts: tuple[str, ...]):
         super().__init__()
         self.starts = starts
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.starts)
+        return not record.getMessage().startswith(self.starts)
 
 
 def quiet_libraries() -> None:

@@ -118,3 +118,29 @@ def test_the_cluster_progress_feed_reports_tasks_done_of_all_then_ends():
         assert client.gather(futures) == [6]
     assert ends == [True] and updates and updates[-1] == (7, 7)
     assert [done for done, _ in updates] == sorted(done for done, _ in updates) and {total for _, total in updates} == {7}
+
+
+def sync():
+    """Named as distributed.utils.sync, whose inner `cancel` tornado names in its log record."""
+
+    def cancel():
+        pass
+
+    return cancel
+
+
+def test_distributeds_failed_cancel_of_an_interrupted_call_is_not_logged_and_other_callback_errors_are(caplog):
+    """An interrupt that lands while distributed's `sync` starts a call makes its `cancel` callback
+    fail, which tornado logs with a traceback before the one line of the interrupt: that record is
+    dropped (`executor.LIBRARY_LOG_NOISE`), any other failed callback still reaches the log."""
+    import functools
+    import logging
+
+    from ensir_flow.pipelines.executor import quiet_libraries
+
+    quiet_libraries()
+    tornado_log = logging.getLogger("tornado.application")
+    with caplog.at_level(logging.ERROR, logger="tornado.application"):
+        tornado_log.error("Exception in callback %r", functools.partial(sync()))
+        tornado_log.error("Exception in callback %r", functools.partial(print))
+    assert [record.getMessage() for record in caplog.records] == [f"Exception in callback {functools.partial(print)!r}"]

@@ -49,7 +49,7 @@ from .commit import exists, refuse_existing, staged_output
 from .executor import release_freed_memory
 from .integrity import store_identity
 from .lut_io import read_lut, write_lut
-from .plan import Plan
+from .plan import Plan, Stage, task_count
 from .stores import open_group_as_committed, open_store_index
 
 #: Bytes of statistics one pass of `fit` may gather (estimated: `sample_statistics_bytes`). A reference set
@@ -362,14 +362,19 @@ def plan_fit(
     may_need_passes = statistics_bytes(most_cells, most_entries, len(models), bin_width, moments_kind) > pass_bytes
 
     read_as_planned = _what_fit_reads(ds, n_images)
+    # The graph of the first (or only) pass over the set, built now: the stages count its tasks.
+    if may_need_passes:
+        first_pass = first_pass_graph(store, ds, n_folds, bin_width, device, moments_kind, pass_bytes)
+    else:
+        first_pass = statistics_graph(store, ds, bin_width, device, n_folds, moments_kind)
 
     def execute(compute):
         if may_need_passes:
-            lut = fit_in_passes(compute, store, ds, models, bin_width, solver, device, em_device, n_folds, shrinkage, pass_bytes)
-        else:
-            (fold_statistics,) = compute(
-                statistics_graph(store, ds, bin_width, device, n_folds, moments_kind), label="statistics"
+            lut = fit_in_passes(
+                compute, first_pass, store, ds, models, bin_width, solver, device, em_device, n_folds, shrinkage, pass_bytes
             )
+        else:
+            (fold_statistics,) = compute(first_pass, label="statistics")
             lut = lut_from_folds(fold_statistics, models, em_device, solver, shrinkage)
             del fold_statistics
         if _what_fit_reads(open_store_index(store), n_images) != read_as_planned:
@@ -388,6 +393,25 @@ def plan_fit(
             compute(dask.delayed(write_lut)(lut, staging), label="write LUT")
         return lut
 
+    n_chunks = len(pixel_chunk_lengths(ds))
+    read = Stage(
+        "statistics and a sample of cells" if may_need_passes else "statistics",
+        task_count(first_pass),
+        chunks=2 * n_chunks,
+        bytes_read=pixel_channels * (len(models) + 1),
+    )
+    stages = [read]
+    if may_need_passes:
+        stages.append(
+            Stage(
+                "statistics by ranges of cells",
+                read.tasks,
+                read.chunks,
+                read.bytes_read,
+                note="per pass, if a sample says the cells exceed the pass memory (which sets the number of passes)",
+            )
+        )
+    stages.append(Stage(f"{solver} on the cells, write LUT", 1))
     n_bins = bin_count(len(models), bin_width)
     details = {
         "store": str(store),
@@ -407,7 +431,7 @@ def plan_fit(
     }
     if tuning is not None:
         details[tuning.parameter] = f"{shrinkage}" if shrinkage is not None else f"chosen by {n_folds}-fold cross-validation"
-    return Plan(f"fit a {solver} LUT on {n_images} reference images", details, execute)
+    return Plan(f"fit a {solver} LUT on {n_images} reference images", details, execute, stages=stages)
 
 
 #: LUT attribute: the digest of what it was fitted from (`fit_inputs`).
@@ -446,8 +470,18 @@ def _what_fit_reads(ds, n_images: int):
     )
 
 
+def first_pass_graph(store: str, ds, n_folds: int, bin_width: int, device: str, moments_kind: str, pass_bytes: int):
+    """The delayed first pass of `fit_in_passes`: each chunk's statistics, if a sample of its cells
+    says they fit its share of `pass_bytes` (`_guarded_chunk_statistics`), merged."""
+    parts = chunk_tasks(
+        store, ds, n_folds, _guarded_chunk_statistics, bin_width, device, moments_kind, pass_bytes / len(chunk_ranges(ds))
+    )
+    return tree_reduce(parts, _merge_guarded)
+
+
 def fit_in_passes(
     compute,
+    first_pass,
     store: str,
     ds,
     models: list[str],
@@ -463,19 +497,16 @@ def fit_in_passes(
     the cells says they do not, else one range of cells at a time (`CellRanges`), its bins gathered
     on disk (`StoredBins`).
 
-    The first pass (`_guarded_chunk_statistics`) samples each chunk's cells, and gathers its
+    The first pass (`first_pass_graph`, built by the plan) samples each chunk's cells, and gathers its
     statistics only if the sample says they fit the chunk's share of `pass_bytes`, and each
     channel's statistics (from which the fallback is fitted). A solver choosing its tuned
     hyperparameter (lsq's shrinkage) reads the set once more in passes: every range's held-out
     errors first, then the fit with the value chosen."""
     tuning = fittable(solver).tuning
     moments_kind = moments_for([solver])
-    parts = chunk_tasks(
-        store, ds, n_folds, _guarded_chunk_statistics, bin_width, device, moments_kind, pass_bytes / len(chunk_ranges(ds))
-    )
-    (first_pass,) = compute(tree_reduce(parts, _merge_guarded), label="statistics and a sample of cells")
-    folds, channel_folds, sample, sampled_entries = first_pass
-    del first_pass
+    (gathered,) = compute(first_pass, label="statistics and a sample of cells")
+    folds, channel_folds, sample, sampled_entries = gathered
+    del gathered
     if folds is not None:
         return lut_from_folds(folds, models, em_device, solver, shrinkage)
     whole_set = sample_statistics_bytes(

@@ -43,7 +43,10 @@ def task_count(*collections) -> int:
     before submitting)."""
     import dask
 
-    return len(dask.base.collections_to_dsk(collections, optimize_graph=True))
+    keys = set()
+    for collection in dask.optimize(*collections):
+        keys.update(collection.__dask_graph__().keys())
+    return len(keys)
 
 
 def _size(n_bytes: int) -> str:

@@ -23,7 +23,7 @@ from .integrity import CHUNK_CHECKSUMS, checksum_template, refuse_changed, store
 from .locks import exclusive_lock
 from .lut_io import read_lut
 from .per_image import image_blend_jobs
-from .plan import Plan
+from .plan import Plan, Stage
 from .resumable import (
     COMPLETE,
     commit_resumable,
@@ -31,6 +31,7 @@ from .resumable import (
     open_array_for_writing,
     resumable_location,
     resumable_marks,
+    staged_marks,
     start_resumable,
     write_chunk_then_mark,
 )
@@ -229,7 +230,31 @@ def plan_apply(
     }
     if export_dir is not None:
         details["export"] = f"{export_dir} (one PNG per image)"
-    return Plan(f"apply a LUT to {ds.sizes['image']} images", details, execute)
+    if finished:
+        todo = np.arange(0)
+    elif grown_from is not None:
+        todo = np.arange(int(index.offsets[grown_from]) // chunk_pixels, len(chunk_lengths))
+    else:
+        marks = staged_marks(output, {**provenance, **RESUME_PROTOCOL})
+        todo = np.arange(len(chunk_lengths)) if marks is None else np.flatnonzero(~marks)
+    stages = _apply_stages(np.asarray(chunk_lengths), todo, ds.sizes["channel"], len(models), image_weights is not None)
+    return Plan(f"apply a LUT to {ds.sizes['image']} images", details, execute, stages=stages)
+
+
+def _apply_stages(chunk_lengths: np.ndarray, todo: np.ndarray, n_channels: int, n_models: int, per_image: bool) -> list[Stage]:
+    """What apply will run to compute the chunks `todo` of a store whose pixel chunks are
+    `chunk_lengths` long: a per-image solver first reads every chunk for its images' weights; then
+    one task per chunk reads its predictions, blends them and writes the ensemble."""
+    if not len(todo):
+        return []
+    pixels = int(chunk_lengths[todo].sum())
+    stages = []
+    if per_image:
+        stages.append(
+            Stage("per-image weights", len(chunk_lengths), len(chunk_lengths), int(chunk_lengths.sum()) * n_channels * n_models)
+        )
+    stages.append(Stage("blend and write", len(todo), len(todo), pixels * n_channels * n_models, pixels * n_channels))
+    return stages
 
 
 def _attributes(path: str) -> dict:

@@ -114,11 +114,10 @@ def committed_append(
 COMPLETE = "chunk_complete"
 
 
-def resumable_marks(path: str, provenance: dict, variables: dict | None = None) -> np.ndarray | None:
+def staged_marks(path: str, provenance: dict, variables: dict | None = None) -> np.ndarray | None:
     """Which chunks the staging of `path` holds complete, if it holds a run with the same inputs
     (`provenance`, among its attributes, and the values of `variables`: name -> values, e.g. the
-    image names and sizes); else None, after removing whatever staging is there (a run of other
-    inputs, or anything unreadable). The caller holds the lock of `path`."""
+    image names and sizes); else None. Reads only: a plan asks it what a run would resume."""
     staging = resumable_location(path)
     if not exists(staging):
         return None
@@ -128,10 +127,18 @@ def resumable_marks(path: str, provenance: dict, variables: dict | None = None) 
             group[name][...].tolist() == np.asarray(values).tolist() for name, values in (variables or {}).items()
         ):
             return group[COMPLETE][:].astype(bool)
-    except Exception:  # noqa: BLE001 - anything unreadable is stale staging, removed below
+    except Exception:  # noqa: BLE001 - anything unreadable is stale staging
         pass
-    remove(staging)
     return None
+
+
+def resumable_marks(path: str, provenance: dict, variables: dict | None = None) -> np.ndarray | None:
+    """`staged_marks`, after removing whatever staging is there when it holds none (a run of other
+    inputs, or anything unreadable). The caller holds the lock of `path`."""
+    marks = staged_marks(path, provenance, variables)
+    if marks is None and exists(resumable_location(path)):
+        remove(resumable_location(path))
+    return marks
 
 
 def start_resumable(path: str, template: xr.Dataset, encoding: dict, n_chunks: int) -> str:

@@ -204,12 +204,13 @@ def _run_options(scheduler, worker_timeout, no_progress, dry_run) -> api.RunOpti
 
 
 def _finish(result: api.Result, message) -> None:
-    """End a command: the plan of a dry run; else `message(result)`, the human summary, or with
-    --json the result's one JSON object (command, status, outputs, counts, seconds per stage)."""
-    if result.plan is not None:
-        click.echo(result.plan)
-    elif click.get_current_context().meta.get(AS_JSON):
+    """End a command: `message(result)`, the human summary, or the plan of a dry run; with --json
+    the result's one JSON object instead (command, status, outputs, counts, seconds per stage, or a
+    dry run's plan and stages)."""
+    if click.get_current_context().meta.get(AS_JSON):
         click.echo(json.dumps(result.to_json()))
+    elif result.plan is not None:
+        click.echo(result.plan)
     else:
         click.echo(message(result))
 
@@ -758,7 +759,7 @@ def evaluate(
         **_run_options(scheduler, worker_timeout, no_progress, dry_run),
     )
     if result.plan is not None:
-        click.echo(result.plan)
+        click.echo(json.dumps(result.to_json()) if as_json else result.plan)
         return
     click.echo(json.dumps(result.to_json()) if as_json else result.text)
     if result.report is not None:

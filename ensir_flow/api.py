@@ -166,13 +166,15 @@ def config_defaults(command: str, config) -> dict[str, Any]:
 @dataclass(kw_only=True)
 class Result:
     """What a command did: `status`, the paths it wrote (`outputs`), seconds per stage, and for
-    `dry_run=True` the description of what it would do (`plan`, status 'planned')."""
+    `dry_run=True` the description of what it would do (`plan`, status 'planned') with its stages'
+    tasks, chunks and bytes (`stages`, as `Stage.to_json`)."""
 
     command: str
     status: str
     outputs: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     plan: str | None = None
+    stages: list[dict] = field(default_factory=list)
 
     def counts(self) -> dict[str, Any]:
         """The command's counts, as `--json` reports them."""
@@ -181,7 +183,13 @@ class Result:
     def to_json(self) -> dict[str, Any]:
         """The CLI's `--json` object: command, status, outputs, counts, seconds per stage."""
         if self.plan is not None:
-            return {"command": self.command, "status": self.status, "outputs": self.outputs, "plan": self.plan}
+            return {
+                "command": self.command,
+                "status": self.status,
+                "outputs": self.outputs,
+                "plan": self.plan,
+                "stages": self.stages,
+            }
         return {"command": self.command, "status": self.status, "outputs": self.outputs, **self.counts(), "seconds": self.seconds}
 
 
@@ -401,13 +409,14 @@ def _refuse_memory_on_a_cluster(locations, run: RunOptions) -> None:
 
 @dataclass
 class Outcome:
-    """A plan's return value, its seconds per stage, its description when it was only planned, and
-    the status it knew ahead (`Plan.status`)."""
+    """A plan's return value, its seconds per stage, its description and stages when it was only
+    planned, and the status it knew ahead (`Plan.status`)."""
 
     value: Any
     seconds: dict
     plan: str | None
     status: str | None = None
+    stages: list[dict] = field(default_factory=list)
 
 
 def run_plan(plan_factory, locations: Sequence, run: RunOptions) -> Outcome:
@@ -417,7 +426,7 @@ def run_plan(plan_factory, locations: Sequence, run: RunOptions) -> Outcome:
     _refuse_memory_on_a_cluster(locations, run)
     plan = plan_factory()
     if run.get("dry_run"):
-        return Outcome(None, {}, plan.describe(), plan.status)
+        return Outcome(None, {}, plan.describe(), plan.status, [stage.to_json() for stage in plan.stages])
     seconds: dict[str, float] = {}
     with _compute(run) as compute:
         return Outcome(plan.run(_timed(compute, seconds)), seconds, None, plan.status)
@@ -517,12 +526,17 @@ def _refuse_layout_with_append(chunk_pixels: int | None, compression: str | None
         raise UsageError(f"{' and '.join(fixed)}: not with --append, which keeps the store's chunks and compression")
 
 
+def _planned(result_class: type[Result], command: str, outcome: Outcome, outputs: list[str] | None = None) -> Result:
+    """The result of a command that was only planned (`dry_run=True`)."""
+    return result_class(command=command, status="planned", outputs=outputs or [], plan=outcome.plan, stages=outcome.stages)
+
+
 def _store_result(result_class: type[Ingested], command: str, store, outcome: Outcome, append: bool) -> Ingested:
     """The result of `ingest` or `predict` from its plan's outcome: the store written (or resumed,
     or left unchanged), or for `append` how many images were added ('updated', else 'unchanged')."""
     outputs = _written([store])
     if outcome.plan is not None:
-        return result_class(command=command, status="planned", outputs=outputs, plan=outcome.plan)
+        return _planned(result_class, command, outcome, outputs)
     if append:
         added = outcome.value
         return result_class(
@@ -749,7 +763,7 @@ def fit(
         run,
     )
     if outcome.plan is not None:
-        return Fitted(command="fit", status="planned", outputs=_written([lut]), plan=outcome.plan)
+        return _planned(Fitted, "fit", outcome, _written([lut]))
     table = outcome.value
     return Fitted(
         command="fit",
@@ -808,7 +822,7 @@ def apply(
         run,
     )
     if outcome.plan is not None:
-        return Applied(command="apply", status="planned", outputs=outputs, plan=outcome.plan)
+        return _planned(Applied, "apply", outcome, outputs)
     result = outcome.value
     return Applied(
         command="apply",
@@ -906,7 +920,7 @@ def evaluate(
         check_report_target(report)
     outcome = run_plan(factory, (store, ensemble), run)
     if outcome.plan is not None:
-        return Evaluated(command="evaluate", status="planned", plan=outcome.plan)
+        return _planned(Evaluated, "evaluate", outcome)
     page = None
     if report is not None:
         from .pipelines.report import write_report
@@ -973,7 +987,7 @@ def export(
 
     outcome = run_plan(plan, (store, directory), run)
     if outcome.plan is not None:
-        return Exported(command="export", status="planned", outputs=_written([written_to]), plan=outcome.plan)
+        return _planned(Exported, "export", outcome, _written([written_to]))
     return Exported(
         command="export",
         status="written",
@@ -1020,15 +1034,9 @@ def demo(directory="demo-run", *, overwrite: bool = False, **run: Unpack[RunOpti
     target = _absolute(directory)
     _check_targets({"demo folder": (directory, DEMO_FOLDER)}, {}, overwrite)
     outcome = run_plan(lambda: plan_demo(target, overwrite), (target,), run)
-    status = "planned" if outcome.plan is not None else "written"
-    return Demo(
-        command="demo",
-        status=status,
-        outputs=_written([directory]),
-        seconds=outcome.seconds,
-        plan=outcome.plan,
-        summary=outcome.value or "",
-    )
+    if outcome.plan is not None:
+        return _planned(Demo, "demo", outcome, _written([directory]))
+    return Demo(command="demo", status="written", outputs=_written([directory]), seconds=outcome.seconds, summary=outcome.value)
 
 
 @_command

@@ -1,5 +1,6 @@
 """Apply: blend a store's predictions with a LUT chunk by chunk into a new store (and export it)."""
 
+import functools
 from dataclasses import dataclass
 
 import dask
@@ -62,6 +63,13 @@ def _blend_chunk_into(
     write_chunk_then_mark(
         [(ensemble, combine(read_pixels(predictions, start, stop), *arguments))], marks, index, start, stop, checksums=checksums
     )
+
+
+def _blend_into_arrays(arrays: dict, blend_tasks, compute, label: str, check) -> None:
+    """Compute `blend_tasks(ensemble, marks, checksums)` into `arrays` (name -> zarr array opened
+    for writing, as `resumable.committed_append` gives them), then `check()` what was read."""
+    compute(*blend_tasks(arrays[schema.ENSEMBLE], arrays[COMPLETE], arrays.get(CHUNK_CHECKSUMS)), label=label)
+    check()
 
 
 def plan_apply(
@@ -169,17 +177,17 @@ def plan_apply(
                 raise TransientError(f"{output}: changed by another run while this one was planned; run it again")
             first = old.sizes["pixel"] // chunk_pixels  # the output's last chunk, if partial, is redone whole
             todo = np.arange(first, len(chunk_lengths))
-
-            def write_arrays(arrays):
-                tasks = blend_tasks(todo, arrays[schema.ENSEMBLE], arrays[COMPLETE], arrays.get(CHUNK_CHECKSUMS), compute)
-                compute(*tasks, label=f"apply ({len(todo)} of {len(chunk_lengths)} chunks: new images)")
-                refuse_changed(store, planned_store)
-
             committed_append(
                 output,
                 {"pixel": old.sizes["pixel"], "image": grown_from, "chunk": old.sizes["chunk"]},
                 {"pixel": ds.sizes["pixel"], "image": ds.sizes["image"], "chunk": len(chunk_lengths)},
-                write_arrays,
+                functools.partial(
+                    _blend_into_arrays,
+                    blend_tasks=functools.partial(blend_tasks, todo, compute=compute),
+                    compute=compute,
+                    label=f"apply ({len(todo)} of {len(chunk_lengths)} chunks: new images)",
+                    check=functools.partial(refuse_changed, store, planned_store),
+                ),
                 {name: out[name].values[grown_from:] for name in (*schema.IMAGE_VARIABLES, "image")},
                 out.attrs,
             )

@@ -39,14 +39,16 @@ class Stage:
 
 
 def task_count(*collections) -> int:
-    """The number of tasks computing `collections` submits (their graph, optimised as dask does
-    before submitting)."""
+    """The number of tasks computing `collections` runs: the computations of their graph, optimised
+    as dask does before submitting (keys that hold data, such as an array the tasks share, are not
+    counted)."""
     import dask
+    from dask.core import istask
 
-    keys = set()
+    graph = {}
     for collection in dask.optimize(*collections):
-        keys.update(collection.__dask_graph__().keys())
-    return len(keys)
+        graph.update(collection.__dask_graph__())
+    return sum(1 for value in graph.values() if istask(value))
 
 
 def _size(n_bytes: int) -> str:

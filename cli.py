@@ -2,6 +2,7 @@
 
 import contextlib
 import errno
+import inspect
 import json
 import math
 import re
@@ -371,10 +372,16 @@ quiet_option = click.option(
 )
 
 
+def api_default(command, keyword: str):
+    """The default of `keyword` in the API function `command`: an option the CLI shares with the
+    API takes its default from there, so that each default is written once."""
+    return inspect.signature(command).parameters[keyword].default
+
+
 device_option = click.option(
     "--device",
     type=click.Choice(DEVICES),
-    default="auto",
+    default=api_default(api.fit, "device"),
     show_default=True,
     help="Where kernels run: cpu (numba), cuda (torch), auto (each worker's GPU if it has one). Same bits either way.",
 )
@@ -474,7 +481,7 @@ def ingest(
 @click.option(
     "--device",
     type=click.Choice(DEVICES),
-    default="auto",
+    default=api_default(api.predict, "device"),
     show_default=True,
     help="Where models run: cpu, cuda, auto (each worker's GPU if it has one).",
 )
@@ -495,11 +502,17 @@ def ingest(
     help="With --tile: input pixels each tile reaches beyond the centre it keeps (at least the model's "
     "receptive radius for outputs equal to whole-image ones).",
 )
-@click.option("--batch", type=_option_range("--batch"), default=1, show_default=True, help="Tiles of one shape per model call.")
+@click.option(
+    "--batch",
+    type=_option_range("--batch"),
+    default=api_default(api.predict, "batch"),
+    show_default=True,
+    help="Tiles of one shape per model call.",
+)
 @click.option(
     "--scale",
     type=_option_range("--scale"),
-    default=1,
+    default=api_default(api.predict, "scale"),
     show_default=True,
     help="Super-resolution factor: outputs must be this many times the input's size (checked).",
 )
@@ -507,14 +520,14 @@ def ingest(
     "--range",
     "value_range",
     type=click.Choice(list(VALUE_RANGES)),
-    default="0-1",
+    default=api_default(api.predict, "value_range"),
     show_default=True,
     help="The scale of the models' input and output pixel values.",
 )
 @click.option(
     "--samples",
     type=_option_range("--samples"),
-    default=1,
+    default=api_default(api.predict, "samples"),
     show_default=True,
     help="Runs per model and image, seeded by (image, sample): members NAME#0 ... NAME#N-1 (stochastic models).",
 )
@@ -704,19 +717,25 @@ def apply(
 )
 @click.option(
     "--solvers",
-    default="em,lsq",
+    default=api_default(api.evaluate, "solvers"),
     show_default=True,
     help="With --cv: comma-separated solvers to compare (default: the config's solver, else em,lsq).",
 )
 @click.option(
     "--bin-widths",
-    default=str(DEFAULT_BIN_WIDTH),
+    default=str(api_default(api.evaluate, "bin_widths")),
     show_default=True,
     help="With --cv: comma-separated bin widths to compare (default: the config's bin_width).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (means and per-image scores) to stdout.")
 @click.option("--y-channel", is_flag=True, help="Score the BT.601 luma (as MATLAB's rgb2ycbcr) instead of RGB.")
-@click.option("--crop-border", type=click.IntRange(0), default=0, show_default=True, help="Pixels cropped from each side.")
+@click.option(
+    "--crop-border",
+    type=click.IntRange(0),
+    default=api_default(api.evaluate, "crop_border"),
+    show_default=True,
+    help="Pixels cropped from each side.",
+)
 @click.option(
     "--report",
     "report_dir",
@@ -812,7 +831,7 @@ def lut_export(lut_path, output, overwrite, no_progress):
 
 
 @main.command()
-@click.argument("directory", default="demo-run")
+@click.argument("directory", default=api_default(api.demo, "directory"))
 @run_options()
 def demo(directory, scheduler, worker_timeout, no_progress, dry_run, overwrite):
     """Build the embedded demo corpus in DIRECTORY and run ingest, fit, apply, evaluate on it."""

@@ -1,5 +1,6 @@
 """Helpers the tests share: where the reference data lies, small synthetic corpora, a whole workflow run."""
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -140,3 +141,33 @@ def one_line_refusal(result, *fragments) -> str:
     for fragment in fragments:
         assert fragment in message, message
     return message
+
+
+@contextlib.contextmanager
+def s3_server(monkeypatch, bucket: str = "ensir-test"):
+    """An S3-compatible server (moto) on 127.0.0.1 with `bucket`, the environment pointing
+    s3fs at it; yields the s3fs filesystem. moto keeps its buckets per process, so the bucket
+    may already be there from an earlier test."""
+    import pytest
+
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is a test dependency (pip install -e '.[test]')")
+    s3fs = pytest.importorskip("s3fs", reason="s3fs is a test dependency (pip install -e '.[test]')")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for name, value in {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem()
+    if not fs.exists(bucket):
+        fs.mkdir(bucket)
+    try:
+        yield fs
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.stop()

@@ -1,10 +1,12 @@
 """Ingest: image folders -> one Zarr store in the ragged pixel layout.
 
 Every image is probed first (headers only), so mismatched sizes, unsupported formats and missing
-files are reported before anything is written. Pixels are then decoded by one task per source file,
-which reads the file once and hashes the same bytes, and assembled into Zarr chunks; each chunk is
-written by exactly one task, so no two tasks ever write the same chunk. The store is staged and
-moved into place only when complete.
+files are reported before anything is written. Pixels are then decoded by one task per group of
+consecutive images (at least a chunk's worth and `GROUP_BYTES` of pixels, or one bigger image),
+which reads each file once and hashes the same bytes; each chunk is assembled from the groups it
+overlaps and written by exactly one task, so no two tasks ever write the same chunk, a big image
+is decoded once for all the chunks it spans, and the tasks grow with the corpus's bytes, not its
+number of images. The store is staged and moved into place only when complete.
 
 Resuming without hashing up front: each chunk is written with a record of the SHA-256s of the
 source files whose pixels it holds (`CHUNK_SOURCES`, before its completion mark). A resumed run
@@ -36,11 +38,11 @@ from ensir_flow.images import (
     read_image_and_sha256,
 )
 
-from .chunks import chunk_spans, ranges_of, task_argument
+from .chunks import chunk_spans, pixel_slice, ranges_of, task_argument
 from .commit import exists, refuse_existing, refuse_or_recover
 from .integrity import CHECKSUMMED_VARIABLES, CHUNK_CHECKSUMS, checksum_template, store_identity
 from .locks import exclusive_lock
-from .plan import Plan
+from .plan import Plan, Stage
 from .resumable import (
     COMPLETE,
     commit_resumable,
@@ -121,91 +123,154 @@ def source_provenance(corpus: Corpus, hashed: bool = True) -> xr.Dataset:
     )
 
 
-def _decode_source(path, info: ImageInfo) -> tuple[np.ndarray, str]:
-    """One task per source file: its pixels as one plane (1, H*W, C) and the SHA-256 of the bytes
-    they were decoded from (one read of the file)."""
-    pixels, digest = read_image_and_sha256(path, info)
-    return pixels.reshape(1, -1, info.channels), digest
+#: The least pixel data (bytes decoded, every source) one decoding task of an ingest holds where a
+#: chunk holds less: a corpus of small images is decoded in few tasks, each long enough to be
+#: worth its scheduling, instead of one task per file.
+GROUP_BYTES = 32 << 20
 
 
-def _pixel_planes(
-    corpus: Corpus, infos: list[ImageInfo], chunk_pixels: int, first_chunk: int | None = None
-) -> tuple[da.Array, list[list]]:
-    """Lazy (roles, pixel, channel) array in Zarr chunks (models in order, then ground truth and
-    inputs if any; see `chunked_planes`), and the SHA-256 of each source file [role][image] as a
-    Delayed string. One task decodes and hashes one file, so the two cores stay busy to the end."""
-    decoded = [
-        [dask.delayed(_decode_source, pure=True, nout=2)(files[i], info) for i, info in enumerate(infos)]
-        for _, files in _roles(corpus)
-    ]
-    blocks = [
-        da.concatenate(
-            [da.from_delayed(role[i][0], shape=(1, info.height * info.width, info.channels), dtype=np.uint8) for role in decoded],
-            axis=0,
-        )
-        for i, info in enumerate(infos)
-    ]
-    return chunked_planes(blocks, chunk_pixels, first_chunk), [[file[1] for file in role] for role in decoded]
+def image_groups(sizes: np.ndarray, least: int) -> list[int]:
+    """The first image of each group of consecutive images (`sizes`: the bytes of each) that one
+    task decodes: a group closes once it holds `least` bytes, and an image of `least` or more is
+    a group of its own."""
+    firsts, held = [], least
+    for i, size in enumerate(np.asarray(sizes).tolist()):
+        if held >= least or size >= least:
+            firsts.append(i)
+            held = 0
+        held += size
+    return firsts
 
 
-def chunked_planes(blocks: list[da.Array], chunk_pixels: int, first_chunk: int | None = None) -> da.Array:
-    """Per-image blocks (roles, H*W, C) back to back on the pixel axis, in the store's chunks.
+@dataclass(frozen=True)
+class PixelBlocks:
+    """The planes (roles, pixel, channel) of images lying back to back on the pixel axis, computed
+    in blocks of consecutive images: each of `tasks` (Delayed) computes one block as (its images'
+    planes (roles, pixels, channels) back to back, the SHA-256 of their source files [source]
+    [image], or None where the plan hashed them); `firsts` is the first image of each block and
+    `counts` its pixels.
 
-    One task per chunk copies the pixels of each block (each of its chunks along the roles: one
-    per file for ingest) that the chunk spans straight into place, so each image is computed
-    (decoded, predicted) once, each chunk assembled with one copy and written by exactly one task.
-    `first_chunk` shortens the first chunk so that an append fills the store's last partial chunk.
+    Each chunk of the store is then made by one task from the blocks it overlaps (`chunk_inputs`),
+    and each block is computed once, however many chunks it spans: a chunk's task receives the
+    blocks themselves, never a graph of the whole array, so planning takes time linear in the
+    blocks and chunks.
     """
-    total = sum(block.shape[1] for block in blocks)
-    head = min(first_chunk or chunk_pixels, total)
-    lengths = (head, *schema.pixel_chunks(total - head, chunk_pixels)) if head else schema.pixel_chunks(total, chunk_pixels)
-    n_roles, channels, dtype = blocks[0].shape[0], blocks[0].shape[2], blocks[0].dtype
-    counts = np.array([block.shape[1] for block in blocks])
-    offsets = np.cumsum(counts) - counts
-    pieces = [list(zip(block.to_delayed(optimize_graph=False).ravel(), ranges_of(block.chunks[0]))) for block in blocks]
-    chunks = []
-    for (start, stop), held in zip(ranges_of(lengths), chunk_spans(offsets, counts, np.arange(len(blocks)), lengths)):
-        spans = [
-            (piece, roles, (start + span.start - offsets[span.label], start + span.stop - offsets[span.label]), span.start)
-            for span in held
-            for piece, roles in pieces[span.label]
-        ]
-        chunks.append(
+
+    tasks: list
+    firsts: np.ndarray
+    counts: np.ndarray
+    n_roles: int
+    channels: int
+
+    def chunk_lengths(self, chunk_pixels: int, first_chunk: int | None = None) -> tuple[int, ...]:
+        """Lengths along `pixel` of the chunks of these planes: `chunk_pixels` each, the last one
+        shorter, and `first_chunk` the first one, so that an append fills the store's last
+        partial chunk."""
+        total = int(self.counts.sum())
+        head = min(first_chunk or chunk_pixels, total)
+        return (head, *schema.pixel_chunks(total - head, chunk_pixels)) if head else schema.pixel_chunks(total, chunk_pixels)
+
+    def chunk_inputs(self, lengths) -> list[tuple[list, list[tuple[int, int, int, int]]]]:
+        """Per chunk of `lengths`: the tasks of the blocks it overlaps, and its pieces (block in
+        that list, the block's pixels start:stop, where they start in the chunk)."""
+        offsets = np.cumsum(self.counts) - self.counts
+        inputs = []
+        for (start, _), spans in zip(ranges_of(lengths), chunk_spans(offsets, self.counts, np.arange(len(self.tasks)), lengths)):
+            pieces = []
+            for k, span in enumerate(spans):
+                origin = int(start - offsets[span.label])  # the chunk's first pixel, in the block's pixels
+                pieces.append((k, origin + span.start, origin + span.stop, span.start))
+            inputs.append(([self.tasks[span.label] for span in spans], pieces))
+        return inputs
+
+    def planes(self, lengths) -> da.Array:
+        """The planes as a lazy array in chunks of `lengths` along `pixel`, each assembled by one
+        task (the pixel variables of a store's template, and of the dataset an ingest returns)."""
+        chunks = [
             da.from_delayed(
-                dask.delayed(_assembled, pure=True)((n_roles, stop - start, channels), dtype, spans),
-                shape=(n_roles, stop - start, channels),
-                dtype=dtype,
+                dask.delayed(_assembled, pure=True)((self.n_roles, length, self.channels), blocks, pieces),
+                shape=(self.n_roles, length, self.channels),
+                dtype=np.uint8,
             )
-        )
-    return da.concatenate(chunks, axis=1)
+            for length, (blocks, pieces) in zip(lengths, self.chunk_inputs(lengths))
+        ]
+        return da.concatenate(chunks, axis=1)
+
+    def slots(self, images: list[int]) -> list[tuple[int, int]]:
+        """Where the consecutive `images` of one chunk lie among the blocks that chunk overlaps:
+        (block, counted from the first image's, position in the block) of each."""
+        blocks = np.searchsorted(self.firsts, images, side="right") - 1
+        return [(int(block - blocks[0]), int(image - self.firsts[block])) for image, block in zip(images, blocks)]
 
 
-def _assembled(shape: tuple[int, int, int], dtype, spans: list) -> np.ndarray:
-    """One chunk (roles, pixels, channels) from the `spans` it holds: (block, (first role, end
-    role), (start, stop) in the block's pixels, where they start in the chunk)."""
-    chunk = np.empty(shape, dtype=dtype)
-    for block, (role, role_end), (start, stop), at in spans:
-        chunk[role:role_end, at : at + stop - start] = block[:, start:stop]
+def _decode_group(paths: list[list], infos: list[ImageInfo]) -> tuple[np.ndarray, list[list[str]]]:
+    """One task: the images of a group, each file ([source][image] `paths`) read once, decoded and
+    hashed, as planes (sources, pixels, channels) with the images back to back, and the SHA-256 of
+    the bytes each file was decoded from [source][image]."""
+    counts = [info.height * info.width for info in infos]
+    planes = np.empty((len(paths), sum(counts), infos[0].channels), dtype=np.uint8)
+    digests = [[] for _ in paths]
+    stops = np.cumsum(counts).tolist()
+    for source, files in enumerate(paths):
+        for path, info, count, stop in zip(files, infos, counts, stops):
+            pixels, digest = read_image_and_sha256(path, info)
+            planes[source, stop - count : stop] = pixels.reshape(count, info.channels)
+            digests[source].append(digest)
+    return planes, digests
+
+
+def decoded_groups(corpus: Corpus, infos: list[ImageInfo], chunk_pixels: int) -> PixelBlocks:
+    """The planes of `corpus` (models in order, then ground truth and inputs if any) as blocks of
+    consecutive images, each decoded and hashed by one task: a group holds at least a chunk's
+    worth of pixels and `GROUP_BYTES`, or one image bigger than that, so a big image is decoded
+    once for all the chunks it spans and small ones many to a task."""
+    sources = [files for _, files in _roles(corpus)]
+    counts = np.array([info.height * info.width for info in infos], dtype=np.int64)
+    channels = infos[0].channels
+    per_pixel = len(sources) * channels
+    firsts = image_groups(counts * per_pixel, max(chunk_pixels * per_pixel, GROUP_BYTES))
+    bounds = [*firsts, len(infos)]
+    tasks = [
+        dask.delayed(_decode_group, pure=True)([files[first:end] for files in sources], infos[first:end])
+        for first, end in zip(bounds, bounds[1:])
+    ]
+    return PixelBlocks(tasks, np.array(firsts), np.add.reduceat(counts, firsts), len(sources), channels)
+
+
+def _assembled(shape: tuple[int, int, int], blocks: list, pieces: list[tuple[int, int, int, int]]) -> np.ndarray:
+    """One chunk (roles, pixels, channels) from the `blocks` it overlaps (see `PixelBlocks`): each
+    of `pieces` is (block, its pixels start:stop, where they start in the chunk)."""
+    chunk = np.empty(shape, dtype=np.uint8)
+    for block, start, stop, at in pieces:
+        chunk[:, at : at + stop - start] = blocks[block][0][:, start:stop]
     return chunk
 
 
 def _write_chunk(
-    block: np.ndarray,
+    shape: tuple[int, int, int],
+    blocks: list,
+    pieces: list,
+    digests: list[list[str]] | None,
+    slots: list[tuple[int, int]],
     n_models: int,
     arrays: list,
     marks,
     records,
     checksums,
-    digests: list[list[str]],
     index: int,
     start: int,
     stop: int,
 ) -> None:
-    """One task: the decoded planes of chunk `index` (roles, pixels, channels) into the prediction
-    array and the ground truth and input arrays there are, their checksums into its row of
-    `checksums`, the SHA-256s of the files they were decoded from ([role][image], the chunk's
-    images in order) into its row of `records`, then the chunk's mark."""
+    """One task: chunk `index` assembled from the `blocks` it overlaps (`_assembled`) into the
+    prediction array and the ground truth and input arrays there are, their checksums into its row
+    of `checksums`, the SHA-256s of the files they were decoded from into its row of `records`,
+    then the chunk's mark. The SHA-256s [source][image] (the chunk's images in order) are
+    `digests`, or where None, those the blocks return for the images at `slots` (block, image in
+    the block)."""
+    block = _assembled(shape, blocks, pieces)
     planes = [block[:n_models], *block[n_models:]]
+    if digests is None:
+        digests = [[blocks[k][1][source][image] for k, image in slots] for source in range(records.shape[1])]
     record = np.zeros(records.shape[1:], dtype=np.uint8)
     for role, role_digests in enumerate(digests):
         for slot, digest in enumerate(role_digests):
@@ -218,12 +283,25 @@ def _recorded(record: np.ndarray, n_images: int) -> list[list[str]]:
     return [[role[slot].tobytes().hex() for slot in range(n_images)] for role in record]
 
 
-def _extra_planes(corpus: Corpus, planes: da.Array) -> list[tuple[str, da.Array]]:
-    """(variable, plane) of the ground truth and inputs, in the order `_roles` stacks them."""
-    names = [
+def _extra_names(corpus: Corpus) -> list[str]:
+    """The variables of the ground truth and inputs there are, in the order `_roles` stacks them."""
+    return [
         name for name, files in ((schema.GROUND_TRUTH, corpus.ground_truth), (schema.INPUT, corpus.inputs)) if files is not None
     ]
-    return [(name, planes[len(corpus.models) + i]) for i, name in enumerate(names)]
+
+
+def write_stages(blocks: PixelBlocks, lengths, computed: str) -> list[Stage]:
+    """The stages of writing the planes of `blocks` into a new store in chunks of `lengths`: the
+    blocks' tasks (`computed`: what they do), then one task per chunk that assembles and writes it."""
+    return [
+        Stage(computed, len(blocks.tasks)),
+        Stage(
+            "assemble and write chunks",
+            len(lengths),
+            chunks=len(lengths),
+            bytes_written=int(blocks.counts.sum()) * blocks.n_roles * blocks.channels,
+        ),
+    ]
 
 
 @dataclass
@@ -280,7 +358,9 @@ def plan_ingest(
     infos = probe_corpus(corpus)
     corpus, input_note = storable_inputs(corpus, infos)
     index = schema.ImageIndex(corpus.stems, np.array([i.height for i in infos]), np.array([i.width for i in infos]))
-    planes, digests = _pixel_planes(corpus, infos, chunk_pixels)
+    blocks = decoded_groups(corpus, infos, chunk_pixels)
+    lengths = blocks.chunk_lengths(chunk_pixels)
+    planes = blocks.planes(lengths)
     n_models, channels = len(corpus.models), infos[0].channels
     attrs = schema.store_attributes(
         corpus.models,
@@ -291,7 +371,7 @@ def plan_ingest(
         compression=compression,
         **input_note,
     )
-    extra_names = [name for name, _ in _extra_planes(corpus, planes)]
+    extra_names = _extra_names(corpus)
     ds, encoding = pixel_store(
         index, corpus.models, planes, extra_names, chunk_pixels, compression, attrs, source_provenance(corpus, hashed=False)
     )
@@ -309,25 +389,17 @@ def plan_ingest(
         "inputs (lq/)": "stored" if corpus.inputs is not None else input_note.get("input", "none"),
         "images": len(corpus.stems),
         "pixels": f"{index.n_pixels:,} x {channels} channels",
-        "tasks": f"{len(corpus.stems) * len(digests)} file reads (decode and SHA-256 each), {planes.numblocks[1]} chunks of "
-        f"{chunk_pixels:,} pixels (one write each)",
+        "tasks": f"{len(blocks.tasks)} to read, decode and hash the {len(corpus.stems) * blocks.n_roles} files (groups of "
+        f"consecutive images), {len(lengths)} to assemble and write the chunks of {chunk_pixels:,} pixels",
         "compression": compression,
     }
     return Plan(
         f"ingest {len(corpus.stems)} images of {n_models} models",
         details,
         store_writer(
-            store,
-            ds,
-            encoding,
-            planes,
-            extra_names,
-            overwrite,
-            unchanged,
-            "ingest",
-            digests,
-            [files for _, files in _roles(corpus)],
+            store, ds, encoding, blocks, extra_names, overwrite, unchanged, "ingest", [files for _, files in _roles(corpus)]
         ),
+        stages=write_stages(blocks, lengths, "read, decode and hash the source files"),
     )
 
 
@@ -377,12 +449,11 @@ def store_writer(
     store: str,
     ds: xr.Dataset,
     encoding: dict,
-    planes: da.Array,
+    blocks: PixelBlocks,
     extra_names: list[str],
     overwrite: bool,
     unchanged: bool,
     label: str,
-    decoded_digests: list[list] | None = None,
     source_paths: list[list] | None = None,
 ):
     """execute(compute) writing the store `ds` (from `pixel_store`) resumably: chunks go to a fixed
@@ -390,26 +461,24 @@ def store_writer(
     into place when complete; a run killed half-way is resumed by the same command. Returns an
     IngestResult (`unchanged` when told so).
 
-    The SHA-256 of each source file [source][image] comes from `decoded_digests` (Delayed strings
-    of the tasks that decode the files), with `source_paths` to hash the files again on a resume;
-    without them, from `ds` (hashed when planned). Each chunk records the digests of the files
-    whose pixels it holds (`CHUNK_SOURCES`); a resume redoes the complete chunks whose files have
-    changed since, and the commit writes the recorded digests as `source_sha256`."""
+    Each chunk is written by one task from the `blocks` of `ds`'s planes that it overlaps
+    (`_write_chunk`). The SHA-256 of each source file [source][image] comes from the blocks'
+    tasks, which hash the files they decode, where `source_paths` (to hash the files again on a
+    resume) is given; else from `ds` (hashed when planned). Each chunk records the digests of the
+    files whose pixels it holds (`CHUNK_SOURCES`); a resume redoes the complete chunks whose files
+    have changed since, and the commit writes the recorded digests as `source_sha256`."""
     n_models = ds.sizes["model"]
-    ranges = ranges_of(planes.chunks[1])
-    # unoptimised: fusing would rename the decoding tasks in the pixels' graph, and each file would be
-    # decoded twice, once for its pixels and once for its digest
-    blocks = planes.to_delayed(optimize_graph=False).ravel()
+    lengths = ds[schema.PREDICTION].chunks[1]
+    ranges = ranges_of(lengths)
+    inputs = blocks.chunk_inputs(lengths)
     images = [
         [span.label for span in spans]  # the images each chunk holds pixels of, in order
-        for spans in chunk_spans(
-            ds["pixel_offset"].values, ds["pixel_count"].values, np.arange(ds.sizes["image"]), planes.chunks[1]
-        )
+        for spans in chunk_spans(ds["pixel_offset"].values, ds["pixel_count"].values, np.arange(ds.sizes["image"]), lengths)
     ]
     planned = ds["source_sha256"].values
-    digests = planned.tolist() if decoded_digests is None else decoded_digests
+    hashed = source_paths is not None
     slots = max(len(held) for held in images)
-    n_sources = len(digests)
+    n_sources = planned.shape[0]
     pixel_variables = [schema.PREDICTION, *extra_names]
     template = ds.assign(
         {
@@ -489,16 +558,19 @@ def store_writer(
                 done &= ~stale
             arrays = [task_argument(open_array_for_writing(staging, name)) for name in pixel_variables]
             todo = np.flatnonzero(~done)
+            marks_argument, records_argument = task_argument(marks), task_argument(records)
             compute(
                 *[
                     dask.delayed(_write_chunk)(
-                        blocks[i],
+                        (blocks.n_roles, lengths[i], blocks.channels),
+                        *inputs[i],
+                        None if hashed else [[role[image] for image in images[i]] for role in planned],
+                        blocks.slots(images[i]) if hashed else [],
                         n_models,
                         arrays,
-                        task_argument(marks),
-                        task_argument(records),
+                        marks_argument,
+                        records_argument,
                         checksums,
-                        [[role[image] for image in images[i]] for role in digests],
                         int(i),
                         *ranges[i],
                     )
@@ -594,13 +666,19 @@ def plan_append(source, store: str, models: list[str] | None = None) -> Plan:
     if infos[0].channels != existing.sizes["channel"]:
         raise InputError(f"{source}: images have {infos[0].channels} channel(s), the store {existing.sizes['channel']}")
     chunk_pixels = existing[schema.PREDICTION].encoding["chunks"][1]
-    n_existing = existing.sizes["pixel"]
-    planes, _ = _pixel_planes(corpus, infos, chunk_pixels, first_chunk=chunk_pixels - n_existing % chunk_pixels)
-    n_models = len(store_models)
-    new_planes = {schema.PREDICTION: planes[:n_models], **dict(_extra_planes(corpus, planes))}
     index = schema.ImageIndex(corpus.stems, np.array([i.height for i in infos]), np.array([i.width for i in infos]))
     return append_plan(
-        f"append {len(keep)} images to {store}", source, store, existing, corpus, index, new_planes, details, "ingest --append"
+        f"append {len(keep)} images to {store}",
+        source,
+        store,
+        existing,
+        corpus,
+        index,
+        decoded_groups(corpus, infos, chunk_pixels),
+        _extra_names(corpus),
+        details,
+        "ingest --append",
+        "read, decode and hash the new files",
     )
 
 
@@ -611,13 +689,17 @@ def append_plan(
     existing: xr.Dataset,
     corpus: Corpus,
     index: schema.ImageIndex,
-    new_planes: dict[str, da.Array],
+    blocks: PixelBlocks,
+    extra_names: list[str],
     details: dict,
     by: str,
+    computed: str,
 ) -> Plan:
-    """The plan appending the images of `corpus` (their `index`, and `new_planes`: variable -> lazy
-    planes in the store's chunks, the first one filling its last partial chunk) to the `existing`
-    store, with their sources' provenance, recorded in the `appended` attribute as made `by`.
+    """The plan appending the images of `corpus` (their `index`, and `blocks`: their planes, the
+    models' then those of the variables `extra_names`, computed by tasks that do what `computed`
+    says) to the `existing` store, with their sources' provenance, recorded in the `appended`
+    attribute as made `by`. One task per chunk's worth of new pixels (the first one filling the
+    store's last partial chunk) assembles them from the blocks it overlaps and writes them.
 
     The store is locked during the append, which follows `resumable.committed_append`: until its
     single final metadata write, every reader sees the store as it was."""
@@ -643,38 +725,77 @@ def append_plan(
     if checksummed:
         committed["chunk"], grown["chunk"] = (-(-pixels // chunk_pixels) for pixels in (committed["pixel"], grown["pixel"]))
     details["pixels"] = f"{index.n_pixels:,} appended to {n_existing:,}"
+    names = [schema.PREDICTION, *extra_names]
+    lengths = blocks.chunk_lengths(chunk_pixels, first_chunk=chunk_pixels - n_existing % chunk_pixels)
+    checked_chunks = range(n_existing // chunk_pixels, grown.get("chunk", 0))
+    stages = [
+        Stage(computed, len(blocks.tasks)),
+        Stage(
+            "assemble and append chunks",
+            len(lengths),
+            chunks=len(lengths),
+            bytes_written=index.n_pixels * blocks.n_roles * blocks.channels,
+        ),
+    ]
+    if checksummed:
+        columns = existing[CHUNK_CHECKSUMS].attrs[CHECKSUMMED_VARIABLES]
+        stages.append(
+            Stage(
+                "checksums of the chunks written",
+                len(checked_chunks),
+                chunks=len(checked_chunks) * len(columns),
+                bytes_read=(grown["pixel"] - checked_chunks.start * chunk_pixels)
+                * existing.sizes["channel"]
+                * sum(existing[name].shape[0] if existing[name].ndim == 3 else 1 for name in columns),
+            )
+        )
+
+    def write_pixels(compute, arrays):  # each new plane into its array, past the committed pixels
+        targets = [task_argument(arrays[name]) for name in names]
+        n_models = existing.sizes["model"]
+        compute(
+            *[
+                dask.delayed(_append_chunk)(
+                    (blocks.n_roles, stop - start, blocks.channels),
+                    held,
+                    pieces,
+                    n_models,
+                    targets,
+                    n_existing + start,
+                    n_existing + stop,
+                )
+                for (start, stop), (held, pieces) in zip(ranges_of(lengths), blocks.chunk_inputs(lengths))
+            ],
+            label="append",
+        )
+        if checksummed:  # the store's last chunk, rewritten whole, and each new one
+            checked = [task_argument(arrays[name]) for name in columns]
+            checksums = task_argument(arrays[CHUNK_CHECKSUMS])
+            compute(
+                *[
+                    dask.delayed(record_checksums)(
+                        checked, checksums, chunk, chunk * chunk_pixels, min((chunk + 1) * chunk_pixels, grown["pixel"])
+                    )
+                    for chunk in checked_chunks
+                ],
+                label="append checksums",
+            )
 
     def execute(compute):
-        def write_pixels(arrays):  # each new plane into its array, past the committed pixels
-            region = slice(n_existing, grown["pixel"])
-            names = list(new_planes)
-            compute(
-                da.store(
-                    [new_planes[name] for name in names],
-                    [arrays[name] for name in names],
-                    regions=[(slice(None),) * (arrays[name].ndim - 2) + (region, slice(None)) for name in names],
-                    lock=False,
-                    compute=False,
-                ),
-                label="append",
-            )
-            if checksummed:  # the store's last chunk, rewritten whole, and each new one
-                columns = [task_argument(arrays[name]) for name in existing[CHUNK_CHECKSUMS].attrs[CHECKSUMMED_VARIABLES]]
-                checksums = task_argument(arrays[CHUNK_CHECKSUMS])
-                compute(
-                    *[
-                        dask.delayed(record_checksums)(
-                            columns, checksums, chunk, chunk * chunk_pixels, min((chunk + 1) * chunk_pixels, grown["pixel"])
-                        )
-                        for chunk in range(n_existing // chunk_pixels, grown["chunk"])
-                    ],
-                    label="append checksums",
-                )
-
         with exclusive_lock(store):
             if store_identity(store) != planned or open_store(store).sizes != existing.sizes:
                 raise TransientError(f"{store}: changed by another run while this one was planned; run it again")
-            committed_append(store, committed, grown, write_pixels, image_values, attrs)
+            committed_append(store, committed, grown, lambda arrays: write_pixels(compute, arrays), image_values, attrs)
         return len(index.stems)
 
-    return Plan(title, details, execute)
+    return Plan(title, details, execute, stages=stages)
+
+
+def _append_chunk(
+    shape: tuple[int, int, int], blocks: list, pieces: list, n_models: int, arrays: list, start: int, stop: int
+) -> None:
+    """One task of an append: new pixels start:stop of the grown arrays (at most one chunk), assembled
+    from the `blocks` they overlap (`_assembled`), into the prediction array and the others of `arrays`."""
+    chunk = _assembled(shape, blocks, pieces)
+    for array, values in zip(arrays, [chunk[:n_models], *chunk[n_models:]]):
+        array[pixel_slice(array, start, stop)] = values

@@ -4,7 +4,7 @@
 task per image decodes its input, runs every model on it (on the worker's device, each model
 loaded once per worker: `ensir_flow.models.loaded_model`) and returns the outputs as uint8, as a
 PNG writer would store them, with the ground truth and the input. From there on the store is
-written exactly as `ingest` writes one (`ingest.chunked_planes`, `ingest.pixel_store`,
+written exactly as `ingest` writes one (`ingest.PixelBlocks`, `ingest.pixel_store`,
 `ingest.store_writer`: staged, chunk-aligned, resumable after a kill), so `fit`, `apply` and
 `evaluate` take it unchanged, and a store predicted here holds the bytes that ingesting the same
 outputs saved as PNGs would give (tested). Provenance: the input and ground-truth files' SHA-256s
@@ -16,7 +16,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import dask
-import dask.array as da
 import numpy as np
 
 import ensir_flow
@@ -38,14 +37,15 @@ from ensir_flow.models import Inference, ModelFile, loaded_model, predict_image,
 from .commit import exists, refuse_existing
 from .ingest import (
     WRITE_KEYS,
+    PixelBlocks,
     append_plan,
-    chunked_planes,
     holds,
     pixel_store,
     refuse_changed_sources,
     source_provenance,
     storable_inputs,
     store_writer,
+    write_stages,
 )
 from .plan import Plan
 from .stores import open_store
@@ -109,9 +109,10 @@ def _predict_planes(
     output_info: ImageInfo,
     stem: str,
     keep_input: bool,
-) -> np.ndarray:
-    """One task: the planes (members, then ground truth and input if kept; H*W*s^2, C) of one image.
-    `how.device` is resolved here, on the worker ('auto': its GPU if it has one)."""
+) -> tuple[np.ndarray, None]:
+    """One task: the planes (members, then ground truth and input if kept; H*W*s^2, C) of one image,
+    as a block of `ingest.PixelBlocks` (whose sources the plan hashed). `how.device` is resolved
+    here, on the worker ('auto': its GPU if it has one)."""
     how = replace(how, device=resolve_device(how.device))
     image = read_image(input_path, input_info)
     planes = []
@@ -124,7 +125,7 @@ def _predict_planes(
         planes.append(read_image(truth_path, output_info).reshape(-1, output_info.channels))
     if keep_input:
         planes.append(image.reshape(-1, output_info.channels))
-    return np.stack(planes)
+    return np.stack(planes), None
 
 
 def _image_blocks(
@@ -135,27 +136,26 @@ def _image_blocks(
     inputs: list[ImageInfo],
     outputs: list[ImageInfo],
     keep_input: bool,
-) -> list[da.Array]:
-    """One lazy block (roles, pixels, channels) per image, each computed by one prediction task."""
+) -> PixelBlocks:
+    """The planes (members, then ground truth and input if kept) in one block per image, each
+    computed by one prediction task: a model's work on an image, not its bytes, sizes a task."""
     n_roles = len(models) * samples + (corpus.ground_truth is not None) + keep_input
-    return [
-        da.from_delayed(
-            dask.delayed(_predict_planes, pure=True)(
-                models,
-                samples,
-                how,
-                corpus.inputs[i],
-                inputs[i],
-                corpus.ground_truth[i] if corpus.ground_truth else None,
-                outputs[i],
-                stem,
-                keep_input,
-            ),
-            shape=(n_roles, outputs[i].height * outputs[i].width, outputs[i].channels),
-            dtype=np.uint8,
+    tasks = [
+        dask.delayed(_predict_planes, pure=True)(
+            models,
+            samples,
+            how,
+            corpus.inputs[i],
+            inputs[i],
+            corpus.ground_truth[i] if corpus.ground_truth else None,
+            outputs[i],
+            stem,
+            keep_input,
         )
         for i, stem in enumerate(corpus.stems)
     ]
+    counts = np.array([info.height * info.width for info in outputs], dtype=np.int64)
+    return PixelBlocks(tasks, np.arange(len(tasks)), counts, n_roles, outputs[0].channels)
 
 
 def _extra_names(corpus: Corpus, keep_input: bool) -> list[str]:
@@ -193,7 +193,8 @@ def plan_predict(
     stored, input_note = storable_inputs(corpus, outputs)
     keep_input = stored.inputs is not None
     index = schema.ImageIndex(corpus.stems, np.array([i.height for i in outputs]), np.array([i.width for i in outputs]))
-    planes = chunked_planes(_image_blocks(corpus, models, samples, how, inputs, outputs, keep_input), chunk_pixels)
+    blocks = _image_blocks(corpus, models, samples, how, inputs, outputs, keep_input)
+    lengths = blocks.chunk_lengths(chunk_pixels)
     check_model_names([model.name for model in models], source)
     members, channels = member_names(models, samples), outputs[0].channels
     attrs = schema.store_attributes(
@@ -207,7 +208,9 @@ def plan_predict(
         **_provenance(models, samples, how),
     )
     extra_names = _extra_names(corpus, keep_input)
-    ds, encoding = pixel_store(index, members, planes, extra_names, chunk_pixels, compression, attrs, source_provenance(corpus))
+    ds, encoding = pixel_store(
+        index, members, blocks.planes(lengths), extra_names, chunk_pixels, compression, attrs, source_provenance(corpus)
+    )
     unchanged = not overwrite and exists(store) and holds(store, ds, WRITE_KEYS + PREDICT_KEYS)
     if not unchanged:
         refuse_existing(store, overwrite)
@@ -215,15 +218,16 @@ def plan_predict(
     details.update(
         {
             "inputs (lq/)": "stored" if keep_input else input_note["input"],
-            "tasks": f"{len(corpus.stems)} predictions (one per image, every model), {planes.numblocks[1]} chunks of "
-            f"{chunk_pixels:,} pixels (one write each)",
+            "tasks": f"{len(corpus.stems)} predictions (one per image, every model), {len(lengths)} to assemble and "
+            f"write the chunks of {chunk_pixels:,} pixels",
             "compression": compression,
         }
     )
     return Plan(
         f"predict {len(corpus.stems)} images with {len(models)} model(s)",
         details,
-        store_writer(store, ds, encoding, planes, extra_names, overwrite, unchanged, "predict"),
+        store_writer(store, ds, encoding, blocks, extra_names, overwrite, unchanged, "predict"),
+        stages=write_stages(blocks, lengths, "run the models on each image"),
     )
 
 
@@ -290,17 +294,6 @@ def plan_predict_append(source, store: str, models: list[ModelFile], how: Infere
     keep_input = schema.INPUT in existing
     if keep_input and storable_inputs(corpus, outputs)[0].inputs is None:
         raise InputError(f"{source}: the store holds inputs, so lq/ must hold every new image at its outputs' size")
-    chunk_pixels = existing[schema.PREDICTION].encoding["chunks"][1]
-    n_existing, n_members = existing.sizes["pixel"], existing.sizes["model"]
-    planes = chunked_planes(
-        _image_blocks(corpus, models, samples, how, inputs, outputs, keep_input),
-        chunk_pixels,
-        first_chunk=chunk_pixels - n_existing % chunk_pixels,
-    )
-    new_planes = {
-        schema.PREDICTION: planes[:n_members],
-        **{name: planes[n_members + i] for i, name in enumerate(_extra_names(corpus, keep_input))},
-    }
     index = schema.ImageIndex(corpus.stems, np.array([i.height for i in outputs]), np.array([i.width for i in outputs]))
     return append_plan(
         f"predict {len(keep)} new images into {store}",
@@ -309,7 +302,9 @@ def plan_predict_append(source, store: str, models: list[ModelFile], how: Infere
         existing,
         corpus,
         index,
-        new_planes,
+        _image_blocks(corpus, models, samples, how, inputs, outputs, keep_input),
+        _extra_names(corpus, keep_input),
         details,
         "predict --append",
+        "run the models on each new image",
     )

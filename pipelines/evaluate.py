@@ -24,10 +24,11 @@ from ensir_flow.devices import resolve_device
 from ensir_flow.errors import InputError
 from ensir_flow.images import check_model_names
 
-from .chunks import image_folds, pixel_array, read_pixels, task_argument
+from .batches import chunk_reads, consecutive_runs, pixel_range
+from .chunks import image_folds, pixel_array, pixel_chunk_lengths, read_pixels, task_argument
 from .fingerprint import store_fingerprint
 from .integrity import refuse_changed, store_identity
-from .plan import Plan
+from .plan import Plan, Stage, task_count
 from .stores import StoreIndex, open_store_index
 
 #: Pixels of its image a task holds at a time: strips of rows of about this many pixels (a chunk
@@ -55,41 +56,97 @@ def image_scores(
     pixels (`metrics.StripScorer`: the scores of the whole image, see there), so a task holds a
     strip of each candidate, never a whole image. ZZPM weighs each image as a whole: an image of
     several strips has its weights gathered first (`_squared_distance_sums`). An image that fits
-    one strip is read once, whole.
+    one strip is read once, whole; `batch_scores` scores a run of such images in one task.
 
     `predictions`, `truth` and `ensemble` (or None) are the stores' opened pixel arrays: the task
     reads its pixels itself (`chunks.read_pixels`), so the graph holds no slices of dask arrays,
     whose building took longer than the scoring of small images, and imported distributed."""
     height, width, channels = shape
-    rows = max(1, strip_pixels // width)
-    strips = metrics.strip_bounds(height, crop_border, rows)
-    if len(strips) == 1:
-        reads, weights = [(0, height)], None
-    else:
+    weights = None
+    if len(_strips(shape, crop_border, strip_pixels)[0]) > 1:
         sums = _squared_distance_sums(predictions, offset, shape, max(strip_pixels * channels, PAIRWISE_BLOCK))
-        reads, weights = strips, zzpm_weights(sums / (height * width * channels))
+        weights = zzpm_weights(sums / (height * width * channels))
+    sources = {schema.PREDICTION: predictions, schema.GROUND_TRUTH: truth, schema.ENSEMBLE: ensemble}
+    read = lambda name, start, stop: read_pixels(sources[name], start, stop)  # noqa: E731
+    return _scores(read, ensemble is not None, offset, shape, names, crop_border, y_channel, luts, strip_pixels, weights)
+
+
+def batch_scores(
+    predictions,
+    truth,
+    ensemble,
+    layout: np.ndarray,
+    names: list[str],
+    crop_border: int,
+    y_channel: bool,
+    luts: dict | None = None,
+    folds: np.ndarray | None = None,
+) -> list[dict]:
+    """One task: `image_scores` of each of a batch of consecutive images that fit one strip each
+    (`layout`: their (offset, height, width, channels)), their pixels read once per store (each
+    chunk read and checked once) and scored one image after the other. `luts`: {fold: LUTs of
+    `image_scores`} with the fold of each image in `folds`, or None."""
+    start = int(layout[0, 0])
+    stop = int(layout[-1, 0] + layout[-1, 1] * layout[-1, 2])
+    sources = {schema.PREDICTION: predictions, schema.GROUND_TRUTH: truth, schema.ENSEMBLE: ensemble}
+    pixels = {name: read_pixels(source, start, stop) for name, source in sources.items() if source is not None}
+    read = lambda name, first, last: pixels[name][..., first - start : last - start, :]  # noqa: E731
+    return [
+        _scores(
+            read,
+            ensemble is not None,
+            offset,
+            (height, width, channels),
+            names,
+            crop_border,
+            y_channel,
+            None if luts is None else luts[int(folds[n])],
+            STRIP_PIXELS,
+            None,
+        )
+        for n, (offset, height, width, channels) in enumerate(layout.tolist())
+    ]
+
+
+def _scores(read, has_ensemble: bool, offset, shape, names, crop_border, y_channel, luts, strip_pixels, weights) -> dict:
+    """`image_scores`, reading pixels start:stop of a store's predictions, ground truth or ensemble
+    with read(variable, start, stop); `weights`: ZZPM's of an image of several strips (None for an
+    image of one strip, which ZZPM weighs as it reads it)."""
+    height, width, channels = shape
+    strips, reads = _strips(shape, crop_border, strip_pixels)
     scorer = None
     for (start, stop), (first, last) in zip(strips, reads):
         pixels = (offset + first * width, offset + last * width)
-        block = read_pixels(predictions, *pixels)
+        block = read(schema.PREDICTION, *pixels)
         candidates = dict(zip(names, block))
         candidates[AVERAGE] = average(block)
         candidates[ZZPM] = zzpm(block) if weights is None else blend_spans(block, weights[None], [(0, block.shape[1])])
-        if ensemble is not None:
-            candidates[ENSEMBLE] = read_pixels(ensemble, *pixels)
+        if has_ensemble:
+            candidates[ENSEMBLE] = read(schema.ENSEMBLE, *pixels)
         for method, (lut, bin_width) in (luts or {}).items():
             candidates[method] = blend(block, lut, bin_width)
 
         rows_read = (last - first, width, channels)
         in_strip = slice(start - first, stop - first)
         if scorer is None:
-            scorer = metrics.StripScorer(len(candidates), shape, crop_border, y_channel, rows)
+            scorer = metrics.StripScorer(len(candidates), shape, crop_border, y_channel, _strip_rows(width, strip_pixels))
         scorer.add(
             [values.reshape(rows_read)[in_strip] for values in candidates.values()],
-            read_pixels(truth, *pixels).reshape(rows_read)[in_strip],
+            read(schema.GROUND_TRUTH, *pixels).reshape(rows_read)[in_strip],
         )
     psnrs, ssims = scorer.scores()
     return {"psnr": dict(zip(candidates, psnrs)), "ssim": dict(zip(candidates, ssims))}
+
+
+def _strip_rows(width: int, strip_pixels: int) -> int:
+    return max(1, strip_pixels // width)
+
+
+def _strips(shape: tuple[int, int, int], crop_border: int, strip_pixels: int) -> tuple[list, list]:
+    """(rows start:stop each strip scores, rows first:last read for it) of an image of `shape`: one
+    read of the whole image when it fits one strip."""
+    strips = metrics.strip_bounds(shape[0], crop_border, _strip_rows(shape[1], strip_pixels))
+    return strips, [(0, shape[0])] if len(strips) == 1 else strips
 
 
 def _squared_distance_sums(predictions, offset: int, shape: tuple[int, int, int], piece_values: int) -> np.ndarray:
@@ -99,20 +156,119 @@ def _squared_distance_sums(predictions, offset: int, shape: tuple[int, int, int]
 
     `squared_distance_sums` adds the values of the whole image in numpy's pairwise order: halves
     (the first a multiple of 8) down to blocks of 128 values. The pieces here are nodes of that
-    tree, added as the tree adds them, so the sums are the bits it gives on the whole image."""
+    tree, added as the tree adds them (`_pieces`), so the sums are the bits it gives on the whole image."""
     channels = shape[2]
 
-    def sums(start: int, n: int) -> np.ndarray:
-        if n > piece_values:
-            half = n // 2
-            half -= half % 8
-            return sums(start, half) + sums(start + half, n - half)
-        first, stop = start // channels, -(-(start + n) // channels)
+    def piece(start: int, n: int) -> np.ndarray:
+        first, stop = _piece_pixels(start, n, channels)
         values = read_pixels(predictions, offset + first, offset + stop)
         skip = start - first * channels
         return squared_distance_sums(values.reshape(len(values), -1)[:, skip : skip + n])
 
-    return sums(0, shape[0] * shape[1] * channels)
+    return _pieces(0, shape[0] * shape[1] * channels, piece_values, piece)
+
+
+def _piece_pixels(start: int, n: int, channels: int) -> tuple[int, int]:
+    """Pixels first:stop of an image that hold its values start:start + n (pixel-major)."""
+    return start // channels, -(-(start + n) // channels)
+
+
+def _pieces(start: int, n: int, piece_values: int, piece):
+    """piece(start, n) of each node of numpy's pairwise summation tree over values start:start + n
+    that holds at most `piece_values` values (at least the 128 of a pairwise block), added as the
+    tree adds them."""
+    if n > piece_values:
+        half = n // 2
+        half -= half % 8
+        return _pieces(start, half, piece_values, piece) + _pieces(start + half, n - half, piece_values, piece)
+    return piece(start, n)
+
+
+def _reads(offset: int, shape: tuple[int, int, int], crop_border: int) -> tuple[list, list]:
+    """Pixel ranges (start, stop) that `image_scores` reads of the image of `shape` at `offset`:
+    (of the predictions alone: ZZPM's pieces; of every store it scores: the strips)."""
+    height, width, channels = shape
+    strips, reads = _strips(shape, crop_border, STRIP_PIXELS)
+    strip_reads = [(offset + first * width, offset + last * width) for first, last in reads]
+    if len(strips) == 1:
+        return [], strip_reads
+    ranges = []
+
+    def piece(start: int, n: int) -> int:
+        first, stop = _piece_pixels(start, n, channels)
+        ranges.append((offset + first, offset + stop))
+        return 0
+
+    _pieces(0, height * width * channels, max(STRIP_PIXELS * channels, PAIRWISE_BLOCK), piece)
+    return ranges, strip_reads
+
+
+@dataclass(frozen=True)
+class _Batches:
+    """The tasks evaluate runs, in the store's order of images: per task its images and whether it
+    scores one image strip by strip (`image_scores`) or a batch of images of one strip each
+    (`batch_scores`); and the chunks and bytes they read."""
+
+    images: list[range]
+    strip_wise: list[bool]
+    chunks: int
+    bytes_read: int
+
+    def tasks(self, index, channels, arrays, models, crop_border, y_channel, luts=None, folds=None) -> list:
+        """The delayed scores of each batch: `arrays` (predictions, truth, ensemble or None) as
+        graph keys; `luts` {fold: {method: (weights, bin_width)}} with `folds` the fold of each image."""
+        tasks = []
+        for images, strip_wise in zip(self.images, self.strip_wise):
+            if strip_wise:
+                i = images[0]
+                shape = (int(index.heights[i]), int(index.widths[i]), channels)
+                own = None if luts is None else luts[int(folds[i])]
+                tasks.append(
+                    dask.delayed(image_scores, pure=True)(
+                        *arrays, int(index.offsets[i]), shape, models, crop_border, y_channel, own, STRIP_PIXELS
+                    )
+                )
+                continue
+            rows = slice(images.start, images.stop)
+            layout = np.stack(
+                [index.offsets[rows], index.heights[rows], index.widths[rows], np.full(len(images), channels)], axis=1
+            ).astype(np.int64)
+            own_folds = None if folds is None else folds[rows]
+            own = None if luts is None else {int(f): luts[int(f)] for f in np.unique(own_folds)}
+            tasks.append(dask.delayed(batch_scores, pure=True)(*arrays, layout, models, crop_border, y_channel, own, own_folds))
+        return tasks
+
+    def per_image(self, results) -> list[dict]:
+        """The scores of each image, in order, from the results of `tasks`."""
+        return [scores for result, strip_wise in zip(results, self.strip_wise) for scores in ([result] if strip_wise else result)]
+
+
+def _batches(index: schema.ImageIndex, sources: dict, crop_border: int) -> _Batches:
+    """Evaluate's tasks over the images of `index`, reading `sources` ({variable: `chunks.PixelSource`}):
+    `batches.consecutive_runs` of the bytes read, an image of more than one strip alone."""
+    channels = sources[schema.GROUND_TRUTH].array.shape[-1]
+    bytes_per_pixel = {variable: math.prod(s.array.shape) // s.array.shape[-2] for variable, s in sources.items()}
+    # more than one strip (`_strips`): more rows left by the crop border than a strip holds
+    alone = index.heights - 2 * crop_border > np.maximum(1, STRIP_PIXELS // index.widths)
+    images = consecutive_runs(index.counts, sum(bytes_per_pixel.values()), alone)
+    strip_wise = [len(batch) == 1 and bool(alone[batch[0]]) for batch in images]
+    pieces, strips = [], []
+    for batch, own in zip(images, strip_wise):
+        if own:
+            i = batch[0]
+            shape = (int(index.heights[i]), int(index.widths[i]), channels)
+            own_pieces, own_strips = _reads(int(index.offsets[i]), shape, crop_border)
+            pieces += own_pieces
+            strips += own_strips
+        else:
+            strips.append(pixel_range(index.offsets, index.counts, batch))
+    chunks = read = 0
+    for variable, source in sources.items():
+        ranges = strips + pieces if variable == schema.PREDICTION else strips
+        n_chunks, n_pixels = chunk_reads(ranges, source.array.chunks[-2], source.array.shape[-2])
+        chunks += n_chunks
+        read += n_pixels * bytes_per_pixel[variable]
+    return _Batches(images, strip_wise, chunks, read)
 
 
 def _check_crop_border(store: str, index: schema.ImageIndex, crop_border: int) -> None:
@@ -262,7 +418,6 @@ def plan_evaluate(store: str, ensemble_store: str | None = None, y_channel: bool
     check_model_names(models, store)  # a store written before ingest refused such names
     index = schema.ImageIndex.from_dataset(ds)
     _check_crop_border(store, index, crop_border)
-    ensemble = None
     if ensemble_store is not None:
         ens = open_store_index(ensemble_store)
         schema.check_store(ens, ensemble_store, require=(schema.ENSEMBLE,))
@@ -270,19 +425,19 @@ def plan_evaluate(store: str, ensemble_store: str | None = None, y_channel: bool
         other = schema.ImageIndex.from_dataset(ens)
         if other.stems != index.stems or not np.array_equal(other.counts, index.counts):
             raise InputError(f"{ensemble_store}: its images (names or sizes) differ from those of {store}")
-        ensemble = task_argument(pixel_array(ensemble_store, schema.ENSEMBLE))
-    predictions, truth = (task_argument(pixel_array(store, variable)) for variable in (schema.PREDICTION, schema.GROUND_TRUTH))
-    channels = ds.sizes["channel"]
-    tasks = [
-        dask.delayed(image_scores, pure=True)(
-            predictions, truth, ensemble, int(off), (int(h), int(w), channels), models, crop_border, y_channel
-        )
-        for h, w, off in zip(index.heights, index.widths, index.offsets)
+    sources = {variable: pixel_array(store, variable) for variable in (schema.PREDICTION, schema.GROUND_TRUTH)}
+    if ensemble_store is not None:
+        sources[schema.ENSEMBLE] = pixel_array(ensemble_store, schema.ENSEMBLE)
+    arrays = [
+        task_argument(sources[v]) if v in sources else None for v in (schema.PREDICTION, schema.GROUND_TRUTH, schema.ENSEMBLE)
     ]
+    batches = _batches(index, sources, crop_border)
+    tasks = batches.tasks(index, ds.sizes["channel"], arrays, models, crop_border, y_channel)
+    stage = Stage("score images", task_count(*tasks), batches.chunks, batches.bytes_read)
     options = {"y_channel": y_channel, "crop_border": crop_border}
 
     def execute(compute):
-        scores = list(compute(*tasks, label="evaluate"))
+        scores = batches.per_image(compute(*tasks, label="evaluate"))
         for path, identity in planned.items():
             refuse_changed(path, identity)
         return Evaluation(index.stems, models, scores, options)
@@ -293,7 +448,7 @@ def plan_evaluate(store: str, ensemble_store: str | None = None, y_channel: bool
         "images": len(index.stems),
         "metrics": f"PSNR, SSIM on {'Y' if y_channel else 'RGB'}, crop border {crop_border}",
     }
-    return Plan(f"evaluate {len(index.stems)} images", details, execute)
+    return Plan(f"evaluate {len(index.stems)} images", details, execute, stages=[stage])
 
 
 def plan_cross_validation(
@@ -325,8 +480,13 @@ def plan_cross_validation(
     graphs = [statistics_graph(store, ds, width, device, n_folds, moments_for(solvers)) for width in bin_widths]
     em_device = resolve_device(device)
     name = (lambda solver, width: solver) if len(bin_widths) == 1 else (lambda solver, width: f"{solver}@{width}")
-    predictions, truth = (task_argument(pixel_array(store, variable)) for variable in (schema.PREDICTION, schema.GROUND_TRUTH))
+    sources = {variable: pixel_array(store, variable) for variable in (schema.PREDICTION, schema.GROUND_TRUTH)}
+    arrays = (task_argument(sources[schema.PREDICTION]), task_argument(sources[schema.GROUND_TRUTH]), None)
+    batches = _batches(index, sources, crop_border)
     options = {"y_channel": y_channel, "crop_border": crop_border, "solvers": list(solvers), "bin_widths": list(bin_widths)}
+
+    def held_out(luts) -> list:
+        return batches.tasks(index, ds.sizes["channel"], arrays, models, crop_border, y_channel, luts, folds)
 
     def execute(compute):
         per_width = compute(*graphs, label="statistics")
@@ -337,24 +497,23 @@ def plan_cross_validation(
                 for solver in solvers:
                     lut = lut_from_folds(training, models, em_device, solver)
                     luts[fold][name(solver, width)] = (dask.delayed(lut.lookup_table(), pure=True), width)
-        tasks = [
-            dask.delayed(image_scores, pure=True)(
-                predictions,
-                truth,
-                None,
-                int(off),
-                (int(h), int(w), ds.sizes["channel"]),
-                models,
-                crop_border,
-                y_channel,
-                luts[int(fold)],
-            )
-            for h, w, off, fold in zip(index.heights, index.widths, index.offsets, folds)
-        ]
-        scores = list(compute(*tasks, label="held-out scores"))
+        scores = batches.per_image(compute(*held_out(luts), label="held-out scores"))
         refuse_changed(store, planned)
         return Evaluation(index.stems, models, scores, options, folds.tolist())
 
+    pixel_bytes = ds.sizes["pixel"] * ds.sizes["channel"] * (len(models) + 1)
+    # the tasks of the LUTs to come: their tables are data in the graph, as None is
+    unfitted = {
+        fold: {name(solver, width): (None, width) for solver in solvers for width in bin_widths} for fold in range(n_folds)
+    }
+    n_luts = n_folds * len(solvers) * len(bin_widths)
+    stages = [
+        Stage(
+            "statistics", task_count(*graphs), 2 * len(pixel_chunk_lengths(ds)) * len(bin_widths), pixel_bytes * len(bin_widths)
+        ),
+        Stage(f"fit {n_luts} LUTs", 0, note="one per solver, bin width and fold, in this process, from the statistics"),
+        Stage("held-out scores", task_count(*held_out(unfitted)), batches.chunks, batches.bytes_read),
+    ]
     details = {
         "store": str(store),
         "images": len(index.stems),
@@ -369,4 +528,4 @@ def plan_cross_validation(
             if tuning is not None
         },
     }
-    return Plan(f"{n_folds}-fold cross-validation of {', '.join(solvers)}", details, execute)
+    return Plan(f"{n_folds}-fold cross-validation of {', '.join(solvers)}", details, execute, stages=stages)

@@ -1,9 +1,10 @@
-"""Export: one lossless PNG per image of a pixel store, one task per image.
+"""Export: one lossless PNG per image of a pixel store, one task per batch of images.
 
-Each task reads its image's pixels (every chunk checked against its checksum) and encodes them
+Each task reads the pixels of a batch of consecutive images (`batches.consecutive_runs`: tens of MB,
+or one larger image) once, every chunk checked against its checksum, and encodes each image
 at the zlib level asked (`--png-compression`, level 1 by default: the same pixels as any other
 level, encoded several times faster than level 6) straight into its file
-(`ensir_flow.images.write_png`), so images are encoded in parallel on the scheduler in use. A
+(`ensir_flow.images.write_png`), so batches are encoded in parallel on the scheduler in use. A
 store replaced or changed during the export is refused before the folder is moved into place.
 
 The export folder is written as a whole: staged beside it, then moved into place. Two things are
@@ -24,6 +25,7 @@ import os
 
 import dask
 import fsspec
+import numpy as np
 import xarray as xr
 from fsspec.implementations.local import LocalFileSystem
 
@@ -32,10 +34,12 @@ from ensir_flow import schema
 from ensir_flow.errors import InputError
 from ensir_flow.images import DEFAULT_PNG_COMPRESSION, check_stem, png_text, printable, write_png
 
+from .batches import chunk_reads, consecutive_runs, pixel_range
 from .chunks import PixelSource, pixel_array, read_pixels, task_argument
 from .commit import staged_output, staged_update
 from .executor import Compute
 from .integrity import refuse_changed, store_identity
+from .plan import Stage, task_count
 from .stores import open_store
 from .targets import EXPORT_FOLDER, refuse_link, refuse_replacing
 
@@ -50,15 +54,27 @@ def export_text(store, variable: str) -> dict[str, str]:
     return {MARK_KEY: f"{MARK_PREFIX} {ensir_flow.__version__} export", "Source": str(store), "Variable": variable}
 
 
-def _export_image(source: PixelSource, offset: int, height: int, width: int, path, text: dict | None, compression: int) -> None:
-    """One task: read one image's pixels (each chunk checked: `chunks.read_pixels`) and write its PNG."""
-    pixels = read_pixels(source, offset, offset + height * width)
-    try:
-        write_png(path, pixels.reshape(height, width, -1), text, compression)
-    except OSError as error:  # a full disk names no file: name the PNG, in the export folder's staging
-        if error.filename is not None:
-            raise
-        raise OSError(error.errno, error.strerror or str(error), str(path)) from None
+def _export_images(source: PixelSource, layout: np.ndarray, paths: list, text: dict | None, compression: int) -> None:
+    """One task: read the pixels of a batch of consecutive images once (each chunk checked:
+    `chunks.read_pixels`) and write each image's PNG; `layout` holds (offset, height, width) per image."""
+    start, stop = int(layout[0, 0]), int(layout[-1, 0] + layout[-1, 1] * layout[-1, 2])
+    pixels = read_pixels(source, start, stop)
+    for (offset, height, width), path in zip(layout.tolist(), paths):
+        image = pixels[offset - start : offset - start + height * width]
+        try:
+            write_png(path, image.reshape(height, width, -1), text, compression)
+        except OSError as error:  # a full disk names no file: name the PNG, in the export folder's staging
+            if error.filename is not None:
+                raise
+            raise OSError(error.errno, error.strerror or str(error), str(path)) from None
+
+
+def _batches(index: schema.ImageIndex, channels: int, first_image: int) -> list[range]:
+    """The images from `first_image` on, in the batches export's tasks write (`batches.consecutive_runs`)."""
+    return [
+        range(first_image + images.start, first_image + images.stop)
+        for images in consecutive_runs(index.counts[first_image:], channels)
+    ]
 
 
 def export_graph(
@@ -71,15 +87,33 @@ def export_graph(
     compression: int = DEFAULT_PNG_COMPRESSION,
 ) -> list:
     """Delayed writes of one lossless PNG per image of `variable` of `store` (opened as `ds`) from
-    `first_image` on, named by stem (each checked), at zlib level `compression`."""
+    `first_image` on, named by stem (each checked), at zlib level `compression`: one task per
+    batch of consecutive images (`batches.consecutive_runs`)."""
     index = schema.ImageIndex.from_dataset(ds)
     source = task_argument(pixel_array(store, variable))
+    layout = np.stack([index.offsets, index.heights, index.widths], axis=1).astype(np.int64)
     return [
-        dask.delayed(_export_image, pure=True)(
-            source, offset, h, w, f"{directory}/{check_stem(stem, directory)}.png", text, compression
+        dask.delayed(_export_images, pure=True)(
+            source,
+            layout[images.start : images.stop],
+            [f"{directory}/{check_stem(index.stems[i], directory)}.png" for i in images],
+            text,
+            compression,
         )
-        for stem, h, w, offset in list(zip(index.stems, index.heights, index.widths, index.offsets))[first_image:]
+        for images in _batches(index, ds.sizes["channel"], first_image)
     ]
+
+
+def export_stages(store: str, ds: xr.Dataset, variable: str = schema.ENSEMBLE, first_image: int = 0) -> list[Stage]:
+    """The stage of exporting `variable` of `store` (opened as `ds`) from `first_image` on, as
+    `export` runs it: the tasks it submits (`export_graph`), the chunks and bytes they read, and the
+    bytes of pixels they encode."""
+    index = schema.ImageIndex.from_dataset(ds)
+    channels = ds.sizes["channel"]
+    ranges = [pixel_range(index.offsets, index.counts, images) for images in _batches(index, channels, first_image)]
+    chunks, pixels = chunk_reads(ranges, ds[variable].chunks[-2][0], ds.sizes["pixel"])
+    tasks = task_count(*export_graph(store, ds, variable, "", first_image=first_image))
+    return [Stage("export PNGs", tasks, chunks, pixels * channels, int(index.counts[first_image:].sum()) * channels)]
 
 
 def check_export_target(directory, stems, overwrite: bool, source=None) -> None:

@@ -12,6 +12,7 @@ import xarray as xr
 
 from ensir_flow.blend import blend_spans, squared_distance_sums
 
+from .batches import consecutive_runs
 from .chunks import Span, read_pixels
 from .executor import Compute
 
@@ -35,20 +36,29 @@ def image_blend_jobs(
 def _mean_squared_distances(predictions, ranges, spans, ds: xr.Dataset, compute: Compute) -> np.ndarray:
     """Each image's mean squared distance of each model to the per-pixel mean (images, K): one pass
     of per-chunk, per-image squared distances (`predictions`: the store's opened array as a graph
-    key; `ranges`: its chunks' (start, stop))."""
+    key; `ranges`: its chunks' (start, stop)), a task per run of consecutive chunks of at least
+    `batches.BATCH_BYTES` (`batches.consecutive_runs` of chunks), which reads them one at a time."""
+    bytes_per_pixel = ds.sizes["model"] * ds.sizes["channel"]
     parts = [
-        dask.delayed(_image_distance_sums, pure=True)(predictions, start, stop, chunk)
-        for (start, stop), chunk in zip(ranges, spans)
+        dask.delayed(_chunk_distance_sums, pure=True)(predictions, ranges[run.start : run.stop], spans[run.start : run.stop])
+        for run in consecutive_runs([stop - start for start, stop in ranges], bytes_per_pixel)
     ]
     sums = np.zeros((ds.sizes["image"], ds.sizes["model"]))
-    for chunk_sums in compute(*parts, label="per-image weights"):
-        for image, values in chunk_sums:
-            sums[image] += values
+    for run_sums in compute(*parts, label="per-image weights"):
+        for chunk_sums in run_sums:
+            for image, values in chunk_sums:
+                sums[image] += values
     values_per_image = ds["pixel_count"].values[:, None] * ds.sizes["channel"]
     return sums / values_per_image
 
 
-def _image_distance_sums(predictions, start: int, stop: int, spans: list[Span]) -> list[tuple[int, np.ndarray]]:
-    """One task: per image in chunk start:stop of the array of predictions, its `squared_distance_sums`."""
-    chunk = read_pixels(predictions, start, stop)
-    return [(image, squared_distance_sums(chunk[:, lo:hi])) for lo, hi, image in spans]
+def _chunk_distance_sums(
+    predictions, ranges: list[tuple[int, int]], spans: list[list[Span]]
+) -> list[list[tuple[int, np.ndarray]]]:
+    """One task: per chunk start:stop of `ranges` of the array of predictions, per image in it (its
+    `spans`), its `squared_distance_sums`."""
+    sums = []
+    for (start, stop), chunk_spans in zip(ranges, spans):
+        chunk = read_pixels(predictions, start, stop)
+        sums.append([(image, squared_distance_sums(chunk[:, lo:hi])) for lo, hi, image in chunk_spans])
+    return sums

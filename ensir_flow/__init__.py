@@ -9,6 +9,8 @@ package (as every Dask worker does) stays cheap.
 I/O); `pipelines` wires them into Dask graphs; `cli` is the command line.
 """
 
+from . import kernel_cache  # noqa: F401  (numba's cache directory: set before any kernel module imports numba)
+
 __version__ = "0.1.0"
 
 #: The names of `ensir_flow.api` this package exports.

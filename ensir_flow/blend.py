@@ -14,6 +14,7 @@ import numpy as np
 
 from .binning import bin_count, group_places, place_tables, place_values
 from .devices import resolve_device
+from .kernel_cache import CACHE
 from .kernels import blend_hashed_into, blend_indexed_into, blend_into, digit_multiplier, fill_cuckoo_slots
 
 #: Names of the combinations in evaluation results, next to the models' own names.
@@ -243,7 +244,7 @@ def blend_torch(predictions: np.ndarray, weights: np.ndarray, bin_width: int, de
 #: The baselines' numba kernels below: no GIL (evaluate scores images in parallel), cached on disk.
 #: They repeat numpy's float operations one for one, so their bytes are those of the numpy
 #: expressions they replaced (tests/test_blend.py compares them on every possible input sum).
-_KERNEL_OPTIONS = {"nogil": True, "cache": True}
+_KERNEL_OPTIONS = {"nogil": True, "cache": CACHE}
 #: numpy's pairwise summation: blocks of up to 128 values, summed with 8 accumulators.
 PAIRWISE_BLOCK = 128
 

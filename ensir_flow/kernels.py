@@ -4,7 +4,7 @@ The dense kernels and the moments' take `places`, a `binning.place_tables` tuple
 tuple's length is part of its numba type, so a kernel is compiled once per K with its loops over
 models unrolled (about 2.5x faster than a loop bound read at run time). The sparse kernels (blend
 through a table of rows or a hash table, grouping cells) take place values as an array and work
-block by block instead. Every version is cached on disk: later
+block by block instead. Every version is cached on disk (where `kernel_cache` says): later
 processes load it instead of compiling it again (statistics and blend, for writable and read-only
 inputs: 0.4 s to load, 1.4 s to compile, in every worker of every run).
 
@@ -14,6 +14,8 @@ changes: a kernel that inlines `flat_bin` from another file would outlive a chan
 
 import numba
 import numpy as np
+
+from .kernel_cache import CACHE
 
 
 @numba.njit(inline="always")
@@ -37,7 +39,7 @@ def store_blend(predictions, weights, row, pixel, channel, places, out):
     out[pixel, channel] = 0 if value < 0 else (255 if value > 255 else np.uint8(value))
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def blend_into(predictions, weights, places, out):
     """out (P, C) = the weighted sum of predictions (K, P, C) with weights (bins, C, K) of each
     pixel-channel's bin; `places` from `place_tables`."""
@@ -88,6 +90,14 @@ def key_slots(words, row, shift):
 
 
 @numba.njit(inline="always")
+def copy_words(source, i, target, j):
+    """target[j] = source[i] for rows of key words, word by word: an assignment of one array row to
+    another makes numba compile the formatting of its shape-mismatch error, seconds per process."""
+    for w in range(source.shape[1]):
+        target[j, w] = source[i, w]
+
+
+@numba.njit(inline="always")
 def same_words(a, i, b, j):
     """Whether row i of key words a equals row j of b (every word compared: no branch per word)."""
     same = True
@@ -96,7 +106,7 @@ def same_words(a, i, b, j):
     return same
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def fill_cuckoo_slots(keys, slot_keys, slot_rows, shift):
     """Put each key of the unique key words `keys` (m, W), row r, with row r, into one of its two `key_slots`
     of a cuckoo table `slot_keys` (S, W) (all -1: free) with `slot_rows` (S + 1,): a key whose slot is
@@ -105,7 +115,7 @@ def fill_cuckoo_slots(keys, slot_keys, slot_rows, shift):
     n_words = keys.shape[1]
     carried = np.empty((1, n_words), np.int64)
     for r in range(keys.shape[0]):
-        carried[0] = keys[r]
+        copy_words(keys, r, carried, 0)
         row = r
         slot = key_slots(carried, 0, shift)[0]
         for _ in range(CUCKOO_MOVES):
@@ -137,7 +147,7 @@ def _key_sums_of_block(values_of_model, start, size, multiplier, places, word_of
             value[t] = np.float32(x[t])
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def blend_hashed_into(predictions, multiplier, places, word_of_model, slot_keys, slot_rows, shift, weights, out):
     """`blend_into` for a sparse LUT whose bins are looked up in a cuckoo table (`fill_cuckoo_slots`):
     `slot_keys` (S, W) (a slot's words side by side, in one cache line) and `slot_rows` (S + 1,)
@@ -181,7 +191,7 @@ def blend_hashed_into(predictions, multiplier, places, word_of_model, slot_keys,
         _blend_rows_of_block(weights, rows, values, start, size, predictions.shape[2], acc, out)
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def blend_indexed_into(predictions, multiplier, places, row_of_bin, weights, out):
     """`blend_hashed_into` for a sparse LUT whose flat bin index is small enough for a dense table
     of rows (`blend.IndexedWeights`): row_of_bin[b] (nb^K,) is the row of `weights` (m + 1, C, K)
@@ -276,7 +286,7 @@ def add_em_moments(predictions, pixel, channel, row, n_models):
     row[1 + 3 * n_models] += total * total
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def accumulate_dense(predictions, truth, places, moments, histogram, em_only):
     """One fused pass: moments per cell (all of them, or with `em_only` those EM uses, as
     `accumulate_groups`) and the y histogram per cell, into dense tables (`places` from
@@ -330,10 +340,12 @@ def _add_to_groups(keys, n_rows, group, table):
             continue
         if n_groups == len(group_words):
             grown = np.empty((2 * len(group_words), keys.shape[1]), np.int64)
-            grown[:n_groups] = group_words[:n_groups]
+            for g in range(n_groups):
+                copy_words(group_words, g, grown, g)
             group_words = grown
-        group_words[n_groups] = keys[r]
-        slot_words[slot], slot_group[slot], group[r] = keys[r], n_groups, n_groups
+        copy_words(keys, r, group_words, n_groups)
+        copy_words(keys, r, slot_words, slot)
+        slot_group[slot], group[r] = n_groups, n_groups
         n_groups += 1
         if 2 * n_groups > len(slot_group):
             shift -= np.uint64(1)
@@ -344,11 +356,12 @@ def _add_to_groups(keys, n_rows, group, table):
                 slot = hash_of_words(group_words, g) >> shift
                 while slot_group[slot] >= 0:
                     slot = (slot + np.uint64(1)) & mask
-                slot_words[slot], slot_group[slot] = group_words[g], g
+                copy_words(group_words, g, slot_words, slot)
+                slot_group[slot] = g
     return slot_words, slot_group, group_words, n_groups, shift
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def first_seen_groups(keys):
     """Group of each row of key words (n, W), groups numbered in order of first appearance, and
     each group's key words (groups, W): one pass of `_add_to_groups`, O(n) where sorting is O(n log n)."""
@@ -357,7 +370,7 @@ def first_seen_groups(keys):
     return group, table[2][: table[3]].copy()
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def first_seen_cells(predictions, multiplier, places, word_of_model, n_words, first, stop, group):
     """Group, into group (P * C,) pixel-major, of each pixel-channel of predictions (K, P, C) by its
     cell's key words, groups numbered in order of first appearance; returns each group's key words
@@ -395,7 +408,7 @@ def first_seen_cells(predictions, multiplier, places, word_of_model, n_words, fi
     return table[2][: table[3]].copy()
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def accumulate_groups(predictions, truth, group, row_of_group, moments, histogram, places, em_only):
     """Add each pixel-channel's moments to row row_of_group[group[p * C + c]] of `moments` (all of
     them, `add_moments`, or with `em_only` those EM uses, `add_em_moments`; none where `moments` has

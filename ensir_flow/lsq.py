@@ -17,6 +17,7 @@ import itertools
 import numba
 import numpy as np
 
+from .kernel_cache import CACHE
 from .stats import CellStatistics, find_rows, merge
 
 SHRINKAGE_GRID = (0.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6)
@@ -77,7 +78,7 @@ def active_set_simplex_least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray
     return out / out.sum(axis=1, keepdims=True)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=CACHE)
 def _support_optimum(a, b, support):
     """Minimiser of w'Aw - 2b'w with sum w = 1 and w = 0 off `support` (its KKT system; pinv for
     singular cells, as enumeration does)."""
@@ -98,7 +99,7 @@ def _support_optimum(a, b, support):
     return w
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=CACHE)
 def _active_set_batch(a, b, out):
     """Each row of out (m, K): the simplex least-squares weights of cell (a[i], b[i])."""
     m, k = b.shape

@@ -26,6 +26,8 @@ float squared errors are summed per strip: equal to rounding).
 import numba
 import numpy as np
 
+from .kernel_cache import CACHE
+
 #: Side of SSIM's Gaussian window (sigma 1.5, truncated at 3.5 sigma): 2 * 5 + 1 pixels.
 SSIM_WINDOW = 11
 HALF_WINDOW = SSIM_WINDOW // 2
@@ -45,7 +47,7 @@ GAUSSIAN_TAPS = _gaussian_taps()
 #: The numba kernels below: run without the GIL (one evaluate task per image, in parallel), cached
 #: on disk, and with numpy's error model, so their loops carry no division-by-zero branch (SSIM's
 #: denominators are at least C1 * C2 > 0).
-KERNEL_OPTIONS = {"nogil": True, "cache": True, "error_model": "numpy"}
+KERNEL_OPTIONS = {"nogil": True, "cache": CACHE, "error_model": "numpy"}
 
 
 def rgb_to_y(image: np.ndarray) -> np.ndarray:

@@ -24,6 +24,7 @@ Rows are sorted lexicographically; every operation below handles both forms.
 """
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import numba
@@ -31,6 +32,7 @@ import numpy as np
 
 from .binning import LEVELS, bin_count, group_places, model_groups, place_tables, place_values
 from .devices import resolve_device
+from .kernel_cache import CACHE
 from .kernels import accumulate_dense, accumulate_groups, digit_multiplier, first_seen_cells, first_seen_groups
 
 #: Largest dense scratch table (cells x 256 levels) a chunk may use; above it, sort instead.
@@ -195,26 +197,46 @@ class CellStatistics:
 
     def per_channel(self) -> "CellStatistics":
         """Statistics of each whole channel, as if every bin were one (used for empty cells)."""
-        channels, moments = sum_by_key(self.channels, self.moments)
+        channels, moments = _sum_by_small_key(self.channels, self.moments, self.n_channels)
         hist_channel = self.channels[self.hist_rows()]
-        keys, counts = sum_by_key(hist_channel * LEVELS + self.levels, self.hist_counts)
+        keys, counts = _sum_by_small_key(hist_channel * LEVELS + self.levels, self.hist_counts, self.n_channels * LEVELS)
         return CellStatistics(self.n_models, self.n_channels, LEVELS, channels, moments, keys, counts, self.moments_kind)
 
 
-@numba.njit(nogil=True, cache=True)
-def _scatter_add(keys, values, out):
+def _sum_by_small_key(keys: np.ndarray, values: np.ndarray, n_keys: int) -> tuple[np.ndarray, np.ndarray]:
+    """`sum_by_key` of keys (n,) in 0 .. n_keys - 1, few (a channel, or a channel and a level): added
+    into a dense table, of which the keys present are kept. No hashing kernel to load or compile."""
+    sums = np.zeros((n_keys, *values.shape[1:]), dtype=values.dtype)
+    _scatter_add(keys, values, sums)
+    present = np.flatnonzero(np.bincount(keys, minlength=n_keys))
+    return present, sums[present]
+
+
+def _scatter_add(keys: np.ndarray, values: np.ndarray, out: np.ndarray) -> None:
+    """out[keys[i]] += values[i] for every i (repeated keys add up), values and out 1-D or rows."""
+    columns = math.prod(out.shape[1:])
+    _scatter_add_rows(keys, np.ascontiguousarray(values).reshape(len(values), columns), out.reshape(len(out), columns))
+
+
+@numba.njit(nogil=True, cache=CACHE)
+def _scatter_add_rows(keys, values, out):
+    """`_scatter_add` of values (n, V) into out (m, V): one kernel for both the 1-D counts and the
+    moments' rows, whose columns are added one by one (adding a row as an array makes numba
+    compile the formatting of its shape-mismatch error, seconds per process)."""
     for i in range(len(keys)):
-        out[keys[i]] += values[i]
+        for j in range(values.shape[1]):
+            out[keys[i], j] += values[i, j]
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def _em_moments_into(moments, n_models, out):
     """The `EM_MOMENTS` columns (m, 3K + 2) of `ALL_MOMENTS` rows: n and sum x_k as they are,
     sum x_k^2 from the diagonal, sum x_k s = sum_j sum x_k x_j and sum s^2 = sum_k sum x_k s."""
     k = n_models
     for r in range(len(moments)):
         out[r, : 1 + 3 * k] = 0
-        out[r, : 1 + k] = moments[r, : 1 + k]
+        for column in range(1 + k):
+            out[r, column] = moments[r, column]
         column = 1 + k
         for i in range(k):
             for j in range(i, k):
@@ -237,23 +259,26 @@ def _compare_rows(a, i, b, j):
     return 0
 
 
-@numba.njit(nogil=True, cache=True)
-def _merge_sorted_rows(a, b):
-    """The sorted union of two sorted runs of unique key words a (na, W) and b (nb, W), and the row
-    of that union each row of a and of b is: one linear pass, no hashing or sorting."""
-    merged = np.empty((len(a) + len(b), a.shape[1]), np.int64)
-    row_of_a, row_of_b = np.empty(len(a), np.int64), np.empty(len(b), np.int64)
+@numba.njit(nogil=True, cache=CACHE)
+def _merge_sorted_rows(a, b, merged, row_of_a, row_of_b):
+    """The sorted union of two sorted runs of unique key words a (na, W) and b (nb, W) into the
+    first rows of merged (na + nb, W), and the row of that union each row of a and of b is into
+    row_of_a and row_of_b: one linear pass, no hashing or sorting. Returns the union's length."""
     i = j = m = 0
     while i < len(a) or j < len(b):
         order = -1 if j == len(b) else 1 if i == len(a) else _compare_rows(a, i, b, j)
         if order <= 0:
-            merged[m], row_of_a[i] = a[i], m
+            for w in range(a.shape[1]):
+                merged[m, w] = a[i, w]
+            row_of_a[i] = m
             i += 1
         if order >= 0:
-            merged[m], row_of_b[j] = b[j], m
+            for w in range(b.shape[1]):
+                merged[m, w] = b[j, w]
+            row_of_b[j] = m
             j += 1
         m += 1
-    return merged[:m], row_of_a, row_of_b
+    return m
 
 
 def sorted_groups(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -331,7 +356,10 @@ def merge_sorted_keys(keys: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarr
     merged = _key_rows(keys[0])
     rows = [np.arange(len(merged))]
     for part in keys[1:]:
-        merged, row_of_merged, row_of_part = _merge_sorted_rows(merged, _key_rows(part))
+        part = _key_rows(part)  # the kernel fills arrays made here: allocating them itself, it compiled twice as long
+        union = np.empty((len(merged) + len(part), merged.shape[1]), np.int64)
+        row_of_merged, row_of_part = np.empty(len(merged), np.int64), np.empty(len(part), np.int64)
+        merged = union[: _merge_sorted_rows(merged, part, union, row_of_merged, row_of_part)]
         rows = [row_of_merged[r] for r in rows] + [row_of_part]
     return merged.reshape(len(merged), *keys[0].shape[1:]), rows
 
@@ -564,7 +592,7 @@ def _histogram_keys(cells: np.ndarray, slot_levels: np.ndarray) -> np.ndarray:
 SORTED_LEVELS_LIMIT = 64
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def _slot_level_counts(slots, levels, n_slots):
     """The sorted unique slot * 256 + level of pixel-channels in rows `slots` (0 .. n_slots - 1)
     with ground-truth `levels`, and how many pixel-channels each is: `sum_by_key` of those keys

@@ -582,6 +582,7 @@ def compute_function(
     if not isinstance(progress, bool):
         _refuse_bad_seconds(progress, "--progress-interval")
     log = None if isinstance(progress, bool) else ProgressLog(float(progress))
+    ensir_flow.kernel_cache.say_when_compiling(None if progress is False else ProgressLog._say)  # first run: kernels compiling
 
     def compute(*collections, label: str = ""):
         if log is not None:

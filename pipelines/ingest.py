@@ -16,6 +16,7 @@ one image saw different bytes of a file: a file changed during the run).
 """
 
 import hashlib
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -23,6 +24,8 @@ import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
+from dask.delayed import Delayed
+from dask.highlevelgraph import HighLevelGraph
 
 import ensir_flow
 from ensir_flow import schema
@@ -68,12 +71,25 @@ def _roles(corpus: Corpus) -> list[tuple[str, list]]:
     return roles
 
 
+def probe_images(paths: list) -> list[ImageInfo]:
+    """`probe_image` of each of `paths`, in order: on a few threads (which wait for a file system
+    in parallel), each probing a slice of the paths, since a future per file costs as much as a
+    probe."""
+    size = max(1, -(-len(paths) // PROBE_SLICES))
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        slices = pool.map(lambda start: [probe_image(path) for path in paths[start : start + size]], range(0, len(paths), size))
+        return [info for probed in slices for info in probed]
+
+
+#: How many slices `probe_images` cuts its paths into.
+PROBE_SLICES = 32
+
+
 def probe_corpus(corpus: Corpus) -> list[ImageInfo]:
     """One ImageInfo per stem, after checking that the models and ground truth agree on it."""
     roles = _roles(replace(corpus, inputs=None))
     paths = [path for _, files in roles for path in files]
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        infos = dict(zip(paths, pool.map(probe_image, paths)))
+    infos = dict(zip(paths, probe_images(paths)))
     per_stem = []
     for i in range(len(corpus.stems)):
         _, first_files = roles[0]
@@ -98,8 +114,7 @@ def probe_corpus(corpus: Corpus) -> list[ImageInfo]:
 def inputs_match(corpus: Corpus, infos: list[ImageInfo]) -> bool:
     """Whether every input (lq/) has its outputs' size and channels, so it fits the pixel layout
     (super-resolution inputs do not)."""
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        return list(pool.map(probe_image, corpus.inputs)) == infos
+    return probe_images(corpus.inputs) == infos
 
 
 def storable_inputs(corpus: Corpus, infos: list[ImageInfo]) -> tuple[Corpus, dict]:
@@ -145,22 +160,35 @@ def image_groups(sizes: np.ndarray, least: int) -> list[int]:
 @dataclass(frozen=True)
 class PixelBlocks:
     """The planes (roles, pixel, channel) of images lying back to back on the pixel axis, computed
-    in blocks of consecutive images: each of `tasks` (Delayed) computes one block as (its images'
-    planes (roles, pixels, channels) back to back, the SHA-256 of their source files [source]
-    [image], or None where the plan hashed them); `firsts` is the first image of each block and
-    `counts` its pixels.
+    in blocks of consecutive images: `graph` holds one task per block, keyed (`name`, block),
+    that returns (its images' planes (roles, pixels, channels) back to back, the SHA-256 of their
+    source files [source][image], or None where the plan hashed them); `firsts` is the first
+    image of each block and `counts` its pixels.
 
     Each chunk of the store is then made by one task from the blocks it overlaps (`chunk_inputs`),
-    and each block is computed once, however many chunks it spans: a chunk's task receives the
-    blocks themselves, never a graph of the whole array, so planning takes time linear in the
-    blocks and chunks.
+    and each block is computed once, however many chunks it spans. The tasks are written as
+    graph layers, each task naming only the keys it reads: building them takes time linear in
+    the blocks and chunks (a `dask.delayed` call on other Delayed objects takes milliseconds, and
+    a chunk handed the whole array's graph made planning quadratic).
     """
 
-    tasks: list
+    graph: HighLevelGraph
+    name: str
     firsts: np.ndarray
     counts: np.ndarray
     n_roles: int
     channels: int
+
+    @classmethod
+    def of_tasks(cls, kind: str, tasks: list[tuple], firsts, counts, n_roles: int, channels: int) -> "PixelBlocks":
+        """Blocks computed by `tasks` (dask's tuples: function, then arguments), a layer named for `kind`."""
+        name = _layer_name(kind)
+        graph = HighLevelGraph.from_collections(name, {(name, i): task for i, task in enumerate(tasks)})
+        return cls(graph, name, np.asarray(firsts), np.asarray(counts), n_roles, channels)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.counts)
 
     def chunk_lengths(self, chunk_pixels: int, first_chunk: int | None = None) -> tuple[int, ...]:
         """Lengths along `pixel` of the chunks of these planes: `chunk_pixels` each, the last one
@@ -171,30 +199,39 @@ class PixelBlocks:
         return (head, *schema.pixel_chunks(total - head, chunk_pixels)) if head else schema.pixel_chunks(total, chunk_pixels)
 
     def chunk_inputs(self, lengths) -> list[tuple[list, list[tuple[int, int, int, int]]]]:
-        """Per chunk of `lengths`: the tasks of the blocks it overlaps, and its pieces (block in
+        """Per chunk of `lengths`: the keys of the blocks it overlaps, and its pieces (block in
         that list, the block's pixels start:stop, where they start in the chunk)."""
         offsets = np.cumsum(self.counts) - self.counts
         inputs = []
-        for (start, _), spans in zip(ranges_of(lengths), chunk_spans(offsets, self.counts, np.arange(len(self.tasks)), lengths)):
+        for (start, _), spans in zip(ranges_of(lengths), chunk_spans(offsets, self.counts, np.arange(self.n_blocks), lengths)):
             pieces = []
             for k, span in enumerate(spans):
                 origin = int(start - offsets[span.label])  # the chunk's first pixel, in the block's pixels
                 pieces.append((k, origin + span.start, origin + span.stop, span.start))
-            inputs.append(([self.tasks[span.label] for span in spans], pieces))
+            inputs.append(([(self.name, span.label) for span in spans], pieces))
         return inputs
+
+    def layer(self, name: str, tasks: dict, arguments: list = ()) -> HighLevelGraph:
+        """The graph of the layer `name` of `tasks` ({key: dask's tuple}), which read the blocks by
+        their keys and `arguments` (Delayed values, such as `chunks.task_argument`s) by theirs."""
+        blocks = Delayed((self.name, 0), self.graph, layer=self.name)
+        return HighLevelGraph.from_collections(name, tasks, dependencies=[blocks, *arguments])
+
+    def chunk_tasks(self, kind: str, tasks: dict[int, tuple], arguments: list = ()) -> list[Delayed]:
+        """One Delayed per chunk of `tasks` ({chunk: dask's tuple}, see `layer`), all of one graph."""
+        name = _layer_name(kind)
+        graph = self.layer(name, {(name, chunk): task for chunk, task in tasks.items()}, arguments)
+        return [Delayed((name, chunk), graph, layer=name) for chunk in tasks]
 
     def planes(self, lengths) -> da.Array:
         """The planes as a lazy array in chunks of `lengths` along `pixel`, each assembled by one
         task (the pixel variables of a store's template, and of the dataset an ingest returns)."""
-        chunks = [
-            da.from_delayed(
-                dask.delayed(_assembled, pure=True)((self.n_roles, length, self.channels), blocks, pieces),
-                shape=(self.n_roles, length, self.channels),
-                dtype=np.uint8,
-            )
-            for length, (blocks, pieces) in zip(lengths, self.chunk_inputs(lengths))
-        ]
-        return da.concatenate(chunks, axis=1)
+        name = _layer_name("pixel-planes")
+        tasks = {
+            (name, 0, i, 0): (_assembled, (self.n_roles, length, self.channels), blocks, pieces)
+            for i, (length, (blocks, pieces)) in enumerate(zip(lengths, self.chunk_inputs(lengths)))
+        }
+        return da.Array(self.layer(name, tasks), name, ((self.n_roles,), tuple(lengths), (self.channels,)), dtype=np.uint8)
 
     def slots(self, images: list[int]) -> list[tuple[int, int]]:
         """Where the consecutive `images` of one chunk lie among the blocks that chunk overlaps:
@@ -203,10 +240,12 @@ class PixelBlocks:
         return [(int(block - blocks[0]), int(image - self.firsts[block])) for image, block in zip(images, blocks)]
 
 
-def _decode_group(paths: list[list], infos: list[ImageInfo]) -> tuple[np.ndarray, list[list[str]]]:
-    """One task: the images of a group, each file ([source][image] `paths`) read once, decoded and
+def _decode_group(paths: np.ndarray, shapes: np.ndarray) -> tuple[np.ndarray, list[list[str]]]:
+    """One task: the images of a group, each file (`paths` [source, image]) read once, decoded and
     hashed, as planes (sources, pixels, channels) with the images back to back, and the SHA-256 of
-    the bytes each file was decoded from [source][image]."""
+    the bytes each file was decoded from [source][image]. `shapes`: each image's (height, width,
+    channels) as probed."""
+    infos = [ImageInfo(*shape) for shape in shapes.tolist()]
     counts = [info.height * info.width for info in infos]
     planes = np.empty((len(paths), sum(counts), infos[0].channels), dtype=np.uint8)
     digests = [[] for _ in paths]
@@ -224,17 +263,20 @@ def decoded_groups(corpus: Corpus, infos: list[ImageInfo], chunk_pixels: int) ->
     consecutive images, each decoded and hashed by one task: a group holds at least a chunk's
     worth of pixels and `GROUP_BYTES`, or one image bigger than that, so a big image is decoded
     once for all the chunks it spans and small ones many to a task."""
-    sources = [files for _, files in _roles(corpus)]
-    counts = np.array([info.height * info.width for info in infos], dtype=np.int64)
+    paths = np.array([files for _, files in _roles(corpus)], dtype=object).reshape(-1, len(infos))
+    shapes = np.array([(info.height, info.width, info.channels) for info in infos], dtype=np.int64)
+    counts = shapes[:, 0] * shapes[:, 1]
     channels = infos[0].channels
-    per_pixel = len(sources) * channels
+    per_pixel = len(paths) * channels
     firsts = image_groups(counts * per_pixel, max(chunk_pixels * per_pixel, GROUP_BYTES))
     bounds = [*firsts, len(infos)]
-    tasks = [
-        dask.delayed(_decode_group, pure=True)([files[first:end] for files in sources], infos[first:end])
-        for first, end in zip(bounds, bounds[1:])
-    ]
-    return PixelBlocks(tasks, np.array(firsts), np.add.reduceat(counts, firsts), len(sources), channels)
+    tasks = [(_decode_group, paths[:, first:end], shapes[first:end]) for first, end in zip(bounds, bounds[1:])]
+    return PixelBlocks.of_tasks("decode-group", tasks, firsts, np.add.reduceat(counts, firsts), len(paths), channels)
+
+
+def _layer_name(kind: str) -> str:
+    """A name of its own for a layer of tasks of `kind` (the keys of its tasks start with it)."""
+    return f"{kind}-{uuid.uuid4().hex}"
 
 
 def _assembled(shape: tuple[int, int, int], blocks: list, pieces: list[tuple[int, int, int, int]]) -> np.ndarray:
@@ -294,7 +336,7 @@ def write_stages(blocks: PixelBlocks, lengths, computed: str) -> list[Stage]:
     """The stages of writing the planes of `blocks` into a new store in chunks of `lengths`: the
     blocks' tasks (`computed`: what they do), then one task per chunk that assembles and writes it."""
     return [
-        Stage(computed, len(blocks.tasks)),
+        Stage(computed, blocks.n_blocks),
         Stage(
             "assemble and write chunks",
             len(lengths),
@@ -389,7 +431,7 @@ def plan_ingest(
         "inputs (lq/)": "stored" if corpus.inputs is not None else input_note.get("input", "none"),
         "images": len(corpus.stems),
         "pixels": f"{index.n_pixels:,} x {channels} channels",
-        "tasks": f"{len(blocks.tasks)} to read, decode and hash the {len(corpus.stems) * blocks.n_roles} files (groups of "
+        "tasks": f"{blocks.n_blocks} to read, decode and hash the {len(corpus.stems) * blocks.n_roles} files (groups of "
         f"consecutive images), {len(lengths)} to assemble and write the chunks of {chunk_pixels:,} pixels",
         "compression": compression,
     }
@@ -559,23 +601,25 @@ def store_writer(
             arrays = [task_argument(open_array_for_writing(staging, name)) for name in pixel_variables]
             todo = np.flatnonzero(~done)
             marks_argument, records_argument = task_argument(marks), task_argument(records)
+            tasks = {
+                int(i): (
+                    _write_chunk,
+                    (blocks.n_roles, lengths[i], blocks.channels),
+                    *inputs[i],
+                    None if hashed else [[role[image] for image in images[i]] for role in planned],
+                    blocks.slots(images[i]) if hashed else [],
+                    n_models,
+                    [array.key for array in arrays],
+                    marks_argument.key,
+                    records_argument.key,
+                    checksums.key,
+                    int(i),
+                    *ranges[i],
+                )
+                for i in todo
+            }
             compute(
-                *[
-                    dask.delayed(_write_chunk)(
-                        (blocks.n_roles, lengths[i], blocks.channels),
-                        *inputs[i],
-                        None if hashed else [[role[image] for image in images[i]] for role in planned],
-                        blocks.slots(images[i]) if hashed else [],
-                        n_models,
-                        arrays,
-                        marks_argument,
-                        records_argument,
-                        checksums,
-                        int(i),
-                        *ranges[i],
-                    )
-                    for i in todo
-                ],
+                *blocks.chunk_tasks("write-chunk", tasks, [*arrays, marks_argument, records_argument, checksums]),
                 label=f"{label} ({len(todo)} of {len(ranges)} chunks)" if resuming else label,
             )
             sha256 = committed_digests(records)
@@ -729,7 +773,7 @@ def append_plan(
     lengths = blocks.chunk_lengths(chunk_pixels, first_chunk=chunk_pixels - n_existing % chunk_pixels)
     checked_chunks = range(n_existing // chunk_pixels, grown.get("chunk", 0))
     stages = [
-        Stage(computed, len(blocks.tasks)),
+        Stage(computed, blocks.n_blocks),
         Stage(
             "assemble and append chunks",
             len(lengths),
@@ -753,21 +797,20 @@ def append_plan(
     def write_pixels(compute, arrays):  # each new plane into its array, past the committed pixels
         targets = [task_argument(arrays[name]) for name in names]
         n_models = existing.sizes["model"]
-        compute(
-            *[
-                dask.delayed(_append_chunk)(
-                    (blocks.n_roles, stop - start, blocks.channels),
-                    held,
-                    pieces,
-                    n_models,
-                    targets,
-                    n_existing + start,
-                    n_existing + stop,
-                )
-                for (start, stop), (held, pieces) in zip(ranges_of(lengths), blocks.chunk_inputs(lengths))
-            ],
-            label="append",
-        )
+        tasks = {
+            i: (
+                _append_chunk,
+                (blocks.n_roles, stop - start, blocks.channels),
+                held,
+                pieces,
+                n_models,
+                [target.key for target in targets],
+                n_existing + start,
+                n_existing + stop,
+            )
+            for i, ((start, stop), (held, pieces)) in enumerate(zip(ranges_of(lengths), blocks.chunk_inputs(lengths)))
+        }
+        compute(*blocks.chunk_tasks("append-chunk", tasks, targets), label="append")
         if checksummed:  # the store's last chunk, rewritten whole, and each new one
             checked = [task_argument(arrays[name]) for name in columns]
             checksums = task_argument(arrays[CHUNK_CHECKSUMS])

@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import dask
 import numpy as np
 
 import ensir_flow
@@ -141,7 +140,8 @@ def _image_blocks(
     computed by one prediction task: a model's work on an image, not its bytes, sizes a task."""
     n_roles = len(models) * samples + (corpus.ground_truth is not None) + keep_input
     tasks = [
-        dask.delayed(_predict_planes, pure=True)(
+        (
+            _predict_planes,
             models,
             samples,
             how,
@@ -155,7 +155,7 @@ def _image_blocks(
         for i, stem in enumerate(corpus.stems)
     ]
     counts = np.array([info.height * info.width for info in outputs], dtype=np.int64)
-    return PixelBlocks(tasks, np.arange(len(tasks)), counts, n_roles, outputs[0].channels)
+    return PixelBlocks.of_tasks("predict", tasks, np.arange(len(tasks)), counts, n_roles, outputs[0].channels)
 
 
 def _extra_names(corpus: Corpus, keep_input: bool) -> list[str]:

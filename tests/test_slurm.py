@@ -70,8 +70,12 @@ def _values(store: Path, variable: str) -> np.ndarray:
 
 
 def _jobs(slurm: dict) -> list[str]:
-    """The jobs Slurm still runs or queues."""
-    return subprocess.run(["squeue", "-h", "-o", "%i %j"], env=slurm, capture_output=True, text=True, check=True).stdout.split()
+    """The jobs that Slurm still runs or queues (not those cancelled or done, whose processes may
+    still be ending)."""
+    listed = subprocess.run(
+        ["squeue", "-h", "-t", "PD,R", "-o", "%i %j %T"], env=slurm, capture_output=True, text=True, check=True
+    )
+    return listed.stdout.splitlines()
 
 
 def test_the_slurmcluster_example_runs_its_workers_as_batch_jobs_and_gives_the_threaded_bytes(slurm, tmp_path):
@@ -85,10 +89,9 @@ def test_the_slurmcluster_example_runs_its_workers_as_batch_jobs_and_gives_the_t
     assert run.returncode == 0, run.stderr
     for store, variable in [("lut.zarr", "weights"), ("ensemble.zarr", "ensemble")]:
         assert np.array_equal(_values(tmp_path / "slurm" / store, variable), _values(tmp_path / "threads" / store, variable))
-    worker_logs = sorted((tmp_path / "slurm").glob("slurm-*.out"))  # one per batch job of a worker
-    assert len(worker_logs) == 2, worker_logs
-    for log in worker_logs:
-        assert "Start worker at" in log.read_text(), log.read_text()
+    # the job logs of the workers (a job still queued when the work was done has none)
+    worker_logs = [log.read_text() for log in (tmp_path / "slurm").glob("slurm-*.out")]
+    assert 1 <= len(worker_logs) <= 2 and all("Start worker at" in log for log in worker_logs), worker_logs
     assert _jobs(slurm) == []  # leaving the example's `with` cancelled them
 
 

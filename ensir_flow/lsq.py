@@ -138,7 +138,8 @@ def _active_set_batch(a, b, out):
                         w[q] = 0.0
             if not support[entering]:
                 break  # degenerate (singular A): the model that should enter cannot; w is optimal to rounding
-        out[cell] = np.maximum(w, 0.0)
+        for q in range(k):  # element by element: a whole row assigned makes numba compile its error message
+            out[cell, q] = np.maximum(w[q], 0.0)
 
 
 def is_shrinkage(strength) -> bool:

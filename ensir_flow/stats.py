@@ -33,7 +33,14 @@ import numpy as np
 from .binning import LEVELS, bin_count, group_places, model_groups, place_tables, place_values
 from .devices import resolve_device
 from .kernel_cache import CACHE
-from .kernels import accumulate_dense, accumulate_groups, digit_multiplier, first_seen_cells, first_seen_groups
+from .kernels import (
+    accumulate_dense,
+    accumulate_dense_em,
+    accumulate_groups,
+    digit_multiplier,
+    first_seen_cells,
+    first_seen_groups,
+)
 
 #: Largest dense scratch table (cells x 256 levels) a chunk may use; above it, sort instead.
 DENSE_HISTOGRAM_LIMIT = 1 << 22
@@ -470,9 +477,8 @@ def chunk_statistics(
     if not wide and first_bins is None and n_cells * LEVELS <= DENSE_HISTOGRAM_LIMIT:
         moments = np.zeros((n_cells, moment_columns(n_models, moments_kind)), dtype=np.int64)
         histogram = np.zeros(n_cells * LEVELS, dtype=np.int64)
-        accumulate_dense(
-            predictions, ground_truth, place_tables(n_models, bin_width), moments, histogram, moments_kind == EM_MOMENTS
-        )
+        accumulate = accumulate_dense_em if moments_kind == EM_MOMENTS else accumulate_dense
+        accumulate(predictions, ground_truth, place_tables(n_models, bin_width), moments, histogram)
         cells = np.flatnonzero(moments[:, 0])
         hist_keys = np.flatnonzero(histogram)
         return CellStatistics(

@@ -2,9 +2,9 @@
 its bytes, not with its number of images.
 
 A store chunks its pixels, not its images: a chunk of the default size holds dozens of small
-images. One task per image read, decoded and checked a whole chunk for each of them, and made the
-scheduler handle a task (and the client a future) per image. Export and evaluate instead hand a
-task a *batch*: a run of consecutive images that together hold at least `BATCH_BYTES` of the
+images, so a task per image would read, decode and check a whole chunk for each of them, and the
+scheduler would handle a task (the client a future) per image. Export and evaluate hand a task a
+*batch* instead: a run of consecutive images that together hold at least `BATCH_BYTES` of the
 pixels the task reads, read with one `chunks.read_pixels` per variable (each chunk it needs read
 and checked once) and handled one by one inside the task. An image that holds `BATCH_BYTES` or
 more, or that the caller says must be handled alone (evaluate's images larger than a strip, which
@@ -16,9 +16,10 @@ import numpy as np
 #: Bytes of pixels (of every variable a task reads) a batch of small images holds at least. Large
 #: enough that what a task costs beside its images (scheduling it, about a millisecond on a
 #: cluster; reading a second time the chunk its first image shares with the previous batch) is a
-#: few percent of its work, which is about 0.2 s for PNG encoding and 2 s for scoring here; small
-#: enough that the task holds little (its pixels at most twice, about 64 MiB, while they are
-#: joined from their chunks) and that a store of a few hundred MB still spreads over many workers.
+#: few percent of its work: on one core here about a second of PNG encoding (11 Mpx of RGB) or
+#: three of scoring (3 Mpx of three models and the ground truth). Small enough that a task holds
+#: little (a batch is under twice the budget, held twice while joined from its chunks: under
+#: 128 MiB) and that a store of a few hundred MB still spreads over several workers.
 BATCH_BYTES = 32 << 20
 
 

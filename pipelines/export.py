@@ -104,15 +104,15 @@ def export_graph(
     ]
 
 
-def export_stages(store: str, ds: xr.Dataset, variable: str = schema.ENSEMBLE, first_image: int = 0) -> list[Stage]:
-    """The stage of exporting `variable` of `store` (opened as `ds`) from `first_image` on, as
-    `export` runs it: the tasks it submits (`export_graph`), the chunks and bytes they read, and the
-    bytes of pixels they encode."""
+def export_stages(store: str, ds: xr.Dataset, directory, variable: str = schema.ENSEMBLE, first_image: int = 0) -> list[Stage]:
+    """The stage of exporting `variable` of `store` (opened as `ds`) into `directory` from
+    `first_image` on, as `export` runs it: the tasks it submits (`export_graph`), the chunks and
+    bytes they read, and the bytes of pixels they encode."""
     index = schema.ImageIndex.from_dataset(ds)
     channels = ds.sizes["channel"]
     ranges = [pixel_range(index.offsets, index.counts, images) for images in _batches(index, channels, first_image)]
     chunks, pixels = chunk_reads(ranges, ds[variable].chunks[-2][0], ds.sizes["pixel"])
-    tasks = task_count(*export_graph(store, ds, variable, "", first_image=first_image))
+    tasks = task_count(*export_graph(store, ds, variable, directory, first_image=first_image))
     return [Stage("export PNGs", tasks, chunks, pixels * channels, int(index.counts[first_image:].sum()) * channels)]
 
 

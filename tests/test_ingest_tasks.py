@@ -16,7 +16,7 @@ from ensir_flow.pipelines.plan import task_count
 from helpers import contents, make_corpus
 
 #: Many tiny images, three models and ground truth.
-TINY = [(6 + i % 5, 7 + i % 3) for i in range(200)]
+TINY = [(6 + i % 5, 7 + i % 3) for i in range(120)]
 
 
 class Counted:
@@ -50,20 +50,20 @@ def test_many_small_images_take_few_tasks_and_write_what_one_task_per_image_writ
     root = tmp_path / "corpus"
     models = make_corpus(root, sizes=TINY)
     monkeypatch.setattr(ingest, "GROUP_BYTES", 4000)  # groups of about 5 images, each spanning a few chunks
-    plan = plan_ingest(root, str(tmp_path / "grouped.zarr"), chunk_pixels=200)
+    plan = plan_ingest(root, str(tmp_path / "grouped.zarr"), chunk_pixels=150)
     decode, write = plan.stages
     compute = Counted()
     plan.run(compute)
 
     n_pixels = sum(h * w for h, w in TINY)
-    assert write.chunks == -(-n_pixels // 200)
+    assert write.chunks == -(-n_pixels // 150)
     assert 1 < decode.tasks < len(TINY) / 4
     assert compute.tasks == decode.tasks + write.tasks == decode.tasks + write.chunks
     assert compute.tasks < len(TINY)  # one decoding task per file would be four times as many
     assert write.bytes_written == n_pixels * 4 * 3
 
     monkeypatch.setattr(ingest, "GROUP_BYTES", 1)  # each image decoded by a task of its own
-    plan_ingest(root, str(tmp_path / "single.zarr"), chunk_pixels=200).run()
+    plan_ingest(root, str(tmp_path / "single.zarr"), chunk_pixels=150).run()
     grouped, single = contents(tmp_path / "grouped.zarr"), contents(tmp_path / "single.zarr")
     xr.testing.assert_identical(grouped, single)
     truth = pixels_of(root, models, grouped)
@@ -89,7 +89,7 @@ def test_a_big_image_spanning_many_chunks_is_decoded_once(tmp_path, monkeypatch)
     plan.run()
 
     assert write.chunks > 25  # the big image alone spans 27 chunks
-    assert decode.tasks == 3  # the big image is a group of its own, between one of the image before and one of those after
+    assert decode.tasks == 3  # the big image a group of its own, between that of the image before it and that of the two after
     assert sorted(reads.values()) == [1] * 16  # every file of the 4 images x 4 folders read once
     ds = contents(tmp_path / "s.zarr")
     truth = pixels_of(root, models, ds)
@@ -109,8 +109,8 @@ def test_a_killed_run_resumes_the_chunks_left_and_an_append_adds_groups(tmp_path
         monkeypatch.setattr(ingest, "GROUP_BYTES", group_bytes)
         if stop_after is not None:
             with pytest.raises(KeyboardInterrupt):
-                plan_ingest(root, store, chunk_pixels=200).run(Counted(stop_after))
-        written = plan_ingest(root, store, chunk_pixels=200).run()
+                plan_ingest(root, store, chunk_pixels=150).run(Counted(stop_after))
+        written = plan_ingest(root, store, chunk_pixels=150).run()
         appended = plan_append(more, store)
         appended.run()
         return written, appended.stages

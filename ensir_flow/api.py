@@ -958,34 +958,16 @@ def export(
     'ground_truth', 'input') in `store` as a lossless PNG named by its stem into `directory`
     (what `apply(export_dir=...)` does) at zlib level `png_compression` (0-9), staged so that the
     folder appears complete or not at all."""
-    from .pipelines.export import export as export_pngs
-    from .pipelines.plan import Plan
-    from .pipelines.stores import open_store as open_checked
+    from .pipelines.export import plan_export
     from .pipelines.targets import EXPORT_FOLDER
 
     _check_targets({"export folder": (directory, EXPORT_FOLDER)}, {"store": store}, overwrite)
-    given_store, written_to = store, directory
+    written_to = directory
     store, directory = _absolute(store), _absolute(directory)
 
-    def plan():
-        ds = open_checked(str(store))
-        schema.check_store(ds, str(store), require=(variable,))
-        if "model" in ds[variable].dims:
-            raise InputError(
-                f"{given_store}: '{variable}' holds one image per model; export writes '{schema.ENSEMBLE}', "
-                f"'{schema.GROUND_TRUTH}' or '{schema.INPUT}'"
-            )
-        n_images = ds.sizes["image"]
-
-        def execute(compute) -> int:
-            export_pngs(str(store), str(directory), compute, overwrite, variable, compression=png_compression)
-            return n_images
-
-        return Plan(
-            f"export {n_images} images", {"store": str(store), "variable": variable, "directory": str(directory)}, execute
-        )
-
-    outcome = run_plan(plan, (store, directory), run)
+    outcome = run_plan(
+        lambda: plan_export(str(store), str(directory), variable, overwrite, png_compression), (store, directory), run
+    )
     if outcome.plan is not None:
         return _planned(Exported, "export", outcome, _written([written_to]))
     return Exported(

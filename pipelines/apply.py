@@ -18,7 +18,7 @@ from ensir_flow.solvers import REGISTRY
 
 from .chunks import chunk_ranges, chunk_spans, pixel_array, read_pixels, task_argument
 from .commit import exists, refuse_existing
-from .export import check_export_target, export
+from .export import check_export_target, export, export_stages
 from .fingerprint import store_fingerprint
 from .integrity import CHUNK_CHECKSUMS, checksum_template, refuse_changed, store_identity
 from .locks import exclusive_lock
@@ -246,6 +246,8 @@ def plan_apply(
         marks = staged_marks(output, {**provenance, **RESUME_PROTOCOL})
         todo = np.arange(len(chunk_lengths)) if marks is None else np.flatnonzero(~marks)
     stages = _apply_stages(np.asarray(chunk_lengths), todo, ds.sizes["channel"], len(models), image_weights is not None)
+    if export_dir is not None and not (finished and exists(export_dir)):
+        stages += export_stages(out, schema.ENSEMBLE, grown_from if update_export else 0)
     return Plan(f"apply a LUT to {ds.sizes['image']} images", details, execute, stages=stages)
 
 

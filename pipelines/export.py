@@ -39,7 +39,7 @@ from .chunks import PixelSource, pixel_array, read_pixels, task_argument
 from .commit import staged_output, staged_update
 from .executor import Compute
 from .integrity import refuse_changed, store_identity
-from .plan import Stage, task_count
+from .plan import Plan, Stage
 from .stores import open_store
 from .targets import EXPORT_FOLDER, refuse_link, refuse_replacing
 
@@ -104,16 +104,42 @@ def export_graph(
     ]
 
 
-def export_stages(store: str, ds: xr.Dataset, directory, variable: str = schema.ENSEMBLE, first_image: int = 0) -> list[Stage]:
-    """The stage of exporting `variable` of `store` (opened as `ds`) into `directory` from
-    `first_image` on, as `export` runs it: the tasks it submits (`export_graph`), the chunks and
-    bytes they read, and the bytes of pixels they encode."""
+def export_stages(ds: xr.Dataset, variable: str = schema.ENSEMBLE, first_image: int = 0) -> list[Stage]:
+    """The stage of exporting `variable` of a store (opened, or planned, as `ds`) from `first_image`
+    on, as `export` runs it: one task per batch (`export_graph`), the chunks and bytes they read,
+    and the bytes of pixels they encode."""
     index = schema.ImageIndex.from_dataset(ds)
     channels = ds.sizes["channel"]
-    ranges = [pixel_range(index.offsets, index.counts, images) for images in _batches(index, channels, first_image)]
+    batches = _batches(index, channels, first_image)
+    ranges = [pixel_range(index.offsets, index.counts, images) for images in batches]
     chunks, pixels = chunk_reads(ranges, ds[variable].chunks[-2][0], ds.sizes["pixel"])
-    tasks = task_count(*export_graph(store, ds, variable, directory, first_image=first_image))
-    return [Stage("export PNGs", tasks, chunks, pixels * channels, int(index.counts[first_image:].sum()) * channels)]
+    return [Stage("export PNGs", len(batches), chunks, pixels * channels, int(index.counts[first_image:].sum()) * channels)]
+
+
+def plan_export(
+    store: str,
+    directory: str,
+    variable: str = schema.ENSEMBLE,
+    overwrite: bool = False,
+    compression: int = DEFAULT_PNG_COMPRESSION,
+) -> Plan:
+    """Plan writing every image of `variable` of `store` as a PNG into `directory` (`export`):
+    refused before anything runs when the store lacks the variable or holds one image per model."""
+    ds = open_store(store)
+    schema.check_store(ds, store, require=(variable,))
+    if "model" in ds[variable].dims:
+        raise InputError(
+            f"{store}: '{variable}' holds one image per model; export writes '{schema.ENSEMBLE}', "
+            f"'{schema.GROUND_TRUTH}' or '{schema.INPUT}'"
+        )
+    n_images = ds.sizes["image"]
+
+    def execute(compute) -> int:
+        export(store, directory, compute, overwrite, variable, compression=compression)
+        return n_images
+
+    details = {"store": store, "variable": variable, "directory": directory}
+    return Plan(f"export {n_images} images", details, execute, stages=export_stages(ds, variable))
 
 
 def check_export_target(directory, stems, overwrite: bool, source=None) -> None:

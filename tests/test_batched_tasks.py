@@ -91,7 +91,7 @@ def test_export_writes_a_task_per_batch_and_the_png_of_each_image(small_store, t
     """Default budget: the 40 images (30 KB) in one task; 11 images a batch: 4 tasks (11, 11, 11, 7)."""
     monkeypatch.setattr(batches, "BATCH_BYTES", budget)
     counted = Counted(monkeypatch)
-    (stage,) = export_stages(str(small_store), open_store(str(small_store)), tmp_path / "pngs", schema.GROUND_TRUTH)
+    (stage,) = export_stages(open_store(str(small_store)), schema.GROUND_TRUTH)
     export(str(small_store), str(tmp_path / "pngs"), counted, variable=schema.GROUND_TRUTH)
 
     assert counted.tasks == [n_batches] == [stage.tasks]

@@ -44,7 +44,7 @@ def _gaussian_taps() -> np.ndarray:
 
 
 GAUSSIAN_TAPS = _gaussian_taps()
-#: The numba kernels below: run without the GIL (one evaluate task per image, in parallel), cached
+#: The numba kernels below: run without the GIL (evaluate's tasks, each a batch of images or one big image, in parallel), cached
 #: on disk, and with numpy's error model, so their loops carry no division-by-zero branch (SSIM's
 #: denominators are at least C1 * C2 > 0).
 KERNEL_OPTIONS = {"nogil": True, "cache": CACHE, "error_model": "numpy"}

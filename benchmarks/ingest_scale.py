@@ -11,8 +11,9 @@ corpora hard links into the largest) is ingested at the default --chunk-pixels o
 - tasks: the tasks of the graphs the scheduler receives (optimised, as it runs them);
 - plan s: the client's time from the call of `plan_ingest` until the scheduler is about to run
   the first task (probing the headers, the plan, the staging template, the graph and its
-  optimisation), and plan MiB: the peak RSS of the client up to then (a process that stops
-  there), less the RSS after its imports;
+  optimisation), the CPU time it took (all threads; on a shared host the wall time grows with
+  the load, the CPU time hardly), and plan MiB: the peak RSS of the client up to then (a process
+  that stops there), less the RSS after its imports;
 - ingest s: the whole ingest (plan, decode, write, commit), and its peak RSS;
 - decode s: decoding and hashing every file once (`images.read_image_and_sha256`, as the
   ingest's tasks do) on as many threads as dask's threaded scheduler uses, and the ratio of the
@@ -75,7 +76,6 @@ class FirstTask(Exception):
 def child(mode: str, corpus: str, store: str) -> dict:
     """One measurement in this (fresh) process."""
     import dask
-
     from dask.callbacks import Callback
 
     from ensir_flow.pipelines.executor import threaded_compute
@@ -94,7 +94,7 @@ def child(mode: str, corpus: str, store: str) -> dict:
                 pass
         return {"seconds": time.perf_counter() - start}
     tasks = []
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
 
     class Watch(Callback):
         """Counts the tasks of each computation as the scheduler receives them; a planning run
@@ -103,7 +103,7 @@ def child(mode: str, corpus: str, store: str) -> dict:
         def _start_state(self, dsk, state):
             tasks.append(len(dsk))
             if mode == "plan":
-                raise FirstTask(time.perf_counter() - start, rss_mib() - base)
+                raise FirstTask(time.perf_counter() - start, time.process_time() - cpu, rss_mib() - base)
 
     def compute(*collections, label=""):
         with Watch():
@@ -112,8 +112,8 @@ def child(mode: str, corpus: str, store: str) -> dict:
     try:
         plan_ingest(corpus, store).run(compute)
     except FirstTask as planned:
-        seconds, peak = planned.args
-        return {"seconds": seconds, "mib": peak, "tasks": sum(tasks)}
+        seconds, cpu_seconds, peak = planned.args
+        return {"seconds": seconds, "cpu": cpu_seconds, "mib": peak, "tasks": sum(tasks)}
     return {"seconds": time.perf_counter() - start, "mib": rss_mib(), "tasks": sum(tasks)}
 
 
@@ -144,7 +144,10 @@ def main() -> None:
         started = time.perf_counter()
         make_corpus(full, sizes[-1], options.side, options.models)
         print(f"corpus of {sizes[-1]:,} images ({options.models} models and ground truth): {time.perf_counter() - started:.1f} s")
-        header = f"{'images':>8} {'tasks':>7} {'plan s':>7} {'plan MiB':>9} {'ingest s':>9} {'ingest MiB':>11} {'decode s':>9} {'ratio':>6}"
+        header = (
+            f"{'images':>8} {'tasks':>7} {'plan s':>7} {'plan CPU s':>11} {'plan MiB':>9} {'ingest s':>9} {'ingest MiB':>11} "
+            f"{'decode s':>9} {'ratio':>6}"
+        )
         print(header)
         for n_images in sizes:
             corpus = full if n_images == sizes[-1] else work / f"corpus{n_images}"
@@ -154,7 +157,8 @@ def main() -> None:
             ingest = measure("ingest", corpus, work)
             decode = measure("decode", corpus, work)
             print(
-                f"{n_images:>8,} {ingest['tasks']:>7,} {plan['seconds']:>7.2f} {plan['mib']:>9.0f} {ingest['seconds']:>9.1f} "
+                f"{n_images:>8,} {ingest['tasks']:>7,} {plan['seconds']:>7.2f} {plan['cpu']:>11.2f} {plan['mib']:>9.0f} "
+                f"{ingest['seconds']:>9.1f} "
                 f"{ingest['mib']:>11.0f} {decode['seconds']:>9.1f} {ingest['seconds'] / decode['seconds']:>6.2f}",
                 flush=True,
             )

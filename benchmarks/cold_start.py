@@ -9,9 +9,10 @@ threads --progress-interval 1` process as a user runs it: `fit` with an empty NU
 (cold), `fit` again with the cache it filled (warm), `apply` with another empty cache, `apply`
 warm. Cold and warm runs alternate, so a slow spell on a shared host falls on both. It prints,
 for each command: the median wall time cold and warm and their ratio; the median CPU seconds of
-the process (less disturbed by other jobs on a shared host); the longest time its stderr was
-silent (between two lines, before the first or after the last); how many cold and warm runs
-said they were compiling kernels; and the seconds each kernel took to compile in the cold runs
+the process (less disturbed by other jobs on a shared host); when its first line came on stderr
+(start-up: interpreter, imports, opening the stores) and the longest silence after it (between
+two lines, or after the last); how many cold and warm runs said they were compiling kernels; and
+the seconds each kernel took to compile in the cold runs, wall and CPU of the compiling thread
 (numba's compile events; the first kernel's include numba's start-up).
 """
 
@@ -39,13 +40,14 @@ compiles, started = [], []
 
 class Timer(event.Listener):
     def on_start(self, e):
-        started.append(time.perf_counter())
+        started.append((time.perf_counter(), time.thread_time()))
 
     def on_end(self, e):
-        seconds = time.perf_counter() - started.pop()
+        wall, cpu = started.pop()
         function = e.data["dispatcher"].py_func
         if not started and function.__module__.startswith("ensir_flow."):
-            compiles.append((f"{function.__module__.split('.')[-1]}.{function.__name__}", seconds))
+            name = f"{function.__module__.split('.')[-1]}.{function.__name__}"
+            compiles.append((name, time.perf_counter() - wall, time.thread_time() - cpu))
 
 event.register("numba:compile", Timer())
 atexit.register(lambda: open(os.environ["COLD_START_COMPILES"], "w").write(json.dumps(compiles)))
@@ -60,14 +62,16 @@ def run(args: list[str], cache: Path, work: Path) -> dict:
     silence on stderr, whether it said it compiled, and its kernels' compile seconds."""
     compiles = work / "compiles.json"
     env = {**os.environ, "NUMBA_CACHE_DIR": str(cache), "COLD_START_COMPILES": str(compiles)}
-    started = last = time.perf_counter()
+    started = time.perf_counter()
+    first = last = None
     silence, said = 0.0, False
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, *args], cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     for line in child.stderr:
         now = time.perf_counter()
-        silence, last = max(silence, now - last), now
+        first = now if first is None else first
+        silence, last = max(silence, now - (last or now)), now
         said |= "compiling kernels" in line
     _, status, usage = os.wait4(child.pid, 0)
     if os.waitstatus_to_exitcode(status):
@@ -76,7 +80,8 @@ def run(args: list[str], cache: Path, work: Path) -> dict:
     return {
         "seconds": now - started,
         "cpu": usage.ru_utime + usage.ru_stime,
-        "silence": max(silence, now - last),
+        "first line": (first or now) - started,
+        "silence": max(silence, now - (last or now)),
         "said": said,
         "compiles": json.loads(compiles.read_text()),
     }
@@ -121,28 +126,32 @@ def main() -> None:
                     out = "lut-0.zarr" if name == "fit" and attempt == 0 and state == "cold" else f"{name}-{attempt}-{state}.zarr"
                     results[name][state].append(run(command(out), cache, work))
                 shutil.rmtree(cache)
-        print(f"{options.source}, median of {options.runs} runs, wall seconds seen from outside:")
-        print(
-            f"{'':8}{'cold':>8}{'warm':>8}{'ratio':>8}   CPU s cold / warm   longest silence cold / warm   "
-            "said 'compiling' cold / warm"
-        )
+        print(f"{options.source}, median of {options.runs} runs (longest silence: the longest of them)")
         for name, by_state in results.items():
-            cold, warm = (statistics.median(r["seconds"] for r in by_state[s]) for s in ("cold", "warm"))
-            cpu = [statistics.median(r["cpu"] for r in by_state[s]) for s in ("cold", "warm")]
+            cold, warm = (
+                {key: statistics.median(r[key] for r in by_state[s]) for key in ("seconds", "cpu", "first line")}
+                for s in ("cold", "warm")
+            )
             silence = [max(r["silence"] for r in by_state[s]) for s in ("cold", "warm")]
             said = [sum(r["said"] for r in by_state[s]) for s in ("cold", "warm")]
             print(
-                f"{name:8}{cold:8.2f}{warm:8.2f}{cold / warm:7.2f}x   {cpu[0]:6.2f} / {cpu[1]:.2f}"
-                f"{'':9}{silence[0]:6.1f} s / {silence[1]:.1f} s{'':14}{said[0]}/{options.runs} / {said[1]}/{options.runs}"
+                f"{name}: cold {cold['seconds']:.2f} s, warm {warm['seconds']:.2f} s: {cold['seconds'] / warm['seconds']:.2f}x"
+                f" (CPU {cold['cpu']:.2f} s / {warm['cpu']:.2f} s: {cold['cpu'] / warm['cpu']:.2f}x)\n"
+                f"  first line on stderr after cold {cold['first line']:.1f} s, warm {warm['first line']:.1f} s; longest"
+                f" silence after it cold {silence[0]:.1f} s, warm {silence[1]:.1f} s\n"
+                f"  said 'compiling kernels': cold {said[0]} of {options.runs}, warm {said[1]} of {options.runs}"
             )
         for name, by_state in results.items():
-            seconds: dict[str, list[float]] = {}
+            seconds: dict[str, list[tuple[float, float]]] = {}
             for r in by_state["cold"]:
-                for kernel, s in r["compiles"]:
-                    seconds.setdefault(kernel, []).append(s)
-            listed = ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in sorted(seconds.items(), key=lambda kv: -max(kv[1])))
-            total = statistics.median(sum(s for _, s in r["compiles"]) for r in by_state["cold"])
-            print(f"{name} compiles (s, median): {total:.2f} in all: {listed or 'none'}")
+                for kernel, wall, cpu in r["compiles"]:
+                    seconds.setdefault(kernel, []).append((wall, cpu))
+            listed = ", ".join(
+                f"{kernel} {statistics.median(w for w, _ in times):.2f} ({statistics.median(c for _, c in times):.2f})"
+                for kernel, times in sorted(seconds.items(), key=lambda item: -max(w for w, _ in item[1]))
+            )
+            wall, cpu = (statistics.median(sum(c[i] for c in r["compiles"]) for r in by_state["cold"]) for i in (1, 2))
+            print(f"{name} compiles, wall s (CPU s), median: {wall:.2f} ({cpu:.2f}) in all: {listed or 'none'}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -11,8 +11,8 @@ import pytest
 from helpers import make_corpus
 
 LINE = re.compile(
-    r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} (ingest|statistics|write LUT): (started|done in [\d.]+ s|"
-    r"\d+% \(\d+/\d+ tasks\), \d+ s)$"
+    r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} ((ingest|statistics|write LUT): (started|done in [\d.]+ s|"
+    r"\d+% \(\d+/\d+ tasks\), \d+ s)|compiling kernels \(first run on this machine\).*)$"  # the last: a cold kernel cache
 )
 
 

@@ -1,12 +1,14 @@
 """Every writer killed at its n-th write leaves each target as before or as after, and a re-run ends
 as an uninterrupted run does.
 
-Each command runs in a subprocess under tests/kill_after_writes.py, which ends it with os._exit at
-its n-th file-system write (no cleanup runs, as with SIGKILL). A target's state is what readers
-get from it: a store as `open_store` reads and checks it, a LUT as `read_lut` does, a folder as
-its files' bytes. After the kill that state must equal the one before the command or the one an
-uninterrupted run leaves; re-running the same command must then succeed and leave the latter.
-Also killed at a random time with SIGKILL, and at every fifth write for the append (the issue that
+Each command runs in a process of its own under tests/kill_after_writes.py, which ends it with
+os._exit at its n-th file-system write (no cleanup runs, as with SIGKILL): a fork of one process per
+module that has imported the CLI and what its commands use, so that each of the ~200 runs here
+starts at its command rather than after ~2 s of imports. A target's state is what readers get from
+it: a store as `open_store` reads and checks it, a LUT as `read_lut` does, a folder as its files'
+bytes. After the kill that state must equal the one before the command or the one an uninterrupted
+run leaves; re-running the same command must then succeed and leave the latter. Also killed with
+SIGKILL at a random time within its run, and at every fifth write for the append (the issue that
 made this test: a killed append once left a hole that fit read as data) and for ingest (each
 chunk's record of its sources' SHA-256s, and the commit that turns them into `source_sha256`).
 """
@@ -16,16 +18,15 @@ import hashlib
 import os
 import random
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+from kill_after_writes import KILLED, Writer
 
 from ensir_flow.errors import InputError
 from ensir_flow.images import png_text
@@ -36,8 +37,6 @@ from ensir_flow.pipelines.stores import open_group_as_committed, open_store
 from ensir_flow.schema import check_store
 from helpers import IDENTITY_ATTRIBUTES, make_corpus, save_export
 
-HOOK = Path(__file__).with_name("kill_after_writes.py")
-KILLED = 137
 THREADS = {**os.environ, "ENSIR_FLOW_SCHEDULER": "threads"}
 
 
@@ -99,20 +98,6 @@ def state(path: Path):
         return f"unreadable: {error}"
 
 
-def run(work: Path, arguments: list, kill_at: int = 0) -> tuple[subprocess.CompletedProcess, int]:
-    """Run the CLI under the hook in `work`; returns the process and how many writes it made."""
-    count = work / "writes.count"
-    process = subprocess.run(
-        [sys.executable, str(HOOK), str(kill_at), str(count), "--", *map(str, arguments), "--no-progress"],
-        cwd=work,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=THREADS,
-    )
-    return process, int(count.read_text())
-
-
 def _paper_style_lut(path: Path) -> None:
     """A LUT in the form the paper's code saves (bin width 128, K = 3: 8 bins), for `lut import`."""
     table = {(a, b, c): [torch.tensor([0.2, 0.3, 0.5])] * 3 for a in (0, 128) for b in (0, 128) for c in (0, 128)}
@@ -126,7 +111,7 @@ def _base_model(folder: Path) -> Path:
     return save_export(torch.nn.Conv2d(3, 3, 3, padding=1), folder / "conv.pt2")
 
 
-def _prepare(work: Path, before: list[list]) -> None:
+def _prepare(writer: Writer, work: Path, before: list[list]) -> None:
     corpus = work / "corpus"
     models = make_corpus(corpus, sizes=((24, 32), (17, 29), (40, 21), (30, 30)))
     for part, stems in (("first", ("img0", "img1")), ("second", ("img2", "img3"))):
@@ -142,7 +127,7 @@ def _prepare(work: Path, before: list[list]) -> None:
                 shutil.copy(corpus / "gt" / f"{stem}.png", work / part / folder)
     _paper_style_lut(work / "paper.pth")
     for arguments in before:
-        process, _ = run(work, arguments)
+        process, _ = writer.run(work, arguments)
         assert process.returncode == 0, process.stderr
 
 
@@ -210,42 +195,69 @@ WRITERS = {
 }
 
 
+class Case(NamedTuple):
+    """A writer's command, ready to be killed: its working folder before the command (`pristine`,
+    copied for each run), the states of its targets before and after an uninterrupted run, and
+    how many writes and seconds that run took."""
+
+    pristine: Path
+    command: list[str]
+    targets: list[str]
+    before: list
+    after: list
+    writes: int
+    seconds: float
+
+
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    """Per writer, prepared when first asked: a pristine copy of its working folder (before the
-    command), the targets' states before and after an uninterrupted run, and how many writes that
-    run made."""
-    return functools.partial(_prepared_case, {}, tmp_path_factory, _base_model(tmp_path_factory.mktemp("model")))
+def base_model(tmp_path_factory) -> Path:
+    return _base_model(tmp_path_factory.mktemp("model"))
 
 
-def _prepared_case(cases: dict, tmp_path_factory, base_model: Path, name: str):
+@pytest.fixture(scope="module")
+def writer(base_model):
+    """The process every run here is a fork of (with the model loaded once, for predict)."""
+    process = Writer(THREADS, programs=(base_model,))
+    yield process
+    process.close()
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, writer, base_model):
+    """Per writer, its `Case`, prepared when first asked."""
+    return functools.partial(_prepared_case, {}, tmp_path_factory, writer, base_model)
+
+
+def _prepared_case(cases: dict, tmp_path_factory, writer: Writer, base_model: Path, name: str) -> Case:
     if name not in cases:
         with_model = lambda arguments: [str(a).replace("BASE_MODEL", str(base_model)) for a in arguments]  # noqa: E731
         before, command, targets = WRITERS[name]
         before, command = [with_model(arguments) for arguments in before], with_model(command)
         pristine = tmp_path_factory.mktemp("pristine")
-        _prepare(pristine, before)
+        _prepare(writer, pristine, before)
         work = tmp_path_factory.mktemp("work")
         shutil.rmtree(work)
         shutil.copytree(pristine, work)
         states_before = [state(work / t) for t in targets]
-        process, writes = run(work, command)
+        start = time.monotonic()
+        process, writes = writer.run(work, command)
+        seconds = time.monotonic() - start
         assert process.returncode == 0, (name, process.stderr)
         after = [state(work / t) for t in targets]
         assert after != states_before and not any(str(s).startswith("unreadable") for s in after), name
-        cases[name] = (pristine, command, targets, states_before, after, writes)
+        cases[name] = Case(pristine, command, targets, states_before, after, writes, seconds)
     return cases[name]
 
 
-def _kill_and_rerun(case, work: Path, kill: int | float) -> None:
+def _kill_and_rerun(writer: Writer, case: Case, work: Path, kill: int | float) -> None:
     """Kill the command at write `kill` (int) or after `kill` seconds (float, SIGKILL); check the
     targets, re-run it, check again."""
-    pristine, command, targets, before, after, _ = case
+    command, targets, before, after = case.command, case.targets, case.before, case.after
     if work.exists():
         shutil.rmtree(work)
-    shutil.copytree(pristine, work)
+    shutil.copytree(case.pristine, work)
     if isinstance(kill, int):
-        process, writes = run(work, command, kill_at=kill)
+        process, writes = writer.run(work, command, kill_at=kill)
         # killed there, or (the count of writes can vary by a few between runs) done before reaching it
         assert process.returncode == KILLED or (process.returncode == 0 and writes < kill), (
             kill,
@@ -253,20 +265,11 @@ def _kill_and_rerun(case, work: Path, kill: int | float) -> None:
             process.stderr,
         )
     else:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "ensir_flow.cli", *map(str, command), "--no-progress"],
-            cwd=work,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=THREADS,
-        )
-        time.sleep(kill)
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait()
+        writer.run(work, command, kill_after=kill)
     states = [state(work / t) for t in targets]
     for target, got, was, will in zip(targets, states, before, after):
         assert got in (was, will), (command, kill, target, got)
-    rerun, _ = run(work, command)
+    rerun, _ = writer.run(work, command)
     if states == after and rerun.returncode == 1:  # killed after its commit: a refusal that says how is fine
         assert rerun.stderr.count("\n") == 1 and "already exists" in rerun.stderr, rerun.stderr
     else:
@@ -279,23 +282,23 @@ def _kill_points(writes: int, how_many: int) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("writer", ["ingest --append"])
-def test_killed_at_first_middle_and_last_write(prepared, writer, tmp_path):
-    case = prepared(writer)
-    for kill in _kill_points(case[-1], 3):
-        _kill_and_rerun(case, tmp_path / "work", kill)
+@pytest.mark.parametrize("name", ["ingest --append"])
+def test_killed_at_first_middle_and_last_write(prepared, writer, name, tmp_path):
+    case = prepared(name)
+    for kill in _kill_points(case.writes, 3):
+        _kill_and_rerun(writer, case, tmp_path / "work", kill)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("writer", list(WRITERS))
-def test_killed_at_many_writes_and_random_times(prepared, writer, tmp_path):
-    case = prepared(writer)
+@pytest.mark.parametrize("name", list(WRITERS))
+def test_killed_at_many_writes_and_random_times(prepared, writer, name, tmp_path):
+    case = prepared(name)
     # the append: its crash once left a hole that fit read as data; ingest: each chunk's record of its
     # sources' digests, and the commit that turns them into source_sha256, are writes a kill can follow
-    dense = writer in ("ingest --append", "ingest")
-    points = range(1, case[-1] + 1, 5) if dense else _kill_points(case[-1], 4)
-    if writer == "fit in passes":  # before, between and after the passes' writes of their temporary files
+    dense = name in ("ingest --append", "ingest")
+    points = range(1, case.writes + 1, 5) if dense else _kill_points(case.writes, 4)
+    if name == "fit in passes":  # before, between and after the passes' writes of their temporary files
         points = sorted({1, 2, 3, *points})
     for kill in points:
-        _kill_and_rerun(case, tmp_path / "work", kill)
-    _kill_and_rerun(case, tmp_path / "work", random.Random(writer).uniform(0.5, 4.0))
+        _kill_and_rerun(writer, case, tmp_path / "work", kill)
+    _kill_and_rerun(writer, case, tmp_path / "work", random.Random(name).uniform(0, case.seconds))

@@ -104,7 +104,8 @@ def stem_problem(stem) -> str | None:
         return "contains a path separator"
     if stem.startswith(".."):
         return "starts with '..' (a path traversal)"
-    if PurePosixPath(stem).is_absolute() or PureWindowsPath(stem).is_absolute() or PureWindowsPath(stem).drive:
+    # With no separator left, only a drive ('C:', 'C:name') can make it absolute or qualified.
+    if ":" in stem and (PurePosixPath(stem).is_absolute() or PureWindowsPath(stem).is_absolute() or PureWindowsPath(stem).drive):
         return "is an absolute or drive-qualified path"
     return None
 
@@ -165,7 +166,7 @@ def images_by_stem(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
         raise InputError(f"{folder}: folder not found")
     found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
+    for path in sorted(folder.iterdir(), key=lambda path: path.name):  # as paths sort, by name alone
         if path.suffix.lower() in IMAGE_EXTENSIONS:
             _check_utf8_name(path)
             _check_regular_file(path)

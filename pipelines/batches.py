@@ -23,12 +23,12 @@ import numpy as np
 BATCH_BYTES = 32 << 20
 
 
-def consecutive_runs(counts, bytes_per_pixel: int, alone=None) -> list[range]:
+def consecutive_runs(counts, bytes_per_pixel: int, alone=None, budget: int | None = None) -> list[range]:
     """Batches of consecutive items (images, or chunks) of `counts` pixels each, `bytes_per_pixel`
-    read of each pixel, in order, as index ranges: runs that together hold at least `BATCH_BYTES`
-    (the last may hold less); an item of `BATCH_BYTES` or more, or marked in `alone`, a batch of
-    its own."""
-    budget = BATCH_BYTES
+    read of each pixel, in order, as index ranges: runs that together hold at least `budget`
+    bytes (`BATCH_BYTES` by default; the last may hold less); an item of `budget` or more, or
+    marked in `alone`, a batch of its own."""
+    budget = BATCH_BYTES if budget is None else budget
     sizes = np.asarray(counts, dtype=np.int64) * bytes_per_pixel
     single = sizes >= budget if alone is None else (sizes >= budget) | np.asarray(alone, dtype=bool)
     batches, first, held = [], 0, 0

@@ -2,7 +2,7 @@
 
 Every image is probed first (headers only), so mismatched sizes, unsupported formats and missing
 files are reported before anything is written. Pixels are then decoded by one task per group of
-consecutive images (at least a chunk's worth and `GROUP_BYTES` of pixels, or one bigger image),
+consecutive images (at least a chunk's worth and `batches.BATCH_BYTES` of pixels, or one bigger image),
 which reads each file once and hashes the same bytes; each chunk is assembled from the groups it
 overlaps and written by exactly one task, so no two tasks ever write the same chunk, a big image
 is decoded once for all the chunks it spans, and the tasks grow with the corpus's bytes, not its
@@ -41,6 +41,8 @@ from ensir_flow.images import (
     read_image_and_sha256,
 )
 
+from . import batches
+from .batches import consecutive_runs
 from .chunks import chunk_spans, pixel_slice, ranges_of, task_argument
 from .commit import exists, refuse_existing, refuse_or_recover
 from .integrity import CHECKSUMMED_VARIABLES, CHUNK_CHECKSUMS, checksum_template, store_identity
@@ -136,25 +138,6 @@ def source_provenance(corpus: Corpus, hashed: bool = True) -> xr.Dataset:
         {"source_file": (dims, np.array(names, dtype=object)), "source_sha256": (dims, np.array(digests, dtype=object))},
         coords={"source": np.array([name for name, _ in roles], dtype=object), "image": np.array(corpus.stems, dtype=object)},
     )
-
-
-#: The least pixel data (bytes decoded, every source) one decoding task of an ingest holds where a
-#: chunk holds less: a corpus of small images is decoded in few tasks, each long enough to be
-#: worth its scheduling, instead of one task per file.
-GROUP_BYTES = 32 << 20
-
-
-def image_groups(sizes: np.ndarray, least: int) -> list[int]:
-    """The first image of each group of consecutive images (`sizes`: the bytes of each) that one
-    task decodes: a group closes once it holds `least` bytes, and an image of `least` or more is
-    a group of its own."""
-    firsts, held = [], least
-    for i, size in enumerate(np.asarray(sizes).tolist()):
-        if held >= least or size >= least:
-            firsts.append(i)
-            held = 0
-        held += size
-    return firsts
 
 
 @dataclass(frozen=True)
@@ -261,14 +244,16 @@ def _decode_group(paths: np.ndarray, shapes: np.ndarray) -> tuple[np.ndarray, li
 def decoded_groups(corpus: Corpus, infos: list[ImageInfo], chunk_pixels: int) -> PixelBlocks:
     """The planes of `corpus` (models in order, then ground truth and inputs if any) as blocks of
     consecutive images, each decoded and hashed by one task: a group holds at least a chunk's
-    worth of pixels and `GROUP_BYTES`, or one image bigger than that, so a big image is decoded
+    worth of pixels and `batches.BATCH_BYTES`, or one image bigger than that, so a big image is decoded
     once for all the chunks it spans and small ones many to a task."""
     paths = np.array([files for _, files in _roles(corpus)], dtype=object).reshape(-1, len(infos))
     shapes = np.array([(info.height, info.width, info.channels) for info in infos], dtype=np.int64)
     counts = shapes[:, 0] * shapes[:, 1]
     channels = infos[0].channels
     per_pixel = len(paths) * channels
-    firsts = image_groups(counts * per_pixel, max(chunk_pixels * per_pixel, GROUP_BYTES))
+    firsts = [
+        group.start for group in consecutive_runs(counts, per_pixel, budget=max(chunk_pixels * per_pixel, batches.BATCH_BYTES))
+    ]
     bounds = [*firsts, len(infos)]
     tasks = [(_decode_group, paths[:, first:end], shapes[first:end]) for first, end in zip(bounds, bounds[1:])]
     return PixelBlocks.of_tasks("decode-group", tasks, firsts, np.add.reduceat(counts, firsts), len(paths), channels)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from ensir_flow.pipelines import ingest
+from ensir_flow.pipelines import batches, ingest
 from ensir_flow.pipelines.executor import threaded_compute
 from ensir_flow.pipelines.ingest import plan_append, plan_ingest
 from ensir_flow.pipelines.plan import task_count
@@ -49,7 +49,7 @@ def pixels_of(root, models, ds: xr.Dataset) -> np.ndarray:
 def test_many_small_images_take_few_tasks_and_write_what_one_task_per_image_writes(tmp_path, monkeypatch):
     root = tmp_path / "corpus"
     models = make_corpus(root, sizes=TINY)
-    monkeypatch.setattr(ingest, "GROUP_BYTES", 4000)  # groups of about 5 images, each spanning a few chunks
+    monkeypatch.setattr(batches, "BATCH_BYTES", 4000)  # groups of about 5 images, each spanning a few chunks
     plan = plan_ingest(root, str(tmp_path / "grouped.zarr"), chunk_pixels=150)
     decode, write = plan.stages
     compute = Counted()
@@ -62,7 +62,7 @@ def test_many_small_images_take_few_tasks_and_write_what_one_task_per_image_writ
     assert compute.tasks < len(TINY)  # one decoding task per file would be four times as many
     assert write.bytes_written == n_pixels * 4 * 3
 
-    monkeypatch.setattr(ingest, "GROUP_BYTES", 1)  # each image decoded by a task of its own
+    monkeypatch.setattr(batches, "BATCH_BYTES", 1)  # each image decoded by a task of its own
     plan_ingest(root, str(tmp_path / "single.zarr"), chunk_pixels=150).run()
     grouped, single = contents(tmp_path / "grouped.zarr"), contents(tmp_path / "single.zarr")
     xr.testing.assert_identical(grouped, single)
@@ -83,7 +83,7 @@ def test_a_big_image_spanning_many_chunks_is_decoded_once(tmp_path, monkeypatch)
         return original(path, info)
 
     monkeypatch.setattr(ingest, "read_image_and_sha256", counted)
-    monkeypatch.setattr(ingest, "GROUP_BYTES", 1000)
+    monkeypatch.setattr(batches, "BATCH_BYTES", 1000)
     plan = plan_ingest(root, str(tmp_path / "s.zarr"), chunk_pixels=400)
     decode, write = plan.stages
     plan.run()
@@ -106,7 +106,7 @@ def test_a_killed_run_resumes_the_chunks_left_and_an_append_adds_groups(tmp_path
             path.rename(folder / f"new{path.name}")
 
     def ingest_then_append(store: str, group_bytes: int, stop_after: int | None = None):
-        monkeypatch.setattr(ingest, "GROUP_BYTES", group_bytes)
+        monkeypatch.setattr(batches, "BATCH_BYTES", group_bytes)
         if stop_after is not None:
             with pytest.raises(KeyboardInterrupt):
                 plan_ingest(root, store, chunk_pixels=150).run(Counted(stop_after))

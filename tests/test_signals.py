@@ -45,7 +45,7 @@ def _interrupt_ingest(tmp_path: Path, scheduler: str, signum: int, to_group: boo
     make_corpus(tmp_path / "corpus")
     (tmp_path / "slow").mkdir()
     (tmp_path / "slow" / "sitecustomize.py").write_text(textwrap.dedent(SLOW_WRITES))
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "slow"), "SLOW_CHUNK_WRITES": "0.05", "ENSIR_FLOW_SCHEDULER": scheduler}
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "slow"), "SLOW_CHUNK_WRITES": "0.2", "ENSIR_FLOW_SCHEDULER": scheduler}
     marks = tmp_path / ".s.zarr.partial" / "chunk_complete" / "c"  # the resumable staging's completion marks
     run = subprocess.Popen(
         [sys.executable, "-m", "ensir_flow.cli", *COMMAND],

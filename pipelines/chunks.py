@@ -13,6 +13,7 @@ array once and sends the opened array (its location and metadata, about a kiloby
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -21,11 +22,13 @@ import fsspec
 import numpy as np
 import zarr
 from dask.delayed import Delayed
+from dask.highlevelgraph import HighLevelGraph
 
 from ensir_flow import schema
 from ensir_flow.errors import InputError, TransientError, first_line
 
-from .integrity import checksums_of, chunk_checksum, store_identity
+from .batches import consecutive_runs
+from .integrity import CHECKSUM_TAIL, CHECKSUMMED_VARIABLES, CHUNK_CHECKSUMS, chunk_checksum, store_identity
 from .stores import open_group_as_committed
 
 if TYPE_CHECKING:
@@ -35,6 +38,16 @@ if TYPE_CHECKING:
 
 #: How many partial results one merge task of `tree_reduce` combines.
 MERGE_FAN_IN = 8
+#: A pass over a store of at most this many chunks runs a task per chunk (a store spread over
+#: every worker, each task reading one chunk); a pass over more runs a task per run of
+#: consecutive chunks (`chunk_runs`).
+CHUNK_TASKS = 4096
+#: Bytes a task of a pass over a store of more than `CHUNK_TASKS` chunks reads at least: the
+#: scheduler's cost of a task (about a millisecond) and the client's (its key, its few arguments)
+#: are then well under 1% of its work (a second or more of reading and computing), and a pass
+#: over 10^6 Full HD frames (about 10^6 chunks of 2 Mpx) runs tens of thousands of tasks, not
+#: millions. A task reads and handles its chunks one at a time, so it holds one chunk's pixels.
+RUN_BYTES = 512 << 20
 
 
 class Span(NamedTuple):
@@ -62,16 +75,69 @@ def ranges_of(lengths) -> list[tuple[int, int]]:
     return [(int(stop - length), int(stop)) for stop, length in zip(stops, lengths)]
 
 
+def chunk_runs(lengths, bytes_per_pixel: int, budget: int = 1) -> list[range]:
+    """The tasks of a pass over chunks of `lengths` pixels (`bytes_per_pixel` read of each), as
+    runs of consecutive chunks (index ranges): of at least `budget` bytes each (by default a run
+    per chunk) where there are at most `CHUNK_TASKS` chunks, else of at least `RUN_BYTES`."""
+    return consecutive_runs(lengths, bytes_per_pixel, budget=budget if len(lengths) <= CHUNK_TASKS else max(budget, RUN_BYTES))
+
+
+def graph_tasks(kind: str, tasks: list[tuple], arguments: list[Delayed] = ()) -> list[Delayed]:
+    """One Delayed per task of `tasks` (dask's tuples: a function, then its arguments: values, or
+    the keys of `arguments`, Delayed values such as `task_argument`s), as one graph layer named
+    for `kind`. Building it takes microseconds a task; a `dask.delayed` call takes about a
+    millisecond, minutes for a pass of 10^5 tasks."""
+    name = f"{kind}-{uuid.uuid4().hex}"
+    graph = HighLevelGraph.from_collections(name, {(name, i): task for i, task in enumerate(tasks)}, dependencies=list(arguments))
+    return [Delayed((name, i), graph, layer=name) for i in range(len(tasks))]
+
+
+@dataclass(frozen=True)
+class ChunkChecksums:
+    """The XXH3-64 checksums the writer of a store recorded for the chunks of one pixel variable
+    (`integrity`): column `column` of its `chunk_xxh3` array opened as committed, and the
+    committed checksum of its last chunk (`tail`: chunk, checksum), which an append rewrites.
+    Tasks read the rows of the chunks they read (`rows`): a store of 10^6 chunks holds 10^6 rows
+    of one object each, minutes to read on the client."""
+
+    array: zarr.Array
+    column: int
+    tail: tuple[int, int] | None
+
+    def rows(self, first: int, end: int) -> np.ndarray:
+        """The checksums of chunks first:end (those the array holds)."""
+        end = min(end, self.array.shape[0])
+        if end <= first:
+            return np.zeros(0, dtype=np.uint64)
+        values = np.asarray(self.array[first:end, self.column], dtype=np.uint64).reshape(-1)
+        if self.tail is not None and first <= self.tail[0] < end:
+            values[self.tail[0] - first] = self.tail[1]
+        return values
+
+
+def checksums_for(group: zarr.Group, variable: str) -> ChunkChecksums | None:
+    """The `ChunkChecksums` of `variable` in the opened group, or None where the store has none
+    for it (written before chunk checksums)."""
+    if CHUNK_CHECKSUMS not in group:
+        return None
+    array = group[CHUNK_CHECKSUMS]
+    names = list(array.attrs.get(CHECKSUMMED_VARIABLES) or ())
+    if variable not in names:
+        return None
+    column, tail = names.index(variable), group.attrs.get(CHECKSUM_TAIL)
+    return ChunkChecksums(array, column, None if tail is None else (int(tail["chunk"]), int(tail["xxh3"][column])))
+
+
 @dataclass(frozen=True)
 class PixelSource:
-    """A pixel variable of a store as the tasks of a pass read it: the opened array, the XXH3-64 checksum
-    its writer recorded for each chunk (None for a store written before chunk checksums), where
+    """A pixel variable of a store as the tasks of a pass read it: the opened array, the XXH3-64 checksums
+    its writer recorded for its chunks (None for a store written before chunk checksums), where
     the store lies (absolute, as the plan resolved it), its identity when planned
     (`integrity.store_identity`) and, for predictions, the order to read its models in (None:
     the store's own)."""
 
     array: zarr.Array
-    checksums: np.ndarray | None
+    checksums: ChunkChecksums | None
     location: str
     identity: str
     model_order: tuple[int, ...] | None = None
@@ -88,7 +154,7 @@ def pixel_array(store: str, name: str, model_order: tuple[int, ...] | None = Non
     committed pixels, changes nothing that is read."""
     identity = store_identity(str(store))
     group = open_group_as_committed(str(store))
-    return PixelSource(group[name], checksums_of(group, name), str(store), identity, model_order)
+    return PixelSource(group[name], checksums_for(group, name), str(store), identity, model_order)
 
 
 def task_argument(value) -> Delayed:
@@ -109,37 +175,46 @@ def read_pixels(source: PixelSource, start: int, stop: int) -> np.ndarray:
     chunk of another position is an InputError naming the array and the chunk; a store that is no
     longer the one planned (replaced, or another store at that path on this worker) a
     TransientError. A store without checksums is checked for the presence of each chunk only.
+    The checksums are read with the chunks, from the store planned on (its `store_id`; appends
+    keep it): read from another store, they would vouch for its chunks.
     """
     array = source.array
     length, n_pixels = array.chunks[-2], array.shape[-2]
+    first_index, end_index = start // length, -(-stop // length)
+    recorded = None
+    if source.checksums is not None:
+        _refuse_if_another_store(source)
+        recorded = source.checksums.rows(first_index, end_index)
     parts = []
-    for index in range(start // length, -(-stop // length)):
+    for index in range(first_index, end_index):
         first, end = index * length, min((index + 1) * length, n_pixels)
-        chunk = _read_chunk(source, index, first, end)
+        checksum = None if recorded is None or index - first_index >= len(recorded) else recorded[index - first_index]
+        chunk = _read_chunk(source, index, first, end, checksum)
         parts.append(chunk[pixel_slice(array, max(start, first) - first, min(stop, end) - first)])
     pixels = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-2)
     return pixels if source.model_order is None else pixels[list(source.model_order)]
 
 
-def _read_chunk(source: PixelSource, index: int, start: int, stop: int) -> np.ndarray:
-    """Chunk `index` (pixels start:stop) of `source`, read and checked (see `read_pixels`)."""
+def _read_chunk(source: PixelSource, index: int, start: int, stop: int, checksum) -> np.ndarray:
+    """Chunk `index` (pixels start:stop) of `source`, read and checked against `checksum` (the
+    one recorded for it, None where there is none; see `read_pixels`)."""
     array = source.array
     try:
         values = array[pixel_slice(array, start, stop)]
     except (RuntimeError, ValueError) as error:
         values, problem = None, f"unreadable ({first_line(error)})"
     else:
-        problem = _problem_of(source, index, values)
+        problem = _problem_of(source, index, values, checksum)
     if problem is not None:
         _refuse_if_replaced(source)
         raise _bad_chunk(source, index, start, stop, problem)
     return values
 
 
-def _problem_of(source: PixelSource, index: int, values: np.ndarray) -> str | None:
+def _problem_of(source: PixelSource, index: int, values: np.ndarray, checksum) -> str | None:
     """What is wrong with the values read of chunk `index`, if anything: missing, or (where the
-    store has hashes) not the chunk its writer recorded there."""
-    if source.checksums is not None and index < len(source.checksums) and chunk_checksum(values) == source.checksums[index]:
+    store has hashes) not the chunk its writer recorded there (`checksum`)."""
+    if checksum is not None and chunk_checksum(values) == checksum:
         return None
     if not _chunk_exists(source, index):
         return "missing"
@@ -151,6 +226,13 @@ def _chunk_exists(source: PixelSource, index: int) -> bool:
     coords = tuple(index if axis == array.ndim - 2 else 0 for axis in range(array.ndim))
     fs, root = fsspec.core.url_to_fs(source.location)
     return fs.exists(f"{root.rstrip('/')}/{array.path}/{array.metadata.encode_chunk_key(coords)}")
+
+
+def _refuse_if_another_store(source: PixelSource) -> None:
+    """Before reading checksums: refuse (exit 75) a store that is missing, or that has another
+    `store_id` than the one planned on (a store without one: another root metadata document)."""
+    if store_identity(source.location).partition("/")[0] != source.identity.partition("/")[0]:
+        _refuse_if_replaced(source)
 
 
 def _refuse_if_replaced(source: PixelSource) -> None:
@@ -214,8 +296,14 @@ def image_folds(n_images: int, n_folds: int) -> np.ndarray:
     return np.arange(n_images) % n_folds
 
 
-def tree_reduce(parts: list, combine, fan_in: int = MERGE_FAN_IN):
-    """Combine delayed parts in a tree of `fan_in`-way merges (bounded memory per merge task)."""
-    while len(parts) > 1:
-        parts = [dask.delayed(combine, pure=True)(*parts[i : i + fan_in]) for i in range(0, len(parts), fan_in)]
-    return parts[0]
+def tree_reduce(parts: list[Delayed], combine, fan_in: int = MERGE_FAN_IN) -> Delayed:
+    """Combine delayed parts in a tree of `fan_in`-way merges (bounded memory per merge task),
+    written as one graph layer (see `graph_tasks`)."""
+    if len(parts) == 1:
+        return parts[0]
+    name, layer, keys, level = f"tree-{uuid.uuid4().hex}", {}, [part.key for part in parts], 0
+    while len(keys) > 1:
+        merged = [(name, level, i) for i in range(-(-len(keys) // fan_in))]
+        layer.update({key: (combine, *keys[i * fan_in : (i + 1) * fan_in]) for i, key in enumerate(merged)})
+        keys, level = merged, level + 1
+    return Delayed(keys[0], HighLevelGraph.from_collections(name, layer, dependencies=parts), layer=name)

@@ -34,13 +34,16 @@ from ensir_flow.stats import (
 )
 
 from .chunks import (
+    CHUNK_TASKS,
     MERGE_FAN_IN,
     Span,
-    chunk_ranges,
+    chunk_runs,
     chunk_spans,
+    graph_tasks,
     image_folds,
     pixel_array,
     pixel_chunk_lengths,
+    ranges_of,
     read_pixels,
     task_argument,
     tree_reduce,
@@ -59,6 +62,8 @@ from .stores import open_group_as_committed, open_store_index
 PASS_BYTES = DEFAULT_PASS_MEMORY_MIB << 20
 #: Statistics in passes size their ranges on a sample of the cells: those of every this many pixels.
 SAMPLE_STRIDE = 8
+#: Images whose source SHA-256s `_what_fit_reads` digests at a time.
+SHA256_BATCH = 1 << 16
 #: Store attributes that must be as planned when fit has read the store (`_what_fit_reads`).
 READ_AS_PLANNED_ATTRIBUTES = ("models", "model_files", "inference", "store_id")
 
@@ -145,17 +150,52 @@ def _merge_guarded(*parts: tuple) -> tuple:
     )
 
 
-def chunk_tasks(store: str, ds, n_folds: int, task, *arguments) -> list:
-    """One delayed `task(predictions, truth, start, stop, spans, n_folds, *arguments)` per chunk of
-    the store `store` (opened as `ds` by `open_store` or `open_store_index`, with ground truth): its
-    arrays, its pixels start:stop and their (start, stop, fold) spans for `n_folds` folds of images."""
+def chunk_tasks(store: str, ds, n_folds: int, task, combine, *arguments) -> list:
+    """The tasks of a pass over the chunks of the store `store` (opened as `ds` by `open_store` or
+    `open_store_index`, with ground truth): one per run of consecutive chunks (`chunks.chunk_runs`:
+    a chunk each on a store of few chunks), which returns the `combine` of its chunks'
+    `task(predictions, truth, start, stop, spans, n_folds, *arguments)` (the store's arrays, a
+    chunk's pixels start:stop and their (start, stop, fold) spans for `n_folds` folds of images).
+    A task is given its images' offsets and sizes, not their spans: it makes those of each chunk
+    as it reads it (`_run_of_chunks`)."""
     index = schema.ImageIndex.from_dataset(ds)
-    spans = chunk_spans(index.offsets, index.counts, image_folds(len(index.stems), n_folds), pixel_chunk_lengths(ds))
+    offsets, counts = index.offsets, index.counts
+    folds = image_folds(len(index.stems), n_folds)
+    lengths = np.asarray(pixel_chunk_lengths(ds), dtype=np.int64)
+    stops = np.cumsum(lengths)
     predictions, truth = (task_argument(pixel_array(store, name)) for name in (schema.PREDICTION, schema.GROUND_TRUTH))
-    return [
-        dask.delayed(task, pure=True)(predictions, truth, start, stop, chunk, n_folds, *arguments)
-        for (start, stop), chunk in zip(chunk_ranges(ds), spans)
-    ]
+    tasks = []
+    for run in chunk_runs(lengths, (ds.sizes["model"] + 1) * ds.sizes["channel"]):
+        start, stop = int(stops[run.start] - lengths[run.start]), int(stops[run.stop - 1])
+        first, end = np.searchsorted(offsets + counts, start, side="right"), np.searchsorted(offsets, stop, side="left")
+        tasks.append(
+            (
+                _run_of_chunks,
+                task,
+                combine,
+                predictions.key,
+                truth.key,
+                start,
+                lengths[run.start : run.stop],
+                offsets[first:end] - start,
+                counts[first:end],
+                folds[first:end],
+                n_folds,
+                *arguments,
+            )
+        )
+    return graph_tasks(getattr(task, "__name__", "chunks").strip("_"), tasks, [predictions, truth])
+
+
+def _run_of_chunks(task, combine, predictions, truth, start: int, lengths, offsets, counts, folds, n_folds: int, *arguments):
+    """One task: `task` on each chunk of `lengths` pixels from pixel `start` on, one after another
+    (its images at `offsets`, from `start`, of `counts` pixels, in `folds`), the results combined
+    as they come, so that the task holds one chunk's pixels and one running result."""
+    result = None
+    for (lo, hi), spans in zip(ranges_of(lengths), chunk_spans(offsets, counts, folds, tuple(lengths))):
+        part = task(predictions, truth, start + lo, start + hi, spans, n_folds, *arguments)
+        result = part if result is None else combine(result, part)
+    return result
 
 
 def statistics_graph(
@@ -172,7 +212,7 @@ def statistics_graph(
     `first_bins`, of one range of cells (`stats.chunk_statistics`), merged two at a time: each
     merge lets its parts go as soon as they are done, where a pass's memory is what counts."""
     return tree_reduce(
-        chunk_tasks(store, ds, n_folds, _chunk_statistics, bin_width, device, moments_kind, first_bins),
+        chunk_tasks(store, ds, n_folds, _chunk_statistics, merge_folds, bin_width, device, moments_kind, first_bins),
         merge_folds,
         MERGE_FAN_IN if first_bins is None else 2,
     )
@@ -419,7 +459,8 @@ def plan_fit(
         "models": ", ".join(models),
         "solver": solver,
         "bin width": f"{bin_width} ({n_bins:,} bins x {n_channels} channels)",
-        "statistics tasks": f"{len(pixel_chunk_lengths(ds))} chunks, merged {MERGE_FAN_IN} at a time"
+        "statistics tasks": f"{read.tasks:,} for {n_chunks:,} chunks (runs of consecutive chunks past {CHUNK_TASKS:,}), "
+        f"merged {MERGE_FAN_IN} at a time"
         + (f", kept in {n_folds} folds of images" if n_folds > 1 else "")
         + (
             f"; in passes over ranges of cells (merged 2 at a time) if a sample of the cells says "
@@ -458,23 +499,32 @@ def _recorded_fit_inputs(lut_path: str) -> str | None:
 
 def _what_fit_reads(ds, n_images: int):
     """What must not change while fit reads the store opened as `ds` (a fit in passes reads it
-    several times): the SHA-256s of the source files of its first `n_images` images and the
+    several times): a digest of the SHA-256s of the source files of its first `n_images` images and the
     attributes that say how predictions were made (`predict`'s model files and options) and which
     store it is (`store_id`, made when it was written), which an `ingest --append` or `predict
     --append` leaves as they are; where it has no SHA-256s, all its attributes."""
     if "source_sha256" not in ds:
         return ds.attrs
-    return (
-        np.asarray(ds["source_sha256"].values)[..., :n_images].tolist(),
-        {name: ds.attrs.get(name) for name in READ_AS_PLANNED_ATTRIBUTES},
-    )
+    sha256 = np.asarray(ds["source_sha256"].values)[..., :n_images]
+    digest = hashlib.sha256()
+    for first in range(0, sha256.shape[-1], SHA256_BATCH):  # the SHA-256s of 10^6 images as Python strings: 0.5 GB
+        digest.update(" ".join(sha256[..., first : first + SHA256_BATCH].ravel().tolist()).encode())
+    return sha256.shape, digest.hexdigest(), {name: ds.attrs.get(name) for name in READ_AS_PLANNED_ATTRIBUTES}
 
 
 def first_pass_graph(store: str, ds, n_folds: int, bin_width: int, device: str, moments_kind: str, pass_bytes: int):
     """The delayed first pass of `fit_in_passes`: each chunk's statistics, if a sample of its cells
     says they fit its share of `pass_bytes` (`_guarded_chunk_statistics`), merged."""
     parts = chunk_tasks(
-        store, ds, n_folds, _guarded_chunk_statistics, bin_width, device, moments_kind, pass_bytes / len(chunk_ranges(ds))
+        store,
+        ds,
+        n_folds,
+        _guarded_chunk_statistics,
+        _merge_guarded,
+        bin_width,
+        device,
+        moments_kind,
+        pass_bytes / len(pixel_chunk_lengths(ds)),
     )
     return tree_reduce(parts, _merge_guarded)
 

@@ -16,14 +16,14 @@ from ensir_flow.images import DEFAULT_PNG_COMPRESSION
 from ensir_flow.lut import Lut
 from ensir_flow.solvers import REGISTRY
 
-from .chunks import chunk_ranges, chunk_spans, pixel_array, read_pixels, task_argument
+from .chunks import CHUNK_TASKS, chunk_runs, chunk_spans, graph_tasks, pixel_array, ranges_of, read_pixels, task_argument
 from .commit import exists, refuse_existing
 from .export import check_export_target, export, export_stages
 from .fingerprint import store_fingerprint
 from .integrity import CHUNK_CHECKSUMS, checksum_template, refuse_changed, store_identity
 from .locks import exclusive_lock
 from .lut_io import read_lut
-from .per_image import image_blend_jobs
+from .per_image import image_blend_jobs, weight_runs
 from .plan import Plan, Stage
 from .resumable import (
     COMPLETE,
@@ -54,15 +54,16 @@ class ApplyResult:
     images_added: int = 0
 
 
-def _blend_chunk_into(
-    combine, arguments: tuple, predictions, start: int, stop: int, ensemble, marks, checksums, index: int
-) -> None:
-    """One task: read chunk start:stop of the array of predictions, combine it, write the result
-    to its own chunk of the array `ensemble`, its checksum (where the output has them: one
-    updated in its own older layout may not) and mark it complete."""
-    write_chunk_then_mark(
-        [(ensemble, combine(read_pixels(predictions, start, stop), *arguments))], marks, index, start, stop, checksums=checksums
-    )
+def _blend_run_into(combine, shared: list, predictions, starts, stops, ensemble, marks, checksums, indices) -> None:
+    """One task: for each chunk `indices[i]` (pixels `starts[i]`:`stops[i]`) in turn, read it from
+    the array of predictions, combine it (`combine(pixels, *shared)`; a list: a function per
+    chunk), write the result to its own chunk of the array `ensemble`, its checksum (where the
+    output has them: one updated in its own older layout may not) and mark it complete. A task
+    holds one chunk, and a killed task leaves the chunks it finished marked."""
+    for i, (index, start, stop) in enumerate(zip(indices.tolist(), starts.tolist(), stops.tolist())):
+        chunk_combine = combine[i] if isinstance(combine, list) else combine
+        pixels = chunk_combine(read_pixels(predictions, start, stop), *shared)
+        write_chunk_then_mark([(ensemble, pixels)], marks, index, start, stop, checksums=checksums)
 
 
 def _blend_into_arrays(arrays: dict, blend_tasks, compute, label: str, check) -> None:
@@ -126,13 +127,17 @@ def plan_apply(
         check_export_target(export_dir, stems, overwrite, source=store)
     chunk_pixels = ds[schema.PREDICTION].encoding["chunks"][1]  # the store's; the output's ensemble is chunked alike
     chunk_lengths = ds[schema.PREDICTION].data.chunks[1]
-    ranges = chunk_ranges(ds)
+    chunk_stops = np.cumsum(chunk_lengths, dtype=np.int64)
+    chunk_starts = chunk_stops - np.asarray(chunk_lengths, dtype=np.int64)
     out = ds[list(schema.IMAGE_VARIABLES)].load()  # written with the template; `ensemble` by the tasks
+    # The arrays the tasks write, as one dask chunk each (the encoding gives their Zarr chunks): the
+    # template is never computed, and a dask chunk per Zarr chunk made writing it a task per chunk.
     out[schema.ENSEMBLE] = (
         ("pixel", "channel"),
-        da.zeros((ds.sizes["pixel"], ds.sizes["channel"]), dtype=np.uint8, chunks=(chunk_lengths, -1)),
+        da.zeros((ds.sizes["pixel"], ds.sizes["channel"]), dtype=np.uint8, chunks=-1),
     )
-    out[CHUNK_CHECKSUMS] = checksum_template(len(chunk_lengths), [schema.ENSEMBLE])
+    checksum_dims, checksum_data, checksum_attrs = checksum_template(len(chunk_lengths), [schema.ENSEMBLE])
+    out[CHUNK_CHECKSUMS] = (checksum_dims, da.zeros(checksum_data.shape, dtype=checksum_data.dtype, chunks=-1), checksum_attrs)
     out.attrs = schema.store_attributes(
         models,
         ds.sizes["channel"],
@@ -143,9 +148,11 @@ def plan_apply(
         **RESUME_PROTOCOL,
     )
     out = schema.annotate(out)
-    encoding = {schema.ENSEMBLE: schema.pixel_encoding((chunk_pixels, ds.sizes["channel"]), compression)}
+    encoding = {
+        schema.ENSEMBLE: schema.pixel_encoding((chunk_pixels, ds.sizes["channel"]), compression),
+        CHUNK_CHECKSUMS: {"chunks": (1, 1)},  # a row per chunk, written by its task
+    }
     index = schema.ImageIndex.from_dataset(ds)
-    spans = chunk_spans(index.offsets, index.counts, np.arange(len(index.stems)), chunk_lengths)
 
     # The LUT until its lookup table is built, then the table alone: the LUT's counts, statuses and
     # digits (140 MB at K = 16 on 10 Mpx) are let go, and the table keeps the LUT's weights.
@@ -154,19 +161,41 @@ def plan_apply(
 
     def blend_tasks(todo, ensemble, marks, checksums, compute) -> list:
         predictions = task_argument(pixel_array(store, schema.PREDICTION, model_order))  # in the LUT's order
+        writes = [None if array is None else task_argument(array) for array in (ensemble, marks, checksums)]
+        arguments = [predictions, *(write for write in writes if write is not None)]
+        runs = chunk_runs(np.asarray(chunk_lengths)[todo], ds.sizes["model"] * ds.sizes["channel"])
         if image_weights is not None:  # gathered from the store first
+            spans = chunk_spans(index.offsets, index.counts, np.arange(len(index.stems)), chunk_lengths)
+            ranges = ranges_of(chunk_lengths)
             jobs = image_blend_jobs(image_weights, predictions, ranges, spans, ds, todo, compute)
+            combines = [
+                [functools.partial(combine, *job_arguments) for combine, job_arguments in jobs[run.start : run.stop]]
+                for run in runs
+            ]
+            shared = []
         else:
             if isinstance(lookup[0], Lut):
                 lookup[0] = lookup[0].lookup_table()
             weights = dask.delayed(lookup[0], pure=True)  # one graph key: sent once to each worker
-            jobs = [(blend, (weights, bin_width, device)) for _ in todo]
-        ensemble, marks = task_argument(ensemble), task_argument(marks)
-        checksums = None if checksums is None else task_argument(checksums)
-        return [
-            dask.delayed(_blend_chunk_into)(combine, arguments, predictions, *ranges[i], ensemble, marks, checksums, int(i))
-            for i, (combine, arguments) in zip(todo, jobs)
-        ]
+            arguments.append(weights)
+            combines, shared = [blend] * len(runs), [weights.key, bin_width, device]
+        write_keys = [None if write is None else write.key for write in writes]
+        tasks = []
+        for run, combine in zip(runs, combines):
+            indices = np.asarray(todo[run.start : run.stop], dtype=np.int64)
+            tasks.append(
+                (
+                    _blend_run_into,
+                    combine,
+                    shared,
+                    predictions.key,
+                    chunk_starts[indices],
+                    chunk_stops[indices],
+                    *write_keys,
+                    indices,
+                )
+            )
+        return graph_tasks("blend", tasks, arguments)
 
     def update(compute) -> ApplyResult:
         with exclusive_lock(output):
@@ -233,7 +262,8 @@ def plan_apply(
         if finished
         else f"an update: the chunks of {ds.sizes['image'] - grown_from} new image(s), appended to {output}"
         if grown_from is not None
-        else f"{len(chunk_lengths)} chunks, one blend + write each, on {device} (resumable from {resumable_location(output)})",
+        else f"{len(chunk_lengths):,} chunks, blended and written one at a time by tasks of runs of consecutive chunks past "
+        f"{CHUNK_TASKS:,} chunks, on {device} (resumable from {resumable_location(output)})",
         "compression": compression,
     }
     if export_dir is not None:
@@ -253,17 +283,24 @@ def plan_apply(
 
 def _apply_stages(chunk_lengths: np.ndarray, todo: np.ndarray, n_channels: int, n_models: int, per_image: bool) -> list[Stage]:
     """What apply will run to compute the chunks `todo` of a store whose pixel chunks are
-    `chunk_lengths` long: a per-image solver first reads every chunk for its images' weights; then
-    one task per chunk reads its predictions, blends them and writes the ensemble."""
+    `chunk_lengths` long: a per-image solver first reads every chunk for its images' weights
+    (`per_image.weight_runs`); then a task per run of chunks (`chunks.chunk_runs`: a chunk each on
+    a store of few chunks) reads their predictions, blends them and writes the ensemble."""
     if not len(todo):
         return []
     pixels = int(chunk_lengths[todo].sum())
     stages = []
     if per_image:
         stages.append(
-            Stage("per-image weights", len(chunk_lengths), len(chunk_lengths), int(chunk_lengths.sum()) * n_channels * n_models)
+            Stage(
+                "per-image weights",
+                len(weight_runs(chunk_lengths, n_models * n_channels)),
+                len(chunk_lengths),
+                int(chunk_lengths.sum()) * n_channels * n_models,
+            )
         )
-    stages.append(Stage("blend and write", len(todo), len(todo), pixels * n_channels * n_models, pixels * n_channels))
+    tasks = len(chunk_runs(chunk_lengths[todo], n_models * n_channels))
+    stages.append(Stage("blend and write", tasks, len(todo), pixels * n_channels * n_models, pixels * n_channels))
     return stages
 
 

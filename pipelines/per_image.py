@@ -12,8 +12,8 @@ import xarray as xr
 
 from ensir_flow.blend import blend_spans, squared_distance_sums
 
-from .batches import consecutive_runs
-from .chunks import Span, read_pixels
+from .batches import BATCH_BYTES
+from .chunks import Span, chunk_runs, read_pixels
 from .executor import Compute
 
 
@@ -36,12 +36,11 @@ def image_blend_jobs(
 def _mean_squared_distances(predictions, ranges, spans, ds: xr.Dataset, compute: Compute) -> np.ndarray:
     """Each image's mean squared distance of each model to the per-pixel mean (images, K): one pass
     of per-chunk, per-image squared distances (`predictions`: the store's opened array as a graph
-    key; `ranges`: its chunks' (start, stop)), a task per run of consecutive chunks of at least
-    `batches.BATCH_BYTES` (`batches.consecutive_runs` of chunks), which reads them one at a time."""
-    bytes_per_pixel = ds.sizes["model"] * ds.sizes["channel"]
+    key; `ranges`: its chunks' (start, stop)), a task per run of consecutive chunks (`weight_runs`),
+    which reads them one at a time."""
     parts = [
         dask.delayed(_chunk_distance_sums, pure=True)(predictions, ranges[run.start : run.stop], spans[run.start : run.stop])
-        for run in consecutive_runs([stop - start for start, stop in ranges], bytes_per_pixel)
+        for run in weight_runs([stop - start for start, stop in ranges], ds.sizes["model"] * ds.sizes["channel"])
     ]
     sums = np.zeros((ds.sizes["image"], ds.sizes["model"]))
     for run_sums in compute(*parts, label="per-image weights"):
@@ -50,6 +49,12 @@ def _mean_squared_distances(predictions, ranges, spans, ds: xr.Dataset, compute:
                 sums[image] += values
     values_per_image = ds["pixel_count"].values[:, None] * ds.sizes["channel"]
     return sums / values_per_image
+
+
+def weight_runs(chunk_lengths, bytes_per_pixel: int) -> list[range]:
+    """The tasks of the pass that gathers the images' weights: runs of consecutive chunks of at
+    least `batches.BATCH_BYTES` (of `chunks.RUN_BYTES` on a store of many chunks: `chunks.chunk_runs`)."""
+    return chunk_runs(chunk_lengths, bytes_per_pixel, budget=BATCH_BYTES)
 
 
 def _chunk_distance_sums(

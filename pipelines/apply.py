@@ -66,6 +66,11 @@ def _blend_run_into(combine, shared: list, predictions, starts, stops, ensemble,
         write_chunk_then_mark([(ensemble, pixels)], marks, index, start, stop, checksums=checksums)
 
 
+def _combine_with(combine, arguments: tuple, pixels: np.ndarray) -> np.ndarray:
+    """`combine(pixels, *arguments)`: a chunk's combine with its own arguments, as one function."""
+    return combine(pixels, *arguments)
+
+
 def _blend_into_arrays(arrays: dict, blend_tasks, compute, label: str, check) -> None:
     """Compute `blend_tasks(ensemble, marks, checksums)` into `arrays` (name -> zarr array opened
     for writing, as `resumable.committed_append` gives them), then `check()` what was read."""
@@ -169,7 +174,10 @@ def plan_apply(
             ranges = ranges_of(chunk_lengths)
             jobs = image_blend_jobs(image_weights, predictions, ranges, spans, ds, todo, compute)
             combines = [
-                [functools.partial(combine, *job_arguments) for combine, job_arguments in jobs[run.start : run.stop]]
+                [
+                    functools.partial(_combine_with, combine, job_arguments)
+                    for combine, job_arguments in jobs[run.start : run.stop]
+                ]
                 for run in runs
             ]
             shared = []

@@ -160,6 +160,7 @@ def chunk_tasks(store: str, ds, n_folds: int, task, combine, *arguments) -> list
     as it reads it (`_run_of_chunks`)."""
     index = schema.ImageIndex.from_dataset(ds)
     offsets, counts = index.offsets, index.counts
+    image_stops = offsets + counts
     folds = image_folds(len(index.stems), n_folds)
     lengths = np.asarray(pixel_chunk_lengths(ds), dtype=np.int64)
     stops = np.cumsum(lengths)
@@ -167,7 +168,7 @@ def chunk_tasks(store: str, ds, n_folds: int, task, combine, *arguments) -> list
     tasks = []
     for run in chunk_runs(lengths, (ds.sizes["model"] + 1) * ds.sizes["channel"]):
         start, stop = int(stops[run.start] - lengths[run.start]), int(stops[run.stop - 1])
-        first, end = np.searchsorted(offsets + counts, start, side="right"), np.searchsorted(offsets, stop, side="left")
+        first, end = np.searchsorted(image_stops, start, side="right"), np.searchsorted(offsets, stop, side="left")
         tasks.append(
             (
                 _run_of_chunks,

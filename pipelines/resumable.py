@@ -156,7 +156,9 @@ def start_resumable(path: str, template: xr.Dataset, encoding: dict, n_chunks: i
         {
             COMPLETE: (
                 "chunk",
-                dask.array.zeros(n_chunks, dtype=np.uint8, chunks=1),
+                # one dask chunk (the encoding gives a Zarr chunk per mark): never computed, and a
+                # dask chunk per mark made writing the template a task per chunk (minutes at 10^6)
+                dask.array.zeros(n_chunks, dtype=np.uint8, chunks=-1),
                 {
                     "long_name": "chunk of pixels written",
                     "flag_values": [0, 1],

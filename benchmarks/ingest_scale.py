@@ -17,7 +17,8 @@ corpora hard links into the largest) is ingested at the default --chunk-pixels o
 - ingest s: the whole ingest (plan, decode, write, commit), and its peak RSS;
 - decode s: decoding and hashing every file once (`images.read_image_and_sha256`, as the
   ingest's tasks do) on as many threads as dask's threaded scheduler uses, and the ratio of the
-  two.
+  two;
+- objects: the files the store is made of (each an object on object storage).
 """
 
 import argparse
@@ -122,9 +123,12 @@ def measure(mode: str, corpus: Path, work: Path) -> dict:
     output = subprocess.run(
         [sys.executable, __file__, "--child", mode, str(corpus), str(store)], check=True, capture_output=True, text=True
     ).stdout
+    measured = json.loads(output.splitlines()[-1])
+    if store.exists():  # the objects a store of this many images is made of (files here; objects on S3)
+        measured["objects"] = sum(1 for path in store.rglob("*") if path.is_file())
     for leftover in work.glob("store*"):
         shutil.rmtree(leftover)
-    return json.loads(output.splitlines()[-1])
+    return measured
 
 
 def main() -> None:
@@ -146,7 +150,7 @@ def main() -> None:
         print(f"corpus of {sizes[-1]:,} images ({options.models} models and ground truth): {time.perf_counter() - started:.1f} s")
         header = (
             f"{'images':>8} {'tasks':>7} {'plan s':>7} {'plan CPU s':>11} {'plan MiB':>9} {'ingest s':>9} {'ingest MiB':>11} "
-            f"{'decode s':>9} {'ratio':>6}"
+            f"{'decode s':>9} {'ratio':>6} {'objects':>8}"
         )
         print(header)
         for n_images in sizes:
@@ -159,7 +163,8 @@ def main() -> None:
             print(
                 f"{n_images:>8,} {ingest['tasks']:>7,} {plan['seconds']:>7.2f} {plan['cpu']:>11.2f} {plan['mib']:>9.0f} "
                 f"{ingest['seconds']:>9.1f} "
-                f"{ingest['mib']:>11.0f} {decode['seconds']:>9.1f} {ingest['seconds'] / decode['seconds']:>6.2f}",
+                f"{ingest['mib']:>11.0f} {decode['seconds']:>9.1f} {ingest['seconds'] / decode['seconds']:>6.2f} "
+                f"{ingest['objects']:>8,}",
                 flush=True,
             )
     finally:

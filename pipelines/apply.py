@@ -16,7 +16,16 @@ from ensir_flow.images import DEFAULT_PNG_COMPRESSION
 from ensir_flow.lut import Lut
 from ensir_flow.solvers import REGISTRY
 
-from .chunks import CHUNK_TASKS, chunk_runs, chunk_spans, graph_tasks, pixel_array, ranges_of, read_pixels, task_argument
+from .chunks import (
+    CHUNK_TASKS,
+    chunk_runs,
+    chunk_spans,
+    graph_tasks,
+    pixel_array,
+    ranges_of,
+    read_pixels,
+    task_argument,
+)
 from .commit import exists, refuse_existing
 from .export import check_export_target, export, export_stages
 from .fingerprint import store_fingerprint
@@ -253,12 +262,12 @@ def plan_apply(
             tasks = blend_tasks(
                 todo, *(open_array_for_writing(staging, name) for name in (schema.ENSEMBLE, COMPLETE, CHUNK_CHECKSUMS)), compute
             )
-            compute(*tasks, label=f"apply ({len(tasks)} of {len(done)} chunks)" if resuming else "apply")
+            compute(*tasks, label=f"apply ({len(todo)} of {len(done)} chunks)" if resuming else "apply")
             refuse_changed(store, planned_store)
             commit_resumable(output)
         if export_dir is not None:
             export(output, export_dir, compute, overwrite, compression=png_compression)
-        return ApplyResult(open_store(output), "resumed" if resuming else "written", len(done), len(tasks))
+        return ApplyResult(open_store(output), "resumed" if resuming else "written", len(done), len(todo))
 
     details = {
         "store": str(store),

@@ -84,12 +84,21 @@ def chunk_runs(lengths, bytes_per_pixel: int, budget: int = 1) -> list[range]:
 
 def graph_tasks(kind: str, tasks: list[tuple], arguments: list[Delayed] = ()) -> list[Delayed]:
     """One Delayed per task of `tasks` (dask's tuples: a function, then its arguments: values, or
-    the keys of `arguments`, Delayed values such as `task_argument`s), as one graph layer named
-    for `kind`. Building it takes microseconds a task; a `dask.delayed` call takes about a
-    millisecond, minutes for a pass of 10^5 tasks."""
+    the keys of `arguments`, Delayed values such as `task_argument`s), named for `kind`. Building
+    them takes microseconds a task; a `dask.delayed` call takes about a millisecond, minutes for
+    a pass of 10^5 tasks. Each holds its own task and the arguments alone: dask optimises each
+    Delayed computed against its graph, which for a graph shared by all would take time and
+    memory quadratic in the tasks (tens of GB for 3 x 10^4 tasks)."""
     name = f"{kind}-{uuid.uuid4().hex}"
-    graph = HighLevelGraph.from_collections(name, {(name, i): task for i, task in enumerate(tasks)}, dependencies=list(arguments))
-    return [Delayed((name, i), graph, layer=name) for i in range(len(tasks))]
+    shared = HighLevelGraph.merge(*(argument.dask for argument in arguments)) if arguments else HighLevelGraph({}, {})
+    layers, dependencies = dict(shared.layers), dict(shared.dependencies)
+    argument_layers = {layer for argument in arguments for layer in argument.__dask_layers__()}
+    delayed = []
+    for i, task in enumerate(tasks):
+        layer = f"{name}-{i}"
+        graph = HighLevelGraph({**layers, layer: {(name, i): task}}, {**dependencies, layer: argument_layers})
+        delayed.append(Delayed((name, i), graph, layer=layer))
+    return delayed
 
 
 @dataclass(frozen=True)

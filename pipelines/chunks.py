@@ -198,26 +198,33 @@ def read_pixels(source: PixelSource, start: int, stop: int) -> np.ndarray:
     for index in range(first_index, end_index):
         first, end = index * length, min((index + 1) * length, n_pixels)
         checksum = None if recorded is None or index - first_index >= len(recorded) else recorded[index - first_index]
-        chunk = _read_chunk(source, index, first, end, checksum)
+        chunk = _read_chunk(source, index, first, end)
+        _check_chunk(source, index, first, end, chunk, checksum)
         parts.append(chunk[pixel_slice(array, max(start, first) - first, min(stop, end) - first)])
     pixels = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-2)
     return pixels if source.model_order is None else pixels[list(source.model_order)]
 
 
-def _read_chunk(source: PixelSource, index: int, start: int, stop: int, checksum) -> np.ndarray:
-    """Chunk `index` (pixels start:stop) of `source`, read and checked against `checksum` (the
-    one recorded for it, None where there is none; see `read_pixels`)."""
+def _read_chunk(source: PixelSource, index: int, start: int, stop: int) -> np.ndarray:
+    """Chunk `index` (pixels start:stop) of `source`, read (see `read_pixels`)."""
     array = source.array
     try:
-        values = array[pixel_slice(array, start, stop)]
+        return array[pixel_slice(array, start, stop)]
     except (RuntimeError, ValueError) as error:
-        values, problem = None, f"unreadable ({first_line(error)})"
-    else:
-        problem = _problem_of(source, index, values, checksum)
+        _refuse(source, index, start, stop, f"unreadable ({first_line(error)})")
+
+
+def _check_chunk(source: PixelSource, index: int, start: int, stop: int, values: np.ndarray, checksum) -> None:
+    """Refuse chunk `index` (pixels start:stop) of `source`, read as `values`, if it is missing or
+    not the chunk of `checksum` (the one recorded for it, None where there is none)."""
+    problem = _problem_of(source, index, values, checksum)
     if problem is not None:
-        _refuse_if_replaced(source)
-        raise _bad_chunk(source, index, start, stop, problem)
-    return values
+        _refuse(source, index, start, stop, problem)
+
+
+def _refuse(source: PixelSource, index: int, start: int, stop: int, problem: str):
+    _refuse_if_replaced(source)
+    raise _bad_chunk(source, index, start, stop, problem)
 
 
 def _problem_of(source: PixelSource, index: int, values: np.ndarray, checksum) -> str | None:

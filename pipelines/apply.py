@@ -212,7 +212,7 @@ def plan_apply(
                     indices,
                 )
             )
-        return graph_tasks("blend", tasks, arguments)
+        return graph_tasks("blend", tasks, arguments, apart=True)
 
     def update(compute) -> ApplyResult:
         with exclusive_lock(output):

@@ -82,14 +82,22 @@ def chunk_runs(lengths, bytes_per_pixel: int, budget: int = 1) -> list[range]:
     return consecutive_runs(lengths, bytes_per_pixel, budget=budget if len(lengths) <= CHUNK_TASKS else max(budget, RUN_BYTES))
 
 
-def graph_tasks(kind: str, tasks: list[tuple], arguments: list[Delayed] = ()) -> list[Delayed]:
+def graph_tasks(kind: str, tasks: list[tuple], arguments: list[Delayed] = (), apart: bool = False) -> list[Delayed]:
     """One Delayed per task of `tasks` (dask's tuples: a function, then its arguments: values, or
     the keys of `arguments`, Delayed values such as `task_argument`s), named for `kind`. Building
     them takes microseconds a task; a `dask.delayed` call takes about a millisecond, minutes for
-    a pass of 10^5 tasks. Each holds its own task and the arguments alone: dask optimises each
-    Delayed computed against its graph, which for a graph shared by all would take time and
-    memory quadratic in the tasks (tens of GB for 3 x 10^4 tasks)."""
+    a pass of 10^5 tasks.
+
+    They share one graph layer, for tasks reduced into one result (`tree_reduce`); `apart`, each
+    holds its own task and the arguments alone, for tasks computed as many Delayed: dask
+    optimises each against its graph, which for a graph shared by all takes time and memory
+    quadratic in the tasks (tens of GB for 3 x 10^4 tasks), while a graph of a layer per task
+    makes a reduction's graph slow to handle (minutes for 5 x 10^4 layers)."""
     name = f"{kind}-{uuid.uuid4().hex}"
+    if not apart:
+        layer = {(name, i): task for i, task in enumerate(tasks)}
+        graph = HighLevelGraph.from_collections(name, layer, dependencies=list(arguments))
+        return [Delayed((name, i), graph, layer=name) for i in range(len(tasks))]
     shared = HighLevelGraph.merge(*(argument.dask for argument in arguments)) if arguments else HighLevelGraph({}, {})
     layers, dependencies = dict(shared.layers), dict(shared.dependencies)
     argument_layers = {layer for argument in arguments for layer in argument.__dask_layers__()}

@@ -161,6 +161,7 @@ except TransientError:
 """
 
 
+@pytest.mark.slow  # many racing processes: about 14 s
 def test_runs_finding_the_same_dead_holder_take_the_lock_over_one_at_a_time(tmp_path):
     """Four runs restarted at the same instant after a kill all find the dead run's lock: one takes
     it over, and no two ever hold it at once (each once removed the lock the other had just made),

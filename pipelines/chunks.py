@@ -28,7 +28,7 @@ from ensir_flow import schema
 from ensir_flow.errors import InputError, TransientError, first_line
 
 from .batches import consecutive_runs
-from .integrity import CHECKSUM_TAIL, CHECKSUMMED_VARIABLES, CHUNK_CHECKSUMS, chunk_checksum, store_identity
+from .integrity import ChunkChecksums, checksums_for, chunk_checksum, store_identity
 from .stores import open_group_as_committed
 
 if TYPE_CHECKING:
@@ -107,42 +107,6 @@ def graph_tasks(kind: str, tasks: list[tuple], arguments: list[Delayed] = (), ap
         graph = HighLevelGraph({**layers, layer: {(name, i): task}}, {**dependencies, layer: argument_layers})
         delayed.append(Delayed((name, i), graph, layer=layer))
     return delayed
-
-
-@dataclass(frozen=True)
-class ChunkChecksums:
-    """The XXH3-64 checksums the writer of a store recorded for the chunks of one pixel variable
-    (`integrity`): column `column` of its `chunk_xxh3` array opened as committed, and the
-    committed checksum of its last chunk (`tail`: chunk, checksum), which an append rewrites.
-    Tasks read the rows of the chunks they read (`rows`): a store of 10^6 chunks holds 10^6 rows
-    of one object each, minutes to read on the client."""
-
-    array: zarr.Array
-    column: int
-    tail: tuple[int, int] | None
-
-    def rows(self, first: int, end: int) -> np.ndarray:
-        """The checksums of chunks first:end (those the array holds)."""
-        end = min(end, self.array.shape[0])
-        if end <= first:
-            return np.zeros(0, dtype=np.uint64)
-        values = np.asarray(self.array[first:end, self.column], dtype=np.uint64).reshape(-1)
-        if self.tail is not None and first <= self.tail[0] < end:
-            values[self.tail[0] - first] = self.tail[1]
-        return values
-
-
-def checksums_for(group: zarr.Group, variable: str) -> ChunkChecksums | None:
-    """The `ChunkChecksums` of `variable` in the opened group, or None where the store has none
-    for it (written before chunk checksums)."""
-    if CHUNK_CHECKSUMS not in group:
-        return None
-    array = group[CHUNK_CHECKSUMS]
-    names = list(array.attrs.get(CHECKSUMMED_VARIABLES) or ())
-    if variable not in names:
-        return None
-    column, tail = names.index(variable), group.attrs.get(CHECKSUM_TAIL)
-    return ChunkChecksums(array, column, None if tail is None else (int(tail["chunk"]), int(tail["xxh3"][column])))
 
 
 @dataclass(frozen=True)

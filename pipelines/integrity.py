@@ -21,12 +21,17 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import fsspec
 import numpy as np
 import xxhash
 
 from ensir_flow.errors import InputError, TransientError
+
+if TYPE_CHECKING:
+    import zarr
 
 #: The array of a store's chunk checksums: (chunk, pixel_variable) uint64, one chunk per row.
 CHUNK_CHECKSUMS = "chunk_xxh3"
@@ -95,18 +100,37 @@ def refuse_changed(path: str, planned: str) -> None:
         raise TransientError(f"{path}: {what} while this run read it; nothing was written: run the command again")
 
 
-def checksums_of(group, variable: str) -> np.ndarray | None:
-    """The recorded XXH3-64 checksum of every chunk of `variable` in the opened Zarr group, or None where
-    the store has none for it (written before chunk checksums)."""
+@dataclass(frozen=True)
+class ChunkChecksums:
+    """The XXH3-64 checksums the writer of a store recorded for the chunks of one pixel variable
+    (`integrity`): column `column` of its `chunk_xxh3` array opened as committed, and the
+    committed checksum of its last chunk (`tail`: chunk, checksum), which an append rewrites.
+    Tasks read the rows of the chunks they read (`rows`): a store of 10^6 chunks holds 10^6 rows
+    of one object each, minutes to read on the client."""
+
+    array: zarr.Array
+    column: int
+    tail: tuple[int, int] | None
+
+    def rows(self, first: int, end: int) -> np.ndarray:
+        """The checksums of chunks first:end (those the array holds)."""
+        end = min(end, self.array.shape[0])
+        if end <= first:
+            return np.zeros(0, dtype=np.uint64)
+        values = np.asarray(self.array[first:end, self.column], dtype=np.uint64).reshape(-1)
+        if self.tail is not None and first <= self.tail[0] < end:
+            values[self.tail[0] - first] = self.tail[1]
+        return values
+
+
+def checksums_for(group: zarr.Group, variable: str) -> ChunkChecksums | None:
+    """The `ChunkChecksums` of `variable` in the opened group, or None where the store has none
+    for it (written before chunk checksums)."""
     if CHUNK_CHECKSUMS not in group:
         return None
     array = group[CHUNK_CHECKSUMS]
     names = list(array.attrs.get(CHECKSUMMED_VARIABLES) or ())
     if variable not in names:
         return None
-    column = names.index(variable)
-    checksums = np.asarray(array[:, column], dtype=np.uint64)
-    tail = group.attrs.get(CHECKSUM_TAIL)
-    if tail is not None and 0 <= tail["chunk"] < len(checksums):
-        checksums[tail["chunk"]] = tail["xxh3"][column]
-    return checksums
+    column, tail = names.index(variable), group.attrs.get(CHECKSUM_TAIL)
+    return ChunkChecksums(array, column, None if tail is None else (int(tail["chunk"]), int(tail["xxh3"][column])))

@@ -202,7 +202,7 @@ def record_checksums(arrays: list, checksums, index: int, start: int, stop: int)
 
 def with_checksum_tail(path: str, attrs: dict, n_chunks: int) -> dict:
     """`attrs` with the checksums of chunk `n_chunks - 1` of the store at `path` copied into
-    `CHECKSUM_TAIL`, where readers take the last chunk's checksums from (`integrity.checksums_of`):
+    `CHECKSUM_TAIL`, where readers take the last chunk's checksums from (`integrity.checksums_for`):
     an append rewrites the store's last chunk, if partial, and its row of checksums before its
     commit, so a committed reader must not depend on that row (unchanged where the store has no
     checksums)."""

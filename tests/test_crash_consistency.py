@@ -31,7 +31,7 @@ from kill_after_writes import KILLED, Writer
 from ensir_flow.errors import InputError
 from ensir_flow.images import png_text
 from ensir_flow.pipelines.chunks import pixel_array, read_pixels
-from ensir_flow.pipelines.integrity import CHUNK_CHECKSUMS, checksums_of
+from ensir_flow.pipelines.integrity import CHUNK_CHECKSUMS, checksums_for
 from ensir_flow.pipelines.lut_io import read_lut
 from ensir_flow.pipelines.stores import open_group_as_committed, open_store
 from ensir_flow.schema import check_store
@@ -87,7 +87,7 @@ def state(path: Path):
                 values = read_pixels(pixel_array(str(path), name), 0, ds.sizes["pixel"])
             elif name == CHUNK_CHECKSUMS:  # as readers take them: the last chunk's from the root metadata (an
                 group = open_group_as_committed(str(path))  # append rewrites its row before its commit)
-                values = np.stack([checksums_of(group, variable) for variable in checked])
+                values = np.stack([checksums_for(group, variable).rows(0, ds.sizes["chunk"]) for variable in checked])
             else:
                 values = ds[name].values
             digest.update(

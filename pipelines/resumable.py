@@ -17,6 +17,7 @@ store by (`stores.open_store`).
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import fsspec
@@ -75,6 +76,21 @@ def resize_arrays(path: str, lengths: dict[str, int]) -> None:
 def open_array_for_writing(store: str, name: str):
     """Array `name` of the Zarr group at `store`, opened to write whole chunks (see WRITE_CONFIG)."""
     return zarr.open_array(store=str(store), path=name, mode="r+").with_config(WRITE_CONFIG)
+
+
+@dataclass(frozen=True)
+class ArraysToWrite:
+    """Arrays of the Zarr group at `location` that a pass's tasks write, named, not opened: each
+    task opens them when it runs (`open`), so a plan builds its tasks before what they write
+    exists (a resumable output's staging is made under the writer's lock, once the run starts).
+    A name None stands for an array the output does not have (a task gets None for it)."""
+
+    location: str
+    names: tuple[str | None, ...]
+
+    def open(self) -> list:
+        """The arrays, in the order of `names`, opened to write whole chunks (a metadata read each)."""
+        return [None if name is None else open_array_for_writing(self.location, name) for name in self.names]
 
 
 def committed_append(

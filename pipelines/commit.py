@@ -8,13 +8,15 @@ is killed at.
   exchange where the system has it, else two renames (target aside to `.NAME.replaced`, staging
   into place); a run killed between them is finished by the next writer of that target, and
   readers meanwhile refuse with a message saying so (`stores.open_store`). On object storage (no
-  rename) the move copies every object with the root `zarr.json` last, so the target's root
-  metadata appears only once everything else is there.
+  rename) the move copies every object, concurrently, with the root `zarr.json` last, so the
+  target's root metadata appears only once everything else is there.
 - Files added to an existing folder (an export updated after its store grew) appear in one step
   (`staged_update`).
 - Every writer holds the target's lock while it works (`locks.exclusive_lock`).
 - Resumable outputs (ingest, predict, apply) keep their staging location across runs and are
-  moved into place by `commit` (see `resumable`).
+  moved into place by `commit` (see `resumable`); on object storage, where no store is there
+  yet, they are written in place instead and committed by the one write of their root
+  `zarr.json`, nothing moved (`resumable.resumable_location`).
 """
 
 from __future__ import annotations
@@ -33,11 +35,19 @@ from . import targets
 from .integrity import ROOT_METADATA
 from .locks import exclusive_lock
 from .targets import as_location, sibling
+from .zarr_adapter import forget_listings
 
 
 def exists(path: str) -> bool:
+    """Whether there is a target at `path`: anything but the arrays of a resumable output being
+    written there in place and not yet committed (`targets.staged_in_place`), which are that
+    run's, not a target."""
     fs, root = fsspec.core.url_to_fs(str(path))
-    return fs.exists(root)
+    return _present(fs, root)
+
+
+def _present(fs, root: str) -> bool:
+    return fs.exists(root) and not targets.staged_in_place(fs, root)
 
 
 def refuse_existing(path: str, overwrite: bool, kind: str | None = None) -> None:
@@ -52,22 +62,36 @@ def refuse_existing(path: str, overwrite: bool, kind: str | None = None) -> None
 
 
 def _move_tree(fs, source: str, destination: str) -> None:
-    """Move a directory tree: a rename where the file system has one; else copy every file, the
-    root `zarr.json` last (a Zarr store is complete once it is there), then delete the source."""
+    """Move a directory tree: a rename where the file system has one; else copy every file (one
+    batch of concurrent requests; on S3 server-side copies), then the root `zarr.json` (a Zarr
+    store is complete once it is there), then delete the source, its root `zarr.json` first."""
     if isinstance(fs, LocalFileSystem):
         fs.mv(source, destination, recursive=True)
         return
-    files = sorted(fs.find(source), key=lambda path: path == f"{source}/{ROOT_METADATA}")
-    for path in files:
-        fs.copy(path, destination + path[len(source) :])
-    fs.rm(source, recursive=True)
+    root_metadata = f"{source}/{ROOT_METADATA}"
+    files = fs.find(source)
+    rest = [path for path in files if path != root_metadata]
+    if rest:
+        fs.copy(rest, [destination + path[len(source) :] for path in rest])
+    if root_metadata in files:
+        fs.copy(root_metadata, f"{destination}/{ROOT_METADATA}")
+    _remove_tree(fs, source)
 
 
 def _remove_tree(fs, root: str) -> None:
-    """Delete a directory tree, its root `zarr.json` first, so a half-deleted store is never read as one."""
+    """Delete a directory tree, its root `zarr.json` first, so a half-deleted store is never read
+    as one (on object storage the rest goes in concurrent batches of many objects a request)."""
     if fs.exists(f"{root}/{ROOT_METADATA}"):
         fs.rm(f"{root}/{ROOT_METADATA}")
-    fs.rm(root, recursive=True)
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+    _forget_listings(fs, root)
+
+
+def _forget_listings(fs, root: str) -> None:
+    """After deleting under `root` on object storage, drop zarr's cached listings there (`zarr_adapter.forget_listings`)."""
+    if not isinstance(fs, LocalFileSystem):
+        forget_listings(fs.unstrip_protocol(root))
 
 
 def _finish_interrupted_replacement(fs, root: str) -> None:
@@ -76,7 +100,7 @@ def _finish_interrupted_replacement(fs, root: str) -> None:
     completed). With both present, the retired copy is stale: remove it."""
     retired = sibling(root, "replaced")
     if fs.exists(retired):
-        if fs.exists(root):
+        if _present(fs, root):
             _remove_tree(fs, retired)
         else:
             _move_tree(fs, retired, root)
@@ -126,7 +150,7 @@ def staged_output(path: str, overwrite: bool = False, kind: str | None = None):
         refuse_existing(path, overwrite, kind)
         staging = sibling(root, "partial")
         if fs.exists(staging):
-            fs.rm(staging, recursive=True)
+            _remove_tree(fs, staging)
         try:
             yield as_location(fs, staging, path)
             refuse_existing(path, overwrite, kind or targets.kind_of(as_location(fs, staging, path)))
@@ -176,6 +200,7 @@ def _remove_staging(fs, staging: str, attempts: int = 5) -> None:
             time.sleep(0.1 * (attempt + 1))
     if fs.exists(staging):
         fs.rm(staging, recursive=True)
+    _forget_listings(fs, staging)
 
 
 def commit(staging: str, path: str) -> None:

@@ -3,7 +3,9 @@
 The consolidated metadata in a store's root `zarr.json` is its committed state: an append in
 progress (or killed) has grown the arrays' own metadata but not it (`resumable.committed_append`),
 so every reader opens a store by it. A store being replaced by a run that was interrupted, or one
-whose root metadata is missing, is refused, saying what to do (see `commit`). Stores open with
+whose root metadata is missing, is refused, saying what to do (see `commit`); so is one being
+written in place on object storage, which has no root metadata until its commit
+(`resumable.resumable_location`): there is no store there yet, for plain xarray either. Stores open with
 xarray (`open_store`) or, for readers that need only the arrays and the index of images, with
 zarr alone (`open_store_index`).
 """
@@ -24,7 +26,7 @@ import zarr
 from ensir_flow.errors import InputError, first_line
 
 from .integrity import ROOT_METADATA
-from .targets import as_location, sibling
+from .targets import as_location, sibling, staged_in_place
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -72,6 +74,10 @@ def _openable(path: str):
                 f"rename {as_location(fs, sibling(root, 'replaced'), path)} back)"
             )
         raise InputError(f"{path}: store not found")
+    if staged_in_place(fs, root):
+        raise InputError(
+            f"{path}: store not found (a run writing it in place has not committed it; re-run that command to finish it)"
+        )
     if not fs.exists(f"{root}/{ROOT_METADATA}"):
         raise InputError(
             f"{path}: not a Zarr store (no {ROOT_METADATA}; an interrupted write? re-run the command "

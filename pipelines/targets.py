@@ -29,6 +29,7 @@ import zipfile
 from collections.abc import Mapping
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from ensir_flow.errors import InputError
 
@@ -61,6 +62,10 @@ DEMO_ENTRIES = frozenset(
 LUT_FILE_KEYS = frozenset({"format_version", "models", "bin_width", "bin_index", "fit_status_meanings", "sha256"})
 #: What a writer leaves beside its target (`sibling`): staging, a retired copy, its lock.
 SIBLING = re.compile(r"^\..+\.(partial|replaced|lock)$")
+#: The attribute of a resumable output's staging (`.NAME.partial`) saying that its arrays are
+#: written in place, under the target itself, which has no root `zarr.json` until the commit
+#: (`resumable.resumable_location`): what is there is that run's, not a target.
+WRITTEN_IN_PLACE = "written_in_place"
 #: The footer of every report page (`ensir_flow.report.page`).
 REPORT_FOOTER = "Made by ensir-flow "
 
@@ -74,6 +79,20 @@ def sibling(root: str, tag: str) -> str:
     staging (`partial`), its retired copy (`replaced`) or its lock (`lock`)."""
     parent, _, name = root.rstrip("/").rpartition("/")
     return f"{parent}/.{name}.{tag}" if parent else f".{name}.{tag}"
+
+
+def staged_in_place(fs, root: str) -> bool:
+    """Whether `root` (object storage) holds no store but the arrays of a resumable output being
+    written in place, not yet committed: no root `zarr.json`, and a staging beside it that says
+    so (`WRITTEN_IN_PLACE`). Such a prefix is no target: no reader finds a store there, and the
+    run that wrote it resumes it or removes it (`resumable.resumable_marks`)."""
+    if isinstance(fs, LocalFileSystem) or fs.exists(f"{root}/zarr.json"):
+        return False
+    try:
+        attrs = json.loads(fs.cat_file(f"{sibling(root, 'partial')}/zarr.json")).get("attributes") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return attrs.get(WRITTEN_IN_PLACE) is True
 
 
 def as_location(fs, path: str, like: str) -> str:
@@ -150,6 +169,8 @@ def refuse_replacing(path, kind: str | None = None) -> None:
     (None: any of ensir-flow's kinds); the message names it and says what it is."""
     fs, root = fsspec.core.url_to_fs(str(path))
     if not fs.exists(root) and not (not is_url(path) and os.path.islink(path)):
+        return
+    if staged_in_place(fs, root):
         return
     found = kind_of(path)
     if found is not None and (kind is None or found == kind):

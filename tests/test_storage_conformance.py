@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 
+import fsspec
 import numpy as np
 import pytest
 
@@ -15,7 +16,7 @@ from ensir_flow.errors import InputError, TransientError
 from ensir_flow.pipelines import apply as apply_pipeline
 from ensir_flow.pipelines.commit import exists
 from ensir_flow.pipelines.locks import exclusive_lock
-from ensir_flow.pipelines.resumable import resumable_location
+from ensir_flow.pipelines.targets import sibling
 from helpers import s3_server
 
 
@@ -36,6 +37,18 @@ def s3_bucket_for_conformance(monkeypatch):
         yield "s3://ensir-test"
 
 
+def staging_of(path: str) -> str:
+    """The staging `.NAME.partial` beside `path`: the whole run, or the record of one written in place."""
+    fs, root = fsspec.core.url_to_fs(path)
+    return fs.unstrip_protocol(sibling(root, "partial"))
+
+
+def anything_at(path: str) -> bool:
+    """Whether any file or object is at `path`, a store or not."""
+    fs, root = fsspec.core.url_to_fs(path)
+    return fs.exists(root)
+
+
 @pytest.fixture
 def reference(base, corpus):
     root, _ = corpus
@@ -49,7 +62,7 @@ def test_a_held_lock_refuses_a_second_writer_and_leaves_nothing(base, reference)
     with exclusive_lock(f"{base}/out.zarr"):
         with pytest.raises(TransientError, match="in use by another run"):
             ensir_flow.apply(store, lut, f"{base}/out.zarr", progress=False)
-    assert not exists(f"{base}/out.zarr") and not exists(resumable_location(f"{base}/out.zarr"))
+    assert not anything_at(f"{base}/out.zarr") and not anything_at(staging_of(f"{base}/out.zarr"))
     assert ensir_flow.apply(store, lut, f"{base}/out.zarr", progress=False).status == "written"
 
 
@@ -72,12 +85,14 @@ def test_a_failed_run_commits_nothing_and_the_next_resumes_to_the_same_bytes(bas
     monkeypatch.setattr(apply_pipeline, "write_chunk_then_mark", last_chunk_fails)
     with pytest.raises(OSError, match="injected"):
         ensir_flow.apply(store, lut, f"{base}/out.zarr", progress=False)
-    assert not exists(f"{base}/out.zarr") and exists(resumable_location(f"{base}/out.zarr"))
+    assert not exists(f"{base}/out.zarr") and exists(staging_of(f"{base}/out.zarr"))
+    with pytest.raises(InputError, match="store not found"):
+        ensir_flow.open_store(f"{base}/out.zarr")
     monkeypatch.setattr(apply_pipeline, "write_chunk_then_mark", real)
     resumed = ensir_flow.apply(store, lut, f"{base}/out.zarr", progress=False)
     assert (resumed.status, resumed.chunks_total, resumed.chunks_computed) == ("resumed", 4, 4 - len(written))
     assert sorted(written) == [0, 1, 2]
-    assert not exists(resumable_location(f"{base}/out.zarr"))
+    assert not anything_at(staging_of(f"{base}/out.zarr"))
     same = [ensir_flow.open_store(path)["ensemble"].values for path in (f"{base}/out.zarr", f"{base}/whole.zarr")]
     assert np.array_equal(*same)
 

@@ -1,0 +1,170 @@
+"""Resumable outputs on object storage are written in place and committed by one write of their
+root `zarr.json`: before it there is no store at the target for any reader (plain xarray too), a
+run failed or killed before it leaves none and the next run resumes, and the commit costs a
+number of requests that does not grow with the chunks. Replacing a store (`--overwrite`) still
+goes through the staging, copied concurrently; what someone else put at the target is refused
+and kept. On fsspec's `memory://` and on an S3 server on loopback (moto; slow)."""
+
+import uuid
+
+import fsspec
+import pytest
+import xarray as xr
+
+import ensir_flow
+from ensir_flow.errors import InputError
+from ensir_flow.pipelines import commit as commit_module
+from ensir_flow.pipelines import resumable
+from ensir_flow.pipelines.commit import exists
+from ensir_flow.pipelines.targets import sibling
+from helpers import s3_server
+
+
+@pytest.fixture(params=["memory", pytest.param("s3", marks=pytest.mark.slow)])
+def base(request):
+    """A location on object storage to write outputs under."""
+    if request.param == "memory":
+        return f"memory://in-place-{uuid.uuid4().hex}"
+    return f"{request.getfixturevalue('s3_bucket')}/{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+def s3_bucket(monkeypatch):
+    with s3_server(monkeypatch):
+        yield "s3://ensir-test"
+
+
+@pytest.fixture
+def reference(tmp_path, corpus):
+    """A local store and its LUT, with the local apply output every in-place output must equal."""
+    root, _ = corpus
+    store, lut = str(tmp_path / "s.zarr"), str(tmp_path / "lut.zarr")
+    ensir_flow.ingest(root, store, chunk_pixels=700, progress=False)
+    ensir_flow.fit(store, lut, progress=False)
+    ensir_flow.apply(store, lut, str(tmp_path / "out.zarr"), progress=False)
+    return store, lut, str(tmp_path / "out.zarr")
+
+
+def objects(path: str) -> list[str]:
+    """Every object under `path`, relative to it."""
+    fs, root = fsspec.core.url_to_fs(path)
+    fs.invalidate_cache()
+    return sorted(name[len(root) + 1 :] for name in fs.find(root))
+
+
+def no_store_at(path: str) -> None:
+    """Assert that no reader finds a store at `path`: ensir-flow's, zarr's through xarray, or `exists`."""
+    assert not exists(path)
+    with pytest.raises(InputError, match="store not found"):
+        ensir_flow.open_store(path)
+    with pytest.raises(FileNotFoundError):
+        xr.open_zarr(path)
+
+
+def same_store(path: str, reference: str) -> None:
+    """Assert that `path` holds the same variables, values and encoding as the store at `reference`."""
+    written, expected = xr.open_zarr(path), xr.open_zarr(reference)
+    xr.testing.assert_identical(written.drop_attrs(), expected.drop_attrs())
+    for name, variable in expected.variables.items():
+        assert written[name].encoding["chunks"] == variable.encoding["chunks"], name
+        assert written[name].encoding["compressors"] == variable.encoding["compressors"], name
+
+
+def test_an_output_written_in_place_is_no_store_until_its_commit(base, reference, monkeypatch):
+    store, lut, local = reference
+    output = f"{base}/out.zarr"
+    seen = []
+    real = resumable.commit_metadata
+
+    def looked_at_before_the_commit(path, attrs, members=None, like=None):
+        if like is not None:  # the commit of an output written in place
+            no_store_at(output)
+            seen.append(objects(output))
+        real(path, attrs, members, like=like)
+
+    monkeypatch.setattr(resumable, "commit_metadata", looked_at_before_the_commit)
+    assert ensir_flow.apply(store, lut, output, progress=False).status == "written"
+    (before,) = seen
+    assert "zarr.json" not in before and "ensemble/c/0/0" in before  # the chunks were written in place
+    same_store(output, local)
+    assert objects(output) == sorted([*before, "zarr.json"])  # committed by that one write, nothing moved
+    assert not exists(sibling(output, "partial"))
+
+
+def test_an_ingest_in_place_drops_its_marks_and_records(base, corpus, tmp_path):
+    root, _ = corpus
+    ensir_flow.ingest(root, str(tmp_path / "s.zarr"), chunk_pixels=700, progress=False)
+    ensir_flow.ingest(root, f"{base}/s.zarr", chunk_pixels=700, progress=False)
+    same_store(f"{base}/s.zarr", str(tmp_path / "s.zarr"))
+    assert {name.partition("/")[0] for name in objects(f"{base}/s.zarr")} == {
+        name.partition("/")[0] for name in objects(str(tmp_path / "s.zarr"))
+    }
+    assert not exists(sibling(f"{base}/s.zarr", "partial"))
+
+
+@pytest.mark.parametrize("command", ["apply", "ingest"])
+def test_a_run_killed_before_its_commit_leaves_no_store_and_the_next_finishes_it(base, reference, corpus, command, monkeypatch):
+    store, lut, local = reference
+    root, _ = corpus
+    output = f"{base}/out.zarr"
+
+    def run():
+        if command == "apply":
+            return ensir_flow.apply(store, lut, output, progress=False)
+        return ensir_flow.ingest(root, output, chunk_pixels=700, progress=False)
+
+    real = resumable.commit_metadata
+
+    def killed(path, attrs, members=None, like=None):
+        if like is not None:
+            raise KeyboardInterrupt("killed between the last chunk and the commit")
+        real(path, attrs, members, like=like)
+
+    monkeypatch.setattr(resumable, "commit_metadata", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    no_store_at(output)
+    monkeypatch.setattr(resumable, "commit_metadata", real)
+    again = run()
+    # apply keeps its marks, so the next run finds every chunk done; ingest's were being dropped: it starts over
+    if command == "apply":
+        assert (again.status, again.chunks_computed) == ("resumed", 0)
+    else:
+        assert (again.status, again.chunks_written) == ("written", again.chunks_total)
+    same_store(output, local if command == "apply" else store)
+    assert not exists(sibling(output, "partial"))
+
+
+def test_objects_of_someone_else_at_the_target_are_refused_and_kept(base, reference):
+    store, lut, _ = reference
+    output = f"{base}/out.zarr"
+    fs, root = fsspec.core.url_to_fs(output)
+    fs.pipe_file(f"{root}/notes.txt", b"mine")
+    for overwrite in (False, True):
+        with pytest.raises(InputError, match="notes.txt|already exists"):
+            ensir_flow.apply(store, lut, output, overwrite=overwrite, progress=False)
+    assert objects(output) == ["notes.txt"] and fs.cat_file(f"{root}/notes.txt") == b"mine"
+
+
+def test_an_overwrite_is_staged_and_readers_see_the_old_store_or_the_new(base, reference, corpus, monkeypatch):
+    store, _, _ = reference
+    root, _ = corpus
+    target = f"{base}/s.zarr"
+    ensir_flow.ingest(root, target, chunk_pixels=700, progress=False)
+    old = ensir_flow.open_store(target).attrs["store_id"]
+    seen, real = [], commit_module._move_tree
+
+    def looked_at(fs, source, destination):
+        try:
+            seen.append(ensir_flow.open_store(target).attrs["store_id"])
+        except InputError as error:
+            seen.append(str(error))
+        real(fs, source, destination)
+
+    monkeypatch.setattr(commit_module, "_move_tree", looked_at)
+    ensir_flow.ingest(root, target, chunk_pixels=500, overwrite=True, progress=False)
+    new = ensir_flow.open_store(target).attrs["store_id"]
+    assert new != old and seen[0] == old  # the new store was staged beside, the old one read meanwhile
+    assert all(item in (old, new) or "a run replacing it was interrupted" in item for item in seen)
+    assert ensir_flow.open_store(target)["prediction"].encoding["chunks"][1] == 500
+    assert not exists(sibling(target, "partial")) and not exists(sibling(target, "replaced"))

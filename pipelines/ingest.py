@@ -17,10 +17,10 @@ one image saw different bytes of a file: a file changed during the run).
 
 import hashlib
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
-import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
@@ -50,12 +50,14 @@ from .locks import exclusive_lock
 from .plan import Plan, Stage
 from .resumable import (
     COMPLETE,
+    ArraysToWrite,
     commit_resumable,
     committed_append,
     open_array_for_writing,
     record_checksums,
     resumable_location,
     resumable_marks,
+    staged_marks,
     start_resumable,
     write_chunk_then_mark,
 )
@@ -280,20 +282,18 @@ def _write_chunk(
     digests: list[list[str]] | None,
     slots: list[tuple[int, int]],
     n_models: int,
-    arrays: list,
-    marks,
-    records,
-    checksums,
+    targets: ArraysToWrite,
     index: int,
     start: int,
     stop: int,
 ) -> None:
     """One task: chunk `index` assembled from the `blocks` it overlaps (`_assembled`) into the
-    prediction array and the ground truth and input arrays there are, their checksums into its row
-    of `checksums`, the SHA-256s of the files they were decoded from into its row of `records`,
-    then the chunk's mark. The SHA-256s [source][image] (the chunk's images in order) are
-    `digests`, or where None, those the blocks return for the images at `slots` (block, image in
-    the block)."""
+    arrays of `targets` (`chunk_targets`, opened here): the prediction array and the ground
+    truth and input arrays there are, their checksums into its row of the checksums, the SHA-256s
+    of the files they were decoded from into its row of the records, then the chunk's mark. The
+    SHA-256s [source][image] (the chunk's images in order) are `digests`, or where None, those
+    the blocks return for the images at `slots` (block, image in the block)."""
+    *arrays, marks, records, checksums = targets.open()
     block = _assembled(shape, blocks, pieces)
     planes = [block[:n_models], *block[n_models:]]
     if digests is None:
@@ -317,16 +317,18 @@ def _extra_names(corpus: Corpus) -> list[str]:
     ]
 
 
-def write_stages(blocks: PixelBlocks, lengths, computed: str) -> list[Stage]:
-    """The stages of writing the planes of `blocks` into a new store in chunks of `lengths`: the
-    blocks' tasks (`computed`: what they do), then one task per chunk that assembles and writes it."""
+def write_stages(blocks: PixelBlocks, n_read: int, lengths, todo: np.ndarray, computed: str, note: str = "") -> list[Stage]:
+    """The stages of writing the chunks `todo` of a store of the planes of `blocks`, in chunks of
+    `lengths`: the `n_read` tasks of the blocks that those chunks overlap (`computed`: what they
+    do), then one task per chunk that assembles and writes it. `note`: what the counts assume."""
     return [
-        Stage(computed, blocks.n_blocks),
+        Stage(computed, n_read),
         Stage(
             "assemble and write chunks",
-            len(lengths),
-            chunks=len(lengths),
-            bytes_written=int(blocks.counts.sum()) * blocks.n_roles * blocks.channels,
+            len(todo),
+            chunks=len(todo),
+            bytes_written=int(np.asarray(lengths)[todo].sum()) * blocks.n_roles * blocks.channels,
+            note=note,
         ),
     ]
 
@@ -420,14 +422,19 @@ def plan_ingest(
         f"consecutive images), {len(lengths)} to assemble and write the chunks of {chunk_pixels:,} pixels",
         "compression": compression,
     }
-    return Plan(
-        f"ingest {len(corpus.stems)} images of {n_models} models",
-        details,
-        store_writer(
-            store, ds, encoding, blocks, extra_names, overwrite, unchanged, "ingest", [files for _, files in _roles(corpus)]
-        ),
-        stages=write_stages(blocks, lengths, "read, decode and hash the source files"),
+    execute, stages = store_writer(
+        store,
+        ds,
+        encoding,
+        blocks,
+        extra_names,
+        overwrite,
+        unchanged,
+        "ingest",
+        "read, decode and hash the source files",
+        [files for _, files in _roles(corpus)],
     )
+    return Plan(f"ingest {len(corpus.stems)} images of {n_models} models", details, execute, stages=stages)
 
 
 def pixel_store(
@@ -481,19 +488,25 @@ def store_writer(
     overwrite: bool,
     unchanged: bool,
     label: str,
+    computed: str,
     source_paths: list[list] | None = None,
-):
-    """execute(compute) writing the store `ds` (from `pixel_store`) resumably: chunks go to a fixed
-    staging location beside `store`, each followed by its completion mark, and the store is moved
-    into place when complete; a run killed half-way is resumed by the same command. Returns an
-    IngestResult (`unchanged` when told so).
+) -> tuple[Callable, list[Stage]]:
+    """execute(compute) writing the store `ds` (from `pixel_store`) resumably, and its stages
+    (`write_stages`; the blocks' tasks do what `computed` says): chunks go to a fixed staging
+    location beside `store` (`resumable.resumable_location`), each followed by its completion
+    mark, and the store is moved into place when complete; a run killed half-way is resumed by the
+    same command. execute returns an IngestResult (`unchanged` when told so).
 
     Each chunk is written by one task from the `blocks` of `ds`'s planes that it overlaps
-    (`_write_chunk`). The SHA-256 of each source file [source][image] comes from the blocks'
-    tasks, which hash the files they decode, where `source_paths` (to hash the files again on a
-    resume) is given; else from `ds` (hashed when planned). Each chunk records the digests of the
-    files whose pixels it holds (`CHUNK_SOURCES`); a resume redoes the complete chunks whose files
-    have changed since, and the commit writes the recorded digests as `source_sha256`."""
+    (`_write_chunk`), which opens the arrays it writes (`chunk_targets`). The tasks are built
+    here, for the chunks a run started now would write (those a killed run of the same inputs
+    left unmarked, `resumable.staged_marks`, or all), and again at run time only if, under the
+    lock, the chunks to write, or where, are others by then. The SHA-256 of each source file
+    [source][image] comes from the blocks' tasks, which hash the files they decode, where
+    `source_paths` (to hash the files again on a resume) is given; else from `ds` (hashed when
+    planned). Each chunk records the digests of the files whose pixels it holds
+    (`CHUNK_SOURCES`); a resume redoes the complete chunks whose files have changed since, and the
+    commit writes the recorded digests as `source_sha256`."""
     n_models = ds.sizes["model"]
     lengths = ds[schema.PREDICTION].chunks[1]
     ranges = ranges_of(lengths)
@@ -522,6 +535,33 @@ def store_writer(
         **encoding,
         CHUNK_SOURCES: {"chunks": (1, n_sources, slots, 32)},
     }
+    identity = {name: ds[name].values for name in IDENTITY_VARIABLES}
+
+    def write_tasks(todo: np.ndarray, location: str) -> list[Delayed]:
+        """One task per chunk of `todo` that assembles it and writes it into the arrays at
+        `location` (`resumable.resumable_location`, see `_write_chunk`)."""
+        targets = task_argument(chunk_targets(location, pixel_variables))
+        tasks = {
+            int(i): (
+                _write_chunk,
+                (blocks.n_roles, lengths[i], blocks.channels),
+                *inputs[i],
+                None if hashed else [[role[image] for image in images[i]] for role in planned],
+                blocks.slots(images[i]) if hashed else [],
+                n_models,
+                targets.key,
+                int(i),
+                *ranges[i],
+            )
+            for i in todo
+        }
+        return blocks.chunk_tasks("write-chunk", tasks, [targets])
+
+    # the chunks a run started now would write, where, and their tasks
+    staged = None if unchanged else staged_marks(store, template.attrs, identity)
+    planned_todo = np.arange(0 if unchanged else len(ranges)) if staged is None else np.flatnonzero(~staged)
+    planned_location = resumable_location(store)
+    writes = write_tasks(planned_todo, planned_location)
 
     def current_digests(wanted: list[tuple[int, int]]) -> list[str]:
         """The SHA-256 now of the files (source, image) `wanted`: read again when the tasks hash them."""
@@ -568,53 +608,46 @@ def store_writer(
             return IngestResult(open_store(store), "unchanged")
         with exclusive_lock(store):
             refuse_or_recover(store, overwrite)
-            done = resumable_marks(store, template.attrs, {name: ds[name].values for name in IDENTITY_VARIABLES})
+            done = resumable_marks(store, template.attrs, identity)
             resuming = done is not None
             if resuming:
-                staging = resumable_location(store)
-            else:
-                staging = start_resumable(store, template, template_encoding, len(ranges))  # pixels and records written below
-                done = np.zeros(len(ranges), dtype=bool)
-            records = open_array_for_writing(staging, CHUNK_SOURCES)
-            marks = open_array_for_writing(staging, COMPLETE)
-            checksums = task_argument(open_array_for_writing(staging, CHUNK_CHECKSUMS))
-            if resuming:
-                stale = stale_chunks(records, done)
+                location = resumable_location(store)
+                stale = stale_chunks(open_array_for_writing(location, CHUNK_SOURCES), done)
+                marks = open_array_for_writing(location, COMPLETE)
                 for i in np.flatnonzero(stale):
                     marks[int(i)] = 0  # unmarked before it is rewritten, so no kill leaves it marked with mixed data
                 done &= ~stale
-            arrays = [task_argument(open_array_for_writing(staging, name)) for name in pixel_variables]
+            else:
+                location = start_resumable(store, template, template_encoding, len(ranges))  # pixels, records: the tasks
+                done = np.zeros(len(ranges), dtype=bool)
             todo = np.flatnonzero(~done)
-            marks_argument, records_argument = task_argument(marks), task_argument(records)
-            tasks = {
-                int(i): (
-                    _write_chunk,
-                    (blocks.n_roles, lengths[i], blocks.channels),
-                    *inputs[i],
-                    None if hashed else [[role[image] for image in images[i]] for role in planned],
-                    blocks.slots(images[i]) if hashed else [],
-                    n_models,
-                    [array.key for array in arrays],
-                    marks_argument.key,
-                    records_argument.key,
-                    checksums.key,
-                    int(i),
-                    *ranges[i],
-                )
-                for i in todo
-            }
+            as_planned = location == planned_location and np.array_equal(todo, planned_todo)
             compute(
-                *blocks.chunk_tasks("write-chunk", tasks, [*arrays, marks_argument, records_argument, checksums]),
+                *(writes if as_planned else write_tasks(todo, location)),
                 label=f"{label} ({len(todo)} of {len(ranges)} chunks)" if resuming else label,
             )
-            sha256 = committed_digests(records)
+            sha256 = committed_digests(open_array_for_writing(location, CHUNK_SOURCES))
             attrs = {**ds.attrs, "source_digest": source_digest(sha256)}
             commit_resumable(store, keep_marks=False, values={"source_sha256": sha256}, drop=(CHUNK_SOURCES,), attrs=attrs)
         written = ds.assign(source_sha256=ds["source_sha256"].copy(data=sha256))
         written.attrs = attrs
         return IngestResult(written, "resumed" if resuming else "written", len(ranges), len(todo))
 
-    return execute
+    note = (
+        f"a killed run of these inputs left {len(ranges) - len(planned_todo):,} of the {len(ranges):,} chunks written "
+        "(those whose source files have changed since are written again)"
+        if staged is not None
+        else ""
+    )
+    n_read = len({key for i in planned_todo for key in inputs[i][0]})  # the blocks the tasks name
+    return execute, [] if unchanged else write_stages(blocks, n_read, lengths, planned_todo, computed, note)
+
+
+def chunk_targets(location: str, pixel_variables: list[str]) -> ArraysToWrite:
+    """The arrays that the task writing a chunk of a pixel store writes at `location` (where
+    `resumable.resumable_location` says; `_write_chunk` opens them): the pixel variables, then the
+    marks, the records of sources and the checksums."""
+    return ArraysToWrite(location, (*pixel_variables, COMPLETE, CHUNK_SOURCES, CHUNK_CHECKSUMS))
 
 
 def refuse_changed_sources(corpus: Corpus, existing: xr.Dataset, store: str) -> None:
@@ -650,7 +683,10 @@ def plan_append(source, store: str, models: list[str] | None = None) -> Plan:
     if not exists(store):
         first = plan_ingest(source, store, models)
         return Plan(
-            f"append to a new store: {first.title}", first.details, lambda compute: first.run(compute).dataset.sizes["image"]
+            f"append to a new store: {first.title}",
+            first.details,
+            lambda compute: first.run(compute).dataset.sizes["image"],
+            stages=first.stages,
         )
     existing = open_store(store)
     store_models = schema.check_store(existing, store)
@@ -757,21 +793,40 @@ def append_plan(
     names = [schema.PREDICTION, *extra_names]
     lengths = blocks.chunk_lengths(chunk_pixels, first_chunk=chunk_pixels - n_existing % chunk_pixels)
     checked_chunks = range(n_existing // chunk_pixels, grown.get("chunk", 0))
+    columns = existing[CHUNK_CHECKSUMS].attrs[CHECKSUMMED_VARIABLES] if checksummed else []
+    # the tasks, built now: each opens the arrays it writes (`ArraysToWrite`), which
+    # `committed_append` has grown by then
+    targets = task_argument(ArraysToWrite(str(store), tuple(names)))
+    n_models = existing.sizes["model"]
+    tasks = {
+        i: (
+            _append_chunk,
+            (blocks.n_roles, stop - start, blocks.channels),
+            held,
+            pieces,
+            n_models,
+            targets.key,
+            n_existing + start,
+            n_existing + stop,
+        )
+        for i, ((start, stop), (held, pieces)) in enumerate(zip(ranges_of(lengths), blocks.chunk_inputs(lengths)))
+    }
+    appends = blocks.chunk_tasks("append-chunk", tasks, [targets])
+    checks = checksum_tasks(store, columns, checked_chunks, chunk_pixels, grown["pixel"]) if checksummed else []
     stages = [
         Stage(computed, blocks.n_blocks),
         Stage(
             "assemble and append chunks",
-            len(lengths),
+            len(appends),
             chunks=len(lengths),
             bytes_written=index.n_pixels * blocks.n_roles * blocks.channels,
         ),
     ]
     if checksummed:
-        columns = existing[CHUNK_CHECKSUMS].attrs[CHECKSUMMED_VARIABLES]
         stages.append(
             Stage(
                 "checksums of the chunks written",
-                len(checked_chunks),
+                len(checks),
                 chunks=len(checked_chunks) * len(columns),
                 bytes_read=(grown["pixel"] - checked_chunks.start * chunk_pixels)
                 * existing.sizes["channel"]
@@ -779,51 +834,48 @@ def append_plan(
             )
         )
 
-    def write_pixels(compute, arrays):  # each new plane into its array, past the committed pixels
-        targets = [task_argument(arrays[name]) for name in names]
-        n_models = existing.sizes["model"]
-        tasks = {
-            i: (
-                _append_chunk,
-                (blocks.n_roles, stop - start, blocks.channels),
-                held,
-                pieces,
-                n_models,
-                [target.key for target in targets],
-                n_existing + start,
-                n_existing + stop,
-            )
-            for i, ((start, stop), (held, pieces)) in enumerate(zip(ranges_of(lengths), blocks.chunk_inputs(lengths)))
-        }
-        compute(*blocks.chunk_tasks("append-chunk", tasks, targets), label="append")
+    def write_pixels(compute):  # each new plane into its array, past the committed pixels
+        compute(*appends, label="append")
         if checksummed:  # the store's last chunk, rewritten whole, and each new one
-            checked = [task_argument(arrays[name]) for name in columns]
-            checksums = task_argument(arrays[CHUNK_CHECKSUMS])
-            compute(
-                *[
-                    dask.delayed(record_checksums)(
-                        checked, checksums, chunk, chunk * chunk_pixels, min((chunk + 1) * chunk_pixels, grown["pixel"])
-                    )
-                    for chunk in checked_chunks
-                ],
-                label="append checksums",
-            )
+            compute(*checks, label="append checksums")
 
     def execute(compute):
         with exclusive_lock(store):
             if store_identity(store) != planned or open_store(store).sizes != existing.sizes:
                 raise TransientError(f"{store}: changed by another run while this one was planned; run it again")
-            committed_append(store, committed, grown, lambda arrays: write_pixels(compute, arrays), image_values, attrs)
+            committed_append(store, committed, grown, lambda _arrays: write_pixels(compute), image_values, attrs)
         return len(index.stems)
 
     return Plan(title, details, execute, stages=stages)
 
 
+def checksum_tasks(store: str, columns: list[str], chunks: range, chunk_pixels: int, n_pixels: int) -> list[Delayed]:
+    """One task per chunk of `chunks` of the store at `store` (`n_pixels` long, in chunks of
+    `chunk_pixels`) that records its row of checksums from the arrays `columns` as they are
+    stored then (`_record_checksums`)."""
+    targets = task_argument(ArraysToWrite(str(store), (*columns, CHUNK_CHECKSUMS)))
+    name = _layer_name("append-checksums")
+    tasks = {
+        (name, chunk): (_record_checksums, targets.key, chunk, chunk * chunk_pixels, min((chunk + 1) * chunk_pixels, n_pixels))
+        for chunk in chunks
+    }
+    graph = HighLevelGraph.from_collections(name, tasks, dependencies=[targets])
+    return [Delayed(key, graph, layer=name) for key in tasks]
+
+
+def _record_checksums(targets: ArraysToWrite, index: int, start: int, stop: int) -> None:
+    """One task: row `index` of the checksums (the last array of `targets`) from chunk `index`
+    (pixels start:stop) of the other arrays of `targets` as they are stored now."""
+    *arrays, checksums = targets.open()
+    record_checksums(arrays, checksums, index, start, stop)
+
+
 def _append_chunk(
-    shape: tuple[int, int, int], blocks: list, pieces: list, n_models: int, arrays: list, start: int, stop: int
+    shape: tuple[int, int, int], blocks: list, pieces: list, n_models: int, targets: ArraysToWrite, start: int, stop: int
 ) -> None:
     """One task of an append: new pixels start:stop of the grown arrays (at most one chunk), assembled
-    from the `blocks` they overlap (`_assembled`), into the prediction array and the others of `arrays`."""
+    from the `blocks` they overlap (`_assembled`), into the prediction array and the others of
+    `targets` (opened here)."""
     chunk = _assembled(shape, blocks, pieces)
-    for array, values in zip(arrays, [chunk[:n_models], *chunk[n_models:]]):
+    for array, values in zip(targets.open(), [chunk[:n_models], *chunk[n_models:]]):
         array[pixel_slice(array, start, stop)] = values

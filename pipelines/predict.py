@@ -44,7 +44,6 @@ from .ingest import (
     source_provenance,
     storable_inputs,
     store_writer,
-    write_stages,
 )
 from .plan import Plan
 from .stores import open_store
@@ -223,12 +222,10 @@ def plan_predict(
             "compression": compression,
         }
     )
-    return Plan(
-        f"predict {len(corpus.stems)} images with {len(models)} model(s)",
-        details,
-        store_writer(store, ds, encoding, blocks, extra_names, overwrite, unchanged, "predict"),
-        stages=write_stages(blocks, lengths, "run the models on each image"),
+    execute, stages = store_writer(
+        store, ds, encoding, blocks, extra_names, overwrite, unchanged, "predict", "run the models on each image"
     )
+    return Plan(f"predict {len(corpus.stems)} images with {len(models)} model(s)", details, execute, stages=stages)
 
 
 def _details(source, store, models: list[ModelFile], samples: int, how: Inference, corpus: Corpus, index, channels) -> dict:
@@ -256,7 +253,10 @@ def plan_predict_append(source, store: str, models: list[ModelFile], how: Infere
     if not exists(store):
         first = plan_predict(source, store, models, how, samples)
         return Plan(
-            f"append to a new store: {first.title}", first.details, lambda compute: first.run(compute).dataset.sizes["image"]
+            f"append to a new store: {first.title}",
+            first.details,
+            lambda compute: first.run(compute).dataset.sizes["image"],
+            stages=first.stages,
         )
     existing = open_store(store)
     schema.check_store(existing, store)

@@ -120,3 +120,81 @@ def test_a_killed_run_resumes_the_chunks_left_and_an_append_adds_groups(tmp_path
     assert stages[0].tasks > 1 and stages[1].chunks > 1  # the new images decoded in several groups, written in several chunks
     ingest_then_append(str(tmp_path / "single.zarr"), 1)
     xr.testing.assert_identical(contents(tmp_path / "grouped.zarr"), contents(tmp_path / "single.zarr"))
+
+
+def test_a_plan_builds_the_write_tasks_of_the_chunks_left_and_the_run_rebuilds_them_only_if_others_are_left(
+    tmp_path, monkeypatch
+):
+    """The plan of a killed ingest builds the tasks of the chunks it left unwritten and counts them;
+    the run computes those, unless a source of a written chunk has changed since the plan (then it
+    builds the tasks again, for the chunks left and those of the old bytes)."""
+    root = tmp_path / "corpus"
+    make_corpus(root, sizes=TINY[:60])
+    n_chunks = -(-sum(h * w for h, w in TINY[:60]) // 150)
+    monkeypatch.setattr(batches, "BATCH_BYTES", 3000)
+    built = Counter()
+    chunk_tasks = ingest.PixelBlocks.chunk_tasks
+
+    def counted_chunk_tasks(self, kind, tasks, arguments=()):
+        built[kind] += len(tasks)
+        return chunk_tasks(self, kind, tasks, arguments)
+
+    monkeypatch.setattr(ingest.PixelBlocks, "chunk_tasks", counted_chunk_tasks)
+
+    def killed_then_planned(store: str):
+        with pytest.raises(KeyboardInterrupt):
+            plan_ingest(root, store, chunk_pixels=150).run(Counted(stop_after=5))  # chunks 0-4 written
+        built.clear()
+        plan = plan_ingest(root, store, chunk_pixels=150)
+        assert built == {"write-chunk": n_chunks - 5}
+        return plan
+
+    fresh = plan_ingest(root, str(tmp_path / "fresh.zarr"), chunk_pixels=150)
+    plan = killed_then_planned(str(tmp_path / "s.zarr"))
+    decode, write = plan.stages
+    assert (write.tasks, write.chunks) == (n_chunks - 5, n_chunks - 5) and "left 5 of the" in write.note
+    assert 0 < decode.tasks < fresh.stages[0].tasks  # the groups that only chunks 0-4 overlap are not decoded
+    compute = Counted()
+    resumed = plan.run(compute)
+    assert built == {"write-chunk": n_chunks - 5}  # the planned tasks, not built again
+    assert compute.tasks == decode.tasks + write.tasks and resumed.chunks_written == write.tasks
+    fresh.run()
+    xr.testing.assert_identical(contents(tmp_path / "s.zarr"), contents(tmp_path / "fresh.zarr"))
+
+    plan = killed_then_planned(str(tmp_path / "changed.zarr"))
+    pixels = iio.imread(root / "model1" / "img0.png")  # in chunk 0, written before the kill
+    iio.imwrite(root / "model1" / "img0.png", 255 - pixels)
+    compute = Counted()
+    resumed = plan.run(compute)
+    assert built["write-chunk"] == 2 * (n_chunks - 5) + 1  # built again: the chunks left and chunk 0
+    assert resumed.chunks_written == plan.stages[1].tasks + 1 and compute.tasks > sum(stage.tasks for stage in plan.stages)
+    plan_ingest(root, str(tmp_path / "again.zarr"), chunk_pixels=150).run()
+    xr.testing.assert_identical(contents(tmp_path / "changed.zarr"), contents(tmp_path / "again.zarr"))
+
+
+def test_an_append_plan_counts_the_tasks_it_builds_and_runs(tmp_path, monkeypatch):
+    root, more = tmp_path / "corpus", tmp_path / "more"
+    make_corpus(root, sizes=TINY[:30])
+    make_corpus(more, sizes=TINY[30:70], seed=1)
+    for folder in more.iterdir():  # stems the store lacks
+        for path in folder.iterdir():
+            path.rename(folder / f"new{path.name}")
+    monkeypatch.setattr(batches, "BATCH_BYTES", 3000)
+    plan_ingest(root, str(tmp_path / "s.zarr"), chunk_pixels=150).run()
+    plan = plan_append(more, str(tmp_path / "s.zarr"))
+    decode, append, checksums = plan.stages
+    first = sum(h * w for h, w in TINY[:30])
+    assert append.tasks == append.chunks == 1 + -(-(sum(h * w for h, w in TINY[30:70]) - (150 - first % 150)) // 150)
+    assert checksums.tasks == append.tasks  # the store's last chunk, rewritten whole, and each new one
+    compute = Counted()
+    assert plan.run(compute) == 40
+    assert compute.tasks == decode.tasks + append.tasks + checksums.tasks
+    both = tmp_path / "both"
+    for folder in root.iterdir():
+        (both / folder.name).mkdir(parents=True)
+        for path in [*folder.iterdir(), *(more / folder.name).iterdir()]:
+            (both / folder.name / path.name).write_bytes(path.read_bytes())
+    appended = contents(tmp_path / "s.zarr")
+    truth = pixels_of(both, ["model0", "model1", "model2"], appended)
+    assert appended.sizes["image"] == 70 and np.array_equal(appended["prediction"].values, truth[:3])
+    assert np.array_equal(appended["ground_truth"].values, truth[3])

@@ -7,17 +7,18 @@ import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
+import zarr
 
 import ensir_flow
 from ensir_flow import schema
 from ensir_flow.blend import blend
 from ensir_flow.errors import InputError, TransientError
 from ensir_flow.images import DEFAULT_PNG_COMPRESSION
-from ensir_flow.lut import Lut
 from ensir_flow.solvers import REGISTRY
 
 from .chunks import (
     CHUNK_TASKS,
+    PixelSource,
     chunk_runs,
     chunk_spans,
     graph_tasks,
@@ -26,19 +27,19 @@ from .chunks import (
     read_pixels,
     task_argument,
 )
-from .commit import exists, refuse_existing
+from .commit import exists, refuse_existing, refuse_or_recover
 from .export import check_export_target, export, export_stages
 from .fingerprint import store_fingerprint
 from .integrity import CHUNK_CHECKSUMS, checksum_template, refuse_changed, store_identity
 from .locks import exclusive_lock
 from .lut_io import read_lut
-from .per_image import image_blend_jobs, weight_runs
+from .per_image import blend_image_spans, image_weights_graph, image_weights_tasks
 from .plan import Plan, Stage
 from .resumable import (
     COMPLETE,
+    ArraysToWrite,
     commit_resumable,
     committed_append,
-    open_array_for_writing,
     resumable_location,
     resumable_marks,
     staged_marks,
@@ -63,28 +64,76 @@ class ApplyResult:
     images_added: int = 0
 
 
-def _blend_run_into(combine, shared: list, predictions, starts, stops, ensemble, marks, checksums, indices) -> None:
+def _blend_run_into(combine, shared: list, predictions, starts, stops, outputs: ArraysToWrite, indices) -> None:
     """One task: for each chunk `indices[i]` (pixels `starts[i]`:`stops[i]`) in turn, read it from
     the array of predictions, combine it (`combine(pixels, *shared)`; a list: a function per
-    chunk), write the result to its own chunk of the array `ensemble`, its checksum (where the
-    output has them: one updated in its own older layout may not) and mark it complete. A task
-    holds one chunk, and a killed task leaves the chunks it finished marked."""
+    chunk), write the result to its own chunk of the array of ensembles, its checksum (where the
+    output has them: one updated in its own older layout may not) and mark it complete
+    (`outputs`: those three arrays, opened here). A task holds one chunk, and a killed task leaves
+    the chunks it finished marked."""
+    ensemble, marks, checksums = outputs.open()
     for i, (index, start, stop) in enumerate(zip(indices.tolist(), starts.tolist(), stops.tolist())):
         chunk_combine = combine[i] if isinstance(combine, list) else combine
         pixels = chunk_combine(read_pixels(predictions, start, stop), *shared)
         write_chunk_then_mark([(ensemble, pixels)], marks, index, start, stop, checksums=checksums)
 
 
-def _combine_with(combine, arguments: tuple, pixels: np.ndarray) -> np.ndarray:
-    """`combine(pixels, *arguments)`: a chunk's combine with its own arguments, as one function."""
-    return combine(pixels, *arguments)
+@dataclass
+class BlendGraph:
+    """How apply's tasks are built for a set of chunks: each reads its chunks' predictions (a
+    `PixelSource` in the LUT's model order), blends them with the LUT's lookup table (or, for a
+    per-image solver, with the images' weights, gathered by `per_image.image_weights_graph` in
+    the same graph) and writes them into `outputs`."""
+
+    predictions: PixelSource
+    chunk_lengths: np.ndarray
+    bytes_per_pixel: int
+    bin_width: int
+    device: str
+    lookup: object = None  # the LUT's lookup table; None for a per-image solver
+    image_weights: object = None  # a per-image solver's `Solver.image_weights`
+    dataset: xr.Dataset | None = None  # the store, for a per-image solver's weights
+
+    def tasks(self, todo: np.ndarray, outputs: ArraysToWrite) -> list:
+        """The tasks computing chunks `todo` into `outputs`, one per run of consecutive chunks
+        (`chunks.chunk_runs`)."""
+        if not len(todo):
+            return []
+        stops = np.cumsum(self.chunk_lengths, dtype=np.int64)
+        starts = stops - self.chunk_lengths
+        predictions = task_argument(self.predictions)
+        arguments = [predictions]
+        runs = chunk_runs(self.chunk_lengths[todo], self.bytes_per_pixel)
+        if self.image_weights is not None:
+            ranges = ranges_of(self.chunk_lengths)
+            index = schema.ImageIndex.from_dataset(self.dataset)
+            spans = chunk_spans(index.offsets, index.counts, np.arange(len(index.stems)), tuple(self.chunk_lengths))
+            weights = image_weights_graph(self.image_weights, predictions, ranges, spans, self.dataset)
+            combines = [[functools.partial(blend_image_spans, spans[i]) for i in todo[run.start : run.stop]] for run in runs]
+        else:
+            weights = dask.delayed(self.lookup, pure=True)  # one graph key: sent once to each worker
+            combines = [blend] * len(runs)
+        arguments.append(weights)
+        shared = [weights.key] if self.image_weights is not None else [weights.key, self.bin_width, self.device]
+        tasks = []
+        for run, combine in zip(runs, combines):
+            indices = np.asarray(todo[run.start : run.stop], dtype=np.int64)
+            tasks.append((_blend_run_into, combine, shared, predictions.key, starts[indices], stops[indices], outputs, indices))
+        return graph_tasks("blend", tasks, arguments, apart=True)
 
 
-def _blend_into_arrays(arrays: dict, blend_tasks, compute, label: str, check) -> None:
-    """Compute `blend_tasks(ensemble, marks, checksums)` into `arrays` (name -> zarr array opened
-    for writing, as `resumable.committed_append` gives them), then `check()` what was read."""
-    compute(*blend_tasks(arrays[schema.ENSEMBLE], arrays[COMPLETE], arrays.get(CHUNK_CHECKSUMS)), label=label)
+def _compute_blend(arrays: dict, tasks: list, compute, label: str, check) -> None:
+    """`resumable.committed_append`'s writer: compute the blend `tasks` (which open the arrays they
+    write themselves, not the `arrays` it passes), then `check()` what was read."""
+    compute(*tasks, label=label)
     check()
+
+
+def _output_arrays(output: str) -> ArraysToWrite:
+    """The arrays an update of the apply output at `output` writes: its ensembles, marks and, if
+    it has them (one written in an older layout may not), chunk checksums."""
+    names = set(zarr.open_group(str(output), mode="r", use_consolidated=False).array_keys())
+    return ArraysToWrite(str(output), (schema.ENSEMBLE, COMPLETE, CHUNK_CHECKSUMS if CHUNK_CHECKSUMS in names else None))
 
 
 def plan_apply(
@@ -141,8 +190,6 @@ def plan_apply(
         check_export_target(export_dir, stems, overwrite, source=store)
     chunk_pixels = ds[schema.PREDICTION].encoding["chunks"][1]  # the store's; the output's ensemble is chunked alike
     chunk_lengths = ds[schema.PREDICTION].data.chunks[1]
-    chunk_stops = np.cumsum(chunk_lengths, dtype=np.int64)
-    chunk_starts = chunk_stops - np.asarray(chunk_lengths, dtype=np.int64)
     out = ds[list(schema.IMAGE_VARIABLES)].load()  # written with the template; `ensemble` by the tasks
     # The arrays the tasks write, as one dask chunk each (the encoding gives their Zarr chunks): the
     # template is never computed, and a dask chunk per Zarr chunk made writing it a task per chunk.
@@ -166,53 +213,28 @@ def plan_apply(
         schema.ENSEMBLE: schema.pixel_encoding((chunk_pixels, ds.sizes["channel"]), compression),
         CHUNK_CHECKSUMS: {"chunks": (1, 1)},  # a row per chunk, written by its task
     }
-    index = schema.ImageIndex.from_dataset(ds)
-
-    # The LUT until its lookup table is built, then the table alone: the LUT's counts, statuses and
-    # digits (140 MB at K = 16 on 10 Mpx) are let go, and the table keeps the LUT's weights.
-    lookup = [lut]
+    if finished:
+        todo, outputs = np.arange(0), None
+    elif grown_from is not None:
+        todo = np.arange(int(schema.ImageIndex.from_dataset(ds).offsets[grown_from]) // chunk_pixels, len(chunk_lengths))
+        outputs = _output_arrays(output)
+    else:
+        marks = staged_marks(output, {**provenance, **RESUME_PROTOCOL})
+        todo = np.arange(len(chunk_lengths)) if marks is None else np.flatnonzero(~marks)
+        outputs = ArraysToWrite(resumable_location(output), (schema.ENSEMBLE, COMPLETE, CHUNK_CHECKSUMS))
+    graph = BlendGraph(
+        pixel_array(store, schema.PREDICTION, model_order),  # in the LUT's order
+        np.asarray(chunk_lengths, dtype=np.int64),
+        ds.sizes["model"] * ds.sizes["channel"],
+        bin_width,
+        device,
+        # the lookup table alone: the LUT's counts, statuses and digits (140 MB at K = 16 on 10 Mpx) are let go
+        lookup=None if image_weights is not None or not len(todo) else lut.lookup_table(),
+        image_weights=image_weights,
+        dataset=ds,
+    )
     del lut
-
-    def blend_tasks(todo, ensemble, marks, checksums, compute) -> list:
-        predictions = task_argument(pixel_array(store, schema.PREDICTION, model_order))  # in the LUT's order
-        writes = [None if array is None else task_argument(array) for array in (ensemble, marks, checksums)]
-        arguments = [predictions, *(write for write in writes if write is not None)]
-        runs = chunk_runs(np.asarray(chunk_lengths)[todo], ds.sizes["model"] * ds.sizes["channel"])
-        if image_weights is not None:  # gathered from the store first
-            spans = chunk_spans(index.offsets, index.counts, np.arange(len(index.stems)), chunk_lengths)
-            ranges = ranges_of(chunk_lengths)
-            jobs = image_blend_jobs(image_weights, predictions, ranges, spans, ds, todo, compute)
-            combines = [
-                [
-                    functools.partial(_combine_with, combine, job_arguments)
-                    for combine, job_arguments in jobs[run.start : run.stop]
-                ]
-                for run in runs
-            ]
-            shared = []
-        else:
-            if isinstance(lookup[0], Lut):
-                lookup[0] = lookup[0].lookup_table()
-            weights = dask.delayed(lookup[0], pure=True)  # one graph key: sent once to each worker
-            arguments.append(weights)
-            combines, shared = [blend] * len(runs), [weights.key, bin_width, device]
-        write_keys = [None if write is None else write.key for write in writes]
-        tasks = []
-        for run, combine in zip(runs, combines):
-            indices = np.asarray(todo[run.start : run.stop], dtype=np.int64)
-            tasks.append(
-                (
-                    _blend_run_into,
-                    combine,
-                    shared,
-                    predictions.key,
-                    chunk_starts[indices],
-                    chunk_stops[indices],
-                    *write_keys,
-                    indices,
-                )
-            )
-        return graph_tasks("blend", tasks, arguments, apart=True)
+    planned_tasks = graph.tasks(todo, outputs)
 
     def update(compute) -> ApplyResult:
         with exclusive_lock(output):
@@ -222,16 +244,16 @@ def plan_apply(
             if old.sizes["image"] != grown_from:
                 raise TransientError(f"{output}: changed by another run while this one was planned; run it again")
             first = old.sizes["pixel"] // chunk_pixels  # the output's last chunk, if partial, is redone whole
-            todo = np.arange(first, len(chunk_lengths))
+            now = np.arange(first, len(chunk_lengths))
             committed_append(
                 output,
                 {"pixel": old.sizes["pixel"], "image": grown_from, "chunk": old.sizes["chunk"]},
                 {"pixel": ds.sizes["pixel"], "image": ds.sizes["image"], "chunk": len(chunk_lengths)},
                 functools.partial(
-                    _blend_into_arrays,
-                    blend_tasks=functools.partial(blend_tasks, todo, compute=compute),
+                    _compute_blend,
+                    tasks=planned_tasks if np.array_equal(now, todo) else graph.tasks(now, outputs),
                     compute=compute,
-                    label=f"apply ({len(todo)} of {len(chunk_lengths)} chunks: new images)",
+                    label=f"apply ({len(now)} of {len(chunk_lengths)} chunks: new images)",
                     check=functools.partial(refuse_changed, store, planned_store),
                 ),
                 {name: out[name].values[grown_from:] for name in (*schema.IMAGE_VARIABLES, "image")},
@@ -241,7 +263,7 @@ def plan_apply(
             export(output, export_dir, compute, first_image=grown_from, compression=png_compression)
         elif export_dir is not None:
             export(output, export_dir, compute, overwrite, compression=png_compression)
-        return ApplyResult(open_store(output), "updated", len(chunk_lengths), len(todo), ds.sizes["image"] - grown_from)
+        return ApplyResult(open_store(output), "updated", len(chunk_lengths), len(now), ds.sizes["image"] - grown_from)
 
     def execute(compute):
         if grown_from is not None:
@@ -251,23 +273,22 @@ def plan_apply(
                 export(output, export_dir, compute, overwrite, compression=png_compression)
             return ApplyResult(open_store(output), "unchanged", len(chunk_lengths), 0)
         with exclusive_lock(output):
+            if exists(output) and _matches(_attributes(output), provenance):  # another run made it meanwhile
+                return ApplyResult(open_store(output), "unchanged", len(chunk_lengths), 0)
+            refuse_or_recover(output, overwrite)  # one that appeared since the plan is not replaced unasked
             done = resumable_marks(output, {**provenance, **RESUME_PROTOCOL})
             resuming = done is not None
-            if resuming:
-                staging = resumable_location(output)
-            else:
-                staging = start_resumable(output, out, encoding, len(chunk_lengths))  # `ensemble` is written below
+            if not resuming:
+                start_resumable(output, out, encoding, len(chunk_lengths))  # `ensemble` is written by the tasks
                 done = np.zeros(len(chunk_lengths), dtype=bool)
-            todo = np.flatnonzero(~done)
-            tasks = blend_tasks(
-                todo, *(open_array_for_writing(staging, name) for name in (schema.ENSEMBLE, COMPLETE, CHUNK_CHECKSUMS)), compute
-            )
-            compute(*tasks, label=f"apply ({len(todo)} of {len(done)} chunks)" if resuming else "apply")
+            now = np.flatnonzero(~done)  # what the plan saw, unless another run went on meanwhile
+            tasks = planned_tasks if np.array_equal(now, todo) else graph.tasks(now, outputs)
+            compute(*tasks, label=f"apply ({len(now)} of {len(done)} chunks)" if resuming else "apply")
             refuse_changed(store, planned_store)
             commit_resumable(output)
         if export_dir is not None:
             export(output, export_dir, compute, overwrite, compression=png_compression)
-        return ApplyResult(open_store(output), "resumed" if resuming else "written", len(done), len(todo))
+        return ApplyResult(open_store(output), "resumed" if resuming else "written", len(done), len(now))
 
     details = {
         "store": str(store),
@@ -285,13 +306,6 @@ def plan_apply(
     }
     if export_dir is not None:
         details["export"] = f"{export_dir} (one PNG per image)"
-    if finished:
-        todo = np.arange(0)
-    elif grown_from is not None:
-        todo = np.arange(int(index.offsets[grown_from]) // chunk_pixels, len(chunk_lengths))
-    else:
-        marks = staged_marks(output, {**provenance, **RESUME_PROTOCOL})
-        todo = np.arange(len(chunk_lengths)) if marks is None else np.flatnonzero(~marks)
     stages = _apply_stages(np.asarray(chunk_lengths), todo, ds.sizes["channel"], len(models), image_weights is not None)
     if export_dir is not None and not (finished and exists(export_dir)):
         stages += export_stages(out, schema.ENSEMBLE, grown_from if update_export else 0)
@@ -301,7 +315,7 @@ def plan_apply(
 def _apply_stages(chunk_lengths: np.ndarray, todo: np.ndarray, n_channels: int, n_models: int, per_image: bool) -> list[Stage]:
     """What apply will run to compute the chunks `todo` of a store whose pixel chunks are
     `chunk_lengths` long: a per-image solver first reads every chunk for its images' weights
-    (`per_image.weight_runs`); then a task per run of chunks (`chunks.chunk_runs`: a chunk each on
+    (`per_image.image_weights_graph`); then a task per run of chunks (`chunks.chunk_runs`: a chunk each on
     a store of few chunks) reads their predictions, blends them and writes the ensemble."""
     if not len(todo):
         return []
@@ -311,7 +325,7 @@ def _apply_stages(chunk_lengths: np.ndarray, todo: np.ndarray, n_channels: int, 
         stages.append(
             Stage(
                 "per-image weights",
-                len(weight_runs(chunk_lengths, n_models * n_channels)),
+                image_weights_tasks(chunk_lengths, n_models, n_channels),
                 len(chunk_lengths),
                 int(chunk_lengths.sum()) * n_channels * n_models,
             )

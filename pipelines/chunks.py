@@ -284,6 +284,15 @@ def image_folds(n_images: int, n_folds: int) -> np.ndarray:
     return np.arange(n_images) % n_folds
 
 
+def reduce_tasks(n_parts: int, fan_in: int = MERGE_FAN_IN) -> int:
+    """The merge tasks of `tree_reduce` of `n_parts` parts."""
+    merges = 0
+    while n_parts > 1:
+        n_parts = -(-n_parts // fan_in)
+        merges += n_parts
+    return merges
+
+
 def tree_reduce(parts: list[Delayed], combine, fan_in: int = MERGE_FAN_IN) -> Delayed:
     """Combine delayed parts in a tree of `fan_in`-way merges (bounded memory per merge task),
     written as one graph layer (see `graph_tasks`)."""

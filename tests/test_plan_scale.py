@@ -82,7 +82,10 @@ def _fitted_lut(folder: Path, lut: Path) -> None:
 #: in runs (fit: 3 runs of 3 chunks of 4 planes; apply: 2 runs of 4 chunks of 3 planes), merges included.
 EXPECTED_TASKS = {
     "em": {"chunks": [9, 1, 8], "runs": [4, 1, 2]},
-    "zzpm": {"chunks": [9, 1, 1, 8], "runs": [4, 1, 1, 2]},  # per-image weights: one run of at least BATCH_BYTES
+    "zzpm": {
+        "chunks": [9, 1, 2, 8],
+        "runs": [4, 1, 2, 2],
+    },  # per-image weights: one run of at least BATCH_BYTES, then the weights
 }
 
 

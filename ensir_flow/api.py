@@ -35,6 +35,7 @@ import contextlib
 import difflib
 import functools
 import inspect
+import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -352,12 +353,20 @@ def _active_client():
 def _where(run: RunOptions) -> tuple[Any, str | None]:
     """(client, None) to run on a Client (`client=`, else with no `scheduler=` the active one),
     else (None, scheduler): `scheduler=`, by default 'threads'."""
-    client = run.get("client")
-    if client is None and run.get("scheduler") is None:
+    client, scheduler = run.get("client"), run.get("scheduler")
+    if scheduler is not None and not isinstance(scheduler, str | os.PathLike):
+        hint = " (a distributed Client goes in client=)" if type(scheduler).__name__ == "Client" else ""
+        raise TypeError(
+            "scheduler= takes 'threads', 'local', a scheduler's address or its scheduler file, "
+            f"not a {type(scheduler).__name__}{hint}"
+        )
+    if client is not None and not hasattr(client, "scheduler"):
+        raise TypeError(f"client= takes a distributed Client, not a {type(client).__name__} (an address goes in scheduler=)")
+    if client is None and scheduler is None:
         client = _active_client()
     if client is not None:
         return client, None
-    return None, run.get("scheduler") or "threads"
+    return None, os.fspath(scheduler) if scheduler else "threads"
 
 
 @contextlib.contextmanager

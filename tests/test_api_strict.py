@@ -171,6 +171,20 @@ def test_a_misspelt_option_is_refused_before_anything_is_written(tmp_path, corpu
     assert not (tmp_path / "lut16.zarr").exists()
 
 
+def test_a_client_or_address_in_the_wrong_keyword_is_a_type_error_saying_where_it_goes(tmp_path, corpus):
+    from distributed import Client
+
+    root, _ = corpus
+    with Client(processes=False, n_workers=1, dashboard_address=None) as client:
+        with pytest.raises(TypeError, match=re.escape("not a Client (a distributed Client goes in client=)")):
+            ensir_flow.ingest(root, tmp_path / "s.zarr", scheduler=client, progress=False)
+    with pytest.raises(
+        TypeError, match=re.escape("client= takes a distributed Client, not a str (an address goes in scheduler=)")
+    ):
+        ensir_flow.ingest(root, tmp_path / "s.zarr", client="tcp://127.0.0.1:8786", progress=False)
+    assert not list(tmp_path.glob("s.zarr*"))
+
+
 def test_config_sets_the_defaults_the_cli_config_sets_and_keywords_override_it(tmp_path, corpus, invoke):
     root, models = corpus
     config = tmp_path / "task.yaml"

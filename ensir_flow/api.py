@@ -914,20 +914,21 @@ def evaluate(
     if isinstance(crop_border, bool) or not isinstance(crop_border, (int, np.integer)) or crop_border < 0:
         raise UsageError(f"{crop_border!r} is not a number of pixels (0 or more)", option="--crop-border")
     crop_border = int(crop_border)
+    source, scored, folder, table = (_absolute(path) for path in (store, ensemble, report, lut))
     if cv is None:
-        factory = lambda: plan_evaluate(str(store), None if ensemble is None else str(ensemble), y_channel, crop_border)  # noqa: E731
+        factory = lambda: plan_evaluate(str(source), None if scored is None else str(scored), y_channel, crop_border)  # noqa: E731
     else:
         if ensemble is not None:
             raise UsageError("--ensemble scores a fixed output; --cv fits its own LUTs: use one or the other")
         if cv < 2:
             raise UsageError(f"{cv} is not a number of folds (at least 2)", option="--cv")
         names, widths = _fitted_solvers(solvers), _bin_widths(bin_widths)
-        factory = lambda: plan_cross_validation(str(store), cv, names, widths, y_channel, crop_border, device)  # noqa: E731
+        factory = lambda: plan_cross_validation(str(source), cv, names, widths, y_channel, crop_border, device)  # noqa: E731
     if report is not None:  # before any work
         from .pipelines.report import check_report_target
 
         check_report_target(report)
-    outcome = run_plan(factory, (store, ensemble), run)
+    outcome = run_plan(factory, (source, scored), run)
     if outcome.plan is not None:
         return _planned(Evaluated, "evaluate", outcome)
     page = None
@@ -936,11 +937,11 @@ def evaluate(
 
         page = str(
             write_report(
-                report,
+                folder,
                 outcome.value.to_json(),
-                str(store),
-                None if ensemble is None else str(ensemble),
-                None if lut is None else str(lut),
+                str(source),
+                None if scored is None else str(scored),
+                None if table is None else str(table),
             )
         )
     return Evaluated(

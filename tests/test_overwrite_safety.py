@@ -17,7 +17,9 @@ import xarray as xr
 import ensir_flow
 from ensir_flow import api
 from ensir_flow.errors import InputError
+from ensir_flow.pipelines import evaluate as evaluate_pipeline
 from ensir_flow.pipelines import export as export_pipeline
+from ensir_flow.pipelines import report as report_pipeline
 from ensir_flow.pipelines import targets
 from ensir_flow.pipelines.commit import staged_output
 from helpers import one_line_refusal
@@ -232,6 +234,37 @@ def test_relative_paths_are_resolved_on_the_client(tmp_path, corpus, monkeypatch
     attrs = xr.open_zarr(tmp_path / "out.zarr").attrs
     assert (attrs["source"], attrs["lut"]) == (str(tmp_path / "s.zarr"), str(tmp_path / "lut.zarr"))
     assert xr.open_zarr(tmp_path / "lut.zarr").attrs["reference_store"] == str(tmp_path / "s.zarr")
+
+
+def test_evaluate_resolves_relative_paths_on_the_client(tmp_path, corpus, monkeypatch):
+    """Workers of a cluster resolve a relative path against their own working folder: evaluate
+    plans, scores and reports on the paths made absolute here, once."""
+    monkeypatch.chdir(tmp_path)
+    ensir_flow.ingest("corpus", "s.zarr", progress=False)
+    ensir_flow.fit("s.zarr", "lut.zarr", progress=False)
+    ensir_flow.apply("s.zarr", "lut.zarr", "out.zarr", progress=False)
+    seen = []
+    for name in ("plan_evaluate", "plan_cross_validation"):
+        planner = getattr(evaluate_pipeline, name)
+        monkeypatch.setattr(evaluate_pipeline, name, lambda *args, planner=planner: seen.append(args[0]) or planner(*args))
+    monkeypatch.setattr(report_pipeline, "write_report", lambda *args: seen.extend([args[0], *args[2:]]) or "index.html")
+
+    scored = ensir_flow.evaluate("s.zarr", ensemble="out.zarr", report="rep", lut="lut.zarr", progress=False)
+    assert scored.outputs == ["rep"]  # as the user wrote it
+    ensir_flow.evaluate("s.zarr", cv=2, solvers="em", report="rep-cv", progress=False)
+    store = str(tmp_path / "s.zarr")
+    assert seen == [
+        store,
+        str(tmp_path / "rep"),
+        store,
+        str(tmp_path / "out.zarr"),
+        str(tmp_path / "lut.zarr"),
+        store,
+        str(tmp_path / "rep-cv"),
+        store,
+        None,
+        None,
+    ]
 
 
 def test_a_full_disk_under_the_export_folder_names_it(fitted, invoke, monkeypatch):

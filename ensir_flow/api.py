@@ -926,7 +926,9 @@ def evaluate(
         factory = lambda: plan_cross_validation(str(source), cv, names, widths, y_channel, crop_border, device)  # noqa: E731
     if report is not None:  # before any work
         from .pipelines.report import check_report_target
+        from .pipelines.targets import REPORT_FOLDER
 
+        _check_targets({"report": (report, REPORT_FOLDER)}, {"store": store, "ensemble": ensemble, "LUT": lut}, False)
         check_report_target(report)
     outcome = run_plan(factory, (source, scored), run)
     if outcome.plan is not None:

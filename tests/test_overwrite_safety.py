@@ -79,6 +79,25 @@ def test_outputs_never_overlap_inputs_or_each_other(fitted, invoke):
     assert not (fitted / "out.zarr").exists()
 
 
+def test_evaluate_never_writes_its_report_inside_its_inputs(fitted, invoke):
+    store, lut, output = fitted / "s.zarr", fitted / "lut.zarr", fitted / "out.zarr"
+    assert invoke("apply", store, lut, output, "--no-progress").exit_code == 0
+    before = {path: _tree(path) for path in (store, lut, output)}
+    one_line_refusal(
+        invoke("evaluate", store, "--report", store / "rep", "--no-progress"),
+        f"{store / 'rep'}: the report lies inside the input store {store}",
+    )
+    one_line_refusal(
+        invoke("evaluate", store, "--ensemble", output, "--report", output / "rep", "--no-progress"),
+        "the report lies inside the input ensemble",
+    )
+    one_line_refusal(
+        invoke("evaluate", store, "--lut", lut, "--report", lut / "r", "--no-progress"), "the report lies inside the input LUT"
+    )
+    one_line_refusal(invoke("evaluate", store / "predictions", "--report", store, "--no-progress"), "the report contains")
+    assert {path: _tree(path) for path in (store, lut, output)} == before
+
+
 def test_inputs_are_compared_through_symbolic_links(fitted, invoke):
     store, lut = fitted / "s.zarr", fitted / "lut.zarr"
     os.symlink(fitted, fitted / "same")

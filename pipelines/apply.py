@@ -101,8 +101,8 @@ class BlendGraph:
             return []
         stops = np.cumsum(self.chunk_lengths, dtype=np.int64)
         starts = stops - self.chunk_lengths
-        predictions = task_argument(self.predictions)
-        arguments = [predictions]
+        predictions, written = task_argument(self.predictions), task_argument(outputs)
+        arguments = [predictions, written]
         runs = chunk_runs(self.chunk_lengths[todo], self.bytes_per_pixel)
         if self.image_weights is not None:
             ranges = ranges_of(self.chunk_lengths)
@@ -118,7 +118,9 @@ class BlendGraph:
         tasks = []
         for run, combine in zip(runs, combines):
             indices = np.asarray(todo[run.start : run.stop], dtype=np.int64)
-            tasks.append((_blend_run_into, combine, shared, predictions.key, starts[indices], stops[indices], outputs, indices))
+            tasks.append(
+                (_blend_run_into, combine, shared, predictions.key, starts[indices], stops[indices], written.key, indices)
+            )
         return graph_tasks("blend", tasks, arguments, apart=True)
 
 

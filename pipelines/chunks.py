@@ -139,7 +139,8 @@ def pixel_array(store: str, name: str, model_order: tuple[int, ...] | None = Non
 
 
 def task_argument(value) -> Delayed:
-    """An opened array (or a `PixelSource`) as one key of the graph, to pass to every task of a pass.
+    """A value every task of a pass takes (an opened array, a `PixelSource`, the `ArraysToWrite` of
+    its outputs) as one key of the graph.
 
     A zarr Array is a dataclass, and dask walks dataclass arguments field by field (about 7 ms an
     argument, so most of the time to build a graph); behind one key it is walked once and sent

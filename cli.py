@@ -815,7 +815,12 @@ def lut_import(source, output, models, bin_width, overwrite, no_progress):
     result = api.import_lut(source, output, models=models, bin_width=bin_width, overwrite=overwrite)
     table = result.lut
     _finish(
-        result, lambda _: f"wrote {output}: {table.n_bins:,} bins x {table.n_channels} channels for {', '.join(table.models)}"
+        result,
+        lambda r: (
+            f"{output} is already this import's LUT (same file, models and bin width): nothing to do"
+            if r.status == "unchanged"
+            else f"wrote {output}: {table.n_bins:,} bins x {table.n_channels} channels for {', '.join(table.models)}"
+        ),
     )
 
 
@@ -827,7 +832,12 @@ def lut_import(source, output, models, bin_width, overwrite, no_progress):
 @quiet_option
 def lut_export(lut_path, output, overwrite, no_progress):
     """Write LUT as OUTPUT.npz or OUTPUT.json (weights, counts, models, bin width, bin-index rule)."""
-    _finish(api.export_lut(lut_path, output, overwrite=overwrite), lambda _: f"wrote {output}")
+    _finish(
+        api.export_lut(lut_path, output, overwrite=overwrite),
+        lambda r: (
+            f"{output} already holds this export of {lut_path}: nothing to do" if r.status == "unchanged" else f"wrote {output}"
+        ),
+    )
 
 
 @main.command()
@@ -836,7 +846,10 @@ def lut_export(lut_path, output, overwrite, no_progress):
 def demo(directory, scheduler, worker_timeout, no_progress, dry_run, overwrite):
     """Build the embedded demo corpus in DIRECTORY and run ingest, fit, apply, evaluate on it."""
     result = api.demo(directory, overwrite=overwrite, **_run_options(scheduler, worker_timeout, no_progress, dry_run))
-    _finish(result, lambda r: r.summary)
+    _finish(
+        result,
+        lambda r: f"{directory} already holds this demo: nothing to do\n{r.summary}" if r.status == "unchanged" else r.summary,
+    )
 
 
 @main.command()

@@ -995,33 +995,36 @@ def export(
 @_command
 def import_lut(source, output, *, models: str | Sequence[str], bin_width: int, overwrite: bool = False) -> LutImported:
     """Convert a LUT published with the paper's code (`source`, a .pth; code in it is never run)
-    into the LUT store `output` (`ensir-flow lut import`)."""
+    into the LUT store `output` (`ensir-flow lut import`); status 'unchanged' where `output` is
+    already the LUT of this import (same file, models and bin width)."""
     from .pipelines.interchange import import_paper_lut
     from .pipelines.targets import LUT
 
     target = _absolute(output)
     _check_targets({"LUT": (output, LUT)}, {"source": source}, overwrite)
-    table = import_paper_lut(str(source), str(target), _names(models), bin_width, overwrite)
-    return LutImported(command="lut import", status="written", outputs=_written([output]), lut=table)
+    table, status = import_paper_lut(str(source), str(target), _names(models), bin_width, overwrite)
+    return LutImported(command="lut import", status=status, outputs=_written([output]), lut=table)
 
 
 @_command
 def export_lut(lut, output, *, overwrite: bool = False) -> Result:
     """Write the LUT store `lut` as `output` (.npz or .json: weights, counts, models, bin width,
-    bin-index rule) (`ensir-flow lut export`)."""
+    bin-index rule) (`ensir-flow lut export`); status 'unchanged' where `output` already holds
+    this export."""
     from .pipelines.interchange import export_lut as write_lut_file
     from .pipelines.targets import LUT_FILE
 
     target = _absolute(output)
     _check_targets({"LUT file": (output, LUT_FILE)}, {"LUT": lut}, overwrite)
-    write_lut_file(str(lut), str(target), overwrite)
-    return Result(command="lut export", status="written", outputs=_written([output]))
+    status = write_lut_file(str(lut), str(target), overwrite)
+    return Result(command="lut export", status=status, outputs=_written([output]))
 
 
 @_command
 def demo(directory="demo-run", *, overwrite: bool = False, **run: Unpack[RunOptions]) -> Demo:
     """Build the embedded demo corpus in `directory` and run ingest, fit, apply and evaluate on it
-    (`ensir-flow demo`)."""
+    (`ensir-flow demo`); status 'unchanged' where `directory` already holds this version's demo
+    (scored again for the summary)."""
     from .pipelines.demo import plan_demo
     from .pipelines.targets import DEMO_FOLDER
 
@@ -1030,7 +1033,13 @@ def demo(directory="demo-run", *, overwrite: bool = False, **run: Unpack[RunOpti
     outcome = run_plan(lambda: plan_demo(target, overwrite), (target,), run)
     if outcome.plan is not None:
         return _planned(Demo, "demo", outcome, _written([directory]))
-    return Demo(command="demo", status="written", outputs=_written([directory]), seconds=outcome.seconds, summary=outcome.value)
+    return Demo(
+        command="demo",
+        status=outcome.status or "written",
+        outputs=_written([directory]),
+        seconds=outcome.seconds,
+        summary=outcome.value,
+    )
 
 
 @_command

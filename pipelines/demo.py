@@ -6,14 +6,17 @@ other half are held out (apply, evaluate), so the figures it prints are out-of-s
 would be.
 """
 
+import json
 import shutil
 from pathlib import Path
 
+import ensir_flow
 from ensir_flow.binning import DEFAULT_BIN_WIDTH
 from ensir_flow.demo_corpus import build_demo_corpus, save_demo_models
 from ensir_flow.images import GROUND_TRUTH_DIR, INPUT_DIR
 from ensir_flow.models import model_file
 
+from . import targets
 from .apply import plan_apply
 from .commit import refuse_existing
 from .evaluate import plan_cross_validation, plan_evaluate
@@ -34,10 +37,22 @@ def _split(corpus: Path, destination: Path, parity: int) -> None:
 
 
 def plan_demo(directory, overwrite: bool = False) -> Plan:
-    """Plan the demo run in `directory` (created; replaced with --overwrite)."""
+    """Plan the demo run in `directory` (created; replaced with --overwrite). A folder that already
+    holds the demo this version makes (`is_finished_demo`: e.g. the demo run again) is left as it
+    is: its plan scores the stores there again for the summary, with status 'unchanged'."""
     root = Path(directory)
-    refuse_existing(str(root), overwrite)
     paths = {name: root / name for name in DEMO_ENTRIES}
+    details = {
+        "directory": str(root),
+        "corpus": "scikit-image sample photos, blurred + noise, 3 classical restorers (torch.export programs)",
+        "steps": f"predict reference + held-out halves, fit (em, bin width {DEFAULT_BIN_WIDTH}), apply + export, evaluate; "
+        "then 3-fold cross-validation of em and lsq on all images",
+    }
+    if not overwrite and is_finished_demo(root):
+        return Plan(
+            f"demo: {root} already holds this demo", details, lambda compute: _summary(paths, compute), status="unchanged"
+        )
+    refuse_existing(str(root), overwrite)
 
     def execute(compute):
         if root.exists():
@@ -52,19 +67,33 @@ def plan_demo(directory, overwrite: bool = False) -> Plan:
         plan_apply(
             str(paths["heldout.zarr"]), str(paths["lut.zarr"]), str(paths["ensemble.zarr"]), str(paths["ensemble-png"])
         ).run(compute)
-        evaluation = plan_evaluate(str(paths["heldout.zarr"]), str(paths["ensemble.zarr"])).run(compute)
         plan_predict(paths["corpus"], str(paths["corpus.zarr"]), models).run(compute)
-        comparison = plan_cross_validation(str(paths["corpus.zarr"]), 3, ["em", "lsq"], [DEFAULT_BIN_WIDTH]).run(compute)
-        return (
-            f"EnsIR (em) LUT fitted on {paths['reference']}, applied to the held-out images of {paths['heldout']}:\n"
-            f"{evaluation.table()}\nensembled PNGs: {paths['ensemble-png']}\n\n"
-            f"choosing a solver: all images, 3-fold cross-validation\n{comparison.table()}"
-        )
+        return _summary(paths, compute)
 
-    details = {
-        "directory": str(root),
-        "corpus": "scikit-image sample photos, blurred + noise, 3 classical restorers (torch.export programs)",
-        "steps": f"predict reference + held-out halves, fit (em, bin width {DEFAULT_BIN_WIDTH}), apply + export, evaluate; "
-        "then 3-fold cross-validation of em and lsq on all images",
-    }
     return Plan("demo: the whole workflow on an embedded corpus", details, execute)
+
+
+def _summary(paths: dict[str, Path], compute) -> str:
+    """What the demo prints: the held-out scores of its ensemble, then the cross-validation of em
+    and lsq on all its images (read from its stores, which scoring leaves as they are)."""
+    evaluation = plan_evaluate(str(paths["heldout.zarr"]), str(paths["ensemble.zarr"])).run(compute)
+    comparison = plan_cross_validation(str(paths["corpus.zarr"]), 3, ["em", "lsq"], [DEFAULT_BIN_WIDTH]).run(compute)
+    return (
+        f"EnsIR (em) LUT fitted on {paths['reference']}, applied to the held-out images of {paths['heldout']}:\n"
+        f"{evaluation.table()}\nensembled PNGs: {paths['ensemble-png']}\n\n"
+        f"choosing a solver: all images, 3-fold cross-validation\n{comparison.table()}"
+    )
+
+
+def is_finished_demo(root: Path) -> bool:
+    """Whether `root` holds the demo this version of ensir-flow makes, finished: an ensir-flow demo
+    folder (`targets.kind_of`) with every entry the demo writes, whose last store written (the
+    whole corpus's, `corpus.zarr`) was committed by this version's predict. The demo has no option
+    but its folder, and this version builds the same corpus and models every time."""
+    if targets.kind_of(root) != targets.DEMO_FOLDER or {path.name for path in root.iterdir()} != DEMO_ENTRIES:
+        return False
+    try:
+        attrs = json.loads((root / "corpus.zarr" / "zarr.json").read_text()).get("attributes") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return attrs.get("created_by") == f"ensir-flow {ensir_flow.__version__} predict"

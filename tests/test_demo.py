@@ -102,5 +102,15 @@ def test_demo_command_runs_the_whole_workflow(tmp_path, invoke):
     for method in ("ensemble", "average", *DEMO_MODELS):
         assert f"{method.ljust(15)}  {psnr[method]:9.3f}" in printed[0], method
     assert "3-fold cross-validation" in printed[1] and "\nem " in printed[1] and "\nlsq " in printed[1]
-    again = invoke("demo", tmp_path / "run", "--no-progress")
-    assert again.exit_code != 0 and "already exists" in again.stderr
+    # run again, it finds its finished demo there: nothing written, the same summary
+    before = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    again = invoke("demo", run, "--no-progress")
+    assert again.exit_code == 0, again.output
+    assert again.stdout == f"{run} already holds this demo: nothing to do\n{result.stdout}"
+    assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before
+    # a demo of another version is not this one's: replacing it needs --overwrite
+    metadata = json.loads((run / "corpus.zarr" / "zarr.json").read_text())
+    metadata["attributes"]["created_by"] = "ensir-flow 0.0.1 predict"
+    (run / "corpus.zarr" / "zarr.json").write_text(json.dumps(metadata))
+    other = invoke("demo", run, "--no-progress")
+    assert other.exit_code == 1 and "already exists (pass --overwrite" in other.stderr

@@ -2,10 +2,13 @@
 
 import hashlib
 import json
+import zipfile
 
 import numpy as np
 import torch
 import xarray as xr
+
+from helpers import one_line_refusal
 
 
 def _reference_run(tmp_path, invoke, corpus):
@@ -86,3 +89,49 @@ def test_json_export_leaves_out_flat_indices_a_double_cannot_hold(tmp_path):
         assert ("bin" in exported) == has_bin and ("bin_omitted" in exported) != has_bin
         assert exported["bin_digits"] == lut.bin_digits.tolist()
         assert "bin" in np.load(tmp_path / f"lut{n_models}.npz")
+
+
+def _paper_lut(path, weights=(0.2, 0.3, 0.5)) -> None:
+    """A LUT in the paper's form: K = 3 models at bin width 128 (8 bins)."""
+    torch.save({(a, b, c): [torch.tensor(weights)] * 3 for a in (0, 128) for b in (0, 128) for c in (0, 128)}, path)
+
+
+def _restamped(path) -> None:
+    """`path`, an NPZ, rewritten with every entry's bytes as they were and another time stamp."""
+    with zipfile.ZipFile(path) as archive:
+        entries = [(info, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for info, data in entries:
+            info.date_time = (1999, 1, 1, 0, 0, 0)
+            archive.writestr(info, data)
+
+
+def test_lut_import_and_export_run_again_leave_their_outputs_unchanged(tmp_path, invoke):
+    _paper_lut(tmp_path / "paper.pth")
+    imported = ("lut", "import", tmp_path / "paper.pth", tmp_path / "lut.zarr", "--models", "a,b,c", "--bin-width", 128)
+    assert invoke(*imported).exit_code == 0
+    before = {path: path.read_bytes() for path in (tmp_path / "lut.zarr").rglob("*") if path.is_file()}
+    again = invoke(*imported)
+    assert again.exit_code == 0 and "nothing to do" in again.stdout
+    assert {path: path.read_bytes() for path in (tmp_path / "lut.zarr").rglob("*") if path.is_file()} == before
+    for name in ("l.npz", "l.json"):
+        assert invoke("lut", "export", tmp_path / "lut.zarr", tmp_path / name).exit_code == 0
+    _restamped(tmp_path / "l.npz")  # as a run at another time writes it
+    for name in ("l.npz", "l.json"):
+        written = (tmp_path / name).read_bytes()
+        again = invoke("lut", "export", tmp_path / "lut.zarr", tmp_path / name, "--json")
+        assert again.exit_code == 0 and json.loads(again.stdout)["status"] == "unchanged"
+        assert (tmp_path / name).read_bytes() == written
+
+    # other inputs onto these outputs still need --overwrite
+    _paper_lut(tmp_path / "other.pth", (0.5, 0.3, 0.2))
+    for args in (
+        ("lut", "import", tmp_path / "other.pth", tmp_path / "lut.zarr", "--models", "a,b,c", "--bin-width", 128),
+        ("lut", "import", tmp_path / "paper.pth", tmp_path / "lut.zarr", "--models", "c,b,a", "--bin-width", 128),
+    ):
+        one_line_refusal(invoke(*args), f"{tmp_path / 'lut.zarr'}: already exists (pass --overwrite")
+    other = ("lut", "import", tmp_path / "other.pth", tmp_path / "other.zarr", "--models", "a,b,c", "--bin-width", 128)
+    assert invoke(*other).exit_code == 0
+    for name in ("l.npz", "l.json"):
+        one_line_refusal(invoke("lut", "export", tmp_path / "other.zarr", tmp_path / name), "already exists (pass --overwrite")
+    assert {path: path.read_bytes() for path in (tmp_path / "lut.zarr").rglob("*") if path.is_file()} == before

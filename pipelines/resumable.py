@@ -221,7 +221,7 @@ def remove_staging(path: str) -> None:
     if not fs.exists(staging):
         return
     if (_root_metadata(fs, staging).get("attributes") or {}).get(WRITTEN_IN_PLACE) is True:
-        fs.invalidate_cache(root)
+        fs.invalidate_cache()  # listings cached before the run wrote there
         kept = set((_root_metadata(fs, root).get("consolidated_metadata") or {}).get("metadata") or {})
         names = [entry.rstrip("/").rpartition("/")[2] for entry in fs.ls(staging, detail=False)]
         written = [f"{root}/{name}" for name in names if name != ROOT_METADATA and name not in kept]

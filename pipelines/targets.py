@@ -86,7 +86,10 @@ def staged_in_place(fs, root: str) -> bool:
     written in place, not yet committed: no root `zarr.json`, and a staging beside it that says
     so (`WRITTEN_IN_PLACE`). Such a prefix is no target: no reader finds a store there, and the
     run that wrote it resumes it or removes it (`resumable.resumable_marks`)."""
-    if isinstance(fs, LocalFileSystem) or fs.exists(f"{root}/zarr.json"):
+    if isinstance(fs, LocalFileSystem):
+        return False
+    fs.invalidate_cache(root)  # s3fs answers from listings it cached, which the commit's write outdates
+    if fs.exists(f"{root}/zarr.json"):
         return False
     try:
         attrs = json.loads(fs.cat_file(f"{sibling(root, 'partial')}/zarr.json")).get("attributes") or {}

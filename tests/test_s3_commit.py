@@ -5,11 +5,16 @@ number of requests that does not grow with the chunks. Replacing a store (`--ove
 goes through the staging, copied concurrently; what someone else put at the target is refused
 and kept. On fsspec's `memory://` and on an S3 server on loopback (moto; slow)."""
 
+import collections
+import shutil
 import uuid
 
+import dask.array as da
 import fsspec
+import numpy as np
 import pytest
 import xarray as xr
+import zarr
 
 import ensir_flow
 from ensir_flow.errors import InputError
@@ -17,7 +22,7 @@ from ensir_flow.pipelines import commit as commit_module
 from ensir_flow.pipelines import resumable
 from ensir_flow.pipelines.commit import exists
 from ensir_flow.pipelines.targets import sibling
-from helpers import s3_server
+from helpers import make_corpus, s3_server
 
 
 @pytest.fixture(params=["memory", pytest.param("s3", marks=pytest.mark.slow)])
@@ -168,3 +173,61 @@ def test_an_overwrite_is_staged_and_readers_see_the_old_store_or_the_new(base, r
     assert all(item in (old, new) or "a run replacing it was interrupted" in item for item in seen)
     assert ensir_flow.open_store(target)["prediction"].encoding["chunks"][1] == 500
     assert not exists(sibling(target, "partial")) and not exists(sibling(target, "replaced"))
+
+
+def test_an_append_is_committed_by_one_write_readers_seeing_the_store_as_before_until_then(base, tmp_path, monkeypatch):
+    full, first = tmp_path / "full", tmp_path / "first"
+    models = make_corpus(full, sizes=((24, 32), (17, 29), (40, 21)))
+    for folder in ("gt", *models):
+        (first / folder).mkdir(parents=True)
+        for stem in ("img0", "img1"):
+            shutil.copy(full / folder / f"{stem}.png", first / folder / f"{stem}.png")
+    target = f"{base}/s.zarr"
+    ensir_flow.ingest(full, str(tmp_path / "whole.zarr"), chunk_pixels=500, progress=False)
+    ensir_flow.ingest(first, target, chunk_pixels=500, progress=False)
+    seen, real = [], resumable.commit_metadata
+
+    def looked_at(path, attrs, members=None, like=None):
+        seen.append(ensir_flow.open_store(target).sizes["image"])
+        real(path, attrs, members, like=like)
+
+    monkeypatch.setattr(resumable, "commit_metadata", looked_at)
+    ensir_flow.ingest(full, target, append=True, progress=False)
+    assert seen == [2] and ensir_flow.open_store(target).sizes["image"] == 3
+    xr.testing.assert_identical(xr.open_zarr(target).drop_attrs(), xr.open_zarr(tmp_path / "whole.zarr").drop_attrs())
+
+
+@pytest.mark.slow
+def test_the_commit_costs_requests_bounded_by_the_arrays_not_the_chunks(s3_bucket, monkeypatch):
+    """Outputs of 10 and of 400 chunks (about 30 and 1,200 objects) cost the same requests to commit, no copy."""
+    import s3fs
+
+    requests, real_call = collections.Counter(), s3fs.S3FileSystem._call_s3
+
+    async def counted(self, method, *args, **kwargs):
+        requests[method] += 1
+        return await real_call(self, method, *args, **kwargs)
+
+    costs = {}
+    for n_chunks in (10, 400):
+        path = f"{s3_bucket}/{uuid.uuid4().hex}/out.zarr"
+        template = xr.Dataset(
+            {
+                "ensemble": (("pixel", "channel"), da.zeros((n_chunks * 8, 1), dtype=np.uint8, chunks=-1)),
+                "chunk_xxh3": (("chunk", "array"), da.zeros((n_chunks, 1), dtype=np.uint64, chunks=-1)),
+            },
+            attrs={"created_by": "ensir-flow 0 apply"},
+        )
+        location = resumable.start_resumable(
+            path, template, {"ensemble": {"chunks": (8, 1)}, "chunk_xxh3": {"chunks": (1, 1)}}, n_chunks
+        )
+        assert location == path
+        for name, values in (("ensemble", 7), ("chunk_xxh3", 3), (resumable.COMPLETE, 1)):
+            zarr.open_array(store=location, path=name, mode="r+")[...] = values
+        requests.clear()
+        with monkeypatch.context() as patched:
+            patched.setattr(s3fs.S3FileSystem, "_call_s3", counted)
+            resumable.commit_resumable(path)
+        costs[n_chunks] = collections.Counter(requests)
+        assert int(xr.open_zarr(path)["ensemble"].values.sum()) == 7 * n_chunks * 8
+    assert costs[10] == costs[400] and costs[10]["copy_object"] == 0 and costs[10]["put_object"] == 1, costs

@@ -36,6 +36,7 @@ import difflib
 import functools
 import inspect
 import os
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -428,17 +429,37 @@ class Outcome:
     stages: list[dict] = field(default_factory=list)
 
 
-def run_plan(plan_factory, locations: Sequence, run: RunOptions) -> Outcome:
+def run_plan(plan_factory, locations: Sequence, run: RunOptions, reads: Sequence = ()) -> Outcome:
     """Build the plan (which validates the inputs), then describe it (`dry_run`) or run it where
     `run` says. Every command runs its pipeline through here. `locations`: the stores and folders
-    it reads or writes (None for an option not given)."""
+    it reads or writes (None for an option not given); `reads`: the stores whose chunks it reads,
+    each said on stderr if its chunks cannot be verified (`_say_unverified`)."""
     _refuse_memory_on_a_cluster(locations, run)
     plan = plan_factory()
+    if plan.status != "unchanged":  # an output found already made reads nothing
+        _say_unverified(reads)
     if run.get("dry_run"):
         return Outcome(None, {}, plan.describe(), plan.status, [stage.to_json() for stage in plan.stages])
     seconds: dict[str, float] = {}
     with _compute(run) as compute:
         return Outcome(plan.run(_timed(compute, seconds)), seconds, None, plan.status)
+
+
+def _say_unverified(stores: Sequence) -> None:
+    """Say on stderr, one line each, which of `stores` (None: not given) were written without
+    chunk checksums (before ensir-flow recorded them): their chunks are checked for presence only,
+    where those of every other store are checked against what their writer committed."""
+    from .pipelines.integrity import CHUNK_CHECKSUMS
+    from .pipelines.stores import open_group_as_committed
+
+    for store in dict.fromkeys(str(store) for store in stores if store is not None):
+        if CHUNK_CHECKSUMS not in open_group_as_committed(store):
+            print(
+                f"{store}: written without chunk checksums: its chunks are checked for presence only; write it "
+                "again (the command that made it, with --overwrite) to have them verified",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def _names(value: str | Sequence[str] | None) -> list[str] | None:
@@ -770,6 +791,7 @@ def fit(
         lambda: plan_fit(str(reference), str(target), bin_width, solver, device, overwrite, strength, pass_memory << 20),
         (reference, target),
         run,
+        reads=(reference,),
     )
     if outcome.plan is not None:
         return _planned(Fitted, "fit", outcome, _written([lut]))
@@ -829,6 +851,7 @@ def apply(
         ),
         (source, table, target, pngs),
         run,
+        reads=(source,),
     )
     if outcome.plan is not None:
         return _planned(Applied, "apply", outcome, outputs)
@@ -930,7 +953,7 @@ def evaluate(
 
         _check_targets({"report": (report, REPORT_FOLDER)}, {"store": store, "ensemble": ensemble, "LUT": lut}, False)
         check_report_target(report)
-    outcome = run_plan(factory, (source, scored), run)
+    outcome = run_plan(factory, (source, scored), run, reads=(source, scored))
     if outcome.plan is not None:
         return _planned(Evaluated, "evaluate", outcome)
     page = None
@@ -978,7 +1001,10 @@ def export(
     store, directory = _absolute(store), _absolute(directory)
 
     outcome = run_plan(
-        lambda: plan_export(str(store), str(directory), variable, overwrite, png_compression), (store, directory), run
+        lambda: plan_export(str(store), str(directory), variable, overwrite, png_compression),
+        (store, directory),
+        run,
+        reads=(store,),
     )
     if outcome.plan is not None:
         return _planned(Exported, "export", outcome, _written([written_to]))

@@ -171,6 +171,14 @@ def test_a_worker_that_opens_another_store_at_the_planned_path_is_refused(fitted
         read_pixels(source, 0, CHUNK)
 
 
+def unverified(store: Path) -> str:
+    """The line a command that reads `store`, written without chunk checksums, says on stderr."""
+    return (
+        f"{store}: written without chunk checksums: its chunks are checked for presence only; write it again "
+        "(the command that made it, with --overwrite) to have them verified"
+    )
+
+
 def test_a_store_without_checksums_still_reads_and_its_missing_chunks_are_named(fitted, invoke):
     assert "chunks_verified: by their XXH3-64 hashes" in invoke("info", fitted / "s.zarr").stdout
     without_checksums(fitted / "s.zarr")
@@ -182,4 +190,31 @@ def test_a_store_without_checksums_still_reads_and_its_missing_chunks_are_named(
 
     damage(fitted / "s.zarr", "prediction", "missing")
     result = invoke("evaluate", fitted / "s.zarr", "--no-progress")
-    assert result.exit_code == 1 and f"prediction: chunk 1 (pixels {CHUNK}:{2 * CHUNK}) is missing" in one_line(result)
+    notice, refusal = result.stderr.strip().splitlines()
+    assert notice == unverified(fitted / "s.zarr")
+    assert result.exit_code == 1 and f"prediction: chunk 1 (pixels {CHUNK}:{2 * CHUNK}) is missing" in refusal
+
+
+def test_every_reader_says_which_of_its_stores_have_no_checksums(fitted, invoke, capsys):
+    store, output = fitted / "s.zarr", fitted / "out.zarr"
+    readers = {
+        "fit": ("fit", store, fitted / "lut2.zarr", "--overwrite"),
+        "apply": ("apply", store, fitted / "lut.zarr", fitted / "out2.zarr", "--overwrite"),
+        "evaluate": ("evaluate", store, "--ensemble", output),
+    }
+
+    def export():
+        ensir_flow.export(output, fitted / "png", overwrite=True, progress=False)
+        return capsys.readouterr().err
+
+    for args in readers.values():  # stores written with checksums: nothing said
+        result = invoke(*args, "--no-progress")
+        assert result.exit_code == 0 and result.stderr == "", result.stderr
+    assert export() == ""
+    without_checksums(store)
+    without_checksums(output)
+    for name, args in readers.items():
+        result = invoke(*args, "--no-progress")
+        read = [store, output] if name == "evaluate" else [store]
+        assert result.exit_code == 0 and result.stderr.splitlines() == [unverified(path) for path in read], result.stderr
+    assert export().splitlines() == [unverified(output)]

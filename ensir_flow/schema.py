@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import InputError
-from .images import stem_problem
+from .images import GROUND_TRUTH_DIR, INPUT_DIR, stem_problem
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -253,7 +253,8 @@ def check_store(ds: xr.Dataset, source: str, require: tuple[str, ...] = (PREDICT
     Stores can be written by anyone (or left by a crash), so every reader checks, before using
     the image index: the schema version (an integer this version reads); required attributes and
     variables; the `models` attribute, a list of names that the `model` coordinate, where there is
-    one, spells the same; every variable's dimensions (the pixel variables' in the order
+    one, spells the same, as do the model folders of the `source` coordinate (of stores ingested
+    from folders); every variable's dimensions (the pixel variables' in the order
     `PIXEL_DIMS`) of the lengths the store's images, models and `channels` give; the pixel axis
     holding exactly the images' pixels (sum of height x width); `pixel_count` = height x width and
     `pixel_offset` = the cumulative counts (the contiguous ragged layout: offsets are authoritative
@@ -289,6 +290,14 @@ def check_store(ds: xr.Dataset, source: str, require: tuple[str, ...] = (PREDICT
         if coordinate != models:
             raise InputError(
                 f"{source}: inconsistent store: attribute 'models' {models} disagrees with the model coordinate {coordinate}"
+            )
+    if "source" in ds.variables:  # the folders the store's planes came from: each model's, then gt/ and lq/
+        folders = [str(name) for name in np.asarray(ds["source"].values).reshape(-1)]
+        named = [name for name in folders if name not in (GROUND_TRUTH_DIR, INPUT_DIR)]
+        if named and named != models:
+            raise InputError(
+                f"{source}: inconsistent store: attribute 'models' {models} disagrees with the model folders of "
+                f"the source coordinate {named}"
             )
     _check_image_variables(ds, source)
     index = ImageIndex.from_dataset(ds)

@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+import zarr
 from click.testing import CliRunner
 
 from ensir_flow import schema
@@ -119,6 +120,22 @@ def test_attributes_that_disagree_with_the_arrays_are_refused(reference, tmp_pat
     for args in (("fit", store, tmp_path / "lut.zarr"), ("info", store)):
         message = refused(*args)
         assert "s.zarr: inconsistent store: " in message and expected in message, message
+    assert not (tmp_path / "lut.zarr").exists()
+
+
+def test_models_relabelled_in_the_attribute_and_coordinate_alone_are_refused(reference, tmp_path):
+    """The `source` coordinate names the folder each plane came from: relabelling the models in
+    the `models` attribute and the `model` coordinate together leaves it disagreeing."""
+    relabelled = ["model2", "model1", "model0"]
+    store = edited(reference / "s.zarr", tmp_path / "s.zarr", {"models": relabelled})
+    zarr.open_array(store=str(store), path="model", mode="r+")[:] = np.array(relabelled, dtype=object)
+    expected = (
+        f"s.zarr: inconsistent store: attribute 'models' {relabelled} disagrees with the model folders of the "
+        f"source coordinate {MODELS}"
+    )
+    for args in (("fit", store, tmp_path / "lut.zarr"), ("info", store)):
+        message = refused(*args)
+        assert expected in message, message
     assert not (tmp_path / "lut.zarr").exists()
 
 

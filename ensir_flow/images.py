@@ -136,19 +136,37 @@ def _check_utf8_name(path: Path) -> None:
         ) from None
 
 
-def _regular_file_problem(mode: int) -> str | None:
-    """Why an entry of `mode` (its st_mode) is not an image file to read, or None for a regular file."""
-    if stat.S_ISREG(mode):
-        return None
+def _kind(mode: int) -> str:
+    """What an entry of `mode` (its st_mode) is, in words."""
     kinds = (
+        (stat.S_ISREG, "a file"),
         (stat.S_ISDIR, "a folder"),
         (stat.S_ISFIFO, "a FIFO"),
         (stat.S_ISCHR, "a character device"),
         (stat.S_ISBLK, "a block device"),
         (stat.S_ISSOCK, "a socket"),
     )
-    kind = next((name for test, name in kinds if test(mode)), "of an unknown kind")
-    return f"not a regular file ({kind}); refusing to read it"
+    return next((name for test, name in kinds if test(mode)), "of an unknown kind")
+
+
+def _regular_file_problem(mode: int) -> str | None:
+    """Why an entry of `mode` (its st_mode) is not an image file to read, or None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    return f"not a regular file ({_kind(mode)}); refusing to read it"
+
+
+def _refuse_unless_folder(path: Path) -> None:
+    """Refuse `path` unless it is (a link to) a folder, naming what it is instead: found with
+    `stat`, never opened (a FIFO would block)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise InputError(f"{printable(path)}: " + ("a link to nothing" if path.is_symlink() else "folder not found")) from None
+    except OSError as error:
+        raise InputError(f"{printable(path)}: cannot be read ({error.strerror or first_line(error)})") from None
+    if not stat.S_ISDIR(mode):
+        raise InputError(f"{printable(path)}: is {_kind(mode)}, not a folder")
 
 
 def _check_regular_file(path: Path) -> None:
@@ -163,8 +181,7 @@ def _check_regular_file(path: Path) -> None:
 
 
 def images_by_stem(folder: Path) -> dict[str, Path]:
-    if not folder.is_dir():
-        raise InputError(f"{folder}: folder not found")
+    _refuse_unless_folder(folder)
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir(), key=lambda path: path.name):  # as paths sort, by name alone
         if path.suffix.lower() in IMAGE_EXTENSIONS:
@@ -202,7 +219,11 @@ def discover_corpus(root, models: list[str] | None = None, require_ground_truth:
         raise InputError(f"{root}: source folder not found")
     reserved = {GROUND_TRUTH_DIR, INPUT_DIR}
     if models is None:
-        folders = [p for p in root.iterdir() if p.is_dir() and p.name not in reserved and not p.name.startswith(".")]
+        entries = [p for p in root.iterdir() if p.name not in reserved and not p.name.startswith(".")]
+        for entry in entries:  # files (notes, lists) are left alone; anything else stands where a model folder goes
+            if not entry.is_dir() and not entry.is_file():
+                _refuse_unless_folder(entry)
+        folders = [p for p in entries if p.is_dir()]
         for folder in folders:
             _check_utf8_name(folder)
         models = sorted(p.name for p in folders)
@@ -218,8 +239,8 @@ def discover_corpus(root, models: list[str] | None = None, require_ground_truth:
     check_model_names(models, root)
     by_model = {model: images_by_stem(root / model) for model in models}
     gt_dir = root / GROUND_TRUTH_DIR
-    ground_truth = images_by_stem(gt_dir) if gt_dir.is_dir() or require_ground_truth else None
-    inputs = images_by_stem(root / INPUT_DIR) if (root / INPUT_DIR).is_dir() else None
+    ground_truth = images_by_stem(gt_dir) if os.path.lexists(gt_dir) or require_ground_truth else None
+    inputs = images_by_stem(root / INPUT_DIR) if os.path.lexists(root / INPUT_DIR) else None
     reference_name, reference = (GROUND_TRUTH_DIR, ground_truth) if ground_truth is not None else (models[0], by_model[models[0]])
     stems = sorted(reference)
     for name, files in [(GROUND_TRUTH_DIR, ground_truth), *by_model.items(), (INPUT_DIR, inputs)]:

@@ -219,3 +219,27 @@ def test_a_fifo_a_device_or_a_broken_link_is_named_and_never_opened(tmp_path, in
     fifo.unlink()
     fifo.symlink_to(tmp_path / "nothing.png")
     _refused(invoke, tmp_path, "ingest", root, tmp_path / "s.zarr", match=f"{fifo}: a link to nothing")
+
+
+def test_a_fifo_where_a_folder_goes_is_named_and_never_opened(tmp_path, invoke, root):
+    """A FIFO beside the model folders was dropped silently, and one named as a model or as gt/
+    was reported as a folder not found."""
+    os.mkfifo(root / "model3")
+    _refused(invoke, tmp_path, "ingest", root, tmp_path / "s.zarr", match=f"{root / 'model3'}: is a FIFO, not a folder")
+    _refused(
+        invoke,
+        tmp_path,
+        "ingest",
+        root,
+        tmp_path / "s.zarr",
+        "--models",
+        "model0,model3",
+        match=f"{root / 'model3'}: is a FIFO, not a folder",
+    )
+    os.unlink(root / "model3")
+    shutil.rmtree(root / "gt")
+    os.mkfifo(root / "gt")
+    _refused(invoke, tmp_path, "ingest", root, tmp_path / "s.zarr", match=f"{root / 'gt'}: is a FIFO, not a folder")
+    os.unlink(root / "gt")
+    (root / "gt").write_text("not images")
+    _refused(invoke, tmp_path, "ingest", root, tmp_path / "s.zarr", match=f"{root / 'gt'}: is a file, not a folder")

@@ -764,6 +764,9 @@ def evaluate(
     dry_run,
 ):
     """PSNR/SSIM of every model, the average, ZZPM and the ensemble against STORE's ground truth."""
+    # typed without --cv they would do nothing (a config's values are its --cv candidates)
+    for option, value in _typed_only({"solvers": solvers, "bin_widths": bin_widths}, folds is None).items():
+        raise click.UsageError(f"--{option.replace('_', '-')} {value}: applies to --cv only (the solvers' LUTs it fits)")
     result = api.evaluate(
         store,
         ensemble=ensemble_store,

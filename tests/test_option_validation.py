@@ -205,3 +205,11 @@ def test_a_config_shrinkage_written_without_a_dot_is_a_number(store, tmp_path, i
     result = invoke("--config", config, "fit", store, tmp_path / "l.zarr", "--no-progress")
     assert result.exit_code == 0, result.output
     assert ensir_flow.open_store(tmp_path / "l.zarr").attrs["shrinkage"] == 1e4
+
+
+@pytest.mark.parametrize("option, value", [("--bin-widths", "16,32"), ("--solvers", "em")])
+def test_cross_validation_options_without_cv_are_refused(store, tmp_path, invoke, option, value):
+    _refused(invoke("evaluate", store, option, value, "--no-progress"), option, "applies to --cv only")
+    config = tmp_path / "task.yaml"  # a config's bin width and solver are only its --cv candidates
+    config.write_text("bin_width: 16\nsolver: em\n")
+    assert invoke("--config", config, "evaluate", store, "--no-progress").exit_code == 0

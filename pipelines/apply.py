@@ -1,7 +1,7 @@
 """Apply: blend a store's predictions with a LUT chunk by chunk into a new store (and export it)."""
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import dask
 import dask.array as da
@@ -280,11 +280,15 @@ def plan_apply(
             refuse_or_recover(output, overwrite)  # one that appeared since the plan is not replaced unasked
             done = resumable_marks(output, {**provenance, **RESUME_PROTOCOL})
             resuming = done is not None
-            if not resuming:
-                start_resumable(output, out, encoding, len(chunk_lengths))  # `ensemble` is written by the tasks
+            if resuming:
+                location = resumable_location(output)
+            else:
+                location = start_resumable(output, out, encoding, len(chunk_lengths))  # `ensemble`: by the tasks
                 done = np.zeros(len(chunk_lengths), dtype=bool)
-            now = np.flatnonzero(~done)  # what the plan saw, unless another run went on meanwhile
-            tasks = planned_tasks if np.array_equal(now, todo) else graph.tasks(now, outputs)
+            # what and where the plan saw, unless another run went on meanwhile (or, on object
+            # storage, a store appeared at the target: then the staging is beside it, not in place)
+            now, writes = np.flatnonzero(~done), replace(outputs, location=location)
+            tasks = planned_tasks if writes == outputs and np.array_equal(now, todo) else graph.tasks(now, writes)
             compute(*tasks, label=f"apply ({len(now)} of {len(done)} chunks)" if resuming else "apply")
             refuse_changed(store, planned_store)
             commit_resumable(output)

@@ -238,3 +238,14 @@ def test_the_commit_costs_requests_bounded_by_the_arrays_not_the_chunks(s3_bucke
         costs[n_chunks] = collections.Counter(requests)
         assert int(xr.open_zarr(path)["ensemble"].values.sum()) == 7 * n_chunks * 8
     assert costs[10] == costs[400] and costs[10]["copy_object"] == 0 and costs[10]["put_object"] == 1, costs
+
+
+def test_a_plan_made_in_place_writes_beside_a_store_that_appeared_before_it_ran(base, reference, tmp_path):
+    from ensir_flow.pipelines.apply import plan_apply
+
+    store, lut, local = reference
+    ensir_flow.fit(store, str(tmp_path / "average.zarr"), solver="average", progress=False)
+    planned = plan_apply(store, lut, f"{base}/out.zarr", overwrite=True)  # no store there yet: planned in place
+    ensir_flow.apply(store, str(tmp_path / "average.zarr"), f"{base}/out.zarr", progress=False)  # another run commits one
+    assert planned.run().status == "written"
+    same_store(f"{base}/out.zarr", local)

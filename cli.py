@@ -765,7 +765,8 @@ def evaluate(
 ):
     """PSNR/SSIM of every model, the average, ZZPM and the ensemble against STORE's ground truth."""
     # typed without --cv they would do nothing (a config's values are its --cv candidates)
-    for option, value in _typed_only({"solvers": solvers, "bin_widths": bin_widths}, folds is None).items():
+    typed = _typed_only({"solvers": solvers, "bin_widths": bin_widths}, True)
+    for option, value in typed.items() if folds is None else ():
         raise click.UsageError(f"--{option.replace('_', '-')} {value}: applies to --cv only (the solvers' LUTs it fits)")
     result = api.evaluate(
         store,

@@ -213,3 +213,4 @@ def test_cross_validation_options_without_cv_are_refused(store, tmp_path, invoke
     config = tmp_path / "task.yaml"  # a config's bin width and solver are only its --cv candidates
     config.write_text("bin_width: 16\nsolver: em\n")
     assert invoke("--config", config, "evaluate", store, "--no-progress").exit_code == 0
+    assert invoke("evaluate", store, "--cv", 2, option, value, "--no-progress").exit_code == 0

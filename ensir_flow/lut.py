@@ -326,6 +326,8 @@ class Lut:
             sparse = {"bin_digits": digits, "fallback": fallback, "fallback_status": int(fallback_status)}
         _check_bin_coordinate(ds, sparse.get("bin_digits"), len(models), bin_width, source)
         check_weights(weights, bin_width, source, digits=sparse.get("bin_digits"))
+        for held in (weights, *([sparse["fallback"]] if sparse else [])):
+            REGISTRY[solver].check_weights(held, source)
         count = _values_of(ds, "count", ("bin", "channel"), source) if "count" in ds else np.zeros(weights.shape[:2], np.int64)
         status = (
             _values_of(ds, "fit_status", ("bin", "channel"), source)

@@ -176,9 +176,13 @@ def test_image_sizes_that_do_not_add_up_to_the_pixel_axis_are_refused(reference,
 
 
 def test_apply_records_a_digest_that_changes_with_the_luts_solver(reference, tmp_path):
+    n_bins = 2**3
+    uniform = np.full((n_bins, 3, 3), 1 / 3, np.float32)  # weights each of these solvers may hold
+    statuses = np.full((n_bins, 3), FitStatus.UNIFORM, np.int8)
+    write_lut(Lut(MODELS, 128, uniform, np.ones((n_bins, 3), np.int64), statuses), tmp_path / "uniform.zarr")
     recorded = {}
     for solver in ("em", "zzpm", "average"):
-        lut = edited(reference / "lut.zarr", tmp_path / f"{solver}.zarr", {"solver": solver})
+        lut = edited(tmp_path / "uniform.zarr", tmp_path / f"{solver}.zarr", {"solver": solver})
         assert _run("apply", reference / "s.zarr", lut, tmp_path / f"out-{solver}.zarr", "--no-progress").exit_code == 0
         attributes = json.loads((tmp_path / f"out-{solver}.zarr" / "zarr.json").read_text())["attributes"]
         assert attributes["solver"] == solver
@@ -188,3 +192,21 @@ def test_apply_records_a_digest_that_changes_with_the_luts_solver(reference, tmp
     message = refused("apply", reference / "s.zarr", bogus, tmp_path / "out-bogus.zarr")
     assert "bogus.zarr: attribute solver is 'bogus', not one of em, lsq, average, zzpm, select, imported" in message
     assert not (tmp_path / "out-bogus.zarr").exists()
+
+
+@pytest.mark.parametrize(
+    "solver, rule", [("average", "every weight 1/K"), ("zzpm", "every weight 1/K"), ("select", "all on one model, or uniform")]
+)
+def test_a_lut_whose_weights_contradict_its_solver_is_refused(reference, tmp_path, solver, rule):
+    """An em LUT relabelled as a solver whose weights follow from its name was applied with the em
+    weights, and its output recorded the other solver."""
+    lut = edited(reference / "lut.zarr", tmp_path / "lut.zarr", {"solver": solver})
+    message = refused("apply", reference / "s.zarr", lut, tmp_path / "out.zarr")
+    assert f"lut.zarr: its weights are not those of a {solver} LUT (" in message and rule in message, message
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_the_luts_of_solvers_with_a_weights_rule_pass_it(reference, tmp_path):
+    for solver in ("average", "select", "zzpm"):
+        assert _run("fit", reference / "s.zarr", tmp_path / f"{solver}.zarr", "--solver", solver, "--no-progress").exit_code == 0
+        assert _run("info", tmp_path / f"{solver}.zarr").exit_code == 0

@@ -2,7 +2,7 @@
 
 from ..fit_status import FitStatus
 from ..stats import EM_MOMENTS, CellStatistics
-from .base import CellWeights, Solver, uniform_cells
+from .base import CellWeights, Solver, all_uniform, uniform_cells
 
 
 def fit(statistics: CellStatistics, channels: CellStatistics | None, device: str) -> CellWeights:
@@ -18,4 +18,6 @@ SOLVER = Solver(
     statuses=(FitStatus.UNIFORM,),
     empty_policy_description="every cell holds uniform 1/K weights: nothing is fitted per cell",
     baseline=True,
+    weights_rule=all_uniform,
+    weights_rule_description="every weight 1/K",
 )

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import InputError
 from ..fit_status import FitStatus
 from ..stats import CellStatistics
 
@@ -77,7 +78,10 @@ class Solver:
       squared distance (images, K) of each model to the per-pixel mean; `apply` blends each image
       with its own. None for a solver that applies per bin (its LUT);
     - `baseline`: whether `evaluate` scores it beside the models on every run (so cross-validation
-      never fits it)."""
+      never fits it);
+    - `weights_rule`: for a solver whose weights follow from its name alone, whether weights
+      (..., K) are ones it makes, and `weights_rule_description`, that rule in words; None where
+      the weights are fitted from data (`check_weights`)."""
 
     name: str
     summary: str
@@ -89,6 +93,17 @@ class Solver:
     tuning: Tuning | None = None
     image_weights: Callable[[np.ndarray], np.ndarray] | None = None
     baseline: bool = False
+    weights_rule: Callable[[np.ndarray], bool] | None = None
+    weights_rule_description: str = ""
+
+    def check_weights(self, weights: np.ndarray, source: str) -> None:
+        """Refuse weights (..., K) that this solver does not make (`weights_rule`): a LUT whose
+        `solver` attribute was edited would be applied, and recorded, as a solver it is not."""
+        if self.weights_rule is not None and not self.weights_rule(np.asarray(weights)):
+            raise InputError(
+                f"{source}: its weights are not those of a {self.name} LUT ({self.weights_rule_description}); "
+                "its solver attribute was changed: fit it again"
+            )
 
     @property
     def per_image(self) -> bool:
@@ -110,6 +125,15 @@ def uniform_cells(statistics: CellStatistics) -> CellWeights:
         np.full((statistics.n_channels, n_models), 1.0 / n_models),
         FitStatus.UNIFORM,
     )
+
+
+#: How far a stored (float32) weight may lie from the value a rule gives it.
+RULE_TOLERANCE = 1e-6
+
+
+def all_uniform(weights: np.ndarray) -> bool:
+    """Whether every K-vector of `weights` (..., K) is 1/K throughout."""
+    return bool(np.all(np.abs(weights - 1.0 / weights.shape[-1]) <= RULE_TOLERANCE))
 
 
 def uniform_fallback(statistics: CellStatistics) -> np.ndarray:

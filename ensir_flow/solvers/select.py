@@ -12,7 +12,7 @@ import numpy as np
 
 from ..fit_status import FitStatus
 from ..stats import ALL_MOMENTS, CellStatistics
-from .base import CellWeights, Solver, uniform_fallback
+from .base import RULE_TOLERANCE, CellWeights, Solver, uniform_fallback
 
 
 def squared_errors_less_truth(statistics: CellStatistics) -> np.ndarray:
@@ -33,6 +33,14 @@ def one_hot_of_least_error(statistics: CellStatistics) -> np.ndarray:
     return weights
 
 
+def one_model_or_uniform(weights: np.ndarray) -> bool:
+    """Whether every K-vector of `weights` (..., K) gives one model all the weight, or is uniform
+    1/K (a channel without reference pixels)."""
+    one_hot = np.all((np.abs(weights) <= RULE_TOLERANCE) | (np.abs(weights - 1) <= RULE_TOLERANCE), axis=-1)
+    uniform = np.all(np.abs(weights - 1.0 / weights.shape[-1]) <= RULE_TOLERANCE, axis=-1)
+    return bool(np.all(one_hot | uniform))
+
+
 def fit(statistics: CellStatistics, channels: CellStatistics | None, device: str) -> CellWeights:
     """The best model of every cell, and as each channel's fallback the best model of all its pixels."""
     fallback = uniform_fallback(statistics)
@@ -50,4 +58,6 @@ SOLVER = Solver(
     statuses=(FitStatus.EMPTY_FALLBACK, FitStatus.SELECTED),
     empty_policy_description="cells without reference pixels take the model of least squared error over all reference "
     "pixels of their channel; uniform 1/K where a channel has no reference pixels",
+    weights_rule=one_model_or_uniform,
+    weights_rule_description="each cell's weights all on one model, or uniform 1/K",
 )

@@ -7,7 +7,7 @@ squared distances in one extra pass over the chunks and blends the image with it
 from ..blend import zzpm_weights
 from ..fit_status import FitStatus
 from ..stats import EM_MOMENTS, CellStatistics
-from .base import CellWeights, Solver, uniform_cells
+from .base import CellWeights, Solver, all_uniform, uniform_cells
 
 
 def fit(statistics: CellStatistics, channels: CellStatistics | None, device: str) -> CellWeights:
@@ -24,4 +24,6 @@ SOLVER = Solver(
     empty_policy_description="every cell holds uniform 1/K weights: apply computes each image's own weights",
     image_weights=zzpm_weights,
     baseline=True,
+    weights_rule=all_uniform,
+    weights_rule_description="every weight 1/K",
 )

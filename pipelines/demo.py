@@ -57,6 +57,8 @@ def plan_demo(directory, overwrite: bool = False) -> Plan:
     def execute(compute):
         if root.exists():
             shutil.rmtree(root)
+        root.mkdir(parents=True)
+        paths[targets.DEMO_MARK].write_text(targets.demo_mark())  # first: a folder killed now is still the demo's
         build_demo_corpus(paths["corpus"])
         models = [model_file(name, path) for name, path in save_demo_models(paths["models"]).items()]
         _split(paths["corpus"], paths["reference"], 0)

@@ -146,9 +146,9 @@ def check_export_target(directory, stems, overwrite: bool, source=None) -> None:
     """Refuse, before any work, an export of images named `stems` into `directory` that could not
     complete or would do harm: a stem that is not a plain file name (or is used twice); a
     `directory` that is a symbolic link (`targets.refuse_link`) or a file, that exists without
-    `overwrite`, that holds anything an export does not write (named), or no PNG with the export's
-    mark (a folder of the store's images named as an export names them, such as a corpus's gt/, is
-    not an export); a folder that cannot be created because a file stands in its path (or, on a
+    `overwrite`, that holds anything but PNGs with the export's mark (the first such entry named: a
+    folder of the store's images named as an export names them, such as a corpus's gt/, is not an
+    export); a folder that cannot be created because a file stands in its path (or, on a
     local disk, because its parent cannot be written). `source` (the store) names the stems'
     origin in messages."""
     where = directory if source is None else source
@@ -168,7 +168,7 @@ def check_export_target(directory, stems, overwrite: bool, source=None) -> None:
             raise InputError(f"{directory}: is a file, not a folder; refusing to export into it or to replace it")
         if not overwrite:
             raise InputError(f"{directory}: already exists (pass --overwrite to replace it)")
-        foreign = first_foreign_entry(fs, root, stems)
+        foreign = first_foreign_entry(fs, root)
         if foreign is not None:
             raise InputError(
                 f"{directory}: holds {foreign!r}, which ensir-flow's export did not write; "
@@ -183,16 +183,16 @@ def check_export_target(directory, stems, overwrite: bool, source=None) -> None:
             raise InputError(f"{directory}: cannot be written: no permission to write in {ancestor}")
 
 
-def first_foreign_entry(fs, root: str, stems) -> str | None:
-    """The first entry (by name) of the folder `root` that an export did not write, or None."""
-    ours = {f"{stem}.png" for stem in stems}
+def first_foreign_entry(fs, root: str) -> str | None:
+    """The first entry (by name) of the folder `root` that an export did not write, or None: one
+    that is not a PNG carrying the export's mark (a PNG named as one of the store's images is not
+    enough: a corpus's gt/ holds such PNGs)."""
     for entry in sorted(fs.ls(root, detail=True), key=lambda e: e["name"]):
         name = entry["name"].rstrip("/").rpartition("/")[2]
         if entry.get("type") != "file" or entry.get("islink"):
             return name + ("/" if entry.get("type") == "directory" else "")
-        if name in ours or (name.lower().endswith(".png") and carries_mark(fs, entry["name"])):
-            continue
-        return name
+        if not (name.lower().endswith(".png") and carries_mark(fs, entry["name"])):
+            return name
     return None
 
 

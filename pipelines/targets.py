@@ -56,8 +56,12 @@ DEMO_ENTRIES = frozenset(
         "lut.zarr",
         "ensemble.zarr",
         "ensemble-png",
+        "ensir-flow-demo.json",
     }
 )
+#: The file the demo writes first in its folder, which tells its folder from a user's that holds
+#: entries of the same names (a `corpus/` of their own images, say).
+DEMO_MARK = "ensir-flow-demo.json"
 #: The keys every file of `lut export` carries (in its JSON object, or the NPZ's `metadata`).
 LUT_FILE_KEYS = frozenset({"format_version", "models", "bin_width", "bin_index", "fit_status_meanings", "sha256"})
 #: What a writer leaves beside its target (`sibling`): staging, a retired copy, its lock.
@@ -196,7 +200,7 @@ def describe(path) -> str:
             return "an empty folder"
         from .export import first_foreign_entry
 
-        entry = first_foreign_entry(fs, root.rstrip("/"), ())
+        entry = first_foreign_entry(fs, root.rstrip("/"))
         return "a folder that ensir-flow did not write" + (f" (it holds {entry!r})" if entry else "")
     if not is_url(path) and not os.path.isfile(path):
         return "neither a file nor a folder"
@@ -206,11 +210,15 @@ def describe(path) -> str:
 def kind_of(path) -> str | None:
     """Which of ensir-flow's kinds of target `path` is, or None (not one, or not ensir-flow's).
 
-    Zarr stores by the `created_by` attribute of their root metadata (a LUT also by its own
-    attributes: `lut import` writes `imported_from`); an export folder holds PNG files only, some
-    with the export's mark; a report folder an `index.html` with the report's footer and its PNG
-    figures; a `lut export` file is a JSON object, or an NPZ with a `metadata` entry, holding
-    `LUT_FILE_KEYS`; the demo folder holds only what the demo writes there."""
+        Zarr stores by the `created_by` attribute of their root metadata (a LUT also by its own
+        attributes: `lut import` writes `imported_from`); an export folder holds PNG files only, each
+        with the export's mark; a report folder an `index.html` with the report's footer and its PNG
+        figures; a `lut export` file is a JSON object, or an NPZ with a `metadata` entry, holding
+        `LUT_FILE_KEYS`; the demo folder holds only what the demo writes there, its `DEMO_MARK` first.
+
+    An export folder is recognised only if every PNG in it carries the mark, and the demo folder by
+    its mark file, never by names alone: a folder of a user's images with one exported PNG copied
+    in, or a user's `corpus/` and `models/`, is not ensir-flow's to replace."""
     if not is_url(path) and os.path.islink(path):
         return None
     fs, root = fsspec.core.url_to_fs(str(path))
@@ -253,13 +261,32 @@ def _folder_kind(fs, root: str) -> str | None:
     if files and all(name.lower().endswith(".png") for name in names):
         from .export import carries_mark
 
-        return EXPORT_FOLDER if any(carries_mark(fs, entry["name"]) for entry in entries) else None
+        return EXPORT_FOLDER if all(carries_mark(fs, entry["name"]) for entry in entries) else None
     if files and "index.html" in names and all(name == "index.html" or name.lower().endswith(".png") for name in names):
         with fs.open(f"{root}/index.html", "rb") as page:
             return REPORT_FOLDER if REPORT_FOOTER.encode() in page.read() else None
-    if names <= DEMO_ENTRIES and all(_store_kind(fs, f"{root}/{name}") is not None for name in names if name.endswith(".zarr")):
+    if (
+        names <= DEMO_ENTRIES
+        and _is_demo_mark(fs, f"{root}/{DEMO_MARK}")
+        and all(_store_kind(fs, f"{root}/{name}") is not None for name in names if name.endswith(".zarr"))
+    ):
         return DEMO_FOLDER
     return None
+
+
+def demo_mark() -> str:
+    """What the demo writes in its `DEMO_MARK` file."""
+    from ensir_flow import __version__
+
+    return json.dumps({"created_by": f"ensir-flow {__version__} demo"})
+
+
+def _is_demo_mark(fs, path: str) -> bool:
+    try:
+        made_by = str(json.loads(fs.cat_file(path)).get("created_by", "")).split()
+    except (OSError, ValueError, AttributeError):
+        return False
+    return len(made_by) == 3 and made_by[0] == "ensir-flow" and made_by[2] == "demo"
 
 
 def _is_lut_file(fs, root: str) -> bool:

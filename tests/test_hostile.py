@@ -192,7 +192,10 @@ def test_overwrite_replaces_a_folder_of_our_own_files(fitted):
     with pytest.raises(InputError, match="already exists"):
         check_export_target(png, ["img0", "img1", "img2"], False)
     os.rename(png / "img0.png", png / "from-another-store.png")  # marked: an export wrote it
-    (png / "img2.png").write_bytes(b"not even a PNG, but named as this store's image")  # the brief: stems' PNGs are ours
+    (png / "img2.png").write_bytes(b"not even a PNG, but named as this store's image")  # its name makes it no export's
+    with pytest.raises(InputError, match="holds 'img2.png', which ensir-flow's export did not write"):
+        check_export_target(png, ["img0", "img1", "img2"], True)
+    (png / "img2.png").unlink()
     check_export_target(png, ["img0", "img1", "img2"], True)
     export(store, str(png), threaded_compute, overwrite=True)
     assert sorted(p.name for p in png.iterdir()) == ["img0.png", "img1.png", "img2.png"]
@@ -465,6 +468,7 @@ def test_evaluate_refuses_a_store_whose_model_is_named_as_a_combination(tmp_path
     group = zarr.open_group(str(store), mode="r+")
     group.attrs["models"] = [name, *models[1:]]
     group["model"][0] = name
+    group["source"][0] = name  # the model folders it was ingested from, as such a store records them
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
         zarr.consolidate_metadata(str(store))

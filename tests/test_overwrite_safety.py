@@ -215,8 +215,26 @@ def test_demo_replaces_only_a_demo_folder(tmp_path):
     with pytest.raises(InputError, match="is a folder that ensir-flow did not write"):
         api.demo(folder, overwrite=True, dry_run=True)
     (folder / "thesis.tex").unlink()
+    (folder / "models").mkdir()
+    assert targets.kind_of(folder) is None  # a user's corpus/ and models/: the names alone are no demo's
+    with pytest.raises(InputError, match="is a folder that ensir-flow did not write"):
+        api.demo(folder, overwrite=True, dry_run=True)
+    (folder / targets.DEMO_MARK).write_text(targets.demo_mark())  # what the demo writes first
     assert targets.kind_of(folder) == targets.DEMO_FOLDER
     assert api.demo(folder, overwrite=True, dry_run=True).status == "planned"
+
+
+def test_a_folder_of_pngs_is_an_export_folder_only_if_every_png_was_exported(fitted, invoke):
+    exported = fitted / "png"
+    assert invoke("apply", fitted / "s.zarr", fitted / "lut.zarr", fitted / "o.zarr", "--export-dir", exported).exit_code == 0
+    mixed = fitted / "mixed"
+    shutil.copytree(fitted / "corpus" / "gt", mixed)  # a user's PNGs
+    shutil.copy(next(exported.iterdir()), mixed / "copied.png")  # and one exported PNG
+    before = _tree(mixed)
+    assert targets.kind_of(exported) == targets.EXPORT_FOLDER and targets.kind_of(mixed) is None
+    result = invoke("apply", fitted / "s.zarr", fitted / "lut.zarr", fitted / "o2.zarr", "--export-dir", mixed, "--overwrite")
+    assert result.exit_code == 1 and "a folder that ensir-flow did not write" in result.stderr
+    assert _tree(mixed) == before
 
 
 def test_report_folders_are_recognised_by_their_page(tmp_path):

@@ -276,9 +276,9 @@ def _folder_kind(fs, root: str) -> str | None:
 
 def demo_mark() -> str:
     """What the demo writes in its `DEMO_MARK` file."""
-    from ensir_flow import __version__
+    import ensir_flow
 
-    return json.dumps({"created_by": f"ensir-flow {__version__} demo"})
+    return json.dumps({"created_by": f"ensir-flow {ensir_flow.__version__} demo"})
 
 
 def _is_demo_mark(fs, path: str) -> bool:

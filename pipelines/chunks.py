@@ -135,7 +135,7 @@ def pixel_array(store: str, name: str, model_order: tuple[int, ...] | None = Non
     committed pixels, changes nothing that is read."""
     identity = store_identity(str(store))
     group = open_group_as_committed(str(store))
-    return PixelSource(group[name], checksums_for(group, name), str(store), identity, model_order)
+    return PixelSource(group[name], checksums_for(group, name, str(store)), str(store), identity, model_order)
 
 
 def task_argument(value) -> Delayed:

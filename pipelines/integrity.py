@@ -111,21 +111,24 @@ class ChunkChecksums:
     array: zarr.Array
     column: int
     tail: tuple[int, int] | None
+    location: str
 
     def rows(self, first: int, end: int) -> np.ndarray:
         """The checksums of chunks first:end (those the array holds)."""
+        from .zarr_adapter import rows_of
+
         end = min(end, self.array.shape[0])
         if end <= first:
             return np.zeros(0, dtype=np.uint64)
-        values = np.asarray(self.array[first:end, self.column], dtype=np.uint64).reshape(-1)
+        values = np.asarray(rows_of(self.location, self.array, first, end)[:, self.column], dtype=np.uint64)
         if self.tail is not None and first <= self.tail[0] < end:
             values[self.tail[0] - first] = self.tail[1]
         return values
 
 
-def checksums_for(group: zarr.Group, variable: str) -> ChunkChecksums | None:
-    """The `ChunkChecksums` of `variable` in the opened group, or None where the store has none
-    for it (written before chunk checksums)."""
+def checksums_for(group: zarr.Group, variable: str, location: str) -> ChunkChecksums | None:
+    """The `ChunkChecksums` of `variable` in the group opened from the store at `location`, or
+    None where the store has none for it (written before chunk checksums)."""
     if CHUNK_CHECKSUMS not in group:
         return None
     array = group[CHUNK_CHECKSUMS]
@@ -133,4 +136,4 @@ def checksums_for(group: zarr.Group, variable: str) -> ChunkChecksums | None:
     if variable not in names:
         return None
     column, tail = names.index(variable), group.attrs.get(CHECKSUM_TAIL)
-    return ChunkChecksums(array, column, None if tail is None else (int(tail["chunk"]), int(tail["xxh3"][column])))
+    return ChunkChecksums(array, column, None if tail is None else (int(tail["chunk"]), int(tail["xxh3"][column])), location)

@@ -87,7 +87,7 @@ def state(path: Path):
                 values = read_pixels(pixel_array(str(path), name), 0, ds.sizes["pixel"])
             elif name == CHUNK_CHECKSUMS:  # as readers take them: the last chunk's from the root metadata (an
                 group = open_group_as_committed(str(path))  # append rewrites its row before its commit)
-                values = np.stack([checksums_for(group, variable).rows(0, ds.sizes["chunk"]) for variable in checked])
+                values = np.stack([checksums_for(group, variable, str(path)).rows(0, ds.sizes["chunk"]) for variable in checked])
             else:
                 values = ds[name].values
             digest.update(

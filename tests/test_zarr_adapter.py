@@ -100,3 +100,21 @@ def test_a_store_addressed_by_url_is_committed_the_same_way():
     group = zarr.open_group(path, mode="r", use_consolidated=True)
     assert dict(group.attrs) == {"generation": 1} and group["pixels"].shape == (2, 6)
     assert xr.open_zarr(path, consolidated=True).attrs == {"generation": 1}
+
+
+@pytest.mark.parametrize("compressors", [None, "zstd"])
+def test_rows_read_past_zarr_are_zarr_s_rows(tmp_path, compressors):
+    from ensir_flow.pipelines.zarr_adapter import rows_of
+
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="w-", zarr_format=3)
+    array = group.create_array(
+        "sums", shape=(5, 2), chunks=(1, 2), dtype="uint64", fill_value=0, compressors=None if compressors is None else "auto"
+    )
+    array[:4] = np.arange(8, dtype=np.uint64).reshape(4, 2) * np.uint64(2**61 - 1)  # row 4 never written
+    names = [codec.to_dict()["name"] for codec in array.metadata.codecs]
+    assert names == (["bytes"] if compressors is None else ["bytes", "zstd"])
+    for first, end in ((0, 5), (3, 4), (4, 5), (1, 3)):
+        np.testing.assert_array_equal(rows_of(str(tmp_path / "s.zarr"), array, first, end), array[first:end])
+    other = group.create_array("blocks", shape=(4, 2), chunks=(2, 2), dtype="uint64", fill_value=0)  # not a row per chunk
+    other[...] = 7
+    np.testing.assert_array_equal(rows_of(str(tmp_path / "s.zarr"), other, 1, 3), other[1:3])

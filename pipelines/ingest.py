@@ -293,7 +293,7 @@ def _write_chunk(
     of the files they were decoded from into its row of the records, then the chunk's mark. The
     SHA-256s [source][image] (the chunk's images in order) are `digests`, or where None, those
     the blocks return for the images at `slots` (block, image in the block)."""
-    *arrays, marks, records, checksums = opened(targets)
+    *arrays, marks, records, checksums = targets.open()
     block = _assembled(shape, blocks, pieces)
     planes = [block[:n_models], *block[n_models:]]
     if digests is None:
@@ -643,19 +643,6 @@ def store_writer(
     return execute, [] if unchanged else write_stages(blocks, n_read, lengths, planned_todo, computed, note)
 
 
-def opened(targets: ArraysToWrite) -> list:
-    """`targets.open()` in a write task, refusing (exit 75) a location this worker does not find:
-    the staging made on the client at a path the workers cannot reach (or removed during the run),
-    as the readers refuse a store they do not find (`chunks.read_pixels`)."""
-    try:
-        return targets.open()
-    except FileNotFoundError:
-        raise TransientError(
-            f"{targets.location}: not found by this worker (a path every worker must reach, or one removed "
-            "during the run); nothing was committed: run the command again"
-        ) from None
-
-
 def chunk_targets(location: str, pixel_variables: list[str]) -> ArraysToWrite:
     """The arrays that the task writing a chunk of a pixel store writes at `location` (where
     `resumable.resumable_location` says; `_write_chunk` opens them): the pixel variables, then the
@@ -879,7 +866,7 @@ def checksum_tasks(store: str, columns: list[str], chunks: range, chunk_pixels: 
 def _record_checksums(targets: ArraysToWrite, index: int, start: int, stop: int) -> None:
     """One task: row `index` of the checksums (the last array of `targets`) from chunk `index`
     (pixels start:stop) of the other arrays of `targets` as they are stored now."""
-    *arrays, checksums = opened(targets)
+    *arrays, checksums = targets.open()
     record_checksums(arrays, checksums, index, start, stop)
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import zarr
 from fsspec.implementations.local import LocalFileSystem
 
-from ensir_flow.errors import InputError
+from ensir_flow.errors import InputError, TransientError
 
 from .chunks import pixel_slice
 from .commit import commit, exists, remove
@@ -120,8 +120,17 @@ class ArraysToWrite:
     names: tuple[str | None, ...]
 
     def open(self) -> list:
-        """The arrays, in the order of `names`, opened to write whole chunks (a metadata read each)."""
-        return [None if name is None else open_array_for_writing(self.location, name) for name in self.names]
+        """The arrays, in the order of `names`, opened to write whole chunks (a metadata read each).
+        A location this worker does not find (a staging made on the client at a path the workers
+        cannot reach, or removed during the run) is refused (exit 75), as readers refuse a store
+        they do not find (`chunks.read_pixels`)."""
+        try:
+            return [None if name is None else open_array_for_writing(self.location, name) for name in self.names]
+        except FileNotFoundError:
+            raise TransientError(
+                f"{self.location}: not found by this worker (a path every worker must reach, or one removed "
+                "during the run); nothing was committed: run the command again"
+            ) from None
 
 
 def committed_append(

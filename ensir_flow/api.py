@@ -937,6 +937,8 @@ def evaluate(
     if isinstance(crop_border, bool) or not isinstance(crop_border, (int, np.integer)) or crop_border < 0:
         raise UsageError(f"{crop_border!r} is not a number of pixels (0 or more)", option="--crop-border")
     crop_border = int(crop_border)
+    if lut is not None and report is None:
+        raise UsageError(f"{lut}: --lut applies to --report only (the LUT the report draws)", option="--lut")
     source, scored, folder, table = (_absolute(path) for path in (store, ensemble, report, lut))
     if cv is None:
         factory = lambda: plan_evaluate(str(source), None if scored is None else str(scored), y_channel, crop_border)  # noqa: E731

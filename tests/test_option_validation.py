@@ -214,3 +214,10 @@ def test_cross_validation_options_without_cv_are_refused(store, tmp_path, invoke
     config.write_text("bin_width: 16\nsolver: em\n")
     assert invoke("--config", config, "evaluate", store, "--no-progress").exit_code == 0
     assert invoke("evaluate", store, "--cv", 2, option, value, "--no-progress").exit_code == 0
+
+
+def test_a_lut_for_the_report_without_report_is_refused(store, tmp_path, invoke):
+    assert invoke("fit", store, tmp_path / "l.zarr", "--no-progress").exit_code == 0
+    _refused(invoke("evaluate", store, "--lut", tmp_path / "l.zarr", "--no-progress"), "--lut", "applies to --report only")
+    with pytest.raises(ensir_flow.api.UsageError, match="applies to --report only"):
+        ensir_flow.evaluate(store, lut=tmp_path / "l.zarr", progress=False)

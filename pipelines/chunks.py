@@ -203,7 +203,7 @@ def _refuse(source: PixelSource, index: int, start: int, stop: int, problem: str
 def _problem_of(source: PixelSource, index: int, values: np.ndarray, checksum) -> str | None:
     """What is wrong with the values read of chunk `index`, if anything: missing, or (where the
     store has hashes) not the chunk its writer recorded there (`checksum`)."""
-    if checksum is not None and chunk_checksum(values) == checksum:
+    if checksum is not None and chunk_checksum(values, source.checksums.seed(index)) == checksum:
         return None
     if not _chunk_exists(source, index):
         return "missing"

@@ -3,7 +3,8 @@ identity of the store a run planned on.
 
 - Chunk checksums. Every task that writes chunk `i` of the pixel arrays of a store (ingest,
   predict, apply, appends) also writes row `i` of `chunk_xxh3` (dims chunk, pixel_variable): the
-  XXH3-64 hash of each array's chunk as written (its decoded bytes, C order). A reader checks every
+  XXH3-64 hash of each array's chunk as written (its decoded bytes, C order, seeded with `i`:
+  `SEEDED_BY_POSITION`). A reader checks every
   chunk it reads against the row of its position (`chunks.read_pixels`): a missing chunk (Zarr
   would read it as the fill value), a truncated or corrupt one, or a valid chunk of another
   position or store is refused in one line naming the array and the chunk. XXH3 (the `xxhash`
@@ -40,12 +41,23 @@ CHECKSUMMED_VARIABLES = "variables"
 #: Store attribute holding the checksums of the last chunk ({"chunk": i, "xxh3": [...]}), which
 #: readers use instead of its row (see `resumable.with_checksum_tail`).
 CHECKSUM_TAIL = "chunk_xxh3_tail"
+#: Attribute of `CHUNK_CHECKSUMS` in the stores written since checksums are seeded with their
+#: chunk's index: a chunk moved to another position together with its row of checksums fails
+#: there. Stores without it (and appends to them) keep unseeded checksums.
+SEEDED_BY_POSITION = "seeded_by_chunk_index"
 ROOT_METADATA = "zarr.json"
 
 
-def chunk_checksum(values: np.ndarray) -> int:
-    """The XXH3-64 hash of a chunk's values (its bytes in C order, as written and as read back)."""
-    return xxhash.xxh3_64_intdigest(np.ascontiguousarray(values).data)
+def chunk_checksum(values: np.ndarray, seed: int = 0) -> int:
+    """The XXH3-64 hash of a chunk's values (its bytes in C order, as written and as read back),
+    seeded with `seed` (its chunk's index where its store says so: `checksum_seed`)."""
+    return xxhash.xxh3_64_intdigest(np.ascontiguousarray(values).data, seed=seed)
+
+
+def checksum_seed(checksums: zarr.Array, index: int) -> int:
+    """The seed of chunk `index`'s checksums in the opened `CHUNK_CHECKSUMS` array: the index
+    where the array is `SEEDED_BY_POSITION`, else 0 (XXH3-64's default)."""
+    return index if checksums.attrs.get(SEEDED_BY_POSITION) else 0
 
 
 def checksum_template(n_chunks: int, variables: list[str]):
@@ -59,7 +71,8 @@ def checksum_template(n_chunks: int, variables: list[str]):
         {
             "long_name": "XXH3-64 checksum of each pixel variable's chunk as written",
             CHECKSUMMED_VARIABLES: list(variables),
-            "description": "XXH3-64 of the chunk's decoded bytes (C order); row i is chunk i along pixel",
+            SEEDED_BY_POSITION: True,
+            "description": "XXH3-64 of the chunk's decoded bytes (C order), seeded with i; row i is chunk i along pixel",
         },
     )
 
@@ -112,6 +125,10 @@ class ChunkChecksums:
     column: int
     tail: tuple[int, int] | None
     location: str
+
+    def seed(self, index: int) -> int:
+        """The seed chunk `index`'s checksum was made with (`checksum_seed`)."""
+        return checksum_seed(self.array, index)
 
     def rows(self, first: int, end: int) -> np.ndarray:
         """The checksums of chunks first:end (those the array holds)."""

@@ -34,7 +34,15 @@ from ensir_flow.errors import InputError, TransientError
 
 from .chunks import pixel_slice
 from .commit import commit, exists, remove
-from .integrity import CHECKSUM_TAIL, CHUNK_CHECKSUMS, ROOT_METADATA, chunk_checksum, new_identity, next_generation
+from .integrity import (
+    CHECKSUM_TAIL,
+    CHUNK_CHECKSUMS,
+    ROOT_METADATA,
+    checksum_seed,
+    chunk_checksum,
+    new_identity,
+    next_generation,
+)
 from .stores import open_group_as_committed
 from .targets import WRITTEN_IN_PLACE, as_location, describe, sibling
 from .zarr_adapter import commit_metadata
@@ -312,7 +320,8 @@ def write_chunk_then_mark(
         array[pixel_slice(array, start, stop)] = values
         written.append(values)
     if checksums is not None:
-        checksums[index] = np.array([chunk_checksum(values) for values in written], dtype=np.uint64)
+        seed = checksum_seed(checksums, index)
+        checksums[index] = np.array([chunk_checksum(values, seed) for values in written], dtype=np.uint64)
     for array, values in records:
         array[index] = values
     marks[index] = 1
@@ -321,7 +330,10 @@ def write_chunk_then_mark(
 def record_checksums(arrays: list, checksums, index: int, start: int, stop: int) -> None:
     """In a task: row `index` of `checksums` from chunk `index` (pixels start:stop) of each of
     `arrays` as it is stored now (for writes that do not hold the chunk's values: `da.store`)."""
-    checksums[index] = np.array([chunk_checksum(array[pixel_slice(array, start, stop)]) for array in arrays], dtype=np.uint64)
+    seed = checksum_seed(checksums, index)
+    checksums[index] = np.array(
+        [chunk_checksum(array[pixel_slice(array, start, stop)], seed) for array in arrays], dtype=np.uint64
+    )
 
 
 def with_checksum_tail(path: str, attrs: dict, n_chunks: int) -> dict:

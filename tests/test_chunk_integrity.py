@@ -3,6 +3,7 @@ and a store replaced or changed during a run is refused: no missing, damaged or 
 no replaced store gives a result with exit 0."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -73,6 +74,21 @@ def test_a_damaged_prediction_chunk_is_refused_by_every_reader(fitted, invoke, h
         assert named in one_line(result), args
         assert ("missing" in one_line(result)) == (how == "missing")
         assert target is None or not (fitted / target).exists()
+
+
+def test_a_chunk_moved_with_its_row_of_checksums_is_refused(fitted, invoke):
+    store = fitted / "s.zarr"
+    for variable in ("prediction", CHUNK_CHECKSUMS):  # chunks 0 and 1 exchanged, and their checksums with them
+        first, second = (chunk_file(store, variable, i) for i in (0, 1))
+        if variable == CHUNK_CHECKSUMS:
+            first, second = (store / CHUNK_CHECKSUMS / "c" / str(i) / "0" for i in (0, 1))
+        saved = first.read_bytes()
+        shutil.copy(second, first)
+        second.write_bytes(saved)
+    result = invoke("apply", store, fitted / "lut.zarr", fitted / "out2.zarr", "--no-progress")
+    assert result.exit_code == 1
+    assert re.search(r"/prediction: chunk [01] \(pixels \d+:\d+\) is not the chunk written there", one_line(result))
+    assert not (fitted / "out2.zarr").exists()
 
 
 @pytest.mark.parametrize("how", ["missing", "swapped"])

@@ -131,6 +131,13 @@ def _compute_blend(arrays: dict, tasks: list, compute, label: str, check) -> Non
     check()
 
 
+def _where_written(output: str, outputs: ArraysToWrite) -> str:
+    """Where a run writes the chunks of `output`, in the words of `--dry-run`."""
+    if outputs.location == str(output):
+        return f"written in place under {output}, resumable, committed by one write of its root metadata"
+    return f"resumable from {outputs.location}"
+
+
 def _output_arrays(output: str) -> ArraysToWrite:
     """The arrays an update of the apply output at `output` writes: its ensembles, marks and, if
     it has them (one written in an older layout may not), chunk checksums."""
@@ -306,8 +313,8 @@ def plan_apply(
         if finished
         else f"an update: the chunks of {ds.sizes['image'] - grown_from} new image(s), appended to {output}"
         if grown_from is not None
-        else f"{len(chunk_lengths):,} chunks, blended and written one at a time by tasks of runs of consecutive chunks past "
-        f"{CHUNK_TASKS:,} chunks, on {device} (resumable from {resumable_location(output)})",
+        else f"{len(chunk_lengths):,} chunk(s), each read, blended and written by a task (by runs of consecutive chunks "
+        f"past {CHUNK_TASKS:,} chunks), on {device} ({_where_written(output, outputs)})",
         "compression": compression,
     }
     if export_dir is not None:

@@ -97,13 +97,22 @@ def _forget_listings(fs, root: str) -> None:
 def _finish_interrupted_replacement(fs, root: str) -> None:
     """A run killed between moving the old target aside and moving the new one into place left
     `.NAME.replaced` and no target: put the old one back (the command that was replacing it never
-    completed). With both present, the retired copy is stale: remove it."""
+    completed). With both present, the retired copy is stale: remove it.
+
+    On object storage a move is copies and deletions, so such a run can also leave part of a
+    store at the target: the rest of the old one, whose root `zarr.json` goes first, or the start
+    of the new one, whose root `zarr.json` comes last (`targets.replaced_half_way`). The retired
+    copy is then the complete old store: the part at the target is removed and it is put back."""
     retired = sibling(root, "replaced")
-    if fs.exists(retired):
-        if _present(fs, root):
-            _remove_tree(fs, retired)
-        else:
-            _move_tree(fs, retired, root)
+    if not fs.exists(retired):
+        return
+    if targets.replaced_half_way(fs, root):
+        _remove_tree(fs, root)
+        _move_tree(fs, retired, root)
+    elif _present(fs, root):
+        _remove_tree(fs, retired)
+    else:
+        _move_tree(fs, retired, root)
 
 
 def _exchange(first: str, second: str) -> bool:

@@ -26,7 +26,7 @@ import zarr
 from ensir_flow.errors import InputError, first_line
 
 from .integrity import ROOT_METADATA
-from .targets import as_location, sibling, staged_in_place
+from .targets import as_location, replaced_half_way, sibling, staged_in_place
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -67,7 +67,7 @@ def open_store(path: str, in_memory: bool = False, read_later: tuple[str, ...] =
 def _openable(path: str):
     """(file system, root) of the store at `path`; an InputError saying why when there is none."""
     fs, root = fsspec.core.url_to_fs(str(path))
-    if not fs.exists(root):
+    if not fs.exists(root) or replaced_half_way(fs, root):
         if fs.exists(sibling(root, "replaced")):
             raise InputError(
                 f"{path}: missing: a run replacing it was interrupted; re-run that command (or "

@@ -171,14 +171,28 @@ def check_target(path, kind: str, overwrite: bool) -> None:
         refuse_replacing(path, kind)
 
 
+def replaced_half_way(fs, root: str) -> bool:
+    """Whether a run replacing the Zarr store at `root` on object storage was killed half-way
+    through its move (`commit._finish_interrupted_replacement`): its retired copy `.NAME.replaced`
+    is complete (its root `zarr.json` is written last) while the target has no root `zarr.json`
+    (the old one's goes first when it is moved aside; the new one's comes last)."""
+    if isinstance(fs, LocalFileSystem):
+        return False
+    return fs.exists(f"{sibling(root, 'replaced')}/zarr.json") and not fs.exists(f"{root}/zarr.json")
+
+
 def refuse_replacing(path, kind: str | None = None) -> None:
     """Refuse to replace the existing target `path` unless ensir-flow wrote it and it is of `kind`
-    (None: any of ensir-flow's kinds); the message names it and says what it is."""
+    (None: any of ensir-flow's kinds); the message names it and says what it is. A target whose
+    replacement was killed half-way is judged by its retired copy, which the next writer puts
+    back (`replaced_half_way`)."""
     fs, root = fsspec.core.url_to_fs(str(path))
     if not fs.exists(root) and not (not is_url(path) and os.path.islink(path)):
         return
     if staged_in_place(fs, root):
         return
+    if replaced_half_way(fs, root):
+        path = as_location(fs, sibling(root, "replaced"), str(path))
     found = kind_of(path)
     if found is not None and (kind is None or found == kind):
         return

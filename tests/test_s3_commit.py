@@ -182,6 +182,51 @@ def test_an_overwrite_is_staged_and_readers_see_the_old_store_or_the_new(base, r
     assert not exists(sibling(target, "partial")) and not exists(sibling(target, "replaced"))
 
 
+class _Killed(BaseException):
+    """A kill, as far as the commit can tell: nothing after it runs."""
+
+
+@pytest.mark.parametrize("where", ["old store half deleted", "new store half copied"])
+def test_an_overwrite_killed_half_way_through_its_move_is_finished_by_the_next_run(base, corpus, monkeypatch, where):
+    root, _ = corpus
+    target = f"{base}/s.zarr"
+    ensir_flow.ingest(root, target, chunk_pixels=700, progress=False)
+    old = ensir_flow.open_store(target).attrs["store_id"]
+    real_move, real_remove = commit_module._move_tree, commit_module._remove_tree
+    fs, path = fsspec.core.url_to_fs(target)
+
+    def killed_in_move(fs, source, destination):
+        if destination != path:  # the old store moved aside: whole
+            return real_move(fs, source, destination)
+        files = [name for name in fs.find(source) if not name.endswith("/zarr.json")]
+        fs.copy(files[: len(files) // 2], [destination + name[len(source) :] for name in files[: len(files) // 2]])
+        raise _Killed
+
+    def killed_in_removal(fs, tree):
+        if tree != path:
+            return real_remove(fs, tree)
+        fs.rm(f"{tree}/zarr.json")  # as the removal goes: its root metadata first
+        fs.rm(sorted(fs.find(tree))[:3])
+        raise _Killed
+
+    if where == "new store half copied":
+        monkeypatch.setattr(commit_module, "_move_tree", killed_in_move)
+    else:
+        monkeypatch.setattr(commit_module, "_remove_tree", killed_in_removal)
+    with pytest.raises(_Killed):
+        ensir_flow.ingest(root, target, chunk_pixels=500, overwrite=True, progress=False)
+    monkeypatch.setattr(commit_module, "_move_tree", real_move)
+    monkeypatch.setattr(commit_module, "_remove_tree", real_remove)
+    fs.invalidate_cache()
+    with pytest.raises(InputError, match="a run replacing it was interrupted"):
+        ensir_flow.open_store(target)
+    assert exists(sibling(target, "replaced"))  # the old store, whole, beside
+    assert ensir_flow.ingest(root, target, chunk_pixels=500, overwrite=True, progress=False).status in ("written", "resumed")
+    written = ensir_flow.open_store(target)
+    assert written.attrs["store_id"] != old and written["prediction"].encoding["chunks"][1] == 500
+    assert not exists(sibling(target, "partial")) and not exists(sibling(target, "replaced"))
+
+
 def test_an_append_is_committed_by_one_write_readers_seeing_the_store_as_before_until_then(base, tmp_path, monkeypatch):
     full, first = tmp_path / "full", tmp_path / "first"
     models = make_corpus(full, sizes=((24, 32), (17, 29), (40, 21)))

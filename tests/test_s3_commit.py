@@ -158,6 +158,7 @@ def test_objects_of_someone_else_at_the_target_are_refused_and_kept(base, refere
     assert objects(output) == ["notes.txt"] and fs.cat_file(f"{root}/notes.txt") == b"mine"
 
 
+@pytest.mark.parametrize("base", ["memory"], indirect=True)  # its S3 paths: the tests above
 def test_an_overwrite_is_staged_and_readers_see_the_old_store_or_the_new(base, reference, corpus, monkeypatch):
     store, _, _ = reference
     root, _ = corpus
@@ -186,7 +187,15 @@ class _Killed(BaseException):
     """A kill, as far as the commit can tell: nothing after it runs."""
 
 
-@pytest.mark.parametrize("where", ["old store half deleted", "new store half copied"])
+@pytest.mark.parametrize(
+    "base, where",
+    [
+        ("memory", "old store half deleted"),
+        ("memory", "new store half copied"),
+        pytest.param("s3", "old store half deleted", marks=pytest.mark.slow),
+    ],
+    indirect=["base"],
+)
 def test_an_overwrite_killed_half_way_through_its_move_is_finished_by_the_next_run(base, corpus, monkeypatch, where):
     root, _ = corpus
     target = f"{base}/s.zarr"
@@ -251,7 +260,7 @@ def test_an_append_is_committed_by_one_write_readers_seeing_the_store_as_before_
 
 @pytest.mark.slow
 def test_the_commit_costs_requests_bounded_by_the_arrays_not_the_chunks(s3_bucket, monkeypatch):
-    """Outputs of 10 and of 400 chunks (about 30 and 1,200 objects) cost the same requests to commit, no copy."""
+    """Outputs of 10 and of 150 chunks (about 30 and 450 objects) cost the same requests to commit, no copy."""
     import s3fs
 
     requests, real_call = collections.Counter(), s3fs.S3FileSystem._call_s3
@@ -261,7 +270,7 @@ def test_the_commit_costs_requests_bounded_by_the_arrays_not_the_chunks(s3_bucke
         return await real_call(self, method, *args, **kwargs)
 
     costs = {}
-    for n_chunks in (10, 400):
+    for n_chunks in (10, 150):
         path = f"{s3_bucket}/{uuid.uuid4().hex}/out.zarr"
         template = xr.Dataset(
             {
@@ -282,9 +291,10 @@ def test_the_commit_costs_requests_bounded_by_the_arrays_not_the_chunks(s3_bucke
             resumable.commit_resumable(path)
         costs[n_chunks] = collections.Counter(requests)
         assert int(xr.open_zarr(path)["ensemble"].values.sum()) == 7 * n_chunks * 8
-    assert costs[10] == costs[400] and costs[10]["copy_object"] == 0 and costs[10]["put_object"] == 1, costs
+    assert costs[10] == costs[150] and costs[10]["copy_object"] == 0 and costs[10]["put_object"] == 1, costs
 
 
+@pytest.mark.parametrize("base", ["memory"], indirect=True)  # its S3 paths: the tests above
 def test_a_plan_made_in_place_writes_beside_a_store_that_appeared_before_it_ran(base, reference, tmp_path):
     from ensir_flow.pipelines.apply import plan_apply
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from helpers import make_corpus
+from helpers import make_corpus, s3_server
 
 
 @pytest.fixture(autouse=True)
@@ -31,3 +31,10 @@ def invoke():
         return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
 
     return run
+
+
+@pytest.fixture
+def s3_bucket_url(monkeypatch):
+    """A bucket on an S3 server on 127.0.0.1, as an s3:// URL."""
+    with s3_server(monkeypatch):
+        yield "s3://ensir-test"

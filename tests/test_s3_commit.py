@@ -23,7 +23,7 @@ from ensir_flow.pipelines import commit as commit_module
 from ensir_flow.pipelines import resumable
 from ensir_flow.pipelines.commit import exists
 from ensir_flow.pipelines.targets import sibling
-from helpers import make_corpus, s3_server
+from helpers import make_corpus
 
 
 @pytest.fixture(params=["memory", pytest.param("s3", marks=pytest.mark.slow)])
@@ -31,13 +31,7 @@ def base(request):
     """A location on object storage to write outputs under."""
     if request.param == "memory":
         return f"memory://in-place-{uuid.uuid4().hex}"
-    return f"{request.getfixturevalue('s3_bucket')}/{uuid.uuid4().hex}"
-
-
-@pytest.fixture
-def s3_bucket(monkeypatch):
-    with s3_server(monkeypatch):
-        yield "s3://ensir-test"
+    return f"{request.getfixturevalue('s3_bucket_url')}/{uuid.uuid4().hex}"
 
 
 @pytest.fixture
@@ -259,7 +253,7 @@ def test_an_append_is_committed_by_one_write_readers_seeing_the_store_as_before_
 
 
 @pytest.mark.slow
-def test_the_commit_costs_requests_bounded_by_the_arrays_not_the_chunks(s3_bucket, monkeypatch):
+def test_the_commit_costs_requests_bounded_by_the_arrays_not_the_chunks(s3_bucket_url, monkeypatch):
     """Outputs of 10 and of 150 chunks (about 30 and 450 objects) cost the same requests to commit, no copy."""
     import s3fs
 
@@ -271,7 +265,7 @@ def test_the_commit_costs_requests_bounded_by_the_arrays_not_the_chunks(s3_bucke
 
     costs = {}
     for n_chunks in (10, 150):
-        path = f"{s3_bucket}/{uuid.uuid4().hex}/out.zarr"
+        path = f"{s3_bucket_url}/{uuid.uuid4().hex}/out.zarr"
         template = xr.Dataset(
             {
                 "ensemble": (("pixel", "channel"), da.zeros((n_chunks * 8, 1), dtype=np.uint8, chunks=-1)),

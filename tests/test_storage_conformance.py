@@ -17,7 +17,6 @@ from ensir_flow.pipelines import apply as apply_pipeline
 from ensir_flow.pipelines.commit import exists
 from ensir_flow.pipelines.locks import exclusive_lock
 from ensir_flow.pipelines.targets import sibling
-from helpers import s3_server
 
 
 @pytest.fixture(params=["folder", "memory", pytest.param("s3", marks=pytest.mark.slow)])
@@ -27,14 +26,7 @@ def base(request, tmp_path):
         return str(tmp_path / "stores")
     if request.param == "memory":
         return f"memory://conformance-{uuid.uuid4().hex}"
-    return f"{request.getfixturevalue('s3_bucket_for_conformance')}/{uuid.uuid4().hex}"
-
-
-@pytest.fixture
-def s3_bucket_for_conformance(monkeypatch):
-    """A bucket on an S3 server on 127.0.0.1, as an s3:// URL."""
-    with s3_server(monkeypatch):
-        yield "s3://ensir-test"
+    return f"{request.getfixturevalue('s3_bucket_url')}/{uuid.uuid4().hex}"
 
 
 def staging_of(path: str) -> str:

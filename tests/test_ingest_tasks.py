@@ -3,6 +3,7 @@ that assembles and writes it, so the tasks grow with the bytes of a corpus, not 
 with the stores they write the same whatever the grouping."""
 
 from collections import Counter
+from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
@@ -97,13 +98,20 @@ def test_a_big_image_spanning_many_chunks_is_decoded_once(tmp_path, monkeypatch)
     assert np.array_equal(ds["ground_truth"].values, truth[3])
 
 
-def test_a_killed_run_resumes_the_chunks_left_and_an_append_adds_groups(tmp_path, monkeypatch):
-    root, more = tmp_path / "corpus", tmp_path / "more"
-    make_corpus(root, sizes=TINY[:60])
-    make_corpus(more, sizes=TINY[60:100], seed=1)
-    for folder in more.iterdir():  # stems the store lacks
+def _corpus_and_more(tmp_path: Path, first: int, more: int) -> tuple[Path, Path]:
+    """A corpus of the `first` TINY images, and one of the `more` after them, named with stems the
+    first lacks (to append)."""
+    root, extra = tmp_path / "corpus", tmp_path / "more"
+    make_corpus(root, sizes=TINY[:first])
+    make_corpus(extra, sizes=TINY[first : first + more], seed=1)
+    for folder in extra.iterdir():
         for path in folder.iterdir():
             path.rename(folder / f"new{path.name}")
+    return root, extra
+
+
+def test_a_killed_run_resumes_the_chunks_left_and_an_append_adds_groups(tmp_path, monkeypatch):
+    root, more = _corpus_and_more(tmp_path, 60, 40)
 
     def ingest_then_append(store: str, group_bytes: int, stop_after: int | None = None):
         monkeypatch.setattr(batches, "BATCH_BYTES", group_bytes)
@@ -173,12 +181,7 @@ def test_a_plan_builds_the_write_tasks_of_the_chunks_left_and_the_run_rebuilds_t
 
 
 def test_an_append_plan_counts_the_tasks_it_builds_and_runs(tmp_path, monkeypatch):
-    root, more = tmp_path / "corpus", tmp_path / "more"
-    make_corpus(root, sizes=TINY[:30])
-    make_corpus(more, sizes=TINY[30:70], seed=1)
-    for folder in more.iterdir():  # stems the store lacks
-        for path in folder.iterdir():
-            path.rename(folder / f"new{path.name}")
+    root, more = _corpus_and_more(tmp_path, 30, 40)
     monkeypatch.setattr(batches, "BATCH_BYTES", 3000)
     plan_ingest(root, str(tmp_path / "s.zarr"), chunk_pixels=150).run()
     plan = plan_append(more, str(tmp_path / "s.zarr"))

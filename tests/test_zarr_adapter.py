@@ -5,6 +5,7 @@ commit). A zarr release that changes any of this fails here first."""
 
 import json
 import math
+import uuid
 
 import numpy as np
 import pytest
@@ -103,10 +104,12 @@ def test_a_store_addressed_by_url_is_committed_the_same_way():
 
 
 @pytest.mark.parametrize("compressors", [None, "zstd"])
-def test_rows_read_past_zarr_are_zarr_s_rows(tmp_path, compressors):
+@pytest.mark.parametrize("where", ["folder", "memory"])
+def test_rows_read_past_zarr_are_zarr_s_rows(tmp_path, compressors, where):
     from ensir_flow.pipelines.zarr_adapter import rows_of
 
-    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="w-", zarr_format=3)
+    location = str(tmp_path / "s.zarr") if where == "folder" else f"memory://rows-{uuid.uuid4().hex}/s.zarr"
+    group = zarr.open_group(location, mode="w-", zarr_format=3)
     array = group.create_array(
         "sums", shape=(5, 2), chunks=(1, 2), dtype="uint64", fill_value=0, compressors=None if compressors is None else "auto"
     )
@@ -114,7 +117,7 @@ def test_rows_read_past_zarr_are_zarr_s_rows(tmp_path, compressors):
     names = [codec.to_dict()["name"] for codec in array.metadata.codecs]
     assert names == (["bytes"] if compressors is None else ["bytes", "zstd"])
     for first, end in ((0, 5), (3, 4), (4, 5), (1, 3)):
-        np.testing.assert_array_equal(rows_of(str(tmp_path / "s.zarr"), array, first, end), array[first:end])
+        np.testing.assert_array_equal(rows_of(location, array, first, end), array[first:end])
     other = group.create_array("blocks", shape=(4, 2), chunks=(2, 2), dtype="uint64", fill_value=0)  # not a row per chunk
     other[...] = 7
-    np.testing.assert_array_equal(rows_of(str(tmp_path / "s.zarr"), other, 1, 3), other[1:3])
+    np.testing.assert_array_equal(rows_of(location, other, 1, 3), other[1:3])
